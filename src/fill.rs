@@ -1,0 +1,1 @@
+//! Fill engine (stub, being written).

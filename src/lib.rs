@@ -1,0 +1,18 @@
+//! fanfill: start containers before their images are downloaded.
+//!
+//! Layers are unpacked metadata-only onto a real filesystem (ext4, xfs, btrfs): every
+//! directory, symlink, owner, mode, mtime and xattr is real and regular files are sparse
+//! placeholders of their true size. A fanotify group of class `FAN_CLASS_PRE_CONTENT`
+//! watches the placeholders; a read, mmap or exec of a missing range blocks in the kernel
+//! until the [`fill`] engine has fetched that range from its content source, verified it and
+//! written it. Once a file is complete its mark is removed and reads run at native speed.
+//!
+//! Module map (each module's own doc says what it owns and what it must not touch):
+//! - [`sys`]: the only place with `unsafe`: fanotify ABI, zlib random access.
+//! - [`fill`]: the fill engine: registration, single-flight fills, answers to the kernel.
+//! - [`index`]: the layer index: entry table and random-access checkpoints.
+#![deny(missing_docs)]
+
+pub mod fill;
+pub mod index;
+pub mod sys;

@@ -1,0 +1,1 @@
+//! fanotify pre-content ABI (stub, being written).
