@@ -1,1 +1,1016 @@
-//! Fill engine (stub, being written).
+//! The fill engine: placeholders that fill on access.
+//!
+//! Owns the lifecycle of every registered placeholder: it marks the file's inode for
+//! `FAN_PRE_ACCESS`, turns each event into the aligned chunks it needs, fetches each missing
+//! chunk once from the file's [`ContentSource`] (concurrent readers of a chunk share one
+//! fetch), verifies the bytes, writes them through the event's notification-free fd, restores
+//! the file's mtime, and answers the kernel: allow only when every byte of the range is there,
+//! otherwise `FAN_DENY_ERRNO` with an errno chosen in exactly one place ([`FillError::errno`]).
+//! When the last chunk of a file is in, its mark is removed and reads no longer involve the
+//! daemon. It does not know about images, registries or layer formats: bytes come from the
+//! source, expected digests from the caller's [`Verify`].
+//!
+//! The kernel ↔ engine flow:
+//! 1. a reader touches a missing range and blocks in the kernel;
+//! 2. the reader task (one, async, on the engine's own runtime) reads the event and spawns a
+//!    handler; events raised by the engine's own threads (its prefetch writes) are allowed at
+//!    once, so the engine never waits on itself;
+//! 3. the handler fills the chunks and answers. Many handlers run in parallel on at least two
+//!    worker threads.
+//!
+//! User writes are never overwritten: a write raises an event for its range first, which is
+//! filled before the write proceeds; a size below the registered size (truncate,
+//! `open(O_TRUNC)`, which raises no event) lowers a per-file limit past which nothing is ever
+//! filled again.
+
+use std::collections::{HashMap, HashSet};
+use std::fs::File;
+use std::os::fd::AsFd;
+use std::os::unix::fs::{FileExt, OpenOptionsExt};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, RwLock};
+use std::time::{Duration, Instant};
+
+use futures::future::{BoxFuture, FutureExt, Shared};
+use nix::errno::Errno;
+use nix::sys::stat::FileStat;
+use nix::sys::time::TimeSpec;
+use sha2::{Digest, Sha256};
+use tracing::{debug, info, warn};
+
+use crate::sys::fanotify::{
+    AsyncGroup, DenyErrno, Event, FAN_PRE_ACCESS, FanotifyError, Group, GroupClass, Response,
+    current_tid,
+};
+
+/// An error a [`ContentSource`] reports. The engine turns every one into `EIO` for the reader.
+#[derive(Debug, thiserror::Error)]
+#[error("{message}")]
+pub struct SourceError {
+    message: String,
+    #[source]
+    source: Option<Box<dyn std::error::Error + Send + Sync>>,
+}
+
+impl SourceError {
+    /// A source error with a message naming what failed (registry, digest, path).
+    pub fn new(message: impl Into<String>) -> SourceError {
+        SourceError {
+            message: message.into(),
+            source: None,
+        }
+    }
+
+    /// A source error wrapping a lower-level cause.
+    pub fn with_source(
+        message: impl Into<String>,
+        source: impl std::error::Error + Send + Sync + 'static,
+    ) -> SourceError {
+        SourceError {
+            message: message.into(),
+            source: Some(Box::new(source)),
+        }
+    }
+}
+
+/// Where a placeholder's bytes come from: a registry range reader, a local file, a test
+/// generator. `read_at` must return exactly `len` bytes of the file's true content starting at
+/// `offset` (the engine never asks past the file's size), or an error.
+pub trait ContentSource: Send + Sync + 'static {
+    /// Reads `len` bytes of the file content at `offset`.
+    fn read_at(&self, offset: u64, len: u64) -> BoxFuture<'_, Result<Vec<u8>, SourceError>>;
+}
+
+/// A content source that reads an ordinary local file (not a placeholder itself).
+#[derive(Debug)]
+pub struct LocalFileSource {
+    file: Arc<File>,
+}
+
+impl LocalFileSource {
+    /// Opens `path` for reading.
+    pub fn open(path: &Path) -> std::io::Result<LocalFileSource> {
+        Ok(LocalFileSource {
+            file: Arc::new(File::open(path)?),
+        })
+    }
+}
+
+impl ContentSource for LocalFileSource {
+    fn read_at(&self, offset: u64, len: u64) -> BoxFuture<'_, Result<Vec<u8>, SourceError>> {
+        let file = self.file.clone();
+        async move {
+            tokio::task::spawn_blocking(move || {
+                let mut buf = vec![0u8; len as usize];
+                file.read_exact_at(&mut buf, offset)
+                    .map_err(|e| SourceError::with_source("reading local source file", e))?;
+                Ok(buf)
+            })
+            .await
+            .map_err(|e| SourceError::with_source("local read task", e))?
+        }
+        .boxed()
+    }
+}
+
+/// What the engine checks fetched bytes against before writing them.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Verify {
+    /// Nothing beyond the length (the source verifies).
+    None,
+    /// sha256 (lowercase hex) of the whole file: the file is always filled whole.
+    Whole(String),
+    /// sha256 of each `chunk`-sized piece: the file is filled at that granularity.
+    Chunks {
+        /// Piece size in bytes.
+        chunk: u64,
+        /// One digest per piece, the last one covering the tail.
+        sha256: Vec<String>,
+    },
+}
+
+/// A sparse regular file to serve: its path, true size, source and expected digests.
+pub struct Placeholder {
+    /// The placeholder's path (it must exist, be a regular file of `size` bytes, and not be
+    /// open by anyone yet: an fd opened before the mark never raises events).
+    pub path: PathBuf,
+    /// The file's true size.
+    pub size: u64,
+    /// Where its bytes come from.
+    pub source: Arc<dyn ContentSource>,
+    /// How to check them.
+    pub verify: Verify,
+}
+
+/// Engine tuning.
+#[derive(Debug, Clone)]
+pub struct EngineConfig {
+    /// Fill granularity for files without chunk digests: each event expands to the aligned
+    /// chunks it touches. Default 1 MiB: see `examples/chunk_size.rs` for the measurement.
+    pub chunk_size: u64,
+    /// Files up to this size are filled whole on first access. Default 256 KiB.
+    pub whole_file_max: u64,
+    /// Worker threads serving events (at least 2: one thread can deadlock on itself).
+    pub workers: usize,
+    /// Upper bound on one chunk fetch; past it the reader gets `EIO`.
+    pub fetch_timeout: Duration,
+}
+
+impl Default for EngineConfig {
+    fn default() -> Self {
+        EngineConfig {
+            chunk_size: 1 << 20,
+            whole_file_max: 256 << 10,
+            workers: 4,
+            fetch_timeout: Duration::from_secs(60),
+        }
+    }
+}
+
+/// Errors of the fill engine.
+#[derive(Debug, thiserror::Error)]
+pub enum FillError {
+    /// The content source failed.
+    #[error("fetching {len} bytes at {offset} of {path} failed")]
+    Source {
+        /// The placeholder.
+        path: PathBuf,
+        /// First byte asked for.
+        offset: u64,
+        /// Length asked for.
+        len: u64,
+        /// The source's error.
+        #[source]
+        source: SourceError,
+    },
+    /// The source returned a different number of bytes than asked.
+    #[error("source returned {got} bytes instead of {len} at {offset} of {path}")]
+    ShortRead {
+        /// The placeholder.
+        path: PathBuf,
+        /// First byte asked for.
+        offset: u64,
+        /// Length asked for.
+        len: u64,
+        /// Length returned.
+        got: u64,
+    },
+    /// Fetched bytes did not match the expected digest.
+    #[error(
+        "digest mismatch in {path} at {offset}: expected sha256:{expected}, got sha256:{actual}"
+    )]
+    Verify {
+        /// The placeholder.
+        path: PathBuf,
+        /// First byte of the verified piece.
+        offset: u64,
+        /// Expected digest.
+        expected: String,
+        /// Digest of what arrived.
+        actual: String,
+    },
+    /// The fetch took longer than [`EngineConfig::fetch_timeout`].
+    #[error("fetching {len} bytes at {offset} of {path} timed out after {secs}s")]
+    Timeout {
+        /// The placeholder.
+        path: PathBuf,
+        /// First byte asked for.
+        offset: u64,
+        /// Length asked for.
+        len: u64,
+        /// The timeout.
+        secs: u64,
+    },
+    /// Writing the fetched bytes into the placeholder failed (ENOSPC, EDQUOT, EIO...).
+    #[error("writing {len} bytes at {offset} of {path} failed")]
+    Write {
+        /// The placeholder.
+        path: PathBuf,
+        /// First byte written.
+        offset: u64,
+        /// Length written.
+        len: u64,
+        /// The filesystem's error.
+        #[source]
+        source: std::io::Error,
+    },
+    /// A placeholder could not be registered.
+    #[error("cannot register placeholder {path}")]
+    Register {
+        /// The placeholder.
+        path: PathBuf,
+        /// Why.
+        #[source]
+        source: std::io::Error,
+    },
+    /// A placeholder is not what the caller described.
+    #[error("placeholder {path} is not a regular file of {expected} bytes (found {found})")]
+    NotPlaceholder {
+        /// The placeholder.
+        path: PathBuf,
+        /// Expected size.
+        expected: u64,
+        /// What was found.
+        found: String,
+    },
+    /// The fanotify layer failed.
+    #[error(transparent)]
+    Fanotify(#[from] FanotifyError),
+    /// The engine's runtime could not start.
+    #[error("starting the fill engine's runtime failed")]
+    Runtime(#[source] std::io::Error),
+}
+
+impl FillError {
+    /// The errno a blocked reader sees when a fill fails. This is the only place that
+    /// chooses it: a full or over-quota destination is reported as such (the reader can
+    /// act on it), everything else (fetch, verification, timeout) is `EIO`, so a reader
+    /// never mistakes missing data for data.
+    pub fn errno(&self) -> DenyErrno {
+        match self {
+            FillError::Write { source, .. } => match source.raw_os_error() {
+                Some(libc::ENOSPC) => DenyErrno::NoSpc,
+                Some(libc::EDQUOT) => DenyErrno::DQuot,
+                _ => DenyErrno::Io,
+            },
+            _ => DenyErrno::Io,
+        }
+    }
+}
+
+type FillResult = Result<(), Arc<FillError>>;
+type SharedFill = Shared<BoxFuture<'static, FillResult>>;
+
+/// A registered placeholder and its fill state.
+struct FileEntry {
+    path: PathBuf,
+    size: u64,
+    /// Fill granularity of this file.
+    chunk: u64,
+    source: Arc<dyn ContentSource>,
+    verify: Verify,
+    state: Mutex<FileState>,
+    bytes_filled: AtomicU64,
+}
+
+struct FileState {
+    /// Nothing at or past this offset is ever filled: the smallest size the file has been
+    /// seen with (truncate, `O_TRUNC`, or the registered size).
+    limit: u64,
+    filled: Vec<bool>,
+    missing: usize,
+    inflight: HashMap<u64, SharedFill>,
+    complete: bool,
+}
+
+impl FileEntry {
+    fn chunk_range(&self, idx: u64) -> (u64, u64) {
+        let start = idx * self.chunk;
+        (start, (start + self.chunk).min(self.size))
+    }
+}
+
+/// Counters and a latency histogram, all lock-free.
+#[derive(Default)]
+struct Counters {
+    events: AtomicU64,
+    self_events: AtomicU64,
+    fills: AtomicU64,
+    bytes_fetched: AtomicU64,
+    errors: AtomicU64,
+    completed: AtomicU64,
+    /// log2 buckets of event service time in microseconds.
+    latency: [AtomicU64; 32],
+}
+
+/// A snapshot of the engine's progress and health.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct Stats {
+    /// Placeholders registered.
+    pub files: u64,
+    /// Placeholders completely filled (mark removed).
+    pub files_complete: u64,
+    /// Sum of registered sizes.
+    pub bytes_total: u64,
+    /// Bytes written into placeholders.
+    pub bytes_filled: u64,
+    /// Bytes fetched from sources.
+    pub bytes_fetched: u64,
+    /// Pre-content events served for readers.
+    pub events: u64,
+    /// Events raised by the engine's own writes (allowed at once).
+    pub self_events: u64,
+    /// Chunk fills performed (fetches).
+    pub fills: u64,
+    /// Fills or events that ended in an error answer.
+    pub errors: u64,
+    /// Median event service time, microseconds (bucket upper bound).
+    pub latency_p50_us: u64,
+    /// 99th percentile event service time, microseconds (bucket upper bound).
+    pub latency_p99_us: u64,
+}
+
+struct Inner {
+    group: Arc<Group>,
+    config: EngineConfig,
+    files: RwLock<HashMap<(u64, u64), Arc<FileEntry>>>,
+    /// Thread ids of the engine's own runtime threads.
+    own_tids: RwLock<HashSet<i32>>,
+    counters: Counters,
+    inflight_events: AtomicU64,
+    stopping: AtomicBool,
+}
+
+/// The fill engine: a pre-content fanotify group, its placeholders, and the runtime serving
+/// their events. Dropping it stops serving: blocked readers are answered first (filled or
+/// `EIO`), then the group is closed.
+pub struct Engine {
+    inner: Arc<Inner>,
+    runtime: Option<tokio::runtime::Runtime>,
+    reader: Option<tokio::task::JoinHandle<()>>,
+    stop: Arc<tokio::sync::Notify>,
+}
+
+/// Identifies a registered placeholder (its device and inode numbers).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct FileId {
+    dev: u64,
+    ino: u64,
+}
+
+fn stat_key(st: &FileStat) -> (u64, u64) {
+    (st.st_dev, st.st_ino)
+}
+
+impl Engine {
+    /// Creates the group and starts serving. Fails with a typed error on kernels without
+    /// pre-content events.
+    pub fn start(config: EngineConfig) -> Result<Engine, FillError> {
+        let group = Arc::new(Group::new(GroupClass::PreContent)?);
+        Engine::with_group(group, config)
+    }
+
+    /// Serves an existing group (for example one taken over from a predecessor).
+    pub fn with_group(group: Arc<Group>, mut config: EngineConfig) -> Result<Engine, FillError> {
+        config.workers = config.workers.max(2);
+        config.chunk_size = config.chunk_size.max(4096);
+        let inner = Arc::new(Inner {
+            group,
+            config: config.clone(),
+            files: RwLock::new(HashMap::new()),
+            own_tids: RwLock::new(HashSet::new()),
+            counters: Counters::default(),
+            inflight_events: AtomicU64::new(0),
+            stopping: AtomicBool::new(false),
+        });
+        let (start_inner, stop_inner) = (inner.clone(), inner.clone());
+        let runtime = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(config.workers)
+            .thread_name("fanfill-fill")
+            .enable_all()
+            .on_thread_start(move || {
+                start_inner.own_tids.write().unwrap().insert(current_tid());
+            })
+            .on_thread_stop(move || {
+                stop_inner.own_tids.write().unwrap().remove(&current_tid());
+            })
+            .build()
+            .map_err(FillError::Runtime)?;
+        let stop = Arc::new(tokio::sync::Notify::new());
+        let reader = {
+            let _guard = runtime.enter();
+            let agroup = AsyncGroup::new(inner.group.clone()).map_err(FillError::Runtime)?;
+            runtime.spawn(reader_loop(inner.clone(), agroup, stop.clone()))
+        };
+        info!(
+            workers = config.workers,
+            chunk = config.chunk_size,
+            "fill engine started"
+        );
+        Ok(Engine {
+            inner,
+            runtime: Some(runtime),
+            reader: Some(reader),
+            stop,
+        })
+    }
+
+    /// The group, for handing a duplicate of its fd to a holder process.
+    pub fn group(&self) -> &Group {
+        &self.inner.group
+    }
+
+    /// A handle to the engine's runtime (to run sources' futures or prefetch on it).
+    pub fn handle(&self) -> tokio::runtime::Handle {
+        self.runtime.as_ref().expect("running").handle().clone()
+    }
+
+    /// Registers a placeholder: checks it, marks its inode, and serves it from now on.
+    /// Zero-length files need no mark and are reported complete at once.
+    pub fn register(&self, p: Placeholder) -> Result<FileId, FillError> {
+        let file = File::options()
+            .read(true)
+            .custom_flags(libc::O_NOFOLLOW | libc::O_NONBLOCK)
+            .open(&p.path)
+            .map_err(|source| FillError::Register {
+                path: p.path.clone(),
+                source,
+            })?;
+        let st = nix::sys::stat::fstat(file.as_fd()).map_err(|e| FillError::Register {
+            path: p.path.clone(),
+            source: e.into(),
+        })?;
+        let is_reg = (st.st_mode & libc::S_IFMT) == libc::S_IFREG;
+        if !is_reg || st.st_size as u64 != p.size {
+            return Err(FillError::NotPlaceholder {
+                path: p.path,
+                expected: p.size,
+                found: if is_reg {
+                    format!("{} bytes", st.st_size)
+                } else {
+                    "not a regular file".into()
+                },
+            });
+        }
+        let key = stat_key(&st);
+        let id = FileId {
+            dev: key.0,
+            ino: key.1,
+        };
+        let chunk = match &p.verify {
+            Verify::Whole(_) => p.size.max(1),
+            Verify::Chunks { chunk, .. } => (*chunk).max(4096),
+            Verify::None if p.size <= self.inner.config.whole_file_max => p.size.max(1),
+            Verify::None => self.inner.config.chunk_size,
+        };
+        let nchunks = p.size.div_ceil(chunk) as usize;
+        let entry = Arc::new(FileEntry {
+            path: p.path,
+            size: p.size,
+            chunk,
+            source: p.source,
+            verify: p.verify,
+            state: Mutex::new(FileState {
+                limit: p.size,
+                filled: vec![false; nchunks],
+                missing: nchunks,
+                inflight: HashMap::new(),
+                complete: nchunks == 0,
+            }),
+            bytes_filled: AtomicU64::new(0),
+        });
+        if nchunks > 0 {
+            // Record before marking, so the first event finds the entry.
+            self.inner.files.write().unwrap().insert(key, entry.clone());
+            if let Err(e) = self.inner.group.mark_inode(file.as_fd(), FAN_PRE_ACCESS) {
+                self.inner.files.write().unwrap().remove(&key);
+                return Err(e.into());
+            }
+            debug!(path = %entry.path.display(), size = entry.size, chunk, "placeholder registered");
+        } else {
+            self.inner.files.write().unwrap().insert(key, entry);
+            self.inner
+                .counters
+                .completed
+                .fetch_add(1, Ordering::Relaxed);
+        }
+        Ok(id)
+    }
+
+    /// Whether a registered file is completely filled (or was cut short by the user).
+    pub fn is_complete(&self, id: FileId) -> bool {
+        self.entry(id)
+            .map(|e| e.state.lock().unwrap().complete)
+            .unwrap_or(false)
+    }
+
+    fn entry(&self, id: FileId) -> Option<Arc<FileEntry>> {
+        self.inner
+            .files
+            .read()
+            .unwrap()
+            .get(&(id.dev, id.ino))
+            .cloned()
+    }
+
+    /// Fills the whole file now (prefetch) and removes its mark. Runs on the engine's
+    /// runtime; waits for the result.
+    pub fn fill_file(&self, id: FileId) -> Result<(), FillError> {
+        let Some(entry) = self.entry(id) else {
+            return Ok(());
+        };
+        let inner = self.inner.clone();
+        self.handle()
+            .block_on(async move { prefetch_entry(&inner, &entry).await })
+            .map_err(unwrap_arc)
+    }
+
+    /// Fills every registered file, `parallel` at a time, until the image is complete.
+    pub fn fill_all(&self, parallel: usize) -> Result<(), FillError> {
+        let entries: Vec<_> = self.inner.files.read().unwrap().values().cloned().collect();
+        let inner = self.inner.clone();
+        self.handle()
+            .block_on(async move {
+                use futures::stream::{self, TryStreamExt};
+                stream::iter(entries.into_iter().map(Ok))
+                    .try_for_each_concurrent(parallel.max(1), |e| {
+                        let inner = inner.clone();
+                        async move { prefetch_entry(&inner, &e).await }
+                    })
+                    .await
+            })
+            .map_err(unwrap_arc)
+    }
+
+    /// A snapshot of progress counters.
+    pub fn stats(&self) -> Stats {
+        let c = &self.inner.counters;
+        let files = self.inner.files.read().unwrap();
+        let (mut bytes_total, mut bytes_filled) = (0, 0);
+        for e in files.values() {
+            bytes_total += e.size;
+            bytes_filled += e.bytes_filled.load(Ordering::Relaxed);
+        }
+        let buckets: Vec<u64> = c
+            .latency
+            .iter()
+            .map(|b| b.load(Ordering::Relaxed))
+            .collect();
+        Stats {
+            files: files.len() as u64,
+            files_complete: c.completed.load(Ordering::Relaxed),
+            bytes_total,
+            bytes_filled,
+            bytes_fetched: c.bytes_fetched.load(Ordering::Relaxed),
+            events: c.events.load(Ordering::Relaxed),
+            self_events: c.self_events.load(Ordering::Relaxed),
+            fills: c.fills.load(Ordering::Relaxed),
+            errors: c.errors.load(Ordering::Relaxed),
+            latency_p50_us: percentile(&buckets, 0.50),
+            latency_p99_us: percentile(&buckets, 0.99),
+        }
+    }
+
+    /// Stops serving: waits (bounded) for events being handled to be answered, then closes
+    /// the group. Readers that block after this point are let through by the kernel (it
+    /// fails open): hand the group to a holder first if placeholders stay exposed.
+    pub fn shutdown(mut self) {
+        self.stop_now();
+    }
+
+    fn stop_now(&mut self) {
+        let Some(runtime) = self.runtime.take() else {
+            return;
+        };
+        self.inner.stopping.store(true, Ordering::SeqCst);
+        self.stop.notify_one();
+        if let Some(reader) = self.reader.take() {
+            let _ = runtime
+                .block_on(async { tokio::time::timeout(Duration::from_secs(5), reader).await });
+        }
+        let deadline = Instant::now() + self.inner.config.fetch_timeout + Duration::from_secs(1);
+        while self.inner.inflight_events.load(Ordering::SeqCst) > 0 && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        runtime.shutdown_timeout(Duration::from_secs(1));
+        info!("fill engine stopped");
+    }
+}
+
+impl Drop for Engine {
+    fn drop(&mut self) {
+        self.stop_now();
+    }
+}
+
+fn unwrap_arc(e: Arc<FillError>) -> FillError {
+    Arc::try_unwrap(e).unwrap_or_else(|e| FillError::Register {
+        path: PathBuf::new(),
+        source: std::io::Error::other(e.to_string()),
+    })
+}
+
+fn percentile(buckets: &[u64], q: f64) -> u64 {
+    let total: u64 = buckets.iter().sum();
+    if total == 0 {
+        return 0;
+    }
+    let want = ((total as f64) * q).ceil() as u64;
+    let mut seen = 0;
+    for (i, n) in buckets.iter().enumerate() {
+        seen += n;
+        if seen >= want {
+            return 1u64 << i;
+        }
+    }
+    1u64 << (buckets.len() - 1)
+}
+
+async fn reader_loop(inner: Arc<Inner>, group: AsyncGroup, stop: Arc<tokio::sync::Notify>) {
+    let mut buf = vec![0u8; 64 << 10];
+    let mut events = Vec::new();
+    loop {
+        tokio::select! {
+            _ = stop.notified() => break,
+            r = group.read_events(&mut buf, &mut events) => {
+                if let Err(e) = r {
+                    warn!(error = %e, "reading fanotify events");
+                    tokio::time::sleep(Duration::from_millis(10)).await;
+                }
+            }
+        }
+        for event in events.drain(..) {
+            dispatch(&inner, event);
+        }
+    }
+}
+
+fn dispatch(inner: &Arc<Inner>, event: Event) {
+    if event.is_overflow() {
+        // Cannot happen with FAN_UNLIMITED_QUEUE; if it does, readers were let through.
+        warn!("fanotify queue overflow: some reads were not intercepted");
+        return;
+    }
+    if !event.needs_response() {
+        return;
+    }
+    if inner.own_tids.read().unwrap().contains(&event.pid()) {
+        // The engine's own write (prefetch through a regular fd): the data is being put
+        // there by us, so there is nothing to wait for.
+        inner.counters.self_events.fetch_add(1, Ordering::Relaxed);
+        respond(inner, event, Response::Allow);
+        return;
+    }
+    inner.counters.events.fetch_add(1, Ordering::Relaxed);
+    inner.inflight_events.fetch_add(1, Ordering::SeqCst);
+    let inner = inner.clone();
+    tokio::spawn(async move {
+        let started = Instant::now();
+        let response = match serve_event(&inner, &event).await {
+            Ok(()) => Response::Allow,
+            Err(e) => {
+                inner.counters.errors.fetch_add(1, Ordering::Relaxed);
+                warn!(error = %error_chain(&*e), pid = event.pid(), "fill failed; denying access");
+                Response::Deny(e.errno())
+            }
+        };
+        respond(&inner, event, response);
+        let us = started.elapsed().as_micros().max(1) as u64;
+        let bucket = (63 - us.leading_zeros() as usize).min(31);
+        inner.counters.latency[bucket].fetch_add(1, Ordering::Relaxed);
+        inner.inflight_events.fetch_sub(1, Ordering::SeqCst);
+    });
+}
+
+fn respond(inner: &Inner, event: Event, response: Response) {
+    let id = event.id();
+    if let Err(e) = inner.group.respond(event, response) {
+        warn!(event = %id, error = %e, "answering fanotify event");
+    }
+}
+
+/// Formats an error with its whole source chain.
+pub fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut s = e.to_string();
+    let mut cur = e.source();
+    while let Some(c) = cur {
+        s.push_str(": ");
+        s.push_str(&c.to_string());
+        cur = c.source();
+    }
+    s
+}
+
+async fn serve_event(inner: &Arc<Inner>, event: &Event) -> FillResult {
+    let Some(fd) = event.file() else {
+        return Ok(());
+    };
+    let st = match nix::sys::stat::fstat(fd) {
+        Ok(st) => st,
+        Err(e) => {
+            return Err(Arc::new(FillError::Register {
+                path: PathBuf::from("<event fd>"),
+                source: e.into(),
+            }));
+        }
+    };
+    let entry = inner.files.read().unwrap().get(&stat_key(&st)).cloned();
+    let Some(entry) = entry else {
+        // Not ours (or no longer: completed and forgotten). Nothing to fill.
+        return Ok(());
+    };
+    let (start, end) = match event.range() {
+        Some(r) if r.count > 0 => (r.offset, r.offset.saturating_add(r.count)),
+        // No range record, or count 0 (FICLONE, growing truncate): the whole file.
+        _ => (0, u64::MAX),
+    };
+    let writer = event
+        .clone_file()
+        .ok()
+        .flatten()
+        .map(|fd| Arc::new(File::from(fd)));
+    ensure_range(inner, &entry, start, end, st.st_size as u64, writer).await
+}
+
+/// Makes `[start, end)` (clipped to the file) present, fetching missing chunks once.
+async fn ensure_range(
+    inner: &Arc<Inner>,
+    entry: &Arc<FileEntry>,
+    start: u64,
+    end: u64,
+    current_size: u64,
+    writer: Option<Arc<File>>,
+) -> FillResult {
+    let waits: Vec<SharedFill> = {
+        let mut st = entry.state.lock().unwrap();
+        if current_size < st.limit {
+            // Truncated (perhaps by open(O_TRUNC), which raises no event): never fill past
+            // this point again, whatever the file grows back to.
+            debug!(path = %entry.path.display(), size = current_size, "placeholder truncated by user");
+            st.limit = current_size;
+        }
+        let end = end.min(st.limit).min(entry.size);
+        if st.complete {
+            return Ok(());
+        }
+        if start >= end {
+            drop(st);
+            // Nothing to fetch, but a lowered limit may have made the file complete.
+            maybe_complete(inner, entry, writer.as_deref());
+            return Ok(());
+        }
+        let (first, last) = (start / entry.chunk, (end - 1) / entry.chunk);
+        let mut waits = Vec::new();
+        for idx in first..=last {
+            if st.filled[idx as usize] {
+                continue;
+            }
+            if let Some(f) = st.inflight.get(&idx) {
+                waits.push(f.clone());
+                continue;
+            }
+            let fut = fill_chunk(inner.clone(), entry.clone(), idx, writer.clone())
+                .boxed()
+                .shared();
+            st.inflight.insert(idx, fut.clone());
+            waits.push(fut);
+        }
+        waits
+    };
+    let mut result = Ok(());
+    for r in futures::future::join_all(waits).await {
+        if r.is_err() && result.is_ok() {
+            result = r;
+        }
+    }
+    result?;
+    maybe_complete(inner, entry, writer.as_deref());
+    Ok(())
+}
+
+/// Fetches, verifies and writes one chunk; records it. Runs at most once at a time per chunk.
+async fn fill_chunk(
+    inner: Arc<Inner>,
+    entry: Arc<FileEntry>,
+    idx: u64,
+    writer: Option<Arc<File>>,
+) -> FillResult {
+    let res = fill_chunk_inner(&inner, &entry, idx, writer).await;
+    let mut st = entry.state.lock().unwrap();
+    st.inflight.remove(&idx);
+    if res.is_ok() && !st.filled[idx as usize] {
+        st.filled[idx as usize] = true;
+        st.missing -= 1;
+    }
+    res.map_err(Arc::new)
+}
+
+async fn fill_chunk_inner(
+    inner: &Arc<Inner>,
+    entry: &Arc<FileEntry>,
+    idx: u64,
+    writer: Option<Arc<File>>,
+) -> Result<(), FillError> {
+    let (offset, chunk_end) = entry.chunk_range(idx);
+    let len = chunk_end - offset;
+    let timeout = inner.config.fetch_timeout;
+    let data = match tokio::time::timeout(timeout, entry.source.read_at(offset, len)).await {
+        Err(_) => {
+            return Err(FillError::Timeout {
+                path: entry.path.clone(),
+                offset,
+                len,
+                secs: timeout.as_secs(),
+            });
+        }
+        Ok(Err(source)) => {
+            return Err(FillError::Source {
+                path: entry.path.clone(),
+                offset,
+                len,
+                source,
+            });
+        }
+        Ok(Ok(d)) => d,
+    };
+    inner.counters.fills.fetch_add(1, Ordering::Relaxed);
+    inner
+        .counters
+        .bytes_fetched
+        .fetch_add(data.len() as u64, Ordering::Relaxed);
+    if data.len() as u64 != len {
+        return Err(FillError::ShortRead {
+            path: entry.path.clone(),
+            offset,
+            len,
+            got: data.len() as u64,
+        });
+    }
+    verify(entry, idx, offset, &data)?;
+    // Never write past the limit: those bytes belong to the user now.
+    let limit = entry.state.lock().unwrap().limit;
+    let keep = limit.saturating_sub(offset).min(len) as usize;
+    if keep == 0 {
+        return Ok(());
+    }
+    let path = entry.path.clone();
+    let (write_len, write_off) = (keep as u64, offset);
+    tokio::task::spawn_blocking(move || write_chunk(&path, writer, &data[..keep], write_off))
+        .await
+        .map_err(|e| FillError::Write {
+            path: entry.path.clone(),
+            offset,
+            len: write_len,
+            source: std::io::Error::other(e),
+        })??;
+    entry.bytes_filled.fetch_add(write_len, Ordering::Relaxed);
+    debug!(path = %entry.path.display(), offset, len = write_len, "chunk filled");
+    Ok(())
+}
+
+fn verify(entry: &FileEntry, idx: u64, offset: u64, data: &[u8]) -> Result<(), FillError> {
+    let expected = match &entry.verify {
+        Verify::None => return Ok(()),
+        Verify::Whole(d) => d,
+        Verify::Chunks { sha256, .. } => match sha256.get(idx as usize) {
+            Some(d) => d,
+            None => {
+                return Err(FillError::Verify {
+                    path: entry.path.clone(),
+                    offset,
+                    expected: "<missing chunk digest>".into(),
+                    actual: hex::encode(Sha256::digest(data)),
+                });
+            }
+        },
+    };
+    let actual = hex::encode(Sha256::digest(data));
+    if !actual.eq_ignore_ascii_case(expected) {
+        return Err(FillError::Verify {
+            path: entry.path.clone(),
+            offset,
+            expected: expected.clone(),
+            actual,
+        });
+    }
+    Ok(())
+}
+
+/// Writes `data` at `offset` and puts the mtime back (a write bumps it; the image's
+/// metadata must stay true). With no event fd, opens the path: the write raises an event
+/// from an engine thread, which the reader task allows at once.
+fn write_chunk(
+    path: &Path,
+    writer: Option<Arc<File>>,
+    data: &[u8],
+    offset: u64,
+) -> Result<(), FillError> {
+    let werr = |source: std::io::Error| FillError::Write {
+        path: path.to_path_buf(),
+        offset,
+        len: data.len() as u64,
+        source,
+    };
+    let file = match writer {
+        Some(f) => f,
+        None => Arc::new(
+            File::options()
+                .write(true)
+                .custom_flags(libc::O_NOFOLLOW)
+                .open(path)
+                .map_err(werr)?,
+        ),
+    };
+    let before = nix::sys::stat::fstat(file.as_fd()).map_err(|e| werr(e.into()))?;
+    file.write_all_at(data, offset).map_err(werr)?;
+    restore_mtime(file.as_fd(), &before).map_err(|e| werr(e.into()))?;
+    Ok(())
+}
+
+fn restore_mtime(fd: std::os::fd::BorrowedFd<'_>, st: &FileStat) -> Result<(), Errno> {
+    let omit = TimeSpec::UTIME_OMIT;
+    let mtime = TimeSpec::new(st.st_mtime, st.st_mtime_nsec);
+    nix::sys::stat::futimens(fd, &omit, &mtime)
+}
+
+/// If every chunk below the limit is in, removes the file's mark: from now on reads never
+/// reach the daemon.
+fn maybe_complete(inner: &Inner, entry: &FileEntry, fd: Option<&File>) {
+    {
+        let mut st = entry.state.lock().unwrap();
+        if st.complete {
+            return;
+        }
+        let needed = st.limit.min(entry.size).div_ceil(entry.chunk) as usize;
+        if st.filled[..needed].iter().any(|f| !f) {
+            return;
+        }
+        st.complete = true;
+    }
+    inner.counters.completed.fetch_add(1, Ordering::Relaxed);
+    let opened;
+    let fd = match fd {
+        Some(fd) => fd.as_fd(),
+        None => match File::options()
+            .read(true)
+            .custom_flags(libc::O_NOFOLLOW | libc::O_NONBLOCK)
+            .open(&entry.path)
+        {
+            Ok(f) => {
+                opened = f;
+                opened.as_fd()
+            }
+            Err(e) => {
+                warn!(path = %entry.path.display(), error = %e, "cannot open completed file to remove its mark");
+                return;
+            }
+        },
+    };
+    match inner.group.unmark_inode(fd, FAN_PRE_ACCESS) {
+        Ok(()) => debug!(path = %entry.path.display(), "complete; mark removed"),
+        // ENOENT: no mark (for instance a hardlink of an inode already done).
+        Err(FanotifyError::Mark {
+            errno: Errno::ENOENT,
+            ..
+        }) => {}
+        Err(e) => warn!(error = %e, "removing mark of completed file"),
+    }
+}
+
+async fn prefetch_entry(inner: &Arc<Inner>, entry: &Arc<FileEntry>) -> FillResult {
+    if entry.state.lock().unwrap().complete {
+        return Ok(());
+    }
+    // The engine's own write raises an event that the reader task allows at once.
+    let size = match std::fs::symlink_metadata(&entry.path) {
+        Ok(m) => m.len(),
+        Err(e) => {
+            return Err(Arc::new(FillError::Register {
+                path: entry.path.clone(),
+                source: e,
+            }));
+        }
+    };
+    ensure_range(inner, entry, 0, u64::MAX, size, None).await
+}

@@ -1,1 +1,704 @@
-//! fanotify pre-content ABI (stub, being written).
+//! fanotify pre-content ABI: the group, its marks, the event reader and the answers.
+//!
+//! Owns every byte of the fanotify user ABI the crate uses: the Linux 6.14+ constants that
+//! Debian's headers and the `libc` crate lack (pinned by compile-time asserts), a [`Group`]
+//! built on nix's `fanotify_init`/`fanotify_mark`, an event reader that walks `event_len` and
+//! every info record (range, pidfd) and hands each event out with its file as an [`OwnedFd`],
+//! and a [`Response`] type that can only express "allow" or "deny with one of the seven errnos
+//! the kernel accepts". It decides nothing: which files to mark and what to answer belong to
+//! the fill engine ([`crate::fill`]).
+//!
+//! # Safety
+//! The `unsafe` here is limited to taking ownership of descriptors the kernel installed in our
+//! fd table (an event's file and pidfd, and a group fd handed over by a predecessor). Events
+//! are decoded from the read buffer with explicit little-endian field reads, never by casting
+//! pointers, so a short or malformed buffer is an error, not undefined behaviour.
+
+use std::fmt;
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd, RawFd};
+use std::path::Path;
+
+use nix::errno::Errno;
+use nix::sys::fanotify::{EventFFlags, Fanotify, InitFlags, MarkFlags, MaskFlags};
+
+/// `FAN_ACCESS_PERM`: permission to read a file (content class).
+pub const FAN_ACCESS_PERM: u64 = 0x0002_0000;
+/// `FAN_OPEN_PERM`: permission to open a file (content class).
+pub const FAN_OPEN_PERM: u64 = 0x0001_0000;
+/// `FAN_OPEN_EXEC_PERM`: permission to open a file for execution (content class).
+pub const FAN_OPEN_EXEC_PERM: u64 = 0x0004_0000;
+/// `FAN_PRE_ACCESS` (Linux 6.14+): a range of the file is about to be accessed. An early draft
+/// value `0x0008_0000` circulates in public code and is wrong.
+pub const FAN_PRE_ACCESS: u64 = 0x0010_0000;
+/// `FAN_Q_OVERFLOW`: the event queue overflowed (never with `FAN_UNLIMITED_QUEUE`).
+pub const FAN_Q_OVERFLOW: u64 = 0x0000_4000;
+/// `FAN_EVENT_ON_CHILD`: a directory mark applies to the directory's children.
+pub const FAN_EVENT_ON_CHILD: u64 = 0x0800_0000;
+
+const FAN_CLOEXEC: u32 = 0x0000_0001;
+const FAN_NONBLOCK: u32 = 0x0000_0002;
+const FAN_CLASS_CONTENT: u32 = 0x0000_0004;
+const FAN_CLASS_PRE_CONTENT: u32 = 0x0000_0008;
+const FAN_UNLIMITED_QUEUE: u32 = 0x0000_0010;
+const FAN_UNLIMITED_MARKS: u32 = 0x0000_0020;
+const FAN_REPORT_TID: u32 = 0x0000_0100;
+
+const FAN_MARK_ADD: u32 = 0x0000_0001;
+const FAN_MARK_REMOVE: u32 = 0x0000_0002;
+const FAN_MARK_DONT_FOLLOW: u32 = 0x0000_0004;
+const FAN_MARK_IGNORED_SURV_MODIFY: u32 = 0x0000_0040;
+const FAN_MARK_FILESYSTEM: u32 = 0x0000_0100;
+const FAN_MARK_IGNORE: u32 = 0x0000_0400;
+const FAN_MARK_IGNORE_SURV: u32 = FAN_MARK_IGNORE | FAN_MARK_IGNORED_SURV_MODIFY;
+
+const FAN_ALLOW: u32 = 0x01;
+const FAN_DENY: u32 = 0x02;
+const FAN_NOFD: i32 = -1;
+const FANOTIFY_METADATA_VERSION: u8 = 3;
+
+const FAN_EVENT_INFO_TYPE_PIDFD: u8 = 4;
+const FAN_EVENT_INFO_TYPE_RANGE: u8 = 6;
+
+/// `struct fanotify_event_metadata`: event_len u32, vers u8, reserved u8, metadata_len u16,
+/// mask u64, fd i32, pid i32.
+const METADATA_LEN: usize = 24;
+/// `struct fanotify_event_info_header`: info_type u8, pad u8, len u16.
+const INFO_HEADER_LEN: usize = 4;
+/// `struct fanotify_event_info_range`: header, pad u32, offset u64, count u64.
+const INFO_RANGE_LEN: usize = 24;
+/// `struct fanotify_event_info_pidfd`: header, pidfd i32.
+const INFO_PIDFD_LEN: usize = 8;
+/// `struct fanotify_response`: fd i32, response u32.
+const RESPONSE_LEN: usize = 8;
+
+const _: () = assert!(FAN_PRE_ACCESS == 0x0010_0000);
+const _: () = assert!(FAN_MARK_IGNORE_SURV == 0x440);
+const _: () = assert!(METADATA_LEN == size_of::<libc::fanotify_event_metadata>());
+const _: () = assert!(RESPONSE_LEN == size_of::<libc::fanotify_response>());
+const _: () = assert!(INFO_HEADER_LEN == size_of::<libc::fanotify_event_info_header>());
+const _: () = assert!(FANOTIFY_METADATA_VERSION == libc::FANOTIFY_METADATA_VERSION);
+
+/// Errors of the fanotify layer. Each names the operation and carries the kernel's errno.
+#[derive(Debug, thiserror::Error)]
+pub enum FanotifyError {
+    /// `fanotify_init` failed.
+    #[error("fanotify_init({what}) failed; pre-content events need Linux 6.14+ and CAP_SYS_ADMIN")]
+    Init {
+        /// Which group class was asked for.
+        what: &'static str,
+        /// The kernel's answer.
+        #[source]
+        errno: Errno,
+    },
+    /// `fanotify_mark` failed on a path.
+    #[error("fanotify_mark on {path} failed")]
+    Mark {
+        /// The object being marked.
+        path: String,
+        /// The kernel's answer (EOPNOTSUPP: the filesystem is not ext4, xfs or btrfs).
+        #[source]
+        errno: Errno,
+    },
+    /// A filesystem mark was asked for on the root filesystem.
+    #[error(
+        "refusing a filesystem-wide fanotify mark on the root filesystem ({path}): one stuck listener would freeze the machine"
+    )]
+    RootFilesystem {
+        /// The path that lives on the root filesystem.
+        path: String,
+    },
+    /// Reading events from the group failed.
+    #[error("reading fanotify events failed")]
+    Read(#[source] Errno),
+    /// The kernel's event buffer did not parse.
+    #[error("malformed fanotify event buffer: {0}")]
+    Malformed(&'static str),
+    /// Writing a response failed (EINVAL: bad errno or unknown event fd; ENOENT: no such event).
+    #[error("writing fanotify response for event {event} failed")]
+    Respond {
+        /// The event's identity (its fd number in the group's owner process).
+        event: i32,
+        /// The kernel's answer.
+        #[source]
+        errno: Errno,
+    },
+    /// A descriptor handed to [`Group::from_owned_fd`] is not a fanotify group.
+    #[error("descriptor is not a fanotify group")]
+    NotAGroup,
+}
+
+/// Which kind of group to create.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum GroupClass {
+    /// `FAN_CLASS_PRE_CONTENT` with `O_RDWR|O_LARGEFILE` event fds and `FAN_REPORT_TID`:
+    /// range fills of placeholders (`FAN_PRE_ACCESS`).
+    PreContent,
+    /// `FAN_CLASS_CONTENT` with `O_RDONLY|O_LARGEFILE` event fds: open-time permission events
+    /// on an overlay superblock (`FAN_OPEN_PERM|FAN_OPEN_EXEC_PERM`).
+    Content,
+}
+
+/// A fanotify group: owns the group fd. Always `FAN_UNLIMITED_QUEUE` (a queue overflow lets a
+/// reader through to holes), `FAN_UNLIMITED_MARKS`, `FAN_NONBLOCK` and `FAN_CLOEXEC`.
+#[derive(Debug)]
+pub struct Group {
+    inner: Fanotify,
+}
+
+/// The errnos the kernel accepts in `FAN_DENY_ERRNO`, and therefore the only errnos a reader
+/// of a placeholder can ever see from fanfill.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum DenyErrno {
+    /// `EIO`: the data could not be fetched or failed verification. The default failure.
+    Io,
+    /// `EPERM`: the access is not permitted (also what a plain `FAN_DENY` gives).
+    Perm,
+    /// `EBUSY`.
+    Busy,
+    /// `ETXTBSY`.
+    TxtBsy,
+    /// `EAGAIN`: try again later.
+    Again,
+    /// `ENOSPC`: the destination filesystem is full, the fill could not be written.
+    NoSpc,
+    /// `EDQUOT`: a quota stopped the fill.
+    DQuot,
+}
+
+impl DenyErrno {
+    fn errno(self) -> Errno {
+        match self {
+            DenyErrno::Io => Errno::EIO,
+            DenyErrno::Perm => Errno::EPERM,
+            DenyErrno::Busy => Errno::EBUSY,
+            DenyErrno::TxtBsy => Errno::ETXTBSY,
+            DenyErrno::Again => Errno::EAGAIN,
+            DenyErrno::NoSpc => Errno::ENOSPC,
+            DenyErrno::DQuot => Errno::EDQUOT,
+        }
+    }
+}
+
+/// An answer to a permission or pre-content event.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Response {
+    /// Let the access proceed.
+    Allow,
+    /// Fail the access with this errno (`FAN_DENY_ERRNO`).
+    Deny(DenyErrno),
+}
+
+impl Response {
+    fn bits(self) -> u32 {
+        match self {
+            Response::Allow => FAN_ALLOW,
+            Response::Deny(e) => FAN_DENY | (((e.errno() as u32) & 0xff) << 24),
+        }
+    }
+}
+
+/// Identity of an event in flight: the number its fd has in the group owner's fd table.
+/// The kernel matches a response only by this number, so a successor process that took the
+/// group over can still answer events its predecessor read but never answered.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize)]
+pub struct EventId(i32);
+
+impl fmt::Display for EventId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "#{}", self.0)
+    }
+}
+
+/// The byte range a pre-content event reports, exactly as the kernel sent it (page aligned;
+/// may extend past EOF; `count == 0` means "the whole file", e.g. FICLONE or a growing
+/// truncate).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct EventRange {
+    /// First byte.
+    pub offset: u64,
+    /// Length in bytes; 0 means the whole file.
+    pub count: u64,
+}
+
+/// One event read from a group. Owns the event's file (and pidfd, if reported); dropping an
+/// unanswered permission event closes its fd, which the kernel treats as "no answer yet": a
+/// blocked reader stays blocked until the group is closed. Answer every event with
+/// [`Group::respond`].
+#[derive(Debug)]
+pub struct Event {
+    mask: u64,
+    fd: Option<OwnedFd>,
+    id: i32,
+    pid: i32,
+    range: Option<EventRange>,
+    pidfd: Option<OwnedFd>,
+}
+
+impl Event {
+    /// The event mask (`FAN_PRE_ACCESS`, `FAN_OPEN_PERM`, ...).
+    pub fn mask(&self) -> u64 {
+        self.mask
+    }
+
+    /// Whether this is a pre-content access event.
+    pub fn is_pre_access(&self) -> bool {
+        self.mask & FAN_PRE_ACCESS != 0
+    }
+
+    /// Whether this is a queue overflow notice (no file attached).
+    pub fn is_overflow(&self) -> bool {
+        self.mask & FAN_Q_OVERFLOW != 0
+    }
+
+    /// Whether the event waits for an answer.
+    pub fn needs_response(&self) -> bool {
+        self.mask & (FAN_PRE_ACCESS | FAN_OPEN_PERM | FAN_OPEN_EXEC_PERM | FAN_ACCESS_PERM) != 0
+            && self.fd.is_some()
+    }
+
+    /// The file being accessed. For a pre-content group it is open `O_RDWR` with
+    /// notifications suppressed: reads and writes through it raise no events.
+    pub fn file(&self) -> Option<BorrowedFd<'_>> {
+        self.fd.as_ref().map(|f| f.as_fd())
+    }
+
+    /// A second owned handle on the event's file (a `dup`), usable after the event is answered.
+    pub fn clone_file(&self) -> std::io::Result<Option<OwnedFd>> {
+        self.fd.as_ref().map(|f| f.try_clone()).transpose()
+    }
+
+    /// The accessing thread (with `FAN_REPORT_TID`) or process.
+    pub fn pid(&self) -> i32 {
+        self.pid
+    }
+
+    /// The range record of a pre-content event, if the kernel sent one.
+    pub fn range(&self) -> Option<EventRange> {
+        self.range
+    }
+
+    /// A pidfd of the accessing process, if the group asked for one.
+    pub fn pidfd(&self) -> Option<BorrowedFd<'_>> {
+        self.pidfd.as_ref().map(|f| f.as_fd())
+    }
+
+    /// The identity to answer this event by from another process (see [`EventId`]).
+    pub fn id(&self) -> EventId {
+        EventId(self.id)
+    }
+}
+
+fn u16_at(b: &[u8], at: usize) -> u16 {
+    u16::from_ne_bytes([b[at], b[at + 1]])
+}
+fn u32_at(b: &[u8], at: usize) -> u32 {
+    u32::from_ne_bytes(b[at..at + 4].try_into().expect("4 bytes"))
+}
+fn u64_at(b: &[u8], at: usize) -> u64 {
+    u64::from_ne_bytes(b[at..at + 8].try_into().expect("8 bytes"))
+}
+
+/// Takes ownership of a descriptor number the kernel just installed for us.
+fn own_fd(fd: i32) -> Option<OwnedFd> {
+    if fd < 0 {
+        return None;
+    }
+    // SAFETY: `fd` comes from an event record the kernel wrote into our read buffer in this
+    // call: it is a descriptor freshly installed in our fd table, and no other code knows
+    // its number, so taking sole ownership (and closing it on drop) is sound.
+    Some(unsafe { OwnedFd::from_raw_fd(fd) })
+}
+
+/// Decodes a buffer returned by `read(2)` on a group fd. Owns every fd named in it, even
+/// when it fails part-way, so no descriptor leaks.
+fn parse_events(buf: &[u8], out: &mut Vec<Event>) -> Result<(), FanotifyError> {
+    let mut at = 0;
+    let mut err = None;
+    while at + METADATA_LEN <= buf.len() {
+        let event_len = u32_at(buf, at) as usize;
+        let vers = buf[at + 4];
+        let metadata_len = u16_at(buf, at + 6) as usize;
+        if event_len < METADATA_LEN || at + event_len > buf.len() || metadata_len < METADATA_LEN {
+            err.get_or_insert(FanotifyError::Malformed("event length out of bounds"));
+            break;
+        }
+        let rec = &buf[at..at + event_len];
+        let mask = u64_at(rec, 8);
+        let fd = u32_at(rec, 16) as i32;
+        let pid = u32_at(rec, 20) as i32;
+        let mut event = Event {
+            mask,
+            fd: if fd == FAN_NOFD { None } else { own_fd(fd) },
+            id: fd,
+            pid,
+            range: None,
+            pidfd: None,
+        };
+        if vers != FANOTIFY_METADATA_VERSION {
+            err.get_or_insert(FanotifyError::Malformed("unknown metadata version"));
+        }
+        let mut info = metadata_len.min(event_len);
+        while info + INFO_HEADER_LEN <= event_len {
+            let info_type = rec[info];
+            let len = u16_at(rec, info + 2) as usize;
+            if len < INFO_HEADER_LEN || info + len > event_len {
+                err.get_or_insert(FanotifyError::Malformed("info record length out of bounds"));
+                break;
+            }
+            match info_type {
+                FAN_EVENT_INFO_TYPE_RANGE if len >= INFO_RANGE_LEN => {
+                    event.range = Some(EventRange {
+                        offset: u64_at(rec, info + 8),
+                        count: u64_at(rec, info + 16),
+                    });
+                }
+                FAN_EVENT_INFO_TYPE_PIDFD if len >= INFO_PIDFD_LEN => {
+                    event.pidfd = own_fd(u32_at(rec, info + 4) as i32);
+                }
+                _ => {}
+            }
+            info += len;
+        }
+        out.push(event);
+        at += event_len;
+    }
+    match err {
+        Some(e) => Err(e),
+        None => Ok(()),
+    }
+}
+
+fn path_string(p: &Path) -> String {
+    p.display().to_string()
+}
+
+impl Group {
+    /// Creates a group of the given class. Fails with a typed error naming the class when the
+    /// kernel lacks pre-content support (older than 6.14) or the caller lacks CAP_SYS_ADMIN.
+    pub fn new(class: GroupClass) -> Result<Group, FanotifyError> {
+        let base = FAN_CLOEXEC | FAN_NONBLOCK | FAN_UNLIMITED_QUEUE | FAN_UNLIMITED_MARKS;
+        let (flags, fflags, what) = match class {
+            GroupClass::PreContent => (
+                base | FAN_CLASS_PRE_CONTENT | FAN_REPORT_TID,
+                libc::O_RDWR | libc::O_LARGEFILE,
+                "FAN_CLASS_PRE_CONTENT",
+            ),
+            GroupClass::Content => (
+                base | FAN_CLASS_CONTENT | FAN_REPORT_TID,
+                libc::O_RDONLY | libc::O_LARGEFILE,
+                "FAN_CLASS_CONTENT",
+            ),
+        };
+        let inner = Fanotify::init(
+            InitFlags::from_bits_retain(flags),
+            EventFFlags::from_bits_retain(fflags as u32),
+        )
+        .map_err(|errno| FanotifyError::Init { what, errno })?;
+        Ok(Group { inner })
+    }
+
+    /// Probes once whether this kernel supports pre-content events on the filesystem holding
+    /// `dir` (creates, marks and removes a scratch file there).
+    pub fn probe_pre_content(dir: &Path) -> Result<(), FanotifyError> {
+        let group = Group::new(GroupClass::PreContent)?;
+        let probe = dir.join(format!(".fanfill-probe-{}", std::process::id()));
+        let file = std::fs::File::create(&probe).map_err(|e| FanotifyError::Mark {
+            path: path_string(&probe),
+            errno: Errno::from_raw(e.raw_os_error().unwrap_or(libc::EIO)),
+        })?;
+        let res = group.mark_inode(file.as_fd(), FAN_PRE_ACCESS);
+        let _ = std::fs::remove_file(&probe);
+        res.map_err(|e| match e {
+            FanotifyError::Mark { errno, .. } => FanotifyError::Mark {
+                path: path_string(dir),
+                errno,
+            },
+            other => other,
+        })
+    }
+
+    /// Takes over a group fd from a predecessor (an fd holder, `SCM_RIGHTS`, `pidfd_getfd` or
+    /// the service manager's fd store). Checks that the fd really is a fanotify group.
+    pub fn from_owned_fd(fd: OwnedFd) -> Result<Group, FanotifyError> {
+        let link = std::fs::read_link(format!("/proc/self/fd/{}", fd.as_raw_fd()))
+            .map_err(|_| FanotifyError::NotAGroup)?;
+        if link.as_os_str() != "anon_inode:[fanotify]" {
+            return Err(FanotifyError::NotAGroup);
+        }
+        // SAFETY: `fd` is an owned, open descriptor whose anon inode the kernel names
+        // `[fanotify]`, i.e. a fanotify group; `Fanotify` only requires that.
+        let inner = unsafe { Fanotify::from_owned_fd(fd) };
+        Ok(Group { inner })
+    }
+
+    /// A duplicate of the group fd, to hand to an fd holder so the group (and its marks)
+    /// outlive this process.
+    pub fn try_clone_fd(&self) -> std::io::Result<OwnedFd> {
+        self.inner.as_fd().try_clone_to_owned()
+    }
+
+    fn mark_raw(
+        &self,
+        flags: u32,
+        mask: u64,
+        dirfd: BorrowedFd<'_>,
+        path: Option<&Path>,
+        name: &dyn Fn() -> String,
+    ) -> Result<(), FanotifyError> {
+        self.inner
+            .mark(
+                MarkFlags::from_bits_retain(flags),
+                MaskFlags::from_bits_retain(mask),
+                dirfd,
+                path,
+            )
+            .map_err(|errno| FanotifyError::Mark {
+                path: name(),
+                errno,
+            })
+    }
+
+    /// Adds `mask` to the inode mark of the open file `file`. Inode marks are never evictable
+    /// here: an evicted mark would let the next read see zeros without an event.
+    pub fn mark_inode(&self, file: BorrowedFd<'_>, mask: u64) -> Result<(), FanotifyError> {
+        self.mark_raw(FAN_MARK_ADD, mask, file, None, &|| fd_name(file))
+    }
+
+    /// Removes the inode mark of `file` entirely (the file is complete).
+    pub fn unmark_inode(&self, file: BorrowedFd<'_>, mask: u64) -> Result<(), FanotifyError> {
+        self.mark_raw(FAN_MARK_REMOVE, mask, file, None, &|| fd_name(file))
+    }
+
+    /// Adds `mask` to the inode mark of the object at `path` (not following a final symlink).
+    pub fn mark_path(&self, path: &Path, mask: u64) -> Result<(), FanotifyError> {
+        let cwd = cwd_fd();
+        self.mark_raw(
+            FAN_MARK_ADD | FAN_MARK_DONT_FOLLOW,
+            mask,
+            cwd,
+            Some(path),
+            &|| path_string(path),
+        )
+    }
+
+    /// Marks the whole filesystem (superblock) holding `path`: every mount, bind mount and
+    /// overlay clone of it. Refused on the root filesystem.
+    pub fn mark_filesystem(&self, path: &Path, mask: u64) -> Result<(), FanotifyError> {
+        let dev = |p: &Path| nix::sys::stat::stat(p).map(|s| s.st_dev);
+        let (Ok(here), Ok(root)) = (dev(path), dev(Path::new("/"))) else {
+            return Err(FanotifyError::Mark {
+                path: path_string(path),
+                errno: Errno::ENOENT,
+            });
+        };
+        if here == root {
+            return Err(FanotifyError::RootFilesystem {
+                path: path_string(path),
+            });
+        }
+        self.mark_raw(
+            FAN_MARK_ADD | FAN_MARK_FILESYSTEM,
+            mask,
+            cwd_fd(),
+            Some(path),
+            &|| path_string(path),
+        )
+    }
+
+    /// Puts an ignore mark for `mask` (on the directory and its children) on `dir`, so that a
+    /// broader mark does not report accesses under it (the daemon's cache).
+    pub fn ignore_dir(&self, dir: &Path, mask: u64) -> Result<(), FanotifyError> {
+        self.mark_raw(
+            FAN_MARK_ADD | FAN_MARK_IGNORE_SURV,
+            mask | FAN_EVENT_ON_CHILD,
+            cwd_fd(),
+            Some(dir),
+            &|| path_string(dir),
+        )
+    }
+
+    /// Reads the events available now into `out` (appending). Returns `Ok(false)` when none
+    /// were ready (the group is non-blocking). `buf` is the caller's scratch buffer; 64 KiB is
+    /// plenty.
+    pub fn read_events(&self, buf: &mut [u8], out: &mut Vec<Event>) -> Result<bool, FanotifyError> {
+        match nix::unistd::read(self.inner.as_fd(), buf) {
+            Ok(0) => Ok(false),
+            Ok(n) => parse_events(&buf[..n], out).map(|()| true),
+            Err(Errno::EAGAIN) => Ok(false),
+            Err(Errno::EINTR) => Ok(false),
+            Err(e) => Err(FanotifyError::Read(e)),
+        }
+    }
+
+    /// Answers an event and closes its fd. Events that need no answer are just dropped.
+    pub fn respond(&self, event: Event, response: Response) -> Result<(), FanotifyError> {
+        if !event.needs_response() {
+            return Ok(());
+        }
+        self.respond_id(event.id(), response)
+    }
+
+    /// Answers an event by identity: for events read by a predecessor that died before
+    /// answering (see [`EventId`]).
+    pub fn respond_id(&self, id: EventId, response: Response) -> Result<(), FanotifyError> {
+        let mut msg = [0u8; RESPONSE_LEN];
+        msg[..4].copy_from_slice(&id.0.to_ne_bytes());
+        msg[4..].copy_from_slice(&response.bits().to_ne_bytes());
+        match nix::unistd::write(self.inner.as_fd(), &msg) {
+            Ok(_) => Ok(()),
+            Err(errno) => Err(FanotifyError::Respond { event: id.0, errno }),
+        }
+    }
+}
+
+impl AsFd for Group {
+    fn as_fd(&self) -> BorrowedFd<'_> {
+        self.inner.as_fd()
+    }
+}
+
+impl AsRawFd for Group {
+    fn as_raw_fd(&self) -> RawFd {
+        self.inner.as_raw_fd()
+    }
+}
+
+/// A [`Group`] registered with the tokio reactor: `read_events` waits until the kernel has
+/// events for us instead of polling.
+#[derive(Debug)]
+pub struct AsyncGroup {
+    inner: tokio::io::unix::AsyncFd<std::sync::Arc<Group>>,
+}
+
+/// `Arc<Group>` hands the reactor the group's fd number; the `Arc` keeps the group (and so
+/// the fd) alive for as long as the registration exists.
+impl AsyncGroup {
+    /// Registers the group with the current tokio runtime (must be called inside one).
+    pub fn new(group: std::sync::Arc<Group>) -> std::io::Result<AsyncGroup> {
+        // SAFETY: the fd is owned by `Group`, which the `Arc` keeps alive at least as long
+        // as this `AsyncFd`; `Group::as_raw_fd` always returns that same descriptor, and
+        // nothing closes it while the group lives.
+        let inner = unsafe {
+            tokio::io::unix::AsyncFd::register_with_interest(group, tokio::io::Interest::READABLE)
+        }
+        .map_err(std::io::Error::from)?;
+        Ok(AsyncGroup { inner })
+    }
+
+    /// The group.
+    pub fn group(&self) -> &Group {
+        self.inner.get_ref()
+    }
+
+    /// Waits for events and appends them to `out` (at least one, unless the kernel woke us
+    /// spuriously, in which case it waits again).
+    pub async fn read_events(
+        &self,
+        buf: &mut [u8],
+        out: &mut Vec<Event>,
+    ) -> Result<(), FanotifyError> {
+        loop {
+            let mut guard =
+                self.inner.readable().await.map_err(|e| {
+                    FanotifyError::Read(Errno::from_raw(e.raw_os_error().unwrap_or(0)))
+                })?;
+            if self.inner.get_ref().read_events(buf, out)? {
+                return Ok(());
+            }
+            guard.clear_ready();
+        }
+    }
+}
+
+fn cwd_fd() -> BorrowedFd<'static> {
+    // SAFETY: AT_FDCWD is a sentinel the kernel interprets as "the current directory"; it is
+    // never closed, so borrowing it for 'static is sound.
+    unsafe { BorrowedFd::borrow_raw(libc::AT_FDCWD) }
+}
+
+fn fd_name(fd: BorrowedFd<'_>) -> String {
+    std::fs::read_link(format!("/proc/self/fd/{}", fd.as_raw_fd()))
+        .map(|p| p.display().to_string())
+        .unwrap_or_else(|_| "<open file>".into())
+}
+
+/// The calling thread's kernel thread id, as `FAN_REPORT_TID` reports it in [`Event::pid`].
+pub fn current_tid() -> i32 {
+    nix::unistd::gettid().as_raw()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn record(mask: u64, fd: i32, pid: i32, infos: &[Vec<u8>]) -> Vec<u8> {
+        let len = METADATA_LEN + infos.iter().map(Vec::len).sum::<usize>();
+        let mut b = Vec::new();
+        b.extend_from_slice(&(len as u32).to_ne_bytes());
+        b.push(FANOTIFY_METADATA_VERSION);
+        b.push(0);
+        b.extend_from_slice(&(METADATA_LEN as u16).to_ne_bytes());
+        b.extend_from_slice(&mask.to_ne_bytes());
+        b.extend_from_slice(&fd.to_ne_bytes());
+        b.extend_from_slice(&pid.to_ne_bytes());
+        for i in infos {
+            b.extend_from_slice(i);
+        }
+        b
+    }
+
+    fn range_info(offset: u64, count: u64) -> Vec<u8> {
+        let mut b = vec![FAN_EVENT_INFO_TYPE_RANGE, 0];
+        b.extend_from_slice(&(INFO_RANGE_LEN as u16).to_ne_bytes());
+        b.extend_from_slice(&0u32.to_ne_bytes());
+        b.extend_from_slice(&offset.to_ne_bytes());
+        b.extend_from_slice(&count.to_ne_bytes());
+        b
+    }
+
+    #[test]
+    fn parses_range_records_and_walks_event_len() {
+        // Two events with range records, no fds (FAN_NOFD) so nothing is closed.
+        let mut buf = record(FAN_PRE_ACCESS, FAN_NOFD, 7, &[range_info(4096, 8192)]);
+        buf.extend(record(FAN_PRE_ACCESS, FAN_NOFD, 8, &[range_info(0, 0)]));
+        let mut out = Vec::new();
+        parse_events(&buf, &mut out).unwrap();
+        assert_eq!(out.len(), 2, "a range record must not become an event");
+        assert_eq!(out[0].pid(), 7);
+        assert_eq!(
+            out[0].range(),
+            Some(EventRange {
+                offset: 4096,
+                count: 8192
+            })
+        );
+        assert_eq!(
+            out[1].range(),
+            Some(EventRange {
+                offset: 0,
+                count: 0
+            })
+        );
+        assert!(out[0].is_pre_access());
+        assert!(!out[0].needs_response(), "no fd, nothing to answer");
+    }
+
+    #[test]
+    fn rejects_truncated_records() {
+        let mut buf = record(FAN_PRE_ACCESS, FAN_NOFD, 7, &[range_info(0, 4096)]);
+        buf.truncate(40);
+        let mut out = Vec::new();
+        assert!(parse_events(&buf, &mut out).is_err());
+        let mut bad = record(FAN_PRE_ACCESS, FAN_NOFD, 7, &[]);
+        bad[0..4].copy_from_slice(&8u32.to_ne_bytes());
+        assert!(parse_events(&bad, &mut Vec::new()).is_err());
+    }
+
+    #[test]
+    fn response_bits_match_kernel_macro() {
+        assert_eq!(Response::Allow.bits(), 1);
+        assert_eq!(Response::Deny(DenyErrno::Io).bits(), 2 | (5 << 24));
+        assert_eq!(Response::Deny(DenyErrno::NoSpc).bits(), 2 | (28 << 24));
+        assert_eq!(Response::Deny(DenyErrno::DQuot).bits(), 2 | (122 << 24));
+    }
+}

@@ -1,0 +1,764 @@
+//! Fill engine against the real kernel (Linux 6.14+, root). Inode marks only, on files in
+//! temp dirs, or a loop-mounted filesystem the test makes; every blocking step is bounded.
+
+mod fsutil;
+
+use std::fs::File;
+use std::io::{Read, Seek, SeekFrom, Write};
+use std::os::fd::AsRawFd;
+use std::os::unix::fs::{FileExt, MetadataExt, PermissionsExt};
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use fanfill::fill::{
+    ContentSource, Engine, EngineConfig, FileId, LocalFileSource, Placeholder, SourceError, Verify,
+};
+use fsutil::{LoopFs, make_placeholder, marks_of_group, pattern, sha256_hex, within};
+use futures::FutureExt;
+use futures::future::BoxFuture;
+
+/// An in-memory source with knobs: delay, failures, corruption; counts its calls.
+struct MemSource {
+    data: Arc<Vec<u8>>,
+    calls: AtomicU64,
+    delay: Duration,
+    fail_first: AtomicU64,
+    corrupt: bool,
+}
+
+impl MemSource {
+    fn new(data: Arc<Vec<u8>>) -> MemSource {
+        MemSource {
+            data,
+            calls: AtomicU64::new(0),
+            delay: Duration::ZERO,
+            fail_first: AtomicU64::new(0),
+            corrupt: false,
+        }
+    }
+}
+
+impl ContentSource for MemSource {
+    fn read_at(&self, offset: u64, len: u64) -> BoxFuture<'_, Result<Vec<u8>, SourceError>> {
+        async move {
+            self.calls.fetch_add(1, Ordering::SeqCst);
+            if !self.delay.is_zero() {
+                tokio::time::sleep(self.delay).await;
+            }
+            if self
+                .fail_first
+                .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1))
+                .is_ok()
+            {
+                return Err(SourceError::new("injected registry failure"));
+            }
+            let mut v = self.data[offset as usize..(offset + len) as usize].to_vec();
+            if self.corrupt {
+                v[0] ^= 0xff;
+            }
+            Ok(v)
+        }
+        .boxed()
+    }
+}
+
+fn engine() -> Engine {
+    Engine::start(EngineConfig::default()).expect("fanotify pre-content group (Linux 6.14+, root)")
+}
+
+/// A placeholder of `data` at `dir/name`, registered with a MemSource.
+fn placeholder(
+    engine: &Engine,
+    dir: &Path,
+    name: &str,
+    data: &Arc<Vec<u8>>,
+    source: MemSource,
+    verify: Verify,
+) -> (PathBuf, FileId, Arc<MemSource>) {
+    let path = dir.join(name);
+    make_placeholder(&path, data.len() as u64);
+    let source = Arc::new(source);
+    let id = engine
+        .register(Placeholder {
+            path: path.clone(),
+            size: data.len() as u64,
+            source: source.clone(),
+            verify,
+        })
+        .unwrap();
+    (path, id, source)
+}
+
+fn read_all(path: &Path) -> std::io::Result<Vec<u8>> {
+    let p = path.to_path_buf();
+    within(20, "read", move || std::fs::read(p))
+}
+
+#[test]
+fn sequential_read_fills_and_then_removes_the_mark() {
+    let dir = tempfile::tempdir().unwrap();
+    let e = engine();
+    let data = Arc::new(pattern(5 << 20 | 1234, 1));
+    let (path, id, _) = placeholder(
+        &e,
+        dir.path(),
+        "f",
+        &data,
+        MemSource::new(data.clone()),
+        Verify::None,
+    );
+    assert_eq!(marks_of_group(e.group().as_raw_fd()), 1);
+    let got = read_all(&path).unwrap();
+    assert!(got == *data, "content differs");
+    assert!(e.is_complete(id));
+    assert_eq!(
+        marks_of_group(e.group().as_raw_fd()),
+        0,
+        "mark must go once complete"
+    );
+    let s = e.stats();
+    assert_eq!(s.bytes_filled, data.len() as u64);
+    assert_eq!(s.files_complete, 1);
+    // And now reads do not involve the engine at all.
+    let events = s.events;
+    read_all(&path).unwrap();
+    assert_eq!(e.stats().events, events);
+}
+
+#[test]
+fn pread_readv_past_eof_and_zero_length() {
+    let dir = tempfile::tempdir().unwrap();
+    let e = engine();
+    let data = Arc::new(pattern(3 << 20 | 77, 2));
+    let (path, _, _) = placeholder(
+        &e,
+        dir.path(),
+        "f",
+        &data,
+        MemSource::new(data.clone()),
+        Verify::None,
+    );
+    let d = data.clone();
+    within(30, "preads", move || {
+        let f = File::open(&path).unwrap();
+        // Zero-length read at a missing offset.
+        let mut empty = [0u8; 0];
+        assert_eq!(f.read_at(&mut empty, 2 << 20).unwrap(), 0);
+        // Scattered preads, including ones crossing chunk boundaries.
+        for (off, len) in [
+            (1_048_000u64, 5000usize),
+            (0, 1),
+            (3 << 20, 77),
+            (2_500_000, 300_000),
+        ] {
+            let mut buf = vec![0u8; len];
+            f.read_exact_at(&mut buf, off).unwrap();
+            assert!(
+                buf[..] == d[off as usize..off as usize + len],
+                "pread at {off}+{len}"
+            );
+        }
+        // A read that runs past EOF returns the tail and no more.
+        let mut buf = vec![0u8; 100_000];
+        let n = f.read_at(&mut buf, d.len() as u64 - 10).unwrap();
+        assert_eq!(n, 10);
+        assert!(buf[..10] == d[d.len() - 10..]);
+        // Entirely past EOF.
+        assert_eq!(f.read_at(&mut buf, d.len() as u64 + 4096).unwrap(), 0);
+        // readv across two buffers.
+        let (mut a, mut b) = (vec![0u8; 4096], vec![0u8; 8192]);
+        let mut iov = [
+            std::io::IoSliceMut::new(&mut a),
+            std::io::IoSliceMut::new(&mut b),
+        ];
+        let n = nix::sys::uio::preadv(&f, &mut iov, 1_500_000).unwrap();
+        assert_eq!(n, 4096 + 8192);
+        assert!(a[..] == d[1_500_000..1_504_096]);
+        assert!(b[..] == d[1_504_096..1_512_288]);
+    });
+}
+
+#[test]
+fn mmap_fills_the_whole_mapping_at_mmap_time() {
+    let dir = tempfile::tempdir().unwrap();
+    let e = engine();
+    let data = Arc::new(pattern(6 << 20 | 999, 3));
+    let (path, _, _) = placeholder(
+        &e,
+        dir.path(),
+        "f",
+        &data,
+        MemSource::new(data.clone()),
+        Verify::None,
+    );
+    // A separate process maps the file and reads every page through the mapping (page
+    // faults raise no event: the engine must have filled the range at mmap time).
+    let script = "import mmap,hashlib,sys\nf=open(sys.argv[1],'rb')\nm=mmap.mmap(f.fileno(),0,prot=mmap.PROT_READ)\nh=hashlib.sha256()\nfor i in range(0,len(m),4096): h.update(m[i:i+4096])\nprint(h.hexdigest())";
+    let p = path.clone();
+    let out = within(30, "mmap reader", move || {
+        Command::new("python3")
+            .arg("-c")
+            .arg(script)
+            .arg(&p)
+            .output()
+            .unwrap()
+    });
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout).trim(),
+        sha256_hex(&data)
+    );
+    // Partial mapping of the middle: fresh file, map 1 MiB at offset 2 MiB.
+    let (path2, _, src2) = placeholder(
+        &e,
+        dir.path(),
+        "g",
+        &data,
+        MemSource::new(data.clone()),
+        Verify::None,
+    );
+    let script2 = "import mmap,hashlib,sys\nf=open(sys.argv[1],'rb')\nm=mmap.mmap(f.fileno(),1<<20,prot=mmap.PROT_READ,offset=2<<20)\nprint(hashlib.sha256(m[:]).hexdigest())";
+    let out = within(30, "partial mmap", move || {
+        Command::new("python3")
+            .arg("-c")
+            .arg(script2)
+            .arg(&path2)
+            .output()
+            .unwrap()
+    });
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout).trim(),
+        sha256_hex(&data[2 << 20..3 << 20])
+    );
+    assert_eq!(
+        src2.calls.load(Ordering::SeqCst),
+        1,
+        "one chunk for a 1 MiB aligned mapping"
+    );
+}
+
+fn copy_placeholder_of(e: &Engine, real: &Path, dst: &Path) -> FileId {
+    let size = std::fs::metadata(real).unwrap().len();
+    make_placeholder(dst, size);
+    std::fs::set_permissions(dst, std::fs::Permissions::from_mode(0o755)).unwrap();
+    e.register(Placeholder {
+        path: dst.to_path_buf(),
+        size,
+        source: Arc::new(LocalFileSource::open(real).unwrap()),
+        verify: Verify::None,
+    })
+    .unwrap()
+}
+
+#[test]
+fn exec_of_placeholder_binary_via_placeholder_loader_and_libc() {
+    let dir = tempfile::tempdir().unwrap();
+    let e = engine();
+    let real_bin = Path::new("/usr/bin/sha256sum");
+    let real_ld = std::fs::canonicalize("/lib64/ld-linux-x86-64.so.2").unwrap();
+    let real_libc = std::fs::canonicalize("/lib/x86_64-linux-gnu/libc.so.6").unwrap();
+    let bin = dir.path().join("sha256sum");
+    let ld = dir.path().join("ld.so");
+    let libc = dir.path().join("libc.so.6");
+    copy_placeholder_of(&e, real_bin, &bin);
+    copy_placeholder_of(&e, &real_ld, &ld);
+    copy_placeholder_of(&e, &real_libc, &libc);
+    let input = dir.path().join("input");
+    std::fs::write(&input, b"hello fanfill\n").unwrap();
+    let expected = Command::new(real_bin).arg(&input).output().unwrap();
+    // execve of the placeholder loader, which maps the placeholder program and the
+    // placeholder libc (found through --library-path).
+    let (ld2, dir2, bin2, input2) = (
+        ld.clone(),
+        dir.path().to_path_buf(),
+        bin.clone(),
+        input.clone(),
+    );
+    let got = within(30, "exec", move || {
+        Command::new(&ld2)
+            .arg("--library-path")
+            .arg(&dir2)
+            .arg(&bin2)
+            .arg(&input2)
+            .output()
+            .unwrap()
+    });
+    assert!(
+        got.status.success(),
+        "{}",
+        String::from_utf8_lossy(&got.stderr)
+    );
+    assert_eq!(got.stdout, expected.stdout);
+    // Direct execve of the placeholder binary (system loader) works too.
+    let bin3 = dir.path().join("sha256sum-direct");
+    copy_placeholder_of(&e, real_bin, &bin3);
+    let got = within(30, "exec direct", move || {
+        Command::new(&bin3).arg(&input).output().unwrap()
+    });
+    assert_eq!(got.stdout, expected.stdout);
+    // The program's bytes are the real ones.
+    assert_eq!(
+        std::fs::read(&bin).unwrap(),
+        std::fs::read(real_bin).unwrap()
+    );
+}
+
+#[test]
+fn writes_keep_original_bytes_around_them() {
+    let dir = tempfile::tempdir().unwrap();
+    let e = engine();
+    let data = Arc::new(pattern(4 << 20 | 4321, 4));
+    let n = data.len();
+    // pwrite in the middle of an unfilled file.
+    let (p1, _, _) = placeholder(
+        &e,
+        dir.path(),
+        "pwrite",
+        &data,
+        MemSource::new(data.clone()),
+        Verify::None,
+    );
+    let q = p1.clone();
+    within(20, "pwrite", move || {
+        let f = File::options().write(true).open(&q).unwrap();
+        f.write_all_at(b"USERDATA", 2_000_000).unwrap();
+    });
+    let mut want = data.to_vec();
+    want[2_000_000..2_000_008].copy_from_slice(b"USERDATA");
+    assert!(
+        read_all(&p1).unwrap() == want,
+        "pwrite: bytes around the write changed"
+    );
+
+    // O_APPEND write: the event names 0+4096, the data lands at EOF.
+    let (p2, _, _) = placeholder(
+        &e,
+        dir.path(),
+        "append",
+        &data,
+        MemSource::new(data.clone()),
+        Verify::None,
+    );
+    let q = p2.clone();
+    within(20, "append", move || {
+        let mut f = File::options().append(true).open(&q).unwrap();
+        f.write_all(b"TAIL").unwrap();
+    });
+    let mut want = data.to_vec();
+    want.extend_from_slice(b"TAIL");
+    assert!(read_all(&p2).unwrap() == want, "O_APPEND");
+
+    // ftruncate down then up: the cut part comes back as zeros, the rest is original.
+    let (p3, _, _) = placeholder(
+        &e,
+        dir.path(),
+        "ftruncate",
+        &data,
+        MemSource::new(data.clone()),
+        Verify::None,
+    );
+    let q = p3.clone();
+    within(20, "ftruncate", move || {
+        let f = File::options().write(true).open(&q).unwrap();
+        f.set_len(1_000_000).unwrap();
+        f.set_len(n as u64).unwrap();
+    });
+    let mut want = data[..1_000_000].to_vec();
+    want.resize(n, 0);
+    assert!(read_all(&p3).unwrap() == want, "ftruncate");
+
+    // truncate(2) by path to grow: original content then zeros.
+    let (p4, _, _) = placeholder(
+        &e,
+        dir.path(),
+        "truncate",
+        &data,
+        MemSource::new(data.clone()),
+        Verify::None,
+    );
+    let q = p4.clone();
+    within(20, "truncate", move || {
+        nix::unistd::truncate(&q, n as i64 + 5000).unwrap()
+    });
+    let mut want = data.to_vec();
+    want.resize(n + 5000, 0);
+    assert!(read_all(&p4).unwrap() == want, "truncate grow");
+
+    // open(O_TRUNC) raises no event: the user's new content must survive a later fill.
+    let (p5, id5, _) = placeholder(
+        &e,
+        dir.path(),
+        "otrunc",
+        &data,
+        MemSource::new(data.clone()),
+        Verify::None,
+    );
+    let q = p5.clone();
+    within(20, "O_TRUNC", move || {
+        let mut f = File::options().write(true).truncate(true).open(&q).unwrap();
+        f.write_all(b"new content").unwrap();
+    });
+    e.fill_file(id5).unwrap();
+    assert_eq!(read_all(&p5).unwrap(), b"new content");
+    assert!(e.is_complete(id5));
+}
+
+#[test]
+fn copy_file_range_sendfile_and_ficlone_from_a_placeholder() {
+    let fs = LoopFs::new("xfs", 300);
+    let e = engine();
+    let data = Arc::new(pattern(3 << 20 | 5, 5));
+    let n = data.len();
+    // copy_file_range of the whole file.
+    let (src, _, _) = placeholder(
+        &e,
+        &fs.mnt,
+        "cfr",
+        &data,
+        MemSource::new(data.clone()),
+        Verify::None,
+    );
+    let dst = fs.mnt.join("cfr.out");
+    let d2 = dst.clone();
+    within(20, "copy_file_range", move || {
+        let s = File::open(&src).unwrap();
+        let d = File::create(&d2).unwrap();
+        let mut left = n;
+        while left > 0 {
+            let k = nix::fcntl::copy_file_range(&s, None, &d, None, left).unwrap();
+            assert!(k > 0);
+            left -= k;
+        }
+    });
+    assert!(std::fs::read(&dst).unwrap() == *data, "copy_file_range");
+
+    // sendfile into a regular file.
+    let (src, _, _) = placeholder(
+        &e,
+        &fs.mnt,
+        "sf",
+        &data,
+        MemSource::new(data.clone()),
+        Verify::None,
+    );
+    let dst = fs.mnt.join("sf.out");
+    let d2 = dst.clone();
+    within(20, "sendfile", move || {
+        let s = File::open(&src).unwrap();
+        let d = File::create(&d2).unwrap();
+        let mut off: i64 = 0;
+        while (off as usize) < n {
+            let left = n - off as usize;
+            let k = nix::sys::sendfile::sendfile64(&d, &s, Some(&mut off), left).unwrap();
+            assert!(k > 0);
+        }
+    });
+    assert!(std::fs::read(&dst).unwrap() == *data, "sendfile");
+
+    // FICLONE (count 0 in the event: the whole file) via cp --reflink=always on xfs.
+    let (src, id, _) = placeholder(
+        &e,
+        &fs.mnt,
+        "clone",
+        &data,
+        MemSource::new(data.clone()),
+        Verify::None,
+    );
+    let dst = fs.mnt.join("clone.out");
+    let (s2, d2) = (src.clone(), dst.clone());
+    let st = within(20, "FICLONE", move || {
+        Command::new("cp")
+            .arg("--reflink=always")
+            .arg(&s2)
+            .arg(&d2)
+            .status()
+            .unwrap()
+    });
+    assert!(st.success(), "cp --reflink=always");
+    assert!(
+        std::fs::read(&dst).unwrap() == *data,
+        "FICLONE copy has the real bytes"
+    );
+    assert!(e.is_complete(id), "count 0 means the whole file");
+}
+
+#[test]
+fn chunk_granularity_and_small_files_whole() {
+    let dir = tempfile::tempdir().unwrap();
+    let e = engine();
+    let big = Arc::new(pattern(8 << 20, 6));
+    let (bp, _, bsrc) = placeholder(
+        &e,
+        dir.path(),
+        "big",
+        &big,
+        MemSource::new(big.clone()),
+        Verify::None,
+    );
+    within(20, "4k read", move || {
+        let f = File::open(&bp).unwrap();
+        let mut b = [0u8; 4096];
+        f.read_exact_at(&mut b, (3 << 20) + 8192).unwrap();
+        let blocks = f.metadata().unwrap().blocks() * 512;
+        assert!(
+            (1 << 20..2 << 20).contains(&blocks),
+            "one 1 MiB chunk on disk, found {blocks}"
+        );
+    });
+    assert_eq!(bsrc.calls.load(Ordering::SeqCst), 1);
+    let small = Arc::new(pattern(100_000, 7));
+    let (sp, sid, ssrc) = placeholder(
+        &e,
+        dir.path(),
+        "small",
+        &small,
+        MemSource::new(small.clone()),
+        Verify::None,
+    );
+    within(20, "1 byte read", move || {
+        let f = File::open(&sp).unwrap();
+        let mut b = [0u8; 1];
+        f.read_exact_at(&mut b, 50_000).unwrap();
+    });
+    assert_eq!(ssrc.calls.load(Ordering::SeqCst), 1);
+    assert!(
+        e.is_complete(sid),
+        "a small file is filled whole on first touch"
+    );
+}
+
+#[test]
+fn many_readers_of_one_chunk_share_one_fetch_and_files_fill_in_parallel() {
+    let dir = tempfile::tempdir().unwrap();
+    let e = engine();
+    let data = Arc::new(pattern(2 << 20, 8));
+    let mut slow = MemSource::new(data.clone());
+    slow.delay = Duration::from_millis(300);
+    let (path, _, src) = placeholder(&e, dir.path(), "shared", &data, slow, Verify::None);
+    let readers: Vec<_> = (0..16)
+        .map(|i| {
+            let (p, d) = (path.clone(), data.clone());
+            std::thread::spawn(move || {
+                let f = File::open(&p).unwrap();
+                let mut b = vec![0u8; 4096];
+                let off = 4096 * i as u64;
+                f.read_exact_at(&mut b, off).unwrap();
+                assert!(b[..] == d[off as usize..off as usize + 4096]);
+            })
+        })
+        .collect();
+    within(20, "16 readers", move || {
+        readers.into_iter().for_each(|r| r.join().unwrap())
+    });
+    assert_eq!(src.calls.load(Ordering::SeqCst), 1, "single-flight");
+
+    // Four files with a 400 ms source each, read at the same time: served in parallel.
+    let files: Vec<_> = (0..4)
+        .map(|i| {
+            let mut s = MemSource::new(data.clone());
+            s.delay = Duration::from_millis(400);
+            placeholder(&e, dir.path(), &format!("par{i}"), &data, s, Verify::None).0
+        })
+        .collect();
+    let t = Instant::now();
+    let readers: Vec<_> = files
+        .into_iter()
+        .map(|p| std::thread::spawn(move || std::fs::read(p).unwrap().len()))
+        .collect();
+    within(20, "parallel files", move || {
+        readers
+            .into_iter()
+            .for_each(|r| assert_eq!(r.join().unwrap(), 2 << 20))
+    });
+    // Serial service would take 4 x 2 chunks x 400 ms = 3.2 s; parallel, about 0.8 s.
+    assert!(
+        t.elapsed() < Duration::from_millis(2500),
+        "files were served serially: {:?}",
+        t.elapsed()
+    );
+}
+
+fn assert_eio<T: std::fmt::Debug>(r: std::io::Result<T>) {
+    let err = r.expect_err("reader must not get data");
+    assert_eq!(err.raw_os_error(), Some(libc::EIO), "{err}");
+}
+
+#[test]
+fn failures_answer_eio_and_never_zeros() {
+    let dir = tempfile::tempdir().unwrap();
+    let e = engine();
+    let data = Arc::new(pattern(2 << 20, 9));
+    // A source that fails twice, then works.
+    let flaky = MemSource::new(data.clone());
+    flaky.fail_first.store(2, Ordering::SeqCst);
+    let (path, _, _) = placeholder(&e, dir.path(), "flaky", &data, flaky, Verify::None);
+    let p = path.clone();
+    let (first, second, third) = within(20, "flaky reads", move || {
+        let f = File::open(&p).unwrap();
+        let mut b = vec![0u8; 65536];
+        let r1 = f.read_exact_at(&mut b, 0);
+        let r2 = f.read_exact_at(&mut b, 0);
+        let r3 = f.read_exact_at(&mut b, 0).map(|()| b.clone());
+        (r1, r2, r3)
+    });
+    assert_eio(first);
+    assert_eio(second);
+    assert!(
+        third.unwrap()[..] == data[..65536],
+        "retry after failure gives the real bytes"
+    );
+
+    // Corrupt bytes against a chunk digest: EIO, and nothing was written.
+    let mut bad = MemSource::new(data.clone());
+    bad.corrupt = true;
+    let digests = data.chunks(1 << 20).map(sha256_hex).collect();
+    let (path, _, _) = placeholder(
+        &e,
+        dir.path(),
+        "corrupt",
+        &data,
+        bad,
+        Verify::Chunks {
+            chunk: 1 << 20,
+            sha256: digests,
+        },
+    );
+    let p = path.clone();
+    let r = within(20, "corrupt read", move || {
+        let mut f = File::open(&p).unwrap();
+        let mut b = Vec::new();
+        f.read_to_end(&mut b).map(|_| b)
+    });
+    assert_eio(r);
+    assert_eq!(
+        std::fs::metadata(&path).unwrap().blocks(),
+        0,
+        "no unverified byte on disk"
+    );
+
+    // Whole-file digest that does not match.
+    let (path, _, _) = placeholder(
+        &e,
+        dir.path(),
+        "wrongdigest",
+        &data,
+        MemSource::new(data.clone()),
+        Verify::Whole("00".repeat(32)),
+    );
+    assert_eio(read_all(&path));
+
+    // Byte-for-byte: every successful read of a file whose source fails half of the time
+    // returns the true bytes; failed reads return an error, never zeros.
+    let flaky = MemSource::new(data.clone());
+    flaky.fail_first.store(3, Ordering::SeqCst);
+    let (path, _, _) = placeholder(&e, dir.path(), "bytewise", &data, flaky, Verify::None);
+    let d = data.clone();
+    let (ok, failed) = within(30, "bytewise", move || {
+        let (mut ok, mut failed) = (0, 0);
+        let f = File::open(&path).unwrap();
+        for i in 0..64u64 {
+            let off = (i * 32_771) % (d.len() as u64 - 4096);
+            let mut b = vec![0u8; 4096];
+            match f.read_exact_at(&mut b, off) {
+                Ok(()) => {
+                    assert!(
+                        b[..] == d[off as usize..off as usize + 4096],
+                        "wrong bytes at {off}"
+                    );
+                    ok += 1;
+                }
+                Err(err) => {
+                    assert_eq!(err.raw_os_error(), Some(libc::EIO));
+                    failed += 1;
+                }
+            }
+        }
+        (ok, failed)
+    });
+    assert!(failed >= 1 && ok >= 60, "ok {ok} failed {failed}");
+}
+
+#[test]
+fn fill_restores_mtime() {
+    let dir = tempfile::tempdir().unwrap();
+    let e = engine();
+    let data = Arc::new(pattern(300_000, 10));
+    let path = dir.path().join("f");
+    make_placeholder(&path, data.len() as u64);
+    File::options()
+        .write(true)
+        .open(&path)
+        .unwrap()
+        .set_modified(std::time::UNIX_EPOCH + Duration::new(981_173_106, 123_456_789))
+        .unwrap();
+    e.register(Placeholder {
+        path: path.clone(),
+        size: data.len() as u64,
+        source: Arc::new(MemSource::new(data.clone())),
+        verify: Verify::Whole(sha256_hex(&data)),
+    })
+    .unwrap();
+    assert!(read_all(&path).unwrap() == *data);
+    let m = std::fs::metadata(&path).unwrap();
+    assert_eq!((m.mtime(), m.mtime_nsec()), (981_173_106, 123_456_789));
+}
+
+#[test]
+fn prefetch_by_the_engine_itself_does_not_wait_on_itself() {
+    let dir = tempfile::tempdir().unwrap();
+    let e = engine();
+    let data = Arc::new(pattern(3 << 20, 11));
+    // The "cache" the source reads lives beside the placeholders on the same filesystem.
+    let cache = dir.path().join("cache.bin");
+    std::fs::write(&cache, &*data).unwrap();
+    let mut ids = Vec::new();
+    for i in 0..8 {
+        let p = dir.path().join(format!("f{i}"));
+        make_placeholder(&p, data.len() as u64);
+        ids.push(
+            e.register(Placeholder {
+                path: p,
+                size: data.len() as u64,
+                source: Arc::new(LocalFileSource::open(&cache).unwrap()),
+                verify: Verify::None,
+            })
+            .unwrap(),
+        );
+    }
+    // Zero-length placeholder: nothing to do.
+    let z = dir.path().join("empty");
+    make_placeholder(&z, 0);
+    let zid = e
+        .register(Placeholder {
+            path: z.clone(),
+            size: 0,
+            source: Arc::new(MemSource::new(data.clone())),
+            verify: Verify::None,
+        })
+        .unwrap();
+    assert!(e.is_complete(zid));
+    let e = Arc::new(e);
+    let e2 = e.clone();
+    within(30, "fill_all", move || e2.fill_all(4).unwrap());
+    assert!(ids.iter().all(|id| e.is_complete(*id)));
+    let s = e.stats();
+    assert!(
+        s.self_events > 0,
+        "the engine's own writes raised events and were allowed"
+    );
+    assert_eq!(s.events, 0, "no reader event yet");
+    assert_eq!(marks_of_group(e.group().as_raw_fd()), 0);
+    for i in 0..8 {
+        assert!(read_all(&dir.path().join(format!("f{i}"))).unwrap() == *data);
+    }
+    assert_eq!(read_all(&z).unwrap().len(), 0);
+    let mut f = File::open(dir.path().join("f0")).unwrap();
+    f.seek(SeekFrom::Start(10)).unwrap();
+}
