@@ -11,8 +11,10 @@
 //! - [`sys`]: the only place with `unsafe`: fanotify ABI, zlib random access.
 //! - [`fill`]: the fill engine: registration, single-flight fills, answers to the kernel.
 //! - [`index`]: the layer index: entry table and random-access checkpoints.
+//! - [`ocibuild`]: writing OCI image layouts (the demo image, test and benchmark images).
 #![deny(missing_docs)]
 
 pub mod fill;
 pub mod index;
+pub mod ocibuild;
 pub mod sys;

@@ -1,0 +1,444 @@
+//! Image preparation: from an image reference to a served placeholder tree.
+//!
+//! Owns the sequence that makes an image lazy: resolve the reference to one manifest, get
+//! one [`LayerIndex`] per layer (the local index store first, then the index artifact in the
+//! registry, else one streaming pass over the layer), unpack the placeholders (direct or
+//! overlay), and register every placeholder with the fill engine together with a
+//! [`LayerFileSource`] that fetches a file range as an HTTP range read of the compressed span
+//! and inflates it, and the index's digests so that every filled byte is verified. It also
+//! builds and pushes the index artifact (`fanfill index --push`). It never speaks HTTP
+//! itself ([`crate::registry`]), parses tar or gzip ([`crate::index`]), creates files
+//! ([`crate::unpack`]) or touches fanotify ([`crate::fill`]).
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use bytes::Bytes;
+use futures::FutureExt;
+use futures::future::BoxFuture;
+use oci_spec::image::Digest;
+use tracing::{debug, info, warn};
+
+use crate::fill::{ContentSource, Engine, FileId, FillError, Placeholder, SourceError, Verify};
+use crate::index::{CHUNK_SIZE, Entry, IndexError, IndexOptions, IndexStore, LayerIndex};
+use crate::reference::Reference;
+use crate::registry::{self, BlobStore, Platform};
+use crate::unpack::{self, Layer, Mode, UnpackError, UnpackOptions, Unpacked};
+
+/// `artifactType` of the layer-index artifact a `fanfill index --push` attaches to an image
+/// manifest as a referrer.
+pub const INDEX_ARTIFACT_TYPE: &str = "application/vnd.fanfill.index.v1";
+/// Media type of one layer's encoded index inside that artifact (see `docs/index-format.md`).
+pub const INDEX_LAYER_MEDIA_TYPE: &str = "application/vnd.fanfill.layer-index.v1";
+
+/// Errors while preparing an image.
+#[derive(Debug, thiserror::Error)]
+pub enum ImageError {
+    /// The reference did not parse.
+    #[error("bad image reference")]
+    Reference(#[from] crate::reference::Error),
+    /// The registry or layout failed.
+    #[error("image {reference}")]
+    Registry {
+        /// The image.
+        reference: String,
+        /// The registry error.
+        #[source]
+        source: registry::Error,
+    },
+    /// A layer could not be indexed or its index could not be read.
+    #[error("layer {layer} of {reference}")]
+    Index {
+        /// The image.
+        reference: String,
+        /// The layer digest.
+        layer: String,
+        /// The index error.
+        #[source]
+        source: IndexError,
+    },
+    /// An index does not describe the layer it was filed under.
+    #[error("index for layer {layer} describes blob {found}")]
+    IndexMismatch {
+        /// The layer digest.
+        layer: String,
+        /// The blob digest recorded in the index.
+        found: String,
+    },
+    /// Unpacking placeholders failed.
+    #[error("unpacking {reference} into {dest}")]
+    Unpack {
+        /// The image.
+        reference: String,
+        /// The destination.
+        dest: PathBuf,
+        /// The unpack error.
+        #[source]
+        source: UnpackError,
+    },
+    /// Registering placeholders with the fill engine failed.
+    #[error("serving placeholders of {reference}")]
+    Fill {
+        /// The image.
+        reference: String,
+        /// The engine error.
+        #[source]
+        source: FillError,
+    },
+    /// An internal task failed.
+    #[error("background task failed: {0}")]
+    Task(String),
+}
+
+/// Where a layer's index came from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum IndexOrigin {
+    /// The local index store (an earlier pull or `fanfill index`).
+    Local,
+    /// The index artifact in the registry (nothing but the index travelled).
+    Artifact,
+    /// Built now by streaming the whole layer once.
+    Built,
+}
+
+/// How to prepare an image.
+#[derive(Debug, Clone)]
+pub struct PrepareOptions {
+    /// Direct (one flattened tree) or overlay (one tree per layer).
+    pub mode: Mode,
+    /// Registry access: TLS, credentials, mirrors, retries.
+    pub registry: registry::Options,
+    /// Platform to pick from a multi-arch index (default: this host).
+    pub platform: Option<Platform>,
+    /// Where layer indexes are kept, by layer digest.
+    pub index_dir: PathBuf,
+    /// Look for the index artifact in the registry before streaming layers.
+    pub use_artifact: bool,
+}
+
+impl PrepareOptions {
+    /// Defaults: direct mode, the host platform, indexes under `index_dir`.
+    pub fn new(index_dir: impl Into<PathBuf>) -> PrepareOptions {
+        PrepareOptions {
+            mode: Mode::Direct,
+            registry: registry::Options::default(),
+            platform: None,
+            index_dir: index_dir.into(),
+            use_artifact: true,
+        }
+    }
+}
+
+/// An image whose placeholders are ready and served.
+#[derive(Debug)]
+pub struct Prepared {
+    /// The reference as given.
+    pub reference: String,
+    /// Digest of the image manifest.
+    pub manifest_digest: String,
+    /// The placeholder tree (direct) or the directory of layer trees (overlay).
+    pub dest: PathBuf,
+    /// What the unpack created; in overlay mode also the lower directories.
+    pub unpacked: Unpacked,
+    /// The engine's ids of the registered placeholders.
+    pub files: Vec<FileId>,
+    /// Where each layer's index came from, lowest layer first.
+    pub index_origins: Vec<IndexOrigin>,
+    /// Bytes received from the registry or layout before the placeholders were ready.
+    pub bytes_before_ready: u64,
+    /// Sum of the compressed layer sizes.
+    pub image_size: u64,
+    /// The store the placeholders fill from (its counters keep running).
+    pub store: Arc<BlobStore>,
+}
+
+/// The indexes of an image's layers, with where each came from.
+pub struct ImageIndexes {
+    /// The resolved image.
+    pub image: registry::ResolvedImage,
+    /// One index per layer, lowest first.
+    pub layers: Vec<(Digest, Arc<LayerIndex>, IndexOrigin)>,
+}
+
+fn reg_err(reference: &str) -> impl Fn(registry::Error) -> ImageError + '_ {
+    move |source| ImageError::Registry {
+        reference: reference.to_string(),
+        source,
+    }
+}
+
+/// Opens the store of `reference` and resolves it to one image manifest.
+pub async fn open(
+    reference: &str,
+    opts: &PrepareOptions,
+) -> Result<(Arc<BlobStore>, registry::ResolvedImage), ImageError> {
+    let parsed: Reference = reference.parse()?;
+    let store = BlobStore::open(&parsed, &opts.registry)
+        .await
+        .map_err(reg_err(reference))?;
+    let image = store
+        .resolve(opts.platform.as_ref())
+        .await
+        .map_err(reg_err(reference))?;
+    Ok((Arc::new(store), image))
+}
+
+/// Gets an index for every layer of the image: local store, artifact, or one streaming pass
+/// (the result is saved locally).
+pub async fn load_indexes(
+    store: &Arc<BlobStore>,
+    image: registry::ResolvedImage,
+    reference: &str,
+    opts: &PrepareOptions,
+) -> Result<ImageIndexes, ImageError> {
+    let local = IndexStore::new(&opts.index_dir);
+    let idx_err = |layer: &Digest| {
+        let (reference, layer) = (reference.to_string(), layer.to_string());
+        move |source| ImageError::Index {
+            reference,
+            layer,
+            source,
+        }
+    };
+    let mut found: Vec<Option<(Arc<LayerIndex>, IndexOrigin)>> = Vec::new();
+    for desc in image.manifest.layers() {
+        let digest = desc.digest().to_string();
+        let hit = local
+            .load(&digest)
+            .map_err(idx_err(desc.digest()))?
+            .map(|i| (Arc::new(i), IndexOrigin::Local));
+        found.push(hit);
+    }
+    if opts.use_artifact && found.iter().any(Option::is_none) {
+        match artifact_indexes(store, &image.manifest_digest).await {
+            Ok(list) => {
+                for (slot, desc) in found.iter_mut().zip(image.manifest.layers()) {
+                    if slot.is_some() {
+                        continue;
+                    }
+                    let want = desc.digest().to_string();
+                    if let Some(ix) = list.iter().find(|ix| ix.blob_digest == want) {
+                        local.save(ix).map_err(idx_err(desc.digest()))?;
+                        *slot = Some((Arc::new(ix.clone()), IndexOrigin::Artifact));
+                    }
+                }
+            }
+            Err(e) => debug!(error = %crate::fill::error_chain(&e), "no usable index artifact"),
+        }
+    }
+    let mut layers = Vec::new();
+    for (slot, desc) in found.into_iter().zip(image.manifest.layers()) {
+        let digest = desc.digest().clone();
+        let (ix, origin) = match slot {
+            Some(hit) => hit,
+            None => {
+                info!(layer = %digest, size = desc.size(), "no index for layer: streaming it once");
+                let stream = store
+                    .open_stream(&digest)
+                    .await
+                    .map_err(reg_err(reference))?;
+                let reader = stream.into_blocking_reader();
+                let iopts = IndexOptions {
+                    media_type: Some(desc.media_type().to_string()),
+                    ..IndexOptions::default()
+                };
+                let built = tokio::task::spawn_blocking(move || LayerIndex::build(reader, &iopts))
+                    .await
+                    .map_err(|e| ImageError::Task(e.to_string()))?
+                    .map_err(idx_err(&digest))?;
+                local.save(&built).map_err(idx_err(&digest))?;
+                (Arc::new(built), IndexOrigin::Built)
+            }
+        };
+        if ix.blob_digest != digest.to_string() {
+            return Err(ImageError::IndexMismatch {
+                layer: digest.to_string(),
+                found: ix.blob_digest.clone(),
+            });
+        }
+        layers.push((digest, ix, origin));
+    }
+    Ok(ImageIndexes { image, layers })
+}
+
+async fn artifact_indexes(
+    store: &BlobStore,
+    subject: &Digest,
+) -> Result<Vec<LayerIndex>, ImageError> {
+    let Some(referrer) = store
+        .find_referrer(subject, INDEX_ARTIFACT_TYPE)
+        .await
+        .map_err(reg_err("index artifact"))?
+    else {
+        return Ok(Vec::new());
+    };
+    let mut out = Vec::new();
+    for blob in referrer.manifest.layers() {
+        let bytes = store
+            .fetch_blob(blob.digest())
+            .await
+            .map_err(reg_err("index artifact"))?;
+        match LayerIndex::decode(&bytes) {
+            Ok(ix) => out.push(ix),
+            Err(e) => warn!(blob = %blob.digest(), error = %e, "skipping undecodable index blob"),
+        }
+    }
+    Ok(out)
+}
+
+/// Prepares `reference` into `dest` (which must be empty) and registers every placeholder
+/// with `engine`. Returns as soon as the placeholders are ready and served.
+pub async fn prepare(
+    engine: &Engine,
+    reference: &str,
+    dest: &Path,
+    opts: &PrepareOptions,
+) -> Result<Prepared, ImageError> {
+    let (store, image) = open(reference, opts).await?;
+    let manifest_digest = image.manifest_digest.to_string();
+    let image_size = image.manifest.layers().iter().map(|l| l.size()).sum();
+    let indexes = load_indexes(&store, image, reference, opts).await?;
+    let digests: Vec<String> = indexes.layers.iter().map(|l| l.0.to_string()).collect();
+    let ixs: Vec<Arc<LayerIndex>> = indexes.layers.iter().map(|l| l.1.clone()).collect();
+    let uopts = UnpackOptions {
+        mode: opts.mode,
+        ..UnpackOptions::default()
+    };
+    let (dest_buf, ixs2, digests2) = (dest.to_path_buf(), ixs.clone(), digests.clone());
+    let unpacked = tokio::task::spawn_blocking(move || {
+        let layers: Vec<Layer<'_>> = digests2
+            .iter()
+            .zip(&ixs2)
+            .map(|(d, ix)| Layer::new(d, &ix.entries))
+            .collect();
+        unpack::unpack(&layers, &dest_buf, &uopts)
+    })
+    .await
+    .map_err(|e| ImageError::Task(e.to_string()))?
+    .map_err(|source| ImageError::Unpack {
+        reference: reference.to_string(),
+        dest: dest.to_path_buf(),
+        source,
+    })?;
+    let mut files = Vec::with_capacity(unpacked.placeholders.len());
+    for p in &unpacked.placeholders {
+        let (digest, index) = (&indexes.layers[p.layer].0, &ixs[p.layer]);
+        let entry = index
+            .resolve(p.entry)
+            .cloned()
+            .ok_or_else(|| ImageError::Task(format!("no entry {} in layer {digest}", p.entry)))?;
+        let verify = verify_for(&entry);
+        let source = Arc::new(LayerFileSource {
+            store: store.clone(),
+            layer: digest.clone(),
+            index: index.clone(),
+            entry,
+        });
+        let id = engine
+            .register(Placeholder {
+                path: p.path.clone(),
+                size: p.size,
+                source,
+                verify,
+            })
+            .map_err(|source| ImageError::Fill {
+                reference: reference.to_string(),
+                source,
+            })?;
+        files.push(id);
+    }
+    let bytes_before_ready = store.bytes_fetched();
+    info!(
+        reference,
+        dest = %dest.display(),
+        files = files.len(),
+        bytes_before_ready,
+        image_size,
+        "placeholders ready"
+    );
+    Ok(Prepared {
+        reference: reference.to_string(),
+        manifest_digest,
+        dest: dest.to_path_buf(),
+        unpacked,
+        files,
+        index_origins: indexes.layers.iter().map(|l| l.2).collect(),
+        bytes_before_ready,
+        image_size,
+        store,
+    })
+}
+
+/// What the engine checks a file's bytes against: per-chunk digests for large files, the
+/// whole-file digest for the rest.
+fn verify_for(entry: &Entry) -> Verify {
+    if !entry.chunk_sha256.is_empty() {
+        Verify::Chunks {
+            chunk: CHUNK_SIZE,
+            sha256: entry.chunk_sha256.clone(),
+        }
+    } else if let Some(d) = &entry.sha256 {
+        Verify::Whole(d.clone())
+    } else {
+        Verify::None
+    }
+}
+
+/// Builds (or loads) the indexes of every layer and, with `push`, attaches them to the image
+/// manifest in the registry as one artifact. Returns the indexes and the artifact digest.
+pub async fn index_image(
+    reference: &str,
+    opts: &PrepareOptions,
+    push: bool,
+) -> Result<(ImageIndexes, Option<Digest>), ImageError> {
+    let (store, image) = open(reference, opts).await?;
+    let subject = image.manifest_digest.clone();
+    let mut no_artifact = opts.clone();
+    no_artifact.use_artifact = false;
+    let indexes = load_indexes(&store, image, reference, &no_artifact).await?;
+    if !push {
+        return Ok((indexes, None));
+    }
+    let blobs = indexes
+        .layers
+        .iter()
+        .map(|(_, ix, _)| (INDEX_LAYER_MEDIA_TYPE.to_string(), Bytes::from(ix.encode())))
+        .collect();
+    let digest = store
+        .push_artifact(&subject, INDEX_ARTIFACT_TYPE, blobs)
+        .await
+        .map_err(reg_err(reference))?;
+    info!(reference, artifact = %digest, "index artifact pushed");
+    Ok((indexes, Some(digest)))
+}
+
+/// Fills a placeholder from its layer: a range read of the compressed span that holds the
+/// wanted bytes (from the nearest checkpoint), inflated and sliced. The engine verifies the
+/// result against the index's digests before writing it.
+pub struct LayerFileSource {
+    store: Arc<BlobStore>,
+    layer: Digest,
+    index: Arc<LayerIndex>,
+    entry: Entry,
+}
+
+impl ContentSource for LayerFileSource {
+    fn read_at(&self, offset: u64, len: u64) -> BoxFuture<'_, Result<Vec<u8>, SourceError>> {
+        async move {
+            let what = || format!("{} in layer {}", self.entry.path, self.layer);
+            let span = crate::index::plan(&self.index, &self.entry, offset, len)
+                .map_err(|e| SourceError::with_source(what(), e))?;
+            let bytes = self
+                .store
+                .read_range(&self.layer, span.blob_offset, span.blob_len)
+                .await
+                .map_err(|e| SourceError::with_source(what(), e))?;
+            let index = self.index.clone();
+            tokio::task::spawn_blocking(move || crate::index::extract(&index, &span, &bytes))
+                .await
+                .map_err(|e| SourceError::with_source(what(), e))?
+                .map_err(|e| SourceError::with_source(what(), e))
+        }
+        .boxed()
+    }
+}
