@@ -11,8 +11,12 @@
 //! - [`sys`]: the only place with `unsafe`: fanotify ABI, zlib random access.
 //! - [`fill`]: the fill engine: registration, single-flight fills, answers to the kernel.
 //! - [`index`]: the layer index: entry table and random-access checkpoints.
+//! - [`reference`]: image reference grammar (`docker://`, `oci:`).
+//! - [`registry`]: manifests and blobs from a registry or an OCI layout: ranges, streams, auth.
 #![deny(missing_docs)]
 
 pub mod fill;
 pub mod index;
+pub mod reference;
+pub mod registry;
 pub mod sys;
