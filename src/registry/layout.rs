@@ -142,12 +142,22 @@ impl LayoutStore {
         let path = self.blob_path(digest);
         self.stats.add_request();
         let stats = self.stats.clone();
+        let digest = digest.clone();
         tokio::task::spawn_blocking(move || {
             let io = |source| Error::Io {
                 path: path.clone(),
                 source,
             };
             let file = std::fs::File::open(&path).map_err(io)?;
+            let size = file.metadata().map_err(io)?.len();
+            if offset.checked_add(len).is_none_or(|end| end > size) {
+                return Err(Error::RangeBeyondEnd {
+                    digest: digest.to_string(),
+                    offset,
+                    len,
+                    size,
+                });
+            }
             let mut buf = BytesMut::zeroed(len as usize);
             let mut got = 0usize;
             while got < buf.len() {

@@ -92,6 +92,18 @@ pub enum Error {
         /// Bytes expected.
         want: u64,
     },
+    /// A range that ends past the end of the blob.
+    #[error("{digest}: range {offset}+{len} is past the end ({size} bytes)")]
+    RangeBeyondEnd {
+        /// The blob.
+        digest: String,
+        /// Start of the range asked for.
+        offset: u64,
+        /// Its length.
+        len: u64,
+        /// The blob's size.
+        size: u64,
+    },
     /// The server answered with an unexpected status.
     #[error("{method} {url}: HTTP {status}{}", code.as_deref().map(|c| format!(" ({c})")).unwrap_or_default())]
     Status {

@@ -296,11 +296,27 @@ impl RemoteStore {
                 let resp = inner.get(ep, &url, headers).await?;
                 let skip = match resp.status() {
                     StatusCode::PARTIAL_CONTENT => {
-                        check_content_range(&resp, &url, offset)?;
+                        let size = check_content_range(&resp, &url, offset)?;
+                        if size.is_some_and(|size| offset + len > size) {
+                            return Err(Error::RangeBeyondEnd {
+                                digest: digest.to_string(),
+                                offset,
+                                len,
+                                size: size.unwrap_or_default(),
+                            });
+                        }
                         0
                     }
                     _ => {
                         tracing::debug!(url = %url, offset, len, "server ignored Range, slicing the full body");
+                        if let Some(size) = resp.content_length().filter(|size| offset + len > *size) {
+                            return Err(Error::RangeBeyondEnd {
+                                digest: digest.to_string(),
+                                offset,
+                                len,
+                                size,
+                            });
+                        }
                         offset
                     }
                 };
@@ -487,17 +503,22 @@ fn content_type(resp: &reqwest::Response) -> Option<String> {
         .map(|s| s.split(';').next().unwrap_or("").trim().to_owned())
 }
 
-/// Checks that a 206 answer starts where we asked.
-fn check_content_range(resp: &reqwest::Response, url: &Url, offset: u64) -> Result<()> {
-    let start = resp
+/// Checks that a 206 answer starts where we asked; returns the blob size if the server
+/// said (`Content-Range: bytes START-END/SIZE`).
+fn check_content_range(resp: &reqwest::Response, url: &Url, offset: u64) -> Result<Option<u64>> {
+    let value = resp
         .headers()
         .get(header::CONTENT_RANGE)
         .and_then(|v| v.to_str().ok())
-        .and_then(|s| s.strip_prefix("bytes "))
+        .and_then(|s| s.strip_prefix("bytes "));
+    let start = value
         .and_then(|s| s.split('-').next())
         .and_then(|s| s.parse::<u64>().ok());
+    let size = value
+        .and_then(|s| s.rsplit_once('/'))
+        .and_then(|(_, size)| size.parse::<u64>().ok());
     match start {
-        Some(s) if s == offset => Ok(()),
+        Some(s) if s == offset => Ok(size),
         _ => Err(Error::Status {
             method: "GET".to_owned(),
             url: url.to_string(),
