@@ -12,9 +12,13 @@
 //! - [`fill`]: the fill engine: registration, single-flight fills, answers to the kernel.
 //! - [`index`]: the layer index: entry table and random-access checkpoints.
 //! - [`ocibuild`]: writing OCI image layouts (the demo image, test and benchmark images).
+//! - [`reference`]: image reference grammar (`docker://`, `oci:`).
+//! - [`registry`]: manifests and blobs from a registry or an OCI layout: ranges, streams, auth.
 #![deny(missing_docs)]
 
 pub mod fill;
 pub mod index;
 pub mod ocibuild;
+pub mod reference;
+pub mod registry;
 pub mod sys;

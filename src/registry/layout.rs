@@ -1,0 +1,223 @@
+//! The OCI image layout backend: `oci:DIR[:TAG]`.
+//!
+//! Reads `index.json` and `blobs/ALGO/HEX` of a layout directory; range reads are `pread`s
+//! on a blocking thread. It never writes into the layout (pushing artifacts is unsupported).
+
+use std::os::unix::fs::FileExt as _;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use bytes::{Bytes, BytesMut};
+use oci_spec::image::{Descriptor, Digest, ImageIndex};
+use tokio::io::AsyncReadExt as _;
+
+use super::{
+    BlobStream, Error, RawManifest, Result, Stats, StreamSource, Verifier, parse_json,
+    sniff_media_type, verify,
+};
+use crate::reference::LayoutRef;
+
+/// The annotation naming an image in a layout's `index.json`.
+pub const REF_NAME: &str = "org.opencontainers.image.ref.name";
+
+const STREAM_CHUNK: usize = 256 << 10;
+
+/// An OCI image layout directory.
+#[derive(Debug, Clone)]
+pub struct LayoutStore {
+    dir: PathBuf,
+    tag: Option<String>,
+    stats: Arc<Stats>,
+}
+
+impl LayoutStore {
+    /// Opens a layout: checks that `DIR/oci-layout` exists.
+    pub fn open(reference: &LayoutRef) -> Result<Self> {
+        let marker = reference.dir.join("oci-layout");
+        std::fs::metadata(&marker).map_err(|source| Error::Io {
+            path: marker,
+            source,
+        })?;
+        Ok(LayoutStore {
+            dir: reference.dir.clone(),
+            tag: reference.tag.clone(),
+            stats: Arc::default(),
+        })
+    }
+
+    /// The layout directory.
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
+    /// The store's counters (bytes read from disk).
+    pub fn stats(&self) -> &Stats {
+        &self.stats
+    }
+
+    /// The path of a blob in the layout.
+    pub fn blob_path(&self, digest: &Digest) -> PathBuf {
+        self.dir
+            .join("blobs")
+            .join(digest.algorithm().as_ref())
+            .join(digest.digest())
+    }
+
+    async fn index(&self) -> Result<ImageIndex> {
+        let path = self.dir.join("index.json");
+        let bytes = tokio::fs::read(&path).await.map_err(|source| Error::Io {
+            path: path.clone(),
+            source,
+        })?;
+        parse_json(&bytes, &path.display().to_string())
+    }
+
+    /// The descriptor `index.json` gives for `tag`, or for the only image when `tag` is None.
+    async fn lookup(&self, tag: Option<&str>) -> Result<Descriptor> {
+        let index = self.index().await?;
+        let name = |d: &Descriptor| {
+            d.annotations()
+                .as_ref()
+                .and_then(|a| a.get(REF_NAME))
+                .cloned()
+        };
+        let available = || {
+            let names: Vec<String> = index.manifests().iter().filter_map(name).collect();
+            names.join(", ")
+        };
+        match tag {
+            Some(tag) => index
+                .manifests()
+                .iter()
+                .rev()
+                .find(|d| name(d).as_deref() == Some(tag))
+                .cloned()
+                .ok_or_else(|| Error::LayoutTag {
+                    dir: self.dir.clone(),
+                    tag: tag.to_owned(),
+                    available: available(),
+                }),
+            None => match index.manifests().as_slice() {
+                [only] => Ok(only.clone()),
+                all => Err(Error::LayoutAmbiguous {
+                    dir: self.dir.clone(),
+                    count: all.len(),
+                    available: available(),
+                }),
+            },
+        }
+    }
+
+    pub(super) async fn fetch_manifest(&self, reference: Option<&str>) -> Result<RawManifest> {
+        let (digest, media_type) = match reference {
+            Some(r) if crate::reference::valid_digest(r) => {
+                (r.parse::<Digest>().expect("valid digest"), None)
+            }
+            other => {
+                let desc = self.lookup(other.or(self.tag.as_deref())).await?;
+                (desc.digest().clone(), Some(desc.media_type().to_string()))
+            }
+        };
+        let bytes = self.fetch_blob(&digest).await?;
+        let media_type = media_type.unwrap_or_else(|| sniff_media_type(&bytes));
+        Ok(RawManifest {
+            bytes,
+            media_type,
+            digest,
+        })
+    }
+
+    pub(super) async fn fetch_blob(&self, digest: &Digest) -> Result<Bytes> {
+        let path = self.blob_path(digest);
+        self.stats.add_request();
+        let bytes = tokio::fs::read(&path)
+            .await
+            .map_err(|source| Error::Io { path, source })?;
+        self.stats.add_bytes(bytes.len());
+        verify(digest, &bytes)?;
+        Ok(Bytes::from(bytes))
+    }
+
+    pub(super) async fn read_range(&self, digest: &Digest, offset: u64, len: u64) -> Result<Bytes> {
+        let path = self.blob_path(digest);
+        self.stats.add_request();
+        let stats = self.stats.clone();
+        let digest = digest.clone();
+        tokio::task::spawn_blocking(move || {
+            let io = |source| Error::Io {
+                path: path.clone(),
+                source,
+            };
+            let file = std::fs::File::open(&path).map_err(io)?;
+            let size = file.metadata().map_err(io)?.len();
+            if offset.checked_add(len).is_none_or(|end| end > size) {
+                return Err(Error::RangeBeyondEnd {
+                    digest: digest.to_string(),
+                    offset,
+                    len,
+                    size,
+                });
+            }
+            let mut buf = BytesMut::zeroed(len as usize);
+            let mut got = 0usize;
+            while got < buf.len() {
+                match file.read_at(&mut buf[got..], offset + got as u64) {
+                    Ok(0) => {
+                        return Err(Error::ShortRead {
+                            what: path.display().to_string(),
+                            got: got as u64,
+                            want: len,
+                        });
+                    }
+                    Ok(n) => got += n,
+                    Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+                    Err(e) => return Err(io(e)),
+                }
+            }
+            stats.add_bytes(got);
+            Ok(buf.freeze())
+        })
+        .await
+        .expect("pread task panicked")
+    }
+
+    pub(super) async fn open_stream(&self, digest: &Digest) -> Result<BlobStream> {
+        let verifier = Verifier::new(digest)?;
+        let path = self.blob_path(digest);
+        self.stats.add_request();
+        let file = tokio::fs::File::open(&path)
+            .await
+            .map_err(|source| Error::Io {
+                path: path.clone(),
+                source,
+            })?;
+        Ok(BlobStream {
+            digest: digest.clone(),
+            position: 0,
+            verifier: Some(verifier),
+            source: StreamSource::Layout(StreamState { file, path }),
+            stats: self.stats.clone(),
+        })
+    }
+}
+
+/// The read side of a layout [`BlobStream`].
+pub(super) struct StreamState {
+    file: tokio::fs::File,
+    path: PathBuf,
+}
+
+impl StreamState {
+    pub(super) async fn next(&mut self) -> Result<Option<Bytes>> {
+        let mut buf = BytesMut::with_capacity(STREAM_CHUNK);
+        let n = self
+            .file
+            .read_buf(&mut buf)
+            .await
+            .map_err(|source| Error::Io {
+                path: self.path.clone(),
+                source,
+            })?;
+        Ok((n > 0).then(|| buf.freeze()))
+    }
+}

@@ -1,0 +1,859 @@
+//! Registry and layout blob access against a real `docker-registry` and real `skopeo`.
+
+mod common;
+
+use std::io::Read as _;
+use std::path::Path;
+use std::time::Duration;
+
+use bytes::Bytes;
+use common::{
+    BuiltImage, Fault, FaultyProxy, TestRegistry, build_index, build_oci_layout, noise,
+    push_layout, run_async, write_image,
+};
+use fanfill::reference::Reference;
+use fanfill::registry::{BlobStore, Credentials, Error, Mirror, Options, Platform, RetryPolicy};
+use futures::TryStreamExt as _;
+use oci_spec::image::Digest;
+
+const TAG: &str = "v1";
+const REPO: &str = "fanfill/test";
+
+/// Two layers: a big poorly compressible file (so ranges span many gzip blocks), and a
+/// small text layer.
+fn sample_layers() -> Vec<Vec<(&'static str, Vec<u8>)>> {
+    vec![
+        vec![
+            ("usr/lib/big.bin", noise(700_000, 1)),
+            ("etc/hostname", b"fanfill\n".to_vec()),
+        ],
+        vec![("app/README", b"hello from layer two\n".repeat(100))],
+    ]
+}
+
+fn fast_retry() -> RetryPolicy {
+    RetryPolicy {
+        max_attempts: 4,
+        initial_backoff: Duration::from_millis(20),
+        max_backoff: Duration::from_millis(100),
+        max_elapsed: Duration::from_secs(20),
+    }
+}
+
+fn insecure() -> Options {
+    Options {
+        insecure: true,
+        retry: fast_retry(),
+        ..Options::default()
+    }
+}
+
+fn digest(s: &str) -> Digest {
+    s.parse().unwrap()
+}
+
+/// A registry holding the sample image as `fanfill/test:v1`, and the layout it came from.
+fn registry_with_image() -> (TestRegistry, tempfile::TempDir, BuiltImage) {
+    let reg = TestRegistry::start();
+    let dir = tempfile::tempdir().unwrap();
+    let image = build_oci_layout(dir.path(), TAG, &sample_layers());
+    push_layout(dir.path(), TAG, &reg.host(), REPO, &[]);
+    (reg, dir, image)
+}
+
+async fn open(reference: &str, options: &Options) -> BlobStore {
+    let r: Reference = reference.parse().unwrap();
+    BlobStore::open(&r, options).await.unwrap()
+}
+
+fn layout_ref(dir: &Path, tag: Option<&str>) -> String {
+    match tag {
+        Some(t) => format!("oci:{}:{t}", dir.display()),
+        None => format!("oci:{}", dir.display()),
+    }
+}
+
+#[test]
+fn resolve_and_read_ranges() {
+    common::init_tracing();
+    let (reg, _dir, image) = registry_with_image();
+    run_async(120, async {
+        let store = open(
+            &format!("docker://{}/{REPO}:{TAG}", reg.host()),
+            &insecure(),
+        )
+        .await;
+        let resolved = store.resolve(None).await.unwrap();
+        assert_eq!(resolved.manifest_digest.to_string(), image.manifest_digest);
+        assert_eq!(resolved.manifest_bytes.as_ref(), image.manifest.as_slice());
+        assert_eq!(resolved.config_bytes.as_ref(), image.config.as_slice());
+        assert_eq!(
+            resolved.manifest_media_type,
+            fanfill::registry::MEDIA_OCI_MANIFEST
+        );
+        assert_eq!(resolved.index_digest, None);
+        assert_eq!(resolved.manifest.layers().len(), 2);
+        assert_eq!(resolved.config.rootfs().diff_ids().len(), 2);
+
+        let layer = &image.layers[0];
+        let d = digest(&layer.digest);
+        let size = layer.blob.len() as u64;
+        for (offset, len) in [
+            (0, 1),
+            (0, 4096),
+            (12_345, 100_000),
+            (size - 10, 10),
+            (size / 2, 1),
+        ] {
+            let got = store.read_range(&d, offset, len).await.unwrap();
+            assert_eq!(
+                got.as_ref(),
+                &layer.blob[offset as usize..(offset + len) as usize],
+                "range {offset}+{len}"
+            );
+        }
+        assert!(store.read_range(&d, 5, 0).await.unwrap().is_empty());
+        // Past the end: an error, never a short buffer.
+        let err = store.read_range(&d, size - 10, 20).await.unwrap_err();
+        assert!(matches!(err, Error::RangeBeyondEnd { .. }), "{err}");
+        assert!(err.to_string().contains(&layer.digest), "{err}");
+        let err = store.read_range(&d, size + 100, 10).await.unwrap_err();
+        assert!(matches!(err, Error::Status { status: 416, .. }), "{err}");
+        assert!(err.to_string().contains(&layer.digest), "{err}");
+
+        // By digest, too.
+        let by_digest = open(
+            &format!("docker://{}/{REPO}@{}", reg.host(), image.manifest_digest),
+            &insecure(),
+        )
+        .await;
+        let again = by_digest.resolve(None).await.unwrap();
+        assert_eq!(again.manifest_digest, resolved.manifest_digest);
+
+        let stats = store.stats();
+        assert!(
+            stats.bytes_fetched() >= 4096 + 100_000,
+            "{}",
+            stats.bytes_fetched()
+        );
+        assert!(stats.requests() >= 8);
+        assert_eq!(stats.retries(), 0);
+    });
+}
+
+#[test]
+fn stream_fetch_and_verify() {
+    let (reg, _dir, image) = registry_with_image();
+    run_async(120, async {
+        let store = open(
+            &format!("docker://{}/{REPO}:{TAG}", reg.host()),
+            &insecure(),
+        )
+        .await;
+        let layer = &image.layers[0];
+        let d = digest(&layer.digest);
+
+        let chunks: Vec<Bytes> = store
+            .open_stream(&d)
+            .await
+            .unwrap()
+            .into_stream()
+            .try_collect()
+            .await
+            .unwrap();
+        assert_eq!(chunks.concat(), layer.blob);
+
+        let small = &image.layers[1];
+        assert_eq!(
+            store
+                .fetch_blob(&digest(&small.digest))
+                .await
+                .unwrap()
+                .as_ref(),
+            small.blob.as_slice()
+        );
+
+        // One-pass tar reading on a blocking thread, the way the indexer does it.
+        let stream = store.open_stream(&d).await.unwrap();
+        let reader = stream.into_blocking_reader();
+        let big = tokio::task::spawn_blocking(move || {
+            let mut archive = tar::Archive::new(flate2::read::GzDecoder::new(reader));
+            let mut found = None;
+            for entry in archive.entries().unwrap() {
+                let mut entry = entry.unwrap();
+                if entry.path().unwrap().to_str() == Some("usr/lib/big.bin") {
+                    let mut buf = Vec::new();
+                    entry.read_to_end(&mut buf).unwrap();
+                    found = Some(buf);
+                }
+            }
+            found
+        })
+        .await
+        .unwrap();
+        assert_eq!(big.unwrap(), noise(700_000, 1));
+    });
+}
+
+#[test]
+fn missing_and_corrupt_blobs_are_errors() {
+    let (reg, _dir, image) = registry_with_image();
+    let layer = image.layers[1].clone();
+    run_async(120, async {
+        let store = open(
+            &format!("docker://{}/{REPO}:{TAG}", reg.host()),
+            &insecure(),
+        )
+        .await;
+        let absent = digest(&common::sha256(b"not there"));
+        let err = store.fetch_blob(&absent).await.unwrap_err();
+        assert!(err.is_not_found(), "{err}");
+        assert!(
+            store
+                .read_range(&absent, 0, 10)
+                .await
+                .unwrap_err()
+                .is_not_found()
+        );
+        let err = open(&format!("docker://{}/{REPO}:nope", reg.host()), &insecure())
+            .await
+            .resolve(None)
+            .await
+            .unwrap_err();
+        assert!(err.is_not_found(), "{err}");
+        assert!(err.to_string().contains("manifests/nope"), "{err}");
+
+        // Corrupt the registry's copy of a blob (same length): whole reads must notice.
+        let path = reg.blob_data_path(&layer.digest);
+        let mut bad = std::fs::read(&path).unwrap();
+        let last = bad.len() - 1;
+        bad[last] ^= 0xff;
+        std::fs::write(&path, &bad).unwrap();
+        let d = digest(&layer.digest);
+        let err = store.fetch_blob(&d).await.unwrap_err();
+        assert!(matches!(err, Error::DigestMismatch { .. }), "{err}");
+        assert!(err.to_string().contains(&layer.digest), "{err}");
+        let mut stream = store.open_stream(&d).await.unwrap();
+        let mut got = 0;
+        let err = loop {
+            match stream.chunk().await {
+                Ok(Some(c)) => got += c.len(),
+                Ok(None) => panic!("corrupt stream verified"),
+                Err(e) => break e,
+            }
+        };
+        assert_eq!(got, bad.len());
+        assert!(matches!(err, Error::DigestMismatch { .. }), "{err}");
+        // A range read cannot verify; it returns the bytes as served.
+        assert_eq!(
+            store.read_range(&d, last as u64, 1).await.unwrap()[0],
+            bad[last]
+        );
+    });
+}
+
+#[test]
+fn layout_backend_matches_registry() {
+    let (reg, dir, image) = registry_with_image();
+    run_async(120, async {
+        let remote = open(
+            &format!("docker://{}/{REPO}:{TAG}", reg.host()),
+            &insecure(),
+        )
+        .await;
+        let tagged = open(&layout_ref(dir.path(), Some(TAG)), &Options::default()).await;
+        let untagged = open(&layout_ref(dir.path(), None), &Options::default()).await;
+        let r = remote.resolve(None).await.unwrap();
+        for layout in [&tagged, &untagged] {
+            let l = layout.resolve(None).await.unwrap();
+            assert_eq!(l.manifest_digest, r.manifest_digest);
+            assert_eq!(l.manifest_bytes, r.manifest_bytes);
+            assert_eq!(l.config_bytes, r.config_bytes);
+            assert_eq!(l.manifest_media_type, r.manifest_media_type);
+        }
+        let d = digest(&image.layers[0].digest);
+        for (offset, len) in [
+            (0, 10),
+            (1000, 65_536),
+            (image.layers[0].blob.len() as u64 - 1, 1),
+        ] {
+            assert_eq!(
+                tagged.read_range(&d, offset, len).await.unwrap(),
+                remote.read_range(&d, offset, len).await.unwrap()
+            );
+        }
+        let err = tagged
+            .read_range(&d, image.layers[0].blob.len() as u64 - 1, 2)
+            .await
+            .unwrap_err();
+        assert!(matches!(err, Error::RangeBeyondEnd { .. }), "{err}");
+        let streamed: Vec<Bytes> = tagged
+            .open_stream(&d)
+            .await
+            .unwrap()
+            .into_stream()
+            .try_collect()
+            .await
+            .unwrap();
+        assert_eq!(streamed.concat(), image.layers[0].blob);
+        assert!(tagged.bytes_fetched() > image.layers[0].blob.len() as u64);
+
+        let err = tagged
+            .push_artifact(&r.manifest_digest, "application/x", Vec::new())
+            .await
+            .unwrap_err();
+        assert!(matches!(err, Error::Unsupported { .. }), "{err}");
+        let err = open(&layout_ref(dir.path(), Some("other")), &Options::default())
+            .await
+            .resolve(None)
+            .await
+            .unwrap_err();
+        assert!(matches!(err, Error::LayoutTag { .. }), "{err}");
+        assert!(err.to_string().contains("v1"), "{err}");
+    });
+    // A second image makes the untagged form ambiguous.
+    build_oci_layout(dir.path(), "v2", &[vec![("x", b"x".to_vec())]]);
+    run_async(30, async {
+        let err = open(&layout_ref(dir.path(), None), &Options::default())
+            .await
+            .resolve(None)
+            .await
+            .unwrap_err();
+        assert!(
+            matches!(err, Error::LayoutAmbiguous { count: 2, .. }),
+            "{err}"
+        );
+        let missing: Reference = "oci:/nonexistent/layout".parse().unwrap();
+        let err = BlobStore::open(&missing, &Options::default())
+            .await
+            .unwrap_err();
+        assert!(
+            err.to_string().contains("/nonexistent/layout/oci-layout"),
+            "{err}"
+        );
+    });
+}
+
+#[test]
+fn docker_schema2_and_multi_arch() {
+    let reg = TestRegistry::start();
+    let dir = tempfile::tempdir().unwrap();
+    let amd = write_image(dir.path(), "amd64", &[vec![("arch", b"amd64".to_vec())]]);
+    let arm = write_image(dir.path(), "arm64", &[vec![("arch", b"arm64".to_vec())]]);
+    let index_digest = build_index(dir.path(), "multi", &[("amd64", &amd), ("arm64", &arm)]);
+    build_oci_layout(dir.path(), "single", &sample_layers());
+    push_layout(dir.path(), "multi", &reg.host(), "multi", &["--all"]);
+    push_layout(
+        dir.path(),
+        "single",
+        &reg.host(),
+        "docker",
+        &["--format", "v2s2"],
+    );
+    push_layout(
+        dir.path(),
+        "multi",
+        &reg.host(),
+        "dockerlist",
+        &["--all", "--format", "v2s2"],
+    );
+    let host_is_amd64 = common::host_arch() == "amd64";
+    run_async(120, async {
+        let arm64: Platform = "linux/arm64".parse().unwrap();
+        let amd64: Platform = "linux/amd64".parse().unwrap();
+        for reference in [
+            format!("docker://{}/multi:multi", reg.host()),
+            layout_ref(dir.path(), Some("multi")),
+        ] {
+            let store = open(&reference, &insecure()).await;
+            let a = store.resolve(Some(&amd64)).await.unwrap();
+            assert_eq!(
+                a.manifest_digest.to_string(),
+                amd.manifest_digest,
+                "{reference}"
+            );
+            assert_eq!(
+                a.index_digest.as_ref().map(|d| d.to_string()),
+                Some(index_digest.clone())
+            );
+            assert_eq!(a.config.architecture().to_string(), "amd64");
+            let b = store.resolve(Some(&arm64)).await.unwrap();
+            assert_eq!(b.manifest_digest.to_string(), arm.manifest_digest);
+            if host_is_amd64 {
+                assert_eq!(
+                    store.resolve(None).await.unwrap().manifest_digest,
+                    a.manifest_digest
+                );
+            }
+            let err = store
+                .resolve(Some(&"linux/s390x".parse().unwrap()))
+                .await
+                .unwrap_err();
+            assert!(matches!(err, Error::NoPlatform { .. }), "{err}");
+            assert!(err.to_string().contains("linux/arm64"), "{err}");
+        }
+
+        let docker = open(
+            &format!("docker://{}/docker:single", reg.host()),
+            &insecure(),
+        )
+        .await;
+        let d = docker.resolve(None).await.unwrap();
+        assert_eq!(
+            d.manifest_media_type,
+            fanfill::registry::MEDIA_DOCKER_MANIFEST
+        );
+        assert_eq!(d.manifest.layers().len(), 2);
+        assert_eq!(
+            d.manifest.layers()[0].media_type().to_string(),
+            "application/vnd.docker.image.rootfs.diff.tar.gzip"
+        );
+
+        let list = open(
+            &format!("docker://{}/dockerlist:multi", reg.host()),
+            &insecure(),
+        )
+        .await;
+        let raw = list.fetch_manifest(None).await.unwrap();
+        assert_eq!(raw.media_type, fanfill::registry::MEDIA_DOCKER_LIST);
+        let l = list.resolve(Some(&arm64)).await.unwrap();
+        assert_eq!(
+            l.manifest_media_type,
+            fanfill::registry::MEDIA_DOCKER_MANIFEST
+        );
+        assert_eq!(l.config.architecture().to_string(), "arm64");
+    });
+}
+
+#[test]
+fn referrers_push_and_find() {
+    let (reg, _dir, image) = registry_with_image();
+    run_async(120, async {
+        let store = open(
+            &format!("docker://{}/{REPO}:{TAG}", reg.host()),
+            &insecure(),
+        )
+        .await;
+        let subject = store.resolve(None).await.unwrap().manifest_digest;
+        const INDEX: &str = "application/vnd.fanfill.layer-index.v1";
+        assert!(
+            store
+                .find_referrer(&subject, INDEX)
+                .await
+                .unwrap()
+                .is_none()
+        );
+
+        let blobs = vec![
+            (
+                "application/vnd.fanfill.layer-index.v1+json".to_owned(),
+                Bytes::from_static(b"{\"layer\":0}"),
+            ),
+            (
+                "application/vnd.fanfill.checkpoints.v1".to_owned(),
+                Bytes::from(noise(10_000, 7)),
+            ),
+        ];
+        let first = store
+            .push_artifact(&subject, INDEX, blobs.clone())
+            .await
+            .unwrap();
+        let found = store
+            .find_referrer(&subject, INDEX)
+            .await
+            .unwrap()
+            .expect("referrer");
+        assert_eq!(found.digest, first);
+        assert_eq!(
+            found.manifest.artifact_type().as_ref().unwrap().to_string(),
+            INDEX
+        );
+        assert_eq!(
+            found.manifest.subject().as_ref().unwrap().digest(),
+            &subject
+        );
+        assert_eq!(found.manifest.layers().len(), 2);
+        for (layer, (media_type, data)) in found.manifest.layers().iter().zip(&blobs) {
+            assert_eq!(&layer.media_type().to_string(), media_type);
+            assert_eq!(&store.fetch_blob(layer.digest()).await.unwrap(), data);
+        }
+
+        // A second artifact of the same type is found instead; another type is kept apart.
+        let second = store
+            .push_artifact(
+                &subject,
+                INDEX,
+                vec![(
+                    "application/octet-stream".to_owned(),
+                    Bytes::from_static(b"v2"),
+                )],
+            )
+            .await
+            .unwrap();
+        store
+            .push_artifact(&subject, "application/vnd.other", Vec::new())
+            .await
+            .unwrap();
+        assert_eq!(
+            store
+                .find_referrer(&subject, INDEX)
+                .await
+                .unwrap()
+                .unwrap()
+                .digest,
+            second
+        );
+        assert_eq!(
+            store
+                .list_referrers(&subject, Some(INDEX))
+                .await
+                .unwrap()
+                .len(),
+            2
+        );
+        assert_eq!(store.list_referrers(&subject, None).await.unwrap().len(), 3);
+        // Pushing the same artifact again does not duplicate it.
+        store.push_artifact(&subject, INDEX, blobs).await.unwrap();
+        assert_eq!(
+            store
+                .list_referrers(&subject, Some(INDEX))
+                .await
+                .unwrap()
+                .len(),
+            2
+        );
+
+        // Another image's subject has none; a fresh store (no cache) sees the same.
+        let other = digest(&image.config_digest);
+        assert!(store.list_referrers(&other, None).await.unwrap().is_empty());
+        let fresh = open(
+            &format!("docker://{}/{REPO}:{TAG}", reg.host()),
+            &insecure(),
+        )
+        .await;
+        assert_eq!(
+            fresh
+                .find_referrer(&subject, INDEX)
+                .await
+                .unwrap()
+                .unwrap()
+                .digest,
+            first
+        );
+    });
+}
+
+#[test]
+fn basic_auth_from_creds_and_authfile() {
+    let reg = TestRegistry::start_with_basic_auth("alice", "s3cret");
+    let dir = tempfile::tempdir().unwrap();
+    let image = build_oci_layout(dir.path(), TAG, &sample_layers());
+    push_layout(
+        dir.path(),
+        TAG,
+        &reg.host(),
+        REPO,
+        &["--dest-creds", "alice:s3cret"],
+    );
+    let authfile = dir.path().join("auth.json");
+    std::fs::write(
+        &authfile,
+        format!(
+            r#"{{"auths": {{"{}": {{"auth": "YWxpY2U6czNjcmV0"}}}}}}"#,
+            reg.host()
+        ),
+    )
+    .unwrap();
+    let empty_authfile = dir.path().join("empty.json");
+    std::fs::write(&empty_authfile, r#"{"auths": {}}"#).unwrap();
+    let reference = format!("docker://{}/{REPO}:{TAG}", reg.host());
+    run_async(120, async {
+        let anonymous = Options {
+            authfile: Some(empty_authfile.clone()),
+            ..insecure()
+        };
+        let err = open(&reference, &anonymous)
+            .await
+            .resolve(None)
+            .await
+            .unwrap_err();
+        assert!(
+            matches!(
+                err,
+                Error::Unauthorized {
+                    had_credentials: false,
+                    ..
+                }
+            ),
+            "{err}"
+        );
+        assert!(err.to_string().contains(&reg.host()), "{err}");
+
+        let wrong = Options {
+            creds: Some("alice:wrong".parse().unwrap()),
+            ..anonymous.clone()
+        };
+        let err = open(&reference, &wrong)
+            .await
+            .resolve(None)
+            .await
+            .unwrap_err();
+        assert!(
+            matches!(
+                err,
+                Error::Unauthorized {
+                    had_credentials: true,
+                    ..
+                }
+            ),
+            "{err}"
+        );
+
+        let with_creds = Options {
+            creds: Some(Credentials {
+                username: "alice".into(),
+                password: "s3cret".into(),
+            }),
+            ..anonymous.clone()
+        };
+        let with_file = Options {
+            authfile: Some(authfile.clone()),
+            ..insecure()
+        };
+        for options in [with_creds, with_file] {
+            let store = open(&reference, &options).await;
+            let r = store.resolve(None).await.unwrap();
+            assert_eq!(r.manifest_digest.to_string(), image.manifest_digest);
+            let d = digest(&image.layers[0].digest);
+            assert_eq!(
+                store.read_range(&d, 100, 50).await.unwrap().as_ref(),
+                &image.layers[0].blob[100..150]
+            );
+            // Pushing needs the same credentials.
+            store
+                .push_artifact(&r.manifest_digest, "application/x-test", Vec::new())
+                .await
+                .unwrap();
+            assert!(
+                store
+                    .find_referrer(&r.manifest_digest, "application/x-test")
+                    .await
+                    .unwrap()
+                    .is_some()
+            );
+        }
+    });
+}
+
+#[test]
+fn dropped_connections_are_retried() {
+    common::init_tracing();
+    let (reg, _dir, image) = registry_with_image();
+    let proxy = FaultyProxy::start(reg.addr, Fault::DropConnections(2));
+    run_async(120, async {
+        let store = open(
+            &format!("docker://{}/{REPO}:{TAG}", proxy.host()),
+            &insecure(),
+        )
+        .await;
+        let r = store.resolve(None).await.unwrap();
+        assert_eq!(r.manifest_digest.to_string(), image.manifest_digest);
+        assert!(
+            store.stats().retries() >= 2,
+            "retries {}",
+            store.stats().retries()
+        );
+
+        // More failures than the policy allows: the error comes through.
+        proxy.set_fault(Fault::DropConnections(100));
+        let fresh = open(
+            &format!("docker://{}/{REPO}:{TAG}", proxy.host()),
+            &insecure(),
+        )
+        .await;
+        let err = fresh.resolve(None).await.unwrap_err();
+        assert!(err.is_transient(), "{err}");
+        assert_eq!(
+            fresh.stats().retries(),
+            u64::from(fast_retry().max_attempts - 1)
+        );
+    });
+}
+
+#[test]
+fn truncated_bodies_are_retried_or_reported() {
+    common::init_tracing();
+    let (reg, _dir, image) = registry_with_image();
+    let proxy = FaultyProxy::start(reg.addr, Fault::None);
+    let layer = image.layers[0].clone();
+    let d = digest(&layer.digest);
+    run_async(120, async {
+        let reference = format!("docker://{}/{REPO}:{TAG}", proxy.host());
+
+        // A range read cut short once is retried and comes back whole.
+        proxy.set_fault(Fault::TruncateBody {
+            connections: 1,
+            body_bytes: 1000,
+        });
+        let store = open(&reference, &insecure()).await;
+        let got = store.read_range(&d, 10, 200_000).await.unwrap();
+        assert_eq!(got.as_ref(), &layer.blob[10..200_010]);
+        assert!(store.stats().retries() >= 1);
+
+        // A stream cut short resumes at its offset.
+        proxy.set_fault(Fault::TruncateBody {
+            connections: 1,
+            body_bytes: 150_000,
+        });
+        let store = open(&reference, &insecure()).await;
+        let chunks: Vec<Bytes> = store
+            .open_stream(&d)
+            .await
+            .unwrap()
+            .into_stream()
+            .try_collect()
+            .await
+            .unwrap();
+        assert_eq!(chunks.concat(), layer.blob);
+        assert!(store.stats().retries() >= 1);
+
+        // Always cut short: an error after the retries, never a short buffer.
+        proxy.set_fault(Fault::TruncateBody {
+            connections: 1000,
+            body_bytes: 1000,
+        });
+        let store = open(&reference, &insecure()).await;
+        let err = store.read_range(&d, 0, 50_000).await.unwrap_err();
+        assert!(
+            matches!(err, Error::Body { .. } | Error::ShortRead { .. }),
+            "{err}"
+        );
+        assert_eq!(
+            store.stats().retries(),
+            u64::from(fast_retry().max_attempts - 1)
+        );
+    });
+}
+
+#[test]
+fn server_ignoring_range_is_sliced() {
+    let (reg, _dir, image) = registry_with_image();
+    let proxy = FaultyProxy::start(reg.addr, Fault::StripRange);
+    let layer = image.layers[0].clone();
+    run_async(120, async {
+        let store = open(
+            &format!("docker://{}/{REPO}:{TAG}", proxy.host()),
+            &insecure(),
+        )
+        .await;
+        let d = digest(&layer.digest);
+        let got = store.read_range(&d, 300_000, 1234).await.unwrap();
+        assert_eq!(got.as_ref(), &layer.blob[300_000..301_234]);
+        // The whole prefix had to come over the wire.
+        assert!(
+            store.bytes_fetched() >= 301_234,
+            "{}",
+            store.bytes_fetched()
+        );
+        let err = store
+            .read_range(&d, layer.blob.len() as u64 - 5, 10)
+            .await
+            .unwrap_err();
+        assert!(matches!(err, Error::RangeBeyondEnd { .. }), "{err}");
+        assert_eq!(store.stats().retries(), 0);
+    });
+}
+
+#[test]
+fn mirrors_are_tried_first_and_fall_back() {
+    let (origin, dir, image) = registry_with_image();
+    let mirror = TestRegistry::start();
+    // The mirror holds the image under a prefix.
+    push_layout(
+        dir.path(),
+        TAG,
+        &mirror.host(),
+        &format!("cache/{REPO}"),
+        &[],
+    );
+    let mirror_proxy = FaultyProxy::start(mirror.addr, Fault::None);
+    let origin_proxy = FaultyProxy::start(origin.addr, Fault::None);
+    let dead = format!("127.0.0.1:{}", common::free_port());
+    let d = digest(&image.layers[0].digest);
+    run_async(120, async {
+        let reference = format!("docker://{}/{REPO}:{TAG}", origin_proxy.host());
+        let options = Options {
+            mirrors: vec![
+                Mirror {
+                    location: dead.clone(),
+                    insecure: true,
+                },
+                Mirror {
+                    location: format!("{}/cache", mirror_proxy.host()),
+                    insecure: true,
+                },
+            ],
+            ..insecure()
+        };
+        let store = open(&reference, &options).await;
+        let r = store.resolve(None).await.unwrap();
+        assert_eq!(r.manifest_digest.to_string(), image.manifest_digest);
+        assert_eq!(
+            store.read_range(&d, 5, 5).await.unwrap().as_ref(),
+            &image.layers[0].blob[5..10]
+        );
+        assert!(mirror_proxy.connections() > 0);
+        assert_eq!(
+            origin_proxy.connections(),
+            0,
+            "origin used although the mirror had it"
+        );
+
+        // A blob only the origin has (the artifact) falls back to it.
+        let artifact = store
+            .push_artifact(
+                &r.manifest_digest,
+                "application/x-test",
+                vec![(
+                    "application/octet-stream".into(),
+                    Bytes::from_static(b"only at origin"),
+                )],
+            )
+            .await
+            .unwrap();
+        let found = store
+            .find_referrer(&r.manifest_digest, "application/x-test")
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!(found.digest, artifact);
+        let blob = store
+            .fetch_blob(found.manifest.layers()[0].digest())
+            .await
+            .unwrap();
+        assert_eq!(blob.as_ref(), b"only at origin");
+    });
+}
+
+#[test]
+fn unreachable_registry_is_a_clear_error() {
+    let host = format!("127.0.0.1:{}", common::free_port());
+    run_async(60, async {
+        let store = open(&format!("docker://{host}/a/b:c"), &insecure()).await;
+        let err = store.resolve(None).await.unwrap_err();
+        assert!(matches!(err, Error::Connect { .. }), "{err}");
+        assert!(err.to_string().contains(&host), "{err}");
+        // TLS is the default: a plain-HTTP registry is not spoken to in clear.
+        let reg = TestRegistry::start();
+        let store = open(
+            &format!("docker://{}/a/b:c", reg.host()),
+            &Options {
+                retry: fast_retry(),
+                ..Options::default()
+            },
+        )
+        .await;
+        let err = store.resolve(None).await.unwrap_err();
+        assert!(err.to_string().contains("https://"), "{err}");
+    });
+}
