@@ -5,8 +5,45 @@
 //! are stored in, and the code that turns a file range into a compressed span to fetch and
 //! the bytes inflated from it. It never touches the placeholder tree or the network: bytes
 //! come in through a caller-supplied range reader.
+//!
+//! The flow:
+//! 1. [`LayerIndex::build`] (or [`LayerIndex::build_with_sink`], which also hands every file's
+//!    bytes to an [`IndexSink`] as they stream by) reads the blob once: it hashes the
+//!    compressed bytes (blob digest), inflates them while recording [`Checkpoint`]s, hashes
+//!    the uncompressed stream (diff id) and walks the tar headers into [`Entry`]s with
+//!    per-file and per-[`CHUNK_SIZE`] sha256s.
+//! 2. [`LayerIndex::encode`] / [`LayerIndex::decode`] store it (`docs/index-format.md`);
+//!    [`IndexStore`] keeps one file per layer digest.
+//! 3. [`plan`] maps a file range to a compressed [`Span`] of the blob, [`extract`] inflates
+//!    the fetched span into exactly the wanted bytes, [`read_file_range`] does both with a
+//!    [`RangeReader`]; [`verify_chunk`] / [`verify_whole`] check the result.
+//!
+//! Checkpoints by compression:
+//! - gzip: zran style, one at the start of the first member, then one at the first deflate
+//!   block boundary after every [`IndexOptions::span`] bytes of output (with the 32 KiB window
+//!   and the bit offset), and one at a member start after [`IndexOptions::boundary_span`]
+//!   bytes (no window needed). Multi-member (concatenated) gzip is supported.
+//! - zstd: frame starts only (zstd has no resumable state inside a frame). A single-frame
+//!   layer therefore has one checkpoint and every range read inflates from the start.
+//! - plain tar: none; a file range maps directly to the same blob range.
 
 use serde::{Deserialize, Serialize};
+
+mod build;
+mod error;
+mod extract;
+mod format;
+mod gzip;
+mod store;
+
+pub use build::{IndexOptions, IndexSink, NoSink};
+pub use error::IndexError;
+pub use extract::{
+    RangeReader, Span, extract, plan, plan_uncompressed, read_file_range, verify_chunk,
+    verify_whole,
+};
+pub use format::{FORMAT_MAGIC, FORMAT_VERSION};
+pub use store::IndexStore;
 
 /// What kind of filesystem object a tar entry describes.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -43,6 +80,7 @@ pub enum EntryKind {
 pub struct Entry {
     /// Path relative to the layer root, normalised: no leading `/` or `./`, no `..`, no
     /// trailing `/`. Whiteouts keep their `.wh.` names here; the unpacker interprets them.
+    /// The layer root itself (a `./` member) has the empty path.
     pub path: String,
     /// Object kind.
     pub kind: EntryKind,
@@ -58,7 +96,8 @@ pub struct Entry {
     pub mtime_nsec: u32,
     /// Extended attributes (`SCHILY.xattr.*` PAX records), name -> value, sorted by name.
     pub xattrs: Vec<(String, Vec<u8>)>,
-    /// Link target for symlinks and hardlinks.
+    /// Link target for symlinks and hardlinks. Symlink targets are kept verbatim; hardlink
+    /// targets are normalised like [`Entry::path`].
     pub link: Option<String>,
     /// Size of the file data in bytes (0 for everything but regular files).
     pub size: u64,
@@ -72,3 +111,121 @@ pub struct Entry {
 
 /// Granularity of per-chunk digests in the index, and the fill granularity of large files.
 pub const CHUNK_SIZE: u64 = 1 << 20;
+
+impl Entry {
+    /// Number of [`CHUNK_SIZE`] pieces of a regular file (0 for an empty file or a non-file).
+    pub fn chunk_count(&self) -> u64 {
+        self.size.div_ceil(CHUNK_SIZE)
+    }
+
+    /// File range `(offset, len)` of chunk `idx`, or `None` past the end.
+    pub fn chunk_range(&self, idx: u64) -> Option<(u64, u64)> {
+        let start = idx.checked_mul(CHUNK_SIZE)?;
+        if start >= self.size {
+            return None;
+        }
+        Some((start, (self.size - start).min(CHUNK_SIZE)))
+    }
+}
+
+/// How a layer blob is compressed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Compression {
+    /// Plain tar.
+    None,
+    /// gzip, one or more concatenated members.
+    Gzip,
+    /// zstd, one or more frames.
+    Zstd,
+}
+
+impl Compression {
+    /// Recognise a compressed blob by its first bytes (gzip `1f 8b`, zstd `28 b5 2f fd` or a
+    /// zstd skippable frame); `None` when neither magic matches (plain tar, or garbage).
+    pub fn from_magic(prefix: &[u8]) -> Option<Self> {
+        match prefix {
+            [0x1f, 0x8b, ..] => Some(Self::Gzip),
+            [0x28, 0xb5, 0x2f, 0xfd, ..] => Some(Self::Zstd),
+            [b0, 0x2a, 0x4d, 0x18, ..] if b0 & 0xf0 == 0x50 => Some(Self::Zstd),
+            _ => None,
+        }
+    }
+
+    /// The compression an OCI or Docker layer media type announces, if it is a layer type
+    /// this crate knows.
+    pub fn from_media_type(media_type: &str) -> Option<Self> {
+        let base = media_type.split(';').next().unwrap_or("").trim();
+        match base {
+            "application/vnd.oci.image.layer.v1.tar"
+            | "application/vnd.oci.image.layer.nondistributable.v1.tar"
+            | "application/vnd.docker.image.rootfs.diff.tar" => Some(Self::None),
+            "application/vnd.oci.image.layer.v1.tar+gzip"
+            | "application/vnd.oci.image.layer.nondistributable.v1.tar+gzip"
+            | "application/vnd.docker.image.rootfs.diff.tar.gzip"
+            | "application/vnd.docker.image.rootfs.foreign.diff.tar.gzip" => Some(Self::Gzip),
+            "application/vnd.oci.image.layer.v1.tar+zstd"
+            | "application/vnd.oci.image.layer.nondistributable.v1.tar+zstd" => Some(Self::Zstd),
+            _ => None,
+        }
+    }
+}
+
+/// A point in the compressed stream where inflating can start afresh.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Checkpoint {
+    /// Offset in the uncompressed (tar) stream of the first byte produced from here.
+    pub uncompressed_offset: u64,
+    /// Offset in the blob of the byte holding the first bit of compressed data.
+    pub compressed_offset: u64,
+    /// gzip only: how many low bits of the byte at `compressed_offset` belong to the
+    /// previous deflate block (0-7); inflating resumes at that bit.
+    pub bit_offset: u8,
+    /// gzip only: up to 32 KiB of uncompressed data preceding this point in the same member
+    /// (the deflate history); empty at a member or frame start.
+    pub window: Vec<u8>,
+}
+
+/// Everything needed to read any file range of one layer blob without unpacking it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LayerIndex {
+    /// How the blob is compressed.
+    pub compression: Compression,
+    /// `sha256:<hex>` of the compressed blob as it streamed by (compare with the descriptor).
+    pub blob_digest: String,
+    /// `sha256:<hex>` of the uncompressed tar stream (the OCI diff id).
+    pub diff_id: String,
+    /// Size of the blob in bytes.
+    pub compressed_size: u64,
+    /// Size of the uncompressed tar stream in bytes.
+    pub uncompressed_size: u64,
+    /// The gzip checkpoint spacing the index was built with.
+    pub span: u64,
+    /// One entry per tar member, in stream order.
+    pub entries: Vec<Entry>,
+    /// Random-access points, sorted by both offsets; the first is at uncompressed offset 0
+    /// (empty for plain tar).
+    pub checkpoints: Vec<Checkpoint>,
+}
+
+impl LayerIndex {
+    /// Index of the last entry with this path (later members override earlier ones).
+    pub fn find(&self, path: &str) -> Option<usize> {
+        self.entries.iter().rposition(|e| e.path == path)
+    }
+
+    /// Follow a hardlink to the regular file entry it names (the last one before it with
+    /// that path); returns the entry itself when it is not a hardlink.
+    pub fn resolve(&self, idx: usize) -> Option<&Entry> {
+        let mut cur = self.entries.get(idx)?;
+        let mut limit = idx;
+        // Hardlink chains point backwards, so this terminates after at most `idx` steps.
+        while cur.kind == EntryKind::Hardlink {
+            let target = cur.link.as_deref()?;
+            let pos = self.entries[..limit].iter().rposition(|e| e.path == target)?;
+            cur = &self.entries[pos];
+            limit = pos;
+        }
+        Some(cur)
+    }
+}

@@ -1,0 +1,252 @@
+//! From a file range to bytes: which part of the blob to fetch ([`plan`]), how to inflate it
+//! ([`extract`]), both behind a range reader ([`read_file_range`]), and digest checks.
+
+use std::future::Future;
+use std::io;
+
+use bytes::Bytes;
+use sha2::{Digest, Sha256};
+
+use super::gzip::inflate_span;
+use super::{Compression, Entry, EntryKind, IndexError, LayerIndex};
+
+/// Extra compressed bytes fetched past the next checkpoint's byte: protects against a
+/// decoder that wants to look a little ahead, and costs nothing measurable.
+const SLACK: u64 = 64;
+
+/// The part of a blob to fetch for one range, and where the wanted bytes sit in it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Span {
+    /// Blob offset to fetch from.
+    pub blob_offset: u64,
+    /// Number of blob bytes to fetch (0 for an empty range).
+    pub blob_len: u64,
+    /// Index into [`LayerIndex::checkpoints`] to start inflating at (`None` for plain tar).
+    pub checkpoint: Option<usize>,
+    /// Offset of the first wanted byte in the uncompressed stream.
+    pub uncompressed_offset: u64,
+    /// Number of wanted bytes.
+    pub len: u64,
+}
+
+impl Span {
+    /// Uncompressed bytes inflated and thrown away before the wanted range starts.
+    pub fn skip(&self, index: &LayerIndex) -> u64 {
+        self.checkpoint
+            .and_then(|i| index.checkpoints.get(i))
+            .map_or(0, |c| self.uncompressed_offset.saturating_sub(c.uncompressed_offset))
+    }
+}
+
+/// Plan the fetch for `len` bytes at `offset` of regular file `entry` (an entry of `index`).
+/// The range is clamped to the end of the file; an `offset` past the end is an error.
+pub fn plan(index: &LayerIndex, entry: &Entry, offset: u64, len: u64) -> Result<Span, IndexError> {
+    if entry.kind != EntryKind::File {
+        return Err(IndexError::NotAFile { path: entry.path.clone() });
+    }
+    if offset > entry.size {
+        return Err(IndexError::OutOfRange { offset, size: entry.size });
+    }
+    let len = len.min(entry.size - offset);
+    let start = entry
+        .data_offset
+        .checked_add(offset)
+        .ok_or(IndexError::OutOfRange { offset, size: entry.size })?;
+    plan_uncompressed(index, start, len)
+}
+
+/// Plan the fetch for `len` bytes at `offset` of the uncompressed tar stream (clamped to its
+/// end). For gzip and zstd the span runs from the last checkpoint at or before `offset` to
+/// the first checkpoint at or after the range end (plus a few bytes), or to the blob end.
+pub fn plan_uncompressed(index: &LayerIndex, offset: u64, len: u64) -> Result<Span, IndexError> {
+    let size = index.uncompressed_size;
+    if offset > size {
+        return Err(IndexError::OutOfRange { offset, size });
+    }
+    let len = len.min(size - offset);
+    if len == 0 {
+        return Ok(Span { blob_offset: 0, blob_len: 0, checkpoint: None, uncompressed_offset: offset, len });
+    }
+    if index.compression == Compression::None {
+        return Ok(Span { blob_offset: offset, blob_len: len, checkpoint: None, uncompressed_offset: offset, len });
+    }
+    let cps = &index.checkpoints;
+    let i = cps.partition_point(|c| c.uncompressed_offset <= offset);
+    let Some(start) = i.checked_sub(1).and_then(|i| cps.get(i)) else {
+        return Err(IndexError::CorruptIndex("no checkpoint at offset 0".into()));
+    };
+    let end_u = offset + len;
+    let j = cps.partition_point(|c| c.uncompressed_offset < end_u);
+    let end = match cps.get(j) {
+        Some(c) => (c.compressed_offset + 1 + SLACK).min(index.compressed_size),
+        None => index.compressed_size,
+    };
+    let blob_offset = start.compressed_offset;
+    Ok(Span {
+        blob_offset,
+        blob_len: end.saturating_sub(blob_offset),
+        checkpoint: Some(i - 1),
+        uncompressed_offset: offset,
+        len,
+    })
+}
+
+/// Collects `want` bytes after skipping `skip`; returns false once it has them.
+struct Collector {
+    skip: u64,
+    want: usize,
+    out: Vec<u8>,
+}
+
+impl Collector {
+    fn push(&mut self, mut chunk: &[u8]) -> bool {
+        if self.skip > 0 {
+            let s = (self.skip.min(chunk.len() as u64)) as usize;
+            chunk = &chunk[s..];
+            self.skip -= s as u64;
+        }
+        let need = self.want - self.out.len();
+        self.out.extend_from_slice(&chunk[..need.min(chunk.len())]);
+        self.out.len() < self.want
+    }
+}
+
+/// Inflate the fetched `span_bytes` (exactly the blob range `span` names) and return exactly
+/// the wanted bytes.
+pub fn extract(index: &LayerIndex, span: &Span, span_bytes: &[u8]) -> Result<Vec<u8>, IndexError> {
+    if span_bytes.len() as u64 != span.blob_len {
+        return Err(IndexError::SpanMismatch { expected: span.blob_len, got: span_bytes.len() as u64 });
+    }
+    if span.len == 0 {
+        return Ok(Vec::new());
+    }
+    let want = usize::try_from(span.len).map_err(|_| IndexError::OutOfRange { offset: span.len, size: usize::MAX as u64 })?;
+    if index.compression == Compression::None || span.checkpoint.is_none() {
+        if index.compression != Compression::None || span.len != span.blob_len {
+            return Err(IndexError::CorruptIndex("span does not fit the index".into()));
+        }
+        return Ok(span_bytes.to_vec());
+    }
+    let cp = span
+        .checkpoint
+        .and_then(|i| index.checkpoints.get(i))
+        .ok_or_else(|| IndexError::CorruptIndex("span names a missing checkpoint".into()))?;
+    if cp.compressed_offset < span.blob_offset
+        || cp.compressed_offset - span.blob_offset > span.blob_len
+        || cp.uncompressed_offset > span.uncompressed_offset
+    {
+        return Err(IndexError::CorruptIndex("span does not fit the index".into()));
+    }
+    let mut c = Collector {
+        skip: span.uncompressed_offset - cp.uncompressed_offset,
+        want,
+        // Never trust `want` for a large up-front allocation.
+        out: Vec::with_capacity(want.min(16 << 20)),
+    };
+    match index.compression {
+        Compression::Gzip => inflate_span(cp, span.blob_offset, span_bytes, |b| c.push(b))?,
+        Compression::Zstd => {
+            let start = (cp.compressed_offset - span.blob_offset) as usize;
+            zstd_span(&span_bytes[start..], span.blob_offset + start as u64, |b| c.push(b))?
+        }
+        // Handled above.
+        Compression::None => {}
+    }
+    if c.out.len() < want {
+        return Err(IndexError::Truncated { what: "fetched span" });
+    }
+    Ok(c.out)
+}
+
+fn zstd_span(input: &[u8], base: u64, mut out: impl FnMut(&[u8]) -> bool) -> Result<(), IndexError> {
+    use zstd::stream::raw::{Decoder, Operation};
+    let mut dec = Decoder::new().map_err(|source| IndexError::Zstd { offset: base, source })?;
+    let mut buf = vec![0u8; 128 * 1024];
+    let mut pos = 0usize;
+    loop {
+        let st = dec
+            .run_on_buffers(&input[pos..], &mut buf)
+            .map_err(|source| IndexError::Zstd { offset: base + pos as u64, source })?;
+        pos += st.bytes_read;
+        if st.bytes_written > 0 && !out(&buf[..st.bytes_written]) {
+            return Ok(());
+        }
+        if st.bytes_read == 0 && st.bytes_written == 0 {
+            return Ok(());
+        }
+    }
+}
+
+/// Something that reads a byte range of a layer blob (a registry client, a local file).
+pub trait RangeReader {
+    /// Read exactly `len` bytes at `offset` of the blob.
+    fn read_range(&self, offset: u64, len: u64) -> impl Future<Output = io::Result<Bytes>> + Send;
+}
+
+impl<F, Fut> RangeReader for F
+where
+    F: Fn(u64, u64) -> Fut,
+    Fut: Future<Output = io::Result<Bytes>> + Send,
+{
+    fn read_range(&self, offset: u64, len: u64) -> impl Future<Output = io::Result<Bytes>> + Send {
+        self(offset, len)
+    }
+}
+
+/// [`plan`], fetch through `reader`, [`extract`]. The inflate (a few milliseconds for a
+/// 4 MiB span) runs on the calling task; callers on a busy runtime may prefer to run
+/// [`extract`] themselves on a blocking thread.
+pub async fn read_file_range<R: RangeReader + ?Sized>(
+    index: &LayerIndex,
+    entry: &Entry,
+    offset: u64,
+    len: u64,
+    reader: &R,
+) -> Result<Vec<u8>, IndexError> {
+    let span = plan(index, entry, offset, len)?;
+    if span.len == 0 {
+        return Ok(Vec::new());
+    }
+    let bytes = reader
+        .read_range(span.blob_offset, span.blob_len)
+        .await
+        .map_err(|source| IndexError::Fetch { offset: span.blob_offset, len: span.blob_len, source })?;
+    extract(index, &span, &bytes)
+}
+
+/// Check `bytes` against chunk `chunk_idx` of `entry` (a file of at most one chunk has only
+/// its whole-file digest, which is then the digest of chunk 0).
+pub fn verify_chunk(entry: &Entry, chunk_idx: u64, bytes: &[u8]) -> Result<(), IndexError> {
+    if entry.kind != EntryKind::File {
+        return Err(IndexError::NotAFile { path: entry.path.clone() });
+    }
+    let mismatch = || IndexError::DigestMismatch { path: entry.path.clone(), chunk: Some(chunk_idx) };
+    let Some((_, len)) = entry.chunk_range(chunk_idx) else {
+        return Err(IndexError::OutOfRange { offset: chunk_idx.saturating_mul(super::CHUNK_SIZE), size: entry.size });
+    };
+    if bytes.len() as u64 != len {
+        return Err(mismatch());
+    }
+    let expected = if entry.chunk_sha256.is_empty() {
+        entry.sha256.as_deref()
+    } else {
+        usize::try_from(chunk_idx).ok().and_then(|i| entry.chunk_sha256.get(i)).map(String::as_str)
+    };
+    match expected {
+        Some(e) if e.eq_ignore_ascii_case(&hex::encode(Sha256::digest(bytes))) => Ok(()),
+        _ => Err(mismatch()),
+    }
+}
+
+/// Check the whole content of `entry`.
+pub fn verify_whole(entry: &Entry, bytes: &[u8]) -> Result<(), IndexError> {
+    if entry.kind != EntryKind::File {
+        return Err(IndexError::NotAFile { path: entry.path.clone() });
+    }
+    let ok = bytes.len() as u64 == entry.size
+        && entry
+            .sha256
+            .as_deref()
+            .is_some_and(|e| e.eq_ignore_ascii_case(&hex::encode(Sha256::digest(bytes))));
+    if ok { Ok(()) } else { Err(IndexError::DigestMismatch { path: entry.path.clone(), chunk: None }) }
+}

@@ -1,0 +1,435 @@
+//! The on-disk encoding of a [`LayerIndex`] (specified in `docs/index-format.md`).
+//!
+//! A 16-byte header (magic, version, flags, body length) and one zstd frame holding the
+//! body: fixed little-endian integers and LEB128 varints, digests as raw 32 bytes, windows as
+//! raw bytes. Decoding never trusts a length: every count is checked against the bytes left
+//! before anything is allocated, every field against the invariants extraction relies on.
+
+use std::io::Read;
+
+use super::{CHUNK_SIZE, Checkpoint, Compression, Entry, EntryKind, IndexError, LayerIndex};
+use crate::sys::zlib::WINDOW_SIZE;
+
+/// First 8 bytes of every stored index.
+pub const FORMAT_MAGIC: [u8; 8] = *b"FFLIDX\r\n";
+/// The format version this build writes (and the only one it reads).
+pub const FORMAT_VERSION: u16 = 1;
+/// Largest decompressed body accepted (1 GiB): a bound for hostile input, far above any
+/// real layer (about 130 bytes per entry plus 0.8% of the layer for windows).
+const MAX_BODY: u64 = 1 << 30;
+const HEADER_LEN: usize = 16;
+
+fn corrupt(what: impl Into<String>) -> IndexError {
+    IndexError::CorruptIndex(what.into())
+}
+
+struct Writer(Vec<u8>);
+
+impl Writer {
+    fn u8(&mut self, v: u8) {
+        self.0.push(v);
+    }
+    fn var(&mut self, mut v: u64) {
+        loop {
+            let b = (v & 0x7f) as u8;
+            v >>= 7;
+            if v == 0 {
+                self.0.push(b);
+                return;
+            }
+            self.0.push(b | 0x80);
+        }
+    }
+    fn ivar(&mut self, v: i64) {
+        self.var(((v << 1) ^ (v >> 63)) as u64);
+    }
+    fn bytes(&mut self, b: &[u8]) {
+        self.var(b.len() as u64);
+        self.0.extend_from_slice(b);
+    }
+    /// A digest: tag 0 absent, 1 raw sha256, 2 free-form string (not 64 hex digits).
+    fn digest(&mut self, d: Option<&str>) {
+        match d {
+            None => self.u8(0),
+            Some(s) => match hex::decode(s) {
+                Ok(raw) if raw.len() == 32 && s.bytes().all(|b| !b.is_ascii_uppercase()) => {
+                    self.u8(1);
+                    self.0.extend_from_slice(&raw);
+                }
+                _ => {
+                    self.u8(2);
+                    self.bytes(s.as_bytes());
+                }
+            },
+        }
+    }
+}
+
+struct Reader<'a> {
+    buf: &'a [u8],
+    pos: usize,
+}
+
+impl<'a> Reader<'a> {
+    fn left(&self) -> usize {
+        self.buf.len() - self.pos
+    }
+    fn take(&mut self, n: usize) -> Result<&'a [u8], IndexError> {
+        if n > self.left() {
+            return Err(corrupt("body ends early"));
+        }
+        let s = &self.buf[self.pos..self.pos + n];
+        self.pos += n;
+        Ok(s)
+    }
+    fn u8(&mut self) -> Result<u8, IndexError> {
+        Ok(self.take(1)?[0])
+    }
+    fn var(&mut self) -> Result<u64, IndexError> {
+        let mut v: u64 = 0;
+        for i in 0..10 {
+            let b = self.u8()?;
+            let bits = u64::from(b & 0x7f);
+            if i == 9 && bits > 1 {
+                return Err(corrupt("varint overflows 64 bits"));
+            }
+            v |= bits << (7 * i);
+            if b & 0x80 == 0 {
+                if i > 0 && b == 0 {
+                    return Err(corrupt("overlong varint"));
+                }
+                return Ok(v);
+            }
+        }
+        Err(corrupt("varint too long"))
+    }
+    fn u32(&mut self, what: &str) -> Result<u32, IndexError> {
+        u32::try_from(self.var()?).map_err(|_| corrupt(format!("{what} out of range")))
+    }
+    fn ivar(&mut self) -> Result<i64, IndexError> {
+        let v = self.var()?;
+        Ok(((v >> 1) as i64) ^ -((v & 1) as i64))
+    }
+    /// A count of items that each take at least `min_size` bytes: bounded by what is left.
+    fn count(&mut self, min_size: usize, what: &str) -> Result<usize, IndexError> {
+        let n = self.var()?;
+        if n > (self.left() / min_size.max(1)) as u64 {
+            return Err(corrupt(format!("{what} count exceeds the data")));
+        }
+        Ok(n as usize)
+    }
+    fn bytes(&mut self) -> Result<&'a [u8], IndexError> {
+        let n = self.var()?;
+        if n > self.left() as u64 {
+            return Err(corrupt("byte string exceeds the data"));
+        }
+        self.take(n as usize)
+    }
+    fn string(&mut self, what: &str) -> Result<String, IndexError> {
+        let b = self.bytes()?;
+        String::from_utf8(b.to_vec()).map_err(|_| corrupt(format!("{what} is not UTF-8")))
+    }
+    fn digest(&mut self) -> Result<Option<String>, IndexError> {
+        match self.u8()? {
+            0 => Ok(None),
+            1 => Ok(Some(hex::encode(self.take(32)?))),
+            2 => Ok(Some(self.string("digest")?)),
+            _ => Err(corrupt("bad digest tag")),
+        }
+    }
+}
+
+fn encode_entry(w: &mut Writer, e: &Entry) {
+    w.bytes(e.path.as_bytes());
+    match e.kind {
+        EntryKind::File => w.u8(0),
+        EntryKind::Dir => w.u8(1),
+        EntryKind::Symlink => w.u8(2),
+        EntryKind::Hardlink => w.u8(3),
+        EntryKind::Fifo => w.u8(4),
+        EntryKind::Char { major, minor } => {
+            w.u8(5);
+            w.var(major.into());
+            w.var(minor.into());
+        }
+        EntryKind::Block { major, minor } => {
+            w.u8(6);
+            w.var(major.into());
+            w.var(minor.into());
+        }
+    }
+    w.var(e.mode.into());
+    w.var(e.uid.into());
+    w.var(e.gid.into());
+    w.ivar(e.mtime);
+    w.var(e.mtime_nsec.into());
+    w.var(e.xattrs.len() as u64);
+    for (k, v) in &e.xattrs {
+        w.bytes(k.as_bytes());
+        w.bytes(v);
+    }
+    match &e.link {
+        None => w.u8(0),
+        Some(l) => {
+            w.u8(1);
+            w.bytes(l.as_bytes());
+        }
+    }
+    w.var(e.size);
+    w.var(e.data_offset);
+    w.digest(e.sha256.as_deref());
+    w.var(e.chunk_sha256.len() as u64);
+    for c in &e.chunk_sha256 {
+        w.digest(Some(c));
+    }
+}
+
+fn decode_entry(r: &mut Reader<'_>, uncompressed_size: u64) -> Result<Entry, IndexError> {
+    let path = r.string("path")?;
+    let kind = match r.u8()? {
+        0 => EntryKind::File,
+        1 => EntryKind::Dir,
+        2 => EntryKind::Symlink,
+        3 => EntryKind::Hardlink,
+        4 => EntryKind::Fifo,
+        5 => EntryKind::Char { major: r.u32("major")?, minor: r.u32("minor")? },
+        6 => EntryKind::Block { major: r.u32("major")?, minor: r.u32("minor")? },
+        _ => return Err(corrupt("bad entry kind")),
+    };
+    let mode = r.u32("mode")?;
+    if mode > 0o7777 {
+        return Err(corrupt("mode out of range"));
+    }
+    let uid = r.u32("uid")?;
+    let gid = r.u32("gid")?;
+    let mtime = r.ivar()?;
+    let mtime_nsec = r.u32("mtime_nsec")?;
+    if mtime_nsec >= 1_000_000_000 {
+        return Err(corrupt("mtime_nsec out of range"));
+    }
+    let nx = r.count(2, "xattr")?;
+    let mut xattrs = Vec::with_capacity(nx);
+    for _ in 0..nx {
+        let k = r.string("xattr name")?;
+        let v = r.bytes()?.to_vec();
+        xattrs.push((k, v));
+    }
+    let link = match r.u8()? {
+        0 => None,
+        1 => Some(r.string("link")?),
+        _ => return Err(corrupt("bad link tag")),
+    };
+    let size = r.var()?;
+    let data_offset = r.var()?;
+    if data_offset.checked_add(size).is_none_or(|end| end > uncompressed_size) {
+        return Err(corrupt("entry data beyond the end of the stream"));
+    }
+    let sha256 = r.digest()?;
+    let nc = r.count(1, "chunk digest")?;
+    let mut chunk_sha256 = Vec::with_capacity(nc);
+    for _ in 0..nc {
+        chunk_sha256.push(r.digest()?.ok_or_else(|| corrupt("missing chunk digest"))?);
+    }
+    let expected_chunks = if size > CHUNK_SIZE { size.div_ceil(CHUNK_SIZE) } else { 0 };
+    if kind == EntryKind::File && nc as u64 != expected_chunks {
+        return Err(corrupt("chunk digest count does not match the size"));
+    }
+    if kind != EntryKind::File && (size != 0 || nc != 0) {
+        return Err(corrupt("non-file entry with data"));
+    }
+    Ok(Entry {
+        path,
+        kind,
+        mode,
+        uid,
+        gid,
+        mtime,
+        mtime_nsec,
+        xattrs,
+        link,
+        size,
+        data_offset,
+        sha256,
+        chunk_sha256,
+    })
+}
+
+impl LayerIndex {
+    /// Serialise into the stored format (`docs/index-format.md`).
+    pub fn encode(&self) -> Vec<u8> {
+        let mut w = Writer(Vec::with_capacity(
+            self.entries.len() * 128 + self.checkpoints.len() * (WINDOW_SIZE + 16) + 128,
+        ));
+        w.u8(match self.compression {
+            Compression::None => 0,
+            Compression::Gzip => 1,
+            Compression::Zstd => 2,
+        });
+        w.bytes(self.blob_digest.as_bytes());
+        w.bytes(self.diff_id.as_bytes());
+        w.var(self.compressed_size);
+        w.var(self.uncompressed_size);
+        w.var(self.span);
+        w.var(self.entries.len() as u64);
+        for e in &self.entries {
+            encode_entry(&mut w, e);
+        }
+        w.var(self.checkpoints.len() as u64);
+        for c in &self.checkpoints {
+            w.var(c.uncompressed_offset);
+            w.var(c.compressed_offset);
+            w.u8(c.bit_offset);
+            w.bytes(&c.window);
+        }
+        let body = w.0;
+        // zstd into a Vec cannot fail short of allocation failure, which aborts anyway; fall
+        // back to an empty frame-less output that decode rejects rather than panicking.
+        let packed = zstd::bulk::Compressor::new(3)
+            .and_then(|mut c| {
+                c.include_checksum(true)?;
+                c.include_contentsize(true)?;
+                c.compress(&body)
+            })
+            .unwrap_or_default();
+        let mut out = Vec::with_capacity(HEADER_LEN + packed.len());
+        out.extend_from_slice(&FORMAT_MAGIC);
+        out.extend_from_slice(&FORMAT_VERSION.to_le_bytes());
+        out.extend_from_slice(&0u16.to_le_bytes());
+        out.extend_from_slice(&(body.len() as u32).to_le_bytes());
+        out.extend_from_slice(&packed);
+        out
+    }
+
+    /// Parse a stored index. Never panics; allocations are bounded by the input and
+    /// [`MAX_BODY`]; the result satisfies every invariant [`super::plan`] and
+    /// [`super::extract`] rely on.
+    pub fn decode(data: &[u8]) -> Result<LayerIndex, IndexError> {
+        if data.len() < HEADER_LEN || data[..8] != FORMAT_MAGIC {
+            return Err(IndexError::BadMagic);
+        }
+        let version = u16::from_le_bytes([data[8], data[9]]);
+        if version != FORMAT_VERSION {
+            return Err(IndexError::UnsupportedVersion(version));
+        }
+        let flags = u16::from_le_bytes([data[10], data[11]]);
+        if flags != 0 {
+            return Err(corrupt("unknown flags"));
+        }
+        let body_len = u64::from(u32::from_le_bytes([data[12], data[13], data[14], data[15]]));
+        if body_len > MAX_BODY {
+            return Err(corrupt("body too large"));
+        }
+        let mut body = Vec::new();
+        let mut dec = zstd::stream::read::Decoder::with_buffer(&data[HEADER_LEN..])
+            .map_err(|e| corrupt(format!("zstd: {e}")))?
+            .single_frame()
+            .take(body_len + 1);
+        dec.read_to_end(&mut body).map_err(|e| corrupt(format!("zstd: {e}")))?;
+        if body.len() as u64 != body_len {
+            return Err(corrupt("body length mismatch"));
+        }
+        let mut r = Reader { buf: &body, pos: 0 };
+        let compression = match r.u8()? {
+            0 => Compression::None,
+            1 => Compression::Gzip,
+            2 => Compression::Zstd,
+            _ => return Err(corrupt("bad compression")),
+        };
+        let blob_digest = r.string("blob digest")?;
+        let diff_id = r.string("diff id")?;
+        let compressed_size = r.var()?;
+        let uncompressed_size = r.var()?;
+        let span = r.var()?;
+        let ne = r.count(16, "entry")?;
+        let mut entries = Vec::with_capacity(ne);
+        for _ in 0..ne {
+            entries.push(decode_entry(&mut r, uncompressed_size)?);
+        }
+        let nc = r.count(4, "checkpoint")?;
+        let mut checkpoints: Vec<Checkpoint> = Vec::with_capacity(nc);
+        for _ in 0..nc {
+            let uncompressed_offset = r.var()?;
+            let compressed_offset = r.var()?;
+            let bit_offset = r.u8()?;
+            let window = r.bytes()?;
+            if bit_offset > 7 || window.len() > WINDOW_SIZE {
+                return Err(corrupt("bad checkpoint"));
+            }
+            if compression != Compression::Gzip && (bit_offset != 0 || !window.is_empty()) {
+                return Err(corrupt("window on a non-gzip checkpoint"));
+            }
+            let ordered = match checkpoints.last() {
+                None => uncompressed_offset == 0,
+                Some(p) => {
+                    uncompressed_offset > p.uncompressed_offset
+                        && compressed_offset > p.compressed_offset
+                }
+            };
+            if !ordered || compressed_offset >= compressed_size.max(1) || uncompressed_offset > uncompressed_size {
+                return Err(corrupt("checkpoints out of order or out of range"));
+            }
+            checkpoints.push(Checkpoint {
+                uncompressed_offset,
+                compressed_offset,
+                bit_offset,
+                window: window.to_vec(),
+            });
+        }
+        if r.left() != 0 {
+            return Err(corrupt("trailing bytes in body"));
+        }
+        match compression {
+            Compression::None if !checkpoints.is_empty() => {
+                return Err(corrupt("checkpoints on a plain tar layer"));
+            }
+            Compression::None if compressed_size != uncompressed_size => {
+                return Err(corrupt("plain tar sizes differ"));
+            }
+            Compression::Gzip | Compression::Zstd if checkpoints.is_empty() => {
+                return Err(corrupt("compressed layer without checkpoints"));
+            }
+            _ => {}
+        }
+        Ok(LayerIndex {
+            compression,
+            blob_digest,
+            diff_id,
+            compressed_size,
+            uncompressed_size,
+            span,
+            entries,
+            checkpoints,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn varints_round_trip() {
+        for v in [0u64, 1, 127, 128, 300, u32::MAX as u64, u64::MAX] {
+            let mut w = Writer(Vec::new());
+            w.var(v);
+            w.ivar(v as i64);
+            let mut r = Reader { buf: &w.0, pos: 0 };
+            assert_eq!(r.var().unwrap(), v);
+            assert_eq!(r.ivar().unwrap(), v as i64);
+        }
+        let mut r = Reader { buf: &[0xff; 11], pos: 0 };
+        assert!(r.var().is_err());
+        let mut r = Reader { buf: &[0x80, 0x00], pos: 0 };
+        assert!(r.var().is_err());
+    }
+
+    #[test]
+    fn rejects_garbage_headers() {
+        assert!(matches!(LayerIndex::decode(b""), Err(IndexError::BadMagic)));
+        let mut h = FORMAT_MAGIC.to_vec();
+        h.extend_from_slice(&[2, 0, 0, 0, 0, 0, 0, 0]);
+        assert!(matches!(LayerIndex::decode(&h), Err(IndexError::UnsupportedVersion(2))));
+        h[8] = 1;
+        assert!(matches!(LayerIndex::decode(&h), Err(IndexError::CorruptIndex(_))));
+    }
+}

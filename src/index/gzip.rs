@@ -1,0 +1,351 @@
+//! gzip framing around raw deflate: member headers and trailers, and the indexing decoder
+//! that records zran checkpoints while it inflates.
+//!
+//! The deflate data of every member goes through one [`RawInflater`]; the gzip header and
+//! trailer are parsed here, so the indexing pass and range extraction walk members the same
+//! way and every checkpoint is a raw-deflate resume point (blob offset + bit offset + window).
+
+use std::io::{self, Read};
+
+use tracing::trace;
+
+use super::{Checkpoint, IndexError};
+use crate::sys::zlib::{Flush, InflateStatus, RawInflater};
+
+/// Longest gzip member header accepted (FNAME/FCOMMENT/FEXTRA included).
+pub(crate) const MAX_HEADER: usize = 64 * 1024;
+
+const FHCRC: u8 = 2;
+const FEXTRA: u8 = 4;
+const FNAME: u8 = 8;
+const FCOMMENT: u8 = 16;
+
+/// Parse a gzip member header at the start of `buf`: `Ok(Some(len))` when complete,
+/// `Ok(None)` when `buf` ends inside it, `Err` when it is not a (deflate) gzip header.
+pub(crate) fn parse_header(buf: &[u8]) -> Result<Option<usize>, &'static str> {
+    if buf.first().is_some_and(|&b| b != 0x1f) || buf.get(1).is_some_and(|&b| b != 0x8b) {
+        return Err("not a gzip member header");
+    }
+    if buf.len() < 10 {
+        return Ok(None);
+    }
+    if buf[2] != 8 {
+        return Err("gzip compression method is not deflate");
+    }
+    let flags = buf[3];
+    if flags & 0xe0 != 0 {
+        return Err("reserved gzip header flags set");
+    }
+    let mut pos = 10usize;
+    if flags & FEXTRA != 0 {
+        let Some(x) = buf.get(pos..pos + 2) else { return Ok(None) };
+        pos += 2 + usize::from(u16::from_le_bytes([x[0], x[1]]));
+    }
+    for flag in [FNAME, FCOMMENT] {
+        if flags & flag != 0 {
+            let Some(rest) = buf.get(pos..) else { return Ok(None) };
+            match rest.iter().position(|&b| b == 0) {
+                Some(n) => pos += n + 1,
+                None => return Ok(None),
+            }
+        }
+    }
+    if flags & FHCRC != 0 {
+        pos += 2;
+    }
+    if pos > buf.len() { Ok(None) } else { Ok(Some(pos)) }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum State {
+    Header,
+    Deflate,
+    Trailer,
+    Done,
+}
+
+/// Inflates a whole gzip blob as a `Read`, verifying each member's CRC and length and
+/// recording checkpoints.
+pub(crate) struct GzipIndexer<R> {
+    inner: R,
+    buf: Box<[u8]>,
+    start: usize,
+    end: usize,
+    eof: bool,
+    /// Blob offset of `buf[start]`.
+    pos: u64,
+    out_total: u64,
+    inflater: RawInflater,
+    state: State,
+    crc: flate2::Crc,
+    members: u64,
+    span: u64,
+    boundary_span: u64,
+    last_cp: u64,
+    pub(crate) checkpoints: Vec<Checkpoint>,
+}
+
+impl<R: Read> GzipIndexer<R> {
+    pub(crate) fn new(inner: R, span: u64, boundary_span: u64) -> Result<Self, IndexError> {
+        Ok(Self {
+            inner,
+            buf: vec![0u8; 256 * 1024].into_boxed_slice(),
+            start: 0,
+            end: 0,
+            eof: false,
+            pos: 0,
+            out_total: 0,
+            inflater: RawInflater::new_raw()?,
+            state: State::Header,
+            crc: flate2::Crc::new(),
+            members: 0,
+            span: span.max(1),
+            boundary_span,
+            last_cp: 0,
+            checkpoints: Vec::new(),
+        })
+    }
+
+    /// Number of gzip members seen so far.
+    pub(crate) fn members(&self) -> u64 {
+        self.members
+    }
+
+    /// Blob bytes consumed so far.
+    pub(crate) fn compressed_pos(&self) -> u64 {
+        self.pos
+    }
+
+    fn avail(&self) -> usize {
+        self.end - self.start
+    }
+
+    fn advance(&mut self, n: usize) {
+        self.start += n;
+        self.pos += n as u64;
+    }
+
+    /// Read more blob bytes, keeping the unconsumed ones. Returns false at end of blob.
+    fn fill(&mut self) -> io::Result<bool> {
+        if self.eof {
+            return Ok(false);
+        }
+        if self.start > 0 {
+            self.buf.copy_within(self.start..self.end, 0);
+            self.end -= self.start;
+            self.start = 0;
+        }
+        if self.end == self.buf.len() {
+            return Ok(true);
+        }
+        loop {
+            match self.inner.read(&mut self.buf[self.end..]) {
+                Ok(0) => {
+                    self.eof = true;
+                    return Ok(false);
+                }
+                Ok(n) => {
+                    self.end += n;
+                    return Ok(true);
+                }
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e) => return Err(e),
+            }
+        }
+    }
+
+    fn gzip_err(&self, reason: &'static str) -> io::Error {
+        IndexError::Gzip { offset: self.pos, reason }.into_io()
+    }
+
+    fn checkpoint(&mut self, bit_pos: u64, window: Vec<u8>) {
+        trace!(
+            uncompressed = self.out_total,
+            compressed_bits = bit_pos,
+            window = window.len(),
+            "gzip checkpoint"
+        );
+        self.checkpoints.push(Checkpoint {
+            uncompressed_offset: self.out_total,
+            compressed_offset: bit_pos / 8,
+            bit_offset: (bit_pos % 8) as u8,
+            window,
+        });
+        self.last_cp = self.out_total;
+    }
+
+    fn read_header(&mut self) -> io::Result<()> {
+        loop {
+            match parse_header(&self.buf[self.start..self.end]) {
+                Ok(Some(n)) => {
+                    self.advance(n);
+                    break;
+                }
+                Ok(None) => {
+                    if self.avail() >= MAX_HEADER {
+                        return Err(self.gzip_err("gzip member header too long"));
+                    }
+                    if !self.fill()? {
+                        return Err(IndexError::Truncated { what: "gzip member header" }.into_io());
+                    }
+                }
+                Err(reason) => return Err(self.gzip_err(reason)),
+            }
+        }
+        self.inflater.reset().map_err(|e| e.into_io())?;
+        self.crc.reset();
+        self.members += 1;
+        if self.checkpoints.is_empty()
+            || (self.out_total > self.last_cp
+                && self.out_total - self.last_cp >= self.boundary_span)
+        {
+            self.checkpoint(self.pos * 8, Vec::new());
+        }
+        self.state = State::Deflate;
+        Ok(())
+    }
+
+    fn read_trailer(&mut self) -> io::Result<()> {
+        while self.avail() < 8 {
+            if !self.fill()? {
+                return Err(IndexError::Truncated { what: "gzip member trailer" }.into_io());
+            }
+        }
+        let t = &self.buf[self.start..self.start + 8];
+        let crc = u32::from_le_bytes([t[0], t[1], t[2], t[3]]);
+        let isize = u32::from_le_bytes([t[4], t[5], t[6], t[7]]);
+        if crc != self.crc.sum() {
+            return Err(self.gzip_err("member CRC32 mismatch"));
+        }
+        if isize != self.crc.amount() {
+            return Err(self.gzip_err("member length mismatch"));
+        }
+        self.advance(8);
+        if self.avail() == 0 && !self.fill()? {
+            self.state = State::Done;
+        } else {
+            self.state = State::Header;
+        }
+        Ok(())
+    }
+}
+
+trait IntoIo {
+    fn into_io(self) -> io::Error;
+}
+
+impl IntoIo for crate::sys::zlib::ZlibError {
+    fn into_io(self) -> io::Error {
+        IndexError::Zlib(self).into_io()
+    }
+}
+
+impl<R: Read> Read for GzipIndexer<R> {
+    fn read(&mut self, out: &mut [u8]) -> io::Result<usize> {
+        if out.is_empty() {
+            return Ok(0);
+        }
+        loop {
+            match self.state {
+                State::Done => return Ok(0),
+                State::Header => self.read_header()?,
+                State::Trailer => self.read_trailer()?,
+                State::Deflate => {
+                    if self.avail() == 0 {
+                        self.fill()?;
+                    }
+                    let step = self
+                        .inflater
+                        .inflate(&self.buf[self.start..self.end], out, Flush::Block)
+                        .map_err(|source| {
+                            IndexError::Deflate { offset: self.pos, source }.into_io()
+                        })?;
+                    self.advance(step.consumed);
+                    self.crc.update(&out[..step.produced]);
+                    self.out_total += step.produced as u64;
+                    match step.status {
+                        InflateStatus::StreamEnd => self.state = State::Trailer,
+                        InflateStatus::NeedMore => {
+                            if self.avail() == 0 && self.eof {
+                                return Err(IndexError::Truncated { what: "deflate stream" }.into_io());
+                            }
+                            if self.avail() > 0 && step.produced == 0 && step.consumed == 0 {
+                                // Input and output room but no progress: cannot happen with a
+                                // sane inflater; refuse to spin.
+                                return Err(self.gzip_err("inflate made no progress"));
+                            }
+                        }
+                        InflateStatus::Ok => {
+                            if step.at_block_boundary()
+                                && !step.last_block()
+                                && self.out_total - self.last_cp >= self.span
+                            {
+                                let bit_pos = self.pos * 8 - u64::from(step.unused_bits());
+                                let window = self.inflater.dictionary().map_err(|e| e.into_io())?;
+                                self.checkpoint(bit_pos, window);
+                            }
+                        }
+                    }
+                    if step.produced > 0 {
+                        return Ok(step.produced);
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// Inflate gzip data from a checkpoint over an in-memory span, crossing member boundaries,
+/// and hand out the uncompressed bytes to `out` until it returns `false` or the span ends.
+/// Returns `Ok(())` also when the span ends early; the caller checks it got enough.
+pub(crate) fn inflate_span(
+    cp: &Checkpoint,
+    span_offset: u64,
+    span: &[u8],
+    mut out: impl FnMut(&[u8]) -> bool,
+) -> Result<(), IndexError> {
+    let mut inflater = RawInflater::new_raw()?;
+    let mut pos = usize::try_from(cp.compressed_offset - span_offset)
+        .map_err(|_| IndexError::CorruptIndex("checkpoint outside span".into()))?;
+    let err_at = |pos: usize, reason| IndexError::Gzip { offset: span_offset + pos as u64, reason };
+    if cp.bit_offset > 0 {
+        let Some(&b) = span.get(pos) else { return Ok(()) };
+        let bits = u32::from(cp.bit_offset);
+        inflater.prime(8 - bits, u32::from(b) >> bits)?;
+        pos += 1;
+    }
+    inflater.set_dictionary(&cp.window)?;
+    let mut buf = vec![0u8; 64 * 1024];
+    loop {
+        let input = span.get(pos..).unwrap_or(&[]);
+        let step = inflater.inflate(input, &mut buf, Flush::None).map_err(|source| {
+            IndexError::Deflate { offset: span_offset + pos as u64, source }
+        })?;
+        pos += step.consumed;
+        if step.produced > 0 && !out(&buf[..step.produced]) {
+            return Ok(());
+        }
+        match step.status {
+            InflateStatus::Ok => {}
+            InflateStatus::NeedMore => {
+                if pos >= span.len() {
+                    return Ok(());
+                }
+                if step.consumed == 0 && step.produced == 0 {
+                    return Err(err_at(pos, "inflate made no progress"));
+                }
+            }
+            InflateStatus::StreamEnd => {
+                // Trailer, then the next member's header (if the span reaches it).
+                pos += 8;
+                let rest = span.get(pos..).unwrap_or(&[]);
+                match parse_header(rest) {
+                    Ok(Some(n)) => pos += n,
+                    Ok(None) => return Ok(()),
+                    Err(reason) => return Err(err_at(pos, reason)),
+                }
+                inflater.reset()?;
+            }
+        }
+    }
+}
