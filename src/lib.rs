@@ -11,8 +11,10 @@
 //! - [`sys`]: the only place with `unsafe`: fanotify ABI, zlib random access.
 //! - [`fill`]: the fill engine: registration, single-flight fills, answers to the kernel.
 //! - [`index`]: the layer index: entry table and random-access checkpoints.
+//! - [`unpack`]: placeholder unpack: layers to a metadata-complete tree of sparse files.
 #![deny(missing_docs)]
 
 pub mod fill;
 pub mod index;
 pub mod sys;
+pub mod unpack;
