@@ -11,14 +11,18 @@
 //! - [`sys`]: the only place with `unsafe`: fanotify ABI, zlib random access.
 //! - [`fill`]: the fill engine: registration, single-flight fills, answers to the kernel.
 //! - [`index`]: the layer index: entry table and random-access checkpoints.
+//! - [`image`]: preparing an image: indexes, placeholders, sources, the index artifact.
 //! - [`ocibuild`]: writing OCI image layouts (the demo image, test and benchmark images).
 //! - [`reference`]: image reference grammar (`docker://`, `oci:`).
 //! - [`registry`]: manifests and blobs from a registry or an OCI layout: ranges, streams, auth.
+//! - [`unpack`]: placeholder unpack: layers to a metadata-complete tree of sparse files.
 #![deny(missing_docs)]
 
 pub mod fill;
+pub mod image;
 pub mod index;
 pub mod ocibuild;
 pub mod reference;
 pub mod registry;
 pub mod sys;
+pub mod unpack;

@@ -14,7 +14,7 @@ use anyhow::{Context, Result, bail};
 use clap::{Args, Parser, Subcommand, ValueEnum};
 use fanfill::fill::{Engine, EngineConfig, error_chain};
 use fanfill::image::{self, IndexOrigin, PrepareOptions};
-use fanfill::registry::{self, Credentials, Mirror, Platform};
+use fanfill::registry::{Credentials, Mirror, Platform};
 use fanfill::unpack::Mode;
 
 /// Start containers before their images are downloaded.

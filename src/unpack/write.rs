@@ -1,0 +1,534 @@
+//! Materialisation: creates the objects of a [`Plan`](super::plan::Plan) on disk.
+//!
+//! All creation is relative to directory fds: each directory of the walk is opened from its
+//! parent with `O_NOFOLLOW | O_DIRECTORY`, every object is created by name in its parent
+//! (`mkdirat`, `openat(O_CREAT | O_EXCL | O_NOFOLLOW)`, `symlinkat`, `mknodat`, `linkat`),
+//! and metadata of non-regular objects is set with `AT_SYMLINK_NOFOLLOW`. The only path
+//! resolution from the destination is the parent of an existing inode a hardlink points at,
+//! done with `openat2(RESOLVE_BENEATH | RESOLVE_NO_SYMLINKS | RESOLVE_NO_MAGICLINKS |
+//! RESOLVE_NO_XDEV)`.
+
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::ffi::OsStr;
+use std::fs::File;
+use std::io;
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd};
+use std::os::unix::ffi::OsStrExt;
+use std::path::{Path, PathBuf};
+
+use nix::errno::Errno;
+use nix::fcntl::{AtFlags, OFlag, OpenHow, ResolveFlag, open, openat, openat2};
+use nix::sys::stat::{
+    FchmodatFlags, Mode as Perm, SFlag, UtimensatFlags, fchmod, fchmodat, futimens, makedev,
+    mkdirat, mknodat, utimensat,
+};
+use nix::sys::time::TimeSpec;
+use nix::unistd::{Gid, Uid, fchown, fchownat, ftruncate, linkat, symlinkat};
+use xattr::FileExt;
+
+use crate::index::{Entry, EntryKind};
+
+use super::plan::{self, EntryRef, Key, Node, Plan};
+use super::{
+    FileData, Layer, Mode, Op, Placeholder, Progress, UnpackError, UnpackHooks, UnpackOptions,
+    Unpacked, layer_dir_name,
+};
+
+/// A failed operation, before the layer and path are attached.
+type OpResult<T> = Result<T, (Op, io::Error)>;
+
+fn op(o: Op) -> impl FnOnce(Errno) -> (Op, io::Error) {
+    move |e| (o, io::Error::from(e))
+}
+
+/// Creates the regular file `name` in `dir` (which must not exist) and gives it `size`:
+/// sparse (`ftruncate`) or with its blocks reserved (`fallocate`). The file is open
+/// read-write so that a caller can write its data before [`finish_file`].
+pub fn create_file(dir: BorrowedFd<'_>, name: &OsStr, size: u64, sparse: bool) -> io::Result<File> {
+    create_file_op(dir, name, size, sparse).map_err(|(_, e)| e)
+}
+
+/// Sets a new file's owner, mode, xattrs and mtime from `meta`, in the order that keeps
+/// setuid/setgid bits and `security.capability` (both cleared by a chown, and the
+/// capability also by a write): call it after any data was written.
+pub fn finish_file(file: &File, meta: &Entry) -> io::Result<()> {
+    finish_fd(file, meta, false).map_err(|(_, e)| e)
+}
+
+fn create_file_op(dir: BorrowedFd<'_>, name: &OsStr, size: u64, sparse: bool) -> OpResult<File> {
+    let fd = openat(
+        dir,
+        name,
+        OFlag::O_CREAT | OFlag::O_EXCL | OFlag::O_RDWR | OFlag::O_NOFOLLOW | OFlag::O_CLOEXEC,
+        Perm::from_bits_truncate(0o600),
+    )
+    .map_err(op(Op::Create))?;
+    let len = i64::try_from(size).map_err(|_| (Op::Size, io::Error::from(Errno::EFBIG)))?;
+    if len > 0 {
+        if sparse {
+            ftruncate(&fd, len).map_err(op(Op::Size))?;
+        } else {
+            nix::fcntl::fallocate(&fd, nix::fcntl::FallocateFlags::empty(), 0, len)
+                .map_err(op(Op::Size))?;
+        }
+    }
+    Ok(File::from(fd))
+}
+
+/// Owner, mode, xattrs, times of an open file or directory; `opaque` adds the overlay
+/// opaque marker.
+fn finish_fd(file: &File, meta: &Entry, opaque: bool) -> OpResult<()> {
+    fchown(
+        file.as_fd(),
+        Some(Uid::from_raw(meta.uid)),
+        Some(Gid::from_raw(meta.gid)),
+    )
+    .map_err(op(Op::Chown))?;
+    fchmod(file.as_fd(), perm(meta.mode)).map_err(op(Op::Chmod))?;
+    for (name, value) in &meta.xattrs {
+        if keep_xattr(name, true) {
+            file.set_xattr(name, value)
+                .map_err(|e| (Op::Xattr(name.clone()), e))?;
+        }
+    }
+    if opaque {
+        file.set_xattr(OPAQUE_XATTR, b"y")
+            .map_err(|e| (Op::Xattr(OPAQUE_XATTR.to_owned()), e))?;
+    }
+    let t = mtime(meta);
+    futimens(file.as_fd(), &t, &t).map_err(op(Op::Times))
+}
+
+const OPAQUE_XATTR: &str = "trusted.overlay.opaque";
+
+fn perm(mode: u32) -> Perm {
+    Perm::from_bits_truncate((mode & 0o7777) as libc::mode_t)
+}
+
+fn mtime(meta: &Entry) -> TimeSpec {
+    TimeSpec::new(meta.mtime, i64::from(meta.mtime_nsec.min(999_999_999)))
+}
+
+/// Whether a layer xattr is applied. Overlay control xattrs never are; `user.*` only on
+/// regular files and directories (the kernel refuses it elsewhere).
+fn keep_xattr(name: &str, file_or_dir: bool) -> bool {
+    if name.starts_with("trusted.overlay.") || name.starts_with("user.overlay.") {
+        tracing::warn!(xattr = name, "dropping overlayfs control xattr from a layer");
+        return false;
+    }
+    if !file_or_dir && name.starts_with("user.") {
+        tracing::debug!(xattr = name, "user.* xattr on a symlink or special file: skipped");
+        return false;
+    }
+    true
+}
+
+/// Metadata of a directory no layer describes.
+fn default_dir() -> Entry {
+    Entry {
+        path: String::new(),
+        kind: EntryKind::Dir,
+        mode: 0o755,
+        uid: 0,
+        gid: 0,
+        mtime: 0,
+        mtime_nsec: 0,
+        xattrs: Vec::new(),
+        link: None,
+        size: 0,
+        data_offset: 0,
+        sha256: None,
+        chunk_sha256: Vec::new(),
+    }
+}
+
+/// A directory open on the walk, finished when the walk leaves it.
+struct OpenDir<'k> {
+    key: &'k [u8],
+    dir: File,
+    meta: Option<EntryRef>,
+    opaque: bool,
+}
+
+struct Writer<'a> {
+    layers: &'a [Layer<'a>],
+    opts: &'a UnpackOptions,
+    hooks: &'a mut dyn UnpackHooks,
+    dest_abs: &'a Path,
+    dest: OwnedFd,
+    /// Where each inode was created first, relative to the destination.
+    inodes: HashMap<EntryRef, PathBuf>,
+    /// Overlay mode: inodes the merged view shows (only those are placeholders to fill).
+    visible: Option<HashSet<EntryRef>>,
+    devices_ok: bool,
+    default_dir: Entry,
+    done: u64,
+    total: u64,
+    out: Unpacked,
+}
+
+/// Creates the plan's trees under `dest_abs`.
+pub(super) fn materialise(
+    layers: &[Layer<'_>],
+    dest_abs: &Path,
+    opts: &UnpackOptions,
+    hooks: &mut dyn UnpackHooks,
+    plan: &Plan,
+) -> Result<Unpacked, UnpackError> {
+    let dest = open(
+        dest_abs,
+        OFlag::O_RDONLY | OFlag::O_DIRECTORY | OFlag::O_CLOEXEC,
+        Perm::empty(),
+    )
+    .map_err(|e| UnpackError::Dest {
+        dest: dest_abs.to_owned(),
+        source: e.into(),
+    })?;
+    let mut devices_ok = opts.make_devices;
+    if devices_ok && !nix::unistd::geteuid().is_root() {
+        tracing::warn!("not root: device nodes will be skipped");
+        devices_ok = false;
+    }
+    let total = match opts.mode {
+        Mode::Direct => plan.merged.len(),
+        Mode::Overlay => plan.layers.iter().map(BTreeMap::len).sum(),
+    } as u64;
+    let mut w = Writer {
+        layers,
+        opts,
+        hooks,
+        dest_abs,
+        dest,
+        inodes: HashMap::new(),
+        visible: None,
+        devices_ok,
+        default_dir: default_dir(),
+        done: 0,
+        total,
+        out: Unpacked::default(),
+    };
+    match opts.mode {
+        Mode::Direct => {
+            let root = w
+                .dest
+                .try_clone()
+                .map(File::from)
+                .map_err(|e| layout_err("", Op::OpenDir, e))?;
+            w.tree(root, Path::new(""), "-", &plan.merged)?;
+        }
+        Mode::Overlay => {
+            w.visible = Some(
+                plan.merged
+                    .values()
+                    .filter_map(|n| match n {
+                        Node::Leaf { inode, .. } => Some(*inode),
+                        _ => None,
+                    })
+                    .collect(),
+            );
+            let layers_dir = {
+                let dest = w.dest.as_fd();
+                w.mkdir(dest, OsStr::new("layers"))
+                    .map_err(|(o, e)| layout_err("layers", o, e))?;
+                open_dir(dest, OsStr::new("layers"))
+                    .map_err(|(o, e)| layout_err("layers", o, e))?
+            };
+            fchmod(&layers_dir, Perm::from_bits_truncate(0o700))
+                .map_err(|e| layout_err("layers", Op::Chmod, e.into()))?;
+            for (li, tree) in plan.layers.iter().enumerate() {
+                let name = layer_dir_name(li, layers[li].digest);
+                let rel = Path::new("layers").join(&name);
+                w.mkdir(layers_dir.as_fd(), OsStr::new(&name))
+                    .map_err(|(o, e)| layout_err(&rel.to_string_lossy(), o, e))?;
+                let root = open_dir(layers_dir.as_fd(), OsStr::new(&name))
+                    .map_err(|(o, e)| layout_err(&rel.to_string_lossy(), o, e))?;
+                w.tree(root, &rel, layers[li].digest, tree)?;
+                w.out.lowerdirs.push(dest_abs.join(&rel));
+            }
+            w.out.lowerdirs.reverse();
+        }
+    }
+    w.hooks.progress(Progress {
+        done: w.done,
+        total: w.total,
+    });
+    Ok(w.out)
+}
+
+fn layout_err(path: &str, op: Op, source: io::Error) -> UnpackError {
+    UnpackError::Io {
+        layer: "-".to_owned(),
+        path: path.to_owned(),
+        op,
+        source,
+    }
+}
+
+fn open_dir(parent: BorrowedFd<'_>, name: &OsStr) -> OpResult<File> {
+    openat(
+        parent,
+        name,
+        OFlag::O_RDONLY | OFlag::O_DIRECTORY | OFlag::O_NOFOLLOW | OFlag::O_CLOEXEC,
+        Perm::empty(),
+    )
+    .map(File::from)
+    .map_err(op(Op::OpenDir))
+}
+
+/// `/proc/self/fd/<dir>/<name>`: a path naming `name` in the already open `dir` without
+/// resolving anything else, for the path-only xattr calls (`lsetxattr` does not follow the
+/// final symlink).
+fn proc_path(dir: BorrowedFd<'_>, name: &OsStr) -> PathBuf {
+    let mut p = PathBuf::from(format!("/proc/self/fd/{}", dir.as_raw_fd()));
+    p.push(name);
+    p
+}
+
+impl Writer<'_> {
+    fn entry(&self, r: EntryRef) -> &Entry {
+        &self.layers[r.layer].entries[r.entry]
+    }
+
+    fn err(&self, layer: &str, rel: &Path, (op, source): (Op, io::Error)) -> UnpackError {
+        UnpackError::Io {
+            layer: layer.to_owned(),
+            path: rel.to_string_lossy().into_owned(),
+            op,
+            source,
+        }
+    }
+
+    fn mkdir(&self, parent: BorrowedFd<'_>, name: &OsStr) -> OpResult<()> {
+        match mkdirat(parent, name, Perm::from_bits_truncate(0o700)) {
+            Ok(()) => Ok(()),
+            // An existing directory is reused; open_dir refuses anything else.
+            Err(Errno::EEXIST) if self.opts.allow_nonempty => Ok(()),
+            Err(e) => Err((Op::Create, e.into())),
+        }
+    }
+
+    fn tick(&mut self) {
+        self.done += 1;
+        let every = self.opts.progress_every;
+        if every > 0 && self.done % every == 0 {
+            tracing::debug!(done = self.done, total = self.total, "unpack progress");
+            self.hooks.progress(Progress {
+                done: self.done,
+                total: self.total,
+            });
+        }
+    }
+
+    /// Walks one tree in key order, which puts each directory right before its subtree.
+    fn tree(
+        &mut self,
+        root: File,
+        prefix: &Path,
+        tree_layer: &str,
+        nodes: &BTreeMap<Key, Node>,
+    ) -> Result<(), UnpackError> {
+        let (meta, opaque) = match nodes.get(&[][..]) {
+            Some(Node::Dir { meta, opaque }) => (*meta, *opaque),
+            _ => (None, false),
+        };
+        let mut stack = vec![OpenDir {
+            key: &[],
+            dir: root,
+            meta,
+            opaque,
+        }];
+        self.out.stats.dirs += 1;
+        self.tick();
+        for (key, node) in nodes.iter().filter(|(k, _)| !k.is_empty()) {
+            let parent = plan::parent(key);
+            while stack.last().is_some_and(|o| o.key != parent) {
+                if let Some(o) = stack.pop() {
+                    self.finish_dir(o, prefix, tree_layer)?;
+                }
+            }
+            let Some(top) = stack.last() else {
+                return Err(self.err(
+                    tree_layer,
+                    &prefix.join(plan::display(key)),
+                    (Op::OpenDir, io::Error::other("parent missing from the plan")),
+                ));
+            };
+            let name = OsStr::from_bytes(plan::name(key));
+            let rel = prefix.join(plan::display(key));
+            let dir = top.dir.as_fd();
+            match *node {
+                Node::Dir { meta, opaque } => {
+                    let layer = meta.map_or(tree_layer, |r| self.layers[r.layer].digest);
+                    let opened = self
+                        .mkdir(dir, name)
+                        .and_then(|()| open_dir(dir, name))
+                        .map_err(|e| self.err(layer, &rel, e))?;
+                    self.out.stats.dirs += 1;
+                    stack.push(OpenDir {
+                        key,
+                        dir: opened,
+                        meta,
+                        opaque,
+                    });
+                }
+                Node::Leaf { inode, via } => {
+                    let layer = self.layers[via.layer].digest;
+                    self.leaf(dir, name, &rel, inode)
+                        .map_err(|e| self.err(layer, &rel, e))?;
+                }
+                Node::Whiteout => {
+                    mknodat(dir, name, SFlag::S_IFCHR, Perm::empty(), makedev(0, 0))
+                        .map_err(|e| self.err(tree_layer, &rel, (Op::Create, e.into())))?;
+                    self.out.stats.whiteouts += 1;
+                }
+            }
+            self.tick();
+        }
+        while let Some(o) = stack.pop() {
+            self.finish_dir(o, prefix, tree_layer)?;
+        }
+        Ok(())
+    }
+
+    fn finish_dir(
+        &self,
+        o: OpenDir<'_>,
+        prefix: &Path,
+        tree_layer: &str,
+    ) -> Result<(), UnpackError> {
+        let (meta, layer) = match o.meta {
+            Some(r) => (self.entry(r), self.layers[r.layer].digest),
+            None => (&self.default_dir, tree_layer),
+        };
+        finish_fd(&o.dir, meta, o.opaque)
+            .map_err(|e| self.err(layer, &prefix.join(plan::display(o.key)), e))
+    }
+
+    /// Creates a non-directory: a new name for an inode created before, or the inode.
+    fn leaf(
+        &mut self,
+        dir: BorrowedFd<'_>,
+        name: &OsStr,
+        rel: &Path,
+        inode: EntryRef,
+    ) -> OpResult<()> {
+        if let Some(first) = self.inodes.get(&inode) {
+            self.link(first, dir, name)?;
+            self.out.stats.hardlinks += 1;
+            return Ok(());
+        }
+        let layers = self.layers;
+        let e = &layers[inode.layer].entries[inode.entry];
+        match e.kind {
+            EntryKind::File => {
+                let mut file = create_file_op(dir, name, e.size, self.opts.sparse)?;
+                let data = self
+                    .hooks
+                    .write_data(inode.layer, inode.entry, e, &mut file)
+                    .map_err(|err| (Op::WriteData, err))?;
+                finish_fd(&file, e, false)?;
+                self.out.stats.files += 1;
+                let visible = self.visible.as_ref().is_none_or(|v| v.contains(&inode));
+                if data == FileData::Placeholder && e.size > 0 && visible {
+                    self.out.stats.bytes += e.size;
+                    self.out.placeholders.push(Placeholder {
+                        path: self.dest_abs.join(rel),
+                        layer: inode.layer,
+                        entry: inode.entry,
+                        size: e.size,
+                    });
+                }
+            }
+            EntryKind::Symlink => {
+                let target = e.link.as_deref().unwrap_or_default();
+                symlinkat(target, dir, name).map_err(op(Op::Create))?;
+                special_meta(dir, name, e, false)?;
+                self.out.stats.symlinks += 1;
+            }
+            EntryKind::Fifo => {
+                mknodat(dir, name, SFlag::S_IFIFO, Perm::empty(), 0).map_err(op(Op::Create))?;
+                special_meta(dir, name, e, true)?;
+                self.out.stats.fifos += 1;
+            }
+            EntryKind::Char { major, minor } | EntryKind::Block { major, minor } => {
+                let kind = if matches!(e.kind, EntryKind::Char { .. }) {
+                    SFlag::S_IFCHR
+                } else {
+                    SFlag::S_IFBLK
+                };
+                if !self.devices_ok {
+                    tracing::debug!(path = %rel.display(), "device node skipped");
+                    self.out.stats.skipped += 1;
+                    return Ok(());
+                }
+                let dev = makedev(u64::from(major), u64::from(minor));
+                match mknodat(dir, name, kind, Perm::empty(), dev) {
+                    Ok(()) => {}
+                    Err(Errno::EPERM) => {
+                        tracing::warn!(path = %rel.display(), "mknod not permitted: device nodes skipped");
+                        self.devices_ok = false;
+                        self.out.stats.skipped += 1;
+                        return Ok(());
+                    }
+                    Err(err) => return Err((Op::Create, err.into())),
+                }
+                special_meta(dir, name, e, true)?;
+                self.out.stats.devices += 1;
+            }
+            EntryKind::Dir | EntryKind::Hardlink => {
+                return Err((
+                    Op::Create,
+                    io::Error::other("planned inode is a directory or hardlink"),
+                ));
+            }
+        }
+        self.inodes.insert(inode, rel.to_owned());
+        Ok(())
+    }
+
+    /// Gives the inode first created at `first` (relative to the destination) the new name
+    /// `name` in `dir`.
+    fn link(&self, first: &Path, dir: BorrowedFd<'_>, name: &OsStr) -> OpResult<()> {
+        let src_name = first.file_name().unwrap_or_default();
+        let src_parent = first.parent().unwrap_or(Path::new(""));
+        let how = OpenHow::new()
+            .flags(OFlag::O_PATH | OFlag::O_DIRECTORY | OFlag::O_CLOEXEC)
+            .resolve(
+                ResolveFlag::RESOLVE_BENEATH
+                    | ResolveFlag::RESOLVE_NO_SYMLINKS
+                    | ResolveFlag::RESOLVE_NO_MAGICLINKS
+                    | ResolveFlag::RESOLVE_NO_XDEV,
+            );
+        let parent_fd;
+        let src_dir = if src_parent.as_os_str().is_empty() {
+            self.dest.as_fd()
+        } else {
+            parent_fd = openat2(self.dest.as_fd(), src_parent, how).map_err(op(Op::Link))?;
+            parent_fd.as_fd()
+        };
+        linkat(src_dir, src_name, dir, name, AtFlags::empty()).map_err(op(Op::Link))
+    }
+}
+
+/// Owner, mode, xattrs and times of a symlink, fifo or device node, never following it.
+fn special_meta(dir: BorrowedFd<'_>, name: &OsStr, e: &Entry, chmod: bool) -> OpResult<()> {
+    fchownat(
+        dir,
+        name,
+        Some(Uid::from_raw(e.uid)),
+        Some(Gid::from_raw(e.gid)),
+        AtFlags::AT_SYMLINK_NOFOLLOW,
+    )
+    .map_err(op(Op::Chown))?;
+    if chmod {
+        fchmodat(dir, name, perm(e.mode), FchmodatFlags::NoFollowSymlink)
+            .map_err(op(Op::Chmod))?;
+    }
+    let mut path = None;
+    for (n, value) in e.xattrs.iter().filter(|(n, _)| keep_xattr(n, false)) {
+        let path = path.get_or_insert_with(|| proc_path(dir, name));
+        xattr::set(&*path, n, value).map_err(|err| (Op::Xattr(n.clone()), err))?;
+    }
+    let t = mtime(e);
+    utimensat(dir, name, &t, &t, UtimensatFlags::NoFollowSymlink).map_err(op(Op::Times))
+}
