@@ -283,6 +283,10 @@ impl FillError {
 }
 
 type FillResult = Result<(), Arc<FillError>>;
+
+/// Fills up to this size are written on the worker thread itself; larger ones go to the
+/// blocking pool so a slow disk cannot stall event handling.
+const INLINE_WRITE_MAX: u64 = 64 << 10;
 type SharedFill = Shared<BoxFuture<'static, FillResult>>;
 
 /// A registered placeholder and its fill state.
@@ -879,14 +883,19 @@ async fn fill_chunk_inner(
     }
     let path = entry.path.clone();
     let (write_len, write_off) = (keep as u64, offset);
-    tokio::task::spawn_blocking(move || write_chunk(&path, writer, &data[..keep], write_off))
-        .await
-        .map_err(|e| FillError::Write {
-            path: entry.path.clone(),
-            offset,
-            len: write_len,
-            source: std::io::Error::other(e),
-        })??;
+    if write_len <= INLINE_WRITE_MAX {
+        // A page-cache write this small costs less than a hop to the blocking pool.
+        write_chunk(&path, writer, &data[..keep], write_off)?;
+    } else {
+        tokio::task::spawn_blocking(move || write_chunk(&path, writer, &data[..keep], write_off))
+            .await
+            .map_err(|e| FillError::Write {
+                path: entry.path.clone(),
+                offset,
+                len: write_len,
+                source: std::io::Error::other(e),
+            })??;
+    }
     entry.bytes_filled.fetch_add(write_len, Ordering::Relaxed);
     debug!(path = %entry.path.display(), offset, len = write_len, "chunk filled");
     Ok(())

@@ -281,10 +281,11 @@ pub fn write_layout(
     })
 }
 
-/// The embedded default image of the README demo: a static busybox with its applet links
-/// (layer 1), 48 data files of 1 MiB plus a small text tree (layer 2), and a layer that
-/// deletes one data file and adds a script (layer 3). About 50 MiB; the demo workload reads
-/// under a tenth of it.
+/// The embedded default image of the README demo, built from files on this machine: a
+/// static busybox with its applet links (layer 1), 48 data files of 1 MiB plus 200 notes
+/// (layer 2), up to 3,000 files of the host's documentation, headers and time zones (layer
+/// 3), and a layer that deletes one data file and adds the demo script (layer 4). About
+/// 70 MiB; the demo workload reads a few percent of it.
 pub fn demo_image(dir: &Path, compression: Compression) -> Result<BuiltImage, BuildError> {
     let busybox = PathBuf::from("/bin/busybox");
     let mut base = vec![
@@ -310,7 +311,17 @@ pub fn demo_image(dir: &Path, compression: Compression) -> Result<BuiltImage, Bu
             mode: 0o1777,
         },
     ];
-    for applet in ["sh", "ls", "cat", "sha256sum", "wc", "head", "echo", "du"] {
+    for applet in [
+        "sh",
+        "ls",
+        "cat",
+        "sha256sum",
+        "wc",
+        "head",
+        "echo",
+        "du",
+        "find",
+    ] {
         base.push(LayerItem::Symlink {
             path: format!("bin/{applet}"),
             target: "busybox".into(),
@@ -344,13 +355,89 @@ pub fn demo_image(dir: &Path, compression: Compression) -> Result<BuiltImage, Bu
                 .into_bytes(),
         });
     }
+    let mut host = Vec::new();
+    let mut budget = HostBudget {
+        files: 3000,
+        bytes: 24 << 20,
+    };
+    for dir in [
+        "/usr/share/doc",
+        "/usr/include",
+        "/usr/share/zoneinfo",
+        "/usr/share/man",
+    ] {
+        collect_host_tree(Path::new(dir), &mut host, &mut budget);
+    }
     let top = vec![
         LayerItem::Whiteout { path: "data/blob-47.bin".into() },
         LayerItem::File {
             path: "bin/demo".into(),
             mode: 0o755,
-            data: b"#!/bin/sh\necho \"hello from a lazily filled image\"\ncat /etc/os-release\nsha256sum /data/blob-07.bin /data/notes/note-042.txt\n".to_vec(),
+            data: b"#!/bin/sh\necho \"hello from a lazily filled image\"\ncat /etc/os-release\nsha256sum /data/blob-07.bin /data/notes/note-042.txt\necho \"files in the image: $(find / -xdev | wc -l)\"\necho \"first documented packages:\"\nls /usr/share/doc | head -3\n".to_vec(),
         },
     ];
-    write_layout(dir, "demo", &[base, data, top], compression)
+    write_layout(dir, "demo", &[base, data, host, top], compression)
+}
+
+struct HostBudget {
+    files: usize,
+    bytes: u64,
+}
+
+/// Adds `dir` (a host directory) to a layer under the same path, depth first in name order,
+/// until the budget is spent: directories, regular files and symlinks; nothing else.
+fn collect_host_tree(dir: &Path, out: &mut Vec<LayerItem>, budget: &mut HostBudget) {
+    let Ok(rd) = std::fs::read_dir(dir) else {
+        return;
+    };
+    let mut names: Vec<_> = rd.filter_map(Result::ok).map(|e| e.path()).collect();
+    names.sort();
+    let rel = |p: &Path| {
+        p.strip_prefix("/")
+            .unwrap_or(p)
+            .to_string_lossy()
+            .into_owned()
+    };
+    // Parents first, so the layer is valid on its own.
+    let mut parent = PathBuf::new();
+    for comp in Path::new(&rel(dir)).components() {
+        parent.push(comp);
+        let path = parent.to_string_lossy().into_owned();
+        let item = LayerItem::Dir {
+            path: path.clone(),
+            mode: 0o755,
+        };
+        if !out
+            .iter()
+            .any(|i| matches!(i, LayerItem::Dir { path: p, .. } if *p == path))
+        {
+            out.push(item);
+        }
+    }
+    for p in names {
+        if budget.files == 0 {
+            return;
+        }
+        let Ok(md) = std::fs::symlink_metadata(&p) else {
+            continue;
+        };
+        if md.file_type().is_symlink() {
+            if let Ok(target) = std::fs::read_link(&p) {
+                out.push(LayerItem::Symlink {
+                    path: rel(&p),
+                    target: target.to_string_lossy().into_owned(),
+                });
+                budget.files -= 1;
+            }
+        } else if md.is_dir() {
+            collect_host_tree(&p, out, budget);
+        } else if md.is_file() && md.len() <= budget.bytes && std::fs::File::open(&p).is_ok() {
+            budget.bytes -= md.len();
+            budget.files -= 1;
+            out.push(LayerItem::HostFile {
+                path: rel(&p),
+                host: p,
+            });
+        }
+    }
 }

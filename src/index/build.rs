@@ -87,11 +87,19 @@ struct Hashing<R> {
 
 impl<R> Hashing<R> {
     fn new(inner: R) -> Self {
-        Self { inner, hasher: Sha256::new(), count: 0 }
+        Self {
+            inner,
+            hasher: Sha256::new(),
+            count: 0,
+        }
     }
 
     fn finish(self) -> (R, String, u64) {
-        (self.inner, format!("sha256:{}", hex::encode(self.hasher.finalize())), self.count)
+        (
+            self.inner,
+            format!("sha256:{}", hex::encode(self.hasher.finalize())),
+            self.count,
+        )
     }
 }
 
@@ -173,7 +181,13 @@ impl<R: Read> Read for ZstdIndexer<R> {
             let status = self
                 .dec
                 .run_on_buffers(&self.buf[self.start..self.end], out)
-                .map_err(|source| IndexError::Zstd { offset: self.pos, source }.into_io())?;
+                .map_err(|source| {
+                    IndexError::Zstd {
+                        offset: self.pos,
+                        source,
+                    }
+                    .into_io()
+                })?;
             self.start += status.bytes_read;
             self.pos += status.bytes_read as u64;
             self.out_total += status.bytes_written as u64;
@@ -183,7 +197,9 @@ impl<R: Read> Read for ZstdIndexer<R> {
             if status.remaining == 0 && self.in_frame {
                 self.in_frame = false;
                 self.frames += 1;
-                if self.out_total > self.last_cp && self.out_total - self.last_cp >= self.boundary_span {
+                if self.out_total > self.last_cp
+                    && self.out_total - self.last_cp >= self.boundary_span
+                {
                     self.checkpoints.push(Checkpoint {
                         uncompressed_offset: self.out_total,
                         compressed_offset: self.pos,
@@ -231,11 +247,19 @@ impl<R: Read> Decoder<R> {
         match self {
             Decoder::Plain(_) => Vec::new(),
             Decoder::Gzip(g) => {
-                debug!(members = g.members(), checkpoints = g.checkpoints.len(), "gzip indexed");
+                debug!(
+                    members = g.members(),
+                    checkpoints = g.checkpoints.len(),
+                    "gzip indexed"
+                );
                 g.checkpoints
             }
             Decoder::Zstd(z) => {
-                debug!(frames = z.frames, checkpoints = z.checkpoints.len(), "zstd indexed");
+                debug!(
+                    frames = z.frames,
+                    checkpoints = z.checkpoints.len(),
+                    "zstd indexed"
+                );
                 if z.frames <= 1 {
                     debug!("single-frame zstd layer: every range read inflates from the start");
                 }
@@ -293,7 +317,10 @@ impl LayerIndex {
             return Err(IndexError::EmptyBlob);
         }
         let magic = Compression::from_magic(&prefix[..n]);
-        let hint = opts.media_type.as_deref().and_then(Compression::from_media_type);
+        let hint = opts
+            .media_type
+            .as_deref()
+            .and_then(Compression::from_media_type);
         let compression = match (magic, hint) {
             (Some(m), Some(h)) if m != h => {
                 warn!(media_type = ?opts.media_type, detected = ?m, "layer media type disagrees with magic bytes; using magic");
@@ -310,7 +337,9 @@ impl LayerIndex {
         let input = (&prefix[..n]).chain(&mut blob);
         let decoder = match compression {
             Compression::None => Decoder::Plain(input),
-            Compression::Gzip => Decoder::Gzip(GzipIndexer::new(input, opts.span, opts.boundary_span)?),
+            Compression::Gzip => {
+                Decoder::Gzip(GzipIndexer::new(input, opts.span, opts.boundary_span)?)
+            }
             Compression::Zstd => Decoder::Zstd(ZstdIndexer::new(input, opts.boundary_span)?),
         };
         let mut tar_in = Hashing::new(decoder);
@@ -368,7 +397,10 @@ fn lossy(b: &[u8]) -> String {
 /// Normalise a member path: drop leading `/`, `.` components and empty components; refuse
 /// `..`, NUL and non-UTF-8.
 pub(crate) fn normalize_path(raw: &[u8], offset: u64) -> Result<String, IndexError> {
-    let unsafe_path = || IndexError::UnsafePath { path: lossy(raw), offset };
+    let unsafe_path = || IndexError::UnsafePath {
+        path: lossy(raw),
+        offset,
+    };
     let s = std::str::from_utf8(raw).map_err(|_| IndexError::Unsupported {
         path: lossy(raw),
         offset,
@@ -479,8 +511,14 @@ fn parse_pax(data: &[u8], offset: u64) -> Result<Pax, IndexError> {
             "path" => pax.path = Some(value.to_vec()),
             "linkpath" => pax.linkpath = Some(value.to_vec()),
             "size" => pax.size = Some(num("size")?),
-            "uid" => pax.uid = Some(u32::try_from(num("uid")?).map_err(|_| bad("PAX uid too large".into()))?),
-            "gid" => pax.gid = Some(u32::try_from(num("gid")?).map_err(|_| bad("PAX gid too large".into()))?),
+            "uid" => {
+                pax.uid =
+                    Some(u32::try_from(num("uid")?).map_err(|_| bad("PAX uid too large".into()))?)
+            }
+            "gid" => {
+                pax.gid =
+                    Some(u32::try_from(num("gid")?).map_err(|_| bad("PAX gid too large".into()))?)
+            }
             "mtime" => {
                 let v = std::str::from_utf8(value).ok().and_then(parse_pax_time);
                 pax.mtime = Some(v.ok_or_else(|| bad("bad PAX mtime".into()))?);
@@ -519,7 +557,9 @@ impl<R: Read + ?Sized> Walker<'_, R> {
             let want = n.min(self.buf.len() as u64) as usize;
             let got = read_full(self.r, &mut self.buf[..want])?;
             if got < want {
-                return Err(IndexError::Truncated { what: "tar member data" });
+                return Err(IndexError::Truncated {
+                    what: "tar member data",
+                });
             }
             self.pos += got as u64;
             n -= got as u64;
@@ -537,7 +577,11 @@ fn walk<R: Read + ?Sized>(
     opts: &IndexOptions,
     sink: &mut dyn IndexSink,
 ) -> Result<Vec<Entry>, IndexError> {
-    let mut w = Walker { r, pos: 0, buf: vec![0u8; 256 * 1024] };
+    let mut w = Walker {
+        r,
+        pos: 0,
+        buf: vec![0u8; 256 * 1024],
+    };
     let mut entries: Vec<Entry> = Vec::new();
     let mut pending = Pending::default();
     let mut block = [0u8; 512];
@@ -547,7 +591,9 @@ fn walk<R: Read + ?Sized>(
         if n == 0 {
             // No end-of-archive marker: accepted (as Go's archive/tar does).
             if !pending.is_empty() {
-                return Err(IndexError::Truncated { what: "tar stream (extension header without member)" });
+                return Err(IndexError::Truncated {
+                    what: "tar stream (extension header without member)",
+                });
             }
             break;
         }
@@ -564,14 +610,21 @@ fn walk<R: Read + ?Sized>(
             }
             break;
         }
-        let bad = |reason: String| IndexError::TarHeader { offset: header_pos, reason };
+        let bad = |reason: String| IndexError::TarHeader {
+            offset: header_pos,
+            reason,
+        };
         let header = tar::Header::from_byte_slice(&block);
-        let stored = header.cksum().map_err(|e| bad(format!("checksum field: {e}")))?;
+        let stored = header
+            .cksum()
+            .map_err(|e| bad(format!("checksum field: {e}")))?;
         if !header_checksum_ok(&block, stored) {
             return Err(bad("checksum mismatch".into()));
         }
         let type_byte = header.entry_type().as_byte();
-        let header_size = header.entry_size().map_err(|e| bad(format!("size field: {e}")))?;
+        let header_size = header
+            .entry_size()
+            .map_err(|e| bad(format!("size field: {e}")))?;
 
         // Extension headers: bounded, read whole, applied to the next member.
         let ext_kind = match type_byte {
@@ -605,7 +658,11 @@ fn walk<R: Read + ?Sized>(
             if slot.is_some() {
                 return Err(bad(format!("two {kind} headers for one member")));
             }
-            *slot = Some(if type_byte == b'x' { data } else { strip_nuls(data) });
+            *slot = Some(if type_byte == b'x' {
+                data
+            } else {
+                strip_nuls(data)
+            });
             continue;
         }
 
@@ -636,8 +693,12 @@ fn walk<R: Read + ?Sized>(
         let path = normalize_path(&raw_path, header_pos)?;
         let ends_with_slash = raw_path.last() == Some(&b'/');
         let dev = |h: &tar::Header| -> Result<(u32, u32), IndexError> {
-            let major = h.device_major().map_err(|e| bad(format!("device major: {e}")))?;
-            let minor = h.device_minor().map_err(|e| bad(format!("device minor: {e}")))?;
+            let major = h
+                .device_major()
+                .map_err(|e| bad(format!("device major: {e}")))?;
+            let minor = h
+                .device_minor()
+                .map_err(|e| bad(format!("device minor: {e}")))?;
             Ok((major.unwrap_or(0), minor.unwrap_or(0)))
         };
         let kind = match type_byte {
@@ -658,20 +719,29 @@ fn walk<R: Read + ?Sized>(
             other => return Err(unsupported(format!("tar entry type {:?}", other as char))),
         };
         if path.is_empty() && kind != EntryKind::Dir {
-            return Err(IndexError::UnsafePath { path: lossy(&raw_path), offset: header_pos });
+            return Err(IndexError::UnsafePath {
+                path: lossy(&raw_path),
+                offset: header_pos,
+            });
         }
         let link = match kind {
             EntryKind::Hardlink => {
                 let l = raw_link.unwrap_or_default();
                 let n = normalize_path(&l, header_pos)?;
                 if n.is_empty() {
-                    return Err(IndexError::UnsafePath { path: lossy(&l), offset: header_pos });
+                    return Err(IndexError::UnsafePath {
+                        path: lossy(&l),
+                        offset: header_pos,
+                    });
                 }
                 Some(n)
             }
             EntryKind::Symlink => {
                 let l = raw_link.unwrap_or_default();
-                Some(String::from_utf8(l).map_err(|_| unsupported("symlink target is not UTF-8".into()))?)
+                Some(
+                    String::from_utf8(l)
+                        .map_err(|_| unsupported("symlink target is not UTF-8".into()))?,
+                )
             }
             _ => None,
         };
@@ -693,7 +763,10 @@ fn walk<R: Read + ?Sized>(
             Some(t) => t,
             None => {
                 let t = header.mtime().map_err(|e| bad(format!("mtime: {e}")))?;
-                (i64::try_from(t).map_err(|_| bad("mtime too large".into()))?, 0)
+                (
+                    i64::try_from(t).map_err(|_| bad("mtime too large".into()))?,
+                    0,
+                )
             }
         };
         let mode = header.mode().map_err(|e| bad(format!("mode: {e}")))? & 0o7777;
@@ -714,7 +787,8 @@ fn walk<R: Read + ?Sized>(
             chunk_sha256: Vec::new(),
         };
         let idx = entries.len();
-        sink.entry(idx, &entry).map_err(|source| IndexError::Sink { idx, source })?;
+        sink.entry(idx, &entry)
+            .map_err(|source| IndexError::Sink { idx, source })?;
         if is_file {
             let mut whole = Sha256::new();
             let mut chunk = Sha256::new();
@@ -725,7 +799,9 @@ fn walk<R: Read + ?Sized>(
                 let want = (size - off).min(w.buf.len() as u64) as usize;
                 let got = read_full(w.r, &mut w.buf[..want])?;
                 if got == 0 {
-                    return Err(IndexError::Truncated { what: "tar member data" });
+                    return Err(IndexError::Truncated {
+                        what: "tar member data",
+                    });
                 }
                 let data = &w.buf[..got];
                 whole.update(data);
@@ -742,7 +818,8 @@ fn walk<R: Read + ?Sized>(
                         }
                     }
                 }
-                sink.data(idx, off, data).map_err(|source| IndexError::Sink { idx, source })?;
+                sink.data(idx, off, data)
+                    .map_err(|source| IndexError::Sink { idx, source })?;
                 off += got as u64;
                 w.pos += got as u64;
             }
@@ -754,7 +831,8 @@ fn walk<R: Read + ?Sized>(
             w.skip(size)?;
         }
         w.skip_padding(size)?;
-        sink.entry_done(idx, &entry).map_err(|source| IndexError::Sink { idx, source })?;
+        sink.entry_done(idx, &entry)
+            .map_err(|source| IndexError::Sink { idx, source })?;
         entries.push(entry);
     }
     Ok(entries)
@@ -769,15 +847,27 @@ mod tests {
         assert_eq!(normalize_path(b"./a//b/./c/", 0).unwrap(), "a/b/c");
         assert_eq!(normalize_path(b"/etc/passwd", 0).unwrap(), "etc/passwd");
         assert_eq!(normalize_path(b"./", 0).unwrap(), "");
-        assert!(matches!(normalize_path(b"a/../../b", 0), Err(IndexError::UnsafePath { .. })));
-        assert!(matches!(normalize_path(b"..", 0), Err(IndexError::UnsafePath { .. })));
-        assert!(matches!(normalize_path(b"a\xffb", 0), Err(IndexError::Unsupported { .. })));
+        assert!(matches!(
+            normalize_path(b"a/../../b", 0),
+            Err(IndexError::UnsafePath { .. })
+        ));
+        assert!(matches!(
+            normalize_path(b"..", 0),
+            Err(IndexError::UnsafePath { .. })
+        ));
+        assert!(matches!(
+            normalize_path(b"a\xffb", 0),
+            Err(IndexError::Unsupported { .. })
+        ));
     }
 
     #[test]
     fn parses_pax_times() {
         assert_eq!(parse_pax_time("1700000000"), Some((1_700_000_000, 0)));
-        assert_eq!(parse_pax_time("1700000000.5"), Some((1_700_000_000, 500_000_000)));
+        assert_eq!(
+            parse_pax_time("1700000000.5"),
+            Some((1_700_000_000, 500_000_000))
+        );
         assert_eq!(parse_pax_time("1.123456789123"), Some((1, 123_456_789)));
         assert_eq!(parse_pax_time("-1.5"), Some((-2, 500_000_000)));
         assert_eq!(parse_pax_time("-3"), Some((-3, 0)));
@@ -788,9 +878,18 @@ mod tests {
 
     #[test]
     fn compression_detection() {
-        assert_eq!(Compression::from_magic(&[0x1f, 0x8b, 8, 0]), Some(Compression::Gzip));
-        assert_eq!(Compression::from_magic(&[0x28, 0xb5, 0x2f, 0xfd]), Some(Compression::Zstd));
-        assert_eq!(Compression::from_magic(&[0x50, 0x2a, 0x4d, 0x18]), Some(Compression::Zstd));
+        assert_eq!(
+            Compression::from_magic(&[0x1f, 0x8b, 8, 0]),
+            Some(Compression::Gzip)
+        );
+        assert_eq!(
+            Compression::from_magic(&[0x28, 0xb5, 0x2f, 0xfd]),
+            Some(Compression::Zstd)
+        );
+        assert_eq!(
+            Compression::from_magic(&[0x50, 0x2a, 0x4d, 0x18]),
+            Some(Compression::Zstd)
+        );
         assert_eq!(Compression::from_magic(b"etc/"), None);
         assert_eq!(
             Compression::from_media_type("application/vnd.oci.image.layer.v1.tar+zstd"),

@@ -192,8 +192,14 @@ fn decode_entry(r: &mut Reader<'_>, uncompressed_size: u64) -> Result<Entry, Ind
         2 => EntryKind::Symlink,
         3 => EntryKind::Hardlink,
         4 => EntryKind::Fifo,
-        5 => EntryKind::Char { major: r.u32("major")?, minor: r.u32("minor")? },
-        6 => EntryKind::Block { major: r.u32("major")?, minor: r.u32("minor")? },
+        5 => EntryKind::Char {
+            major: r.u32("major")?,
+            minor: r.u32("minor")?,
+        },
+        6 => EntryKind::Block {
+            major: r.u32("major")?,
+            minor: r.u32("minor")?,
+        },
         _ => return Err(corrupt("bad entry kind")),
     };
     let mode = r.u32("mode")?;
@@ -221,7 +227,10 @@ fn decode_entry(r: &mut Reader<'_>, uncompressed_size: u64) -> Result<Entry, Ind
     };
     let size = r.var()?;
     let data_offset = r.var()?;
-    if data_offset.checked_add(size).is_none_or(|end| end > uncompressed_size) {
+    if data_offset
+        .checked_add(size)
+        .is_none_or(|end| end > uncompressed_size)
+    {
         return Err(corrupt("entry data beyond the end of the stream"));
     }
     let sha256 = r.digest()?;
@@ -230,7 +239,11 @@ fn decode_entry(r: &mut Reader<'_>, uncompressed_size: u64) -> Result<Entry, Ind
     for _ in 0..nc {
         chunk_sha256.push(r.digest()?.ok_or_else(|| corrupt("missing chunk digest"))?);
     }
-    let expected_chunks = if size > CHUNK_SIZE { size.div_ceil(CHUNK_SIZE) } else { 0 };
+    let expected_chunks = if size > CHUNK_SIZE {
+        size.div_ceil(CHUNK_SIZE)
+    } else {
+        0
+    };
     if kind == EntryKind::File && nc as u64 != expected_chunks {
         return Err(corrupt("chunk digest count does not match the size"));
     }
@@ -324,7 +337,8 @@ impl LayerIndex {
             .map_err(|e| corrupt(format!("zstd: {e}")))?
             .single_frame()
             .take(body_len + 1);
-        dec.read_to_end(&mut body).map_err(|e| corrupt(format!("zstd: {e}")))?;
+        dec.read_to_end(&mut body)
+            .map_err(|e| corrupt(format!("zstd: {e}")))?;
         if body.len() as u64 != body_len {
             return Err(corrupt("body length mismatch"));
         }
@@ -365,7 +379,10 @@ impl LayerIndex {
                         && compressed_offset > p.compressed_offset
                 }
             };
-            if !ordered || compressed_offset >= compressed_size.max(1) || uncompressed_offset > uncompressed_size {
+            if !ordered
+                || compressed_offset >= compressed_size.max(1)
+                || uncompressed_offset > uncompressed_size
+            {
                 return Err(corrupt("checkpoints out of order or out of range"));
             }
             checkpoints.push(Checkpoint {
@@ -417,9 +434,15 @@ mod tests {
             assert_eq!(r.var().unwrap(), v);
             assert_eq!(r.ivar().unwrap(), v as i64);
         }
-        let mut r = Reader { buf: &[0xff; 11], pos: 0 };
+        let mut r = Reader {
+            buf: &[0xff; 11],
+            pos: 0,
+        };
         assert!(r.var().is_err());
-        let mut r = Reader { buf: &[0x80, 0x00], pos: 0 };
+        let mut r = Reader {
+            buf: &[0x80, 0x00],
+            pos: 0,
+        };
         assert!(r.var().is_err());
     }
 
@@ -428,8 +451,14 @@ mod tests {
         assert!(matches!(LayerIndex::decode(b""), Err(IndexError::BadMagic)));
         let mut h = FORMAT_MAGIC.to_vec();
         h.extend_from_slice(&[2, 0, 0, 0, 0, 0, 0, 0]);
-        assert!(matches!(LayerIndex::decode(&h), Err(IndexError::UnsupportedVersion(2))));
+        assert!(matches!(
+            LayerIndex::decode(&h),
+            Err(IndexError::UnsupportedVersion(2))
+        ));
         h[8] = 1;
-        assert!(matches!(LayerIndex::decode(&h), Err(IndexError::CorruptIndex(_))));
+        assert!(matches!(
+            LayerIndex::decode(&h),
+            Err(IndexError::CorruptIndex(_))
+        ));
     }
 }

@@ -222,7 +222,9 @@ impl LayerIndex {
         // Hardlink chains point backwards, so this terminates after at most `idx` steps.
         while cur.kind == EntryKind::Hardlink {
             let target = cur.link.as_deref()?;
-            let pos = self.entries[..limit].iter().rposition(|e| e.path == target)?;
+            let pos = self.entries[..limit]
+                .iter()
+                .rposition(|e| e.path == target)?;
             cur = &self.entries[pos];
             limit = pos;
         }
