@@ -1,1 +1,2 @@
+//! The `fanfill` command line: a thin adapter over the library.
 fn main() {}

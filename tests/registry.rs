@@ -8,8 +8,8 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use common::{
-    BuiltImage, Fault, FaultyProxy, TestRegistry, build_index, build_oci_layout, noise,
-    push_layout, run_async, write_image,
+    BuiltImage, Fault, FaultyProxy, TestRegistry, TokenServer, build_index, build_oci_layout,
+    noise, push_layout, run_async, write_image,
 };
 use fanfill::reference::Reference;
 use fanfill::registry::{BlobStore, Credentials, Error, Mirror, Options, Platform, RetryPolicy};
@@ -855,5 +855,77 @@ fn unreachable_registry_is_a_clear_error() {
         .await;
         let err = store.resolve(None).await.unwrap_err();
         assert!(err.to_string().contains("https://"), "{err}");
+    });
+}
+
+#[test]
+fn bearer_token_auth_and_cache() {
+    common::init_tracing();
+    let tokens = TokenServer::start("alice", "s3cret");
+    let reg = TestRegistry::start_with_token_auth(&tokens);
+    let dir = tempfile::tempdir().unwrap();
+    let image = build_oci_layout(dir.path(), TAG, &sample_layers());
+    push_layout(
+        dir.path(),
+        TAG,
+        &reg.host(),
+        REPO,
+        &["--dest-creds", "alice:s3cret"],
+    );
+    let empty_authfile = dir.path().join("empty.json");
+    std::fs::write(&empty_authfile, r#"{"auths": {}}"#).unwrap();
+    let reference = format!("docker://{}/{REPO}:{TAG}", reg.host());
+    run_async(120, async {
+        let anonymous = Options {
+            authfile: Some(empty_authfile.clone()),
+            ..insecure()
+        };
+        let err = open(&reference, &anonymous)
+            .await
+            .resolve(None)
+            .await
+            .unwrap_err();
+        assert!(
+            matches!(
+                err,
+                Error::Unauthorized {
+                    had_credentials: false,
+                    ..
+                }
+            ),
+            "{err}"
+        );
+
+        let options = Options {
+            creds: Some("alice:s3cret".parse().unwrap()),
+            ..anonymous
+        };
+        let store = open(&reference, &options).await;
+        let before = tokens.issued();
+        let r = store.resolve(None).await.unwrap();
+        assert_eq!(r.manifest_digest.to_string(), image.manifest_digest);
+        let d = digest(&image.layers[0].digest);
+        for offset in [0u64, 1000, 50_000] {
+            let got = store.read_range(&d, offset, 100).await.unwrap();
+            assert_eq!(
+                got.as_ref(),
+                &image.layers[0].blob[offset as usize..offset as usize + 100]
+            );
+        }
+        // One pull token served the manifest, config and every range read.
+        assert_eq!(tokens.issued() - before, 1);
+        // Pushing needs a pull,push token: one more.
+        store
+            .push_artifact(&r.manifest_digest, "application/x-test", Vec::new())
+            .await
+            .unwrap();
+        assert_eq!(tokens.issued() - before, 2);
+        assert!(
+            store
+                .find_referrer(&r.manifest_digest, "application/x-test")
+                .await
+                .unwrap()
+                .is_some()
+        );
     });
 }

@@ -118,6 +118,14 @@ pub enum Error {
         /// The `Retry-After` delay the server asked for, if any.
         retry_after: Option<Duration>,
     },
+    /// The server broke the distribution protocol.
+    #[error("{url}: {problem}")]
+    Protocol {
+        /// The URL requested.
+        url: String,
+        /// What was wrong with the answer.
+        problem: &'static str,
+    },
     /// A manifest or blob does not exist.
     #[error("{what}: not found")]
     NotFound {
@@ -209,8 +217,8 @@ pub enum Error {
         /// The registry whose entry is bad.
         registry: String,
     },
-    /// A file of an OCI layout could not be read or written.
-    #[error("{}", path.display())]
+    /// A file of an OCI layout could not be read.
+    #[error("cannot read {}", path.display())]
     Io {
         /// The file.
         path: PathBuf,
@@ -879,6 +887,9 @@ impl BlobStream {
     /// A blocking [`std::io::Read`] over the stream, for a `tar`/`flate2` pass on a blocking
     /// thread (`tokio::task::spawn_blocking`). It must not be used on a runtime thread. A
     /// digest mismatch surfaces as an `InvalidData` read error carrying the [`Error`].
+    ///
+    /// # Panics
+    /// If called outside a tokio runtime.
     pub fn into_blocking_reader(self) -> BlockingBlobReader {
         BlockingBlobReader {
             stream: self,

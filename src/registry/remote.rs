@@ -391,7 +391,10 @@ impl RemoteStore {
             Ok(Some(bytes)) => Some(bytes),
             Ok(None) => None,
             Err(Error::NotFound { .. }) => None,
-            Err(Error::Status { status, .. }) if matches!(status, 400 | 405 | 501) => None,
+            Err(Error::Status {
+                status: 400 | 405 | 501,
+                ..
+            }) => None,
             Err(e) => return Err(e),
         };
         let index_bytes = match index_bytes {
@@ -519,12 +522,9 @@ fn check_content_range(resp: &reqwest::Response, url: &Url, offset: u64) -> Resu
         .and_then(|(_, size)| size.parse::<u64>().ok());
     match start {
         Some(s) if s == offset => Ok(size),
-        _ => Err(Error::Status {
-            method: "GET".to_owned(),
+        _ => Err(Error::Protocol {
             url: url.to_string(),
-            status: 206,
-            code: Some(format!("Content-Range does not start at {offset}")),
-            retry_after: None,
+            problem: "Content-Range does not start where asked",
         }),
     }
 }
@@ -671,6 +671,7 @@ impl Inner {
                 return Err(unauthorized());
             }
             answered = true;
+            tracing::debug!(%method, %url, had_auth = auth.is_some(), "authentication challenge");
             let challenge = resp
                 .headers()
                 .get(header::WWW_AUTHENTICATE)
@@ -689,28 +690,28 @@ impl Inner {
                     realm,
                     service,
                     scope: asked,
-                }) => Some(
-                    self.fetch_token(
-                        ep,
-                        &realm,
-                        service.as_deref(),
-                        asked.as_deref().unwrap_or(&scope),
-                        &scope,
+                }) => {
+                    // Ask for what this operation needs (a HEAD before an upload is
+                    // challenged for `pull` only) and for what the server named.
+                    let mut scopes = vec![scope.as_str()];
+                    scopes.extend(asked.as_deref().filter(|a| *a != scope));
+                    Some(
+                        self.fetch_token(ep, &realm, service.as_deref(), &scopes, &scope)
+                            .await?,
                     )
-                    .await?,
-                ),
+                }
                 None => return Err(unauthorized()),
             };
         }
     }
 
-    /// Gets a Bearer token from `realm` and caches it under (host, `cache_scope`).
+    /// Gets a Bearer token for `scopes` from `realm` and caches it under (host, `cache_scope`).
     async fn fetch_token(
         &self,
         ep: &Endpoint,
         realm: &str,
         service: Option<&str>,
-        scope: &str,
+        scopes: &[&str],
         cache_scope: &str,
     ) -> Result<String> {
         let token_err = |source: Box<dyn std::error::Error + Send + Sync>| Error::Token {
@@ -724,7 +725,9 @@ impl Inner {
             if let Some(s) = service {
                 q.append_pair("service", s);
             }
-            q.append_pair("scope", scope);
+            for scope in scopes {
+                q.append_pair("scope", scope);
+            }
         }
         let mut req = ep.client.get(url);
         if let Some(c) = &ep.creds {
@@ -761,7 +764,7 @@ impl Inner {
                 expires: Instant::now() + lifetime - Duration::from_secs(10),
             },
         );
-        tracing::debug!(registry = %ep.host, scope, "got a bearer token");
+        tracing::debug!(registry = %ep.host, ?scopes, "got a bearer token");
         Ok(header)
     }
 
@@ -809,12 +812,9 @@ impl Inner {
                     self.stats.add_bytes(chunk.len());
                     out.extend_from_slice(&chunk);
                     if limit.is_some_and(|l| out.len() > l) {
-                        return Err(Error::Status {
-                            method: "GET".to_owned(),
+                        return Err(Error::Protocol {
                             url: url.to_string(),
-                            status: resp.status().as_u16(),
-                            code: Some("body too large".to_owned()),
-                            retry_after: None,
+                            problem: "body larger than a manifest may be",
                         });
                     }
                 }
@@ -950,12 +950,9 @@ impl Inner {
                 .get(header::LOCATION)
                 .and_then(|v| v.to_str().ok())
                 .and_then(|l| start_url.join(l).ok())
-                .ok_or_else(|| Error::Status {
-                    method: "POST".to_owned(),
+                .ok_or_else(|| Error::Protocol {
                     url: start_url.to_string(),
-                    status: resp.status().as_u16(),
-                    code: Some("no Location".to_owned()),
-                    retry_after: None,
+                    problem: "upload started without a Location",
                 })?;
             let mut put_url = location;
             put_url
