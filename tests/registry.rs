@@ -298,11 +298,69 @@ fn layout_backend_matches_registry() {
         assert_eq!(streamed.concat(), image.layers[0].blob);
         assert!(tagged.bytes_fetched() > image.layers[0].blob.len() as u64);
 
-        let err = tagged
-            .push_artifact(&r.manifest_digest, "application/x", Vec::new())
+        // Referrers in a layout: stored as unnamed index.json entries with an artifactType.
+        const T: &str = "application/vnd.fanfill.layer-index.v1";
+        assert!(
+            untagged
+                .find_referrer(&r.manifest_digest, T)
+                .await
+                .unwrap()
+                .is_none()
+        );
+        let blob = Bytes::from(noise(5000, 3));
+        let first = tagged
+            .push_artifact(
+                &r.manifest_digest,
+                T,
+                vec![("application/octet-stream".into(), blob.clone())],
+            )
             .await
-            .unwrap_err();
-        assert!(matches!(err, Error::Unsupported { .. }), "{err}");
+            .unwrap();
+        let second = tagged
+            .push_artifact(&r.manifest_digest, T, Vec::new())
+            .await
+            .unwrap();
+        tagged
+            .push_artifact(&r.manifest_digest, "application/x-other", Vec::new())
+            .await
+            .unwrap();
+        let found = untagged
+            .find_referrer(&r.manifest_digest, T)
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!(found.digest, second);
+        assert_eq!(
+            untagged
+                .list_referrers(&r.manifest_digest, Some(T))
+                .await
+                .unwrap()
+                .len(),
+            2
+        );
+        assert_eq!(
+            untagged
+                .list_referrers(&r.manifest_digest, None)
+                .await
+                .unwrap()
+                .len(),
+            3
+        );
+        let first_manifest = untagged.fetch_manifest(Some(first.as_ref())).await.unwrap();
+        let first_manifest: oci_spec::image::ImageManifest =
+            serde_json::from_slice(&first_manifest.bytes).unwrap();
+        assert_eq!(
+            untagged
+                .fetch_blob(first_manifest.layers()[0].digest())
+                .await
+                .unwrap(),
+            blob
+        );
+        // The image is still the only one to pick, for us and for skopeo.
+        assert_eq!(
+            untagged.resolve(None).await.unwrap().manifest_digest,
+            r.manifest_digest
+        );
         let err = open(&layout_ref(dir.path(), Some("other")), &Options::default())
             .await
             .resolve(None)
@@ -311,6 +369,7 @@ fn layout_backend_matches_registry() {
         assert!(matches!(err, Error::LayoutTag { .. }), "{err}");
         assert!(err.to_string().contains("v1"), "{err}");
     });
+    push_layout(dir.path(), TAG, &reg.host(), "copied/again", &[]);
     // A second image makes the untagged form ambiguous.
     build_oci_layout(dir.path(), "v2", &[vec![("x", b"x".to_vec())]]);
     run_async(30, async {
@@ -512,15 +571,17 @@ fn referrers_push_and_find() {
             2
         );
         assert_eq!(store.list_referrers(&subject, None).await.unwrap().len(), 3);
-        // Pushing the same artifact again does not duplicate it.
-        store.push_artifact(&subject, INDEX, blobs).await.unwrap();
+        // Pushing the same content again makes a newer artifact (its creation time differs).
+        let third = store.push_artifact(&subject, INDEX, blobs).await.unwrap();
+        assert_ne!(third, first);
         assert_eq!(
             store
-                .list_referrers(&subject, Some(INDEX))
+                .find_referrer(&subject, INDEX)
                 .await
                 .unwrap()
-                .len(),
-            2
+                .unwrap()
+                .digest,
+            third
         );
 
         // Another image's subject has none; a fresh store (no cache) sees the same.
@@ -538,7 +599,7 @@ fn referrers_push_and_find() {
                 .unwrap()
                 .unwrap()
                 .digest,
-            first
+            third
         );
     });
 }
@@ -927,5 +988,63 @@ fn bearer_token_auth_and_cache() {
                 .unwrap()
                 .is_some()
         );
+    });
+}
+
+#[test]
+fn server_errors_and_throttling_are_retried() {
+    let (reg, _dir, image) = registry_with_image();
+    let proxy = FaultyProxy::start(
+        reg.addr,
+        Fault::Status {
+            connections: 2,
+            status: 503,
+        },
+    );
+    let layer = image.layers[1].clone();
+    run_async(120, async {
+        let reference = format!("docker://{}/{REPO}:{TAG}", proxy.host());
+        let store = open(&reference, &insecure()).await;
+        let d = digest(&layer.digest);
+        assert_eq!(
+            store.fetch_blob(&d).await.unwrap().as_ref(),
+            layer.blob.as_slice()
+        );
+        assert_eq!(store.stats().retries(), 2);
+
+        // 429 with Retry-After: 1 s is honoured up to the policy's longest wait.
+        proxy.set_fault(Fault::Status {
+            connections: 1,
+            status: 429,
+        });
+        let patient = Options {
+            retry: RetryPolicy {
+                max_backoff: Duration::from_secs(2),
+                ..fast_retry()
+            },
+            ..insecure()
+        };
+        let store = open(&reference, &patient).await;
+        let started = std::time::Instant::now();
+        assert_eq!(
+            store.read_range(&d, 1, 10).await.unwrap().as_ref(),
+            &layer.blob[1..11]
+        );
+        assert!(
+            started.elapsed() >= Duration::from_secs(1),
+            "{:?}",
+            started.elapsed()
+        );
+        assert_eq!(store.stats().retries(), 1);
+
+        // A status that is not transient is not retried.
+        proxy.set_fault(Fault::Status {
+            connections: 1,
+            status: 403,
+        });
+        let store = open(&reference, &insecure()).await;
+        let err = store.fetch_blob(&d).await.unwrap_err();
+        assert!(matches!(err, Error::Status { status: 403, .. }), "{err}");
+        assert_eq!(store.stats().retries(), 0);
     });
 }

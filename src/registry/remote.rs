@@ -20,10 +20,9 @@ use serde_json::json;
 
 use super::auth::{self, Challenge, Credentials};
 use super::{
-    BlobStream, Error, MAX_MANIFEST_SIZE, MEDIA_DOCKER_LIST, MEDIA_DOCKER_MANIFEST,
-    MEDIA_OCI_EMPTY, MEDIA_OCI_INDEX, MEDIA_OCI_MANIFEST, Options, RawManifest, Result,
-    RetryPolicy, Stats, StreamSource, Verifier, parse_json, sha256_digest, sniff_media_type,
-    verify,
+    Artifact, BlobStream, Error, MAX_MANIFEST_SIZE, MEDIA_DOCKER_LIST, MEDIA_DOCKER_MANIFEST,
+    MEDIA_OCI_INDEX, MEDIA_OCI_MANIFEST, Options, RawManifest, Result, RetryPolicy, Stats,
+    StreamSource, Verifier, add_index_entry, parse_json, sha256_digest, sniff_media_type, verify,
 };
 use crate::reference::{RegistryRef, valid_digest};
 
@@ -422,49 +421,19 @@ impl RemoteStore {
             .collect())
     }
 
-    pub(super) async fn push_artifact(
-        &self,
-        subject: &Digest,
-        artifact_type: &str,
-        blobs: Vec<(String, Bytes)>,
-    ) -> Result<Digest> {
+    pub(super) async fn push_artifact(&self, subject: &Digest, artifact: Artifact) -> Result<()> {
         let inner = &self.inner;
         let ep = inner.origin();
-        let subject_raw = inner
-            .retrying(|| inner.get_manifest(ep, subject.as_ref()))
-            .await?;
-        let empty = Bytes::from_static(b"{}");
-        let empty_digest = sha256_digest(&empty);
-        inner.push_blob(ep, &empty_digest, empty).await?;
-        let mut layers = Vec::new();
-        for (media_type, data) in blobs {
-            let digest = sha256_digest(&data);
-            let size = data.len();
+        for (digest, data) in artifact.blobs {
             inner.push_blob(ep, &digest, data).await?;
-            layers
-                .push(json!({"mediaType": media_type, "digest": digest.to_string(), "size": size}));
         }
-        let manifest = json!({
-            "schemaVersion": 2,
-            "mediaType": MEDIA_OCI_MANIFEST,
-            "artifactType": artifact_type,
-            "config": {"mediaType": MEDIA_OCI_EMPTY, "digest": empty_digest.to_string(), "size": 2},
-            "layers": layers,
-            "subject": {
-                "mediaType": subject_raw.media_type,
-                "digest": subject.to_string(),
-                "size": subject_raw.bytes.len(),
-            },
-        });
-        let bytes = Bytes::from(serde_json::to_vec(&manifest).expect("JSON value serializes"));
-        let digest = sha256_digest(&bytes);
-        let size = bytes.len();
+        let digest = artifact.digest;
         let headers = inner
-            .put_manifest(ep, digest.as_ref(), MEDIA_OCI_MANIFEST, bytes)
+            .put_manifest(ep, digest.as_ref(), MEDIA_OCI_MANIFEST, artifact.manifest)
             .await?;
         if headers.contains_key("oci-subject") {
             tracing::debug!(artifact = %digest, "registry indexed the subject itself");
-            return Ok(digest);
+            return Ok(());
         }
         // Referrers tag fallback: add our descriptor to the index at `sha256-HEX`.
         let tag = referrers_tag(subject);
@@ -475,27 +444,13 @@ impl RemoteStore {
             }
             Err(e) => return Err(e),
         };
-        let entry = json!({
-            "mediaType": MEDIA_OCI_MANIFEST,
-            "digest": digest.to_string(),
-            "size": size,
-            "artifactType": artifact_type,
-        });
-        let manifests = index
-            .get_mut("manifests")
-            .and_then(|m| m.as_array_mut())
-            .ok_or_else(|| Error::MediaType {
-                reference: tag.clone(),
-                media_type: "index without manifests".to_owned(),
-            })?;
-        manifests.retain(|m| m.get("digest") != entry.get("digest"));
-        manifests.push(entry);
+        add_index_entry(&mut index, artifact.entry, &tag)?;
         let index_bytes = Bytes::from(serde_json::to_vec(&index).expect("JSON value serializes"));
         inner
             .put_manifest(ep, &tag, MEDIA_OCI_INDEX, index_bytes)
             .await?;
         tracing::debug!(artifact = %digest, tag, "referrers tag updated");
-        Ok(digest)
+        Ok(())
     }
 }
 

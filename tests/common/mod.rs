@@ -420,6 +420,14 @@ pub enum Fault {
     },
     /// Remove `Range:` headers from every request (a server that ignores ranges).
     StripRange,
+    /// Answer the first request on the next `connections` connections with `status` (e.g.
+    /// 503, or 429 with `Retry-After: 1`), then close.
+    Status {
+        /// How many connections to answer so.
+        connections: usize,
+        /// The HTTP status code.
+        status: u16,
+    },
 }
 
 /// A loopback TCP proxy in front of a real server, injecting a [`Fault`]. Stops on drop.
@@ -492,7 +500,9 @@ fn handle(client: TcpStream, target: SocketAddr, fault: &Mutex<Fault>, count: &A
         let mut f = fault.lock().unwrap();
         let action = *f;
         match &mut *f {
-            Fault::DropConnections(n) | Fault::TruncateBody { connections: n, .. } => {
+            Fault::DropConnections(n)
+            | Fault::TruncateBody { connections: n, .. }
+            | Fault::Status { connections: n, .. } => {
                 *n = n.saturating_sub(1);
                 if *n == 0 {
                     *f = Fault::None;
@@ -503,6 +513,20 @@ fn handle(client: TcpStream, target: SocketAddr, fault: &Mutex<Fault>, count: &A
         action
     };
     if matches!(action, Fault::DropConnections(n) if n > 0) {
+        let _ = client.shutdown(Shutdown::Both);
+        return;
+    }
+    if let Fault::Status { status, .. } = action {
+        let mut reader = BufReader::new(client.try_clone().unwrap());
+        let mut line = String::new();
+        while reader.read_line(&mut line).is_ok_and(|n| n > 0) && line != "\r\n" {
+            line.clear();
+        }
+        let mut client = client;
+        let _ = write!(
+            client,
+            "HTTP/1.1 {status} Injected\r\nRetry-After: 1\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"
+        );
         let _ = client.shutdown(Shutdown::Both);
         return;
     }
