@@ -859,10 +859,19 @@ fn mirrors_are_tried_first_and_fall_back() {
         let store = open(&reference, &options).await;
         let r = store.resolve(None).await.unwrap();
         assert_eq!(r.manifest_digest.to_string(), image.manifest_digest);
+        // The dead mirror cost one round of retries, then rests.
+        let retries = store.stats().retries();
+        assert_eq!(retries, u64::from(fast_retry().max_attempts - 1));
         assert_eq!(
             store.read_range(&d, 5, 5).await.unwrap().as_ref(),
             &image.layers[0].blob[5..10]
         );
+        let small = digest(&image.layers[1].digest);
+        assert_eq!(
+            store.fetch_blob(&small).await.unwrap().as_ref(),
+            image.layers[1].blob.as_slice()
+        );
+        assert_eq!(store.stats().retries(), retries);
         assert!(mirror_proxy.connections() > 0);
         assert_eq!(
             origin_proxy.connections(),

@@ -21,6 +21,26 @@
 //! Integrity: every whole-blob read ([`BlobStore::fetch_blob`], [`BlobStream`], manifests
 //! fetched by digest) is checked against its digest; a range read cannot be, and is checked
 //! by its length only (the caller verifies content against its own index).
+//!
+//! Failure policy: transient failures (no connection, broken or short body, HTTP 5xx and
+//! 429) are retried per [`RetryPolicy`]; anything else is returned at once. A mirror that
+//! fails moves the read on to the next mirror and finally to the origin, and a mirror that
+//! failed transiently is skipped for 30 s. A read never returns fewer bytes than asked.
+//!
+//! ```no_run
+//! # async fn demo() -> Result<(), Box<dyn std::error::Error>> {
+//! use fanfill::reference::Reference;
+//! use fanfill::registry::{BlobStore, Options};
+//!
+//! let reference: Reference = "docker://127.0.0.1:5000/library/debian:bookworm".parse()?;
+//! let store = BlobStore::open(&reference, &Options { insecure: true, ..Options::default() }).await?;
+//! let image = store.resolve(None).await?; // the host platform
+//! let layer = image.manifest.layers()[0].digest();
+//! let head = store.read_range(layer, 0, 4096).await?; // exactly 4096 bytes, or an error
+//! assert_eq!(head.len(), 4096);
+//! # Ok(())
+//! # }
+//! ```
 
 mod auth;
 mod layout;
@@ -606,6 +626,14 @@ impl BlobStore {
     pub async fn read_range(&self, digest: &Digest, offset: u64, len: u64) -> Result<Bytes> {
         if len == 0 {
             return Ok(Bytes::new());
+        }
+        if offset.checked_add(len).is_none() {
+            return Err(Error::RangeBeyondEnd {
+                digest: digest.to_string(),
+                offset,
+                len,
+                size: u64::MAX,
+            });
         }
         match self {
             BlobStore::Remote(r) => r.read_range(digest, offset, len).await,

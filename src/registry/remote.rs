@@ -9,6 +9,7 @@
 use std::collections::{HashMap, HashSet};
 use std::fmt;
 use std::future::Future;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -61,7 +62,13 @@ struct Endpoint {
     creds: Option<Credentials>,
     client: Client,
     is_origin: bool,
+    /// Milliseconds since `epoch` until which this mirror is skipped (0: in service).
+    resting_until_ms: AtomicU64,
+    epoch: Instant,
 }
+
+/// How long a mirror that failed with a transient error is skipped.
+const MIRROR_REST: Duration = Duration::from_secs(30);
 
 struct Token {
     header: String,
@@ -113,7 +120,22 @@ impl Endpoint {
             creds,
             client: client.clone(),
             is_origin,
+            resting_until_ms: AtomicU64::new(0),
+            epoch: Instant::now(),
         })
+    }
+
+    fn now_ms(&self) -> u64 {
+        self.epoch.elapsed().as_millis() as u64
+    }
+
+    fn rest(&self) {
+        let until = self.now_ms() + MIRROR_REST.as_millis() as u64;
+        self.resting_until_ms.store(until, Ordering::Relaxed);
+    }
+
+    fn resting(&self) -> bool {
+        self.resting_until_ms.load(Ordering::Relaxed) > self.now_ms()
     }
 
     fn url(&self, path: &str) -> Url {
@@ -490,7 +512,8 @@ impl Inner {
     }
 
     /// Runs `op` on each endpoint in turn (the one that last served `key` first) until one
-    /// succeeds; each with retries. A mirror's failure moves on; the origin's is returned.
+    /// succeeds; each with retries. A mirror's failure moves on (a transient one also rests
+    /// the mirror for [`MIRROR_REST`]); the origin's is returned.
     async fn on_endpoints<'a, T, Fut>(
         &'a self,
         key: Option<&str>,
@@ -505,6 +528,9 @@ impl Inner {
             .chain((0..self.endpoints.len()).filter(|i| Some(*i) != preferred));
         for i in order {
             let ep = &self.endpoints[i];
+            if !ep.is_origin && ep.resting() {
+                continue;
+            }
             match self.retrying(|| op(ep)).await {
                 Ok(v) => {
                     if let Some(k) = key {
@@ -515,15 +541,19 @@ impl Inner {
                     return Ok(v);
                 }
                 Err(e) if !ep.is_origin => {
+                    if e.is_transient() {
+                        // Unreachable or failing: skip it for a while rather than spend
+                        // the retry budget on it for every blob.
+                        ep.rest();
+                    }
                     tracing::warn!(mirror = %ep.host, error = %e, "mirror failed, trying the next source");
                 }
                 Err(e) => {
-                    if preferred == Some(i) && i + 1 < self.endpoints.len() {
-                        // The origin was tried first; mirrors are never tried after it.
-                        self.preferred
-                            .lock()
-                            .expect("lock")
-                            .remove(key.unwrap_or_default());
+                    if preferred == Some(i) {
+                        // Went straight to the origin and it failed: next time, mirrors first.
+                        if let Some(k) = key {
+                            self.preferred.lock().expect("lock").remove(k);
+                        }
                     }
                     return Err(e);
                 }
