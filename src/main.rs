@@ -1,2 +1,1 @@
-//! The `fanfill` command line: a thin adapter over the library.
 fn main() {}
