@@ -224,7 +224,11 @@ impl RemoteStore {
         };
         let secure = build(false)?;
         let insecure = build(true)?;
-        let files = auth::auth_files(options.authfile.as_deref(), |k| std::env::var(k).ok());
+        let files = auth::auth_files(
+            options.authfile.as_deref(),
+            |k| std::env::var(k).ok(),
+            nix::unistd::geteuid().as_raw(),
+        );
         let mut endpoints = Vec::new();
         let client_for = |insecure_ep: bool| if insecure_ep { &insecure } else { &secure };
         for mirror in &options.mirrors {
