@@ -244,6 +244,11 @@ fn missing_and_corrupt_blobs_are_errors() {
         };
         assert_eq!(got, bad.len());
         assert!(matches!(err, Error::DigestMismatch { .. }), "{err}");
+        // Asking again does not turn the failure into a clean end.
+        assert!(matches!(
+            stream.chunk().await,
+            Err(Error::DigestMismatch { .. })
+        ));
         // A range read cannot verify; it returns the bytes as served.
         assert_eq!(
             store.read_range(&d, last as u64, 1).await.unwrap()[0],

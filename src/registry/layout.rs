@@ -205,6 +205,7 @@ impl LayoutStore {
             digest: digest.clone(),
             position: 0,
             verifier: Some(verifier),
+            mismatch: None,
             source: StreamSource::Layout(StreamState { file, path }),
             stats: self.stats.clone(),
         })

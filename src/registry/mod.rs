@@ -972,6 +972,8 @@ pub struct BlobStream {
     digest: Digest,
     position: u64,
     verifier: Option<Verifier>,
+    /// The digest the content turned out to have, once it failed verification.
+    mismatch: Option<String>,
     source: StreamSource,
     stats: Arc<Stats>,
 }
@@ -1003,6 +1005,13 @@ impl BlobStream {
 
     /// The next chunk; `Ok(None)` once the whole blob was read and verified.
     pub async fn chunk(&mut self) -> Result<Option<Bytes>> {
+        if let Some(actual) = &self.mismatch {
+            // Sticky: a caller that asks again must not read the end as "verified".
+            return Err(Error::DigestMismatch {
+                digest: self.digest.to_string(),
+                actual: actual.clone(),
+            });
+        }
         if self.verifier.is_none() {
             return Ok(None);
         }
@@ -1021,7 +1030,12 @@ impl BlobStream {
             }
             None => {
                 if let Some(v) = self.verifier.take() {
-                    v.finish()?;
+                    if let Err(e) = v.finish() {
+                        if let Error::DigestMismatch { actual, .. } = &e {
+                            self.mismatch = Some(actual.clone());
+                        }
+                        return Err(e);
+                    }
                 }
                 Ok(None)
             }

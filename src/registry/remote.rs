@@ -357,6 +357,7 @@ impl RemoteStore {
             digest: digest.clone(),
             position: 0,
             verifier: Some(verifier),
+            mismatch: None,
             source: StreamSource::Remote(StreamState {
                 store: self.clone(),
                 response: Some(response),
