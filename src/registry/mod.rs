@@ -61,7 +61,7 @@ use sha2::Digest as _;
 
 pub use auth::{Challenge, Credentials, auth_files, lookup as lookup_credentials, parse_challenge};
 pub use layout::LayoutStore;
-pub use remote::RemoteStore;
+pub use remote::{RemoteStore, referrers_tag};
 
 use crate::reference::Reference;
 
