@@ -8,8 +8,8 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use common::{
-    BuiltImage, Fault, FaultyProxy, TestRegistry, build_index, build_oci_layout, noise,
-    push_layout, run_async, write_image,
+    BuiltImage, Fault, FaultyProxy, TestRegistry, TokenServer, build_index, build_oci_layout,
+    noise, push_layout, run_async, write_image,
 };
 use fanfill::reference::Reference;
 use fanfill::registry::{BlobStore, Credentials, Error, Mirror, Options, Platform, RetryPolicy};
@@ -244,6 +244,11 @@ fn missing_and_corrupt_blobs_are_errors() {
         };
         assert_eq!(got, bad.len());
         assert!(matches!(err, Error::DigestMismatch { .. }), "{err}");
+        // Asking again does not turn the failure into a clean end.
+        assert!(matches!(
+            stream.chunk().await,
+            Err(Error::DigestMismatch { .. })
+        ));
         // A range read cannot verify; it returns the bytes as served.
         assert_eq!(
             store.read_range(&d, last as u64, 1).await.unwrap()[0],
@@ -298,11 +303,69 @@ fn layout_backend_matches_registry() {
         assert_eq!(streamed.concat(), image.layers[0].blob);
         assert!(tagged.bytes_fetched() > image.layers[0].blob.len() as u64);
 
-        let err = tagged
-            .push_artifact(&r.manifest_digest, "application/x", Vec::new())
+        // Referrers in a layout: stored as unnamed index.json entries with an artifactType.
+        const T: &str = "application/vnd.fanfill.layer-index.v1";
+        assert!(
+            untagged
+                .find_referrer(&r.manifest_digest, T)
+                .await
+                .unwrap()
+                .is_none()
+        );
+        let blob = Bytes::from(noise(5000, 3));
+        let first = tagged
+            .push_artifact(
+                &r.manifest_digest,
+                T,
+                vec![("application/octet-stream".into(), blob.clone())],
+            )
             .await
-            .unwrap_err();
-        assert!(matches!(err, Error::Unsupported { .. }), "{err}");
+            .unwrap();
+        let second = tagged
+            .push_artifact(&r.manifest_digest, T, Vec::new())
+            .await
+            .unwrap();
+        tagged
+            .push_artifact(&r.manifest_digest, "application/x-other", Vec::new())
+            .await
+            .unwrap();
+        let found = untagged
+            .find_referrer(&r.manifest_digest, T)
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!(found.digest, second);
+        assert_eq!(
+            untagged
+                .list_referrers(&r.manifest_digest, Some(T))
+                .await
+                .unwrap()
+                .len(),
+            2
+        );
+        assert_eq!(
+            untagged
+                .list_referrers(&r.manifest_digest, None)
+                .await
+                .unwrap()
+                .len(),
+            3
+        );
+        let first_manifest = untagged.fetch_manifest(Some(first.as_ref())).await.unwrap();
+        let first_manifest: oci_spec::image::ImageManifest =
+            serde_json::from_slice(&first_manifest.bytes).unwrap();
+        assert_eq!(
+            untagged
+                .fetch_blob(first_manifest.layers()[0].digest())
+                .await
+                .unwrap(),
+            blob
+        );
+        // The image is still the only one to pick, for us and for skopeo.
+        assert_eq!(
+            untagged.resolve(None).await.unwrap().manifest_digest,
+            r.manifest_digest
+        );
         let err = open(&layout_ref(dir.path(), Some("other")), &Options::default())
             .await
             .resolve(None)
@@ -311,6 +374,7 @@ fn layout_backend_matches_registry() {
         assert!(matches!(err, Error::LayoutTag { .. }), "{err}");
         assert!(err.to_string().contains("v1"), "{err}");
     });
+    push_layout(dir.path(), TAG, &reg.host(), "copied/again", &[]);
     // A second image makes the untagged form ambiguous.
     build_oci_layout(dir.path(), "v2", &[vec![("x", b"x".to_vec())]]);
     run_async(30, async {
@@ -512,15 +576,17 @@ fn referrers_push_and_find() {
             2
         );
         assert_eq!(store.list_referrers(&subject, None).await.unwrap().len(), 3);
-        // Pushing the same artifact again does not duplicate it.
-        store.push_artifact(&subject, INDEX, blobs).await.unwrap();
+        // Pushing the same content again makes a newer artifact (its creation time differs).
+        let third = store.push_artifact(&subject, INDEX, blobs).await.unwrap();
+        assert_ne!(third, first);
         assert_eq!(
             store
-                .list_referrers(&subject, Some(INDEX))
+                .find_referrer(&subject, INDEX)
                 .await
                 .unwrap()
-                .len(),
-            2
+                .unwrap()
+                .digest,
+            third
         );
 
         // Another image's subject has none; a fresh store (no cache) sees the same.
@@ -538,7 +604,7 @@ fn referrers_push_and_find() {
                 .unwrap()
                 .unwrap()
                 .digest,
-            first
+            third
         );
     });
 }
@@ -798,10 +864,19 @@ fn mirrors_are_tried_first_and_fall_back() {
         let store = open(&reference, &options).await;
         let r = store.resolve(None).await.unwrap();
         assert_eq!(r.manifest_digest.to_string(), image.manifest_digest);
+        // The dead mirror cost one round of retries, then rests.
+        let retries = store.stats().retries();
+        assert_eq!(retries, u64::from(fast_retry().max_attempts - 1));
         assert_eq!(
             store.read_range(&d, 5, 5).await.unwrap().as_ref(),
             &image.layers[0].blob[5..10]
         );
+        let small = digest(&image.layers[1].digest);
+        assert_eq!(
+            store.fetch_blob(&small).await.unwrap().as_ref(),
+            image.layers[1].blob.as_slice()
+        );
+        assert_eq!(store.stats().retries(), retries);
         assert!(mirror_proxy.connections() > 0);
         assert_eq!(
             origin_proxy.connections(),
@@ -855,5 +930,135 @@ fn unreachable_registry_is_a_clear_error() {
         .await;
         let err = store.resolve(None).await.unwrap_err();
         assert!(err.to_string().contains("https://"), "{err}");
+    });
+}
+
+#[test]
+fn bearer_token_auth_and_cache() {
+    common::init_tracing();
+    let tokens = TokenServer::start("alice", "s3cret");
+    let reg = TestRegistry::start_with_token_auth(&tokens);
+    let dir = tempfile::tempdir().unwrap();
+    let image = build_oci_layout(dir.path(), TAG, &sample_layers());
+    push_layout(
+        dir.path(),
+        TAG,
+        &reg.host(),
+        REPO,
+        &["--dest-creds", "alice:s3cret"],
+    );
+    let empty_authfile = dir.path().join("empty.json");
+    std::fs::write(&empty_authfile, r#"{"auths": {}}"#).unwrap();
+    let reference = format!("docker://{}/{REPO}:{TAG}", reg.host());
+    run_async(120, async {
+        let anonymous = Options {
+            authfile: Some(empty_authfile.clone()),
+            ..insecure()
+        };
+        let err = open(&reference, &anonymous)
+            .await
+            .resolve(None)
+            .await
+            .unwrap_err();
+        assert!(
+            matches!(
+                err,
+                Error::Unauthorized {
+                    had_credentials: false,
+                    ..
+                }
+            ),
+            "{err}"
+        );
+
+        let options = Options {
+            creds: Some("alice:s3cret".parse().unwrap()),
+            ..anonymous
+        };
+        let store = open(&reference, &options).await;
+        let before = tokens.issued();
+        let r = store.resolve(None).await.unwrap();
+        assert_eq!(r.manifest_digest.to_string(), image.manifest_digest);
+        let d = digest(&image.layers[0].digest);
+        for offset in [0u64, 1000, 50_000] {
+            let got = store.read_range(&d, offset, 100).await.unwrap();
+            assert_eq!(
+                got.as_ref(),
+                &image.layers[0].blob[offset as usize..offset as usize + 100]
+            );
+        }
+        // One pull token served the manifest, config and every range read.
+        assert_eq!(tokens.issued() - before, 1);
+        // Pushing needs a pull,push token: one more.
+        store
+            .push_artifact(&r.manifest_digest, "application/x-test", Vec::new())
+            .await
+            .unwrap();
+        assert_eq!(tokens.issued() - before, 2);
+        assert!(
+            store
+                .find_referrer(&r.manifest_digest, "application/x-test")
+                .await
+                .unwrap()
+                .is_some()
+        );
+    });
+}
+
+#[test]
+fn server_errors_and_throttling_are_retried() {
+    let (reg, _dir, image) = registry_with_image();
+    let proxy = FaultyProxy::start(
+        reg.addr,
+        Fault::Status {
+            connections: 2,
+            status: 503,
+        },
+    );
+    let layer = image.layers[1].clone();
+    run_async(120, async {
+        let reference = format!("docker://{}/{REPO}:{TAG}", proxy.host());
+        let store = open(&reference, &insecure()).await;
+        let d = digest(&layer.digest);
+        assert_eq!(
+            store.fetch_blob(&d).await.unwrap().as_ref(),
+            layer.blob.as_slice()
+        );
+        assert_eq!(store.stats().retries(), 2);
+
+        // 429 with Retry-After: 1 s is honoured up to the policy's longest wait.
+        proxy.set_fault(Fault::Status {
+            connections: 1,
+            status: 429,
+        });
+        let patient = Options {
+            retry: RetryPolicy {
+                max_backoff: Duration::from_secs(2),
+                ..fast_retry()
+            },
+            ..insecure()
+        };
+        let store = open(&reference, &patient).await;
+        let started = std::time::Instant::now();
+        assert_eq!(
+            store.read_range(&d, 1, 10).await.unwrap().as_ref(),
+            &layer.blob[1..11]
+        );
+        assert!(
+            started.elapsed() >= Duration::from_secs(1),
+            "{:?}",
+            started.elapsed()
+        );
+        assert_eq!(store.stats().retries(), 1);
+
+        // A status that is not transient is not retried.
+        proxy.set_fault(Fault::Status {
+            connections: 1,
+            status: 403,
+        });
+        let store = open(&reference, &insecure()).await;
+        let err = store.fetch_blob(&d).await.unwrap_err();
+        assert!(matches!(err, Error::Status { status: 403, .. }), "{err}");
+        assert_eq!(store.stats().retries(), 0);
     });
 }

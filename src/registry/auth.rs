@@ -1,8 +1,8 @@
 //! Registry credentials and `WWW-Authenticate` challenges.
 //!
-//! Finds credentials the way podman and docker do (`--creds`, `--authfile`,
-//! `$REGISTRY_AUTH_FILE`, `${XDG_RUNTIME_DIR}/containers/auth.json`, `$DOCKER_CONFIG/config.json`,
-//! `~/.docker/config.json`) and parses challenges. Pure logic: the HTTP token exchange and the
+//! Finds credentials the way podman and docker do (`--creds`, `--authfile`, then the files
+//! listed by [`auth_files`]) and parses challenges. Credential helpers (`credsStore`,
+//! `credHelpers`) are not run. Pure logic: the HTTP token exchange and the
 //! token cache live in [`super::remote`].
 
 use std::collections::HashMap;
@@ -58,25 +58,41 @@ impl Credentials {
     }
 }
 
-/// The auth files to search, most important first, from the given environment lookup.
+/// The auth files to search, most important first, from the given environment lookup and
+/// user id: `$REGISTRY_AUTH_FILE`; `${XDG_RUNTIME_DIR}/containers/auth.json` (podman's
+/// default; `/run/containers/UID/auth.json` when `XDG_RUNTIME_DIR` is unset, which is where
+/// `podman login` writes as root); `${XDG_CONFIG_HOME:-~/.config}/containers/auth.json`;
+/// `$DOCKER_CONFIG/config.json`; `~/.docker/config.json`.
 ///
 /// `authfile` (`--authfile`) replaces the whole list, as in podman.
-pub fn auth_files(authfile: Option<&Path>, env: impl Fn(&str) -> Option<String>) -> Vec<PathBuf> {
+pub fn auth_files(
+    authfile: Option<&Path>,
+    env: impl Fn(&str) -> Option<String>,
+    uid: u32,
+) -> Vec<PathBuf> {
     if let Some(file) = authfile {
         return vec![file.to_owned()];
     }
+    let env = |k: &str| env(k).filter(|s| !s.is_empty());
+    let home = env("HOME");
     let mut files = Vec::new();
-    if let Some(f) = env("REGISTRY_AUTH_FILE").filter(|s| !s.is_empty()) {
+    if let Some(f) = env("REGISTRY_AUTH_FILE") {
         files.push(PathBuf::from(f));
     }
-    if let Some(dir) = env("XDG_RUNTIME_DIR").filter(|s| !s.is_empty()) {
-        files.push(Path::new(&dir).join("containers/auth.json"));
+    match env("XDG_RUNTIME_DIR") {
+        Some(dir) => files.push(Path::new(&dir).join("containers/auth.json")),
+        None => files.push(PathBuf::from(format!("/run/containers/{uid}/auth.json"))),
     }
-    if let Some(dir) = env("DOCKER_CONFIG").filter(|s| !s.is_empty()) {
+    match (env("XDG_CONFIG_HOME"), &home) {
+        (Some(dir), _) => files.push(Path::new(&dir).join("containers/auth.json")),
+        (None, Some(home)) => files.push(Path::new(home).join(".config/containers/auth.json")),
+        (None, None) => {}
+    }
+    if let Some(dir) = env("DOCKER_CONFIG") {
         files.push(Path::new(&dir).join("config.json"));
     }
-    if let Some(home) = env("HOME").filter(|s| !s.is_empty()) {
-        files.push(Path::new(&home).join(".docker/config.json"));
+    if let Some(home) = &home {
+        files.push(Path::new(home).join(".docker/config.json"));
     }
     files
 }
@@ -312,28 +328,40 @@ mod tests {
     fn file_order_from_env() {
         let env = |k: &str| match k {
             "REGISTRY_AUTH_FILE" => Some("/a.json".to_owned()),
-            "XDG_RUNTIME_DIR" => Some("/run/user/0".to_owned()),
+            "XDG_RUNTIME_DIR" => Some("/run/user/1000".to_owned()),
+            "XDG_CONFIG_HOME" => Some("/cfg".to_owned()),
             "DOCKER_CONFIG" => Some("/dc".to_owned()),
-            "HOME" => Some("/root".to_owned()),
+            "HOME" => Some("/home/u".to_owned()),
             _ => None,
         };
         assert_eq!(
-            auth_files(None, env),
+            auth_files(None, env, 1000),
             [
                 "/a.json",
-                "/run/user/0/containers/auth.json",
+                "/run/user/1000/containers/auth.json",
+                "/cfg/containers/auth.json",
                 "/dc/config.json",
+                "/home/u/.docker/config.json"
+            ]
+            .map(PathBuf::from)
+        );
+        assert_eq!(
+            auth_files(Some(Path::new("/x.json")), env, 0),
+            vec![PathBuf::from("/x.json")]
+        );
+        // Root with a bare environment (a daemon started by systemd).
+        assert_eq!(
+            auth_files(None, |k| (k == "HOME").then(|| "/root".to_owned()), 0),
+            [
+                "/run/containers/0/auth.json",
+                "/root/.config/containers/auth.json",
                 "/root/.docker/config.json"
             ]
             .map(PathBuf::from)
         );
         assert_eq!(
-            auth_files(Some(Path::new("/x.json")), env),
-            vec![PathBuf::from("/x.json")]
-        );
-        assert_eq!(
-            auth_files(None, |k| (k == "HOME").then(|| "/h".to_owned())),
-            vec![PathBuf::from("/h/.docker/config.json")]
+            auth_files(None, |k| (k == "XDG_RUNTIME_DIR").then(String::new), 5),
+            vec![PathBuf::from("/run/containers/5/auth.json")]
         );
     }
 

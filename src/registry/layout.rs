@@ -1,19 +1,21 @@
 //! The OCI image layout backend: `oci:DIR[:TAG]`.
 //!
 //! Reads `index.json` and `blobs/ALGO/HEX` of a layout directory; range reads are `pread`s
-//! on a blocking thread. It never writes into the layout (pushing artifacts is unsupported).
+//! on a blocking thread. The only writes are [`super::BlobStore::push_artifact`]'s: new blobs
+//! (written aside, then renamed in) and one more unnamed descriptor in `index.json`
+//! (replaced by rename). It never changes or removes what is there.
 
 use std::os::unix::fs::FileExt as _;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use bytes::{Bytes, BytesMut};
-use oci_spec::image::{Descriptor, Digest, ImageIndex};
+use oci_spec::image::{Descriptor, Digest, ImageIndex, ImageManifest};
 use tokio::io::AsyncReadExt as _;
 
 use super::{
-    BlobStream, Error, RawManifest, Result, Stats, StreamSource, Verifier, parse_json,
-    sniff_media_type, verify,
+    Artifact, BlobStream, Error, RawManifest, Result, Stats, StreamSource, Verifier,
+    add_index_entry, parse_json, sniff_media_type, verify,
 };
 use crate::reference::LayoutRef;
 
@@ -97,14 +99,22 @@ impl LayoutStore {
                     tag: tag.to_owned(),
                     available: available(),
                 }),
-            None => match index.manifests().as_slice() {
-                [only] => Ok(only.clone()),
-                all => Err(Error::LayoutAmbiguous {
-                    dir: self.dir.clone(),
-                    count: all.len(),
-                    available: available(),
-                }),
-            },
+            None => {
+                // Artifacts we stored (referrers) are not images to pick.
+                let images: Vec<&Descriptor> = index
+                    .manifests()
+                    .iter()
+                    .filter(|d| d.artifact_type().is_none())
+                    .collect();
+                match images.as_slice() {
+                    [only] => Ok((*only).clone()),
+                    all => Err(Error::LayoutAmbiguous {
+                        dir: self.dir.clone(),
+                        count: all.len(),
+                        available: available(),
+                    }),
+                }
+            }
         }
     }
 
@@ -195,10 +205,90 @@ impl LayoutStore {
             digest: digest.clone(),
             position: 0,
             verifier: Some(verifier),
+            mismatch: None,
             source: StreamSource::Layout(StreamState { file, path }),
             stats: self.stats.clone(),
         })
     }
+}
+
+impl LayoutStore {
+    pub(super) async fn push_artifact(&self, artifact: Artifact) -> Result<()> {
+        let this = self.clone();
+        tokio::task::spawn_blocking(move || {
+            for (digest, data) in &artifact.blobs {
+                this.write_blob(digest, data)?;
+            }
+            this.write_blob(&artifact.digest, &artifact.manifest)?;
+            let path = this.dir.join("index.json");
+            let io = |source| Error::Io {
+                path: path.clone(),
+                source,
+            };
+            let bytes = std::fs::read(&path).map_err(io)?;
+            let mut index: serde_json::Value = parse_json(&bytes, &path.display().to_string())?;
+            add_index_entry(&mut index, artifact.entry, &path.display().to_string())?;
+            let text = serde_json::to_vec(&index).expect("JSON value serializes");
+            write_replace(&path, &text)?;
+            tracing::debug!(artifact = %artifact.digest, dir = %this.dir.display(), "artifact stored in layout");
+            Ok(())
+        })
+        .await
+        .expect("layout write task panicked")
+    }
+
+    /// Writes a blob unless present (aside, then renamed in).
+    fn write_blob(&self, digest: &Digest, data: &[u8]) -> Result<()> {
+        let path = self.blob_path(digest);
+        if path.exists() {
+            return Ok(());
+        }
+        if let Some(parent) = path.parent() {
+            std::fs::create_dir_all(parent).map_err(|source| Error::Io {
+                path: parent.to_owned(),
+                source,
+            })?;
+        }
+        write_replace(&path, data)
+    }
+
+    pub(super) async fn list_referrers(
+        &self,
+        subject: &Digest,
+        artifact_type: Option<&str>,
+    ) -> Result<Vec<Descriptor>> {
+        let mut found = Vec::new();
+        for desc in self.index().await?.manifests() {
+            let Some(t) = desc.artifact_type() else {
+                continue;
+            };
+            if artifact_type.is_some_and(|want| t.to_string() != want) {
+                continue;
+            }
+            let bytes = self.fetch_blob(desc.digest()).await?;
+            let manifest: ImageManifest =
+                parse_json(&bytes, &format!("artifact {}", desc.digest()))?;
+            if manifest
+                .subject()
+                .as_ref()
+                .is_some_and(|s| s.digest() == subject)
+            {
+                found.push(desc.clone());
+            }
+        }
+        Ok(found)
+    }
+}
+
+/// Writes `path` through a temporary file in the same directory and a rename.
+fn write_replace(path: &Path, data: &[u8]) -> Result<()> {
+    let tmp = path.with_extension(format!("tmp-{}", std::process::id()));
+    let io = |source| Error::Io {
+        path: path.to_owned(),
+        source,
+    };
+    std::fs::write(&tmp, data).map_err(io)?;
+    std::fs::rename(&tmp, path).map_err(io)
 }
 
 /// The read side of a layout [`BlobStream`].

@@ -21,6 +21,26 @@
 //! Integrity: every whole-blob read ([`BlobStore::fetch_blob`], [`BlobStream`], manifests
 //! fetched by digest) is checked against its digest; a range read cannot be, and is checked
 //! by its length only (the caller verifies content against its own index).
+//!
+//! Failure policy: transient failures (no connection, broken or short body, HTTP 5xx and
+//! 429) are retried per [`RetryPolicy`]; anything else is returned at once. A mirror that
+//! fails moves the read on to the next mirror and finally to the origin, and a mirror that
+//! failed transiently is skipped for 30 s. A read never returns fewer bytes than asked.
+//!
+//! ```no_run
+//! # async fn demo() -> Result<(), Box<dyn std::error::Error>> {
+//! use fanfill::reference::Reference;
+//! use fanfill::registry::{BlobStore, Options};
+//!
+//! let reference: Reference = "docker://127.0.0.1:5000/library/debian:bookworm".parse()?;
+//! let store = BlobStore::open(&reference, &Options { insecure: true, ..Options::default() }).await?;
+//! let image = store.resolve(None).await?; // the host platform
+//! let layer = image.manifest.layers()[0].digest();
+//! let head = store.read_range(layer, 0, 4096).await?; // exactly 4096 bytes, or an error
+//! assert_eq!(head.len(), 4096);
+//! # Ok(())
+//! # }
+//! ```
 
 mod auth;
 mod layout;
@@ -41,7 +61,7 @@ use sha2::Digest as _;
 
 pub use auth::{Challenge, Credentials, auth_files, lookup as lookup_credentials, parse_challenge};
 pub use layout::LayoutStore;
-pub use remote::RemoteStore;
+pub use remote::{RemoteStore, referrers_tag};
 
 use crate::reference::Reference;
 
@@ -117,6 +137,14 @@ pub enum Error {
         code: Option<String>,
         /// The `Retry-After` delay the server asked for, if any.
         retry_after: Option<Duration>,
+    },
+    /// The server broke the distribution protocol.
+    #[error("{url}: {problem}")]
+    Protocol {
+        /// The URL requested.
+        url: String,
+        /// What was wrong with the answer.
+        problem: &'static str,
     },
     /// A manifest or blob does not exist.
     #[error("{what}: not found")]
@@ -210,7 +238,7 @@ pub enum Error {
         registry: String,
     },
     /// A file of an OCI layout could not be read or written.
-    #[error("{}", path.display())]
+    #[error("layout file {}", path.display())]
     Io {
         /// The file.
         path: PathBuf,
@@ -599,6 +627,14 @@ impl BlobStore {
         if len == 0 {
             return Ok(Bytes::new());
         }
+        if offset.checked_add(len).is_none() {
+            return Err(Error::RangeBeyondEnd {
+                digest: digest.to_string(),
+                offset,
+                len,
+                size: u64::MAX,
+            });
+        }
         match self {
             BlobStore::Remote(r) => r.read_range(digest, offset, len).await,
             BlobStore::Layout(l) => l.read_range(digest, offset, len).await,
@@ -622,21 +658,27 @@ impl BlobStore {
     }
 
     /// Pushes an artifact manifest of `artifact_type` with `blobs` (media type, content) as
-    /// its layers and `subject` as its subject, and makes it findable as a referrer. Returns
-    /// the artifact manifest's digest.
+    /// its layers and `subject` (an image manifest in the same repository or layout) as its
+    /// subject, and makes it findable as a referrer. Returns the artifact manifest's digest.
+    ///
+    /// A registry without the referrers API gets the `sha256-HEX` tag fallback: an index
+    /// read, extended and written back, so two concurrent pushes for one subject may lose
+    /// one entry. A layout gets a descriptor (with `artifactType`, without a name) in its
+    /// `index.json`.
     pub async fn push_artifact(
         &self,
         subject: &Digest,
         artifact_type: &str,
         blobs: Vec<(String, Bytes)>,
     ) -> Result<Digest> {
+        let subject_raw = self.fetch_manifest(Some(subject.as_ref())).await?;
+        let artifact = build_artifact(&subject_raw, artifact_type, blobs);
+        let digest = artifact.digest.clone();
         match self {
-            BlobStore::Remote(r) => r.push_artifact(subject, artifact_type, blobs).await,
-            BlobStore::Layout(_) => Err(Error::Unsupported {
-                operation: "pushing an artifact",
-                backend: "an oci: layout",
-            }),
+            BlobStore::Remote(r) => r.push_artifact(subject, artifact).await?,
+            BlobStore::Layout(l) => l.push_artifact(artifact).await?,
         }
+        Ok(digest)
     }
 
     /// Lists the referrers of `subject`, optionally only those of `artifact_type`.
@@ -647,24 +689,18 @@ impl BlobStore {
     ) -> Result<Vec<Descriptor>> {
         match self {
             BlobStore::Remote(r) => r.list_referrers(subject, artifact_type).await,
-            BlobStore::Layout(_) => Err(Error::Unsupported {
-                operation: "listing referrers",
-                backend: "an oci: layout",
-            }),
+            BlobStore::Layout(l) => l.list_referrers(subject, artifact_type).await,
         }
     }
 
-    /// Finds the newest (last listed) referrer of `subject` with `artifact_type`.
+    /// Finds the newest referrer of `subject` with `artifact_type` (by its
+    /// [`ANNOTATION_CREATED`], else the last listed).
     pub async fn find_referrer(
         &self,
         subject: &Digest,
         artifact_type: &str,
     ) -> Result<Option<Referrer>> {
-        let Some(desc) = self
-            .list_referrers(subject, Some(artifact_type))
-            .await?
-            .pop()
-        else {
+        let Some(desc) = newest(self.list_referrers(subject, Some(artifact_type)).await?) else {
             return Ok(None);
         };
         let digest = desc.digest().to_string();
@@ -676,6 +712,129 @@ impl BlobStore {
             manifest_bytes: raw.bytes,
         }))
     }
+}
+
+/// The annotation carrying an artifact's creation time (RFC 3339); the newest referrer wins.
+pub const ANNOTATION_CREATED: &str = "org.opencontainers.image.created";
+
+/// An artifact manifest ready to store.
+struct Artifact {
+    /// The manifest bytes.
+    manifest: Bytes,
+    /// Their digest.
+    digest: Digest,
+    /// The descriptor to list it under in a referrers index.
+    entry: serde_json::Value,
+    /// Blobs to store first (the empty config, then the layers).
+    blobs: Vec<(Digest, Bytes)>,
+}
+
+/// Builds an OCI 1.1 artifact manifest: empty config, `blobs` as layers, `subject`.
+fn build_artifact(
+    subject: &RawManifest,
+    artifact_type: &str,
+    blobs: Vec<(String, Bytes)>,
+) -> Artifact {
+    let empty = Bytes::from_static(b"{}");
+    let empty_digest = sha256_digest(&empty);
+    let created = rfc3339(std::time::SystemTime::now());
+    let mut stored = vec![(empty_digest.clone(), empty)];
+    let mut layers = Vec::new();
+    for (media_type, data) in blobs {
+        let digest = sha256_digest(&data);
+        layers.push(serde_json::json!({
+            "mediaType": media_type,
+            "digest": digest.to_string(),
+            "size": data.len(),
+        }));
+        stored.push((digest, data));
+    }
+    let manifest = serde_json::json!({
+        "schemaVersion": 2,
+        "mediaType": MEDIA_OCI_MANIFEST,
+        "artifactType": artifact_type,
+        "config": {"mediaType": MEDIA_OCI_EMPTY, "digest": empty_digest.to_string(), "size": 2},
+        "layers": layers,
+        "subject": {
+            "mediaType": subject.media_type,
+            "digest": subject.digest.to_string(),
+            "size": subject.bytes.len(),
+        },
+        "annotations": {ANNOTATION_CREATED: created},
+    });
+    let manifest = Bytes::from(serde_json::to_vec(&manifest).expect("JSON value serializes"));
+    let digest = sha256_digest(&manifest);
+    let entry = serde_json::json!({
+        "mediaType": MEDIA_OCI_MANIFEST,
+        "digest": digest.to_string(),
+        "size": manifest.len(),
+        "artifactType": artifact_type,
+        "annotations": {ANNOTATION_CREATED: created},
+    });
+    Artifact {
+        manifest,
+        digest,
+        entry,
+        blobs: stored,
+    }
+}
+
+/// Adds `entry` to the `manifests` of an index (JSON kept as is otherwise), replacing an
+/// entry with the same digest.
+fn add_index_entry(
+    index: &mut serde_json::Value,
+    entry: serde_json::Value,
+    what: &str,
+) -> Result<()> {
+    let manifests = index
+        .get_mut("manifests")
+        .and_then(|m| m.as_array_mut())
+        .ok_or_else(|| Error::MediaType {
+            reference: what.to_owned(),
+            media_type: "index without manifests".to_owned(),
+        })?;
+    manifests.retain(|m| m.get("digest") != entry.get("digest"));
+    manifests.push(entry);
+    Ok(())
+}
+
+/// The newest descriptor by [`ANNOTATION_CREATED`], the last listed among equals.
+fn newest(descriptors: Vec<Descriptor>) -> Option<Descriptor> {
+    let created = |d: &Descriptor| {
+        d.annotations()
+            .as_ref()
+            .and_then(|a| a.get(ANNOTATION_CREATED))
+            .cloned()
+    };
+    descriptors
+        .into_iter()
+        .enumerate()
+        .max_by(|(i, a), (j, b)| created(a).cmp(&created(b)).then(i.cmp(j)))
+        .map(|(_, d)| d)
+}
+
+/// `YYYY-MM-DDTHH:MM:SS.NNNNNNNNNZ` (fixed width, so it sorts as text).
+fn rfc3339(t: std::time::SystemTime) -> String {
+    let since = t.duration_since(std::time::UNIX_EPOCH).unwrap_or_default();
+    let secs = since.as_secs();
+    let (days, rem) = ((secs / 86_400) as i64, secs % 86_400);
+    // Civil date from days since 1970-01-01 (Howard Hinnant's algorithm).
+    let z = days + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z.rem_euclid(146_097);
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let day = doy - (153 * mp + 2) / 5 + 1;
+    let month = if mp < 10 { mp + 3 } else { mp - 9 };
+    let year = yoe + era * 400 + i64::from(month <= 2);
+    format!(
+        "{year:04}-{month:02}-{day:02}T{:02}:{:02}:{:02}.{:09}Z",
+        rem / 3600,
+        rem % 3600 / 60,
+        rem % 60,
+        since.subsec_nanos()
+    )
 }
 
 fn is_index(media_type: &str) -> bool {
@@ -813,6 +972,8 @@ pub struct BlobStream {
     digest: Digest,
     position: u64,
     verifier: Option<Verifier>,
+    /// The digest the content turned out to have, once it failed verification.
+    mismatch: Option<String>,
     source: StreamSource,
     stats: Arc<Stats>,
 }
@@ -844,6 +1005,13 @@ impl BlobStream {
 
     /// The next chunk; `Ok(None)` once the whole blob was read and verified.
     pub async fn chunk(&mut self) -> Result<Option<Bytes>> {
+        if let Some(actual) = &self.mismatch {
+            // Sticky: a caller that asks again must not read the end as "verified".
+            return Err(Error::DigestMismatch {
+                digest: self.digest.to_string(),
+                actual: actual.clone(),
+            });
+        }
         if self.verifier.is_none() {
             return Ok(None);
         }
@@ -862,7 +1030,12 @@ impl BlobStream {
             }
             None => {
                 if let Some(v) = self.verifier.take() {
-                    v.finish()?;
+                    if let Err(e) = v.finish() {
+                        if let Error::DigestMismatch { actual, .. } = &e {
+                            self.mismatch = Some(actual.clone());
+                        }
+                        return Err(e);
+                    }
                 }
                 Ok(None)
             }
@@ -879,6 +1052,9 @@ impl BlobStream {
     /// A blocking [`std::io::Read`] over the stream, for a `tar`/`flate2` pass on a blocking
     /// thread (`tokio::task::spawn_blocking`). It must not be used on a runtime thread. A
     /// digest mismatch surfaces as an `InvalidData` read error carrying the [`Error`].
+    ///
+    /// # Panics
+    /// If called outside a tokio runtime.
     pub fn into_blocking_reader(self) -> BlockingBlobReader {
         BlockingBlobReader {
             stream: self,
@@ -998,6 +1174,31 @@ mod tests {
             .parse()
             .unwrap();
         verify(&d512, b"x").unwrap();
+    }
+
+    #[test]
+    fn timestamps_and_newest() {
+        let t = |secs| std::time::UNIX_EPOCH + Duration::from_secs(secs);
+        assert_eq!(rfc3339(t(0)), "1970-01-01T00:00:00.000000000Z");
+        assert_eq!(rfc3339(t(951_782_400)), "2000-02-29T00:00:00.000000000Z");
+        assert_eq!(rfc3339(t(1_798_761_599)), "2026-12-31T23:59:59.000000000Z");
+        let desc = |n: u8, created: Option<&str>| {
+            let mut d = Descriptor::new(MEDIA_OCI_MANIFEST.into(), 1, sha256_digest(&[n]));
+            d.set_annotations(
+                created.map(|c| [(ANNOTATION_CREATED.to_owned(), c.to_owned())].into()),
+            );
+            d
+        };
+        let a = desc(1, Some("2026-01-02T00:00:00.000000000Z"));
+        let b = desc(2, Some("2026-01-01T00:00:00.000000000Z"));
+        let c = desc(3, None);
+        assert_eq!(
+            newest(vec![a.clone(), b.clone(), c.clone()]),
+            Some(a.clone())
+        );
+        assert_eq!(newest(vec![c.clone(), b.clone()]), Some(b));
+        assert_eq!(newest(vec![c.clone(), desc(4, None)]), Some(desc(4, None)));
+        assert_eq!(newest(Vec::new()), None);
     }
 
     #[test]

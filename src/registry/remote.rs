@@ -9,6 +9,7 @@
 use std::collections::{HashMap, HashSet};
 use std::fmt;
 use std::future::Future;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -20,10 +21,9 @@ use serde_json::json;
 
 use super::auth::{self, Challenge, Credentials};
 use super::{
-    BlobStream, Error, MAX_MANIFEST_SIZE, MEDIA_DOCKER_LIST, MEDIA_DOCKER_MANIFEST,
-    MEDIA_OCI_EMPTY, MEDIA_OCI_INDEX, MEDIA_OCI_MANIFEST, Options, RawManifest, Result,
-    RetryPolicy, Stats, StreamSource, Verifier, parse_json, sha256_digest, sniff_media_type,
-    verify,
+    Artifact, BlobStream, Error, MAX_MANIFEST_SIZE, MEDIA_DOCKER_LIST, MEDIA_DOCKER_MANIFEST,
+    MEDIA_OCI_INDEX, MEDIA_OCI_MANIFEST, Options, RawManifest, Result, RetryPolicy, Stats,
+    StreamSource, Verifier, add_index_entry, parse_json, sha256_digest, sniff_media_type, verify,
 };
 use crate::reference::{RegistryRef, valid_digest};
 
@@ -62,7 +62,13 @@ struct Endpoint {
     creds: Option<Credentials>,
     client: Client,
     is_origin: bool,
+    /// Milliseconds since `epoch` until which this mirror is skipped (0: in service).
+    resting_until_ms: AtomicU64,
+    epoch: Instant,
 }
+
+/// How long a mirror that failed with a transient error is skipped.
+const MIRROR_REST: Duration = Duration::from_secs(30);
 
 struct Token {
     header: String,
@@ -114,7 +120,22 @@ impl Endpoint {
             creds,
             client: client.clone(),
             is_origin,
+            resting_until_ms: AtomicU64::new(0),
+            epoch: Instant::now(),
         })
+    }
+
+    fn now_ms(&self) -> u64 {
+        self.epoch.elapsed().as_millis() as u64
+    }
+
+    fn rest(&self) {
+        let until = self.now_ms() + MIRROR_REST.as_millis() as u64;
+        self.resting_until_ms.store(until, Ordering::Relaxed);
+    }
+
+    fn resting(&self) -> bool {
+        self.resting_until_ms.load(Ordering::Relaxed) > self.now_ms()
     }
 
     fn url(&self, path: &str) -> Url {
@@ -203,7 +224,11 @@ impl RemoteStore {
         };
         let secure = build(false)?;
         let insecure = build(true)?;
-        let files = auth::auth_files(options.authfile.as_deref(), |k| std::env::var(k).ok());
+        let files = auth::auth_files(
+            options.authfile.as_deref(),
+            |k| std::env::var(k).ok(),
+            nix::unistd::geteuid().as_raw(),
+        );
         let mut endpoints = Vec::new();
         let client_for = |insecure_ep: bool| if insecure_ep { &insecure } else { &secure };
         for mirror in &options.mirrors {
@@ -332,6 +357,7 @@ impl RemoteStore {
             digest: digest.clone(),
             position: 0,
             verifier: Some(verifier),
+            mismatch: None,
             source: StreamSource::Remote(StreamState {
                 store: self.clone(),
                 response: Some(response),
@@ -391,7 +417,10 @@ impl RemoteStore {
             Ok(Some(bytes)) => Some(bytes),
             Ok(None) => None,
             Err(Error::NotFound { .. }) => None,
-            Err(Error::Status { status, .. }) if matches!(status, 400 | 405 | 501) => None,
+            Err(Error::Status {
+                status: 400 | 405 | 501,
+                ..
+            }) => None,
             Err(e) => return Err(e),
         };
         let index_bytes = match index_bytes {
@@ -419,49 +448,19 @@ impl RemoteStore {
             .collect())
     }
 
-    pub(super) async fn push_artifact(
-        &self,
-        subject: &Digest,
-        artifact_type: &str,
-        blobs: Vec<(String, Bytes)>,
-    ) -> Result<Digest> {
+    pub(super) async fn push_artifact(&self, subject: &Digest, artifact: Artifact) -> Result<()> {
         let inner = &self.inner;
         let ep = inner.origin();
-        let subject_raw = inner
-            .retrying(|| inner.get_manifest(ep, subject.as_ref()))
-            .await?;
-        let empty = Bytes::from_static(b"{}");
-        let empty_digest = sha256_digest(&empty);
-        inner.push_blob(ep, &empty_digest, empty).await?;
-        let mut layers = Vec::new();
-        for (media_type, data) in blobs {
-            let digest = sha256_digest(&data);
-            let size = data.len();
+        for (digest, data) in artifact.blobs {
             inner.push_blob(ep, &digest, data).await?;
-            layers
-                .push(json!({"mediaType": media_type, "digest": digest.to_string(), "size": size}));
         }
-        let manifest = json!({
-            "schemaVersion": 2,
-            "mediaType": MEDIA_OCI_MANIFEST,
-            "artifactType": artifact_type,
-            "config": {"mediaType": MEDIA_OCI_EMPTY, "digest": empty_digest.to_string(), "size": 2},
-            "layers": layers,
-            "subject": {
-                "mediaType": subject_raw.media_type,
-                "digest": subject.to_string(),
-                "size": subject_raw.bytes.len(),
-            },
-        });
-        let bytes = Bytes::from(serde_json::to_vec(&manifest).expect("JSON value serializes"));
-        let digest = sha256_digest(&bytes);
-        let size = bytes.len();
+        let digest = artifact.digest;
         let headers = inner
-            .put_manifest(ep, digest.as_ref(), MEDIA_OCI_MANIFEST, bytes)
+            .put_manifest(ep, digest.as_ref(), MEDIA_OCI_MANIFEST, artifact.manifest)
             .await?;
         if headers.contains_key("oci-subject") {
             tracing::debug!(artifact = %digest, "registry indexed the subject itself");
-            return Ok(digest);
+            return Ok(());
         }
         // Referrers tag fallback: add our descriptor to the index at `sha256-HEX`.
         let tag = referrers_tag(subject);
@@ -472,27 +471,13 @@ impl RemoteStore {
             }
             Err(e) => return Err(e),
         };
-        let entry = json!({
-            "mediaType": MEDIA_OCI_MANIFEST,
-            "digest": digest.to_string(),
-            "size": size,
-            "artifactType": artifact_type,
-        });
-        let manifests = index
-            .get_mut("manifests")
-            .and_then(|m| m.as_array_mut())
-            .ok_or_else(|| Error::MediaType {
-                reference: tag.clone(),
-                media_type: "index without manifests".to_owned(),
-            })?;
-        manifests.retain(|m| m.get("digest") != entry.get("digest"));
-        manifests.push(entry);
+        add_index_entry(&mut index, artifact.entry, &tag)?;
         let index_bytes = Bytes::from(serde_json::to_vec(&index).expect("JSON value serializes"));
         inner
             .put_manifest(ep, &tag, MEDIA_OCI_INDEX, index_bytes)
             .await?;
         tracing::debug!(artifact = %digest, tag, "referrers tag updated");
-        Ok(digest)
+        Ok(())
     }
 }
 
@@ -519,12 +504,9 @@ fn check_content_range(resp: &reqwest::Response, url: &Url, offset: u64) -> Resu
         .and_then(|(_, size)| size.parse::<u64>().ok());
     match start {
         Some(s) if s == offset => Ok(size),
-        _ => Err(Error::Status {
-            method: "GET".to_owned(),
+        _ => Err(Error::Protocol {
             url: url.to_string(),
-            status: 206,
-            code: Some(format!("Content-Range does not start at {offset}")),
-            retry_after: None,
+            problem: "Content-Range does not start where asked",
         }),
     }
 }
@@ -535,7 +517,8 @@ impl Inner {
     }
 
     /// Runs `op` on each endpoint in turn (the one that last served `key` first) until one
-    /// succeeds; each with retries. A mirror's failure moves on; the origin's is returned.
+    /// succeeds; each with retries. A mirror's failure moves on (a transient one also rests
+    /// the mirror for [`MIRROR_REST`]); the origin's is returned.
     async fn on_endpoints<'a, T, Fut>(
         &'a self,
         key: Option<&str>,
@@ -550,6 +533,9 @@ impl Inner {
             .chain((0..self.endpoints.len()).filter(|i| Some(*i) != preferred));
         for i in order {
             let ep = &self.endpoints[i];
+            if !ep.is_origin && ep.resting() {
+                continue;
+            }
             match self.retrying(|| op(ep)).await {
                 Ok(v) => {
                     if let Some(k) = key {
@@ -560,15 +546,19 @@ impl Inner {
                     return Ok(v);
                 }
                 Err(e) if !ep.is_origin => {
+                    if e.is_transient() {
+                        // Unreachable or failing: skip it for a while rather than spend
+                        // the retry budget on it for every blob.
+                        ep.rest();
+                    }
                     tracing::warn!(mirror = %ep.host, error = %e, "mirror failed, trying the next source");
                 }
                 Err(e) => {
-                    if preferred == Some(i) && i + 1 < self.endpoints.len() {
-                        // The origin was tried first; mirrors are never tried after it.
-                        self.preferred
-                            .lock()
-                            .expect("lock")
-                            .remove(key.unwrap_or_default());
+                    if preferred == Some(i) {
+                        // Went straight to the origin and it failed: next time, mirrors first.
+                        if let Some(k) = key {
+                            self.preferred.lock().expect("lock").remove(k);
+                        }
                     }
                     return Err(e);
                 }
@@ -671,6 +661,7 @@ impl Inner {
                 return Err(unauthorized());
             }
             answered = true;
+            tracing::debug!(%method, %url, had_auth = auth.is_some(), "authentication challenge");
             let challenge = resp
                 .headers()
                 .get(header::WWW_AUTHENTICATE)
@@ -689,28 +680,28 @@ impl Inner {
                     realm,
                     service,
                     scope: asked,
-                }) => Some(
-                    self.fetch_token(
-                        ep,
-                        &realm,
-                        service.as_deref(),
-                        asked.as_deref().unwrap_or(&scope),
-                        &scope,
+                }) => {
+                    // Ask for what this operation needs (a HEAD before an upload is
+                    // challenged for `pull` only) and for what the server named.
+                    let mut scopes = vec![scope.as_str()];
+                    scopes.extend(asked.as_deref().filter(|a| *a != scope));
+                    Some(
+                        self.fetch_token(ep, &realm, service.as_deref(), &scopes, &scope)
+                            .await?,
                     )
-                    .await?,
-                ),
+                }
                 None => return Err(unauthorized()),
             };
         }
     }
 
-    /// Gets a Bearer token from `realm` and caches it under (host, `cache_scope`).
+    /// Gets a Bearer token for `scopes` from `realm` and caches it under (host, `cache_scope`).
     async fn fetch_token(
         &self,
         ep: &Endpoint,
         realm: &str,
         service: Option<&str>,
-        scope: &str,
+        scopes: &[&str],
         cache_scope: &str,
     ) -> Result<String> {
         let token_err = |source: Box<dyn std::error::Error + Send + Sync>| Error::Token {
@@ -724,7 +715,9 @@ impl Inner {
             if let Some(s) = service {
                 q.append_pair("service", s);
             }
-            q.append_pair("scope", scope);
+            for scope in scopes {
+                q.append_pair("scope", scope);
+            }
         }
         let mut req = ep.client.get(url);
         if let Some(c) = &ep.creds {
@@ -761,7 +754,7 @@ impl Inner {
                 expires: Instant::now() + lifetime - Duration::from_secs(10),
             },
         );
-        tracing::debug!(registry = %ep.host, scope, "got a bearer token");
+        tracing::debug!(registry = %ep.host, ?scopes, "got a bearer token");
         Ok(header)
     }
 
@@ -809,12 +802,9 @@ impl Inner {
                     self.stats.add_bytes(chunk.len());
                     out.extend_from_slice(&chunk);
                     if limit.is_some_and(|l| out.len() > l) {
-                        return Err(Error::Status {
-                            method: "GET".to_owned(),
+                        return Err(Error::Protocol {
                             url: url.to_string(),
-                            status: resp.status().as_u16(),
-                            code: Some("body too large".to_owned()),
-                            retry_after: None,
+                            problem: "body larger than a manifest may be",
                         });
                     }
                 }
@@ -950,12 +940,9 @@ impl Inner {
                 .get(header::LOCATION)
                 .and_then(|v| v.to_str().ok())
                 .and_then(|l| start_url.join(l).ok())
-                .ok_or_else(|| Error::Status {
-                    method: "POST".to_owned(),
+                .ok_or_else(|| Error::Protocol {
                     url: start_url.to_string(),
-                    status: resp.status().as_u16(),
-                    code: Some("no Location".to_owned()),
-                    retry_after: None,
+                    problem: "upload started without a Location",
                 })?;
             let mut put_url = location;
             put_url

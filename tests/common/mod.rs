@@ -59,14 +59,30 @@ impl TestRegistry {
         Self::start_inner(Some(format!("{user}:{hash}\n")))
     }
 
+    /// Starts a registry that takes Bearer tokens from `token_server` (its `token:` auth).
+    pub fn start_with_token_auth(token_server: &TokenServer) -> Self {
+        Self::start_with_auth_yaml(Some(format!(
+            "auth:\n  token:\n    realm: {}\n    service: {}\n    issuer: {}\n    rootcertbundle: {}\n",
+            token_server.realm(),
+            TokenServer::SERVICE,
+            TokenServer::ISSUER,
+            token_server.cert_path().display()
+        )))
+    }
+
     fn start_inner(htpasswd: Option<String>) -> Self {
+        Self::start_with_auth_yaml(htpasswd.map(|line| format!("HTPASSWD:{line}")))
+    }
+
+    /// `auth` is either a ready `auth:` YAML block, or `HTPASSWD:` + an htpasswd line.
+    fn start_with_auth_yaml(auth: Option<String>) -> Self {
         let mut last_log = String::new();
         for _ in 0..5 {
             let dir = tempfile::tempdir().expect("tempdir");
             let port = free_port();
             let addr: SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
-            let auth = match &htpasswd {
-                Some(line) => {
+            let auth = match auth.as_deref().map(|a| (a, a.strip_prefix("HTPASSWD:"))) {
+                Some((_, Some(line))) => {
                     let path = dir.path().join("htpasswd");
                     std::fs::write(&path, line).unwrap();
                     format!(
@@ -74,6 +90,7 @@ impl TestRegistry {
                         path.display()
                     )
                 }
+                Some((yaml, None)) => yaml.to_owned(),
                 None => String::new(),
             };
             let config = format!(
@@ -403,6 +420,14 @@ pub enum Fault {
     },
     /// Remove `Range:` headers from every request (a server that ignores ranges).
     StripRange,
+    /// Answer the first request on the next `connections` connections with `status` (e.g.
+    /// 503, or 429 with `Retry-After: 1`), then close.
+    Status {
+        /// How many connections to answer so.
+        connections: usize,
+        /// The HTTP status code.
+        status: u16,
+    },
 }
 
 /// A loopback TCP proxy in front of a real server, injecting a [`Fault`]. Stops on drop.
@@ -475,7 +500,9 @@ fn handle(client: TcpStream, target: SocketAddr, fault: &Mutex<Fault>, count: &A
         let mut f = fault.lock().unwrap();
         let action = *f;
         match &mut *f {
-            Fault::DropConnections(n) | Fault::TruncateBody { connections: n, .. } => {
+            Fault::DropConnections(n)
+            | Fault::TruncateBody { connections: n, .. }
+            | Fault::Status { connections: n, .. } => {
                 *n = n.saturating_sub(1);
                 if *n == 0 {
                     *f = Fault::None;
@@ -486,6 +513,20 @@ fn handle(client: TcpStream, target: SocketAddr, fault: &Mutex<Fault>, count: &A
         action
     };
     if matches!(action, Fault::DropConnections(n) if n > 0) {
+        let _ = client.shutdown(Shutdown::Both);
+        return;
+    }
+    if let Fault::Status { status, .. } = action {
+        let mut reader = BufReader::new(client.try_clone().unwrap());
+        let mut line = String::new();
+        while reader.read_line(&mut line).is_ok_and(|n| n > 0) && line != "\r\n" {
+            line.clear();
+        }
+        let mut client = client;
+        let _ = write!(
+            client,
+            "HTTP/1.1 {status} Injected\r\nRetry-After: 1\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"
+        );
         let _ = client.shutdown(Shutdown::Both);
         return;
     }
@@ -583,4 +624,188 @@ fn forward_requests_without_range(client: TcpStream, mut server: TcpStream) {
             return;
         }
     }
+}
+
+/// A token server for the registry's `token:` auth: checks Basic credentials, then issues
+/// JWTs (RS256, `x5c` header, signed with `openssl` over a fresh self-signed key) granting
+/// the scope asked for. Stops on drop.
+pub struct TokenServer {
+    /// Where it listens.
+    pub addr: SocketAddr,
+    dir: tempfile::TempDir,
+    issued: Arc<AtomicUsize>,
+    stop: Arc<AtomicBool>,
+}
+
+impl TokenServer {
+    /// The `service` the registry and tokens name.
+    pub const SERVICE: &'static str = "fanfill-registry";
+    /// The token issuer.
+    pub const ISSUER: &'static str = "fanfill-test-issuer";
+
+    /// Starts a token server accepting `user`/`password`.
+    pub fn start(user: &str, password: &str) -> Self {
+        let dir = tempfile::tempdir().unwrap();
+        let out = Command::new("openssl")
+            .args([
+                "req",
+                "-x509",
+                "-newkey",
+                "rsa:2048",
+                "-nodes",
+                "-days",
+                "2",
+                "-subj",
+                "/CN=fanfill-token",
+            ])
+            .arg("-keyout")
+            .arg(dir.path().join("key.pem"))
+            .arg("-out")
+            .arg(dir.path().join("cert.pem"))
+            .output()
+            .expect("run openssl");
+        assert!(
+            out.status.success(),
+            "openssl req: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let pem = std::fs::read_to_string(dir.path().join("cert.pem")).unwrap();
+        let der_b64: String = pem.lines().filter(|l| !l.starts_with("-----")).collect();
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = listener.local_addr().unwrap();
+        let issued = Arc::new(AtomicUsize::new(0));
+        let stop = Arc::new(AtomicBool::new(false));
+        let (key, want_auth) = (dir.path().join("key.pem"), basic(user, password));
+        let (i, s) = (issued.clone(), stop.clone());
+        std::thread::spawn(move || {
+            for conn in listener.incoming() {
+                if s.load(Ordering::SeqCst) {
+                    return;
+                }
+                let Ok(conn) = conn else { continue };
+                let _ = serve_token(conn, &key, &der_b64, &want_auth, &i);
+            }
+        });
+        TokenServer {
+            addr,
+            dir,
+            issued,
+            stop,
+        }
+    }
+
+    /// The realm URL to configure in the registry.
+    pub fn realm(&self) -> String {
+        format!("http://{}/token", self.addr)
+    }
+
+    /// The certificate the registry must trust.
+    pub fn cert_path(&self) -> PathBuf {
+        self.dir.path().join("cert.pem")
+    }
+
+    /// Tokens issued so far.
+    pub fn issued(&self) -> usize {
+        self.issued.load(Ordering::SeqCst)
+    }
+}
+
+impl Drop for TokenServer {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::SeqCst);
+        let _ = TcpStream::connect_timeout(&self.addr, Duration::from_secs(1));
+    }
+}
+
+fn basic(user: &str, password: &str) -> String {
+    use base64::Engine as _;
+    format!(
+        "Basic {}",
+        base64::engine::general_purpose::STANDARD.encode(format!("{user}:{password}"))
+    )
+}
+
+fn b64url(data: &[u8]) -> String {
+    use base64::Engine as _;
+    base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(data)
+}
+
+fn serve_token(
+    conn: TcpStream,
+    key: &Path,
+    x5c: &str,
+    want_auth: &str,
+    issued: &AtomicUsize,
+) -> std::io::Result<()> {
+    conn.set_read_timeout(Some(Duration::from_secs(10)))?;
+    let mut reader = BufReader::new(conn.try_clone()?);
+    let mut request_line = String::new();
+    reader.read_line(&mut request_line)?;
+    let mut authorization = None;
+    loop {
+        let mut line = String::new();
+        if reader.read_line(&mut line)? == 0 || line == "\r\n" {
+            break;
+        }
+        if let Some((name, value)) = line.split_once(':') {
+            if name.eq_ignore_ascii_case("authorization") {
+                authorization = Some(value.trim().to_owned());
+            }
+        }
+    }
+    let target = request_line.split_whitespace().nth(1).unwrap_or("/");
+    let url = reqwest::Url::parse(&format!("http://x{target}")).unwrap();
+    let mut conn = conn;
+    if authorization.as_deref() != Some(want_auth) {
+        let body = r#"{"errors":[{"code":"UNAUTHORIZED"}]}"#;
+        return write!(
+            conn,
+            "HTTP/1.1 401 Unauthorized\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+            body.len()
+        );
+    }
+    let access: Vec<serde_json::Value> = url
+        .query_pairs()
+        .filter(|(k, _)| k == "scope")
+        .filter_map(|(_, scope)| {
+            let mut parts = scope.splitn(3, ':');
+            let (kind, name, actions) = (parts.next()?, parts.next()?, parts.next()?);
+            Some(serde_json::json!({"type": kind, "name": name, "actions": actions.split(',').collect::<Vec<_>>()}))
+        })
+        .collect();
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs();
+    let header = serde_json::json!({"typ": "JWT", "alg": "RS256", "x5c": [x5c]});
+    let claims = serde_json::json!({
+        "iss": TokenServer::ISSUER, "sub": "alice", "aud": TokenServer::SERVICE,
+        "exp": now + 300, "nbf": now - 10, "iat": now, "jti": format!("{now}-{}", issued.load(Ordering::SeqCst)),
+        "access": access,
+    });
+    let signing_input = format!(
+        "{}.{}",
+        b64url(header.to_string().as_bytes()),
+        b64url(claims.to_string().as_bytes())
+    );
+    let mut openssl = Command::new("openssl")
+        .args(["dgst", "-sha256", "-sign"])
+        .arg(key)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .spawn()?;
+    openssl
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(signing_input.as_bytes())?;
+    let signature = openssl.wait_with_output()?.stdout;
+    let token = format!("{signing_input}.{}", b64url(&signature));
+    issued.fetch_add(1, Ordering::SeqCst);
+    let body = serde_json::json!({"token": token, "expires_in": 300}).to_string();
+    write!(
+        conn,
+        "HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+        body.len()
+    )
 }
