@@ -525,6 +525,33 @@ impl Engine {
         Ok(id)
     }
 
+    /// Stops serving a placeholder: removes its mark and forgets it (for example when a
+    /// prepare fails half-way and its tree is removed). Fills in flight finish first.
+    pub fn unregister(&self, id: FileId) -> Result<(), FillError> {
+        let Some(entry) = self.inner.files.write().unwrap().remove(&(id.dev, id.ino)) else {
+            return Ok(());
+        };
+        if entry.state.lock().unwrap().complete {
+            return Ok(());
+        }
+        let file = File::options()
+            .read(true)
+            .custom_flags(libc::O_NOFOLLOW | libc::O_NONBLOCK)
+            .open(&entry.path)
+            .map_err(|source| FillError::Register {
+                path: entry.path.clone(),
+                source,
+            })?;
+        match self.inner.group.unmark_inode(file.as_fd(), FAN_PRE_ACCESS) {
+            Ok(())
+            | Err(FanotifyError::Mark {
+                errno: Errno::ENOENT,
+                ..
+            }) => Ok(()),
+            Err(e) => Err(e.into()),
+        }
+    }
+
     /// Whether a registered file is completely filled (or was cut short by the user).
     pub fn is_complete(&self, id: FileId) -> bool {
         self.entry(id)

@@ -320,33 +320,14 @@ pub async fn prepare(
         dest: dest.to_path_buf(),
         source,
     })?;
-    let mut files = Vec::with_capacity(unpacked.placeholders.len());
-    for p in &unpacked.placeholders {
-        let (digest, index) = (&indexes.layers[p.layer].0, &ixs[p.layer]);
-        let entry = index
-            .resolve(p.entry)
-            .cloned()
-            .ok_or_else(|| ImageError::Task(format!("no entry {} in layer {digest}", p.entry)))?;
-        let verify = verify_for(&entry);
-        let source = Arc::new(LayerFileSource {
-            store: store.clone(),
-            layer: digest.clone(),
-            index: index.clone(),
-            entry,
-        });
-        let id = engine
-            .register(Placeholder {
-                path: p.path.clone(),
-                size: p.size,
-                source,
-                verify,
-            })
-            .map_err(|source| ImageError::Fill {
-                reference: reference.to_string(),
-                source,
-            })?;
-        files.push(id);
-    }
+    let files = match register_all(engine, &store, &indexes, &ixs, &unpacked, reference) {
+        Ok(files) => files,
+        Err(e) => {
+            // Leave nothing behind: the tree was ours (dest had to be empty).
+            remove_tree_contents(dest);
+            return Err(e);
+        }
+    };
     let bytes_before_ready = store.bytes_fetched();
     info!(
         reference,
@@ -367,6 +348,71 @@ pub async fn prepare(
         image_size,
         store,
     })
+}
+
+/// Registers every placeholder of an unpacked image; on failure unregisters the ones done.
+fn register_all(
+    engine: &Engine,
+    store: &Arc<BlobStore>,
+    indexes: &ImageIndexes,
+    ixs: &[Arc<LayerIndex>],
+    unpacked: &Unpacked,
+    reference: &str,
+) -> Result<Vec<FileId>, ImageError> {
+    let mut files = Vec::with_capacity(unpacked.placeholders.len());
+    let res = (|| {
+        for p in &unpacked.placeholders {
+            let (digest, index) = (&indexes.layers[p.layer].0, &ixs[p.layer]);
+            let entry = index.resolve(p.entry).cloned().ok_or_else(|| {
+                ImageError::Task(format!("no entry {} in layer {digest}", p.entry))
+            })?;
+            let verify = verify_for(&entry);
+            let source = Arc::new(LayerFileSource {
+                store: store.clone(),
+                layer: digest.clone(),
+                index: index.clone(),
+                entry,
+            });
+            let id = engine
+                .register(Placeholder {
+                    path: p.path.clone(),
+                    size: p.size,
+                    source,
+                    verify,
+                })
+                .map_err(|source| ImageError::Fill {
+                    reference: reference.to_string(),
+                    source,
+                })?;
+            files.push(id);
+        }
+        Ok(())
+    })();
+    match res {
+        Ok(()) => Ok(files),
+        Err(e) => {
+            for id in files {
+                let _ = engine.unregister(id);
+            }
+            Err(e)
+        }
+    }
+}
+
+/// Removes everything inside `dir` (not `dir` itself), best effort.
+fn remove_tree_contents(dir: &Path) {
+    if let Ok(rd) = std::fs::read_dir(dir) {
+        for e in rd.flatten() {
+            let p = e.path();
+            let r = match e.file_type() {
+                Ok(t) if t.is_dir() => std::fs::remove_dir_all(&p),
+                _ => std::fs::remove_file(&p),
+            };
+            if let Err(err) = r {
+                warn!(path = %p.display(), error = %err, "cleaning up after a failed prepare");
+            }
+        }
+    }
 }
 
 /// What the engine checks a file's bytes against: per-chunk digests for large files, the

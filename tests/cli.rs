@@ -10,14 +10,19 @@ fn fanfill() -> Command {
 
 #[test]
 fn readme_demo_runs_a_program_from_a_lazily_filled_image() {
-    let out = fsutil::within(300, "fanfill demo", || fanfill().arg("demo").output().unwrap());
+    let out = fsutil::within(300, "fanfill demo", || {
+        fanfill().arg("demo").output().unwrap()
+    });
     let stdout = String::from_utf8_lossy(&out.stdout);
     assert!(
         out.status.success(),
         "demo failed:\n{stdout}\n{}",
         String::from_utf8_lossy(&out.stderr)
     );
-    assert!(stdout.contains("hello from a lazily filled image"), "{stdout}");
+    assert!(
+        stdout.contains("hello from a lazily filled image"),
+        "{stdout}"
+    );
     // The program's sha256 of a data file equals the real content's digest (blob 7 is the
     // deterministic xorshift stream of the demo image).
     let mut x: u64 = 8u64.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
@@ -29,9 +34,15 @@ fn readme_demo_runs_a_program_from_a_lazily_filled_image() {
         blob.extend_from_slice(&x.to_le_bytes());
     }
     let want = fsutil::sha256_hex(&blob);
-    assert!(stdout.contains(&format!("{want}  /data/blob-07.bin")), "{stdout}");
+    assert!(
+        stdout.contains(&format!("{want}  /data/blob-07.bin")),
+        "{stdout}"
+    );
     // Placeholders were ready after reading only manifest and config (index local).
-    let ready = stdout.lines().find(|l| l.starts_with("placeholders ready")).unwrap();
+    let ready = stdout
+        .lines()
+        .find(|l| l.starts_with("placeholders ready"))
+        .unwrap();
     let before: u64 = ready
         .split("; ")
         .nth(1)
@@ -58,7 +69,10 @@ fn help_teaches_the_commands() {
     }
     let out = fanfill().args(["pull", "--help"]).output().unwrap();
     let s = String::from_utf8_lossy(&out.stdout);
-    assert!(s.contains("--tls-verify") && s.contains("--mode") && s.contains("Examples"), "{s}");
+    assert!(
+        s.contains("--tls-verify") && s.contains("--mode") && s.contains("Examples"),
+        "{s}"
+    );
 }
 
 #[test]
