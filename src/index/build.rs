@@ -424,6 +424,12 @@ pub(crate) fn parse_pax_time(v: &str) -> Option<(i64, u32)> {
     }
 }
 
+/// A numeric header field that is all NULs or spaces reads as 0 (as in Go's archive/tar);
+/// otherwise the `tar` crate's octal / base-256 parse decides.
+fn lenient<T: Default>(raw: &[u8], parsed: io::Result<T>) -> io::Result<T> {
+    if raw.iter().all(|&b| b == 0 || b == b' ') { Ok(T::default()) } else { parsed }
+}
+
 fn header_checksum_ok(block: &[u8; 512], stored: u32) -> bool {
     let mut unsigned: u32 = 0;
     let mut signed: i64 = 0;
@@ -571,7 +577,9 @@ fn walk<R: Read + ?Sized>(
             return Err(bad("checksum mismatch".into()));
         }
         let type_byte = header.entry_type().as_byte();
-        let header_size = header.entry_size().map_err(|e| bad(format!("size field: {e}")))?;
+        let old = header.as_old();
+        let header_size = lenient(&old.size, header.entry_size())
+            .map_err(|e| bad(format!("size field: {e}")))?;
 
         // Extension headers: bounded, read whole, applied to the next member.
         let ext_kind = match type_byte {
@@ -678,25 +686,25 @@ fn walk<R: Read + ?Sized>(
         let uid = match pax.uid {
             Some(u) => u,
             None => {
-                let u = header.uid().map_err(|e| bad(format!("uid: {e}")))?;
+                let u = lenient(&old.uid, header.uid()).map_err(|e| bad(format!("uid: {e}")))?;
                 u32::try_from(u).map_err(|_| bad("uid too large".into()))?
             }
         };
         let gid = match pax.gid {
             Some(g) => g,
             None => {
-                let g = header.gid().map_err(|e| bad(format!("gid: {e}")))?;
+                let g = lenient(&old.gid, header.gid()).map_err(|e| bad(format!("gid: {e}")))?;
                 u32::try_from(g).map_err(|_| bad("gid too large".into()))?
             }
         };
         let (mtime, mtime_nsec) = match pax.mtime {
             Some(t) => t,
             None => {
-                let t = header.mtime().map_err(|e| bad(format!("mtime: {e}")))?;
+                let t = lenient(&old.mtime, header.mtime()).map_err(|e| bad(format!("mtime: {e}")))?;
                 (i64::try_from(t).map_err(|_| bad("mtime too large".into()))?, 0)
             }
         };
-        let mode = header.mode().map_err(|e| bad(format!("mode: {e}")))? & 0o7777;
+        let mode = lenient(&old.mode, header.mode()).map_err(|e| bad(format!("mode: {e}")))? & 0o7777;
         let is_file = kind == EntryKind::File;
         let mut entry = Entry {
             path,
