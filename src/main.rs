@@ -1,1 +1,2 @@
+//! fanfill command-line entry point (stub).
 fn main() {}

@@ -37,8 +37,23 @@ impl Rng {
     /// Compressible text: words from a small vocabulary.
     fn text(&mut self, n: usize) -> Vec<u8> {
         const WORDS: &[&str] = &[
-            "layer", "index", "gzip", "window", "checkpoint", "fanotify", "placeholder", "the",
-            "of", "container", "registry", "range", "inflate", "block", "bit", "offset", "\n",
+            "layer",
+            "index",
+            "gzip",
+            "window",
+            "checkpoint",
+            "fanotify",
+            "placeholder",
+            "the",
+            "of",
+            "container",
+            "registry",
+            "range",
+            "inflate",
+            "block",
+            "bit",
+            "offset",
+            "\n",
         ];
         let mut v = Vec::with_capacity(n + 16);
         while v.len() < n {
@@ -129,7 +144,11 @@ fn synth_tar(seed: u64) -> (Vec<u8>, HashMap<String, Vec<u8>>) {
     add_file(&mut b, &mut files, "usr/lib/random-12m.bin", d);
     for i in 0..150 {
         let n = rng.below(20_000) as usize;
-        let d = if i % 3 == 0 { rng.bytes(n) } else { rng.text(n) };
+        let d = if i % 3 == 0 {
+            rng.bytes(n)
+        } else {
+            rng.text(n)
+        };
         add_file(&mut b, &mut files, &format!("usr/lib/small/{i:03}.dat"), d);
     }
     // PAX long name + xattrs + sub-second mtime.
@@ -139,7 +158,10 @@ fn synth_tar(seed: u64) -> (Vec<u8>, HashMap<String, Vec<u8>>) {
         &[
             ("path", LONG_PAX.as_bytes()),
             ("mtime", b"1700000000.25"),
-            ("SCHILY.xattr.security.capability", &[1, 0, 0, 2, 0x20, 0, 0, 0, 0, 0, 0, 0]),
+            (
+                "SCHILY.xattr.security.capability",
+                &[1, 0, 0, 2, 0x20, 0, 0, 0, 0, 0, 0, 0],
+            ),
             ("SCHILY.xattr.user.note", b"hello\0world"),
             ("uid", b"4000000000"),
         ],
@@ -154,9 +176,11 @@ fn synth_tar(seed: u64) -> (Vec<u8>, HashMap<String, Vec<u8>>) {
     files.insert(LONG_GNU.to_owned(), d);
     // Links, devices.
     let mut h = header(tar::EntryType::Symlink, 0o777, 0);
-    b.append_link(&mut h, "etc/link-to-one", "../etc/one").unwrap();
+    b.append_link(&mut h, "etc/link-to-one", "../etc/one")
+        .unwrap();
     let mut h = header(tar::EntryType::Link, 0o644, 0);
-    b.append_link(&mut h, "opt/hardlink", "usr/lib/random-12m.bin").unwrap();
+    b.append_link(&mut h, "opt/hardlink", "usr/lib/random-12m.bin")
+        .unwrap();
     let mut h = header(tar::EntryType::Char, 0o666, 0);
     h.set_device_major(1).unwrap();
     h.set_device_minor(3).unwrap();
@@ -197,17 +221,27 @@ fn zstd_frames(data: &[u8], frame: usize) -> Vec<u8> {
 }
 
 fn small_span() -> IndexOptions {
-    IndexOptions { span: 1 << 20, ..IndexOptions::default() }
+    IndexOptions {
+        span: 1 << 20,
+        diff_id: true,
+        ..IndexOptions::default()
+    }
 }
 
 fn check_entries(idx: &LayerIndex, files: &HashMap<String, Vec<u8>>) {
     let mut seen = 0;
     for e in &idx.entries {
         if e.kind == EntryKind::File {
-            let d = files.get(&e.path).unwrap_or_else(|| panic!("unexpected file {}", e.path));
+            let d = files
+                .get(&e.path)
+                .unwrap_or_else(|| panic!("unexpected file {}", e.path));
             assert_eq!(e.size, d.len() as u64, "{}", e.path);
             assert_eq!(e.sha256.as_deref(), Some(sha(d).as_str()), "{}", e.path);
-            let expected_chunks = if e.size > CHUNK_SIZE { e.size.div_ceil(CHUNK_SIZE) } else { 0 };
+            let expected_chunks = if e.size > CHUNK_SIZE {
+                e.size.div_ceil(CHUNK_SIZE)
+            } else {
+                0
+            };
             assert_eq!(e.chunk_sha256.len() as u64, expected_chunks, "{}", e.path);
             for (i, c) in e.chunk_sha256.iter().enumerate() {
                 let s = i * CHUNK_SIZE as usize;
@@ -221,33 +255,66 @@ fn check_entries(idx: &LayerIndex, files: &HashMap<String, Vec<u8>>) {
     let root = &idx.entries[0];
     assert_eq!((root.path.as_str(), &root.kind), ("", &EntryKind::Dir));
     let long = &idx.entries[idx.find(LONG_PAX).expect("PAX long name")];
-    assert_eq!((long.mtime, long.mtime_nsec, long.mode, long.uid), (1_700_000_000, 250_000_000, 0o4755, 4_000_000_000));
+    assert_eq!(
+        (long.mtime, long.mtime_nsec, long.mode, long.uid),
+        (1_700_000_000, 250_000_000, 0o4755, 4_000_000_000)
+    );
     assert_eq!(long.xattrs.len(), 2);
     assert_eq!(long.xattrs[0].0, "security.capability");
-    assert_eq!(long.xattrs[1], ("user.note".to_owned(), b"hello\0world".to_vec()));
+    assert_eq!(
+        long.xattrs[1],
+        ("user.note".to_owned(), b"hello\0world".to_vec())
+    );
     assert!(idx.find(LONG_GNU).is_some(), "GNU long name");
     let sl = &idx.entries[idx.find("etc/link-to-one").unwrap()];
-    assert_eq!((&sl.kind, sl.link.as_deref()), (&EntryKind::Symlink, Some("../etc/one")));
+    assert_eq!(
+        (&sl.kind, sl.link.as_deref()),
+        (&EntryKind::Symlink, Some("../etc/one"))
+    );
     let hl_idx = idx.find("opt/hardlink").unwrap();
     let hl = &idx.entries[hl_idx];
-    assert_eq!((&hl.kind, hl.link.as_deref(), hl.size), (&EntryKind::Hardlink, Some("usr/lib/random-12m.bin"), 0));
+    assert_eq!(
+        (&hl.kind, hl.link.as_deref(), hl.size),
+        (&EntryKind::Hardlink, Some("usr/lib/random-12m.bin"), 0)
+    );
     assert_eq!(idx.resolve(hl_idx).unwrap().path, "usr/lib/random-12m.bin");
     let dev = &idx.entries[idx.find("dev-null").unwrap()];
     assert_eq!(dev.kind, EntryKind::Char { major: 1, minor: 3 });
     assert_eq!(idx.entries[idx.find("fifo").unwrap()].kind, EntryKind::Fifo);
     let f = &idx.entries[idx.find("etc/one").unwrap()];
-    assert_eq!((f.uid, f.gid, f.mode, f.mtime), (1000, 100, 0o644, 1_600_000_000));
+    assert_eq!(
+        (f.uid, f.gid, f.mode, f.mtime),
+        (1000, 100, 0o644, 1_600_000_000)
+    );
 }
 
 /// Extract `n` random ranges (some whole chunks, some 64 KiB, some tiny, some crossing
 /// checkpoint spans) and compare with the original bytes.
-fn check_ranges(idx: &LayerIndex, blob: &[u8], files: &HashMap<String, Vec<u8>>, n: usize, seed: u64) {
+fn check_ranges(
+    idx: &LayerIndex,
+    blob: &[u8],
+    files: &HashMap<String, Vec<u8>>,
+    n: usize,
+    seed: u64,
+) {
     let mut rng = Rng(seed);
-    let file_entries: Vec<&Entry> = idx.entries.iter().filter(|e| e.kind == EntryKind::File && e.size > 0).collect();
+    let file_entries: Vec<&Entry> = idx
+        .entries
+        .iter()
+        .filter(|e| e.kind == EntryKind::File && e.size > 0)
+        .collect();
     // Bias towards the big files, where checkpoints matter.
-    let big: Vec<&Entry> = file_entries.iter().copied().filter(|e| e.size > CHUNK_SIZE).collect();
+    let big: Vec<&Entry> = file_entries
+        .iter()
+        .copied()
+        .filter(|e| e.size > CHUNK_SIZE)
+        .collect();
     for i in 0..n {
-        let e = if i % 2 == 0 { big[rng.below(big.len() as u64) as usize] } else { file_entries[rng.below(file_entries.len() as u64) as usize] };
+        let e = if i % 2 == 0 {
+            big[rng.below(big.len() as u64) as usize]
+        } else {
+            file_entries[rng.below(file_entries.len() as u64) as usize]
+        };
         let data = &files[&e.path];
         let (off, len) = match i % 4 {
             0 => {
@@ -260,10 +327,15 @@ fn check_ranges(idx: &LayerIndex, blob: &[u8], files: &HashMap<String, Vec<u8>>,
         };
         let span = plan(idx, e, off, len).unwrap();
         let bytes = &blob[span.blob_offset as usize..(span.blob_offset + span.blob_len) as usize];
-        let got = extract(idx, &span, bytes).unwrap_or_else(|err| panic!("{} {off}+{len}: {err:?}", e.path));
+        let got = extract(idx, &span, bytes)
+            .unwrap_or_else(|err| panic!("{} {off}+{len}: {err:?}", e.path));
         let end = (off + len).min(e.size) as usize;
         assert_eq!(got.len(), end - off as usize);
-        assert!(got == data[off as usize..end], "{} {off}+{len} differs", e.path);
+        assert!(
+            got == data[off as usize..end],
+            "{} {off}+{len} differs",
+            e.path
+        );
         if i % 4 == 0 {
             verify_chunk(e, off / CHUNK_SIZE, &got).unwrap();
         }
@@ -283,16 +355,26 @@ fn gzip_single_member() {
     let idx = LayerIndex::build(&blob[..], &small_span()).unwrap();
     assert_eq!(idx.compression, Compression::Gzip);
     assert_eq!(idx.blob_digest, format!("sha256:{}", sha(&blob)));
-    assert_eq!(idx.diff_id, format!("sha256:{}", sha(&tar)));
-    assert_eq!((idx.compressed_size, idx.uncompressed_size), (blob.len() as u64, tar.len() as u64));
+    assert_eq!(idx.diff_id, Some(format!("sha256:{}", sha(&tar))));
+    assert_eq!(
+        (idx.compressed_size, idx.uncompressed_size),
+        (blob.len() as u64, tar.len() as u64)
+    );
     check_entries(&idx, &files);
-    assert!(idx.checkpoints.len() >= 15, "{} checkpoints", idx.checkpoints.len());
+    assert!(
+        idx.checkpoints.len() >= 15,
+        "{} checkpoints",
+        idx.checkpoints.len()
+    );
     let odd = idx.checkpoints.iter().filter(|c| c.bit_offset != 0).count();
     assert!(odd >= 1, "no checkpoint at a non-zero bit offset");
     for w in idx.checkpoints.windows(2) {
         assert!(w[1].uncompressed_offset - w[0].uncompressed_offset >= 1 << 20);
     }
-    eprintln!("gzip: {} checkpoints, {odd} at non-zero bit offsets", idx.checkpoints.len());
+    eprintln!(
+        "gzip: {} checkpoints, {odd} at non-zero bit offsets",
+        idx.checkpoints.len()
+    );
     check_ranges(&idx, &blob, &files, 400, 11);
     round_trip(&idx);
 }
@@ -300,15 +382,26 @@ fn gzip_single_member() {
 #[test]
 fn gzip_multi_member() {
     let (tar, files) = synth_tar(2);
-    let cuts = [1000, 1_500_000, 1_500_001, 9_000_000, 15_000_000, 20_000_000];
+    let cuts = [
+        1000, 1_500_000, 1_500_001, 9_000_000, 15_000_000, 20_000_000,
+    ];
     assert!(tar.len() > 20_000_000);
     let blob = gzip_members(&tar, &cuts);
-    let opts = IndexOptions { span: 1 << 20, boundary_span: 0, ..IndexOptions::default() };
+    let opts = IndexOptions {
+        span: 1 << 20,
+        boundary_span: 0,
+        diff_id: true,
+        ..IndexOptions::default()
+    };
     let idx = LayerIndex::build(&blob[..], &opts).unwrap();
-    assert_eq!(idx.diff_id, format!("sha256:{}", sha(&tar)));
+    assert_eq!(idx.diff_id, Some(format!("sha256:{}", sha(&tar))));
     check_entries(&idx, &files);
     // Every member start got a window-less checkpoint.
-    let member_starts = idx.checkpoints.iter().filter(|c| c.window.is_empty()).count();
+    let member_starts = idx
+        .checkpoints
+        .iter()
+        .filter(|c| c.window.is_empty())
+        .count();
     assert_eq!(member_starts, cuts.len() + 1);
     check_ranges(&idx, &blob, &files, 300, 12);
     round_trip(&idx);
@@ -331,9 +424,13 @@ fn zstd_single_and_multi_frame() {
     round_trip(&idx);
 
     let multi = zstd_frames(&tar, 1 << 20);
-    let idx = LayerIndex::build(&multi[..], &IndexOptions::default()).unwrap();
+    let opts = IndexOptions {
+        diff_id: true,
+        ..IndexOptions::default()
+    };
+    let idx = LayerIndex::build(&multi[..], &opts).unwrap();
     assert_eq!(idx.checkpoints.len(), tar.len().div_ceil(1 << 20));
-    assert_eq!(idx.diff_id, format!("sha256:{}", sha(&tar)));
+    assert_eq!(idx.diff_id, Some(format!("sha256:{}", sha(&tar))));
     check_entries(&idx, &files);
     check_ranges(&idx, &multi, &files, 300, 22);
     // A range inside one frame fetches about one frame, not the blob.
@@ -346,13 +443,20 @@ fn zstd_single_and_multi_frame() {
 #[test]
 fn plain_tar_and_media_type_hint() {
     let (tar, files) = synth_tar(4);
-    let opts = IndexOptions { media_type: Some("application/vnd.oci.image.layer.v1.tar".into()), ..IndexOptions::default() };
+    let opts = IndexOptions {
+        media_type: Some("application/vnd.oci.image.layer.v1.tar".into()),
+        ..IndexOptions::default()
+    };
     let idx = LayerIndex::build(&tar[..], &opts).unwrap();
     assert_eq!(idx.compression, Compression::None);
     assert!(idx.checkpoints.is_empty());
-    assert_eq!(idx.blob_digest, idx.diff_id);
+    assert_eq!(Some(&idx.blob_digest), idx.diff_id.as_ref());
     check_entries(&idx, &files);
-    for e in idx.entries.iter().filter(|e| e.kind == EntryKind::File && e.size > 0) {
+    for e in idx
+        .entries
+        .iter()
+        .filter(|e| e.kind == EntryKind::File && e.size > 0)
+    {
         let span = plan(&idx, e, 0, e.size).unwrap();
         assert_eq!((span.blob_offset, span.blob_len), (e.data_offset, e.size));
     }
@@ -365,7 +469,9 @@ fn async_range_reader() {
     let (tar, files) = synth_tar(5);
     let blob = Bytes::from(gzip(&tar, 1));
     let idx = LayerIndex::build(&blob[..], &IndexOptions::default()).unwrap();
-    let rt = tokio::runtime::Builder::new_current_thread().build().unwrap();
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .build()
+        .unwrap();
     let fetches = std::sync::atomic::AtomicU64::new(0);
     let reader = |off: u64, len: u64| {
         fetches.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
@@ -375,12 +481,19 @@ fn async_range_reader() {
     rt.block_on(async {
         let e = &idx.entries[idx.find("usr/lib/random-12m.bin").unwrap()];
         let data = &files[&e.path];
-        let got = read_file_range(&idx, e, 7_777_777, 65_536, &reader).await.unwrap();
+        let got = read_file_range(&idx, e, 7_777_777, 65_536, &reader)
+            .await
+            .unwrap();
         assert!(got == data[7_777_777..7_777_777 + 65_536]);
-        let whole = read_file_range(&idx, e, 0, u64::MAX, &reader).await.unwrap();
+        let whole = read_file_range(&idx, e, 0, u64::MAX, &reader)
+            .await
+            .unwrap();
         verify_whole(e, &whole).unwrap();
         let failing = |_: u64, _: u64| async { Err::<Bytes, _>(io::Error::other("registry down")) };
-        assert!(matches!(read_file_range(&idx, e, 0, 10, &failing).await, Err(IndexError::Fetch { .. })));
+        assert!(matches!(
+            read_file_range(&idx, e, 0, 10, &failing).await,
+            Err(IndexError::Fetch { .. })
+        ));
     });
     assert_eq!(fetches.load(std::sync::atomic::Ordering::Relaxed), 2);
 }
@@ -422,7 +535,10 @@ fn sink_sees_every_byte() {
     let blob = zstd_frames(&tar, 3 << 20);
     let mut sink = Collect::default();
     let idx = LayerIndex::build_with_sink(&blob[..], &IndexOptions::default(), &mut sink).unwrap();
-    assert_eq!((sink.begun, sink.done), (idx.entries.len(), idx.entries.len()));
+    assert_eq!(
+        (sink.begun, sink.done),
+        (idx.entries.len(), idx.entries.len())
+    );
     for (i, data) in &sink.files {
         assert!(files[&idx.entries[*i].path] == *data);
     }
@@ -445,7 +561,18 @@ fn corrupt_and_truncated_blobs_fail_cleanly() {
     let blob = gzip(&tar, 6);
     let opts = IndexOptions::default();
     // Truncations at many points: always an error, never a panic.
-    for cut in [1, 5, 10, 11, 100, 5000, blob.len() / 2, blob.len() - 9, blob.len() - 4, blob.len() - 1] {
+    for cut in [
+        1,
+        5,
+        10,
+        11,
+        100,
+        5000,
+        blob.len() / 2,
+        blob.len() - 9,
+        blob.len() - 4,
+        blob.len() - 1,
+    ] {
         let r = LayerIndex::build(&blob[..cut], &opts);
         assert!(r.is_err(), "cut at {cut} accepted");
     }
@@ -457,12 +584,18 @@ fn corrupt_and_truncated_blobs_fail_cleanly() {
     // Trailing garbage after the last member.
     let mut trailing = blob.clone();
     trailing.extend_from_slice(b"garbage!");
-    assert!(matches!(LayerIndex::build(&trailing[..], &opts), Err(IndexError::Gzip { .. })));
+    assert!(matches!(
+        LayerIndex::build(&trailing[..], &opts),
+        Err(IndexError::Gzip { .. })
+    ));
     // zstd truncated.
     let z = zstd::encode_all(&tar[..], 3).unwrap();
     assert!(LayerIndex::build(&z[..z.len() - 3], &opts).is_err());
     // Plain tar truncated inside a member.
-    assert!(matches!(LayerIndex::build(&tar[..700_000], &opts), Err(IndexError::Truncated { .. })));
+    assert!(matches!(
+        LayerIndex::build(&tar[..700_000], &opts),
+        Err(IndexError::Truncated { .. })
+    ));
 }
 
 fn raw_header(name: &[u8], kind: u8, size: u64) -> [u8; 512] {
@@ -489,11 +622,21 @@ fn tar_of(parts: &[&[u8]]) -> Vec<u8> {
 fn hostile_tar_headers_are_rejected() {
     let opts = IndexOptions::default();
     let dotdot = tar_of(&[&raw_header(b"a/../../etc/passwd", b'0', 0)]);
-    assert!(matches!(LayerIndex::build(&dotdot[..], &opts), Err(IndexError::UnsafePath { .. })));
+    assert!(matches!(
+        LayerIndex::build(&dotdot[..], &opts),
+        Err(IndexError::UnsafePath { .. })
+    ));
 
     let pax = pax_records(&[("path", b"../x")]);
-    let t = tar_of(&[&raw_header(b"p", b'x', pax.len() as u64), &pax, &raw_header(b"ok", b'0', 0)]);
-    assert!(matches!(LayerIndex::build(&t[..], &opts), Err(IndexError::UnsafePath { .. })));
+    let t = tar_of(&[
+        &raw_header(b"p", b'x', pax.len() as u64),
+        &pax,
+        &raw_header(b"ok", b'0', 0),
+    ]);
+    assert!(matches!(
+        LayerIndex::build(&t[..], &opts),
+        Err(IndexError::UnsafePath { .. })
+    ));
 
     let hl = {
         let mut h = tar::Header::new_ustar();
@@ -510,23 +653,45 @@ fn hostile_tar_headers_are_rejected() {
 
     // A 2 MiB PAX header: refused before it is read.
     let big = tar_of(&[&raw_header(b"p", b'x', 2 << 20)]);
-    assert!(matches!(LayerIndex::build(&big[..], &opts), Err(IndexError::HeaderTooLarge { .. })));
+    assert!(matches!(
+        LayerIndex::build(&big[..], &opts),
+        Err(IndexError::HeaderTooLarge { .. })
+    ));
     let big = tar_of(&[&raw_header(b"././@LongLink", b'L', 1 << 30)]);
-    assert!(matches!(LayerIndex::build(&big[..], &opts), Err(IndexError::HeaderTooLarge { .. })));
+    assert!(matches!(
+        LayerIndex::build(&big[..], &opts),
+        Err(IndexError::HeaderTooLarge { .. })
+    ));
 
     // Bad checksum.
     let mut h = raw_header(b"f", b'0', 0);
     h[0] = b'g';
-    assert!(matches!(LayerIndex::build(&tar_of(&[&h])[..], &opts), Err(IndexError::TarHeader { .. })));
+    assert!(matches!(
+        LayerIndex::build(&tar_of(&[&h])[..], &opts),
+        Err(IndexError::TarHeader { .. })
+    ));
 
     // Malformed PAX record.
-    let t = tar_of(&[&raw_header(b"p", b'x', 9), b"99 path=x", &raw_header(b"ok", b'0', 0)]);
-    assert!(matches!(LayerIndex::build(&t[..], &opts), Err(IndexError::TarHeader { .. })));
+    let t = tar_of(&[
+        &raw_header(b"p", b'x', 9),
+        b"99 path=x",
+        &raw_header(b"ok", b'0', 0),
+    ]);
+    assert!(matches!(
+        LayerIndex::build(&t[..], &opts),
+        Err(IndexError::TarHeader { .. })
+    ));
 
     // PAX size overrides the header size (and keeps the walker in sync).
     let data = vec![7u8; 1000];
     let pax = pax_records(&[("size", b"1000")]);
-    let t = tar_of(&[&raw_header(b"p", b'x', pax.len() as u64), &pax, &raw_header(b"f", b'0', 0), &data, &raw_header(b"g", b'0', 0)]);
+    let t = tar_of(&[
+        &raw_header(b"p", b'x', pax.len() as u64),
+        &pax,
+        &raw_header(b"f", b'0', 0),
+        &data,
+        &raw_header(b"g", b'0', 0),
+    ]);
     let idx = LayerIndex::build(&t[..], &opts).unwrap();
     assert_eq!(idx.entries.len(), 2);
     assert_eq!(idx.entries[0].size, 1000);
@@ -534,7 +699,10 @@ fn hostile_tar_headers_are_rejected() {
 
     // GNU sparse: refused, not misread.
     let t = tar_of(&[&raw_header(b"s", b'S', 0)]);
-    assert!(matches!(LayerIndex::build(&t[..], &opts), Err(IndexError::Unsupported { .. })));
+    assert!(matches!(
+        LayerIndex::build(&t[..], &opts),
+        Err(IndexError::Unsupported { .. })
+    ));
 }
 
 #[test]
@@ -543,8 +711,14 @@ fn decode_never_panics_on_damaged_input() {
     let blob = gzip(&tar, 6);
     let idx = LayerIndex::build(&blob[..], &small_span()).unwrap();
     let enc = idx.encode();
-    for cut in (0..enc.len()).step_by(enc.len() / 300 + 1).chain([enc.len() - 1]) {
-        assert!(LayerIndex::decode(&enc[..cut]).is_err(), "truncated at {cut} accepted");
+    for cut in (0..enc.len())
+        .step_by(enc.len() / 300 + 1)
+        .chain([enc.len() - 1])
+    {
+        assert!(
+            LayerIndex::decode(&enc[..cut]).is_err(),
+            "truncated at {cut} accepted"
+        );
     }
     let mut rng = Rng(99);
     for _ in 0..300 {
@@ -577,13 +751,22 @@ fn decode_checks_body_invariants() {
     // gzip layer, no entries, entry count claims a billion.
     let mut body = vec![1u8, 0, 0, 10, 10, 1];
     body.extend_from_slice(&[0x80, 0x94, 0xeb, 0xdc, 0x03]);
-    assert!(matches!(LayerIndex::decode(&wrap(&body)), Err(IndexError::CorruptIndex(_))));
+    assert!(matches!(
+        LayerIndex::decode(&wrap(&body)),
+        Err(IndexError::CorruptIndex(_))
+    ));
     // gzip layer, no entries, no checkpoints.
     let body = [1u8, 0, 0, 10, 10, 1, 0, 0];
-    assert!(matches!(LayerIndex::decode(&wrap(&body)), Err(IndexError::CorruptIndex(_))));
+    assert!(matches!(
+        LayerIndex::decode(&wrap(&body)),
+        Err(IndexError::CorruptIndex(_))
+    ));
     // gzip layer, one checkpoint with bit offset 9.
     let body = [1u8, 0, 0, 10, 10, 1, 0, 1, 0, 0, 9, 0];
-    assert!(matches!(LayerIndex::decode(&wrap(&body)), Err(IndexError::CorruptIndex(_))));
+    assert!(matches!(
+        LayerIndex::decode(&wrap(&body)),
+        Err(IndexError::CorruptIndex(_))
+    ));
     // The valid version of the same.
     let body = [1u8, 0, 0, 10, 10, 1, 0, 1, 0, 0, 3, 0];
     let idx = LayerIndex::decode(&wrap(&body)).unwrap();
@@ -607,7 +790,10 @@ fn index_store_round_trip() {
     assert_eq!(store.load(&idx.blob_digest).unwrap().as_ref(), Some(&idx));
     // Saved again (overwrite) and no temp files left behind.
     store.save(&idx).unwrap();
-    let names: Vec<_> = std::fs::read_dir(&store.dir).unwrap().map(|e| e.unwrap().file_name()).collect();
+    let names: Vec<_> = std::fs::read_dir(&store.dir)
+        .unwrap()
+        .map(|e| e.unwrap().file_name())
+        .collect();
     assert_eq!(names.len(), 1, "{names:?}");
     // A damaged file is an error, not a panic and not a silent miss.
     std::fs::write(&path, b"FFLIDX\r\n\x01\x00\x00\x00\x05\x00\x00\x00junk").unwrap();
@@ -615,7 +801,10 @@ fn index_store_round_trip() {
     // A file from a future format version is a miss.
     std::fs::write(&path, b"FFLIDX\r\n\x09\x00\x00\x00\x00\x00\x00\x00").unwrap();
     assert!(store.load(&idx.blob_digest).unwrap().is_none());
-    assert!(matches!(store.load("sha256:../../x"), Err(IndexError::InvalidDigest(_))));
+    assert!(matches!(
+        store.load("sha256:../../x"),
+        Err(IndexError::InvalidDigest(_))
+    ));
 }
 
 /// Index a layer made by GNU tar from real files and check every file against the disk.
@@ -625,7 +814,8 @@ fn check_real_layer(src: &std::path::Path, blob: &[u8], opts: &IndexOptions) -> 
     let mut checked = 0;
     for e in &idx.entries {
         let disk = src.join(&e.path);
-        let meta = std::fs::symlink_metadata(&disk).unwrap_or_else(|err| panic!("{}: {err}", disk.display()));
+        let meta = std::fs::symlink_metadata(&disk)
+            .unwrap_or_else(|err| panic!("{}: {err}", disk.display()));
         match e.kind {
             EntryKind::File => {
                 let data = std::fs::read(&disk).unwrap();
@@ -644,7 +834,12 @@ fn check_real_layer(src: &std::path::Path, blob: &[u8], opts: &IndexOptions) -> 
         }
     }
     assert!(checked > 0);
-    let hardlinked: Vec<_> = idx.entries.iter().enumerate().filter(|(_, e)| e.kind == EntryKind::Hardlink).collect();
+    let hardlinked: Vec<_> = idx
+        .entries
+        .iter()
+        .enumerate()
+        .filter(|(_, e)| e.kind == EntryKind::Hardlink)
+        .collect();
     for (i, _) in &hardlinked {
         assert_eq!(idx.resolve(*i).unwrap().kind, EntryKind::File);
     }
@@ -659,7 +854,12 @@ fn check_real_layer(src: &std::path::Path, blob: &[u8], opts: &IndexOptions) -> 
 fn gnu_tar_layers_match_the_disk() {
     // /usr/share/zoneinfo: many small files and symlinks, made by the real tool.
     let zi = std::path::Path::new("/usr/share/zoneinfo");
-    let out = Command::new("tar").args(["czf", "-", "-C"]).arg(zi).arg(".").output().unwrap();
+    let out = Command::new("tar")
+        .args(["czf", "-", "-C"])
+        .arg(zi)
+        .arg(".")
+        .output()
+        .unwrap();
     assert!(out.status.success());
     let idx = check_real_layer(zi, &out.stdout, &IndexOptions::default());
     assert!(idx.entries.len() > 500);
@@ -678,11 +878,23 @@ fn gnu_tar_layers_match_the_disk() {
     let xattr_ok = xattr::set(root.join("a/text.txt"), "user.fanfill", b"v1").is_ok();
     for format in ["--format=gnu", "--format=posix"] {
         let mut cmd = Command::new("tar");
-        cmd.args(["czf", "-", format, "--xattrs", "-C"]).arg(&root).arg(".");
+        cmd.args(["czf", "-", format, "--xattrs", "-C"])
+            .arg(&root)
+            .arg(".");
         let out = cmd.output().unwrap();
-        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
         let idx = check_real_layer(&root, &out.stdout, &small_span());
-        assert_eq!(idx.entries.iter().filter(|e| e.kind == EntryKind::Hardlink).count(), 1);
+        assert_eq!(
+            idx.entries
+                .iter()
+                .filter(|e| e.kind == EntryKind::Hardlink)
+                .count(),
+            1
+        );
         assert!(idx.find(&format!("a/b/{long}")).is_some());
         if xattr_ok && format == "--format=posix" {
             let e = &idx.entries[idx.find("a/text.txt").unwrap()];
@@ -690,7 +902,12 @@ fn gnu_tar_layers_match_the_disk() {
         }
     }
     // zstd from the real tool too.
-    let out = Command::new("tar").args(["--zstd", "-cf", "-", "-C"]).arg(&root).arg(".").output().unwrap();
+    let out = Command::new("tar")
+        .args(["--zstd", "-cf", "-", "-C"])
+        .arg(&root)
+        .arg(".")
+        .output()
+        .unwrap();
     assert!(out.status.success());
     let idx = check_real_layer(&root, &out.stdout, &IndexOptions::default());
     assert_eq!(idx.compression, Compression::Zstd);

@@ -15,7 +15,9 @@ pub enum IndexError {
     #[error("layer blob is empty")]
     EmptyBlob,
     /// The media type announces a compression the blob's magic bytes do not show.
-    #[error("media type {media_type:?} announces a compressed layer but the blob has no such magic")]
+    #[error(
+        "media type {media_type:?} announces a compressed layer but the blob has no such magic"
+    )]
     CompressionMismatch {
         /// The media type given as a hint.
         media_type: String,

@@ -34,7 +34,10 @@ impl Span {
     pub fn skip(&self, index: &LayerIndex) -> u64 {
         self.checkpoint
             .and_then(|i| index.checkpoints.get(i))
-            .map_or(0, |c| self.uncompressed_offset.saturating_sub(c.uncompressed_offset))
+            .map_or(0, |c| {
+                self.uncompressed_offset
+                    .saturating_sub(c.uncompressed_offset)
+            })
     }
 }
 
@@ -42,16 +45,24 @@ impl Span {
 /// The range is clamped to the end of the file; an `offset` past the end is an error.
 pub fn plan(index: &LayerIndex, entry: &Entry, offset: u64, len: u64) -> Result<Span, IndexError> {
     if entry.kind != EntryKind::File {
-        return Err(IndexError::NotAFile { path: entry.path.clone() });
+        return Err(IndexError::NotAFile {
+            path: entry.path.clone(),
+        });
     }
     if offset > entry.size {
-        return Err(IndexError::OutOfRange { offset, size: entry.size });
+        return Err(IndexError::OutOfRange {
+            offset,
+            size: entry.size,
+        });
     }
     let len = len.min(entry.size - offset);
     let start = entry
         .data_offset
         .checked_add(offset)
-        .ok_or(IndexError::OutOfRange { offset, size: entry.size })?;
+        .ok_or(IndexError::OutOfRange {
+            offset,
+            size: entry.size,
+        })?;
     plan_uncompressed(index, start, len)
 }
 
@@ -65,10 +76,22 @@ pub fn plan_uncompressed(index: &LayerIndex, offset: u64, len: u64) -> Result<Sp
     }
     let len = len.min(size - offset);
     if len == 0 {
-        return Ok(Span { blob_offset: 0, blob_len: 0, checkpoint: None, uncompressed_offset: offset, len });
+        return Ok(Span {
+            blob_offset: 0,
+            blob_len: 0,
+            checkpoint: None,
+            uncompressed_offset: offset,
+            len,
+        });
     }
     if index.compression == Compression::None {
-        return Ok(Span { blob_offset: offset, blob_len: len, checkpoint: None, uncompressed_offset: offset, len });
+        return Ok(Span {
+            blob_offset: offset,
+            blob_len: len,
+            checkpoint: None,
+            uncompressed_offset: offset,
+            len,
+        });
     }
     let cps = &index.checkpoints;
     let i = cps.partition_point(|c| c.uncompressed_offset <= offset);
@@ -115,15 +138,23 @@ impl Collector {
 /// the wanted bytes.
 pub fn extract(index: &LayerIndex, span: &Span, span_bytes: &[u8]) -> Result<Vec<u8>, IndexError> {
     if span_bytes.len() as u64 != span.blob_len {
-        return Err(IndexError::SpanMismatch { expected: span.blob_len, got: span_bytes.len() as u64 });
+        return Err(IndexError::SpanMismatch {
+            expected: span.blob_len,
+            got: span_bytes.len() as u64,
+        });
     }
     if span.len == 0 {
         return Ok(Vec::new());
     }
-    let want = usize::try_from(span.len).map_err(|_| IndexError::OutOfRange { offset: span.len, size: usize::MAX as u64 })?;
+    let want = usize::try_from(span.len).map_err(|_| IndexError::OutOfRange {
+        offset: span.len,
+        size: usize::MAX as u64,
+    })?;
     if index.compression == Compression::None || span.checkpoint.is_none() {
         if index.compression != Compression::None || span.len != span.blob_len {
-            return Err(IndexError::CorruptIndex("span does not fit the index".into()));
+            return Err(IndexError::CorruptIndex(
+                "span does not fit the index".into(),
+            ));
         }
         return Ok(span_bytes.to_vec());
     }
@@ -135,7 +166,9 @@ pub fn extract(index: &LayerIndex, span: &Span, span_bytes: &[u8]) -> Result<Vec
         || cp.compressed_offset - span.blob_offset > span.blob_len
         || cp.uncompressed_offset > span.uncompressed_offset
     {
-        return Err(IndexError::CorruptIndex("span does not fit the index".into()));
+        return Err(IndexError::CorruptIndex(
+            "span does not fit the index".into(),
+        ));
     }
     let mut c = Collector {
         skip: span.uncompressed_offset - cp.uncompressed_offset,
@@ -147,26 +180,40 @@ pub fn extract(index: &LayerIndex, span: &Span, span_bytes: &[u8]) -> Result<Vec
         Compression::Gzip => inflate_span(cp, span.blob_offset, span_bytes, |b| c.push(b))?,
         Compression::Zstd => {
             let start = (cp.compressed_offset - span.blob_offset) as usize;
-            zstd_span(&span_bytes[start..], span.blob_offset + start as u64, |b| c.push(b))?
+            zstd_span(&span_bytes[start..], span.blob_offset + start as u64, |b| {
+                c.push(b)
+            })?
         }
         // Handled above.
         Compression::None => {}
     }
     if c.out.len() < want {
-        return Err(IndexError::Truncated { what: "fetched span" });
+        return Err(IndexError::Truncated {
+            what: "fetched span",
+        });
     }
     Ok(c.out)
 }
 
-fn zstd_span(input: &[u8], base: u64, mut out: impl FnMut(&[u8]) -> bool) -> Result<(), IndexError> {
+fn zstd_span(
+    input: &[u8],
+    base: u64,
+    mut out: impl FnMut(&[u8]) -> bool,
+) -> Result<(), IndexError> {
     use zstd::stream::raw::{Decoder, Operation};
-    let mut dec = Decoder::new().map_err(|source| IndexError::Zstd { offset: base, source })?;
+    let mut dec = Decoder::new().map_err(|source| IndexError::Zstd {
+        offset: base,
+        source,
+    })?;
     let mut buf = vec![0u8; 128 * 1024];
     let mut pos = 0usize;
     loop {
         let st = dec
             .run_on_buffers(&input[pos..], &mut buf)
-            .map_err(|source| IndexError::Zstd { offset: base + pos as u64, source })?;
+            .map_err(|source| IndexError::Zstd {
+                offset: base + pos as u64,
+                source,
+            })?;
         pos += st.bytes_read;
         if st.bytes_written > 0 && !out(&buf[..st.bytes_written]) {
             return Ok(());
@@ -210,7 +257,11 @@ pub async fn read_file_range<R: RangeReader + ?Sized>(
     let bytes = reader
         .read_range(span.blob_offset, span.blob_len)
         .await
-        .map_err(|source| IndexError::Fetch { offset: span.blob_offset, len: span.blob_len, source })?;
+        .map_err(|source| IndexError::Fetch {
+            offset: span.blob_offset,
+            len: span.blob_len,
+            source,
+        })?;
     extract(index, &span, &bytes)
 }
 
@@ -218,11 +269,19 @@ pub async fn read_file_range<R: RangeReader + ?Sized>(
 /// its whole-file digest, which is then the digest of chunk 0).
 pub fn verify_chunk(entry: &Entry, chunk_idx: u64, bytes: &[u8]) -> Result<(), IndexError> {
     if entry.kind != EntryKind::File {
-        return Err(IndexError::NotAFile { path: entry.path.clone() });
+        return Err(IndexError::NotAFile {
+            path: entry.path.clone(),
+        });
     }
-    let mismatch = || IndexError::DigestMismatch { path: entry.path.clone(), chunk: Some(chunk_idx) };
+    let mismatch = || IndexError::DigestMismatch {
+        path: entry.path.clone(),
+        chunk: Some(chunk_idx),
+    };
     let Some((_, len)) = entry.chunk_range(chunk_idx) else {
-        return Err(IndexError::OutOfRange { offset: chunk_idx.saturating_mul(super::CHUNK_SIZE), size: entry.size });
+        return Err(IndexError::OutOfRange {
+            offset: chunk_idx.saturating_mul(super::CHUNK_SIZE),
+            size: entry.size,
+        });
     };
     if bytes.len() as u64 != len {
         return Err(mismatch());
@@ -230,7 +289,10 @@ pub fn verify_chunk(entry: &Entry, chunk_idx: u64, bytes: &[u8]) -> Result<(), I
     let expected = if entry.chunk_sha256.is_empty() {
         entry.sha256.as_deref()
     } else {
-        usize::try_from(chunk_idx).ok().and_then(|i| entry.chunk_sha256.get(i)).map(String::as_str)
+        usize::try_from(chunk_idx)
+            .ok()
+            .and_then(|i| entry.chunk_sha256.get(i))
+            .map(String::as_str)
     };
     match expected {
         Some(e) if e.eq_ignore_ascii_case(&hex::encode(Sha256::digest(bytes))) => Ok(()),
@@ -241,12 +303,21 @@ pub fn verify_chunk(entry: &Entry, chunk_idx: u64, bytes: &[u8]) -> Result<(), I
 /// Check the whole content of `entry`.
 pub fn verify_whole(entry: &Entry, bytes: &[u8]) -> Result<(), IndexError> {
     if entry.kind != EntryKind::File {
-        return Err(IndexError::NotAFile { path: entry.path.clone() });
+        return Err(IndexError::NotAFile {
+            path: entry.path.clone(),
+        });
     }
     let ok = bytes.len() as u64 == entry.size
         && entry
             .sha256
             .as_deref()
             .is_some_and(|e| e.eq_ignore_ascii_case(&hex::encode(Sha256::digest(bytes))));
-    if ok { Ok(()) } else { Err(IndexError::DigestMismatch { path: entry.path.clone(), chunk: None }) }
+    if ok {
+        Ok(())
+    } else {
+        Err(IndexError::DigestMismatch {
+            path: entry.path.clone(),
+            chunk: None,
+        })
+    }
 }

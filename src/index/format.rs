@@ -192,8 +192,14 @@ fn decode_entry(r: &mut Reader<'_>, uncompressed_size: u64) -> Result<Entry, Ind
         2 => EntryKind::Symlink,
         3 => EntryKind::Hardlink,
         4 => EntryKind::Fifo,
-        5 => EntryKind::Char { major: r.u32("major")?, minor: r.u32("minor")? },
-        6 => EntryKind::Block { major: r.u32("major")?, minor: r.u32("minor")? },
+        5 => EntryKind::Char {
+            major: r.u32("major")?,
+            minor: r.u32("minor")?,
+        },
+        6 => EntryKind::Block {
+            major: r.u32("major")?,
+            minor: r.u32("minor")?,
+        },
         _ => return Err(corrupt("bad entry kind")),
     };
     let mode = r.u32("mode")?;
@@ -221,7 +227,10 @@ fn decode_entry(r: &mut Reader<'_>, uncompressed_size: u64) -> Result<Entry, Ind
     };
     let size = r.var()?;
     let data_offset = r.var()?;
-    if data_offset.checked_add(size).is_none_or(|end| end > uncompressed_size) {
+    if data_offset
+        .checked_add(size)
+        .is_none_or(|end| end > uncompressed_size)
+    {
         return Err(corrupt("entry data beyond the end of the stream"));
     }
     let sha256 = r.digest()?;
@@ -230,7 +239,11 @@ fn decode_entry(r: &mut Reader<'_>, uncompressed_size: u64) -> Result<Entry, Ind
     for _ in 0..nc {
         chunk_sha256.push(r.digest()?.ok_or_else(|| corrupt("missing chunk digest"))?);
     }
-    let expected_chunks = if size > CHUNK_SIZE { size.div_ceil(CHUNK_SIZE) } else { 0 };
+    let expected_chunks = if size > CHUNK_SIZE {
+        size.div_ceil(CHUNK_SIZE)
+    } else {
+        0
+    };
     if kind == EntryKind::File && nc as u64 != expected_chunks {
         return Err(corrupt("chunk digest count does not match the size"));
     }
@@ -266,7 +279,13 @@ impl LayerIndex {
             Compression::Zstd => 2,
         });
         w.bytes(self.blob_digest.as_bytes());
-        w.bytes(self.diff_id.as_bytes());
+        match &self.diff_id {
+            None => w.u8(0),
+            Some(d) => {
+                w.u8(1);
+                w.bytes(d.as_bytes());
+            }
+        }
         w.var(self.compressed_size);
         w.var(self.uncompressed_size);
         w.var(self.span);
@@ -300,8 +319,8 @@ impl LayerIndex {
         out
     }
 
-    /// Parse a stored index. Never panics; allocations are bounded by the input and
-    /// [`MAX_BODY`]; the result satisfies every invariant [`super::plan`] and
+    /// Parse a stored index. Never panics; allocations are bounded by the decompressed body,
+    /// which is capped at 1 GiB and checked against the header; the result satisfies every invariant [`super::plan`] and
     /// [`super::extract`] rely on.
     pub fn decode(data: &[u8]) -> Result<LayerIndex, IndexError> {
         if data.len() < HEADER_LEN || data[..8] != FORMAT_MAGIC {
@@ -324,7 +343,8 @@ impl LayerIndex {
             .map_err(|e| corrupt(format!("zstd: {e}")))?
             .single_frame()
             .take(body_len + 1);
-        dec.read_to_end(&mut body).map_err(|e| corrupt(format!("zstd: {e}")))?;
+        dec.read_to_end(&mut body)
+            .map_err(|e| corrupt(format!("zstd: {e}")))?;
         if body.len() as u64 != body_len {
             return Err(corrupt("body length mismatch"));
         }
@@ -336,7 +356,11 @@ impl LayerIndex {
             _ => return Err(corrupt("bad compression")),
         };
         let blob_digest = r.string("blob digest")?;
-        let diff_id = r.string("diff id")?;
+        let diff_id = match r.u8()? {
+            0 => None,
+            1 => Some(r.string("diff id")?),
+            _ => return Err(corrupt("bad diff id tag")),
+        };
         let compressed_size = r.var()?;
         let uncompressed_size = r.var()?;
         let span = r.var()?;
@@ -365,7 +389,10 @@ impl LayerIndex {
                         && compressed_offset > p.compressed_offset
                 }
             };
-            if !ordered || compressed_offset >= compressed_size.max(1) || uncompressed_offset > uncompressed_size {
+            if !ordered
+                || compressed_offset >= compressed_size.max(1)
+                || uncompressed_offset > uncompressed_size
+            {
                 return Err(corrupt("checkpoints out of order or out of range"));
             }
             checkpoints.push(Checkpoint {
@@ -417,9 +444,15 @@ mod tests {
             assert_eq!(r.var().unwrap(), v);
             assert_eq!(r.ivar().unwrap(), v as i64);
         }
-        let mut r = Reader { buf: &[0xff; 11], pos: 0 };
+        let mut r = Reader {
+            buf: &[0xff; 11],
+            pos: 0,
+        };
         assert!(r.var().is_err());
-        let mut r = Reader { buf: &[0x80, 0x00], pos: 0 };
+        let mut r = Reader {
+            buf: &[0x80, 0x00],
+            pos: 0,
+        };
         assert!(r.var().is_err());
     }
 
@@ -428,8 +461,14 @@ mod tests {
         assert!(matches!(LayerIndex::decode(b""), Err(IndexError::BadMagic)));
         let mut h = FORMAT_MAGIC.to_vec();
         h.extend_from_slice(&[2, 0, 0, 0, 0, 0, 0, 0]);
-        assert!(matches!(LayerIndex::decode(&h), Err(IndexError::UnsupportedVersion(2))));
+        assert!(matches!(
+            LayerIndex::decode(&h),
+            Err(IndexError::UnsupportedVersion(2))
+        ));
         h[8] = 1;
-        assert!(matches!(LayerIndex::decode(&h), Err(IndexError::CorruptIndex(_))));
+        assert!(matches!(
+            LayerIndex::decode(&h),
+            Err(IndexError::CorruptIndex(_))
+        ));
     }
 }

@@ -38,12 +38,16 @@ pub(crate) fn parse_header(buf: &[u8]) -> Result<Option<usize>, &'static str> {
     }
     let mut pos = 10usize;
     if flags & FEXTRA != 0 {
-        let Some(x) = buf.get(pos..pos + 2) else { return Ok(None) };
+        let Some(x) = buf.get(pos..pos + 2) else {
+            return Ok(None);
+        };
         pos += 2 + usize::from(u16::from_le_bytes([x[0], x[1]]));
     }
     for flag in [FNAME, FCOMMENT] {
         if flags & flag != 0 {
-            let Some(rest) = buf.get(pos..) else { return Ok(None) };
+            let Some(rest) = buf.get(pos..) else {
+                return Ok(None);
+            };
             match rest.iter().position(|&b| b == 0) {
                 Some(n) => pos += n + 1,
                 None => return Ok(None),
@@ -53,7 +57,11 @@ pub(crate) fn parse_header(buf: &[u8]) -> Result<Option<usize>, &'static str> {
     if flags & FHCRC != 0 {
         pos += 2;
     }
-    if pos > buf.len() { Ok(None) } else { Ok(Some(pos)) }
+    if pos > buf.len() {
+        Ok(None)
+    } else {
+        Ok(Some(pos))
+    }
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -155,7 +163,11 @@ impl<R: Read> GzipIndexer<R> {
     }
 
     fn gzip_err(&self, reason: &'static str) -> io::Error {
-        IndexError::Gzip { offset: self.pos, reason }.into_io()
+        IndexError::Gzip {
+            offset: self.pos,
+            reason,
+        }
+        .into_io()
     }
 
     fn checkpoint(&mut self, bit_pos: u64, window: Vec<u8>) {
@@ -186,7 +198,10 @@ impl<R: Read> GzipIndexer<R> {
                         return Err(self.gzip_err("gzip member header too long"));
                     }
                     if !self.fill()? {
-                        return Err(IndexError::Truncated { what: "gzip member header" }.into_io());
+                        return Err(IndexError::Truncated {
+                            what: "gzip member header",
+                        }
+                        .into_io());
                     }
                 }
                 Err(reason) => return Err(self.gzip_err(reason)),
@@ -208,7 +223,10 @@ impl<R: Read> GzipIndexer<R> {
     fn read_trailer(&mut self) -> io::Result<()> {
         while self.avail() < 8 {
             if !self.fill()? {
-                return Err(IndexError::Truncated { what: "gzip member trailer" }.into_io());
+                return Err(IndexError::Truncated {
+                    what: "gzip member trailer",
+                }
+                .into_io());
             }
         }
         let t = &self.buf[self.start..self.start + 8];
@@ -258,7 +276,11 @@ impl<R: Read> Read for GzipIndexer<R> {
                         .inflater
                         .inflate(&self.buf[self.start..self.end], out, Flush::Block)
                         .map_err(|source| {
-                            IndexError::Deflate { offset: self.pos, source }.into_io()
+                            IndexError::Deflate {
+                                offset: self.pos,
+                                source,
+                            }
+                            .into_io()
                         })?;
                     self.advance(step.consumed);
                     self.crc.update(&out[..step.produced]);
@@ -267,7 +289,10 @@ impl<R: Read> Read for GzipIndexer<R> {
                         InflateStatus::StreamEnd => self.state = State::Trailer,
                         InflateStatus::NeedMore => {
                             if self.avail() == 0 && self.eof {
-                                return Err(IndexError::Truncated { what: "deflate stream" }.into_io());
+                                return Err(IndexError::Truncated {
+                                    what: "deflate stream",
+                                }
+                                .into_io());
                             }
                             if self.avail() > 0 && step.produced == 0 && step.consumed == 0 {
                                 // Input and output room but no progress: cannot happen with a
@@ -307,9 +332,14 @@ pub(crate) fn inflate_span(
     let mut inflater = RawInflater::new_raw()?;
     let mut pos = usize::try_from(cp.compressed_offset - span_offset)
         .map_err(|_| IndexError::CorruptIndex("checkpoint outside span".into()))?;
-    let err_at = |pos: usize, reason| IndexError::Gzip { offset: span_offset + pos as u64, reason };
+    let err_at = |pos: usize, reason| IndexError::Gzip {
+        offset: span_offset + pos as u64,
+        reason,
+    };
     if cp.bit_offset > 0 {
-        let Some(&b) = span.get(pos) else { return Ok(()) };
+        let Some(&b) = span.get(pos) else {
+            return Ok(());
+        };
         let bits = u32::from(cp.bit_offset);
         inflater.prime(8 - bits, u32::from(b) >> bits)?;
         pos += 1;
@@ -318,9 +348,12 @@ pub(crate) fn inflate_span(
     let mut buf = vec![0u8; 64 * 1024];
     loop {
         let input = span.get(pos..).unwrap_or(&[]);
-        let step = inflater.inflate(input, &mut buf, Flush::None).map_err(|source| {
-            IndexError::Deflate { offset: span_offset + pos as u64, source }
-        })?;
+        let step = inflater
+            .inflate(input, &mut buf, Flush::None)
+            .map_err(|source| IndexError::Deflate {
+                offset: span_offset + pos as u64,
+                source,
+            })?;
         pos += step.consumed;
         if step.produced > 0 && !out(&buf[..step.produced]) {
             return Ok(());

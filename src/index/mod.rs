@@ -9,8 +9,8 @@
 //! The flow:
 //! 1. [`LayerIndex::build`] (or [`LayerIndex::build_with_sink`], which also hands every file's
 //!    bytes to an [`IndexSink`] as they stream by) reads the blob once: it hashes the
-//!    compressed bytes (blob digest), inflates them while recording [`Checkpoint`]s, hashes
-//!    the uncompressed stream (diff id) and walks the tar headers into [`Entry`]s with
+//!    compressed bytes (blob digest), inflates them while recording [`Checkpoint`]s, (on
+//!    request) hashes the uncompressed stream (diff id) and walks the tar headers into [`Entry`]s with
 //!    per-file and per-[`CHUNK_SIZE`] sha256s.
 //! 2. [`LayerIndex::encode`] / [`LayerIndex::decode`] store it (`docs/index-format.md`);
 //!    [`IndexStore`] keeps one file per layer digest.
@@ -193,8 +193,9 @@ pub struct LayerIndex {
     pub compression: Compression,
     /// `sha256:<hex>` of the compressed blob as it streamed by (compare with the descriptor).
     pub blob_digest: String,
-    /// `sha256:<hex>` of the uncompressed tar stream (the OCI diff id).
-    pub diff_id: String,
+    /// `sha256:<hex>` of the uncompressed tar stream (the OCI diff id), if it was computed
+    /// (see [`IndexOptions::diff_id`]).
+    pub diff_id: Option<String>,
     /// Size of the blob in bytes.
     pub compressed_size: u64,
     /// Size of the uncompressed tar stream in bytes.
@@ -222,7 +223,9 @@ impl LayerIndex {
         // Hardlink chains point backwards, so this terminates after at most `idx` steps.
         while cur.kind == EntryKind::Hardlink {
             let target = cur.link.as_deref()?;
-            let pos = self.entries[..limit].iter().rposition(|e| e.path == target)?;
+            let pos = self.entries[..limit]
+                .iter()
+                .rposition(|e| e.path == target)?;
             cur = &self.entries[pos];
             limit = pos;
         }

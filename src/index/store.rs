@@ -28,7 +28,11 @@ fn split_digest(digest: &str) -> Result<(&str, &str), IndexError> {
         "sha512" => 128,
         _ => return Err(bad()),
     };
-    if hex.len() != want || !hex.bytes().all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b)) {
+    if hex.len() != want
+        || !hex
+            .bytes()
+            .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
+    {
         return Err(bad());
     }
     Ok((alg, hex))
@@ -88,7 +92,10 @@ impl IndexStore {
         ));
         let data = index.encode();
         let result = (|| {
-            let mut f = fs::OpenOptions::new().write(true).create_new(true).open(&tmp)?;
+            let mut f = fs::OpenOptions::new()
+                .write(true)
+                .create_new(true)
+                .open(&tmp)?;
             f.write_all(&data)?;
             f.sync_all()?;
             fs::rename(&tmp, &path)?;
@@ -111,9 +118,20 @@ mod tests {
     fn digests_are_checked() {
         let s = IndexStore::new("/x");
         let d = format!("sha256:{}", "a".repeat(64));
-        assert_eq!(s.path_for(&d).unwrap(), Path::new(&format!("/x/sha256-{}.idx", "a".repeat(64))));
-        for bad in ["sha256:../../etc", "md5:abc", "sha256", &format!("sha256:{}", "A".repeat(64))] {
-            assert!(matches!(s.path_for(bad), Err(IndexError::InvalidDigest(_))), "{bad}");
+        assert_eq!(
+            s.path_for(&d).unwrap(),
+            Path::new(&format!("/x/sha256-{}.idx", "a".repeat(64)))
+        );
+        for bad in [
+            "sha256:../../etc",
+            "md5:abc",
+            "sha256",
+            &format!("sha256:{}", "A".repeat(64)),
+        ] {
+            assert!(
+                matches!(s.path_for(bad), Err(IndexError::InvalidDigest(_))),
+                "{bad}"
+            );
         }
     }
 }

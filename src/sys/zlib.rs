@@ -113,7 +113,11 @@ impl RawInflater {
         if rc != z::Z_OK {
             // No state was allocated and no RawInflater exists, so Drop (inflateEnd) never
             // runs on this stream; the box is simply freed.
-            return Err(ZlibError { call: "inflateInit2", code: rc, msg: None });
+            return Err(ZlibError {
+                call: "inflateInit2",
+                code: rc,
+                msg: None,
+            });
         }
         Ok(Self { strm })
     }
@@ -145,7 +149,11 @@ impl RawInflater {
     /// [`RawInflater::inflate`] after [`RawInflater::new_raw`] or [`RawInflater::reset`].
     pub fn prime(&mut self, bits: u32, value: u32) -> Result<(), ZlibError> {
         if bits > 16 {
-            return Err(ZlibError { call: "inflatePrime", code: z::Z_STREAM_ERROR, msg: None });
+            return Err(ZlibError {
+                call: "inflatePrime",
+                code: z::Z_STREAM_ERROR,
+                msg: None,
+            });
         }
         let bits = bits as i32;
         let value = (value & 0xffff) as i32;
@@ -225,7 +233,12 @@ impl RawInflater {
             // Z_NEED_DICT cannot happen for raw streams; treat it like any other failure.
             _ => return Err(self.err("inflate", rc)),
         };
-        Ok(InflateStep { consumed, produced, status, data_type: self.strm.data_type })
+        Ok(InflateStep {
+            consumed,
+            produced,
+            status,
+            data_type: self.strm.data_type,
+        })
     }
 }
 
@@ -252,14 +265,18 @@ mod tests {
 
     #[test]
     fn inflates_whole_stream() {
-        let data: Vec<u8> = (0..200_000u32).map(|i| (i % 251) as u8 ^ (i / 977) as u8).collect();
+        let data: Vec<u8> = (0..200_000u32)
+            .map(|i| (i % 251) as u8 ^ (i / 977) as u8)
+            .collect();
         let comp = deflate_raw(&data);
         let mut inf = RawInflater::new_raw().unwrap();
         let mut out = vec![0u8; data.len() + 10];
         let mut cin = 0;
         let mut cout = 0;
         loop {
-            let step = inf.inflate(&comp[cin..], &mut out[cout..], Flush::Block).unwrap();
+            let step = inf
+                .inflate(&comp[cin..], &mut out[cout..], Flush::Block)
+                .unwrap();
             cin += step.consumed;
             cout += step.produced;
             if step.status == InflateStatus::StreamEnd {
@@ -280,7 +297,9 @@ mod tests {
         inf.reset().unwrap();
         assert!(inf.dictionary().unwrap().is_empty());
         let mut out = [0u8; 16];
-        let e = inf.inflate(&[0xff, 0xff, 0xff], &mut out, Flush::None).unwrap_err();
+        let e = inf
+            .inflate(&[0xff, 0xff, 0xff], &mut out, Flush::None)
+            .unwrap_err();
         assert_eq!(e.code, z::Z_DATA_ERROR);
     }
 }
