@@ -912,3 +912,66 @@ fn gnu_tar_layers_match_the_disk() {
     let idx = check_real_layer(&root, &out.stdout, &IndexOptions::default());
     assert_eq!(idx.compression, Compression::Zstd);
 }
+
+/// Damage inside the (re-compressed) body, so the parser itself sees hostile bytes, then use
+/// whatever decodes: decode, plan and extract must return errors, never panic.
+#[test]
+fn hostile_bodies_never_panic_decode_or_extract() {
+    let (tar, _) = synth_tar(10);
+    let blob = gzip_members(&tar, &[3_000_000]);
+    let idx = LayerIndex::build(&blob[..], &small_span()).unwrap();
+    let enc = idx.encode();
+    let body = zstd::decode_all(&enc[16..]).unwrap();
+    let wrap = |body: &[u8]| {
+        let mut out = enc[..12].to_vec();
+        out.extend_from_slice(&(body.len() as u32).to_le_bytes());
+        out.extend_from_slice(&zstd::bulk::compress(body, 1).unwrap());
+        out
+    };
+    assert_eq!(LayerIndex::decode(&wrap(&body)).unwrap(), idx);
+    let mut rng = Rng(1234);
+    let mut decoded = 0;
+    for round in 0..400 {
+        let mut bad = body.clone();
+        match round % 3 {
+            0 => bad.truncate(rng.below(bad.len() as u64) as usize),
+            1 => {
+                for _ in 0..1 + rng.below(3) {
+                    let i = rng.below(bad.len() as u64) as usize;
+                    bad[i] ^= 1 << rng.below(8);
+                }
+            }
+            _ => {
+                // Flip bits in the small fields near the start of the body and of the
+                // checkpoint table, where offsets and lengths live.
+                let i = if rng.below(2) == 0 {
+                    rng.below(64)
+                } else {
+                    rng.below(bad.len() as u64)
+                } as usize;
+                let i = i.min(bad.len() - 1);
+                bad[i] = rng.next() as u8;
+            }
+        }
+        let Ok(d) = LayerIndex::decode(&wrap(&bad)) else {
+            continue;
+        };
+        decoded += 1;
+        for e in d
+            .entries
+            .iter()
+            .filter(|e| e.kind == EntryKind::File)
+            .take(20)
+        {
+            let Ok(span) = plan(&d, e, rng.below(e.size + 1), 1 + rng.below(1 << 20)) else {
+                continue;
+            };
+            let end = span.blob_offset.saturating_add(span.blob_len);
+            if end > blob.len() as u64 {
+                continue;
+            }
+            let _ = extract(&d, &span, &blob[span.blob_offset as usize..end as usize]);
+        }
+    }
+    eprintln!("{decoded} of 400 damaged bodies still decoded");
+}
