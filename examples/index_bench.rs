@@ -2,6 +2,7 @@
 //!
 //! `cargo run --release --example index_bench -- [BLOB...]`; without arguments it builds
 //! gzip and zstd layers of `/usr/share` with GNU tar (plus a multi-frame zstd one) first.
+//! `FANFILL_BENCH_SPAN=<bytes>` sets the gzip checkpoint spacing.
 
 use std::path::PathBuf;
 use std::process::Command;
@@ -50,10 +51,18 @@ fn main() {
     } else {
         args
     };
+    // FANFILL_BENCH_SPAN=<bytes> overrides the gzip checkpoint spacing (default 4 MiB).
+    let mut opts = IndexOptions::default();
+    if let Some(span) = std::env::var("FANFILL_BENCH_SPAN")
+        .ok()
+        .and_then(|s| s.parse().ok())
+    {
+        opts.span = span;
+    }
     for path in blobs {
         let blob = std::fs::read(&path).expect("read blob");
         let t = Instant::now();
-        let idx = LayerIndex::build(&blob[..], &IndexOptions::default()).expect("index");
+        let idx = LayerIndex::build(&blob[..], &opts).expect("index");
         let secs = t.elapsed().as_secs_f64();
         let enc = idx.encode();
         let t = Instant::now();
