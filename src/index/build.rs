@@ -58,6 +58,11 @@ impl Default for IndexOptions {
 /// [`IndexSink::data`] with consecutive pieces of the content (`offset` is the position in
 /// the file; pieces are at most 256 KiB and never empty), then [`IndexSink::entry_done`]
 /// with the finished entry. `idx` is the entry's position in [`LayerIndex::entries`].
+///
+/// Nothing handed to a sink is verified yet: the blob digest is only known when the pass
+/// ends, so a sink that writes files must treat them as provisional until
+/// [`LayerIndex::build_with_sink`] returned `Ok` and [`LayerIndex::blob_digest`] matched the
+/// layer descriptor.
 pub trait IndexSink {
     /// A member's header was read.
     fn entry(&mut self, idx: usize, entry: &Entry) -> io::Result<()> {
@@ -274,14 +279,6 @@ impl<R: Read> Decoder<R> {
             }
         }
     }
-
-    fn compressed_pos(&self) -> Option<u64> {
-        match self {
-            Decoder::Plain(_) => None,
-            Decoder::Gzip(g) => Some(g.compressed_pos()),
-            Decoder::Zstd(z) => Some(z.pos),
-        }
-    }
 }
 
 /// Read until `buf` is full or the stream ends; returns the bytes read.
@@ -356,9 +353,6 @@ impl LayerIndex {
         // (and the diff id).
         io::copy(&mut tar_in, &mut io::sink()).map_err(IndexError::from_io)?;
         let (decoder, diff_id, uncompressed_size) = tar_in.finish();
-        if let Some(p) = decoder.compressed_pos() {
-            debug!(consumed = p, "decoder finished");
-        }
         let mut checkpoints = decoder.finish();
         let (_, blob_digest, compressed_size) = blob.finish();
         let blob_digest = blob_digest.unwrap_or_default();

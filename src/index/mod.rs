@@ -26,6 +26,29 @@
 //! - zstd: frame starts only (zstd has no resumable state inside a frame). A single-frame
 //!   layer therefore has one checkpoint and every range read inflates from the start.
 //! - plain tar: none; a file range maps directly to the same blob range.
+//!
+//! ```
+//! use fanfill::index::{IndexOptions, LayerIndex, extract, plan};
+//! # fn main() -> Result<(), Box<dyn std::error::Error>> {
+//! // A one-file gzip layer.
+//! let data = b"hello, layer ".repeat(1000);
+//! let mut tar = tar::Builder::new(Vec::new());
+//! let mut h = tar::Header::new_gnu();
+//! h.set_size(data.len() as u64);
+//! h.set_mode(0o644);
+//! tar.append_data(&mut h, "etc/greeting", &data[..])?;
+//! let mut gz = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::default());
+//! std::io::Write::write_all(&mut gz, &tar.into_inner()?)?;
+//! let blob = gz.finish()?;
+//!
+//! let index = LayerIndex::build(&blob[..], &IndexOptions::default())?;
+//! let entry = &index.entries[index.find("etc/greeting").unwrap()];
+//! // Which compressed bytes hold file bytes 7..12, then inflate just those.
+//! let span = plan(&index, entry, 7, 5)?;
+//! let fetched = &blob[span.blob_offset as usize..(span.blob_offset + span.blob_len) as usize];
+//! assert_eq!(extract(&index, &span, fetched)?, b"layer");
+//! # Ok(()) }
+//! ```
 
 use serde::{Deserialize, Serialize};
 
