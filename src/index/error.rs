@@ -172,16 +172,14 @@ impl IndexError {
     /// Pull an `IndexError` back out of an `io::Error` that carries one (the decoders run
     /// behind `std::io::Read` and can only return `io::Error`).
     pub(crate) fn from_io(e: io::Error) -> Self {
-        if e.get_ref().is_some_and(|inner| inner.is::<IndexError>()) {
-            if let Some(inner) = e.into_inner() {
-                match inner.downcast::<IndexError>() {
-                    Ok(ie) => return *ie,
-                    Err(other) => return IndexError::Io(io::Error::other(other)),
-                }
-            }
-            unreachable_io()
-        } else {
-            IndexError::Io(e)
+        if !e.get_ref().is_some_and(|inner| inner.is::<IndexError>()) {
+            return IndexError::Io(e);
+        }
+        match e.into_inner().map(|inner| inner.downcast::<IndexError>()) {
+            Some(Ok(ie)) => *ie,
+            // Not reachable: the inner error was just checked to be an IndexError.
+            Some(Err(other)) => IndexError::Io(io::Error::other(other)),
+            None => IndexError::Io(io::Error::other("lost inner error")),
         }
     }
 
@@ -192,8 +190,4 @@ impl IndexError {
             other => io::Error::new(io::ErrorKind::InvalidData, other),
         }
     }
-}
-
-fn unreachable_io() -> IndexError {
-    IndexError::Io(io::Error::other("lost inner error"))
 }

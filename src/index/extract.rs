@@ -101,7 +101,10 @@ pub fn plan_uncompressed(index: &LayerIndex, offset: u64, len: u64) -> Result<Sp
     let end_u = offset + len;
     let j = cps.partition_point(|c| c.uncompressed_offset < end_u);
     let end = match cps.get(j) {
-        Some(c) => (c.compressed_offset + 1 + SLACK).min(index.compressed_size),
+        Some(c) => c
+            .compressed_offset
+            .saturating_add(1 + SLACK)
+            .min(index.compressed_size),
         None => index.compressed_size,
     };
     let blob_offset = start.compressed_offset;

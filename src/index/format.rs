@@ -279,7 +279,13 @@ impl LayerIndex {
             Compression::Zstd => 2,
         });
         w.bytes(self.blob_digest.as_bytes());
-        w.bytes(self.diff_id.as_bytes());
+        match &self.diff_id {
+            None => w.u8(0),
+            Some(d) => {
+                w.u8(1);
+                w.bytes(d.as_bytes());
+            }
+        }
         w.var(self.compressed_size);
         w.var(self.uncompressed_size);
         w.var(self.span);
@@ -313,8 +319,8 @@ impl LayerIndex {
         out
     }
 
-    /// Parse a stored index. Never panics; allocations are bounded by the input and
-    /// [`MAX_BODY`]; the result satisfies every invariant [`super::plan`] and
+    /// Parse a stored index. Never panics; allocations are bounded by the decompressed body,
+    /// which is capped at 1 GiB and checked against the header; the result satisfies every invariant [`super::plan`] and
     /// [`super::extract`] rely on.
     pub fn decode(data: &[u8]) -> Result<LayerIndex, IndexError> {
         if data.len() < HEADER_LEN || data[..8] != FORMAT_MAGIC {
@@ -350,7 +356,11 @@ impl LayerIndex {
             _ => return Err(corrupt("bad compression")),
         };
         let blob_digest = r.string("blob digest")?;
-        let diff_id = r.string("diff id")?;
+        let diff_id = match r.u8()? {
+            0 => None,
+            1 => Some(r.string("diff id")?),
+            _ => return Err(corrupt("bad diff id tag")),
+        };
         let compressed_size = r.var()?;
         let uncompressed_size = r.var()?;
         let span = r.var()?;

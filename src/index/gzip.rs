@@ -119,11 +119,6 @@ impl<R: Read> GzipIndexer<R> {
         self.members
     }
 
-    /// Blob bytes consumed so far.
-    pub(crate) fn compressed_pos(&self) -> u64 {
-        self.pos
-    }
-
     fn avail(&self) -> usize {
         self.end - self.start
     }

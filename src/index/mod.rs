@@ -9,8 +9,8 @@
 //! The flow:
 //! 1. [`LayerIndex::build`] (or [`LayerIndex::build_with_sink`], which also hands every file's
 //!    bytes to an [`IndexSink`] as they stream by) reads the blob once: it hashes the
-//!    compressed bytes (blob digest), inflates them while recording [`Checkpoint`]s, hashes
-//!    the uncompressed stream (diff id) and walks the tar headers into [`Entry`]s with
+//!    compressed bytes (blob digest), inflates them while recording [`Checkpoint`]s, (on
+//!    request) hashes the uncompressed stream (diff id) and walks the tar headers into [`Entry`]s with
 //!    per-file and per-[`CHUNK_SIZE`] sha256s.
 //! 2. [`LayerIndex::encode`] / [`LayerIndex::decode`] store it (`docs/index-format.md`);
 //!    [`IndexStore`] keeps one file per layer digest.
@@ -26,6 +26,29 @@
 //! - zstd: frame starts only (zstd has no resumable state inside a frame). A single-frame
 //!   layer therefore has one checkpoint and every range read inflates from the start.
 //! - plain tar: none; a file range maps directly to the same blob range.
+//!
+//! ```
+//! use fanfill::index::{IndexOptions, LayerIndex, extract, plan};
+//! # fn main() -> Result<(), Box<dyn std::error::Error>> {
+//! // A one-file gzip layer.
+//! let data = b"hello, layer ".repeat(1000);
+//! let mut tar = tar::Builder::new(Vec::new());
+//! let mut h = tar::Header::new_gnu();
+//! h.set_size(data.len() as u64);
+//! h.set_mode(0o644);
+//! tar.append_data(&mut h, "etc/greeting", &data[..])?;
+//! let mut gz = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::default());
+//! std::io::Write::write_all(&mut gz, &tar.into_inner()?)?;
+//! let blob = gz.finish()?;
+//!
+//! let index = LayerIndex::build(&blob[..], &IndexOptions::default())?;
+//! let entry = &index.entries[index.find("etc/greeting").unwrap()];
+//! // Which compressed bytes hold file bytes 7..12, then inflate just those.
+//! let span = plan(&index, entry, 7, 5)?;
+//! let fetched = &blob[span.blob_offset as usize..(span.blob_offset + span.blob_len) as usize];
+//! assert_eq!(extract(&index, &span, fetched)?, b"layer");
+//! # Ok(()) }
+//! ```
 
 use serde::{Deserialize, Serialize};
 
@@ -193,8 +216,9 @@ pub struct LayerIndex {
     pub compression: Compression,
     /// `sha256:<hex>` of the compressed blob as it streamed by (compare with the descriptor).
     pub blob_digest: String,
-    /// `sha256:<hex>` of the uncompressed tar stream (the OCI diff id).
-    pub diff_id: String,
+    /// `sha256:<hex>` of the uncompressed tar stream (the OCI diff id), if it was computed
+    /// (see [`IndexOptions::diff_id`]).
+    pub diff_id: Option<String>,
     /// Size of the blob in bytes.
     pub compressed_size: u64,
     /// Size of the uncompressed tar stream in bytes.
