@@ -40,8 +40,8 @@ use sha2::{Digest, Sha256};
 use tracing::{debug, info, warn};
 
 use crate::sys::fanotify::{
-    AsyncGroup, DenyErrno, Event, FAN_PRE_ACCESS, FanotifyError, Group, GroupClass, Response,
-    current_tid,
+    AsyncGroup, DenyErrno, Event, EventId, EventRange, FAN_PRE_ACCESS, FanotifyError, Group,
+    GroupClass, Response, current_tid,
 };
 
 /// An error a [`ContentSource`] reports. The engine turns every one into `EIO` for the reader.
@@ -367,6 +367,42 @@ struct Inner {
     counters: Counters,
     inflight_events: AtomicU64,
     stopping: AtomicBool,
+    /// Records events read but not yet answered (for a successor after a crash).
+    journal: Option<Arc<dyn EventJournal>>,
+    /// While `Some`, events for readers are held here unanswered (start-up: the files are
+    /// not registered yet); [`Engine::open_gate`] dispatches them.
+    gate: Mutex<Option<Vec<Event>>>,
+    /// Answer `EIO` for events on files the engine does not know (instead of allowing).
+    deny_unknown: AtomicBool,
+}
+
+/// Where the engine records the events it has read but not yet answered, so that a
+/// successor that takes the group over after a crash can fill and answer them by
+/// [`EventId`]. `begin` runs on the reader task before the event is handled, `end` after
+/// its answer was written.
+pub trait EventJournal: Send + Sync + 'static {
+    /// An event for `file` (the event's fd) and `range` was read and will be answered.
+    fn begin(&self, id: EventId, file: std::os::fd::BorrowedFd<'_>, range: Option<EventRange>);
+    /// The event was answered.
+    fn end(&self, id: EventId);
+    /// Any event needing an answer was read (the engine's own ones included, which are not
+    /// begun/ended): lets the journal track the highest event number in use.
+    fn seen(&self, _id: EventId) {}
+}
+
+/// Per-file fill progress, for persisting it (see [`Engine::progress`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct FileProgress {
+    /// Fill granularity of the file.
+    pub chunk: u64,
+    /// One flag per chunk: filled.
+    pub filled: Vec<bool>,
+    /// Complete (every chunk below the limit is in; mark removed).
+    pub complete: bool,
+    /// Bytes written into the file by the engine (including restored progress).
+    pub bytes_filled: u64,
+    /// The registered size.
+    pub size: u64,
 }
 
 /// The fill engine: a pre-content fanotify group, its placeholders, and the runtime serving
@@ -386,6 +422,23 @@ pub struct FileId {
     ino: u64,
 }
 
+impl FileId {
+    /// The id of the file with these device and inode numbers.
+    pub fn new(dev: u64, ino: u64) -> FileId {
+        FileId { dev, ino }
+    }
+
+    /// The device number.
+    pub fn dev(&self) -> u64 {
+        self.dev
+    }
+
+    /// The inode number.
+    pub fn ino(&self) -> u64 {
+        self.ino
+    }
+}
+
 fn stat_key(st: &FileStat) -> (u64, u64) {
     (st.st_dev, st.st_ino)
 }
@@ -399,7 +452,20 @@ impl Engine {
     }
 
     /// Serves an existing group (for example one taken over from a predecessor).
-    pub fn with_group(group: Arc<Group>, mut config: EngineConfig) -> Result<Engine, FillError> {
+    pub fn with_group(group: Arc<Group>, config: EngineConfig) -> Result<Engine, FillError> {
+        Engine::with_group_journaled(group, config, None, false)
+    }
+
+    /// Serves an existing group, recording in-flight events in `journal`. With `gated`,
+    /// events of readers are held unanswered until [`Engine::open_gate`] (the engine's own
+    /// writes are still allowed at once): a successor registers every file first, so no
+    /// event finds an unknown file.
+    pub fn with_group_journaled(
+        group: Arc<Group>,
+        mut config: EngineConfig,
+        journal: Option<Arc<dyn EventJournal>>,
+        gated: bool,
+    ) -> Result<Engine, FillError> {
         config.workers = config.workers.max(2);
         config.chunk_size = config.chunk_size.max(4096);
         let inner = Arc::new(Inner {
@@ -410,6 +476,9 @@ impl Engine {
             counters: Counters::default(),
             inflight_events: AtomicU64::new(0),
             stopping: AtomicBool::new(false),
+            journal,
+            gate: Mutex::new(gated.then(Vec::new)),
+            deny_unknown: AtomicBool::new(false),
         });
         let (start_inner, stop_inner) = (inner.clone(), inner.clone());
         let runtime = tokio::runtime::Builder::new_multi_thread()
@@ -575,26 +644,135 @@ impl Engine {
             return Ok(());
         };
         let inner = self.inner.clone();
-        self.handle()
-            .block_on(async move { prefetch_entry(&inner, &entry).await })
-            .map_err(unwrap_arc)
+        self.run_on_runtime(async move { prefetch_entry(&inner, &entry).await })
     }
 
     /// Fills every registered file, `parallel` at a time, until the image is complete.
     pub fn fill_all(&self, parallel: usize) -> Result<(), FillError> {
         let entries: Vec<_> = self.inner.files.read().unwrap().values().cloned().collect();
         let inner = self.inner.clone();
-        self.handle()
-            .block_on(async move {
-                use futures::stream::{self, TryStreamExt};
-                stream::iter(entries.into_iter().map(Ok))
-                    .try_for_each_concurrent(parallel.max(1), |e| {
-                        let inner = inner.clone();
-                        async move { prefetch_entry(&inner, &e).await }
-                    })
-                    .await
-            })
-            .map_err(unwrap_arc)
+        self.run_on_runtime(async move {
+            use futures::stream::{self, TryStreamExt};
+            stream::iter(entries.into_iter().map(Ok))
+                .try_for_each_concurrent(parallel.max(1), |e| {
+                    let inner = inner.clone();
+                    async move { prefetch_entry(&inner, &e).await }
+                })
+                .await
+        })
+    }
+
+    /// Runs a fill on one of the engine's own threads and waits for it: writes a fill makes
+    /// through a path raise events, which the engine allows at once only for its own
+    /// threads (a write on the caller's thread would wait for the engine, which waits for
+    /// the write).
+    fn run_on_runtime(
+        &self,
+        fut: impl std::future::Future<Output = FillResult> + Send + 'static,
+    ) -> Result<(), FillError> {
+        let handle = self.handle();
+        match handle.block_on(handle.spawn(fut)) {
+            Ok(r) => r.map_err(unwrap_arc),
+            Err(e) => Err(FillError::Register {
+                path: PathBuf::new(),
+                source: std::io::Error::other(format!("fill task: {e}")),
+            }),
+        }
+    }
+
+    /// Dispatches the events held since a gated start and serves every later one at once.
+    pub fn open_gate(&self) {
+        let held = self.inner.gate.lock().unwrap().take().unwrap_or_default();
+        let _guard = self.handle().enter();
+        for event in held {
+            dispatch_now(&self.inner, event);
+        }
+    }
+
+    /// With `deny`, an event on a file the engine does not know is answered `EIO` instead of
+    /// allowed (a daemon that took over a group with marks of files it could not re-serve).
+    pub fn set_deny_unknown(&self, deny: bool) {
+        self.inner.deny_unknown.store(deny, Ordering::SeqCst);
+    }
+
+    /// Events of readers being served right now (read, not yet answered).
+    pub fn inflight_events(&self) -> u64 {
+        self.inner.inflight_events.load(Ordering::SeqCst)
+    }
+
+    /// Registers a placeholder whose chunks `filled` (at granularity `chunk`) are known to be
+    /// present already (progress recorded before a restart). A file whose recorded chunks
+    /// cover it is complete at once and keeps no mark. Progress recorded at another
+    /// granularity is ignored (the file is filled again).
+    pub fn register_filled(
+        &self,
+        p: Placeholder,
+        chunk: u64,
+        filled: &[bool],
+    ) -> Result<FileId, FillError> {
+        let id = self.register(p)?;
+        let Some(entry) = self.entry(id) else {
+            return Ok(id);
+        };
+        if entry.chunk != chunk || filled.len() != entry.state.lock().unwrap().filled.len() {
+            return Ok(id);
+        }
+        {
+            let mut st = entry.state.lock().unwrap();
+            let mut bytes = 0;
+            for (i, f) in filled.iter().enumerate() {
+                if *f && !st.filled[i] {
+                    st.filled[i] = true;
+                    st.missing -= 1;
+                    let (a, b) = entry.chunk_range(i as u64);
+                    bytes += b - a;
+                }
+            }
+            entry.bytes_filled.fetch_add(bytes, Ordering::Relaxed);
+        }
+        maybe_complete(&self.inner, &entry, None);
+        Ok(id)
+    }
+
+    /// The fill progress of a registered file.
+    pub fn progress(&self, id: FileId) -> Option<FileProgress> {
+        let entry = self.entry(id)?;
+        let st = entry.state.lock().unwrap();
+        Some(FileProgress {
+            chunk: entry.chunk,
+            filled: st.filled.clone(),
+            complete: st.complete,
+            bytes_filled: entry.bytes_filled.load(Ordering::Relaxed),
+            size: entry.size,
+        })
+    }
+
+    /// Fills `[offset, offset + count)` of a registered file (`count == 0`: the whole file),
+    /// writing through the file's path (the engine allows its own writes). For answering a
+    /// predecessor's in-flight events after a takeover. Waits for the result.
+    pub fn fill_range(&self, id: FileId, offset: u64, count: u64) -> Result<(), FillError> {
+        let Some(entry) = self.entry(id) else {
+            return Ok(());
+        };
+        let end = if count == 0 {
+            u64::MAX
+        } else {
+            offset.saturating_add(count)
+        };
+        let start = if count == 0 { 0 } else { offset };
+        let inner = self.inner.clone();
+        self.run_on_runtime(async move {
+            let size = match std::fs::symlink_metadata(&entry.path) {
+                Ok(m) => m.len(),
+                Err(e) => {
+                    return Err(Arc::new(FillError::Register {
+                        path: entry.path.clone(),
+                        source: e,
+                    }));
+                }
+            };
+            ensure_range(&inner, &entry, start, end, size, None).await
+        })
     }
 
     /// A snapshot of progress counters.
@@ -709,13 +887,36 @@ fn dispatch(inner: &Arc<Inner>, event: Event) {
     if !event.needs_response() {
         return;
     }
+    if let Some(j) = &inner.journal {
+        j.seen(event.id());
+    }
     if inner.own_tids.read().unwrap().contains(&event.pid()) {
         // The engine's own write (prefetch through a regular fd): the data is being put
         // there by us, so there is nothing to wait for.
         inner.counters.self_events.fetch_add(1, Ordering::Relaxed);
-        respond(inner, event, Response::Allow);
+        let id = event.id();
+        if let Err(e) = inner.group.respond(event, Response::Allow) {
+            warn!(event = %id, error = %e, "answering fanotify event");
+        }
         return;
     }
+    if let Some(j) = &inner.journal
+        && let Some(fd) = event.file()
+    {
+        j.begin(event.id(), fd, event.range());
+    }
+    {
+        let mut gate = inner.gate.lock().unwrap();
+        if let Some(held) = gate.as_mut() {
+            held.push(event);
+            return;
+        }
+    }
+    dispatch_now(inner, event);
+}
+
+/// Serves one reader's event on a new task (journal already written).
+fn dispatch_now(inner: &Arc<Inner>, event: Event) {
     inner.counters.events.fetch_add(1, Ordering::Relaxed);
     inner.inflight_events.fetch_add(1, Ordering::SeqCst);
     let inner = inner.clone();
@@ -739,8 +940,12 @@ fn dispatch(inner: &Arc<Inner>, event: Event) {
 
 fn respond(inner: &Inner, event: Event, response: Response) {
     let id = event.id();
+    let journaled = event.needs_response();
     if let Err(e) = inner.group.respond(event, response) {
         warn!(event = %id, error = %e, "answering fanotify event");
+    }
+    if journaled && let Some(j) = &inner.journal {
+        j.end(id);
     }
 }
 
@@ -771,6 +976,12 @@ async fn serve_event(inner: &Arc<Inner>, event: &Event) -> FillResult {
     };
     let entry = inner.files.read().unwrap().get(&stat_key(&st)).cloned();
     let Some(entry) = entry else {
+        if inner.deny_unknown.load(Ordering::SeqCst) {
+            return Err(Arc::new(FillError::Register {
+                path: PathBuf::from("<event fd>"),
+                source: std::io::Error::other("marked file unknown to this engine"),
+            }));
+        }
         // Not ours (or no longer: completed and forgotten). Nothing to fill.
         return Ok(());
     };
@@ -910,8 +1121,10 @@ async fn fill_chunk_inner(
     }
     let path = entry.path.clone();
     let (write_len, write_off) = (keep as u64, offset);
-    if write_len <= INLINE_WRITE_MAX {
-        // A page-cache write this small costs less than a hop to the blocking pool.
+    if write_len <= INLINE_WRITE_MAX && writer.is_some() {
+        // A page-cache write this small costs less than a hop to the blocking pool. Only
+        // through an event fd: a write through the path raises an event that a worker must
+        // read, and with every worker blocked in such writes nobody would.
         write_chunk(&path, writer, &data[..keep], write_off)?;
     } else {
         tokio::task::spawn_blocking(move || write_chunk(&path, writer, &data[..keep], write_off))

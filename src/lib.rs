@@ -9,6 +9,8 @@
 //!
 //! Module map (each module's own doc says what it owns and what it must not touch):
 //! - [`sys`]: the only place with `unsafe`: fanotify ABI, zlib random access.
+//! - [`api`]: the daemon's local API: typed requests/responses, the protocol, a client.
+//! - [`daemon`]: `fanfill daemon`: every image in one process, state, crash takeover.
 //! - [`fill`]: the fill engine: registration, single-flight fills, answers to the kernel.
 //! - [`index`]: the layer index: entry table and random-access checkpoints.
 //! - [`image`]: preparing an image: indexes, placeholders, sources, the index artifact.
@@ -18,6 +20,8 @@
 //! - [`unpack`]: placeholder unpack: layers to a metadata-complete tree of sparse files.
 #![deny(missing_docs)]
 
+pub mod api;
+pub mod daemon;
 pub mod fill;
 pub mod image;
 pub mod index;

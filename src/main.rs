@@ -5,13 +5,15 @@
 //! Exit codes: 0 success, 1 failure (the message names the image, layer, file or registry at
 //! fault), 2 bad usage.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
 use clap::{Args, Parser, Subcommand, ValueEnum};
+use fanfill::api::{LayoutMode, RegistrySettings, Request, Response};
+use fanfill::daemon::DaemonConfig;
 use fanfill::fill::{Engine, EngineConfig, error_chain};
 use fanfill::image::{self, IndexOrigin, PrepareOptions};
 use fanfill::registry::{Credentials, Mirror, Platform};
@@ -36,15 +38,25 @@ struct Cli {
         default_value = "fanfill=info"
     )]
     log: String,
+    /// The daemon's API socket (for `daemon` and every client command).
+    #[arg(
+        long,
+        global = true,
+        env = "FANFILL_SOCKET",
+        default_value = fanfill::api::DEFAULT_SOCKET
+    )]
+    socket: PathBuf,
 }
 
 #[derive(Subcommand)]
 enum Command {
-    /// Prepare an image as placeholders in DEST and serve them until interrupted.
+    /// Prepare an image as placeholders in DEST (served by `fanfill daemon`).
     ///
-    /// Returns control (prints "ready") as soon as the placeholders exist; reads of DEST
-    /// then fill on demand. With --prefetch the rest of the image is filled in the
-    /// background; --exit-when-complete stops once every file is filled (its marks gone).
+    /// Asks the daemon to prepare the image and returns as soon as the placeholders exist
+    /// (prints "ready"); the daemon then fills reads of DEST on demand. With --prefetch the
+    /// rest of the image is filled in the background. With --foreground no daemon is used:
+    /// this process serves DEST until interrupted (--exit-when-complete: until every file
+    /// is filled and its mark gone).
     ///
     /// Examples:
     ///   fanfill pull oci:/srv/images/app:latest /var/lib/app-root
@@ -56,6 +68,71 @@ enum Command {
     /// Run the built-in demo: build a small image locally, prepare it lazily, run a program
     /// from it with chroot, and show how little was fetched.
     Demo(DemoArgs),
+    /// Run the daemon in the foreground: one process serving every prepared image, with a
+    /// local API on --socket, state in --state-dir that survives restarts, and an fd holder
+    /// that keeps blocked readers blocked (never reading zeros) across a crash or restart.
+    ///
+    /// Example (see contrib/fanfill.service):
+    ///   fanfill daemon --state-dir /var/lib/fanfill
+    Daemon(DaemonArgs),
+    /// Show the daemon's images: files and bytes filled, fetch rate, errors.
+    Status(StatusArgs),
+    /// Stop serving the image in DEST and delete its tree.
+    Rm(RmArgs),
+    /// Turn background prefetch of the image in DEST on (or --off).
+    Prefetch(PrefetchArgs),
+    /// The fd holder the daemon starts (internal).
+    #[command(hide = true)]
+    Holder,
+}
+
+#[derive(Args)]
+struct DaemonArgs {
+    /// State: images, fill progress, the in-flight journal, the holder's socket.
+    #[arg(long, env = "FANFILL_STATE_DIR", default_value = "/var/lib/fanfill")]
+    state_dir: PathBuf,
+    /// Where layer indexes are kept (default: STATE_DIR/indexes).
+    #[arg(long, env = "FANFILL_INDEX_DIR")]
+    index_dir: Option<PathBuf>,
+    /// Files filled at once by background prefetch, per image.
+    #[arg(long, default_value_t = 2)]
+    prefetch_parallel: usize,
+    /// Fill progress is recorded this often (milliseconds).
+    #[arg(long, default_value_t = 1000)]
+    persist_interval_ms: u64,
+    /// Worker threads serving fill events.
+    #[arg(long, default_value_t = 4)]
+    workers: usize,
+    /// Run without an fd holder (a crash then lets blocked readers through to zeros).
+    #[arg(long)]
+    no_holder: bool,
+    /// Test knob: delay every fetch by this many milliseconds.
+    #[arg(long, hide = true, default_value_t = 0)]
+    test_fetch_delay_ms: u64,
+}
+
+#[derive(Args)]
+struct StatusArgs {
+    /// Only the image in this directory.
+    dest: Option<PathBuf>,
+    /// Print the daemon's JSON answer instead of a table.
+    #[arg(long)]
+    json: bool,
+}
+
+#[derive(Args)]
+struct RmArgs {
+    /// The image's destination.
+    dest: PathBuf,
+}
+
+#[derive(Args)]
+struct PrefetchArgs {
+    /// The image's destination.
+    dest: PathBuf,
+    /// Turn it off instead.
+    #[arg(long)]
+    off: bool,
 }
 
 #[derive(Args, Clone)]
@@ -140,9 +217,12 @@ struct PullArgs {
     /// Files filled at once by --prefetch.
     #[arg(long, default_value_t = 4)]
     prefetch_parallel: usize,
-    /// Exit once every file is filled (implies --prefetch).
+    /// Exit once every file is filled (implies --prefetch and --foreground).
     #[arg(long)]
     exit_when_complete: bool,
+    /// Serve DEST from this process instead of the daemon, until interrupted.
+    #[arg(long)]
+    foreground: bool,
     #[command(flatten)]
     registry: RegistryArgs,
 }
@@ -173,8 +253,15 @@ fn main() -> ExitCode {
         .with_writer(std::io::stderr)
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
+    let socket = cli.socket.clone();
     let res = match cli.command {
-        Command::Pull(a) => pull(a),
+        Command::Pull(a) if a.foreground || a.exit_when_complete => pull(a),
+        Command::Pull(a) => pull_client(&socket, a),
+        Command::Daemon(a) => daemon(socket, a),
+        Command::Status(a) => status(&socket, a),
+        Command::Rm(a) => rm(&socket, a),
+        Command::Prefetch(a) => prefetch(&socket, a),
+        Command::Holder => fanfill::daemon::holder::run(&socket).map_err(Into::into),
         Command::Index(a) => index(a),
         Command::Demo(a) => demo(a),
     };
@@ -298,6 +385,149 @@ fn pull(a: PullArgs) -> Result<()> {
         Ok(e) => e.shutdown(),
         Err(_) => bail!("engine still in use at exit"),
     }
+    Ok(())
+}
+
+impl RegistryArgs {
+    fn settings(&self) -> RegistrySettings {
+        RegistrySettings {
+            insecure: !self.tls_verify,
+            creds: self.creds.clone(),
+            authfile: self.authfile.clone(),
+            platform: self.platform.clone(),
+            mirrors: self.mirror.clone(),
+            no_index_artifact: self.no_index_artifact,
+        }
+    }
+}
+
+fn call(socket: &Path, req: Request) -> Result<Response> {
+    Ok(fanfill::daemon::call(socket, &req)?)
+}
+
+fn pull_client(socket: &Path, a: PullArgs) -> Result<()> {
+    // Reject a bad reference here, before bothering the daemon.
+    a.image
+        .parse::<fanfill::reference::Reference>()
+        .context("bad image reference")?;
+    let dest = std::path::absolute(&a.dest).context("destination")?;
+    let started = Instant::now();
+    let Response::Prepared(s) = call(
+        socket,
+        Request::Prepare {
+            image: a.image.clone(),
+            dest,
+            mode: match a.mode {
+                ModeArg::Direct => LayoutMode::Direct,
+                ModeArg::Overlay => LayoutMode::Overlay,
+            },
+            registry: a.registry.settings(),
+            prefetch: a.prefetch,
+        },
+    )?
+    else {
+        bail!("unexpected answer from the daemon");
+    };
+    println!(
+        "ready: {} ({}) in {} after {:.2}s: {} placeholders, {} of data to fill on access",
+        s.reference,
+        s.manifest_digest,
+        s.dest.display(),
+        started.elapsed().as_secs_f64(),
+        s.files,
+        mib(s.bytes_total - s.bytes_filled)
+    );
+    if let Some(l) = s.lowerdir {
+        println!("lowerdir={l}");
+    }
+    Ok(())
+}
+
+fn daemon(socket: PathBuf, a: DaemonArgs) -> Result<()> {
+    let mut c = DaemonConfig::new(socket, a.state_dir.clone());
+    if let Some(ix) = a.index_dir {
+        c.index_dir = ix;
+    }
+    c.prefetch_parallel = a.prefetch_parallel;
+    c.persist_interval = Duration::from_millis(a.persist_interval_ms.max(10));
+    c.engine.workers = a.workers;
+    c.fetch_delay = Duration::from_millis(a.test_fetch_delay_ms);
+    if a.no_holder {
+        c.holder_exe = None;
+    }
+    fanfill::daemon::run(c)?;
+    Ok(())
+}
+
+fn status(socket: &Path, a: StatusArgs) -> Result<()> {
+    let r = call(
+        socket,
+        Request::Status {
+            dest: a.dest.as_deref().map(std::path::absolute).transpose()?,
+        },
+    )?;
+    if a.json {
+        println!("{}", serde_json::to_string_pretty(&r)?);
+        return Ok(());
+    }
+    let Response::Status { daemon, images } = r else {
+        bail!("unexpected answer from the daemon");
+    };
+    println!(
+        "daemon pid {}{}: {} misses served, {} in flight, {} errors, p50 {} µs, p99 {} µs",
+        daemon.pid,
+        if daemon.took_over {
+            format!(
+                " (took over; {} inherited events answered)",
+                daemon.inherited_answered
+            )
+        } else {
+            String::new()
+        },
+        daemon.events,
+        daemon.inflight_events,
+        daemon.errors,
+        daemon.latency_p50_us,
+        daemon.latency_p99_us
+    );
+    println!(
+        "{:<32} {:<8} {:>13} {:>21} {:>12} {:>12} {:>6}  {:<8} IMAGE",
+        "DEST", "MODE", "FILES", "FILLED", "FETCHED", "RATE", "ERRORS", "STATE"
+    );
+    for i in images {
+        println!(
+            "{:<32} {:<8} {:>13} {:>21} {:>12} {:>10}/s {:>6}  {:<8} {}",
+            i.dest.display(),
+            format!("{:?}", i.mode).to_lowercase(),
+            format!("{}/{}", i.files_complete, i.files),
+            format!("{}/{}", mib(i.bytes_filled), mib(i.bytes_total)),
+            mib(i.bytes_fetched),
+            mib(i.fetch_rate as u64),
+            i.errors,
+            i.state,
+            i.reference
+        );
+    }
+    Ok(())
+}
+
+fn rm(socket: &Path, a: RmArgs) -> Result<()> {
+    let dest = std::path::absolute(&a.dest)?;
+    if let Response::Removed { dest } = call(socket, Request::Remove { dest })? {
+        println!("removed {}", dest.display());
+    }
+    Ok(())
+}
+
+fn prefetch(socket: &Path, a: PrefetchArgs) -> Result<()> {
+    let dest = std::path::absolute(&a.dest)?;
+    call(
+        socket,
+        Request::Prefetch {
+            dest,
+            enable: !a.off,
+        },
+    )?;
     Ok(())
 }
 

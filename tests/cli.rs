@@ -81,7 +81,11 @@ fn errors_name_what_is_at_fault() {
     let dest = dir.path().join("dest");
     let missing = dir.path().join("no-such-layout");
     let out = fanfill()
-        .args(["pull", &format!("oci:{}:x", missing.display())])
+        .args([
+            "pull",
+            "--foreground",
+            &format!("oci:{}:x", missing.display()),
+        ])
         .arg(&dest)
         .env("FANFILL_INDEX_DIR", dir.path().join("ix"))
         .output()

@@ -203,6 +203,18 @@ impl Response {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize)]
 pub struct EventId(i32);
 
+impl EventId {
+    /// The event's fd number (a journal slot, see [`crate::fill::EventJournal`]).
+    pub fn raw(self) -> i32 {
+        self.0
+    }
+
+    /// An id from a number recorded by a predecessor.
+    pub fn from_raw(n: i32) -> EventId {
+        EventId(n)
+    }
+}
+
 impl fmt::Display for EventId {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         write!(f, "#{}", self.0)

@@ -4,4 +4,5 @@
 #![allow(unsafe_code)]
 
 pub mod fanotify;
+pub mod fdpass;
 pub mod zlib;

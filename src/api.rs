@@ -1,0 +1,328 @@
+//! The daemon's local API: typed requests and responses shared by `fanfill daemon` and its
+//! clients (the CLI, tests, other programs), and a blocking client.
+//!
+//! Owns the wire protocol and nothing else: it never touches images, files or fanotify.
+//!
+//! # Protocol
+//! A unix stream socket (default `/run/fanfill/fanfill.sock`, `FANFILL_SOCKET`), mode 0600
+//! (root only). A client writes one [`Request`] as a single line of JSON terminated by `\n`;
+//! the daemon answers with one [`Response`] as a single line of JSON and keeps the
+//! connection open for the next request. Requests on one connection are served in order.
+//! Unknown fields are ignored, so an older client keeps working against a newer daemon.
+//!
+//! ```text
+//! > {"Status":{"dest":null}}
+//! < {"Status":[{"id":1,"reference":"oci:/img:1","dest":"/srv/a", ... }]}
+//! > {"Remove":{"dest":"/srv/a"}}
+//! < {"Removed":{"dest":"/srv/a"}}
+//! ```
+//!
+//! An error is a response too: [`Response::Error`] with an [`ErrorKind`] a client can act
+//! on and the daemon's message (with its cause chain).
+
+use std::io::{BufRead, BufReader, Write};
+use std::os::unix::net::UnixStream;
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+
+/// Default path of the daemon's socket.
+pub const DEFAULT_SOCKET: &str = "/run/fanfill/fanfill.sock";
+
+/// How an image is laid out in its destination.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum LayoutMode {
+    /// One flattened tree: the container's root directly (range fills).
+    #[default]
+    Direct,
+    /// One tree per layer, to mount as overlay lower directories.
+    Overlay,
+}
+
+/// Registry access settings of a prepare request (what `fanfill pull`'s registry flags say).
+/// Everything but `creds` is kept in the daemon's state to reopen the image after a
+/// restart; credentials are never written to disk (use an auth file for images that must
+/// survive restarts).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RegistrySettings {
+    /// Allow plain HTTP / skip TLS verification.
+    #[serde(default)]
+    pub insecure: bool,
+    /// `USER[:PASS]`.
+    #[serde(default)]
+    pub creds: Option<String>,
+    /// The one auth file to read.
+    #[serde(default)]
+    pub authfile: Option<PathBuf>,
+    /// `OS/ARCH[/VARIANT]`.
+    #[serde(default)]
+    pub platform: Option<String>,
+    /// Mirrors, tried in order before the origin.
+    #[serde(default)]
+    pub mirrors: Vec<String>,
+    /// Do not look for a pushed index artifact.
+    #[serde(default)]
+    pub no_index_artifact: bool,
+}
+
+/// A request to the daemon.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Request {
+    /// Prepare `image` into the empty directory `dest` and serve it. Answered with
+    /// [`Response::Prepared`] as soon as the placeholders are ready.
+    Prepare {
+        /// The image reference (`docker://…`, `HOST/REPO:TAG`, `oci:DIR[:TAG]`).
+        image: String,
+        /// An empty directory on ext4, xfs or btrfs (created if missing).
+        dest: PathBuf,
+        /// Layout.
+        #[serde(default)]
+        mode: LayoutMode,
+        /// Registry settings.
+        #[serde(default)]
+        registry: RegistrySettings,
+        /// Fill the rest of the image in the background.
+        #[serde(default)]
+        prefetch: bool,
+    },
+    /// Status of every image, or of the one in `dest`.
+    Status {
+        /// Only this image.
+        #[serde(default)]
+        dest: Option<PathBuf>,
+    },
+    /// Stop serving the image in `dest` and delete its tree.
+    Remove {
+        /// The image's destination.
+        dest: PathBuf,
+    },
+    /// Turn background prefetch of the image in `dest` on or off.
+    Prefetch {
+        /// The image's destination.
+        dest: PathBuf,
+        /// On or off.
+        enable: bool,
+    },
+    /// Liveness check.
+    Ping,
+}
+
+/// What went wrong, for a client to act on.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum ErrorKind {
+    /// No image is served at that destination.
+    UnknownImage,
+    /// The image reference is unknown to the registry or layout, or unreachable.
+    Image,
+    /// The destination is not empty.
+    DestNotEmpty,
+    /// The destination's filesystem cannot carry pre-content marks.
+    UnsupportedFilesystem,
+    /// A destination is already served.
+    AlreadyServed,
+    /// The request did not parse.
+    BadRequest,
+    /// Anything else.
+    Internal,
+}
+
+/// One image's status.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct ImageStatus {
+    /// Daemon-local id.
+    pub id: u64,
+    /// The reference as given.
+    pub reference: String,
+    /// Manifest digest.
+    pub manifest_digest: String,
+    /// Destination.
+    pub dest: PathBuf,
+    /// Layout.
+    pub mode: LayoutMode,
+    /// Overlay mode: the `lowerdir=` option value.
+    #[serde(default)]
+    pub lowerdir: Option<String>,
+    /// Placeholders (regular files with data).
+    pub files: u64,
+    /// Of those, complete (mark removed).
+    pub files_complete: u64,
+    /// Sum of file sizes.
+    pub bytes_total: u64,
+    /// Bytes present.
+    pub bytes_filled: u64,
+    /// Bytes fetched from the registry or layout for this image since the daemon started.
+    pub bytes_fetched: u64,
+    /// Fetch rate over the last status interval, bytes per second.
+    pub fetch_rate: f64,
+    /// Fetch errors since the daemon started.
+    pub errors: u64,
+    /// Background prefetch on.
+    pub prefetch: bool,
+    /// `serving`, `complete`, or `error: …` (could not be reopened after a restart).
+    pub state: String,
+}
+
+/// Daemon-wide figures, returned with every status.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct DaemonStatus {
+    /// Process id.
+    pub pid: u32,
+    /// The group was taken over from a predecessor (restart without losing blocked readers).
+    pub took_over: bool,
+    /// Predecessor's in-flight events answered after the takeover.
+    pub inherited_answered: u64,
+    /// Reader events being served now.
+    pub inflight_events: u64,
+    /// Misses served since start.
+    pub events: u64,
+    /// Fill errors since start.
+    pub errors: u64,
+    /// Median / p99 event service time, microseconds.
+    pub latency_p50_us: u64,
+    /// 99th percentile.
+    pub latency_p99_us: u64,
+}
+
+/// A response from the daemon.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub enum Response {
+    /// The placeholders are ready.
+    Prepared(ImageStatus),
+    /// Status of the images asked for.
+    Status {
+        /// The daemon.
+        daemon: DaemonStatus,
+        /// The images.
+        images: Vec<ImageStatus>,
+    },
+    /// The image was removed.
+    Removed {
+        /// Its destination.
+        dest: PathBuf,
+    },
+    /// Done.
+    Ok,
+    /// The request failed.
+    Error {
+        /// What kind of failure.
+        kind: ErrorKind,
+        /// The daemon's message, with its cause chain.
+        message: String,
+    },
+}
+
+/// Errors of the API client.
+#[derive(Debug, thiserror::Error)]
+pub enum ApiError {
+    /// Nobody listens on the socket.
+    #[error(
+        "fanfill daemon unreachable at {socket} (is `fanfill daemon` running? set --socket or FANFILL_SOCKET)"
+    )]
+    Unreachable {
+        /// The socket path.
+        socket: PathBuf,
+        /// Why.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The connection failed mid-request.
+    #[error("talking to the fanfill daemon at {socket}")]
+    Io {
+        /// The socket path.
+        socket: PathBuf,
+        /// Why.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The daemon's answer did not parse, or it closed the connection.
+    #[error("bad answer from the fanfill daemon: {0}")]
+    Protocol(String),
+    /// The daemon refused the request.
+    #[error("{message}")]
+    Daemon {
+        /// What kind of failure.
+        kind: ErrorKind,
+        /// The daemon's message.
+        message: String,
+    },
+}
+
+/// A blocking client: one connection, requests in order.
+#[derive(Debug)]
+pub struct Client {
+    socket: PathBuf,
+    reader: BufReader<UnixStream>,
+}
+
+impl Client {
+    /// Connects to the daemon's socket.
+    pub fn connect(socket: &Path) -> Result<Client, ApiError> {
+        let stream = UnixStream::connect(socket).map_err(|source| ApiError::Unreachable {
+            socket: socket.to_path_buf(),
+            source,
+        })?;
+        Ok(Client {
+            socket: socket.to_path_buf(),
+            reader: BufReader::new(stream),
+        })
+    }
+
+    /// Sends a request and waits for its response. A [`Response::Error`] is returned as
+    /// [`ApiError::Daemon`].
+    pub fn call(&mut self, req: &Request) -> Result<Response, ApiError> {
+        let io = |source| ApiError::Io {
+            socket: self.socket.clone(),
+            source,
+        };
+        let mut line = serde_json::to_string(req).map_err(|e| ApiError::Protocol(e.to_string()))?;
+        line.push('\n');
+        self.reader
+            .get_mut()
+            .write_all(line.as_bytes())
+            .map_err(io)?;
+        let mut answer = String::new();
+        let n = self
+            .reader
+            .read_line(&mut answer)
+            .map_err(|source| ApiError::Io {
+                socket: self.socket.clone(),
+                source,
+            })?;
+        if n == 0 {
+            return Err(ApiError::Protocol("connection closed".into()));
+        }
+        match serde_json::from_str(&answer).map_err(|e| ApiError::Protocol(e.to_string()))? {
+            Response::Error { kind, message } => Err(ApiError::Daemon { kind, message }),
+            r => Ok(r),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn requests_are_one_json_line() {
+        let r = Request::Prepare {
+            image: "oci:/x:1".into(),
+            dest: "/d".into(),
+            mode: LayoutMode::Overlay,
+            registry: RegistrySettings::default(),
+            prefetch: true,
+        };
+        let s = serde_json::to_string(&r).unwrap();
+        assert!(!s.contains('\n'));
+        assert_eq!(serde_json::from_str::<Request>(&s).unwrap(), r);
+        let minimal: Request =
+            serde_json::from_str(r#"{"Prepare":{"image":"a","dest":"/b"}}"#).unwrap();
+        assert!(matches!(
+            minimal,
+            Request::Prepare {
+                mode: LayoutMode::Direct,
+                ..
+            }
+        ));
+    }
+}

@@ -1,0 +1,194 @@
+//! The fd holder: a minimal process that keeps a duplicate of the daemon's fanotify group fd.
+//!
+//! Owns the holder's socket protocol and its process. The kernel fails open: if the last fd
+//! of a pre-content group closes, every blocked reader continues and reads zeros. While the
+//! holder keeps a duplicate, the group and its marks outlive a crashed or stopped daemon;
+//! readers block in the kernel until a successor takes the fd back over `STATE_DIR/holder.sock`
+//! (`SCM_RIGHTS`) and answers them. The holder reads no events and answers nothing.
+//!
+//! Protocol (one byte per message, an fd attached where noted): `P`+fd: keep this group
+//! (answer `K`); `G`: give it back (answer `Y`+fd, or `N` when holding none); `Q`: exit
+//! (answer `K`).
+
+use std::os::fd::{AsFd, OwnedFd};
+use std::os::unix::fs::PermissionsExt;
+use std::os::unix::net::{UnixListener, UnixStream};
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use tracing::{info, warn};
+
+use crate::sys::fdpass::{recv_fd, send_fd};
+
+/// Errors of the holder and its client.
+#[derive(Debug, thiserror::Error)]
+pub enum HolderError {
+    /// The holder's socket failed.
+    #[error("fd holder socket {path}")]
+    Socket {
+        /// The socket.
+        path: PathBuf,
+        /// Why.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The holder answered something unexpected.
+    #[error("fd holder at {path} answered {answer:?}")]
+    Protocol {
+        /// The socket.
+        path: PathBuf,
+        /// The answer byte.
+        answer: Option<u8>,
+    },
+    /// The holder process could not be started.
+    #[error("starting the fd holder ({exe})")]
+    Spawn {
+        /// The program.
+        exe: PathBuf,
+        /// Why.
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+fn sock_err(path: &Path) -> impl Fn(std::io::Error) -> HolderError + '_ {
+    move |source| HolderError::Socket {
+        path: path.to_path_buf(),
+        source,
+    }
+}
+
+/// Runs the holder on `socket` until told to quit. Writes its pid next to the socket
+/// (`holder.pid`).
+pub fn run(socket: &Path) -> Result<(), HolderError> {
+    if UnixStream::connect(socket).is_ok() {
+        return Err(HolderError::Socket {
+            path: socket.to_path_buf(),
+            source: std::io::Error::new(std::io::ErrorKind::AddrInUse, "a holder is running"),
+        });
+    }
+    let _ = std::fs::remove_file(socket);
+    let listener = UnixListener::bind(socket).map_err(sock_err(socket))?;
+    std::fs::set_permissions(socket, std::fs::Permissions::from_mode(0o600))
+        .map_err(sock_err(socket))?;
+    if let Some(dir) = socket.parent() {
+        let _ = std::fs::write(dir.join("holder.pid"), std::process::id().to_string());
+    }
+    info!(socket = %socket.display(), "fd holder ready");
+    let mut held: Option<OwnedFd> = None;
+    for conn in listener.incoming() {
+        let Ok(conn) = conn else { continue };
+        loop {
+            let msg = match recv_fd(&conn) {
+                Ok(Some(m)) => m,
+                Ok(None) => break,
+                Err(e) => {
+                    warn!(error = %e, "fd holder: bad message");
+                    break;
+                }
+            };
+            let r = match msg {
+                (b'P', Some(fd)) => {
+                    held = Some(fd);
+                    send_fd(&conn, b'K', None)
+                }
+                (b'G', _) => match &held {
+                    Some(fd) => send_fd(&conn, b'Y', Some(fd.as_fd())),
+                    None => send_fd(&conn, b'N', None),
+                },
+                (b'Q', _) => {
+                    let _ = send_fd(&conn, b'K', None);
+                    let _ = std::fs::remove_file(socket);
+                    info!("fd holder exiting");
+                    return Ok(());
+                }
+                _ => send_fd(&conn, b'?', None),
+            };
+            if r.is_err() {
+                break;
+            }
+        }
+    }
+    Ok(())
+}
+
+fn request(
+    socket: &Path,
+    tag: u8,
+    fd: Option<std::os::fd::BorrowedFd<'_>>,
+) -> Result<(u8, Option<OwnedFd>), HolderError> {
+    let conn = UnixStream::connect(socket).map_err(sock_err(socket))?;
+    send_fd(&conn, tag, fd).map_err(sock_err(socket))?;
+    match recv_fd(&conn).map_err(sock_err(socket))? {
+        Some(m) => Ok(m),
+        None => Err(HolderError::Protocol {
+            path: socket.to_path_buf(),
+            answer: None,
+        }),
+    }
+}
+
+/// Whether a holder answers on `socket`.
+pub fn is_running(socket: &Path) -> bool {
+    UnixStream::connect(socket).is_ok()
+}
+
+/// Takes a duplicate of the held group fd, if a holder runs and holds one.
+pub fn take(socket: &Path) -> Result<Option<OwnedFd>, HolderError> {
+    if !is_running(socket) {
+        return Ok(None);
+    }
+    match request(socket, b'G', None)? {
+        (b'Y', Some(fd)) => Ok(Some(fd)),
+        (b'N', _) => Ok(None),
+        (a, _) => Err(HolderError::Protocol {
+            path: socket.to_path_buf(),
+            answer: Some(a),
+        }),
+    }
+}
+
+/// Hands the holder a duplicate of the group fd to keep.
+pub fn put(socket: &Path, fd: std::os::fd::BorrowedFd<'_>) -> Result<(), HolderError> {
+    match request(socket, b'P', Some(fd))? {
+        (b'K', _) => Ok(()),
+        (a, _) => Err(HolderError::Protocol {
+            path: socket.to_path_buf(),
+            answer: Some(a),
+        }),
+    }
+}
+
+/// Tells the holder to exit (its group closes: do this only when nothing is served).
+pub fn quit(socket: &Path) -> Result<(), HolderError> {
+    request(socket, b'Q', None).map(|_| ())
+}
+
+/// Starts `exe holder --socket SOCKET` in its own process group (a terminal's Ctrl-C or a
+/// service manager stopping the daemon's group does not reach it) and waits until it answers.
+pub fn spawn(exe: &Path, socket: &Path) -> Result<(), HolderError> {
+    use std::os::unix::process::CommandExt;
+    let err = |source| HolderError::Spawn {
+        exe: exe.to_path_buf(),
+        source,
+    };
+    std::process::Command::new(exe)
+        .arg("holder")
+        .arg("--socket")
+        .arg(socket)
+        .stdin(std::process::Stdio::null())
+        .process_group(0)
+        .spawn()
+        .map_err(err)?;
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while Instant::now() < deadline {
+        if is_running(socket) {
+            return Ok(());
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    Err(err(std::io::Error::new(
+        std::io::ErrorKind::TimedOut,
+        "holder did not come up",
+    )))
+}

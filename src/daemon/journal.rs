@@ -1,0 +1,170 @@
+//! The in-flight journal: which fanotify events the daemon has read but not yet answered.
+//!
+//! Owns the file `STATE_DIR/inflight`. The kernel matches a response to a pre-content event
+//! only by the event's fd number, and keeps a read-but-unanswered event (and its blocked
+//! reader) for as long as the group lives, which the fd holder guarantees. So when the
+//! daemon dies, a successor can still answer those events, if it knows their numbers and
+//! what they asked for: that is this journal. One fixed-size slot per fd number, written
+//! with `pwrite` (the page cache survives the process), holding the file's device and inode
+//! and the range; the header holds the highest event number ever used, so a successor can
+//! reserve every number a stale event may still carry before it reads a new one.
+//!
+//! It does not answer anything itself (see the daemon's takeover).
+
+use std::fs::File;
+use std::os::fd::BorrowedFd;
+use std::os::unix::fs::FileExt;
+use std::path::Path;
+use std::sync::atomic::{AtomicI32, Ordering};
+
+use crate::fill::EventJournal;
+use crate::sys::fanotify::{EventId, EventRange};
+
+const HEADER: u64 = 64;
+const SLOT: u64 = 40;
+const MAGIC: &[u8; 8] = b"FFJRNL01";
+
+/// An event a predecessor read and did not answer.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Inflight {
+    /// The event's number.
+    pub id: EventId,
+    /// Device of the file.
+    pub dev: u64,
+    /// Inode of the file.
+    pub ino: u64,
+    /// First byte asked for.
+    pub offset: u64,
+    /// Length (0: the whole file).
+    pub count: u64,
+}
+
+/// The journal file.
+#[derive(Debug)]
+pub struct Journal {
+    file: File,
+    hwm: AtomicI32,
+}
+
+impl Journal {
+    /// Opens (creating) the journal and reads what a predecessor left: its highest event
+    /// number and its unanswered events. The records stay until [`Journal::clear`].
+    pub fn open(path: &Path) -> std::io::Result<(Journal, i32, Vec<Inflight>)> {
+        let file = File::options()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(false)
+            .open(path)?;
+        let bytes = std::fs::read(path)?;
+        let mut hwm = 0;
+        let mut found = Vec::new();
+        if bytes.len() >= HEADER as usize && &bytes[..8] == MAGIC {
+            hwm = i32::from_ne_bytes(bytes[8..12].try_into().expect("4"));
+            let mut at = HEADER as usize;
+            let mut n = 0;
+            while at + SLOT as usize <= bytes.len() {
+                let s = &bytes[at..at + SLOT as usize];
+                let tag = i32::from_ne_bytes(s[0..4].try_into().expect("4"));
+                if tag == n + 1 {
+                    let u = |o: usize| u64::from_ne_bytes(s[o..o + 8].try_into().expect("8"));
+                    found.push(Inflight {
+                        id: EventId::from_raw(n),
+                        dev: u(8),
+                        ino: u(16),
+                        offset: u(24),
+                        count: u(32),
+                    });
+                }
+                n += 1;
+                at += SLOT as usize;
+            }
+        } else {
+            let mut h = vec![0u8; HEADER as usize];
+            h[..8].copy_from_slice(MAGIC);
+            file.write_all_at(&h, 0)?;
+        }
+        Ok((
+            Journal {
+                file,
+                hwm: AtomicI32::new(hwm),
+            },
+            hwm,
+            found,
+        ))
+    }
+
+    /// Forgets a predecessor's event (answered).
+    pub fn clear(&self, id: EventId) {
+        self.end(id);
+    }
+
+    fn slot(id: EventId) -> Option<u64> {
+        let n = id.raw();
+        (n >= 0).then(|| HEADER + n as u64 * SLOT)
+    }
+}
+
+impl EventJournal for Journal {
+    fn begin(&self, id: EventId, file: BorrowedFd<'_>, range: Option<EventRange>) {
+        let Some(at) = Journal::slot(id) else { return };
+        let Ok(st) = nix::sys::stat::fstat(file) else {
+            return;
+        };
+        let (offset, count) = range.map(|r| (r.offset, r.count)).unwrap_or((0, 0));
+        let mut s = [0u8; SLOT as usize];
+        s[0..4].copy_from_slice(&(id.raw() + 1).to_ne_bytes());
+        s[8..16].copy_from_slice(&st.st_dev.to_ne_bytes());
+        s[16..24].copy_from_slice(&st.st_ino.to_ne_bytes());
+        s[24..32].copy_from_slice(&offset.to_ne_bytes());
+        s[32..40].copy_from_slice(&count.to_ne_bytes());
+        let _ = self.file.write_all_at(&s, at);
+    }
+
+    fn end(&self, id: EventId) {
+        if let Some(at) = Journal::slot(id) {
+            let _ = self.file.write_all_at(&[0u8; 4], at);
+        }
+    }
+
+    fn seen(&self, id: EventId) {
+        let n = id.raw();
+        if self.hwm.fetch_max(n, Ordering::SeqCst) < n {
+            let _ = self.file.write_all_at(&n.to_ne_bytes(), 8);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::os::fd::AsFd;
+
+    #[test]
+    fn unanswered_events_survive_reopen() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("inflight");
+        let f = tempfile::tempfile().unwrap();
+        {
+            let (j, hwm, found) = Journal::open(&p).unwrap();
+            assert_eq!((hwm, found.len()), (0, 0));
+            for n in [5, 9, 12] {
+                j.seen(EventId::from_raw(n));
+                j.begin(
+                    EventId::from_raw(n),
+                    f.as_fd(),
+                    Some(EventRange {
+                        offset: 4096 * n as u64,
+                        count: 4096,
+                    }),
+                );
+            }
+            j.end(EventId::from_raw(9));
+        }
+        let (_, hwm, found) = Journal::open(&p).unwrap();
+        assert_eq!(hwm, 12);
+        let ids: Vec<i32> = found.iter().map(|i| i.id.raw()).collect();
+        assert_eq!(ids, vec![5, 12]);
+        assert_eq!(found[1].offset, 12 * 4096);
+    }
+}

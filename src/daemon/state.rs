@@ -1,0 +1,242 @@
+//! The daemon's persistent state: one JSON file per image under `STATE_DIR/images/`,
+//! written atomically (temporary file, fsync, rename, fsync of the directory).
+//!
+//! Owns the on-disk format and nothing else. Why JSON files rather than SQLite or redb: the
+//! state is small (one record per placeholder and a bitmap of filled chunks), it is
+//! rewritten per image only when it changed, at most once per persist interval, and the
+//! rename gives all-or-nothing updates without a new native dependency on a 2-core build.
+//! Crash safety comes from ordering: a chunk is filled and answered first, the destination
+//! filesystem is synced (`syncfs`), then the chunk is recorded; what was not recorded is
+//! fetched again after a restart.
+
+use std::io::Write;
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+
+use crate::api::{LayoutMode, RegistrySettings};
+
+/// Errors of the state store.
+#[derive(Debug, thiserror::Error)]
+pub enum StateError {
+    /// Reading or writing a state file failed.
+    #[error("state file {path}")]
+    Io {
+        /// The file.
+        path: PathBuf,
+        /// Why.
+        #[source]
+        source: std::io::Error,
+    },
+    /// A state file did not parse.
+    #[error("state file {path} is corrupt")]
+    Corrupt {
+        /// The file.
+        path: PathBuf,
+        /// Why.
+        #[source]
+        source: serde_json::Error,
+    },
+}
+
+/// One placeholder of an image and how far it is filled.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct FileRecord {
+    /// Path of the placeholder.
+    pub path: PathBuf,
+    /// Index of its layer (lowest 0).
+    pub layer: usize,
+    /// Index of its entry in the layer's index.
+    pub entry: usize,
+    /// True size.
+    pub size: u64,
+    /// Fill granularity the progress is recorded at (0: nothing recorded).
+    #[serde(default)]
+    pub chunk: u64,
+    /// Completely filled.
+    #[serde(default)]
+    pub complete: bool,
+    /// Filled chunks as a bitmap, hex (bit i of byte i/8 = chunk i), when partly filled.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub filled: String,
+}
+
+impl FileRecord {
+    /// The recorded filled chunks, `n` flags.
+    pub fn filled_flags(&self, n: usize) -> Vec<bool> {
+        if self.complete {
+            return vec![true; n];
+        }
+        let bytes = hex::decode(&self.filled).unwrap_or_default();
+        (0..n)
+            .map(|i| bytes.get(i / 8).is_some_and(|b| b & (1 << (i % 8)) != 0))
+            .collect()
+    }
+
+    /// Records `flags` (all set: complete).
+    pub fn set_filled(&mut self, chunk: u64, flags: &[bool], complete: bool) {
+        self.chunk = chunk;
+        self.complete = complete;
+        if complete || !flags.iter().any(|f| *f) {
+            self.filled.clear();
+            return;
+        }
+        let mut bytes = vec![0u8; flags.len().div_ceil(8)];
+        for (i, f) in flags.iter().enumerate() {
+            if *f {
+                bytes[i / 8] |= 1 << (i % 8);
+            }
+        }
+        self.filled = hex::encode(bytes);
+    }
+}
+
+/// One prepared image.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ImageRecord {
+    /// Daemon-local id (the file name).
+    pub id: u64,
+    /// The reference as given.
+    pub reference: String,
+    /// Manifest digest it resolved to (a restart reopens exactly this manifest's layers).
+    pub manifest_digest: String,
+    /// Layer digests, lowest first.
+    pub layers: Vec<String>,
+    /// Destination.
+    pub dest: PathBuf,
+    /// Layout.
+    pub mode: LayoutMode,
+    /// Overlay mode: the `lowerdir=` value.
+    #[serde(default)]
+    pub lowerdir: Option<String>,
+    /// Registry settings (credentials never stored).
+    pub registry: RegistrySettings,
+    /// Background prefetch on.
+    pub prefetch: bool,
+    /// The placeholders.
+    pub files: Vec<FileRecord>,
+}
+
+/// The state directory.
+#[derive(Debug, Clone)]
+pub struct StateDir {
+    root: PathBuf,
+}
+
+impl StateDir {
+    /// Opens (creating) the state directory.
+    pub fn open(root: &Path) -> Result<StateDir, StateError> {
+        let images = root.join("images");
+        std::fs::create_dir_all(&images).map_err(|source| StateError::Io {
+            path: images.clone(),
+            source,
+        })?;
+        Ok(StateDir {
+            root: root.to_path_buf(),
+        })
+    }
+
+    /// The directory.
+    pub fn root(&self) -> &Path {
+        &self.root
+    }
+
+    fn image_path(&self, id: u64) -> PathBuf {
+        self.root.join("images").join(format!("{id}.json"))
+    }
+
+    /// Every recorded image, by id.
+    pub fn load(&self) -> Result<Vec<ImageRecord>, StateError> {
+        let dir = self.root.join("images");
+        let rd = std::fs::read_dir(&dir).map_err(|source| StateError::Io {
+            path: dir.clone(),
+            source,
+        })?;
+        let mut out = Vec::new();
+        for e in rd.flatten() {
+            let p = e.path();
+            if p.extension().is_none_or(|x| x != "json") {
+                continue;
+            }
+            let bytes = std::fs::read(&p).map_err(|source| StateError::Io {
+                path: p.clone(),
+                source,
+            })?;
+            let rec: ImageRecord = serde_json::from_slice(&bytes)
+                .map_err(|source| StateError::Corrupt { path: p, source })?;
+            out.push(rec);
+        }
+        out.sort_by_key(|r| r.id);
+        Ok(out)
+    }
+
+    /// Writes one image's record atomically.
+    pub fn save(&self, rec: &ImageRecord) -> Result<(), StateError> {
+        let path = self.image_path(rec.id);
+        let io = |source| StateError::Io {
+            path: path.clone(),
+            source,
+        };
+        let tmp = path.with_extension("json.tmp");
+        let mut f = std::fs::File::create(&tmp).map_err(io)?;
+        let bytes = serde_json::to_vec(rec).map_err(|e| io(std::io::Error::other(e)))?;
+        f.write_all(&bytes).map_err(io)?;
+        f.sync_all().map_err(io)?;
+        std::fs::rename(&tmp, &path).map_err(io)?;
+        if let Some(dir) = path.parent()
+            && let Ok(d) = std::fs::File::open(dir)
+        {
+            let _ = d.sync_all();
+        }
+        Ok(())
+    }
+
+    /// Deletes one image's record.
+    pub fn remove(&self, id: u64) -> Result<(), StateError> {
+        let path = self.image_path(id);
+        match std::fs::remove_file(&path) {
+            Ok(()) => Ok(()),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+            Err(source) => Err(StateError::Io { path, source }),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn bitmap_round_trip_and_atomic_save() {
+        let mut f = FileRecord {
+            path: "/x".into(),
+            layer: 0,
+            entry: 3,
+            size: 10 << 20,
+            chunk: 0,
+            complete: false,
+            filled: String::new(),
+        };
+        let flags: Vec<bool> = (0..40).map(|i| i % 3 == 0).collect();
+        f.set_filled(256 << 10, &flags, false);
+        assert_eq!(f.filled_flags(40), flags);
+        let dir = tempfile::tempdir().unwrap();
+        let st = StateDir::open(dir.path()).unwrap();
+        let rec = ImageRecord {
+            id: 7,
+            reference: "oci:/a:1".into(),
+            manifest_digest: "sha256:00".into(),
+            layers: vec![],
+            dest: "/d".into(),
+            mode: LayoutMode::Direct,
+            lowerdir: None,
+            registry: RegistrySettings::default(),
+            prefetch: false,
+            files: vec![f],
+        };
+        st.save(&rec).unwrap();
+        assert_eq!(st.load().unwrap(), vec![rec]);
+        st.remove(7).unwrap();
+        assert!(st.load().unwrap().is_empty());
+    }
+}

@@ -1,0 +1,147 @@
+//! Descriptor hand-over: passing one fd over a unix socket (`SCM_RIGHTS`) and reserving fd
+//! numbers.
+//!
+//! Owns the two descriptor operations the daemon's crash takeover needs and that cannot be
+//! written without `unsafe`: taking ownership of a descriptor the kernel installed from a
+//! control message, and occupying given descriptor numbers in this process (so that the
+//! kernel cannot hand a new fanotify event the number of a predecessor's unanswered event,
+//! which a response would then match first). It knows nothing of fanotify or the daemon.
+//!
+//! # Safety
+//! A received descriptor is owned exactly once, right after `recvmsg` installed it. A
+//! reserved number is only ever claimed when `fcntl(F_GETFD)` says it is free, so no
+//! descriptor owned elsewhere is replaced.
+
+use std::io::{IoSlice, IoSliceMut};
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd, RawFd};
+use std::os::unix::net::UnixStream;
+
+use nix::sys::socket::{ControlMessage, ControlMessageOwned, MsgFlags, recvmsg, sendmsg};
+
+/// Sends one tag byte, with `fd` attached when given.
+pub fn send_fd(sock: &UnixStream, tag: u8, fd: Option<BorrowedFd<'_>>) -> std::io::Result<()> {
+    let buf = [tag];
+    let iov = [IoSlice::new(&buf)];
+    let raw: Vec<RawFd> = fd.iter().map(|f| f.as_raw_fd()).collect();
+    let cmsgs: Vec<ControlMessage<'_>> = if raw.is_empty() {
+        Vec::new()
+    } else {
+        vec![ControlMessage::ScmRights(&raw)]
+    };
+    sendmsg::<()>(sock.as_raw_fd(), &iov, &cmsgs, MsgFlags::empty(), None)?;
+    Ok(())
+}
+
+/// Receives one tag byte and the fd attached to it, if any. `Ok(None)` at end of stream.
+pub fn recv_fd(sock: &UnixStream) -> std::io::Result<Option<(u8, Option<OwnedFd>)>> {
+    let mut buf = [0u8; 1];
+    let mut space = nix::cmsg_space!([RawFd; 4]);
+    let mut iov = [IoSliceMut::new(&mut buf)];
+    let msg = recvmsg::<()>(
+        sock.as_raw_fd(),
+        &mut iov,
+        Some(&mut space),
+        MsgFlags::MSG_CMSG_CLOEXEC,
+    )?;
+    let mut got: Option<OwnedFd> = None;
+    for c in msg.cmsgs()? {
+        if let ControlMessageOwned::ScmRights(fds) = c {
+            for fd in fds {
+                // SAFETY: the kernel just installed `fd` in our table for this message;
+                // nothing else knows the number, so we take sole ownership (extra fds are
+                // closed on drop).
+                let owned = unsafe { OwnedFd::from_raw_fd(fd) };
+                if got.is_none() {
+                    got = Some(owned);
+                }
+            }
+        }
+    }
+    if msg.bytes == 0 {
+        return Ok(None);
+    }
+    Ok(Some((buf[0], got)))
+}
+
+/// Descriptor numbers held open (on `/dev/null`) so that nothing else gets them; released on
+/// drop.
+#[derive(Debug, Default)]
+pub struct FdReservation {
+    held: Vec<(i32, OwnedFd)>,
+}
+
+impl FdReservation {
+    /// Occupies every free number in `from..=to`. Numbers already open are left alone (they
+    /// are occupied anyway).
+    pub fn reserve(from: i32, to: i32) -> std::io::Result<FdReservation> {
+        let null = std::fs::File::open("/dev/null")?;
+        let mut held = Vec::new();
+        for n in from.max(0)..=to {
+            // SAFETY: F_GETFD only queries the descriptor table; an unused number gives EBADF.
+            let open = unsafe { libc::fcntl(n, libc::F_GETFD) } != -1;
+            if open || n == null.as_raw_fd() {
+                continue;
+            }
+            // SAFETY: `n` is free (checked just above, and this process does not open files
+            // concurrently at start-up), so dup2 installs a new descriptor there and replaces
+            // nothing; we own it from here on.
+            let r = unsafe { libc::dup3(null.as_raw_fd(), n, libc::O_CLOEXEC) };
+            if r != n {
+                return Err(std::io::Error::last_os_error());
+            }
+            // SAFETY: `n` was just installed by dup3 above and is owned by no one else.
+            held.push((n, unsafe { OwnedFd::from_raw_fd(n) }));
+        }
+        // `null`'s own number may lie in the range: keep it too.
+        if (from..=to).contains(&null.as_raw_fd()) {
+            let n = null.as_raw_fd();
+            held.push((n, OwnedFd::from(null)));
+        }
+        Ok(FdReservation { held })
+    }
+
+    /// Whether `n` is held by this reservation.
+    pub fn holds(&self, n: i32) -> bool {
+        self.held.iter().any(|(m, _)| *m == n)
+    }
+
+    /// The numbers held.
+    pub fn numbers(&self) -> Vec<i32> {
+        self.held.iter().map(|(n, _)| *n).collect()
+    }
+}
+
+/// The number of an open descriptor (for logs and `/proc/PID/fdinfo` look-ups).
+pub fn fd_number(fd: impl AsFd) -> i32 {
+    fd.as_fd().as_raw_fd()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn passes_an_fd_and_a_tag() {
+        let (a, b) = UnixStream::pair().unwrap();
+        let f = tempfile::tempfile().unwrap();
+        send_fd(&a, b'P', Some(f.as_fd())).unwrap();
+        let (tag, fd) = recv_fd(&b).unwrap().unwrap();
+        assert_eq!(tag, b'P');
+        assert!(fd.is_some());
+        send_fd(&a, b'N', None).unwrap();
+        let (tag, fd) = recv_fd(&b).unwrap().unwrap();
+        assert_eq!((tag, fd.is_none()), (b'N', true));
+        drop(a);
+        assert!(recv_fd(&b).unwrap().is_none());
+    }
+
+    #[test]
+    fn reserved_numbers_are_not_handed_out() {
+        let probe = std::fs::File::open("/dev/null").unwrap();
+        let n = probe.as_raw_fd();
+        drop(probe);
+        let r = FdReservation::reserve(n, n + 3).unwrap();
+        let next = std::fs::File::open("/dev/null").unwrap();
+        assert!(next.as_raw_fd() > n + 3 || !r.holds(next.as_raw_fd()));
+    }
+}

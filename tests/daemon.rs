@@ -1,0 +1,388 @@
+//! `fanfill daemon` as a user runs it: the binary, its socket, its state dir, the fd holder,
+//! SIGKILL and restart. Inode marks only (temp dirs); every blocking step is bounded.
+
+mod fsutil;
+
+use std::io::Read;
+use std::os::unix::process::ExitStatusExt;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use fanfill::api::{ImageStatus, LayoutMode, RegistrySettings, Request, Response};
+use fanfill::ocibuild::{Compression, LayerItem, write_layout};
+use fsutil::{pattern, within};
+
+fn bin() -> Command {
+    Command::new(env!("CARGO_BIN_EXE_fanfill"))
+}
+
+/// A daemon process on a temp socket and state dir; SIGTERM on drop, then its holder quits.
+struct DaemonProc {
+    child: Option<Child>,
+    socket: PathBuf,
+    state: PathBuf,
+    log: PathBuf,
+}
+
+impl DaemonProc {
+    fn start(state: &Path, extra: &[&str]) -> DaemonProc {
+        let socket = state.join("api.sock");
+        let log = state.join(format!(
+            "daemon-{}.log",
+            Instant::now().elapsed().as_nanos()
+        ));
+        let log = log.with_file_name(format!(
+            "daemon-{}.log",
+            std::fs::read_dir(state).map(|d| d.count()).unwrap_or(0)
+        ));
+        let child = bin()
+            .args(["daemon", "--persist-interval-ms", "100"])
+            .arg("--socket")
+            .arg(&socket)
+            .arg("--state-dir")
+            .arg(state)
+            .args(extra)
+            .env(
+                "FANFILL_LOG",
+                std::env::var("FANFILL_TEST_LOG").unwrap_or_else(|_| "fanfill=info".into()),
+            )
+            .stdin(Stdio::null())
+            .stderr(std::fs::File::create(&log).unwrap())
+            .spawn()
+            .unwrap();
+        let d = DaemonProc {
+            child: Some(child),
+            socket,
+            state: state.to_path_buf(),
+            log,
+        };
+        let deadline = Instant::now() + Duration::from_secs(60);
+        while fanfill::daemon::call(&d.socket, &Request::Ping).is_err() {
+            assert!(
+                Instant::now() < deadline,
+                "daemon did not come up: {}",
+                d.log_text()
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        d
+    }
+
+    fn log_text(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    fn call(&self, req: Request) -> Response {
+        let s = self.socket.clone();
+        within(120, "API call", move || fanfill::daemon::call(&s, &req))
+            .unwrap_or_else(|e| panic!("{e}"))
+    }
+
+    fn prepare(&self, image: &str, dest: &Path, prefetch: bool) -> ImageStatus {
+        match self.call(Request::Prepare {
+            image: image.into(),
+            dest: dest.into(),
+            mode: LayoutMode::Direct,
+            registry: RegistrySettings::default(),
+            prefetch,
+        }) {
+            Response::Prepared(s) => s,
+            r => panic!("{r:?}"),
+        }
+    }
+
+    fn status(&self) -> (fanfill::api::DaemonStatus, Vec<ImageStatus>) {
+        match self.call(Request::Status { dest: None }) {
+            Response::Status { daemon, images } => (daemon, images),
+            r => panic!("{r:?}"),
+        }
+    }
+
+    fn kill9(&mut self) {
+        let mut c = self.child.take().unwrap();
+        c.kill().unwrap();
+        let st = c.wait().unwrap();
+        assert_eq!(st.signal(), Some(libc::SIGKILL));
+    }
+
+    fn stop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = nix::sys::signal::kill(
+                nix::unistd::Pid::from_raw(c.id() as i32),
+                nix::sys::signal::Signal::SIGTERM,
+            );
+            let _ = within(30, "daemon stop", move || c.wait());
+        }
+    }
+}
+
+impl Drop for DaemonProc {
+    fn drop(&mut self) {
+        self.stop();
+        if std::thread::panicking() {
+            eprintln!(
+                "--- daemon log {} ---\n{}",
+                self.log.display(),
+                self.log_text()
+            );
+        }
+        let _ = fanfill::daemon::holder::quit(&self.state.join("holder.sock"));
+    }
+}
+
+/// The holder's fanotify group fd as `/proc/PID/fdinfo/FD`: number of inode marks.
+fn holder_marks(state: &Path) -> usize {
+    let pid = std::fs::read_to_string(state.join("holder.pid")).unwrap();
+    let pid = pid.trim();
+    for e in std::fs::read_dir(format!("/proc/{pid}/fd"))
+        .unwrap()
+        .flatten()
+    {
+        if std::fs::read_link(e.path()).is_ok_and(|l| l.as_os_str() == "anon_inode:[fanotify]") {
+            let info = std::fs::read_to_string(format!(
+                "/proc/{pid}/fdinfo/{}",
+                e.file_name().to_string_lossy()
+            ))
+            .unwrap();
+            return info
+                .lines()
+                .filter(|l| l.starts_with("fanotify ino:"))
+                .count();
+        }
+    }
+    panic!("holder {pid} holds no fanotify group");
+}
+
+/// An image of `n` files of ~1 MiB (content `pattern(len, seed0 + i)`) plus a directory.
+fn build_image(dir: &Path, tag: &str, n: usize, seed0: u64) -> (String, Vec<(String, Vec<u8>)>) {
+    let mut items = vec![LayerItem::Dir {
+        path: "data".into(),
+        mode: 0o755,
+    }];
+    let mut files = Vec::new();
+    for i in 0..n {
+        let data = pattern((1 << 20) + 4096 * i + 17, seed0 + i as u64);
+        let path = format!("data/f{i:02}.bin");
+        items.push(LayerItem::File {
+            path: path.clone(),
+            mode: 0o644,
+            data: data.clone(),
+        });
+        files.push((path, data));
+    }
+    let built = write_layout(dir, tag, &[items], Compression::Gzip).unwrap();
+    (built.reference(), files)
+}
+
+#[test]
+fn sigkill_with_16_blocked_readers_loses_no_reader_and_leaks_no_zeros() {
+    let tmp = tempfile::tempdir().unwrap();
+    let state = tmp.path().join("state");
+    std::fs::create_dir_all(&state).unwrap();
+    let (ref_a, files_a) = build_image(&tmp.path().join("img-a"), "1", 8, 100);
+    let (ref_b, files_b) = build_image(&tmp.path().join("img-b"), "1", 8, 200);
+    // A slow registry: every fetch takes 1.5 s, so all readers are blocked at the kill.
+    let slow = ["--test-fetch-delay-ms", "1500"];
+    let mut d = DaemonProc::start(&state, &slow);
+    let (dest_a, dest_b) = (tmp.path().join("a"), tmp.path().join("b"));
+    let t = Instant::now();
+    d.prepare(&ref_a, &dest_a, false);
+    d.prepare(&ref_b, &dest_b, false);
+    let prepare_ms = t.elapsed().as_millis();
+    let mut readers = Vec::new();
+    for (dest, files) in [(&dest_a, &files_a), (&dest_b, &files_b)] {
+        for (path, want) in files.iter().cloned() {
+            let p = dest.join(&path);
+            readers.push(std::thread::spawn(move || {
+                let t = Instant::now();
+                let mut got = Vec::new();
+                let r = std::fs::File::open(&p).and_then(|mut f| f.read_to_end(&mut got));
+                (path, r.map(|_| got), want, t.elapsed())
+            }));
+        }
+    }
+    // Wait until the daemon has read all 16 misses (journaled, fetches pending).
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let (ds, _) = d.status();
+        if ds.inflight_events >= 16 {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "only {} readers in flight",
+            ds.inflight_events
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    d.kill9();
+    let killed = Instant::now();
+    std::thread::sleep(Duration::from_millis(500));
+    let still_blocked = readers.iter().filter(|r| !r.is_finished()).count();
+    assert_eq!(
+        still_blocked, 16,
+        "a reader finished while no daemon was running"
+    );
+    let restart = Instant::now();
+    let d2 = DaemonProc::start(&state, &slow);
+    let up_ms = restart.elapsed().as_millis();
+    let results = within(60, "16 readers after restart", move || {
+        readers
+            .into_iter()
+            .map(|r| r.join().unwrap())
+            .collect::<Vec<_>>()
+    });
+    let all_done = killed.elapsed();
+    let mut slowest = Duration::ZERO;
+    for (path, got, want, took) in &results {
+        let got = got.as_ref().unwrap_or_else(|e| panic!("{path}: {e}"));
+        assert_eq!(got.len(), want.len(), "{path}");
+        assert!(got == want, "{path}: wrong bytes (zeros leaked?)");
+        slowest = slowest.max(*took);
+    }
+    let (ds, images) = d2.status();
+    assert!(
+        ds.took_over,
+        "the successor must take the group from the holder"
+    );
+    assert!(ds.inherited_answered >= 16, "{ds:?}\n{}", d2.log_text());
+    assert_eq!(images.len(), 2);
+    println!(
+        "| figure | value |\n|---|---|\n| prepare 2 images | {prepare_ms} ms |\n| readers blocked across SIGKILL | {still_blocked}/16 |\n| restart until API up (re-register + gate) | {up_ms} ms |\n| inherited events answered by successor | {} |\n| kill to all 16 readers done (fetch delay 1.5 s) | {} ms |\n| slowest reader | {} ms |\n| readers with wrong bytes | 0 |",
+        ds.inherited_answered,
+        all_done.as_millis(),
+        slowest.as_millis()
+    );
+}
+
+#[test]
+fn prefetch_completes_removes_every_mark_and_survives_restart() {
+    let tmp = tempfile::tempdir().unwrap();
+    let state = tmp.path().join("state");
+    std::fs::create_dir_all(&state).unwrap();
+    let (reference, files) = build_image(&tmp.path().join("img"), "1", 6, 300);
+    let mut d = DaemonProc::start(&state, &[]);
+    let dest = tmp.path().join("root");
+    let s = d.prepare(&reference, &dest, false);
+    assert_eq!(s.files, 6);
+    assert_eq!(holder_marks(&state), 6);
+    // Read one file on demand, then let prefetch fill the rest.
+    let p = dest.join(&files[0].0);
+    let got = within(30, "read", move || std::fs::read(p)).unwrap();
+    assert!(got == files[0].1);
+    match d.call(Request::Prefetch {
+        dest: dest.clone(),
+        enable: true,
+    }) {
+        Response::Ok => {}
+        r => panic!("{r:?}"),
+    }
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let (_, images) = d.status();
+        if images[0].state == "complete" {
+            assert_eq!(images[0].bytes_filled, images[0].bytes_total);
+            break;
+        }
+        assert!(Instant::now() < deadline, "{:?}", images[0]);
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    assert_eq!(holder_marks(&state), 0, "a complete image keeps no marks");
+    // Graceful restart: the recorded progress says complete; nothing is marked again.
+    std::thread::sleep(Duration::from_millis(300));
+    d.stop();
+    let d2 = DaemonProc::start(&state, &[]);
+    let (ds, images) = d2.status();
+    assert!(ds.took_over);
+    assert_eq!(images.len(), 1);
+    assert_eq!(images[0].state, "complete", "{:?}", images[0]);
+    assert_eq!(images[0].bytes_fetched, 0);
+    assert_eq!(holder_marks(&state), 0);
+    for (path, want) in &files {
+        assert!(std::fs::read(dest.join(path)).unwrap() == *want, "{path}");
+    }
+    drop(d);
+}
+
+#[test]
+fn cli_pull_status_rm_and_clear_errors() {
+    let tmp = tempfile::tempdir().unwrap();
+    let state = tmp.path().join("state");
+    std::fs::create_dir_all(&state).unwrap();
+    let (reference, files) = build_image(&tmp.path().join("img"), "1", 2, 400);
+    let d = DaemonProc::start(&state, &[]);
+    let cli = |args: &[&str]| {
+        let mut c = bin();
+        c.args(args).env("FANFILL_SOCKET", &d.socket);
+        let out = within(60, "fanfill CLI", move || c.output().unwrap());
+        (
+            out.status.code(),
+            String::from_utf8_lossy(&out.stdout).to_string(),
+            String::from_utf8_lossy(&out.stderr).to_string(),
+        )
+    };
+    let dest = tmp.path().join("root");
+    let dest_s = dest.to_str().unwrap();
+    let (code, out, err) = cli(&["pull", &reference, dest_s]);
+    assert_eq!(code, Some(0), "{err}");
+    assert!(out.starts_with("ready: "), "{out}");
+    let got = std::fs::read(dest.join(&files[1].0)).unwrap();
+    assert!(got == files[1].1);
+    let (code, out, _) = cli(&["status"]);
+    assert_eq!(code, Some(0));
+    assert!(out.contains(dest_s) && out.contains("1/2"), "{out}");
+    // Errors name what is at fault.
+    let (code, _, err) = cli(&["pull", &reference, dest_s]);
+    assert_eq!(code, Some(1));
+    assert!(
+        err.contains("not empty") || err.contains("already served"),
+        "{err}"
+    );
+    let other = tmp.path().join("other");
+    std::fs::create_dir_all(&other).unwrap();
+    std::fs::write(other.join("x"), b"x").unwrap();
+    let (_, _, err) = cli(&["pull", &reference, other.to_str().unwrap()]);
+    assert!(err.contains("is not empty"), "{err}");
+    let shm = tempfile::tempdir_in("/dev/shm").unwrap();
+    let (_, _, err) = cli(&["pull", &reference, shm.path().to_str().unwrap()]);
+    assert!(err.contains("tmpfs"), "{err}");
+    let missing = format!("oci:{}:1", tmp.path().join("nope").display());
+    let (_, _, err) = cli(&["pull", &missing, tmp.path().join("n").to_str().unwrap()]);
+    assert!(err.contains("nope"), "{err}");
+    let (code, _, err) = cli(&["status", tmp.path().join("n").to_str().unwrap()]);
+    assert_eq!(code, Some(1));
+    assert!(err.contains("no image is served"), "{err}");
+    let out = bin()
+        .args(["status", "--socket", "/nonexistent/fanfill.sock"])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("unreachable at /nonexistent/fanfill.sock")
+    );
+    // rm: tree and state gone.
+    let (code, out, err) = cli(&["rm", dest_s]);
+    assert_eq!(code, Some(0), "{err}");
+    assert!(out.contains("removed"));
+    assert_eq!(std::fs::read_dir(&dest).unwrap().count(), 0);
+    assert_eq!(std::fs::read_dir(state.join("images")).unwrap().count(), 0);
+    assert_eq!(holder_marks(&state), 0);
+}
+
+#[test]
+fn a_restart_after_sigkill_serves_new_readers_of_taken_over_marks() {
+    let tmp = tempfile::tempdir().unwrap();
+    let state = tmp.path().join("state");
+    std::fs::create_dir_all(&state).unwrap();
+    let (reference, files) = build_image(&tmp.path().join("img"), "1", 2, 500);
+    let mut d = DaemonProc::start(&state, &[]);
+    let dest = tmp.path().join("root");
+    d.prepare(&reference, &dest, false);
+    d.kill9();
+    let d2 = DaemonProc::start(&state, &[]);
+    let p = dest.join(&files[0].0);
+    let got = within(10, "read after takeover", move || std::fs::read(p)).unwrap();
+    assert!(got == files[0].1);
+    drop(d2);
+}
