@@ -302,6 +302,28 @@ fn prefetch_completes_removes_every_mark_and_survives_restart() {
     for (path, want) in &files {
         assert!(std::fs::read(dest.join(path)).unwrap() == *want, "{path}");
     }
+    // A second container of the same image: every file from the content cache.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while std::fs::read_dir(state.join("cache")).unwrap().count() < files.len() {
+        assert!(
+            Instant::now() < deadline,
+            "content cache not populated: {}",
+            std::fs::read_to_string(state.join("images/1.json")).unwrap_or_default()
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let dest2 = tmp.path().join("root2");
+    let s2 = d2.prepare(&reference, &dest2, false);
+    assert_eq!(s2.bytes_fetched, 0, "{s2:?}");
+    assert_eq!(s2.state, "complete", "{s2:?}");
+    for (path, want) in &files {
+        assert!(std::fs::read(dest2.join(path)).unwrap() == *want, "{path}");
+    }
+    assert_eq!(holder_marks(&state), 0);
+    println!(
+        "second prepare of the same image: {} bytes fetched, {}/{} files complete at once",
+        s2.bytes_fetched, s2.files_complete, s2.files
+    );
     drop(d);
 }
 

@@ -23,6 +23,7 @@
 //! A graceful stop (SIGTERM, SIGINT) records progress, answers what it can and leaves the
 //! group with the holder: readers that arrive meanwhile block until the successor is up.
 
+pub mod cache;
 pub mod holder;
 pub mod journal;
 pub mod state;
@@ -61,6 +62,9 @@ pub enum DaemonError {
     /// The state directory failed.
     #[error(transparent)]
     State(#[from] state::StateError),
+    /// The content cache failed.
+    #[error(transparent)]
+    Cache(#[from] cache::CacheError),
     /// The fd holder failed.
     #[error(transparent)]
     Holder(#[from] holder::HolderError),
@@ -206,6 +210,8 @@ struct ImageRt {
     error: Option<String>,
     rate: Mutex<(Instant, u64, f64)>,
     saved: Mutex<Option<ImageRecord>>,
+    /// Files already offered to the content cache.
+    cached: Mutex<Vec<bool>>,
 }
 
 /// The running daemon (shared by the API tasks and its threads).
@@ -213,6 +219,7 @@ struct Daemon {
     config: DaemonConfig,
     engine: Engine,
     state: StateDir,
+    cache: cache::Cache,
     images: Mutex<BTreeMap<u64, Arc<ImageRt>>>,
     next_id: AtomicU64,
     took_over: bool,
@@ -452,6 +459,33 @@ impl Daemon {
         let res = tokio::task::spawn_blocking(move || {
             let mut ids = Vec::new();
             for p in &unpacked.placeholders {
+                let sha = opened.layers[p.layer]
+                    .1
+                    .resolve(p.entry)
+                    .and_then(|e| e.sha256.clone());
+                let mut rec = FileRecord {
+                    path: p.path.clone(),
+                    layer: p.layer,
+                    entry: p.entry,
+                    size: p.size,
+                    chunk: 0,
+                    complete: false,
+                    filled: String::new(),
+                    sha256: sha.clone(),
+                };
+                // From the content cache: filled before it is ever marked, nothing fetched.
+                if let Some(sha) = &sha {
+                    match this.cache.fill(sha, &p.path, p.size) {
+                        Ok(true) => {
+                            rec.complete = true;
+                            record.files.push(rec);
+                            ids.push(None);
+                            continue;
+                        }
+                        Ok(false) => {}
+                        Err(e) => warn!(error = %error_chain(&e), "content cache"),
+                    }
+                }
                 let r = this
                     .source(&opened, p.layer, p.entry, &counters)
                     .map_err(|m| ApiFail(ErrorKind::Internal, m))
@@ -474,15 +508,7 @@ impl Daemon {
                         return Err(e);
                     }
                 }
-                record.files.push(FileRecord {
-                    path: p.path.clone(),
-                    layer: p.layer,
-                    entry: p.entry,
-                    size: p.size,
-                    chunk: 0,
-                    complete: false,
-                    filled: String::new(),
-                });
+                record.files.push(rec);
             }
             Ok((ids, record, counters))
         })
@@ -505,6 +531,7 @@ impl Daemon {
         );
         let rt = Arc::new(ImageRt {
             saved: Mutex::new(Some(record.clone())),
+            cached: Mutex::new(Vec::new()),
             record: Mutex::new(record),
             files: ids,
             counters,
@@ -528,6 +555,7 @@ impl Daemon {
         let mk = |files: Vec<Option<FileId>>, record: ImageRecord, error: Option<String>| {
             Arc::new(ImageRt {
                 saved: Mutex::new(Some(record.clone())),
+                cached: Mutex::new(Vec::new()),
                 prefetch: AtomicBool::new(record.prefetch),
                 record: Mutex::new(record),
                 files,
@@ -566,6 +594,11 @@ impl Daemon {
         let files = tokio::task::spawn_blocking(move || {
             let mut ids = Vec::with_capacity(record.files.len());
             for f in &record.files {
+                if f.complete && f.chunk == 0 {
+                    // Filled from the content cache at prepare: never marked.
+                    ids.push(None);
+                    continue;
+                }
                 let r = this
                     .source(&opened, f.layer, f.entry, &counters2)
                     .map_err(|m| m.to_string())
@@ -750,16 +783,36 @@ impl Daemon {
                 rec.clone()
             };
             let mut saved = img.saved.lock().unwrap();
-            if saved.as_ref() == Some(&snapshot) {
-                continue;
+            if saved.as_ref() != Some(&snapshot) {
+                // Filled bytes reach the disk before the record that says they are there.
+                if let Ok(d) = std::fs::File::open(&snapshot.dest) {
+                    let _ = nix::unistd::syncfs(&d);
+                }
+                match self.state.save(&snapshot) {
+                    Ok(()) => *saved = Some(snapshot.clone()),
+                    Err(e) => warn!(error = %error_chain(&e), "recording progress"),
+                }
             }
-            // Filled bytes reach the disk before the record that says they are there.
-            if let Ok(d) = std::fs::File::open(&snapshot.dest) {
-                let _ = nix::unistd::syncfs(&d);
-            }
-            match self.state.save(&snapshot) {
-                Ok(()) => *saved = Some(snapshot),
-                Err(e) => warn!(error = %error_chain(&e), "recording progress"),
+            // Complete files enter the content cache (only if their bytes are the image's).
+            let mut cached = img.cached.lock().unwrap();
+            cached.resize(snapshot.files.len(), false);
+            for (i, f) in snapshot.files.iter().enumerate() {
+                if cached[i] || !f.complete {
+                    continue;
+                }
+                cached[i] = true;
+                if let Some(sha) = &f.sha256
+                    && !self.cache.contains(sha)
+                    && !img.removed.load(Ordering::SeqCst)
+                {
+                    match self.cache.add(sha, &f.path) {
+                        Ok(true) => debug!(path = %f.path.display(), "added to the content cache"),
+                        Ok(false) => {
+                            warn!(path = %f.path.display(), "not cached: its bytes are not the image's")
+                        }
+                        Err(e) => warn!(error = %error_chain(&e), "adding to the content cache"),
+                    }
+                }
             }
         }
     }
@@ -952,9 +1005,11 @@ pub fn run(config: DaemonConfig) -> Result<(), DaemonError> {
     engine.set_deny_unknown(true);
     let records = state.load()?;
     let next_id = records.iter().map(|r| r.id).max().unwrap_or(0) + 1;
+    let cache = cache::Cache::open(&state.root().join("cache"))?;
     let daemon = Arc::new(Daemon {
         config: config.clone(),
         engine,
+        cache,
         state,
         images: Mutex::new(BTreeMap::new()),
         next_id: AtomicU64::new(next_id),

@@ -59,6 +59,9 @@ pub struct FileRecord {
     /// Filled chunks as a bitmap, hex (bit i of byte i/8 = chunk i), when partly filled.
     #[serde(default, skip_serializing_if = "String::is_empty")]
     pub filled: String,
+    /// sha256 of the whole file, when the index has it (the content cache's key).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub sha256: Option<String>,
 }
 
 impl FileRecord {
@@ -216,6 +219,7 @@ mod tests {
             chunk: 0,
             complete: false,
             filled: String::new(),
+            sha256: None,
         };
         let flags: Vec<bool> = (0..40).map(|i| i % 3 == 0).collect();
         f.set_filled(256 << 10, &flags, false);
