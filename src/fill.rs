@@ -775,6 +775,17 @@ impl Engine {
         })
     }
 
+    /// Event service times so far: count per log2 bucket of microseconds (bucket `i` holds
+    /// times in `[2^i, 2^(i+1))` µs), for a metrics histogram.
+    pub fn latency_histogram(&self) -> Vec<u64> {
+        self.inner
+            .counters
+            .latency
+            .iter()
+            .map(|b| b.load(Ordering::Relaxed))
+            .collect()
+    }
+
     /// A snapshot of progress counters.
     pub fn stats(&self) -> Stats {
         let c = &self.inner.counters;

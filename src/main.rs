@@ -106,6 +106,9 @@ struct DaemonArgs {
     /// Run without an fd holder (a crash then lets blocked readers through to zeros).
     #[arg(long)]
     no_holder: bool,
+    /// Serve Prometheus metrics on this address, e.g. 127.0.0.1:9464 (off by default).
+    #[arg(long, value_name = "ADDR")]
+    metrics_addr: Option<std::net::SocketAddr>,
     /// Test knob: delay every fetch by this many milliseconds.
     #[arg(long, hide = true, default_value_t = 0)]
     test_fetch_delay_ms: u64,
@@ -452,6 +455,7 @@ fn daemon(socket: PathBuf, a: DaemonArgs) -> Result<()> {
     c.persist_interval = Duration::from_millis(a.persist_interval_ms.max(10));
     c.engine.workers = a.workers;
     c.fetch_delay = Duration::from_millis(a.test_fetch_delay_ms);
+    c.metrics_addr = a.metrics_addr;
     if a.no_holder {
         c.holder_exe = None;
     }

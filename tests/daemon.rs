@@ -333,7 +333,13 @@ fn cli_pull_status_rm_and_clear_errors() {
     let state = tmp.path().join("state");
     std::fs::create_dir_all(&state).unwrap();
     let (reference, files) = build_image(&tmp.path().join("img"), "1", 2, 400);
-    let d = DaemonProc::start(&state, &[]);
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let metrics_addr = format!("127.0.0.1:{port}");
+    let d = DaemonProc::start(&state, &["--metrics-addr", &metrics_addr]);
     let cli = |args: &[&str]| {
         let mut c = bin();
         c.args(args).env("FANFILL_SOCKET", &d.socket);
@@ -351,6 +357,23 @@ fn cli_pull_status_rm_and_clear_errors() {
     assert!(out.starts_with("ready: "), "{out}");
     let got = std::fs::read(dest.join(&files[1].0)).unwrap();
     assert!(got == files[1].1);
+    // Prometheus metrics: one miss served, its latency in the histogram.
+    let metrics = {
+        use std::io::Write;
+        let mut c = std::net::TcpStream::connect(&metrics_addr).unwrap();
+        c.write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n")
+            .unwrap();
+        let mut s = String::new();
+        c.read_to_string(&mut s).unwrap();
+        s
+    };
+    assert!(metrics.starts_with("HTTP/1.1 200 OK"), "{metrics}");
+    assert!(metrics.contains("fanfill_misses_total 1"), "{metrics}");
+    assert!(
+        metrics.contains("fanfill_fill_latency_seconds_count 1"),
+        "{metrics}"
+    );
+    assert!(metrics.contains("fanfill_inflight_events 0"), "{metrics}");
     let (code, out, _) = cli(&["status"]);
     assert_eq!(code, Some(0));
     assert!(out.contains(dest_s) && out.contains("1/2"), "{out}");

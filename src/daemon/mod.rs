@@ -26,6 +26,7 @@
 pub mod cache;
 pub mod holder;
 pub mod journal;
+pub mod metrics;
 pub mod state;
 
 use std::collections::BTreeMap;
@@ -114,6 +115,8 @@ pub struct DaemonConfig {
     pub holder_exe: Option<PathBuf>,
     /// Test knob: every fetch waits this long first (a slow registry).
     pub fetch_delay: Duration,
+    /// Serve Prometheus metrics on this address (off when `None`).
+    pub metrics_addr: Option<std::net::SocketAddr>,
 }
 
 impl DaemonConfig {
@@ -128,6 +131,7 @@ impl DaemonConfig {
             persist_interval: Duration::from_secs(1),
             holder_exe: std::env::current_exe().ok(),
             fetch_delay: Duration::ZERO,
+            metrics_addr: None,
         }
     }
 }
@@ -707,6 +711,18 @@ impl Daemon {
         })
     }
 
+    /// The Prometheus text exposition of the daemon's figures.
+    fn metrics(&self) -> String {
+        let images: Vec<Arc<ImageRt>> = self.images.lock().unwrap().values().cloned().collect();
+        let statuses: Vec<ImageStatus> = images.iter().map(|i| self.image_status(i)).collect();
+        metrics::render(
+            &self.engine.stats(),
+            &self.engine.latency_histogram(),
+            self.engine.inflight_events(),
+            &statuses,
+        )
+    }
+
     fn remove(&self, dest: &Path) -> Result<Response, ApiFail> {
         let (id, img) = self.find(dest)?;
         img.removed.store(true, Ordering::SeqCst);
@@ -1078,6 +1094,15 @@ pub fn run(config: DaemonConfig) -> Result<(), DaemonError> {
     };
     std::fs::set_permissions(&config.socket, std::fs::Permissions::from_mode(0o600))
         .map_err(sock_err)?;
+    if let Some(addr) = config.metrics_addr {
+        let _g = rt.enter();
+        let l = rt
+            .block_on(tokio::net::TcpListener::bind(addr))
+            .map_err(io("binding the metrics address"))?;
+        let d = daemon.clone();
+        rt.spawn(metrics::serve(l, Arc::new(move || d.metrics())));
+        info!(%addr, "Prometheus metrics served");
+    }
     info!(socket = %config.socket.display(), "fanfill daemon serving");
     let d = daemon.clone();
     rt.block_on(async move {
