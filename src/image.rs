@@ -44,7 +44,7 @@ pub enum ImageError {
         reference: String,
         /// The registry error.
         #[source]
-        source: registry::Error,
+        source: Box<registry::Error>,
     },
     /// A layer could not be indexed or its index could not be read.
     #[error("layer {layer} of {reference}")]
@@ -74,7 +74,7 @@ pub enum ImageError {
         dest: PathBuf,
         /// The unpack error.
         #[source]
-        source: UnpackError,
+        source: Box<UnpackError>,
     },
     /// Registering placeholders with the fill engine failed.
     #[error("serving placeholders of {reference}")]
@@ -163,7 +163,7 @@ pub struct ImageIndexes {
 fn reg_err(reference: &str) -> impl Fn(registry::Error) -> ImageError + '_ {
     move |source| ImageError::Registry {
         reference: reference.to_string(),
-        source,
+        source: Box::new(source),
     }
 }
 
@@ -318,7 +318,7 @@ pub async fn prepare(
     .map_err(|source| ImageError::Unpack {
         reference: reference.to_string(),
         dest: dest.to_path_buf(),
-        source,
+        source: Box::new(source),
     })?;
     let files = match register_all(engine, &store, &indexes, &ixs, &unpacked, reference) {
         Ok(files) => files,
