@@ -191,7 +191,12 @@ fn main() -> anyhow::Result<()> {
     for p in [&filled, &plain] {
         let f = File::open(p)?;
         f.sync_all()?;
-        nix::fcntl::posix_fadvise(&f, 0, 0, nix::fcntl::PosixFadviseAdvice::POSIX_FADV_DONTNEED)?;
+        nix::fcntl::posix_fadvise(
+            &f,
+            0,
+            0,
+            nix::fcntl::PosixFadviseAdvice::POSIX_FADV_DONTNEED,
+        )?;
     }
     let (mut a, mut b) = (Vec::new(), Vec::new());
     read_mibs(&filled)?;

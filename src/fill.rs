@@ -1053,3 +1053,57 @@ async fn prefetch_entry(inner: &Arc<Inner>, entry: &Arc<FileEntry>) -> FillResul
     };
     ensure_range(inner, entry, 0, u64::MAX, size, None).await
 }
+
+/// Whole-file fills on demand, for callers that learn of an access some other way than a
+/// pre-content event (the overlay open watch: lower files read through overlayfs must not
+/// carry a pre-content mark, see `docs/kernel.md`).
+impl Engine {
+    /// Registers a placeholder that carries no pre-content mark: nothing intercepts its
+    /// reads, so the caller must fill it (for example [`Engine::fill_future`] on open)
+    /// before anyone reads it.
+    pub fn register_unmarked(&self, p: Placeholder) -> Result<FileId, FillError> {
+        let path = p.path.clone();
+        // The file is not exposed yet, so marking and unmarking at once lets no reader in.
+        let id = self.register(p)?;
+        if !self.is_complete(id) {
+            let file = File::options()
+                .read(true)
+                .custom_flags(libc::O_NOFOLLOW | libc::O_NONBLOCK)
+                .open(&path)
+                .map_err(|source| FillError::Register { path, source })?;
+            self.inner
+                .group
+                .unmark_inode(file.as_fd(), FAN_PRE_ACCESS)?;
+        }
+        Ok(id)
+    }
+
+    /// A function that makes, for a file id, a future filling the whole file (if it is
+    /// registered and not complete), usable from any runtime and after `self` is borrowed
+    /// elsewhere. Concurrent calls and pre-content events share fetches.
+    pub fn filler(&self) -> Filler {
+        let inner = self.inner.clone();
+        Arc::new(move |id: FileId| {
+            let inner = inner.clone();
+            async move {
+                let entry = inner.files.read().unwrap().get(&(id.dev, id.ino)).cloned();
+                match entry {
+                    Some(entry) => prefetch_entry(&inner, &entry).await,
+                    None => Ok(()),
+                }
+            }
+            .boxed()
+        })
+    }
+}
+
+/// See [`Engine::filler`].
+pub type Filler =
+    Arc<dyn Fn(FileId) -> BoxFuture<'static, Result<(), Arc<FillError>>> + Send + Sync>;
+
+impl FileId {
+    /// The id of the registered file with this device and inode number.
+    pub fn new(dev: u64, ino: u64) -> FileId {
+        FileId { dev, ino }
+    }
+}

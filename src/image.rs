@@ -320,7 +320,9 @@ pub async fn prepare(
         dest: dest.to_path_buf(),
         source: Box::new(source),
     })?;
-    let files = match register_all(engine, &store, &indexes, &ixs, &unpacked, reference) {
+    let files = match register_all(
+        engine, &store, &indexes, &ixs, &unpacked, reference, opts.mode,
+    ) {
         Ok(files) => files,
         Err(e) => {
             // Leave nothing behind: the tree was ours (dest had to be empty).
@@ -358,6 +360,7 @@ fn register_all(
     ixs: &[Arc<LayerIndex>],
     unpacked: &Unpacked,
     reference: &str,
+    mode: Mode,
 ) -> Result<Vec<FileId>, ImageError> {
     let mut files = Vec::with_capacity(unpacked.placeholders.len());
     let res = (|| {
@@ -373,17 +376,22 @@ fn register_all(
                 index: index.clone(),
                 entry,
             });
-            let id = engine
-                .register(Placeholder {
-                    path: p.path.clone(),
-                    size: p.size,
-                    source,
-                    verify,
-                })
-                .map_err(|source| ImageError::Fill {
-                    reference: reference.to_string(),
-                    source,
-                })?;
+            let placeholder = Placeholder {
+                path: p.path.clone(),
+                size: p.size,
+                source,
+                verify,
+            };
+            // Overlay lowers must carry no pre-content mark (overlay reads of a marked lower
+            // file fail with EPERM); the overlay open watch fills them whole instead.
+            let registered = match mode {
+                Mode::Direct => engine.register(placeholder),
+                Mode::Overlay => engine.register_unmarked(placeholder),
+            };
+            let id = registered.map_err(|source| ImageError::Fill {
+                reference: reference.to_string(),
+                source,
+            })?;
             files.push(id);
         }
         Ok(())

@@ -13,6 +13,7 @@
 //! - [`index`]: the layer index: entry table and random-access checkpoints.
 //! - [`image`]: preparing an image: indexes, placeholders, sources, the index artifact.
 //! - [`ocibuild`]: writing OCI image layouts (the demo image, test and benchmark images).
+//! - [`overlay`]: overlay rootfs: whole-file fill when a file is opened through overlayfs.
 //! - [`reference`]: image reference grammar (`docker://`, `oci:`).
 //! - [`registry`]: manifests and blobs from a registry or an OCI layout: ranges, streams, auth.
 //! - [`unpack`]: placeholder unpack: layers to a metadata-complete tree of sparse files.
@@ -22,6 +23,7 @@ pub mod fill;
 pub mod image;
 pub mod index;
 pub mod ocibuild;
+pub mod overlay;
 pub mod reference;
 pub mod registry;
 pub mod sys;
