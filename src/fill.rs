@@ -287,6 +287,9 @@ type FillResult = Result<(), Arc<FillError>>;
 /// Fills up to this size are written on the worker thread itself; larger ones go to the
 /// blocking pool so a slow disk cannot stall event handling.
 const INLINE_WRITE_MAX: u64 = 64 << 10;
+
+/// Longest run of consecutive missing chunks fetched with one source read.
+const MAX_RUN_BYTES: u64 = 8 << 20;
 type SharedFill = Shared<BoxFuture<'static, FillResult>>;
 
 /// A registered placeholder and its fill state.
@@ -815,20 +818,37 @@ async fn ensure_range(
             return Ok(());
         }
         let (first, last) = (start / entry.chunk, (end - 1) / entry.chunk);
+        let max_run = (MAX_RUN_BYTES / entry.chunk).max(1);
         let mut waits = Vec::new();
-        for idx in first..=last {
+        let mut idx = first;
+        while idx <= last {
             if st.filled[idx as usize] {
+                idx += 1;
                 continue;
             }
             if let Some(f) = st.inflight.get(&idx) {
                 waits.push(f.clone());
+                idx += 1;
                 continue;
             }
-            let fut = fill_chunk(inner.clone(), entry.clone(), idx, writer.clone())
+            // A run of consecutive missing chunks is fetched with one source read (one
+            // range request, one inflate from one checkpoint) and verified chunk by chunk.
+            let mut count = 1;
+            while count < max_run
+                && idx + count <= last
+                && !st.filled[(idx + count) as usize]
+                && !st.inflight.contains_key(&(idx + count))
+            {
+                count += 1;
+            }
+            let fut = fill_run(inner.clone(), entry.clone(), idx, count, writer.clone())
                 .boxed()
                 .shared();
-            st.inflight.insert(idx, fut.clone());
+            for i in idx..idx + count {
+                st.inflight.insert(i, fut.clone());
+            }
             waits.push(fut);
+            idx += count;
         }
         waits
     };
@@ -843,31 +863,36 @@ async fn ensure_range(
     Ok(())
 }
 
-/// Fetches, verifies and writes one chunk; records it. Runs at most once at a time per chunk.
-async fn fill_chunk(
+/// Fetches, verifies and writes `count` consecutive chunks from `first`; records them. Each
+/// chunk is in at most one run at a time.
+async fn fill_run(
     inner: Arc<Inner>,
     entry: Arc<FileEntry>,
-    idx: u64,
+    first: u64,
+    count: u64,
     writer: Option<Arc<File>>,
 ) -> FillResult {
-    let res = fill_chunk_inner(&inner, &entry, idx, writer).await;
+    let res = fill_run_inner(&inner, &entry, first, count, writer).await;
     let mut st = entry.state.lock().unwrap();
-    st.inflight.remove(&idx);
-    if res.is_ok() && !st.filled[idx as usize] {
-        st.filled[idx as usize] = true;
-        st.missing -= 1;
+    for idx in first..first + count {
+        st.inflight.remove(&idx);
+        if res.is_ok() && !st.filled[idx as usize] {
+            st.filled[idx as usize] = true;
+            st.missing -= 1;
+        }
     }
     res.map_err(Arc::new)
 }
 
-async fn fill_chunk_inner(
+async fn fill_run_inner(
     inner: &Arc<Inner>,
     entry: &Arc<FileEntry>,
-    idx: u64,
+    first: u64,
+    count: u64,
     writer: Option<Arc<File>>,
 ) -> Result<(), FillError> {
-    let (offset, chunk_end) = entry.chunk_range(idx);
-    let len = chunk_end - offset;
+    let offset = entry.chunk_range(first).0;
+    let len = entry.chunk_range(first + count - 1).1 - offset;
     let timeout = inner.config.fetch_timeout;
     let data = match tokio::time::timeout(timeout, entry.source.read_at(offset, len)).await {
         Err(_) => {
@@ -901,7 +926,15 @@ async fn fill_chunk_inner(
             got: data.len() as u64,
         });
     }
-    verify(entry, idx, offset, &data)?;
+    for idx in first..first + count {
+        let (a, b) = entry.chunk_range(idx);
+        verify(
+            entry,
+            idx,
+            a,
+            &data[(a - offset) as usize..(b - offset) as usize],
+        )?;
+    }
     // Never write past the limit: those bytes belong to the user now.
     let limit = entry.state.lock().unwrap().limit;
     let keep = limit.saturating_sub(offset).min(len) as usize;
