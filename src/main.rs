@@ -1,1 +1,3 @@
+//! fanfill command-line entry point (stub).
+
 fn main() {}

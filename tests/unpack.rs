@@ -14,8 +14,7 @@ use std::time::{Duration, Instant};
 
 use fanfill::index::{Entry, EntryKind};
 use fanfill::unpack::{
-    FileData, Layer, Mode, Progress, UnpackError, UnpackHooks, UnpackOptions, unpack,
-    unpack_with,
+    FileData, Layer, Mode, Progress, UnpackError, UnpackHooks, UnpackOptions, unpack, unpack_with,
 };
 
 const CAP: &[u8] = &[
@@ -200,7 +199,11 @@ fn walk(
         rel.clone(),
         Obj {
             kind,
-            mode: if ft.is_symlink() { 0 } else { md.mode() & 0o7777 },
+            mode: if ft.is_symlink() {
+                0
+            } else {
+                md.mode() & 0o7777
+            },
             uid: md.uid(),
             gid: md.gid(),
             size: if ft.is_file() || ft.is_symlink() {
@@ -231,11 +234,7 @@ fn walk(
 
 /// Paths under `root`, without the root, in sorted order.
 fn names(root: &Path) -> Vec<String> {
-    snapshot(root)
-        .0
-        .into_keys()
-        .filter(|k| k != ".")
-        .collect()
+    snapshot(root).0.into_keys().filter(|k| k != ".").collect()
 }
 
 // ---------------------------------------------------------------------------------------
@@ -263,6 +262,10 @@ fn image() -> Vec<(String, Vec<Entry>)> {
         dir("opt/app", 0o750),
         file("opt/app/old.conf", 10),
         dir("opt/app/lib", 0o755),
+        // Names that sort between `opt/app` and `opt/app/...` byte-wise.
+        file("opt/app-x", 1),
+        dir("opt/app.d", 0o755),
+        file("opt/app.d/x", 2),
         file("opt/app/lib/libold.so", 4096),
         dir("var", 0o755),
         dir("var/cache", 0o755),
@@ -346,6 +349,9 @@ fn expected_names() -> Vec<&'static str> {
         "link-dir/passwd",
         "opt",
         "opt/app",
+        "opt/app-x",
+        "opt/app.d",
+        "opt/app.d/x",
         "opt/app/new.conf",
         "replaced",
         "replaced/inside",
@@ -391,7 +397,10 @@ fn direct_flattens_three_layers() {
             snap["bin/trusted-link"].xattrs,
             vec![("trusted.note".to_owned(), b"t".to_vec())]
         );
-        assert!(snap["bin/user-link"].xattrs.is_empty(), "user.* on a symlink");
+        assert!(
+            snap["bin/user-link"].xattrs.is_empty(),
+            "user.* on a symlink"
+        );
         assert!(
             snap["etc/overlay-hint"].xattrs.is_empty(),
             "overlay control xattrs are dropped"
@@ -418,24 +427,22 @@ fn direct_flattens_three_layers() {
                 ("etc/passwd".to_owned(), 950),
                 ("home/.profile".to_owned(), 100),
                 ("link-dir/passwd".to_owned(), 12),
+                ("opt/app-x".to_owned(), 1),
+                ("opt/app.d/x".to_owned(), 2),
                 ("opt/app/new.conf".to_owned(), 20),
                 ("replaced/inside".to_owned(), 3),
                 ("usr/local/bin/tool".to_owned(), 4000),
             ]
         );
-        let ping = out
-            .placeholders
-            .iter()
-            .find(|p| p.size == 70_000)
-            .unwrap();
+        let ping = out.placeholders.iter().find(|p| p.size == 70_000).unwrap();
         assert_eq!((ping.layer, ping.entry), (0, 2));
         assert_eq!(out.stats.bytes, ph.iter().map(|(_, s)| s).sum::<u64>());
-        assert_eq!(out.stats.files, 11);
+        assert_eq!(out.stats.files, 13);
         assert_eq!(out.stats.hardlinks, 1);
         assert_eq!(out.stats.symlinks, 3);
         assert_eq!(out.stats.devices, 2);
         assert_eq!(out.stats.fifos, 0);
-        assert_eq!(out.stats.dirs, 14);
+        assert_eq!(out.stats.dirs, 15);
         assert!(out.lowerdirs.is_empty());
     });
 }
@@ -472,7 +479,7 @@ fn overlay_mount_matches_direct_tree() {
         );
         assert_eq!(out.stats.whiteouts, 4);
         // Only files visible through the mount are placeholders.
-        assert_eq!(out.placeholders.len(), 11);
+        assert_eq!(out.placeholders.len(), 13);
         assert!(
             out.placeholders
                 .iter()
@@ -518,7 +525,15 @@ fn placeholders_are_sparse_with_true_metadata() {
                 1234,
                 5678,
             ),
-            owned(at(symlink("lnk", "/nowhere"), 1_111_111_111, 5), 42, 43),
+            owned(
+                at(
+                    with_xattr(symlink("lnk", "/nowhere"), "security.capability", CAP),
+                    1_111_111_111,
+                    5,
+                ),
+                42,
+                43,
+            ),
             owned(base("fifo", EntryKind::Fifo, 0o640), 7, 8),
             file("empty", 0),
             file("huge", 1 << 40),
@@ -526,12 +541,21 @@ fn placeholders_are_sparse_with_true_metadata() {
             file("ro/inside", 10),
         ];
         let dest = tmp();
-        let out = unpack(&[Layer::new("sha256:ab", &l0)], dest.path(), &opts(Mode::Direct)).unwrap();
+        let out = unpack(
+            &[Layer::new("sha256:ab", &l0)],
+            dest.path(),
+            &opts(Mode::Direct),
+        )
+        .unwrap();
         let d = dest.path();
         let md = fs::metadata(d.join("suid")).unwrap();
         assert_eq!(md.len(), 1 << 20);
         assert_eq!(md.blocks(), 0, "placeholder must be sparse");
-        assert_eq!(md.mode() & 0o7777, 0o6755, "setuid/setgid survive the chown");
+        assert_eq!(
+            md.mode() & 0o7777,
+            0o6755,
+            "setuid/setgid survive the chown"
+        );
         assert_eq!((md.uid(), md.gid()), (1234, 5678));
         assert_eq!((md.mtime(), md.mtime_nsec()), (1_234_567_890, 987_654_321));
         assert_eq!(
@@ -548,9 +572,17 @@ fn placeholders_are_sparse_with_true_metadata() {
         assert_eq!((lnk.uid(), lnk.gid()), (42, 43));
         assert_eq!((lnk.mtime(), lnk.mtime_nsec()), (1_111_111_111, 5));
         assert_eq!(fs::read_link(d.join("lnk")).unwrap(), Path::new("/nowhere"));
+        assert_eq!(
+            xattr::get(d.join("lnk"), "security.capability").unwrap(),
+            Some(CAP.to_vec()),
+            "capability xattr on the symlink itself"
+        );
         let fifo = fs::symlink_metadata(d.join("fifo")).unwrap();
         assert!(fifo.file_type().is_fifo());
-        assert_eq!((fifo.mode() & 0o7777, fifo.uid(), fifo.gid()), (0o640, 7, 8));
+        assert_eq!(
+            (fifo.mode() & 0o7777, fifo.uid(), fifo.gid()),
+            (0o640, 7, 8)
+        );
         let ro = fs::metadata(d.join("ro")).unwrap();
         assert_eq!(ro.mode() & 0o7777, 0o555);
         assert_eq!((ro.mtime(), ro.mtime_nsec()), (1_000_000_000, 1));
@@ -586,7 +618,12 @@ fn a_fill_write_drops_security_capability() {
             CAP,
         )];
         let dest = tmp();
-        unpack(&[Layer::new("sha256:ab", &l0)], dest.path(), &opts(Mode::Direct)).unwrap();
+        unpack(
+            &[Layer::new("sha256:ab", &l0)],
+            dest.path(),
+            &opts(Mode::Direct),
+        )
+        .unwrap();
         let p = dest.path().join("ping");
         let f = fs::OpenOptions::new().write(true).open(&p).unwrap();
         f.write_all_at(&[1; 4096], 0).unwrap();
@@ -645,12 +682,15 @@ fn eager_hook_writes_data_and_metadata_survives() {
             progress_every: 5,
             ..opts(Mode::Direct)
         };
-        let out = unpack_with(&[Layer::new("sha256:ab", &l0)], dest.path(), &o, &mut hooks)
-            .unwrap();
+        let out =
+            unpack_with(&[Layer::new("sha256:ab", &l0)], dest.path(), &o, &mut hooks).unwrap();
         assert_eq!(hooks.written, 11);
         assert_eq!(out.placeholders.len(), 1);
         assert!(out.placeholders[0].path.ends_with("lazy"));
-        assert_eq!(fs::read(dest.path().join("data/f3")).unwrap(), vec![b'3'; 5000]);
+        assert_eq!(
+            fs::read(dest.path().join("data/f3")).unwrap(),
+            vec![b'3'; 5000]
+        );
         let cap = dest.path().join("data/cap");
         assert_eq!(
             xattr::get(&cap, "security.capability").unwrap(),
@@ -695,7 +735,10 @@ fn hostile_layers_write_nothing_outside() {
                 vec![file("a/passwd", 10), symlink("a", &o)],
             ),
             ("dot-dot", vec![file("../escape", 10)]),
-            ("dot-dot inside", vec![dir("a", 0o755), file("a/../../escape", 1)]),
+            (
+                "dot-dot inside",
+                vec![dir("a", 0o755), file("a/../../escape", 1)],
+            ),
             ("absolute", vec![file(&format!("{o}/abs"), 10)]),
             ("hardlink dot-dot", vec![hardlink("h", "../../etc/passwd")]),
             ("hardlink absolute", vec![hardlink("h", "/etc/passwd")]),
@@ -708,8 +751,12 @@ fn hostile_layers_write_nothing_outside() {
         for (what, entries) in cases {
             for mode in [Mode::Direct, Mode::Overlay] {
                 let dest = tmp();
-                let err = unpack(&[Layer::new("sha256:evil", &entries)], dest.path(), &opts(mode))
-                    .expect_err(what);
+                let err = unpack(
+                    &[Layer::new("sha256:evil", &entries)],
+                    dest.path(),
+                    &opts(mode),
+                )
+                .expect_err(what);
                 assert!(
                     matches!(
                         err,
@@ -798,7 +845,8 @@ fn devices_are_skipped_unless_asked() {
 }
 
 /// Placeholder unpack rate on 20,000 synthetic entries. Run in release mode:
-/// `cargo test --release --test unpack -- --ignored --nocapture unpack_rate`.
+/// `cargo test --release --test unpack -- --ignored --nocapture unpack_rate`;
+/// `FANFILL_BENCH_DIR` picks the filesystem (default: the temp dir).
 #[test]
 #[ignore = "benchmark: run explicitly in release mode"]
 fn unpack_rate() {
@@ -815,11 +863,20 @@ fn unpack_rate() {
             }
         }
         assert_eq!(entries.len(), 20_000);
+        let base =
+            std::env::var_os("FANFILL_BENCH_DIR").map_or_else(std::env::temp_dir, PathBuf::from);
         for mode in [Mode::Direct, Mode::Overlay] {
-            let dest = tmp();
-            let t = Instant::now();
-            let out = unpack(&[Layer::new("sha256:bench", &entries)], dest.path(), &opts(mode))
+            let dest = tempfile::Builder::new()
+                .prefix("fanfill-unpack-")
+                .tempdir_in(&base)
                 .unwrap();
+            let t = Instant::now();
+            let out = unpack(
+                &[Layer::new("sha256:bench", &entries)],
+                dest.path(),
+                &opts(mode),
+            )
+            .unwrap();
             let dt = t.elapsed();
             assert_eq!(out.placeholders.len(), 19_800);
             println!(

@@ -355,7 +355,12 @@ pub fn unpack_with(
         source,
     };
     let dest_abs = dest.canonicalize().map_err(dest_err)?;
-    if !opts.allow_nonempty && std::fs::read_dir(&dest_abs).map_err(dest_err)?.next().is_some() {
+    if !opts.allow_nonempty
+        && std::fs::read_dir(&dest_abs)
+            .map_err(dest_err)?
+            .next()
+            .is_some()
+    {
         return Err(UnpackError::DestNotEmpty { dest: dest_abs });
     }
     let plan = plan::plan(layers, opts.mode == Mode::Overlay)?;

@@ -178,7 +178,11 @@ pub(crate) fn display(key: &[u8]) -> String {
 
 /// The strict ancestors of a key, root first.
 fn ancestors(key: &[u8]) -> impl Iterator<Item = &[u8]> {
-    let root = if key.is_empty() { None } else { Some(&key[..0]) };
+    let root = if key.is_empty() {
+        None
+    } else {
+        Some(&key[..0])
+    };
     root.into_iter().chain(
         key.iter()
             .enumerate()
@@ -389,7 +393,14 @@ fn plan_layer(
             }
             _ => {
                 p.ensure_parents(ei, &key)?;
-                p.put_leaf(ei, &key, EntryRef { layer: li, entry: ei })?;
+                p.put_leaf(
+                    ei,
+                    &key,
+                    EntryRef {
+                        layer: li,
+                        entry: ei,
+                    },
+                )?;
             }
         }
     }
@@ -565,9 +576,15 @@ mod tests {
         assert_eq!(components("a//b"), Err("empty path component"));
         assert_eq!(components("a/./b"), Err("`.` path component"));
         assert_eq!(components("a\0b"), Err("NUL byte in path"));
-        assert_eq!(classify("a/.wh.b").unwrap(), Class::Whiteout(key_of(&["a", "b"])));
+        assert_eq!(
+            classify("a/.wh.b").unwrap(),
+            Class::Whiteout(key_of(&["a", "b"]))
+        );
         assert_eq!(classify(".wh.b").unwrap(), Class::Whiteout(key_of(&["b"])));
-        assert_eq!(classify("a/.wh..wh..opq").unwrap(), Class::Opaque(key_of(&["a"])));
+        assert_eq!(
+            classify("a/.wh..wh..opq").unwrap(),
+            Class::Opaque(key_of(&["a"]))
+        );
         assert_eq!(classify(".wh..wh..opq").unwrap(), Class::Opaque(Vec::new()));
         assert_eq!(classify("a/.wh..wh.plnk").unwrap(), Class::Ignored);
         assert!(classify("a/.wh...").is_err());
@@ -611,12 +628,7 @@ mod tests {
             f(".wh.var"),
         ];
         // The opaque marker comes after a same-layer child: that child survives.
-        let l2 = vec![
-            d("etc"),
-            f("etc/hosts"),
-            f("etc/.wh..wh..opq"),
-            d("var"),
-        ];
+        let l2 = vec![d("etc"), f("etc/hosts"), f("etc/.wh..wh..opq"), d("var")];
         assert_eq!(
             merged(&[l0, l1, l2]),
             vec![

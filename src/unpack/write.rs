@@ -113,11 +113,17 @@ fn mtime(meta: &Entry) -> TimeSpec {
 /// regular files and directories (the kernel refuses it elsewhere).
 fn keep_xattr(name: &str, file_or_dir: bool) -> bool {
     if name.starts_with("trusted.overlay.") || name.starts_with("user.overlay.") {
-        tracing::warn!(xattr = name, "dropping overlayfs control xattr from a layer");
+        tracing::debug!(
+            xattr = name,
+            "dropping overlayfs control xattr from a layer"
+        );
         return false;
     }
     if !file_or_dir && name.starts_with("user.") {
-        tracing::debug!(xattr = name, "user.* xattr on a symlink or special file: skipped");
+        tracing::debug!(
+            xattr = name,
+            "user.* xattr on a symlink or special file: skipped"
+        );
         return false;
     }
     true
@@ -230,8 +236,7 @@ pub(super) fn materialise(
                 let dest = w.dest.as_fd();
                 w.mkdir(dest, OsStr::new("layers"))
                     .map_err(|(o, e)| layout_err("layers", o, e))?;
-                open_dir(dest, OsStr::new("layers"))
-                    .map_err(|(o, e)| layout_err("layers", o, e))?
+                open_dir(dest, OsStr::new("layers")).map_err(|(o, e)| layout_err("layers", o, e))?
             };
             fchmod(&layers_dir, Perm::from_bits_truncate(0o700))
                 .map_err(|e| layout_err("layers", Op::Chmod, e.into()))?;
@@ -350,7 +355,10 @@ impl Writer<'_> {
                 return Err(self.err(
                     tree_layer,
                     &prefix.join(plan::display(key)),
-                    (Op::OpenDir, io::Error::other("parent missing from the plan")),
+                    (
+                        Op::OpenDir,
+                        io::Error::other("parent missing from the plan"),
+                    ),
                 ));
             };
             let name = OsStr::from_bytes(plan::name(key));
@@ -521,8 +529,7 @@ fn special_meta(dir: BorrowedFd<'_>, name: &OsStr, e: &Entry, chmod: bool) -> Op
     )
     .map_err(op(Op::Chown))?;
     if chmod {
-        fchmodat(dir, name, perm(e.mode), FchmodatFlags::NoFollowSymlink)
-            .map_err(op(Op::Chmod))?;
+        fchmodat(dir, name, perm(e.mode), FchmodatFlags::NoFollowSymlink).map_err(op(Op::Chmod))?;
     }
     let mut path = None;
     for (n, value) in e.xattrs.iter().filter(|(n, _)| keep_xattr(n, false)) {
