@@ -366,15 +366,20 @@ fn plan_layer(
         }
     }
 
-    // Whiteouts and opaque markers act on the lower layers only.
+    // Whiteouts and opaque markers act on the lower layers only. A whiteout is kept for the
+    // overlay tree only if it hides something that nothing else of this layer hides
+    // already (ancestors are applied first: key order); see below.
+    for (key, _) in &opaques {
+        remove_below(p.merged, key);
+    }
+    whiteouts.sort();
+    let mut hides = Vec::with_capacity(whiteouts.len());
     for (key, _) in &whiteouts {
+        hides.push(p.merged.contains_key(key));
         remove_below(p.merged, key);
         if !key.is_empty() {
             p.merged.remove(key);
         }
-    }
-    for (key, _) in &opaques {
-        remove_below(p.merged, key);
     }
 
     // The root of the layer's tree always exists.
@@ -421,36 +426,39 @@ fn plan_layer(
         p.put_leaf(ei, &key, inode)?;
     }
 
-    // Opaque markers: the directory exists in this layer and hides the lower children.
+    // Opaque markers: the directory exists in this layer and hides the lower children. One
+    // at or beneath a non-directory of this layer hides nothing more than that object does.
     for (key, ei) in opaques {
+        let shadowed = ancestors(&key)
+            .chain(std::iter::once(&key[..]))
+            .any(|a| matches!(p.tree.get(a), Some(n) if !matches!(n, Node::Dir { .. })));
+        if shadowed {
+            tracing::debug!(layer = layer.digest, path = %layer.entries[ei].path, "opaque marker beneath a non-directory ignored");
+            continue;
+        }
         p.ensure_parents(ei, &key)?;
-        match p.tree.get_mut(&key) {
-            Some(Node::Dir { opaque, .. }) => *opaque = true,
-            Some(_) => return Err(p.not_dir(ei, &key)),
-            None => {
-                p.implicit_dir(&key);
-                if let Some(Node::Dir { opaque, .. }) = p.tree.get_mut(&key) {
-                    *opaque = true;
-                }
-            }
+        if !p.tree.contains_key(&key) {
+            p.implicit_dir(&key);
+        }
+        if let Some(Node::Dir { opaque, .. }) = p.tree.get_mut(&key) {
+            *opaque = true;
         }
     }
 
     // Whiteouts in overlay form. A same-layer object at the same path already hides the
-    // lower one (a directory must also stop merging: opaque). A whiteout whose parent is no
-    // directory in the merged view hides nothing and is dropped, so that the overlay view
-    // never gains a directory the flattened view lacks.
-    for (key, ei) in whiteouts {
+    // lower one (a directory must also stop merging: opaque). A whiteout that hides nothing
+    // is dropped: overlayfs lists whiteouts in a directory that is not merged with a lower
+    // one (readdir shows the name, lookup says ENOENT), and the overlay view must never gain
+    // a directory the flattened view lacks.
+    for ((key, ei), hides) in whiteouts.into_iter().zip(hides) {
         match p.tree.get_mut(&key) {
             Some(Node::Dir { opaque, .. }) => *opaque = true,
             Some(_) => {}
-            None => {
-                let parent = parent(&key);
-                if matches!(p.merged.get(parent), Some(Node::Dir { .. })) {
-                    p.ensure_parents(ei, &key)?;
-                    p.tree.insert(key, Node::Whiteout);
-                }
+            None if hides && matches!(p.merged.get(parent(&key)), Some(Node::Dir { .. })) => {
+                p.ensure_parents(ei, &key)?;
+                p.tree.insert(key, Node::Whiteout);
             }
+            None => {}
         }
     }
     Ok(p.tree)
