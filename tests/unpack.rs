@@ -1056,3 +1056,65 @@ fn random_images_agree_in_both_modes() {
         );
     });
 }
+
+#[test]
+fn streaming_helpers_refuse_symlinks_and_keep_metadata() {
+    use fanfill::unpack::{create_file, finish_file, open_dir_beneath};
+    use std::os::fd::AsFd;
+    with_timeout(60, || {
+        let out = outside();
+        let dest = tmp();
+        fs::create_dir_all(dest.path().join("a/b")).unwrap();
+        std::os::unix::fs::symlink(out.path(), dest.path().join("a/esc")).unwrap();
+        std::os::unix::fs::symlink("b", dest.path().join("a/rel")).unwrap();
+        let root = File::open(dest.path()).unwrap();
+        for bad in ["a/esc", "a/rel", "../", "/etc", "a/../../x"] {
+            let err = open_dir_beneath(root.as_fd(), Path::new(bad)).unwrap_err();
+            assert!(
+                matches!(err.raw_os_error(), Some(libc::ELOOP | libc::EXDEV)),
+                "{bad}: {err}"
+            );
+        }
+        let dir = open_dir_beneath(root.as_fd(), Path::new("a/b")).unwrap();
+        let meta = owned(
+            at(
+                with_xattr(
+                    Entry {
+                        mode: 0o2750,
+                        ..file("a/b/f", 6)
+                    },
+                    "security.capability",
+                    CAP,
+                ),
+                1_300_000_000,
+                3,
+            ),
+            11,
+            12,
+        );
+        let mut f = create_file(dir.as_fd(), "f".as_ref(), meta.size, true).unwrap();
+        f.write_all(b"hello\n").unwrap();
+        finish_file(&f, &meta).unwrap();
+        drop(f);
+        let p = dest.path().join("a/b/f");
+        assert_eq!(fs::read(&p).unwrap(), b"hello\n");
+        let md = fs::metadata(&p).unwrap();
+        assert_eq!(md.mode() & 0o7777, 0o2750);
+        assert_eq!((md.uid(), md.gid()), (11, 12));
+        assert_eq!((md.mtime(), md.mtime_nsec()), (1_300_000_000, 3));
+        assert_eq!(
+            xattr::get(&p, "security.capability").unwrap(),
+            Some(CAP.to_vec())
+        );
+        // Never over an existing object, never through a final symlink.
+        assert_eq!(
+            create_file(dir.as_fd(), "f".as_ref(), 1, true)
+                .unwrap_err()
+                .raw_os_error(),
+            Some(libc::EEXIST)
+        );
+        let a = open_dir_beneath(root.as_fd(), Path::new("a")).unwrap();
+        assert!(create_file(a.as_fd(), "esc".as_ref(), 1, true).is_err());
+        assert_empty(out.path());
+    });
+}

@@ -35,6 +35,19 @@
 //!   opaque directories carry `trusted.overlay.opaque=y`. [`Unpacked::lowerdirs`] lists the
 //!   layer directories top first, as overlayfs's `lowerdir=` wants them.
 //!
+//! # Writing data eagerly
+//! The same code creates files with data: [`UnpackHooks::write_data`] gets each new file
+//! open for writing before its metadata is set; an extractor that streams a tar reuses
+//! [`open_dir_beneath`], [`create_file`] and [`finish_file`] directly.
+//!
+//! Hardlink targets resolve against the flattened view at their layer: the layer's own
+//! entries and whatever the layers below still show after this layer's whiteouts. Hardlinks
+//! across layers share the inode in both modes (overlay mode links into the lower layer's
+//! directory; all layer directories live on one filesystem).
+//!
+//! A failed unpack leaves what it had created so far in `dest`; the caller removes it.
+//! Nothing is written when the plan fails.
+//!
 //! Directories no layer describes (a parent a tar omitted) get mode 0755, owner 0:0 and
 //! mtime 0, or in overlay mode the metadata the directory already has in the layers below,
 //! so that both modes show the same tree. `trusted.overlay.*` and `user.overlay.*` xattrs
@@ -50,7 +63,7 @@ use std::path::{Path, PathBuf};
 
 use crate::index::Entry;
 
-pub use write::{create_file, finish_file};
+pub use write::{create_file, finish_file, open_dir_beneath};
 
 /// One layer of an image: its digest (for messages and the overlay layout) and its entry
 /// table in tar order.

@@ -55,6 +55,27 @@ pub fn finish_file(file: &File, meta: &Entry) -> io::Result<()> {
     finish_fd(file, meta, false).map_err(|(_, e)| e)
 }
 
+/// Opens the directory `rel` beneath `root` for use with [`create_file`], refusing any
+/// symlink, magic link, `..` escape or mount crossing on the way
+/// (`openat2(RESOLVE_BENEATH | RESOLVE_NO_SYMLINKS | RESOLVE_NO_MAGICLINKS | RESOLVE_NO_XDEV)`).
+/// An empty `rel` opens `root` itself.
+pub fn open_dir_beneath(root: BorrowedFd<'_>, rel: &Path) -> io::Result<OwnedFd> {
+    let rel = if rel.as_os_str().is_empty() {
+        Path::new(".")
+    } else {
+        rel
+    };
+    let how = OpenHow::new()
+        .flags(OFlag::O_RDONLY | OFlag::O_DIRECTORY | OFlag::O_CLOEXEC)
+        .resolve(
+            ResolveFlag::RESOLVE_BENEATH
+                | ResolveFlag::RESOLVE_NO_SYMLINKS
+                | ResolveFlag::RESOLVE_NO_MAGICLINKS
+                | ResolveFlag::RESOLVE_NO_XDEV,
+        );
+    Ok(openat2(root, rel, how)?)
+}
+
 fn create_file_op(dir: BorrowedFd<'_>, name: &OsStr, size: u64, sparse: bool) -> OpResult<File> {
     let fd = openat(
         dir,
@@ -499,22 +520,8 @@ impl Writer<'_> {
     fn link(&self, first: &Path, dir: BorrowedFd<'_>, name: &OsStr) -> OpResult<()> {
         let src_name = first.file_name().unwrap_or_default();
         let src_parent = first.parent().unwrap_or(Path::new(""));
-        let how = OpenHow::new()
-            .flags(OFlag::O_PATH | OFlag::O_DIRECTORY | OFlag::O_CLOEXEC)
-            .resolve(
-                ResolveFlag::RESOLVE_BENEATH
-                    | ResolveFlag::RESOLVE_NO_SYMLINKS
-                    | ResolveFlag::RESOLVE_NO_MAGICLINKS
-                    | ResolveFlag::RESOLVE_NO_XDEV,
-            );
-        let parent_fd;
-        let src_dir = if src_parent.as_os_str().is_empty() {
-            self.dest.as_fd()
-        } else {
-            parent_fd = openat2(self.dest.as_fd(), src_parent, how).map_err(op(Op::Link))?;
-            parent_fd.as_fd()
-        };
-        linkat(src_dir, src_name, dir, name, AtFlags::empty()).map_err(op(Op::Link))
+        let src_dir = open_dir_beneath(self.dest.as_fd(), src_parent).map_err(|e| (Op::Link, e))?;
+        linkat(&src_dir, src_name, dir, name, AtFlags::empty()).map_err(op(Op::Link))
     }
 }
 
