@@ -33,7 +33,9 @@
 //! - [`Mode::Overlay`]: `dest/layers/<N>-<first 12 characters of the digest's hex>/` per
 //!   layer (N counts from 0, lowest layer first); whiteouts are 0:0 character devices and
 //!   opaque directories carry `trusted.overlay.opaque=y`. [`Unpacked::lowerdirs`] lists the
-//!   layer directories top first, as overlayfs's `lowerdir=` wants them.
+//!   layer directories top first, as overlayfs's `lowerdir=` wants them. overlayfs ignores
+//!   the opaque xattr on a layer's root, so a layer with `.wh..wh..opq` at its top hides
+//!   the layers below it by leaving them out: they are neither created nor listed.
 //!
 //! # Writing data eagerly
 //! The same code creates files with data: [`UnpackHooks::write_data`] gets each new file
@@ -164,7 +166,8 @@ pub struct Unpacked {
     /// Regular files with a size above zero whose data was not written, one per inode. In
     /// overlay mode only files the merged view shows are listed.
     pub placeholders: Vec<Placeholder>,
-    /// Overlay mode: the layer directories, top layer first. Empty in direct mode.
+    /// Overlay mode: the layer directories, top layer first (down to the highest layer with
+    /// an opaque root). Empty in direct mode.
     pub lowerdirs: Vec<PathBuf>,
     /// Counts.
     pub stats: UnpackStats,
@@ -173,6 +176,10 @@ pub struct Unpacked {
 impl Unpacked {
     /// The `lowerdir=` value for an overlay mount of [`Unpacked::lowerdirs`]: the
     /// directories joined by `:`, with `\`, `:` and `,` escaped by a backslash.
+    ///
+    /// Without `upperdir=`, overlayfs refuses a single lower directory (EINVAL): add an
+    /// empty one, or bind-mount the layer instead. `mount(2)` takes at most one page of
+    /// options; for many layers use the new mount API's `lowerdir+` (Linux 6.8+).
     pub fn lowerdir_option(&self) -> String {
         let mut out = String::new();
         for (i, dir) in self.lowerdirs.iter().enumerate() {

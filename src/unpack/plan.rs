@@ -63,6 +63,10 @@ pub(crate) struct Plan {
     /// Overlay mode: one tree per layer (lowest first), in overlayfs form. Empty in direct
     /// mode.
     pub layers: Vec<BTreeMap<Key, Node>>,
+    /// The lowest layer anything of which is visible: the highest layer whose root is opaque
+    /// (`.wh..wh..opq` at the top), or 0. overlayfs ignores the opaque xattr on a layer's
+    /// root directory, so the layers below this one must be left out of the mount instead.
+    pub first_visible: usize,
 }
 
 /// What an entry's path names.
@@ -218,7 +222,13 @@ pub(crate) fn plan(layers: &[Layer<'_>], overlay: bool) -> Result<Plan, UnpackEr
         },
     );
     for (li, layer) in layers.iter().enumerate() {
-        let tree = plan_layer(&mut plan.merged, li, layer)?;
+        let mut tree = plan_layer(&mut plan.merged, li, layer)?;
+        if let Some(Node::Dir { opaque, .. }) = tree.get_mut(&[][..]) {
+            if *opaque {
+                *opaque = false;
+                plan.first_visible = li;
+            }
+        }
         if overlay {
             plan.layers.push(tree);
         }
@@ -675,6 +685,24 @@ mod tests {
             render(&plan.merged),
             vec!["./ d", "a/ 0.0", "a/y 0.2", "b/ 0.3", "b/n 1.2"]
         );
+    }
+
+    #[test]
+    fn opaque_root_hides_every_lower_layer() {
+        let l0 = vec![d("a"), f("a/x"), f("b")];
+        let l1 = vec![f("c")];
+        let l2 = vec![f("d"), f(".wh..wh..opq"), d("a")];
+        let ls: Vec<Layer<'_>> = [&l0, &l1, &l2]
+            .iter()
+            .map(|es| Layer {
+                digest: "l",
+                entries: es,
+            })
+            .collect();
+        let plan = plan(&ls, true).unwrap();
+        assert_eq!(plan.first_visible, 2);
+        assert_eq!(render(&plan.merged), vec!["./ d", "a/ 2.2", "d 2.0"]);
+        assert_eq!(render(&plan.layers[2]), vec!["./ d", "a/ 2.2", "d 2.0"]);
     }
 
     #[test]

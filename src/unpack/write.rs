@@ -218,7 +218,10 @@ pub(super) fn materialise(
     }
     let total = match opts.mode {
         Mode::Direct => plan.merged.len(),
-        Mode::Overlay => plan.layers.iter().map(BTreeMap::len).sum(),
+        Mode::Overlay => plan.layers[plan.first_visible.min(plan.layers.len())..]
+            .iter()
+            .map(BTreeMap::len)
+            .sum(),
     } as u64;
     let mut w = Writer {
         layers,
@@ -261,7 +264,8 @@ pub(super) fn materialise(
             };
             fchmod(&layers_dir, Perm::from_bits_truncate(0o700))
                 .map_err(|e| layout_err("layers", Op::Chmod, e.into()))?;
-            for (li, tree) in plan.layers.iter().enumerate() {
+            // Layers below an opaque layer root show nothing: not created, not mounted.
+            for (li, tree) in plan.layers.iter().enumerate().skip(plan.first_visible) {
                 let name = layer_dir_name(li, layers[li].digest);
                 let rel = Path::new("layers").join(&name);
                 w.mkdir(layers_dir.as_fd(), OsStr::new(&name))
