@@ -114,7 +114,11 @@ fn opts(mode: Mode) -> UnpackOptions {
 
 /// A read-only overlay mount, unmounted on drop (lazily, so a failing test never leaves a
 /// busy mount behind).
-struct Mount(PathBuf, Option<tempfile::TempDir>);
+struct Mount {
+    target: PathBuf,
+    /// The empty bottom layer of a single-layer mount, removed after the unmount.
+    _empty: Option<tempfile::TempDir>,
+}
 
 impl Mount {
     /// Mounts `lowerdirs` (top first). Without an upper directory overlayfs wants at least two
@@ -134,13 +138,16 @@ impl Mount {
             Some(data.as_str()),
         )
         .unwrap_or_else(|e| panic!("mount overlay {data}: {e}"));
-        Mount(target.to_owned(), empty)
+        Mount {
+            target: target.to_owned(),
+            _empty: empty,
+        }
     }
 }
 
 impl Drop for Mount {
     fn drop(&mut self) {
-        let _ = nix::mount::umount2(&self.0, nix::mount::MntFlags::MNT_DETACH);
+        let _ = nix::mount::umount2(&self.target, nix::mount::MntFlags::MNT_DETACH);
     }
 }
 
