@@ -50,7 +50,8 @@ pub fn create_file(dir: BorrowedFd<'_>, name: &OsStr, size: u64, sparse: bool) -
 
 /// Sets a new file's owner, mode, xattrs and mtime from `meta`, in the order that keeps
 /// setuid/setgid bits and `security.capability` (both cleared by a chown, and the
-/// capability also by a write): call it after any data was written.
+/// capability also by a write): call it after any data was written. The access time is
+/// set to the mtime (layers carry no atime).
 pub fn finish_file(file: &File, meta: &Entry) -> io::Result<()> {
     finish_fd(file, meta, false).map_err(|(_, e)| e)
 }
