@@ -288,6 +288,9 @@ type FillResult = Result<(), Arc<FillError>>;
 /// blocking pool so a slow disk cannot stall event handling.
 const INLINE_WRITE_MAX: u64 = 64 << 10;
 
+/// The file capability xattr, which every write strips.
+const CAPABILITY_XATTR: &str = "security.capability";
+
 /// Longest run of consecutive missing chunks fetched with one source read.
 const MAX_RUN_BYTES: u64 = 8 << 20;
 type SharedFill = Shared<BoxFuture<'static, FillResult>>;
@@ -302,6 +305,9 @@ struct FileEntry {
     verify: Verify,
     state: Mutex<FileState>,
     bytes_filled: AtomicU64,
+    /// `security.capability` of the placeholder: the kernel strips it on every write, so
+    /// each fill puts it back (a filled `ping` must keep `cap_net_raw`).
+    capability: Option<Vec<u8>>,
 }
 
 struct FileState {
@@ -495,6 +501,10 @@ impl Engine {
             Verify::None => self.inner.config.chunk_size,
         };
         let nchunks = p.size.div_ceil(chunk) as usize;
+        let capability = {
+            use xattr::FileExt as _;
+            file.get_xattr(CAPABILITY_XATTR).ok().flatten()
+        };
         let entry = Arc::new(FileEntry {
             path: p.path,
             size: p.size,
@@ -509,6 +519,7 @@ impl Engine {
                 complete: nchunks == 0,
             }),
             bytes_filled: AtomicU64::new(0),
+            capability,
         });
         if nchunks > 0 {
             // Record before marking, so the first event finds the entry.
@@ -942,19 +953,22 @@ async fn fill_run_inner(
         return Ok(());
     }
     let path = entry.path.clone();
+    let cap = entry.capability.clone();
     let (write_len, write_off) = (keep as u64, offset);
     if write_len <= INLINE_WRITE_MAX {
         // A page-cache write this small costs less than a hop to the blocking pool.
-        write_chunk(&path, writer, &data[..keep], write_off)?;
+        write_chunk(&path, writer, &data[..keep], write_off, cap.as_deref())?;
     } else {
-        tokio::task::spawn_blocking(move || write_chunk(&path, writer, &data[..keep], write_off))
-            .await
-            .map_err(|e| FillError::Write {
-                path: entry.path.clone(),
-                offset,
-                len: write_len,
-                source: std::io::Error::other(e),
-            })??;
+        tokio::task::spawn_blocking(move || {
+            write_chunk(&path, writer, &data[..keep], write_off, cap.as_deref())
+        })
+        .await
+        .map_err(|e| FillError::Write {
+            path: entry.path.clone(),
+            offset,
+            len: write_len,
+            source: std::io::Error::other(e),
+        })??;
     }
     entry.bytes_filled.fetch_add(write_len, Ordering::Relaxed);
     debug!(path = %entry.path.display(), offset, len = write_len, "chunk filled");
@@ -997,6 +1011,7 @@ fn write_chunk(
     writer: Option<Arc<File>>,
     data: &[u8],
     offset: u64,
+    capability: Option<&[u8]>,
 ) -> Result<(), FillError> {
     let werr = |source: std::io::Error| FillError::Write {
         path: path.to_path_buf(),
@@ -1016,6 +1031,10 @@ fn write_chunk(
     };
     let before = nix::sys::stat::fstat(file.as_fd()).map_err(|e| werr(e.into()))?;
     file.write_all_at(data, offset).map_err(werr)?;
+    if let Some(cap) = capability {
+        use xattr::FileExt as _;
+        file.set_xattr(CAPABILITY_XATTR, cap).map_err(werr)?;
+    }
     restore_mtime(file.as_fd(), &before).map_err(|e| werr(e.into()))?;
     Ok(())
 }

@@ -688,7 +688,7 @@ fn failures_answer_eio_and_never_zeros() {
 }
 
 #[test]
-fn fill_restores_mtime() {
+fn fill_restores_mtime_and_file_capability() {
     let dir = tempfile::tempdir().unwrap();
     let e = engine();
     let data = Arc::new(pattern(300_000, 10));
@@ -700,6 +700,12 @@ fn fill_restores_mtime() {
         .unwrap()
         .set_modified(std::time::UNIX_EPOCH + Duration::new(981_173_106, 123_456_789))
         .unwrap();
+    // cap_net_raw+ep, as `setcap` writes it (VFS_CAP_REVISION_2, effective).
+    let mut cap = Vec::new();
+    for w in [0x0200_0001u32, 1 << 13, 0, 0, 0] {
+        cap.extend_from_slice(&w.to_le_bytes());
+    }
+    xattr::set(&path, "security.capability", &cap).unwrap();
     e.register(Placeholder {
         path: path.clone(),
         size: data.len() as u64,
@@ -708,6 +714,12 @@ fn fill_restores_mtime() {
     })
     .unwrap();
     assert!(read_all(&path).unwrap() == *data);
+    // A write strips the capability; the fill puts it back.
+    assert_eq!(
+        xattr::get(&path, "security.capability").unwrap(),
+        Some(cap),
+        "file capability lost by the fill"
+    );
     let m = std::fs::metadata(&path).unwrap();
     assert_eq!((m.mtime(), m.mtime_nsec()), (981_173_106, 123_456_789));
 }
