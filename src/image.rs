@@ -315,10 +315,19 @@ pub async fn prepare(
     })
     .await
     .map_err(|e| ImageError::Task(e.to_string()))?
-    .map_err(|source| ImageError::Unpack {
-        reference: reference.to_string(),
-        dest: dest.to_path_buf(),
-        source: Box::new(source),
+    .map_err(|source| {
+        // A refused destination (not empty, missing) was not ours to clean.
+        if !matches!(
+            source,
+            UnpackError::DestNotEmpty { .. } | UnpackError::Dest { .. }
+        ) {
+            remove_tree_contents(dest);
+        }
+        ImageError::Unpack {
+            reference: reference.to_string(),
+            dest: dest.to_path_buf(),
+            source: Box::new(source),
+        }
     })?;
     let files = match register_all(
         engine, &store, &indexes, &ixs, &unpacked, reference, opts.mode,
