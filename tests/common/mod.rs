@@ -437,6 +437,8 @@ pub struct FaultyProxy {
     fault: Arc<Mutex<Fault>>,
     plain_connections: Arc<AtomicUsize>,
     stop: Arc<AtomicBool>,
+    /// Client sockets of the connections accepted so far (for [`FaultyProxy::set_fault_now`]).
+    live: Arc<Mutex<Vec<TcpStream>>>,
 }
 
 impl FaultyProxy {
@@ -447,13 +449,22 @@ impl FaultyProxy {
         let fault = Arc::new(Mutex::new(fault));
         let plain_connections = Arc::new(AtomicUsize::new(0));
         let stop = Arc::new(AtomicBool::new(false));
-        let (f, c, s) = (fault.clone(), plain_connections.clone(), stop.clone());
+        let live = Arc::new(Mutex::new(Vec::new()));
+        let (f, c, s, l) = (
+            fault.clone(),
+            plain_connections.clone(),
+            stop.clone(),
+            live.clone(),
+        );
         std::thread::spawn(move || {
             for conn in listener.incoming() {
                 if s.load(Ordering::SeqCst) {
                     return;
                 }
                 let Ok(client) = conn else { continue };
+                if let Ok(clone) = client.try_clone() {
+                    l.lock().unwrap().push(clone);
+                }
                 let (f, c) = (f.clone(), c.clone());
                 std::thread::spawn(move || handle(client, target, &f, &c));
             }
@@ -463,6 +474,7 @@ impl FaultyProxy {
             fault,
             plain_connections,
             stop,
+            live,
         }
     }
 
@@ -474,6 +486,15 @@ impl FaultyProxy {
     /// Changes the fault for connections accepted from now on.
     pub fn set_fault(&self, fault: Fault) {
         *self.fault.lock().unwrap() = fault;
+    }
+
+    /// Changes the fault and closes every connection open now, so that a client's pooled
+    /// keep-alive connections cannot dodge it.
+    pub fn set_fault_now(&self, fault: Fault) {
+        self.set_fault(fault);
+        for c in self.live.lock().unwrap().drain(..) {
+            let _ = c.shutdown(Shutdown::Both);
+        }
     }
 
     /// Plain-HTTP connections accepted so far.
