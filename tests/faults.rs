@@ -2,7 +2,6 @@
 //! proxy on 127.0.0.1. Readers of placeholders get the true bytes after retries, or EIO
 //! within a bounded time; never zeros, never a hang.
 
-#[allow(dead_code)]
 mod common;
 mod fsutil;
 
