@@ -776,3 +776,49 @@ fn prefetch_by_the_engine_itself_does_not_wait_on_itself() {
     let mut f = File::open(dir.path().join("f0")).unwrap();
     f.seek(SeekFrom::Start(10)).unwrap();
 }
+
+#[test]
+fn exec_of_a_large_placeholder_binary_repeatedly() {
+    let dir = tempfile::tempdir().unwrap();
+    let e = engine();
+    // busybox is larger than one chunk: its segments are mapped after exec has denied
+    // writers, so the fill path must not need a writable open of the file at that point.
+    let bin = dir.path().join("busybox");
+    copy_placeholder_of(&e, Path::new("/bin/busybox"), &bin);
+    for i in 0..5 {
+        let b = bin.clone();
+        let out = within(30, "exec busybox", move || {
+            Command::new(&b).args(["echo", "ok"]).output()
+        });
+        let out = out.unwrap_or_else(|err| panic!("exec {i} of a placeholder failed: {err}"));
+        assert_eq!(out.stdout, b"ok\n");
+    }
+}
+
+/// Regression: event fds were opened without O_CLOEXEC, so every child spawned while an
+/// event was in flight inherited a writable fd of the placeholder (and a later execve of
+/// that file failed with ETXTBSY). Found by `tests/load.rs`.
+#[test]
+fn event_fds_do_not_leak_into_children() {
+    let dir = tempfile::tempdir().unwrap();
+    let e = engine();
+    let data = Arc::new(pattern(1 << 20, 12));
+    let mut slow = MemSource::new(data.clone());
+    slow.delay = Duration::from_millis(1500);
+    let (path, _, _) = placeholder(&e, dir.path(), "slow", &data, slow, Verify::None);
+    let p = path.clone();
+    let reader = std::thread::spawn(move || std::fs::read(p).unwrap());
+    std::thread::sleep(Duration::from_millis(300));
+    // While the event is being served, a child lists its inherited fds.
+    let out = Command::new("sh")
+        .args(["-c", "ls -l /proc/$$/fd"])
+        .output()
+        .unwrap();
+    let listing = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        !listing.contains(path.to_str().unwrap()),
+        "a child inherited the event fd:\n{listing}"
+    );
+    let got = within(20, "slow read", move || reader.join().unwrap());
+    assert!(got == *data);
+}
