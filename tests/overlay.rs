@@ -6,7 +6,7 @@ mod fsutil;
 
 use std::io::Write;
 use std::os::unix::fs::MetadataExt;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::Command;
 
 use fanfill::fill::{Engine, EngineConfig};
@@ -14,15 +14,7 @@ use fanfill::image::{self, PrepareOptions};
 use fanfill::ocibuild::{self, Compression, LayerItem};
 use fanfill::overlay::OverlayWatch;
 use fanfill::unpack::Mode;
-use fsutil::{LoopFs, pattern, sha256_hex, within};
-
-struct Mount(PathBuf);
-
-impl Drop for Mount {
-    fn drop(&mut self) {
-        let _ = Command::new("umount").arg("-l").arg(&self.0).status();
-    }
-}
+use fsutil::{LoopFs, OverlayMount, pattern, sha256_hex, within};
 
 fn host(path: &str, host: &str) -> LayerItem {
     LayerItem::HostFile {
@@ -98,27 +90,8 @@ fn overlay_rootfs_fills_whole_files_on_open() {
         .unwrap();
     assert_eq!(prepared.unpacked.lowerdirs.len(), 3);
 
-    let (upper, work, merged) = (
-        fs.mnt.join("upper"),
-        fs.mnt.join("work"),
-        fs.mnt.join("merged"),
-    );
-    for d in [&upper, &work, &merged] {
-        std::fs::create_dir(d).unwrap();
-    }
-    let options = format!(
-        "lowerdir={},upperdir={},workdir={}",
-        prepared.unpacked.lowerdir_option(),
-        upper.display(),
-        work.display()
-    );
-    let st = Command::new("mount")
-        .args(["-t", "overlay", "overlay", "-o", &options])
-        .arg(&merged)
-        .status()
-        .unwrap();
-    assert!(st.success(), "mount -t overlay");
-    let _mount = Mount(merged.clone());
+    let ovl = OverlayMount::new(&prepared.unpacked.lowerdir_option(), &fs.mnt.join("ovl"));
+    let (merged, upper) = (ovl.merged.clone(), ovl.upper.clone());
     let lower_dev = std::fs::metadata(&fs.mnt).unwrap().dev();
     let watch = OverlayWatch::start(&engine, &merged, lower_dev).unwrap();
 

@@ -14,7 +14,7 @@ use fanfill::image::{self, PrepareOptions};
 use fanfill::ocibuild::{self, BuiltImage, Compression, LayerItem};
 use fanfill::overlay::OverlayWatch;
 use fanfill::unpack::Mode;
-use fsutil::{LoopFs, pattern, within};
+use fsutil::{LoopFs, OverlayMount, pattern, within};
 
 /// The container's workload: exec of a dynamically linked program (ld.so maps libc), reads,
 /// a listing with owners, modes and sizes, and a whiteout check.
@@ -217,33 +217,8 @@ fn runc_overlay_rootfs_matches_eager_unpack() {
         .block_on(image::prepare(&engine, &built.reference(), &layers, &opts))
         .unwrap();
     let before = prepared.store.bytes_fetched();
-    let (upper, work, merged) = (
-        fs.mnt.join("upper"),
-        fs.mnt.join("work"),
-        fs.mnt.join("merged"),
-    );
-    for d in [&upper, &work, &merged] {
-        std::fs::create_dir(d).unwrap();
-    }
-    let o = format!(
-        "lowerdir={},upperdir={},workdir={}",
-        prepared.unpacked.lowerdir_option(),
-        upper.display(),
-        work.display()
-    );
-    let st = Command::new("mount")
-        .args(["-t", "overlay", "overlay", "-o", &o])
-        .arg(&merged)
-        .status()
-        .unwrap();
-    assert!(st.success());
-    struct Unmount(PathBuf);
-    impl Drop for Unmount {
-        fn drop(&mut self) {
-            let _ = Command::new("umount").arg("-l").arg(&self.0).status();
-        }
-    }
-    let _unmount = Unmount(merged.clone());
+    let ovl = OverlayMount::new(&prepared.unpacked.lowerdir_option(), &fs.mnt.join("ovl"));
+    let merged = ovl.merged.clone();
     let watch =
         OverlayWatch::start(&engine, &merged, std::fs::metadata(&fs.mnt).unwrap().dev()).unwrap();
     let lazy = runc_run(bundle(&fs.mnt.join("ovl-bundle"), &merged), "overlay");
