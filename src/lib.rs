@@ -11,6 +11,7 @@
 //! - [`sys`]: the only place with `unsafe`: fanotify ABI, zlib random access.
 //! - [`fill`]: the fill engine: registration, single-flight fills, answers to the kernel.
 //! - [`index`]: the layer index: entry table and random-access checkpoints.
+//! - [`hook`]: the OCI runtime hook's view of a container (state, config, overlay rootfs).
 //! - [`image`]: preparing an image: indexes, placeholders, sources, the index artifact.
 //! - [`ocibuild`]: writing OCI image layouts (the demo image, test and benchmark images).
 //! - [`overlay`]: overlay rootfs: whole-file fill when a file is opened through overlayfs.
@@ -20,6 +21,7 @@
 #![deny(missing_docs)]
 
 pub mod fill;
+pub mod hook;
 pub mod image;
 pub mod index;
 pub mod ocibuild;
