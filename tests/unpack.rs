@@ -10,7 +10,7 @@ use std::io::{self, Write};
 use std::os::unix::fs::{FileExt as _, FileTypeExt, MetadataExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::mpsc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use fanfill::index::{Entry, EntryKind};
 use fanfill::unpack::{
@@ -857,53 +857,6 @@ fn devices_are_skipped_unless_asked() {
         assert_eq!(names(dest.path()), vec!["fifo"]);
         assert_eq!(out.stats.skipped, 2);
         assert_eq!(out.stats.fifos, 1);
-    });
-}
-
-/// Placeholder unpack rate on 20,000 synthetic entries. Run in release mode:
-/// `cargo test --release --test unpack -- --ignored --nocapture unpack_rate`;
-/// `FANFILL_BENCH_DIR` picks the filesystem (default: the temp dir).
-#[test]
-#[ignore = "benchmark: run explicitly in release mode"]
-fn unpack_rate() {
-    with_timeout(300, || {
-        let mut entries = Vec::new();
-        for d in 0..200 {
-            entries.push(dir(&format!("d{d:03}"), 0o755));
-            for f in 0..99 {
-                let mut e = owned(file(&format!("d{d:03}/f{f:02}"), 1000 + f * 4096), 1, 1);
-                if f % 10 == 0 {
-                    e = with_xattr(e, "user.x", b"1");
-                }
-                entries.push(e);
-            }
-        }
-        assert_eq!(entries.len(), 20_000);
-        let base =
-            std::env::var_os("FANFILL_BENCH_DIR").map_or_else(std::env::temp_dir, PathBuf::from);
-        for mode in [Mode::Direct, Mode::Overlay] {
-            let dest = tempfile::Builder::new()
-                .prefix("fanfill-unpack-")
-                .tempdir_in(&base)
-                .unwrap();
-            let t = Instant::now();
-            let out = unpack(
-                &[Layer::new("sha256:bench", &entries)],
-                dest.path(),
-                &opts(mode),
-            )
-            .unwrap();
-            let dt = t.elapsed();
-            assert_eq!(out.placeholders.len(), 19_800);
-            println!(
-                "{mode:?}: {} entries in {:.1} ms: {:.0} entries/s",
-                entries.len(),
-                dt.as_secs_f64() * 1e3,
-                entries.len() as f64 / dt.as_secs_f64()
-            );
-        }
-        let mut out = io::stdout();
-        out.flush().unwrap();
     });
 }
 
