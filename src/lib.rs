@@ -9,6 +9,7 @@
 //!
 //! Module map (each module's own doc says what it owns and what it must not touch):
 //! - [`sys`]: the only place with `unsafe`: fanotify ABI, zlib random access.
+//! - [`blobcache`]: local copies of layer blobs that travelled whole (no index yet).
 //! - [`fill`]: the fill engine: registration, single-flight fills, answers to the kernel.
 //! - [`index`]: the layer index: entry table and random-access checkpoints.
 //! - [`hook`]: the OCI runtime hook's view of a container (state, config, overlay rootfs).
@@ -20,6 +21,7 @@
 //! - [`unpack`]: placeholder unpack: layers to a metadata-complete tree of sparse files.
 #![deny(missing_docs)]
 
+pub mod blobcache;
 pub mod fill;
 pub mod hook;
 pub mod image;
