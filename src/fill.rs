@@ -287,6 +287,12 @@ type FillResult = Result<(), Arc<FillError>>;
 /// Fills up to this size are written on the worker thread itself; larger ones go to the
 /// blocking pool so a slow disk cannot stall event handling.
 const INLINE_WRITE_MAX: u64 = 64 << 10;
+
+/// The file capability xattr, which every write strips.
+const CAPABILITY_XATTR: &str = "security.capability";
+
+/// Longest run of consecutive missing chunks fetched with one source read.
+const MAX_RUN_BYTES: u64 = 8 << 20;
 type SharedFill = Shared<BoxFuture<'static, FillResult>>;
 
 /// A registered placeholder and its fill state.
@@ -299,6 +305,9 @@ struct FileEntry {
     verify: Verify,
     state: Mutex<FileState>,
     bytes_filled: AtomicU64,
+    /// `security.capability` of the placeholder: the kernel strips it on every write, so
+    /// each fill puts it back (a filled `ping` must keep `cap_net_raw`).
+    capability: Option<Vec<u8>>,
 }
 
 struct FileState {
@@ -423,11 +432,6 @@ pub struct FileId {
 }
 
 impl FileId {
-    /// The id of the file with these device and inode numbers.
-    pub fn new(dev: u64, ino: u64) -> FileId {
-        FileId { dev, ino }
-    }
-
     /// The device number.
     pub fn dev(&self) -> u64 {
         self.dev
@@ -561,6 +565,10 @@ impl Engine {
             Verify::None => self.inner.config.chunk_size,
         };
         let nchunks = p.size.div_ceil(chunk) as usize;
+        let capability = {
+            use xattr::FileExt as _;
+            file.get_xattr(CAPABILITY_XATTR).ok().flatten()
+        };
         let entry = Arc::new(FileEntry {
             path: p.path,
             size: p.size,
@@ -575,6 +583,7 @@ impl Engine {
                 complete: nchunks == 0,
             }),
             bytes_filled: AtomicU64::new(0),
+            capability,
         });
         if nchunks > 0 {
             // Record before marking, so the first event finds the entry.
@@ -1037,20 +1046,37 @@ async fn ensure_range(
             return Ok(());
         }
         let (first, last) = (start / entry.chunk, (end - 1) / entry.chunk);
+        let max_run = (MAX_RUN_BYTES / entry.chunk).max(1);
         let mut waits = Vec::new();
-        for idx in first..=last {
+        let mut idx = first;
+        while idx <= last {
             if st.filled[idx as usize] {
+                idx += 1;
                 continue;
             }
             if let Some(f) = st.inflight.get(&idx) {
                 waits.push(f.clone());
+                idx += 1;
                 continue;
             }
-            let fut = fill_chunk(inner.clone(), entry.clone(), idx, writer.clone())
+            // A run of consecutive missing chunks is fetched with one source read (one
+            // range request, one inflate from one checkpoint) and verified chunk by chunk.
+            let mut count = 1;
+            while count < max_run
+                && idx + count <= last
+                && !st.filled[(idx + count) as usize]
+                && !st.inflight.contains_key(&(idx + count))
+            {
+                count += 1;
+            }
+            let fut = fill_run(inner.clone(), entry.clone(), idx, count, writer.clone())
                 .boxed()
                 .shared();
-            st.inflight.insert(idx, fut.clone());
+            for i in idx..idx + count {
+                st.inflight.insert(i, fut.clone());
+            }
             waits.push(fut);
+            idx += count;
         }
         waits
     };
@@ -1065,31 +1091,36 @@ async fn ensure_range(
     Ok(())
 }
 
-/// Fetches, verifies and writes one chunk; records it. Runs at most once at a time per chunk.
-async fn fill_chunk(
+/// Fetches, verifies and writes `count` consecutive chunks from `first`; records them. Each
+/// chunk is in at most one run at a time.
+async fn fill_run(
     inner: Arc<Inner>,
     entry: Arc<FileEntry>,
-    idx: u64,
+    first: u64,
+    count: u64,
     writer: Option<Arc<File>>,
 ) -> FillResult {
-    let res = fill_chunk_inner(&inner, &entry, idx, writer).await;
+    let res = fill_run_inner(&inner, &entry, first, count, writer).await;
     let mut st = entry.state.lock().unwrap();
-    st.inflight.remove(&idx);
-    if res.is_ok() && !st.filled[idx as usize] {
-        st.filled[idx as usize] = true;
-        st.missing -= 1;
+    for idx in first..first + count {
+        st.inflight.remove(&idx);
+        if res.is_ok() && !st.filled[idx as usize] {
+            st.filled[idx as usize] = true;
+            st.missing -= 1;
+        }
     }
     res.map_err(Arc::new)
 }
 
-async fn fill_chunk_inner(
+async fn fill_run_inner(
     inner: &Arc<Inner>,
     entry: &Arc<FileEntry>,
-    idx: u64,
+    first: u64,
+    count: u64,
     writer: Option<Arc<File>>,
 ) -> Result<(), FillError> {
-    let (offset, chunk_end) = entry.chunk_range(idx);
-    let len = chunk_end - offset;
+    let offset = entry.chunk_range(first).0;
+    let len = entry.chunk_range(first + count - 1).1 - offset;
     let timeout = inner.config.fetch_timeout;
     let data = match tokio::time::timeout(timeout, entry.source.read_at(offset, len)).await {
         Err(_) => {
@@ -1123,7 +1154,15 @@ async fn fill_chunk_inner(
             got: data.len() as u64,
         });
     }
-    verify(entry, idx, offset, &data)?;
+    for idx in first..first + count {
+        let (a, b) = entry.chunk_range(idx);
+        verify(
+            entry,
+            idx,
+            a,
+            &data[(a - offset) as usize..(b - offset) as usize],
+        )?;
+    }
     // Never write past the limit: those bytes belong to the user now.
     let limit = entry.state.lock().unwrap().limit;
     let keep = limit.saturating_sub(offset).min(len) as usize;
@@ -1131,21 +1170,24 @@ async fn fill_chunk_inner(
         return Ok(());
     }
     let path = entry.path.clone();
+    let cap = entry.capability.clone();
     let (write_len, write_off) = (keep as u64, offset);
     if write_len <= INLINE_WRITE_MAX && writer.is_some() {
         // A page-cache write this small costs less than a hop to the blocking pool. Only
         // through an event fd: a write through the path raises an event that a worker must
         // read, and with every worker blocked in such writes nobody would.
-        write_chunk(&path, writer, &data[..keep], write_off)?;
+        write_chunk(&path, writer, &data[..keep], write_off, cap.as_deref())?;
     } else {
-        tokio::task::spawn_blocking(move || write_chunk(&path, writer, &data[..keep], write_off))
-            .await
-            .map_err(|e| FillError::Write {
-                path: entry.path.clone(),
-                offset,
-                len: write_len,
-                source: std::io::Error::other(e),
-            })??;
+        tokio::task::spawn_blocking(move || {
+            write_chunk(&path, writer, &data[..keep], write_off, cap.as_deref())
+        })
+        .await
+        .map_err(|e| FillError::Write {
+            path: entry.path.clone(),
+            offset,
+            len: write_len,
+            source: std::io::Error::other(e),
+        })??;
     }
     entry.bytes_filled.fetch_add(write_len, Ordering::Relaxed);
     debug!(path = %entry.path.display(), offset, len = write_len, "chunk filled");
@@ -1188,6 +1230,7 @@ fn write_chunk(
     writer: Option<Arc<File>>,
     data: &[u8],
     offset: u64,
+    capability: Option<&[u8]>,
 ) -> Result<(), FillError> {
     let werr = |source: std::io::Error| FillError::Write {
         path: path.to_path_buf(),
@@ -1207,6 +1250,10 @@ fn write_chunk(
     };
     let before = nix::sys::stat::fstat(file.as_fd()).map_err(|e| werr(e.into()))?;
     file.write_all_at(data, offset).map_err(werr)?;
+    if let Some(cap) = capability {
+        use xattr::FileExt as _;
+        file.set_xattr(CAPABILITY_XATTR, cap).map_err(werr)?;
+    }
     restore_mtime(file.as_fd(), &before).map_err(|e| werr(e.into()))?;
     Ok(())
 }
@@ -1276,4 +1323,58 @@ async fn prefetch_entry(inner: &Arc<Inner>, entry: &Arc<FileEntry>) -> FillResul
         }
     };
     ensure_range(inner, entry, 0, u64::MAX, size, None).await
+}
+
+/// Whole-file fills on demand, for callers that learn of an access some other way than a
+/// pre-content event (the overlay open watch: lower files read through overlayfs must not
+/// carry a pre-content mark, see `docs/kernel.md`).
+impl Engine {
+    /// Registers a placeholder that carries no pre-content mark: nothing intercepts its
+    /// reads, so the caller must fill it (for example [`Engine::fill_future`] on open)
+    /// before anyone reads it.
+    pub fn register_unmarked(&self, p: Placeholder) -> Result<FileId, FillError> {
+        let path = p.path.clone();
+        // The file is not exposed yet, so marking and unmarking at once lets no reader in.
+        let id = self.register(p)?;
+        if !self.is_complete(id) {
+            let file = File::options()
+                .read(true)
+                .custom_flags(libc::O_NOFOLLOW | libc::O_NONBLOCK)
+                .open(&path)
+                .map_err(|source| FillError::Register { path, source })?;
+            self.inner
+                .group
+                .unmark_inode(file.as_fd(), FAN_PRE_ACCESS)?;
+        }
+        Ok(id)
+    }
+
+    /// A function that makes, for a file id, a future filling the whole file (if it is
+    /// registered and not complete), usable from any runtime and after `self` is borrowed
+    /// elsewhere. Concurrent calls and pre-content events share fetches.
+    pub fn filler(&self) -> Filler {
+        let inner = self.inner.clone();
+        Arc::new(move |id: FileId| {
+            let inner = inner.clone();
+            async move {
+                let entry = inner.files.read().unwrap().get(&(id.dev, id.ino)).cloned();
+                match entry {
+                    Some(entry) => prefetch_entry(&inner, &entry).await,
+                    None => Ok(()),
+                }
+            }
+            .boxed()
+        })
+    }
+}
+
+/// See [`Engine::filler`].
+pub type Filler =
+    Arc<dyn Fn(FileId) -> BoxFuture<'static, Result<(), Arc<FillError>>> + Send + Sync>;
+
+impl FileId {
+    /// The id of the registered file with this device and inode number.
+    pub fn new(dev: u64, ino: u64) -> FileId {
+        FileId { dev, ino }
+    }
 }

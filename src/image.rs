@@ -44,7 +44,7 @@ pub enum ImageError {
         reference: String,
         /// The registry error.
         #[source]
-        source: registry::Error,
+        source: Box<registry::Error>,
     },
     /// A layer could not be indexed or its index could not be read.
     #[error("layer {layer} of {reference}")]
@@ -74,7 +74,7 @@ pub enum ImageError {
         dest: PathBuf,
         /// The unpack error.
         #[source]
-        source: UnpackError,
+        source: Box<UnpackError>,
     },
     /// Registering placeholders with the fill engine failed.
     #[error("serving placeholders of {reference}")]
@@ -163,7 +163,7 @@ pub struct ImageIndexes {
 fn reg_err(reference: &str) -> impl Fn(registry::Error) -> ImageError + '_ {
     move |source| ImageError::Registry {
         reference: reference.to_string(),
-        source,
+        source: Box::new(source),
     }
 }
 
@@ -315,12 +315,23 @@ pub async fn prepare(
     })
     .await
     .map_err(|e| ImageError::Task(e.to_string()))?
-    .map_err(|source| ImageError::Unpack {
-        reference: reference.to_string(),
-        dest: dest.to_path_buf(),
-        source,
+    .map_err(|source| {
+        // A refused destination (not empty, missing) was not ours to clean.
+        if !matches!(
+            source,
+            UnpackError::DestNotEmpty { .. } | UnpackError::Dest { .. }
+        ) {
+            remove_tree_contents(dest);
+        }
+        ImageError::Unpack {
+            reference: reference.to_string(),
+            dest: dest.to_path_buf(),
+            source: Box::new(source),
+        }
     })?;
-    let files = match register_all(engine, &store, &indexes, &ixs, &unpacked, reference) {
+    let files = match register_all(
+        engine, &store, &indexes, &ixs, &unpacked, reference, opts.mode,
+    ) {
         Ok(files) => files,
         Err(e) => {
             // Leave nothing behind: the tree was ours (dest had to be empty).
@@ -358,6 +369,7 @@ fn register_all(
     ixs: &[Arc<LayerIndex>],
     unpacked: &Unpacked,
     reference: &str,
+    mode: Mode,
 ) -> Result<Vec<FileId>, ImageError> {
     let mut files = Vec::with_capacity(unpacked.placeholders.len());
     let res = (|| {
@@ -373,17 +385,22 @@ fn register_all(
                 index: index.clone(),
                 entry,
             });
-            let id = engine
-                .register(Placeholder {
-                    path: p.path.clone(),
-                    size: p.size,
-                    source,
-                    verify,
-                })
-                .map_err(|source| ImageError::Fill {
-                    reference: reference.to_string(),
-                    source,
-                })?;
+            let placeholder = Placeholder {
+                path: p.path.clone(),
+                size: p.size,
+                source,
+                verify,
+            };
+            // Overlay lowers must carry no pre-content mark (overlay reads of a marked lower
+            // file fail with EPERM); the overlay open watch fills them whole instead.
+            let registered = match mode {
+                Mode::Direct => engine.register(placeholder),
+                Mode::Overlay => engine.register_unmarked(placeholder),
+            };
+            let id = registered.map_err(|source| ImageError::Fill {
+                reference: reference.to_string(),
+                source,
+            })?;
             files.push(id);
         }
         Ok(())

@@ -10,22 +10,28 @@
 //! Module map (each module's own doc says what it owns and what it must not touch):
 //! - [`sys`]: the only place with `unsafe`: fanotify ABI, zlib random access.
 //! - [`api`]: the daemon's local API: typed requests/responses, the protocol, a client.
+//! - [`blobcache`]: local copies of layer blobs that travelled whole (no index yet).
 //! - [`daemon`]: `fanfill daemon`: every image in one process, state, crash takeover.
 //! - [`fill`]: the fill engine: registration, single-flight fills, answers to the kernel.
 //! - [`index`]: the layer index: entry table and random-access checkpoints.
+//! - [`hook`]: the OCI runtime hook's view of a container (state, config, overlay rootfs).
 //! - [`image`]: preparing an image: indexes, placeholders, sources, the index artifact.
 //! - [`ocibuild`]: writing OCI image layouts (the demo image, test and benchmark images).
+//! - [`overlay`]: overlay rootfs: whole-file fill when a file is opened through overlayfs.
 //! - [`reference`]: image reference grammar (`docker://`, `oci:`).
 //! - [`registry`]: manifests and blobs from a registry or an OCI layout: ranges, streams, auth.
 //! - [`unpack`]: placeholder unpack: layers to a metadata-complete tree of sparse files.
 #![deny(missing_docs)]
 
 pub mod api;
+pub mod blobcache;
 pub mod daemon;
 pub mod fill;
+pub mod hook;
 pub mod image;
 pub mod index;
 pub mod ocibuild;
+pub mod overlay;
 pub mod reference;
 pub mod registry;
 pub mod sys;

@@ -215,14 +215,28 @@ pub fn write_layout(
     layers: &[Vec<LayerItem>],
     compression: Compression,
 ) -> Result<BuiltImage, BuildError> {
+    let tars = layers
+        .iter()
+        .map(|items| layer_tar(items))
+        .collect::<Result<Vec<_>, _>>()?;
+    write_layout_tars(dir, tag, &tars, compression)
+}
+
+/// [`write_layout`] from ready-made tar streams (for layers no well-behaved writer would
+/// produce: the hostile-input tests).
+pub fn write_layout_tars(
+    dir: &Path,
+    tag: &str,
+    tars: &[Vec<u8>],
+    compression: Compression,
+) -> Result<BuiltImage, BuildError> {
     std::fs::create_dir_all(dir).map_err(io_err(dir))?;
     let mut descs = Vec::new();
     let mut diff_ids = Vec::new();
     let mut built = Vec::new();
-    for items in layers {
-        let raw = layer_tar(items)?;
-        diff_ids.push(format!("sha256:{}", hex::encode(Sha256::digest(&raw))));
-        let blob = compress(&raw, compression)?;
+    for raw in tars {
+        diff_ids.push(format!("sha256:{}", hex::encode(Sha256::digest(raw))));
+        let blob = compress(raw, compression)?;
         let digest = write_blob(dir, &blob)?;
         descs.push(serde_json::json!({
             "mediaType": compression.media_type(),

@@ -237,11 +237,11 @@ fn mmap_fills_the_whole_mapping_at_mmap_time() {
         String::from_utf8_lossy(&out.stdout).trim(),
         sha256_hex(&data[2 << 20..3 << 20])
     );
-    let chunks = (1u64 << 20) / EngineConfig::default().chunk_size;
+    // The whole mapping was fetched at mmap time, as one run of chunks: one source read.
     assert_eq!(
         src2.calls.load(Ordering::SeqCst),
-        chunks,
-        "exactly the chunks of the 1 MiB mapping, all at mmap time"
+        1,
+        "the 1 MiB mapping is one run of chunks, fetched at mmap time"
     );
 }
 
@@ -688,7 +688,7 @@ fn failures_answer_eio_and_never_zeros() {
 }
 
 #[test]
-fn fill_restores_mtime() {
+fn fill_restores_mtime_and_file_capability() {
     let dir = tempfile::tempdir().unwrap();
     let e = engine();
     let data = Arc::new(pattern(300_000, 10));
@@ -700,6 +700,12 @@ fn fill_restores_mtime() {
         .unwrap()
         .set_modified(std::time::UNIX_EPOCH + Duration::new(981_173_106, 123_456_789))
         .unwrap();
+    // cap_net_raw+ep, as `setcap` writes it (VFS_CAP_REVISION_2, effective).
+    let mut cap = Vec::new();
+    for w in [0x0200_0001u32, 1 << 13, 0, 0, 0] {
+        cap.extend_from_slice(&w.to_le_bytes());
+    }
+    xattr::set(&path, "security.capability", &cap).unwrap();
     e.register(Placeholder {
         path: path.clone(),
         size: data.len() as u64,
@@ -708,6 +714,12 @@ fn fill_restores_mtime() {
     })
     .unwrap();
     assert!(read_all(&path).unwrap() == *data);
+    // A write strips the capability; the fill puts it back.
+    assert_eq!(
+        xattr::get(&path, "security.capability").unwrap(),
+        Some(cap),
+        "file capability lost by the fill"
+    );
     let m = std::fs::metadata(&path).unwrap();
     assert_eq!((m.mtime(), m.mtime_nsec()), (981_173_106, 123_456_789));
 }
@@ -763,4 +775,50 @@ fn prefetch_by_the_engine_itself_does_not_wait_on_itself() {
     assert_eq!(read_all(&z).unwrap().len(), 0);
     let mut f = File::open(dir.path().join("f0")).unwrap();
     f.seek(SeekFrom::Start(10)).unwrap();
+}
+
+#[test]
+fn exec_of_a_large_placeholder_binary_repeatedly() {
+    let dir = tempfile::tempdir().unwrap();
+    let e = engine();
+    // busybox is larger than one chunk: its segments are mapped after exec has denied
+    // writers, so the fill path must not need a writable open of the file at that point.
+    let bin = dir.path().join("busybox");
+    copy_placeholder_of(&e, Path::new("/bin/busybox"), &bin);
+    for i in 0..5 {
+        let b = bin.clone();
+        let out = within(30, "exec busybox", move || {
+            Command::new(&b).args(["echo", "ok"]).output()
+        });
+        let out = out.unwrap_or_else(|err| panic!("exec {i} of a placeholder failed: {err}"));
+        assert_eq!(out.stdout, b"ok\n");
+    }
+}
+
+/// Regression: event fds were opened without O_CLOEXEC, so every child spawned while an
+/// event was in flight inherited a writable fd of the placeholder (and a later execve of
+/// that file failed with ETXTBSY). Found by `tests/load.rs`.
+#[test]
+fn event_fds_do_not_leak_into_children() {
+    let dir = tempfile::tempdir().unwrap();
+    let e = engine();
+    let data = Arc::new(pattern(1 << 20, 12));
+    let mut slow = MemSource::new(data.clone());
+    slow.delay = Duration::from_millis(1500);
+    let (path, _, _) = placeholder(&e, dir.path(), "slow", &data, slow, Verify::None);
+    let p = path.clone();
+    let reader = std::thread::spawn(move || std::fs::read(p).unwrap());
+    std::thread::sleep(Duration::from_millis(300));
+    // While the event is being served, a child lists its inherited fds.
+    let out = Command::new("sh")
+        .args(["-c", "ls -l /proc/$$/fd"])
+        .output()
+        .unwrap();
+    let listing = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        !listing.contains(path.to_str().unwrap()),
+        "a child inherited the event fd:\n{listing}"
+    );
+    let got = within(20, "slow read", move || reader.join().unwrap());
+    assert!(got == *data);
 }

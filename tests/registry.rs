@@ -9,7 +9,7 @@ use std::time::Duration;
 use bytes::Bytes;
 use common::{
     BuiltImage, Fault, FaultyProxy, TestRegistry, TokenServer, build_index, build_oci_layout,
-    noise, push_layout, run_async, write_image,
+    noise, push_layout, push_layout_tls, run_async, write_image,
 };
 use fanfill::reference::Reference;
 use fanfill::registry::{BlobStore, Credentials, Error, Mirror, Options, Platform, RetryPolicy};
@@ -1060,5 +1060,234 @@ fn server_errors_and_throttling_are_retried() {
         let err = store.fetch_blob(&d).await.unwrap_err();
         assert!(matches!(err, Error::Status { status: 403, .. }), "{err}");
         assert_eq!(store.stats().retries(), 0);
+    });
+}
+
+/// A TLS registry with a private CA and Basic auth, holding the sample image (pushed by
+/// skopeo with `--dest-cert-dir`, certificates verified), and the layout it came from.
+fn tls_registry_with_image(client_cert: bool) -> (TestRegistry, tempfile::TempDir, BuiltImage) {
+    let reg = if client_cert {
+        TestRegistry::start_tls_with_client_cert("alice", "s3cret")
+    } else {
+        TestRegistry::start_tls_with_basic_auth("alice", "s3cret")
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let image = build_oci_layout(dir.path(), TAG, &sample_layers());
+    push_layout_tls(
+        dir.path(),
+        TAG,
+        &reg.host(),
+        REPO,
+        &reg.cert_dir(),
+        "alice:s3cret",
+    );
+    (reg, dir, image)
+}
+
+/// Secure options for the TLS tests: Alice's credentials, no auth file and no certs.d
+/// lookup from this machine.
+fn tls_options(dir: &Path) -> Options {
+    let authfile = dir.join("empty-auth.json");
+    std::fs::write(&authfile, r#"{"auths": {}}"#).unwrap();
+    Options {
+        creds: Some("alice:s3cret".parse().unwrap()),
+        authfile: Some(authfile),
+        cert_roots: Some(Vec::new()),
+        retry: fast_retry(),
+        ..Options::default()
+    }
+}
+
+/// Resolves `reference` and checks a range read and a whole-blob read against `image`.
+async fn check_image(reference: &str, options: &Options, image: &BuiltImage) -> BlobStore {
+    let store = open(reference, options).await;
+    let resolved = store.resolve(None).await.unwrap();
+    assert_eq!(resolved.manifest_digest.to_string(), image.manifest_digest);
+    let layer = &image.layers[0];
+    let d = digest(&layer.digest);
+    assert_eq!(
+        store.read_range(&d, 12_345, 70_000).await.unwrap().as_ref(),
+        &layer.blob[12_345..82_345]
+    );
+    let small = &image.layers[1];
+    assert_eq!(
+        store
+            .fetch_blob(&digest(&small.digest))
+            .await
+            .unwrap()
+            .as_ref(),
+        small.blob.as_slice()
+    );
+    store
+}
+
+#[test]
+fn tls_with_private_ca_from_cert_dir_and_certs_d() {
+    common::init_tracing();
+    let (reg, dir, image) = tls_registry_with_image(false);
+    let port = reg.addr.port();
+    run_async(120, async {
+        // --cert-dir: the CA is trusted besides the system roots.
+        let options = Options {
+            cert_dir: Some(reg.cert_dir()),
+            ..tls_options(dir.path())
+        };
+        let reference = format!("docker://{}/{REPO}:{TAG}", reg.host());
+        let store = check_image(&reference, &options, &image).await;
+        assert_eq!(store.stats().retries(), 0);
+        // Pushing goes over the same trusted TLS.
+        let subject = digest(&image.manifest_digest);
+        store
+            .push_artifact(&subject, "application/x-test", Vec::new())
+            .await
+            .unwrap();
+        assert!(
+            store
+                .find_referrer(&subject, "application/x-test")
+                .await
+                .unwrap()
+                .is_some()
+        );
+
+        // certs.d: ROOT/HOST:PORT, found for the name the reference uses (IP or DNS name,
+        // both in the server certificate), the first root that has it winning.
+        let roots = tempfile::tempdir().unwrap();
+        let containers = roots.path().join("containers/certs.d");
+        let docker = roots.path().join("docker/certs.d");
+        for host in [format!("127.0.0.1:{port}"), format!("localhost:{port}")] {
+            std::fs::create_dir_all(docker.join(&host)).unwrap();
+            std::fs::copy(
+                reg.cert_dir().join("ca.crt"),
+                docker.join(&host).join("ca.crt"),
+            )
+            .unwrap();
+        }
+        // A HOST directory without the port is not used for HOST:PORT.
+        std::fs::create_dir_all(containers.join("127.0.0.1")).unwrap();
+        std::fs::write(containers.join("127.0.0.1/broken.crt"), b"junk").unwrap();
+        let options = Options {
+            cert_roots: Some(vec![containers.clone(), docker.clone()]),
+            ..tls_options(dir.path())
+        };
+        for host in ["127.0.0.1", "localhost"] {
+            let reference = format!("docker://{host}:{port}/{REPO}:{TAG}");
+            check_image(&reference, &options, &image).await;
+        }
+
+        // A bad CA file in the directory that applies fails the open, naming the file.
+        let broken = containers.join(format!("127.0.0.1:{port}"));
+        std::fs::create_dir_all(&broken).unwrap();
+        std::fs::write(
+            broken.join("ca.crt"),
+            b"-----BEGIN CERTIFICATE-----\nAAAA\n-----END CERTIFICATE-----\n",
+        )
+        .unwrap();
+        let r: Reference = reference.parse().unwrap();
+        let err = BlobStore::open(&r, &options).await.unwrap_err();
+        assert!(matches!(err, Error::CertFile { .. }), "{err}");
+        assert!(
+            err.to_string()
+                .contains(&broken.join("ca.crt").display().to_string()),
+            "{err}"
+        );
+    });
+}
+
+#[test]
+fn tls_untrusted_ca_is_a_certificate_error_without_fallback() {
+    let (reg, dir, image) = tls_registry_with_image(false);
+    // The proxy counts plain-HTTP connections; TLS passes through uncounted.
+    let proxy = FaultyProxy::start(reg.addr, Fault::None);
+    let other = TestRegistry::start_tls_with_basic_auth("bob", "x");
+    run_async(120, async {
+        let reference = format!("docker://{}/{REPO}:{TAG}", proxy.host());
+        // System roots only, then a certificate directory with another CA.
+        for cert_dir in [None, Some(other.cert_dir())] {
+            let options = Options {
+                cert_dir: cert_dir.clone(),
+                ..tls_options(dir.path())
+            };
+            let store = open(&reference, &options).await;
+            let err = store.resolve(None).await.unwrap_err();
+            assert!(matches!(err, Error::Certificate { .. }), "{err}");
+            assert!(!err.is_transient());
+            let message = err.to_string();
+            assert!(message.contains(&proxy.host()), "{message}");
+            assert!(message.contains("https://"), "{message}");
+            assert!(message.contains("not trusted"), "{message}");
+            match &cert_dir {
+                Some(d) => assert!(message.contains(&d.display().to_string()), "{message}"),
+                None => assert!(message.contains("certs.d"), "{message}"),
+            }
+            // The cause is in the chain.
+            let chain = std::iter::successors(Some(&err as &dyn std::error::Error), |e| e.source())
+                .map(|e| e.to_string())
+                .collect::<Vec<_>>()
+                .join(": ");
+            assert!(chain.contains("certificate"), "{chain}");
+            // Not retried, and never retried in clear.
+            assert_eq!(store.stats().requests(), 1);
+            assert_eq!(store.stats().retries(), 0);
+            let err = store
+                .read_range(&digest(&image.layers[0].digest), 0, 10)
+                .await
+                .unwrap_err();
+            assert!(matches!(err, Error::Certificate { .. }), "{err}");
+        }
+        assert_eq!(proxy.connections(), 0);
+    });
+}
+
+#[test]
+fn tls_insecure_needs_no_ca() {
+    let (reg, dir, image) = tls_registry_with_image(false);
+    let proxy = FaultyProxy::start(reg.addr, Fault::None);
+    run_async(120, async {
+        let options = Options {
+            insecure: true,
+            ..tls_options(dir.path())
+        };
+        let reference = format!("docker://{}/{REPO}:{TAG}", proxy.host());
+        check_image(&reference, &options, &image).await;
+        // It spoke TLS (unverified), not plain HTTP.
+        assert_eq!(proxy.connections(), 0);
+        // A certificate directory with a wrong CA does not matter either.
+        let other = TestRegistry::start_tls_with_basic_auth("bob", "x");
+        let options = Options {
+            cert_dir: Some(other.cert_dir()),
+            ..options
+        };
+        check_image(&reference, &options, &image).await;
+        assert_eq!(proxy.connections(), 0);
+    });
+}
+
+#[test]
+fn tls_client_certificate_from_cert_dir() {
+    let (reg, dir, image) = tls_registry_with_image(true);
+    run_async(120, async {
+        let reference = format!("docker://{}/{REPO}:{TAG}", reg.host());
+        let options = Options {
+            cert_dir: Some(reg.cert_dir()),
+            ..tls_options(dir.path())
+        };
+        check_image(&reference, &options, &image).await;
+
+        // The CA alone: the server turns us away.
+        let ca_only = tempfile::tempdir().unwrap();
+        std::fs::copy(reg.cert_dir().join("ca.crt"), ca_only.path().join("ca.crt")).unwrap();
+        let options = Options {
+            cert_dir: Some(ca_only.path().to_owned()),
+            ..options
+        };
+        let err = open(&reference, &options)
+            .await
+            .resolve(None)
+            .await
+            .unwrap_err();
+        assert!(
+            matches!(err, Error::Connect { .. } | Error::Body { .. }),
+            "{err}"
+        );
     });
 }

@@ -10,7 +10,7 @@ use std::io::{self, Write};
 use std::os::unix::fs::{FileExt as _, FileTypeExt, MetadataExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::mpsc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use fanfill::index::{Entry, EntryKind};
 use fanfill::unpack::{
@@ -112,11 +112,23 @@ fn opts(mode: Mode) -> UnpackOptions {
     }
 }
 
-/// Unmounts on drop (lazily, so a failing test never leaves a busy mount behind).
-struct Mount(PathBuf);
+/// A read-only overlay mount, unmounted on drop (lazily, so a failing test never leaves a
+/// busy mount behind).
+struct Mount {
+    target: PathBuf,
+    /// The empty bottom layer of a single-layer mount, removed after the unmount.
+    _empty: Option<tempfile::TempDir>,
+}
 
 impl Mount {
-    fn overlay(lowerdir: &str, target: &Path) -> Mount {
+    /// Mounts `lowerdirs` (top first). Without an upper directory overlayfs wants at least two
+    /// lower ones (EINVAL otherwise): a single layer gets an empty one below it.
+    fn overlay(u: &fanfill::unpack::Unpacked, target: &Path) -> Mount {
+        let mut lowerdir = u.lowerdir_option();
+        let empty = (u.lowerdirs.len() == 1).then(tmp);
+        if let Some(e) = &empty {
+            lowerdir = format!("{lowerdir}:{}", e.path().display());
+        }
         let data = format!("lowerdir={lowerdir}");
         nix::mount::mount(
             Some("overlay"),
@@ -126,13 +138,16 @@ impl Mount {
             Some(data.as_str()),
         )
         .unwrap_or_else(|e| panic!("mount overlay {data}: {e}"));
-        Mount(target.to_owned())
+        Mount {
+            target: target.to_owned(),
+            _empty: empty,
+        }
     }
 }
 
 impl Drop for Mount {
     fn drop(&mut self) {
-        let _ = nix::mount::umount2(&self.0, nix::mount::MntFlags::MNT_DETACH);
+        let _ = nix::mount::umount2(&self.target, nix::mount::MntFlags::MNT_DETACH);
     }
 }
 
@@ -156,7 +171,8 @@ fn snapshot(root: &Path) -> (BTreeMap<String, Obj>, Vec<Vec<String>>) {
     let mut out = BTreeMap::new();
     let mut inodes: BTreeMap<(u64, u64), Vec<String>> = BTreeMap::new();
     walk(root, root, &mut out, &mut inodes);
-    let groups = inodes.into_values().filter(|g| g.len() > 1).collect();
+    let mut groups: Vec<Vec<String>> = inodes.into_values().filter(|g| g.len() > 1).collect();
+    groups.sort();
     (out, groups)
 }
 
@@ -166,7 +182,7 @@ fn walk(
     out: &mut BTreeMap<String, Obj>,
     inodes: &mut BTreeMap<(u64, u64), Vec<String>>,
 ) {
-    let md = fs::symlink_metadata(p).unwrap();
+    let md = fs::symlink_metadata(p).unwrap_or_else(|e| panic!("{}: {e}", p.display()));
     let ft = md.file_type();
     let rel = p.strip_prefix(root).unwrap().to_string_lossy().into_owned();
     let rel = if rel.is_empty() { ".".to_owned() } else { rel };
@@ -262,6 +278,10 @@ fn image() -> Vec<(String, Vec<Entry>)> {
         dir("opt/app", 0o750),
         file("opt/app/old.conf", 10),
         dir("opt/app/lib", 0o755),
+        // Names that sort between `opt/app` and `opt/app/...` byte-wise.
+        file("opt/app-x", 1),
+        dir("opt/app.d", 0o755),
+        file("opt/app.d/x", 2),
         file("opt/app/lib/libold.so", 4096),
         dir("var", 0o755),
         dir("var/cache", 0o755),
@@ -345,6 +365,9 @@ fn expected_names() -> Vec<&'static str> {
         "link-dir/passwd",
         "opt",
         "opt/app",
+        "opt/app-x",
+        "opt/app.d",
+        "opt/app.d/x",
         "opt/app/new.conf",
         "replaced",
         "replaced/inside",
@@ -420,6 +443,8 @@ fn direct_flattens_three_layers() {
                 ("etc/passwd".to_owned(), 950),
                 ("home/.profile".to_owned(), 100),
                 ("link-dir/passwd".to_owned(), 12),
+                ("opt/app-x".to_owned(), 1),
+                ("opt/app.d/x".to_owned(), 2),
                 ("opt/app/new.conf".to_owned(), 20),
                 ("replaced/inside".to_owned(), 3),
                 ("usr/local/bin/tool".to_owned(), 4000),
@@ -428,12 +453,12 @@ fn direct_flattens_three_layers() {
         let ping = out.placeholders.iter().find(|p| p.size == 70_000).unwrap();
         assert_eq!((ping.layer, ping.entry), (0, 2));
         assert_eq!(out.stats.bytes, ph.iter().map(|(_, s)| s).sum::<u64>());
-        assert_eq!(out.stats.files, 11);
+        assert_eq!(out.stats.files, 13);
         assert_eq!(out.stats.hardlinks, 1);
         assert_eq!(out.stats.symlinks, 3);
         assert_eq!(out.stats.devices, 2);
         assert_eq!(out.stats.fifos, 0);
-        assert_eq!(out.stats.dirs, 14);
+        assert_eq!(out.stats.dirs, 15);
         assert!(out.lowerdirs.is_empty());
     });
 }
@@ -470,7 +495,7 @@ fn overlay_mount_matches_direct_tree() {
         );
         assert_eq!(out.stats.whiteouts, 4);
         // Only files visible through the mount are placeholders.
-        assert_eq!(out.placeholders.len(), 11);
+        assert_eq!(out.placeholders.len(), 13);
         assert!(
             out.placeholders
                 .iter()
@@ -478,7 +503,7 @@ fn overlay_mount_matches_direct_tree() {
         );
 
         let mnt = tmp();
-        let _m = Mount::overlay(&out.lowerdir_option(), mnt.path());
+        let _m = Mount::overlay(&out, mnt.path());
         let (merged, merged_groups) = snapshot(mnt.path());
         let (flat, flat_groups) = snapshot(direct.path());
         assert_eq!(
@@ -516,7 +541,15 @@ fn placeholders_are_sparse_with_true_metadata() {
                 1234,
                 5678,
             ),
-            owned(at(symlink("lnk", "/nowhere"), 1_111_111_111, 5), 42, 43),
+            owned(
+                at(
+                    with_xattr(symlink("lnk", "/nowhere"), "security.capability", CAP),
+                    1_111_111_111,
+                    5,
+                ),
+                42,
+                43,
+            ),
             owned(base("fifo", EntryKind::Fifo, 0o640), 7, 8),
             file("empty", 0),
             file("huge", 1 << 40),
@@ -555,6 +588,11 @@ fn placeholders_are_sparse_with_true_metadata() {
         assert_eq!((lnk.uid(), lnk.gid()), (42, 43));
         assert_eq!((lnk.mtime(), lnk.mtime_nsec()), (1_111_111_111, 5));
         assert_eq!(fs::read_link(d.join("lnk")).unwrap(), Path::new("/nowhere"));
+        assert_eq!(
+            xattr::get(d.join("lnk"), "security.capability").unwrap(),
+            Some(CAP.to_vec()),
+            "capability xattr on the symlink itself"
+        );
         let fifo = fs::symlink_metadata(d.join("fifo")).unwrap();
         assert!(fifo.file_type().is_fifo());
         assert_eq!(
@@ -822,43 +860,237 @@ fn devices_are_skipped_unless_asked() {
     });
 }
 
-/// Placeholder unpack rate on 20,000 synthetic entries. Run in release mode:
-/// `cargo test --release --test unpack -- --ignored --nocapture unpack_rate`.
-#[test]
-#[ignore = "benchmark: run explicitly in release mode"]
-fn unpack_rate() {
-    with_timeout(300, || {
-        let mut entries = Vec::new();
-        for d in 0..200 {
-            entries.push(dir(&format!("d{d:03}"), 0o755));
-            for f in 0..99 {
-                let mut e = owned(file(&format!("d{d:03}/f{f:02}"), 1000 + f * 4096), 1, 1);
-                if f % 10 == 0 {
-                    e = with_xattr(e, "user.x", b"1");
-                }
-                entries.push(e);
-            }
+/// A tiny deterministic PRNG (xorshift64*) for the differential test.
+struct Rng(u64);
+
+impl Rng {
+    fn next(&mut self) -> u64 {
+        self.0 ^= self.0 >> 12;
+        self.0 ^= self.0 << 25;
+        self.0 ^= self.0 >> 27;
+        self.0.wrapping_mul(0x2545_f491_4f6c_dd1d)
+    }
+    fn below(&mut self, n: u64) -> u64 {
+        self.next() % n
+    }
+    fn pick<'a>(&mut self, from: &[&'a str]) -> &'a str {
+        from[self.below(from.len() as u64) as usize]
+    }
+}
+
+/// Random layers with every kind of replacement, whiteout and opaque marker. Entries
+/// that would put something beneath a non-directory of the same layer are not generated.
+fn random_image(rng: &mut Rng) -> Vec<(String, Vec<Entry>)> {
+    const NAMES: &[&str] = &["a", "b", "a.b", "a-b", "c"];
+    let nlayers = 2 + rng.below(3) as usize;
+    let mut img = Vec::new();
+    for li in 0..nlayers {
+        let mut entries: Vec<Entry> = Vec::new();
+        // Same-layer bookkeeping: path -> is a directory; paths hardlinks point at.
+        let mut kinds: BTreeMap<String, bool> = BTreeMap::new();
+        let mut files: Vec<String> = Vec::new();
+        if rng.below(3) == 0 {
+            let root = dir(".", [0o755, 0o700][rng.below(2) as usize]);
+            entries.push(at(root, 1_000_000_000 + rng.below(1000) as i64, 0));
         }
-        assert_eq!(entries.len(), 20_000);
-        for mode in [Mode::Direct, Mode::Overlay] {
-            let dest = tmp();
-            let t = Instant::now();
-            let out = unpack(
-                &[Layer::new("sha256:bench", &entries)],
-                dest.path(),
-                &opts(mode),
-            )
-            .unwrap();
-            let dt = t.elapsed();
-            assert_eq!(out.placeholders.len(), 19_800);
-            println!(
-                "{mode:?}: {} entries in {:.1} ms: {:.0} entries/s",
-                entries.len(),
-                dt.as_secs_f64() * 1e3,
-                entries.len() as f64 / dt.as_secs_f64()
+        for _ in 0..(4 + rng.below(12)) {
+            let depth = 1 + rng.below(3) as usize;
+            let comps: Vec<&str> = (0..depth).map(|_| rng.pick(NAMES)).collect();
+            let path = comps.join("/");
+            let ancestors_ok = (1..depth).all(|i| kinds.get(&comps[..i].join("/")) != Some(&false));
+            let prefix = format!("{path}/");
+            let has_children = kinds.keys().any(|k| k.starts_with(&prefix));
+            if !ancestors_ok || files.contains(&path) {
+                continue;
+            }
+            let parent = comps[..depth - 1].join("/");
+            let name = comps[depth - 1];
+            let join = |n: &str| {
+                if parent.is_empty() {
+                    n.to_owned()
+                } else {
+                    format!("{parent}/{n}")
+                }
+            };
+            let mtime = 1_000_000_000 + rng.below(1000) as i64;
+            let roll = rng.below(100);
+            let e = if roll < 30 {
+                let mut e = dir(&path, [0o755, 0o700, 0o1777, 0o2755][rng.below(4) as usize]);
+                if rng.below(3) == 0 {
+                    e = with_xattr(e, "user.r", &rng.next().to_le_bytes());
+                }
+                kinds.insert(path.clone(), true);
+                e
+            } else if has_children {
+                continue;
+            } else if roll < 55 {
+                let mut e = Entry {
+                    mode: [0o644, 0o4755, 0o600][rng.below(3) as usize],
+                    ..file(&path, rng.below(3) * 5000)
+                };
+                if rng.below(3) == 0 {
+                    e = with_xattr(e, "security.capability", CAP);
+                }
+                kinds.insert(path.clone(), false);
+                files.push(path.clone());
+                e
+            } else if roll < 65 {
+                kinds.insert(path.clone(), false);
+                symlink(&path, rng.pick(&["a", "/etc", "../x", "b/c"]))
+            } else if roll < 72 && !files.is_empty() {
+                let to = files[rng.below(files.len() as u64) as usize].clone();
+                if to == path {
+                    continue;
+                }
+                kinds.insert(path.clone(), false);
+                files.push(path.clone());
+                files.push(to.clone());
+                hardlink(&path, &to)
+            } else if roll < 74 {
+                kinds.insert(path.clone(), false);
+                base(&path, EntryKind::Fifo, 0o640)
+            } else if roll < 76 {
+                kinds.insert(path.clone(), false);
+                base(&path, EntryKind::Char { major: 1, minor: 5 }, 0o666)
+            } else if roll < 90 {
+                whiteout(&join(&format!(".wh.{name}")))
+            } else if roll < 99 {
+                whiteout(&format!("{path}/.wh..wh..opq"))
+            } else {
+                whiteout(".wh..wh..opq")
+            };
+            entries.push(owned(
+                at(e, mtime, 0),
+                rng.below(3) as u32,
+                rng.below(3) as u32,
+            ));
+        }
+        img.push((format!("sha256:{li:02}{:010x}", rng.next() >> 24), entries));
+    }
+    img
+}
+
+/// Differential test: for random images, the overlay mount of the overlay layout shows
+/// exactly the direct tree (or both modes refuse the image alike). `FANFILL_RANDOM_IMAGES`
+/// sets the number of images (default 100).
+#[test]
+fn random_images_agree_in_both_modes() {
+    with_timeout(600, || {
+        let mut rng = Rng(0x9e37_79b9_7f4a_7c15);
+        let (mut agreed, mut refused, mut cut) = (0, 0, 0);
+        let n: u64 = std::env::var("FANFILL_RANDOM_IMAGES")
+            .ok()
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(100);
+        for seed in 0..n {
+            let img = random_image(&mut rng);
+            let direct = tmp();
+            let ovl = tmp();
+            let d = unpack(&layers(&img), direct.path(), &opts(Mode::Direct));
+            let o = unpack(&layers(&img), ovl.path(), &opts(Mode::Overlay));
+            let (d, o) = match (d, o) {
+                (Ok(d), Ok(o)) => (d, o),
+                (Err(d), Err(o)) => {
+                    assert_eq!(d.to_string(), o.to_string(), "seed {seed}");
+                    eprintln!("refused: {d}");
+                    refused += 1;
+                    continue;
+                }
+                (d, o) => panic!("seed {seed}: modes disagree: {d:?} vs {o:?}\n{img:#?}"),
+            };
+            if o.lowerdirs.len() < img.len() {
+                cut += 1; // an opaque layer root left the layers below it out
+            }
+            let mnt = tmp();
+            let _m = Mount::overlay(&o, mnt.path());
+            let (merged, merged_groups) = snapshot(mnt.path());
+            let (flat, flat_groups) = snapshot(direct.path());
+            assert_eq!(
+                merged.keys().collect::<Vec<_>>(),
+                flat.keys().collect::<Vec<_>>(),
+                "seed {seed}\n{img:#?}"
+            );
+            for (path, obj) in &flat {
+                assert_eq!(&merged[path], obj, "seed {seed}: {path}\n{img:#?}");
+            }
+            assert_eq!(merged_groups, flat_groups, "seed {seed}");
+            let sizes = |u: &fanfill::unpack::Unpacked| {
+                let mut v: Vec<u64> = u.placeholders.iter().map(|p| p.size).collect();
+                v.sort();
+                v
+            };
+            assert_eq!(sizes(&d), sizes(&o), "seed {seed}: placeholders");
+            agreed += 1;
+        }
+        eprintln!(
+            "{agreed} random images agree ({cut} with an opaque layer root), {refused} refused by both modes"
+        );
+        assert!(n < 100 || cut > 0, "no image had an opaque layer root");
+        assert!(
+            agreed * 4 >= n * 3,
+            "only {agreed} images unpacked ({refused} refused)"
+        );
+    });
+}
+
+#[test]
+fn streaming_helpers_refuse_symlinks_and_keep_metadata() {
+    use fanfill::unpack::{create_file, finish_file, open_dir_beneath};
+    use std::os::fd::AsFd;
+    with_timeout(60, || {
+        let out = outside();
+        let dest = tmp();
+        fs::create_dir_all(dest.path().join("a/b")).unwrap();
+        std::os::unix::fs::symlink(out.path(), dest.path().join("a/esc")).unwrap();
+        std::os::unix::fs::symlink("b", dest.path().join("a/rel")).unwrap();
+        let root = File::open(dest.path()).unwrap();
+        for bad in ["a/esc", "a/rel", "../", "/etc", "a/../../x"] {
+            let err = open_dir_beneath(root.as_fd(), Path::new(bad)).unwrap_err();
+            assert!(
+                matches!(err.raw_os_error(), Some(libc::ELOOP | libc::EXDEV)),
+                "{bad}: {err}"
             );
         }
-        let mut out = io::stdout();
-        out.flush().unwrap();
+        let dir = open_dir_beneath(root.as_fd(), Path::new("a/b")).unwrap();
+        let meta = owned(
+            at(
+                with_xattr(
+                    Entry {
+                        mode: 0o2750,
+                        ..file("a/b/f", 6)
+                    },
+                    "security.capability",
+                    CAP,
+                ),
+                1_300_000_000,
+                3,
+            ),
+            11,
+            12,
+        );
+        let mut f = create_file(dir.as_fd(), "f".as_ref(), meta.size, true).unwrap();
+        f.write_all(b"hello\n").unwrap();
+        finish_file(&f, &meta).unwrap();
+        drop(f);
+        let p = dest.path().join("a/b/f");
+        assert_eq!(fs::read(&p).unwrap(), b"hello\n");
+        let md = fs::metadata(&p).unwrap();
+        assert_eq!(md.mode() & 0o7777, 0o2750);
+        assert_eq!((md.uid(), md.gid()), (11, 12));
+        assert_eq!((md.mtime(), md.mtime_nsec()), (1_300_000_000, 3));
+        assert_eq!(
+            xattr::get(&p, "security.capability").unwrap(),
+            Some(CAP.to_vec())
+        );
+        // Never over an existing object, never through a final symlink.
+        assert_eq!(
+            create_file(dir.as_fd(), "f".as_ref(), 1, true)
+                .unwrap_err()
+                .raw_os_error(),
+            Some(libc::EEXIST)
+        );
+        let a = open_dir_beneath(root.as_fd(), Path::new("a")).unwrap();
+        assert!(create_file(a.as_fd(), "esc".as_ref(), 1, true).is_err());
+        assert_empty(out.path());
     });
 }

@@ -3,9 +3,11 @@
 //! Owns everything between an image [`Reference`] and bytes: resolving a tag to an image
 //! manifest for one platform (OCI and Docker schema2 manifests and lists), reading byte
 //! ranges of blobs, streaming and verifying whole blobs, registry auth (anonymous, Basic,
-//! Bearer with a token cache), mirrors with fallback, retries with bounded exponential
-//! backoff, referrers (the layer-index artifact), and counters of what was fetched. It never
-//! interprets layer contents, writes placeholders or talks to the kernel.
+//! Bearer with a token cache), TLS trust (private CAs and client certificates from
+//! `--cert-dir` or `certs.d` directories, as podman finds them), mirrors with fallback,
+//! retries with bounded exponential backoff, referrers (the layer-index artifact), and
+//! counters of what was fetched. It never interprets layer contents, writes placeholders or
+//! talks to the kernel.
 //!
 //! Two backends behind one enum, [`BlobStore`]: [`RemoteStore`] (the distribution HTTP API)
 //! and [`LayoutStore`] (an `oci:` directory, read with `pread`).
@@ -23,7 +25,9 @@
 //! by its length only (the caller verifies content against its own index).
 //!
 //! Failure policy: transient failures (no connection, broken or short body, HTTP 5xx and
-//! 429) are retried per [`RetryPolicy`]; anything else is returned at once. A mirror that
+//! 429) are retried per [`RetryPolicy`]; anything else is returned at once, among them a
+//! server certificate that does not verify ([`Error::Certificate`]; a secure endpoint never
+//! falls back to plain HTTP). A mirror that
 //! fails moves the read on to the next mirror and finally to the origin, and a mirror that
 //! failed transiently is skipped for 30 s. A read never returns fewer bytes than asked.
 //!
@@ -45,6 +49,7 @@
 mod auth;
 mod layout;
 mod remote;
+mod tls;
 
 use std::fmt;
 use std::path::PathBuf;
@@ -62,6 +67,7 @@ use sha2::Digest as _;
 pub use auth::{Challenge, Credentials, auth_files, lookup as lookup_credentials, parse_challenge};
 pub use layout::LayoutStore;
 pub use remote::{RemoteStore, referrers_tag};
+pub use tls::{cert_roots, find_cert_dir};
 
 use crate::reference::Reference;
 
@@ -277,6 +283,41 @@ pub enum Error {
     /// The HTTP client could not be built.
     #[error("cannot build HTTP client")]
     Client(#[source] reqwest::Error),
+    /// A file of a certificate directory could not be read or parsed.
+    #[error("certificate file {}", path.display())]
+    CertFile {
+        /// The file (or the directory, if it could not be listed).
+        path: PathBuf,
+        /// The read or parse error.
+        #[source]
+        source: Box<dyn std::error::Error + Send + Sync>,
+    },
+    /// The registry's TLS certificate did not verify (unknown CA, wrong name, expired).
+    #[error("{method} {url}: TLS certificate of {registry} not trusted ({})", trust_hint(registry, cert_dir.as_deref()))]
+    Certificate {
+        /// HTTP method.
+        method: String,
+        /// The URL requested.
+        url: String,
+        /// The registry host (`HOST[:PORT]`).
+        registry: String,
+        /// The certificate directory whose `*.crt` files were trusted besides the system
+        /// roots, if any.
+        cert_dir: Option<PathBuf>,
+        /// The transport error.
+        #[source]
+        source: reqwest::Error,
+    },
+}
+
+/// What was trusted, and where a CA for `registry` would go.
+fn trust_hint(registry: &str, cert_dir: Option<&std::path::Path>) -> String {
+    match cert_dir {
+        Some(dir) => format!("trusted: system roots and {}/*.crt", dir.display()),
+        None => format!(
+            "trusted: system roots only; a private CA for it goes in /etc/containers/certs.d/{registry}/*.crt"
+        ),
+    }
 }
 
 impl Error {
@@ -423,6 +464,15 @@ pub struct Options {
     /// Talk to the origin without TLS verification, falling back to plain HTTP
     /// (podman `--tls-verify=false`). Never implied, not even for `localhost`.
     pub insecure: bool,
+    /// The certificate directory for every registry contacted, origin and mirrors
+    /// (skopeo/podman `--cert-dir`): its `*.crt` CA certificates are trusted besides the
+    /// system roots, and a `NAME.cert` + `NAME.key` pair is sent as the client certificate.
+    /// `None`: each host's `HOST[:PORT]` directory under [`Options::cert_roots`].
+    pub cert_dir: Option<PathBuf>,
+    /// Where to look for `HOST[:PORT]/` certificate directories when `cert_dir` is `None`;
+    /// `None`: [`cert_roots`] (`~/.config/containers/certs.d`, `/etc/containers/certs.d`,
+    /// `/etc/docker/certs.d`). `Some(vec![])` looks nowhere.
+    pub cert_roots: Option<Vec<PathBuf>>,
     /// Credentials for the origin (`--creds`); they win over the auth files.
     pub creds: Option<Credentials>,
     /// The one auth file to read (`--authfile`), instead of the default search list.
@@ -441,6 +491,8 @@ impl Default for Options {
     fn default() -> Self {
         Options {
             insecure: false,
+            cert_dir: None,
+            cert_roots: None,
             creds: None,
             authfile: None,
             mirrors: Vec::new(),

@@ -9,6 +9,7 @@
 use std::collections::{HashMap, HashSet};
 use std::fmt;
 use std::future::Future;
+use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -20,6 +21,7 @@ use reqwest::{Client, Method, StatusCode, Url};
 use serde_json::json;
 
 use super::auth::{self, Challenge, Credentials};
+use super::tls::{self, Trust};
 use super::{
     Artifact, BlobStream, Error, MAX_MANIFEST_SIZE, MEDIA_DOCKER_LIST, MEDIA_DOCKER_MANIFEST,
     MEDIA_OCI_INDEX, MEDIA_OCI_MANIFEST, Options, RawManifest, Result, RetryPolicy, Stats,
@@ -61,6 +63,8 @@ struct Endpoint {
     repository: String,
     creds: Option<Credentials>,
     client: Client,
+    /// The certificate directory the client trusts (for error messages).
+    cert_dir: Option<PathBuf>,
     is_origin: bool,
     /// Milliseconds since `epoch` until which this mirror is skipped (0: in service).
     resting_until_ms: AtomicU64,
@@ -101,7 +105,7 @@ impl fmt::Debug for RemoteStore {
 
 impl Endpoint {
     async fn new(
-        client: &Client,
+        (client, cert_dir): (Client, Option<PathBuf>),
         insecure: bool,
         host: &str,
         repository: String,
@@ -109,7 +113,7 @@ impl Endpoint {
         is_origin: bool,
     ) -> Result<Self> {
         let base = if insecure {
-            insecure_base(client, host).await
+            insecure_base(&client, host).await
         } else {
             Url::parse(&format!("https://{host}/")).map_err(|_| Error::Mirror(host.to_owned()))?
         };
@@ -118,7 +122,8 @@ impl Endpoint {
             host: host.to_owned(),
             repository,
             creds,
-            client: client.clone(),
+            client,
+            cert_dir,
             is_origin,
             resting_until_ms: AtomicU64::new(0),
             epoch: Instant::now(),
@@ -142,6 +147,49 @@ impl Endpoint {
         let url = format!("{}v2/{}/{path}", self.base, self.repository);
         Url::parse(&url).expect("host and repository were validated")
     }
+
+    /// A request that got no response: [`Error::Certificate`] when the server's certificate
+    /// was rejected (not worth a retry), else [`Error::Connect`].
+    fn transport_error(&self, method: &Method, url: &Url, source: reqwest::Error) -> Error {
+        if is_certificate_error(&source) {
+            Error::Certificate {
+                method: method.to_string(),
+                url: url.to_string(),
+                registry: self.host.clone(),
+                cert_dir: self.cert_dir.clone(),
+                source,
+            }
+        } else {
+            Error::Connect {
+                method: method.to_string(),
+                url: url.to_string(),
+                source,
+            }
+        }
+    }
+}
+
+/// Whether a transport error is rustls rejecting the server's certificate. reqwest does not
+/// expose the rustls error type, so this looks for its message (`invalid peer certificate:
+/// UnknownIssuer`, `... NotValidForName`, ...) along the chain, including the error an
+/// `io::Error` wraps (which its `source()` skips).
+fn is_certificate_error(err: &reqwest::Error) -> bool {
+    let mut next: Option<&(dyn std::error::Error + 'static)> = Some(err);
+    while let Some(e) = next {
+        if e.to_string().contains("invalid peer certificate") {
+            return true;
+        }
+        if let Some(inner) = e
+            .downcast_ref::<std::io::Error>()
+            .and_then(|io| io.get_ref())
+        {
+            if inner.to_string().contains("invalid peer certificate") {
+                return true;
+            }
+        }
+        next = e.source();
+    }
+    false
 }
 
 /// Picks https or http for an insecure endpoint: https (no certificate check) if it
@@ -159,6 +207,26 @@ async fn insecure_base(client: &Client, host: &str) -> Url {
             Url::parse(&format!("http://{host}/")).expect("validated host")
         }
     }
+}
+
+/// A client for one trust setting: with `insecure`, no certificate check at all; else the
+/// system roots plus the directory's CAs. The directory's client certificate is sent either
+/// way, as podman does.
+fn build_client(options: &Options, insecure: bool, trust: Option<&Trust>) -> Result<Client> {
+    let mut builder = Client::builder()
+        .connect_timeout(options.connect_timeout)
+        .read_timeout(options.read_timeout)
+        .danger_accept_invalid_certs(insecure)
+        .user_agent(concat!("fanfill/", env!("CARGO_PKG_VERSION")));
+    if let Some(trust) = trust {
+        if !insecure {
+            builder = builder.tls_certs_merge(trust.roots.iter().cloned());
+        }
+        if let Some(identity) = &trust.identity {
+            builder = builder.identity(identity.clone());
+        }
+    }
+    builder.build().map_err(Error::Client)
 }
 
 fn parse_mirror(location: &str) -> Result<(&str, &str)> {
@@ -210,27 +278,38 @@ pub fn referrers_tag(subject: &Digest) -> String {
 }
 
 impl RemoteStore {
-    /// Opens a registry repository. Finds credentials; for insecure endpoints, probes
-    /// whether they speak TLS. Sends nothing to a secure origin.
+    /// Opens a registry repository. Finds credentials and certificate directories (see
+    /// [`Options::cert_dir`]); for insecure endpoints, probes whether they speak TLS. Sends
+    /// nothing to a secure origin.
     pub async fn open(reference: &RegistryRef, options: &Options) -> Result<Self> {
-        let build = |insecure: bool| {
-            Client::builder()
-                .connect_timeout(options.connect_timeout)
-                .read_timeout(options.read_timeout)
-                .danger_accept_invalid_certs(insecure)
-                .user_agent(concat!("fanfill/", env!("CARGO_PKG_VERSION")))
-                .build()
-                .map_err(Error::Client)
-        };
-        let secure = build(false)?;
-        let insecure = build(true)?;
+        let cert_roots = options
+            .cert_roots
+            .clone()
+            .unwrap_or_else(|| tls::cert_roots(|k| std::env::var(k).ok()));
+        // One client per (insecure, certificate directory): endpoints that trust the same
+        // things share connections.
+        let mut clients: HashMap<(bool, Option<PathBuf>), Client> = HashMap::new();
+        let mut client_for =
+            |insecure: bool, registry: &str| -> Result<(Client, Option<PathBuf>)> {
+                let dir = options
+                    .cert_dir
+                    .clone()
+                    .or_else(|| tls::find_cert_dir(&cert_roots, registry));
+                let key = (insecure, dir.clone());
+                if let Some(client) = clients.get(&key) {
+                    return Ok((client.clone(), dir));
+                }
+                let trust = dir.as_deref().map(Trust::load).transpose()?;
+                let client = build_client(options, insecure, trust.as_ref())?;
+                clients.insert(key, client.clone());
+                Ok((client, dir))
+            };
         let files = auth::auth_files(
             options.authfile.as_deref(),
             |k| std::env::var(k).ok(),
             nix::unistd::geteuid().as_raw(),
         );
         let mut endpoints = Vec::new();
-        let client_for = |insecure_ep: bool| if insecure_ep { &insecure } else { &secure };
         for mirror in &options.mirrors {
             let (host, prefix) = parse_mirror(&mirror.location)?;
             let repository = if prefix.is_empty() {
@@ -241,7 +320,7 @@ impl RemoteStore {
             let creds = auth::lookup(&files, host, &repository)?;
             endpoints.push(
                 Endpoint::new(
-                    client_for(mirror.insecure),
+                    client_for(mirror.insecure, host)?,
                     mirror.insecure,
                     host,
                     repository,
@@ -257,7 +336,7 @@ impl RemoteStore {
         };
         endpoints.push(
             Endpoint::new(
-                client_for(options.insecure),
+                client_for(options.insecure, &reference.registry)?,
                 options.insecure,
                 reference.api_host(),
                 reference.repository.clone(),
@@ -644,11 +723,10 @@ impl Inner {
                 req = req.body(b.clone());
             }
             self.stats.add_request();
-            let resp = req.send().await.map_err(|source| Error::Connect {
-                method: method.to_string(),
-                url: url.to_string(),
-                source,
-            })?;
+            let resp = req
+                .send()
+                .await
+                .map_err(|source| ep.transport_error(&method, url, source))?;
             if resp.status() != StatusCode::UNAUTHORIZED {
                 return Ok(resp);
             }

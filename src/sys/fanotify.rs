@@ -130,10 +130,10 @@ pub enum FanotifyError {
 /// Which kind of group to create.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum GroupClass {
-    /// `FAN_CLASS_PRE_CONTENT` with `O_RDWR|O_LARGEFILE` event fds and `FAN_REPORT_TID`:
+    /// `FAN_CLASS_PRE_CONTENT` with `O_RDWR|O_LARGEFILE|O_CLOEXEC` event fds and `FAN_REPORT_TID`:
     /// range fills of placeholders (`FAN_PRE_ACCESS`).
     PreContent,
-    /// `FAN_CLASS_CONTENT` with `O_RDONLY|O_LARGEFILE` event fds: open-time permission events
+    /// `FAN_CLASS_CONTENT` with `O_RDONLY|O_LARGEFILE|O_CLOEXEC` event fds: open-time permission events
     /// on an overlay superblock (`FAN_OPEN_PERM|FAN_OPEN_EXEC_PERM`).
     Content,
 }
@@ -392,12 +392,14 @@ impl Group {
         let (flags, fflags, what) = match class {
             GroupClass::PreContent => (
                 base | FAN_CLASS_PRE_CONTENT | FAN_REPORT_TID,
-                libc::O_RDWR | libc::O_LARGEFILE,
+                // O_CLOEXEC: an event fd leaked into a child (a container process) would be
+                // an open writer of the file, and the next execve of it fails with ETXTBSY.
+                libc::O_RDWR | libc::O_LARGEFILE | libc::O_CLOEXEC,
                 "FAN_CLASS_PRE_CONTENT",
             ),
             GroupClass::Content => (
                 base | FAN_CLASS_CONTENT | FAN_REPORT_TID,
-                libc::O_RDONLY | libc::O_LARGEFILE,
+                libc::O_RDONLY | libc::O_LARGEFILE | libc::O_CLOEXEC,
                 "FAN_CLASS_CONTENT",
             ),
         };

@@ -33,7 +33,22 @@
 //! - [`Mode::Overlay`]: `dest/layers/<N>-<first 12 characters of the digest's hex>/` per
 //!   layer (N counts from 0, lowest layer first); whiteouts are 0:0 character devices and
 //!   opaque directories carry `trusted.overlay.opaque=y`. [`Unpacked::lowerdirs`] lists the
-//!   layer directories top first, as overlayfs's `lowerdir=` wants them.
+//!   layer directories top first, as overlayfs's `lowerdir=` wants them. overlayfs ignores
+//!   the opaque xattr on a layer's root, so a layer with `.wh..wh..opq` at its top hides
+//!   the layers below it by leaving them out: they are neither created nor listed.
+//!
+//! # Writing data eagerly
+//! The same code creates files with data: [`UnpackHooks::write_data`] gets each new file
+//! open for writing before its metadata is set; an extractor that streams a tar reuses
+//! [`open_dir_beneath`], [`create_file`] and [`finish_file`] directly.
+//!
+//! Hardlink targets resolve against the flattened view at their layer: the layer's own
+//! entries and whatever the layers below still show after this layer's whiteouts. Hardlinks
+//! across layers share the inode in both modes (overlay mode links into the lower layer's
+//! directory; all layer directories live on one filesystem).
+//!
+//! A failed unpack leaves what it had created so far in `dest`; the caller removes it.
+//! Nothing is written when the plan fails.
 //!
 //! Directories no layer describes (a parent a tar omitted) get mode 0755, owner 0:0 and
 //! mtime 0, or in overlay mode the metadata the directory already has in the layers below,
@@ -50,7 +65,7 @@ use std::path::{Path, PathBuf};
 
 use crate::index::Entry;
 
-pub use write::{create_file, finish_file};
+pub use write::{create_file, finish_file, open_dir_beneath};
 
 /// One layer of an image: its digest (for messages and the overlay layout) and its entry
 /// table in tar order.
@@ -151,7 +166,8 @@ pub struct Unpacked {
     /// Regular files with a size above zero whose data was not written, one per inode. In
     /// overlay mode only files the merged view shows are listed.
     pub placeholders: Vec<Placeholder>,
-    /// Overlay mode: the layer directories, top layer first. Empty in direct mode.
+    /// Overlay mode: the layer directories, top layer first (down to the highest layer with
+    /// an opaque root). Empty in direct mode.
     pub lowerdirs: Vec<PathBuf>,
     /// Counts.
     pub stats: UnpackStats,
@@ -160,6 +176,10 @@ pub struct Unpacked {
 impl Unpacked {
     /// The `lowerdir=` value for an overlay mount of [`Unpacked::lowerdirs`]: the
     /// directories joined by `:`, with `\`, `:` and `,` escaped by a backslash.
+    ///
+    /// Without `upperdir=`, overlayfs refuses a single lower directory (EINVAL): add an
+    /// empty one, or bind-mount the layer instead. `mount(2)` takes at most one page of
+    /// options; for many layers use the new mount API's `lowerdir+` (Linux 6.8+).
     pub fn lowerdir_option(&self) -> String {
         let mut out = String::new();
         for (i, dir) in self.lowerdirs.iter().enumerate() {

@@ -63,6 +63,10 @@ pub(crate) struct Plan {
     /// Overlay mode: one tree per layer (lowest first), in overlayfs form. Empty in direct
     /// mode.
     pub layers: Vec<BTreeMap<Key, Node>>,
+    /// The lowest layer anything of which is visible: the highest layer whose root is opaque
+    /// (`.wh..wh..opq` at the top), or 0. overlayfs ignores the opaque xattr on a layer's
+    /// root directory, so the layers below this one must be left out of the mount instead.
+    pub first_visible: usize,
 }
 
 /// What an entry's path names.
@@ -218,7 +222,13 @@ pub(crate) fn plan(layers: &[Layer<'_>], overlay: bool) -> Result<Plan, UnpackEr
         },
     );
     for (li, layer) in layers.iter().enumerate() {
-        let tree = plan_layer(&mut plan.merged, li, layer)?;
+        let mut tree = plan_layer(&mut plan.merged, li, layer)?;
+        if let Some(Node::Dir { opaque, .. }) = tree.get_mut(&[][..]) {
+            if *opaque {
+                *opaque = false;
+                plan.first_visible = li;
+            }
+        }
         if overlay {
             plan.layers.push(tree);
         }
@@ -366,15 +376,20 @@ fn plan_layer(
         }
     }
 
-    // Whiteouts and opaque markers act on the lower layers only.
+    // Whiteouts and opaque markers act on the lower layers only. A whiteout is kept for the
+    // overlay tree only if it hides something that nothing else of this layer hides
+    // already (ancestors are applied first: key order); see below.
+    for (key, _) in &opaques {
+        remove_below(p.merged, key);
+    }
+    whiteouts.sort();
+    let mut hides = Vec::with_capacity(whiteouts.len());
     for (key, _) in &whiteouts {
+        hides.push(p.merged.contains_key(key));
         remove_below(p.merged, key);
         if !key.is_empty() {
             p.merged.remove(key);
         }
-    }
-    for (key, _) in &opaques {
-        remove_below(p.merged, key);
     }
 
     // The root of the layer's tree always exists.
@@ -421,36 +436,39 @@ fn plan_layer(
         p.put_leaf(ei, &key, inode)?;
     }
 
-    // Opaque markers: the directory exists in this layer and hides the lower children.
+    // Opaque markers: the directory exists in this layer and hides the lower children. One
+    // at or beneath a non-directory of this layer hides nothing more than that object does.
     for (key, ei) in opaques {
+        let shadowed = ancestors(&key)
+            .chain(std::iter::once(&key[..]))
+            .any(|a| matches!(p.tree.get(a), Some(n) if !matches!(n, Node::Dir { .. })));
+        if shadowed {
+            tracing::debug!(layer = layer.digest, path = %layer.entries[ei].path, "opaque marker beneath a non-directory ignored");
+            continue;
+        }
         p.ensure_parents(ei, &key)?;
-        match p.tree.get_mut(&key) {
-            Some(Node::Dir { opaque, .. }) => *opaque = true,
-            Some(_) => return Err(p.not_dir(ei, &key)),
-            None => {
-                p.implicit_dir(&key);
-                if let Some(Node::Dir { opaque, .. }) = p.tree.get_mut(&key) {
-                    *opaque = true;
-                }
-            }
+        if !p.tree.contains_key(&key) {
+            p.implicit_dir(&key);
+        }
+        if let Some(Node::Dir { opaque, .. }) = p.tree.get_mut(&key) {
+            *opaque = true;
         }
     }
 
     // Whiteouts in overlay form. A same-layer object at the same path already hides the
-    // lower one (a directory must also stop merging: opaque). A whiteout whose parent is no
-    // directory in the merged view hides nothing and is dropped, so that the overlay view
-    // never gains a directory the flattened view lacks.
-    for (key, ei) in whiteouts {
+    // lower one (a directory must also stop merging: opaque). A whiteout that hides nothing
+    // is dropped: overlayfs lists whiteouts in a directory that is not merged with a lower
+    // one (readdir shows the name, lookup says ENOENT), and the overlay view must never gain
+    // a directory the flattened view lacks.
+    for ((key, ei), hides) in whiteouts.into_iter().zip(hides) {
         match p.tree.get_mut(&key) {
             Some(Node::Dir { opaque, .. }) => *opaque = true,
             Some(_) => {}
-            None => {
-                let parent = parent(&key);
-                if matches!(p.merged.get(parent), Some(Node::Dir { .. })) {
-                    p.ensure_parents(ei, &key)?;
-                    p.tree.insert(key, Node::Whiteout);
-                }
+            None if hides && matches!(p.merged.get(parent(&key)), Some(Node::Dir { .. })) => {
+                p.ensure_parents(ei, &key)?;
+                p.tree.insert(key, Node::Whiteout);
             }
+            None => {}
         }
     }
     Ok(p.tree)
@@ -667,6 +685,24 @@ mod tests {
             render(&plan.merged),
             vec!["./ d", "a/ 0.0", "a/y 0.2", "b/ 0.3", "b/n 1.2"]
         );
+    }
+
+    #[test]
+    fn opaque_root_hides_every_lower_layer() {
+        let l0 = vec![d("a"), f("a/x"), f("b")];
+        let l1 = vec![f("c")];
+        let l2 = vec![f("d"), f(".wh..wh..opq"), d("a")];
+        let ls: Vec<Layer<'_>> = [&l0, &l1, &l2]
+            .iter()
+            .map(|es| Layer {
+                digest: "l",
+                entries: es,
+            })
+            .collect();
+        let plan = plan(&ls, true).unwrap();
+        assert_eq!(plan.first_visible, 2);
+        assert_eq!(render(&plan.merged), vec!["./ d", "a/ 2.2", "d 2.0"]);
+        assert_eq!(render(&plan.layers[2]), vec!["./ d", "a/ 2.2", "d 2.0"]);
     }
 
     #[test]

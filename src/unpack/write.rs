@@ -50,9 +50,31 @@ pub fn create_file(dir: BorrowedFd<'_>, name: &OsStr, size: u64, sparse: bool) -
 
 /// Sets a new file's owner, mode, xattrs and mtime from `meta`, in the order that keeps
 /// setuid/setgid bits and `security.capability` (both cleared by a chown, and the
-/// capability also by a write): call it after any data was written.
+/// capability also by a write): call it after any data was written. The access time is
+/// set to the mtime (layers carry no atime).
 pub fn finish_file(file: &File, meta: &Entry) -> io::Result<()> {
     finish_fd(file, meta, false).map_err(|(_, e)| e)
+}
+
+/// Opens the directory `rel` beneath `root` for use with [`create_file`], refusing any
+/// symlink, magic link, `..` escape or mount crossing on the way
+/// (`openat2(RESOLVE_BENEATH | RESOLVE_NO_SYMLINKS | RESOLVE_NO_MAGICLINKS | RESOLVE_NO_XDEV)`).
+/// An empty `rel` opens `root` itself.
+pub fn open_dir_beneath(root: BorrowedFd<'_>, rel: &Path) -> io::Result<OwnedFd> {
+    let rel = if rel.as_os_str().is_empty() {
+        Path::new(".")
+    } else {
+        rel
+    };
+    let how = OpenHow::new()
+        .flags(OFlag::O_RDONLY | OFlag::O_DIRECTORY | OFlag::O_CLOEXEC)
+        .resolve(
+            ResolveFlag::RESOLVE_BENEATH
+                | ResolveFlag::RESOLVE_NO_SYMLINKS
+                | ResolveFlag::RESOLVE_NO_MAGICLINKS
+                | ResolveFlag::RESOLVE_NO_XDEV,
+        );
+    Ok(openat2(root, rel, how)?)
 }
 
 fn create_file_op(dir: BorrowedFd<'_>, name: &OsStr, size: u64, sparse: bool) -> OpResult<File> {
@@ -113,7 +135,7 @@ fn mtime(meta: &Entry) -> TimeSpec {
 /// regular files and directories (the kernel refuses it elsewhere).
 fn keep_xattr(name: &str, file_or_dir: bool) -> bool {
     if name.starts_with("trusted.overlay.") || name.starts_with("user.overlay.") {
-        tracing::warn!(
+        tracing::debug!(
             xattr = name,
             "dropping overlayfs control xattr from a layer"
         );
@@ -197,7 +219,10 @@ pub(super) fn materialise(
     }
     let total = match opts.mode {
         Mode::Direct => plan.merged.len(),
-        Mode::Overlay => plan.layers.iter().map(BTreeMap::len).sum(),
+        Mode::Overlay => plan.layers[plan.first_visible.min(plan.layers.len())..]
+            .iter()
+            .map(BTreeMap::len)
+            .sum(),
     } as u64;
     let mut w = Writer {
         layers,
@@ -240,7 +265,8 @@ pub(super) fn materialise(
             };
             fchmod(&layers_dir, Perm::from_bits_truncate(0o700))
                 .map_err(|e| layout_err("layers", Op::Chmod, e.into()))?;
-            for (li, tree) in plan.layers.iter().enumerate() {
+            // Layers below an opaque layer root show nothing: not created, not mounted.
+            for (li, tree) in plan.layers.iter().enumerate().skip(plan.first_visible) {
                 let name = layer_dir_name(li, layers[li].digest);
                 let rel = Path::new("layers").join(&name);
                 w.mkdir(layers_dir.as_fd(), OsStr::new(&name))
@@ -499,22 +525,8 @@ impl Writer<'_> {
     fn link(&self, first: &Path, dir: BorrowedFd<'_>, name: &OsStr) -> OpResult<()> {
         let src_name = first.file_name().unwrap_or_default();
         let src_parent = first.parent().unwrap_or(Path::new(""));
-        let how = OpenHow::new()
-            .flags(OFlag::O_PATH | OFlag::O_DIRECTORY | OFlag::O_CLOEXEC)
-            .resolve(
-                ResolveFlag::RESOLVE_BENEATH
-                    | ResolveFlag::RESOLVE_NO_SYMLINKS
-                    | ResolveFlag::RESOLVE_NO_MAGICLINKS
-                    | ResolveFlag::RESOLVE_NO_XDEV,
-            );
-        let parent_fd;
-        let src_dir = if src_parent.as_os_str().is_empty() {
-            self.dest.as_fd()
-        } else {
-            parent_fd = openat2(self.dest.as_fd(), src_parent, how).map_err(op(Op::Link))?;
-            parent_fd.as_fd()
-        };
-        linkat(src_dir, src_name, dir, name, AtFlags::empty()).map_err(op(Op::Link))
+        let src_dir = open_dir_beneath(self.dest.as_fd(), src_parent).map_err(|e| (Op::Link, e))?;
+        linkat(&src_dir, src_name, dir, name, AtFlags::empty()).map_err(op(Op::Link))
     }
 }
 

@@ -70,17 +70,61 @@ impl TestRegistry {
         )))
     }
 
+    /// Starts a registry serving HTTPS with a certificate for `127.0.0.1` and `localhost`
+    /// from a fresh private CA, requiring Basic auth for `user`/`password`. The CA is in
+    /// [`TestRegistry::cert_dir`] as `ca.crt`, the layout of a `--cert-dir` or a certs.d
+    /// host directory.
+    pub fn start_tls_with_basic_auth(user: &str, password: &str) -> Self {
+        Self::start_tls(user, password, false)
+    }
+
+    /// Like [`TestRegistry::start_tls_with_basic_auth`], and the registry also demands a
+    /// client certificate signed by the CA; [`TestRegistry::cert_dir`] holds one as
+    /// `client.cert` + `client.key`.
+    pub fn start_tls_with_client_cert(user: &str, password: &str) -> Self {
+        Self::start_tls(user, password, true)
+    }
+
+    fn start_tls(user: &str, password: &str, client_cert: bool) -> Self {
+        let hash = bcrypt::hash_with_result(password, 4)
+            .expect("bcrypt")
+            .format_for_version(bcrypt::Version::TwoY);
+        Self::start_with(Some(format!("HTPASSWD:{user}:{hash}\n")), Some(client_cert))
+    }
+
+    /// The certificate directory of a TLS registry: `ca.crt` (and `client.cert` +
+    /// `client.key` when it wants a client certificate). Empty for a plain-HTTP one.
+    pub fn cert_dir(&self) -> PathBuf {
+        self.dir.path().join("certs")
+    }
+
+    /// The private CA's key and certificate, to sign more certificates with.
+    pub fn ca_files(&self) -> (PathBuf, PathBuf) {
+        let pki = self.dir.path().join("pki");
+        (pki.join("ca.key"), pki.join("ca.crt"))
+    }
+
     fn start_inner(htpasswd: Option<String>) -> Self {
         Self::start_with_auth_yaml(htpasswd.map(|line| format!("HTPASSWD:{line}")))
     }
 
     /// `auth` is either a ready `auth:` YAML block, or `HTPASSWD:` + an htpasswd line.
     fn start_with_auth_yaml(auth: Option<String>) -> Self {
+        Self::start_with(auth, None)
+    }
+
+    /// `tls`: serve HTTPS (`Some`), demanding a client certificate (`Some(true)`).
+    fn start_with(auth: Option<String>, tls: Option<bool>) -> Self {
         let mut last_log = String::new();
         for _ in 0..5 {
             let dir = tempfile::tempdir().expect("tempdir");
             let port = free_port();
             let addr: SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
+            std::fs::create_dir(dir.path().join("certs")).unwrap();
+            let tls_yaml = match tls {
+                Some(client_cert) => make_pki(dir.path(), client_cert),
+                None => String::new(),
+            };
             let auth = match auth.as_deref().map(|a| (a, a.strip_prefix("HTPASSWD:"))) {
                 Some((_, Some(line))) => {
                     let path = dir.path().join("htpasswd");
@@ -96,7 +140,7 @@ impl TestRegistry {
             let config = format!(
                 "version: 0.1\nlog:\n  level: warn\n  accesslog:\n    disabled: true\n\
                  storage:\n  filesystem:\n    rootdirectory: {}\n  delete:\n    enabled: true\n\
-                 http:\n  addr: {addr}\n{auth}",
+                 http:\n  addr: {addr}\n{tls_yaml}{auth}",
                 dir.path().join("data").display()
             );
             let config_path = dir.path().join("config.yml");
@@ -166,6 +210,122 @@ impl Drop for TestRegistry {
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
+}
+
+/// Runs `openssl ARGS` in `dir`, panicking with its output on failure.
+fn openssl(dir: &Path, args: &[&str]) {
+    let out = Command::new("openssl")
+        .args(args)
+        .current_dir(dir)
+        .stdin(Stdio::null())
+        .output()
+        .expect("run openssl");
+    assert!(
+        out.status.success(),
+        "openssl {}: {}",
+        args.join(" "),
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+const OPENSSL_CNF: &str = "\
+[req]
+distinguished_name = dn
+prompt = no
+[dn]
+CN = fanfill-test-ca
+[ca]
+basicConstraints = critical,CA:TRUE
+keyUsage = critical,keyCertSign,cRLSign
+subjectKeyIdentifier = hash
+[server]
+basicConstraints = CA:FALSE
+keyUsage = critical,digitalSignature
+extendedKeyUsage = serverAuth
+subjectAltName = IP:127.0.0.1,DNS:localhost
+authorityKeyIdentifier = keyid
+[client]
+basicConstraints = CA:FALSE
+keyUsage = critical,digitalSignature
+extendedKeyUsage = clientAuth
+authorityKeyIdentifier = keyid
+";
+
+/// Makes a CA and a server certificate (P-256) under `root/pki`, copies the CA (and a client
+/// certificate if `client_cert`) to `root/certs`; returns the registry's `tls:` YAML.
+fn make_pki(root: &Path, client_cert: bool) -> String {
+    let pki = root.join("pki");
+    std::fs::create_dir_all(&pki).unwrap();
+    std::fs::write(pki.join("openssl.cnf"), OPENSSL_CNF).unwrap();
+    let ec = [
+        "-newkey",
+        "ec",
+        "-pkeyopt",
+        "ec_paramgen_curve:prime256v1",
+        "-nodes",
+    ];
+    let mut ca = vec![
+        "req",
+        "-x509",
+        "-config",
+        "openssl.cnf",
+        "-extensions",
+        "ca",
+    ];
+    ca.extend(ec);
+    ca.extend(["-days", "2", "-keyout", "ca.key", "-out", "ca.crt"]);
+    openssl(&pki, &ca);
+    let sign = |name: &str, cn: &str, extensions: &str| {
+        let mut req = vec!["req", "-new", "-subj", cn];
+        req.extend(ec);
+        let (key, csr, crt) = (
+            format!("{name}.key"),
+            format!("{name}.csr"),
+            format!("{name}.crt"),
+        );
+        req.extend(["-keyout", &key, "-out", &csr]);
+        openssl(&pki, &req);
+        openssl(
+            &pki,
+            &[
+                "x509",
+                "-req",
+                "-in",
+                &csr,
+                "-CA",
+                "ca.crt",
+                "-CAkey",
+                "ca.key",
+                "-CAcreateserial",
+                "-days",
+                "2",
+                "-extfile",
+                "openssl.cnf",
+                "-extensions",
+                extensions,
+                "-out",
+                &crt,
+            ],
+        );
+    };
+    sign("server", "/CN=localhost", "server");
+    let certs = root.join("certs");
+    std::fs::copy(pki.join("ca.crt"), certs.join("ca.crt")).unwrap();
+    let mut yaml = format!(
+        "  tls:\n    certificate: {}\n    key: {}\n",
+        pki.join("server.crt").display(),
+        pki.join("server.key").display()
+    );
+    if client_cert {
+        sign("client", "/CN=fanfill-client", "client");
+        std::fs::copy(pki.join("client.crt"), certs.join("client.cert")).unwrap();
+        std::fs::copy(pki.join("client.key"), certs.join("client.key")).unwrap();
+        yaml.push_str(&format!(
+            "    clientcas:\n      - {}\n",
+            pki.join("ca.crt").display()
+        ));
+    }
+    yaml
 }
 
 /// A port that was free a moment ago.
@@ -393,6 +553,35 @@ pub fn skopeo_copy(src: &str, dst: &str, extra: &[&str]) {
     );
 }
 
+/// Pushes the layout image `dir:tag` to the TLS registry `registry` as `repo:tag` with
+/// `skopeo copy --dest-cert-dir`, certificates verified, as `creds` (`USER:PASS`).
+pub fn push_layout_tls(
+    dir: &Path,
+    tag: &str,
+    registry: &str,
+    repo: &str,
+    cert_dir: &Path,
+    creds: &str,
+) {
+    let src = format!("oci:{}:{tag}", dir.display());
+    let dst = format!("docker://{registry}/{repo}:{tag}");
+    let out = Command::new("timeout")
+        .args(["120", "skopeo", "--insecure-policy", "copy", "--quiet"])
+        .args(["--dest-tls-verify=true", "--dest-creds", creds])
+        .arg("--dest-cert-dir")
+        .arg(cert_dir)
+        .args([&src, &dst])
+        .stdin(Stdio::null())
+        .output()
+        .expect("run skopeo");
+    assert!(
+        out.status.success(),
+        "skopeo copy {src} {dst} failed: {}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
 /// Pushes the layout image `dir:tag` to `registry` as `repo:tag`.
 pub fn push_layout(dir: &Path, tag: &str, registry: &str, repo: &str, extra: &[&str]) {
     skopeo_copy(
@@ -437,6 +626,8 @@ pub struct FaultyProxy {
     fault: Arc<Mutex<Fault>>,
     plain_connections: Arc<AtomicUsize>,
     stop: Arc<AtomicBool>,
+    /// Client sockets of the connections accepted so far (for [`FaultyProxy::set_fault_now`]).
+    live: Arc<Mutex<Vec<TcpStream>>>,
 }
 
 impl FaultyProxy {
@@ -447,13 +638,22 @@ impl FaultyProxy {
         let fault = Arc::new(Mutex::new(fault));
         let plain_connections = Arc::new(AtomicUsize::new(0));
         let stop = Arc::new(AtomicBool::new(false));
-        let (f, c, s) = (fault.clone(), plain_connections.clone(), stop.clone());
+        let live = Arc::new(Mutex::new(Vec::new()));
+        let (f, c, s, l) = (
+            fault.clone(),
+            plain_connections.clone(),
+            stop.clone(),
+            live.clone(),
+        );
         std::thread::spawn(move || {
             for conn in listener.incoming() {
                 if s.load(Ordering::SeqCst) {
                     return;
                 }
                 let Ok(client) = conn else { continue };
+                if let Ok(clone) = client.try_clone() {
+                    l.lock().unwrap().push(clone);
+                }
                 let (f, c) = (f.clone(), c.clone());
                 std::thread::spawn(move || handle(client, target, &f, &c));
             }
@@ -463,6 +663,7 @@ impl FaultyProxy {
             fault,
             plain_connections,
             stop,
+            live,
         }
     }
 
@@ -474,6 +675,15 @@ impl FaultyProxy {
     /// Changes the fault for connections accepted from now on.
     pub fn set_fault(&self, fault: Fault) {
         *self.fault.lock().unwrap() = fault;
+    }
+
+    /// Changes the fault and closes every connection open now, so that a client's pooled
+    /// keep-alive connections cannot dodge it.
+    pub fn set_fault_now(&self, fault: Fault) {
+        self.set_fault(fault);
+        for c in self.live.lock().unwrap().drain(..) {
+            let _ = c.shutdown(Shutdown::Both);
+        }
     }
 
     /// Plain-HTTP connections accepted so far.

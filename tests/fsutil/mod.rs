@@ -98,3 +98,37 @@ pub fn sha256_hex(data: &[u8]) -> String {
     use sha2::Digest;
     hex::encode(sha2::Sha256::digest(data))
 }
+
+/// An overlayfs mount of `lowerdir` (an escaped `lowerdir=` value) with upper, work and
+/// merged directories made under `base`; unmounted on drop.
+pub struct OverlayMount {
+    pub merged: PathBuf,
+    pub upper: PathBuf,
+}
+
+impl OverlayMount {
+    pub fn new(lowerdir: &str, base: &Path) -> OverlayMount {
+        let (upper, work, merged) = (base.join("upper"), base.join("work"), base.join("merged"));
+        for d in [&upper, &work, &merged] {
+            std::fs::create_dir_all(d).unwrap();
+        }
+        let options = format!(
+            "lowerdir={lowerdir},upperdir={},workdir={}",
+            upper.display(),
+            work.display()
+        );
+        let st = Command::new("mount")
+            .args(["-t", "overlay", "overlay", "-o", &options])
+            .arg(&merged)
+            .status()
+            .unwrap();
+        assert!(st.success(), "mount -t overlay -o {options}");
+        OverlayMount { merged, upper }
+    }
+}
+
+impl Drop for OverlayMount {
+    fn drop(&mut self) {
+        let _ = Command::new("umount").arg("-l").arg(&self.merged).status();
+    }
+}

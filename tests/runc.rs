@@ -1,0 +1,240 @@
+//! End to end with the real `runc`: a container whose rootfs is a lazily prepared image
+//! (direct: the placeholder tree itself; overlay: placeholder layers as lowerdirs) runs a
+//! dynamically linked program that reads, maps and executes files of the image, and its
+//! output equals the same container on an eagerly unpacked copy (`umoci raw unpack`).
+
+mod fsutil;
+
+use std::os::unix::fs::MetadataExt;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use fanfill::fill::{Engine, EngineConfig};
+use fanfill::image::{self, PrepareOptions};
+use fanfill::ocibuild::{self, BuiltImage, Compression, LayerItem};
+use fanfill::overlay::OverlayWatch;
+use fanfill::unpack::Mode;
+use fsutil::{LoopFs, OverlayMount, pattern, within};
+
+/// The container's workload: exec of a dynamically linked program (ld.so maps libc), reads,
+/// a listing with owners, modes and sizes, and a whiteout check.
+const SCRIPT: &str = "/usr/bin/sha256sum /data/a /data/b /data/notes/n7.txt /usr/bin/sha256sum; \
+    /bin/busybox ls -ln /data | /bin/busybox grep -v '^total' | /bin/busybox sort; \
+    /bin/busybox cat /data/notes/n3.txt; \
+    test -e /data/gone && echo WHITEOUT-BROKEN; echo done";
+
+fn image(dir: &Path) -> BuiltImage {
+    let host = |path: &str, host: &str| LayerItem::HostFile {
+        path: path.into(),
+        host: std::fs::canonicalize(host).unwrap(),
+    };
+    let dir_item = |path: &str| LayerItem::Dir {
+        path: path.into(),
+        mode: 0o755,
+    };
+    let base = vec![
+        dir_item("bin"),
+        dir_item("lib64"),
+        dir_item("lib"),
+        dir_item("lib/x86_64-linux-gnu"),
+        dir_item("usr"),
+        dir_item("usr/bin"),
+        dir_item("proc"),
+        dir_item("dev"),
+        dir_item("sys"),
+        host("bin/busybox", "/bin/busybox"),
+        LayerItem::Symlink {
+            path: "bin/sh".into(),
+            target: "busybox".into(),
+        },
+        LayerItem::Symlink {
+            path: "bin/test".into(),
+            target: "busybox".into(),
+        },
+        LayerItem::Symlink {
+            path: "bin/echo".into(),
+            target: "busybox".into(),
+        },
+        host("lib64/ld-linux-x86-64.so.2", "/lib64/ld-linux-x86-64.so.2"),
+        host(
+            "lib/x86_64-linux-gnu/libc.so.6",
+            "/lib/x86_64-linux-gnu/libc.so.6",
+        ),
+        host("usr/bin/sha256sum", "/usr/bin/sha256sum"),
+    ];
+    let mut data = vec![
+        dir_item("data"),
+        dir_item("data/notes"),
+        LayerItem::File {
+            path: "data/a".into(),
+            mode: 0o644,
+            data: pattern(3 << 20, 31),
+        },
+        LayerItem::File {
+            path: "data/b".into(),
+            mode: 0o600,
+            data: pattern(200_000, 32),
+        },
+        LayerItem::File {
+            path: "data/unread".into(),
+            mode: 0o644,
+            data: pattern(20 << 20, 33),
+        },
+        LayerItem::File {
+            path: "data/gone".into(),
+            mode: 0o644,
+            data: b"x".to_vec(),
+        },
+    ];
+    for i in 0..20 {
+        data.push(LayerItem::File {
+            path: format!("data/notes/n{i}.txt"),
+            mode: 0o644,
+            data: format!("note {i}\n").repeat(100).into_bytes(),
+        });
+    }
+    let top = vec![LayerItem::Whiteout {
+        path: "data/gone".into(),
+    }];
+    ocibuild::write_layout(dir, "e2e", &[base, data, top], Compression::Gzip).unwrap()
+}
+
+/// A runc bundle in `dir` whose rootfs is `rootfs`, running [`SCRIPT`].
+fn bundle(dir: &Path, rootfs: &Path) -> PathBuf {
+    std::fs::create_dir_all(dir).unwrap();
+    let st = Command::new("runc")
+        .args(["spec", "--bundle"])
+        .arg(dir)
+        .status()
+        .unwrap();
+    assert!(st.success(), "runc spec");
+    let path = dir.join("config.json");
+    let mut c: serde_json::Value = serde_json::from_slice(&std::fs::read(&path).unwrap()).unwrap();
+    c["process"]["args"] = serde_json::json!(["/bin/sh", "-c", SCRIPT]);
+    c["process"]["terminal"] = serde_json::json!(false);
+    c["root"]["path"] = serde_json::json!(rootfs);
+    c["root"]["readonly"] = serde_json::json!(false);
+    std::fs::write(&path, serde_json::to_vec_pretty(&c).unwrap()).unwrap();
+    dir.to_path_buf()
+}
+
+fn runc_run(bundle: PathBuf, id: &str) -> String {
+    static NEXT: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+    let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+    let id = format!("fanfill-{id}-{}-{n}", std::process::id());
+    let out = within(120, "runc run", move || {
+        Command::new("runc")
+            .arg("run")
+            .arg("--bundle")
+            .arg(&bundle)
+            .arg(&id)
+            .output()
+            .unwrap()
+    });
+    assert!(
+        out.status.success(),
+        "runc run failed: {}\n{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8(out.stdout).unwrap()
+}
+
+fn eager_output(fs: &LoopFs, built: &BuiltImage) -> String {
+    let rootfs = fs.mnt.join("eager-rootfs");
+    let st = Command::new("umoci")
+        .args(["raw", "unpack", "--image"])
+        .arg(format!("{}:{}", built.dir.display(), built.tag))
+        .arg(&rootfs)
+        .status()
+        .unwrap();
+    assert!(st.success(), "umoci raw unpack");
+    runc_run(bundle(&fs.mnt.join("eager-bundle"), &rootfs), "eager")
+}
+
+#[test]
+fn runc_direct_rootfs_matches_eager_unpack() {
+    let fs = LoopFs::new("ext4", 512);
+    let built = image(&fs.mnt.join("layout"));
+    let eager = eager_output(&fs, &built);
+    assert!(
+        eager.ends_with("done\n") && !eager.contains("WHITEOUT-BROKEN"),
+        "{eager}"
+    );
+
+    let engine = Engine::start(EngineConfig::default()).unwrap();
+    let rootfs = fs.mnt.join("lazy-rootfs");
+    std::fs::create_dir(&rootfs).unwrap();
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let opts = PrepareOptions::new(fs.mnt.join("indexes"));
+    // Index first, as a publisher would: then only manifest and config travel before ready.
+    rt.block_on(image::index_image(&built.reference(), &opts, false))
+        .unwrap();
+    let prepared = rt
+        .block_on(image::prepare(&engine, &built.reference(), &rootfs, &opts))
+        .unwrap();
+    let before = prepared.store.bytes_fetched();
+    let lazy = runc_run(bundle(&fs.mnt.join("lazy-bundle"), &rootfs), "direct");
+    assert_eq!(
+        lazy, eager,
+        "container output differs from the eager unpack"
+    );
+    let s = engine.stats();
+    eprintln!(
+        "runc direct: {} bytes before ready; run filled {} of {} files, fetched {} of {} layer bytes ({} bytes described)",
+        before,
+        s.files_complete,
+        s.files,
+        prepared.store.bytes_fetched() - before,
+        built.compressed_size(),
+        s.bytes_total
+    );
+    assert!(s.events > 0 && s.errors == 0);
+    // The 20 MiB file nobody read stayed a hole.
+    assert_eq!(
+        std::fs::metadata(rootfs.join("data/unread"))
+            .unwrap()
+            .blocks(),
+        0
+    );
+}
+
+#[test]
+fn runc_overlay_rootfs_matches_eager_unpack() {
+    let fs = LoopFs::new("ext4", 512);
+    let built = image(&fs.mnt.join("layout"));
+    let eager = eager_output(&fs, &built);
+
+    let engine = Engine::start(EngineConfig::default()).unwrap();
+    let layers = fs.mnt.join("layers");
+    std::fs::create_dir(&layers).unwrap();
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let mut opts = PrepareOptions::new(fs.mnt.join("indexes"));
+    opts.mode = Mode::Overlay;
+    rt.block_on(image::index_image(&built.reference(), &opts, false))
+        .unwrap();
+    let prepared = rt
+        .block_on(image::prepare(&engine, &built.reference(), &layers, &opts))
+        .unwrap();
+    let before = prepared.store.bytes_fetched();
+    let ovl = OverlayMount::new(&prepared.unpacked.lowerdir_option(), &fs.mnt.join("ovl"));
+    let merged = ovl.merged.clone();
+    let watch =
+        OverlayWatch::start(&engine, &merged, std::fs::metadata(&fs.mnt).unwrap().dev()).unwrap();
+    let lazy = runc_run(bundle(&fs.mnt.join("ovl-bundle"), &merged), "overlay");
+    assert_eq!(
+        lazy, eager,
+        "container output differs from the eager unpack"
+    );
+    let s = engine.stats();
+    eprintln!(
+        "runc overlay: {} opens held; filled {} of {} files, fetched {} of {} layer bytes",
+        watch.opens(),
+        s.files_complete,
+        s.files,
+        prepared.store.bytes_fetched() - before,
+        built.compressed_size()
+    );
+    assert!(watch.opens() > 0);
+    drop(watch);
+}
