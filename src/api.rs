@@ -19,6 +19,23 @@
 //!
 //! An error is a response too: [`Response::Error`] with an [`ErrorKind`] a client can act
 //! on and the daemon's message (with its cause chain).
+//!
+//! ```no_run
+//! use fanfill::api::{Client, LayoutMode, RegistrySettings, Request, Response};
+//!
+//! let mut c = Client::connect(std::path::Path::new(fanfill::api::DEFAULT_SOCKET))?;
+//! let ready = c.call(&Request::Prepare {
+//!     image: "oci:/srv/images/app:1".into(),
+//!     dest: "/srv/app-root".into(),
+//!     mode: LayoutMode::Direct,
+//!     registry: RegistrySettings::default(),
+//!     prefetch: true,
+//! })?;
+//! if let Response::Prepared(s) = ready {
+//!     println!("{} placeholders in {}", s.files, s.dest.display());
+//! }
+//! # Ok::<(), fanfill::api::ApiError>(())
+//! ```
 
 use std::io::{BufRead, BufReader, Write};
 use std::os::unix::net::UnixStream;
