@@ -6,9 +6,12 @@
 //! way and every checkpoint is a raw-deflate resume point (blob offset + bit offset + window).
 
 use std::io::{self, Read};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 
 use tracing::trace;
 
+use super::windows::{PackWriter, WindowPack};
 use super::{Checkpoint, IndexError};
 use crate::sys::zlib::{Flush, InflateStatus, RawInflater};
 
@@ -72,8 +75,17 @@ enum State {
     Done,
 }
 
+/// "No file start signalled" in [`GzipIndexer`]'s file-start hint.
+pub(crate) const NO_FILE_START: u64 = u64::MAX;
+
 /// Inflates a whole gzip blob as a `Read`, verifying each member's CRC and length and
-/// recording checkpoints.
+/// recording checkpoints (their windows go into a [`PackWriter`]).
+///
+/// Besides the regular checkpoint every `span` bytes, the tar walker reading from it can
+/// signal through `file_start` that file data begins at the current output position; if the
+/// last checkpoint is at least `file_span` back, the last deflate block boundary seen (which
+/// is at or before the file start) becomes a checkpoint, so a read of that file inflates
+/// from at most one deflate block before it.
 pub(crate) struct GzipIndexer<R> {
     inner: R,
     buf: Box<[u8]>,
@@ -90,11 +102,24 @@ pub(crate) struct GzipIndexer<R> {
     span: u64,
     boundary_span: u64,
     last_cp: u64,
+    file_span: u64,
+    file_start: Arc<AtomicU64>,
+    /// The last block boundary (uncompressed offset, bit position) after the last
+    /// checkpoint, with its window in `cand_window`.
+    cand: Option<(u64, u64)>,
+    cand_window: Vec<u8>,
+    pack: PackWriter,
     pub(crate) checkpoints: Vec<Checkpoint>,
 }
 
 impl<R: Read> GzipIndexer<R> {
-    pub(crate) fn new(inner: R, span: u64, boundary_span: u64) -> Result<Self, IndexError> {
+    pub(crate) fn new(
+        inner: R,
+        span: u64,
+        boundary_span: u64,
+        file_span: u64,
+        file_start: Arc<AtomicU64>,
+    ) -> Result<Self, IndexError> {
         Ok(Self {
             inner,
             buf: vec![0u8; 256 * 1024].into_boxed_slice(),
@@ -110,8 +135,32 @@ impl<R: Read> GzipIndexer<R> {
             span: span.max(1),
             boundary_span,
             last_cp: 0,
+            file_span,
+            file_start,
+            cand: None,
+            cand_window: Vec::with_capacity(crate::sys::zlib::WINDOW_SIZE),
+            pack: PackWriter::new(),
             checkpoints: Vec::new(),
         })
+    }
+
+    /// The checkpoints and their windows pack; `keep` checkpoints are kept (the rest, at the
+    /// very end of the stream, are useless and dropped with their windows).
+    pub(crate) fn finish(mut self, keep: usize) -> (Vec<Checkpoint>, WindowPack) {
+        if let Some(w) = self
+            .checkpoints
+            .get(keep..)
+            .and_then(|rest| rest.iter().find_map(|c| c.window))
+        {
+            self.pack.truncate(w.pack_offset);
+        }
+        self.checkpoints.truncate(keep);
+        (self.checkpoints, self.pack.finish())
+    }
+
+    /// (blob bytes consumed, bytes produced) so far.
+    pub(crate) fn position(&self) -> (u64, u64) {
+        (self.pos, self.out_total)
     }
 
     /// Number of gzip members seen so far.
@@ -165,20 +214,52 @@ impl<R: Read> GzipIndexer<R> {
         .into_io()
     }
 
-    fn checkpoint(&mut self, bit_pos: u64, window: Vec<u8>) {
+    /// Records a checkpoint at `out` / `bit_pos` with `window` (empty at a member start).
+    fn checkpoint(&mut self, out: u64, bit_pos: u64, window: &[u8]) -> io::Result<()> {
+        if self
+            .checkpoints
+            .last()
+            .is_some_and(|c| c.compressed_offset >= bit_pos / 8 || c.uncompressed_offset >= out)
+        {
+            // Same byte as the previous checkpoint: not worth one.
+            return Ok(());
+        }
         trace!(
-            uncompressed = self.out_total,
+            uncompressed = out,
             compressed_bits = bit_pos,
             window = window.len(),
             "gzip checkpoint"
         );
+        let window = if window.is_empty() {
+            None
+        } else {
+            Some(self.pack.push(window).map_err(IndexError::into_io)?)
+        };
         self.checkpoints.push(Checkpoint {
-            uncompressed_offset: self.out_total,
+            uncompressed_offset: out,
             compressed_offset: bit_pos / 8,
             bit_offset: (bit_pos % 8) as u8,
             window,
         });
-        self.last_cp = self.out_total;
+        self.last_cp = out;
+        self.cand = None;
+        Ok(())
+    }
+
+    /// A file's data starts at the current output position: checkpoint the last block
+    /// boundary before it if the last checkpoint is far enough back.
+    fn file_starts(&mut self) -> io::Result<()> {
+        let at = self.file_start.swap(NO_FILE_START, Ordering::Relaxed);
+        if at != self.out_total || self.file_span == 0 || at - self.last_cp < self.file_span {
+            return Ok(());
+        }
+        if let Some((out, bit_pos)) = self.cand.take() {
+            let window = std::mem::take(&mut self.cand_window);
+            let r = self.checkpoint(out, bit_pos, &window);
+            self.cand_window = window;
+            r?;
+        }
+        Ok(())
     }
 
     fn read_header(&mut self) -> io::Result<()> {
@@ -209,7 +290,11 @@ impl<R: Read> GzipIndexer<R> {
             || (self.out_total > self.last_cp
                 && self.out_total - self.last_cp >= self.boundary_span)
         {
-            self.checkpoint(self.pos * 8, Vec::new());
+            self.checkpoint(self.out_total, self.pos * 8, &[])?;
+        } else if self.out_total > self.last_cp {
+            // A member start is a candidate that needs no window.
+            self.cand = Some((self.out_total, self.pos * 8));
+            self.cand_window.clear();
         }
         self.state = State::Deflate;
         Ok(())
@@ -258,6 +343,7 @@ impl<R: Read> Read for GzipIndexer<R> {
         if out.is_empty() {
             return Ok(0);
         }
+        self.file_starts()?;
         loop {
             match self.state {
                 State::Done => return Ok(0),
@@ -296,13 +382,18 @@ impl<R: Read> Read for GzipIndexer<R> {
                             }
                         }
                         InflateStatus::Ok => {
-                            if step.at_block_boundary()
-                                && !step.last_block()
-                                && self.out_total - self.last_cp >= self.span
-                            {
+                            if step.at_block_boundary() && !step.last_block() {
                                 let bit_pos = self.pos * 8 - u64::from(step.unused_bits());
-                                let window = self.inflater.dictionary().map_err(|e| e.into_io())?;
-                                self.checkpoint(bit_pos, window);
+                                if self.out_total - self.last_cp >= self.span {
+                                    let window =
+                                        self.inflater.dictionary().map_err(|e| e.into_io())?;
+                                    self.checkpoint(self.out_total, bit_pos, &window)?;
+                                } else if self.file_span > 0 && self.out_total > self.last_cp {
+                                    self.inflater
+                                        .dictionary_into(&mut self.cand_window)
+                                        .map_err(|e| e.into_io())?;
+                                    self.cand = Some((self.out_total, bit_pos));
+                                }
                             }
                         }
                     }
@@ -320,6 +411,7 @@ impl<R: Read> Read for GzipIndexer<R> {
 /// Returns `Ok(())` also when the span ends early; the caller checks it got enough.
 pub(crate) fn inflate_span(
     cp: &Checkpoint,
+    window: &[u8],
     span_offset: u64,
     span: &[u8],
     mut out: impl FnMut(&[u8]) -> bool,
@@ -339,7 +431,7 @@ pub(crate) fn inflate_span(
         inflater.prime(8 - bits, u32::from(b) >> bits)?;
         pos += 1;
     }
-    inflater.set_dictionary(&cp.window)?;
+    inflater.set_dictionary(window)?;
     let mut buf = vec![0u8; 64 * 1024];
     loop {
         let input = span.get(pos..).unwrap_or(&[]);

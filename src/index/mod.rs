@@ -41,12 +41,14 @@
 //! std::io::Write::write_all(&mut gz, &tar.into_inner()?)?;
 //! let blob = gz.finish()?;
 //!
-//! let index = LayerIndex::build(&blob[..], &IndexOptions::default())?;
+//! let (index, windows) = LayerIndex::build(&blob[..], &IndexOptions::default())?;
 //! let entry = &index.entries[index.find("etc/greeting").unwrap()];
 //! // Which compressed bytes hold file bytes 7..12, then inflate just those.
 //! let span = plan(&index, entry, 7, 5)?;
 //! let fetched = &blob[span.blob_offset as usize..(span.blob_offset + span.blob_len) as usize];
-//! assert_eq!(extract(&index, &span, fetched)?, b"layer");
+//! // The checkpoint's window (empty here: the checkpoint is at the start of the member).
+//! let window = windows.window(&index, span.checkpoint.unwrap())?;
+//! assert_eq!(extract(&index, &span, &window, fetched)?, b"layer");
 //! # Ok(()) }
 //! ```
 
@@ -58,6 +60,7 @@ mod extract;
 mod format;
 mod gzip;
 mod store;
+mod windows;
 
 pub use build::{IndexOptions, IndexSink, NoSink};
 pub use error::IndexError;
@@ -66,7 +69,11 @@ pub use extract::{
     verify_whole,
 };
 pub use format::{FORMAT_MAGIC, FORMAT_VERSION};
-pub use store::IndexStore;
+pub use store::{IndexStore, StoredWindows};
+pub use windows::{
+    LayerWindows, NoWindows, PACK_HEADER_LEN, PACK_MAGIC, WindowCache, WindowPack, WindowRef,
+    WindowSource,
+};
 
 /// What kind of filesystem object a tar entry describes.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -204,9 +211,10 @@ pub struct Checkpoint {
     /// gzip only: how many low bits of the byte at `compressed_offset` belong to the
     /// previous deflate block (0-7); inflating resumes at that bit.
     pub bit_offset: u8,
-    /// gzip only: up to 32 KiB of uncompressed data preceding this point in the same member
-    /// (the deflate history); empty at a member or frame start.
-    pub window: Vec<u8>,
+    /// gzip only: where the up to 32 KiB of uncompressed data preceding this point in the
+    /// same member (the deflate history) sits in the layer's windows pack; `None` at a member
+    /// or frame start. Fetch it with [`LayerWindows::window`] or [`WindowPack::window`].
+    pub window: Option<WindowRef>,
 }
 
 /// Everything needed to read any file range of one layer blob without unpacking it.
@@ -225,6 +233,10 @@ pub struct LayerIndex {
     pub uncompressed_size: u64,
     /// The gzip checkpoint spacing the index was built with.
     pub span: u64,
+    /// `sha256:<hex>` of the layer's windows pack, `None` when no checkpoint has a window.
+    pub windows_digest: Option<String>,
+    /// Size of the windows pack in bytes (0 when there is none).
+    pub windows_size: u64,
     /// One entry per tar member, in stream order.
     pub entries: Vec<Entry>,
     /// Random-access points, sorted by both offsets; the first is at uncompressed offset 0

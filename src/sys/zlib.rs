@@ -186,16 +186,25 @@ impl RawInflater {
     /// A copy of the current history window (up to [`WINDOW_SIZE`] bytes, fewer near the
     /// start of a stream).
     pub fn dictionary(&self) -> Result<Vec<u8>, ZlibError> {
-        let mut buf = vec![0u8; WINDOW_SIZE];
+        let mut buf = Vec::with_capacity(WINDOW_SIZE);
+        self.dictionary_into(&mut buf)?;
+        Ok(buf)
+    }
+
+    /// Like [`RawInflater::dictionary`], into `buf` (cleared first; its allocation is reused).
+    pub fn dictionary_into(&self, buf: &mut Vec<u8>) -> Result<(), ZlibError> {
+        buf.clear();
+        buf.resize(WINDOW_SIZE, 0);
         let mut len: u32 = 0;
         // SAFETY: initialised stream; `buf` has WINDOW_SIZE writable bytes, which zlib
         // documents as always enough; `len` is a valid out-pointer.
         let rc = unsafe { z::inflateGetDictionary(&*self.strm, buf.as_mut_ptr(), &mut len) };
         if rc != z::Z_OK {
+            buf.clear();
             return Err(self.err("inflateGetDictionary", rc));
         }
         buf.truncate((len as usize).min(WINDOW_SIZE));
-        Ok(buf)
+        Ok(())
     }
 
     /// Inflate from `input` into `output`. Returns how much of each was used and whether the
