@@ -11,14 +11,16 @@
 
 use std::io::{self, Read};
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::Ordering;
 
 use sha2::{Digest, Sha256};
 use tracing::{debug, warn};
 
-use super::gzip::{GzipIndexer, NO_FILE_START};
+use super::gzip::{FileHints, GzipIndexer};
 use super::windows::WindowPack;
-use super::{CHUNK_SIZE, Checkpoint, Compression, Entry, EntryKind, IndexError, LayerIndex};
+use super::{
+    EndMark, CHUNK_SIZE, Checkpoint, Compression, Entry, EntryKind, IndexError, LayerIndex,
+};
 
 /// Tuning and limits of [`LayerIndex::build`].
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -270,7 +272,7 @@ impl<R: Read> Read for Decoder<R> {
 impl<R: Read> Decoder<R> {
     /// The checkpoints that lie inside the blob and the stream (the first always: one at
     /// the very end is useless) and the windows pack. Call at the end of the blob.
-    fn finish(self) -> (Vec<Checkpoint>, WindowPack) {
+    fn finish(self) -> (Vec<Checkpoint>, Vec<EndMark>, WindowPack) {
         let (compressed_size, uncompressed_size) = match &self {
             Decoder::Plain(_) => (0, 0),
             Decoder::Gzip(g) => g.position(),
@@ -288,7 +290,7 @@ impl<R: Read> Decoder<R> {
         };
         let no_pack = || super::windows::PackWriter::new().finish();
         match self {
-            Decoder::Plain(_) => (Vec::new(), no_pack()),
+            Decoder::Plain(_) => (Vec::new(), Vec::new(), no_pack()),
             Decoder::Gzip(g) => {
                 debug!(
                     members = g.members(),
@@ -309,7 +311,7 @@ impl<R: Read> Decoder<R> {
                 }
                 let mut cps = z.checkpoints;
                 cps.truncate(keep(&cps));
-                (cps, no_pack())
+                (cps, Vec::new(), no_pack())
             }
         }
     }
@@ -377,7 +379,7 @@ impl LayerIndex {
             (None, _) => Compression::None,
         };
         let input = (&prefix[..n]).chain(&mut blob);
-        let file_start = Arc::new(AtomicU64::new(NO_FILE_START));
+        let hints = Arc::new(FileHints::default());
         let decoder = match compression {
             Compression::None => Decoder::Plain(input),
             Compression::Gzip => Decoder::Gzip(GzipIndexer::new(
@@ -385,20 +387,21 @@ impl LayerIndex {
                 opts.span,
                 opts.boundary_span,
                 opts.file_span,
-                file_start.clone(),
+                hints.clone(),
             )?),
             Compression::Zstd => Decoder::Zstd(ZstdIndexer::new(input, opts.boundary_span)?),
         };
         let plain = compression == Compression::None;
         let mut tar_in = Hashing::new(decoder, opts.diff_id && !plain);
-        let entries = walk(&mut tar_in, opts, sink, &|at| {
-            file_start.store(at, Ordering::Relaxed)
+        let entries = walk(&mut tar_in, opts, sink, &|at, start| {
+            let slot = if start { &hints.start } else { &hints.end };
+            slot.store(at, Ordering::Relaxed)
         })?;
         // Whatever follows the end-of-archive marker (zero padding) still belongs to the blob
         // (and the diff id).
         io::copy(&mut tar_in, &mut io::sink()).map_err(IndexError::from_io)?;
         let (decoder, diff_id, uncompressed_size) = tar_in.finish();
-        let (checkpoints, pack) = decoder.finish();
+        let (checkpoints, end_marks, pack) = decoder.finish();
         let (_, blob_digest, compressed_size) = blob.finish();
         let blob_digest = blob_digest.unwrap_or_default();
         let diff_id = if plain {
@@ -427,6 +430,7 @@ impl LayerIndex {
             windows_size: if has_windows { pack.len() } else { 0 },
             entries,
             checkpoints,
+            end_marks,
         };
         Ok((index, pack))
     }
@@ -632,13 +636,14 @@ impl<R: Read + ?Sized> Walker<'_, R> {
     }
 }
 
-/// Walks the tar stream; `file_data` is told the stream offset where each non-empty regular
-/// file's data begins, before that data is read.
+/// Walks the tar stream; `file_data(offset, true)` is told the stream offset where each
+/// non-empty regular file's data, and each [`CHUNK_SIZE`] piece of it, begins, before that
+/// data is read; `file_data(offset, false)` where each piece ends, right after.
 fn walk<R: Read + ?Sized>(
     r: &mut R,
     opts: &IndexOptions,
     sink: &mut dyn IndexSink,
-    file_data: &dyn Fn(u64),
+    file_data: &dyn Fn(u64, bool),
 ) -> Result<Vec<Entry>, IndexError> {
     let mut w = Walker {
         r,
@@ -855,15 +860,21 @@ fn walk<R: Read + ?Sized>(
         sink.entry(idx, &entry)
             .map_err(|source| IndexError::Sink { idx, source })?;
         if is_file {
-            if size > 0 {
-                file_data(w.pos);
-            }
             let mut whole = Sha256::new();
             let mut chunk = Sha256::new();
             let mut chunk_fill = 0u64;
             let chunked = size > CHUNK_SIZE;
             let mut off = 0u64;
             while off < size {
+                // Fills read whole small files and CHUNK_SIZE pieces of large ones: each
+                // such start is a good checkpoint. (The buffer divides CHUNK_SIZE, so
+                // reads land on every chunk start.)
+                if off % CHUNK_SIZE == 0 {
+                    if off > 0 {
+                        file_data(w.pos, false);
+                    }
+                    file_data(w.pos, true);
+                }
                 let want = (size - off).min(w.buf.len() as u64) as usize;
                 let got = read_full(w.r, &mut w.buf[..want])?;
                 if got == 0 {
@@ -890,6 +901,9 @@ fn walk<R: Read + ?Sized>(
                     .map_err(|source| IndexError::Sink { idx, source })?;
                 off += got as u64;
                 w.pos += got as u64;
+            }
+            if size > 0 {
+                file_data(w.pos, false);
             }
             if chunked && chunk_fill > 0 {
                 entry.chunk_sha256.push(hex::encode(chunk.finalize()));

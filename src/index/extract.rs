@@ -70,7 +70,8 @@ pub fn plan(index: &LayerIndex, entry: &Entry, offset: u64, len: u64) -> Result<
 
 /// Plan the fetch for `len` bytes at `offset` of the uncompressed tar stream (clamped to its
 /// end). For gzip and zstd the span runs from the last checkpoint at or before `offset` to
-/// the first checkpoint at or after the range end (plus a few bytes), or to the blob end.
+/// the first checkpoint or deflate block end at or after the range end (plus a few bytes),
+/// or to the blob end.
 pub fn plan_uncompressed(index: &LayerIndex, offset: u64, len: u64) -> Result<Span, IndexError> {
     let size = index.uncompressed_size;
     if offset > size {
@@ -102,13 +103,21 @@ pub fn plan_uncompressed(index: &LayerIndex, offset: u64, len: u64) -> Result<Sp
     };
     let end_u = offset + len;
     let j = cps.partition_point(|c| c.uncompressed_offset < end_u);
-    let end = match cps.get(j) {
-        Some(c) => c
-            .compressed_offset
-            .saturating_add(1 + SLACK)
-            .min(index.compressed_size),
-        None => index.compressed_size,
-    };
+    let at_checkpoint = cps
+        .get(j)
+        .map(|c| c.compressed_offset.saturating_add(1 + SLACK));
+    let k = index
+        .end_marks
+        .partition_point(|b| b.uncompressed_offset < end_u);
+    let at_block_end = index
+        .end_marks
+        .get(k)
+        .map(|b| b.compressed_end.saturating_add(SLACK));
+    let end = match (at_checkpoint, at_block_end) {
+        (Some(a), Some(b)) => a.min(b),
+        (a, b) => a.or(b).unwrap_or(u64::MAX),
+    }
+    .min(index.compressed_size);
     let blob_offset = start.compressed_offset;
     Ok(Span {
         blob_offset,

@@ -10,7 +10,9 @@
 use std::io::Read;
 
 use super::windows::{PACK_HEADER_LEN, WindowRef};
-use super::{CHUNK_SIZE, Checkpoint, Compression, Entry, EntryKind, IndexError, LayerIndex};
+use super::{
+    EndMark, CHUNK_SIZE, Checkpoint, Compression, Entry, EntryKind, IndexError, LayerIndex,
+};
 use crate::sys::zlib::WINDOW_SIZE;
 
 /// First 8 bytes of every stored index.
@@ -326,6 +328,13 @@ impl LayerIndex {
                 }
             }
         }
+        w.var(self.end_marks.len() as u64);
+        let (mut prev_u, mut prev_c) = (0u64, 0u64);
+        for b in &self.end_marks {
+            w.var(b.uncompressed_offset.wrapping_sub(prev_u));
+            w.var(b.compressed_end.wrapping_sub(prev_c));
+            (prev_u, prev_c) = (b.uncompressed_offset, b.compressed_end);
+        }
         let body = w.0;
         // zstd into a Vec cannot fail short of allocation failure, which aborts anyway; fall
         // back to an empty frame-less output that decode rejects rather than panicking.
@@ -471,6 +480,27 @@ impl LayerIndex {
                 window,
             });
         }
+        let nb = r.count(2, "end mark")?;
+        let mut end_marks: Vec<EndMark> = Vec::with_capacity(nb);
+        for _ in 0..nb {
+            let (du, dc) = (r.var()?, r.var()?);
+            let (pu, pc) = end_marks
+                .last()
+                .map_or((0, 0), |p| (p.uncompressed_offset, p.compressed_end));
+            let (Some(u), Some(c)) = (pu.checked_add(du), pc.checked_add(dc)) else {
+                return Err(corrupt("end mark overflows"));
+            };
+            if du == 0 || dc == 0 || u > uncompressed_size || c > compressed_size {
+                return Err(corrupt("end marks out of order or out of range"));
+            }
+            end_marks.push(EndMark {
+                uncompressed_offset: u,
+                compressed_end: c,
+            });
+        }
+        if compression != Compression::Gzip && !end_marks.is_empty() {
+            return Err(corrupt("end marks on a non-gzip layer"));
+        }
         if r.left() != 0 {
             return Err(corrupt("trailing bytes in body"));
         }
@@ -497,6 +527,7 @@ impl LayerIndex {
             windows_size,
             entries,
             checkpoints,
+            end_marks,
         })
     }
 }

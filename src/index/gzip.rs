@@ -12,7 +12,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use tracing::trace;
 
 use super::windows::{PackWriter, WindowPack};
-use super::{Checkpoint, IndexError};
+use super::{EndMark, Checkpoint, IndexError};
 use crate::sys::zlib::{Flush, InflateStatus, RawInflater};
 
 /// Longest gzip member header accepted (FNAME/FCOMMENT/FEXTRA included).
@@ -75,8 +75,25 @@ enum State {
     Done,
 }
 
-/// "No file start signalled" in [`GzipIndexer`]'s file-start hint.
+/// "Nothing signalled" in a [`FileHints`] slot.
 pub(crate) const NO_FILE_START: u64 = u64::MAX;
+
+/// What the tar walker tells the [`GzipIndexer`] it reads from: the stream offset where file
+/// data (or a chunk of it) is about to start, or has just ended.
+#[derive(Debug)]
+pub(crate) struct FileHints {
+    pub(crate) start: AtomicU64,
+    pub(crate) end: AtomicU64,
+}
+
+impl Default for FileHints {
+    fn default() -> Self {
+        FileHints {
+            start: AtomicU64::new(NO_FILE_START),
+            end: AtomicU64::new(NO_FILE_START),
+        }
+    }
+}
 
 /// Inflates a whole gzip blob as a `Read`, verifying each member's CRC and length and
 /// recording checkpoints (their windows go into a [`PackWriter`]).
@@ -103,13 +120,14 @@ pub(crate) struct GzipIndexer<R> {
     boundary_span: u64,
     last_cp: u64,
     file_span: u64,
-    file_start: Arc<AtomicU64>,
+    hints: Arc<FileHints>,
     /// The last block boundary (uncompressed offset, bit position) after the last
     /// checkpoint, with its window in `cand_window`.
     cand: Option<(u64, u64)>,
     cand_window: Vec<u8>,
     pack: PackWriter,
     pub(crate) checkpoints: Vec<Checkpoint>,
+    end_marks: Vec<EndMark>,
 }
 
 impl<R: Read> GzipIndexer<R> {
@@ -118,7 +136,7 @@ impl<R: Read> GzipIndexer<R> {
         span: u64,
         boundary_span: u64,
         file_span: u64,
-        file_start: Arc<AtomicU64>,
+        hints: Arc<FileHints>,
     ) -> Result<Self, IndexError> {
         Ok(Self {
             inner,
@@ -136,17 +154,18 @@ impl<R: Read> GzipIndexer<R> {
             boundary_span,
             last_cp: 0,
             file_span,
-            file_start,
+            hints,
             cand: None,
             cand_window: Vec::with_capacity(crate::sys::zlib::WINDOW_SIZE),
             pack: PackWriter::new(),
             checkpoints: Vec::new(),
+            end_marks: Vec::new(),
         })
     }
 
     /// The checkpoints and their windows pack; `keep` checkpoints are kept (the rest, at the
     /// very end of the stream, are useless and dropped with their windows).
-    pub(crate) fn finish(mut self, keep: usize) -> (Vec<Checkpoint>, WindowPack) {
+    pub(crate) fn finish(mut self, keep: usize) -> (Vec<Checkpoint>, Vec<EndMark>, WindowPack) {
         if let Some(w) = self
             .checkpoints
             .get(keep..)
@@ -155,7 +174,10 @@ impl<R: Read> GzipIndexer<R> {
             self.pack.truncate(w.pack_offset);
         }
         self.checkpoints.truncate(keep);
-        (self.checkpoints, self.pack.finish())
+        let (pos, out) = (self.pos, self.out_total);
+        self.end_marks
+            .retain(|b| b.compressed_end <= pos && b.uncompressed_offset <= out);
+        (self.checkpoints, self.end_marks, self.pack.finish())
     }
 
     /// (blob bytes consumed, bytes produced) so far.
@@ -246,10 +268,30 @@ impl<R: Read> GzipIndexer<R> {
         Ok(())
     }
 
-    /// A file's data starts at the current output position: checkpoint the last block
-    /// boundary before it if the last checkpoint is far enough back.
-    fn file_starts(&mut self) -> io::Result<()> {
-        let at = self.file_start.swap(NO_FILE_START, Ordering::Relaxed);
+    /// Records an end mark: all output so far came from the blob bytes before
+    /// `compressed_end`.
+    fn end_mark(&mut self, compressed_end: u64) {
+        let m = EndMark {
+            uncompressed_offset: self.out_total,
+            compressed_end,
+        };
+        if self.end_marks.last().is_none_or(|b| {
+            b.uncompressed_offset < m.uncompressed_offset && b.compressed_end < m.compressed_end
+        }) {
+            self.end_marks.push(m);
+        }
+    }
+
+    /// Acts on what the tar walker signalled since the last read: file data ended here (an
+    /// end mark) or starts here (checkpoint the last block boundary before it if the last
+    /// checkpoint is far enough back).
+    fn file_hints(&mut self) -> io::Result<()> {
+        let end = self.hints.end.swap(NO_FILE_START, Ordering::Relaxed);
+        if end == self.out_total && end > 0 {
+            // Consumed input includes what zlib holds in its bit buffer: an upper bound.
+            self.end_mark(self.pos);
+        }
+        let at = self.hints.start.swap(NO_FILE_START, Ordering::Relaxed);
         if at != self.out_total || self.file_span == 0 || at - self.last_cp < self.file_span {
             return Ok(());
         }
@@ -343,7 +385,7 @@ impl<R: Read> Read for GzipIndexer<R> {
         if out.is_empty() {
             return Ok(0);
         }
-        self.file_starts()?;
+        self.file_hints()?;
         loop {
             match self.state {
                 State::Done => return Ok(0),
@@ -382,6 +424,10 @@ impl<R: Read> Read for GzipIndexer<R> {
                             }
                         }
                         InflateStatus::Ok => {
+                            if step.at_block_boundary() {
+                                let bit_pos = self.pos * 8 - u64::from(step.unused_bits());
+                                self.end_mark(bit_pos.div_ceil(8));
+                            }
                             if step.at_block_boundary() && !step.last_block() {
                                 let bit_pos = self.pos * 8 - u64::from(step.unused_bits());
                                 if self.out_total - self.last_cp >= self.span {

@@ -217,6 +217,19 @@ pub struct Checkpoint {
     pub window: Option<WindowRef>,
 }
 
+/// A point where inflating the blob up to (not including) byte `compressed_end` is known to
+/// yield every uncompressed byte before `uncompressed_offset`: recorded at deflate block
+/// boundaries and where file data (or a [`CHUNK_SIZE`] piece of it) ends. Cheap end points
+/// for range reads: a checkpoint is a start point and costs a window, an end mark a few
+/// bytes of metadata.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct EndMark {
+    /// Uncompressed offset of the boundary.
+    pub uncompressed_offset: u64,
+    /// Blob offset just past the byte holding the boundary's last bit.
+    pub compressed_end: u64,
+}
+
 /// Everything needed to read any file range of one layer blob without unpacking it.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct LayerIndex {
@@ -242,6 +255,8 @@ pub struct LayerIndex {
     /// Random-access points, sorted by both offsets; the first is at uncompressed offset 0
     /// (empty for plain tar).
     pub checkpoints: Vec<Checkpoint>,
+    /// gzip only: end points for [`plan`], strictly increasing in both offsets.
+    pub end_marks: Vec<EndMark>,
 }
 
 impl LayerIndex {
