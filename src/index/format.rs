@@ -11,7 +11,7 @@ use std::io::Read;
 
 use super::windows::{PACK_HEADER_LEN, WindowRef};
 use super::{
-    EndMark, CHUNK_SIZE, Checkpoint, Compression, Entry, EntryKind, IndexError, LayerIndex,
+    CHUNK_SIZE, Checkpoint, Compression, EndMark, Entry, EntryKind, IndexError, LayerIndex,
 };
 use crate::sys::zlib::WINDOW_SIZE;
 

@@ -12,7 +12,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use tracing::trace;
 
 use super::windows::{PackWriter, WindowPack};
-use super::{EndMark, Checkpoint, IndexError};
+use super::{Checkpoint, EndMark, IndexError};
 use crate::sys::zlib::{Flush, InflateStatus, RawInflater};
 
 /// Longest gzip member header accepted (FNAME/FCOMMENT/FEXTRA included).

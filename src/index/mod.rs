@@ -12,17 +12,24 @@
 //!    compressed bytes (blob digest), inflates them while recording [`Checkpoint`]s, (on
 //!    request) hashes the uncompressed stream (diff id) and walks the tar headers into [`Entry`]s with
 //!    per-file and per-[`CHUNK_SIZE`] sha256s.
-//! 2. [`LayerIndex::encode`] / [`LayerIndex::decode`] store it (`docs/index-format.md`);
-//!    [`IndexStore`] keeps one file per layer digest.
+//! 2. The pass returns the metadata ([`LayerIndex`]) and the windows pack ([`WindowPack`]):
+//!    the checkpoint windows, kept apart because only the few a workload touches are ever
+//!    needed. [`LayerIndex::encode`] / [`LayerIndex::decode`] store the metadata
+//!    (`docs/index-format.md`); [`IndexStore`] keeps both per layer digest; [`LayerWindows`]
+//!    reads single windows on demand from a [`WindowSource`] through a [`WindowCache`].
 //! 3. [`plan`] maps a file range to a compressed [`Span`] of the blob, [`extract`] inflates
-//!    the fetched span into exactly the wanted bytes, [`read_file_range`] does both with a
-//!    [`RangeReader`]; [`verify_chunk`] / [`verify_whole`] check the result.
+//!    the fetched span (given its checkpoint's window) into exactly the wanted bytes,
+//!    [`read_file_range`] does all of it with a [`RangeReader`] and [`LayerWindows`];
+//!    [`verify_chunk`] / [`verify_whole`] check the result.
 //!
 //! Checkpoints by compression:
 //! - gzip: zran style, one at the start of the first member, then one at the first deflate
 //!   block boundary after every [`IndexOptions::span`] bytes of output (with the 32 KiB window
-//!   and the bit offset), and one at a member start after [`IndexOptions::boundary_span`]
-//!   bytes (no window needed). Multi-member (concatenated) gzip is supported.
+//!   and the bit offset), one at the last block boundary before each file's data (and each
+//!   [`CHUNK_SIZE`] piece of it) when the last checkpoint is [`IndexOptions::file_span`]
+//!   back, and one at a member start after [`IndexOptions::boundary_span`] bytes (no window
+//!   needed). [`EndMark`]s at block boundaries and file ends let a read stop right after its
+//!   range. Multi-member (concatenated) gzip is supported.
 //! - zstd: frame starts only (zstd has no resumable state inside a frame). A single-frame
 //!   layer therefore has one checkpoint and every range read inflates from the start.
 //! - plain tar: none; a file range maps directly to the same blob range.

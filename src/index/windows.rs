@@ -25,8 +25,9 @@ use crate::sys::zlib::WINDOW_SIZE;
 pub const PACK_MAGIC: [u8; 8] = *b"FFLWIN\r\n";
 /// Length of the pack header (magic, version, flags, reserved).
 pub const PACK_HEADER_LEN: u64 = 16;
-/// zstd level for single windows: level 9 packs text windows ~6% smaller than level 3 at a
-/// cost (about 0.3 ms per window) that indexing does not notice.
+/// zstd level for single windows. Measured on the host-file image of `examples/index_span.rs`
+/// (942 windows): level 3 packs 14.6 MB, level 9 14.1 MB at no noticeable indexing cost,
+/// level 19 13.9 MB at five times the indexing time.
 const WINDOW_LEVEL: i32 = 9;
 
 /// Where one checkpoint's window sits in the windows pack, and how to check it.

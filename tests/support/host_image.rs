@@ -25,7 +25,12 @@ fn collect(dir: &Path, out: &mut Vec<LayerItem>, budget: &mut Budget) {
     };
     let mut names: Vec<PathBuf> = rd.filter_map(Result::ok).map(|e| e.path()).collect();
     names.sort();
-    let rel = |p: &Path| p.strip_prefix("/").unwrap_or(p).to_string_lossy().into_owned();
+    let rel = |p: &Path| {
+        p.strip_prefix("/")
+            .unwrap_or(p)
+            .to_string_lossy()
+            .into_owned()
+    };
     out.push(LayerItem::Dir {
         path: rel(dir),
         mode: 0o755,
@@ -85,7 +90,9 @@ fn layer(roots: &[&str], files: usize, bytes: u64) -> Vec<LayerItem> {
     for root in roots {
         let root = Path::new(root);
         if root.is_dir() {
-            out.extend(parents(&root.to_string_lossy().trim_start_matches('/').to_owned()));
+            out.extend(parents(
+                &root.to_string_lossy().trim_start_matches('/').to_owned(),
+            ));
             collect(root, &mut out, &mut budget);
         }
     }
