@@ -437,6 +437,8 @@ pub async fn prepare(
 }
 
 /// Registers every placeholder of an unpacked image; on failure unregisters the ones done.
+// Returned once per prepare: the size of the error does not matter here.
+#[allow(clippy::result_large_err)]
 fn register_all(
     engine: &Engine,
     store: &Arc<BlobStore>,

@@ -361,8 +361,12 @@ fn check_ranges(
         assert_eq!(got.len(), end - off as usize);
         assert!(
             got == data[off as usize..end],
-            "{} {off}+{len} differs",
-            e.path
+            "{} {off}+{len} differs: {span:?} {:?} first diff at {:?}",
+            e.path,
+            span.checkpoint.map(|c| &idx.checkpoints[c]),
+            got.iter()
+                .zip(&data[off as usize..end])
+                .position(|(a, b)| a != b)
         );
         if i % 4 == 0 {
             verify_chunk(e, off / CHUNK_SIZE, &got).unwrap();
@@ -799,11 +803,13 @@ fn decode_checks_body_invariants() {
         Err(IndexError::CorruptIndex(_))
     ));
     // The valid version of the same.
-    let body = [1u8, 0, 0, 10, 10, 1, 0, 0, 1, 0, 0, 3, 0];
+    let body = [1u8, 0, 0, 10, 10, 1, 0, 0, 1, 0, 0, 3, 0, 0];
     let idx = LayerIndex::decode(&wrap(&body)).unwrap();
     assert_eq!(idx.checkpoints.len(), 1);
     // A window on a layer that has no windows pack.
-    let body = [1u8, 0, 0, 10, 10, 1, 0, 0, 1, 0, 0, 3, 5, 0, 5, 1, 2, 3, 4];
+    let body = [
+        1u8, 0, 0, 10, 10, 1, 0, 0, 1, 0, 0, 3, 5, 0, 5, 1, 2, 3, 4, 0,
+    ];
     assert!(matches!(
         LayerIndex::decode(&wrap(&body)),
         Err(IndexError::CorruptIndex(_))
@@ -1053,4 +1059,121 @@ fn hostile_bodies_never_panic_decode_or_extract() {
         }
     }
     eprintln!("{decoded} of 400 damaged bodies still decoded");
+}
+
+/// Every checkpoint, including those inside a deflate block (block header replayed), of
+/// single- and multi-member layers at two compression levels, resumes to the stream's bytes.
+#[test]
+fn every_checkpoint_resumes() {
+    let cases = [
+        (
+            2u64,
+            6u32,
+            vec![1000usize, 1_500_000, 9_000_000, 15_000_000],
+        ),
+        (5, 1, vec![]),
+        (1, 9, vec![]),
+    ];
+    for (seed, level, cuts) in cases {
+        let (tar, _) = synth_tar(seed);
+        let blob = if cuts.is_empty() {
+            gzip(&tar, level)
+        } else {
+            gzip_members(&tar, &cuts)
+        };
+        let (idx, pack) = LayerIndex::build(&blob[..], &IndexOptions::default()).unwrap();
+        let mut bad = Vec::new();
+        for (i, cp) in idx.checkpoints.iter().enumerate() {
+            let u = cp.uncompressed_offset;
+            let n = 4096.min(idx.uncompressed_size - u);
+            let span = fanfill::index::plan_uncompressed(&idx, u, n).unwrap();
+            assert_eq!(span.checkpoint, Some(i));
+            let bytes =
+                &blob[span.blob_offset as usize..(span.blob_offset + span.blob_len) as usize];
+            let got = extract(&idx, &span, &window_for(&idx, &pack, &span), bytes);
+            if !matches!(&got, Ok(g) if g[..] == tar[u as usize..(u + n) as usize]) {
+                bad.push((
+                    i,
+                    cp.clone(),
+                    got.map_err(|e| e.to_string()).map(|g| g.len()),
+                ));
+            }
+        }
+        let mid = idx
+            .checkpoints
+            .iter()
+            .filter(|c| c.window.is_some_and(|w| w.header_bits > 0))
+            .count();
+        eprintln!(
+            "seed {seed} level {level}: {} checkpoints, {mid} inside a block",
+            idx.checkpoints.len()
+        );
+        assert!(mid > 0, "no checkpoint inside a deflate block");
+        assert!(bad.is_empty(), "{bad:#?}");
+        check_ranges(&idx, &pack, &blob, &files_of(&tar), 100, seed);
+        round_trip(&idx);
+    }
+}
+
+/// path -> content of every regular file of a tar.
+fn files_of(tar: &[u8]) -> HashMap<String, Vec<u8>> {
+    let mut out = HashMap::new();
+    let mut a = tar::Archive::new(tar);
+    for e in a.entries().unwrap() {
+        let mut e = e.unwrap();
+        if e.header().entry_type().is_file() {
+            let p = e
+                .path()
+                .unwrap()
+                .to_string_lossy()
+                .trim_start_matches("./")
+                .to_owned();
+            let mut d = Vec::new();
+            io::Read::read_to_end(&mut e, &mut d).unwrap();
+            out.insert(p, d);
+        }
+    }
+    out
+}
+
+/// Real text (C headers) gzipped by flate2 as the image builder does: every file read whole
+/// (up to its first chunk) from its own checkpoint matches.
+#[test]
+fn host_headers_read_whole() {
+    let mut b = tar::Builder::new(Vec::new());
+    b.follow_symlinks(false);
+    for dir in ["X11", "linux", "sys"] {
+        let p = std::path::Path::new("/usr/include").join(dir);
+        if p.is_dir() {
+            b.append_dir_all(format!("usr/include/{dir}"), &p).unwrap();
+        }
+    }
+    let tar = b.into_inner().unwrap();
+    let blob = gzip(&tar, 6);
+    let (idx, pack) = LayerIndex::build(&blob[..], &IndexOptions::default()).unwrap();
+    let mid = idx
+        .checkpoints
+        .iter()
+        .filter(|c| c.window.is_some_and(|w| w.header_bits > 0))
+        .count();
+    let mut checked = 0;
+    for e in idx
+        .entries
+        .iter()
+        .filter(|e| e.kind == EntryKind::File && e.size > 0)
+    {
+        let len = e.size.min(CHUNK_SIZE);
+        let span = plan(&idx, e, 0, len).unwrap();
+        let bytes = &blob[span.blob_offset as usize..(span.blob_offset + span.blob_len) as usize];
+        let got = extract(&idx, &span, &window_for(&idx, &pack, &span), bytes)
+            .unwrap_or_else(|err| panic!("{}: {err}", e.path));
+        let want = &tar[e.data_offset as usize..(e.data_offset + len) as usize];
+        assert!(got == want, "{} differs", e.path);
+        checked += 1;
+    }
+    eprintln!(
+        "{checked} files, {} checkpoints, {mid} inside a deflate block",
+        idx.checkpoints.len()
+    );
+    assert!(checked > 500 && mid > 100);
 }

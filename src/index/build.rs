@@ -29,35 +29,41 @@ pub struct IndexOptions {
     /// costs up to 32 KiB, before compression, in the windows pack). Default 1 MiB: see
     /// [`IndexOptions::file_span`] for the measurement behind both defaults.
     pub span: u64,
-    /// A gzip checkpoint is also placed at the last deflate block boundary before the data
-    /// of a file, and before every [`CHUNK_SIZE`] piece of a larger one (the units the fill
-    /// engine reads), when the last checkpoint is at least this far back (0: never). Default
-    /// 64 KiB.
+    /// A gzip checkpoint is also placed right at the start of a file's data, and of every
+    /// [`CHUNK_SIZE`] piece of a larger one (the units the fill engine reads), when the last
+    /// checkpoint is at least this far back (0: never). Inside a Huffman-coded deflate block
+    /// such a checkpoint records the block's header (replayed before resuming, see
+    /// `docs/index-format.md`); in a stored block it falls back to the block's start.
+    /// Default 16 KiB.
     ///
     /// Measured with `cargo run --example index_span` on a 3-layer image of host files
     /// (Python standard library, `/usr/share/doc`, `/usr/include`: 60.5 MiB of gzip, 151 MiB
     /// of tar, 8,046 files), fetching a seeded random 5% of the files (402) the way the fill
     /// engine does (whole small files, 1 MiB chunks of larger ones, each window once);
-    /// "fetched" includes the metadata, per small file is the mean for files < 64 KiB:
+    /// "fetched" includes the metadata; per small file is the mean for files < 64 KiB; the
+    /// sampled files' own compressed bytes are 4.2 MiB (6.9%):
     ///
     /// | span | file_span | checkpoints | metadata | windows pack | fetched for 5% of files | per small file |
     /// |---|---|---|---|---|---|---|
-    /// | 4 MiB | off | 39 | 431 KiB (0.70%) | 479 KiB | 307.8 MiB (509%) | 761 KiB |
+    /// | 4 MiB | off | 39 | 431 KiB (0.70%) | 0.5 MiB | 307.8 MiB (509%) | 761 KiB |
     /// | 1 MiB | off | 144 | 432 KiB (0.70%) | 1.9 MiB | 90.3 MiB (149%) | 216 KiB |
-    /// | 512 KiB | off | 276 | 435 KiB (0.70%) | 3.7 MiB | 55.9 MiB (92%) | 127 KiB |
-    /// | 256 KiB | off | 506 | 438 KiB (0.71%) | 7.0 MiB | 31.0 MiB (51%) | 67 KiB |
-    /// | 4 MiB | 64 KiB | 938 | 442 KiB (0.71%) | 13.8 MiB | 15.0 MiB (24.8%) | 27 KiB |
-    /// | 1 MiB | 32 KiB | 1,097 | 444 KiB (0.72%) | 17.1 MiB | 14.6 MiB (24.2%) | 26 KiB |
-    /// | **1 MiB** | **64 KiB** | 942 | 442 KiB (0.71%) | 13.8 MiB | 15.0 MiB (24.8%) | 27 KiB |
-    /// | 1 MiB | 128 KiB | 742 | 440 KiB (0.71%) | 10.1 MiB | 16.6 MiB (27.4%) | 30 KiB |
-    /// | 1 MiB | 256 KiB | 488 | 437 KiB (0.70%) | 6.2 MiB | 22.4 MiB (37.1%) | 44 KiB |
-    /// | 256 KiB | 64 KiB | 1,082 | 444 KiB (0.72%) | 15.9 MiB | 15.0 MiB (24.9%) | 27 KiB |
+    /// | 512 KiB | off | 276 | 434 KiB (0.70%) | 3.7 MiB | 55.9 MiB (92%) | 127 KiB |
+    /// | 256 KiB | off | 506 | 437 KiB (0.70%) | 7.0 MiB | 31.0 MiB (51%) | 67 KiB |
+    /// | 1 MiB | 4 KiB | 5,495 | 507 KiB (0.82%) | 58.6 MiB | 10.0 MiB (16.5%) | 14 KiB |
+    /// | 1 MiB | 8 KiB | 4,014 | 487 KiB (0.79%) | 43.5 MiB | 10.0 MiB (16.6%) | 14 KiB |
+    /// | **1 MiB** | **16 KiB** | 2,741 | 470 KiB (0.76%) | 29.9 MiB | 10.3 MiB (17.0%) | 15 KiB |
+    /// | 1 MiB | 32 KiB | 1,808 | 457 KiB (0.74%) | 20.4 MiB | 10.9 MiB (18.0%) | 16 KiB |
+    /// | 1 MiB | 64 KiB | 1,131 | 447 KiB (0.72%) | 13.5 MiB | 12.3 MiB (20.3%) | 19 KiB |
+    /// | 1 MiB | 128 KiB | 698 | 441 KiB (0.71%) | 8.8 MiB | 15.8 MiB (26.1%) | 28 KiB |
+    /// | 1 MiB | 256 KiB | 410 | 436 KiB (0.70%) | 5.2 MiB | 23.9 MiB (39.6%) | 49 KiB |
+    /// | 4 MiB | 64 KiB | 1,131 | 447 KiB (0.72%) | 13.5 MiB | 12.2 MiB (20.2%) | 19 KiB |
+    /// | 256 KiB | 64 KiB | 1,281 | 449 KiB (0.72%) | 15.6 MiB | 12.3 MiB (20.4%) | 19 KiB |
     ///
-    /// File-start checkpoints are what matters; below 64 KiB they only grow the pack, because
-    /// a checkpoint can only sit on a deflate block boundary and zlib's blocks here are about
-    /// 100 KiB of output. Of the 15 MiB, 4.2 MiB is the files' own data, 3.9 MiB windows
-    /// (289 of them), the rest inflating from the block start to the file start. The span
-    /// only bounds reads inside large files.
+    /// File-start checkpoints are what matters (the span only bounds reads inside large
+    /// files). Below 16 KiB the pack keeps growing (it stays in the registry and only the
+    /// windows a read starts at are fetched) while the fetch barely falls: at 16 KiB the
+    /// 10.3 MiB are 4.2 MiB of file data, 4.2 MiB of windows (375), the metadata, and what
+    /// lies between a checkpoint and the file start.
     pub file_span: u64,
     /// Smallest distance between checkpoints at gzip member or zstd frame starts (these carry
     /// no window; 0 records every boundary). Default 64 KiB.
@@ -77,7 +83,7 @@ impl Default for IndexOptions {
     fn default() -> Self {
         Self {
             span: 1 << 20,
-            file_span: 64 << 10,
+            file_span: 16 << 10,
             boundary_span: 64 << 10,
             max_header_bytes: 1 << 20,
             media_type: None,
@@ -277,7 +283,7 @@ impl<R: Read> Read for ZstdIndexer<R> {
 
 enum Decoder<R: Read> {
     Plain(R),
-    Gzip(GzipIndexer<R>),
+    Gzip(Box<GzipIndexer<R>>),
     Zstd(ZstdIndexer<R>),
 }
 
@@ -404,13 +410,13 @@ impl LayerIndex {
         let hints = Arc::new(FileHints::default());
         let decoder = match compression {
             Compression::None => Decoder::Plain(input),
-            Compression::Gzip => Decoder::Gzip(GzipIndexer::new(
+            Compression::Gzip => Decoder::Gzip(Box::new(GzipIndexer::new(
                 input,
                 opts.span,
                 opts.boundary_span,
                 opts.file_span,
                 hints.clone(),
-            )?),
+            )?)),
             Compression::Zstd => Decoder::Zstd(ZstdIndexer::new(input, opts.boundary_span)?),
         };
         let plain = compression == Compression::None;

@@ -190,7 +190,7 @@ pub fn extract(
             "span does not fit the index".into(),
         ));
     }
-    if window.len() != cp.window.map_or(0, |w| w.len as usize) {
+    if window.len() != cp.window.map_or(0, |w| w.len as usize + w.header_len()) {
         return Err(IndexError::CorruptWindow {
             checkpoint: span.checkpoint.unwrap_or_default(),
             reason: "window length differs from the index",

@@ -324,6 +324,10 @@ impl LayerIndex {
                     w.var(r.pack_offset.wrapping_sub(pack_end));
                     w.var(r.pack_len.into());
                     w.0.extend_from_slice(&r.crc32.to_le_bytes());
+                    w.var(r.header_bits.into());
+                    if r.header_bits > 0 {
+                        w.u8(r.header_shift);
+                    }
                     pack_end = r.pack_offset.wrapping_add(r.pack_len.into());
                 }
             }
@@ -440,6 +444,11 @@ impl LayerIndex {
                         .try_into()
                         .map_err(|_| corrupt("body ends early"))?,
                 );
+                let header_bits = r.var()?;
+                let header_shift = if header_bits > 0 { r.u8()? } else { 0 };
+                if header_bits > u64::from(super::windows::MAX_HEADER_BITS) || header_shift > 7 {
+                    return Err(corrupt("bad block header in a checkpoint"));
+                }
                 let pack_offset = pack_end
                     .checked_add(gap)
                     .ok_or_else(|| corrupt("window offset overflows"))?;
@@ -455,6 +464,8 @@ impl LayerIndex {
                     pack_len: pack_len as u32,
                     len: window_len as u32,
                     crc32,
+                    header_bits: header_bits as u16,
+                    header_shift,
                 })
             };
             if bit_offset > 7 {

@@ -25,6 +25,10 @@ use crate::sys::zlib::WINDOW_SIZE;
 pub const PACK_MAGIC: [u8; 8] = *b"FFLWIN\r\n";
 /// Length of the pack header (magic, version, flags, reserved).
 pub const PACK_HEADER_LEN: u64 = 16;
+/// Longest deflate block header accepted in front of a window (a dynamic header is at most
+/// about 2,300 bits).
+pub(crate) const MAX_HEADER_BITS: u16 = 4096;
+const MAX_HEADER_BYTES: usize = MAX_HEADER_BITS as usize / 8 + 1;
 /// zstd level for single windows. Measured on the host-file image of `examples/index_span.rs`
 /// (942 windows): level 3 packs 14.6 MB, level 9 14.1 MB at no noticeable indexing cost,
 /// level 19 13.9 MB at five times the indexing time.
@@ -39,9 +43,25 @@ pub struct WindowRef {
     pub pack_len: u32,
     /// Length of the window itself (at most 32 KiB).
     pub len: u32,
-    /// CRC-32 (gzip polynomial) of the window: catches a pack that does not belong to the
-    /// metadata as well as damage.
+    /// CRC-32 (gzip polynomial) of the frame's content (header bytes and window): catches a
+    /// pack that does not belong to the metadata as well as damage.
     pub crc32: u32,
+    /// For a checkpoint inside a Huffman-coded deflate block: the length in bits of that
+    /// block's header, stored in the frame before the window (0: at a block boundary).
+    pub header_bits: u16,
+    /// Bit position of the header in its first stored byte (0-7).
+    pub header_shift: u8,
+}
+
+impl WindowRef {
+    /// Bytes of block header in front of the window in the frame's content.
+    pub fn header_len(&self) -> usize {
+        if self.header_bits == 0 {
+            0
+        } else {
+            (usize::from(self.header_shift) + usize::from(self.header_bits)).div_ceil(8)
+        }
+    }
 }
 
 /// A whole windows pack in memory: what indexing produces and what is stored or pushed.
@@ -75,7 +95,9 @@ impl WindowPack {
         format!("sha256:{}", hex::encode(sha2::Sha256::digest(&self.0)))
     }
 
-    /// The window of checkpoint `checkpoint` of `index`, read from this pack.
+    /// The window of checkpoint `checkpoint` of `index`, read from this pack (as stored: for a
+    /// mid-block checkpoint the block header bytes come first; [`super::extract`] takes it
+    /// as it is).
     pub fn window(&self, index: &LayerIndex, checkpoint: usize) -> Result<Vec<u8>, IndexError> {
         let Some(r) = window_ref(index, checkpoint)? else {
             return Ok(Vec::new());
@@ -84,7 +106,7 @@ impl WindowPack {
         let frame = start
             .checked_add(r.pack_len as usize)
             .and_then(|end| self.0.get(start..end))
-            .ok_or_else(|| IndexError::CorruptWindow {
+            .ok_or(IndexError::CorruptWindow {
                 checkpoint,
                 reason: "outside the pack",
             })?;
@@ -110,22 +132,38 @@ impl PackWriter {
         }
     }
 
-    /// Appends `window` and says where it went.
-    pub(crate) fn push(&mut self, window: &[u8]) -> Result<WindowRef, IndexError> {
+    /// Appends `window`, after the block `header` (bytes, bit shift, bits) of a mid-block
+    /// checkpoint, and says where it went.
+    pub(crate) fn push(
+        &mut self,
+        window: &[u8],
+        header: Option<(&[u8], u8, u16)>,
+    ) -> Result<WindowRef, IndexError> {
         let window = &window[window.len().saturating_sub(WINDOW_SIZE)..];
         let zstd = self
             .zstd
             .as_mut()
             .ok_or_else(|| IndexError::Io(io::Error::other("zstd compressor setup failed")))?;
-        let frame = zstd.compress(window).map_err(IndexError::Io)?;
+        let (header_bits, header_shift) = header.map_or((0, 0), |(_, s, b)| (b, s));
+        let mut content = Vec::with_capacity(window.len() + 512);
+        if let Some((bytes, _, _)) = header {
+            content.extend_from_slice(bytes);
+        }
+        content.extend_from_slice(window);
+        let frame = zstd.compress(&content).map_err(IndexError::Io)?;
         let mut crc = flate2::Crc::new();
-        crc.update(window);
+        crc.update(&content);
         let r = WindowRef {
             pack_offset: self.buf.len() as u64,
             pack_len: frame.len() as u32,
             len: window.len() as u32,
             crc32: crc.sum(),
+            header_bits,
+            header_shift,
         };
+        if r.header_len() != content.len() - window.len() {
+            return Err(IndexError::CorruptIndex("block header length".into()));
+        }
         self.buf.extend_from_slice(&frame);
         Ok(r)
     }
@@ -159,10 +197,11 @@ pub(crate) fn decode_window(
     if frame.len() != r.pack_len as usize {
         return Err(bad("frame length differs from the index"));
     }
-    let window = zstd::bulk::decompress(frame, WINDOW_SIZE).map_err(|_| bad("not a zstd frame"))?;
+    let window = zstd::bulk::decompress(frame, WINDOW_SIZE + MAX_HEADER_BYTES)
+        .map_err(|_| bad("not a zstd frame"))?;
     let mut crc = flate2::Crc::new();
     crc.update(&window);
-    if window.len() != r.len as usize || crc.sum() != r.crc32 {
+    if window.len() != r.len as usize + r.header_len() || crc.sum() != r.crc32 {
         return Err(bad("checksum mismatch"));
     }
     Ok(window)
@@ -355,8 +394,8 @@ mod tests {
     #[test]
     fn pack_round_trip_and_damage() {
         let mut w = PackWriter::new();
-        let a = w.push(b"first window").unwrap();
-        let b = w.push(&vec![7u8; 40_000]).unwrap();
+        let a = w.push(b"first window", None).unwrap();
+        let b = w.push(&vec![7u8; 40_000], None).unwrap();
         assert_eq!(a.pack_offset, PACK_HEADER_LEN);
         assert_eq!(b.pack_offset, a.pack_offset + u64::from(a.pack_len));
         assert_eq!(b.len as usize, WINDOW_SIZE, "only the last 32 KiB are kept");

@@ -33,6 +33,8 @@ pub enum Flush {
     None,
     /// Additionally stop at every deflate block boundary (`Z_BLOCK`).
     Block,
+    /// Like [`Flush::Block`], and also right after each block header (`Z_TREES`).
+    Trees,
 }
 
 /// Outcome of one [`RawInflater::inflate`] call.
@@ -70,6 +72,12 @@ impl InflateStep {
     /// The block just finished was the final block of the stream.
     pub fn last_block(&self) -> bool {
         self.data_type & 64 != 0
+    }
+
+    /// The inflater stopped right after a block header, before the block's data
+    /// ([`Flush::Trees`]).
+    pub fn at_header_end(&self) -> bool {
+        self.data_type & 256 != 0
     }
 
     /// Bits of the consumed input that the inflater holds but has not used yet. zlib keeps
@@ -207,6 +215,53 @@ impl RawInflater {
         Ok(())
     }
 
+    /// An independent copy of this inflater's whole state (`inflateCopy`): to look ahead
+    /// without disturbing it.
+    pub fn try_clone(&mut self) -> Result<RawInflater, ZlibError> {
+        let mut strm = Box::new(z::z_stream::default());
+        let mut dummy = [0u8; 1];
+        // inflateCopy refuses a stream without an output pointer; it only reads the state.
+        self.strm.next_out = dummy.as_mut_ptr();
+        self.strm.avail_out = 0;
+        // SAFETY: `self.strm` is an initialised stream whose next_out points to a live
+        // 1-byte buffer for the call (avail_out 0; nothing is written); `strm` is a fresh,
+        // default z_stream that inflateCopy initialises as a deep copy (own state and
+        // window). On failure nothing was allocated in it and it is just freed.
+        let rc = unsafe { z::inflateCopy(&mut *strm, &*self.strm) };
+        self.strm.next_out = std::ptr::null_mut();
+        strm.next_out = std::ptr::null_mut();
+        strm.avail_out = 0;
+        if rc != z::Z_OK {
+            return Err(ZlibError {
+                call: "inflateCopy",
+                code: rc,
+                msg: None,
+            });
+        }
+        Ok(RawInflater { strm })
+    }
+
+    /// Where the code being decoded started (`inflateMark`): `Some((bits_back, emitted))`
+    /// when inside a Huffman-coded block: the current literal or length/distance code began
+    /// `bits_back` bits before the current input position and `emitted` bytes of its output
+    /// were already produced. `None` outside a block or in a stored block.
+    pub fn mark(&mut self) -> Option<(u64, u64)> {
+        let mut dummy = [0u8; 1];
+        // inflateMark refuses a stream without an output pointer; it only reads the state.
+        self.strm.next_out = dummy.as_mut_ptr();
+        self.strm.avail_out = 0;
+        // SAFETY: initialised stream; next_out points to a live 1-byte buffer for the call
+        // (avail_out 0, and inflateMark writes nothing); next_in is null with avail_in 0.
+        let m = unsafe { z::inflateMark(&*self.strm) };
+        self.strm.next_out = std::ptr::null_mut();
+        let back = m >> 16;
+        let len = (m & 0xffff) as u64;
+        if m == std::os::raw::c_long::MIN || back < 0 {
+            return None;
+        }
+        Some((back as u64, len))
+    }
+
     /// Inflate from `input` into `output`. Returns how much of each was used and whether the
     /// stream ended. A `Z_DATA_ERROR` (corrupt data) is an error; "no progress possible" is
     /// [`InflateStatus::NeedMore`].
@@ -225,6 +280,7 @@ impl RawInflater {
         let flush = match flush {
             Flush::None => z::Z_NO_FLUSH,
             Flush::Block => z::Z_BLOCK,
+            Flush::Trees => z::Z_TREES,
         };
         // SAFETY: initialised stream; next_in/avail_in describe the live `input` slice and
         // next_out/avail_out the live `output` slice for the duration of this call only.

@@ -90,9 +90,7 @@ fn layer(roots: &[&str], files: usize, bytes: u64) -> Vec<LayerItem> {
     for root in roots {
         let root = Path::new(root);
         if root.is_dir() {
-            out.extend(parents(
-                &root.to_string_lossy().trim_start_matches('/').to_owned(),
-            ));
+            out.extend(parents(root.to_string_lossy().trim_start_matches('/')));
             collect(root, &mut out, &mut budget);
         }
     }
