@@ -255,18 +255,35 @@ fn lazy_image_meets_the_issue_figures() {
             Node::File(read(p))
         }
     };
-    let mut mismatches = Vec::new();
-    for (rel, (p, t)) in &tree {
-        let want = node(p, t, &sha256_file);
-        let got = ours.get(rel).map(|(q, u)| {
-            node(q, u, &|q| {
-                hex::encode(sha2::Sha256::digest(read_bounded(q, limit)))
+    // Four readers at once, like a container starting several processes.
+    let entries: Vec<_> = tree.iter().collect();
+    let mut mismatches: Vec<String> = std::thread::scope(|s| {
+        let workers: Vec<_> = entries
+            .chunks(entries.len().div_ceil(4))
+            .map(|part| {
+                let (ours, node) = (&ours, &node);
+                s.spawn(move || {
+                    let mut bad = Vec::new();
+                    for (rel, (p, t)) in part {
+                        let want = node(p, t, &sha256_file);
+                        let got = ours.get(*rel).map(|(q, u)| {
+                            node(q, u, &|q| {
+                                hex::encode(sha2::Sha256::digest(read_bounded(q, limit)))
+                            })
+                        });
+                        if got.as_ref() != Some(&want) {
+                            bad.push(format!("{rel}: want {want:?}, got {got:?}"));
+                        }
+                    }
+                    bad
+                })
             })
-        });
-        if got.as_ref() != Some(&want) {
-            mismatches.push(format!("{rel}: want {want:?}, got {got:?}"));
-        }
-    }
+            .collect();
+        workers
+            .into_iter()
+            .flat_map(|w| w.join().expect("reader thread"))
+            .collect()
+    });
     for rel in ours.keys() {
         if !tree.contains_key(rel) {
             mismatches.push(format!("{rel}: only in the placeholder tree"));

@@ -25,10 +25,10 @@
 //! Checkpoints by compression:
 //! - gzip: zran style, one at the start of the first member, then one at the first deflate
 //!   block boundary after every [`IndexOptions::span`] bytes of output (with the 32 KiB window
-//!   and the bit offset), one at the last block boundary before each file's data (and each
-//!   [`CHUNK_SIZE`] piece of it) when the last checkpoint is [`IndexOptions::file_span`]
-//!   back, and one at a member start after [`IndexOptions::boundary_span`] bytes (no window
-//!   needed). [`EndMark`]s at block boundaries and file ends let a read stop right after its
+//!   and the bit offset), one right at each file's data (and each [`CHUNK_SIZE`] piece of
+//!   it) when the last checkpoint is [`IndexOptions::file_span`] back (inside a deflate
+//!   block, with that block's header to replay), and one at a member start after
+//!   [`IndexOptions::boundary_span`] bytes (no window needed). [`EndMark`]s at block boundaries and file ends let a read stop right after its
 //!   range. Multi-member (concatenated) gzip is supported.
 //! - zstd: frame starts only (zstd has no resumable state inside a frame). A single-frame
 //!   layer therefore has one checkpoint and every range read inflates from the start.

@@ -3,7 +3,9 @@
 //! zran-style gzip checkpoints need `inflatePrime` (resume in the middle of a byte),
 //! `inflateSetDictionary` (hand the 32 KiB window back to a fresh raw inflater),
 //! `inflateGetDictionary` (take the window at a checkpoint) and `inflate(Z_BLOCK)` with the
-//! `data_type` bits that say "stopped at a deflate block boundary". [`RawInflater`] owns one
+//! `data_type` bits that say "stopped at a deflate block boundary"; for checkpoints inside a
+//! deflate block also `inflate(Z_TREES)` (stop after a block header), `inflateMark` (where
+//! the current code began) and `inflateCopy` (look ahead on a copy). [`RawInflater`] owns one
 //! boxed `z_stream` and offers exactly those operations through a safe API; no pointer into a
 //! caller buffer outlives a call.
 
