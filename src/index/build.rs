@@ -43,27 +43,30 @@ pub struct IndexOptions {
     /// "fetched" includes the metadata; per small file is the mean for files < 64 KiB; the
     /// sampled files' own compressed bytes are 4.2 MiB (6.9%):
     ///
-    /// | span | file_span | checkpoints | metadata | windows pack | fetched for 5% of files | per small file |
-    /// |---|---|---|---|---|---|---|
-    /// | 4 MiB | off | 39 | 431 KiB (0.70%) | 0.5 MiB | 307.8 MiB (509%) | 761 KiB |
-    /// | 1 MiB | off | 144 | 432 KiB (0.70%) | 1.9 MiB | 90.3 MiB (149%) | 216 KiB |
-    /// | 512 KiB | off | 276 | 434 KiB (0.70%) | 3.7 MiB | 55.9 MiB (92%) | 127 KiB |
-    /// | 256 KiB | off | 506 | 437 KiB (0.70%) | 7.0 MiB | 31.0 MiB (51%) | 67 KiB |
-    /// | 1 MiB | 4 KiB | 5,495 | 507 KiB (0.82%) | 58.6 MiB | 10.0 MiB (16.5%) | 14 KiB |
-    /// | 1 MiB | 8 KiB | 4,014 | 487 KiB (0.79%) | 43.5 MiB | 10.0 MiB (16.6%) | 14 KiB |
-    /// | **1 MiB** | **16 KiB** | 2,741 | 470 KiB (0.76%) | 29.9 MiB | 10.3 MiB (17.0%) | 15 KiB |
-    /// | 1 MiB | 32 KiB | 1,808 | 457 KiB (0.74%) | 20.4 MiB | 10.9 MiB (18.0%) | 16 KiB |
-    /// | 1 MiB | 64 KiB | 1,131 | 447 KiB (0.72%) | 13.5 MiB | 12.3 MiB (20.3%) | 19 KiB |
-    /// | 1 MiB | 128 KiB | 698 | 441 KiB (0.71%) | 8.8 MiB | 15.8 MiB (26.1%) | 28 KiB |
-    /// | 1 MiB | 256 KiB | 410 | 436 KiB (0.70%) | 5.2 MiB | 23.9 MiB (39.6%) | 49 KiB |
-    /// | 4 MiB | 64 KiB | 1,131 | 447 KiB (0.72%) | 13.5 MiB | 12.2 MiB (20.2%) | 19 KiB |
-    /// | 256 KiB | 64 KiB | 1,281 | 449 KiB (0.72%) | 15.6 MiB | 12.3 MiB (20.4%) | 19 KiB |
+    /// | span | file_span | checkpoints | metadata | windows pack | fetched for 5% of files | per small file | index time (debug build) |
+    /// |---|---|---|---|---|---|---|---|
+    /// | 4 MiB | off | 39 | 431 KiB (0.70%) | 0.5 MiB | 307.8 MiB (509%) | 761 KiB | 0.6 s |
+    /// | 1 MiB | off | 144 | 432 KiB (0.70%) | 1.9 MiB | 90.3 MiB (149%) | 216 KiB | 0.7 s |
+    /// | 512 KiB | off | 276 | 434 KiB (0.70%) | 3.7 MiB | 55.9 MiB (92%) | 127 KiB | 0.7 s |
+    /// | 256 KiB | off | 506 | 437 KiB (0.70%) | 7.0 MiB | 31.0 MiB (51%) | 67 KiB | 0.8 s |
+    /// | 1 MiB | 4 KiB | 5,361 | 505 KiB (0.82%) | 56.2 MiB | 10.1 MiB (16.8%) | 14 KiB | 31.1 s |
+    /// | 1 MiB | 8 KiB | 3,945 | 486 KiB (0.79%) | 42.4 MiB | 10.2 MiB (16.8%) | 14 KiB | 22.9 s |
+    /// | **1 MiB** | **16 KiB** | 2,714 | 470 KiB (0.76%) | 29.7 MiB | 10.4 MiB (17.3%) | 15 KiB | 15.6 s |
+    /// | 1 MiB | 32 KiB | 1,807 | 457 KiB (0.74%) | 20.6 MiB | 11.0 MiB (18.1%) | 16 KiB | 9.4 s |
+    /// | 1 MiB | 64 KiB | 1,134 | 447 KiB (0.72%) | 13.6 MiB | 12.2 MiB (20.2%) | 19 KiB | 6.6 s |
+    /// | 1 MiB | 128 KiB | 699 | 441 KiB (0.71%) | 8.9 MiB | 16.0 MiB (26.4%) | 29 KiB | 4.0 s |
+    /// | 1 MiB | 256 KiB | 410 | 436 KiB (0.70%) | 5.3 MiB | 23.6 MiB (39.1%) | 48 KiB | 2.7 s |
+    /// | 4 MiB | 64 KiB | 1,134 | 447 KiB (0.72%) | 13.6 MiB | 12.2 MiB (20.2%) | 19 KiB | 6.0 s |
+    /// | 256 KiB | 64 KiB | 1,282 | 449 KiB (0.72%) | 15.7 MiB | 12.2 MiB (20.2%) | 19 KiB | 5.9 s |
+    ///
+    /// Index time is for all three layers, dominated by checking each checkpoint inside a
+    /// deflate block against the next 16 KiB of output.
     ///
     /// File-start checkpoints are what matters (the span only bounds reads inside large
     /// files). Below 16 KiB the pack keeps growing (it stays in the registry and only the
-    /// windows a read starts at are fetched) while the fetch barely falls: at 16 KiB the
-    /// 10.3 MiB are 4.2 MiB of file data, 4.2 MiB of windows (375), the metadata, and what
-    /// lies between a checkpoint and the file start.
+    /// windows a read starts at are fetched) and indexing slows, while the fetch barely
+    /// falls: at 16 KiB the 10.4 MiB are 4.2 MiB of file data, about 4.2 MiB of windows, the
+    /// metadata, and what lies between a checkpoint and the file start.
     pub file_span: u64,
     /// Smallest distance between checkpoints at gzip member or zstd frame starts (these carry
     /// no window; 0 records every boundary). Default 64 KiB.
