@@ -62,7 +62,7 @@ fn main() {
     for path in blobs {
         let blob = std::fs::read(&path).expect("read blob");
         let t = Instant::now();
-        let idx = LayerIndex::build(&blob[..], &opts).expect("index");
+        let (idx, pack) = LayerIndex::build(&blob[..], &opts).expect("index");
         let secs = t.elapsed().as_secs_f64();
         let enc = idx.encode();
         let t = Instant::now();
@@ -87,10 +87,11 @@ fn main() {
             mb(idx.uncompressed_size) / secs
         );
         println!(
-            "  stored index: {:.1} KB = {:.2}% of the blob (decode {:.1} ms)",
+            "  stored index: {:.1} KB = {:.2}% of the blob (decode {:.1} ms), windows pack {:.1} KB",
             enc.len() as f64 / 1e3,
             enc.len() as f64 * 100.0 / blob.len() as f64,
-            decode_ms
+            decode_ms,
+            pack.len() as f64 / 1e3
         );
         // Random 64 KiB reads from files of at least 64 KiB (plan + extract; no fetch).
         let files: Vec<_> = idx
@@ -118,7 +119,11 @@ fn main() {
             let span = plan(&idx, e, off, 65_536).expect("plan");
             let bytes =
                 &blob[span.blob_offset as usize..(span.blob_offset + span.blob_len) as usize];
-            let got = extract(&idx, &span, bytes).expect("extract");
+            let window = span
+                .checkpoint
+                .map(|c| pack.window(&idx, c).expect("window"))
+                .unwrap_or_default();
+            let got = extract(&idx, &span, &window, bytes).expect("extract");
             lat.push(t.elapsed());
             assert_eq!(got.len(), 65_536);
             fetched += span.blob_len;

@@ -6,10 +6,16 @@
 //! overlay), and register every placeholder with the fill engine together with a
 //! [`LayerFileSource`] that fetches a file range as an HTTP range read of the compressed span
 //! and inflates it, and the index's digests so that every filled byte is verified. It also
-//! builds and pushes the index artifact (`fanfill index --push`). It never speaks HTTP
+//! builds and pushes the index artifact (`fanfill index --push`).
+//!
+//! Only index *metadata* travels before the placeholders are ready. The checkpoint windows
+//! stay where they are (the artifact's windows blob in the registry, the `.win` file of the
+//! local index store) and a [`LayerFileSource`] reads the one window a fill needs, once, by
+//! a range read, through a cache shared by the image's layers ([`WINDOW_CACHE_BYTES`]). It never speaks HTTP
 //! itself ([`crate::registry`]), parses tar or gzip ([`crate::index`]), creates files
 //! ([`crate::unpack`]) or touches fanotify ([`crate::fill`]).
 
+use std::io;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
@@ -20,16 +26,25 @@ use oci_spec::image::Digest;
 use tracing::{debug, info, warn};
 
 use crate::fill::{ContentSource, Engine, FileId, FillError, Placeholder, SourceError, Verify};
-use crate::index::{CHUNK_SIZE, Entry, IndexError, IndexOptions, IndexStore, LayerIndex};
+use crate::index::{
+    CHUNK_SIZE, Entry, IndexError, IndexOptions, IndexStore, LayerIndex, LayerWindows, WindowCache,
+    WindowSource,
+};
 use crate::reference::Reference;
 use crate::registry::{self, BlobStore, Platform};
 use crate::unpack::{self, Layer, Mode, UnpackError, UnpackOptions, Unpacked};
 
 /// `artifactType` of the layer-index artifact a `fanfill index --push` attaches to an image
 /// manifest as a referrer.
-pub const INDEX_ARTIFACT_TYPE: &str = "application/vnd.fanfill.index.v1";
-/// Media type of one layer's encoded index inside that artifact (see `docs/index-format.md`).
-pub const INDEX_LAYER_MEDIA_TYPE: &str = "application/vnd.fanfill.layer-index.v1";
+pub const INDEX_ARTIFACT_TYPE: &str = "application/vnd.fanfill.index.v2";
+/// Media type of one layer's encoded index metadata inside that artifact (see
+/// `docs/index-format.md`). `prepare` downloads these blobs whole.
+pub const INDEX_LAYER_MEDIA_TYPE: &str = "application/vnd.fanfill.layer-index.v2";
+/// Media type of one layer's windows pack inside that artifact. Never downloaded whole: a
+/// fill reads the one window it needs by a range read.
+pub const INDEX_WINDOWS_MEDIA_TYPE: &str = "application/vnd.fanfill.layer-index.windows.v2";
+/// Memory for checkpoint windows shared by the layers of one prepared image (256 windows).
+pub const WINDOW_CACHE_BYTES: usize = 8 << 20;
 
 /// Errors while preparing an image.
 #[derive(Debug, thiserror::Error)]
@@ -158,7 +173,29 @@ pub struct ImageIndexes {
     pub image: registry::ResolvedImage,
     /// One index per layer, lowest first.
     pub layers: Vec<(Digest, Arc<LayerIndex>, IndexOrigin)>,
+    /// Where each layer's checkpoint windows are read from, lowest first.
+    pub windows: Vec<Arc<dyn WindowSource>>,
 }
+
+/// A windows pack in the registry (or layout), read a window at a time by range reads.
+struct RemoteWindows {
+    store: Arc<BlobStore>,
+    digest: Digest,
+}
+
+impl WindowSource for RemoteWindows {
+    fn read_pack(&self, offset: u64, len: u64) -> BoxFuture<'_, io::Result<Bytes>> {
+        async move {
+            self.store
+                .read_range(&self.digest, offset, len)
+                .await
+                .map_err(io::Error::other)
+        }
+        .boxed()
+    }
+}
+
+type Found = (Arc<LayerIndex>, Arc<dyn WindowSource>, IndexOrigin);
 
 fn reg_err(reference: &str) -> impl Fn(registry::Error) -> ImageError + '_ {
     move |source| ImageError::Registry {
@@ -200,26 +237,31 @@ pub async fn load_indexes(
             source,
         }
     };
-    let mut found: Vec<Option<(Arc<LayerIndex>, IndexOrigin)>> = Vec::new();
+    let mut found: Vec<Option<Found>> = Vec::new();
     for desc in image.manifest.layers() {
         let digest = desc.digest().to_string();
-        let hit = local
-            .load(&digest)
-            .map_err(idx_err(desc.digest()))?
-            .map(|i| (Arc::new(i), IndexOrigin::Local));
+        let hit = match local.load(&digest).map_err(idx_err(desc.digest()))? {
+            Some(ix) => {
+                let windows = local.open_windows(&ix).map_err(idx_err(desc.digest()))?;
+                Some((Arc::new(ix), windows, IndexOrigin::Local))
+            }
+            None => None,
+        };
         found.push(hit);
     }
     if opts.use_artifact && found.iter().any(Option::is_none) {
         match artifact_indexes(store, &image.manifest_digest).await {
-            Ok(list) => {
+            Ok(mut list) => {
+                // Artifact metadata is not stored locally: it is small, and its windows stay
+                // in the registry (the local store keeps only complete pairs).
                 for (slot, desc) in found.iter_mut().zip(image.manifest.layers()) {
                     if slot.is_some() {
                         continue;
                     }
                     let want = desc.digest().to_string();
-                    if let Some(ix) = list.iter().find(|ix| ix.blob_digest == want) {
-                        local.save(ix).map_err(idx_err(desc.digest()))?;
-                        *slot = Some((Arc::new(ix.clone()), IndexOrigin::Artifact));
+                    if let Some(pos) = list.iter().position(|(ix, _)| ix.blob_digest == want) {
+                        let (ix, windows) = list.swap_remove(pos);
+                        *slot = Some((Arc::new(ix), windows, IndexOrigin::Artifact));
                     }
                 }
             }
@@ -227,9 +269,10 @@ pub async fn load_indexes(
         }
     }
     let mut layers = Vec::new();
+    let mut windows = Vec::new();
     for (slot, desc) in found.into_iter().zip(image.manifest.layers()) {
         let digest = desc.digest().clone();
-        let (ix, origin) = match slot {
+        let (ix, win, origin) = match slot {
             Some(hit) => hit,
             None => {
                 info!(layer = %digest, size = desc.size(), "no index for layer: streaming it once");
@@ -242,12 +285,14 @@ pub async fn load_indexes(
                     media_type: Some(desc.media_type().to_string()),
                     ..IndexOptions::default()
                 };
-                let built = tokio::task::spawn_blocking(move || LayerIndex::build(reader, &iopts))
-                    .await
-                    .map_err(|e| ImageError::Task(e.to_string()))?
-                    .map_err(idx_err(&digest))?;
-                local.save(&built).map_err(idx_err(&digest))?;
-                (Arc::new(built), IndexOrigin::Built)
+                let (built, pack) =
+                    tokio::task::spawn_blocking(move || LayerIndex::build(reader, &iopts))
+                        .await
+                        .map_err(|e| ImageError::Task(e.to_string()))?
+                        .map_err(idx_err(&digest))?;
+                local.save(&built, &pack).map_err(idx_err(&digest))?;
+                let win = local.open_windows(&built).map_err(idx_err(&digest))?;
+                (Arc::new(built), win, IndexOrigin::Built)
             }
         };
         if ix.blob_digest != digest.to_string() {
@@ -257,14 +302,21 @@ pub async fn load_indexes(
             });
         }
         layers.push((digest, ix, origin));
+        windows.push(win);
     }
-    Ok(ImageIndexes { image, layers })
+    Ok(ImageIndexes {
+        image,
+        layers,
+        windows,
+    })
 }
 
+/// The layer indexes of the image's index artifact, each with its windows pack blob as a
+/// window source. Downloads the metadata blobs only.
 async fn artifact_indexes(
-    store: &BlobStore,
+    store: &Arc<BlobStore>,
     subject: &Digest,
-) -> Result<Vec<LayerIndex>, ImageError> {
+) -> Result<Vec<(LayerIndex, Arc<dyn WindowSource>)>, ImageError> {
     let Some(referrer) = store
         .find_referrer(subject, INDEX_ARTIFACT_TYPE)
         .await
@@ -272,16 +324,42 @@ async fn artifact_indexes(
     else {
         return Ok(Vec::new());
     };
+    let blobs = referrer.manifest.layers();
     let mut out = Vec::new();
-    for blob in referrer.manifest.layers() {
+    for blob in blobs {
+        if blob.media_type().to_string() != INDEX_LAYER_MEDIA_TYPE {
+            continue;
+        }
         let bytes = store
             .fetch_blob(blob.digest())
             .await
             .map_err(reg_err("index artifact"))?;
-        match LayerIndex::decode(&bytes) {
-            Ok(ix) => out.push(ix),
-            Err(e) => warn!(blob = %blob.digest(), error = %e, "skipping undecodable index blob"),
-        }
+        let ix = match LayerIndex::decode(&bytes) {
+            Ok(ix) => ix,
+            Err(e) => {
+                warn!(blob = %blob.digest(), error = %e, "skipping undecodable index blob");
+                continue;
+            }
+        };
+        let windows: Arc<dyn WindowSource> = match &ix.windows_digest {
+            None => Arc::new(crate::index::NoWindows),
+            Some(want) => {
+                let pack = blobs.iter().find(|b| {
+                    b.digest().to_string() == *want
+                        && b.size() == ix.windows_size
+                        && b.media_type().to_string() == INDEX_WINDOWS_MEDIA_TYPE
+                });
+                let Some(pack) = pack else {
+                    warn!(blob = %blob.digest(), windows = %want, "index artifact lacks the windows pack of a layer index; skipping it");
+                    continue;
+                };
+                Arc::new(RemoteWindows {
+                    store: store.clone(),
+                    digest: pack.digest().clone(),
+                })
+            }
+        };
+        out.push((ix, windows));
     }
     Ok(out)
 }
@@ -329,8 +407,14 @@ pub async fn prepare(
             source: Box::new(source),
         }
     })?;
+    let cache = Arc::new(WindowCache::new(WINDOW_CACHE_BYTES));
+    let windows: Vec<Arc<LayerWindows>> = indexes
+        .windows
+        .iter()
+        .map(|w| Arc::new(LayerWindows::new(w.clone(), cache.clone())))
+        .collect();
     let files = match register_all(
-        engine, &store, &indexes, &ixs, &unpacked, reference, opts.mode,
+        engine, &store, &indexes, &ixs, &windows, &unpacked, reference, opts.mode,
     ) {
         Ok(files) => files,
         Err(e) => {
@@ -362,11 +446,14 @@ pub async fn prepare(
 }
 
 /// Registers every placeholder of an unpacked image; on failure unregisters the ones done.
+// Returned once per prepare: the size of the error does not matter here.
+#[allow(clippy::result_large_err)]
 fn register_all(
     engine: &Engine,
     store: &Arc<BlobStore>,
     indexes: &ImageIndexes,
     ixs: &[Arc<LayerIndex>],
+    windows: &[Arc<LayerWindows>],
     unpacked: &Unpacked,
     reference: &str,
     mode: Mode,
@@ -383,6 +470,7 @@ fn register_all(
                 store: store.clone(),
                 layer: digest.clone(),
                 index: index.clone(),
+                windows: windows[p.layer].clone(),
                 entry,
             });
             let placeholder = Placeholder {
@@ -434,7 +522,7 @@ fn remove_tree_contents(dir: &Path) {
 
 /// What the engine checks a file's bytes against: per-chunk digests for large files, the
 /// whole-file digest for the rest.
-fn verify_for(entry: &Entry) -> Verify {
+pub fn verify_for(entry: &Entry) -> Verify {
     if !entry.chunk_sha256.is_empty() {
         Verify::Chunks {
             chunk: CHUNK_SIZE,
@@ -462,11 +550,20 @@ pub async fn index_image(
     if !push {
         return Ok((indexes, None));
     }
-    let blobs = indexes
-        .layers
-        .iter()
-        .map(|(_, ix, _)| (INDEX_LAYER_MEDIA_TYPE.to_string(), Bytes::from(ix.encode())))
-        .collect();
+    // Every index is in the local store now (loaded from it, or built and saved).
+    let local = IndexStore::new(&opts.index_dir);
+    let mut blobs = Vec::new();
+    for (digest, ix, _) in &indexes.layers {
+        blobs.push((INDEX_LAYER_MEDIA_TYPE.to_string(), Bytes::from(ix.encode())));
+        let pack = local.load_windows(ix).map_err(|source| ImageError::Index {
+            reference: reference.to_string(),
+            layer: digest.to_string(),
+            source,
+        })?;
+        if let Some(pack) = pack {
+            blobs.push((INDEX_WINDOWS_MEDIA_TYPE.to_string(), pack.bytes().clone()));
+        }
+    }
     let digest = store
         .push_artifact(&subject, INDEX_ARTIFACT_TYPE, blobs)
         .await
@@ -476,13 +573,35 @@ pub async fn index_image(
 }
 
 /// Fills a placeholder from its layer: a range read of the compressed span that holds the
-/// wanted bytes (from the nearest checkpoint), inflated and sliced. The engine verifies the
-/// result against the index's digests before writing it.
+/// wanted bytes (from the nearest checkpoint) and, concurrently, of that checkpoint's window
+/// (unless cached), inflated and sliced. The engine verifies the result against the index's
+/// digests before writing it.
 pub struct LayerFileSource {
     store: Arc<BlobStore>,
     layer: Digest,
     index: Arc<LayerIndex>,
+    windows: Arc<LayerWindows>,
     entry: Entry,
+}
+
+impl LayerFileSource {
+    /// The source of regular-file `entry` of layer `layer` (described by `index`, its
+    /// checkpoint windows read through `windows`), fetching from `store`.
+    pub fn new(
+        store: Arc<BlobStore>,
+        layer: Digest,
+        index: Arc<LayerIndex>,
+        windows: Arc<LayerWindows>,
+        entry: Entry,
+    ) -> LayerFileSource {
+        LayerFileSource {
+            store,
+            layer,
+            index,
+            windows,
+            entry,
+        }
+    }
 }
 
 impl ContentSource for LayerFileSource {
@@ -491,16 +610,30 @@ impl ContentSource for LayerFileSource {
             let what = || format!("{} in layer {}", self.entry.path, self.layer);
             let span = crate::index::plan(&self.index, &self.entry, offset, len)
                 .map_err(|e| SourceError::with_source(what(), e))?;
-            let bytes = self
-                .store
-                .read_range(&self.layer, span.blob_offset, span.blob_len)
-                .await
-                .map_err(|e| SourceError::with_source(what(), e))?;
+            let fetch = async {
+                self.store
+                    .read_range(&self.layer, span.blob_offset, span.blob_len)
+                    .await
+                    .map_err(|e| SourceError::with_source(what(), e))
+            };
+            let window = async {
+                match span.checkpoint {
+                    Some(cp) => self
+                        .windows
+                        .window(&self.index, cp)
+                        .await
+                        .map_err(|e| SourceError::with_source(what(), e)),
+                    None => Ok(Arc::from(Vec::new())),
+                }
+            };
+            let (bytes, window) = futures::future::try_join(fetch, window).await?;
             let index = self.index.clone();
-            tokio::task::spawn_blocking(move || crate::index::extract(&index, &span, &bytes))
-                .await
-                .map_err(|e| SourceError::with_source(what(), e))?
-                .map_err(|e| SourceError::with_source(what(), e))
+            tokio::task::spawn_blocking(move || {
+                crate::index::extract(&index, &span, &window, &bytes)
+            })
+            .await
+            .map_err(|e| SourceError::with_source(what(), e))?
+            .map_err(|e| SourceError::with_source(what(), e))
         }
         .boxed()
     }

@@ -80,6 +80,13 @@ pub enum LayerItem {
         /// Link target.
         target: String,
     },
+    /// A hard link to `target`, a regular file earlier in the same layer.
+    Hardlink {
+        /// Path in the image.
+        path: String,
+        /// Path (in the image) of the file it links to.
+        target: String,
+    },
     /// An OCI whiteout deleting `path` from lower layers.
     Whiteout {
         /// Path in the image that the layer deletes.
@@ -171,6 +178,10 @@ fn layer_tar(items: &[LayerItem]) -> Result<Vec<u8>, BuildError> {
             }
             LayerItem::Symlink { path, target } => {
                 let mut h = header(tar::EntryType::Symlink, 0o777, 0, mtime);
+                b.append_link(&mut h, path, target).map_err(tio)?;
+            }
+            LayerItem::Hardlink { path, target } => {
+                let mut h = header(tar::EntryType::Link, 0o644, 0, mtime);
                 b.append_link(&mut h, path, target).map_err(tio)?;
             }
             LayerItem::Whiteout { path } => {

@@ -49,7 +49,7 @@ use crate::fill::{
     error_chain,
 };
 use crate::image::{self, PrepareOptions};
-use crate::index::{CHUNK_SIZE, Entry, LayerIndex};
+use crate::index::{LayerIndex, LayerWindows, WindowCache};
 use crate::registry::{BlobStore, Credentials, Mirror, Platform};
 use crate::sys::fanotify::{DenyErrno, EventId, Group, GroupClass, Response as FanResponse};
 use crate::sys::fdpass::FdReservation;
@@ -143,14 +143,11 @@ struct ImageCounters {
     errors: AtomicU64,
 }
 
-/// A file's bytes from its layer: the compressed span read from the registry, inflated
-/// from the nearest checkpoint (as [`crate::image::LayerFileSource`], plus per-image
-/// counters and the test delay).
+/// A file's bytes from its layer ([`crate::image::LayerFileSource`]), plus per-image
+/// counters and the test delay.
 struct DaemonSource {
+    inner: image::LayerFileSource,
     store: Arc<BlobStore>,
-    layer: Digest,
-    index: Arc<LayerIndex>,
-    entry: Entry,
     counters: Arc<ImageCounters>,
     delay: Duration,
 }
@@ -161,44 +158,17 @@ impl ContentSource for DaemonSource {
             if !self.delay.is_zero() {
                 tokio::time::sleep(self.delay).await;
             }
-            let what = || format!("{} in layer {}", self.entry.path, self.layer);
-            let res = async {
-                let span = crate::index::plan(&self.index, &self.entry, offset, len)
-                    .map_err(|e| SourceError::with_source(what(), e))?;
-                let bytes = self
-                    .store
-                    .read_range(&self.layer, span.blob_offset, span.blob_len)
-                    .await
-                    .map_err(|e| SourceError::with_source(what(), e))?;
-                self.counters
-                    .bytes_fetched
-                    .fetch_add(bytes.len() as u64, Ordering::Relaxed);
-                let index = self.index.clone();
-                tokio::task::spawn_blocking(move || crate::index::extract(&index, &span, &bytes))
-                    .await
-                    .map_err(|e| SourceError::with_source(what(), e))?
-                    .map_err(|e| SourceError::with_source(what(), e))
-            }
-            .await;
+            let res = self.inner.read_at(offset, len).await;
+            // The image has its own store: its counter is the image's network traffic.
+            self.counters
+                .bytes_fetched
+                .fetch_max(self.store.bytes_fetched(), Ordering::Relaxed);
             if res.is_err() {
                 self.counters.errors.fetch_add(1, Ordering::Relaxed);
             }
             res
         }
         .boxed()
-    }
-}
-
-fn verify_for(entry: &Entry) -> Verify {
-    if !entry.chunk_sha256.is_empty() {
-        Verify::Chunks {
-            chunk: CHUNK_SIZE,
-            sha256: entry.chunk_sha256.clone(),
-        }
-    } else if let Some(d) = &entry.sha256 {
-        Verify::Whole(d.clone())
-    } else {
-        Verify::None
     }
 }
 
@@ -337,16 +307,24 @@ struct Opened {
     store: Arc<BlobStore>,
     manifest_digest: String,
     layers: Vec<(Digest, Arc<LayerIndex>)>,
+    windows: Vec<Arc<LayerWindows>>,
 }
 
 async fn open_image(reference: &str, opts: &PrepareOptions) -> Result<Opened, image::ImageError> {
     let (store, resolved) = image::open(reference, opts).await?;
     let manifest_digest = resolved.manifest_digest.to_string();
     let ix = image::load_indexes(&store, resolved, reference, opts).await?;
+    let cache = Arc::new(WindowCache::new(image::WINDOW_CACHE_BYTES));
+    let windows = ix
+        .windows
+        .iter()
+        .map(|w| Arc::new(LayerWindows::new(w.clone(), cache.clone())))
+        .collect();
     Ok(Opened {
         store,
         manifest_digest,
         layers: ix.layers.into_iter().map(|(d, i, _)| (d, i)).collect(),
+        windows,
     })
 }
 
@@ -366,13 +344,18 @@ impl Daemon {
             .resolve(entry)
             .cloned()
             .ok_or_else(|| format!("no entry {entry} in layer {digest}"))?;
-        let verify = verify_for(&e);
+        let verify = image::verify_for(&e);
+        let inner = image::LayerFileSource::new(
+            opened.store.clone(),
+            digest.clone(),
+            index.clone(),
+            opened.windows[layer].clone(),
+            e,
+        );
         Ok((
             Arc::new(DaemonSource {
+                inner,
                 store: opened.store.clone(),
-                layer: digest.clone(),
-                index: index.clone(),
-                entry: e,
                 counters: counters.clone(),
                 delay: self.config.fetch_delay,
             }),

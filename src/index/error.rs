@@ -108,11 +108,31 @@ pub enum IndexError {
     #[error("not a fanfill layer index")]
     BadMagic,
     /// A stored index of a format version this build does not read.
-    #[error("unsupported layer index format version {0}")]
+    #[error(
+        "unsupported layer index format version {0} (this build reads version {v}; an index is a cache: rebuild it)",
+        v = super::FORMAT_VERSION
+    )]
     UnsupportedVersion(u16),
     /// A stored index is damaged or inconsistent.
     #[error("corrupt layer index: {0}")]
     CorruptIndex(String),
+    /// A checkpoint window read from a windows pack is not the one the index describes.
+    #[error("window of checkpoint {checkpoint}: {reason}")]
+    CorruptWindow {
+        /// The checkpoint.
+        checkpoint: usize,
+        /// What is wrong.
+        reason: &'static str,
+    },
+    /// Reading a checkpoint window from its source failed.
+    #[error("fetching the window of checkpoint {checkpoint}")]
+    WindowFetch {
+        /// The checkpoint.
+        checkpoint: usize,
+        /// The source's error.
+        #[source]
+        source: io::Error,
+    },
     /// A range was asked of an entry that has no data.
     #[error("entry {path:?} is not a regular file")]
     NotAFile {

@@ -1,22 +1,31 @@
 //! The on-disk encoding of a [`LayerIndex`] (specified in `docs/index-format.md`).
 //!
 //! A 16-byte header (magic, version, flags, body length) and one zstd frame holding the
-//! body: fixed little-endian integers and LEB128 varints, digests as raw 32 bytes, windows as
-//! raw bytes. Decoding never trusts a length: every count is checked against the bytes left
-//! before anything is allocated, every field against the invariants extraction relies on.
+//! body: fixed little-endian integers and LEB128 varints, digests as raw 32 bytes. The
+//! checkpoint windows are not in it: each checkpoint names its window's place in the
+//! separate windows pack ([`super::windows`]). Decoding never trusts a length: every count is
+//! checked against the bytes left before anything is allocated, every field against the
+//! invariants extraction relies on.
 
 use std::io::Read;
 
-use super::{CHUNK_SIZE, Checkpoint, Compression, Entry, EntryKind, IndexError, LayerIndex};
+use super::windows::{PACK_HEADER_LEN, WindowRef};
+use super::{
+    CHUNK_SIZE, Checkpoint, Compression, EndMark, Entry, EntryKind, IndexError, LayerIndex,
+};
 use crate::sys::zlib::WINDOW_SIZE;
 
 /// First 8 bytes of every stored index.
 pub const FORMAT_MAGIC: [u8; 8] = *b"FFLIDX\r\n";
-/// The format version this build writes (and the only one it reads).
-pub const FORMAT_VERSION: u16 = 1;
+/// The format version this build writes (and the only one it reads). Version 1 kept the
+/// windows inline; version 2 keeps them in a separate windows pack.
+pub const FORMAT_VERSION: u16 = 2;
 /// Largest decompressed body accepted (1 GiB): a bound for hostile input, far above any
-/// real layer (about 130 bytes per entry plus 0.8% of the layer for windows).
+/// real layer (about 130 bytes per entry, about 12 per checkpoint).
 const MAX_BODY: u64 = 1 << 30;
+/// Largest zstd frame accepted for one window (a 32 KiB window never needs more than a few
+/// bytes over 32 KiB).
+const MAX_WINDOW_FRAME: u64 = 64 << 10;
 const HEADER_LEN: usize = 16;
 
 fn corrupt(what: impl Into<String>) -> IndexError {
@@ -271,7 +280,7 @@ impl LayerIndex {
     /// Serialise into the stored format (`docs/index-format.md`).
     pub fn encode(&self) -> Vec<u8> {
         let mut w = Writer(Vec::with_capacity(
-            self.entries.len() * 128 + self.checkpoints.len() * (WINDOW_SIZE + 16) + 128,
+            self.entries.len() * 128 + self.checkpoints.len() * 16 + 128,
         ));
         w.u8(match self.compression {
             Compression::None => 0,
@@ -289,16 +298,46 @@ impl LayerIndex {
         w.var(self.compressed_size);
         w.var(self.uncompressed_size);
         w.var(self.span);
+        match &self.windows_digest {
+            None => w.u8(0),
+            Some(d) => {
+                let d = d.strip_prefix("sha256:").unwrap_or(d);
+                w.digest(Some(d));
+                w.var(self.windows_size);
+            }
+        }
         w.var(self.entries.len() as u64);
         for e in &self.entries {
             encode_entry(&mut w, e);
         }
         w.var(self.checkpoints.len() as u64);
+        let (mut prev_u, mut prev_c, mut pack_end) = (0, 0, PACK_HEADER_LEN);
         for c in &self.checkpoints {
-            w.var(c.uncompressed_offset);
-            w.var(c.compressed_offset);
+            w.var(c.uncompressed_offset.wrapping_sub(prev_u));
+            w.var(c.compressed_offset.wrapping_sub(prev_c));
+            (prev_u, prev_c) = (c.uncompressed_offset, c.compressed_offset);
             w.u8(c.bit_offset);
-            w.bytes(&c.window);
+            match &c.window {
+                None => w.var(0),
+                Some(r) => {
+                    w.var(r.len.into());
+                    w.var(r.pack_offset.wrapping_sub(pack_end));
+                    w.var(r.pack_len.into());
+                    w.0.extend_from_slice(&r.crc32.to_le_bytes());
+                    w.var(r.header_bits.into());
+                    if r.header_bits > 0 {
+                        w.u8(r.header_shift);
+                    }
+                    pack_end = r.pack_offset.wrapping_add(r.pack_len.into());
+                }
+            }
+        }
+        w.var(self.end_marks.len() as u64);
+        let (mut prev_u, mut prev_c) = (0u64, 0u64);
+        for b in &self.end_marks {
+            w.var(b.uncompressed_offset.wrapping_sub(prev_u));
+            w.var(b.compressed_end.wrapping_sub(prev_c));
+            (prev_u, prev_c) = (b.uncompressed_offset, b.compressed_end);
         }
         let body = w.0;
         // zstd into a Vec cannot fail short of allocation failure, which aborts anyway; fall
@@ -364,6 +403,17 @@ impl LayerIndex {
         let compressed_size = r.var()?;
         let uncompressed_size = r.var()?;
         let span = r.var()?;
+        let (windows_digest, windows_size) = match r.digest()? {
+            None => (None, 0),
+            Some(d) if d.len() == 64 => {
+                let size = r.var()?;
+                if size < PACK_HEADER_LEN {
+                    return Err(corrupt("windows pack too small"));
+                }
+                (Some(format!("sha256:{d}")), size)
+            }
+            Some(_) => return Err(corrupt("bad windows pack digest")),
+        };
         let ne = r.count(16, "entry")?;
         let mut entries = Vec::with_capacity(ne);
         for _ in 0..ne {
@@ -371,23 +421,62 @@ impl LayerIndex {
         }
         let nc = r.count(4, "checkpoint")?;
         let mut checkpoints: Vec<Checkpoint> = Vec::with_capacity(nc);
+        let mut pack_end = PACK_HEADER_LEN;
         for _ in 0..nc {
-            let uncompressed_offset = r.var()?;
-            let compressed_offset = r.var()?;
+            let (du, dc) = (r.var()?, r.var()?);
+            let (pu, pc) = checkpoints
+                .last()
+                .map_or((0, 0), |p| (p.uncompressed_offset, p.compressed_offset));
+            let (Some(uncompressed_offset), Some(compressed_offset)) =
+                (pu.checked_add(du), pc.checked_add(dc))
+            else {
+                return Err(corrupt("checkpoint offset overflows"));
+            };
             let bit_offset = r.u8()?;
-            let window = r.bytes()?;
-            if bit_offset > 7 || window.len() > WINDOW_SIZE {
+            let window_len = r.var()?;
+            let window = if window_len == 0 {
+                None
+            } else {
+                let gap = r.var()?;
+                let pack_len = r.var()?;
+                let crc32 = u32::from_le_bytes(
+                    r.take(4)?
+                        .try_into()
+                        .map_err(|_| corrupt("body ends early"))?,
+                );
+                let header_bits = r.var()?;
+                let header_shift = if header_bits > 0 { r.u8()? } else { 0 };
+                if header_bits > u64::from(super::windows::MAX_HEADER_BITS) || header_shift > 7 {
+                    return Err(corrupt("bad block header in a checkpoint"));
+                }
+                let pack_offset = pack_end
+                    .checked_add(gap)
+                    .ok_or_else(|| corrupt("window offset overflows"))?;
+                pack_end = pack_offset
+                    .checked_add(pack_len)
+                    .filter(|&end| end <= windows_size)
+                    .ok_or_else(|| corrupt("window beyond the windows pack"))?;
+                if window_len > WINDOW_SIZE as u64 || pack_len == 0 || pack_len > MAX_WINDOW_FRAME {
+                    return Err(corrupt("bad checkpoint window"));
+                }
+                Some(WindowRef {
+                    pack_offset,
+                    pack_len: pack_len as u32,
+                    len: window_len as u32,
+                    crc32,
+                    header_bits: header_bits as u16,
+                    header_shift,
+                })
+            };
+            if bit_offset > 7 {
                 return Err(corrupt("bad checkpoint"));
             }
-            if compression != Compression::Gzip && (bit_offset != 0 || !window.is_empty()) {
+            if compression != Compression::Gzip && (bit_offset != 0 || window.is_some()) {
                 return Err(corrupt("window on a non-gzip checkpoint"));
             }
             let ordered = match checkpoints.last() {
                 None => uncompressed_offset == 0,
-                Some(p) => {
-                    uncompressed_offset > p.uncompressed_offset
-                        && compressed_offset > p.compressed_offset
-                }
+                Some(_) => du > 0 && dc > 0,
             };
             if !ordered
                 || compressed_offset >= compressed_size.max(1)
@@ -399,8 +488,29 @@ impl LayerIndex {
                 uncompressed_offset,
                 compressed_offset,
                 bit_offset,
-                window: window.to_vec(),
+                window,
             });
+        }
+        let nb = r.count(2, "end mark")?;
+        let mut end_marks: Vec<EndMark> = Vec::with_capacity(nb);
+        for _ in 0..nb {
+            let (du, dc) = (r.var()?, r.var()?);
+            let (pu, pc) = end_marks
+                .last()
+                .map_or((0, 0), |p| (p.uncompressed_offset, p.compressed_end));
+            let (Some(u), Some(c)) = (pu.checked_add(du), pc.checked_add(dc)) else {
+                return Err(corrupt("end mark overflows"));
+            };
+            if du == 0 || dc == 0 || u > uncompressed_size || c > compressed_size {
+                return Err(corrupt("end marks out of order or out of range"));
+            }
+            end_marks.push(EndMark {
+                uncompressed_offset: u,
+                compressed_end: c,
+            });
+        }
+        if compression != Compression::Gzip && !end_marks.is_empty() {
+            return Err(corrupt("end marks on a non-gzip layer"));
         }
         if r.left() != 0 {
             return Err(corrupt("trailing bytes in body"));
@@ -424,8 +534,11 @@ impl LayerIndex {
             compressed_size,
             uncompressed_size,
             span,
+            windows_digest,
+            windows_size,
             entries,
             checkpoints,
+            end_marks,
         })
     }
 }
@@ -460,12 +573,12 @@ mod tests {
     fn rejects_garbage_headers() {
         assert!(matches!(LayerIndex::decode(b""), Err(IndexError::BadMagic)));
         let mut h = FORMAT_MAGIC.to_vec();
-        h.extend_from_slice(&[2, 0, 0, 0, 0, 0, 0, 0]);
+        h.extend_from_slice(&[1, 0, 0, 0, 0, 0, 0, 0]);
         assert!(matches!(
             LayerIndex::decode(&h),
-            Err(IndexError::UnsupportedVersion(2))
+            Err(IndexError::UnsupportedVersion(1))
         ));
-        h[8] = 1;
+        h[8] = 2;
         assert!(matches!(
             LayerIndex::decode(&h),
             Err(IndexError::CorruptIndex(_))

@@ -12,17 +12,24 @@
 //!    compressed bytes (blob digest), inflates them while recording [`Checkpoint`]s, (on
 //!    request) hashes the uncompressed stream (diff id) and walks the tar headers into [`Entry`]s with
 //!    per-file and per-[`CHUNK_SIZE`] sha256s.
-//! 2. [`LayerIndex::encode`] / [`LayerIndex::decode`] store it (`docs/index-format.md`);
-//!    [`IndexStore`] keeps one file per layer digest.
+//! 2. The pass returns the metadata ([`LayerIndex`]) and the windows pack ([`WindowPack`]):
+//!    the checkpoint windows, kept apart because only the few a workload touches are ever
+//!    needed. [`LayerIndex::encode`] / [`LayerIndex::decode`] store the metadata
+//!    (`docs/index-format.md`); [`IndexStore`] keeps both per layer digest; [`LayerWindows`]
+//!    reads single windows on demand from a [`WindowSource`] through a [`WindowCache`].
 //! 3. [`plan`] maps a file range to a compressed [`Span`] of the blob, [`extract`] inflates
-//!    the fetched span into exactly the wanted bytes, [`read_file_range`] does both with a
-//!    [`RangeReader`]; [`verify_chunk`] / [`verify_whole`] check the result.
+//!    the fetched span (given its checkpoint's window) into exactly the wanted bytes,
+//!    [`read_file_range`] does all of it with a [`RangeReader`] and [`LayerWindows`];
+//!    [`verify_chunk`] / [`verify_whole`] check the result.
 //!
 //! Checkpoints by compression:
 //! - gzip: zran style, one at the start of the first member, then one at the first deflate
 //!   block boundary after every [`IndexOptions::span`] bytes of output (with the 32 KiB window
-//!   and the bit offset), and one at a member start after [`IndexOptions::boundary_span`]
-//!   bytes (no window needed). Multi-member (concatenated) gzip is supported.
+//!   and the bit offset), one right at each file's data (and each [`CHUNK_SIZE`] piece of
+//!   it) when the last checkpoint is [`IndexOptions::file_span`] back (inside a deflate
+//!   block, with that block's header to replay), and one at a member start after
+//!   [`IndexOptions::boundary_span`] bytes (no window needed). [`EndMark`]s at block boundaries and file ends let a read stop right after its
+//!   range. Multi-member (concatenated) gzip is supported.
 //! - zstd: frame starts only (zstd has no resumable state inside a frame). A single-frame
 //!   layer therefore has one checkpoint and every range read inflates from the start.
 //! - plain tar: none; a file range maps directly to the same blob range.
@@ -41,12 +48,14 @@
 //! std::io::Write::write_all(&mut gz, &tar.into_inner()?)?;
 //! let blob = gz.finish()?;
 //!
-//! let index = LayerIndex::build(&blob[..], &IndexOptions::default())?;
+//! let (index, windows) = LayerIndex::build(&blob[..], &IndexOptions::default())?;
 //! let entry = &index.entries[index.find("etc/greeting").unwrap()];
 //! // Which compressed bytes hold file bytes 7..12, then inflate just those.
 //! let span = plan(&index, entry, 7, 5)?;
 //! let fetched = &blob[span.blob_offset as usize..(span.blob_offset + span.blob_len) as usize];
-//! assert_eq!(extract(&index, &span, fetched)?, b"layer");
+//! // The checkpoint's window (empty here: the checkpoint is at the start of the member).
+//! let window = windows.window(&index, span.checkpoint.unwrap())?;
+//! assert_eq!(extract(&index, &span, &window, fetched)?, b"layer");
 //! # Ok(()) }
 //! ```
 
@@ -58,6 +67,7 @@ mod extract;
 mod format;
 mod gzip;
 mod store;
+mod windows;
 
 pub use build::{IndexOptions, IndexSink, NoSink};
 pub use error::IndexError;
@@ -66,7 +76,11 @@ pub use extract::{
     verify_whole,
 };
 pub use format::{FORMAT_MAGIC, FORMAT_VERSION};
-pub use store::IndexStore;
+pub use store::{IndexStore, StoredWindows};
+pub use windows::{
+    LayerWindows, NoWindows, PACK_HEADER_LEN, PACK_MAGIC, WindowCache, WindowPack, WindowRef,
+    WindowSource,
+};
 
 /// What kind of filesystem object a tar entry describes.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -204,9 +218,23 @@ pub struct Checkpoint {
     /// gzip only: how many low bits of the byte at `compressed_offset` belong to the
     /// previous deflate block (0-7); inflating resumes at that bit.
     pub bit_offset: u8,
-    /// gzip only: up to 32 KiB of uncompressed data preceding this point in the same member
-    /// (the deflate history); empty at a member or frame start.
-    pub window: Vec<u8>,
+    /// gzip only: where the up to 32 KiB of uncompressed data preceding this point in the
+    /// same member (the deflate history) sits in the layer's windows pack; `None` at a member
+    /// or frame start. Fetch it with [`LayerWindows::window`] or [`WindowPack::window`].
+    pub window: Option<WindowRef>,
+}
+
+/// A point where inflating the blob up to (not including) byte `compressed_end` is known to
+/// yield every uncompressed byte before `uncompressed_offset`: recorded at deflate block
+/// boundaries and where file data (or a [`CHUNK_SIZE`] piece of it) ends. Cheap end points
+/// for range reads: a checkpoint is a start point and costs a window, an end mark a few
+/// bytes of metadata.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct EndMark {
+    /// Uncompressed offset of the boundary.
+    pub uncompressed_offset: u64,
+    /// Blob offset just past the byte holding the boundary's last bit.
+    pub compressed_end: u64,
 }
 
 /// Everything needed to read any file range of one layer blob without unpacking it.
@@ -225,11 +253,17 @@ pub struct LayerIndex {
     pub uncompressed_size: u64,
     /// The gzip checkpoint spacing the index was built with.
     pub span: u64,
+    /// `sha256:<hex>` of the layer's windows pack, `None` when no checkpoint has a window.
+    pub windows_digest: Option<String>,
+    /// Size of the windows pack in bytes (0 when there is none).
+    pub windows_size: u64,
     /// One entry per tar member, in stream order.
     pub entries: Vec<Entry>,
     /// Random-access points, sorted by both offsets; the first is at uncompressed offset 0
     /// (empty for plain tar).
     pub checkpoints: Vec<Checkpoint>,
+    /// gzip only: end points for [`plan`], strictly increasing in both offsets.
+    pub end_marks: Vec<EndMark>,
 }
 
 impl LayerIndex {

@@ -3,7 +3,9 @@
 //! zran-style gzip checkpoints need `inflatePrime` (resume in the middle of a byte),
 //! `inflateSetDictionary` (hand the 32 KiB window back to a fresh raw inflater),
 //! `inflateGetDictionary` (take the window at a checkpoint) and `inflate(Z_BLOCK)` with the
-//! `data_type` bits that say "stopped at a deflate block boundary". [`RawInflater`] owns one
+//! `data_type` bits that say "stopped at a deflate block boundary"; for checkpoints inside a
+//! deflate block also `inflate(Z_TREES)` (stop after a block header), `inflateMark` (where
+//! the current code began) and `inflateCopy` (look ahead on a copy). [`RawInflater`] owns one
 //! boxed `z_stream` and offers exactly those operations through a safe API; no pointer into a
 //! caller buffer outlives a call.
 
@@ -33,6 +35,8 @@ pub enum Flush {
     None,
     /// Additionally stop at every deflate block boundary (`Z_BLOCK`).
     Block,
+    /// Like [`Flush::Block`], and also right after each block header (`Z_TREES`).
+    Trees,
 }
 
 /// Outcome of one [`RawInflater::inflate`] call.
@@ -70,6 +74,12 @@ impl InflateStep {
     /// The block just finished was the final block of the stream.
     pub fn last_block(&self) -> bool {
         self.data_type & 64 != 0
+    }
+
+    /// The inflater stopped right after a block header, before the block's data
+    /// ([`Flush::Trees`]).
+    pub fn at_header_end(&self) -> bool {
+        self.data_type & 256 != 0
     }
 
     /// Bits of the consumed input that the inflater holds but has not used yet. zlib keeps
@@ -186,16 +196,72 @@ impl RawInflater {
     /// A copy of the current history window (up to [`WINDOW_SIZE`] bytes, fewer near the
     /// start of a stream).
     pub fn dictionary(&self) -> Result<Vec<u8>, ZlibError> {
-        let mut buf = vec![0u8; WINDOW_SIZE];
+        let mut buf = Vec::with_capacity(WINDOW_SIZE);
+        self.dictionary_into(&mut buf)?;
+        Ok(buf)
+    }
+
+    /// Like [`RawInflater::dictionary`], into `buf` (cleared first; its allocation is reused).
+    pub fn dictionary_into(&self, buf: &mut Vec<u8>) -> Result<(), ZlibError> {
+        buf.clear();
+        buf.resize(WINDOW_SIZE, 0);
         let mut len: u32 = 0;
         // SAFETY: initialised stream; `buf` has WINDOW_SIZE writable bytes, which zlib
         // documents as always enough; `len` is a valid out-pointer.
         let rc = unsafe { z::inflateGetDictionary(&*self.strm, buf.as_mut_ptr(), &mut len) };
         if rc != z::Z_OK {
+            buf.clear();
             return Err(self.err("inflateGetDictionary", rc));
         }
         buf.truncate((len as usize).min(WINDOW_SIZE));
-        Ok(buf)
+        Ok(())
+    }
+
+    /// An independent copy of this inflater's whole state (`inflateCopy`): to look ahead
+    /// without disturbing it.
+    pub fn try_clone(&mut self) -> Result<RawInflater, ZlibError> {
+        let mut strm = Box::new(z::z_stream::default());
+        let mut dummy = [0u8; 1];
+        // inflateCopy refuses a stream without an output pointer; it only reads the state.
+        self.strm.next_out = dummy.as_mut_ptr();
+        self.strm.avail_out = 0;
+        // SAFETY: `self.strm` is an initialised stream whose next_out points to a live
+        // 1-byte buffer for the call (avail_out 0; nothing is written); `strm` is a fresh,
+        // default z_stream that inflateCopy initialises as a deep copy (own state and
+        // window). On failure nothing was allocated in it and it is just freed.
+        let rc = unsafe { z::inflateCopy(&mut *strm, &*self.strm) };
+        self.strm.next_out = std::ptr::null_mut();
+        strm.next_out = std::ptr::null_mut();
+        strm.avail_out = 0;
+        if rc != z::Z_OK {
+            return Err(ZlibError {
+                call: "inflateCopy",
+                code: rc,
+                msg: None,
+            });
+        }
+        Ok(RawInflater { strm })
+    }
+
+    /// Where the code being decoded started (`inflateMark`): `Some((bits_back, emitted))`
+    /// when inside a Huffman-coded block: the current literal or length/distance code began
+    /// `bits_back` bits before the current input position and `emitted` bytes of its output
+    /// were already produced. `None` outside a block or in a stored block.
+    pub fn mark(&mut self) -> Option<(u64, u64)> {
+        let mut dummy = [0u8; 1];
+        // inflateMark refuses a stream without an output pointer; it only reads the state.
+        self.strm.next_out = dummy.as_mut_ptr();
+        self.strm.avail_out = 0;
+        // SAFETY: initialised stream; next_out points to a live 1-byte buffer for the call
+        // (avail_out 0, and inflateMark writes nothing); next_in is null with avail_in 0.
+        let m = unsafe { z::inflateMark(&*self.strm) };
+        self.strm.next_out = std::ptr::null_mut();
+        let back = m >> 16;
+        let len = (m & 0xffff) as u64;
+        if m == std::os::raw::c_long::MIN || back < 0 {
+            return None;
+        }
+        Some((back as u64, len))
     }
 
     /// Inflate from `input` into `output`. Returns how much of each was used and whether the
@@ -216,6 +282,7 @@ impl RawInflater {
         let flush = match flush {
             Flush::None => z::Z_NO_FLUSH,
             Flush::Block => z::Z_BLOCK,
+            Flush::Trees => z::Z_TREES,
         };
         // SAFETY: initialised stream; next_in/avail_in describe the live `input` slice and
         // next_out/avail_out the live `output` slice for the duration of this call only.
