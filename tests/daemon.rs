@@ -106,6 +106,17 @@ impl DaemonProc {
         assert_eq!(st.signal(), Some(libc::SIGKILL));
     }
 
+    fn term_async(&mut self) -> std::thread::JoinHandle<()> {
+        let mut c = self.child.take().unwrap();
+        let _ = nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(c.id() as i32),
+            nix::sys::signal::Signal::SIGTERM,
+        );
+        std::thread::spawn(move || {
+            let _ = c.wait();
+        })
+    }
+
     fn stop(&mut self) {
         if let Some(mut c) = self.child.take() {
             let _ = nix::sys::signal::kill(
@@ -430,4 +441,50 @@ fn a_restart_after_sigkill_serves_new_readers_of_taken_over_marks() {
     let got = within(10, "read after takeover", move || std::fs::read(p)).unwrap();
     assert!(got == files[0].1);
     drop(d2);
+}
+
+#[test]
+fn sigterm_hands_blocked_readers_to_the_successor() {
+    let tmp = tempfile::tempdir().unwrap();
+    let state = tmp.path().join("state");
+    std::fs::create_dir_all(&state).unwrap();
+    let (reference, files) = build_image(&tmp.path().join("img"), "1", 4, 600);
+    let slow = ["--test-fetch-delay-ms", "1000"];
+    let mut d = DaemonProc::start(&state, &slow);
+    let dest = tmp.path().join("root");
+    d.prepare(&reference, &dest, false);
+    let readers: Vec<_> = files
+        .iter()
+        .cloned()
+        .map(|(path, want)| {
+            let p = dest.join(&path);
+            std::thread::spawn(move || (path, std::fs::read(p), want))
+        })
+        .collect();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while d.status().0.inflight_events < 4 {
+        assert!(Instant::now() < deadline, "readers not in flight");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    // Stop gracefully, and read a new file while no daemon runs: it must block, not see zeros.
+    let stopped = d.term_async();
+    within(30, "daemon stop", move || stopped.join().unwrap());
+    let late = dest.join(&files[0].0);
+    let late_reader = std::thread::spawn(move || std::fs::read(late));
+    std::thread::sleep(Duration::from_millis(300));
+    let d2 = DaemonProc::start(&state, &slow);
+    let results = within(60, "readers after a graceful restart", move || {
+        let mut r: Vec<_> = readers.into_iter().map(|r| r.join().unwrap()).collect();
+        r.push((
+            "late".into(),
+            late_reader.join().unwrap(),
+            files[0].1.clone(),
+        ));
+        r
+    });
+    for (path, got, want) in results {
+        let got = got.unwrap_or_else(|e| panic!("{path}: {e}"));
+        assert!(got == want, "{path}: wrong bytes");
+    }
+    assert!(d2.status().0.took_over);
 }

@@ -250,7 +250,6 @@ fn fs_name(magic: i64) -> String {
         0x6969 => "nfs".into(),
         0x6573_5546 => "fuse".into(),
         0x2FC1_2FC1 => "zfs".into(),
-        0x5846_4f53 => "unknown".into(),
         m => format!("filesystem magic {m:#x}"),
     }
 }
