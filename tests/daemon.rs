@@ -488,3 +488,28 @@ fn sigterm_hands_blocked_readers_to_the_successor() {
     }
     assert!(d2.status().0.took_over);
 }
+
+#[test]
+fn prefetch_rate_limit_paces_background_fills() {
+    let tmp = tempfile::tempdir().unwrap();
+    let state = tmp.path().join("state");
+    std::fs::create_dir_all(&state).unwrap();
+    let (reference, files) = build_image(&tmp.path().join("img"), "1", 6, 700);
+    let d = DaemonProc::start(&state, &["--prefetch-rate-mib", "4"]);
+    let dest = tmp.path().join("root");
+    let t = Instant::now();
+    d.prepare(&reference, &dest, true);
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while d.status().1[0].state != "complete" {
+        assert!(Instant::now() < deadline, "prefetch did not complete");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let took = t.elapsed();
+    // ~6.3 MiB at 4 MiB/s: the first file starts at once, the other five wait their turn.
+    assert!(took >= Duration::from_millis(1200), "{took:?}");
+    for (path, want) in &files {
+        assert!(std::fs::read(dest.join(path)).unwrap() == *want, "{path}");
+    }
+    assert_eq!(holder_marks(&state), 0);
+    println!("prefetch of 6.3 MiB at --prefetch-rate-mib 4: {took:?}");
+}

@@ -108,6 +108,9 @@ pub struct DaemonConfig {
     pub engine: EngineConfig,
     /// Files filled at once by background prefetch (per image).
     pub prefetch_parallel: usize,
+    /// Upper bound on the bytes per second background prefetch fills, all images together
+    /// (0: unlimited). On-demand misses are never limited.
+    pub prefetch_rate: u64,
     /// How often fill progress is recorded.
     pub persist_interval: Duration,
     /// Keep the group in an fd holder process (`exe holder`). Without it a crash lets
@@ -128,6 +131,7 @@ impl DaemonConfig {
             state_dir,
             engine: EngineConfig::default(),
             prefetch_parallel: 2,
+            prefetch_rate: 0,
             persist_interval: Duration::from_secs(1),
             holder_exe: std::env::current_exe().ok(),
             fetch_delay: Duration::ZERO,
@@ -228,6 +232,8 @@ struct Daemon {
     next_id: AtomicU64,
     took_over: bool,
     inherited_answered: AtomicU64,
+    /// Prefetch pacing: when the next prefetch may start (see `prefetch_rate`).
+    prefetch_next: Mutex<Instant>,
     stopping: AtomicBool,
 }
 
@@ -768,6 +774,7 @@ impl Daemon {
                     if this.engine.is_complete(*fid) {
                         continue;
                     }
+                    this.pace_prefetch(img.record.lock().unwrap().files[i].size);
                     if let Err(e) = this.engine.fill_file(*fid) {
                         debug!(error = %error_chain(&e), "prefetch of a file failed");
                     }
@@ -778,6 +785,22 @@ impl Daemon {
                 }
             });
         }
+    }
+
+    /// Waits until `bytes` more of prefetch fit the configured rate.
+    fn pace_prefetch(&self, bytes: u64) {
+        let rate = self.config.prefetch_rate;
+        if rate == 0 {
+            return;
+        }
+        let wait = {
+            let mut next = self.prefetch_next.lock().unwrap();
+            let now = Instant::now();
+            let start = (*next).max(now);
+            *next = start + Duration::from_secs_f64(bytes as f64 / rate as f64);
+            start - now
+        };
+        std::thread::sleep(wait);
     }
 
     /// Records progress of every image that changed since it was last recorded.
@@ -1030,6 +1053,7 @@ pub fn run(config: DaemonConfig) -> Result<(), DaemonError> {
         next_id: AtomicU64::new(next_id),
         took_over,
         inherited_answered: AtomicU64::new(0),
+        prefetch_next: Mutex::new(Instant::now()),
         stopping: AtomicBool::new(false),
     });
     let rt = tokio::runtime::Builder::new_multi_thread()
