@@ -994,6 +994,10 @@ pub fn run(config: DaemonConfig) -> Result<(), DaemonError> {
         let what = what.to_string();
         move |source| DaemonError::Io { what, source }
     };
+    match crate::sys::fdpass::raise_nofile_limit() {
+        Ok(n) => debug!(nofile = n, "descriptor limit"),
+        Err(e) => warn!(error = %e, "cannot raise the descriptor limit"),
+    }
     let (journal, hwm, inflight) =
         Journal::open(&state.root().join("inflight")).map_err(io("opening the journal"))?;
     let reservation = if hwm >= 3 {
