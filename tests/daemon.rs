@@ -369,7 +369,8 @@ fn cli_pull_status_rm_and_clear_errors() {
     let got = std::fs::read(dest.join(&files[1].0)).unwrap();
     assert!(got == files[1].1);
     // Prometheus metrics: one miss served, its latency in the histogram.
-    let metrics = {
+    // (The latency is recorded just after the answer: poll briefly.)
+    let get_metrics = || {
         use std::io::Write;
         let mut c = std::net::TcpStream::connect(&metrics_addr).unwrap();
         c.write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n")
@@ -378,6 +379,12 @@ fn cli_pull_status_rm_and_clear_errors() {
         c.read_to_string(&mut s).unwrap();
         s
     };
+    let deadline = Instant::now() + Duration::from_secs(5);
+    let mut metrics = get_metrics();
+    while !metrics.contains("fanfill_fill_latency_seconds_count 1") && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(20));
+        metrics = get_metrics();
+    }
     assert!(metrics.starts_with("HTTP/1.1 200 OK"), "{metrics}");
     assert!(metrics.contains("fanfill_misses_total 1"), "{metrics}");
     assert!(
