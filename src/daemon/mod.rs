@@ -9,8 +9,9 @@
 //!
 //! Start-up, in this order (nothing is served before step 5):
 //! 1. read the journal a predecessor left (its unanswered events and highest event number)
-//!    and reserve every fd number up to it, so no new event can share a number with a stale
-//!    one (the kernel answers the first event with a matching number);
+//!    and reserve every fd number up to it (plus one read buffer of events), so no new event
+//!    can share a number with a stale one (the kernel answers the first event with a
+//!    matching number);
 //! 2. take the group back from the fd holder (`SCM_RIGHTS`), or create one and hand the
 //!    holder a duplicate;
 //! 3. start the engine *gated*: reader events are journaled and held, the engine's own
@@ -94,6 +95,10 @@ pub enum DaemonError {
         source: std::io::Error,
     },
 }
+
+/// Event numbers reserved above the highest one a predecessor journaled: one 64 KiB read
+/// buffer holds at most ~1,365 pre-content events (48 bytes each with their range record).
+const RESERVE_MARGIN: i32 = 2048;
 
 /// How to run the daemon.
 #[derive(Debug, Clone)]
@@ -738,7 +743,11 @@ impl Daemon {
             }
         }
         self.images.lock().unwrap().remove(&id);
-        self.state.remove(id).map_err(ApiFail::internal)?;
+        {
+            // A save in progress finishes first; later ones see `removed`.
+            let _saving = img.saved.lock().unwrap();
+            self.state.remove(id).map_err(ApiFail::internal)?;
+        }
         let dest = img.record.lock().unwrap().dest.clone();
         remove_tree_contents(&dest);
         info!(dest = %dest.display(), "image removed");
@@ -821,6 +830,10 @@ impl Daemon {
                 rec.clone()
             };
             let mut saved = img.saved.lock().unwrap();
+            if img.removed.load(Ordering::SeqCst) {
+                // Removed meanwhile: its record must not come back.
+                continue;
+            }
             if saved.as_ref() != Some(&snapshot) {
                 // Filled bytes reach the disk before the record that says they are there.
                 if let Ok(d) = std::fs::File::open(&snapshot.dest) {
@@ -1000,8 +1013,11 @@ pub fn run(config: DaemonConfig) -> Result<(), DaemonError> {
     }
     let (journal, hwm, inflight) =
         Journal::open(&state.root().join("inflight")).map_err(io("opening the journal"))?;
+    // The journal learns an event's number just after read(2) returned it: a crash in that
+    // window leaves numbers up to one read buffer of events above the recorded highest.
     let reservation = if hwm >= 3 {
-        FdReservation::reserve(3, hwm).map_err(io("reserving event numbers"))?
+        FdReservation::reserve(3, hwm.saturating_add(RESERVE_MARGIN))
+            .map_err(io("reserving event numbers"))?
     } else {
         FdReservation::default()
     };
