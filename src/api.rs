@@ -53,7 +53,10 @@ pub enum LayoutMode {
     /// One flattened tree: the container's root directly (range fills).
     #[default]
     Direct,
-    /// One tree per layer, to mount as overlay lower directories.
+    /// One tree per layer, to mount as overlay lower directories. The daemon serves the
+    /// lower placeholders with range fills (marked), which overlayfs cannot pass through (a
+    /// read of a marked lower through overlay is `EPERM`, never zeros): mount the overlay
+    /// once the image is complete (prefetch), or read the layer trees directly.
     Overlay,
 }
 

@@ -97,6 +97,10 @@ struct DaemonArgs {
     /// Files filled at once by background prefetch, per image.
     #[arg(long, default_value_t = 2)]
     prefetch_parallel: usize,
+    /// Limit background prefetch to this many MiB/s, all images together (0: unlimited;
+    /// misses of readers are never limited).
+    #[arg(long, default_value_t = 0)]
+    prefetch_rate_mib: u64,
     /// Fill progress is recorded this often (milliseconds).
     #[arg(long, default_value_t = 1000)]
     persist_interval_ms: u64,
@@ -452,6 +456,7 @@ fn daemon(socket: PathBuf, a: DaemonArgs) -> Result<()> {
         c.index_dir = ix;
     }
     c.prefetch_parallel = a.prefetch_parallel;
+    c.prefetch_rate = a.prefetch_rate_mib << 20;
     c.persist_interval = Duration::from_millis(a.persist_interval_ms.max(10));
     c.engine.workers = a.workers;
     c.fetch_delay = Duration::from_millis(a.test_fetch_delay_ms);

@@ -106,6 +106,17 @@ impl DaemonProc {
         assert_eq!(st.signal(), Some(libc::SIGKILL));
     }
 
+    fn term_async(&mut self) -> std::thread::JoinHandle<()> {
+        let mut c = self.child.take().unwrap();
+        let _ = nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(c.id() as i32),
+            nix::sys::signal::Signal::SIGTERM,
+        );
+        std::thread::spawn(move || {
+            let _ = c.wait();
+        })
+    }
+
     fn stop(&mut self) {
         if let Some(mut c) = self.child.take() {
             let _ = nix::sys::signal::kill(
@@ -358,7 +369,8 @@ fn cli_pull_status_rm_and_clear_errors() {
     let got = std::fs::read(dest.join(&files[1].0)).unwrap();
     assert!(got == files[1].1);
     // Prometheus metrics: one miss served, its latency in the histogram.
-    let metrics = {
+    // (The latency is recorded just after the answer: poll briefly.)
+    let get_metrics = || {
         use std::io::Write;
         let mut c = std::net::TcpStream::connect(&metrics_addr).unwrap();
         c.write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n")
@@ -367,6 +379,12 @@ fn cli_pull_status_rm_and_clear_errors() {
         c.read_to_string(&mut s).unwrap();
         s
     };
+    let deadline = Instant::now() + Duration::from_secs(5);
+    let mut metrics = get_metrics();
+    while !metrics.contains("fanfill_fill_latency_seconds_count 1") && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(20));
+        metrics = get_metrics();
+    }
     assert!(metrics.starts_with("HTTP/1.1 200 OK"), "{metrics}");
     assert!(metrics.contains("fanfill_misses_total 1"), "{metrics}");
     assert!(
@@ -430,4 +448,75 @@ fn a_restart_after_sigkill_serves_new_readers_of_taken_over_marks() {
     let got = within(10, "read after takeover", move || std::fs::read(p)).unwrap();
     assert!(got == files[0].1);
     drop(d2);
+}
+
+#[test]
+fn sigterm_hands_blocked_readers_to_the_successor() {
+    let tmp = tempfile::tempdir().unwrap();
+    let state = tmp.path().join("state");
+    std::fs::create_dir_all(&state).unwrap();
+    let (reference, files) = build_image(&tmp.path().join("img"), "1", 4, 600);
+    let slow = ["--test-fetch-delay-ms", "1000"];
+    let mut d = DaemonProc::start(&state, &slow);
+    let dest = tmp.path().join("root");
+    d.prepare(&reference, &dest, false);
+    let readers: Vec<_> = files
+        .iter()
+        .cloned()
+        .map(|(path, want)| {
+            let p = dest.join(&path);
+            std::thread::spawn(move || (path, std::fs::read(p), want))
+        })
+        .collect();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while d.status().0.inflight_events < 4 {
+        assert!(Instant::now() < deadline, "readers not in flight");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    // Stop gracefully, and read a new file while no daemon runs: it must block, not see zeros.
+    let stopped = d.term_async();
+    within(30, "daemon stop", move || stopped.join().unwrap());
+    let late = dest.join(&files[0].0);
+    let late_reader = std::thread::spawn(move || std::fs::read(late));
+    std::thread::sleep(Duration::from_millis(300));
+    let d2 = DaemonProc::start(&state, &slow);
+    let results = within(60, "readers after a graceful restart", move || {
+        let mut r: Vec<_> = readers.into_iter().map(|r| r.join().unwrap()).collect();
+        r.push((
+            "late".into(),
+            late_reader.join().unwrap(),
+            files[0].1.clone(),
+        ));
+        r
+    });
+    for (path, got, want) in results {
+        let got = got.unwrap_or_else(|e| panic!("{path}: {e}"));
+        assert!(got == want, "{path}: wrong bytes");
+    }
+    assert!(d2.status().0.took_over);
+}
+
+#[test]
+fn prefetch_rate_limit_paces_background_fills() {
+    let tmp = tempfile::tempdir().unwrap();
+    let state = tmp.path().join("state");
+    std::fs::create_dir_all(&state).unwrap();
+    let (reference, files) = build_image(&tmp.path().join("img"), "1", 6, 700);
+    let d = DaemonProc::start(&state, &["--prefetch-rate-mib", "4"]);
+    let dest = tmp.path().join("root");
+    let t = Instant::now();
+    d.prepare(&reference, &dest, true);
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while d.status().1[0].state != "complete" {
+        assert!(Instant::now() < deadline, "prefetch did not complete");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let took = t.elapsed();
+    // ~6.3 MiB at 4 MiB/s: the first file starts at once, the other five wait their turn.
+    assert!(took >= Duration::from_millis(1200), "{took:?}");
+    for (path, want) in &files {
+        assert!(std::fs::read(dest.join(path)).unwrap() == *want, "{path}");
+    }
+    assert_eq!(holder_marks(&state), 0);
+    println!("prefetch of 6.3 MiB at --prefetch-rate-mib 4: {took:?}");
 }

@@ -9,8 +9,9 @@
 //!
 //! Start-up, in this order (nothing is served before step 5):
 //! 1. read the journal a predecessor left (its unanswered events and highest event number)
-//!    and reserve every fd number up to it, so no new event can share a number with a stale
-//!    one (the kernel answers the first event with a matching number);
+//!    and reserve every fd number up to it (plus one read buffer of events), so no new event
+//!    can share a number with a stale one (the kernel answers the first event with a
+//!    matching number);
 //! 2. take the group back from the fd holder (`SCM_RIGHTS`), or create one and hand the
 //!    holder a duplicate;
 //! 3. start the engine *gated*: reader events are journaled and held, the engine's own
@@ -95,6 +96,10 @@ pub enum DaemonError {
     },
 }
 
+/// Event numbers reserved above the highest one a predecessor journaled: one 64 KiB read
+/// buffer holds at most ~1,365 pre-content events (48 bytes each with their range record).
+const RESERVE_MARGIN: i32 = 2048;
+
 /// How to run the daemon.
 #[derive(Debug, Clone)]
 pub struct DaemonConfig {
@@ -108,6 +113,9 @@ pub struct DaemonConfig {
     pub engine: EngineConfig,
     /// Files filled at once by background prefetch (per image).
     pub prefetch_parallel: usize,
+    /// Upper bound on the bytes per second background prefetch fills, all images together
+    /// (0: unlimited). On-demand misses are never limited.
+    pub prefetch_rate: u64,
     /// How often fill progress is recorded.
     pub persist_interval: Duration,
     /// Keep the group in an fd holder process (`exe holder`). Without it a crash lets
@@ -128,6 +136,7 @@ impl DaemonConfig {
             state_dir,
             engine: EngineConfig::default(),
             prefetch_parallel: 2,
+            prefetch_rate: 0,
             persist_interval: Duration::from_secs(1),
             holder_exe: std::env::current_exe().ok(),
             fetch_delay: Duration::ZERO,
@@ -198,6 +207,8 @@ struct Daemon {
     next_id: AtomicU64,
     took_over: bool,
     inherited_answered: AtomicU64,
+    /// Prefetch pacing: when the next prefetch may start (see `prefetch_rate`).
+    prefetch_next: Mutex<Instant>,
     stopping: AtomicBool,
 }
 
@@ -220,7 +231,6 @@ fn fs_name(magic: i64) -> String {
         0x6969 => "nfs".into(),
         0x6573_5546 => "fuse".into(),
         0x2FC1_2FC1 => "zfs".into(),
-        0x5846_4f53 => "unknown".into(),
         m => format!("filesystem magic {m:#x}"),
     }
 }
@@ -716,7 +726,11 @@ impl Daemon {
             }
         }
         self.images.lock().unwrap().remove(&id);
-        self.state.remove(id).map_err(ApiFail::internal)?;
+        {
+            // A save in progress finishes first; later ones see `removed`.
+            let _saving = img.saved.lock().unwrap();
+            self.state.remove(id).map_err(ApiFail::internal)?;
+        }
         let dest = img.record.lock().unwrap().dest.clone();
         remove_tree_contents(&dest);
         info!(dest = %dest.display(), "image removed");
@@ -752,6 +766,7 @@ impl Daemon {
                     if this.engine.is_complete(*fid) {
                         continue;
                     }
+                    this.pace_prefetch(img.record.lock().unwrap().files[i].size);
                     if let Err(e) = this.engine.fill_file(*fid) {
                         debug!(error = %error_chain(&e), "prefetch of a file failed");
                     }
@@ -762,6 +777,22 @@ impl Daemon {
                 }
             });
         }
+    }
+
+    /// Waits until `bytes` more of prefetch fit the configured rate.
+    fn pace_prefetch(&self, bytes: u64) {
+        let rate = self.config.prefetch_rate;
+        if rate == 0 {
+            return;
+        }
+        let wait = {
+            let mut next = self.prefetch_next.lock().unwrap();
+            let now = Instant::now();
+            let start = (*next).max(now);
+            *next = start + Duration::from_secs_f64(bytes as f64 / rate as f64);
+            start - now
+        };
+        std::thread::sleep(wait);
     }
 
     /// Records progress of every image that changed since it was last recorded.
@@ -782,6 +813,10 @@ impl Daemon {
                 rec.clone()
             };
             let mut saved = img.saved.lock().unwrap();
+            if img.removed.load(Ordering::SeqCst) {
+                // Removed meanwhile: its record must not come back.
+                continue;
+            }
             if saved.as_ref() != Some(&snapshot) {
                 // Filled bytes reach the disk before the record that says they are there.
                 if let Ok(d) = std::fs::File::open(&snapshot.dest) {
@@ -955,10 +990,17 @@ pub fn run(config: DaemonConfig) -> Result<(), DaemonError> {
         let what = what.to_string();
         move |source| DaemonError::Io { what, source }
     };
+    match crate::sys::fdpass::raise_nofile_limit() {
+        Ok(n) => debug!(nofile = n, "descriptor limit"),
+        Err(e) => warn!(error = %e, "cannot raise the descriptor limit"),
+    }
     let (journal, hwm, inflight) =
         Journal::open(&state.root().join("inflight")).map_err(io("opening the journal"))?;
+    // The journal learns an event's number just after read(2) returned it: a crash in that
+    // window leaves numbers up to one read buffer of events above the recorded highest.
     let reservation = if hwm >= 3 {
-        FdReservation::reserve(3, hwm).map_err(io("reserving event numbers"))?
+        FdReservation::reserve(3, hwm.saturating_add(RESERVE_MARGIN))
+            .map_err(io("reserving event numbers"))?
     } else {
         FdReservation::default()
     };
@@ -1014,6 +1056,7 @@ pub fn run(config: DaemonConfig) -> Result<(), DaemonError> {
         next_id: AtomicU64::new(next_id),
         took_over,
         inherited_answered: AtomicU64::new(0),
+        prefetch_next: Mutex::new(Instant::now()),
         stopping: AtomicBool::new(false),
     });
     let rt = tokio::runtime::Builder::new_multi_thread()

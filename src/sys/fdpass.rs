@@ -111,6 +111,28 @@ impl FdReservation {
     }
 }
 
+/// Raises this process's soft limit on open descriptors to its hard limit (every event in
+/// flight holds one fd, and a successor reserves every number its predecessor used).
+/// Returns the new soft limit.
+pub fn raise_nofile_limit() -> std::io::Result<u64> {
+    let mut lim = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit writes one `rlimit` into the struct we own and pass by pointer.
+    if unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) } != 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    if lim.rlim_cur < lim.rlim_max {
+        lim.rlim_cur = lim.rlim_max;
+        // SAFETY: setrlimit only reads the struct we pass by pointer.
+        if unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &lim) } != 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+    }
+    Ok(lim.rlim_cur)
+}
+
 /// The number of an open descriptor (for logs and `/proc/PID/fdinfo` look-ups).
 pub fn fd_number(fd: impl AsFd) -> i32 {
     fd.as_fd().as_raw_fd()
