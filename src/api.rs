@@ -124,6 +124,13 @@ pub enum Request {
         /// On or off.
         enable: bool,
     },
+    /// Hold opens through the overlay mounted at `merged` (a container's rootfs whose
+    /// lowerdirs are layers of an image prepared in overlay mode) until each opened file is
+    /// filled. The OCI hook sends it before the container's process runs.
+    WatchOverlay {
+        /// The overlay mount point.
+        merged: PathBuf,
+    },
     /// Liveness check.
     Ping,
 }

@@ -612,22 +612,7 @@ impl Engine {
         if entry.state.lock().unwrap().complete {
             return Ok(());
         }
-        let file = File::options()
-            .read(true)
-            .custom_flags(libc::O_NOFOLLOW | libc::O_NONBLOCK)
-            .open(&entry.path)
-            .map_err(|source| FillError::Register {
-                path: entry.path.clone(),
-                source,
-            })?;
-        match self.inner.group.unmark_inode(file.as_fd(), FAN_PRE_ACCESS) {
-            Ok(())
-            | Err(FanotifyError::Mark {
-                errno: Errno::ENOENT,
-                ..
-            }) => Ok(()),
-            Err(e) => Err(e.into()),
-        }
+        unmark_path(&self.inner, &entry.path)
     }
 
     /// Whether a registered file is completely filled (or was cut short by the user).
@@ -1333,20 +1318,21 @@ impl Engine {
     /// reads, so the caller must fill it (for example [`Engine::fill_future`] on open)
     /// before anyone reads it.
     pub fn register_unmarked(&self, p: Placeholder) -> Result<FileId, FillError> {
-        let path = p.path.clone();
         // The file is not exposed yet, so marking and unmarking at once lets no reader in.
         let id = self.register(p)?;
-        if !self.is_complete(id) {
-            let file = File::options()
-                .read(true)
-                .custom_flags(libc::O_NOFOLLOW | libc::O_NONBLOCK)
-                .open(&path)
-                .map_err(|source| FillError::Register { path, source })?;
-            self.inner
-                .group
-                .unmark_inode(file.as_fd(), FAN_PRE_ACCESS)?;
-        }
+        self.unmark(id)?;
         Ok(id)
+    }
+
+    /// Removes the pre-content mark of a registered file but keeps it registered (overlay
+    /// lowers, see [`Engine::register_unmarked`]).
+    pub fn unmark(&self, id: FileId) -> Result<(), FillError> {
+        match self.entry(id) {
+            Some(entry) if !entry.state.lock().unwrap().complete => {
+                unmark_path(&self.inner, &entry.path)
+            }
+            _ => Ok(()),
+        }
     }
 
     /// A function that makes, for a file id, a future filling the whole file (if it is
@@ -1365,6 +1351,26 @@ impl Engine {
             }
             .boxed()
         })
+    }
+}
+
+/// Removes the pre-content mark of the file at `path` (no mark: fine).
+fn unmark_path(inner: &Inner, path: &Path) -> Result<(), FillError> {
+    let file = File::options()
+        .read(true)
+        .custom_flags(libc::O_NOFOLLOW | libc::O_NONBLOCK)
+        .open(path)
+        .map_err(|source| FillError::Register {
+            path: path.to_path_buf(),
+            source,
+        })?;
+    match inner.group.unmark_inode(file.as_fd(), FAN_PRE_ACCESS) {
+        Ok(())
+        | Err(FanotifyError::Mark {
+            errno: Errno::ENOENT,
+            ..
+        }) => Ok(()),
+        Err(e) => Err(e.into()),
     }
 }
 

@@ -225,3 +225,99 @@ mod tests {
         assert!(matches!(inspect(b"{"), Err(HookError::State(_))));
     }
 }
+
+/// What the hook did.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Outcome {
+    /// The rootfs is not a fanfill tree and the container asked for none: nothing to do.
+    NotOurs,
+    /// The rootfs (direct mode) is served by the daemon.
+    Served(PathBuf),
+    /// The daemon prepared the annotated image into the (empty) rootfs.
+    Prepared(PathBuf),
+    /// The daemon now holds opens of the overlay rootfs until their files are filled.
+    OverlayWatched(PathBuf),
+}
+
+/// Errors of the hook run: each one fails the container start.
+#[derive(Debug, thiserror::Error)]
+pub enum HookRunError {
+    /// The hook's input was unusable.
+    #[error(transparent)]
+    Input(#[from] HookError),
+    /// The daemon did not answer or refused.
+    #[error("container {id}: rootfs {rootfs} cannot be served lazily; refusing to start it")]
+    Daemon {
+        /// The container.
+        id: String,
+        /// Its rootfs.
+        rootfs: PathBuf,
+        /// The daemon's (or the connection's) error.
+        #[source]
+        source: crate::api::ApiError,
+    },
+}
+
+/// Runs the hook for the container described by `state_json`, talking to the daemon at
+/// `socket`. Any error must fail the container start: a container never runs on a tree
+/// nobody serves (an unserved placeholder reads as zeros).
+pub fn run(state_json: &[u8], socket: &Path) -> Result<Outcome, HookRunError> {
+    use crate::api::{ApiError, Client, ErrorKind, LayoutMode, Request, Response};
+    let c = inspect(state_json)?;
+    let fail = |source: ApiError| HookRunError::Daemon {
+        id: c.id.clone(),
+        rootfs: c.rootfs.clone(),
+        source,
+    };
+    let unknown = |e: &ApiError| {
+        matches!(
+            e,
+            ApiError::Daemon {
+                kind: ErrorKind::UnknownImage,
+                ..
+            }
+        )
+    };
+    // A tree fanfill prepared carries its mark; an overlay's lowerdirs are checked too.
+    let ours = c.image.is_some()
+        || crate::image::tree_image(&c.rootfs).is_some()
+        || c.overlay_lowerdirs
+            .iter()
+            .flatten()
+            .any(|l| crate::image::tree_image(l).is_some());
+    if !ours {
+        return Ok(Outcome::NotOurs);
+    }
+    // From here on the container's files may be placeholders: no daemon, no start.
+    let mut client = Client::connect(socket).map_err(fail)?;
+    if c.overlay_lowerdirs.is_some() {
+        return match client.call(&Request::WatchOverlay {
+            merged: c.rootfs.clone(),
+        }) {
+            Ok(_) => Ok(Outcome::OverlayWatched(c.rootfs)),
+            Err(e) => Err(fail(e)),
+        };
+    }
+    match client.call(&Request::Status {
+        dest: Some(c.rootfs.clone()),
+    }) {
+        Ok(Response::Status { images, .. }) if !images.is_empty() => Ok(Outcome::Served(c.rootfs)),
+        Ok(_) => Err(fail(ApiError::Protocol("no status for the rootfs".into()))),
+        Err(e) if unknown(&e) => match &c.image {
+            // A fanfill tree the daemon does not serve (removed, or lost): its holes must
+            // not be read.
+            None => Err(fail(e)),
+            Some(image) => client
+                .call(&Request::Prepare {
+                    image: image.clone(),
+                    dest: c.rootfs.clone(),
+                    mode: LayoutMode::Direct,
+                    registry: Default::default(),
+                    prefetch: true,
+                })
+                .map(|_| Outcome::Prepared(c.rootfs.clone()))
+                .map_err(fail),
+        },
+        Err(e) => Err(fail(e)),
+    }
+}

@@ -407,6 +407,9 @@ pub async fn prepare(
             source: Box::new(source),
         }
     })?;
+    if let Err(e) = mark_tree(dest, reference) {
+        warn!(dest = %dest.display(), error = %e, "cannot mark the tree as fanfill's");
+    }
     let cache = Arc::new(WindowCache::new(WINDOW_CACHE_BYTES));
     let windows: Vec<Arc<LayerWindows>> = indexes
         .windows
@@ -414,7 +417,7 @@ pub async fn prepare(
         .map(|w| Arc::new(LayerWindows::new(w.clone(), cache.clone())))
         .collect();
     let files = match register_all(
-        engine, &store, &indexes, &ixs, &windows, &unpacked, reference, opts.mode,
+        engine, &store, &indexes, &windows, &unpacked, reference, opts.mode,
     ) {
         Ok(files) => files,
         Err(e) => {
@@ -452,7 +455,6 @@ fn register_all(
     engine: &Engine,
     store: &Arc<BlobStore>,
     indexes: &ImageIndexes,
-    ixs: &[Arc<LayerIndex>],
     windows: &[Arc<LayerWindows>],
     unpacked: &Unpacked,
     reference: &str,
@@ -461,18 +463,18 @@ fn register_all(
     let mut files = Vec::with_capacity(unpacked.placeholders.len());
     let res = (|| {
         for p in &unpacked.placeholders {
-            let (digest, index) = (&indexes.layers[p.layer].0, &ixs[p.layer]);
+            let (digest, index, _) = &indexes.layers[p.layer];
             let entry = index.resolve(p.entry).cloned().ok_or_else(|| {
                 ImageError::Task(format!("no entry {} in layer {digest}", p.entry))
             })?;
             let verify = verify_for(&entry);
-            let source = Arc::new(LayerFileSource {
-                store: store.clone(),
-                layer: digest.clone(),
-                index: index.clone(),
-                windows: windows[p.layer].clone(),
+            let source = Arc::new(LayerFileSource::new(
+                store.clone(),
+                digest.clone(),
+                index.clone(),
+                windows[p.layer].clone(),
                 entry,
-            });
+            ));
             let placeholder = Placeholder {
                 path: p.path.clone(),
                 size: p.size,
@@ -504,8 +506,25 @@ fn register_all(
     }
 }
 
+/// Extended attribute set on a prepared tree's top directory, naming the image: lets the
+/// OCI hook recognise a fanfill tree (and fail closed) even when the daemon is down.
+pub const TREE_XATTR: &str = "trusted.fanfill.image";
+
+/// Marks `dest` as a tree prepared from `reference` (see [`TREE_XATTR`]).
+pub fn mark_tree(dest: &Path, reference: &str) -> std::io::Result<()> {
+    xattr::set(dest, TREE_XATTR, reference.as_bytes())
+}
+
+/// The image a prepared tree came from, if `path` or one of its two parents is one.
+pub fn tree_image(path: &Path) -> Option<String> {
+    path.ancestors()
+        .take(3)
+        .find_map(|p| xattr::get(p, TREE_XATTR).ok().flatten())
+        .map(|v| String::from_utf8_lossy(&v).into_owned())
+}
+
 /// Removes everything inside `dir` (not `dir` itself), best effort.
-fn remove_tree_contents(dir: &Path) {
+pub fn remove_tree_contents(dir: &Path) {
     if let Ok(rd) = std::fs::read_dir(dir) {
         for e in rd.flatten() {
             let p = e.path();

@@ -84,6 +84,12 @@ enum Command {
     /// The fd holder the daemon starts (internal).
     #[command(hide = true)]
     Holder,
+    /// OCI runtime hook (createRuntime, or the deprecated prestart): reads the container's
+    /// state on stdin and tells the daemon which fanfill tree the container is about to use
+    /// (a direct rootfs must be served; an overlay rootfs gets its opens held until filled;
+    /// an empty rootfs annotated org.fanfill.image=IMAGE is prepared). Fails the container
+    /// start, with the reason, when the daemon cannot serve it. See contrib/hooks.d.
+    Hook,
 }
 
 #[derive(Args)]
@@ -269,6 +275,7 @@ fn main() -> ExitCode {
         Command::Rm(a) => rm(&socket, a),
         Command::Prefetch(a) => prefetch(&socket, a),
         Command::Holder => fanfill::daemon::holder::run(&socket).map_err(Into::into),
+        Command::Hook => hook(&socket),
         Command::Index(a) => index(a),
         Command::Demo(a) => demo(a),
     };
@@ -638,5 +645,16 @@ fn demo(a: DemoArgs) -> Result<()> {
     );
     drop(rt);
     engine.shutdown();
+    Ok(())
+}
+
+fn hook(socket: &Path) -> Result<()> {
+    use std::io::Read as _;
+    let mut state = Vec::new();
+    std::io::stdin()
+        .read_to_end(&mut state)
+        .context("reading the OCI state from stdin")?;
+    let outcome = fanfill::hook::run(&state, socket)?;
+    tracing::info!(?outcome, "hook done");
     Ok(())
 }

@@ -118,11 +118,26 @@ fn bundle(dir: &Path, rootfs: &Path) -> PathBuf {
     dir.to_path_buf()
 }
 
-fn runc_run(bundle: PathBuf, id: &str) -> String {
+/// Adds the `fanfill hook` at createRuntime, talking to the daemon at `socket`.
+fn with_hook(bundle: &Path, socket: &Path) {
+    let path = bundle.join("config.json");
+    let mut c: serde_json::Value = serde_json::from_slice(&std::fs::read(&path).unwrap()).unwrap();
+    c["hooks"] = serde_json::json!({
+        "createRuntime": [{
+            "path": env!("CARGO_BIN_EXE_fanfill"),
+            "args": ["fanfill", "hook"],
+            "env": [format!("FANFILL_SOCKET={}", socket.display()), "FANFILL_LOG=fanfill=warn"],
+            "timeout": 30
+        }]
+    });
+    std::fs::write(&path, serde_json::to_vec_pretty(&c).unwrap()).unwrap();
+}
+
+fn runc_output(bundle: PathBuf, id: &str) -> std::process::Output {
     static NEXT: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
     let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
     let id = format!("fanfill-{id}-{}-{n}", std::process::id());
-    let out = within(120, "runc run", move || {
+    within(120, "runc run", move || {
         Command::new("runc")
             .arg("run")
             .arg("--bundle")
@@ -130,7 +145,11 @@ fn runc_run(bundle: PathBuf, id: &str) -> String {
             .arg(&id)
             .output()
             .unwrap()
-    });
+    })
+}
+
+fn runc_run(bundle: PathBuf, id: &str) -> String {
+    let out = runc_output(bundle, id);
     assert!(
         out.status.success(),
         "runc run failed: {}\n{}",
@@ -237,4 +256,82 @@ fn runc_overlay_rootfs_matches_eager_unpack() {
     );
     assert!(watch.opens() > 0);
     drop(watch);
+}
+
+/// Through the daemon and the OCI hook: a direct rootfs the daemon serves, an overlay
+/// rootfs whose opens the daemon holds once the hook asked, and a refused start when the
+/// daemon is down.
+#[test]
+fn runc_with_the_fanfill_hook_and_daemon() {
+    use fanfill::api::{LayoutMode, RegistrySettings, Request, Response};
+    use fsutil::daemonproc::DaemonProc;
+
+    let fs = LoopFs::new("ext4", 768);
+    let built = image(&fs.mnt.join("layout"));
+    let eager = eager_output(&fs, &built);
+    let state = fs.mnt.join("state");
+    std::fs::create_dir(&state).unwrap();
+    let mut daemon = DaemonProc::start(&state, &[]);
+    let prepare = |dest: &Path, mode: LayoutMode| match daemon.call(Request::Prepare {
+        image: built.reference(),
+        dest: dest.to_path_buf(),
+        mode,
+        registry: RegistrySettings::default(),
+        prefetch: false,
+    }) {
+        Response::Prepared(s) => s,
+        r => panic!("{r:?}"),
+    };
+
+    // Direct.
+    let rootfs = fs.mnt.join("direct-rootfs");
+    prepare(&rootfs, LayoutMode::Direct);
+    let direct_bundle = bundle(&fs.mnt.join("hook-direct"), &rootfs);
+    with_hook(&direct_bundle, &daemon.socket);
+    assert_eq!(runc_run(direct_bundle.clone(), "hook-direct"), eager);
+
+    // Overlay: the runtime's overlay of the daemon's layer trees; the hook asks the daemon
+    // to hold its opens.
+    let layers = fs.mnt.join("ovl-layers");
+    let st = prepare(&layers, LayoutMode::Overlay);
+    let ovl = OverlayMount::new(st.lowerdir.as_deref().unwrap(), &fs.mnt.join("hook-ovl"));
+    let ovl_bundle = bundle(&fs.mnt.join("hook-ovl-bundle"), &ovl.merged);
+    with_hook(&ovl_bundle, &daemon.socket);
+    assert_eq!(runc_run(ovl_bundle, "hook-overlay"), eager);
+    let images = match daemon.call(Request::Status { dest: None }) {
+        Response::Status { images, .. } => images,
+        r => panic!("{r:?}"),
+    };
+    for i in &images {
+        eprintln!(
+            "hook {:?}: {} of {} files filled, {} bytes fetched of {} compressed",
+            i.mode,
+            i.files_complete,
+            i.files,
+            i.bytes_fetched,
+            built.compressed_size()
+        );
+    }
+
+    // Daemon down: the hook refuses the start, with the reason; the program never ran.
+    daemon.stop();
+    let out = runc_output(direct_bundle, "hook-down");
+    let (stdout, stderr) = (
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr),
+    );
+    assert!(
+        !out.status.success(),
+        "a container started with no daemon: {stdout}"
+    );
+    assert!(
+        !stdout.contains("done"),
+        "the container's program ran: {stdout}"
+    );
+    assert!(stderr.contains("unreachable"), "unclear refusal: {stderr}");
+    eprintln!(
+        "daemon down, runc says: {}",
+        stderr.lines().last().unwrap_or_default()
+    );
+    drop(ovl);
 }

@@ -51,6 +51,7 @@ use crate::fill::{
 };
 use crate::image::{self, PrepareOptions};
 use crate::index::{LayerIndex, LayerWindows, WindowCache};
+use crate::overlay::OverlayWatch;
 use crate::registry::{BlobStore, Credentials, Mirror, Platform};
 use crate::sys::fanotify::{DenyErrno, EventId, Group, GroupClass, Response as FanResponse};
 use crate::sys::fdpass::FdReservation;
@@ -210,6 +211,8 @@ struct Daemon {
     /// Prefetch pacing: when the next prefetch may start (see `prefetch_rate`).
     prefetch_next: Mutex<Instant>,
     stopping: AtomicBool,
+    /// Open watches on overlay rootfs mounts: (image id, merged dir, watch).
+    watches: Mutex<Vec<(u64, PathBuf, OverlayWatch)>>,
 }
 
 /// An API error: its kind and message.
@@ -435,6 +438,9 @@ impl Daemon {
                 format!("unpacking {image_ref}: {}", error_chain(&e)),
             )
         })?;
+        if let Err(e) = image::mark_tree(&dest, &image_ref) {
+            warn!(dest = %dest.display(), error = %e, "cannot mark the tree as fanfill's");
+        }
         let id = self.next_id.fetch_add(1, Ordering::SeqCst);
         let counters = Arc::new(ImageCounters::default());
         let mut record = ImageRecord {
@@ -487,14 +493,19 @@ impl Daemon {
                     .source(&opened, p.layer, p.entry, &counters)
                     .map_err(|m| ApiFail(ErrorKind::Internal, m))
                     .and_then(|(source, verify)| {
-                        this.engine
-                            .register(Placeholder {
-                                path: p.path.clone(),
-                                size: p.size,
-                                source,
-                                verify,
-                            })
-                            .map_err(ApiFail::internal)
+                        let placeholder = Placeholder {
+                            path: p.path.clone(),
+                            size: p.size,
+                            source,
+                            verify,
+                        };
+                        // Overlay lowers carry no pre-content mark (overlay reads of a marked
+                        // lower file fail with EPERM): the overlay watch fills them on open.
+                        match mode {
+                            LayoutMode::Direct => this.engine.register(placeholder),
+                            LayoutMode::Overlay => this.engine.register_unmarked(placeholder),
+                        }
+                        .map_err(ApiFail::internal)
                     });
                 match r {
                     Ok(fid) => ids.push(Some(fid)),
@@ -514,7 +525,7 @@ impl Daemon {
         let (ids, record, counters) = match res {
             Ok(v) => v,
             Err(e) => {
-                remove_tree_contents(&dest);
+                image::remove_tree_contents(&dest);
                 return Err(e);
             }
         };
@@ -588,6 +599,7 @@ impl Daemon {
         };
         let this = self.clone();
         let counters2 = counters.clone();
+        let overlay = record.mode == LayoutMode::Overlay;
         let files = tokio::task::spawn_blocking(move || {
             let mut ids = Vec::with_capacity(record.files.len());
             for f in &record.files {
@@ -611,9 +623,14 @@ impl Daemon {
                         } else {
                             0
                         };
-                        this.engine
+                        let id = this
+                            .engine
                             .register_filled(p, f.chunk, &f.filled_flags(n))
-                            .map_err(|e| error_chain(&e))
+                            .map_err(|e| error_chain(&e))?;
+                        if overlay {
+                            this.engine.unmark(id).map_err(|e| error_chain(&e))?;
+                        }
+                        Ok(id)
                     });
                 match r {
                     Ok(id) => ids.push(Some(id)),
@@ -716,8 +733,52 @@ impl Daemon {
         )
     }
 
+    /// Starts holding opens through the overlay at `merged` until their lower placeholder
+    /// is filled; the overlay must stack layers of an image served in overlay mode.
+    fn watch_overlay(&self, merged: &Path) -> Result<Response, ApiFail> {
+        let mountinfo =
+            std::fs::read_to_string("/proc/self/mountinfo").map_err(ApiFail::internal)?;
+        let lowers = crate::hook::overlay_lowerdirs(&mountinfo, merged).ok_or_else(|| {
+            ApiFail(
+                ErrorKind::BadRequest,
+                format!("{} is not an overlayfs mount", merged.display()),
+            )
+        })?;
+        let found = self.images.lock().unwrap().iter().find_map(|(id, img)| {
+            let rec = img.record.lock().unwrap();
+            let ours = rec.mode == LayoutMode::Overlay
+                && !img.removed.load(Ordering::SeqCst)
+                && lowers.iter().all(|l| l.starts_with(&rec.dest));
+            ours.then(|| (*id, rec.dest.clone()))
+        });
+        let Some((id, dest)) = found else {
+            return Err(ApiFail(
+                ErrorKind::UnknownImage,
+                format!(
+                    "the overlay at {} does not stack layers of an image fanfill serves in overlay mode",
+                    merged.display()
+                ),
+            ));
+        };
+        let mut watches = self.watches.lock().unwrap();
+        if watches.iter().any(|(_, m, _)| m == merged) {
+            return Ok(Response::Ok);
+        }
+        let dev = std::fs::metadata(&dest)
+            .map(|m| std::os::unix::fs::MetadataExt::dev(&m))
+            .map_err(ApiFail::internal)?;
+        let watch = OverlayWatch::start(&self.engine, merged, dev).map_err(ApiFail::internal)?;
+        info!(merged = %merged.display(), image = %dest.display(), "overlay rootfs watched");
+        watches.push((id, merged.to_path_buf(), watch));
+        Ok(Response::Ok)
+    }
+
     fn remove(&self, dest: &Path) -> Result<Response, ApiFail> {
         let (id, img) = self.find(dest)?;
+        self.watches
+            .lock()
+            .unwrap()
+            .retain(|(img_id, _, _)| *img_id != id);
         img.removed.store(true, Ordering::SeqCst);
         img.prefetch.store(false, Ordering::SeqCst);
         for fid in img.files.iter().flatten() {
@@ -732,7 +793,7 @@ impl Daemon {
             self.state.remove(id).map_err(ApiFail::internal)?;
         }
         let dest = img.record.lock().unwrap().dest.clone();
-        remove_tree_contents(&dest);
+        image::remove_tree_contents(&dest);
         info!(dest = %dest.display(), "image removed");
         Ok(Response::Removed { dest })
     }
@@ -855,6 +916,7 @@ impl Daemon {
         async move {
             let r = match req {
                 Request::Ping => Ok(Response::Ok),
+                Request::WatchOverlay { merged } => self.watch_overlay(&merged),
                 Request::Prepare {
                     image,
                     dest,
@@ -883,22 +945,6 @@ impl Daemon {
             r.unwrap_or_else(|ApiFail(kind, message)| Response::Error { kind, message })
         }
         .boxed()
-    }
-}
-
-/// Removes everything inside `dir` (not `dir` itself), best effort.
-fn remove_tree_contents(dir: &Path) {
-    if let Ok(rd) = std::fs::read_dir(dir) {
-        for e in rd.flatten() {
-            let p = e.path();
-            let r = match e.file_type() {
-                Ok(t) if t.is_dir() => std::fs::remove_dir_all(&p),
-                _ => std::fs::remove_file(&p),
-            };
-            if let Err(err) = r {
-                warn!(path = %p.display(), error = %err, "removing an image tree");
-            }
-        }
     }
 }
 
@@ -1058,6 +1104,7 @@ pub fn run(config: DaemonConfig) -> Result<(), DaemonError> {
         inherited_answered: AtomicU64::new(0),
         prefetch_next: Mutex::new(Instant::now()),
         stopping: AtomicBool::new(false),
+        watches: Mutex::new(Vec::new()),
     });
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)

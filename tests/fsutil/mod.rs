@@ -1,6 +1,8 @@
 //! Helpers for kernel tests: bounded waits, scratch filesystems, deterministic data.
 #![allow(dead_code)]
 
+pub mod daemonproc;
+
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::sync::mpsc;
