@@ -335,3 +335,108 @@ fn runc_with_the_fanfill_hook_and_daemon() {
     );
     drop(ovl);
 }
+
+/// podman with the shipped hooks.d file (path and socket adjusted for the test): an
+/// annotated container on a rootfs the daemon serves runs and matches the eager unpack.
+/// This machine's podman needs `--cgroup-manager=cgroupfs --runtime runc` (cgroups v1+v2
+/// hybrid, which crun refuses) and explicit nofile/nproc limits (the VM's hard limits are
+/// below podman's defaults).
+#[test]
+fn podman_with_the_shipped_hooks_d_file() {
+    use fanfill::api::{LayoutMode, RegistrySettings, Request, Response};
+    use fsutil::daemonproc::DaemonProc;
+
+    let fs = LoopFs::new("ext4", 512);
+    let built = image(&fs.mnt.join("layout"));
+    let eager = eager_output(&fs, &built);
+    let state = fs.mnt.join("state");
+    std::fs::create_dir(&state).unwrap();
+    let daemon = DaemonProc::start(&state, &[]);
+    let rootfs = fs.mnt.join("podman-rootfs");
+    match daemon.call(Request::Prepare {
+        image: built.reference(),
+        dest: rootfs.clone(),
+        mode: LayoutMode::Direct,
+        registry: RegistrySettings::default(),
+        prefetch: false,
+    }) {
+        Response::Prepared(_) => {}
+        r => panic!("{r:?}"),
+    }
+    // The shipped hooks.d file, pointed at this build and this daemon.
+    let shipped: serde_json::Value = serde_json::from_slice(
+        &std::fs::read(concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/contrib/hooks.d/fanfill.json"
+        ))
+        .unwrap(),
+    )
+    .unwrap();
+    let mut hook = shipped.clone();
+    hook["hook"]["path"] = serde_json::json!(env!("CARGO_BIN_EXE_fanfill"));
+    hook["hook"]["env"] =
+        serde_json::json!([format!("FANFILL_SOCKET={}", daemon.socket.display())]);
+    let hooks_dir = fs.mnt.join("hooks.d");
+    std::fs::create_dir(&hooks_dir).unwrap();
+    std::fs::write(
+        hooks_dir.join("fanfill.json"),
+        serde_json::to_vec(&hook).unwrap(),
+    )
+    .unwrap();
+    let reference = built.reference();
+    let podman = move |hooks_dir: PathBuf| {
+        let (reference, rootfs) = (reference.clone(), rootfs.clone());
+        within(180, "podman run", move || {
+            Command::new("podman")
+                .arg("--hooks-dir")
+                .arg(&hooks_dir)
+                .args([
+                    "--cgroup-manager=cgroupfs",
+                    "run",
+                    "--runtime",
+                    "runc",
+                    "--rm",
+                ])
+                .args(["--network", "none", "--ulimit", "nofile=1024:1024"])
+                .args(["--ulimit", "nproc=1024:1024", "--annotation"])
+                .arg(format!("org.fanfill.image={reference}"))
+                .arg("--rootfs")
+                .arg(&rootfs)
+                .args(["/bin/sh", "-c", SCRIPT])
+                .output()
+                .unwrap()
+        })
+    };
+    let out = podman(hooks_dir);
+    assert!(
+        out.status.success(),
+        "podman run failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(String::from_utf8_lossy(&out.stdout), eager);
+    let (d, images) = daemon.status();
+    assert!(
+        d.events > 0,
+        "the container's reads went through the daemon"
+    );
+    eprintln!(
+        "podman: {} of {} files filled, {} misses served",
+        images[0].files_complete, images[0].files, d.events
+    );
+    // The hook really runs: pointed at no daemon, it stops the container.
+    hook["hook"]["env"] = serde_json::json!(["FANFILL_SOCKET=/nonexistent/fanfill.sock"]);
+    let bad_hooks = fs.mnt.join("hooks-bad.d");
+    std::fs::create_dir(&bad_hooks).unwrap();
+    std::fs::write(
+        bad_hooks.join("fanfill.json"),
+        serde_json::to_vec(&hook).unwrap(),
+    )
+    .unwrap();
+    let out = podman(bad_hooks);
+    assert!(
+        !out.status.success(),
+        "podman started a container nobody serves"
+    );
+    assert!(String::from_utf8_lossy(&out.stderr).contains("unreachable"));
+    assert!(!String::from_utf8_lossy(&out.stdout).contains("done"));
+}
