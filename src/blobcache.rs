@@ -11,7 +11,7 @@
 use std::fs::File;
 use std::io::{self, Read, Write};
 use std::os::unix::fs::FileExt;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 
 use sha2::{Digest, Sha256};
 
@@ -58,24 +58,32 @@ impl BlobCache {
 
     /// Wraps a reader of the whole blob `digest` so that what is read is also written to a
     /// temporary file, published under the digest by [`Tee::finish`] once the bytes are
-    /// verified. Dropping the tee unfinished removes the temporary file.
-    pub fn tee<R: Read>(&self, digest: &str, inner: R) -> io::Result<Tee<R>> {
-        let dest = self.path(digest).ok_or_else(|| {
-            io::Error::new(
-                io::ErrorKind::InvalidInput,
-                format!("not a sha256 digest: {digest}"),
-            )
-        })?;
-        let parent = dest.parent().expect("digest path has a parent");
-        std::fs::create_dir_all(parent)?;
-        let tmp = tempfile::NamedTempFile::new_in(parent)?;
-        Ok(Tee {
+    /// verified. Dropping the tee unfinished removes the temporary file. If the cache cannot
+    /// be written, the tee only passes the bytes through (the pull must not fail for it).
+    pub fn tee<R: Read>(&self, digest: &str, inner: R) -> Tee<R> {
+        let tmp = self.path(digest).and_then(|dest| {
+            let parent = dest.parent()?.to_path_buf();
+            let made = std::fs::create_dir_all(&parent)
+                .and_then(|()| tempfile::NamedTempFile::new_in(&parent));
+            match made {
+                Ok(tmp) => Some((tmp, dest)),
+                Err(e) => {
+                    tracing::warn!(digest, error = %e, "blob cache unavailable; not keeping the layer");
+                    None
+                }
+            }
+        });
+        let (tmp, dest) = match tmp {
+            Some((t, d)) => (Some(t), d),
+            None => (None, PathBuf::new()),
+        };
+        Tee {
             inner,
-            tmp: Some(tmp),
+            tmp,
             hash: Sha256::new(),
             digest: digest.to_string(),
             dest,
-        })
+        }
     }
 }
 
@@ -119,9 +127,15 @@ impl<R> Tee<R> {
         Ok(true)
     }
 
-    /// Where the blob will be published.
-    pub fn dest(&self) -> &Path {
-        &self.dest
+    /// A tee that keeps nothing.
+    pub fn passthrough(inner: R) -> Tee<R> {
+        Tee {
+            inner,
+            tmp: None,
+            hash: Sha256::new(),
+            digest: String::new(),
+            dest: PathBuf::new(),
+        }
     }
 }
 
@@ -135,7 +149,7 @@ mod tests {
         let cache = BlobCache::new(dir.path());
         let data = b"layer bytes".repeat(1000);
         let digest = format!("sha256:{}", hex::encode(Sha256::digest(&data)));
-        let mut tee = cache.tee(&digest, &data[..]).unwrap();
+        let mut tee = cache.tee(&digest, &data[..]);
         io::copy(&mut tee, &mut io::sink()).unwrap();
         assert!(tee.finish().unwrap());
         assert!(cache.contains(&digest));
@@ -145,7 +159,7 @@ mod tests {
         );
 
         let wrong = format!("sha256:{}", "0".repeat(64));
-        let mut tee = cache.tee(&wrong, &data[..]).unwrap();
+        let mut tee = cache.tee(&wrong, &data[..]);
         io::copy(&mut tee, &mut io::sink()).unwrap();
         assert!(!tee.finish().unwrap());
         assert!(!cache.contains(&wrong));

@@ -25,6 +25,7 @@ use futures::future::BoxFuture;
 use oci_spec::image::Digest;
 use tracing::{debug, info, warn};
 
+use crate::blobcache::{BlobCache, Tee};
 use crate::fill::{ContentSource, Engine, FileId, FillError, Placeholder, SourceError, Verify};
 use crate::index::{
     CHUNK_SIZE, Entry, IndexError, IndexOptions, IndexStore, LayerIndex, LayerWindows, WindowCache,
@@ -129,16 +130,22 @@ pub struct PrepareOptions {
     pub index_dir: PathBuf,
     /// Look for the index artifact in the registry before streaming layers.
     pub use_artifact: bool,
+    /// Keep layers that have to be streamed whole (no index yet) here, so their fills are
+    /// local reads instead of second downloads (`None`: do not keep them).
+    pub blob_cache: Option<PathBuf>,
 }
 
 impl PrepareOptions {
     /// Defaults: direct mode, the host platform, indexes under `index_dir`.
+    /// Streamed layers are kept in `blobs` beside `index_dir`.
     pub fn new(index_dir: impl Into<PathBuf>) -> PrepareOptions {
+        let index_dir: PathBuf = index_dir.into();
         PrepareOptions {
             mode: Mode::Direct,
             registry: registry::Options::default(),
             platform: None,
-            index_dir: index_dir.into(),
+            blob_cache: Some(index_dir.with_file_name("blobs")),
+            index_dir,
             use_artifact: true,
         }
     }
@@ -175,6 +182,8 @@ pub struct ImageIndexes {
     pub layers: Vec<(Digest, Arc<LayerIndex>, IndexOrigin)>,
     /// Where each layer's checkpoint windows are read from, lowest first.
     pub windows: Vec<Arc<dyn WindowSource>>,
+    /// Where layers that travelled whole are kept (read before the registry).
+    pub blob_cache: Option<BlobCache>,
 }
 
 /// A windows pack in the registry (or layout), read a window at a time by range reads.
@@ -285,11 +294,21 @@ pub async fn load_indexes(
                     media_type: Some(desc.media_type().to_string()),
                     ..IndexOptions::default()
                 };
-                let (built, pack) =
-                    tokio::task::spawn_blocking(move || LayerIndex::build(reader, &iopts))
-                        .await
-                        .map_err(|e| ImageError::Task(e.to_string()))?
-                        .map_err(idx_err(&digest))?;
+                // The layer travels whole anyway: keep it, so fills read it locally.
+                let mut reader = match &opts.blob_cache {
+                    Some(dir) => BlobCache::new(dir).tee(&digest.to_string(), reader),
+                    None => Tee::passthrough(reader),
+                };
+                let (built, pack) = tokio::task::spawn_blocking(move || {
+                    let built = LayerIndex::build(&mut reader, &iopts)?;
+                    if let Err(e) = reader.finish() {
+                        warn!(error = %e, "keeping the streamed layer failed");
+                    }
+                    Ok::<_, IndexError>(built)
+                })
+                .await
+                .map_err(|e| ImageError::Task(e.to_string()))?
+                .map_err(idx_err(&digest))?;
                 local.save(&built, &pack).map_err(idx_err(&digest))?;
                 let win = local.open_windows(&built).map_err(idx_err(&digest))?;
                 (Arc::new(built), win, IndexOrigin::Built)
@@ -308,6 +327,7 @@ pub async fn load_indexes(
         image,
         layers,
         windows,
+        blob_cache: opts.blob_cache.as_ref().map(BlobCache::new),
     })
 }
 
@@ -468,13 +488,16 @@ fn register_all(
                 ImageError::Task(format!("no entry {} in layer {digest}", p.entry))
             })?;
             let verify = verify_for(&entry);
-            let source = Arc::new(LayerFileSource::new(
-                store.clone(),
-                digest.clone(),
-                index.clone(),
-                windows[p.layer].clone(),
-                entry,
-            ));
+            let source = Arc::new(
+                LayerFileSource::new(
+                    store.clone(),
+                    digest.clone(),
+                    index.clone(),
+                    windows[p.layer].clone(),
+                    entry,
+                )
+                .with_blob_cache(indexes.blob_cache.clone()),
+            );
             let placeholder = Placeholder {
                 path: p.path.clone(),
                 size: p.size,
@@ -596,6 +619,7 @@ pub async fn index_image(
 /// (unless cached), inflated and sliced. The engine verifies the result against the index's
 /// digests before writing it.
 pub struct LayerFileSource {
+    local: Option<BlobCache>,
     store: Arc<BlobStore>,
     layer: Digest,
     index: Arc<LayerIndex>,
@@ -614,12 +638,19 @@ impl LayerFileSource {
         entry: Entry,
     ) -> LayerFileSource {
         LayerFileSource {
+            local: None,
             store,
             layer,
             index,
             windows,
             entry,
         }
+    }
+
+    /// Reads the layer from `cache` when it holds it (a layer that streamed whole).
+    pub fn with_blob_cache(mut self, cache: Option<BlobCache>) -> LayerFileSource {
+        self.local = cache;
+        self
     }
 }
 
@@ -630,6 +661,13 @@ impl ContentSource for LayerFileSource {
             let span = crate::index::plan(&self.index, &self.entry, offset, len)
                 .map_err(|e| SourceError::with_source(what(), e))?;
             let fetch = async {
+                let digest = self.layer.to_string();
+                if let Some(local) = &self.local
+                    && let Ok(Some(bytes)) =
+                        local.read_range(&digest, span.blob_offset, span.blob_len)
+                {
+                    return Ok(bytes::Bytes::from(bytes));
+                }
                 self.store
                     .read_range(&self.layer, span.blob_offset, span.blob_len)
                     .await

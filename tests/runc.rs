@@ -185,7 +185,9 @@ fn runc_direct_rootfs_matches_eager_unpack() {
     let rootfs = fs.mnt.join("lazy-rootfs");
     std::fs::create_dir(&rootfs).unwrap();
     let rt = tokio::runtime::Runtime::new().unwrap();
-    let opts = PrepareOptions::new(fs.mnt.join("indexes"));
+    let mut opts = PrepareOptions::new(fs.mnt.join("indexes"));
+    // Measure fills from the image store, not from a kept copy of the layer.
+    opts.blob_cache = None;
     // Index first, as a publisher would: then only manifest and config travel before ready.
     rt.block_on(image::index_image(&built.reference(), &opts, false))
         .unwrap();
@@ -229,6 +231,7 @@ fn runc_overlay_rootfs_matches_eager_unpack() {
     std::fs::create_dir(&layers).unwrap();
     let rt = tokio::runtime::Runtime::new().unwrap();
     let mut opts = PrepareOptions::new(fs.mnt.join("indexes"));
+    opts.blob_cache = None;
     opts.mode = Mode::Overlay;
     rt.block_on(image::index_image(&built.reference(), &opts, false))
         .unwrap();

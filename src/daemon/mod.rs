@@ -321,6 +321,7 @@ struct Opened {
     manifest_digest: String,
     layers: Vec<(Digest, Arc<LayerIndex>)>,
     windows: Vec<Arc<LayerWindows>>,
+    blob_cache: Option<crate::blobcache::BlobCache>,
 }
 
 async fn open_image(reference: &str, opts: &PrepareOptions) -> Result<Opened, image::ImageError> {
@@ -336,6 +337,7 @@ async fn open_image(reference: &str, opts: &PrepareOptions) -> Result<Opened, im
     Ok(Opened {
         store,
         manifest_digest,
+        blob_cache: ix.blob_cache.clone(),
         layers: ix.layers.into_iter().map(|(d, i, _)| (d, i)).collect(),
         windows,
     })
@@ -364,7 +366,8 @@ impl Daemon {
             index.clone(),
             opened.windows[layer].clone(),
             e,
-        );
+        )
+        .with_blob_cache(opened.blob_cache.clone());
         Ok((
             Arc::new(DaemonSource {
                 inner,
