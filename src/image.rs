@@ -296,7 +296,7 @@ pub async fn load_indexes(
                 };
                 // The layer travels whole anyway: keep it, so fills read it locally.
                 let mut reader = match &opts.blob_cache {
-                    Some(dir) => BlobCache::new(dir).tee(&digest.to_string(), reader),
+                    Some(dir) => BlobCache::new(dir).tee(digest.as_ref(), reader),
                     None => Tee::passthrough(reader),
                 };
                 let (built, pack) = tokio::task::spawn_blocking(move || {
