@@ -84,6 +84,10 @@ pub struct RegistrySettings {
     /// Do not look for a pushed index artifact.
     #[serde(default)]
     pub no_index_artifact: bool,
+    /// Trust the CA certificates (`*.crt`) and use the client certificate in this directory
+    /// (skopeo's `--cert-dir`); default: `certs.d/HOST:PORT` lookup.
+    #[serde(default)]
+    pub cert_dir: Option<PathBuf>,
 }
 
 /// A request to the daemon.

@@ -135,7 +135,54 @@ pub struct PrepareOptions {
     pub blob_cache: Option<PathBuf>,
 }
 
+/// Registry settings that do not parse (`creds`, `platform`).
+#[derive(Debug, thiserror::Error)]
+#[error("bad {what}: {message}")]
+pub struct SettingsError {
+    /// Which setting.
+    pub what: &'static str,
+    /// Why.
+    pub message: String,
+}
+
 impl PrepareOptions {
+    /// Options from the registry settings of a request (or the CLI's flags).
+    pub fn from_settings(
+        index_dir: impl Into<PathBuf>,
+        r: &crate::api::RegistrySettings,
+    ) -> Result<PrepareOptions, SettingsError> {
+        let bad = |what, e: &dyn std::fmt::Display| SettingsError {
+            what,
+            message: e.to_string(),
+        };
+        let mut o = PrepareOptions::new(index_dir);
+        o.registry.insecure = r.insecure;
+        o.registry.creds = r
+            .creds
+            .as_deref()
+            .map(str::parse::<registry::Credentials>)
+            .transpose()
+            .map_err(|e| bad("--creds", &e))?;
+        o.registry.authfile = r.authfile.clone();
+        o.registry.cert_dir = r.cert_dir.clone();
+        o.registry.mirrors = r
+            .mirrors
+            .iter()
+            .map(|m| registry::Mirror {
+                location: m.clone(),
+                insecure: r.insecure,
+            })
+            .collect();
+        o.platform = r
+            .platform
+            .as_deref()
+            .map(str::parse::<Platform>)
+            .transpose()
+            .map_err(|e| bad("--platform", &e))?;
+        o.use_artifact = !r.no_index_artifact;
+        Ok(o)
+    }
+
     /// Defaults: direct mode, the host platform, indexes under `index_dir`.
     /// Streamed layers are kept in `blobs` beside `index_dir`.
     pub fn new(index_dir: impl Into<PathBuf>) -> PrepareOptions {

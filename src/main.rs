@@ -16,7 +16,6 @@ use fanfill::api::{LayoutMode, RegistrySettings, Request, Response};
 use fanfill::daemon::DaemonConfig;
 use fanfill::fill::{Engine, EngineConfig, error_chain};
 use fanfill::image::{self, IndexOrigin, PrepareOptions};
-use fanfill::registry::{Credentials, Mirror, Platform};
 use fanfill::unpack::Mode;
 
 /// Start containers before their images are downloaded.
@@ -159,6 +158,10 @@ struct RegistryArgs {
     /// Read credentials from this auth file only (containers-auth.json format).
     #[arg(long, value_name = "FILE")]
     authfile: Option<PathBuf>,
+    /// Trust the CA certificates (*.crt) in DIR, and use its client certificate pair
+    /// (NAME.cert + NAME.key); default: /etc/containers/certs.d/HOST:PORT/ and friends.
+    #[arg(long, value_name = "DIR")]
+    cert_dir: Option<PathBuf>,
     /// Pick this platform from a multi-arch image, OS/ARCH[/VARIANT]; default: this host.
     #[arg(long, value_name = "OS/ARCH")]
     platform: Option<String>,
@@ -179,31 +182,10 @@ struct RegistryArgs {
 
 impl RegistryArgs {
     fn options(&self) -> Result<PrepareOptions> {
-        let mut o = PrepareOptions::new(&self.index_dir);
-        o.registry.insecure = !self.tls_verify;
-        o.registry.creds = self
-            .creds
-            .as_deref()
-            .map(str::parse::<Credentials>)
-            .transpose()
-            .context("--creds")?;
-        o.registry.authfile = self.authfile.clone();
-        o.registry.mirrors = self
-            .mirror
-            .iter()
-            .map(|m| Mirror {
-                location: m.clone(),
-                insecure: !self.tls_verify,
-            })
-            .collect();
-        o.platform = self
-            .platform
-            .as_deref()
-            .map(str::parse::<Platform>)
-            .transpose()
-            .context("--platform")?;
-        o.use_artifact = !self.no_index_artifact;
-        Ok(o)
+        Ok(PrepareOptions::from_settings(
+            &self.index_dir,
+            &self.settings(),
+        )?)
     }
 }
 
@@ -411,6 +393,7 @@ impl RegistryArgs {
             platform: self.platform.clone(),
             mirrors: self.mirror.clone(),
             no_index_artifact: self.no_index_artifact,
+            cert_dir: self.cert_dir.clone(),
         }
     }
 }

@@ -85,6 +85,8 @@ fn registry_faults_give_true_bytes_or_eio_never_zeros() {
     let proxy = FaultyProxy::start(registry.addr, Fault::None);
     let reference = format!("docker://{}/faults/img:v1", proxy.host());
     let mut opts = PrepareOptions::new(dir.path().join("indexes"));
+    // Every fill must go to the registry (no kept copy of the streamed layer).
+    opts.blob_cache = None;
     opts.registry.insecure = true;
     opts.registry.retry = RetryPolicy {
         max_attempts: 4,

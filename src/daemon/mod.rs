@@ -52,7 +52,7 @@ use crate::fill::{
 use crate::image::{self, PrepareOptions};
 use crate::index::{LayerIndex, LayerWindows, WindowCache};
 use crate::overlay::OverlayWatch;
-use crate::registry::{BlobStore, Credentials, Mirror, Platform};
+use crate::registry::BlobStore;
 use crate::sys::fanotify::{DenyErrno, EventId, Group, GroupClass, Response as FanResponse};
 use crate::sys::fdpass::FdReservation;
 use crate::unpack::{self, Layer, Mode, UnpackOptions};
@@ -285,34 +285,8 @@ fn check_dest(dest: &Path) -> Result<PathBuf, ApiFail> {
 }
 
 fn prepare_options(index_dir: &Path, r: &RegistrySettings) -> Result<PrepareOptions, ApiFail> {
-    let bad = |what: &str, e: &dyn std::fmt::Display| {
-        ApiFail(ErrorKind::BadRequest, format!("{what}: {e}"))
-    };
-    let mut o = PrepareOptions::new(index_dir);
-    o.registry.insecure = r.insecure;
-    o.registry.creds = r
-        .creds
-        .as_deref()
-        .map(str::parse::<Credentials>)
-        .transpose()
-        .map_err(|e| bad("creds", &e))?;
-    o.registry.authfile = r.authfile.clone();
-    o.registry.mirrors = r
-        .mirrors
-        .iter()
-        .map(|m| Mirror {
-            location: m.clone(),
-            insecure: r.insecure,
-        })
-        .collect();
-    o.platform = r
-        .platform
-        .as_deref()
-        .map(str::parse::<Platform>)
-        .transpose()
-        .map_err(|e| bad("platform", &e))?;
-    o.use_artifact = !r.no_index_artifact;
-    Ok(o)
+    PrepareOptions::from_settings(index_dir, r)
+        .map_err(|e| ApiFail(ErrorKind::BadRequest, e.to_string()))
 }
 
 /// An image opened for serving: store, indexes by layer.
