@@ -300,7 +300,10 @@ fn pull(a: PullArgs) -> Result<()> {
     let engine = Arc::new(Engine::start(EngineConfig::default())?);
     let rt = runtime()?;
     let started = Instant::now();
-    let prepared = rt.block_on(image::prepare(&engine, &a.image, &a.dest, &opts))?;
+    let bar = spinner(format!("preparing {} in {}", a.image, a.dest.display()));
+    let prepared = rt.block_on(image::prepare(&engine, &a.image, &a.dest, &opts));
+    bar.finish_and_clear();
+    let prepared = prepared?;
     println!(
         "ready: {} ({}) in {} after {:.2}s: {} placeholders, {} of {} layer bytes fetched; indexes: {}",
         prepared.reference,
@@ -409,7 +412,8 @@ fn pull_client(socket: &Path, a: PullArgs) -> Result<()> {
         .context("bad image reference")?;
     let dest = std::path::absolute(&a.dest).context("destination")?;
     let started = Instant::now();
-    let Response::Prepared(s) = call(
+    let bar = spinner(format!("preparing {} in {}", a.image, a.dest.display()));
+    let answer = call(
         socket,
         Request::Prepare {
             image: a.image.clone(),
@@ -421,8 +425,9 @@ fn pull_client(socket: &Path, a: PullArgs) -> Result<()> {
             registry: a.registry.settings(),
             prefetch: a.prefetch,
         },
-    )?
-    else {
+    );
+    bar.finish_and_clear();
+    let Response::Prepared(s) = answer? else {
         bail!("unexpected answer from the daemon");
     };
     println!(
@@ -533,7 +538,10 @@ fn prefetch(socket: &Path, a: PrefetchArgs) -> Result<()> {
 fn index(a: IndexArgs) -> Result<()> {
     let opts = a.registry.options()?;
     let rt = runtime()?;
-    let (indexes, artifact) = rt.block_on(image::index_image(&a.image, &opts, a.push))?;
+    let bar = spinner(format!("indexing the layers of {}", a.image));
+    let indexed = rt.block_on(image::index_image(&a.image, &opts, a.push));
+    bar.finish_and_clear();
+    let (indexes, artifact) = indexed?;
     println!(
         "| layer | compressed | uncompressed | entries | checkpoints | index bytes | origin |"
     );
@@ -640,4 +648,17 @@ fn hook(socket: &Path) -> Result<()> {
     let outcome = fanfill::hook::run(&state, socket)?;
     tracing::info!(?outcome, "hook done");
     Ok(())
+}
+
+/// A spinner with elapsed time on stderr for long waits (hidden when stderr is not a
+/// terminal).
+fn spinner(message: String) -> indicatif::ProgressBar {
+    let bar = indicatif::ProgressBar::new_spinner();
+    bar.set_style(
+        indicatif::ProgressStyle::with_template("{spinner} {msg} [{elapsed}]")
+            .unwrap_or_else(|_| indicatif::ProgressStyle::default_spinner()),
+    );
+    bar.set_message(message);
+    bar.enable_steady_tick(Duration::from_millis(120));
+    bar
 }
