@@ -404,14 +404,19 @@ pub fn demo_image(dir: &Path, compression: Compression) -> Result<BuiltImage, Bu
     write_layout(dir, "demo", &[base, data, host, top], compression)
 }
 
-struct HostBudget {
-    files: usize,
-    bytes: u64,
+/// Files and bytes a layer built by [`collect_host_tree`] may still take.
+#[derive(Debug, Clone, Copy)]
+pub struct HostBudget {
+    /// Files (and symlinks) left.
+    pub files: usize,
+    /// File bytes left.
+    pub bytes: u64,
 }
 
-/// Adds `dir` (a host directory) to a layer under the same path, depth first in name order,
-/// until the budget is spent: directories, regular files and symlinks; nothing else.
-fn collect_host_tree(dir: &Path, out: &mut Vec<LayerItem>, budget: &mut HostBudget) {
+/// Adds `dir` (a host directory) to a layer under the same path, its parents first, then
+/// depth first in name order, until the budget is spent: directories, regular readable
+/// files and symlinks with UTF-8 names; nothing else.
+pub fn collect_host_tree(dir: &Path, out: &mut Vec<LayerItem>, budget: &mut HostBudget) {
     let Ok(rd) = std::fs::read_dir(dir) else {
         return;
     };
@@ -446,6 +451,9 @@ fn collect_host_tree(dir: &Path, out: &mut Vec<LayerItem>, budget: &mut HostBudg
         let Ok(md) = std::fs::symlink_metadata(&p) else {
             continue;
         };
+        if p.to_str().is_none() {
+            continue;
+        }
         if md.file_type().is_symlink() {
             if let Ok(target) = std::fs::read_link(&p) {
                 out.push(LayerItem::Symlink {

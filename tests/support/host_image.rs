@@ -7,64 +7,9 @@
 //! trees bring their own symlinks.
 #![allow(dead_code)]
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
-use fanfill::ocibuild::LayerItem;
-
-/// Files and bytes a layer may still take.
-struct Budget {
-    files: usize,
-    bytes: u64,
-}
-
-/// Adds `dir` (a host directory) under the same path, depth first in name order, until the
-/// budget is spent: directories, regular readable files and symlinks; nothing else.
-fn collect(dir: &Path, out: &mut Vec<LayerItem>, budget: &mut Budget) {
-    let Ok(rd) = std::fs::read_dir(dir) else {
-        return;
-    };
-    let mut names: Vec<PathBuf> = rd.filter_map(Result::ok).map(|e| e.path()).collect();
-    names.sort();
-    let rel = |p: &Path| {
-        p.strip_prefix("/")
-            .unwrap_or(p)
-            .to_string_lossy()
-            .into_owned()
-    };
-    out.push(LayerItem::Dir {
-        path: rel(dir),
-        mode: 0o755,
-    });
-    for p in names {
-        if budget.files == 0 {
-            return;
-        }
-        let Ok(md) = std::fs::symlink_metadata(&p) else {
-            continue;
-        };
-        if p.to_str().is_none() {
-            continue;
-        }
-        if md.file_type().is_symlink() {
-            if let Ok(target) = std::fs::read_link(&p) {
-                out.push(LayerItem::Symlink {
-                    path: rel(&p),
-                    target: target.to_string_lossy().into_owned(),
-                });
-                budget.files -= 1;
-            }
-        } else if md.is_dir() {
-            collect(&p, out, budget);
-        } else if md.is_file() && md.len() <= budget.bytes && std::fs::File::open(&p).is_ok() {
-            budget.bytes -= md.len();
-            budget.files -= 1;
-            out.push(LayerItem::HostFile {
-                path: rel(&p),
-                host: p,
-            });
-        }
-    }
-}
+use fanfill::ocibuild::{HostBudget as Budget, LayerItem, collect_host_tree as collect};
 
 /// Parent directories of `path` (relative), outermost first.
 fn parents(path: &str) -> Vec<LayerItem> {
