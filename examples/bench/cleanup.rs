@@ -18,6 +18,9 @@ struct State {
 }
 
 static STATE: Mutex<Option<State>> = Mutex::new(None);
+/// Held for the whole teardown, so a second caller (main thread vs signal thread) waits for
+/// the first to finish before the process exits.
+static RUNNING: Mutex<()> = Mutex::new(());
 
 fn with<T>(f: impl FnOnce(&mut State) -> T) -> T {
     let mut g = STATE.lock().unwrap_or_else(|e| e.into_inner());
@@ -66,6 +69,7 @@ pub fn umount(p: &std::path::Path) {
 
 /// Tears everything down (idempotent).
 pub fn run() {
+    let _running = RUNNING.lock().unwrap_or_else(|e| e.into_inner());
     let s = with(std::mem::take);
     for id in &s.containers {
         let _ = Command::new("timeout")

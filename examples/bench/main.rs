@@ -40,6 +40,7 @@ struct Args {
     cache: PathBuf,
     out: PathBuf,
     steady_rounds: usize,
+    build_only: bool,
 }
 
 fn parse_args() -> Result<Args> {
@@ -51,6 +52,7 @@ fn parse_args() -> Result<Args> {
         cache: PathBuf::from("/var/tmp/fanfill-bench"),
         out: std::env::current_dir()?,
         steady_rounds: 3,
+        build_only: false,
     };
     let mut it = std::env::args().skip(1);
     let mut explicit_runs = None;
@@ -59,6 +61,7 @@ fn parse_args() -> Result<Args> {
         match arg.as_str() {
             "--all" => {}
             "--quick" => a.quick = true,
+            "--build-only" => a.build_only = true,
             "--runs" => explicit_runs = Some(val("--runs")?.parse()?),
             "--images" => a.images = val("--images")?.split(',').map(String::from).collect(),
             "--links" => a.links = val("--links")?.split(',').map(String::from).collect(),
@@ -76,8 +79,12 @@ fn parse_args() -> Result<Args> {
     }
     if a.quick {
         a.runs = 3;
-        a.images = vec!["slim".into()];
-        a.links = vec!["shaped".into()];
+        if !std::env::args().any(|x| x == "--images") {
+            a.images = vec!["slim".into()];
+        }
+        if !std::env::args().any(|x| x == "--links") {
+            a.links = vec!["shaped".into()];
+        }
         a.steady_rounds = 2;
     }
     if let Some(r) = explicit_runs {
@@ -95,7 +102,11 @@ fn main() {
         return;
     }
     cleanup::install_signal_handler();
-    let res = real_main();
+    let res = if std::env::args().nth(1).as_deref() == Some("__link") {
+        link_only()
+    } else {
+        real_main()
+    };
     cleanup::run();
     if let Err(e) = res {
         eprintln!("bench: error: {e:#}");
@@ -132,6 +143,10 @@ fn real_main() -> Result<()> {
         built.push((spec, images::build(spec, &args.cache.join("layouts").join(name))?));
     }
 
+    if args.build_only {
+        return Ok(());
+    }
+
     // Scratch filesystem for every tree.
     let mnt = args.cache.join("mnt");
     for m in cleanup::mounts_below(&mnt) {
@@ -154,7 +169,7 @@ fn real_main() -> Result<()> {
     net::setup()?;
     cleanup::set_netns();
     net::shape(None)?;
-    let registry = net::Registry::start(&net::storage_dir(&args.cache), &mnt.join("registry"))?;
+    let registry = net::Registry::start(&net::storage_dir(&args.cache), &args.cache.join("registry-run"))?;
     cleanup::add_pid(registry.pid());
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
@@ -275,6 +290,28 @@ fn real_main() -> Result<()> {
     let md = report_md(&report);
     std::fs::write(args.out.join("BENCHMARKS.md"), &md)?;
     println!("{md}");
+    Ok(())
+}
+
+/// `bench __link [SECS]`: only the registry and the shaped link, for poking at them by hand
+/// (prints the relay's address; tears down after SECS, default 120).
+fn link_only() -> Result<()> {
+    let secs: u64 = std::env::args()
+        .nth(2)
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(120);
+    let cache = PathBuf::from("/var/tmp/fanfill-bench");
+    net::setup()?;
+    cleanup::set_netns();
+    net::shape(Some("1gbit"))?;
+    let registry = net::Registry::start(&net::storage_dir(&cache), &cache.join("registry-run"))?;
+    cleanup::add_pid(registry.pid());
+    let proxy = net::DelayProxy::start(
+        format!("{}:{}", net::REGISTRY_ADDR, net::REGISTRY_PORT).parse()?,
+        Duration::from_millis(1),
+    )?;
+    println!("relay {} registry {}", proxy.host(), net::direct_host());
+    std::thread::sleep(Duration::from_secs(secs));
     Ok(())
 }
 
@@ -520,7 +557,13 @@ fn fanfill_run(
     for d in [&dest, &upper, &work, &merged, &dir.join("indexes")] {
         std::fs::create_dir_all(d)?;
     }
-    let mut serve = serve::Serve::spawn(&dir.with_extension("serve.log"))?;
+    let logs = ctx.mnt.parent().unwrap_or(ctx.mnt).join("logs");
+    std::fs::create_dir_all(&logs)?;
+    let log = logs.join(format!(
+        "serve-{}-{}-{}-{}.log",
+        ctx.image, ctx.link, ctx.variant, ctx.rep
+    ));
+    let mut serve = serve::Serve::spawn(&log)?;
     let t0 = Instant::now();
     let ready = serve.call(
         json!({
@@ -554,7 +597,15 @@ fn fanfill_run(
         "stdout": o.stdout,
     });
     if let Some(rounds) = steady_rounds {
-        let filled = serve.call(json!({"cmd": "fill_all"}), Duration::from_secs(1800))?;
+        // Every file read once by 4 threads: the engine fills what is missing on the
+        // pre-content events (see `prefetch_by_reading` for why not `fill_all`).
+        let t = Instant::now();
+        measure::prefetch_by_reading(&dest, 4, Duration::from_secs(1800))?;
+        let mut filled = serve.call(json!({"cmd": "stats"}), Duration::from_secs(30))?;
+        filled["fill_all_ms"] = json!(t.elapsed().as_secs_f64() * 1e3);
+        if filled["files_complete"] != filled["files"] {
+            bail!("prefetch left files incomplete: {filled}");
+        }
         v["after_fill_all"] = filled.clone();
         let s = steady_state(ctx, &dest, rounds)?;
         report["steady"]

@@ -426,3 +426,43 @@ pub fn dir_size_on_disk(root: &Path) -> u64 {
         .map(|m| m.blocks() * 512)
         .sum()
 }
+
+/// Reads every regular file of `root` once with `threads` readers, so that the engine fills
+/// whatever is missing through ordinary pre-content events. Used instead of
+/// `Engine::fill_all`, which self-deadlocks when called from a thread outside the engine's
+/// runtime, and instead of driving `Engine::filler()` futures on the engine's runtime, which
+/// stalled here (fills stopped after ~465 files, responses left unread in the sockets).
+pub fn prefetch_by_reading(root: &Path, threads: usize, timeout: Duration) -> Result<()> {
+    let files = Arc::new(tree_files(root));
+    let next = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let (tx, rx) = mpsc::channel::<Result<(), String>>();
+    for _ in 0..threads {
+        let (files, next, tx, root) = (files.clone(), next.clone(), tx.clone(), root.to_path_buf());
+        std::thread::spawn(move || {
+            let mut buf = vec![0u8; 1 << 20];
+            loop {
+                let i = next.fetch_add(1, Ordering::Relaxed);
+                let Some((rel, _)) = files.get(i) else { break };
+                let r = File::open(root.join(rel)).and_then(|mut f| {
+                    while f.read(&mut buf)? > 0 {}
+                    Ok(())
+                });
+                if let Err(e) = r {
+                    let _ = tx.send(Err(format!("{}: {e}", rel.display())));
+                    return;
+                }
+            }
+            let _ = tx.send(Ok(()));
+        });
+    }
+    drop(tx);
+    let deadline = Instant::now() + timeout;
+    for _ in 0..threads {
+        match rx.recv_timeout(deadline.saturating_duration_since(Instant::now())) {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => bail!("prefetch read failed: {e}"),
+            Err(_) => bail!("prefetch did not finish within {timeout:?}"),
+        }
+    }
+    Ok(())
+}

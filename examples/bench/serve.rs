@@ -57,6 +57,11 @@ fn unmount(st: &mut State) {
 
 /// The child's main loop.
 pub fn serve_main() -> Result<()> {
+    tracing_subscriber::fmt()
+        .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
+        .with_writer(std::io::stderr)
+        .with_ansi(false)
+        .init();
     let engine = Engine::start(EngineConfig::default())?;
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
@@ -153,7 +158,25 @@ fn handle(
         "stats" => Ok(stats_json(engine, st)),
         "fill_all" => {
             let t = Instant::now();
-            engine.fill_all(4)?;
+            // Not `Engine::fill_all`: it drives the fills on the calling thread, whose own
+            // small (inline) writes then raise pre-content events that the engine treats as
+            // a foreign reader waiting on the very fill in progress: a self-deadlock (the
+            // caller blocks in `fanotify_handle_event` inside `pwrite64`). The fills run as
+            // tasks on the engine's runtime instead, whose threads the engine recognises.
+            let ids = st.prepared.as_ref().map(|p| p.files.clone()).unwrap_or_default();
+            let filler = engine.filler();
+            let task = engine.handle().spawn(async move {
+                use futures::stream::{self, StreamExt, TryStreamExt};
+                stream::iter(ids)
+                    .map(|id| filler(id))
+                    .buffer_unordered(4)
+                    .try_collect::<Vec<()>>()
+                    .await
+            });
+            engine
+                .handle()
+                .block_on(task)?
+                .map_err(|e| anyhow!("fill_all: {}", fanfill::fill::error_chain(&*e)))?;
             let mut v = stats_json(engine, st);
             v["fill_all_ms"] = json!(t.elapsed().as_secs_f64() * 1e3);
             Ok(v)
@@ -180,7 +203,10 @@ impl Serve {
         let log = std::fs::File::create(log)?;
         let mut child = Command::new(exe)
             .arg("__serve")
-            .env("RUST_LOG", "fanfill=warn")
+            .env(
+                "RUST_LOG",
+                std::env::var("FANFILL_BENCH_LOG").unwrap_or_else(|_| "fanfill=warn".into()),
+            )
             .stdin(Stdio::piped())
             .stdout(Stdio::piped())
             .stderr(log)
