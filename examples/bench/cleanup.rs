@@ -80,10 +80,7 @@ pub fn run() {
             .status();
     }
     for pid in &s.pids {
-        let _ = nix::sys::signal::kill(
-            nix::unistd::Pid::from_raw(*pid as i32),
-            Signal::SIGKILL,
-        );
+        let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(*pid as i32), Signal::SIGKILL);
     }
     for root in s.mount_roots.iter().rev() {
         for m in mounts_below(root) {

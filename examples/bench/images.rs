@@ -174,7 +174,8 @@ const LARGE_SCRIPT: &str = r#"out=$( {
 } 2>&1 ); echo "$out"
 "#;
 
-const HELLO_C: &str = "#include <stdio.h>\nint main(void) { printf(\"hello %d\\n\", 6 * 7); return 0; }\n";
+const HELLO_C: &str =
+    "#include <stdio.h>\nint main(void) { printf(\"hello %d\\n\", 6 * 7); return 0; }\n";
 
 pub fn specs() -> Vec<Spec> {
     let base = || LayerSpec {
@@ -491,10 +492,8 @@ impl Collector {
             if is_elf(&real) {
                 self.elves.push(real.clone());
             }
-            self.items.insert(
-                path.clone(),
-                LayerItem::HostFile { path, host: real },
-            );
+            self.items
+                .insert(path.clone(), LayerItem::HostFile { path, host: real });
         }
     }
 
@@ -510,7 +509,10 @@ impl Collector {
             for line in String::from_utf8_lossy(&out.stdout).lines() {
                 let lib = match line.split_once("=>") {
                     Some((_, rhs)) => rhs.split_whitespace().next(),
-                    None => line.split_whitespace().next().filter(|s| s.starts_with('/')),
+                    None => line
+                        .split_whitespace()
+                        .next()
+                        .filter(|s| s.starts_with('/')),
                 };
                 if let Some(lib) = lib.filter(|l| l.starts_with('/')) {
                     self.add(Path::new(lib), true);

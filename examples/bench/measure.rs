@@ -61,7 +61,9 @@ pub fn runc_template(scratch: &Path) -> Result<Value> {
     let _ = std::fs::remove_dir_all(&dir);
     std::fs::create_dir_all(&dir)?;
     run_cmd(30, "runc", &["spec", "--bundle", &dir.to_string_lossy()])?;
-    Ok(serde_json::from_slice(&std::fs::read(dir.join("config.json"))?)?)
+    Ok(serde_json::from_slice(&std::fs::read(
+        dir.join("config.json"),
+    )?)?)
 }
 
 pub struct RunOutcome {
@@ -192,7 +194,11 @@ pub fn tree_files(root: &Path) -> Vec<(PathBuf, u64)> {
             if md.is_dir() {
                 stack.push(e.path());
             } else if md.is_file() {
-                let rel = e.path().strip_prefix(root).unwrap_or(&e.path()).to_path_buf();
+                let rel = e
+                    .path()
+                    .strip_prefix(root)
+                    .unwrap_or(&e.path())
+                    .to_path_buf();
                 out.push((rel, md.len()));
             }
         }
@@ -301,7 +307,11 @@ pub fn strace_profile(rootfs: &Path, trace_out: &Path) -> Result<ReadProfile> {
     let mut touched: BTreeSet<PathBuf> = BTreeSet::new();
     let mut bytes: BTreeMap<PathBuf, u64> = BTreeMap::new();
     for line in text.lines() {
-        let call = line.split_once(' ').map(|x| x.1).unwrap_or(line).trim_start();
+        let call = line
+            .split_once(' ')
+            .map(|x| x.1)
+            .unwrap_or(line)
+            .trim_start();
         let result = line.rsplit_once(" = ").map(|x| x.1.trim());
         if call.starts_with("chroot(") && result.is_some_and(|r| r.starts_with('0')) {
             inside = true;
@@ -329,7 +339,11 @@ pub fn strace_profile(rootfs: &Path, trace_out: &Path) -> Result<ReadProfile> {
                 touched.insert(p);
             }
         } else if call.starts_with("read(") || call.starts_with("pread64(") {
-            let n: u64 = res.split_whitespace().next().and_then(|x| x.parse().ok()).unwrap_or(0);
+            let n: u64 = res
+                .split_whitespace()
+                .next()
+                .and_then(|x| x.parse().ok())
+                .unwrap_or(0);
             if let Some(p) = fd_path(call) {
                 *bytes.entry(p.clone()).or_default() += n;
                 touched.insert(p);
@@ -345,7 +359,10 @@ pub fn strace_profile(rootfs: &Path, trace_out: &Path) -> Result<ReadProfile> {
             }
         }
     }
-    let files_touched = touched.iter().filter(|p| image_files.contains_key(*p)).count() as u64;
+    let files_touched = touched
+        .iter()
+        .filter(|p| image_files.contains_key(*p))
+        .count() as u64;
     let bytes_read = bytes
         .iter()
         .filter_map(|(p, b)| image_files.get(p).map(|size| (*b).min(*size)))

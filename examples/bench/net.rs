@@ -77,7 +77,9 @@ pub fn setup() -> Result<()> {
 /// `tc tbf` at `rate` on both veth ends (or none).
 pub fn shape(rate: Option<&str>) -> Result<()> {
     let _ = sh(&["tc", "qdisc", "del", "dev", VETH_HOST, "root"]);
-    let _ = sh(&["ip", "netns", "exec", NETNS, "tc", "qdisc", "del", "dev", VETH_NS, "root"]);
+    let _ = sh(&[
+        "ip", "netns", "exec", NETNS, "tc", "qdisc", "del", "dev", VETH_NS, "root",
+    ]);
     if let Some(rate) = rate {
         let tbf = ["tbf", "rate", rate, "burst", "256kb", "latency", "50ms"];
         let mut a = vec!["tc", "qdisc", "add", "dev", VETH_HOST, "root"];
@@ -199,7 +201,10 @@ fn pipe(mut from: TcpStream, mut to: TcpStream, delay: Duration) {
             match from.read(&mut buf) {
                 Ok(0) | Err(_) => break,
                 Ok(n) => {
-                    if tx.send((Instant::now() + delay, buf[..n].to_vec())).is_err() {
+                    if tx
+                        .send((Instant::now() + delay, buf[..n].to_vec()))
+                        .is_err()
+                    {
                         break;
                     }
                 }

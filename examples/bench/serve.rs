@@ -163,7 +163,11 @@ fn handle(
             // a foreign reader waiting on the very fill in progress: a self-deadlock (the
             // caller blocks in `fanotify_handle_event` inside `pwrite64`). The fills run as
             // tasks on the engine's runtime instead, whose threads the engine recognises.
-            let ids = st.prepared.as_ref().map(|p| p.files.clone()).unwrap_or_default();
+            let ids = st
+                .prepared
+                .as_ref()
+                .map(|p| p.files.clone())
+                .unwrap_or_default();
             let filler = engine.filler();
             let task = engine.handle().spawn(async move {
                 use futures::stream::{self, StreamExt, TryStreamExt};
