@@ -297,7 +297,6 @@ fn real_main() -> Result<()> {
             }
         }
     }
-    drop(proxy);
     drop(registry);
     report["load_end"] = json!(
         std::fs::read_to_string("/proc/loadavg")
