@@ -993,7 +993,7 @@ fn report_md(r: &Value) -> String {
         let _ = writeln!(s, "## Steady state: every file read once more\n");
         let _ = writeln!(
             s,
-            "| image | files | MiB | fill_all s | daemon VmHWM after fill_all MiB | fanfill cold MiB/s | ext4 cold | squashfuse cold | fanfill ÷ ext4 cold | squashfuse ÷ ext4 cold | fanfill warm MiB/s | ext4 warm | squashfuse warm | fanfill ÷ ext4 warm | squashfuse ÷ ext4 warm |"
+            "| image | files | MiB | prefetch s | daemon VmHWM after prefetch MiB | fanfill cold MiB/s | ext4 cold | squashfuse cold | fanfill ÷ ext4 cold | squashfuse ÷ ext4 cold | fanfill warm MiB/s | ext4 warm | squashfuse warm | fanfill ÷ ext4 warm | squashfuse ÷ ext4 warm |"
         );
         let _ = writeln!(
             s,
@@ -1024,7 +1024,7 @@ fn report_md(r: &Value) -> String {
         }
         let _ = writeln!(
             s,
-            "\nfanfill: the direct tree of the last cold run after `Engine::fill_all` (every mark \
+            "\nfanfill: the direct tree of the last cold run after every file was read once (every mark \
              removed; daemon still running). ext4: the eager run's `umoci` tree on the same \
              filesystem. squashfuse: `mksquashfs` (gzip) of that tree mounted with `squashfuse`. \
              Each round evicts the trees' page cache (fsync + `POSIX_FADV_DONTNEED` per file, and \
