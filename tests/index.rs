@@ -1177,3 +1177,43 @@ fn host_headers_read_whole() {
     );
     assert!(checked > 500 && mid > 100);
 }
+
+/// The retry path of a fill whose bytes failed verification: planning from earlier
+/// checkpoints yields the same bytes, from further back, down to the first checkpoint.
+#[test]
+fn planning_from_earlier_checkpoints_gives_the_same_bytes() {
+    let (tar, files) = synth_tar(5);
+    let blob = gzip(&tar, 6);
+    let (idx, pack) = LayerIndex::build(&blob[..], &small_span()).unwrap();
+    let entry = idx
+        .entries
+        .iter()
+        .filter(|e| e.kind == fanfill::index::EntryKind::File)
+        .max_by_key(|e| e.size)
+        .unwrap()
+        .clone();
+    let want = &files[&entry.path];
+    let (off, len) = (entry.size / 2, (entry.size / 4).min(300_000));
+    let mut starts = Vec::new();
+    for back in [0, 1, 4, usize::MAX] {
+        let span = fanfill::index::plan_back(&idx, &entry, off, len, back).unwrap();
+        let window = window_for(&idx, &pack, &span);
+        let bytes = &blob[span.blob_offset as usize..(span.blob_offset + span.blob_len) as usize];
+        let got = fanfill::index::extract(&idx, &span, &window, bytes).unwrap();
+        assert!(
+            got[..] == want[off as usize..(off + len) as usize],
+            "back {back}"
+        );
+        starts.push(span.checkpoint.unwrap());
+    }
+    assert!(starts.windows(2).all(|w| w[1] <= w[0]), "{starts:?}");
+    assert_eq!(
+        *starts.last().unwrap(),
+        0,
+        "back = MAX starts at the first checkpoint"
+    );
+    assert!(
+        starts[0] > 0,
+        "the file's middle is past the first checkpoint"
+    );
+}

@@ -46,6 +46,19 @@ impl Span {
 /// Plan the fetch for `len` bytes at `offset` of regular file `entry` (an entry of `index`).
 /// The range is clamped to the end of the file; an `offset` past the end is an error.
 pub fn plan(index: &LayerIndex, entry: &Entry, offset: u64, len: u64) -> Result<Span, IndexError> {
+    plan_back(index, entry, offset, len, 0)
+}
+
+/// [`plan`], but starting `back` checkpoints earlier than the nearest one (clamped to the
+/// first): a retry path for a range whose bytes failed verification when inflated from the
+/// nearest checkpoint. More is fetched and inflated; the result is the same bytes.
+pub fn plan_back(
+    index: &LayerIndex,
+    entry: &Entry,
+    offset: u64,
+    len: u64,
+    back: usize,
+) -> Result<Span, IndexError> {
     if entry.kind != EntryKind::File {
         return Err(IndexError::NotAFile {
             path: entry.path.clone(),
@@ -65,7 +78,7 @@ pub fn plan(index: &LayerIndex, entry: &Entry, offset: u64, len: u64) -> Result<
             offset,
             size: entry.size,
         })?;
-    plan_uncompressed(index, start, len)
+    plan_uncompressed_back(index, start, len, back)
 }
 
 /// Plan the fetch for `len` bytes at `offset` of the uncompressed tar stream (clamped to its
@@ -73,6 +86,15 @@ pub fn plan(index: &LayerIndex, entry: &Entry, offset: u64, len: u64) -> Result<
 /// the first checkpoint or deflate block end at or after the range end (plus a few bytes),
 /// or to the blob end.
 pub fn plan_uncompressed(index: &LayerIndex, offset: u64, len: u64) -> Result<Span, IndexError> {
+    plan_uncompressed_back(index, offset, len, 0)
+}
+
+fn plan_uncompressed_back(
+    index: &LayerIndex,
+    offset: u64,
+    len: u64,
+    back: usize,
+) -> Result<Span, IndexError> {
     let size = index.uncompressed_size;
     if offset > size {
         return Err(IndexError::OutOfRange { offset, size });
@@ -98,7 +120,11 @@ pub fn plan_uncompressed(index: &LayerIndex, offset: u64, len: u64) -> Result<Sp
     }
     let cps = &index.checkpoints;
     let i = cps.partition_point(|c| c.uncompressed_offset <= offset);
-    let Some(start) = i.checked_sub(1).and_then(|i| cps.get(i)) else {
+    if i == 0 {
+        return Err(IndexError::CorruptIndex("no checkpoint at offset 0".into()));
+    }
+    let i = i.saturating_sub(back).max(1);
+    let Some(start) = cps.get(i - 1) else {
         return Err(IndexError::CorruptIndex("no checkpoint at offset 0".into()));
     };
     let end_u = offset + len;

@@ -72,7 +72,7 @@ mod windows;
 pub use build::{IndexOptions, IndexSink, NoSink};
 pub use error::IndexError;
 pub use extract::{
-    RangeReader, Span, extract, plan, plan_uncompressed, read_file_range, verify_chunk,
+    RangeReader, Span, extract, plan, plan_back, plan_uncompressed, read_file_range, verify_chunk,
     verify_whole,
 };
 pub use format::{FORMAT_MAGIC, FORMAT_VERSION};
