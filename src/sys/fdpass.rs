@@ -76,21 +76,22 @@ impl FdReservation {
     pub fn reserve(from: i32, to: i32) -> std::io::Result<FdReservation> {
         let null = std::fs::File::open("/dev/null")?;
         let mut held = Vec::new();
-        for n in from.max(0)..=to {
-            // SAFETY: F_GETFD only queries the descriptor table; an unused number gives EBADF.
-            let open = unsafe { libc::fcntl(n, libc::F_GETFD) } != -1;
-            if open || n == null.as_raw_fd() {
-                continue;
-            }
-            // SAFETY: `n` is free (checked just above, and this process does not open files
-            // concurrently at start-up), so dup2 installs a new descriptor there and replaces
-            // nothing; we own it from here on.
-            let r = unsafe { libc::dup3(null.as_raw_fd(), n, libc::O_CLOEXEC) };
-            if r != n {
+        // F_DUPFD_CLOEXEC gives the lowest *free* number at or above `from`: it never
+        // replaces a descriptor another thread holds (dup2/dup3 to a chosen number would),
+        // so repeating it until the answer lies past `to` takes exactly the free numbers.
+        loop {
+            // SAFETY: F_DUPFD_CLOEXEC duplicates `null` (open, owned by this function) into a
+            // new, previously free descriptor number chosen by the kernel.
+            let n = unsafe { libc::fcntl(null.as_raw_fd(), libc::F_DUPFD_CLOEXEC, from.max(0)) };
+            if n < 0 {
                 return Err(std::io::Error::last_os_error());
             }
-            // SAFETY: `n` was just installed by dup3 above and is owned by no one else.
-            held.push((n, unsafe { OwnedFd::from_raw_fd(n) }));
+            // SAFETY: `n` was just installed by the kernel for us and is owned by no one else.
+            let fd = unsafe { OwnedFd::from_raw_fd(n) };
+            if n > to {
+                break;
+            }
+            held.push((n, fd));
         }
         // `null`'s own number may lie in the range: keep it too.
         if (from..=to).contains(&null.as_raw_fd()) {
