@@ -1169,24 +1169,17 @@ under `/var/tmp/fanfill-bench`; a 40 GiB sparse scratch image is created there.
 
 ## Library problems found while benchmarking
 
-- `Engine::fill_all` / `Engine::fill_file` drive the fills with `Handle::block_on` on the
-  calling thread; a chunk of at most 64 KiB is written inline on that thread, which is not
-  one of the engine's own threads, so its `pwrite64` raises a pre-content event that the
-  engine serves as a foreign reader waiting on the very fill in progress: the caller hangs in
-  `fanotify_handle_event` (state D) forever. `fanfill pull --prefetch` calls `fill_all` from a
-  plain thread and is affected: `fanfill pull --exit-when-complete oci:…/slim:bench DEST`
-  stays at `0/2383 files complete, 1 misses` with one thread in `fanotify_handle_event`
-  until killed.
-- Driving `Engine::filler()` futures as tasks on the engine's own runtime instead (4 at a
-  time over every placeholder) stalled on the shaped link: once it failed with the 30 s read
-  timeout, once fills stopped after 465 files for over 10 minutes with responses unread in
-  the daemon's sockets (Recv-Q 0.5-1.4 MB), all engine threads parked and no fetch timeout
-  firing. Not root-caused; the container workloads themselves never stalled.
-- Bytes fetched per fill: a fill range-reads the compressed bytes from the nearest gzip
-  checkpoint before the file (every 4 MiB of uncompressed data, `IndexOptions::span`) to
-  its end and inflates them, so each small-file miss costs about half a span of transfer and
-  inflation: a workload that reads a few MiB fetches tens of MiB, more than the whole
-  compressed image for the small ones (fetched ÷ read column), and the median event takes
-  milliseconds. Fetches are not shared between neighbouring files of one span. A smaller
-  span for published indexes, or caching the inflated span, would cut both.
+- Fixed: `Engine::fill_all` / `Engine::fill_file` used to run fills on the calling thread,
+  whose small inline writes raised pre-content events the engine then waited on (the
+  caller hung in `fanotify_handle_event`); fills now always run on the engine's runtime.
+- Fixed: bytes fetched per fill. With index format v2 (checkpoints at file and chunk starts,
+  windows fetched lazily) the fetched ÷ read column is below 1; it was 4.9-10.2 with one
+  checkpoint per 4 MiB.
+- Fixed: one mid-block checkpoint of the large image (libLLVM-14, offset 94,371,840) inflated
+  to bytes that failed verification (the reader got EIO). The source now retries from
+  earlier checkpoints; the run above logged one such retry and no error.
+- Open: driving `Engine::filler()` futures as tasks on the engine's own runtime (4 at a time
+  over every placeholder) stalled once on the shaped link (fills stopped after 465 files,
+  responses unread in the daemon's sockets, no fetch timeout firing). Not root-caused; the
+  steady-state pass therefore fills by reading, and the container workloads never stalled.
 ";
