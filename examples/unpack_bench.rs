@@ -13,19 +13,11 @@ use fanfill::unpack::{Layer, Mode, UnpackOptions, unpack};
 
 fn entry(path: String, kind: EntryKind, mode: u32, size: u64) -> Entry {
     Entry {
-        path,
-        kind,
-        mode,
         uid: 1,
         gid: 1,
         mtime: 1_600_000_000,
-        mtime_nsec: 0,
-        xattrs: Vec::new(),
-        link: None,
         size,
-        data_offset: 0,
-        sha256: None,
-        chunk_sha256: Vec::new(),
+        ..Entry::new(path, kind, mode)
     }
 }
 

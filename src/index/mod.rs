@@ -150,6 +150,26 @@ pub struct Entry {
 pub const CHUNK_SIZE: u64 = 1 << 20;
 
 impl Entry {
+    /// An entry of `kind` at `path` with `mode`, owned by 0:0, at time 0, with no data,
+    /// link or xattrs (builders fill in the rest).
+    pub fn new(path: impl Into<String>, kind: EntryKind, mode: u32) -> Entry {
+        Entry {
+            path: path.into(),
+            kind,
+            mode,
+            uid: 0,
+            gid: 0,
+            mtime: 0,
+            mtime_nsec: 0,
+            xattrs: Vec::new(),
+            link: None,
+            size: 0,
+            data_offset: 0,
+            sha256: None,
+            chunk_sha256: Vec::new(),
+        }
+    }
+
     /// Number of [`CHUNK_SIZE`] pieces of a regular file (0 for an empty file or a non-file).
     pub fn chunk_count(&self) -> u64 {
         self.size.div_ceil(CHUNK_SIZE)

@@ -504,21 +504,7 @@ mod tests {
     use super::*;
 
     fn e(path: &str, kind: EntryKind) -> Entry {
-        Entry {
-            path: path.to_owned(),
-            kind,
-            mode: 0o644,
-            uid: 0,
-            gid: 0,
-            mtime: 0,
-            mtime_nsec: 0,
-            xattrs: Vec::new(),
-            link: None,
-            size: 0,
-            data_offset: 0,
-            sha256: None,
-            chunk_sha256: Vec::new(),
-        }
+        Entry::new(path, kind, 0o644)
     }
     fn f(path: &str) -> Entry {
         e(path, EntryKind::File)

@@ -153,21 +153,7 @@ fn keep_xattr(name: &str, file_or_dir: bool) -> bool {
 
 /// Metadata of a directory no layer describes.
 fn default_dir() -> Entry {
-    Entry {
-        path: String::new(),
-        kind: EntryKind::Dir,
-        mode: 0o755,
-        uid: 0,
-        gid: 0,
-        mtime: 0,
-        mtime_nsec: 0,
-        xattrs: Vec::new(),
-        link: None,
-        size: 0,
-        data_offset: 0,
-        sha256: None,
-        chunk_sha256: Vec::new(),
-    }
+    Entry::new(String::new(), EntryKind::Dir, 0o755)
 }
 
 /// A directory open on the walk, finished when the walk leaves it.
