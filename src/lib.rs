@@ -20,6 +20,7 @@
 //! - [`overlay`]: overlay rootfs: whole-file fill when a file is opened through overlayfs.
 //! - [`reference`]: image reference grammar (`docker://`, `oci:`).
 //! - [`registry`]: manifests and blobs from a registry or an OCI layout: ranges, streams, auth.
+//! - [`toc`]: eStargz and zstd:chunked layers, read through their own table of contents.
 //! - [`unpack`]: placeholder unpack: layers to a metadata-complete tree of sparse files.
 #![deny(missing_docs)]
 
@@ -35,4 +36,5 @@ pub mod overlay;
 pub mod reference;
 pub mod registry;
 pub mod sys;
+pub mod toc;
 pub mod unpack;
