@@ -33,6 +33,7 @@ use crate::index::{
 };
 use crate::reference::Reference;
 use crate::registry::{self, BlobStore, Platform};
+use crate::toc::{self, TocError, TocFileSource, TocLayer};
 use crate::unpack::{self, Layer, Mode, UnpackError, UnpackOptions, Unpacked};
 
 /// `artifactType` of the layer-index artifact a `fanfill index --push` attaches to an image
@@ -72,6 +73,17 @@ pub enum ImageError {
         /// The index error.
         #[source]
         source: IndexError,
+    },
+    /// A layer's table of contents (eStargz, zstd:chunked) could not be read or verified.
+    #[error("layer {layer} of {reference}")]
+    Toc {
+        /// The image.
+        reference: String,
+        /// The layer digest.
+        layer: String,
+        /// The TOC error.
+        #[source]
+        source: TocError,
     },
     /// An index does not describe the layer it was filed under.
     #[error("index for layer {layer} describes blob {found}")]
@@ -115,6 +127,21 @@ pub enum IndexOrigin {
     Artifact,
     /// Built now by streaming the whole layer once.
     Built,
+    /// The layer's own table of contents (eStargz, zstd:chunked): no index needed, only the
+    /// TOC travelled.
+    Toc,
+}
+
+impl IndexOrigin {
+    /// One word for reports: `local`, `artifact`, `built`, `toc`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            IndexOrigin::Local => "local",
+            IndexOrigin::Artifact => "artifact",
+            IndexOrigin::Built => "built",
+            IndexOrigin::Toc => "toc",
+        }
+    }
 }
 
 /// How to prepare an image.
@@ -231,6 +258,136 @@ pub struct ImageIndexes {
     pub windows: Vec<Arc<dyn WindowSource>>,
     /// Where layers that travelled whole are kept (read before the registry).
     pub blob_cache: Option<BlobCache>,
+    /// Per layer, lowest first: its table of contents when it is a TOC layer
+    /// ([`IndexOrigin::Toc`]; `layers` then holds the TOC's entry table).
+    pub tocs: Vec<Option<Arc<TocLayer>>>,
+}
+
+impl ImageIndexes {
+    /// The sources of the image's files, fetching from `store`; checkpoint windows are
+    /// cached per image ([`WINDOW_CACHE_BYTES`]).
+    pub fn sources(&self, store: &Arc<BlobStore>) -> ImageSources {
+        let cache = Arc::new(WindowCache::new(WINDOW_CACHE_BYTES));
+        ImageSources {
+            store: store.clone(),
+            blob_cache: self.blob_cache.clone(),
+            layers: self
+                .layers
+                .iter()
+                .zip(&self.windows)
+                .zip(&self.tocs)
+                .map(|(((digest, index, _), w), toc)| LayerSources {
+                    digest: digest.clone(),
+                    index: index.clone(),
+                    toc: toc.clone(),
+                    windows: Arc::new(LayerWindows::new(w.clone(), cache.clone())),
+                })
+                .collect(),
+        }
+    }
+}
+
+struct LayerSources {
+    digest: Digest,
+    index: Arc<LayerIndex>,
+    toc: Option<Arc<TocLayer>>,
+    windows: Arc<LayerWindows>,
+}
+
+/// Everything that builds the content source of any file of a prepared image: the store,
+/// per layer its index or TOC and checkpoint windows, the blob cache. The one place that
+/// picks [`LayerFileSource`] or [`TocFileSource`] and the matching [`Verify`].
+pub struct ImageSources {
+    store: Arc<BlobStore>,
+    blob_cache: Option<BlobCache>,
+    layers: Vec<LayerSources>,
+}
+
+impl ImageSources {
+    /// Each layer's digest and entry table (a TOC layer's from its TOC), lowest first.
+    pub fn layers(&self) -> impl Iterator<Item = (&Digest, &Arc<LayerIndex>)> {
+        self.layers.iter().map(|l| (&l.digest, &l.index))
+    }
+
+    /// The entry `entry` of layer `layer`, hardlinks resolved to their file.
+    pub fn entry(&self, layer: usize, entry: usize) -> Option<&Entry> {
+        self.layers.get(layer)?.index.resolve(entry)
+    }
+
+    /// The content source and verification of regular-file entry `entry` of layer `layer`.
+    // Returned once per file at registration: the size of the error does not matter here.
+    #[allow(clippy::result_large_err)]
+    pub fn file_source(
+        &self,
+        layer: usize,
+        entry: usize,
+    ) -> Result<(Arc<dyn ContentSource>, Verify), ImageError> {
+        let l = self
+            .layers
+            .get(layer)
+            .ok_or_else(|| ImageError::Task(format!("no layer {layer}")))?;
+        let missing = || ImageError::Task(format!("no entry {entry} in layer {}", l.digest));
+        if let Some(toc) = &l.toc {
+            let target = resolve_pos(&toc.index, entry).ok_or_else(missing)?;
+            let verify = toc::verify_for(toc, target);
+            let source = TocFileSource::new(
+                self.store.clone(),
+                self.blob_cache.clone(),
+                l.digest.clone(),
+                toc.clone(),
+                target,
+            );
+            return Ok((Arc::new(source), verify));
+        }
+        let e = l.index.resolve(entry).cloned().ok_or_else(missing)?;
+        let verify = verify_for(&e);
+        let source = LayerFileSource::new(
+            self.store.clone(),
+            l.digest.clone(),
+            l.index.clone(),
+            l.windows.clone(),
+            e,
+        )
+        .with_blob_cache(self.blob_cache.clone());
+        Ok((Arc::new(source), verify))
+    }
+
+    /// Per layer, the entries its TOC names to prefetch first (empty for other layers).
+    pub fn prefetch_first(&self, layer: usize) -> &[usize] {
+        self.layers
+            .get(layer)
+            .and_then(|l| l.toc.as_deref())
+            .map_or(&[], |t| t.prefetch_first.as_slice())
+    }
+
+    /// `files` (pairs of layer and entry, as placeholders list them) reordered for prefetch:
+    /// the files each TOC layer names to prefetch first (lowest layer first, in TOC order),
+    /// then every other one in the order given. Returns positions into `files`.
+    pub fn prefetch_order(&self, files: &[(usize, usize)]) -> Vec<usize> {
+        let mut first = Vec::new();
+        let mut pos: std::collections::HashMap<(usize, usize), usize> =
+            files.iter().enumerate().map(|(i, f)| (*f, i)).collect();
+        for layer in 0..self.layers.len() {
+            for &e in self.prefetch_first(layer) {
+                if let Some(i) = pos.remove(&(layer, e)) {
+                    first.push(i);
+                }
+            }
+        }
+        let mut taken = vec![false; files.len()];
+        for &i in &first {
+            taken[i] = true;
+        }
+        first.extend((0..files.len()).filter(|&i| !taken[i]));
+        first
+    }
+}
+
+/// Position of the entry a hardlink at `idx` resolves to (`idx` itself for other kinds).
+fn resolve_pos(index: &LayerIndex, idx: usize) -> Option<usize> {
+    let target = index.resolve(idx)?;
+    // `resolve` returns a reference into `entries`: find its position by address.
+    index.entries.iter().position(|e| std::ptr::eq(e, target))
 }
 
 /// A windows pack in the registry (or layout), read a window at a time by range reads.
@@ -293,9 +450,39 @@ pub async fn load_indexes(
             source,
         }
     };
+    let toc_err = |layer: &Digest| {
+        let (reference, layer) = (reference.to_string(), layer.to_string());
+        move |source| ImageError::Toc {
+            reference,
+            layer,
+            source,
+        }
+    };
+    let blob_cache = opts.blob_cache.as_ref().map(BlobCache::new);
     let mut found: Vec<Option<Found>> = Vec::new();
+    let mut tocs: Vec<Option<Arc<TocLayer>>> = Vec::new();
+    let toc_found = |t: TocLayer| -> (Option<Found>, Option<Arc<TocLayer>>) {
+        info!(layer = %t.index.blob_digest, format = ?t.format, entries = t.index.entries.len(), toc_bytes = t.toc_bytes_fetched, "layer read through its table of contents");
+        let ix: Arc<LayerIndex> = Arc::new(t.index.clone());
+        let windows: Arc<dyn WindowSource> = Arc::new(crate::index::NoWindows);
+        (Some((ix, windows, IndexOrigin::Toc)), Some(Arc::new(t)))
+    };
     for desc in image.manifest.layers() {
         let digest = desc.digest().to_string();
+        // A layer that announces its TOC needs nothing else.
+        if toc::detect(desc).is_some() {
+            let t = toc::load(store, desc, blob_cache.as_ref())
+                .await
+                .map_err(toc_err(desc.digest()))?
+                .ok_or_else(|| {
+                    ImageError::Task(format!("layer {digest} announces a TOC but has none"))
+                })?;
+            let (f, t) = toc_found(t);
+            found.push(f);
+            tocs.push(t);
+            continue;
+        }
+        tocs.push(None);
         let hit = match local.load(&digest).map_err(idx_err(desc.digest()))? {
             Some(ix) => {
                 let windows = local.open_windows(&ix).map_err(idx_err(desc.digest()))?;
@@ -322,6 +509,23 @@ pub async fn load_indexes(
                 }
             }
             Err(e) => debug!(error = %crate::fill::error_chain(&e), "no usable index artifact"),
+        }
+    }
+    // No index anywhere: a gzip layer may still be eStargz without the annotation (its
+    // footer tells, for one small range read).
+    for ((slot, toc_slot), desc) in found
+        .iter_mut()
+        .zip(tocs.iter_mut())
+        .zip(image.manifest.layers())
+    {
+        if slot.is_some() {
+            continue;
+        }
+        if let Some(t) = toc::load(store, desc, blob_cache.as_ref())
+            .await
+            .map_err(toc_err(desc.digest()))?
+        {
+            (*slot, *toc_slot) = toc_found(t);
         }
     }
     let mut layers = Vec::new();
@@ -374,7 +578,8 @@ pub async fn load_indexes(
         image,
         layers,
         windows,
-        blob_cache: opts.blob_cache.as_ref().map(BlobCache::new),
+        blob_cache,
+        tocs,
     })
 }
 
@@ -477,15 +682,8 @@ pub async fn prepare(
     if let Err(e) = mark_tree(dest, reference) {
         warn!(dest = %dest.display(), error = %e, "cannot mark the tree as fanfill's");
     }
-    let cache = Arc::new(WindowCache::new(WINDOW_CACHE_BYTES));
-    let windows: Vec<Arc<LayerWindows>> = indexes
-        .windows
-        .iter()
-        .map(|w| Arc::new(LayerWindows::new(w.clone(), cache.clone())))
-        .collect();
-    let files = match register_all(
-        engine, &store, &indexes, &windows, &unpacked, reference, opts.mode,
-    ) {
+    let sources = indexes.sources(&store);
+    let files = match register_all(engine, &sources, &unpacked, reference, opts.mode) {
         Ok(files) => files,
         Err(e) => {
             // Leave nothing behind: the tree was ours (dest had to be empty).
@@ -520,9 +718,7 @@ pub async fn prepare(
 #[allow(clippy::result_large_err)]
 fn register_all(
     engine: &Engine,
-    store: &Arc<BlobStore>,
-    indexes: &ImageIndexes,
-    windows: &[Arc<LayerWindows>],
+    sources: &ImageSources,
     unpacked: &Unpacked,
     reference: &str,
     mode: Mode,
@@ -530,21 +726,7 @@ fn register_all(
     let mut files = Vec::with_capacity(unpacked.placeholders.len());
     let res = (|| {
         for p in &unpacked.placeholders {
-            let (digest, index, _) = &indexes.layers[p.layer];
-            let entry = index.resolve(p.entry).cloned().ok_or_else(|| {
-                ImageError::Task(format!("no entry {} in layer {digest}", p.entry))
-            })?;
-            let verify = verify_for(&entry);
-            let source = Arc::new(
-                LayerFileSource::new(
-                    store.clone(),
-                    digest.clone(),
-                    index.clone(),
-                    windows[p.layer].clone(),
-                    entry,
-                )
-                .with_blob_cache(indexes.blob_cache.clone()),
-            );
+            let (source, verify) = sources.file_source(p.layer, p.entry)?;
             let placeholder = Placeholder {
                 path: p.path.clone(),
                 size: p.size,
@@ -642,7 +824,11 @@ pub async fn index_image(
     // Every index is in the local store now (loaded from it, or built and saved).
     let local = IndexStore::new(&opts.index_dir);
     let mut blobs = Vec::new();
-    for (digest, ix, _) in &indexes.layers {
+    for (digest, ix, origin) in &indexes.layers {
+        if *origin == IndexOrigin::Toc {
+            // Read through its own TOC: nothing to attach.
+            continue;
+        }
         blobs.push((INDEX_LAYER_MEDIA_TYPE.to_string(), Bytes::from(ix.encode())));
         let pack = local.load_windows(ix).map_err(|source| ImageError::Index {
             reference: reference.to_string(),
@@ -652,6 +838,13 @@ pub async fn index_image(
         if let Some(pack) = pack {
             blobs.push((INDEX_WINDOWS_MEDIA_TYPE.to_string(), pack.bytes().clone()));
         }
+    }
+    if blobs.is_empty() {
+        info!(
+            reference,
+            "every layer carries its own TOC: no index artifact to push"
+        );
+        return Ok((indexes, None));
     }
     let digest = store
         .push_artifact(&subject, INDEX_ARTIFACT_TYPE, blobs)
@@ -709,16 +902,15 @@ impl LayerFileSource {
         let span = crate::index::plan_back(&self.index, &self.entry, offset, len, back)
             .map_err(|e| SourceError::with_source(what(), e))?;
         let fetch = async {
-            let digest = self.layer.to_string();
-            if let Some(local) = &self.local
-                && let Ok(Some(bytes)) = local.read_range(&digest, span.blob_offset, span.blob_len)
-            {
-                return Ok(bytes::Bytes::from(bytes));
-            }
-            self.store
-                .read_range(&self.layer, span.blob_offset, span.blob_len)
-                .await
-                .map_err(|e| SourceError::with_source(what(), e))
+            crate::blobcache::read_range(
+                self.local.as_ref(),
+                &self.store,
+                &self.layer,
+                span.blob_offset,
+                span.blob_len,
+            )
+            .await
+            .map_err(|e| SourceError::with_source(what(), e))
         };
         let window = async {
             match span.checkpoint {

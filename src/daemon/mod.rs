@@ -39,7 +39,6 @@ use std::time::{Duration, Instant};
 
 use futures::FutureExt;
 use futures::future::BoxFuture;
-use oci_spec::image::Digest;
 use tracing::{debug, info, warn};
 
 use crate::api::{
@@ -50,7 +49,7 @@ use crate::fill::{
     error_chain,
 };
 use crate::image::{self, PrepareOptions};
-use crate::index::{LayerIndex, LayerWindows, WindowCache};
+use crate::index::LayerIndex;
 use crate::overlay::OverlayWatch;
 use crate::registry::BlobStore;
 use crate::sys::fanotify::{DenyErrno, EventId, Group, GroupClass, Response as FanResponse};
@@ -153,10 +152,10 @@ struct ImageCounters {
     errors: AtomicU64,
 }
 
-/// A file's bytes from its layer ([`crate::image::LayerFileSource`]), plus per-image
-/// counters and the test delay.
+/// A file's bytes from its layer (the source [`image::ImageSources::file_source`] picks),
+/// plus per-image counters and the test delay.
 struct DaemonSource {
-    inner: image::LayerFileSource,
+    inner: Arc<dyn ContentSource>,
     store: Arc<BlobStore>,
     counters: Arc<ImageCounters>,
     delay: Duration,
@@ -187,6 +186,8 @@ struct ImageRt {
     record: Mutex<ImageRecord>,
     /// Parallel to `record.files`; `None`: not registered (user-modified file, or error).
     files: Vec<Option<FileId>>,
+    /// Positions into `files` in prefetch order (TOC prefetch landmarks first).
+    order: Vec<usize>,
     counters: Arc<ImageCounters>,
     prefetch: AtomicBool,
     prefetch_running: AtomicBool,
@@ -293,27 +294,17 @@ fn prepare_options(index_dir: &Path, r: &RegistrySettings) -> Result<PrepareOpti
 struct Opened {
     store: Arc<BlobStore>,
     manifest_digest: String,
-    layers: Vec<(Digest, Arc<LayerIndex>)>,
-    windows: Vec<Arc<LayerWindows>>,
-    blob_cache: Option<crate::blobcache::BlobCache>,
+    sources: image::ImageSources,
 }
 
 async fn open_image(reference: &str, opts: &PrepareOptions) -> Result<Opened, image::ImageError> {
     let (store, resolved) = image::open(reference, opts).await?;
     let manifest_digest = resolved.manifest_digest.to_string();
     let ix = image::load_indexes(&store, resolved, reference, opts).await?;
-    let cache = Arc::new(WindowCache::new(image::WINDOW_CACHE_BYTES));
-    let windows = ix
-        .windows
-        .iter()
-        .map(|w| Arc::new(LayerWindows::new(w.clone(), cache.clone())))
-        .collect();
     Ok(Opened {
+        sources: ix.sources(&store),
         store,
         manifest_digest,
-        blob_cache: ix.blob_cache.clone(),
-        layers: ix.layers.into_iter().map(|(d, i, _)| (d, i)).collect(),
-        windows,
     })
 }
 
@@ -325,23 +316,10 @@ impl Daemon {
         entry: usize,
         counters: &Arc<ImageCounters>,
     ) -> Result<(Arc<DaemonSource>, Verify), String> {
-        let (digest, index) = opened
-            .layers
-            .get(layer)
-            .ok_or_else(|| format!("no layer {layer}"))?;
-        let e = index
-            .resolve(entry)
-            .cloned()
-            .ok_or_else(|| format!("no entry {entry} in layer {digest}"))?;
-        let verify = image::verify_for(&e);
-        let inner = image::LayerFileSource::new(
-            opened.store.clone(),
-            digest.clone(),
-            index.clone(),
-            opened.windows[layer].clone(),
-            e,
-        )
-        .with_blob_cache(opened.blob_cache.clone());
+        let (inner, verify) = opened
+            .sources
+            .file_source(layer, entry)
+            .map_err(|e| error_chain(&e))?;
         Ok((
             Arc::new(DaemonSource {
                 inner,
@@ -396,8 +374,8 @@ impl Daemon {
             },
             ..UnpackOptions::default()
         };
-        let digests: Vec<String> = opened.layers.iter().map(|l| l.0.to_string()).collect();
-        let ixs: Vec<Arc<LayerIndex>> = opened.layers.iter().map(|l| l.1.clone()).collect();
+        let digests: Vec<String> = opened.sources.layers().map(|l| l.0.to_string()).collect();
+        let ixs: Vec<Arc<LayerIndex>> = opened.sources.layers().map(|l| l.1.clone()).collect();
         let (d2, dest2) = (digests.clone(), dest.clone());
         let unpacked = tokio::task::spawn_blocking(move || {
             let layers: Vec<Layer<'_>> = d2
@@ -439,9 +417,9 @@ impl Daemon {
         let res = tokio::task::spawn_blocking(move || {
             let mut ids = Vec::new();
             for p in &unpacked.placeholders {
-                let sha = opened.layers[p.layer]
-                    .1
-                    .resolve(p.entry)
+                let sha = opened
+                    .sources
+                    .entry(p.layer, p.entry)
                     .and_then(|e| e.sha256.clone());
                 let mut rec = FileRecord {
                     path: p.path.clone(),
@@ -495,11 +473,12 @@ impl Daemon {
                 }
                 record.files.push(rec);
             }
-            Ok((ids, record, counters))
+            let order = opened.sources.prefetch_order(&record.file_keys());
+            Ok((ids, record, counters, order))
         })
         .await
         .map_err(ApiFail::internal)?;
-        let (ids, record, counters) = match res {
+        let (ids, record, counters, order) = match res {
             Ok(v) => v,
             Err(e) => {
                 image::remove_tree_contents(&dest);
@@ -519,6 +498,7 @@ impl Daemon {
             cached: Mutex::new(Vec::new()),
             record: Mutex::new(record),
             files: ids,
+            order,
             counters,
             prefetch: AtomicBool::new(prefetch),
             prefetch_running: AtomicBool::new(false),
@@ -537,8 +517,12 @@ impl Daemon {
     /// progress.
     async fn reopen(self: &Arc<Self>, record: ImageRecord) -> Arc<ImageRt> {
         let counters = Arc::new(ImageCounters::default());
-        let mk = |files: Vec<Option<FileId>>, record: ImageRecord, error: Option<String>| {
+        let mk = |files: Vec<Option<FileId>>,
+                  order: Vec<usize>,
+                  record: ImageRecord,
+                  error: Option<String>| {
             Arc::new(ImageRt {
+                order,
                 saved: Mutex::new(Some(record.clone())),
                 cached: Mutex::new(Vec::new()),
                 prefetch: AtomicBool::new(record.prefetch),
@@ -566,12 +550,12 @@ impl Daemon {
                 );
                 warn!(error = %m, "cannot reopen image");
                 let n = record.files.len();
-                return mk(vec![None; n], record, Some(m));
+                return mk(vec![None; n], (0..n).collect(), record, Some(m));
             }
             Err(m) => {
                 warn!(reference = %record.reference, error = %m, "cannot reopen image");
                 let n = record.files.len();
-                return mk(vec![None; n], record, Some(m));
+                return mk(vec![None; n], (0..n).collect(), record, Some(m));
             }
         };
         let this = self.clone();
@@ -617,13 +601,14 @@ impl Daemon {
                     }
                 }
             }
-            (ids, record)
+            let order = opened.sources.prefetch_order(&record.file_keys());
+            (ids, record, order)
         })
         .await;
         match files {
-            Ok((ids, record)) => {
+            Ok((ids, record, order)) => {
                 info!(reference = %record.reference, dest = %record.dest.display(), files = ids.len(), "image re-served");
-                mk(ids, record, None)
+                mk(ids, order, record, None)
             }
             Err(e) => panic!("re-registering task failed: {e}"),
         }
@@ -775,8 +760,9 @@ impl Daemon {
         Ok(Response::Removed { dest })
     }
 
-    /// Background prefetch of one image: its files in layer order, `prefetch_parallel` at a
-    /// time, pausing while any reader's miss is being served (on-demand first).
+    /// Background prefetch of one image: the files its TOC layers name to prefetch first
+    /// (eStargz `.prefetch.landmark`), then the rest in layer order, `prefetch_parallel` at
+    /// a time, pausing while any reader's miss is being served (on-demand first).
     fn start_prefetch(self: &Arc<Self>, img: &Arc<ImageRt>) {
         if img.prefetch_running.swap(true, Ordering::SeqCst) {
             return;
@@ -798,7 +784,8 @@ impl Daemon {
                     {
                         std::thread::sleep(Duration::from_millis(2));
                     }
-                    let i = next.fetch_add(1, Ordering::SeqCst);
+                    let k = next.fetch_add(1, Ordering::SeqCst);
+                    let Some(&i) = img.order.get(k) else { break };
                     let Some(fid) = img.files.get(i) else { break };
                     let Some(fid) = fid else { continue };
                     if this.engine.is_complete(*fid) {
