@@ -644,6 +644,17 @@ impl Engine {
     /// Fills every registered file, `parallel` at a time, until the image is complete.
     pub fn fill_all(&self, parallel: usize) -> Result<(), FillError> {
         let entries: Vec<_> = self.inner.files.read().unwrap().values().cloned().collect();
+        self.fill_entries(entries, parallel)
+    }
+
+    /// Fills the registered files among `ids` in that order (at most `parallel` at once;
+    /// a file starts only after every earlier one has started), then removes their marks.
+    pub fn fill_files(&self, ids: &[FileId], parallel: usize) -> Result<(), FillError> {
+        let entries: Vec<_> = ids.iter().filter_map(|id| self.entry(*id)).collect();
+        self.fill_entries(entries, parallel)
+    }
+
+    fn fill_entries(&self, entries: Vec<Arc<FileEntry>>, parallel: usize) -> Result<(), FillError> {
         let inner = self.inner.clone();
         self.run_on_runtime(async move {
             use futures::stream::{self, TryStreamExt};

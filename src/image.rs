@@ -238,6 +238,9 @@ pub struct Prepared {
     pub unpacked: Unpacked,
     /// The engine's ids of the registered placeholders.
     pub files: Vec<FileId>,
+    /// The same ids in prefetch order: the files TOC layers name to prefetch first (eStargz
+    /// `.prefetch.landmark`), then the rest (see [`Engine::fill_files`]).
+    pub prefetch_order: Vec<FileId>,
     /// Where each layer's index came from, lowest layer first.
     pub index_origins: Vec<IndexOrigin>,
     /// Bytes received from the registry or layout before the placeholders were ready.
@@ -691,6 +694,16 @@ pub async fn prepare(
             return Err(e);
         }
     };
+    let keys: Vec<(usize, usize)> = unpacked
+        .placeholders
+        .iter()
+        .map(|p| (p.layer, p.entry))
+        .collect();
+    let prefetch_order = sources
+        .prefetch_order(&keys)
+        .into_iter()
+        .map(|i| files[i])
+        .collect();
     let bytes_before_ready = store.bytes_fetched();
     info!(
         reference,
@@ -706,6 +719,7 @@ pub async fn prepare(
         dest: dest.to_path_buf(),
         unpacked,
         files,
+        prefetch_order,
         index_origins: indexes.layers.iter().map(|l| l.2).collect(),
         bytes_before_ready,
         image_size,

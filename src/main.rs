@@ -319,8 +319,9 @@ fn pull(a: PullArgs) -> Result<()> {
     let (done_tx, done_rx) = std::sync::mpsc::channel();
     if prefetch {
         let (e, n) = (engine.clone(), a.prefetch_parallel);
+        let order = prepared.prefetch_order.clone();
         std::thread::spawn(move || {
-            let _ = done_tx.send(e.fill_all(n));
+            let _ = done_tx.send(e.fill_files(&order, n));
         });
     }
     let interrupted = Arc::new(std::sync::atomic::AtomicBool::new(false));

@@ -264,6 +264,18 @@ fn estargz_image_direct_mode_meets_the_issue_figures() {
         "{:?}",
         prepared.index_origins
     );
+    // Prefetch (`pull --prefetch`, Engine::fill_files) takes the landmark files first.
+    let first: std::collections::BTreeSet<u64> = prepared.prefetch_order[..fx.prefetch.len()]
+        .iter()
+        .map(|id| id.ino())
+        .collect();
+    let want: std::collections::BTreeSet<u64> = fx
+        .prefetch
+        .iter()
+        .map(|p| std::fs::symlink_metadata(dest.join(p)).unwrap().ino())
+        .collect();
+    assert_eq!(first, want);
+    assert_eq!(prepared.prefetch_order.len(), prepared.files.len());
     // (1) Only the TOCs (and manifest + config) travelled.
     let before = prepared.bytes_before_ready;
     let tails = toc_tails(&fx.blobs);
@@ -440,6 +452,15 @@ fn toc_digest_mismatch_is_refused_and_unannotated_layers_are_found_by_their_foot
     assert!(mismatches.is_empty(), "{mismatches:#?}");
     drop(prepared);
     engine.shutdown();
+
+    // `fanfill index --push` on a TOC image: nothing to build, nothing to push.
+    let (indexes, artifact) = rt
+        .block_on(image::index_image(&at("v1"), &opts, true))
+        .expect("index a TOC image");
+    assert!(indexes.layers.iter().all(|l| l.2 == IndexOrigin::Toc));
+    assert!(indexes.tocs.iter().all(Option::is_some));
+    assert!(artifact.is_none());
+    assert!(!opts.index_dir.exists() || std::fs::read_dir(&opts.index_dir).unwrap().count() == 0);
 }
 
 #[test]

@@ -136,13 +136,15 @@ pub async fn load(
             }
             let size = desc.size();
             let n = estargz::FOOTER_SIZE.min(size);
-            let tail = crate::blobcache::read_range(cache, store, layer, size - n, n)
-                .await
-                .map_err(|source| TocError::Registry {
-                    layer: layer.to_string(),
-                    what: "the last bytes (footer probe)",
-                    source: Box::new(source),
-                })?;
+            // The probe is opportunistic: a layer whose tail cannot be read is left to the
+            // ordinary path, which reports what is wrong with it.
+            let tail = match crate::blobcache::read_range(cache, store, layer, size - n, n).await {
+                Ok(tail) => tail,
+                Err(e) => {
+                    tracing::debug!(layer = %layer, error = %crate::fill::error_chain(&e), "footer probe failed");
+                    return Ok(None);
+                }
+            };
             if estargz::parse_footer(&tail).is_none() {
                 return Ok(None);
             }
