@@ -8,6 +8,11 @@
 //! and inflates it, and the index's digests so that every filled byte is verified. It also
 //! builds and pushes the index artifact (`fanfill index --push`).
 //!
+//! Layers that carry their own table of contents (eStargz, zstd:chunked: [`crate::toc`])
+//! need no index: their TOC is fetched by range and verified, and their files are served by
+//! a [`TocFileSource`]; [`ImageSources::file_source`] is the one place that picks a file's
+//! source and the digests the engine checks.
+//!
 //! Only index *metadata* travels before the placeholders are ready. The checkpoint windows
 //! stay where they are (the artifact's windows blob in the registry, the `.win` file of the
 //! local index store) and a [`LayerFileSource`] reads the one window a fill needs, once, by

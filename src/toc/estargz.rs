@@ -5,7 +5,7 @@
 //! legacy 47-byte footer holds the same 22 bytes as the whole extra field), the TOC member (a
 //! gzip member holding a tar entry `stargz.index.json`), the JSON entry list and its meaning
 //! (`chunk` entries continue the previous `reg`; a member starts at every chunk; entries
-//! before `.prefetch.landmark` are prefetched first), and [`write`], which turns a tar stream
+//! before `.prefetch.landmark` are prefetched first), and [`write()`], which turns a tar stream
 //! into an eStargz blob (used for the project's own test images). Reading a file's bytes is
 //! [`super::TocFileSource`]; it never fetches anything but the footer and the TOC, and never
 //! touches placeholders.
@@ -24,7 +24,7 @@ use crate::registry::BlobStore;
 
 /// Layer annotation holding the sha256 digest of the TOC JSON.
 pub const TOC_DIGEST_ANNOTATION: &str = "containerd.io/snapshot/stargz/toc.digest";
-/// Layer annotation holding the size of the uncompressed layer (written by [`write`]'s
+/// Layer annotation holding the size of the uncompressed layer (written by [`write()`]'s
 /// callers; informational here).
 pub const UNCOMPRESSED_SIZE_ANNOTATION: &str = "io.containers.estargz.uncompressed-size";
 /// Size of the eStargz footer.
@@ -43,7 +43,7 @@ pub const MAX_TOC_COMPRESSED: u64 = 64 << 20;
 pub const MAX_TOC_JSON: u64 = 128 << 20;
 /// Most TOC entries accepted.
 pub const MAX_TOC_ENTRIES: usize = 1 << 21;
-/// Chunk size of [`write`] by default (stargz-snapshotter's default).
+/// Chunk size of [`write()`] by default (stargz-snapshotter's default).
 pub const DEFAULT_CHUNK_SIZE: u64 = 4 << 20;
 
 /// One TOC entry as in `stargz.index.json` (field names as the format spells them).
@@ -592,7 +592,7 @@ fn format_rfc3339(secs: i64) -> String {
     )
 }
 
-/// How [`write`] lays a layer out.
+/// How [`write()`] lays a layer out.
 #[derive(Debug, Clone)]
 pub struct WriteOptions {
     /// Largest uncompressed chunk of a file in one gzip member.
@@ -614,7 +614,7 @@ impl Default for WriteOptions {
     }
 }
 
-/// An eStargz layer blob as [`write`] made it.
+/// An eStargz layer blob as [`write()`] made it.
 #[derive(Debug, Clone)]
 pub struct Written {
     /// The blob (valid multi-member gzip of a valid tar).
