@@ -461,6 +461,20 @@ fn toc_digest_mismatch_is_refused_and_unannotated_layers_are_found_by_their_foot
     assert!(indexes.tocs.iter().all(Option::is_some));
     assert!(artifact.is_none());
     assert!(!opts.index_dir.exists() || std::fs::read_dir(&opts.index_dir).unwrap().count() == 0);
+    // The CLI says so.
+    let out = fsutil::daemonproc::bin()
+        .args(["index", &at("v1"), "--index-dir"])
+        .arg(tmp.path().join("cli-indexes"))
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    eprintln!("fanfill index:\n{text}");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(text.matches("no index needed").count(), 2, "{text}");
 }
 
 #[test]

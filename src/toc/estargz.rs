@@ -43,6 +43,9 @@ pub const MAX_TOC_COMPRESSED: u64 = 64 << 20;
 pub const MAX_TOC_JSON: u64 = 128 << 20;
 /// Most TOC entries accepted.
 pub const MAX_TOC_ENTRIES: usize = 1 << 21;
+/// Largest chunk accepted (uncompressed): a fill inflates one chunk into memory, so a TOC
+/// must not be able to make that unbounded.
+pub const MAX_CHUNK_LEN: u64 = 256 << 20;
 /// Chunk size of [`write()`] by default (stargz-snapshotter's default).
 pub const DEFAULT_CHUNK_SIZE: u64 = 4 << 20;
 
@@ -457,6 +460,14 @@ fn parse_toc(
                 )));
             }
             c.len = end - c.file_offset;
+            if c.len > MAX_CHUNK_LEN {
+                return Err(TocError::TooLarge {
+                    layer: layer.to_string(),
+                    what: "chunk",
+                    size: c.len,
+                    limit: MAX_CHUNK_LEN,
+                });
+            }
             if k > 0 && c.compressed_offset < prev_start {
                 return Err(corrupt(format!(
                     "{}: chunk {k} at blob offset {} lies before the chunk it follows",
@@ -1061,6 +1072,12 @@ mod tests {
         // Escaping paths.
         let j = toc(r#"{"name":"../x","type":"dir"}"#);
         assert!(parse_toc(j.as_bytes(), "l", 100, 50).is_err());
+        // A chunk no fill could hold in memory.
+        let j = toc(r#"{"name":"a","type":"reg","size":1099511627776,"offset":5}"#);
+        assert!(matches!(
+            parse_toc(j.as_bytes(), "l", 100, 50),
+            Err(TocError::TooLarge { what: "chunk", .. })
+        ));
         let j = toc(r#"{"name":"a","type":"reg","size":10,"offset":5}"#);
         assert_eq!(
             parse_toc(j.as_bytes(), "l", 100, 50).unwrap().chunks[0][0].compressed_end,
