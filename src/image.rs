@@ -101,6 +101,15 @@ pub enum ImageError {
         #[source]
         source: FillError,
     },
+    /// Streaming a layer into its placeholders failed (prefetch).
+    #[error("streaming layer {layer} into its placeholders")]
+    Stream {
+        /// The layer digest.
+        layer: String,
+        /// What failed: the blob read or its decompression.
+        #[source]
+        source: io::Error,
+    },
     /// An internal task failed.
     #[error("background task failed: {0}")]
     Task(String),
@@ -219,6 +228,10 @@ pub struct Prepared {
     pub image_size: u64,
     /// The store the placeholders fill from (its counters keep running).
     pub store: Arc<BlobStore>,
+    /// Each layer's digest and index, lowest first (for [`Prepared::prefetch`]).
+    pub layers: Vec<(Digest, Arc<LayerIndex>)>,
+    /// Where layers that travelled whole are kept.
+    pub blob_cache: Option<BlobCache>,
 }
 
 /// The indexes of an image's layers, with where each came from.
@@ -512,6 +525,12 @@ pub async fn prepare(
         bytes_before_ready,
         image_size,
         store,
+        layers: indexes
+            .layers
+            .iter()
+            .map(|(d, ix, _)| (d.clone(), ix.clone()))
+            .collect(),
+        blob_cache: indexes.blob_cache.clone(),
     })
 }
 
@@ -785,5 +804,189 @@ impl ContentSource for LayerFileSource {
             Ok(data)
         }
         .boxed()
+    }
+}
+
+/// What [`stream_fill_layer`] did.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct StreamFill {
+    /// Uncompressed layer bytes read from the stream.
+    pub bytes_read: u64,
+    /// Bytes written into placeholders.
+    pub bytes_written: u64,
+    /// Placeholders offered bytes.
+    pub files: u64,
+}
+
+/// Bytes read from a layer stream and offered to the engine at a time (rounded to a file's
+/// fill chunk): large enough for few writes, small enough that readers never wait long
+/// behind one.
+const STREAM_PIECE: u64 = 4 << 20;
+
+/// Fills placeholders of one layer from a single sequential read of the whole blob (the
+/// local blob cache, else one streaming GET), inflated once, the way an eager pull reads it:
+/// for completing an image in the background, far cheaper than a range read and an inflate
+/// from a checkpoint per piece. `files` are the layer's placeholders as (entry index in
+/// `index`, engine id); each piece is handed to [`Engine::supply`], which verifies it against
+/// the index's digests and skips what readers already filled or are fetching, so on-demand
+/// fills and this stream never write the same chunk twice. `before_piece(len)` runs before
+/// each piece of file data (pacing, pausing for readers); returning `false` stops early.
+/// Blocks: call it from a plain thread, not from a runtime. Stops reading once the last
+/// wanted file has passed; a piece whose verification fails is logged and left to the
+/// file's own source.
+pub fn stream_fill_layer(
+    engine: &Engine,
+    store: &Arc<BlobStore>,
+    blob_cache: Option<&BlobCache>,
+    layer: &Digest,
+    index: &LayerIndex,
+    files: &[(usize, FileId)],
+    mut before_piece: impl FnMut(u64) -> bool,
+) -> Result<StreamFill, ImageError> {
+    use std::collections::BTreeMap;
+    use std::io::Read;
+    let err = |source: io::Error| ImageError::Stream {
+        layer: layer.to_string(),
+        source,
+    };
+    // Data offset -> (path, size, placeholders): hardlinked placeholders share one entry's
+    // bytes.
+    let mut want: BTreeMap<u64, (&str, u64, Vec<FileId>)> = BTreeMap::new();
+    for &(entry, id) in files {
+        let Some(e) = index.resolve(entry) else {
+            continue;
+        };
+        if e.kind != crate::index::EntryKind::File || e.size == 0 || engine.is_complete(id) {
+            continue;
+        }
+        let slot = want
+            .entry(e.data_offset)
+            .or_insert((e.path.as_str(), e.size, Vec::new()));
+        if slot.0 != e.path {
+            // Two files' data at one offset: not a tar stream's layout (a table-of-contents
+            // layer locates data by chunk, not by stream offset). Nothing to stream.
+            debug!(layer = %layer, "layer data is not laid out as one stream; not streaming it");
+            return Ok(StreamFill::default());
+        }
+        slot.2.push(id);
+    }
+    let mut stats = StreamFill::default();
+    if want.is_empty() {
+        return Ok(stats);
+    }
+    let digest = layer.to_string();
+    let raw: Box<dyn Read> = match blob_cache.filter(|c| c.contains(&digest)) {
+        Some(cache) => {
+            let path = cache.path(&digest).unwrap_or_default();
+            Box::new(std::fs::File::open(&path).map_err(err)?)
+        }
+        None => {
+            let handle = engine.handle();
+            let _runtime = handle.enter();
+            let stream = handle
+                .block_on(store.open_stream(layer))
+                .map_err(|e| err(io::Error::other(e)))?;
+            Box::new(stream.into_blocking_reader())
+        }
+    };
+    let raw = io::BufReader::with_capacity(1 << 20, raw);
+    let mut tar: Box<dyn Read> = match index.compression {
+        crate::index::Compression::Gzip => Box::new(flate2::bufread::MultiGzDecoder::new(raw)),
+        crate::index::Compression::Zstd => {
+            Box::new(zstd::stream::read::Decoder::with_buffer(raw).map_err(err)?)
+        }
+        crate::index::Compression::None => Box::new(raw),
+    };
+    let mut buf = Vec::new();
+    for (offset, (_, size, ids)) in want {
+        if offset < stats.bytes_read {
+            continue; // Overlapping data in a hostile index: leave it to the source.
+        }
+        let skip = offset - stats.bytes_read;
+        let skipped = io::copy(&mut (&mut tar).take(skip), &mut io::sink()).map_err(err)?;
+        stats.bytes_read += skipped;
+        if skipped != skip {
+            return Err(err(io::Error::new(
+                io::ErrorKind::UnexpectedEof,
+                format!(
+                    "layer ends at {} before file data at {offset}",
+                    stats.bytes_read
+                ),
+            )));
+        }
+        let chunk = engine.progress(ids[0]).map_or(1, |p| p.chunk.max(1));
+        let piece = (STREAM_PIECE / chunk).max(1) * chunk;
+        stats.files += ids.len() as u64;
+        let mut at = 0;
+        while at < size {
+            let len = piece.min(size - at);
+            buf.resize(len as usize, 0);
+            tar.read_exact(&mut buf).map_err(err)?;
+            stats.bytes_read += len;
+            if ids.iter().any(|id| !engine.is_complete(*id)) {
+                if !before_piece(len) {
+                    return Ok(stats);
+                }
+                for id in &ids {
+                    match engine.supply(*id, at, &buf) {
+                        Ok(n) => stats.bytes_written += n,
+                        Err(e) => warn!(
+                            layer = %layer,
+                            offset = at,
+                            error = %crate::fill::error_chain(&e),
+                            "a streamed piece was not taken; the file's source will fill it"
+                        ),
+                    }
+                }
+            }
+            at += len;
+        }
+    }
+    debug!(layer = %layer, read = stats.bytes_read, written = stats.bytes_written, "layer streamed into placeholders");
+    Ok(stats)
+}
+
+impl Prepared {
+    /// Completes the image in the background's way, from the calling (plain) thread: each
+    /// layer streamed once into its placeholders ([`stream_fill_layer`]), then whatever is
+    /// still missing (a stream that failed, chunks a reader had in flight) filled from the
+    /// files' own sources, `parallel` at a time. Returns the streamed totals.
+    pub fn prefetch(&self, engine: &Engine, parallel: usize) -> Result<StreamFill, ImageError> {
+        let mut total = StreamFill::default();
+        for (li, (digest, index)) in self.layers.iter().enumerate() {
+            let files: Vec<(usize, FileId)> = self
+                .unpacked
+                .placeholders
+                .iter()
+                .zip(&self.files)
+                .filter(|(p, _)| p.layer == li)
+                .map(|(p, id)| (p.entry, *id))
+                .collect();
+            match stream_fill_layer(
+                engine,
+                &self.store,
+                self.blob_cache.as_ref(),
+                digest,
+                index,
+                &files,
+                |_| true,
+            ) {
+                Ok(s) => {
+                    total.bytes_read += s.bytes_read;
+                    total.bytes_written += s.bytes_written;
+                    total.files += s.files;
+                }
+                Err(e) => {
+                    warn!(error = %crate::fill::error_chain(&e), "streaming prefetch failed; filling by ranges")
+                }
+            }
+        }
+        engine
+            .fill_files(&self.files, parallel)
+            .map_err(|source| ImageError::Fill {
+                reference: self.reference.clone(),
+                source,
+            })?;
+        Ok(total)
     }
 }

@@ -324,11 +324,12 @@ fn pull(a: PullArgs) -> Result<()> {
         println!("lowerdir={}", prepared.unpacked.lowerdir_option());
     }
     let prefetch = a.prefetch || a.exit_when_complete;
+    let prepared = Arc::new(prepared);
     let (done_tx, done_rx) = std::sync::mpsc::channel();
     if prefetch {
-        let (e, n) = (engine.clone(), a.prefetch_parallel);
+        let (e, p, n) = (engine.clone(), prepared.clone(), a.prefetch_parallel);
         std::thread::spawn(move || {
-            let _ = done_tx.send(e.fill_all(n));
+            let _ = done_tx.send(p.prefetch(&e, n));
         });
     }
     let interrupted = Arc::new(std::sync::atomic::AtomicBool::new(false));
@@ -349,12 +350,13 @@ fn pull(a: PullArgs) -> Result<()> {
             break;
         }
         match done_rx.recv_timeout(Duration::from_millis(200)) {
-            Ok(Ok(())) => {
+            Ok(Ok(streamed)) => {
                 let s = engine.stats();
                 println!(
-                    "complete: {} files, {} filled, {} fetched from {}",
+                    "complete: {} files, {} filled ({} from layer streams), {} fetched from {}",
                     s.files,
                     mib(s.bytes_filled),
+                    mib(streamed.bytes_written),
                     mib(prepared.store.bytes_fetched()),
                     prepared.reference
                 );

@@ -309,3 +309,166 @@ fn lazy_image_meets_the_issue_figures() {
     engine.shutdown();
     drop(rt);
 }
+
+/// Background completion streams each layer once: a prefetch of a prepared image reads every
+/// layer blob with one GET, inflates it once, and leaves every file complete (mark removed)
+/// with the bytes of a plain `tar -x`, also while readers fill files on demand at the same
+/// time (no chunk written twice, none wrong).
+#[test]
+fn streaming_prefetch_reads_each_layer_once_and_completes_the_image() {
+    common::init_tracing();
+    let reg = common::TestRegistry::start();
+    let tmp = tempfile::tempdir().unwrap();
+    let layout = tmp.path().join("layout");
+    let built = write_layout(&layout, "v1", &host_image::layers(0.25), Compression::Gzip)
+        .expect("build the image from host files");
+    let compressed = built.compressed_size();
+    let blobs: Vec<PathBuf> = built
+        .layers
+        .iter()
+        .map(|(d, _, _)| layout.join("blobs/sha256").join(&d[7..]))
+        .collect();
+    let reference_dir = tmp.path().join("reference");
+    tar_extract(&blobs, &reference_dir);
+    let tree = walk(&reference_dir);
+    let files: Vec<&String> = tree
+        .iter()
+        .filter(|(_, (_, t))| t.is_file())
+        .map(|(k, _)| k)
+        .collect();
+    common::push_layout(&layout, "v1", &reg.host(), "stream/app", &[]);
+    let reference = format!("docker://{}/stream/app:v1", reg.host());
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap();
+    // Index once (streams the layers), then prepare from that local index with no blob
+    // cache: every prefetched byte has to come from the registry.
+    let mut opts = PrepareOptions::new(tmp.path().join("indexes"));
+    opts.registry.insecure = true;
+    opts.use_artifact = false;
+    opts.blob_cache = None;
+    rt.block_on(image::index_image(&reference, &opts, false))
+        .expect("index");
+    let engine =
+        Engine::start(EngineConfig::default()).expect("fanotify pre-content group (6.14+, root)");
+    let limit = Duration::from_secs(60);
+    let check = |dest: &Path, what: &str| {
+        let mut bad = Vec::new();
+        for rel in &files {
+            let got = hex::encode(sha2::Sha256::digest(read_bounded(&dest.join(rel), limit)));
+            if got != sha256_file(&tree[*rel].0) {
+                bad.push(rel.to_string());
+            }
+        }
+        assert!(
+            bad.is_empty(),
+            "{what}: {} files differ: {:?}",
+            bad.len(),
+            &bad[..bad.len().min(5)]
+        );
+    };
+
+    // 1. Nobody reading: one GET per layer, about the compressed size in all.
+    let dest = tmp.path().join("quiet");
+    std::fs::create_dir(&dest).unwrap();
+    let prepared = rt
+        .block_on(image::prepare(&engine, &reference, &dest, &opts))
+        .expect("prepare");
+    let (bytes0, req0) = (
+        prepared.store.bytes_fetched(),
+        prepared.store.stats().requests(),
+    );
+    let t = Instant::now();
+    let streamed = prepared.prefetch(&engine, 2).expect("prefetch");
+    let (bytes, requests) = (
+        prepared.store.bytes_fetched() - bytes0,
+        prepared.store.stats().requests() - req0,
+    );
+    eprintln!(
+        "quiet prefetch: {} files, {:.1} MiB written from {} layer streams in {} ms; {:.1} MiB fetched ({:.2}x the compressed image) in {requests} requests",
+        streamed.files,
+        mib(streamed.bytes_written),
+        built.layers.len(),
+        t.elapsed().as_millis(),
+        mib(bytes),
+        bytes as f64 / compressed as f64
+    );
+    let complete = prepared
+        .files
+        .iter()
+        .filter(|id| engine.is_complete(**id))
+        .count();
+    assert_eq!(
+        complete,
+        prepared.files.len(),
+        "files complete after prefetch"
+    );
+    assert!(streamed.bytes_written > 0);
+    assert!(
+        requests <= 2 * built.layers.len() as u64,
+        "{requests} requests"
+    );
+    assert!(
+        bytes <= compressed + compressed / 50,
+        "{bytes} bytes fetched"
+    );
+    check(&dest, "quiet prefetch");
+
+    // 2. Readers filling on demand while the layers stream: every byte right, every file
+    // complete.
+    let dest = tmp.path().join("busy");
+    std::fs::create_dir(&dest).unwrap();
+    let prepared = rt
+        .block_on(image::prepare(&engine, &reference, &dest, &opts))
+        .expect("prepare");
+    let order = sample(files.len(), files.len(), 0x5eed);
+    let errors = std::thread::scope(|s| {
+        let readers: Vec<_> = (0..4)
+            .map(|r| {
+                let (order, files, tree, dest) = (&order, &files, &tree, &dest);
+                s.spawn(move || {
+                    let mut bad = 0;
+                    // Half the readers walk against the streams' direction.
+                    let mine: Vec<usize> = order.iter().copied().skip(r).step_by(4).collect();
+                    let mine: Vec<usize> = if r % 2 == 1 {
+                        mine.into_iter().rev().collect()
+                    } else {
+                        mine
+                    };
+                    for i in mine {
+                        let rel = files[i];
+                        let got =
+                            hex::encode(sha2::Sha256::digest(read_bounded(&dest.join(rel), limit)));
+                        bad += usize::from(got != sha256_file(&tree[rel].0));
+                    }
+                    bad
+                })
+            })
+            .collect();
+        let streamed = prepared
+            .prefetch(&engine, 2)
+            .expect("prefetch with readers");
+        eprintln!(
+            "busy prefetch: {:.1} MiB written from layer streams while 4 readers read every file",
+            mib(streamed.bytes_written)
+        );
+        readers
+            .into_iter()
+            .map(|r| r.join().expect("reader"))
+            .sum::<usize>()
+    });
+    assert_eq!(errors, 0, "readers saw wrong bytes");
+    let complete = prepared
+        .files
+        .iter()
+        .filter(|id| engine.is_complete(**id))
+        .count();
+    assert_eq!(complete, prepared.files.len());
+    check(&dest, "busy prefetch");
+    assert_eq!(engine.stats().errors, 0);
+    drop(prepared);
+    engine.shutdown();
+    drop(rt);
+}

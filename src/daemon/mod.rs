@@ -196,6 +196,9 @@ struct ImageRt {
     saved: Mutex<Option<ImageRecord>>,
     /// Files already offered to the content cache.
     cached: Mutex<Vec<bool>>,
+    /// The image's store and indexes, for streaming prefetch (`None`: it could not be
+    /// reopened after a restart).
+    opened: Option<Arc<Opened>>,
 }
 
 /// The running daemon (shared by the API tasks and its threads).
@@ -436,7 +439,10 @@ impl Daemon {
             files: Vec::with_capacity(unpacked.placeholders.len()),
         };
         let this = self.clone();
+        let opened = Arc::new(opened);
+        let opened2 = opened.clone();
         let res = tokio::task::spawn_blocking(move || {
+            let opened = opened2;
             let mut ids = Vec::new();
             for p in &unpacked.placeholders {
                 let sha = opened.layers[p.layer]
@@ -517,6 +523,7 @@ impl Daemon {
         let rt = Arc::new(ImageRt {
             saved: Mutex::new(Some(record.clone())),
             cached: Mutex::new(Vec::new()),
+            opened: Some(opened),
             record: Mutex::new(record),
             files: ids,
             counters,
@@ -537,10 +544,14 @@ impl Daemon {
     /// progress.
     async fn reopen(self: &Arc<Self>, record: ImageRecord) -> Arc<ImageRt> {
         let counters = Arc::new(ImageCounters::default());
-        let mk = |files: Vec<Option<FileId>>, record: ImageRecord, error: Option<String>| {
+        let mk = |files: Vec<Option<FileId>>,
+                  record: ImageRecord,
+                  error: Option<String>,
+                  opened: Option<Arc<Opened>>| {
             Arc::new(ImageRt {
                 saved: Mutex::new(Some(record.clone())),
                 cached: Mutex::new(Vec::new()),
+                opened,
                 prefetch: AtomicBool::new(record.prefetch),
                 record: Mutex::new(record),
                 files,
@@ -566,18 +577,21 @@ impl Daemon {
                 );
                 warn!(error = %m, "cannot reopen image");
                 let n = record.files.len();
-                return mk(vec![None; n], record, Some(m));
+                return mk(vec![None; n], record, Some(m), None);
             }
             Err(m) => {
                 warn!(reference = %record.reference, error = %m, "cannot reopen image");
                 let n = record.files.len();
-                return mk(vec![None; n], record, Some(m));
+                return mk(vec![None; n], record, Some(m), None);
             }
         };
         let this = self.clone();
         let counters2 = counters.clone();
         let overlay = record.mode == LayoutMode::Overlay;
+        let opened = Arc::new(opened);
+        let opened2 = opened.clone();
         let files = tokio::task::spawn_blocking(move || {
+            let opened = opened2;
             let mut ids = Vec::with_capacity(record.files.len());
             for f in &record.files {
                 if f.complete && f.chunk == 0 {
@@ -623,7 +637,7 @@ impl Daemon {
         match files {
             Ok((ids, record)) => {
                 info!(reference = %record.reference, dest = %record.dest.display(), files = ids.len(), "image re-served");
-                mk(ids, record, None)
+                mk(ids, record, None, Some(opened))
             }
             Err(e) => panic!("re-registering task failed: {e}"),
         }
@@ -775,12 +789,85 @@ impl Daemon {
         Ok(Response::Removed { dest })
     }
 
-    /// Background prefetch of one image: its files in layer order, `prefetch_parallel` at a
-    /// time, pausing while any reader's miss is being served (on-demand first).
+    /// Background prefetch of one image, pausing while any reader's miss is being served
+    /// (on-demand first): each layer streamed once into its placeholders
+    /// ([`image::stream_fill_layer`]), then whatever is still missing filled file by file
+    /// from the files' sources, `prefetch_parallel` at a time.
     fn start_prefetch(self: &Arc<Self>, img: &Arc<ImageRt>) {
         if img.prefetch_running.swap(true, Ordering::SeqCst) {
             return;
         }
+        let (this, img) = (self.clone(), img.clone());
+        std::thread::spawn(move || {
+            this.stream_layers(&img);
+            this.prefetch_files(&img);
+        });
+    }
+
+    /// Whether background work on `img` should stop.
+    fn prefetch_stopped(&self, img: &ImageRt) -> bool {
+        !img.prefetch.load(Ordering::SeqCst)
+            || img.removed.load(Ordering::SeqCst)
+            || self.stopping.load(Ordering::SeqCst)
+    }
+
+    /// Streams every layer with incomplete files into its placeholders, lowest first.
+    fn stream_layers(&self, img: &ImageRt) {
+        let Some(opened) = &img.opened else { return };
+        let placed: Vec<(usize, usize)> = {
+            let rec = img.record.lock().unwrap();
+            rec.files.iter().map(|f| (f.layer, f.entry)).collect()
+        };
+        for (li, (digest, index)) in opened.layers.iter().enumerate() {
+            let files: Vec<(usize, FileId)> = placed
+                .iter()
+                .zip(&img.files)
+                .filter_map(|(&(layer, entry), id)| Some((layer, entry, (*id)?)))
+                .filter(|&(layer, _, _)| layer == li)
+                .map(|(_, entry, id)| (entry, id))
+                .collect();
+            let res = image::stream_fill_layer(
+                &self.engine,
+                &opened.store,
+                opened.blob_cache.as_ref(),
+                digest,
+                index,
+                &files,
+                |len| {
+                    while self.engine.inflight_events() > 0 && !self.prefetch_stopped(img) {
+                        std::thread::sleep(Duration::from_millis(2));
+                    }
+                    if self.prefetch_stopped(img) {
+                        return false;
+                    }
+                    self.pace_prefetch(len);
+                    true
+                },
+            );
+            if !matches!(res, Ok(s) if s.files == 0) {
+                // The image's own store: its counter is the image's network traffic.
+                img.counters
+                    .bytes_fetched
+                    .fetch_max(opened.store.bytes_fetched(), Ordering::Relaxed);
+            }
+            match res {
+                Ok(s) if s.files > 0 => {
+                    info!(layer = %digest, files = s.files, bytes_written = s.bytes_written, "layer streamed into placeholders")
+                }
+                Ok(_) => {}
+                Err(e) => {
+                    warn!(error = %error_chain(&e), "streaming prefetch of a layer failed; its files fill by ranges")
+                }
+            }
+            if self.prefetch_stopped(img) {
+                return;
+            }
+        }
+    }
+
+    /// Fills the image's incomplete files one by one from their sources, `prefetch_parallel`
+    /// at a time.
+    fn prefetch_files(self: &Arc<Self>, img: &Arc<ImageRt>) {
         let next = Arc::new(AtomicUsize::new(0));
         let workers = Arc::new(AtomicUsize::new(self.config.prefetch_parallel.max(1)));
         for _ in 0..self.config.prefetch_parallel.max(1) {
@@ -788,10 +875,7 @@ impl Daemon {
                 (self.clone(), img.clone(), next.clone(), workers.clone());
             std::thread::spawn(move || {
                 loop {
-                    if !img.prefetch.load(Ordering::SeqCst)
-                        || img.removed.load(Ordering::SeqCst)
-                        || this.stopping.load(Ordering::SeqCst)
-                    {
+                    if this.prefetch_stopped(&img) {
                         break;
                     }
                     while this.engine.inflight_events() > 0 && !this.stopping.load(Ordering::SeqCst)

@@ -748,7 +748,8 @@ impl BitWriter {
     fn copy_bits(&mut self, src: &[u8], from: u64, count: u64) {
         let end = from.saturating_add(count).min(src.len() as u64 * 8);
         let mut bit = from;
-        self.out.reserve(((end.saturating_sub(bit) + 7) / 8) as usize);
+        self.out
+            .reserve(end.saturating_sub(bit).div_ceil(8) as usize);
         // Bulk: 32 bits at a time out of an unaligned 8-byte load (at most 7 bits of shift
         // leave 57 valid bits). The accumulator holds fewer than 8 bits between pieces, so
         // the piece fits beside them.
