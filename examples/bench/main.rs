@@ -627,12 +627,9 @@ fn fanfill_run(
         "stdout": o.stdout,
     });
     if let Some(rounds) = steady_rounds {
-        // Every file read once by 4 threads: the engine fills what is missing on the
-        // pre-content events (see `prefetch_by_reading` for why not `fill_all`).
-        let t = Instant::now();
-        measure::prefetch_by_reading(&dest, 4, Duration::from_secs(1800))?;
-        let mut filled = serve.call(json!({"cmd": "stats"}), Duration::from_secs(30))?;
-        filled["fill_all_ms"] = json!(t.elapsed().as_secs_f64() * 1e3);
+        // Background completion as the library does it (`Prepared::prefetch`: each layer
+        // streamed once, then range fills for what is left).
+        let filled = serve.call(json!({"cmd": "fill_all"}), Duration::from_secs(1800))?;
         if filled["files_complete"] != filled["files"] {
             bail!("prefetch left files incomplete: {filled}");
         }
@@ -1157,10 +1154,10 @@ under `/var/tmp/fanfill-bench`; a 40 GiB sparse scratch image is created there.
   raises one event per mapping).
 - **Fetched before first output** for fanfill is sampled by a stats request sent when the
   first byte arrives, so fills racing with it may add a little.
-- **Steady state**: fanfill's tree is filled by reading every file once through the engine
-  (4 reader threads), not `Engine::fill_all` (see below). The cold pass reads through a
-  loop device whose backing file may be in the host page cache; the on-disk order of the
-  filled tree follows the fill order, the eager tree the tar order.
+- **Steady state**: fanfill's tree is completed the way the daemon's background prefetch
+  does it (`Prepared::prefetch`: each layer streamed once into its placeholders, then range
+  fills for whatever is left); the prefetch column is that time. The cold pass reads through
+  a loop device whose backing file may be in the host page cache.
 - The small trees (61 and 163 MiB) are read in tens of milliseconds, so their steady-state
   ratios swing widely from round to round on this loaded machine; the large image's (1 GiB)
   are the meaningful ones.
@@ -1178,8 +1175,9 @@ under `/var/tmp/fanfill-bench`; a 40 GiB sparse scratch image is created there.
 - Fixed: one mid-block checkpoint of the large image (libLLVM-14, offset 94,371,840) inflated
   to bytes that failed verification (the reader got EIO). The source now retries from
   earlier checkpoints; the run above logged one such retry and no error.
-- Open: driving `Engine::filler()` futures as tasks on the engine's own runtime (4 at a time
-  over every placeholder) stalled once on the shaped link (fills stopped after 465 files,
-  responses unread in the daemon's sockets, no fetch timeout firing). Not root-caused; the
-  steady-state pass therefore fills by reading, and the container workloads never stalled.
+- Open, not seen again: driving `Engine::filler()` futures as tasks on the engine's own
+  runtime (4 at a time over every placeholder) stalled once on the shaped link (fills
+  stopped after 465 files, responses unread in the daemon's sockets, no fetch timeout
+  firing). Completion now streams layers (`Prepared::prefetch`) and no longer takes that
+  path; the container workloads never stalled.
 ";
