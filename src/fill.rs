@@ -308,6 +308,16 @@ struct FileEntry {
     /// `security.capability` of the placeholder: the kernel strips it on every write, so
     /// each fill puts it back (a filled `ping` must keep `cap_net_raw`).
     capability: Option<Vec<u8>>,
+    /// Position of the first reader access among all files (see [`Engine::accessed`]).
+    first_access: std::sync::OnceLock<u64>,
+}
+
+impl FileEntry {
+    /// Notes a reader's access (the first one counts).
+    fn touched(&self, inner: &Inner) {
+        self.first_access
+            .get_or_init(|| inner.access_seq.fetch_add(1, Ordering::Relaxed));
+    }
 }
 
 struct FileState {
@@ -370,6 +380,8 @@ pub struct Stats {
 struct Inner {
     group: Arc<Group>,
     config: EngineConfig,
+    /// Counts first reader accesses (orders [`Engine::accessed`]).
+    access_seq: AtomicU64,
     files: RwLock<HashMap<(u64, u64), Arc<FileEntry>>>,
     /// Thread ids of the engine's own runtime threads.
     own_tids: RwLock<HashSet<i32>>,
@@ -483,6 +495,7 @@ impl Engine {
             journal,
             gate: Mutex::new(gated.then(Vec::new)),
             deny_unknown: AtomicBool::new(false),
+            access_seq: AtomicU64::new(0),
         });
         let (start_inner, stop_inner) = (inner.clone(), inner.clone());
         let runtime = tokio::runtime::Builder::new_multi_thread()
@@ -584,6 +597,7 @@ impl Engine {
             }),
             bytes_filled: AtomicU64::new(0),
             capability,
+            first_access: std::sync::OnceLock::new(),
         });
         if nchunks > 0 {
             // Record before marking, so the first event finds the entry.
@@ -651,6 +665,41 @@ impl Engine {
     pub fn fill_files(&self, ids: &[FileId], parallel: usize) -> Result<(), FillError> {
         let entries: Vec<_> = ids.iter().filter_map(|id| self.entry(*id)).collect();
         self.fill_entries(entries, parallel)
+    }
+
+    /// The files among `ids` that readers have touched (a pre-content event, or an open
+    /// served through [`Engine::filler`]), in the order of their first access: what a
+    /// workload needed, to record as an access profile.
+    pub fn accessed(&self, ids: &[FileId]) -> Vec<FileId> {
+        let mut seen: Vec<(u64, FileId)> = ids
+            .iter()
+            .filter_map(|id| Some((*self.entry(*id)?.first_access.get()?, *id)))
+            .collect();
+        seen.sort_unstable_by_key(|(order, _)| *order);
+        seen.dedup_by_key(|(_, id)| *id);
+        seen.into_iter().map(|(_, id)| id).collect()
+    }
+
+    /// Starts filling `ids` in that order, `parallel` at a time, on the engine's runtime, and
+    /// returns at once (an access profile's files, fetched before the workload asks).
+    /// Failures are logged; a file that failed fills on its next access as usual.
+    pub fn fill_in_background(&self, ids: Vec<FileId>, parallel: usize) {
+        let entries: Vec<_> = ids.iter().filter_map(|id| self.entry(*id)).collect();
+        let inner = self.inner.clone();
+        self.handle().spawn(async move {
+            use futures::stream::{self, StreamExt};
+            let n = entries.len();
+            let failed = stream::iter(entries)
+                .map(|e| {
+                    let inner = inner.clone();
+                    async move { prefetch_entry(&inner, &e).await.is_err() }
+                })
+                .buffered(parallel.max(1))
+                .filter(|failed| futures::future::ready(*failed))
+                .count()
+                .await;
+            debug!(files = n, failed, "background fill of listed files done");
+        });
     }
 
     fn fill_entries(&self, entries: Vec<Arc<FileEntry>>, parallel: usize) -> Result<(), FillError> {
@@ -1089,6 +1138,7 @@ async fn serve_event(inner: &Arc<Inner>, event: &Event) -> FillResult {
         // Not ours (or no longer: completed and forgotten). Nothing to fill.
         return Ok(());
     };
+    entry.touched(inner);
     let (start, end) = match event.range() {
         Some(r) if r.count > 0 => (r.offset, r.offset.saturating_add(r.count)),
         // No range record, or count 0 (FICLONE, growing truncate): the whole file.
@@ -1488,7 +1538,10 @@ impl Engine {
             async move {
                 let entry = inner.files.read().unwrap().get(&(id.dev, id.ino)).cloned();
                 match entry {
-                    Some(entry) => prefetch_entry(&inner, &entry).await,
+                    Some(entry) => {
+                        entry.touched(&inner);
+                        prefetch_entry(&inner, &entry).await
+                    }
                     None => Ok(()),
                 }
             }

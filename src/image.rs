@@ -44,6 +44,10 @@ pub const INDEX_LAYER_MEDIA_TYPE: &str = "application/vnd.fanfill.layer-index.v2
 /// Media type of one layer's windows pack inside that artifact. Never downloaded whole: a
 /// fill reads the one window it needs by a range read.
 pub const INDEX_WINDOWS_MEDIA_TYPE: &str = "application/vnd.fanfill.layer-index.windows.v2";
+/// Media type of the access profile an index artifact may carry (`fanfill index --push
+/// --profile`): the files a recorded run of the image's workload read, in the order it first
+/// read them ([`AccessProfile`]). `prepare` fills them in the background at once.
+pub const ACCESS_PROFILE_MEDIA_TYPE: &str = "application/vnd.fanfill.access-profile.v1+json";
 /// Memory for checkpoint windows shared by the layers of one prepared image (256 windows).
 pub const WINDOW_CACHE_BYTES: usize = 8 << 20;
 
@@ -115,6 +119,42 @@ pub enum ImageError {
     Task(String),
 }
 
+/// The files a workload read, in the order it first read them, by their paths in the image
+/// (as the layer indexes name them). Recorded from a served tree ([`Prepared::access_profile`],
+/// `fanfill pull --record-profile`), published in the index artifact, and filled ahead of
+/// the workload by the next `prepare` ([`PrepareOptions::profile_prefetch`]).
+#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct AccessProfile {
+    /// Format version (1).
+    pub version: u32,
+    /// Image paths, first access first.
+    pub files: Vec<String>,
+}
+
+impl AccessProfile {
+    /// Most paths a profile may list (a hostile artifact cannot make `prepare` spend more).
+    pub const MAX_FILES: usize = 100_000;
+
+    /// Parses a profile, refusing unknown versions and oversized lists.
+    pub fn from_json(bytes: &[u8]) -> Result<AccessProfile, String> {
+        let p: AccessProfile = serde_json::from_slice(bytes).map_err(|e| e.to_string())?;
+        if p.version != 1 {
+            return Err(format!(
+                "access profile version {} (this build reads 1)",
+                p.version
+            ));
+        }
+        if p.files.len() > Self::MAX_FILES {
+            return Err(format!(
+                "access profile lists {} files (at most {})",
+                p.files.len(),
+                Self::MAX_FILES
+            ));
+        }
+        Ok(p)
+    }
+}
+
 /// Where a layer's index came from.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum IndexOrigin {
@@ -142,6 +182,9 @@ pub struct PrepareOptions {
     /// Keep layers that have to be streamed whole (no index yet) here, so their fills are
     /// local reads instead of second downloads (`None`: do not keep them).
     pub blob_cache: Option<PathBuf>,
+    /// Files of the artifact's access profile filled at once in the background, this many
+    /// at a time, as soon as the placeholders are ready (0: ignore profiles). Default 8.
+    pub profile_prefetch: usize,
 }
 
 /// Registry settings that do not parse (`creds`, `platform`).
@@ -203,6 +246,7 @@ impl PrepareOptions {
             blob_cache: Some(index_dir.with_file_name("blobs")),
             index_dir,
             use_artifact: true,
+            profile_prefetch: 8,
         }
     }
 }
@@ -232,6 +276,9 @@ pub struct Prepared {
     pub layers: Vec<(Digest, Arc<LayerIndex>)>,
     /// Where layers that travelled whole are kept.
     pub blob_cache: Option<BlobCache>,
+    /// Files of the artifact's access profile put to background filling at once (0: no
+    /// profile, or [`PrepareOptions::profile_prefetch`] is 0).
+    pub profile_files: usize,
 }
 
 /// The indexes of an image's layers, with where each came from.
@@ -244,6 +291,8 @@ pub struct ImageIndexes {
     pub windows: Vec<Arc<dyn WindowSource>>,
     /// Where layers that travelled whole are kept (read before the registry).
     pub blob_cache: Option<BlobCache>,
+    /// The index artifact's access profile, when the artifact was read and carries one.
+    pub profile: Option<AccessProfile>,
 }
 
 /// A windows pack in the registry (or layout), read a window at a time by range reads.
@@ -307,6 +356,7 @@ pub async fn load_indexes(
         }
     };
     let mut found: Vec<Option<Found>> = Vec::new();
+    let mut profile = None;
     for desc in image.manifest.layers() {
         let digest = desc.digest().to_string();
         let hit = match local.load(&digest).map_err(idx_err(desc.digest()))? {
@@ -320,7 +370,8 @@ pub async fn load_indexes(
     }
     if opts.use_artifact && found.iter().any(Option::is_none) {
         match artifact_indexes(store, &image.manifest_digest).await {
-            Ok(mut list) => {
+            Ok((mut list, p)) => {
+                profile = p;
                 // Artifact metadata is not stored locally: it is small, and its windows stay
                 // in the registry (the local store keeps only complete pairs).
                 for (slot, desc) in found.iter_mut().zip(image.manifest.layers()) {
@@ -388,26 +439,49 @@ pub async fn load_indexes(
         layers,
         windows,
         blob_cache: opts.blob_cache.as_ref().map(BlobCache::new),
+        profile,
     })
 }
 
 /// The layer indexes of the image's index artifact, each with its windows pack blob as a
-/// window source. Downloads the metadata blobs only.
+/// window source, and its access profile if it has one. Downloads the metadata blobs only.
 async fn artifact_indexes(
     store: &Arc<BlobStore>,
     subject: &Digest,
-) -> Result<Vec<(LayerIndex, Arc<dyn WindowSource>)>, ImageError> {
+) -> Result<
+    (
+        Vec<(LayerIndex, Arc<dyn WindowSource>)>,
+        Option<AccessProfile>,
+    ),
+    ImageError,
+> {
     let Some(referrer) = store
         .find_referrer(subject, INDEX_ARTIFACT_TYPE)
         .await
         .map_err(reg_err("index artifact"))?
     else {
-        return Ok(Vec::new());
+        return Ok((Vec::new(), None));
     };
     let blobs = referrer.manifest.layers();
     let mut out = Vec::new();
+    let mut profile = None;
     for blob in blobs {
-        if blob.media_type().to_string() != INDEX_LAYER_MEDIA_TYPE {
+        let media_type = blob.media_type().to_string();
+        if media_type == ACCESS_PROFILE_MEDIA_TYPE && profile.is_none() {
+            let parsed = store
+                .fetch_blob(blob.digest())
+                .await
+                .map_err(|e| e.to_string())
+                .and_then(|bytes| AccessProfile::from_json(&bytes));
+            match parsed {
+                Ok(p) => profile = Some(p),
+                Err(e) => {
+                    warn!(blob = %blob.digest(), error = %e, "ignoring the artifact's access profile")
+                }
+            }
+            continue;
+        }
+        if media_type != INDEX_LAYER_MEDIA_TYPE {
             continue;
         }
         let bytes = store
@@ -441,7 +515,7 @@ async fn artifact_indexes(
         };
         out.push((ix, windows));
     }
-    Ok(out)
+    Ok((out, profile))
 }
 
 /// Prepares `reference` into `dest` (which must be empty) and registers every placeholder
@@ -506,6 +580,27 @@ pub async fn prepare(
             return Err(e);
         }
     };
+    let placed: Vec<(usize, usize)> = unpacked
+        .placeholders
+        .iter()
+        .map(|p| (p.layer, p.entry))
+        .collect();
+    let mut profile_files = 0;
+    if let Some(profile) = indexes
+        .profile
+        .as_ref()
+        .filter(|_| opts.profile_prefetch > 0)
+    {
+        let ids = profile_file_ids(profile, &ixs, &placed, &files);
+        profile_files = ids.len();
+        info!(
+            reference,
+            files = profile_files,
+            listed = profile.files.len(),
+            "filling the access profile's files ahead of the workload"
+        );
+        engine.fill_in_background(ids, opts.profile_prefetch);
+    }
     let bytes_before_ready = store.bytes_fetched();
     info!(
         reference,
@@ -531,7 +626,66 @@ pub async fn prepare(
             .map(|(d, ix, _)| (d.clone(), ix.clone()))
             .collect(),
         blob_cache: indexes.blob_cache.clone(),
+        profile_files,
     })
+}
+
+/// The engine ids of the files an access profile lists, in its order: `placed` are the
+/// placeholders as (layer, entry) beside their `ids`, `layers` the layer indexes naming
+/// their paths. Paths the image does not have as placeholders are skipped.
+pub fn profile_file_ids(
+    profile: &AccessProfile,
+    layers: &[Arc<LayerIndex>],
+    placed: &[(usize, usize)],
+    ids: &[FileId],
+) -> Vec<FileId> {
+    let by_path: std::collections::HashMap<&str, FileId> = placed
+        .iter()
+        .zip(ids)
+        .filter_map(|(&(layer, entry), id)| {
+            Some((layers.get(layer)?.entries.get(entry)?.path.as_str(), *id))
+        })
+        .collect();
+    let mut seen = std::collections::HashSet::new();
+    profile
+        .files
+        .iter()
+        .filter_map(|p| by_path.get(p.as_str()).copied())
+        .filter(|id| seen.insert(*id))
+        .collect()
+}
+
+impl Prepared {
+    /// The files readers of this tree have touched so far, first access first, as an access
+    /// profile to publish with the index artifact ([`index_image_with_profile`]).
+    pub fn access_profile(&self, engine: &Engine) -> AccessProfile {
+        let by_id: std::collections::HashMap<FileId, &str> = self
+            .unpacked
+            .placeholders
+            .iter()
+            .zip(&self.files)
+            .filter_map(|(p, id)| {
+                Some((
+                    *id,
+                    self.layers
+                        .get(p.layer)?
+                        .1
+                        .entries
+                        .get(p.entry)?
+                        .path
+                        .as_str(),
+                ))
+            })
+            .collect();
+        AccessProfile {
+            version: 1,
+            files: engine
+                .accessed(&self.files)
+                .iter()
+                .filter_map(|id| by_id.get(id).map(|p| p.to_string()))
+                .collect(),
+        }
+    }
 }
 
 /// Registers every placeholder of an unpacked image; on failure unregisters the ones done.
@@ -650,6 +804,16 @@ pub async fn index_image(
     opts: &PrepareOptions,
     push: bool,
 ) -> Result<(ImageIndexes, Option<Digest>), ImageError> {
+    index_image_with_profile(reference, opts, push, None).await
+}
+
+/// [`index_image`], with an access profile added to the pushed artifact.
+pub async fn index_image_with_profile(
+    reference: &str,
+    opts: &PrepareOptions,
+    push: bool,
+    profile: Option<&AccessProfile>,
+) -> Result<(ImageIndexes, Option<Digest>), ImageError> {
     let (store, image) = open(reference, opts).await?;
     let subject = image.manifest_digest.clone();
     let mut no_artifact = opts.clone();
@@ -671,6 +835,10 @@ pub async fn index_image(
         if let Some(pack) = pack {
             blobs.push((INDEX_WINDOWS_MEDIA_TYPE.to_string(), pack.bytes().clone()));
         }
+    }
+    if let Some(p) = profile {
+        let json = serde_json::to_vec(p).map_err(|e| ImageError::Task(e.to_string()))?;
+        blobs.push((ACCESS_PROFILE_MEDIA_TYPE.to_string(), Bytes::from(json)));
     }
     let digest = store
         .push_artifact(&subject, INDEX_ARTIFACT_TYPE, blobs)

@@ -472,3 +472,115 @@ fn streaming_prefetch_reads_each_layer_once_and_completes_the_image() {
     engine.shutdown();
     drop(rt);
 }
+
+/// An access profile recorded from one run travels in the index artifact, and the next
+/// prepare fills exactly its files in the background, in its order, before anyone reads
+/// them.
+#[test]
+fn access_profile_is_recorded_published_and_filled_ahead() {
+    common::init_tracing();
+    let reg = common::TestRegistry::start();
+    let tmp = tempfile::tempdir().unwrap();
+    let layout = tmp.path().join("layout");
+    write_layout(&layout, "v1", &host_image::layers(0.1), Compression::Gzip)
+        .expect("build the image from host files");
+    common::push_layout(&layout, "v1", &reg.host(), "profile/app", &[]);
+    let reference = format!("docker://{}/profile/app:v1", reg.host());
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap();
+    let engine =
+        Engine::start(EngineConfig::default()).expect("fanotify pre-content group (6.14+, root)");
+    let limit = Duration::from_secs(60);
+
+    // Record: prepare, read six files in a known order (one of them twice).
+    let mut opts = PrepareOptions::new(tmp.path().join("publisher"));
+    opts.registry.insecure = true;
+    let dest = tmp.path().join("record");
+    let recorded = dest.clone();
+    std::fs::create_dir(&dest).unwrap();
+    let prepared = rt
+        .block_on(image::prepare(&engine, &reference, &dest, &opts))
+        .expect("prepare");
+    assert_eq!(prepared.profile_files, 0, "no profile published yet");
+    let tree = walk(&dest);
+    let files: Vec<&String> = tree
+        .iter()
+        .filter(|(_, (_, t))| t.is_file())
+        .map(|(k, _)| k)
+        .collect();
+    let picked: Vec<&String> = sample(files.len(), 6, 0xfeed)
+        .into_iter()
+        .rev()
+        .map(|i| files[i])
+        .collect();
+    for rel in picked.iter().chain(&picked[..1]) {
+        read_bounded(&dest.join(rel), limit);
+    }
+    let profile = prepared.access_profile(&engine);
+    // Paths in the profile are the indexes' names; here they are the tree's paths.
+    let want: Vec<String> = picked
+        .iter()
+        .filter(|rel| std::fs::metadata(dest.join(rel)).unwrap().len() > 0)
+        .map(|s| s.to_string())
+        .collect();
+    assert_eq!(profile.files, want, "first access first, each file once");
+    rt.block_on(image::index_image_with_profile(
+        &reference,
+        &opts,
+        true,
+        Some(&profile),
+    ))
+    .expect("push the artifact with the profile");
+    drop(prepared);
+
+    // A fresh machine: the artifact's profile is filled at once, and nothing else.
+    let mut opts = PrepareOptions::new(tmp.path().join("indexes"));
+    opts.registry.insecure = true;
+    let dest = tmp.path().join("run");
+    std::fs::create_dir(&dest).unwrap();
+    let complete_before = engine.stats().files_complete;
+    let prepared = rt
+        .block_on(image::prepare(&engine, &reference, &dest, &opts))
+        .expect("prepare");
+    assert_eq!(prepared.profile_files, want.len());
+    let deadline = Instant::now() + limit;
+    let done = || {
+        prepared
+            .files
+            .iter()
+            .filter(|id| engine.is_complete(**id))
+            .count()
+    };
+    while done() < want.len() {
+        assert!(
+            Instant::now() < deadline,
+            "profile files not filled: {}",
+            done()
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    std::thread::sleep(Duration::from_millis(200));
+    assert_eq!(done(), want.len(), "only the profile's files are filled");
+    let events_before = engine.stats().events;
+    for rel in &want {
+        let got = read_bounded(&dest.join(rel), limit);
+        assert!(got == std::fs::read(recorded.join(rel)).unwrap(), "{rel}");
+    }
+    assert_eq!(
+        engine.stats().events,
+        events_before,
+        "reading the profile's files raised no fill event: they were complete"
+    );
+    eprintln!(
+        "profile of {} files filled ahead by the next prepare; {} files complete before, {} after",
+        want.len(),
+        complete_before,
+        engine.stats().files_complete
+    );
+    drop(prepared);
+    engine.shutdown();
+    drop(rt);
+}

@@ -443,4 +443,3 @@ pub fn dir_size_on_disk(root: &Path) -> u64 {
         .map(|m| m.blocks() * 512)
         .sum()
 }
-

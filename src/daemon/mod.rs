@@ -299,6 +299,8 @@ struct Opened {
     layers: Vec<(Digest, Arc<LayerIndex>)>,
     windows: Vec<Arc<LayerWindows>>,
     blob_cache: Option<crate::blobcache::BlobCache>,
+    /// The index artifact's access profile, if it carries one.
+    profile: Option<image::AccessProfile>,
 }
 
 async fn open_image(reference: &str, opts: &PrepareOptions) -> Result<Opened, image::ImageError> {
@@ -315,6 +317,7 @@ async fn open_image(reference: &str, opts: &PrepareOptions) -> Result<Opened, im
         store,
         manifest_digest,
         blob_cache: ix.blob_cache.clone(),
+        profile: ix.profile.clone(),
         layers: ix.layers.into_iter().map(|(d, i, _)| (d, i)).collect(),
         windows,
     })
@@ -513,6 +516,24 @@ impl Daemon {
             }
         };
         self.state.save(&record).map_err(ApiFail::internal)?;
+        if let Some(profile) = opened
+            .profile
+            .as_ref()
+            .filter(|_| opts.profile_prefetch > 0)
+        {
+            // The files a recorded run of this image read, filled before the workload asks.
+            let (placed, fids): (Vec<(usize, usize)>, Vec<FileId>) = record
+                .files
+                .iter()
+                .zip(&ids)
+                .filter_map(|(f, id)| Some(((f.layer, f.entry), (*id)?)))
+                .unzip();
+            let layers: Vec<Arc<LayerIndex>> =
+                opened.layers.iter().map(|(_, ix)| ix.clone()).collect();
+            let want = image::profile_file_ids(profile, &layers, &placed, &fids);
+            info!(reference = %image_ref, files = want.len(), "filling the access profile's files ahead of the workload");
+            self.engine.fill_in_background(want, opts.profile_prefetch);
+        }
         info!(
             reference = %image_ref,
             dest = %dest.display(),
