@@ -107,6 +107,7 @@ fn handle(
             let mut opts = PrepareOptions::new(s("index_dir")?);
             opts.registry.insecure = true;
             opts.use_artifact = cmd["use_artifact"].as_bool().unwrap_or(true);
+            opts.profile_prefetch = cmd["profile_prefetch"].as_u64().unwrap_or(0) as usize;
             let overlay = cmd["mode"] == "overlay";
             opts.mode = if overlay { Mode::Overlay } else { Mode::Direct };
             let reference = cmd["reference"].as_str().ok_or(anyhow!("no reference"))?;
@@ -150,12 +151,19 @@ fn handle(
                 "placeholders": prepared.files.len(),
                 "dirs": u.dirs, "reg_files": u.files, "symlinks": u.symlinks,
                 "hardlinks": u.hardlinks, "whiteouts": u.whiteouts,
-                "origins": origins,
+                "origins": origins, "profile_files": prepared.profile_files,
             });
             st.prepared = Some(prepared);
             Ok(v)
         }
         "stats" => Ok(stats_json(engine, st)),
+        "profile" => {
+            let prepared = st
+                .prepared
+                .as_ref()
+                .ok_or_else(|| anyhow!("profile: nothing prepared"))?;
+            Ok(serde_json::to_value(prepared.access_profile(engine))?)
+        }
         "fill_all" => {
             let t = Instant::now();
             // The library's background completion: each layer streamed once into its
