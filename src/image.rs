@@ -50,6 +50,10 @@ pub const INDEX_LAYER_MEDIA_TYPE: &str = "application/vnd.fanfill.layer-index.v2
 /// Media type of one layer's windows pack inside that artifact. Never downloaded whole: a
 /// fill reads the one window it needs by a range read.
 pub const INDEX_WINDOWS_MEDIA_TYPE: &str = "application/vnd.fanfill.layer-index.windows.v2";
+/// Media type of the access profile an index artifact may carry (`fanfill index --push
+/// --profile`): the files a recorded run of the image's workload read, in the order it first
+/// read them ([`AccessProfile`]). `prepare` fills them in the background at once.
+pub const ACCESS_PROFILE_MEDIA_TYPE: &str = "application/vnd.fanfill.access-profile.v1+json";
 /// Memory for checkpoint windows shared by the layers of one prepared image (256 windows).
 pub const WINDOW_CACHE_BYTES: usize = 8 << 20;
 
@@ -118,9 +122,54 @@ pub enum ImageError {
         #[source]
         source: FillError,
     },
+    /// Streaming a layer into its placeholders failed (prefetch).
+    #[error("streaming layer {layer} into its placeholders")]
+    Stream {
+        /// The layer digest.
+        layer: String,
+        /// What failed: the blob read or its decompression.
+        #[source]
+        source: io::Error,
+    },
     /// An internal task failed.
     #[error("background task failed: {0}")]
     Task(String),
+}
+
+/// The files a workload read, in the order it first read them, by their paths in the image
+/// (as the layer indexes name them). Recorded from a served tree ([`Prepared::access_profile`],
+/// `fanfill pull --record-profile`), published in the index artifact, and filled ahead of
+/// the workload by the next `prepare` ([`PrepareOptions::profile_prefetch`]).
+#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct AccessProfile {
+    /// Format version (1).
+    pub version: u32,
+    /// Image paths, first access first.
+    pub files: Vec<String>,
+}
+
+impl AccessProfile {
+    /// Most paths a profile may list (a hostile artifact cannot make `prepare` spend more).
+    pub const MAX_FILES: usize = 100_000;
+
+    /// Parses a profile, refusing unknown versions and oversized lists.
+    pub fn from_json(bytes: &[u8]) -> Result<AccessProfile, String> {
+        let p: AccessProfile = serde_json::from_slice(bytes).map_err(|e| e.to_string())?;
+        if p.version != 1 {
+            return Err(format!(
+                "access profile version {} (this build reads 1)",
+                p.version
+            ));
+        }
+        if p.files.len() > Self::MAX_FILES {
+            return Err(format!(
+                "access profile lists {} files (at most {})",
+                p.files.len(),
+                Self::MAX_FILES
+            ));
+        }
+        Ok(p)
+    }
 }
 
 /// Where a layer's index came from.
@@ -165,6 +214,9 @@ pub struct PrepareOptions {
     /// Keep layers that have to be streamed whole (no index yet) here, so their fills are
     /// local reads instead of second downloads (`None`: do not keep them).
     pub blob_cache: Option<PathBuf>,
+    /// Files of the artifact's access profile filled at once in the background, this many
+    /// at a time, as soon as the placeholders are ready (0: ignore profiles). Default 8.
+    pub profile_prefetch: usize,
 }
 
 /// Registry settings that do not parse (`creds`, `platform`).
@@ -226,6 +278,7 @@ impl PrepareOptions {
             blob_cache: Some(index_dir.with_file_name("blobs")),
             index_dir,
             use_artifact: true,
+            profile_prefetch: 8,
         }
     }
 }
@@ -254,6 +307,13 @@ pub struct Prepared {
     pub image_size: u64,
     /// The store the placeholders fill from (its counters keep running).
     pub store: Arc<BlobStore>,
+    /// Each layer's digest and index, lowest first (for [`Prepared::prefetch`]).
+    pub layers: Vec<(Digest, Arc<LayerIndex>)>,
+    /// Where layers that travelled whole are kept.
+    pub blob_cache: Option<BlobCache>,
+    /// Files of the artifact's access profile put to background filling at once (0: no
+    /// profile, or [`PrepareOptions::profile_prefetch`] is 0).
+    pub profile_files: usize,
 }
 
 /// The indexes of an image's layers, with where each came from.
@@ -269,6 +329,8 @@ pub struct ImageIndexes {
     /// Per layer, lowest first: its table of contents when it is a TOC layer
     /// ([`IndexOrigin::Toc`]; `layers` then holds the TOC's entry table).
     pub tocs: Vec<Option<Arc<TocLayer>>>,
+    /// The index artifact's access profile, when the artifact was read and carries one.
+    pub profile: Option<AccessProfile>,
 }
 
 impl ImageIndexes {
@@ -315,6 +377,16 @@ impl ImageSources {
     /// Each layer's digest and entry table (a TOC layer's from its TOC), lowest first.
     pub fn layers(&self) -> impl Iterator<Item = (&Digest, &Arc<LayerIndex>)> {
         self.layers.iter().map(|l| (&l.digest, &l.index))
+    }
+
+    /// Whether layer `layer` is read through its own table of contents.
+    pub fn is_toc(&self, layer: usize) -> bool {
+        self.layers.get(layer).is_some_and(|l| l.toc.is_some())
+    }
+
+    /// Where layers that travelled whole are kept.
+    pub fn blob_cache(&self) -> Option<&BlobCache> {
+        self.blob_cache.as_ref()
     }
 
     /// The entry `entry` of layer `layer`, hardlinks resolved to their file.
@@ -475,6 +547,7 @@ pub async fn load_indexes(
         let windows: Arc<dyn WindowSource> = Arc::new(crate::index::NoWindows);
         (Some((ix, windows, IndexOrigin::Toc)), Some(Arc::new(t)))
     };
+    let mut profile = None;
     for desc in image.manifest.layers() {
         let digest = desc.digest().to_string();
         // A layer that announces its TOC needs nothing else.
@@ -502,7 +575,8 @@ pub async fn load_indexes(
     }
     if opts.use_artifact && found.iter().any(Option::is_none) {
         match artifact_indexes(store, &image.manifest_digest).await {
-            Ok(mut list) => {
+            Ok((mut list, p)) => {
+                profile = p;
                 // Artifact metadata is not stored locally: it is small, and its windows stay
                 // in the registry (the local store keeps only complete pairs).
                 for (slot, desc) in found.iter_mut().zip(image.manifest.layers()) {
@@ -588,26 +662,49 @@ pub async fn load_indexes(
         windows,
         blob_cache,
         tocs,
+        profile,
     })
 }
 
 /// The layer indexes of the image's index artifact, each with its windows pack blob as a
-/// window source. Downloads the metadata blobs only.
+/// window source, and its access profile if it has one. Downloads the metadata blobs only.
 async fn artifact_indexes(
     store: &Arc<BlobStore>,
     subject: &Digest,
-) -> Result<Vec<(LayerIndex, Arc<dyn WindowSource>)>, ImageError> {
+) -> Result<
+    (
+        Vec<(LayerIndex, Arc<dyn WindowSource>)>,
+        Option<AccessProfile>,
+    ),
+    ImageError,
+> {
     let Some(referrer) = store
         .find_referrer(subject, INDEX_ARTIFACT_TYPE)
         .await
         .map_err(reg_err("index artifact"))?
     else {
-        return Ok(Vec::new());
+        return Ok((Vec::new(), None));
     };
     let blobs = referrer.manifest.layers();
     let mut out = Vec::new();
+    let mut profile = None;
     for blob in blobs {
-        if blob.media_type().to_string() != INDEX_LAYER_MEDIA_TYPE {
+        let media_type = blob.media_type().to_string();
+        if media_type == ACCESS_PROFILE_MEDIA_TYPE && profile.is_none() {
+            let parsed = store
+                .fetch_blob(blob.digest())
+                .await
+                .map_err(|e| e.to_string())
+                .and_then(|bytes| AccessProfile::from_json(&bytes));
+            match parsed {
+                Ok(p) => profile = Some(p),
+                Err(e) => {
+                    warn!(blob = %blob.digest(), error = %e, "ignoring the artifact's access profile")
+                }
+            }
+            continue;
+        }
+        if media_type != INDEX_LAYER_MEDIA_TYPE {
             continue;
         }
         let bytes = store
@@ -641,7 +738,7 @@ async fn artifact_indexes(
         };
         out.push((ix, windows));
     }
-    Ok(out)
+    Ok((out, profile))
 }
 
 /// Prepares `reference` into `dest` (which must be empty) and registers every placeholder
@@ -699,16 +796,32 @@ pub async fn prepare(
             return Err(e);
         }
     };
-    let keys: Vec<(usize, usize)> = unpacked
+    let placed: Vec<(usize, usize)> = unpacked
         .placeholders
         .iter()
         .map(|p| (p.layer, p.entry))
         .collect();
     let prefetch_order = sources
-        .prefetch_order(&keys)
+        .prefetch_order(&placed)
         .into_iter()
         .map(|i| files[i])
         .collect();
+    let mut profile_files = 0;
+    if let Some(profile) = indexes
+        .profile
+        .as_ref()
+        .filter(|_| opts.profile_prefetch > 0)
+    {
+        let ids = profile_file_ids(profile, &ixs, &placed, &files);
+        profile_files = ids.len();
+        info!(
+            reference,
+            files = profile_files,
+            listed = profile.files.len(),
+            "filling the access profile's files ahead of the workload"
+        );
+        engine.fill_in_background(ids, opts.profile_prefetch);
+    }
     let bytes_before_ready = store.bytes_fetched();
     info!(
         reference,
@@ -729,7 +842,72 @@ pub async fn prepare(
         bytes_before_ready,
         image_size,
         store,
+        layers: indexes
+            .layers
+            .iter()
+            .map(|(d, ix, _)| (d.clone(), ix.clone()))
+            .collect(),
+        blob_cache: indexes.blob_cache.clone(),
+        profile_files,
     })
+}
+
+/// The engine ids of the files an access profile lists, in its order: `placed` are the
+/// placeholders as (layer, entry) beside their `ids`, `layers` the layer indexes naming
+/// their paths. Paths the image does not have as placeholders are skipped.
+pub fn profile_file_ids(
+    profile: &AccessProfile,
+    layers: &[Arc<LayerIndex>],
+    placed: &[(usize, usize)],
+    ids: &[FileId],
+) -> Vec<FileId> {
+    let by_path: std::collections::HashMap<&str, FileId> = placed
+        .iter()
+        .zip(ids)
+        .filter_map(|(&(layer, entry), id)| {
+            Some((layers.get(layer)?.entries.get(entry)?.path.as_str(), *id))
+        })
+        .collect();
+    let mut seen = std::collections::HashSet::new();
+    profile
+        .files
+        .iter()
+        .filter_map(|p| by_path.get(p.as_str()).copied())
+        .filter(|id| seen.insert(*id))
+        .collect()
+}
+
+impl Prepared {
+    /// The files readers of this tree have touched so far, first access first, as an access
+    /// profile to publish with the index artifact ([`index_image_with_profile`]).
+    pub fn access_profile(&self, engine: &Engine) -> AccessProfile {
+        let by_id: std::collections::HashMap<FileId, &str> = self
+            .unpacked
+            .placeholders
+            .iter()
+            .zip(&self.files)
+            .filter_map(|(p, id)| {
+                Some((
+                    *id,
+                    self.layers
+                        .get(p.layer)?
+                        .1
+                        .entries
+                        .get(p.entry)?
+                        .path
+                        .as_str(),
+                ))
+            })
+            .collect();
+        AccessProfile {
+            version: 1,
+            files: engine
+                .accessed(&self.files)
+                .iter()
+                .filter_map(|id| by_id.get(id).map(|p| p.to_string()))
+                .collect(),
+        }
+    }
 }
 
 /// Registers every placeholder of an unpacked image; on failure unregisters the ones done.
@@ -832,6 +1010,16 @@ pub async fn index_image(
     opts: &PrepareOptions,
     push: bool,
 ) -> Result<(ImageIndexes, Option<Digest>), ImageError> {
+    index_image_with_profile(reference, opts, push, None).await
+}
+
+/// [`index_image`], with an access profile added to the pushed artifact.
+pub async fn index_image_with_profile(
+    reference: &str,
+    opts: &PrepareOptions,
+    push: bool,
+    profile: Option<&AccessProfile>,
+) -> Result<(ImageIndexes, Option<Digest>), ImageError> {
     let (store, image) = open(reference, opts).await?;
     let subject = image.manifest_digest.clone();
     let mut no_artifact = opts.clone();
@@ -858,7 +1046,14 @@ pub async fn index_image(
             blobs.push((INDEX_WINDOWS_MEDIA_TYPE.to_string(), pack.bytes().clone()));
         }
     }
-    if blobs.is_empty() {
+    if let Some(p) = profile {
+        let json = serde_json::to_vec(p).map_err(|e| ImageError::Task(e.to_string()))?;
+        blobs.push((ACCESS_PROFILE_MEDIA_TYPE.to_string(), Bytes::from(json)));
+    }
+    if blobs
+        .iter()
+        .all(|(media_type, _)| media_type != INDEX_LAYER_MEDIA_TYPE)
+    {
         info!(
             reference,
             "every layer carries its own TOC: no index artifact to push"
@@ -996,5 +1191,195 @@ impl ContentSource for LayerFileSource {
             Ok(data)
         }
         .boxed()
+    }
+}
+
+/// What [`stream_fill_layer`] did.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct StreamFill {
+    /// Uncompressed layer bytes read from the stream.
+    pub bytes_read: u64,
+    /// Bytes written into placeholders.
+    pub bytes_written: u64,
+    /// Placeholders offered bytes.
+    pub files: u64,
+}
+
+/// Bytes read from a layer stream and offered to the engine at a time (rounded to a file's
+/// fill chunk): large enough for few writes, small enough that readers never wait long
+/// behind one.
+const STREAM_PIECE: u64 = 4 << 20;
+
+/// Fills placeholders of one layer from a single sequential read of the whole blob (the
+/// local blob cache, else one streaming GET), inflated once, the way an eager pull reads it:
+/// for completing an image in the background, far cheaper than a range read and an inflate
+/// from a checkpoint per piece. `files` are the layer's placeholders as (entry index in
+/// `index`, engine id); each piece is handed to [`Engine::supply`], which verifies it against
+/// the index's digests and skips what readers already filled or are fetching, so on-demand
+/// fills and this stream never write the same chunk twice. `before_piece(len)` runs before
+/// each piece of file data (pacing, pausing for readers); returning `false` stops early.
+/// Blocks: call it from a plain thread, not from a runtime. Stops reading once the last
+/// wanted file has passed; a piece whose verification fails is logged and left to the
+/// file's own source.
+pub fn stream_fill_layer(
+    engine: &Engine,
+    store: &Arc<BlobStore>,
+    blob_cache: Option<&BlobCache>,
+    layer: &Digest,
+    index: &LayerIndex,
+    files: &[(usize, FileId)],
+    mut before_piece: impl FnMut(u64) -> bool,
+) -> Result<StreamFill, ImageError> {
+    use std::collections::BTreeMap;
+    use std::io::Read;
+    let err = |source: io::Error| ImageError::Stream {
+        layer: layer.to_string(),
+        source,
+    };
+    // Data offset -> (path, size, placeholders): hardlinked placeholders share one entry's
+    // bytes.
+    let mut want: BTreeMap<u64, (&str, u64, Vec<FileId>)> = BTreeMap::new();
+    for &(entry, id) in files {
+        let Some(e) = index.resolve(entry) else {
+            continue;
+        };
+        if e.kind != crate::index::EntryKind::File || e.size == 0 || engine.is_complete(id) {
+            continue;
+        }
+        let slot = want
+            .entry(e.data_offset)
+            .or_insert((e.path.as_str(), e.size, Vec::new()));
+        if slot.0 != e.path {
+            // Two files' data at one offset: not a tar stream's layout (a table-of-contents
+            // layer locates data by chunk, not by stream offset). Nothing to stream.
+            debug!(layer = %layer, "layer data is not laid out as one stream; not streaming it");
+            return Ok(StreamFill::default());
+        }
+        slot.2.push(id);
+    }
+    let mut stats = StreamFill::default();
+    if want.is_empty() {
+        return Ok(stats);
+    }
+    let digest = layer.to_string();
+    let raw: Box<dyn Read> = match blob_cache.filter(|c| c.contains(&digest)) {
+        Some(cache) => {
+            let path = cache.path(&digest).unwrap_or_default();
+            Box::new(std::fs::File::open(&path).map_err(err)?)
+        }
+        None => {
+            let handle = engine.handle();
+            let _runtime = handle.enter();
+            let stream = handle
+                .block_on(store.open_stream(layer))
+                .map_err(|e| err(io::Error::other(e)))?;
+            Box::new(stream.into_blocking_reader())
+        }
+    };
+    let raw = io::BufReader::with_capacity(1 << 20, raw);
+    let mut tar: Box<dyn Read> = match index.compression {
+        crate::index::Compression::Gzip => Box::new(flate2::bufread::MultiGzDecoder::new(raw)),
+        crate::index::Compression::Zstd => {
+            Box::new(zstd::stream::read::Decoder::with_buffer(raw).map_err(err)?)
+        }
+        crate::index::Compression::None => Box::new(raw),
+    };
+    let mut buf = Vec::new();
+    for (offset, (_, size, ids)) in want {
+        if offset < stats.bytes_read {
+            continue; // Overlapping data in a hostile index: leave it to the source.
+        }
+        let skip = offset - stats.bytes_read;
+        let skipped = io::copy(&mut (&mut tar).take(skip), &mut io::sink()).map_err(err)?;
+        stats.bytes_read += skipped;
+        if skipped != skip {
+            return Err(err(io::Error::new(
+                io::ErrorKind::UnexpectedEof,
+                format!(
+                    "layer ends at {} before file data at {offset}",
+                    stats.bytes_read
+                ),
+            )));
+        }
+        let chunk = engine.progress(ids[0]).map_or(1, |p| p.chunk.max(1));
+        let piece = (STREAM_PIECE / chunk).max(1) * chunk;
+        stats.files += ids.len() as u64;
+        let mut at = 0;
+        while at < size {
+            let len = piece.min(size - at);
+            buf.resize(len as usize, 0);
+            tar.read_exact(&mut buf).map_err(err)?;
+            stats.bytes_read += len;
+            if ids.iter().any(|id| !engine.is_complete(*id)) {
+                if !before_piece(len) {
+                    return Ok(stats);
+                }
+                for id in &ids {
+                    match engine.supply(*id, at, &buf) {
+                        Ok(n) => stats.bytes_written += n,
+                        Err(e) => warn!(
+                            layer = %layer,
+                            offset = at,
+                            error = %crate::fill::error_chain(&e),
+                            "a streamed piece was not taken; the file's source will fill it"
+                        ),
+                    }
+                }
+            }
+            at += len;
+        }
+    }
+    debug!(layer = %layer, read = stats.bytes_read, written = stats.bytes_written, "layer streamed into placeholders");
+    Ok(stats)
+}
+
+impl Prepared {
+    /// Completes the image in the background's way, from the calling (plain) thread: each
+    /// layer streamed once into its placeholders ([`stream_fill_layer`]), then whatever is
+    /// still missing (a stream that failed, chunks a reader had in flight, every file of a
+    /// TOC layer) filled from the files' own sources, `parallel` at a time, in
+    /// [`Prepared::prefetch_order`] (TOC prefetch landmarks first). Returns the streamed
+    /// totals.
+    pub fn prefetch(&self, engine: &Engine, parallel: usize) -> Result<StreamFill, ImageError> {
+        let mut total = StreamFill::default();
+        for (li, (digest, index)) in self.layers.iter().enumerate() {
+            if self.index_origins.get(li) == Some(&IndexOrigin::Toc) {
+                // Its bytes are located by chunk, not by tar stream offset: filled by ranges.
+                continue;
+            }
+            let files: Vec<(usize, FileId)> = self
+                .unpacked
+                .placeholders
+                .iter()
+                .zip(&self.files)
+                .filter(|(p, _)| p.layer == li)
+                .map(|(p, id)| (p.entry, *id))
+                .collect();
+            match stream_fill_layer(
+                engine,
+                &self.store,
+                self.blob_cache.as_ref(),
+                digest,
+                index,
+                &files,
+                |_| true,
+            ) {
+                Ok(s) => {
+                    total.bytes_read += s.bytes_read;
+                    total.bytes_written += s.bytes_written;
+                    total.files += s.files;
+                }
+                Err(e) => {
+                    warn!(error = %crate::fill::error_chain(&e), "streaming prefetch failed; filling by ranges")
+                }
+            }
+        }
+        engine
+            .fill_files(&self.prefetch_order, parallel)
+            .map_err(|source| ImageError::Fill {
+                reference: self.reference.clone(),
+                source,
+            })?;
+        Ok(total)
     }
 }

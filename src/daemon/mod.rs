@@ -197,6 +197,9 @@ struct ImageRt {
     saved: Mutex<Option<ImageRecord>>,
     /// Files already offered to the content cache.
     cached: Mutex<Vec<bool>>,
+    /// The image's store and indexes, for streaming prefetch (`None`: it could not be
+    /// reopened after a restart).
+    opened: Option<Arc<Opened>>,
 }
 
 /// The running daemon (shared by the API tasks and its threads).
@@ -295,6 +298,8 @@ struct Opened {
     store: Arc<BlobStore>,
     manifest_digest: String,
     sources: image::ImageSources,
+    /// The index artifact's access profile, if it carries one.
+    profile: Option<image::AccessProfile>,
 }
 
 async fn open_image(reference: &str, opts: &PrepareOptions) -> Result<Opened, image::ImageError> {
@@ -305,6 +310,7 @@ async fn open_image(reference: &str, opts: &PrepareOptions) -> Result<Opened, im
         sources: ix.sources(&store),
         store,
         manifest_digest,
+        profile: ix.profile.clone(),
     })
 }
 
@@ -414,7 +420,10 @@ impl Daemon {
             files: Vec::with_capacity(unpacked.placeholders.len()),
         };
         let this = self.clone();
+        let opened = Arc::new(opened);
+        let opened2 = opened.clone();
         let res = tokio::task::spawn_blocking(move || {
+            let opened = opened2;
             let mut ids = Vec::new();
             for p in &unpacked.placeholders {
                 let sha = opened
@@ -486,6 +495,24 @@ impl Daemon {
             }
         };
         self.state.save(&record).map_err(ApiFail::internal)?;
+        if let Some(profile) = opened
+            .profile
+            .as_ref()
+            .filter(|_| opts.profile_prefetch > 0)
+        {
+            // The files a recorded run of this image read, filled before the workload asks.
+            let (placed, fids): (Vec<(usize, usize)>, Vec<FileId>) = record
+                .files
+                .iter()
+                .zip(&ids)
+                .filter_map(|(f, id)| Some(((f.layer, f.entry), (*id)?)))
+                .unzip();
+            let layers: Vec<Arc<LayerIndex>> =
+                opened.sources.layers().map(|(_, ix)| ix.clone()).collect();
+            let want = image::profile_file_ids(profile, &layers, &placed, &fids);
+            info!(reference = %image_ref, files = want.len(), "filling the access profile's files ahead of the workload");
+            self.engine.fill_in_background(want, opts.profile_prefetch);
+        }
         info!(
             reference = %image_ref,
             dest = %dest.display(),
@@ -496,6 +523,7 @@ impl Daemon {
         let rt = Arc::new(ImageRt {
             saved: Mutex::new(Some(record.clone())),
             cached: Mutex::new(Vec::new()),
+            opened: Some(opened),
             record: Mutex::new(record),
             files: ids,
             order,
@@ -520,11 +548,13 @@ impl Daemon {
         let mk = |files: Vec<Option<FileId>>,
                   order: Vec<usize>,
                   record: ImageRecord,
-                  error: Option<String>| {
+                  error: Option<String>,
+                  opened: Option<Arc<Opened>>| {
             Arc::new(ImageRt {
                 order,
                 saved: Mutex::new(Some(record.clone())),
                 cached: Mutex::new(Vec::new()),
+                opened,
                 prefetch: AtomicBool::new(record.prefetch),
                 record: Mutex::new(record),
                 files,
@@ -550,18 +580,21 @@ impl Daemon {
                 );
                 warn!(error = %m, "cannot reopen image");
                 let n = record.files.len();
-                return mk(vec![None; n], (0..n).collect(), record, Some(m));
+                return mk(vec![None; n], (0..n).collect(), record, Some(m), None);
             }
             Err(m) => {
                 warn!(reference = %record.reference, error = %m, "cannot reopen image");
                 let n = record.files.len();
-                return mk(vec![None; n], (0..n).collect(), record, Some(m));
+                return mk(vec![None; n], (0..n).collect(), record, Some(m), None);
             }
         };
         let this = self.clone();
         let counters2 = counters.clone();
         let overlay = record.mode == LayoutMode::Overlay;
+        let opened = Arc::new(opened);
+        let opened2 = opened.clone();
         let files = tokio::task::spawn_blocking(move || {
+            let opened = opened2;
             let mut ids = Vec::with_capacity(record.files.len());
             for f in &record.files {
                 if f.complete && f.chunk == 0 {
@@ -608,7 +641,7 @@ impl Daemon {
         match files {
             Ok((ids, record, order)) => {
                 info!(reference = %record.reference, dest = %record.dest.display(), files = ids.len(), "image re-served");
-                mk(ids, order, record, None)
+                mk(ids, order, record, None, Some(opened))
             }
             Err(e) => panic!("re-registering task failed: {e}"),
         }
@@ -760,13 +793,91 @@ impl Daemon {
         Ok(Response::Removed { dest })
     }
 
-    /// Background prefetch of one image: the files its TOC layers name to prefetch first
-    /// (eStargz `.prefetch.landmark`), then the rest in layer order, `prefetch_parallel` at
-    /// a time, pausing while any reader's miss is being served (on-demand first).
+    /// Background prefetch of one image, pausing while any reader's miss is being served
+    /// (on-demand first): each layer streamed once into its placeholders
+    /// ([`image::stream_fill_layer`]; not TOC layers, whose bytes are located by chunk),
+    /// then whatever is still missing filled file by file from the files' sources, the
+    /// files TOC layers name to prefetch first (eStargz `.prefetch.landmark`) first,
+    /// `prefetch_parallel` at a time.
     fn start_prefetch(self: &Arc<Self>, img: &Arc<ImageRt>) {
         if img.prefetch_running.swap(true, Ordering::SeqCst) {
             return;
         }
+        let (this, img) = (self.clone(), img.clone());
+        std::thread::spawn(move || {
+            this.stream_layers(&img);
+            this.prefetch_files(&img);
+        });
+    }
+
+    /// Whether background work on `img` should stop.
+    fn prefetch_stopped(&self, img: &ImageRt) -> bool {
+        !img.prefetch.load(Ordering::SeqCst)
+            || img.removed.load(Ordering::SeqCst)
+            || self.stopping.load(Ordering::SeqCst)
+    }
+
+    /// Streams every layer with incomplete files into its placeholders, lowest first.
+    fn stream_layers(&self, img: &ImageRt) {
+        let Some(opened) = &img.opened else { return };
+        let placed: Vec<(usize, usize)> = {
+            let rec = img.record.lock().unwrap();
+            rec.files.iter().map(|f| (f.layer, f.entry)).collect()
+        };
+        for (li, (digest, index)) in opened.sources.layers().enumerate() {
+            if opened.sources.is_toc(li) {
+                // Its bytes are located by chunk, not by tar stream offset: filled by ranges.
+                continue;
+            }
+            let files: Vec<(usize, FileId)> = placed
+                .iter()
+                .zip(&img.files)
+                .filter_map(|(&(layer, entry), id)| Some((layer, entry, (*id)?)))
+                .filter(|&(layer, _, _)| layer == li)
+                .map(|(_, entry, id)| (entry, id))
+                .collect();
+            let res = image::stream_fill_layer(
+                &self.engine,
+                &opened.store,
+                opened.sources.blob_cache(),
+                digest,
+                index,
+                &files,
+                |len| {
+                    while self.engine.inflight_events() > 0 && !self.prefetch_stopped(img) {
+                        std::thread::sleep(Duration::from_millis(2));
+                    }
+                    if self.prefetch_stopped(img) {
+                        return false;
+                    }
+                    self.pace_prefetch(len);
+                    true
+                },
+            );
+            if !matches!(res, Ok(s) if s.files == 0) {
+                // The image's own store: its counter is the image's network traffic.
+                img.counters
+                    .bytes_fetched
+                    .fetch_max(opened.store.bytes_fetched(), Ordering::Relaxed);
+            }
+            match res {
+                Ok(s) if s.files > 0 => {
+                    info!(layer = %digest, files = s.files, bytes_written = s.bytes_written, "layer streamed into placeholders")
+                }
+                Ok(_) => {}
+                Err(e) => {
+                    warn!(error = %error_chain(&e), "streaming prefetch of a layer failed; its files fill by ranges")
+                }
+            }
+            if self.prefetch_stopped(img) {
+                return;
+            }
+        }
+    }
+
+    /// Fills the image's incomplete files one by one from their sources, `prefetch_parallel`
+    /// at a time.
+    fn prefetch_files(self: &Arc<Self>, img: &Arc<ImageRt>) {
         let next = Arc::new(AtomicUsize::new(0));
         let workers = Arc::new(AtomicUsize::new(self.config.prefetch_parallel.max(1)));
         for _ in 0..self.config.prefetch_parallel.max(1) {
@@ -774,10 +885,7 @@ impl Daemon {
                 (self.clone(), img.clone(), next.clone(), workers.clone());
             std::thread::spawn(move || {
                 loop {
-                    if !img.prefetch.load(Ordering::SeqCst)
-                        || img.removed.load(Ordering::SeqCst)
-                        || this.stopping.load(Ordering::SeqCst)
-                    {
+                    if this.prefetch_stopped(&img) {
                         break;
                     }
                     while this.engine.inflight_events() > 0 && !this.stopping.load(Ordering::SeqCst)
