@@ -448,6 +448,10 @@ fn toc_digest_mismatch_is_refused_and_unannotated_layers_are_found_by_their_foot
         prepared.bytes_before_ready
     );
     assert!(prepared.bytes_before_ready <= tails + 2 * 51 + 16 * 1024);
+    // `pull --prefetch` completes a TOC image by ranges (nothing is streamed by tar offset).
+    let streamed = prepared.prefetch(&engine, 2).expect("prefetch");
+    assert_eq!(streamed.files, 0);
+    assert!(prepared.files.iter().all(|id| engine.is_complete(*id)));
     let mismatches = compare(&walk(&fx.reference_dir), &dest, Duration::from_secs(60));
     assert!(mismatches.is_empty(), "{mismatches:#?}");
     drop(prepared);
