@@ -661,7 +661,8 @@ impl Engine {
         self.fill_entries(entries, parallel)
     }
 
-    /// Fills the given files (unknown ids are skipped), `parallel` at a time.
+    /// Fills the registered files among `ids` in that order (at most `parallel` at once;
+    /// a file starts only after every earlier one has started), then removes their marks.
     pub fn fill_files(&self, ids: &[FileId], parallel: usize) -> Result<(), FillError> {
         let entries: Vec<_> = ids.iter().filter_map(|id| self.entry(*id)).collect();
         self.fill_entries(entries, parallel)

@@ -8,6 +8,11 @@
 //! and inflates it, and the index's digests so that every filled byte is verified. It also
 //! builds and pushes the index artifact (`fanfill index --push`).
 //!
+//! Layers that carry their own table of contents (eStargz, zstd:chunked: [`crate::toc`])
+//! need no index: their TOC is fetched by range and verified, and their files are served by
+//! a [`TocFileSource`]; [`ImageSources::file_source`] is the one place that picks a file's
+//! source and the digests the engine checks.
+//!
 //! Only index *metadata* travels before the placeholders are ready. The checkpoint windows
 //! stay where they are (the artifact's windows blob in the registry, the `.win` file of the
 //! local index store) and a [`LayerFileSource`] reads the one window a fill needs, once, by
@@ -33,6 +38,7 @@ use crate::index::{
 };
 use crate::reference::Reference;
 use crate::registry::{self, BlobStore, Platform};
+use crate::toc::{self, TocError, TocFileSource, TocLayer};
 use crate::unpack::{self, Layer, Mode, UnpackError, UnpackOptions, Unpacked};
 
 /// `artifactType` of the layer-index artifact a `fanfill index --push` attaches to an image
@@ -76,6 +82,17 @@ pub enum ImageError {
         /// The index error.
         #[source]
         source: IndexError,
+    },
+    /// A layer's table of contents (eStargz, zstd:chunked) could not be read or verified.
+    #[error("layer {layer} of {reference}")]
+    Toc {
+        /// The image.
+        reference: String,
+        /// The layer digest.
+        layer: String,
+        /// The TOC error.
+        #[source]
+        source: TocError,
     },
     /// An index does not describe the layer it was filed under.
     #[error("index for layer {layer} describes blob {found}")]
@@ -164,6 +181,21 @@ pub enum IndexOrigin {
     Artifact,
     /// Built now by streaming the whole layer once.
     Built,
+    /// The layer's own table of contents (eStargz, zstd:chunked): no index needed, only the
+    /// TOC travelled.
+    Toc,
+}
+
+impl IndexOrigin {
+    /// One word for reports: `local`, `artifact`, `built`, `toc`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            IndexOrigin::Local => "local",
+            IndexOrigin::Artifact => "artifact",
+            IndexOrigin::Built => "built",
+            IndexOrigin::Toc => "toc",
+        }
+    }
 }
 
 /// How to prepare an image.
@@ -264,6 +296,9 @@ pub struct Prepared {
     pub unpacked: Unpacked,
     /// The engine's ids of the registered placeholders.
     pub files: Vec<FileId>,
+    /// The same ids in prefetch order: the files TOC layers name to prefetch first (eStargz
+    /// `.prefetch.landmark`), then the rest (see [`Engine::fill_files`]).
+    pub prefetch_order: Vec<FileId>,
     /// Where each layer's index came from, lowest layer first.
     pub index_origins: Vec<IndexOrigin>,
     /// Bytes received from the registry or layout before the placeholders were ready.
@@ -293,6 +328,147 @@ pub struct ImageIndexes {
     pub blob_cache: Option<BlobCache>,
     /// The index artifact's access profile, when the artifact was read and carries one.
     pub profile: Option<AccessProfile>,
+    /// Per layer, lowest first: its table of contents when it is a TOC layer
+    /// ([`IndexOrigin::Toc`]; `layers` then holds the TOC's entry table).
+    pub tocs: Vec<Option<Arc<TocLayer>>>,
+}
+
+impl ImageIndexes {
+    /// The sources of the image's files, fetching from `store`; checkpoint windows are
+    /// cached per image ([`WINDOW_CACHE_BYTES`]).
+    pub fn sources(&self, store: &Arc<BlobStore>) -> ImageSources {
+        let cache = Arc::new(WindowCache::new(WINDOW_CACHE_BYTES));
+        ImageSources {
+            store: store.clone(),
+            blob_cache: self.blob_cache.clone(),
+            layers: self
+                .layers
+                .iter()
+                .zip(&self.windows)
+                .zip(&self.tocs)
+                .map(|(((digest, index, _), w), toc)| LayerSources {
+                    digest: digest.clone(),
+                    index: index.clone(),
+                    toc: toc.clone(),
+                    windows: Arc::new(LayerWindows::new(w.clone(), cache.clone())),
+                })
+                .collect(),
+        }
+    }
+}
+
+struct LayerSources {
+    digest: Digest,
+    index: Arc<LayerIndex>,
+    toc: Option<Arc<TocLayer>>,
+    windows: Arc<LayerWindows>,
+}
+
+/// Everything that builds the content source of any file of a prepared image: the store,
+/// per layer its index or TOC and checkpoint windows, the blob cache. The one place that
+/// picks [`LayerFileSource`] or [`TocFileSource`] and the matching [`Verify`].
+pub struct ImageSources {
+    store: Arc<BlobStore>,
+    blob_cache: Option<BlobCache>,
+    layers: Vec<LayerSources>,
+}
+
+impl ImageSources {
+    /// Each layer's digest and entry table (a TOC layer's from its TOC), lowest first.
+    pub fn layers(&self) -> impl Iterator<Item = (&Digest, &Arc<LayerIndex>)> {
+        self.layers.iter().map(|l| (&l.digest, &l.index))
+    }
+
+    /// The entry `entry` of layer `layer`, hardlinks resolved to their file.
+    pub fn entry(&self, layer: usize, entry: usize) -> Option<&Entry> {
+        self.layers.get(layer)?.index.resolve(entry)
+    }
+
+    /// The content source and verification of regular-file entry `entry` of layer `layer`.
+    // Returned once per file at registration: the size of the error does not matter here.
+    #[allow(clippy::result_large_err)]
+    pub fn file_source(
+        &self,
+        layer: usize,
+        entry: usize,
+    ) -> Result<(Arc<dyn ContentSource>, Verify), ImageError> {
+        let l = self
+            .layers
+            .get(layer)
+            .ok_or_else(|| ImageError::Task(format!("no layer {layer}")))?;
+        let missing = || ImageError::Task(format!("no entry {entry} in layer {}", l.digest));
+        if let Some(toc) = &l.toc {
+            let target = resolve_pos(&toc.index, entry).ok_or_else(missing)?;
+            let verify = toc::verify_for(toc, target);
+            let source = TocFileSource::new(
+                self.store.clone(),
+                self.blob_cache.clone(),
+                l.digest.clone(),
+                toc.clone(),
+                target,
+            );
+            return Ok((Arc::new(source), verify));
+        }
+        let e = l.index.resolve(entry).cloned().ok_or_else(missing)?;
+        let verify = verify_for(&e);
+        let source = LayerFileSource::new(
+            self.store.clone(),
+            l.digest.clone(),
+            l.index.clone(),
+            l.windows.clone(),
+            e,
+        )
+        .with_blob_cache(self.blob_cache.clone());
+        Ok((Arc::new(source), verify))
+    }
+
+    /// Where layers that travelled whole are kept.
+    pub fn blob_cache(&self) -> Option<&BlobCache> {
+        self.blob_cache.as_ref()
+    }
+
+    /// Whether layer `layer` is read through its own table of contents (its entries carry no
+    /// tar-stream offsets, so [`stream_fill_layer`] does not apply to it).
+    pub fn is_toc(&self, layer: usize) -> bool {
+        self.layers.get(layer).is_some_and(|l| l.toc.is_some())
+    }
+
+    /// Per layer, the entries its TOC names to prefetch first (empty for other layers).
+    pub fn prefetch_first(&self, layer: usize) -> &[usize] {
+        self.layers
+            .get(layer)
+            .and_then(|l| l.toc.as_deref())
+            .map_or(&[], |t| t.prefetch_first.as_slice())
+    }
+
+    /// `files` (pairs of layer and entry, as placeholders list them) reordered for prefetch:
+    /// the files each TOC layer names to prefetch first (lowest layer first, in TOC order),
+    /// then every other one in the order given. Returns positions into `files`.
+    pub fn prefetch_order(&self, files: &[(usize, usize)]) -> Vec<usize> {
+        let mut first = Vec::new();
+        let mut pos: std::collections::HashMap<(usize, usize), usize> =
+            files.iter().enumerate().map(|(i, f)| (*f, i)).collect();
+        for layer in 0..self.layers.len() {
+            for &e in self.prefetch_first(layer) {
+                if let Some(i) = pos.remove(&(layer, e)) {
+                    first.push(i);
+                }
+            }
+        }
+        let mut taken = vec![false; files.len()];
+        for &i in &first {
+            taken[i] = true;
+        }
+        first.extend((0..files.len()).filter(|&i| !taken[i]));
+        first
+    }
+}
+
+/// Position of the entry a hardlink at `idx` resolves to (`idx` itself for other kinds).
+fn resolve_pos(index: &LayerIndex, idx: usize) -> Option<usize> {
+    let target = index.resolve(idx)?;
+    // `resolve` returns a reference into `entries`: find its position by address.
+    index.entries.iter().position(|e| std::ptr::eq(e, target))
 }
 
 /// A windows pack in the registry (or layout), read a window at a time by range reads.
@@ -355,10 +531,40 @@ pub async fn load_indexes(
             source,
         }
     };
+    let toc_err = |layer: &Digest| {
+        let (reference, layer) = (reference.to_string(), layer.to_string());
+        move |source| ImageError::Toc {
+            reference,
+            layer,
+            source,
+        }
+    };
+    let blob_cache = opts.blob_cache.as_ref().map(BlobCache::new);
     let mut found: Vec<Option<Found>> = Vec::new();
     let mut profile = None;
+    let mut tocs: Vec<Option<Arc<TocLayer>>> = Vec::new();
+    let toc_found = |t: TocLayer| -> (Option<Found>, Option<Arc<TocLayer>>) {
+        info!(layer = %t.index.blob_digest, format = ?t.format, entries = t.index.entries.len(), toc_bytes = t.toc_bytes_fetched, "layer read through its table of contents");
+        let ix: Arc<LayerIndex> = Arc::new(t.index.clone());
+        let windows: Arc<dyn WindowSource> = Arc::new(crate::index::NoWindows);
+        (Some((ix, windows, IndexOrigin::Toc)), Some(Arc::new(t)))
+    };
     for desc in image.manifest.layers() {
         let digest = desc.digest().to_string();
+        // A layer that announces its TOC needs nothing else.
+        if toc::detect(desc).is_some() {
+            let t = toc::load(store, desc, blob_cache.as_ref())
+                .await
+                .map_err(toc_err(desc.digest()))?
+                .ok_or_else(|| {
+                    ImageError::Task(format!("layer {digest} announces a TOC but has none"))
+                })?;
+            let (f, t) = toc_found(t);
+            found.push(f);
+            tocs.push(t);
+            continue;
+        }
+        tocs.push(None);
         let hit = match local.load(&digest).map_err(idx_err(desc.digest()))? {
             Some(ix) => {
                 let windows = local.open_windows(&ix).map_err(idx_err(desc.digest()))?;
@@ -386,6 +592,23 @@ pub async fn load_indexes(
                 }
             }
             Err(e) => debug!(error = %crate::fill::error_chain(&e), "no usable index artifact"),
+        }
+    }
+    // No index anywhere: a gzip layer may still be eStargz without the annotation (its
+    // footer tells, for one small range read).
+    for ((slot, toc_slot), desc) in found
+        .iter_mut()
+        .zip(tocs.iter_mut())
+        .zip(image.manifest.layers())
+    {
+        if slot.is_some() {
+            continue;
+        }
+        if let Some(t) = toc::load(store, desc, blob_cache.as_ref())
+            .await
+            .map_err(toc_err(desc.digest()))?
+        {
+            (*slot, *toc_slot) = toc_found(t);
         }
     }
     let mut layers = Vec::new();
@@ -438,7 +661,8 @@ pub async fn load_indexes(
         image,
         layers,
         windows,
-        blob_cache: opts.blob_cache.as_ref().map(BlobCache::new),
+        blob_cache,
+        tocs,
         profile,
     })
 }
@@ -564,15 +788,8 @@ pub async fn prepare(
     if let Err(e) = mark_tree(dest, reference) {
         warn!(dest = %dest.display(), error = %e, "cannot mark the tree as fanfill's");
     }
-    let cache = Arc::new(WindowCache::new(WINDOW_CACHE_BYTES));
-    let windows: Vec<Arc<LayerWindows>> = indexes
-        .windows
-        .iter()
-        .map(|w| Arc::new(LayerWindows::new(w.clone(), cache.clone())))
-        .collect();
-    let files = match register_all(
-        engine, &store, &indexes, &windows, &unpacked, reference, opts.mode,
-    ) {
+    let sources = indexes.sources(&store);
+    let files = match register_all(engine, &sources, &unpacked, reference, opts.mode) {
         Ok(files) => files,
         Err(e) => {
             // Leave nothing behind: the tree was ours (dest had to be empty).
@@ -580,7 +797,7 @@ pub async fn prepare(
             return Err(e);
         }
     };
-    let placed: Vec<(usize, usize)> = unpacked
+    let keys: Vec<(usize, usize)> = unpacked
         .placeholders
         .iter()
         .map(|p| (p.layer, p.entry))
@@ -591,7 +808,7 @@ pub async fn prepare(
         .as_ref()
         .filter(|_| opts.profile_prefetch > 0)
     {
-        let ids = profile_file_ids(profile, &ixs, &placed, &files);
+        let ids = profile_file_ids(profile, &ixs, &keys, &files);
         profile_files = ids.len();
         info!(
             reference,
@@ -601,6 +818,11 @@ pub async fn prepare(
         );
         engine.fill_in_background(ids, opts.profile_prefetch);
     }
+    let prefetch_order = sources
+        .prefetch_order(&keys)
+        .into_iter()
+        .map(|i| files[i])
+        .collect();
     let bytes_before_ready = store.bytes_fetched();
     info!(
         reference,
@@ -616,6 +838,7 @@ pub async fn prepare(
         dest: dest.to_path_buf(),
         unpacked,
         files,
+        prefetch_order,
         index_origins: indexes.layers.iter().map(|l| l.2).collect(),
         bytes_before_ready,
         image_size,
@@ -693,9 +916,7 @@ impl Prepared {
 #[allow(clippy::result_large_err)]
 fn register_all(
     engine: &Engine,
-    store: &Arc<BlobStore>,
-    indexes: &ImageIndexes,
-    windows: &[Arc<LayerWindows>],
+    sources: &ImageSources,
     unpacked: &Unpacked,
     reference: &str,
     mode: Mode,
@@ -703,21 +924,7 @@ fn register_all(
     let mut files = Vec::with_capacity(unpacked.placeholders.len());
     let res = (|| {
         for p in &unpacked.placeholders {
-            let (digest, index, _) = &indexes.layers[p.layer];
-            let entry = index.resolve(p.entry).cloned().ok_or_else(|| {
-                ImageError::Task(format!("no entry {} in layer {digest}", p.entry))
-            })?;
-            let verify = verify_for(&entry);
-            let source = Arc::new(
-                LayerFileSource::new(
-                    store.clone(),
-                    digest.clone(),
-                    index.clone(),
-                    windows[p.layer].clone(),
-                    entry,
-                )
-                .with_blob_cache(indexes.blob_cache.clone()),
-            );
+            let (source, verify) = sources.file_source(p.layer, p.entry)?;
             let placeholder = Placeholder {
                 path: p.path.clone(),
                 size: p.size,
@@ -825,7 +1032,11 @@ pub async fn index_image_with_profile(
     // Every index is in the local store now (loaded from it, or built and saved).
     let local = IndexStore::new(&opts.index_dir);
     let mut blobs = Vec::new();
-    for (digest, ix, _) in &indexes.layers {
+    for (digest, ix, origin) in &indexes.layers {
+        if *origin == IndexOrigin::Toc {
+            // Read through its own TOC: nothing to attach.
+            continue;
+        }
         blobs.push((INDEX_LAYER_MEDIA_TYPE.to_string(), Bytes::from(ix.encode())));
         let pack = local.load_windows(ix).map_err(|source| ImageError::Index {
             reference: reference.to_string(),
@@ -835,6 +1046,13 @@ pub async fn index_image_with_profile(
         if let Some(pack) = pack {
             blobs.push((INDEX_WINDOWS_MEDIA_TYPE.to_string(), pack.bytes().clone()));
         }
+    }
+    if blobs.is_empty() {
+        info!(
+            reference,
+            "every layer carries its own TOC: no index artifact to push"
+        );
+        return Ok((indexes, None));
     }
     if let Some(p) = profile {
         let json = serde_json::to_vec(p).map_err(|e| ImageError::Task(e.to_string()))?;
@@ -896,16 +1114,15 @@ impl LayerFileSource {
         let span = crate::index::plan_back(&self.index, &self.entry, offset, len, back)
             .map_err(|e| SourceError::with_source(what(), e))?;
         let fetch = async {
-            let digest = self.layer.to_string();
-            if let Some(local) = &self.local
-                && let Ok(Some(bytes)) = local.read_range(&digest, span.blob_offset, span.blob_len)
-            {
-                return Ok(bytes::Bytes::from(bytes));
-            }
-            self.store
-                .read_range(&self.layer, span.blob_offset, span.blob_len)
-                .await
-                .map_err(|e| SourceError::with_source(what(), e))
+            crate::blobcache::read_range(
+                self.local.as_ref(),
+                &self.store,
+                &self.layer,
+                span.blob_offset,
+                span.blob_len,
+            )
+            .await
+            .map_err(|e| SourceError::with_source(what(), e))
         };
         let window = async {
             match span.checkpoint {
@@ -1116,12 +1333,16 @@ pub fn stream_fill_layer(
 
 impl Prepared {
     /// Completes the image in the background's way, from the calling (plain) thread: each
-    /// layer streamed once into its placeholders ([`stream_fill_layer`]), then whatever is
-    /// still missing (a stream that failed, chunks a reader had in flight) filled from the
-    /// files' own sources, `parallel` at a time. Returns the streamed totals.
+    /// layer with a tar stream streamed once into its placeholders ([`stream_fill_layer`]),
+    /// then whatever is still missing (TOC layers' files, a stream that failed, chunks a
+    /// reader had in flight) filled from the files' own sources in
+    /// [`Prepared::prefetch_order`], `parallel` at a time. Returns the streamed totals.
     pub fn prefetch(&self, engine: &Engine, parallel: usize) -> Result<StreamFill, ImageError> {
         let mut total = StreamFill::default();
         for (li, (digest, index)) in self.layers.iter().enumerate() {
+            if self.index_origins.get(li) == Some(&IndexOrigin::Toc) {
+                continue; // No tar stream to follow: its files fill by chunks below.
+            }
             let files: Vec<(usize, FileId)> = self
                 .unpacked
                 .placeholders
@@ -1150,7 +1371,7 @@ impl Prepared {
             }
         }
         engine
-            .fill_files(&self.files, parallel)
+            .fill_files(&self.prefetch_order, parallel)
             .map_err(|source| ImageError::Fill {
                 reference: self.reference.clone(),
                 source,

@@ -15,7 +15,7 @@ use clap::{Args, Parser, Subcommand, ValueEnum};
 use fanfill::api::{LayoutMode, RegistrySettings, Request, Response};
 use fanfill::daemon::DaemonConfig;
 use fanfill::fill::{Engine, EngineConfig, error_chain};
-use fanfill::image::{self, IndexOrigin, PrepareOptions};
+use fanfill::image::{self, PrepareOptions};
 use fanfill::unpack::Mode;
 
 /// Start containers before their images are downloaded.
@@ -288,14 +288,6 @@ fn runtime() -> Result<tokio::runtime::Runtime> {
         .context("starting the async runtime")
 }
 
-fn origin_word(o: IndexOrigin) -> &'static str {
-    match o {
-        IndexOrigin::Local => "local",
-        IndexOrigin::Artifact => "artifact",
-        IndexOrigin::Built => "built",
-    }
-}
-
 fn mib(b: u64) -> String {
     format!("{:.1} MiB", b as f64 / 1_048_576.0)
 }
@@ -326,7 +318,7 @@ fn pull(a: PullArgs) -> Result<()> {
         prepared
             .index_origins
             .iter()
-            .map(|o| origin_word(*o))
+            .map(|o| o.as_str())
             .collect::<Vec<_>>()
             .join(",")
     );
@@ -583,7 +575,19 @@ fn index(a: IndexArgs) -> Result<()> {
         "| layer | compressed | uncompressed | entries | checkpoints | index bytes | origin |"
     );
     println!("|---|---|---|---|---|---|---|");
-    for (digest, ix, origin) in &indexes.layers {
+    for ((digest, ix, origin), toc) in indexes.layers.iter().zip(&indexes.tocs) {
+        if let Some(toc) = toc {
+            println!(
+                "| {} | {} | - | {} | - | - | {:?} TOC {} ({} bytes read): no index needed |",
+                digest,
+                ix.compressed_size,
+                ix.entries.len(),
+                toc.format,
+                toc.toc_digest,
+                toc.toc_bytes_fetched
+            );
+            continue;
+        }
         println!(
             "| {} | {} | {} | {} | {} | {} | {} |",
             digest,
@@ -592,7 +596,7 @@ fn index(a: IndexArgs) -> Result<()> {
             ix.entries.len(),
             ix.checkpoints.len(),
             ix.encode().len(),
-            origin_word(*origin)
+            origin.as_str()
         );
     }
     if let Some(d) = artifact {

@@ -12,7 +12,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, anyhow, bail};
 use fanfill::fill::{Engine, EngineConfig};
-use fanfill::image::{self, IndexOrigin, PrepareOptions, Prepared};
+use fanfill::image::{self, PrepareOptions, Prepared};
 use fanfill::overlay::OverlayWatch;
 use fanfill::unpack::Mode;
 use serde_json::{Value, json};
@@ -134,15 +134,7 @@ fn handle(
                 st.watch = Some(OverlayWatch::start(engine, &merged, dev)?);
             }
             let u = &prepared.unpacked.stats;
-            let origins: Vec<&str> = prepared
-                .index_origins
-                .iter()
-                .map(|o| match o {
-                    IndexOrigin::Local => "local",
-                    IndexOrigin::Artifact => "artifact",
-                    IndexOrigin::Built => "built",
-                })
-                .collect();
+            let origins: Vec<&str> = prepared.index_origins.iter().map(|o| o.as_str()).collect();
             let v = json!({
                 "prepare_ms": prepare_ms,
                 "ready_ms": t.elapsed().as_secs_f64() * 1e3,

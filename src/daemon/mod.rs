@@ -39,7 +39,6 @@ use std::time::{Duration, Instant};
 
 use futures::FutureExt;
 use futures::future::BoxFuture;
-use oci_spec::image::Digest;
 use tracing::{debug, info, warn};
 
 use crate::api::{
@@ -50,7 +49,7 @@ use crate::fill::{
     error_chain,
 };
 use crate::image::{self, PrepareOptions};
-use crate::index::{LayerIndex, LayerWindows, WindowCache};
+use crate::index::LayerIndex;
 use crate::overlay::OverlayWatch;
 use crate::registry::BlobStore;
 use crate::sys::fanotify::{DenyErrno, EventId, Group, GroupClass, Response as FanResponse};
@@ -153,10 +152,10 @@ struct ImageCounters {
     errors: AtomicU64,
 }
 
-/// A file's bytes from its layer ([`crate::image::LayerFileSource`]), plus per-image
-/// counters and the test delay.
+/// A file's bytes from its layer (the source [`image::ImageSources::file_source`] picks),
+/// plus per-image counters and the test delay.
 struct DaemonSource {
-    inner: image::LayerFileSource,
+    inner: Arc<dyn ContentSource>,
     store: Arc<BlobStore>,
     counters: Arc<ImageCounters>,
     delay: Duration,
@@ -187,6 +186,8 @@ struct ImageRt {
     record: Mutex<ImageRecord>,
     /// Parallel to `record.files`; `None`: not registered (user-modified file, or error).
     files: Vec<Option<FileId>>,
+    /// Positions into `files` in prefetch order (TOC prefetch landmarks first).
+    order: Vec<usize>,
     counters: Arc<ImageCounters>,
     prefetch: AtomicBool,
     prefetch_running: AtomicBool,
@@ -296,9 +297,7 @@ fn prepare_options(index_dir: &Path, r: &RegistrySettings) -> Result<PrepareOpti
 struct Opened {
     store: Arc<BlobStore>,
     manifest_digest: String,
-    layers: Vec<(Digest, Arc<LayerIndex>)>,
-    windows: Vec<Arc<LayerWindows>>,
-    blob_cache: Option<crate::blobcache::BlobCache>,
+    sources: image::ImageSources,
     /// The index artifact's access profile, if it carries one.
     profile: Option<image::AccessProfile>,
 }
@@ -307,19 +306,11 @@ async fn open_image(reference: &str, opts: &PrepareOptions) -> Result<Opened, im
     let (store, resolved) = image::open(reference, opts).await?;
     let manifest_digest = resolved.manifest_digest.to_string();
     let ix = image::load_indexes(&store, resolved, reference, opts).await?;
-    let cache = Arc::new(WindowCache::new(image::WINDOW_CACHE_BYTES));
-    let windows = ix
-        .windows
-        .iter()
-        .map(|w| Arc::new(LayerWindows::new(w.clone(), cache.clone())))
-        .collect();
     Ok(Opened {
+        sources: ix.sources(&store),
+        profile: ix.profile.clone(),
         store,
         manifest_digest,
-        blob_cache: ix.blob_cache.clone(),
-        profile: ix.profile.clone(),
-        layers: ix.layers.into_iter().map(|(d, i, _)| (d, i)).collect(),
-        windows,
     })
 }
 
@@ -331,23 +322,10 @@ impl Daemon {
         entry: usize,
         counters: &Arc<ImageCounters>,
     ) -> Result<(Arc<DaemonSource>, Verify), String> {
-        let (digest, index) = opened
-            .layers
-            .get(layer)
-            .ok_or_else(|| format!("no layer {layer}"))?;
-        let e = index
-            .resolve(entry)
-            .cloned()
-            .ok_or_else(|| format!("no entry {entry} in layer {digest}"))?;
-        let verify = image::verify_for(&e);
-        let inner = image::LayerFileSource::new(
-            opened.store.clone(),
-            digest.clone(),
-            index.clone(),
-            opened.windows[layer].clone(),
-            e,
-        )
-        .with_blob_cache(opened.blob_cache.clone());
+        let (inner, verify) = opened
+            .sources
+            .file_source(layer, entry)
+            .map_err(|e| error_chain(&e))?;
         Ok((
             Arc::new(DaemonSource {
                 inner,
@@ -402,8 +380,8 @@ impl Daemon {
             },
             ..UnpackOptions::default()
         };
-        let digests: Vec<String> = opened.layers.iter().map(|l| l.0.to_string()).collect();
-        let ixs: Vec<Arc<LayerIndex>> = opened.layers.iter().map(|l| l.1.clone()).collect();
+        let digests: Vec<String> = opened.sources.layers().map(|l| l.0.to_string()).collect();
+        let ixs: Vec<Arc<LayerIndex>> = opened.sources.layers().map(|l| l.1.clone()).collect();
         let (d2, dest2) = (digests.clone(), dest.clone());
         let unpacked = tokio::task::spawn_blocking(move || {
             let layers: Vec<Layer<'_>> = d2
@@ -448,9 +426,9 @@ impl Daemon {
             let opened = opened2;
             let mut ids = Vec::new();
             for p in &unpacked.placeholders {
-                let sha = opened.layers[p.layer]
-                    .1
-                    .resolve(p.entry)
+                let sha = opened
+                    .sources
+                    .entry(p.layer, p.entry)
                     .and_then(|e| e.sha256.clone());
                 let mut rec = FileRecord {
                     path: p.path.clone(),
@@ -504,11 +482,12 @@ impl Daemon {
                 }
                 record.files.push(rec);
             }
-            Ok((ids, record, counters))
+            let order = opened.sources.prefetch_order(&record.file_keys());
+            Ok((ids, record, counters, order))
         })
         .await
         .map_err(ApiFail::internal)?;
-        let (ids, record, counters) = match res {
+        let (ids, record, counters, order) = match res {
             Ok(v) => v,
             Err(e) => {
                 image::remove_tree_contents(&dest);
@@ -529,7 +508,7 @@ impl Daemon {
                 .filter_map(|(f, id)| Some(((f.layer, f.entry), (*id)?)))
                 .unzip();
             let layers: Vec<Arc<LayerIndex>> =
-                opened.layers.iter().map(|(_, ix)| ix.clone()).collect();
+                opened.sources.layers().map(|(_, ix)| ix.clone()).collect();
             let want = image::profile_file_ids(profile, &layers, &placed, &fids);
             info!(reference = %image_ref, files = want.len(), "filling the access profile's files ahead of the workload");
             self.engine.fill_in_background(want, opts.profile_prefetch);
@@ -547,6 +526,7 @@ impl Daemon {
             opened: Some(opened),
             record: Mutex::new(record),
             files: ids,
+            order,
             counters,
             prefetch: AtomicBool::new(prefetch),
             prefetch_running: AtomicBool::new(false),
@@ -566,10 +546,12 @@ impl Daemon {
     async fn reopen(self: &Arc<Self>, record: ImageRecord) -> Arc<ImageRt> {
         let counters = Arc::new(ImageCounters::default());
         let mk = |files: Vec<Option<FileId>>,
+                  order: Vec<usize>,
                   record: ImageRecord,
                   error: Option<String>,
                   opened: Option<Arc<Opened>>| {
             Arc::new(ImageRt {
+                order,
                 saved: Mutex::new(Some(record.clone())),
                 cached: Mutex::new(Vec::new()),
                 opened,
@@ -598,12 +580,12 @@ impl Daemon {
                 );
                 warn!(error = %m, "cannot reopen image");
                 let n = record.files.len();
-                return mk(vec![None; n], record, Some(m), None);
+                return mk(vec![None; n], (0..n).collect(), record, Some(m), None);
             }
             Err(m) => {
                 warn!(reference = %record.reference, error = %m, "cannot reopen image");
                 let n = record.files.len();
-                return mk(vec![None; n], record, Some(m), None);
+                return mk(vec![None; n], (0..n).collect(), record, Some(m), None);
             }
         };
         let this = self.clone();
@@ -652,13 +634,14 @@ impl Daemon {
                     }
                 }
             }
-            (ids, record)
+            let order = opened.sources.prefetch_order(&record.file_keys());
+            (ids, record, order)
         })
         .await;
         match files {
-            Ok((ids, record)) => {
+            Ok((ids, record, order)) => {
                 info!(reference = %record.reference, dest = %record.dest.display(), files = ids.len(), "image re-served");
-                mk(ids, record, None, Some(opened))
+                mk(ids, order, record, None, Some(opened))
             }
             Err(e) => panic!("re-registering task failed: {e}"),
         }
@@ -839,7 +822,10 @@ impl Daemon {
             let rec = img.record.lock().unwrap();
             rec.files.iter().map(|f| (f.layer, f.entry)).collect()
         };
-        for (li, (digest, index)) in opened.layers.iter().enumerate() {
+        for (li, (digest, index)) in opened.sources.layers().enumerate() {
+            if opened.sources.is_toc(li) {
+                continue; // No tar stream to follow: its files fill by chunks below.
+            }
             let files: Vec<(usize, FileId)> = placed
                 .iter()
                 .zip(&img.files)
@@ -850,7 +836,7 @@ impl Daemon {
             let res = image::stream_fill_layer(
                 &self.engine,
                 &opened.store,
-                opened.blob_cache.as_ref(),
+                opened.sources.blob_cache(),
                 digest,
                 index,
                 &files,
@@ -903,7 +889,8 @@ impl Daemon {
                     {
                         std::thread::sleep(Duration::from_millis(2));
                     }
-                    let i = next.fetch_add(1, Ordering::SeqCst);
+                    let k = next.fetch_add(1, Ordering::SeqCst);
+                    let Some(&i) = img.order.get(k) else { break };
                     let Some(fid) = img.files.get(i) else { break };
                     let Some(fid) = fid else { continue };
                     if this.engine.is_complete(*fid) {
