@@ -326,11 +326,11 @@ pub struct ImageIndexes {
     pub windows: Vec<Arc<dyn WindowSource>>,
     /// Where layers that travelled whole are kept (read before the registry).
     pub blob_cache: Option<BlobCache>,
+    /// The index artifact's access profile, when the artifact was read and carries one.
+    pub profile: Option<AccessProfile>,
     /// Per layer, lowest first: its table of contents when it is a TOC layer
     /// ([`IndexOrigin::Toc`]; `layers` then holds the TOC's entry table).
     pub tocs: Vec<Option<Arc<TocLayer>>>,
-    /// The index artifact's access profile, when the artifact was read and carries one.
-    pub profile: Option<AccessProfile>,
 }
 
 impl ImageIndexes {
@@ -379,16 +379,6 @@ impl ImageSources {
         self.layers.iter().map(|l| (&l.digest, &l.index))
     }
 
-    /// Whether layer `layer` is read through its own table of contents.
-    pub fn is_toc(&self, layer: usize) -> bool {
-        self.layers.get(layer).is_some_and(|l| l.toc.is_some())
-    }
-
-    /// Where layers that travelled whole are kept.
-    pub fn blob_cache(&self) -> Option<&BlobCache> {
-        self.blob_cache.as_ref()
-    }
-
     /// The entry `entry` of layer `layer`, hardlinks resolved to their file.
     pub fn entry(&self, layer: usize, entry: usize) -> Option<&Entry> {
         self.layers.get(layer)?.index.resolve(entry)
@@ -430,6 +420,17 @@ impl ImageSources {
         )
         .with_blob_cache(self.blob_cache.clone());
         Ok((Arc::new(source), verify))
+    }
+
+    /// Where layers that travelled whole are kept.
+    pub fn blob_cache(&self) -> Option<&BlobCache> {
+        self.blob_cache.as_ref()
+    }
+
+    /// Whether layer `layer` is read through its own table of contents (its entries carry no
+    /// tar-stream offsets, so [`stream_fill_layer`] does not apply to it).
+    pub fn is_toc(&self, layer: usize) -> bool {
+        self.layers.get(layer).is_some_and(|l| l.toc.is_some())
     }
 
     /// Per layer, the entries its TOC names to prefetch first (empty for other layers).
@@ -540,6 +541,7 @@ pub async fn load_indexes(
     };
     let blob_cache = opts.blob_cache.as_ref().map(BlobCache::new);
     let mut found: Vec<Option<Found>> = Vec::new();
+    let mut profile = None;
     let mut tocs: Vec<Option<Arc<TocLayer>>> = Vec::new();
     let toc_found = |t: TocLayer| -> (Option<Found>, Option<Arc<TocLayer>>) {
         info!(layer = %t.index.blob_digest, format = ?t.format, entries = t.index.entries.len(), toc_bytes = t.toc_bytes_fetched, "layer read through its table of contents");
@@ -547,7 +549,6 @@ pub async fn load_indexes(
         let windows: Arc<dyn WindowSource> = Arc::new(crate::index::NoWindows);
         (Some((ix, windows, IndexOrigin::Toc)), Some(Arc::new(t)))
     };
-    let mut profile = None;
     for desc in image.manifest.layers() {
         let digest = desc.digest().to_string();
         // A layer that announces its TOC needs nothing else.
@@ -796,15 +797,10 @@ pub async fn prepare(
             return Err(e);
         }
     };
-    let placed: Vec<(usize, usize)> = unpacked
+    let keys: Vec<(usize, usize)> = unpacked
         .placeholders
         .iter()
         .map(|p| (p.layer, p.entry))
-        .collect();
-    let prefetch_order = sources
-        .prefetch_order(&placed)
-        .into_iter()
-        .map(|i| files[i])
         .collect();
     let mut profile_files = 0;
     if let Some(profile) = indexes
@@ -812,7 +808,7 @@ pub async fn prepare(
         .as_ref()
         .filter(|_| opts.profile_prefetch > 0)
     {
-        let ids = profile_file_ids(profile, &ixs, &placed, &files);
+        let ids = profile_file_ids(profile, &ixs, &keys, &files);
         profile_files = ids.len();
         info!(
             reference,
@@ -822,6 +818,11 @@ pub async fn prepare(
         );
         engine.fill_in_background(ids, opts.profile_prefetch);
     }
+    let prefetch_order = sources
+        .prefetch_order(&keys)
+        .into_iter()
+        .map(|i| files[i])
+        .collect();
     let bytes_before_ready = store.bytes_fetched();
     info!(
         reference,
@@ -1046,19 +1047,16 @@ pub async fn index_image_with_profile(
             blobs.push((INDEX_WINDOWS_MEDIA_TYPE.to_string(), pack.bytes().clone()));
         }
     }
-    if let Some(p) = profile {
-        let json = serde_json::to_vec(p).map_err(|e| ImageError::Task(e.to_string()))?;
-        blobs.push((ACCESS_PROFILE_MEDIA_TYPE.to_string(), Bytes::from(json)));
-    }
-    if blobs
-        .iter()
-        .all(|(media_type, _)| media_type != INDEX_LAYER_MEDIA_TYPE)
-    {
+    if blobs.is_empty() {
         info!(
             reference,
             "every layer carries its own TOC: no index artifact to push"
         );
         return Ok((indexes, None));
+    }
+    if let Some(p) = profile {
+        let json = serde_json::to_vec(p).map_err(|e| ImageError::Task(e.to_string()))?;
+        blobs.push((ACCESS_PROFILE_MEDIA_TYPE.to_string(), Bytes::from(json)));
     }
     let digest = store
         .push_artifact(&subject, INDEX_ARTIFACT_TYPE, blobs)
@@ -1335,17 +1333,15 @@ pub fn stream_fill_layer(
 
 impl Prepared {
     /// Completes the image in the background's way, from the calling (plain) thread: each
-    /// layer streamed once into its placeholders ([`stream_fill_layer`]), then whatever is
-    /// still missing (a stream that failed, chunks a reader had in flight, every file of a
-    /// TOC layer) filled from the files' own sources, `parallel` at a time, in
-    /// [`Prepared::prefetch_order`] (TOC prefetch landmarks first). Returns the streamed
-    /// totals.
+    /// layer with a tar stream streamed once into its placeholders ([`stream_fill_layer`]),
+    /// then whatever is still missing (TOC layers' files, a stream that failed, chunks a
+    /// reader had in flight) filled from the files' own sources in
+    /// [`Prepared::prefetch_order`], `parallel` at a time. Returns the streamed totals.
     pub fn prefetch(&self, engine: &Engine, parallel: usize) -> Result<StreamFill, ImageError> {
         let mut total = StreamFill::default();
         for (li, (digest, index)) in self.layers.iter().enumerate() {
             if self.index_origins.get(li) == Some(&IndexOrigin::Toc) {
-                // Its bytes are located by chunk, not by tar stream offset: filled by ranges.
-                continue;
+                continue; // No tar stream to follow: its files fill by chunks below.
             }
             let files: Vec<(usize, FileId)> = self
                 .unpacked

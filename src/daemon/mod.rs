@@ -308,9 +308,9 @@ async fn open_image(reference: &str, opts: &PrepareOptions) -> Result<Opened, im
     let ix = image::load_indexes(&store, resolved, reference, opts).await?;
     Ok(Opened {
         sources: ix.sources(&store),
+        profile: ix.profile.clone(),
         store,
         manifest_digest,
-        profile: ix.profile.clone(),
     })
 }
 
@@ -795,10 +795,8 @@ impl Daemon {
 
     /// Background prefetch of one image, pausing while any reader's miss is being served
     /// (on-demand first): each layer streamed once into its placeholders
-    /// ([`image::stream_fill_layer`]; not TOC layers, whose bytes are located by chunk),
-    /// then whatever is still missing filled file by file from the files' sources, the
-    /// files TOC layers name to prefetch first (eStargz `.prefetch.landmark`) first,
-    /// `prefetch_parallel` at a time.
+    /// ([`image::stream_fill_layer`]), then whatever is still missing filled file by file
+    /// from the files' sources, `prefetch_parallel` at a time.
     fn start_prefetch(self: &Arc<Self>, img: &Arc<ImageRt>) {
         if img.prefetch_running.swap(true, Ordering::SeqCst) {
             return;
@@ -826,8 +824,7 @@ impl Daemon {
         };
         for (li, (digest, index)) in opened.sources.layers().enumerate() {
             if opened.sources.is_toc(li) {
-                // Its bytes are located by chunk, not by tar stream offset: filled by ranges.
-                continue;
+                continue; // No tar stream to follow: its files fill by chunks below.
             }
             let files: Vec<(usize, FileId)> = placed
                 .iter()
