@@ -1303,19 +1303,12 @@ async fn fetch_run(
         .counters
         .bytes_fetched
         .fetch_add(data.len() as u64, Ordering::Relaxed);
-    if data.len() as u64 != len {
-        return Err(FillError::ShortRead {
-            path: entry.path.clone(),
-            offset,
-            len,
-            got: data.len() as u64,
-        });
-    }
+    // Its length is checked with the digests, in `store_run`.
     Ok(data)
 }
 
-/// Verifies `data` (the bytes of chunks `first..first + count`) chunk by chunk and writes
-/// what lies below the file's limit.
+/// Checks that `data` is exactly the bytes of chunks `first..first + count`, verifies it
+/// chunk by chunk and writes what lies below the file's limit.
 async fn store_run(
     entry: &Arc<FileEntry>,
     first: u64,

@@ -22,28 +22,52 @@ use fanfill::ocibuild::{Compression, write_layout};
 use sha2::Digest as _;
 use trees::{compare, mib, pct, read_bounded, sample, sha256_file, tar_extract, walk};
 
+/// An image of host files (`scale` of the full set) written as a gzip OCI layout under
+/// `tmp`, with its plain `tar -x` reference tree.
+struct HostImage {
+    layout: PathBuf,
+    built: fanfill::ocibuild::BuiltImage,
+    tree: std::collections::BTreeMap<String, (PathBuf, std::fs::FileType)>,
+}
+
+impl HostImage {
+    fn build(tmp: &Path, scale: f64) -> HostImage {
+        let layout = tmp.join("layout");
+        let built = write_layout(&layout, "v1", &host_image::layers(scale), Compression::Gzip)
+            .expect("build the image from host files");
+        let blobs: Vec<PathBuf> = built
+            .layers
+            .iter()
+            .map(|(d, _, _)| layout.join("blobs/sha256").join(&d[7..]))
+            .collect();
+        let reference_dir = tmp.join("reference");
+        tar_extract(&blobs, &reference_dir);
+        let tree = walk(&reference_dir);
+        HostImage {
+            layout,
+            built,
+            tree,
+        }
+    }
+
+    /// The regular files' paths.
+    fn files(&self) -> Vec<&String> {
+        self.tree
+            .iter()
+            .filter(|(_, (_, t))| t.is_file())
+            .map(|(k, _)| k)
+            .collect()
+    }
+}
+
 #[test]
 fn lazy_image_meets_the_issue_figures() {
     common::init_tracing();
     let reg = common::TestRegistry::start();
     let tmp = tempfile::tempdir().unwrap();
-    let layout = tmp.path().join("layout");
-    let built = write_layout(&layout, "v1", &host_image::layers(1.0), Compression::Gzip)
-        .expect("build the image from host files");
+    let img = HostImage::build(tmp.path(), 1.0);
+    let (layout, built, tree, files) = (&img.layout, &img.built, &img.tree, img.files());
     let compressed = built.compressed_size();
-    let blobs: Vec<PathBuf> = built
-        .layers
-        .iter()
-        .map(|(d, _, _)| layout.join("blobs/sha256").join(&d[7..]))
-        .collect();
-    let reference_dir = tmp.path().join("reference");
-    tar_extract(&blobs, &reference_dir);
-    let tree = walk(&reference_dir);
-    let files: Vec<&String> = tree
-        .iter()
-        .filter(|(_, (_, t))| t.is_file())
-        .map(|(k, _)| k)
-        .collect();
     eprintln!(
         "image: {} layers, {:.1} MiB compressed, {:.1} MiB uncompressed, {} files, {} paths",
         built.layers.len(),
@@ -58,7 +82,7 @@ fn lazy_image_meets_the_issue_figures() {
     assert!(tree.values().any(|(_, t)| t.is_symlink()));
 
     // The publisher: push the image, index it once, attach the index as a referrer.
-    common::push_layout(&layout, "v1", &reg.host(), "lazy/app", &[]);
+    common::push_layout(layout, "v1", &reg.host(), "lazy/app", &[]);
     let reference = format!("docker://{}/lazy/app:v1", reg.host());
     let mut publisher = PrepareOptions::new(tmp.path().join("publisher-indexes"));
     publisher.registry.insecure = true;
@@ -139,7 +163,7 @@ fn lazy_image_meets_the_issue_figures() {
 
     // (3) Every path: same kind, same link target, same content.
     let t = Instant::now();
-    let mismatches = compare(&tree, &dest, limit);
+    let mismatches = compare(tree, &dest, limit);
     let total = prepared.store.bytes_fetched();
     eprintln!(
         "(3) all {} paths ({} files) compared in {} ms: {} mismatches; fetched in all {:.1} MiB = {:.1}% of the compressed image",
@@ -170,24 +194,10 @@ fn streaming_prefetch_reads_each_layer_once_and_completes_the_image() {
     common::init_tracing();
     let reg = common::TestRegistry::start();
     let tmp = tempfile::tempdir().unwrap();
-    let layout = tmp.path().join("layout");
-    let built = write_layout(&layout, "v1", &host_image::layers(0.25), Compression::Gzip)
-        .expect("build the image from host files");
+    let img = HostImage::build(tmp.path(), 0.25);
+    let (built, tree, files) = (&img.built, &img.tree, img.files());
     let compressed = built.compressed_size();
-    let blobs: Vec<PathBuf> = built
-        .layers
-        .iter()
-        .map(|(d, _, _)| layout.join("blobs/sha256").join(&d[7..]))
-        .collect();
-    let reference_dir = tmp.path().join("reference");
-    tar_extract(&blobs, &reference_dir);
-    let tree = walk(&reference_dir);
-    let files: Vec<&String> = tree
-        .iter()
-        .filter(|(_, (_, t))| t.is_file())
-        .map(|(k, _)| k)
-        .collect();
-    common::push_layout(&layout, "v1", &reg.host(), "stream/app", &[]);
+    common::push_layout(&img.layout, "v1", &reg.host(), "stream/app", &[]);
     let reference = format!("docker://{}/stream/app:v1", reg.host());
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
@@ -206,16 +216,10 @@ fn streaming_prefetch_reads_each_layer_once_and_completes_the_image() {
         Engine::start(EngineConfig::default()).expect("fanotify pre-content group (6.14+, root)");
     let limit = Duration::from_secs(60);
     let check = |dest: &Path, what: &str| {
-        let mut bad = Vec::new();
-        for rel in &files {
-            let got = hex::encode(sha2::Sha256::digest(read_bounded(&dest.join(rel), limit)));
-            if got != sha256_file(&tree[*rel].0) {
-                bad.push(rel.to_string());
-            }
-        }
+        let bad = compare(tree, dest, limit);
         assert!(
             bad.is_empty(),
-            "{what}: {} files differ: {:?}",
+            "{what}: {} differ: {:?}",
             bad.len(),
             &bad[..bad.len().min(5)]
         );
