@@ -30,9 +30,9 @@ pub mod journal;
 pub mod metrics;
 pub mod state;
 
-use std::collections::BTreeMap;
-use std::os::unix::fs::PermissionsExt;
-use std::path::{Path, PathBuf};
+use std::collections::{BTreeMap, HashSet};
+use std::os::unix::fs::{MetadataExt, OpenOptionsExt, PermissionsExt};
+use std::path::{Component, Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -101,6 +101,17 @@ pub enum DaemonError {
 /// buffer holds at most ~1,365 pre-content events (48 bytes each with their range record).
 const RESERVE_MARGIN: i32 = 2048;
 
+/// The directories under which the daemon prepares images unless told otherwise
+/// (`--allow-root`): where container runtimes and administrators keep root filesystems, and
+/// scratch space. A destination must lie strictly below one of them.
+pub const DEFAULT_ALLOWED_ROOTS: &[&str] = &[
+    "/var/lib", "/var/tmp", "/srv", "/mnt", "/media", "/run", "/tmp", "/home",
+];
+
+/// Longest API request line the daemon reads; a longer one is answered with an error and
+/// its connection dropped (memory per connection stays bounded).
+pub const MAX_REQUEST_LINE: usize = 1 << 20;
+
 /// How to run the daemon.
 #[derive(Debug, Clone)]
 pub struct DaemonConfig {
@@ -126,6 +137,9 @@ pub struct DaemonConfig {
     pub fetch_delay: Duration,
     /// Serve Prometheus metrics on this address (off when `None`).
     pub metrics_addr: Option<std::net::SocketAddr>,
+    /// Destinations must lie strictly below one of these directories (default
+    /// [`DEFAULT_ALLOWED_ROOTS`]); never in or above the daemon's own directories.
+    pub allowed_roots: Vec<PathBuf>,
 }
 
 impl DaemonConfig {
@@ -142,6 +156,7 @@ impl DaemonConfig {
             holder_exe: std::env::current_exe().ok(),
             fetch_delay: Duration::ZERO,
             metrics_addr: None,
+            allowed_roots: DEFAULT_ALLOWED_ROOTS.iter().map(PathBuf::from).collect(),
         }
     }
 }
@@ -196,6 +211,47 @@ struct ImageRt {
     saved: Mutex<Option<ImageRecord>>,
     /// Files already offered to the content cache.
     cached: Mutex<Vec<bool>>,
+    /// The destination directory, held open: finds the tree if it is moved, and tells
+    /// whatever now sits at the recorded path from it. `None`: it was gone at start-up.
+    tree: Option<TreeDir>,
+    /// Files found moved, deleted or replaced under the daemon (indexes into `files`).
+    gone: Mutex<HashSet<usize>>,
+}
+
+/// An image's destination directory, identified by its device and inode.
+struct TreeDir {
+    fd: std::fs::File,
+    key: (u64, u64),
+}
+
+impl TreeDir {
+    fn open(dest: &Path) -> std::io::Result<TreeDir> {
+        let fd = std::fs::File::options()
+            .read(true)
+            .custom_flags(libc::O_PATH | libc::O_DIRECTORY | libc::O_NOFOLLOW)
+            .open(dest)?;
+        let m = fd.metadata()?;
+        Ok(TreeDir {
+            fd,
+            key: (m.dev(), m.ino()),
+        })
+    }
+
+    /// Whether `path` (not followed if a symlink) is this directory.
+    fn is_at(&self, path: &Path) -> bool {
+        std::fs::symlink_metadata(path).is_ok_and(|m| m.is_dir() && (m.dev(), m.ino()) == self.key)
+    }
+
+    /// Where the directory is now: `recorded` if it is still there, wherever it was moved
+    /// to, or `None` if it was deleted.
+    fn location(&self, recorded: &Path) -> Option<PathBuf> {
+        if self.is_at(recorded) {
+            return Some(recorded.to_path_buf());
+        }
+        let fd = crate::sys::fdpass::fd_number(&self.fd);
+        let now = std::fs::read_link(format!("/proc/self/fd/{fd}")).ok()?;
+        self.is_at(&now).then_some(now)
+    }
 }
 
 /// The running daemon (shared by the API tasks and its threads).
@@ -213,6 +269,22 @@ struct Daemon {
     stopping: AtomicBool,
     /// Open watches on overlay rootfs mounts: (image id, merged dir, watch).
     watches: Mutex<Vec<(u64, PathBuf, OverlayWatch)>>,
+    /// Destinations being prepared right now (claimed before anything is created).
+    claims: Mutex<Vec<PathBuf>>,
+    /// The daemon's own directories (state, indexes, socket), resolved: never a destination.
+    own_dirs: Vec<PathBuf>,
+}
+
+/// A claimed destination; released when the prepare ends, either way.
+struct Claim<'a> {
+    claims: &'a Mutex<Vec<PathBuf>>,
+    dest: PathBuf,
+}
+
+impl Drop for Claim<'_> {
+    fn drop(&mut self) {
+        self.claims.lock().unwrap().retain(|d| *d != self.dest);
+    }
 }
 
 /// An API error: its kind and message.
@@ -238,21 +310,26 @@ fn fs_name(magic: i64) -> String {
     }
 }
 
-/// Checks a destination: created if missing, empty, on ext4, xfs or btrfs.
-fn check_dest(dest: &Path) -> Result<PathBuf, ApiFail> {
-    std::fs::create_dir_all(dest).map_err(|e| {
-        ApiFail(
-            ErrorKind::Internal,
-            format!("creating {}: {e}", dest.display()),
-        )
-    })?;
-    let dest = dest.canonicalize().map_err(|e| {
-        ApiFail(
-            ErrorKind::Internal,
-            format!("resolving {}: {e}", dest.display()),
-        )
-    })?;
-    let fs = nix::sys::statfs::statfs(&dest).map_err(|e| {
+/// `path` resolved: its deepest existing ancestor canonicalized (symlinks followed, to see
+/// where they lead), the rest appended. `path` is absolute and has no `..`.
+fn resolve_lexically(path: &Path) -> std::io::Result<PathBuf> {
+    let mut existing = path;
+    while std::fs::symlink_metadata(existing).is_err() {
+        existing = match existing.parent() {
+            Some(p) => p,
+            None => break,
+        };
+    }
+    let canon = existing.canonicalize()?;
+    Ok(match path.strip_prefix(existing) {
+        Ok(rest) if !rest.as_os_str().is_empty() => canon.join(rest),
+        _ => canon,
+    })
+}
+
+/// Checks a created destination: empty, on ext4, xfs or btrfs.
+fn check_dest_dir(dest: &Path) -> Result<(), ApiFail> {
+    let fs = nix::sys::statfs::statfs(dest).map_err(|e| {
         ApiFail(
             ErrorKind::Internal,
             format!("statfs {}: {e}", dest.display()),
@@ -269,7 +346,7 @@ fn check_dest(dest: &Path) -> Result<PathBuf, ApiFail> {
             ),
         ));
     }
-    let mut rd = std::fs::read_dir(&dest).map_err(|e| {
+    let mut rd = std::fs::read_dir(dest).map_err(|e| {
         ApiFail(
             ErrorKind::Internal,
             format!("reading {}: {e}", dest.display()),
@@ -281,7 +358,7 @@ fn check_dest(dest: &Path) -> Result<PathBuf, ApiFail> {
             format!("{} is not empty", dest.display()),
         ));
     }
-    Ok(dest)
+    Ok(())
 }
 
 fn prepare_options(index_dir: &Path, r: &RegistrySettings) -> Result<PrepareOptions, ApiFail> {
@@ -353,13 +430,19 @@ impl Daemon {
         ))
     }
 
+    /// The image served at `dest`: its recorded destination, or the directory it was moved
+    /// to (the same directory by identity).
     fn find(&self, dest: &Path) -> Result<(u64, Arc<ImageRt>), ApiFail> {
         let canon = dest.canonicalize().unwrap_or_else(|_| dest.to_path_buf());
-        self.images
-            .lock()
-            .unwrap()
+        let images = self.images.lock().unwrap();
+        images
             .iter()
             .find(|(_, i)| i.record.lock().unwrap().dest == canon)
+            .or_else(|| {
+                images
+                    .iter()
+                    .find(|(_, i)| i.tree.as_ref().is_some_and(|t| t.is_at(&canon)))
+            })
             .map(|(id, i)| (*id, i.clone()))
             .ok_or_else(|| {
                 ApiFail(
@@ -367,6 +450,108 @@ impl Daemon {
                     format!("no image is served at {}", dest.display()),
                 )
             })
+    }
+
+    /// Whether `p` (resolved) may be a destination: strictly below an allowed root, not in
+    /// or above one of the daemon's own directories, not in or above a served tree.
+    fn check_allowed(&self, p: &Path) -> Result<(), ApiFail> {
+        let bad = |m: String| ApiFail(ErrorKind::BadRequest, m);
+        let roots = &self.config.allowed_roots;
+        if !roots.iter().any(|r| p.starts_with(r) && p != r) {
+            let list: Vec<String> = roots.iter().map(|r| r.display().to_string()).collect();
+            return Err(bad(format!(
+                "destination {} is outside the allowed roots ({}; see `fanfill daemon --allow-root`)",
+                p.display(),
+                list.join(", ")
+            )));
+        }
+        if let Some(own) = self
+            .own_dirs
+            .iter()
+            .find(|o| p.starts_with(o) || o.starts_with(p))
+        {
+            return Err(bad(format!(
+                "destination {} overlaps the daemon's own directory {}",
+                p.display(),
+                own.display()
+            )));
+        }
+        for img in self.images.lock().unwrap().values() {
+            let d = img.record.lock().unwrap().dest.clone();
+            if d == p {
+                return Err(ApiFail(
+                    ErrorKind::AlreadyServed,
+                    format!("{} is already served", p.display()),
+                ));
+            }
+            if p.starts_with(&d) || d.starts_with(p) {
+                return Err(bad(format!(
+                    "destination {} overlaps the served image tree {}",
+                    p.display(),
+                    d.display()
+                )));
+            }
+        }
+        Ok(())
+    }
+
+    /// Checks a requested destination before anything is created, claims it against
+    /// concurrent prepares, creates it, and checks it again once resolved (empty, on ext4,
+    /// xfs or btrfs). Returns the resolved path and the claim.
+    fn claim_dest(&self, dest: &Path) -> Result<(PathBuf, Claim<'_>), ApiFail> {
+        let bad = |m: String| ApiFail(ErrorKind::BadRequest, m);
+        if !dest.is_absolute() {
+            return Err(bad(format!(
+                "destination {} is not an absolute path",
+                dest.display()
+            )));
+        }
+        if dest.components().any(|c| c == Component::ParentDir) {
+            return Err(bad(format!("destination {} contains `..`", dest.display())));
+        }
+        let resolved = resolve_lexically(dest)
+            .map_err(|e| bad(format!("resolving {}: {e}", dest.display())))?;
+        let claim = {
+            let mut claims = self.claims.lock().unwrap();
+            self.check_allowed(&resolved)?;
+            if let Some(c) = claims
+                .iter()
+                .find(|c| resolved.starts_with(c) || c.starts_with(&resolved))
+            {
+                return Err(ApiFail(
+                    ErrorKind::AlreadyServed,
+                    format!("{} is being prepared", c.display()),
+                ));
+            }
+            claims.push(resolved.clone());
+            Claim {
+                claims: &self.claims,
+                dest: resolved.clone(),
+            }
+        };
+        std::fs::create_dir_all(&resolved).map_err(|e| {
+            ApiFail(
+                ErrorKind::Internal,
+                format!("creating {}: {e}", resolved.display()),
+            )
+        })?;
+        // A symlink put in place meanwhile would lead elsewhere: the real path must be the
+        // one checked.
+        let canon = resolved.canonicalize().map_err(|e| {
+            ApiFail(
+                ErrorKind::Internal,
+                format!("resolving {}: {e}", resolved.display()),
+            )
+        })?;
+        if canon != resolved {
+            return Err(bad(format!(
+                "destination {} changed while it was checked (now {})",
+                resolved.display(),
+                canon.display()
+            )));
+        }
+        check_dest_dir(&canon)?;
+        Ok((canon, claim))
     }
 
     async fn prepare(
@@ -377,13 +562,13 @@ impl Daemon {
         registry: RegistrySettings,
         prefetch: bool,
     ) -> Result<ImageStatus, ApiFail> {
-        let dest = check_dest(&dest)?;
-        if self.find(&dest).is_ok() {
-            return Err(ApiFail(
-                ErrorKind::AlreadyServed,
-                format!("{} is already served", dest.display()),
-            ));
-        }
+        let (dest, _claim) = self.claim_dest(&dest)?;
+        let tree = TreeDir::open(&dest).map_err(|e| {
+            ApiFail(
+                ErrorKind::Internal,
+                format!("opening {}: {e}", dest.display()),
+            )
+        })?;
         let opts = prepare_options(&self.config.index_dir, &registry)?;
         let started = Instant::now();
         let opened = open_image(&image_ref, &opts)
@@ -525,6 +710,8 @@ impl Daemon {
             removed: AtomicBool::new(false),
             error: None,
             rate: Mutex::new((Instant::now(), 0, 0.0)),
+            tree: Some(tree),
+            gone: Mutex::new(HashSet::new()),
         });
         self.images.lock().unwrap().insert(id, rt.clone());
         if prefetch {
@@ -538,7 +725,14 @@ impl Daemon {
     async fn reopen(self: &Arc<Self>, record: ImageRecord) -> Arc<ImageRt> {
         let counters = Arc::new(ImageCounters::default());
         let mk = |files: Vec<Option<FileId>>, record: ImageRecord, error: Option<String>| {
+            let tree = TreeDir::open(&record.dest)
+                .inspect_err(
+                    |e| warn!(dest = %record.dest.display(), error = %e, "image tree missing"),
+                )
+                .ok();
             Arc::new(ImageRt {
+                tree,
+                gone: Mutex::new(HashSet::new()),
                 saved: Mutex::new(Some(record.clone())),
                 cached: Mutex::new(Vec::new()),
                 prefetch: AtomicBool::new(record.prefetch),
@@ -669,8 +863,23 @@ impl Daemon {
             }
             s.fetch_rate = r.2;
         }
+        let gone: Vec<usize> = img.gone.lock().unwrap().iter().copied().collect();
+        s.files_gone = gone.len() as u64;
+        let tree_gone = img
+            .tree
+            .as_ref()
+            .is_none_or(|t| t.location(&rec.dest).is_none());
         s.state = match &img.error {
             Some(e) => format!("error: {e}"),
+            None if tree_gone => format!(
+                "error: the tree at {} was moved or deleted under the daemon",
+                rec.dest.display()
+            ),
+            None if !gone.is_empty() => format!(
+                "error: {} placeholders moved or deleted under the daemon (one: {})",
+                gone.len(),
+                rec.files[*gone.iter().min().unwrap_or(&0)].path.display()
+            ),
             None if s.files_complete == s.files => "complete".into(),
             None => "serving".into(),
         };
@@ -750,17 +959,31 @@ impl Daemon {
         Ok(Response::Ok)
     }
 
+    /// Stops serving an image and deletes its tree: where the tree is now (found by
+    /// identity, so a tree moved away is still removed and whatever now sits at the old path
+    /// is never touched). Its files are forgotten, not unmarked, before they are deleted: a
+    /// process that still holds one open gets `EIO`, never zeros, and the kernel drops each
+    /// mark with its inode. A tree that cannot be found keeps its files unmarked instead.
     fn remove(&self, dest: &Path) -> Result<Response, ApiFail> {
         let (id, img) = self.find(dest)?;
+        if img.removed.swap(true, Ordering::SeqCst) {
+            return Err(ApiFail(
+                ErrorKind::UnknownImage,
+                format!("the image at {} is already being removed", dest.display()),
+            ));
+        }
         self.watches
             .lock()
             .unwrap()
             .retain(|(img_id, _, _)| *img_id != id);
-        img.removed.store(true, Ordering::SeqCst);
         img.prefetch.store(false, Ordering::SeqCst);
+        let recorded = img.record.lock().unwrap().dest.clone();
+        let location = img.tree.as_ref().and_then(|t| t.location(&recorded));
         for fid in img.files.iter().flatten() {
-            if let Err(e) = self.engine.unregister(*fid) {
-                warn!(error = %error_chain(&e), "unregistering a removed image's file");
+            if location.is_some() {
+                self.engine.forget(*fid);
+            } else if let Err(e) = self.engine.unregister(*fid) {
+                debug!(error = %error_chain(&e), "unregistering a removed image's file");
             }
         }
         self.images.lock().unwrap().remove(&id);
@@ -769,52 +992,97 @@ impl Daemon {
             let _saving = img.saved.lock().unwrap();
             self.state.remove(id).map_err(ApiFail::internal)?;
         }
-        let dest = img.record.lock().unwrap().dest.clone();
-        image::remove_tree_contents(&dest);
-        info!(dest = %dest.display(), "image removed");
-        Ok(Response::Removed { dest })
+        match &location {
+            Some(at) if img.tree.as_ref().is_some_and(|t| t.is_at(at)) => {
+                image::remove_tree_contents(at);
+                info!(dest = %recorded.display(), at = %at.display(), "image removed");
+            }
+            _ => warn!(dest = %recorded.display(), "image removed; its tree was gone"),
+        }
+        Ok(Response::Removed { dest: recorded })
     }
 
     /// Background prefetch of one image: its files in layer order, `prefetch_parallel` at a
-    /// time, pausing while any reader's miss is being served (on-demand first).
+    /// time, pausing while any reader's miss is being served (on-demand first). A pass that
+    /// leaves files unfilled (full disk, registry down) is retried with a growing pause
+    /// (0.5 s to 30 s) while prefetch stays on; files moved or deleted under the daemon are
+    /// not retried (status reports them).
     fn start_prefetch(self: &Arc<Self>, img: &Arc<ImageRt>) {
         if img.prefetch_running.swap(true, Ordering::SeqCst) {
             return;
         }
-        let next = Arc::new(AtomicUsize::new(0));
-        let workers = Arc::new(AtomicUsize::new(self.config.prefetch_parallel.max(1)));
-        for _ in 0..self.config.prefetch_parallel.max(1) {
-            let (this, img, next, workers) =
-                (self.clone(), img.clone(), next.clone(), workers.clone());
-            std::thread::spawn(move || {
-                loop {
-                    if !img.prefetch.load(Ordering::SeqCst)
-                        || img.removed.load(Ordering::SeqCst)
-                        || this.stopping.load(Ordering::SeqCst)
-                    {
-                        break;
-                    }
-                    while this.engine.inflight_events() > 0 && !this.stopping.load(Ordering::SeqCst)
-                    {
-                        std::thread::sleep(Duration::from_millis(2));
-                    }
-                    let i = next.fetch_add(1, Ordering::SeqCst);
-                    let Some(fid) = img.files.get(i) else { break };
-                    let Some(fid) = fid else { continue };
-                    if this.engine.is_complete(*fid) {
-                        continue;
-                    }
-                    this.pace_prefetch(img.record.lock().unwrap().files[i].size);
-                    if let Err(e) = this.engine.fill_file(*fid) {
-                        debug!(error = %error_chain(&e), "prefetch of a file failed");
-                    }
+        let (this, img) = (self.clone(), img.clone());
+        std::thread::spawn(move || {
+            let on = || {
+                img.prefetch.load(Ordering::SeqCst)
+                    && !img.removed.load(Ordering::SeqCst)
+                    && !this.stopping.load(Ordering::SeqCst)
+            };
+            let mut pause = Duration::from_millis(500);
+            loop {
+                let failed = this.prefetch_pass(&img);
+                if failed == 0 || !on() {
+                    break;
                 }
-                if workers.fetch_sub(1, Ordering::SeqCst) == 1 {
-                    img.prefetch_running.store(false, Ordering::SeqCst);
-                    info!(dest = %img.record.lock().unwrap().dest.display(), "prefetch finished");
+                debug!(
+                    failed,
+                    pause_ms = pause.as_millis() as u64,
+                    "prefetch pass left files unfilled; retrying"
+                );
+                let until = Instant::now() + pause;
+                while Instant::now() < until && on() {
+                    std::thread::sleep(Duration::from_millis(50));
                 }
-            });
-        }
+                pause = (pause * 2).min(Duration::from_secs(30));
+            }
+            img.prefetch_running.store(false, Ordering::SeqCst);
+            info!(dest = %img.record.lock().unwrap().dest.display(), "prefetch finished");
+        });
+    }
+
+    /// One prefetch pass over the image; returns how many files failed (moved or deleted
+    /// ones not counted: they are recorded in `gone`).
+    fn prefetch_pass(&self, img: &ImageRt) -> usize {
+        let next = AtomicUsize::new(0);
+        let failed = AtomicUsize::new(0);
+        std::thread::scope(|s| {
+            for _ in 0..self.config.prefetch_parallel.max(1) {
+                s.spawn(|| {
+                    loop {
+                        if !img.prefetch.load(Ordering::SeqCst)
+                            || img.removed.load(Ordering::SeqCst)
+                            || self.stopping.load(Ordering::SeqCst)
+                        {
+                            break;
+                        }
+                        while self.engine.inflight_events() > 0
+                            && !self.stopping.load(Ordering::SeqCst)
+                        {
+                            std::thread::sleep(Duration::from_millis(2));
+                        }
+                        let i = next.fetch_add(1, Ordering::SeqCst);
+                        let Some(fid) = img.files.get(i) else { break };
+                        let Some(fid) = fid else { continue };
+                        if self.engine.is_complete(*fid) || img.gone.lock().unwrap().contains(&i) {
+                            continue;
+                        }
+                        self.pace_prefetch(img.record.lock().unwrap().files[i].size);
+                        match self.engine.fill_file(*fid) {
+                            Ok(()) => {}
+                            Err(e) if e.is_gone() => {
+                                warn!(error = %error_chain(&e), "prefetch: placeholder gone");
+                                img.gone.lock().unwrap().insert(i);
+                            }
+                            Err(e) => {
+                                failed.fetch_add(1, Ordering::SeqCst);
+                                debug!(error = %error_chain(&e), "prefetch of a file failed");
+                            }
+                        }
+                    }
+                });
+            }
+        });
+        failed.into_inner()
     }
 
     /// Waits until `bytes` more of prefetch fit the configured rate.
@@ -984,22 +1252,72 @@ fn answer_inherited(
     );
 }
 
+/// Reads one request line of at most [`MAX_REQUEST_LINE`] bytes (without its `\n`).
+/// `Ok(None)`: the client closed the connection; `Err`: the line is too long (the rest is
+/// not read).
+async fn read_request_line(
+    r: &mut (impl tokio::io::AsyncBufRead + Unpin),
+    line: &mut Vec<u8>,
+) -> std::io::Result<Option<()>> {
+    use tokio::io::AsyncBufReadExt;
+    line.clear();
+    loop {
+        let buf = r.fill_buf().await?;
+        if buf.is_empty() {
+            return Ok(if line.is_empty() { None } else { Some(()) });
+        }
+        let (take, done) = match buf.iter().position(|b| *b == b'\n') {
+            Some(i) => (i, true),
+            None => (buf.len(), false),
+        };
+        if line.len() + take > MAX_REQUEST_LINE {
+            return Err(std::io::Error::new(
+                std::io::ErrorKind::InvalidData,
+                format!("request line longer than {MAX_REQUEST_LINE} bytes"),
+            ));
+        }
+        line.extend_from_slice(&buf[..take]);
+        r.consume(take + usize::from(done));
+        if done {
+            return Ok(Some(()));
+        }
+    }
+}
+
 async fn serve_conn(daemon: Arc<Daemon>, stream: tokio::net::UnixStream) {
-    use tokio::io::{AsyncBufReadExt, AsyncWriteExt};
+    use tokio::io::AsyncWriteExt;
     let (r, mut w) = stream.into_split();
-    let mut lines = tokio::io::BufReader::new(r).lines();
-    while let Ok(Some(line)) = lines.next_line().await {
-        let resp = match serde_json::from_str::<Request>(&line) {
-            Ok(req) => daemon.handle(req).await,
-            Err(e) => Response::Error {
-                kind: ErrorKind::BadRequest,
-                message: format!("bad request: {e}"),
+    let mut r = tokio::io::BufReader::new(r);
+    let mut line = Vec::new();
+    loop {
+        let (resp, close) = match read_request_line(&mut r, &mut line).await {
+            Ok(None) => break,
+            Ok(Some(())) => match serde_json::from_slice::<Request>(&line) {
+                Ok(req) => (daemon.handle(req).await, false),
+                Err(e) => (
+                    Response::Error {
+                        kind: ErrorKind::BadRequest,
+                        message: format!("bad request: {e}"),
+                    },
+                    false,
+                ),
             },
+            Err(e) if e.kind() == std::io::ErrorKind::InvalidData => {
+                warn!(error = %e, "API client sent an oversized request; dropping it");
+                (
+                    Response::Error {
+                        kind: ErrorKind::BadRequest,
+                        message: format!("bad request: {e}; connection closed"),
+                    },
+                    true,
+                )
+            }
+            Err(_) => break,
         };
         let mut out = serde_json::to_string(&resp)
             .unwrap_or_else(|e| format!(r#"{{"Error":{{"kind":"Internal","message":"{e}"}}}}"#));
         out.push('\n');
-        if w.write_all(out.as_bytes()).await.is_err() {
+        if w.write_all(out.as_bytes()).await.is_err() || close {
             break;
         }
     }
@@ -1070,6 +1388,19 @@ pub fn run(config: DaemonConfig) -> Result<(), DaemonError> {
     let records = state.load()?;
     let next_id = records.iter().map(|r| r.id).max().unwrap_or(0) + 1;
     let cache = cache::Cache::open(&state.root().join("cache"))?;
+    let mut own_dirs = vec![state.root().to_path_buf(), config.index_dir.clone()];
+    own_dirs.extend(config.socket.parent().map(Path::to_path_buf));
+    let own_dirs = own_dirs
+        .into_iter()
+        .map(|d| d.canonicalize().unwrap_or(d))
+        .filter(|d| d.parent().is_some())
+        .collect();
+    let mut config = config;
+    config.allowed_roots = config
+        .allowed_roots
+        .iter()
+        .map(|r| r.canonicalize().unwrap_or_else(|_| r.clone()))
+        .collect();
     let daemon = Arc::new(Daemon {
         config: config.clone(),
         engine,
@@ -1082,6 +1413,8 @@ pub fn run(config: DaemonConfig) -> Result<(), DaemonError> {
         prefetch_next: Mutex::new(Instant::now()),
         stopping: AtomicBool::new(false),
         watches: Mutex::new(Vec::new()),
+        claims: Mutex::new(Vec::new()),
+        own_dirs,
     });
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
