@@ -26,7 +26,7 @@
 use std::collections::{HashMap, HashSet};
 use std::fs::File;
 use std::os::fd::AsFd;
-use std::os::unix::fs::{FileExt, OpenOptionsExt};
+use std::os::unix::fs::{FileExt, MetadataExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
@@ -319,6 +319,9 @@ struct FileEntry {
     /// Device and inode of the registered file: a path that leads elsewhere is never
     /// written or unmarked.
     key: (u64, u64),
+    /// Its birth time: an inode number can be reused by a file created after the
+    /// placeholder was deleted, the birth time tells them apart.
+    born: Option<std::time::SystemTime>,
     size: u64,
     /// Fill granularity of this file.
     chunk: u64,
@@ -590,9 +593,11 @@ impl Engine {
             use xattr::FileExt as _;
             file.get_xattr(CAPABILITY_XATTR).ok().flatten()
         };
+        let born = file.metadata().ok().and_then(|m| m.created().ok());
         let entry = Arc::new(FileEntry {
             path: p.path,
             key,
+            born,
             size: p.size,
             chunk,
             source: p.source,
@@ -1290,7 +1295,7 @@ fn write_chunk(
 }
 
 /// Opens the placeholder at its registered path, if that path still leads to the registered
-/// file (same device and inode; no symlink at the last component): otherwise
+/// file (same device, inode and birth time; no symlink at the last component): otherwise
 /// [`FillError::Gone`]. Read-only opens are non-blocking (a FIFO put there never hangs us).
 fn open_checked(entry: &FileEntry, write: bool) -> Result<File, FillError> {
     let gone = || FillError::Gone {
@@ -1308,11 +1313,11 @@ fn open_checked(entry: &FileEntry, write: bool) -> Result<File, FillError> {
                 source: e,
             },
         })?;
-    let st = nix::sys::stat::fstat(file.as_fd()).map_err(|e| FillError::Register {
+    let m = file.metadata().map_err(|source| FillError::Register {
         path: entry.path.clone(),
-        source: e.into(),
+        source,
     })?;
-    if stat_key(&st) != entry.key {
+    if (m.dev(), m.ino()) != entry.key || m.created().ok() != entry.born {
         return Err(gone());
     }
     Ok(file)

@@ -218,10 +218,10 @@ struct ImageRt {
     gone: Mutex<HashSet<usize>>,
 }
 
-/// An image's destination directory, identified by its device and inode.
+/// An image's destination directory, identified by its device, inode and birth time.
 struct TreeDir {
     fd: std::fs::File,
-    key: (u64, u64),
+    key: (u64, u64, Option<std::time::SystemTime>),
 }
 
 impl TreeDir {
@@ -233,13 +233,14 @@ impl TreeDir {
         let m = fd.metadata()?;
         Ok(TreeDir {
             fd,
-            key: (m.dev(), m.ino()),
+            key: (m.dev(), m.ino(), m.created().ok()),
         })
     }
 
     /// Whether `path` (not followed if a symlink) is this directory.
     fn is_at(&self, path: &Path) -> bool {
-        std::fs::symlink_metadata(path).is_ok_and(|m| m.is_dir() && (m.dev(), m.ino()) == self.key)
+        std::fs::symlink_metadata(path)
+            .is_ok_and(|m| m.is_dir() && (m.dev(), m.ino(), m.created().ok()) == self.key)
     }
 
     /// Where the directory is now: `recorded` if it is still there, wherever it was moved
