@@ -18,8 +18,9 @@
 //!    writes allowed;
 //! 4. reopen every recorded image and register every file with its recorded progress
 //!    (unfilled files are marked; marks taken over are simply re-added);
-//! 5. open the gate, fill and answer the predecessor's in-flight events by number, deny
-//!    (`EIO`) any stale number nothing is known about, release the reservation; serve the API.
+//! 5. deny (`EIO`) any stale number nothing is known about and release the reservation but
+//!    for the predecessor's known in-flight events; open the gate, fill and answer those by
+//!    number, release their numbers; serve the API.
 //!
 //! A graceful stop (SIGTERM, SIGINT) records progress, answers what it can and leaves the
 //! group with the holder: readers that arrive meanwhile block until the successor is up.
@@ -100,6 +101,9 @@ pub enum DaemonError {
 /// Event numbers reserved above the highest one a predecessor journaled: one 64 KiB read
 /// buffer holds at most ~1,365 pre-content events (48 bytes each with their range record).
 const RESERVE_MARGIN: i32 = 2048;
+
+/// Descriptors left free below the descriptor limit when reserving event numbers.
+const RESERVE_HEADROOM: u64 = 1024;
 
 /// The directories under which the daemon prepares images unless told otherwise
 /// (`--allow-root`): where container runtimes and administrators keep root filesystems, and
@@ -1194,15 +1198,40 @@ impl Daemon {
     }
 }
 
-/// Fills and answers the events a predecessor read and never answered; then denies (`EIO`)
-/// any other event still carrying a reserved number; then releases the reservation.
+/// Denies (`EIO`) every stale event carrying a reserved number nothing is known about, then
+/// releases every reserved number but the known in-flight events' ones: new events get low
+/// numbers again (events read while the whole range was held get numbers above it, and a
+/// crash with those unanswered would make the next successor reserve still higher).
+fn deny_unknown_stale(group: &Group, inflight: &[Inflight], reservation: &mut FdReservation) {
+    let known: Vec<i32> = inflight.iter().map(|i| i.id.raw()).collect();
+    let mut stale = 0;
+    for n in reservation.numbers() {
+        if known.contains(&n) {
+            continue;
+        }
+        if group
+            .respond_id(EventId::from_raw(n), FanResponse::Deny(DenyErrno::Io))
+            .is_ok()
+        {
+            stale += 1;
+        }
+    }
+    reservation.release_except(&known);
+    info!(
+        unrecorded_denied = stale,
+        held = known.len(),
+        "stale event numbers answered; reservation released but for known events"
+    );
+}
+
+/// Fills and answers the events a predecessor read and never answered (their numbers are
+/// still reserved), then releases the rest of the reservation.
 fn answer_inherited(
     daemon: &Arc<Daemon>,
     journal: &Arc<Journal>,
     inflight: Vec<Inflight>,
     reservation: FdReservation,
 ) {
-    let known: Vec<i32> = inflight.iter().map(|i| i.id.raw()).collect();
     let started = Instant::now();
     std::thread::scope(|s| {
         for ev in &inflight {
@@ -1230,24 +1259,10 @@ fn answer_inherited(
             });
         }
     });
-    let mut stale = 0;
-    for n in reservation.numbers() {
-        if known.contains(&n) {
-            continue;
-        }
-        if daemon
-            .engine
-            .group()
-            .respond_id(EventId::from_raw(n), FanResponse::Deny(DenyErrno::Io))
-            .is_ok()
-        {
-            stale += 1;
-        }
-    }
     drop(reservation);
+    journal.release_floor();
     info!(
         answered = daemon.inherited_answered.load(Ordering::Relaxed),
-        unrecorded_denied = stale,
         ms = started.elapsed().as_millis() as u64,
         "predecessor's in-flight events answered"
     );
@@ -1332,17 +1347,33 @@ pub fn run(config: DaemonConfig) -> Result<(), DaemonError> {
         let what = what.to_string();
         move |source| DaemonError::Io { what, source }
     };
-    match crate::sys::fdpass::raise_nofile_limit() {
-        Ok(n) => debug!(nofile = n, "descriptor limit"),
-        Err(e) => warn!(error = %e, "cannot raise the descriptor limit"),
-    }
+    let nofile = match crate::sys::fdpass::raise_nofile_limit() {
+        Ok(n) => {
+            debug!(nofile = n, "descriptor limit");
+            n
+        }
+        Err(e) => {
+            warn!(error = %e, "cannot raise the descriptor limit");
+            1024
+        }
+    };
     let (journal, hwm, inflight) =
         Journal::open(&state.root().join("inflight")).map_err(io("opening the journal"))?;
     // The journal learns an event's number just after read(2) returned it: a crash in that
     // window leaves numbers up to one read buffer of events above the recorded highest.
     let reservation = if hwm >= 3 {
-        FdReservation::reserve(3, hwm.saturating_add(RESERVE_MARGIN))
-            .map_err(io("reserving event numbers"))?
+        // Never so many that the daemon cannot start (its readers would wait forever):
+        // leave room for its own descriptors and new events.
+        let cap = i32::try_from(nofile.saturating_sub(RESERVE_HEADROOM)).unwrap_or(i32::MAX);
+        let want = hwm.saturating_add(RESERVE_MARGIN);
+        if want > cap {
+            tracing::error!(
+                want,
+                cap,
+                "the predecessor's event numbers exceed the descriptor limit; reserving up to it"
+            );
+        }
+        FdReservation::reserve(3, want.min(cap)).map_err(io("reserving event numbers"))?
     } else {
         FdReservation::default()
     };
@@ -1436,6 +1467,8 @@ pub fn run(config: DaemonConfig) -> Result<(), DaemonError> {
         "recorded images re-registered"
     );
     // 5. Serve.
+    let mut reservation = reservation;
+    deny_unknown_stale(daemon.engine.group(), &inflight, &mut reservation);
     daemon.engine.open_gate();
     {
         let (d, j) = (daemon.clone(), journal.clone());
