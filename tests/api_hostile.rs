@@ -263,6 +263,25 @@ fn destinations_outside_allowed_roots_are_refused_untouched() {
         );
         table.push((what.to_string(), format!("{kind:?}: {msg}")));
     }
+    for req in [
+        Request::Remove {
+            dest: "served".into(),
+        },
+        Request::Status {
+            dest: Some("served".into()),
+        },
+        Request::Prefetch {
+            dest: "served".into(),
+            enable: true,
+        },
+    ] {
+        let (kind, msg) = try_call(&d, req).expect_err("relative dest");
+        assert_eq!(kind, ErrorKind::BadRequest, "{msg}");
+        table.push((
+            "relative dest in rm/status/prefetch".into(),
+            format!("{kind:?}: {msg}"),
+        ));
+    }
     assert_eq!(listing(Path::new("/etc")), etc_before, "/etc was touched");
     assert_eq!(listing(Path::new("/")), root_before, "/ was touched");
     assert_eq!(

@@ -438,6 +438,12 @@ impl Daemon {
     /// The image served at `dest`: its recorded destination, or the directory it was moved
     /// to (the same directory by identity).
     fn find(&self, dest: &Path) -> Result<(u64, Arc<ImageRt>), ApiFail> {
+        if !dest.is_absolute() {
+            return Err(ApiFail(
+                ErrorKind::BadRequest,
+                format!("destination {} is not an absolute path", dest.display()),
+            ));
+        }
         let canon = dest.canonicalize().unwrap_or_else(|_| dest.to_path_buf());
         let images = self.images.lock().unwrap();
         images
@@ -1075,7 +1081,7 @@ impl Daemon {
                         match self.engine.fill_file(*fid) {
                             Ok(()) => {}
                             Err(e) if e.is_gone() => {
-                                warn!(error = %error_chain(&e), "prefetch: placeholder gone");
+                                debug!(error = %error_chain(&e), "prefetch: placeholder gone");
                                 img.gone.lock().unwrap().insert(i);
                             }
                             Err(e) => {
