@@ -119,9 +119,10 @@ struct DaemonArgs {
     #[arg(long, value_name = "ADDR")]
     metrics_addr: Option<std::net::SocketAddr>,
     /// Prepare images only strictly below this directory (repeatable). Default:
-    /// /var/lib, /var/tmp, /srv, /mnt, /media, /run, /tmp, /home. Never in or above the
-    /// state, index or socket directory, whatever this says; destinations must be absolute,
-    /// without `..`, and are checked where their symlinks lead.
+    /// /var/lib, /var/tmp, /srv, /mnt, /media, /run, /tmp, /home. Whatever this says, never
+    /// the state dir, index dir or socket or above them, inside the state dir only under
+    /// STATE_DIR/roots; destinations must be absolute, without `..`, and are checked where
+    /// their symlinks lead.
     #[arg(long = "allow-root", value_name = "DIR")]
     allow_root: Vec<PathBuf>,
     /// Test knob: delay every fetch by this many milliseconds.

@@ -291,7 +291,14 @@ fn destinations_outside_allowed_roots_are_refused_untouched() {
     );
     assert!(!Path::new("/usr/lib/fanfill-hostile").exists());
     assert_eq!(listing(&state), state_before);
+    assert!(!state.join("images/x").exists());
     // A symlink to an allowed directory is served at its real path.
+    let in_state = d.prepare(&reference, &state.join("roots/app"), false);
+    assert_eq!(in_state.files, 2);
+    table.push((
+        "STATE_DIR/roots/app".into(),
+        format!("served at {}", in_state.dest.display()),
+    ));
     let s = d.prepare(&reference, &link_ok, false);
     assert_eq!(s.dest, real.canonicalize().unwrap());
     assert!(std::fs::read(real.join(&files[1].0)).unwrap() == files[1].1);

@@ -142,7 +142,8 @@ pub struct DaemonConfig {
     /// Serve Prometheus metrics on this address (off when `None`).
     pub metrics_addr: Option<std::net::SocketAddr>,
     /// Destinations must lie strictly below one of these directories (default
-    /// [`DEFAULT_ALLOWED_ROOTS`]); never in or above the daemon's own directories.
+    /// [`DEFAULT_ALLOWED_ROOTS`]); never above the daemon's state dir, index dir or socket,
+    /// inside the state dir only under `STATE_DIR/roots`, never inside the index dir.
     pub allowed_roots: Vec<PathBuf>,
 }
 
@@ -276,8 +277,54 @@ struct Daemon {
     watches: Mutex<Vec<(u64, PathBuf, OverlayWatch)>>,
     /// Destinations being prepared right now (claimed before anything is created).
     claims: Mutex<Vec<PathBuf>>,
-    /// The daemon's own directories (state, indexes, socket), resolved: never a destination.
-    own_dirs: Vec<PathBuf>,
+    /// The daemon's own places, resolved: the state dir, the index dir, the socket. A
+    /// destination is never one of them or above one; inside the state dir it must be under
+    /// `STATE_DIR/roots`, inside the index dir nowhere.
+    own: OwnPlaces,
+}
+
+/// See `Daemon::own`.
+struct OwnPlaces {
+    state: PathBuf,
+    index: PathBuf,
+    socket: PathBuf,
+}
+
+impl OwnPlaces {
+    fn new(state: &Path, index: &Path, socket: &Path) -> OwnPlaces {
+        let canon = |p: &Path| p.canonicalize().unwrap_or_else(|_| p.to_path_buf());
+        OwnPlaces {
+            state: canon(state),
+            index: canon(index),
+            socket: socket
+                .parent()
+                .map(|d| canon(d).join(socket.file_name().unwrap_or_default()))
+                .unwrap_or_else(|| socket.to_path_buf()),
+        }
+    }
+
+    /// Why `p` may not be a destination, if it may not.
+    fn conflict(&self, p: &Path) -> Option<String> {
+        for own in [&self.state, &self.index, &self.socket] {
+            if own.starts_with(p) {
+                return Some(format!("it contains the daemon's own {}", own.display()));
+            }
+        }
+        if p.starts_with(&self.index) {
+            return Some(format!(
+                "it is inside the index directory {}",
+                self.index.display()
+            ));
+        }
+        let roots = self.state.join("roots");
+        if p.starts_with(&self.state) && !p.starts_with(&roots) {
+            return Some(format!(
+                "inside the state directory only {} holds image trees",
+                roots.display()
+            ));
+        }
+        None
+    }
 }
 
 /// A claimed destination; released when the prepare ends, either way.
@@ -476,16 +523,8 @@ impl Daemon {
                 list.join(", ")
             )));
         }
-        if let Some(own) = self
-            .own_dirs
-            .iter()
-            .find(|o| p.starts_with(o) || o.starts_with(p))
-        {
-            return Err(bad(format!(
-                "destination {} overlaps the daemon's own directory {}",
-                p.display(),
-                own.display()
-            )));
+        if let Some(why) = self.own.conflict(p) {
+            return Err(bad(format!("destination {}: {why}", p.display())));
         }
         for img in self.images.lock().unwrap().values() {
             let d = img.record.lock().unwrap().dest.clone();
@@ -1426,13 +1465,7 @@ pub fn run(config: DaemonConfig) -> Result<(), DaemonError> {
     let records = state.load()?;
     let next_id = records.iter().map(|r| r.id).max().unwrap_or(0) + 1;
     let cache = cache::Cache::open(&state.root().join("cache"))?;
-    let mut own_dirs = vec![state.root().to_path_buf(), config.index_dir.clone()];
-    own_dirs.extend(config.socket.parent().map(Path::to_path_buf));
-    let own_dirs = own_dirs
-        .into_iter()
-        .map(|d| d.canonicalize().unwrap_or(d))
-        .filter(|d| d.parent().is_some())
-        .collect();
+    let own = OwnPlaces::new(state.root(), &config.index_dir, &config.socket);
     let mut config = config;
     config.allowed_roots = config
         .allowed_roots
@@ -1452,7 +1485,7 @@ pub fn run(config: DaemonConfig) -> Result<(), DaemonError> {
         stopping: AtomicBool::new(false),
         watches: Mutex::new(Vec::new()),
         claims: Mutex::new(Vec::new()),
-        own_dirs,
+        own,
     });
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
