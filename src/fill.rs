@@ -332,6 +332,16 @@ struct FileEntry {
     /// `security.capability` of the placeholder: the kernel strips it on every write, so
     /// each fill puts it back (a filled `ping` must keep `cap_net_raw`).
     capability: Option<Vec<u8>>,
+    /// Position of the first reader access among all files (see [`Engine::accessed`]).
+    first_access: std::sync::OnceLock<u64>,
+}
+
+impl FileEntry {
+    /// Notes a reader's access (the first one counts).
+    fn touched(&self, inner: &Inner) {
+        self.first_access
+            .get_or_init(|| inner.access_seq.fetch_add(1, Ordering::Relaxed));
+    }
 }
 
 struct FileState {
@@ -394,6 +404,8 @@ pub struct Stats {
 struct Inner {
     group: Arc<Group>,
     config: EngineConfig,
+    /// Counts first reader accesses (orders [`Engine::accessed`]).
+    access_seq: AtomicU64,
     files: RwLock<HashMap<(u64, u64), Arc<FileEntry>>>,
     /// Thread ids of the engine's own runtime threads.
     own_tids: RwLock<HashSet<i32>>,
@@ -507,6 +519,7 @@ impl Engine {
             journal,
             gate: Mutex::new(gated.then(Vec::new)),
             deny_unknown: AtomicBool::new(false),
+            access_seq: AtomicU64::new(0),
         });
         let (start_inner, stop_inner) = (inner.clone(), inner.clone());
         let runtime = tokio::runtime::Builder::new_multi_thread()
@@ -611,6 +624,7 @@ impl Engine {
             }),
             bytes_filled: AtomicU64::new(0),
             capability,
+            first_access: std::sync::OnceLock::new(),
         });
         if nchunks > 0 {
             // Record before marking, so the first event finds the entry.
@@ -679,6 +693,52 @@ impl Engine {
     /// Fills every registered file, `parallel` at a time, until the image is complete.
     pub fn fill_all(&self, parallel: usize) -> Result<(), FillError> {
         let entries: Vec<_> = self.inner.files.read().unwrap().values().cloned().collect();
+        self.fill_entries(entries, parallel)
+    }
+
+    /// Fills the registered files among `ids` in that order (at most `parallel` at once;
+    /// a file starts only after every earlier one has started), then removes their marks.
+    pub fn fill_files(&self, ids: &[FileId], parallel: usize) -> Result<(), FillError> {
+        let entries: Vec<_> = ids.iter().filter_map(|id| self.entry(*id)).collect();
+        self.fill_entries(entries, parallel)
+    }
+
+    /// The files among `ids` that readers have touched (a pre-content event, or an open
+    /// served through [`Engine::filler`]), in the order of their first access: what a
+    /// workload needed, to record as an access profile.
+    pub fn accessed(&self, ids: &[FileId]) -> Vec<FileId> {
+        let mut seen: Vec<(u64, FileId)> = ids
+            .iter()
+            .filter_map(|id| Some((*self.entry(*id)?.first_access.get()?, *id)))
+            .collect();
+        seen.sort_unstable_by_key(|(order, _)| *order);
+        seen.dedup_by_key(|(_, id)| *id);
+        seen.into_iter().map(|(_, id)| id).collect()
+    }
+
+    /// Starts filling `ids` in that order, `parallel` at a time, on the engine's runtime, and
+    /// returns at once (an access profile's files, fetched before the workload asks).
+    /// Failures are logged; a file that failed fills on its next access as usual.
+    pub fn fill_in_background(&self, ids: Vec<FileId>, parallel: usize) {
+        let entries: Vec<_> = ids.iter().filter_map(|id| self.entry(*id)).collect();
+        let inner = self.inner.clone();
+        self.handle().spawn(async move {
+            use futures::stream::{self, StreamExt};
+            let n = entries.len();
+            let failed = stream::iter(entries)
+                .map(|e| {
+                    let inner = inner.clone();
+                    async move { prefetch_entry(&inner, &e).await.is_err() }
+                })
+                .buffered(parallel.max(1))
+                .filter(|failed| futures::future::ready(*failed))
+                .count()
+                .await;
+            debug!(files = n, failed, "background fill of listed files done");
+        });
+    }
+
+    fn fill_entries(&self, entries: Vec<Arc<FileEntry>>, parallel: usize) -> Result<(), FillError> {
         let inner = self.inner.clone();
         self.run_on_runtime(async move {
             use futures::stream::{self, TryStreamExt};
@@ -794,6 +854,90 @@ impl Engine {
             let size = current_size(&entry)?;
             ensure_range(&inner, &entry, start, end, size, None).await
         })
+    }
+
+    /// Offers bytes of a registered file that arrived by other means than its source (a
+    /// prefetch streaming a whole layer, see [`crate::image::stream_fill_layer`]): every
+    /// chunk lying wholly inside `[offset, offset + data.len())` (the last chunk may end at
+    /// the file's end) that is neither filled nor being fetched is verified and written
+    /// exactly as if it had been fetched, and readers waiting for such a chunk wait for this
+    /// write instead of fetching it. The file completes (mark removed) with its last chunk.
+    /// Chunks already filled or in flight, chunks the bytes do not wholly cover and chunks
+    /// past a truncation are left alone. Returns the bytes written. Blocks until they are:
+    /// call it from a plain thread, not from a runtime.
+    pub fn supply(&self, id: FileId, offset: u64, data: &[u8]) -> Result<u64, FillError> {
+        let Some(entry) = self.entry(id) else {
+            return Ok(0);
+        };
+        let current = current_size(&entry).map_err(unwrap_arc)?;
+        let data_end = offset.saturating_add(data.len() as u64).min(entry.size);
+        let (runs, taken) = {
+            let mut st = entry.state.lock().unwrap();
+            if current < st.limit {
+                st.limit = current;
+            }
+            if st.complete {
+                return Ok(0);
+            }
+            let limit = st.limit;
+            let usable = |st: &FileState, i: u64| {
+                let (a, b) = entry.chunk_range(i);
+                b <= data_end
+                    && a < limit
+                    && !st.filled[i as usize]
+                    && !st.inflight.contains_key(&i)
+            };
+            let nchunks = entry.size.div_ceil(entry.chunk);
+            let (mut runs, mut taken) = (Vec::new(), 0);
+            let mut idx = offset.div_ceil(entry.chunk);
+            while idx < nchunks && entry.chunk_range(idx).1 <= data_end {
+                if !usable(&st, idx) {
+                    idx += 1;
+                    continue;
+                }
+                let mut count = 1;
+                while idx + count < nchunks && usable(&st, idx + count) {
+                    count += 1;
+                }
+                let (a, b) = (
+                    entry.chunk_range(idx).0,
+                    entry.chunk_range(idx + count - 1).1,
+                );
+                let bytes = data[(a - offset) as usize..(b - offset) as usize].to_vec();
+                let fut = fill_run(
+                    self.inner.clone(),
+                    entry.clone(),
+                    idx,
+                    count,
+                    None,
+                    Some(bytes),
+                )
+                .boxed()
+                .shared();
+                for i in idx..idx + count {
+                    st.inflight.insert(i, fut.clone());
+                }
+                runs.push(fut);
+                taken += b.min(limit) - a;
+                idx += count;
+            }
+            (runs, taken)
+        };
+        if runs.is_empty() {
+            return Ok(0);
+        }
+        let inner = self.inner.clone();
+        self.run_on_runtime(async move {
+            let mut result = Ok(());
+            for r in futures::future::join_all(runs).await {
+                if r.is_err() && result.is_ok() {
+                    result = r;
+                }
+            }
+            maybe_complete(&inner, &entry, None);
+            result
+        })?;
+        Ok(taken)
     }
 
     /// Event service times so far: count per log2 bucket of microseconds (bucket `i` holds
@@ -1036,6 +1180,7 @@ async fn serve_event(inner: &Arc<Inner>, event: &Event) -> FillResult {
         // Not ours (or no longer: completed and forgotten). Nothing to fill.
         return Ok(());
     };
+    entry.touched(inner);
     let (start, end) = match event.range() {
         Some(r) if r.count > 0 => (r.offset, r.offset.saturating_add(r.count)),
         // No range record, or count 0 (FICLONE, growing truncate): the whole file.
@@ -1100,9 +1245,16 @@ async fn ensure_range(
             {
                 count += 1;
             }
-            let fut = fill_run(inner.clone(), entry.clone(), idx, count, writer.clone())
-                .boxed()
-                .shared();
+            let fut = fill_run(
+                inner.clone(),
+                entry.clone(),
+                idx,
+                count,
+                writer.clone(),
+                None,
+            )
+            .boxed()
+            .shared();
             for i in idx..idx + count {
                 st.inflight.insert(i, fut.clone());
             }
@@ -1130,8 +1282,12 @@ async fn fill_run(
     first: u64,
     count: u64,
     writer: Option<Arc<File>>,
+    supplied: Option<Vec<u8>>,
 ) -> FillResult {
-    let res = fill_run_inner(&inner, &entry, first, count, writer).await;
+    let res = match supplied {
+        Some(data) => store_run(&entry, first, count, data, writer).await,
+        None => fill_run_inner(&inner, &entry, first, count, writer).await,
+    };
     let mut st = entry.state.lock().unwrap();
     for idx in first..first + count {
         st.inflight.remove(&idx);
@@ -1152,6 +1308,17 @@ async fn fill_run_inner(
 ) -> Result<(), FillError> {
     let offset = entry.chunk_range(first).0;
     let len = entry.chunk_range(first + count - 1).1 - offset;
+    let data = fetch_run(inner, entry, offset, len).await?;
+    store_run(entry, first, count, data, writer).await
+}
+
+/// Reads `[offset, offset + len)` of the file from its source, within the fetch timeout.
+async fn fetch_run(
+    inner: &Arc<Inner>,
+    entry: &Arc<FileEntry>,
+    offset: u64,
+    len: u64,
+) -> Result<Vec<u8>, FillError> {
     let timeout = inner.config.fetch_timeout;
     let data = match tokio::time::timeout(timeout, entry.source.read_at(offset, len)).await {
         Err(_) => {
@@ -1177,6 +1344,28 @@ async fn fill_run_inner(
         .counters
         .bytes_fetched
         .fetch_add(data.len() as u64, Ordering::Relaxed);
+    if data.len() as u64 != len {
+        return Err(FillError::ShortRead {
+            path: entry.path.clone(),
+            offset,
+            len,
+            got: data.len() as u64,
+        });
+    }
+    Ok(data)
+}
+
+/// Verifies `data` (the bytes of chunks `first..first + count`) chunk by chunk and writes
+/// what lies below the file's limit.
+async fn store_run(
+    entry: &Arc<FileEntry>,
+    first: u64,
+    count: u64,
+    data: Vec<u8>,
+    writer: Option<Arc<File>>,
+) -> Result<(), FillError> {
+    let offset = entry.chunk_range(first).0;
+    let len = entry.chunk_range(first + count - 1).1 - offset;
     if data.len() as u64 != len {
         return Err(FillError::ShortRead {
             path: entry.path.clone(),
@@ -1424,7 +1613,10 @@ impl Engine {
             async move {
                 let entry = inner.files.read().unwrap().get(&(id.dev, id.ino)).cloned();
                 match entry {
-                    Some(entry) => prefetch_entry(&inner, &entry).await,
+                    Some(entry) => {
+                        entry.touched(&inner);
+                        prefetch_entry(&inner, &entry).await
+                    }
                     None => Ok(()),
                 }
             }

@@ -40,7 +40,6 @@ use std::time::{Duration, Instant};
 
 use futures::FutureExt;
 use futures::future::BoxFuture;
-use oci_spec::image::Digest;
 use tracing::{debug, info, warn};
 
 use crate::api::{
@@ -51,7 +50,7 @@ use crate::fill::{
     error_chain,
 };
 use crate::image::{self, PrepareOptions};
-use crate::index::{LayerIndex, LayerWindows, WindowCache};
+use crate::index::LayerIndex;
 use crate::overlay::OverlayWatch;
 use crate::registry::BlobStore;
 use crate::sys::fanotify::{DenyErrno, EventId, Group, GroupClass, Response as FanResponse};
@@ -173,10 +172,10 @@ struct ImageCounters {
     errors: AtomicU64,
 }
 
-/// A file's bytes from its layer ([`crate::image::LayerFileSource`]), plus per-image
-/// counters and the test delay.
+/// A file's bytes from its layer (the source [`image::ImageSources::file_source`] picks),
+/// plus per-image counters and the test delay.
 struct DaemonSource {
-    inner: image::LayerFileSource,
+    inner: Arc<dyn ContentSource>,
     store: Arc<BlobStore>,
     counters: Arc<ImageCounters>,
     delay: Duration,
@@ -207,6 +206,8 @@ struct ImageRt {
     record: Mutex<ImageRecord>,
     /// Parallel to `record.files`; `None`: not registered (user-modified file, or error).
     files: Vec<Option<FileId>>,
+    /// Positions into `files` in prefetch order (TOC prefetch landmarks first).
+    order: Vec<usize>,
     counters: Arc<ImageCounters>,
     prefetch: AtomicBool,
     prefetch_running: AtomicBool,
@@ -221,6 +222,9 @@ struct ImageRt {
     tree: Option<TreeDir>,
     /// Files found moved, deleted or replaced under the daemon (indexes into `files`).
     gone: Mutex<HashSet<usize>>,
+    /// The image's store and indexes, for streaming prefetch (`None`: it could not be
+    /// reopened after a restart).
+    opened: Option<Arc<Opened>>,
 }
 
 /// An image's destination directory, identified by its device, inode and birth time.
@@ -422,27 +426,20 @@ fn prepare_options(index_dir: &Path, r: &RegistrySettings) -> Result<PrepareOpti
 struct Opened {
     store: Arc<BlobStore>,
     manifest_digest: String,
-    layers: Vec<(Digest, Arc<LayerIndex>)>,
-    windows: Vec<Arc<LayerWindows>>,
-    blob_cache: Option<crate::blobcache::BlobCache>,
+    sources: image::ImageSources,
+    /// The index artifact's access profile, if it carries one.
+    profile: Option<image::AccessProfile>,
 }
 
 async fn open_image(reference: &str, opts: &PrepareOptions) -> Result<Opened, image::ImageError> {
     let (store, resolved) = image::open(reference, opts).await?;
     let manifest_digest = resolved.manifest_digest.to_string();
     let ix = image::load_indexes(&store, resolved, reference, opts).await?;
-    let cache = Arc::new(WindowCache::new(image::WINDOW_CACHE_BYTES));
-    let windows = ix
-        .windows
-        .iter()
-        .map(|w| Arc::new(LayerWindows::new(w.clone(), cache.clone())))
-        .collect();
     Ok(Opened {
+        sources: ix.sources(&store),
+        profile: ix.profile.clone(),
         store,
         manifest_digest,
-        blob_cache: ix.blob_cache.clone(),
-        layers: ix.layers.into_iter().map(|(d, i, _)| (d, i)).collect(),
-        windows,
     })
 }
 
@@ -454,23 +451,10 @@ impl Daemon {
         entry: usize,
         counters: &Arc<ImageCounters>,
     ) -> Result<(Arc<DaemonSource>, Verify), String> {
-        let (digest, index) = opened
-            .layers
-            .get(layer)
-            .ok_or_else(|| format!("no layer {layer}"))?;
-        let e = index
-            .resolve(entry)
-            .cloned()
-            .ok_or_else(|| format!("no entry {entry} in layer {digest}"))?;
-        let verify = image::verify_for(&e);
-        let inner = image::LayerFileSource::new(
-            opened.store.clone(),
-            digest.clone(),
-            index.clone(),
-            opened.windows[layer].clone(),
-            e,
-        )
-        .with_blob_cache(opened.blob_cache.clone());
+        let (inner, verify) = opened
+            .sources
+            .file_source(layer, entry)
+            .map_err(|e| error_chain(&e))?;
         Ok((
             Arc::new(DaemonSource {
                 inner,
@@ -631,8 +615,8 @@ impl Daemon {
             },
             ..UnpackOptions::default()
         };
-        let digests: Vec<String> = opened.layers.iter().map(|l| l.0.to_string()).collect();
-        let ixs: Vec<Arc<LayerIndex>> = opened.layers.iter().map(|l| l.1.clone()).collect();
+        let digests: Vec<String> = opened.sources.layers().map(|l| l.0.to_string()).collect();
+        let ixs: Vec<Arc<LayerIndex>> = opened.sources.layers().map(|l| l.1.clone()).collect();
         let (d2, dest2) = (digests.clone(), dest.clone());
         let unpacked = tokio::task::spawn_blocking(move || {
             let layers: Vec<Layer<'_>> = d2
@@ -671,12 +655,15 @@ impl Daemon {
             files: Vec::with_capacity(unpacked.placeholders.len()),
         };
         let this = self.clone();
+        let opened = Arc::new(opened);
+        let opened2 = opened.clone();
         let res = tokio::task::spawn_blocking(move || {
+            let opened = opened2;
             let mut ids = Vec::new();
             for p in &unpacked.placeholders {
-                let sha = opened.layers[p.layer]
-                    .1
-                    .resolve(p.entry)
+                let sha = opened
+                    .sources
+                    .entry(p.layer, p.entry)
                     .and_then(|e| e.sha256.clone());
                 let mut rec = FileRecord {
                     path: p.path.clone(),
@@ -730,11 +717,12 @@ impl Daemon {
                 }
                 record.files.push(rec);
             }
-            Ok((ids, record, counters))
+            let order = opened.sources.prefetch_order(&record.file_keys());
+            Ok((ids, record, counters, order))
         })
         .await
         .map_err(ApiFail::internal)?;
-        let (ids, record, counters) = match res {
+        let (ids, record, counters, order) = match res {
             Ok(v) => v,
             Err(e) => {
                 image::remove_tree_contents(&dest);
@@ -742,6 +730,24 @@ impl Daemon {
             }
         };
         self.state.save(&record).map_err(ApiFail::internal)?;
+        if let Some(profile) = opened
+            .profile
+            .as_ref()
+            .filter(|_| opts.profile_prefetch > 0)
+        {
+            // The files a recorded run of this image read, filled before the workload asks.
+            let (placed, fids): (Vec<(usize, usize)>, Vec<FileId>) = record
+                .files
+                .iter()
+                .zip(&ids)
+                .filter_map(|(f, id)| Some(((f.layer, f.entry), (*id)?)))
+                .unzip();
+            let layers: Vec<Arc<LayerIndex>> =
+                opened.sources.layers().map(|(_, ix)| ix.clone()).collect();
+            let want = image::profile_file_ids(profile, &layers, &placed, &fids);
+            info!(reference = %image_ref, files = want.len(), "filling the access profile's files ahead of the workload");
+            self.engine.fill_in_background(want, opts.profile_prefetch);
+        }
         info!(
             reference = %image_ref,
             dest = %dest.display(),
@@ -752,8 +758,10 @@ impl Daemon {
         let rt = Arc::new(ImageRt {
             saved: Mutex::new(Some(record.clone())),
             cached: Mutex::new(Vec::new()),
+            opened: Some(opened),
             record: Mutex::new(record),
             files: ids,
+            order,
             counters,
             prefetch: AtomicBool::new(prefetch),
             prefetch_running: AtomicBool::new(false),
@@ -774,7 +782,11 @@ impl Daemon {
     /// progress.
     async fn reopen(self: &Arc<Self>, record: ImageRecord) -> Arc<ImageRt> {
         let counters = Arc::new(ImageCounters::default());
-        let mk = |files: Vec<Option<FileId>>, record: ImageRecord, error: Option<String>| {
+        let mk = |files: Vec<Option<FileId>>,
+                  order: Vec<usize>,
+                  record: ImageRecord,
+                  error: Option<String>,
+                  opened: Option<Arc<Opened>>| {
             let tree = TreeDir::open(&record.dest)
                 .inspect_err(
                     |e| warn!(dest = %record.dest.display(), error = %e, "image tree missing"),
@@ -783,8 +795,10 @@ impl Daemon {
             Arc::new(ImageRt {
                 tree,
                 gone: Mutex::new(HashSet::new()),
+                order,
                 saved: Mutex::new(Some(record.clone())),
                 cached: Mutex::new(Vec::new()),
+                opened,
                 prefetch: AtomicBool::new(record.prefetch),
                 record: Mutex::new(record),
                 files,
@@ -810,18 +824,21 @@ impl Daemon {
                 );
                 warn!(error = %m, "cannot reopen image");
                 let n = record.files.len();
-                return mk(vec![None; n], record, Some(m));
+                return mk(vec![None; n], (0..n).collect(), record, Some(m), None);
             }
             Err(m) => {
                 warn!(reference = %record.reference, error = %m, "cannot reopen image");
                 let n = record.files.len();
-                return mk(vec![None; n], record, Some(m));
+                return mk(vec![None; n], (0..n).collect(), record, Some(m), None);
             }
         };
         let this = self.clone();
         let counters2 = counters.clone();
         let overlay = record.mode == LayoutMode::Overlay;
+        let opened = Arc::new(opened);
+        let opened2 = opened.clone();
         let files = tokio::task::spawn_blocking(move || {
+            let opened = opened2;
             let mut ids = Vec::with_capacity(record.files.len());
             for f in &record.files {
                 if f.complete && f.chunk == 0 {
@@ -861,13 +878,14 @@ impl Daemon {
                     }
                 }
             }
-            (ids, record)
+            let order = opened.sources.prefetch_order(&record.file_keys());
+            (ids, record, order)
         })
         .await;
         match files {
-            Ok((ids, record)) => {
+            Ok((ids, record, order)) => {
                 info!(reference = %record.reference, dest = %record.dest.display(), files = ids.len(), "image re-served");
-                mk(ids, record, None)
+                mk(ids, order, record, None, Some(opened))
             }
             Err(e) => panic!("re-registering task failed: {e}"),
         }
@@ -1052,26 +1070,24 @@ impl Daemon {
         Ok(Response::Removed { dest: recorded })
     }
 
-    /// Background prefetch of one image: its files in layer order, `prefetch_parallel` at a
-    /// time, pausing while any reader's miss is being served (on-demand first). A pass that
-    /// leaves files unfilled (full disk, registry down) is retried with a growing pause
-    /// (0.5 s to 30 s) while prefetch stays on; files moved or deleted under the daemon are
-    /// not retried (status reports them).
+    /// Background prefetch of one image, pausing while any reader's miss is being served
+    /// (on-demand first): each layer streamed once into its placeholders
+    /// ([`image::stream_fill_layer`]), then whatever is still missing filled file by file
+    /// from the files' sources, `prefetch_parallel` at a time. A pass that leaves files
+    /// unfilled (full disk, registry down) is retried with a growing pause (0.5 s to 30 s)
+    /// while prefetch stays on; files moved or deleted under the daemon are not retried
+    /// (status reports them).
     fn start_prefetch(self: &Arc<Self>, img: &Arc<ImageRt>) {
         if img.prefetch_running.swap(true, Ordering::SeqCst) {
             return;
         }
         let (this, img) = (self.clone(), img.clone());
         std::thread::spawn(move || {
-            let on = || {
-                img.prefetch.load(Ordering::SeqCst)
-                    && !img.removed.load(Ordering::SeqCst)
-                    && !this.stopping.load(Ordering::SeqCst)
-            };
+            this.stream_layers(&img);
             let mut pause = Duration::from_millis(500);
             loop {
                 let failed = this.prefetch_pass(&img);
-                if failed == 0 || !on() {
+                if failed == 0 || this.prefetch_stopped(&img) {
                     break;
                 }
                 debug!(
@@ -1080,7 +1096,7 @@ impl Daemon {
                     "prefetch pass left files unfilled; retrying"
                 );
                 let until = Instant::now() + pause;
-                while Instant::now() < until && on() {
+                while Instant::now() < until && !this.prefetch_stopped(&img) {
                     std::thread::sleep(Duration::from_millis(50));
                 }
                 pause = (pause * 2).min(Duration::from_secs(30));
@@ -1090,8 +1106,73 @@ impl Daemon {
         });
     }
 
-    /// One prefetch pass over the image; returns how many files failed (moved or deleted
-    /// ones not counted: they are recorded in `gone`).
+    /// Whether background work on `img` should stop.
+    fn prefetch_stopped(&self, img: &ImageRt) -> bool {
+        !img.prefetch.load(Ordering::SeqCst)
+            || img.removed.load(Ordering::SeqCst)
+            || self.stopping.load(Ordering::SeqCst)
+    }
+
+    /// Streams every layer with incomplete files into its placeholders, lowest first.
+    fn stream_layers(&self, img: &ImageRt) {
+        let Some(opened) = &img.opened else { return };
+        let placed: Vec<(usize, usize)> = {
+            let rec = img.record.lock().unwrap();
+            rec.files.iter().map(|f| (f.layer, f.entry)).collect()
+        };
+        for (li, (digest, index)) in opened.sources.layers().enumerate() {
+            if opened.sources.is_toc(li) {
+                continue; // No tar stream to follow: its files fill by chunks below.
+            }
+            let files: Vec<(usize, FileId)> = placed
+                .iter()
+                .zip(&img.files)
+                .filter_map(|(&(layer, entry), id)| Some((layer, entry, (*id)?)))
+                .filter(|&(layer, _, _)| layer == li)
+                .map(|(_, entry, id)| (entry, id))
+                .collect();
+            let res = image::stream_fill_layer(
+                &self.engine,
+                &opened.store,
+                opened.sources.blob_cache(),
+                digest,
+                index,
+                &files,
+                |len| {
+                    while self.engine.inflight_events() > 0 && !self.prefetch_stopped(img) {
+                        std::thread::sleep(Duration::from_millis(2));
+                    }
+                    if self.prefetch_stopped(img) {
+                        return false;
+                    }
+                    self.pace_prefetch(len);
+                    true
+                },
+            );
+            if !matches!(res, Ok(s) if s.files == 0) {
+                // The image's own store: its counter is the image's network traffic.
+                img.counters
+                    .bytes_fetched
+                    .fetch_max(opened.store.bytes_fetched(), Ordering::Relaxed);
+            }
+            match res {
+                Ok(s) if s.files > 0 => {
+                    info!(layer = %digest, files = s.files, bytes_written = s.bytes_written, "layer streamed into placeholders")
+                }
+                Ok(_) => {}
+                Err(e) => {
+                    warn!(error = %error_chain(&e), "streaming prefetch of a layer failed; its files fill by ranges")
+                }
+            }
+            if self.prefetch_stopped(img) {
+                return;
+            }
+        }
+    }
+
+    /// One pass filling the image's incomplete files one by one from their sources, in
+    /// prefetch order, `prefetch_parallel` at a time; returns how many files failed (moved
+    /// or deleted ones not counted: they are recorded in `gone`).
     fn prefetch_pass(&self, img: &ImageRt) -> usize {
         let next = AtomicUsize::new(0);
         let failed = AtomicUsize::new(0);
@@ -1099,10 +1180,7 @@ impl Daemon {
             for _ in 0..self.config.prefetch_parallel.max(1) {
                 s.spawn(|| {
                     loop {
-                        if !img.prefetch.load(Ordering::SeqCst)
-                            || img.removed.load(Ordering::SeqCst)
-                            || self.stopping.load(Ordering::SeqCst)
-                        {
+                        if self.prefetch_stopped(img) {
                             break;
                         }
                         while self.engine.inflight_events() > 0
@@ -1110,7 +1188,8 @@ impl Daemon {
                         {
                             std::thread::sleep(Duration::from_millis(2));
                         }
-                        let i = next.fetch_add(1, Ordering::SeqCst);
+                        let k = next.fetch_add(1, Ordering::SeqCst);
+                        let Some(&i) = img.order.get(k) else { break };
                         let Some(fid) = img.files.get(i) else { break };
                         let Some(fid) = fid else { continue };
                         if self.engine.is_complete(*fid) || img.gone.lock().unwrap().contains(&i) {

@@ -1,0 +1,172 @@
+//! Trees for comparing a placeholder tree with a plain extraction: walking, bounded reads,
+//! GNU tar extraction with whiteouts, seeded samples.
+#![allow(dead_code)]
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::sync::mpsc;
+use std::time::Duration;
+
+use sha2::Digest as _;
+
+/// What a path is in a tree: a file's sha256, a symlink's target, or a directory.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Node {
+    File(String),
+    Link(String),
+    Dir,
+}
+
+/// Every path below `root` (not following symlinks), without reading file contents.
+pub fn walk(root: &Path) -> BTreeMap<String, (PathBuf, std::fs::FileType)> {
+    let mut out = BTreeMap::new();
+    let mut stack = vec![root.to_path_buf()];
+    while let Some(dir) = stack.pop() {
+        for e in std::fs::read_dir(&dir).unwrap() {
+            let e = e.unwrap();
+            let p = e.path();
+            let t = e.file_type().unwrap();
+            let rel = p.strip_prefix(root).unwrap().to_string_lossy().into_owned();
+            if t.is_dir() {
+                stack.push(p.clone());
+            }
+            out.insert(rel, (p, t));
+        }
+    }
+    out
+}
+
+pub fn sha256_file(p: &Path) -> String {
+    hex::encode(sha2::Sha256::digest(std::fs::read(p).unwrap()))
+}
+
+/// Reads `path` on another thread; panics if that takes longer than `limit` (a fill that
+/// never completes must fail the test, not hang it).
+pub fn read_bounded(path: &Path, limit: Duration) -> Vec<u8> {
+    let (tx, rx) = mpsc::channel();
+    let p = path.to_path_buf();
+    std::thread::spawn(move || {
+        let _ = tx.send(std::fs::read(&p));
+    });
+    match rx.recv_timeout(limit) {
+        Ok(Ok(data)) => data,
+        Ok(Err(e)) => panic!("reading {}: {e}", path.display()),
+        Err(_) => panic!("reading {} took longer than {limit:?}", path.display()),
+    }
+}
+
+/// A plain extraction of the layers, lowest first, with OCI whiteouts applied: the reference
+/// the placeholders must match. Uses GNU tar only (no fanfill code).
+pub fn tar_extract(blobs: &[PathBuf], dest: &Path) {
+    std::fs::create_dir_all(dest).unwrap();
+    for blob in blobs {
+        let list = Command::new("tar").arg("-tzf").arg(blob).output().unwrap();
+        assert!(list.status.success());
+        for name in String::from_utf8(list.stdout).unwrap().lines() {
+            let name = name.trim_start_matches("./");
+            let (dir, base) = match name.rsplit_once('/') {
+                Some((d, b)) => (format!("{d}/"), b),
+                None => (String::new(), name),
+            };
+            if let Some(victim) = base.strip_prefix(".wh.") {
+                assert_ne!(victim, ".wh..opq", "opaque whiteouts are not used here");
+                let target = dest.join(format!("{dir}{victim}"));
+                match std::fs::symlink_metadata(&target) {
+                    Ok(m) if m.is_dir() => std::fs::remove_dir_all(&target).unwrap(),
+                    Ok(_) => std::fs::remove_file(&target).unwrap(),
+                    Err(_) => panic!("whiteout {name} of a missing path"),
+                }
+            }
+        }
+        let st = Command::new("tar")
+            .args(["-xzf"])
+            .arg(blob)
+            .arg("-C")
+            .arg(dest)
+            .args(["--exclude=.wh.*", "--no-same-owner"])
+            .status()
+            .unwrap();
+        assert!(st.success(), "tar -x {}", blob.display());
+    }
+}
+
+/// xorshift64: the sample is the same on every run.
+pub fn sample(n: usize, k: usize, mut seed: u64) -> Vec<usize> {
+    let mut picked = std::collections::BTreeSet::new();
+    while picked.len() < k.min(n) {
+        seed ^= seed << 13;
+        seed ^= seed >> 7;
+        seed ^= seed << 17;
+        picked.insert((seed % n as u64) as usize);
+    }
+    picked.into_iter().collect()
+}
+
+pub fn pct(part: u64, whole: u64) -> f64 {
+    part as f64 * 100.0 / whole as f64
+}
+
+pub fn mib(b: u64) -> f64 {
+    b as f64 / 1048576.0
+}
+
+/// Compares every path of `tree` (a [`walk`] of the reference) with the same path below
+/// `dest`: same kind, same link target, same content (read by four threads, each read
+/// bounded by `limit`); paths only below `dest` are mismatches too.
+pub fn compare(
+    tree: &BTreeMap<String, (PathBuf, std::fs::FileType)>,
+    dest: &Path,
+    limit: Duration,
+) -> Vec<String> {
+    let ours = walk(dest);
+    let node = |p: &Path, t: &std::fs::FileType, read: &dyn Fn(&Path) -> String| {
+        if t.is_symlink() {
+            Node::Link(
+                std::fs::read_link(p)
+                    .unwrap()
+                    .to_string_lossy()
+                    .into_owned(),
+            )
+        } else if t.is_dir() {
+            Node::Dir
+        } else {
+            Node::File(read(p))
+        }
+    };
+    // Four readers at once, like a container starting several processes.
+    let entries: Vec<_> = tree.iter().collect();
+    let mut mismatches: Vec<String> = std::thread::scope(|s| {
+        let workers: Vec<_> = entries
+            .chunks(entries.len().div_ceil(4))
+            .map(|part| {
+                let (ours, node) = (&ours, &node);
+                s.spawn(move || {
+                    let mut bad = Vec::new();
+                    for (rel, (p, t)) in part {
+                        let want = node(p, t, &sha256_file);
+                        let got = ours.get(*rel).map(|(q, u)| {
+                            node(q, u, &|q| {
+                                hex::encode(sha2::Sha256::digest(read_bounded(q, limit)))
+                            })
+                        });
+                        if got.as_ref() != Some(&want) {
+                            bad.push(format!("{rel}: want {want:?}, got {got:?}"));
+                        }
+                    }
+                    bad
+                })
+            })
+            .collect();
+        workers
+            .into_iter()
+            .flat_map(|w| w.join().expect("reader thread"))
+            .collect()
+    });
+    for rel in ours.keys() {
+        if !tree.contains_key(rel) {
+            mismatches.push(format!("{rel}: only in the placeholder tree"));
+        }
+    }
+    mismatches
+}
