@@ -1603,6 +1603,41 @@ impl Engine {
         }
     }
 
+    /// Removes whatever pre-content mark the file now at `path` carries, without it being
+    /// registered: a placeholder the user replaced or cut short while no engine served it
+    /// (`open(O_TRUNC)` raises no event) is the user's file now, and must read and write
+    /// natively rather than be refused as unknown. A path that is gone or not a regular
+    /// file: nothing to do.
+    pub fn release_path(&self, path: &Path) -> Result<(), FillError> {
+        let file = match File::options()
+            .read(true)
+            .custom_flags(libc::O_NOFOLLOW | libc::O_NONBLOCK)
+            .open(path)
+        {
+            Ok(f) => f,
+            Err(e) if matches!(e.raw_os_error(), Some(libc::ENOENT | libc::ELOOP)) => {
+                return Ok(());
+            }
+            Err(source) => {
+                return Err(FillError::Register {
+                    path: path.to_path_buf(),
+                    source,
+                });
+            }
+        };
+        if !file.metadata().is_ok_and(|m| m.is_file()) {
+            return Ok(());
+        }
+        match self.inner.group.unmark_inode(file.as_fd(), FAN_PRE_ACCESS) {
+            Ok(())
+            | Err(FanotifyError::Mark {
+                errno: Errno::ENOENT,
+                ..
+            }) => Ok(()),
+            Err(e) => Err(e.into()),
+        }
+    }
+
     /// A function that makes, for a file id, a future filling the whole file (if it is
     /// registered and not complete), usable from any runtime and after `self` is borrowed
     /// elsewhere. Concurrent calls and pre-content events share fetches.

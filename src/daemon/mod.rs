@@ -864,7 +864,17 @@ impl Daemon {
                         let id = this
                             .engine
                             .register_filled(p, f.chunk, &f.filled_flags(n))
-                            .map_err(|e| error_chain(&e))?;
+                            .map_err(|e| {
+                                if matches!(e, FillError::NotPlaceholder { .. }) {
+                                    // Changed by the user while unfilled (O_TRUNC raises no
+                                    // event): theirs now, never refused as unknown.
+                                    if let Err(e) = this.engine.release_path(&f.path) {
+                                        warn!(error = %error_chain(&e), "releasing a user-modified file");
+                                    }
+                                    return format!("{}; left to the user", error_chain(&e));
+                                }
+                                error_chain(&e)
+                            })?;
                         if overlay {
                             this.engine.unmark(id).map_err(|e| error_chain(&e))?;
                         }
