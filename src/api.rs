@@ -18,7 +18,9 @@
 //! ```
 //!
 //! An error is a response too: [`Response::Error`] with an [`ErrorKind`] a client can act
-//! on and the daemon's message (with its cause chain).
+//! on and the daemon's message (with its cause chain). A line that does not parse gets a
+//! `BadRequest` error and the connection stays usable; a line longer than 1 MiB gets a
+//! `BadRequest` error and the connection is closed.
 //!
 //! ```no_run
 //! use fanfill::api::{Client, LayoutMode, RegistrySettings, Request, Response};
@@ -190,7 +192,11 @@ pub struct ImageStatus {
     pub errors: u64,
     /// Background prefetch on.
     pub prefetch: bool,
-    /// `serving`, `complete`, or `error: …` (could not be reopened after a restart).
+    /// Placeholders found moved, deleted or replaced under the daemon (never written).
+    #[serde(default)]
+    pub files_gone: u64,
+    /// `serving`, `complete`, or `error: …` (could not be reopened after a restart; the
+    /// tree or some of its placeholders were moved or deleted under the daemon).
     pub state: String,
 }
 

@@ -26,7 +26,7 @@
 use std::collections::{HashMap, HashSet};
 use std::fs::File;
 use std::os::fd::AsFd;
-use std::os::unix::fs::{FileExt, OpenOptionsExt};
+use std::os::unix::fs::{FileExt, MetadataExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
@@ -238,6 +238,13 @@ pub enum FillError {
         #[source]
         source: std::io::Error,
     },
+    /// The placeholder's path no longer leads to the registered file: it was moved,
+    /// deleted or replaced under the engine. Nothing is written there.
+    #[error("placeholder {path} was moved, deleted or replaced")]
+    Gone {
+        /// The placeholder's registered path.
+        path: PathBuf,
+    },
     /// A placeholder could not be registered.
     #[error("cannot register placeholder {path}")]
     Register {
@@ -267,9 +274,13 @@ pub enum FillError {
 
 impl FillError {
     /// The errno a blocked reader sees when a fill fails. This is the only place that
-    /// chooses it: a full or over-quota destination is reported as such (the reader can
-    /// act on it), everything else (fetch, verification, timeout) is `EIO`, so a reader
-    /// never mistakes missing data for data.
+    /// chooses it, and only among the errnos the kernel accepts in `FAN_DENY_ERRNO`:
+    /// - `ENOSPC` / `EDQUOT` when writing the fetched bytes into the placeholder failed
+    ///   because the destination filesystem is full or over quota, on purpose: the reader
+    ///   (a container's process) sees the same errno a write of its own would get, and the
+    ///   same read succeeds once space is freed (nothing was recorded as filled);
+    /// - `EIO` for everything else (fetch, verification, timeout, a placeholder moved or
+    ///   deleted), so a reader never mistakes missing data for data.
     pub fn errno(&self) -> DenyErrno {
         match self {
             FillError::Write { source, .. } => match source.raw_os_error() {
@@ -279,6 +290,13 @@ impl FillError {
             },
             _ => DenyErrno::Io,
         }
+    }
+}
+
+impl FillError {
+    /// Whether the placeholder is no longer at its registered path ([`FillError::Gone`]).
+    pub fn is_gone(&self) -> bool {
+        matches!(self, FillError::Gone { .. })
     }
 }
 
@@ -298,6 +316,12 @@ type SharedFill = Shared<BoxFuture<'static, FillResult>>;
 /// A registered placeholder and its fill state.
 struct FileEntry {
     path: PathBuf,
+    /// Device and inode of the registered file: a path that leads elsewhere is never
+    /// written or unmarked.
+    key: (u64, u64),
+    /// Its birth time: an inode number can be reused by a file created after the
+    /// placeholder was deleted, the birth time tells them apart.
+    born: Option<std::time::SystemTime>,
     size: u64,
     /// Fill granularity of this file.
     chunk: u64,
@@ -582,8 +606,11 @@ impl Engine {
             use xattr::FileExt as _;
             file.get_xattr(CAPABILITY_XATTR).ok().flatten()
         };
+        let born = file.metadata().ok().and_then(|m| m.created().ok());
         let entry = Arc::new(FileEntry {
             path: p.path,
+            key,
+            born,
             size: p.size,
             chunk,
             source: p.source,
@@ -626,7 +653,15 @@ impl Engine {
         if entry.state.lock().unwrap().complete {
             return Ok(());
         }
-        unmark_path(&self.inner, &entry.path)
+        unmark_entry(&self.inner, &entry)
+    }
+
+    /// Stops serving a placeholder that is about to be deleted, keeping its mark: a reader
+    /// that still has it open is answered `EIO` (with [`Engine::set_deny_unknown`]) instead
+    /// of reading zeros, and the kernel drops the mark with the inode. Fills in flight
+    /// finish first.
+    pub fn forget(&self, id: FileId) {
+        self.inner.files.write().unwrap().remove(&(id.dev, id.ino));
     }
 
     /// Whether a registered file is completely filled (or was cut short by the user).
@@ -816,15 +851,7 @@ impl Engine {
         let start = if count == 0 { 0 } else { offset };
         let inner = self.inner.clone();
         self.run_on_runtime(async move {
-            let size = match std::fs::symlink_metadata(&entry.path) {
-                Ok(m) => m.len(),
-                Err(e) => {
-                    return Err(Arc::new(FillError::Register {
-                        path: entry.path.clone(),
-                        source: e,
-                    }));
-                }
-            };
+            let size = current_size(&entry)?;
             ensure_range(&inner, &entry, start, end, size, None).await
         })
     }
@@ -842,12 +869,7 @@ impl Engine {
         let Some(entry) = self.entry(id) else {
             return Ok(0);
         };
-        let current = std::fs::symlink_metadata(&entry.path)
-            .map_err(|source| FillError::Register {
-                path: entry.path.clone(),
-                source,
-            })?
-            .len();
+        let current = current_size(&entry).map_err(unwrap_arc)?;
         let data_end = offset.saturating_add(data.len() as u64).min(entry.size);
         let (runs, taken) = {
             let mut st = entry.state.lock().unwrap();
@@ -990,10 +1012,29 @@ impl Drop for Engine {
     }
 }
 
+/// The error of a shared fill, for one of its waiters: the kind that decides the reader's
+/// errno (write errors keep their OS error, a moved file stays [`FillError::Gone`]).
 fn unwrap_arc(e: Arc<FillError>) -> FillError {
-    Arc::try_unwrap(e).unwrap_or_else(|e| FillError::Register {
-        path: PathBuf::new(),
-        source: std::io::Error::other(e.to_string()),
+    Arc::try_unwrap(e).unwrap_or_else(|e| match &*e {
+        FillError::Gone { path } => FillError::Gone { path: path.clone() },
+        FillError::Write {
+            path,
+            offset,
+            len,
+            source,
+        } => FillError::Write {
+            path: path.clone(),
+            offset: *offset,
+            len: *len,
+            source: match source.raw_os_error() {
+                Some(n) => std::io::Error::from_raw_os_error(n),
+                None => std::io::Error::other(source.to_string()),
+            },
+        },
+        e => FillError::Register {
+            path: PathBuf::new(),
+            source: std::io::Error::other(error_chain(e)),
+        },
     })
 }
 
@@ -1341,28 +1382,25 @@ async fn store_run(
     if keep == 0 {
         return Ok(());
     }
-    let path = entry.path.clone();
-    let cap = entry.capability.clone();
-    let (write_len, write_off) = (keep as u64, offset);
-    if write_len <= INLINE_WRITE_MAX && writer.is_some() {
+    let write_off = offset;
+    let written = if keep as u64 <= INLINE_WRITE_MAX && writer.is_some() {
         // A page-cache write this small costs less than a hop to the blocking pool. Only
         // through an event fd: a write through the path raises an event that a worker must
         // read, and with every worker blocked in such writes nobody would.
-        write_chunk(&path, writer, &data[..keep], write_off, cap.as_deref())?;
+        write_chunk(entry, writer, &data[..keep], write_off)?
     } else {
-        tokio::task::spawn_blocking(move || {
-            write_chunk(&path, writer, &data[..keep], write_off, cap.as_deref())
-        })
-        .await
-        .map_err(|e| FillError::Write {
-            path: entry.path.clone(),
-            offset,
-            len: write_len,
-            source: std::io::Error::other(e),
-        })??;
-    }
-    entry.bytes_filled.fetch_add(write_len, Ordering::Relaxed);
-    debug!(path = %entry.path.display(), offset, len = write_len, "chunk filled");
+        let e2 = entry.clone();
+        tokio::task::spawn_blocking(move || write_chunk(&e2, writer, &data[..keep], write_off))
+            .await
+            .map_err(|e| FillError::Write {
+                path: entry.path.clone(),
+                offset,
+                len: keep as u64,
+                source: std::io::Error::other(e),
+            })??
+    };
+    entry.bytes_filled.fetch_add(written, Ordering::Relaxed);
+    debug!(path = %entry.path.display(), offset, len = written, "chunk filled");
     Ok(())
 }
 
@@ -1395,39 +1433,87 @@ fn verify(entry: &FileEntry, idx: u64, offset: u64, data: &[u8]) -> Result<(), F
 }
 
 /// Writes `data` at `offset` and puts the mtime back (a write bumps it; the image's
-/// metadata must stay true). With no event fd, opens the path: the write raises an event
-/// from an engine thread, which the reader task allows at once.
+/// metadata must stay true); returns the bytes written. With no event fd, opens the path
+/// (only if it still leads to the registered file): the write raises an event from an
+/// engine thread, which the reader task allows at once. The file's size is checked just
+/// before writing: a file cut short since the fill started (`open(O_TRUNC)` raises no
+/// event) lowers the limit, and nothing at or past it is written.
 fn write_chunk(
-    path: &Path,
+    entry: &FileEntry,
     writer: Option<Arc<File>>,
     data: &[u8],
     offset: u64,
-    capability: Option<&[u8]>,
-) -> Result<(), FillError> {
+) -> Result<u64, FillError> {
     let werr = |source: std::io::Error| FillError::Write {
-        path: path.to_path_buf(),
+        path: entry.path.clone(),
         offset,
         len: data.len() as u64,
         source,
     };
     let file = match writer {
         Some(f) => f,
-        None => Arc::new(
-            File::options()
-                .write(true)
-                .custom_flags(libc::O_NOFOLLOW)
-                .open(path)
-                .map_err(werr)?,
-        ),
+        None => Arc::new(open_checked(entry, true)?),
     };
     let before = nix::sys::stat::fstat(file.as_fd()).map_err(|e| werr(e.into()))?;
-    file.write_all_at(data, offset).map_err(werr)?;
-    if let Some(cap) = capability {
+    let keep = {
+        let mut st = entry.state.lock().unwrap();
+        let size = before.st_size as u64;
+        if size < st.limit {
+            debug!(path = %entry.path.display(), size, "placeholder cut short by the user during a fill");
+            st.limit = size;
+        }
+        st.limit.saturating_sub(offset).min(data.len() as u64) as usize
+    };
+    if keep == 0 {
+        return Ok(0);
+    }
+    file.write_all_at(&data[..keep], offset).map_err(werr)?;
+    if let Some(cap) = &entry.capability {
         use xattr::FileExt as _;
         file.set_xattr(CAPABILITY_XATTR, cap).map_err(werr)?;
     }
     restore_mtime(file.as_fd(), &before).map_err(|e| werr(e.into()))?;
-    Ok(())
+    Ok(keep as u64)
+}
+
+/// Opens the placeholder at its registered path, if that path still leads to the registered
+/// file (same device, inode and birth time; no symlink at the last component): otherwise
+/// [`FillError::Gone`]. Read-only opens are non-blocking (a FIFO put there never hangs us).
+fn open_checked(entry: &FileEntry, write: bool) -> Result<File, FillError> {
+    let gone = || FillError::Gone {
+        path: entry.path.clone(),
+    };
+    let file = File::options()
+        .read(!write)
+        .write(write)
+        .custom_flags(libc::O_NOFOLLOW | libc::O_NONBLOCK)
+        .open(&entry.path)
+        .map_err(|e| match e.raw_os_error() {
+            Some(libc::ENOENT | libc::ENOTDIR | libc::ELOOP | libc::ENXIO) => gone(),
+            _ => FillError::Register {
+                path: entry.path.clone(),
+                source: e,
+            },
+        })?;
+    let m = file.metadata().map_err(|source| FillError::Register {
+        path: entry.path.clone(),
+        source,
+    })?;
+    if (m.dev(), m.ino()) != entry.key || m.created().ok() != entry.born {
+        return Err(gone());
+    }
+    Ok(file)
+}
+
+/// The placeholder's size now (through its registered path, checked).
+fn current_size(entry: &FileEntry) -> Result<u64, Arc<FillError>> {
+    let f = open_checked(entry, false).map_err(Arc::new)?;
+    f.metadata().map(|m| m.len()).map_err(|source| {
+        Arc::new(FillError::Register {
+            path: entry.path.clone(),
+            source,
+        })
+    })
 }
 
 fn restore_mtime(fd: std::os::fd::BorrowedFd<'_>, st: &FileStat) -> Result<(), Errno> {
@@ -1454,11 +1540,7 @@ fn maybe_complete(inner: &Inner, entry: &FileEntry, fd: Option<&File>) {
     let opened;
     let fd = match fd {
         Some(fd) => fd.as_fd(),
-        None => match File::options()
-            .read(true)
-            .custom_flags(libc::O_NOFOLLOW | libc::O_NONBLOCK)
-            .open(&entry.path)
-        {
+        None => match open_checked(entry, false) {
             Ok(f) => {
                 opened = f;
                 opened.as_fd()
@@ -1485,15 +1567,7 @@ async fn prefetch_entry(inner: &Arc<Inner>, entry: &Arc<FileEntry>) -> FillResul
         return Ok(());
     }
     // The engine's own write raises an event that the reader task allows at once.
-    let size = match std::fs::symlink_metadata(&entry.path) {
-        Ok(m) => m.len(),
-        Err(e) => {
-            return Err(Arc::new(FillError::Register {
-                path: entry.path.clone(),
-                source: e,
-            }));
-        }
-    };
+    let size = current_size(entry)?;
     ensure_range(inner, entry, 0, u64::MAX, size, None).await
 }
 
@@ -1516,9 +1590,44 @@ impl Engine {
     pub fn unmark(&self, id: FileId) -> Result<(), FillError> {
         match self.entry(id) {
             Some(entry) if !entry.state.lock().unwrap().complete => {
-                unmark_path(&self.inner, &entry.path)
+                unmark_entry(&self.inner, &entry)
             }
             _ => Ok(()),
+        }
+    }
+
+    /// Removes whatever pre-content mark the file now at `path` carries, without it being
+    /// registered: a placeholder the user replaced or cut short while no engine served it
+    /// (`open(O_TRUNC)` raises no event) is the user's file now, and must read and write
+    /// natively rather than be refused as unknown. A path that is gone or not a regular
+    /// file: nothing to do.
+    pub fn release_path(&self, path: &Path) -> Result<(), FillError> {
+        let file = match File::options()
+            .read(true)
+            .custom_flags(libc::O_NOFOLLOW | libc::O_NONBLOCK)
+            .open(path)
+        {
+            Ok(f) => f,
+            Err(e) if matches!(e.raw_os_error(), Some(libc::ENOENT | libc::ELOOP)) => {
+                return Ok(());
+            }
+            Err(source) => {
+                return Err(FillError::Register {
+                    path: path.to_path_buf(),
+                    source,
+                });
+            }
+        };
+        if !file.metadata().is_ok_and(|m| m.is_file()) {
+            return Ok(());
+        }
+        match self.inner.group.unmark_inode(file.as_fd(), FAN_PRE_ACCESS) {
+            Ok(())
+            | Err(FanotifyError::Mark {
+                errno: Errno::ENOENT,
+                ..
+            }) => Ok(()),
+            Err(e) => Err(e.into()),
         }
     }
 
@@ -1544,16 +1653,10 @@ impl Engine {
     }
 }
 
-/// Removes the pre-content mark of the file at `path` (no mark: fine).
-fn unmark_path(inner: &Inner, path: &Path) -> Result<(), FillError> {
-    let file = File::options()
-        .read(true)
-        .custom_flags(libc::O_NOFOLLOW | libc::O_NONBLOCK)
-        .open(path)
-        .map_err(|source| FillError::Register {
-            path: path.to_path_buf(),
-            source,
-        })?;
+/// Removes the pre-content mark of a registered file (no mark: fine; a path that leads
+/// elsewhere now: [`FillError::Gone`], nothing unmarked).
+fn unmark_entry(inner: &Inner, entry: &FileEntry) -> Result<(), FillError> {
+    let file = open_checked(entry, false)?;
     match inner.group.unmark_inode(file.as_fd(), FAN_PRE_ACCESS) {
         Ok(())
         | Err(FanotifyError::Mark {

@@ -118,6 +118,13 @@ struct DaemonArgs {
     /// Serve Prometheus metrics on this address, e.g. 127.0.0.1:9464 (off by default).
     #[arg(long, value_name = "ADDR")]
     metrics_addr: Option<std::net::SocketAddr>,
+    /// Prepare images only strictly below this directory (repeatable). Default:
+    /// /var/lib, /var/tmp, /srv, /mnt, /media, /run, /tmp, /home. Whatever this says, never
+    /// the state dir, index dir or socket or above them, inside the state dir only under
+    /// STATE_DIR/roots; destinations must be absolute, without `..`, and are checked where
+    /// their symlinks lead.
+    #[arg(long = "allow-root", value_name = "DIR")]
+    allow_root: Vec<PathBuf>,
     /// Test knob: delay every fetch by this many milliseconds.
     #[arg(long, hide = true, default_value_t = 0)]
     test_fetch_delay_ms: u64,
@@ -470,6 +477,9 @@ fn daemon(socket: PathBuf, a: DaemonArgs) -> Result<()> {
     c.engine.workers = a.workers;
     c.fetch_delay = Duration::from_millis(a.test_fetch_delay_ms);
     c.metrics_addr = a.metrics_addr;
+    if !a.allow_root.is_empty() {
+        c.allowed_roots = a.allow_root;
+    }
     if a.no_holder {
         c.holder_exe = None;
     }
