@@ -25,7 +25,7 @@ use fanfill::toc::estargz::{self, WriteOptions};
 use fanfill::unpack::Mode;
 use fsutil::daemonproc::DaemonProc;
 use fsutil::{LoopFs, OverlayMount, within};
-use trees::{compare, mib, pct, read_bounded, sample, tar_extract, walk};
+use trees::{compare, mib, pct, read_sample, tar_extract, walk};
 
 const HIDDEN: [&str; 3] = [
     estargz::TOC_TAR_NAME,
@@ -292,24 +292,13 @@ fn estargz_image_direct_mode_meets_the_issue_figures() {
 
     // (2) A seeded random 5% of the files.
     let limit = Duration::from_secs(60);
-    let picked = sample(files.len(), files.len().div_ceil(20), 0x00c0_ffee);
     let start = prepared.store.bytes_fetched();
     let t = Instant::now();
-    let mut content = 0u64;
-    for &i in &picked {
-        let rel = files[i];
-        let data = read_bounded(&dest.join(rel), limit);
-        content += data.len() as u64;
-        assert_eq!(
-            fsutil::sha256_hex(&data),
-            trees::sha256_file(&tree[rel].0),
-            "{rel}"
-        );
-    }
+    let (picked, content) = read_sample(&files, &tree, &dest, limit);
     let fetched = prepared.store.bytes_fetched() - start;
     eprintln!(
         "(2) read {} of {} files ({:.2} MiB of content) in {} ms: fetched {:.2} MiB = {:.1}% of the compressed image",
-        picked.len(),
+        picked,
         files.len(),
         mib(content),
         t.elapsed().as_millis(),

@@ -19,7 +19,7 @@ use sha2::{Digest as _, Sha256};
 
 use super::{ChunkCodec, TocChunk, TocError, TocFormat, TocLayer};
 use crate::blobcache::BlobCache;
-use crate::index::{Compression, Entry, EntryKind, LayerIndex};
+use crate::index::{Compression, Entry, EntryKind};
 use crate::registry::BlobStore;
 
 /// Layer annotation holding the sha256 digest of the TOC JSON.
@@ -497,19 +497,7 @@ fn parse_toc(
     Ok(TocLayer {
         format: TocFormat::Estargz,
         codec: ChunkCodec::GzipMember,
-        index: LayerIndex {
-            compression: Compression::Gzip,
-            blob_digest: layer.to_string(),
-            diff_id: None,
-            compressed_size: blob_size,
-            uncompressed_size: 0,
-            span: 0,
-            windows_digest: None,
-            windows_size: 0,
-            entries,
-            checkpoints: Vec::new(),
-            end_marks: Vec::new(),
-        },
+        index: super::entry_table(Compression::Gzip, layer, blob_size, entries),
         chunks,
         prefetch_first,
         toc_digest: String::new(),
