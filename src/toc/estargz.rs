@@ -17,7 +17,7 @@ use base64::Engine as _;
 use serde::{Deserialize, Serialize};
 use sha2::{Digest as _, Sha256};
 
-use super::{ChunkCodec, TocChunk, TocError, TocFormat, TocLayer};
+use super::{ChunkCodec, MAX_CHUNK_LEN, TocChunk, TocError, TocFormat, TocLayer};
 use crate::blobcache::BlobCache;
 use crate::index::{Compression, Entry, EntryKind};
 use crate::registry::BlobStore;
@@ -43,9 +43,6 @@ pub const MAX_TOC_COMPRESSED: u64 = 64 << 20;
 pub const MAX_TOC_JSON: u64 = 128 << 20;
 /// Most TOC entries accepted.
 pub const MAX_TOC_ENTRIES: usize = 1 << 21;
-/// Largest chunk accepted (uncompressed): a fill inflates one chunk into memory, so a TOC
-/// must not be able to make that unbounded.
-pub const MAX_CHUNK_LEN: u64 = 256 << 20;
 /// Chunk size of [`write()`] by default (stargz-snapshotter's default).
 pub const DEFAULT_CHUNK_SIZE: u64 = 4 << 20;
 

@@ -26,6 +26,10 @@ pub mod zstd_chunked;
 
 pub use source::{TocFileSource, verify_for};
 
+/// Largest chunk accepted (uncompressed), in either format: a fill inflates one chunk into
+/// memory, so a TOC must not be able to make that unbounded.
+pub const MAX_CHUNK_LEN: u64 = 256 << 20;
+
 /// Errors while finding, fetching or reading a layer's table of contents.
 #[derive(Debug, thiserror::Error)]
 pub enum TocError {

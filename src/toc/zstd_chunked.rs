@@ -638,6 +638,14 @@ fn close_file(
                 chunk.file_offset
             )));
         }
+        if chunk.len > super::MAX_CHUNK_LEN {
+            return Err(TocError::TooLarge {
+                layer: layer.to_owned(),
+                what: "zstd:chunked chunk",
+                size: chunk.len,
+                limit: super::MAX_CHUNK_LEN,
+            });
+        }
         expect_offset = chunk
             .file_offset
             .checked_add(chunk.len)
@@ -953,6 +961,7 @@ mod tests {
         let cases: Vec<(String, &str)> = vec![
             ("not json".into(), "TOC JSON"),
             (r#"{"version":2,"entries":[]}"#.into(), "version 2"),
+            (format!(r#"{{"version":1,"entries":[{}]}}"#, reg("").replace(r#""size":100"#, r#""size":300000000"#)), "zstd:chunked chunk of 300000000 bytes exceeds the limit"),
             (r#"{"version":1,"entries":[{"type":"weird","name":"x"}]}"#.into(), "unknown entry type"),
             (format!(r#"{{"version":1,"entries":[{}]}}"#, chunk(100, 0, 10)), "without a regular file"),
             (r#"{"version":1,"entries":[{"type":"dir","name":"../etc"}]}"#.into(), "escapes"),
