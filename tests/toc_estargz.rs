@@ -292,20 +292,11 @@ fn estargz_image_direct_mode_meets_the_issue_figures() {
 
     // (2) A seeded random 5% of the files.
     let limit = Duration::from_secs(60);
-    let start = prepared.store.bytes_fetched();
-    let t = Instant::now();
-    let (picked, content) = read_sample(&files, &tree, &dest, limit);
-    let fetched = prepared.store.bytes_fetched() - start;
-    eprintln!(
-        "(2) read {} of {} files ({:.2} MiB of content) in {} ms: fetched {:.2} MiB = {:.1}% of the compressed image",
-        picked,
-        files.len(),
-        mib(content),
-        t.elapsed().as_millis(),
-        mib(fetched),
-        pct(fetched, compressed)
-    );
-    assert!(pct(fetched, compressed) < 20.0);
+    let read = read_sample(&files, &tree, &dest, limit, || {
+        prepared.store.bytes_fetched()
+    });
+    eprintln!("{}", read.report(files.len(), compressed));
+    assert!(pct(read.fetched, compressed) < 20.0);
 
     // (4, before the full pass) A corrupted chunk in the registry: EIO, never other bytes.
     let layer0 = &fx.built.layers[0].0;

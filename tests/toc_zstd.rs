@@ -268,20 +268,11 @@ fn zstd_chunked_image_meets_the_issue_figures() {
     assert!(before <= bound, "{before} > {bound}");
 
     // (2) A seeded random 5% of the files.
-    let start = prepared.store.bytes_fetched();
-    let t = Instant::now();
-    let (picked, content) = read_sample(&files, &tree, &dest, READ_LIMIT);
-    let fetched = prepared.store.bytes_fetched() - start;
-    eprintln!(
-        "(2) read {} of {} files ({:.2} MiB of content) in {} ms: fetched {:.2} MiB = {:.1}% of the compressed image",
-        picked,
-        files.len(),
-        mib(content),
-        t.elapsed().as_millis(),
-        mib(fetched),
-        pct(fetched, img.compressed)
-    );
-    assert!(pct(fetched, img.compressed) < 20.0);
+    let read = read_sample(&files, &tree, &dest, READ_LIMIT, || {
+        prepared.store.bytes_fetched()
+    });
+    eprintln!("{}", read.report(files.len(), img.compressed));
+    assert!(pct(read.fetched, img.compressed) < 20.0);
 
     // (3) Every path equal to the eager extraction.
     let t = Instant::now();

@@ -94,14 +94,42 @@ pub fn tar_extract(blobs: &[PathBuf], dest: &Path) {
     }
 }
 
+/// What reading a sample of files cost.
+pub struct SampleRead {
+    /// Files read.
+    pub files: usize,
+    /// Their content, bytes.
+    pub content: u64,
+    /// Bytes fetched meanwhile.
+    pub fetched: u64,
+    /// How long it took.
+    pub ms: u128,
+}
+
+impl SampleRead {
+    /// The figure line: `(2) read N of M files ... fetched X MiB = P% of the compressed image`.
+    pub fn report(&self, of_files: usize, compressed: u64) -> String {
+        format!(
+            "(2) read {} of {of_files} files ({:.2} MiB of content) in {} ms: fetched {:.2} MiB = {:.1}% of the compressed image",
+            self.files,
+            mib(self.content),
+            self.ms,
+            mib(self.fetched),
+            pct(self.fetched, compressed)
+        )
+    }
+}
+
 /// Reads a seeded random 5% of `files` (paths of the reference `tree`) below `dest`, each
-/// checked against the reference's sha256; returns how many files and content bytes.
+/// checked against the reference's sha256; `bytes_fetched` is the store's counter.
 pub fn read_sample(
     files: &[&String],
     tree: &BTreeMap<String, (PathBuf, std::fs::FileType)>,
     dest: &Path,
     limit: Duration,
-) -> (usize, u64) {
+    bytes_fetched: impl Fn() -> u64,
+) -> SampleRead {
+    let (start, t) = (bytes_fetched(), std::time::Instant::now());
     let picked = sample(files.len(), files.len().div_ceil(20), 0x00c0_ffee);
     let mut content = 0u64;
     for &i in &picked {
@@ -114,7 +142,12 @@ pub fn read_sample(
             "{rel}"
         );
     }
-    (picked.len(), content)
+    SampleRead {
+        files: picked.len(),
+        content,
+        fetched: bytes_fetched() - start,
+        ms: t.elapsed().as_millis(),
+    }
 }
 
 /// xorshift64: the sample is the same on every run.
