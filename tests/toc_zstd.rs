@@ -35,7 +35,9 @@ use fanfill::toc::zstd_chunked::{self, POSITION_ANNOTATIONS, TocPosition};
 use fanfill::unpack::Mode;
 use fsutil::daemonproc::DaemonProc;
 use fsutil::{LoopFs, OverlayMount};
-use trees::{compare, mib, pct, read_bounded, read_sample, tar_extract, try_read_bounded, walk};
+use trees::{
+    compare, compare_all, mib, pct, read_bounded, read_sample, tar_extract, try_read_bounded, walk,
+};
 
 const READ_LIMIT: Duration = Duration::from_secs(60);
 
@@ -185,6 +187,25 @@ fn prepare(
     })
 }
 
+/// [`prepare`] into a new directory `name` below `tmp`, with its own index directory.
+fn prepare_fresh(
+    rt: &tokio::runtime::Runtime,
+    engine: &Engine,
+    reference: &str,
+    tmp: &Path,
+    name: &str,
+) -> Result<image::Prepared, String> {
+    let dest = tmp.join(name);
+    std::fs::create_dir(&dest).unwrap();
+    prepare(
+        rt,
+        engine,
+        reference,
+        &dest,
+        &options(&tmp.join(format!("{name}-state")), Mode::Direct),
+    )
+}
+
 /// Error chain as one line.
 fn chain(e: &dyn std::error::Error) -> String {
     let mut out = e.to_string();
@@ -275,23 +296,13 @@ fn zstd_chunked_image_meets_the_issue_figures() {
     assert!(pct(read.fetched, img.compressed) < 20.0);
 
     // (3) Every path equal to the eager extraction.
-    let t = Instant::now();
-    let mismatches = compare(&tree, &dest, READ_LIMIT);
-    let total = prepared.store.bytes_fetched();
-    eprintln!(
-        "(3) all {} paths ({} files) compared in {} ms: {} mismatches; fetched in all {:.1} MiB = {:.1}% of the compressed image",
-        tree.len(),
+    compare_all(
+        &tree,
         files.len(),
-        t.elapsed().as_millis(),
-        mismatches.len(),
-        mib(total),
-        pct(total, img.compressed)
-    );
-    assert!(
-        mismatches.is_empty(),
-        "{} mismatches, first: {:#?}",
-        mismatches.len(),
-        &mismatches[..mismatches.len().min(10)]
+        &dest,
+        READ_LIMIT,
+        || prepared.store.bytes_fetched(),
+        img.compressed,
     );
     drop(prepared);
     engine.shutdown();
@@ -482,8 +493,6 @@ fn metadata_corruption_and_trust() {
     let words = read_bounded(&reference_dir.join("bin/words"), READ_LIMIT);
     let blob = &img.blobs[0];
     let mut bytes = std::fs::read(blob).unwrap();
-    let dest2 = tmp.path().join("corrupt");
-    std::fs::create_dir(&dest2).unwrap();
     // Flip bytes in the middle of bin/words' last frame (found through the TOC, so that
     // reading the file's head, readahead included, stays clear of it).
     let layer: oci_spec::image::Descriptor =
@@ -502,14 +511,9 @@ fn metadata_corruption_and_trust() {
         *b ^= 0x5a;
     }
     std::fs::write(blob, &bytes).unwrap();
-    let prepared = prepare(
-        &rt,
-        &engine,
-        &img.reference,
-        &dest2,
-        &options(&tmp.path().join("c"), Mode::Direct),
-    )
-    .expect("prepare (the TOC is intact)");
+    let prepared = prepare_fresh(&rt, &engine, &img.reference, tmp.path(), "corrupt")
+        .expect("prepare (the TOC is intact)");
+    let dest2 = tmp.path().join("corrupt");
     let err =
         try_read_bounded(&dest2.join("bin/words"), READ_LIMIT).expect_err("corrupt frame read");
     assert_eq!(err.raw_os_error(), Some(libc::EIO), "{err}");
@@ -537,18 +541,10 @@ fn metadata_corruption_and_trust() {
     let good = ann[&key].as_str().unwrap().to_owned();
     ann.insert(key.clone(), format!("sha256:{}", "0".repeat(64)).into());
     let bad_ref = put_manifest(&reg, "chunked/kinds", "bad-checksum", &bad);
-    let dest3 = tmp.path().join("bad");
-    std::fs::create_dir(&dest3).unwrap();
-    let err = prepare(
-        &rt,
-        &engine,
-        &bad_ref,
-        &dest3,
-        &options(&tmp.path().join("b"), Mode::Direct),
-    )
-    .expect_err("a TOC checksum mismatch must be refused");
+    let err = prepare_fresh(&rt, &engine, &bad_ref, tmp.path(), "bad")
+        .expect_err("a TOC checksum mismatch must be refused");
+    eprintln!("checksum mismatch: {err}");
     let msg = err;
-    eprintln!("checksum mismatch: {msg}");
     assert!(
         msg.contains(&"0".repeat(64)) && msg.contains(&good[7..]),
         "{msg}"
@@ -562,16 +558,9 @@ fn metadata_corruption_and_trust() {
         .unwrap()
         .remove("annotations");
     let plain_ref = put_manifest(&reg, "chunked/kinds", "no-annotations", &plain);
+    let prepared = prepare_fresh(&rt, &engine, &plain_ref, tmp.path(), "footer")
+        .expect("prepare through the footer");
     let dest4 = tmp.path().join("footer");
-    std::fs::create_dir(&dest4).unwrap();
-    let prepared = prepare(
-        &rt,
-        &engine,
-        &plain_ref,
-        &dest4,
-        &options(&tmp.path().join("f"), Mode::Direct),
-    )
-    .expect("prepare through the footer");
     assert_eq!(prepared.index_origins, [IndexOrigin::Toc]);
     eprintln!(
         "footer: ready after {} bytes (TOC {} + footer)",

@@ -150,6 +150,36 @@ pub fn read_sample(
     }
 }
 
+/// The full check: [`compare`] every path of `tree` (`files` of them regular files) with
+/// `dest`, print the figure line with the bytes fetched in all (`bytes_fetched`, the store's
+/// counter) against the `compressed` image size, and fail on any mismatch.
+pub fn compare_all(
+    tree: &BTreeMap<String, (PathBuf, std::fs::FileType)>,
+    files: usize,
+    dest: &Path,
+    limit: Duration,
+    bytes_fetched: impl Fn() -> u64,
+    compressed: u64,
+) {
+    let t = std::time::Instant::now();
+    let mismatches = compare(tree, dest, limit);
+    let total = bytes_fetched();
+    eprintln!(
+        "(3) all {} paths ({files} files) compared in {} ms: {} mismatches; fetched in all {:.1} MiB = {:.1}% of the compressed image",
+        tree.len(),
+        t.elapsed().as_millis(),
+        mismatches.len(),
+        mib(total),
+        pct(total, compressed)
+    );
+    assert!(
+        mismatches.is_empty(),
+        "{} mismatches, first: {:#?}",
+        mismatches.len(),
+        &mismatches[..mismatches.len().min(10)]
+    );
+}
+
 /// xorshift64: the sample is the same on every run.
 pub fn sample(n: usize, k: usize, mut seed: u64) -> Vec<usize> {
     let mut picked = std::collections::BTreeSet::new();
