@@ -20,7 +20,10 @@ use fanfill::fill::{Engine, EngineConfig};
 use fanfill::image::{self, IndexOrigin, PrepareOptions};
 use fanfill::ocibuild::{Compression, write_layout};
 use sha2::Digest as _;
-use trees::{compare, mib, pct, read_bounded, sample, sha256_file, tar_extract, walk};
+use trees::{
+    compare, compare_all, mib, pct, read_bounded, read_sample, sample, sha256_file, tar_extract,
+    walk,
+};
 
 /// An image of host files (`scale` of the full set) written as a gzip OCI layout under
 /// `tmp`, with its plain `tar -x` reference tree.
@@ -134,51 +137,24 @@ fn lazy_image_meets_the_issue_figures() {
 
     // (2) A seeded random 5% of the files, read through the placeholders.
     let limit = Duration::from_secs(60);
-    let picked = sample(files.len(), files.len().div_ceil(20), 0x00c0_ffee);
-    let start = prepared.store.bytes_fetched();
-    let t = Instant::now();
-    let mut sampled_bytes = 0u64;
-    for &i in &picked {
-        let rel = files[i];
-        let data = read_bounded(&dest.join(rel), limit);
-        sampled_bytes += data.len() as u64;
-        assert_eq!(
-            hex::encode(sha2::Sha256::digest(&data)),
-            sha256_file(&tree[rel].0),
-            "{rel}"
-        );
-    }
-    let fetched = prepared.store.bytes_fetched() - start;
+    let read = read_sample(&files, tree, &dest, limit, || {
+        prepared.store.bytes_fetched()
+    });
     eprintln!(
-        "(2) read {} of {} files ({:.1} MiB of content) in {} ms: fetched {:.2} MiB = {:.1}% of the compressed image ({:.1}% with the bytes before ready)",
-        picked.len(),
-        files.len(),
-        mib(sampled_bytes),
-        t.elapsed().as_millis(),
-        mib(fetched),
-        pct(fetched, compressed),
-        pct(fetched + before, compressed)
+        "{} ({:.1}% with the bytes before ready)",
+        read.report(files.len(), compressed),
+        pct(read.fetched + before, compressed)
     );
-    assert!(pct(fetched, compressed) < 20.0);
+    assert!(pct(read.fetched, compressed) < 20.0);
 
     // (3) Every path: same kind, same link target, same content.
-    let t = Instant::now();
-    let mismatches = compare(tree, &dest, limit);
-    let total = prepared.store.bytes_fetched();
-    eprintln!(
-        "(3) all {} paths ({} files) compared in {} ms: {} mismatches; fetched in all {:.1} MiB = {:.1}% of the compressed image",
-        tree.len(),
+    compare_all(
+        tree,
         files.len(),
-        t.elapsed().as_millis(),
-        mismatches.len(),
-        mib(total),
-        pct(total, compressed)
-    );
-    assert!(
-        mismatches.is_empty(),
-        "{} mismatches, first: {:#?}",
-        mismatches.len(),
-        &mismatches[..mismatches.len().min(10)]
+        &dest,
+        limit,
+        || prepared.store.bytes_fetched(),
+        compressed,
     );
     drop(prepared);
     engine.shutdown();

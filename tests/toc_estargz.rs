@@ -25,7 +25,7 @@ use fanfill::toc::estargz::{self, WriteOptions};
 use fanfill::unpack::Mode;
 use fsutil::daemonproc::DaemonProc;
 use fsutil::{LoopFs, OverlayMount, within};
-use trees::{compare, mib, pct, read_bounded, sample, tar_extract, walk};
+use trees::{compare, compare_all, mib, pct, read_sample, tar_extract, walk};
 
 const HIDDEN: [&str; 3] = [
     estargz::TOC_TAR_NAME,
@@ -292,31 +292,11 @@ fn estargz_image_direct_mode_meets_the_issue_figures() {
 
     // (2) A seeded random 5% of the files.
     let limit = Duration::from_secs(60);
-    let picked = sample(files.len(), files.len().div_ceil(20), 0x00c0_ffee);
-    let start = prepared.store.bytes_fetched();
-    let t = Instant::now();
-    let mut content = 0u64;
-    for &i in &picked {
-        let rel = files[i];
-        let data = read_bounded(&dest.join(rel), limit);
-        content += data.len() as u64;
-        assert_eq!(
-            fsutil::sha256_hex(&data),
-            trees::sha256_file(&tree[rel].0),
-            "{rel}"
-        );
-    }
-    let fetched = prepared.store.bytes_fetched() - start;
-    eprintln!(
-        "(2) read {} of {} files ({:.2} MiB of content) in {} ms: fetched {:.2} MiB = {:.1}% of the compressed image",
-        picked.len(),
-        files.len(),
-        mib(content),
-        t.elapsed().as_millis(),
-        mib(fetched),
-        pct(fetched, compressed)
-    );
-    assert!(pct(fetched, compressed) < 20.0);
+    let read = read_sample(&files, &tree, &dest, limit, || {
+        prepared.store.bytes_fetched()
+    });
+    eprintln!("{}", read.report(files.len(), compressed));
+    assert!(pct(read.fetched, compressed) < 20.0);
 
     // (4, before the full pass) A corrupted chunk in the registry: EIO, never other bytes.
     let layer0 = &fx.built.layers[0].0;
@@ -339,23 +319,13 @@ fn estargz_image_direct_mode_meets_the_issue_figures() {
     std::fs::write(&data_path, &stored).unwrap();
 
     // (3) Every path: same kind, link target and content as the eager extraction.
-    let t = Instant::now();
-    let mismatches = compare(&tree, &dest, limit);
-    let total = prepared.store.bytes_fetched();
-    eprintln!(
-        "(3) all {} paths ({} files) compared in {} ms: {} mismatches; fetched in all {:.1} MiB = {:.1}% of the compressed image",
-        tree.len(),
+    compare_all(
+        &tree,
         files.len(),
-        t.elapsed().as_millis(),
-        mismatches.len(),
-        mib(total),
-        pct(total, compressed)
-    );
-    assert!(
-        mismatches.is_empty(),
-        "{} mismatches, first: {:#?}",
-        mismatches.len(),
-        &mismatches[..mismatches.len().min(10)]
+        &dest,
+        limit,
+        || prepared.store.bytes_fetched(),
+        compressed,
     );
     // Metadata the TOC carries: xattrs, hardlinks, modes.
     assert_eq!(

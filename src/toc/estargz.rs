@@ -17,9 +17,9 @@ use base64::Engine as _;
 use serde::{Deserialize, Serialize};
 use sha2::{Digest as _, Sha256};
 
-use super::{ChunkCodec, TocChunk, TocError, TocFormat, TocLayer};
+use super::{ChunkCodec, MAX_CHUNK_LEN, TocChunk, TocError, TocFormat, TocLayer};
 use crate::blobcache::BlobCache;
-use crate::index::{Compression, Entry, EntryKind, LayerIndex};
+use crate::index::{Compression, Entry, EntryKind};
 use crate::registry::BlobStore;
 
 /// Layer annotation holding the sha256 digest of the TOC JSON.
@@ -43,9 +43,6 @@ pub const MAX_TOC_COMPRESSED: u64 = 64 << 20;
 pub const MAX_TOC_JSON: u64 = 128 << 20;
 /// Most TOC entries accepted.
 pub const MAX_TOC_ENTRIES: usize = 1 << 21;
-/// Largest chunk accepted (uncompressed): a fill inflates one chunk into memory, so a TOC
-/// must not be able to make that unbounded.
-pub const MAX_CHUNK_LEN: u64 = 256 << 20;
 /// Chunk size of [`write()`] by default (stargz-snapshotter's default).
 pub const DEFAULT_CHUNK_SIZE: u64 = 4 << 20;
 
@@ -497,19 +494,7 @@ fn parse_toc(
     Ok(TocLayer {
         format: TocFormat::Estargz,
         codec: ChunkCodec::GzipMember,
-        index: LayerIndex {
-            compression: Compression::Gzip,
-            blob_digest: layer.to_string(),
-            diff_id: None,
-            compressed_size: blob_size,
-            uncompressed_size: 0,
-            span: 0,
-            windows_digest: None,
-            windows_size: 0,
-            entries,
-            checkpoints: Vec::new(),
-            end_marks: Vec::new(),
-        },
+        index: super::entry_table(Compression::Gzip, layer, blob_size, entries),
         chunks,
         prefetch_first,
         toc_digest: String::new(),

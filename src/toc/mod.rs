@@ -22,8 +22,13 @@ use crate::registry::{self, BlobStore};
 
 pub mod estargz;
 mod source;
+pub mod zstd_chunked;
 
 pub use source::{TocFileSource, verify_for};
+
+/// Largest chunk accepted (uncompressed), in either format: a fill inflates one chunk into
+/// memory, so a TOC must not be able to make that unbounded.
+pub const MAX_CHUNK_LEN: u64 = 256 << 20;
 
 /// Errors while finding, fetching or reading a layer's table of contents.
 #[derive(Debug, thiserror::Error)]
@@ -77,13 +82,15 @@ pub enum TocError {
         /// The limit.
         limit: u64,
     },
-    /// A TOC format this build does not read yet.
-    #[error("layer {layer}: {format:?} layers are not supported yet")]
-    Unsupported {
+    /// A TOC annotation on the layer descriptor does not parse or does not fit the blob.
+    #[error("layer {layer}: annotation {key}: {reason}")]
+    Annotation {
         /// The layer digest.
         layer: String,
-        /// The format.
-        format: TocFormat,
+        /// The annotation key.
+        key: &'static str,
+        /// Its value, and what is wrong with it.
+        reason: String,
     },
 }
 
@@ -94,14 +101,14 @@ pub fn detect(desc: &Descriptor) -> Option<TocFormat> {
     if ann.contains_key(estargz::TOC_DIGEST_ANNOTATION) {
         return Some(TocFormat::Estargz);
     }
-    // zstd:chunked: its annotation check goes here (`zstd_chunked::detect`).
-    None
+    zstd_chunked::detect(desc).then_some(TocFormat::ZstdChunked)
 }
 
 /// The TOC layer behind `desc`, or `None` when the layer has no TOC. With an annotation
-/// (see [`detect`]) the TOC is fetched and verified against it; a gzip layer without one
-/// costs one range read of its last [`estargz::FOOTER_SIZE`] bytes to look for a footer
-/// (such a TOC is used unverified: nothing names its digest, and its chunk digests still
+/// (see [`detect`]) the TOC is fetched and verified against it; a gzip or zstd layer
+/// without one costs one range read of its last [`estargz::FOOTER_SIZE`] (gzip) or
+/// [`zstd_chunked::FOOTER_READ`] (zstd) bytes to look for a footer (such a TOC is used
+/// unverified: nothing names its digest, and its chunk digests still
 /// verify every byte read). Reads go to `cache` first when it holds the blob.
 pub async fn load(
     store: &BlobStore,
@@ -124,15 +131,14 @@ pub async fn load(
             .await
             .map(Some)
         }
-        // zstd:chunked dispatch: `Some(TocFormat::ZstdChunked) => zstd_chunked::load(..)`.
-        Some(format) => Err(TocError::Unsupported {
-            layer: layer.to_string(),
-            format,
-        }),
+        Some(TocFormat::ZstdChunked) => zstd_chunked::load(store, desc, cache).await,
         None => {
             let media = desc.media_type().to_string();
-            if Compression::from_media_type(&media) != Some(Compression::Gzip) {
-                return Ok(None);
+            match Compression::from_media_type(&media) {
+                // A zstd layer may be zstd:chunked without the annotations: its footer tells.
+                Some(Compression::Zstd) => return zstd_chunked::load(store, desc, cache).await,
+                Some(Compression::Gzip) => {}
+                _ => return Ok(None),
             }
             let size = desc.size();
             let n = estargz::FOOTER_SIZE.min(size);
@@ -152,6 +158,29 @@ pub async fn load(
                 .await
                 .map(Some)
         }
+    }
+}
+
+/// The entry table of a TOC layer as a [`LayerIndex`] (`layer` of `blob_size` bytes): no
+/// checkpoints, windows or end marks, file bytes are located through [`TocLayer::chunks`].
+fn entry_table(
+    compression: Compression,
+    layer: &str,
+    blob_size: u64,
+    entries: Vec<crate::index::Entry>,
+) -> LayerIndex {
+    LayerIndex {
+        compression,
+        blob_digest: layer.to_string(),
+        diff_id: None,
+        compressed_size: blob_size,
+        uncompressed_size: 0,
+        span: 0,
+        windows_digest: None,
+        windows_size: 0,
+        entries,
+        checkpoints: Vec::new(),
+        end_marks: Vec::new(),
     }
 }
 

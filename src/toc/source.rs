@@ -60,8 +60,10 @@ impl TocFileSource {
 }
 
 /// What the engine checks a TOC file's bytes against: the chunk digests when the chunks are
-/// uniform (the engine then fills chunk by chunk, each member fetched once), the file
-/// digest for a file of one chunk, else nothing (the source checks every chunk itself).
+/// uniform (every chunk but the last of one size, the last no longer, that size at least the
+/// engine's smallest fill of 4 KiB: the engine then fills chunk by chunk, each member fetched
+/// once), the file digest for a file of one chunk, else nothing (the source checks every
+/// chunk itself; zstd:chunked's content-defined chunks always land here).
 pub fn verify_for(toc: &TocLayer, entry: usize) -> Verify {
     let Some(chunks) = toc.chunks.get(entry) else {
         return Verify::None;
@@ -76,11 +78,12 @@ pub fn verify_for(toc: &TocLayer, entry: usize) -> Verify {
             .map_or(Verify::None, Verify::Whole),
         [first, ..] => {
             let size = first.len;
-            let uniform = chunks.iter().enumerate().all(|(i, c)| {
-                c.file_offset == i as u64 * size
-                    && (c.len == size || i + 1 == chunks.len())
-                    && c.sha256.is_some()
-            });
+            let uniform = size >= 4096
+                && chunks.iter().enumerate().all(|(i, c)| {
+                    c.file_offset == i as u64 * size
+                        && (c.len == size || (i + 1 == chunks.len() && c.len <= size))
+                        && c.sha256.is_some()
+                });
             if uniform {
                 Verify::Chunks {
                     chunk: size,
@@ -243,4 +246,78 @@ pub(super) fn try_chunk_bytes_for_test(
 #[cfg(test)]
 pub(super) fn chunk_bytes_for_test(toc: &TocLayer, entry: usize, blob: &[u8]) -> Vec<u8> {
     try_chunk_bytes_for_test(toc, entry, blob).unwrap()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::index::{Compression, Entry, EntryKind, LayerIndex};
+
+    /// A TOC layer with one regular file cut into chunks of these lengths.
+    fn layer(lens: &[u64]) -> TocLayer {
+        let mut entry = Entry::new("f", EntryKind::File, 0o644);
+        entry.size = lens.iter().sum();
+        entry.sha256 = Some("aa".repeat(32));
+        let mut at = 0;
+        let chunks = lens
+            .iter()
+            .map(|&len| {
+                let c = TocChunk {
+                    file_offset: at,
+                    len,
+                    compressed_offset: 100 + at,
+                    compressed_end: 100 + at + len,
+                    inner_offset: 0,
+                    sha256: Some("bb".repeat(32)),
+                    zeros: false,
+                };
+                at += len;
+                c
+            })
+            .collect();
+        TocLayer {
+            format: super::super::TocFormat::ZstdChunked,
+            codec: ChunkCodec::ZstdFrame,
+            index: LayerIndex {
+                compression: Compression::Zstd,
+                blob_digest: String::new(),
+                diff_id: None,
+                compressed_size: 0,
+                uncompressed_size: 0,
+                span: 0,
+                windows_digest: None,
+                windows_size: 0,
+                entries: vec![entry],
+                checkpoints: Vec::new(),
+                end_marks: Vec::new(),
+            },
+            chunks: vec![chunks],
+            prefetch_first: Vec::new(),
+            toc_digest: String::new(),
+            toc_bytes_fetched: 0,
+        }
+    }
+
+    #[test]
+    fn chunk_digests_go_to_the_engine_only_for_uniform_chunks() {
+        let mib = 1 << 20;
+        assert!(matches!(
+            verify_for(&layer(&[4 * mib, 4 * mib, 100]), 0),
+            Verify::Chunks { chunk, ref sha256 } if chunk == 4 * mib && sha256.len() == 3
+        ));
+        assert!(matches!(verify_for(&layer(&[5000]), 0), Verify::Whole(_)));
+        // Content-defined chunks (zstd:chunked), a last chunk longer than the others (seen
+        // in a skopeo layer: 1109 + 1897 bytes), chunks below the engine's 4 KiB fill:
+        // the source checks each chunk itself.
+        for lens in [
+            &[14081, 51052, 71269][..],
+            &[1109, 1897],
+            &[1000, 1000, 500],
+        ] {
+            assert!(
+                matches!(verify_for(&layer(lens), 0), Verify::None),
+                "{lens:?}"
+            );
+        }
+    }
 }

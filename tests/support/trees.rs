@@ -44,24 +44,27 @@ pub fn sha256_file(p: &Path) -> String {
 /// Reads `path` on another thread; panics if that takes longer than `limit` (a fill that
 /// never completes must fail the test, not hang it).
 pub fn read_bounded(path: &Path, limit: Duration) -> Vec<u8> {
+    try_read_bounded(path, limit).unwrap_or_else(|e| panic!("reading {}: {e}", path.display()))
+}
+
+/// [`read_bounded`] that hands back the read's error (a fill refused with EIO, say).
+pub fn try_read_bounded(path: &Path, limit: Duration) -> std::io::Result<Vec<u8>> {
     let (tx, rx) = mpsc::channel();
     let p = path.to_path_buf();
     std::thread::spawn(move || {
         let _ = tx.send(std::fs::read(&p));
     });
-    match rx.recv_timeout(limit) {
-        Ok(Ok(data)) => data,
-        Ok(Err(e)) => panic!("reading {}: {e}", path.display()),
-        Err(_) => panic!("reading {} took longer than {limit:?}", path.display()),
-    }
+    rx.recv_timeout(limit)
+        .unwrap_or_else(|_| panic!("reading {} took longer than {limit:?}", path.display()))
 }
 
 /// A plain extraction of the layers, lowest first, with OCI whiteouts applied: the reference
-/// the placeholders must match. Uses GNU tar only (no fanfill code).
+/// the placeholders must match. Uses GNU tar only (no fanfill code), which recognises gzip
+/// and zstd blobs by their magic.
 pub fn tar_extract(blobs: &[PathBuf], dest: &Path) {
     std::fs::create_dir_all(dest).unwrap();
     for blob in blobs {
-        let list = Command::new("tar").arg("-tzf").arg(blob).output().unwrap();
+        let list = Command::new("tar").arg("-tf").arg(blob).output().unwrap();
         assert!(list.status.success());
         for name in String::from_utf8(list.stdout).unwrap().lines() {
             let name = name.trim_start_matches("./");
@@ -80,7 +83,7 @@ pub fn tar_extract(blobs: &[PathBuf], dest: &Path) {
             }
         }
         let st = Command::new("tar")
-            .args(["-xzf"])
+            .args(["-xf"])
             .arg(blob)
             .arg("-C")
             .arg(dest)
@@ -89,6 +92,92 @@ pub fn tar_extract(blobs: &[PathBuf], dest: &Path) {
             .unwrap();
         assert!(st.success(), "tar -x {}", blob.display());
     }
+}
+
+/// What reading a sample of files cost.
+pub struct SampleRead {
+    /// Files read.
+    pub files: usize,
+    /// Their content, bytes.
+    pub content: u64,
+    /// Bytes fetched meanwhile.
+    pub fetched: u64,
+    /// How long it took.
+    pub ms: u128,
+}
+
+impl SampleRead {
+    /// The figure line: `(2) read N of M files ... fetched X MiB = P% of the compressed image`.
+    pub fn report(&self, of_files: usize, compressed: u64) -> String {
+        format!(
+            "(2) read {} of {of_files} files ({:.2} MiB of content) in {} ms: fetched {:.2} MiB = {:.1}% of the compressed image",
+            self.files,
+            mib(self.content),
+            self.ms,
+            mib(self.fetched),
+            pct(self.fetched, compressed)
+        )
+    }
+}
+
+/// Reads a seeded random 5% of `files` (paths of the reference `tree`) below `dest`, each
+/// checked against the reference's sha256; `bytes_fetched` is the store's counter.
+pub fn read_sample(
+    files: &[&String],
+    tree: &BTreeMap<String, (PathBuf, std::fs::FileType)>,
+    dest: &Path,
+    limit: Duration,
+    bytes_fetched: impl Fn() -> u64,
+) -> SampleRead {
+    let (start, t) = (bytes_fetched(), std::time::Instant::now());
+    let picked = sample(files.len(), files.len().div_ceil(20), 0x00c0_ffee);
+    let mut content = 0u64;
+    for &i in &picked {
+        let rel = files[i];
+        let data = read_bounded(&dest.join(rel), limit);
+        content += data.len() as u64;
+        assert_eq!(
+            hex::encode(sha2::Sha256::digest(&data)),
+            sha256_file(&tree[rel].0),
+            "{rel}"
+        );
+    }
+    SampleRead {
+        files: picked.len(),
+        content,
+        fetched: bytes_fetched() - start,
+        ms: t.elapsed().as_millis(),
+    }
+}
+
+/// The full check: [`compare`] every path of `tree` (`files` of them regular files) with
+/// `dest`, print the figure line with the bytes fetched in all (`bytes_fetched`, the store's
+/// counter) against the `compressed` image size, and fail on any mismatch.
+pub fn compare_all(
+    tree: &BTreeMap<String, (PathBuf, std::fs::FileType)>,
+    files: usize,
+    dest: &Path,
+    limit: Duration,
+    bytes_fetched: impl Fn() -> u64,
+    compressed: u64,
+) {
+    let t = std::time::Instant::now();
+    let mismatches = compare(tree, dest, limit);
+    let total = bytes_fetched();
+    eprintln!(
+        "(3) all {} paths ({files} files) compared in {} ms: {} mismatches; fetched in all {:.1} MiB = {:.1}% of the compressed image",
+        tree.len(),
+        t.elapsed().as_millis(),
+        mismatches.len(),
+        mib(total),
+        pct(total, compressed)
+    );
+    assert!(
+        mismatches.is_empty(),
+        "{} mismatches, first: {:#?}",
+        mismatches.len(),
+        &mismatches[..mismatches.len().min(10)]
+    );
 }
 
 /// xorshift64: the sample is the same on every run.
