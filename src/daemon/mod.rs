@@ -989,17 +989,11 @@ async fn serve_conn(daemon: Arc<Daemon>, stream: tokio::net::UnixStream) {
     let (r, mut w) = stream.into_split();
     let mut lines = tokio::io::BufReader::new(r).lines();
     while let Ok(Some(line)) = lines.next_line().await {
-        let resp = match serde_json::from_str::<Request>(&line) {
+        let resp = match Request::from_line(&line) {
             Ok(req) => daemon.handle(req).await,
-            Err(e) => Response::Error {
-                kind: ErrorKind::BadRequest,
-                message: format!("bad request: {e}"),
-            },
+            Err(e) => Response::bad_request(&e),
         };
-        let mut out = serde_json::to_string(&resp)
-            .unwrap_or_else(|e| format!(r#"{{"Error":{{"kind":"Internal","message":"{e}"}}}}"#));
-        out.push('\n');
-        if w.write_all(out.as_bytes()).await.is_err() {
+        if w.write_all(resp.to_line().as_bytes()).await.is_err() {
             break;
         }
     }
