@@ -750,8 +750,7 @@ impl BitWriter {
         // `from` may lie past the end of `src` (a checkpoint at the span's last byte, a
         // header shorter than the index says): nothing to copy.
         let mut bit = from.min(end);
-        self.out
-            .reserve(((end.saturating_sub(bit) + 7) / 8) as usize);
+        self.out.reserve((end - bit).div_ceil(8) as usize);
         // Bulk: 32 bits at a time out of an unaligned 8-byte load (at most 7 bits of shift
         // leave 57 valid bits). The accumulator holds fewer than 8 bits between pieces, so
         // the piece fits beside them.
