@@ -34,6 +34,7 @@ pub const TARGETS: &[(&str, Target)] = &[
     ("index_extract", index_extract),
     ("unpack_plan", unpack_plan),
     ("api_line", api_line),
+    ("text_parsers", text_parsers),
 ];
 
 /// Index options with dense checkpoints, so that small inputs exercise every kind of gzip
@@ -286,6 +287,30 @@ pub fn api_line(data: &[u8]) {
             assert_eq!(back.to_line(), out, "response round trip");
         }
     }
+}
+
+/// The small text parsers of what registries, users and the kernel hand in: a
+/// `WWW-Authenticate` challenge, an image reference (what parses must print and parse back
+/// the same), and `/proc/self/mountinfo` text the OCI hook searches for an overlay rootfs
+/// (its octal escapes and `lowerdir=` splitting).
+pub fn text_parsers(data: &[u8]) {
+    let text = String::from_utf8_lossy(data);
+    let _ = crate::registry::parse_challenge(&text);
+    if let Ok(r) = text.parse::<crate::reference::Reference>() {
+        let printed = r.to_string();
+        let back = printed
+            .parse::<crate::reference::Reference>()
+            .unwrap_or_else(|e| {
+                panic!("{text:?} printed as {printed:?}, which does not parse: {e}")
+            });
+        assert_eq!(back, r, "{text:?} printed as {printed:?}");
+    }
+    let mount_point = text
+        .lines()
+        .next()
+        .and_then(|l| l.split(' ').nth(4))
+        .unwrap_or("/");
+    let _ = crate::hook::overlay_lowerdirs(&text, std::path::Path::new(mount_point));
 }
 
 /// The line without its `\n`, checking it is exactly one line.
@@ -643,6 +668,13 @@ pub fn seeds(name: &str) -> Vec<Vec<u8>> {
             vec![0, 4, 2, 1, 0, 1, 0, 0, 2, 0, 1, 0, 1, 10, 8, 1, 0],
             // Opaque marker at the root and in a directory, over two lower layers.
             vec![2, 2, 1, 1, 0, 0, 1, 1, 1, 2, 0, 1, 6, 0, 2, 0, 2, 6, 1],
+        ],
+        "text_parsers" => vec![
+            br#"Bearer realm="https://auth.example/token",service="registry.example",scope="repository:a/b:pull""#.to_vec(),
+            b"Basic realm=\"r\\\"x\"".to_vec(),
+            b"docker://localhost:5000/library/debian:12@sha256:0123456789abcdef0123456789abcdef0123456789abcdef0123456789abcdef".to_vec(),
+            b"oci:/srv/images/app:1".to_vec(),
+            b"90 22 0:50 / /run/c\\040x/merged rw - overlay overlay rw,lowerdir=/l/2-abc:/l/1-def\\:x,upperdir=/u,workdir=/w\n22 1 8:1 / / rw - ext4 /dev/vda rw\n".to_vec(),
         ],
         "api_line" => vec![
             br#"{"Prepare":{"image":"oci:/srv/img:1","dest":"/srv/a","mode":"overlay","registry":{"insecure":true,"mirrors":["m:5000"]},"prefetch":true}}"#.to_vec(),

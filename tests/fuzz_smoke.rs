@@ -207,6 +207,11 @@ fn api_line() {
 }
 
 #[test]
+fn text_parsers() {
+    smoke("text_parsers");
+}
+
+#[test]
 fn every_target_is_tested() {
     let tested = [
         "index_tar",
@@ -215,6 +220,7 @@ fn every_target_is_tested() {
         "index_extract",
         "unpack_plan",
         "api_line",
+        "text_parsers",
     ];
     for (name, _) in TARGETS {
         assert!(
