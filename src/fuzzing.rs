@@ -204,7 +204,9 @@ pub fn index_extract(data: &[u8]) {
         blob_len: (u64::from(params[6]) << 8 | u64::from(params[7]))
             .min(index.compressed_size - c.compressed_offset),
         checkpoint: Some(cp),
-        uncompressed_offset: c.uncompressed_offset + u64::from(params[1]) * 97,
+        uncompressed_offset: c
+            .uncompressed_offset
+            .saturating_add(u64::from(params[1]) * 97),
         len: u64::from(params[2]) * 131 + 1,
     };
     if let Some(fetched) = fetch(&span) {
