@@ -402,4 +402,23 @@ mod tests {
             }
         ));
     }
+
+    #[test]
+    fn bad_request_answer_is_one_json_line() {
+        // The message quotes the input; it must still be valid JSON on one line.
+        let e = Request::from_line("{\"Remove\":{\"dest\":\"a\"b\n\"}}").unwrap_err();
+        let line = Response::bad_request(&e).to_line();
+        assert_eq!(line.matches('\n').count(), 1);
+        assert!(line.ends_with('\n'));
+        assert!(matches!(
+            Response::from_line(line.trim_end()).unwrap(),
+            Response::Error {
+                kind: ErrorKind::BadRequest,
+                ..
+            }
+        ));
+        let req = Request::Remove { dest: "/d".into() };
+        let line = req.to_line().unwrap();
+        assert_eq!(Request::from_line(line.trim_end()).unwrap(), req);
+    }
 }
