@@ -18,7 +18,9 @@
 //! ```
 //!
 //! An error is a response too: [`Response::Error`] with an [`ErrorKind`] a client can act
-//! on and the daemon's message (with its cause chain).
+//! on and the daemon's message (with its cause chain). A line that does not parse gets a
+//! `BadRequest` error and the connection stays usable; a line longer than 1 MiB gets a
+//! `BadRequest` error and the connection is closed.
 //!
 //! ```no_run
 //! use fanfill::api::{Client, LayoutMode, RegistrySettings, Request, Response};
@@ -190,7 +192,11 @@ pub struct ImageStatus {
     pub errors: u64,
     /// Background prefetch on.
     pub prefetch: bool,
-    /// `serving`, `complete`, or `error: …` (could not be reopened after a restart).
+    /// Placeholders found moved, deleted or replaced under the daemon (never written).
+    #[serde(default)]
+    pub files_gone: u64,
+    /// `serving`, `complete`, or `error: …` (could not be reopened after a restart; the
+    /// tree or some of its placeholders were moved or deleted under the daemon).
     pub state: String,
 }
 
@@ -246,8 +252,8 @@ pub enum Response {
 impl Request {
     /// Parses one protocol line (without its `\n`): what the daemon does with each line it
     /// reads.
-    pub fn from_line(line: &str) -> Result<Request, serde_json::Error> {
-        serde_json::from_str(line)
+    pub fn from_line(line: &[u8]) -> Result<Request, serde_json::Error> {
+        serde_json::from_slice(line)
     }
 
     /// The request as one protocol line, `\n` included.
@@ -260,8 +266,8 @@ impl Request {
 
 impl Response {
     /// Parses one protocol line (without its `\n`): what a client does with the answer.
-    pub fn from_line(line: &str) -> Result<Response, serde_json::Error> {
-        serde_json::from_str(line)
+    pub fn from_line(line: &[u8]) -> Result<Response, serde_json::Error> {
+        serde_json::from_slice(line)
     }
 
     /// The answer to a line that did not parse as a [`Request`].
@@ -369,7 +375,9 @@ impl Client {
             return Err(ApiError::Protocol("connection closed".into()));
         }
         let answer = answer.strip_suffix('\n').unwrap_or(&answer);
-        match Response::from_line(answer).map_err(|e| ApiError::Protocol(e.to_string()))? {
+        match Response::from_line(answer.as_bytes())
+            .map_err(|e| ApiError::Protocol(e.to_string()))?
+        {
             Response::Error { kind, message } => Err(ApiError::Daemon { kind, message }),
             r => Ok(r),
         }
@@ -406,12 +414,12 @@ mod tests {
     #[test]
     fn bad_request_answer_is_one_json_line() {
         // The message quotes the input; it must still be valid JSON on one line.
-        let e = Request::from_line("{\"Remove\":{\"dest\":\"a\"b\n\"}}").unwrap_err();
+        let e = Request::from_line(b"{\"Remove\":{\"dest\":\"a\"b\n\"}}").unwrap_err();
         let line = Response::bad_request(&e).to_line();
         assert_eq!(line.matches('\n').count(), 1);
         assert!(line.ends_with('\n'));
         assert!(matches!(
-            Response::from_line(line.trim_end()).unwrap(),
+            Response::from_line(line.trim_end().as_bytes()).unwrap(),
             Response::Error {
                 kind: ErrorKind::BadRequest,
                 ..
@@ -419,6 +427,6 @@ mod tests {
         ));
         let req = Request::Remove { dest: "/d".into() };
         let line = req.to_line().unwrap();
-        assert_eq!(Request::from_line(line.trim_end()).unwrap(), req);
+        assert_eq!(Request::from_line(line.trim_end().as_bytes()).unwrap(), req);
     }
 }

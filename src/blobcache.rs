@@ -3,7 +3,8 @@
 //! Owns the directory of blobs kept by digest (`DIR/sha256/HEX`). When a layer has no index
 //! yet, it is streamed once to build one; the bytes are downloaded anyway, so they are kept
 //! here as they pass ([`BlobCache::tee`]) and every later fill of that layer is a local
-//! `pread` plus an inflate, not another range request. A blob is published (renamed into
+//! `pread` plus an inflate, not another range request ([`read_range`] picks the cache or
+//! the registry). A blob is published (renamed into
 //! place) only after its digest was verified at the end of the stream; a partial or wrong
 //! download never becomes visible. It never interprets blob contents and never touches
 //! placeholders; the cache directory must not be under a marked tree.
@@ -85,6 +86,23 @@ impl BlobCache {
             dest,
         }
     }
+}
+
+/// Reads `len` bytes of blob `digest` at `offset` from `cache` when it holds the blob, else
+/// by a range read from `store` (the one place fills choose between the two).
+pub async fn read_range(
+    cache: Option<&BlobCache>,
+    store: &crate::registry::BlobStore,
+    digest: &oci_spec::image::Digest,
+    offset: u64,
+    len: u64,
+) -> Result<bytes::Bytes, crate::registry::Error> {
+    if let Some(cache) = cache
+        && let Ok(Some(bytes)) = cache.read_range(digest.as_ref(), offset, len)
+    {
+        return Ok(bytes::Bytes::from(bytes));
+    }
+    store.read_range(digest, offset, len).await
 }
 
 /// A reader that keeps a copy; see [`BlobCache::tee`].

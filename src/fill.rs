@@ -26,7 +26,7 @@
 use std::collections::{HashMap, HashSet};
 use std::fs::File;
 use std::os::fd::AsFd;
-use std::os::unix::fs::{FileExt, OpenOptionsExt};
+use std::os::unix::fs::{FileExt, MetadataExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
@@ -238,6 +238,13 @@ pub enum FillError {
         #[source]
         source: std::io::Error,
     },
+    /// The placeholder's path no longer leads to the registered file: it was moved,
+    /// deleted or replaced under the engine. Nothing is written there.
+    #[error("placeholder {path} was moved, deleted or replaced")]
+    Gone {
+        /// The placeholder's registered path.
+        path: PathBuf,
+    },
     /// A placeholder could not be registered.
     #[error("cannot register placeholder {path}")]
     Register {
@@ -267,9 +274,13 @@ pub enum FillError {
 
 impl FillError {
     /// The errno a blocked reader sees when a fill fails. This is the only place that
-    /// chooses it: a full or over-quota destination is reported as such (the reader can
-    /// act on it), everything else (fetch, verification, timeout) is `EIO`, so a reader
-    /// never mistakes missing data for data.
+    /// chooses it, and only among the errnos the kernel accepts in `FAN_DENY_ERRNO`:
+    /// - `ENOSPC` / `EDQUOT` when writing the fetched bytes into the placeholder failed
+    ///   because the destination filesystem is full or over quota, on purpose: the reader
+    ///   (a container's process) sees the same errno a write of its own would get, and the
+    ///   same read succeeds once space is freed (nothing was recorded as filled);
+    /// - `EIO` for everything else (fetch, verification, timeout, a placeholder moved or
+    ///   deleted), so a reader never mistakes missing data for data.
     pub fn errno(&self) -> DenyErrno {
         match self {
             FillError::Write { source, .. } => match source.raw_os_error() {
@@ -279,6 +290,13 @@ impl FillError {
             },
             _ => DenyErrno::Io,
         }
+    }
+}
+
+impl FillError {
+    /// Whether the placeholder is no longer at its registered path ([`FillError::Gone`]).
+    pub fn is_gone(&self) -> bool {
+        matches!(self, FillError::Gone { .. })
     }
 }
 
@@ -298,6 +316,12 @@ type SharedFill = Shared<BoxFuture<'static, FillResult>>;
 /// A registered placeholder and its fill state.
 struct FileEntry {
     path: PathBuf,
+    /// Device and inode of the registered file: a path that leads elsewhere is never
+    /// written or unmarked.
+    key: (u64, u64),
+    /// Its birth time: an inode number can be reused by a file created after the
+    /// placeholder was deleted, the birth time tells them apart.
+    born: Option<std::time::SystemTime>,
     size: u64,
     /// Fill granularity of this file.
     chunk: u64,
@@ -308,6 +332,16 @@ struct FileEntry {
     /// `security.capability` of the placeholder: the kernel strips it on every write, so
     /// each fill puts it back (a filled `ping` must keep `cap_net_raw`).
     capability: Option<Vec<u8>>,
+    /// Position of the first reader access among all files (see [`Engine::accessed`]).
+    first_access: std::sync::OnceLock<u64>,
+}
+
+impl FileEntry {
+    /// Notes a reader's access (the first one counts).
+    fn touched(&self, inner: &Inner) {
+        self.first_access
+            .get_or_init(|| inner.access_seq.fetch_add(1, Ordering::Relaxed));
+    }
 }
 
 struct FileState {
@@ -370,6 +404,8 @@ pub struct Stats {
 struct Inner {
     group: Arc<Group>,
     config: EngineConfig,
+    /// Counts first reader accesses (orders [`Engine::accessed`]).
+    access_seq: AtomicU64,
     files: RwLock<HashMap<(u64, u64), Arc<FileEntry>>>,
     /// Thread ids of the engine's own runtime threads.
     own_tids: RwLock<HashSet<i32>>,
@@ -483,6 +519,7 @@ impl Engine {
             journal,
             gate: Mutex::new(gated.then(Vec::new)),
             deny_unknown: AtomicBool::new(false),
+            access_seq: AtomicU64::new(0),
         });
         let (start_inner, stop_inner) = (inner.clone(), inner.clone());
         let runtime = tokio::runtime::Builder::new_multi_thread()
@@ -569,8 +606,11 @@ impl Engine {
             use xattr::FileExt as _;
             file.get_xattr(CAPABILITY_XATTR).ok().flatten()
         };
+        let born = file.metadata().ok().and_then(|m| m.created().ok());
         let entry = Arc::new(FileEntry {
             path: p.path,
+            key,
+            born,
             size: p.size,
             chunk,
             source: p.source,
@@ -584,6 +624,7 @@ impl Engine {
             }),
             bytes_filled: AtomicU64::new(0),
             capability,
+            first_access: std::sync::OnceLock::new(),
         });
         if nchunks > 0 {
             // Record before marking, so the first event finds the entry.
@@ -612,7 +653,15 @@ impl Engine {
         if entry.state.lock().unwrap().complete {
             return Ok(());
         }
-        unmark_path(&self.inner, &entry.path)
+        unmark_entry(&self.inner, &entry)
+    }
+
+    /// Stops serving a placeholder that is about to be deleted, keeping its mark: a reader
+    /// that still has it open is answered `EIO` (with [`Engine::set_deny_unknown`]) instead
+    /// of reading zeros, and the kernel drops the mark with the inode. Fills in flight
+    /// finish first.
+    pub fn forget(&self, id: FileId) {
+        self.inner.files.write().unwrap().remove(&(id.dev, id.ino));
     }
 
     /// Whether a registered file is completely filled (or was cut short by the user).
@@ -644,6 +693,52 @@ impl Engine {
     /// Fills every registered file, `parallel` at a time, until the image is complete.
     pub fn fill_all(&self, parallel: usize) -> Result<(), FillError> {
         let entries: Vec<_> = self.inner.files.read().unwrap().values().cloned().collect();
+        self.fill_entries(entries, parallel)
+    }
+
+    /// Fills the registered files among `ids` in that order (at most `parallel` at once;
+    /// a file starts only after every earlier one has started), then removes their marks.
+    pub fn fill_files(&self, ids: &[FileId], parallel: usize) -> Result<(), FillError> {
+        let entries: Vec<_> = ids.iter().filter_map(|id| self.entry(*id)).collect();
+        self.fill_entries(entries, parallel)
+    }
+
+    /// The files among `ids` that readers have touched (a pre-content event, or an open
+    /// served through [`Engine::filler`]), in the order of their first access: what a
+    /// workload needed, to record as an access profile.
+    pub fn accessed(&self, ids: &[FileId]) -> Vec<FileId> {
+        let mut seen: Vec<(u64, FileId)> = ids
+            .iter()
+            .filter_map(|id| Some((*self.entry(*id)?.first_access.get()?, *id)))
+            .collect();
+        seen.sort_unstable_by_key(|(order, _)| *order);
+        seen.dedup_by_key(|(_, id)| *id);
+        seen.into_iter().map(|(_, id)| id).collect()
+    }
+
+    /// Starts filling `ids` in that order, `parallel` at a time, on the engine's runtime, and
+    /// returns at once (an access profile's files, fetched before the workload asks).
+    /// Failures are logged; a file that failed fills on its next access as usual.
+    pub fn fill_in_background(&self, ids: Vec<FileId>, parallel: usize) {
+        let entries: Vec<_> = ids.iter().filter_map(|id| self.entry(*id)).collect();
+        let inner = self.inner.clone();
+        self.handle().spawn(async move {
+            use futures::stream::{self, StreamExt};
+            let n = entries.len();
+            let failed = stream::iter(entries)
+                .map(|e| {
+                    let inner = inner.clone();
+                    async move { prefetch_entry(&inner, &e).await.is_err() }
+                })
+                .buffered(parallel.max(1))
+                .filter(|failed| futures::future::ready(*failed))
+                .count()
+                .await;
+            debug!(files = n, failed, "background fill of listed files done");
+        });
+    }
+
+    fn fill_entries(&self, entries: Vec<Arc<FileEntry>>, parallel: usize) -> Result<(), FillError> {
         let inner = self.inner.clone();
         self.run_on_runtime(async move {
             use futures::stream::{self, TryStreamExt};
@@ -756,17 +851,93 @@ impl Engine {
         let start = if count == 0 { 0 } else { offset };
         let inner = self.inner.clone();
         self.run_on_runtime(async move {
-            let size = match std::fs::symlink_metadata(&entry.path) {
-                Ok(m) => m.len(),
-                Err(e) => {
-                    return Err(Arc::new(FillError::Register {
-                        path: entry.path.clone(),
-                        source: e,
-                    }));
-                }
-            };
+            let size = current_size(&entry)?;
             ensure_range(&inner, &entry, start, end, size, None).await
         })
+    }
+
+    /// Offers bytes of a registered file that arrived by other means than its source (a
+    /// prefetch streaming a whole layer, see [`crate::image::stream_fill_layer`]): every
+    /// chunk lying wholly inside `[offset, offset + data.len())` (the last chunk may end at
+    /// the file's end) that is neither filled nor being fetched is verified and written
+    /// exactly as if it had been fetched, and readers waiting for such a chunk wait for this
+    /// write instead of fetching it. The file completes (mark removed) with its last chunk.
+    /// Chunks already filled or in flight, chunks the bytes do not wholly cover and chunks
+    /// past a truncation are left alone. Returns the bytes written. Blocks until they are:
+    /// call it from a plain thread, not from a runtime.
+    pub fn supply(&self, id: FileId, offset: u64, data: &[u8]) -> Result<u64, FillError> {
+        let Some(entry) = self.entry(id) else {
+            return Ok(0);
+        };
+        let current = current_size(&entry).map_err(unwrap_arc)?;
+        let data_end = offset.saturating_add(data.len() as u64).min(entry.size);
+        let (runs, taken) = {
+            let mut st = entry.state.lock().unwrap();
+            if current < st.limit {
+                st.limit = current;
+            }
+            if st.complete {
+                return Ok(0);
+            }
+            let limit = st.limit;
+            let usable = |st: &FileState, i: u64| {
+                let (a, b) = entry.chunk_range(i);
+                b <= data_end
+                    && a < limit
+                    && !st.filled[i as usize]
+                    && !st.inflight.contains_key(&i)
+            };
+            let nchunks = entry.size.div_ceil(entry.chunk);
+            let (mut runs, mut taken) = (Vec::new(), 0);
+            let mut idx = offset.div_ceil(entry.chunk);
+            while idx < nchunks && entry.chunk_range(idx).1 <= data_end {
+                if !usable(&st, idx) {
+                    idx += 1;
+                    continue;
+                }
+                let mut count = 1;
+                while idx + count < nchunks && usable(&st, idx + count) {
+                    count += 1;
+                }
+                let (a, b) = (
+                    entry.chunk_range(idx).0,
+                    entry.chunk_range(idx + count - 1).1,
+                );
+                let bytes = data[(a - offset) as usize..(b - offset) as usize].to_vec();
+                let fut = fill_run(
+                    self.inner.clone(),
+                    entry.clone(),
+                    idx,
+                    count,
+                    None,
+                    Some(bytes),
+                )
+                .boxed()
+                .shared();
+                for i in idx..idx + count {
+                    st.inflight.insert(i, fut.clone());
+                }
+                runs.push(fut);
+                taken += b.min(limit) - a;
+                idx += count;
+            }
+            (runs, taken)
+        };
+        if runs.is_empty() {
+            return Ok(0);
+        }
+        let inner = self.inner.clone();
+        self.run_on_runtime(async move {
+            let mut result = Ok(());
+            for r in futures::future::join_all(runs).await {
+                if r.is_err() && result.is_ok() {
+                    result = r;
+                }
+            }
+            maybe_complete(&inner, &entry, None);
+            result
+        })?;
+        Ok(taken)
     }
 
     /// Event service times so far: count per log2 bucket of microseconds (bucket `i` holds
@@ -841,10 +1012,29 @@ impl Drop for Engine {
     }
 }
 
+/// The error of a shared fill, for one of its waiters: the kind that decides the reader's
+/// errno (write errors keep their OS error, a moved file stays [`FillError::Gone`]).
 fn unwrap_arc(e: Arc<FillError>) -> FillError {
-    Arc::try_unwrap(e).unwrap_or_else(|e| FillError::Register {
-        path: PathBuf::new(),
-        source: std::io::Error::other(e.to_string()),
+    Arc::try_unwrap(e).unwrap_or_else(|e| match &*e {
+        FillError::Gone { path } => FillError::Gone { path: path.clone() },
+        FillError::Write {
+            path,
+            offset,
+            len,
+            source,
+        } => FillError::Write {
+            path: path.clone(),
+            offset: *offset,
+            len: *len,
+            source: match source.raw_os_error() {
+                Some(n) => std::io::Error::from_raw_os_error(n),
+                None => std::io::Error::other(source.to_string()),
+            },
+        },
+        e => FillError::Register {
+            path: PathBuf::new(),
+            source: std::io::Error::other(error_chain(e)),
+        },
     })
 }
 
@@ -990,6 +1180,7 @@ async fn serve_event(inner: &Arc<Inner>, event: &Event) -> FillResult {
         // Not ours (or no longer: completed and forgotten). Nothing to fill.
         return Ok(());
     };
+    entry.touched(inner);
     let (start, end) = match event.range() {
         Some(r) if r.count > 0 => (r.offset, r.offset.saturating_add(r.count)),
         // No range record, or count 0 (FICLONE, growing truncate): the whole file.
@@ -1054,9 +1245,16 @@ async fn ensure_range(
             {
                 count += 1;
             }
-            let fut = fill_run(inner.clone(), entry.clone(), idx, count, writer.clone())
-                .boxed()
-                .shared();
+            let fut = fill_run(
+                inner.clone(),
+                entry.clone(),
+                idx,
+                count,
+                writer.clone(),
+                None,
+            )
+            .boxed()
+            .shared();
             for i in idx..idx + count {
                 st.inflight.insert(i, fut.clone());
             }
@@ -1084,8 +1282,12 @@ async fn fill_run(
     first: u64,
     count: u64,
     writer: Option<Arc<File>>,
+    supplied: Option<Vec<u8>>,
 ) -> FillResult {
-    let res = fill_run_inner(&inner, &entry, first, count, writer).await;
+    let res = match supplied {
+        Some(data) => store_run(&entry, first, count, data, writer).await,
+        None => fill_run_inner(&inner, &entry, first, count, writer).await,
+    };
     let mut st = entry.state.lock().unwrap();
     for idx in first..first + count {
         st.inflight.remove(&idx);
@@ -1106,6 +1308,17 @@ async fn fill_run_inner(
 ) -> Result<(), FillError> {
     let offset = entry.chunk_range(first).0;
     let len = entry.chunk_range(first + count - 1).1 - offset;
+    let data = fetch_run(inner, entry, offset, len).await?;
+    store_run(entry, first, count, data, writer).await
+}
+
+/// Reads `[offset, offset + len)` of the file from its source, within the fetch timeout.
+async fn fetch_run(
+    inner: &Arc<Inner>,
+    entry: &Arc<FileEntry>,
+    offset: u64,
+    len: u64,
+) -> Result<Vec<u8>, FillError> {
     let timeout = inner.config.fetch_timeout;
     let data = match tokio::time::timeout(timeout, entry.source.read_at(offset, len)).await {
         Err(_) => {
@@ -1131,6 +1344,21 @@ async fn fill_run_inner(
         .counters
         .bytes_fetched
         .fetch_add(data.len() as u64, Ordering::Relaxed);
+    // Its length is checked with the digests, in `store_run`.
+    Ok(data)
+}
+
+/// Checks that `data` is exactly the bytes of chunks `first..first + count`, verifies it
+/// chunk by chunk and writes what lies below the file's limit.
+async fn store_run(
+    entry: &Arc<FileEntry>,
+    first: u64,
+    count: u64,
+    data: Vec<u8>,
+    writer: Option<Arc<File>>,
+) -> Result<(), FillError> {
+    let offset = entry.chunk_range(first).0;
+    let len = entry.chunk_range(first + count - 1).1 - offset;
     if data.len() as u64 != len {
         return Err(FillError::ShortRead {
             path: entry.path.clone(),
@@ -1154,28 +1382,25 @@ async fn fill_run_inner(
     if keep == 0 {
         return Ok(());
     }
-    let path = entry.path.clone();
-    let cap = entry.capability.clone();
-    let (write_len, write_off) = (keep as u64, offset);
-    if write_len <= INLINE_WRITE_MAX && writer.is_some() {
+    let write_off = offset;
+    let written = if keep as u64 <= INLINE_WRITE_MAX && writer.is_some() {
         // A page-cache write this small costs less than a hop to the blocking pool. Only
         // through an event fd: a write through the path raises an event that a worker must
         // read, and with every worker blocked in such writes nobody would.
-        write_chunk(&path, writer, &data[..keep], write_off, cap.as_deref())?;
+        write_chunk(entry, writer, &data[..keep], write_off)?
     } else {
-        tokio::task::spawn_blocking(move || {
-            write_chunk(&path, writer, &data[..keep], write_off, cap.as_deref())
-        })
-        .await
-        .map_err(|e| FillError::Write {
-            path: entry.path.clone(),
-            offset,
-            len: write_len,
-            source: std::io::Error::other(e),
-        })??;
-    }
-    entry.bytes_filled.fetch_add(write_len, Ordering::Relaxed);
-    debug!(path = %entry.path.display(), offset, len = write_len, "chunk filled");
+        let e2 = entry.clone();
+        tokio::task::spawn_blocking(move || write_chunk(&e2, writer, &data[..keep], write_off))
+            .await
+            .map_err(|e| FillError::Write {
+                path: entry.path.clone(),
+                offset,
+                len: keep as u64,
+                source: std::io::Error::other(e),
+            })??
+    };
+    entry.bytes_filled.fetch_add(written, Ordering::Relaxed);
+    debug!(path = %entry.path.display(), offset, len = written, "chunk filled");
     Ok(())
 }
 
@@ -1208,39 +1433,87 @@ fn verify(entry: &FileEntry, idx: u64, offset: u64, data: &[u8]) -> Result<(), F
 }
 
 /// Writes `data` at `offset` and puts the mtime back (a write bumps it; the image's
-/// metadata must stay true). With no event fd, opens the path: the write raises an event
-/// from an engine thread, which the reader task allows at once.
+/// metadata must stay true); returns the bytes written. With no event fd, opens the path
+/// (only if it still leads to the registered file): the write raises an event from an
+/// engine thread, which the reader task allows at once. The file's size is checked just
+/// before writing: a file cut short since the fill started (`open(O_TRUNC)` raises no
+/// event) lowers the limit, and nothing at or past it is written.
 fn write_chunk(
-    path: &Path,
+    entry: &FileEntry,
     writer: Option<Arc<File>>,
     data: &[u8],
     offset: u64,
-    capability: Option<&[u8]>,
-) -> Result<(), FillError> {
+) -> Result<u64, FillError> {
     let werr = |source: std::io::Error| FillError::Write {
-        path: path.to_path_buf(),
+        path: entry.path.clone(),
         offset,
         len: data.len() as u64,
         source,
     };
     let file = match writer {
         Some(f) => f,
-        None => Arc::new(
-            File::options()
-                .write(true)
-                .custom_flags(libc::O_NOFOLLOW)
-                .open(path)
-                .map_err(werr)?,
-        ),
+        None => Arc::new(open_checked(entry, true)?),
     };
     let before = nix::sys::stat::fstat(file.as_fd()).map_err(|e| werr(e.into()))?;
-    file.write_all_at(data, offset).map_err(werr)?;
-    if let Some(cap) = capability {
+    let keep = {
+        let mut st = entry.state.lock().unwrap();
+        let size = before.st_size as u64;
+        if size < st.limit {
+            debug!(path = %entry.path.display(), size, "placeholder cut short by the user during a fill");
+            st.limit = size;
+        }
+        st.limit.saturating_sub(offset).min(data.len() as u64) as usize
+    };
+    if keep == 0 {
+        return Ok(0);
+    }
+    file.write_all_at(&data[..keep], offset).map_err(werr)?;
+    if let Some(cap) = &entry.capability {
         use xattr::FileExt as _;
         file.set_xattr(CAPABILITY_XATTR, cap).map_err(werr)?;
     }
     restore_mtime(file.as_fd(), &before).map_err(|e| werr(e.into()))?;
-    Ok(())
+    Ok(keep as u64)
+}
+
+/// Opens the placeholder at its registered path, if that path still leads to the registered
+/// file (same device, inode and birth time; no symlink at the last component): otherwise
+/// [`FillError::Gone`]. Read-only opens are non-blocking (a FIFO put there never hangs us).
+fn open_checked(entry: &FileEntry, write: bool) -> Result<File, FillError> {
+    let gone = || FillError::Gone {
+        path: entry.path.clone(),
+    };
+    let file = File::options()
+        .read(!write)
+        .write(write)
+        .custom_flags(libc::O_NOFOLLOW | libc::O_NONBLOCK)
+        .open(&entry.path)
+        .map_err(|e| match e.raw_os_error() {
+            Some(libc::ENOENT | libc::ENOTDIR | libc::ELOOP | libc::ENXIO) => gone(),
+            _ => FillError::Register {
+                path: entry.path.clone(),
+                source: e,
+            },
+        })?;
+    let m = file.metadata().map_err(|source| FillError::Register {
+        path: entry.path.clone(),
+        source,
+    })?;
+    if (m.dev(), m.ino()) != entry.key || m.created().ok() != entry.born {
+        return Err(gone());
+    }
+    Ok(file)
+}
+
+/// The placeholder's size now (through its registered path, checked).
+fn current_size(entry: &FileEntry) -> Result<u64, Arc<FillError>> {
+    let f = open_checked(entry, false).map_err(Arc::new)?;
+    f.metadata().map(|m| m.len()).map_err(|source| {
+        Arc::new(FillError::Register {
+            path: entry.path.clone(),
+            source,
+        })
+    })
 }
 
 fn restore_mtime(fd: std::os::fd::BorrowedFd<'_>, st: &FileStat) -> Result<(), Errno> {
@@ -1267,11 +1540,7 @@ fn maybe_complete(inner: &Inner, entry: &FileEntry, fd: Option<&File>) {
     let opened;
     let fd = match fd {
         Some(fd) => fd.as_fd(),
-        None => match File::options()
-            .read(true)
-            .custom_flags(libc::O_NOFOLLOW | libc::O_NONBLOCK)
-            .open(&entry.path)
-        {
+        None => match open_checked(entry, false) {
             Ok(f) => {
                 opened = f;
                 opened.as_fd()
@@ -1298,15 +1567,7 @@ async fn prefetch_entry(inner: &Arc<Inner>, entry: &Arc<FileEntry>) -> FillResul
         return Ok(());
     }
     // The engine's own write raises an event that the reader task allows at once.
-    let size = match std::fs::symlink_metadata(&entry.path) {
-        Ok(m) => m.len(),
-        Err(e) => {
-            return Err(Arc::new(FillError::Register {
-                path: entry.path.clone(),
-                source: e,
-            }));
-        }
-    };
+    let size = current_size(entry)?;
     ensure_range(inner, entry, 0, u64::MAX, size, None).await
 }
 
@@ -1329,9 +1590,44 @@ impl Engine {
     pub fn unmark(&self, id: FileId) -> Result<(), FillError> {
         match self.entry(id) {
             Some(entry) if !entry.state.lock().unwrap().complete => {
-                unmark_path(&self.inner, &entry.path)
+                unmark_entry(&self.inner, &entry)
             }
             _ => Ok(()),
+        }
+    }
+
+    /// Removes whatever pre-content mark the file now at `path` carries, without it being
+    /// registered: a placeholder the user replaced or cut short while no engine served it
+    /// (`open(O_TRUNC)` raises no event) is the user's file now, and must read and write
+    /// natively rather than be refused as unknown. A path that is gone or not a regular
+    /// file: nothing to do.
+    pub fn release_path(&self, path: &Path) -> Result<(), FillError> {
+        let file = match File::options()
+            .read(true)
+            .custom_flags(libc::O_NOFOLLOW | libc::O_NONBLOCK)
+            .open(path)
+        {
+            Ok(f) => f,
+            Err(e) if matches!(e.raw_os_error(), Some(libc::ENOENT | libc::ELOOP)) => {
+                return Ok(());
+            }
+            Err(source) => {
+                return Err(FillError::Register {
+                    path: path.to_path_buf(),
+                    source,
+                });
+            }
+        };
+        if !file.metadata().is_ok_and(|m| m.is_file()) {
+            return Ok(());
+        }
+        match self.inner.group.unmark_inode(file.as_fd(), FAN_PRE_ACCESS) {
+            Ok(())
+            | Err(FanotifyError::Mark {
+                errno: Errno::ENOENT,
+                ..
+            }) => Ok(()),
+            Err(e) => Err(e.into()),
         }
     }
 
@@ -1345,7 +1641,10 @@ impl Engine {
             async move {
                 let entry = inner.files.read().unwrap().get(&(id.dev, id.ino)).cloned();
                 match entry {
-                    Some(entry) => prefetch_entry(&inner, &entry).await,
+                    Some(entry) => {
+                        entry.touched(&inner);
+                        prefetch_entry(&inner, &entry).await
+                    }
                     None => Ok(()),
                 }
             }
@@ -1354,16 +1653,10 @@ impl Engine {
     }
 }
 
-/// Removes the pre-content mark of the file at `path` (no mark: fine).
-fn unmark_path(inner: &Inner, path: &Path) -> Result<(), FillError> {
-    let file = File::options()
-        .read(true)
-        .custom_flags(libc::O_NOFOLLOW | libc::O_NONBLOCK)
-        .open(path)
-        .map_err(|source| FillError::Register {
-            path: path.to_path_buf(),
-            source,
-        })?;
+/// Removes the pre-content mark of a registered file (no mark: fine; a path that leads
+/// elsewhere now: [`FillError::Gone`], nothing unmarked).
+fn unmark_entry(inner: &Inner, entry: &FileEntry) -> Result<(), FillError> {
+    let file = open_checked(entry, false)?;
     match inner.group.unmark_inode(file.as_fd(), FAN_PRE_ACCESS) {
         Ok(())
         | Err(FanotifyError::Mark {

@@ -255,12 +255,8 @@ pub fn unpack_plan(data: &[u8]) {
 /// client reads a response). What parses must serialise to one line that parses back the
 /// same; what does not gets a one-line `BadRequest` error.
 pub fn api_line(data: &[u8]) {
-    let Ok(text) = std::str::from_utf8(data) else {
-        return;
-    };
-    for line in text.split('\n') {
-        // As tokio's `lines()` in the daemon: `\n` or `\r\n` ends a line.
-        let line = line.strip_suffix('\r').unwrap_or(line);
+    // As the daemon reads them: `\n` ends a line (any bytes, at most 1 MiB).
+    for line in data.split(|b| *b == b'\n') {
         match Request::from_line(line) {
             Ok(req) => {
                 let out = req.to_line().expect("a request serialises");
@@ -291,6 +287,16 @@ pub fn api_line(data: &[u8]) {
     }
 }
 
+/// The line without its `\n`, checking it is exactly one line.
+fn one_line(s: &str) -> &[u8] {
+    let line = s.strip_suffix('\n').expect("a protocol line ends with \\n");
+    assert!(
+        !line.contains('\n'),
+        "a protocol line spans lines: {line:?}"
+    );
+    line.as_bytes()
+}
+
 /// The small text parsers of what registries, users and the kernel hand in: a
 /// `WWW-Authenticate` challenge, an image reference (what parses must print and parse back
 /// the same), and `/proc/self/mountinfo` text the OCI hook searches for an overlay rootfs
@@ -313,16 +319,6 @@ pub fn text_parsers(data: &[u8]) {
         .and_then(|l| l.split(' ').nth(4))
         .unwrap_or("/");
     let _ = crate::hook::overlay_lowerdirs(&text, std::path::Path::new(mount_point));
-}
-
-/// The line without its `\n`, checking it is exactly one line.
-fn one_line(s: &str) -> &str {
-    let line = s.strip_suffix('\n').expect("a protocol line ends with \\n");
-    assert!(
-        !line.contains('\n'),
-        "a protocol line spans lines: {line:?}"
-    );
-    line
 }
 
 /// Checks an index just built from `blob` (with its windows `pack`): sizes and digests,

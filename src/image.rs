@@ -8,6 +8,11 @@
 //! and inflates it, and the index's digests so that every filled byte is verified. It also
 //! builds and pushes the index artifact (`fanfill index --push`).
 //!
+//! Layers that carry their own table of contents (eStargz, zstd:chunked: [`crate::toc`])
+//! need no index: their TOC is fetched by range and verified, and their files are served by
+//! a [`TocFileSource`]; [`ImageSources::file_source`] is the one place that picks a file's
+//! source and the digests the engine checks.
+//!
 //! Only index *metadata* travels before the placeholders are ready. The checkpoint windows
 //! stay where they are (the artifact's windows blob in the registry, the `.win` file of the
 //! local index store) and a [`LayerFileSource`] reads the one window a fill needs, once, by
@@ -33,6 +38,7 @@ use crate::index::{
 };
 use crate::reference::Reference;
 use crate::registry::{self, BlobStore, Platform};
+use crate::toc::{self, TocError, TocFileSource, TocLayer};
 use crate::unpack::{self, Layer, Mode, UnpackError, UnpackOptions, Unpacked};
 
 /// `artifactType` of the layer-index artifact a `fanfill index --push` attaches to an image
@@ -44,6 +50,10 @@ pub const INDEX_LAYER_MEDIA_TYPE: &str = "application/vnd.fanfill.layer-index.v2
 /// Media type of one layer's windows pack inside that artifact. Never downloaded whole: a
 /// fill reads the one window it needs by a range read.
 pub const INDEX_WINDOWS_MEDIA_TYPE: &str = "application/vnd.fanfill.layer-index.windows.v2";
+/// Media type of the access profile an index artifact may carry (`fanfill index --push
+/// --profile`): the files a recorded run of the image's workload read, in the order it first
+/// read them ([`AccessProfile`]). `prepare` fills them in the background at once.
+pub const ACCESS_PROFILE_MEDIA_TYPE: &str = "application/vnd.fanfill.access-profile.v1+json";
 /// Memory for checkpoint windows shared by the layers of one prepared image (256 windows).
 pub const WINDOW_CACHE_BYTES: usize = 8 << 20;
 
@@ -73,6 +83,17 @@ pub enum ImageError {
         #[source]
         source: IndexError,
     },
+    /// A layer's table of contents (eStargz, zstd:chunked) could not be read or verified.
+    #[error("layer {layer} of {reference}")]
+    Toc {
+        /// The image.
+        reference: String,
+        /// The layer digest.
+        layer: String,
+        /// The TOC error.
+        #[source]
+        source: TocError,
+    },
     /// An index does not describe the layer it was filed under.
     #[error("index for layer {layer} describes blob {found}")]
     IndexMismatch {
@@ -101,9 +122,54 @@ pub enum ImageError {
         #[source]
         source: FillError,
     },
+    /// Streaming a layer into its placeholders failed (prefetch).
+    #[error("streaming layer {layer} into its placeholders")]
+    Stream {
+        /// The layer digest.
+        layer: String,
+        /// What failed: the blob read or its decompression.
+        #[source]
+        source: io::Error,
+    },
     /// An internal task failed.
     #[error("background task failed: {0}")]
     Task(String),
+}
+
+/// The files a workload read, in the order it first read them, by their paths in the image
+/// (as the layer indexes name them). Recorded from a served tree ([`Prepared::access_profile`],
+/// `fanfill pull --record-profile`), published in the index artifact, and filled ahead of
+/// the workload by the next `prepare` ([`PrepareOptions::profile_prefetch`]).
+#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct AccessProfile {
+    /// Format version (1).
+    pub version: u32,
+    /// Image paths, first access first.
+    pub files: Vec<String>,
+}
+
+impl AccessProfile {
+    /// Most paths a profile may list (a hostile artifact cannot make `prepare` spend more).
+    pub const MAX_FILES: usize = 100_000;
+
+    /// Parses a profile, refusing unknown versions and oversized lists.
+    pub fn from_json(bytes: &[u8]) -> Result<AccessProfile, String> {
+        let p: AccessProfile = serde_json::from_slice(bytes).map_err(|e| e.to_string())?;
+        if p.version != 1 {
+            return Err(format!(
+                "access profile version {} (this build reads 1)",
+                p.version
+            ));
+        }
+        if p.files.len() > Self::MAX_FILES {
+            return Err(format!(
+                "access profile lists {} files (at most {})",
+                p.files.len(),
+                Self::MAX_FILES
+            ));
+        }
+        Ok(p)
+    }
 }
 
 /// Where a layer's index came from.
@@ -115,6 +181,21 @@ pub enum IndexOrigin {
     Artifact,
     /// Built now by streaming the whole layer once.
     Built,
+    /// The layer's own table of contents (eStargz, zstd:chunked): no index needed, only the
+    /// TOC travelled.
+    Toc,
+}
+
+impl IndexOrigin {
+    /// One word for reports: `local`, `artifact`, `built`, `toc`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            IndexOrigin::Local => "local",
+            IndexOrigin::Artifact => "artifact",
+            IndexOrigin::Built => "built",
+            IndexOrigin::Toc => "toc",
+        }
+    }
 }
 
 /// How to prepare an image.
@@ -133,6 +214,9 @@ pub struct PrepareOptions {
     /// Keep layers that have to be streamed whole (no index yet) here, so their fills are
     /// local reads instead of second downloads (`None`: do not keep them).
     pub blob_cache: Option<PathBuf>,
+    /// Files of the artifact's access profile filled at once in the background, this many
+    /// at a time, as soon as the placeholders are ready (0: ignore profiles). Default 8.
+    pub profile_prefetch: usize,
 }
 
 /// Registry settings that do not parse (`creds`, `platform`).
@@ -194,6 +278,7 @@ impl PrepareOptions {
             blob_cache: Some(index_dir.with_file_name("blobs")),
             index_dir,
             use_artifact: true,
+            profile_prefetch: 8,
         }
     }
 }
@@ -211,6 +296,9 @@ pub struct Prepared {
     pub unpacked: Unpacked,
     /// The engine's ids of the registered placeholders.
     pub files: Vec<FileId>,
+    /// The same ids in prefetch order: the files TOC layers name to prefetch first (eStargz
+    /// `.prefetch.landmark`), then the rest (see [`Engine::fill_files`]).
+    pub prefetch_order: Vec<FileId>,
     /// Where each layer's index came from, lowest layer first.
     pub index_origins: Vec<IndexOrigin>,
     /// Bytes received from the registry or layout before the placeholders were ready.
@@ -219,6 +307,13 @@ pub struct Prepared {
     pub image_size: u64,
     /// The store the placeholders fill from (its counters keep running).
     pub store: Arc<BlobStore>,
+    /// Each layer's digest and index, lowest first (for [`Prepared::prefetch`]).
+    pub layers: Vec<(Digest, Arc<LayerIndex>)>,
+    /// Where layers that travelled whole are kept.
+    pub blob_cache: Option<BlobCache>,
+    /// Files of the artifact's access profile put to background filling at once (0: no
+    /// profile, or [`PrepareOptions::profile_prefetch`] is 0).
+    pub profile_files: usize,
 }
 
 /// The indexes of an image's layers, with where each came from.
@@ -231,6 +326,149 @@ pub struct ImageIndexes {
     pub windows: Vec<Arc<dyn WindowSource>>,
     /// Where layers that travelled whole are kept (read before the registry).
     pub blob_cache: Option<BlobCache>,
+    /// The index artifact's access profile, when the artifact was read and carries one.
+    pub profile: Option<AccessProfile>,
+    /// Per layer, lowest first: its table of contents when it is a TOC layer
+    /// ([`IndexOrigin::Toc`]; `layers` then holds the TOC's entry table).
+    pub tocs: Vec<Option<Arc<TocLayer>>>,
+}
+
+impl ImageIndexes {
+    /// The sources of the image's files, fetching from `store`; checkpoint windows are
+    /// cached per image ([`WINDOW_CACHE_BYTES`]).
+    pub fn sources(&self, store: &Arc<BlobStore>) -> ImageSources {
+        let cache = Arc::new(WindowCache::new(WINDOW_CACHE_BYTES));
+        ImageSources {
+            store: store.clone(),
+            blob_cache: self.blob_cache.clone(),
+            layers: self
+                .layers
+                .iter()
+                .zip(&self.windows)
+                .zip(&self.tocs)
+                .map(|(((digest, index, _), w), toc)| LayerSources {
+                    digest: digest.clone(),
+                    index: index.clone(),
+                    toc: toc.clone(),
+                    windows: Arc::new(LayerWindows::new(w.clone(), cache.clone())),
+                })
+                .collect(),
+        }
+    }
+}
+
+struct LayerSources {
+    digest: Digest,
+    index: Arc<LayerIndex>,
+    toc: Option<Arc<TocLayer>>,
+    windows: Arc<LayerWindows>,
+}
+
+/// Everything that builds the content source of any file of a prepared image: the store,
+/// per layer its index or TOC and checkpoint windows, the blob cache. The one place that
+/// picks [`LayerFileSource`] or [`TocFileSource`] and the matching [`Verify`].
+pub struct ImageSources {
+    store: Arc<BlobStore>,
+    blob_cache: Option<BlobCache>,
+    layers: Vec<LayerSources>,
+}
+
+impl ImageSources {
+    /// Each layer's digest and entry table (a TOC layer's from its TOC), lowest first.
+    pub fn layers(&self) -> impl Iterator<Item = (&Digest, &Arc<LayerIndex>)> {
+        self.layers.iter().map(|l| (&l.digest, &l.index))
+    }
+
+    /// The entry `entry` of layer `layer`, hardlinks resolved to their file.
+    pub fn entry(&self, layer: usize, entry: usize) -> Option<&Entry> {
+        self.layers.get(layer)?.index.resolve(entry)
+    }
+
+    /// The content source and verification of regular-file entry `entry` of layer `layer`.
+    // Returned once per file at registration: the size of the error does not matter here.
+    #[allow(clippy::result_large_err)]
+    pub fn file_source(
+        &self,
+        layer: usize,
+        entry: usize,
+    ) -> Result<(Arc<dyn ContentSource>, Verify), ImageError> {
+        let l = self
+            .layers
+            .get(layer)
+            .ok_or_else(|| ImageError::Task(format!("no layer {layer}")))?;
+        let missing = || ImageError::Task(format!("no entry {entry} in layer {}", l.digest));
+        if let Some(toc) = &l.toc {
+            let target = resolve_pos(&toc.index, entry).ok_or_else(missing)?;
+            let verify = toc::verify_for(toc, target);
+            let source = TocFileSource::new(
+                self.store.clone(),
+                self.blob_cache.clone(),
+                l.digest.clone(),
+                toc.clone(),
+                target,
+            );
+            return Ok((Arc::new(source), verify));
+        }
+        let e = l.index.resolve(entry).cloned().ok_or_else(missing)?;
+        let verify = verify_for(&e);
+        let source = LayerFileSource::new(
+            self.store.clone(),
+            l.digest.clone(),
+            l.index.clone(),
+            l.windows.clone(),
+            e,
+        )
+        .with_blob_cache(self.blob_cache.clone());
+        Ok((Arc::new(source), verify))
+    }
+
+    /// Where layers that travelled whole are kept.
+    pub fn blob_cache(&self) -> Option<&BlobCache> {
+        self.blob_cache.as_ref()
+    }
+
+    /// Whether layer `layer` is read through its own table of contents (its entries carry no
+    /// tar-stream offsets, so [`stream_fill_layer`] does not apply to it).
+    pub fn is_toc(&self, layer: usize) -> bool {
+        self.layers.get(layer).is_some_and(|l| l.toc.is_some())
+    }
+
+    /// Per layer, the entries its TOC names to prefetch first (empty for other layers).
+    pub fn prefetch_first(&self, layer: usize) -> &[usize] {
+        self.layers
+            .get(layer)
+            .and_then(|l| l.toc.as_deref())
+            .map_or(&[], |t| t.prefetch_first.as_slice())
+    }
+
+    /// `files` (pairs of layer and entry, as placeholders list them) reordered for prefetch:
+    /// the files each TOC layer names to prefetch first (lowest layer first, in TOC order),
+    /// then every other one in the order given. Returns positions into `files`.
+    pub fn prefetch_order(&self, files: &[(usize, usize)]) -> Vec<usize> {
+        let mut first = Vec::new();
+        let mut pos: std::collections::HashMap<(usize, usize), usize> =
+            files.iter().enumerate().map(|(i, f)| (*f, i)).collect();
+        for layer in 0..self.layers.len() {
+            for &e in self.prefetch_first(layer) {
+                if let Some(i) = pos.remove(&(layer, e)) {
+                    first.push(i);
+                }
+            }
+        }
+        let mut taken = vec![false; files.len()];
+        for &i in &first {
+            taken[i] = true;
+        }
+        first.extend((0..files.len()).filter(|&i| !taken[i]));
+        first
+    }
+}
+
+/// Position of the entry a hardlink at `idx` resolves to (`idx` itself for other kinds).
+fn resolve_pos(index: &LayerIndex, idx: usize) -> Option<usize> {
+    let target = index.resolve(idx)?;
+    // `resolve` returns a reference into `entries`: find its position by address.
+    index.entries.iter().position(|e| std::ptr::eq(e, target))
 }
 
 /// A windows pack in the registry (or layout), read a window at a time by range reads.
@@ -293,9 +531,40 @@ pub async fn load_indexes(
             source,
         }
     };
+    let toc_err = |layer: &Digest| {
+        let (reference, layer) = (reference.to_string(), layer.to_string());
+        move |source| ImageError::Toc {
+            reference,
+            layer,
+            source,
+        }
+    };
+    let blob_cache = opts.blob_cache.as_ref().map(BlobCache::new);
     let mut found: Vec<Option<Found>> = Vec::new();
+    let mut profile = None;
+    let mut tocs: Vec<Option<Arc<TocLayer>>> = Vec::new();
+    let toc_found = |t: TocLayer| -> (Option<Found>, Option<Arc<TocLayer>>) {
+        info!(layer = %t.index.blob_digest, format = ?t.format, entries = t.index.entries.len(), toc_bytes = t.toc_bytes_fetched, "layer read through its table of contents");
+        let ix: Arc<LayerIndex> = Arc::new(t.index.clone());
+        let windows: Arc<dyn WindowSource> = Arc::new(crate::index::NoWindows);
+        (Some((ix, windows, IndexOrigin::Toc)), Some(Arc::new(t)))
+    };
     for desc in image.manifest.layers() {
         let digest = desc.digest().to_string();
+        // A layer that announces its TOC needs nothing else.
+        if toc::detect(desc).is_some() {
+            let t = toc::load(store, desc, blob_cache.as_ref())
+                .await
+                .map_err(toc_err(desc.digest()))?
+                .ok_or_else(|| {
+                    ImageError::Task(format!("layer {digest} announces a TOC but has none"))
+                })?;
+            let (f, t) = toc_found(t);
+            found.push(f);
+            tocs.push(t);
+            continue;
+        }
+        tocs.push(None);
         let hit = match local.load(&digest).map_err(idx_err(desc.digest()))? {
             Some(ix) => {
                 let windows = local.open_windows(&ix).map_err(idx_err(desc.digest()))?;
@@ -307,7 +576,8 @@ pub async fn load_indexes(
     }
     if opts.use_artifact && found.iter().any(Option::is_none) {
         match artifact_indexes(store, &image.manifest_digest).await {
-            Ok(mut list) => {
+            Ok((mut list, p)) => {
+                profile = p;
                 // Artifact metadata is not stored locally: it is small, and its windows stay
                 // in the registry (the local store keeps only complete pairs).
                 for (slot, desc) in found.iter_mut().zip(image.manifest.layers()) {
@@ -322,6 +592,23 @@ pub async fn load_indexes(
                 }
             }
             Err(e) => debug!(error = %crate::fill::error_chain(&e), "no usable index artifact"),
+        }
+    }
+    // No index anywhere: a gzip layer may still be eStargz without the annotation (its
+    // footer tells, for one small range read).
+    for ((slot, toc_slot), desc) in found
+        .iter_mut()
+        .zip(tocs.iter_mut())
+        .zip(image.manifest.layers())
+    {
+        if slot.is_some() {
+            continue;
+        }
+        if let Some(t) = toc::load(store, desc, blob_cache.as_ref())
+            .await
+            .map_err(toc_err(desc.digest()))?
+        {
+            (*slot, *toc_slot) = toc_found(t);
         }
     }
     let mut layers = Vec::new();
@@ -374,27 +661,51 @@ pub async fn load_indexes(
         image,
         layers,
         windows,
-        blob_cache: opts.blob_cache.as_ref().map(BlobCache::new),
+        blob_cache,
+        tocs,
+        profile,
     })
 }
 
 /// The layer indexes of the image's index artifact, each with its windows pack blob as a
-/// window source. Downloads the metadata blobs only.
+/// window source, and its access profile if it has one. Downloads the metadata blobs only.
 async fn artifact_indexes(
     store: &Arc<BlobStore>,
     subject: &Digest,
-) -> Result<Vec<(LayerIndex, Arc<dyn WindowSource>)>, ImageError> {
+) -> Result<
+    (
+        Vec<(LayerIndex, Arc<dyn WindowSource>)>,
+        Option<AccessProfile>,
+    ),
+    ImageError,
+> {
     let Some(referrer) = store
         .find_referrer(subject, INDEX_ARTIFACT_TYPE)
         .await
         .map_err(reg_err("index artifact"))?
     else {
-        return Ok(Vec::new());
+        return Ok((Vec::new(), None));
     };
     let blobs = referrer.manifest.layers();
     let mut out = Vec::new();
+    let mut profile = None;
     for blob in blobs {
-        if blob.media_type().to_string() != INDEX_LAYER_MEDIA_TYPE {
+        let media_type = blob.media_type().to_string();
+        if media_type == ACCESS_PROFILE_MEDIA_TYPE && profile.is_none() {
+            let parsed = store
+                .fetch_blob(blob.digest())
+                .await
+                .map_err(|e| e.to_string())
+                .and_then(|bytes| AccessProfile::from_json(&bytes));
+            match parsed {
+                Ok(p) => profile = Some(p),
+                Err(e) => {
+                    warn!(blob = %blob.digest(), error = %e, "ignoring the artifact's access profile")
+                }
+            }
+            continue;
+        }
+        if media_type != INDEX_LAYER_MEDIA_TYPE {
             continue;
         }
         let bytes = store
@@ -428,7 +739,7 @@ async fn artifact_indexes(
         };
         out.push((ix, windows));
     }
-    Ok(out)
+    Ok((out, profile))
 }
 
 /// Prepares `reference` into `dest` (which must be empty) and registers every placeholder
@@ -477,15 +788,8 @@ pub async fn prepare(
     if let Err(e) = mark_tree(dest, reference) {
         warn!(dest = %dest.display(), error = %e, "cannot mark the tree as fanfill's");
     }
-    let cache = Arc::new(WindowCache::new(WINDOW_CACHE_BYTES));
-    let windows: Vec<Arc<LayerWindows>> = indexes
-        .windows
-        .iter()
-        .map(|w| Arc::new(LayerWindows::new(w.clone(), cache.clone())))
-        .collect();
-    let files = match register_all(
-        engine, &store, &indexes, &windows, &unpacked, reference, opts.mode,
-    ) {
+    let sources = indexes.sources(&store);
+    let files = match register_all(engine, &sources, &unpacked, reference, opts.mode) {
         Ok(files) => files,
         Err(e) => {
             // Leave nothing behind: the tree was ours (dest had to be empty).
@@ -493,6 +797,32 @@ pub async fn prepare(
             return Err(e);
         }
     };
+    let keys: Vec<(usize, usize)> = unpacked
+        .placeholders
+        .iter()
+        .map(|p| (p.layer, p.entry))
+        .collect();
+    let mut profile_files = 0;
+    if let Some(profile) = indexes
+        .profile
+        .as_ref()
+        .filter(|_| opts.profile_prefetch > 0)
+    {
+        let ids = profile_file_ids(profile, &ixs, &keys, &files);
+        profile_files = ids.len();
+        info!(
+            reference,
+            files = profile_files,
+            listed = profile.files.len(),
+            "filling the access profile's files ahead of the workload"
+        );
+        engine.fill_in_background(ids, opts.profile_prefetch);
+    }
+    let prefetch_order = sources
+        .prefetch_order(&keys)
+        .into_iter()
+        .map(|i| files[i])
+        .collect();
     let bytes_before_ready = store.bytes_fetched();
     info!(
         reference,
@@ -508,11 +838,77 @@ pub async fn prepare(
         dest: dest.to_path_buf(),
         unpacked,
         files,
+        prefetch_order,
         index_origins: indexes.layers.iter().map(|l| l.2).collect(),
         bytes_before_ready,
         image_size,
         store,
+        layers: indexes
+            .layers
+            .iter()
+            .map(|(d, ix, _)| (d.clone(), ix.clone()))
+            .collect(),
+        blob_cache: indexes.blob_cache.clone(),
+        profile_files,
     })
+}
+
+/// The engine ids of the files an access profile lists, in its order: `placed` are the
+/// placeholders as (layer, entry) beside their `ids`, `layers` the layer indexes naming
+/// their paths. Paths the image does not have as placeholders are skipped.
+pub fn profile_file_ids(
+    profile: &AccessProfile,
+    layers: &[Arc<LayerIndex>],
+    placed: &[(usize, usize)],
+    ids: &[FileId],
+) -> Vec<FileId> {
+    let by_path: std::collections::HashMap<&str, FileId> = placed
+        .iter()
+        .zip(ids)
+        .filter_map(|(&(layer, entry), id)| {
+            Some((layers.get(layer)?.entries.get(entry)?.path.as_str(), *id))
+        })
+        .collect();
+    let mut seen = std::collections::HashSet::new();
+    profile
+        .files
+        .iter()
+        .filter_map(|p| by_path.get(p.as_str()).copied())
+        .filter(|id| seen.insert(*id))
+        .collect()
+}
+
+impl Prepared {
+    /// The files readers of this tree have touched so far, first access first, as an access
+    /// profile to publish with the index artifact ([`index_image_with_profile`]).
+    pub fn access_profile(&self, engine: &Engine) -> AccessProfile {
+        let by_id: std::collections::HashMap<FileId, &str> = self
+            .unpacked
+            .placeholders
+            .iter()
+            .zip(&self.files)
+            .filter_map(|(p, id)| {
+                Some((
+                    *id,
+                    self.layers
+                        .get(p.layer)?
+                        .1
+                        .entries
+                        .get(p.entry)?
+                        .path
+                        .as_str(),
+                ))
+            })
+            .collect();
+        AccessProfile {
+            version: 1,
+            files: engine
+                .accessed(&self.files)
+                .iter()
+                .filter_map(|id| by_id.get(id).map(|p| p.to_string()))
+                .collect(),
+        }
+    }
 }
 
 /// Registers every placeholder of an unpacked image; on failure unregisters the ones done.
@@ -520,9 +916,7 @@ pub async fn prepare(
 #[allow(clippy::result_large_err)]
 fn register_all(
     engine: &Engine,
-    store: &Arc<BlobStore>,
-    indexes: &ImageIndexes,
-    windows: &[Arc<LayerWindows>],
+    sources: &ImageSources,
     unpacked: &Unpacked,
     reference: &str,
     mode: Mode,
@@ -530,21 +924,7 @@ fn register_all(
     let mut files = Vec::with_capacity(unpacked.placeholders.len());
     let res = (|| {
         for p in &unpacked.placeholders {
-            let (digest, index, _) = &indexes.layers[p.layer];
-            let entry = index.resolve(p.entry).cloned().ok_or_else(|| {
-                ImageError::Task(format!("no entry {} in layer {digest}", p.entry))
-            })?;
-            let verify = verify_for(&entry);
-            let source = Arc::new(
-                LayerFileSource::new(
-                    store.clone(),
-                    digest.clone(),
-                    index.clone(),
-                    windows[p.layer].clone(),
-                    entry,
-                )
-                .with_blob_cache(indexes.blob_cache.clone()),
-            );
+            let (source, verify) = sources.file_source(p.layer, p.entry)?;
             let placeholder = Placeholder {
                 path: p.path.clone(),
                 size: p.size,
@@ -631,6 +1011,16 @@ pub async fn index_image(
     opts: &PrepareOptions,
     push: bool,
 ) -> Result<(ImageIndexes, Option<Digest>), ImageError> {
+    index_image_with_profile(reference, opts, push, None).await
+}
+
+/// [`index_image`], with an access profile added to the pushed artifact.
+pub async fn index_image_with_profile(
+    reference: &str,
+    opts: &PrepareOptions,
+    push: bool,
+    profile: Option<&AccessProfile>,
+) -> Result<(ImageIndexes, Option<Digest>), ImageError> {
     let (store, image) = open(reference, opts).await?;
     let subject = image.manifest_digest.clone();
     let mut no_artifact = opts.clone();
@@ -642,7 +1032,11 @@ pub async fn index_image(
     // Every index is in the local store now (loaded from it, or built and saved).
     let local = IndexStore::new(&opts.index_dir);
     let mut blobs = Vec::new();
-    for (digest, ix, _) in &indexes.layers {
+    for (digest, ix, origin) in &indexes.layers {
+        if *origin == IndexOrigin::Toc {
+            // Read through its own TOC: nothing to attach.
+            continue;
+        }
         blobs.push((INDEX_LAYER_MEDIA_TYPE.to_string(), Bytes::from(ix.encode())));
         let pack = local.load_windows(ix).map_err(|source| ImageError::Index {
             reference: reference.to_string(),
@@ -652,6 +1046,17 @@ pub async fn index_image(
         if let Some(pack) = pack {
             blobs.push((INDEX_WINDOWS_MEDIA_TYPE.to_string(), pack.bytes().clone()));
         }
+    }
+    if blobs.is_empty() {
+        info!(
+            reference,
+            "every layer carries its own TOC: no index artifact to push"
+        );
+        return Ok((indexes, None));
+    }
+    if let Some(p) = profile {
+        let json = serde_json::to_vec(p).map_err(|e| ImageError::Task(e.to_string()))?;
+        blobs.push((ACCESS_PROFILE_MEDIA_TYPE.to_string(), Bytes::from(json)));
     }
     let digest = store
         .push_artifact(&subject, INDEX_ARTIFACT_TYPE, blobs)
@@ -709,16 +1114,15 @@ impl LayerFileSource {
         let span = crate::index::plan_back(&self.index, &self.entry, offset, len, back)
             .map_err(|e| SourceError::with_source(what(), e))?;
         let fetch = async {
-            let digest = self.layer.to_string();
-            if let Some(local) = &self.local
-                && let Ok(Some(bytes)) = local.read_range(&digest, span.blob_offset, span.blob_len)
-            {
-                return Ok(bytes::Bytes::from(bytes));
-            }
-            self.store
-                .read_range(&self.layer, span.blob_offset, span.blob_len)
-                .await
-                .map_err(|e| SourceError::with_source(what(), e))
+            crate::blobcache::read_range(
+                self.local.as_ref(),
+                &self.store,
+                &self.layer,
+                span.blob_offset,
+                span.blob_len,
+            )
+            .await
+            .map_err(|e| SourceError::with_source(what(), e))
         };
         let window = async {
             match span.checkpoint {
@@ -785,5 +1189,193 @@ impl ContentSource for LayerFileSource {
             Ok(data)
         }
         .boxed()
+    }
+}
+
+/// What [`stream_fill_layer`] did.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct StreamFill {
+    /// Uncompressed layer bytes read from the stream.
+    pub bytes_read: u64,
+    /// Bytes written into placeholders.
+    pub bytes_written: u64,
+    /// Placeholders offered bytes.
+    pub files: u64,
+}
+
+/// Bytes read from a layer stream and offered to the engine at a time (rounded to a file's
+/// fill chunk): large enough for few writes, small enough that readers never wait long
+/// behind one.
+const STREAM_PIECE: u64 = 4 << 20;
+
+/// Fills placeholders of one layer from a single sequential read of the whole blob (the
+/// local blob cache, else one streaming GET), inflated once, the way an eager pull reads it:
+/// for completing an image in the background, far cheaper than a range read and an inflate
+/// from a checkpoint per piece. `files` are the layer's placeholders as (entry index in
+/// `index`, engine id); each piece is handed to [`Engine::supply`], which verifies it against
+/// the index's digests and skips what readers already filled or are fetching, so on-demand
+/// fills and this stream never write the same chunk twice. `before_piece(len)` runs before
+/// each piece of file data (pacing, pausing for readers); returning `false` stops early.
+/// Blocks: call it from a plain thread, not from a runtime. Stops reading once the last
+/// wanted file has passed; a piece whose verification fails is logged and left to the
+/// file's own source.
+pub fn stream_fill_layer(
+    engine: &Engine,
+    store: &Arc<BlobStore>,
+    blob_cache: Option<&BlobCache>,
+    layer: &Digest,
+    index: &LayerIndex,
+    files: &[(usize, FileId)],
+    mut before_piece: impl FnMut(u64) -> bool,
+) -> Result<StreamFill, ImageError> {
+    use std::collections::BTreeMap;
+    use std::io::Read;
+    let err = |source: io::Error| ImageError::Stream {
+        layer: layer.to_string(),
+        source,
+    };
+    // Data offset -> (path, size, placeholders): hardlinked placeholders share one entry's
+    // bytes.
+    let mut want: BTreeMap<u64, (&str, u64, Vec<FileId>)> = BTreeMap::new();
+    for &(entry, id) in files {
+        let Some(e) = index.resolve(entry) else {
+            continue;
+        };
+        if e.kind != crate::index::EntryKind::File || e.size == 0 || engine.is_complete(id) {
+            continue;
+        }
+        let slot = want
+            .entry(e.data_offset)
+            .or_insert((e.path.as_str(), e.size, Vec::new()));
+        if slot.0 != e.path {
+            // Two files' data at one offset: not a tar stream's layout (a table-of-contents
+            // layer locates data by chunk, not by stream offset). Nothing to stream.
+            debug!(layer = %layer, "layer data is not laid out as one stream; not streaming it");
+            return Ok(StreamFill::default());
+        }
+        slot.2.push(id);
+    }
+    let mut stats = StreamFill::default();
+    if want.is_empty() {
+        return Ok(stats);
+    }
+    let digest = layer.to_string();
+    let raw: Box<dyn Read> = match blob_cache.filter(|c| c.contains(&digest)) {
+        Some(cache) => {
+            let path = cache.path(&digest).unwrap_or_default();
+            Box::new(std::fs::File::open(&path).map_err(err)?)
+        }
+        None => {
+            let handle = engine.handle();
+            let _runtime = handle.enter();
+            let stream = handle
+                .block_on(store.open_stream(layer))
+                .map_err(|e| err(io::Error::other(e)))?;
+            Box::new(stream.into_blocking_reader())
+        }
+    };
+    let raw = io::BufReader::with_capacity(1 << 20, raw);
+    let mut tar: Box<dyn Read> = match index.compression {
+        crate::index::Compression::Gzip => Box::new(flate2::bufread::MultiGzDecoder::new(raw)),
+        crate::index::Compression::Zstd => {
+            Box::new(zstd::stream::read::Decoder::with_buffer(raw).map_err(err)?)
+        }
+        crate::index::Compression::None => Box::new(raw),
+    };
+    let mut buf = Vec::new();
+    for (offset, (_, size, ids)) in want {
+        if offset < stats.bytes_read {
+            continue; // Overlapping data in a hostile index: leave it to the source.
+        }
+        let skip = offset - stats.bytes_read;
+        let skipped = io::copy(&mut (&mut tar).take(skip), &mut io::sink()).map_err(err)?;
+        stats.bytes_read += skipped;
+        if skipped != skip {
+            return Err(err(io::Error::new(
+                io::ErrorKind::UnexpectedEof,
+                format!(
+                    "layer ends at {} before file data at {offset}",
+                    stats.bytes_read
+                ),
+            )));
+        }
+        let chunk = engine.progress(ids[0]).map_or(1, |p| p.chunk.max(1));
+        let piece = (STREAM_PIECE / chunk).max(1) * chunk;
+        stats.files += ids.len() as u64;
+        let mut at = 0;
+        while at < size {
+            let len = piece.min(size - at);
+            buf.resize(len as usize, 0);
+            tar.read_exact(&mut buf).map_err(err)?;
+            stats.bytes_read += len;
+            if ids.iter().any(|id| !engine.is_complete(*id)) {
+                if !before_piece(len) {
+                    return Ok(stats);
+                }
+                for id in &ids {
+                    match engine.supply(*id, at, &buf) {
+                        Ok(n) => stats.bytes_written += n,
+                        Err(e) => warn!(
+                            layer = %layer,
+                            offset = at,
+                            error = %crate::fill::error_chain(&e),
+                            "a streamed piece was not taken; the file's source will fill it"
+                        ),
+                    }
+                }
+            }
+            at += len;
+        }
+    }
+    debug!(layer = %layer, read = stats.bytes_read, written = stats.bytes_written, "layer streamed into placeholders");
+    Ok(stats)
+}
+
+impl Prepared {
+    /// Completes the image in the background's way, from the calling (plain) thread: each
+    /// layer with a tar stream streamed once into its placeholders ([`stream_fill_layer`]),
+    /// then whatever is still missing (TOC layers' files, a stream that failed, chunks a
+    /// reader had in flight) filled from the files' own sources in
+    /// [`Prepared::prefetch_order`], `parallel` at a time. Returns the streamed totals.
+    pub fn prefetch(&self, engine: &Engine, parallel: usize) -> Result<StreamFill, ImageError> {
+        let mut total = StreamFill::default();
+        for (li, (digest, index)) in self.layers.iter().enumerate() {
+            if self.index_origins.get(li) == Some(&IndexOrigin::Toc) {
+                continue; // No tar stream to follow: its files fill by chunks below.
+            }
+            let files: Vec<(usize, FileId)> = self
+                .unpacked
+                .placeholders
+                .iter()
+                .zip(&self.files)
+                .filter(|(p, _)| p.layer == li)
+                .map(|(p, id)| (p.entry, *id))
+                .collect();
+            match stream_fill_layer(
+                engine,
+                &self.store,
+                self.blob_cache.as_ref(),
+                digest,
+                index,
+                &files,
+                |_| true,
+            ) {
+                Ok(s) => {
+                    total.bytes_read += s.bytes_read;
+                    total.bytes_written += s.bytes_written;
+                    total.files += s.files;
+                }
+                Err(e) => {
+                    warn!(error = %crate::fill::error_chain(&e), "streaming prefetch failed; filling by ranges")
+                }
+            }
+        }
+        engine
+            .fill_files(&self.prefetch_order, parallel)
+            .map_err(|source| ImageError::Fill {
+                reference: self.reference.clone(),
+                source,
+            })?;
+        Ok(total)
     }
 }

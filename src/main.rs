@@ -10,12 +10,12 @@ use std::process::ExitCode;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use anyhow::{Context, Result, bail};
+use anyhow::{Context, Result, anyhow, bail};
 use clap::{Args, Parser, Subcommand, ValueEnum};
 use fanfill::api::{LayoutMode, RegistrySettings, Request, Response};
 use fanfill::daemon::DaemonConfig;
 use fanfill::fill::{Engine, EngineConfig, error_chain};
-use fanfill::image::{self, IndexOrigin, PrepareOptions};
+use fanfill::image::{self, PrepareOptions};
 use fanfill::unpack::Mode;
 
 /// Start containers before their images are downloaded.
@@ -118,6 +118,13 @@ struct DaemonArgs {
     /// Serve Prometheus metrics on this address, e.g. 127.0.0.1:9464 (off by default).
     #[arg(long, value_name = "ADDR")]
     metrics_addr: Option<std::net::SocketAddr>,
+    /// Prepare images only strictly below this directory (repeatable). Default:
+    /// /var/lib, /var/tmp, /srv, /mnt, /media, /run, /tmp, /home. Whatever this says, never
+    /// the state dir, index dir or socket or above them, inside the state dir only under
+    /// STATE_DIR/roots; destinations must be absolute, without `..`, and are checked where
+    /// their symlinks lead.
+    #[arg(long = "allow-root", value_name = "DIR")]
+    allow_root: Vec<PathBuf>,
     /// Test knob: delay every fetch by this many milliseconds.
     #[arg(long, hide = true, default_value_t = 0)]
     test_fetch_delay_ms: u64,
@@ -218,6 +225,11 @@ struct PullArgs {
     /// Serve DEST from this process instead of the daemon, until interrupted.
     #[arg(long)]
     foreground: bool,
+    /// With --foreground: on exit, write the files readers of DEST touched, first access
+    /// first, to FILE as an access profile (JSON) for `fanfill index --push --profile`.
+    /// Run the workload once against DEST, then interrupt.
+    #[arg(long, value_name = "FILE", requires = "foreground")]
+    record_profile: Option<PathBuf>,
     #[command(flatten)]
     registry: RegistryArgs,
 }
@@ -229,6 +241,11 @@ struct IndexArgs {
     /// Push the indexes to the registry as an artifact referring to the image manifest.
     #[arg(long)]
     push: bool,
+    /// With --push: add this access profile (JSON from `pull --record-profile`) to the
+    /// artifact. Every later prepare of the image fills the listed files in the background
+    /// at once, before the workload asks for them.
+    #[arg(long, value_name = "FILE", requires = "push")]
+    profile: Option<PathBuf>,
     #[command(flatten)]
     registry: RegistryArgs,
 }
@@ -278,14 +295,6 @@ fn runtime() -> Result<tokio::runtime::Runtime> {
         .context("starting the async runtime")
 }
 
-fn origin_word(o: IndexOrigin) -> &'static str {
-    match o {
-        IndexOrigin::Local => "local",
-        IndexOrigin::Artifact => "artifact",
-        IndexOrigin::Built => "built",
-    }
-}
-
 fn mib(b: u64) -> String {
     format!("{:.1} MiB", b as f64 / 1_048_576.0)
 }
@@ -316,7 +325,7 @@ fn pull(a: PullArgs) -> Result<()> {
         prepared
             .index_origins
             .iter()
-            .map(|o| origin_word(*o))
+            .map(|o| o.as_str())
             .collect::<Vec<_>>()
             .join(",")
     );
@@ -324,11 +333,12 @@ fn pull(a: PullArgs) -> Result<()> {
         println!("lowerdir={}", prepared.unpacked.lowerdir_option());
     }
     let prefetch = a.prefetch || a.exit_when_complete;
+    let prepared = Arc::new(prepared);
     let (done_tx, done_rx) = std::sync::mpsc::channel();
     if prefetch {
-        let (e, n) = (engine.clone(), a.prefetch_parallel);
+        let (e, p, n) = (engine.clone(), prepared.clone(), a.prefetch_parallel);
         std::thread::spawn(move || {
-            let _ = done_tx.send(e.fill_all(n));
+            let _ = done_tx.send(p.prefetch(&e, n));
         });
     }
     let interrupted = Arc::new(std::sync::atomic::AtomicBool::new(false));
@@ -349,12 +359,13 @@ fn pull(a: PullArgs) -> Result<()> {
             break;
         }
         match done_rx.recv_timeout(Duration::from_millis(200)) {
-            Ok(Ok(())) => {
+            Ok(Ok(streamed)) => {
                 let s = engine.stats();
                 println!(
-                    "complete: {} files, {} filled, {} fetched from {}",
+                    "complete: {} files, {} filled ({} from layer streams), {} fetched from {}",
                     s.files,
                     mib(s.bytes_filled),
+                    mib(streamed.bytes_written),
                     mib(prepared.store.bytes_fetched()),
                     prepared.reference
                 );
@@ -378,6 +389,16 @@ fn pull(a: PullArgs) -> Result<()> {
                 s.errors
             );
         }
+    }
+    if let Some(path) = &a.record_profile {
+        let profile = prepared.access_profile(&engine);
+        std::fs::write(path, serde_json::to_vec_pretty(&profile)?)
+            .with_context(|| format!("writing the access profile {}", path.display()))?;
+        println!(
+            "access profile: {} files read, written to {}",
+            profile.files.len(),
+            path.display()
+        );
     }
     drop(rt);
     match Arc::try_unwrap(engine) {
@@ -456,6 +477,9 @@ fn daemon(socket: PathBuf, a: DaemonArgs) -> Result<()> {
     c.engine.workers = a.workers;
     c.fetch_delay = Duration::from_millis(a.test_fetch_delay_ms);
     c.metrics_addr = a.metrics_addr;
+    if !a.allow_root.is_empty() {
+        c.allowed_roots = a.allow_root;
+    }
     if a.no_holder {
         c.holder_exe = None;
     }
@@ -537,16 +561,43 @@ fn prefetch(socket: &Path, a: PrefetchArgs) -> Result<()> {
 
 fn index(a: IndexArgs) -> Result<()> {
     let opts = a.registry.options()?;
+    let profile = match &a.profile {
+        Some(path) => {
+            let bytes =
+                std::fs::read(path).with_context(|| format!("reading {}", path.display()))?;
+            let p = image::AccessProfile::from_json(&bytes)
+                .map_err(|e| anyhow!("access profile {}: {e}", path.display()))?;
+            Some(p)
+        }
+        None => None,
+    };
     let rt = runtime()?;
     let bar = spinner(format!("indexing the layers of {}", a.image));
-    let indexed = rt.block_on(image::index_image(&a.image, &opts, a.push));
+    let indexed = rt.block_on(image::index_image_with_profile(
+        &a.image,
+        &opts,
+        a.push,
+        profile.as_ref(),
+    ));
     bar.finish_and_clear();
     let (indexes, artifact) = indexed?;
     println!(
         "| layer | compressed | uncompressed | entries | checkpoints | index bytes | origin |"
     );
     println!("|---|---|---|---|---|---|---|");
-    for (digest, ix, origin) in &indexes.layers {
+    for ((digest, ix, origin), toc) in indexes.layers.iter().zip(&indexes.tocs) {
+        if let Some(toc) = toc {
+            println!(
+                "| {} | {} | - | {} | - | - | {:?} TOC {} ({} bytes read): no index needed |",
+                digest,
+                ix.compressed_size,
+                ix.entries.len(),
+                toc.format,
+                toc.toc_digest,
+                toc.toc_bytes_fetched
+            );
+            continue;
+        }
         println!(
             "| {} | {} | {} | {} | {} | {} | {} |",
             digest,
@@ -555,7 +606,7 @@ fn index(a: IndexArgs) -> Result<()> {
             ix.entries.len(),
             ix.checkpoints.len(),
             ix.encode().len(),
-            origin_word(*origin)
+            origin.as_str()
         );
     }
     if let Some(d) = artifact {

@@ -66,6 +66,17 @@ pub enum LayerItem {
         /// Content.
         data: Vec<u8>,
     },
+    /// A regular file with extended attributes (written as `SCHILY.xattr.*` PAX records).
+    FileXattrs {
+        /// Path in the image.
+        path: String,
+        /// Permission bits.
+        mode: u32,
+        /// Content.
+        data: Vec<u8>,
+        /// Extended attributes, name -> value.
+        xattrs: Vec<(String, Vec<u8>)>,
+    },
     /// A regular file copied from the host (content, mode and mtime).
     HostFile {
         /// Path in the image.
@@ -165,6 +176,21 @@ fn layer_tar(items: &[LayerItem]) -> Result<Vec<u8>, BuildError> {
                 let mut h = header(tar::EntryType::Regular, *mode, data.len() as u64, mtime);
                 b.append_data(&mut h, path, &data[..]).map_err(tio)?;
             }
+            LayerItem::FileXattrs {
+                path,
+                mode,
+                data,
+                xattrs,
+            } => {
+                let recs: Vec<(String, &[u8])> = xattrs
+                    .iter()
+                    .map(|(k, v)| (format!("SCHILY.xattr.{k}"), v.as_slice()))
+                    .collect();
+                b.append_pax_extensions(recs.iter().map(|(k, v)| (k.as_str(), *v)))
+                    .map_err(tio)?;
+                let mut h = header(tar::EntryType::Regular, *mode, data.len() as u64, mtime);
+                b.append_data(&mut h, path, &data[..]).map_err(tio)?;
+            }
             LayerItem::HostFile { path, host } => {
                 let data = std::fs::read(host).map_err(io_err(host))?;
                 let md = std::fs::metadata(host).map_err(io_err(host))?;
@@ -241,20 +267,90 @@ pub fn write_layout_tars(
     tars: &[Vec<u8>],
     compression: Compression,
 ) -> Result<BuiltImage, BuildError> {
+    let blobs = tars
+        .iter()
+        .map(|raw| {
+            Ok(LayerBlob {
+                diff_id: format!("sha256:{}", hex::encode(Sha256::digest(raw))),
+                blob: compress(raw, compression)?,
+                media_type: compression.media_type(),
+                uncompressed_size: raw.len() as u64,
+                annotations: serde_json::Map::new(),
+            })
+        })
+        .collect::<Result<Vec<_>, BuildError>>()?;
+    write_layout_blobs(dir, tag, blobs)
+}
+
+/// [`write_layout`] with eStargz layers ([`crate::toc::estargz::write`], one set of options
+/// per layer; missing ones default), each descriptor annotated with its TOC digest and
+/// uncompressed size. The blobs stay valid gzip tar: eager clients read them as usual.
+pub fn write_layout_estargz(
+    dir: &Path,
+    tag: &str,
+    layers: &[Vec<LayerItem>],
+    opts: &[crate::toc::estargz::WriteOptions],
+) -> Result<BuiltImage, BuildError> {
+    use crate::toc::estargz;
+    let blobs = layers
+        .iter()
+        .enumerate()
+        .map(|(i, items)| {
+            let raw = layer_tar(items)?;
+            let o = opts.get(i).cloned().unwrap_or_default();
+            let w = estargz::write(&raw, &o).map_err(|source| BuildError::Io {
+                path: PathBuf::from("<estargz layer>"),
+                source,
+            })?;
+            let mut annotations = serde_json::Map::new();
+            annotations.insert(estargz::TOC_DIGEST_ANNOTATION.into(), w.toc_digest.into());
+            annotations.insert(
+                estargz::UNCOMPRESSED_SIZE_ANNOTATION.into(),
+                w.uncompressed_size.to_string().into(),
+            );
+            Ok(LayerBlob {
+                diff_id: w.diff_id,
+                blob: w.blob,
+                media_type: Compression::Gzip.media_type(),
+                uncompressed_size: w.uncompressed_size,
+                annotations,
+            })
+        })
+        .collect::<Result<Vec<_>, BuildError>>()?;
+    write_layout_blobs(dir, tag, blobs)
+}
+
+/// One finished layer blob with what its descriptor and the config say of it.
+struct LayerBlob {
+    blob: Vec<u8>,
+    diff_id: String,
+    media_type: &'static str,
+    uncompressed_size: u64,
+    annotations: serde_json::Map<String, serde_json::Value>,
+}
+
+fn write_layout_blobs(
+    dir: &Path,
+    tag: &str,
+    blobs: Vec<LayerBlob>,
+) -> Result<BuiltImage, BuildError> {
     std::fs::create_dir_all(dir).map_err(io_err(dir))?;
     let mut descs = Vec::new();
     let mut diff_ids = Vec::new();
     let mut built = Vec::new();
-    for raw in tars {
-        diff_ids.push(format!("sha256:{}", hex::encode(Sha256::digest(raw))));
-        let blob = compress(raw, compression)?;
-        let digest = write_blob(dir, &blob)?;
-        descs.push(serde_json::json!({
-            "mediaType": compression.media_type(),
+    for l in blobs {
+        diff_ids.push(l.diff_id);
+        let digest = write_blob(dir, &l.blob)?;
+        let mut desc = serde_json::json!({
+            "mediaType": l.media_type,
             "digest": digest,
-            "size": blob.len(),
-        }));
-        built.push((digest, blob.len() as u64, raw.len() as u64));
+            "size": l.blob.len(),
+        });
+        if !l.annotations.is_empty() {
+            desc["annotations"] = serde_json::Value::Object(l.annotations);
+        }
+        descs.push(desc);
+        built.push((digest, l.blob.len() as u64, l.uncompressed_size));
     }
     let arch = match std::env::consts::ARCH {
         "x86_64" => "amd64",

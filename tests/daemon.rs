@@ -4,57 +4,11 @@
 mod fsutil;
 
 use std::io::Read;
-use std::path::Path;
 use std::time::{Duration, Instant};
 
 use fanfill::api::{Request, Response};
-use fanfill::ocibuild::{Compression, LayerItem, write_layout};
-use fsutil::daemonproc::{DaemonProc, bin};
-use fsutil::{pattern, within};
-
-/// The holder's fanotify group fd as `/proc/PID/fdinfo/FD`: number of inode marks.
-fn holder_marks(state: &Path) -> usize {
-    let pid = std::fs::read_to_string(state.join("holder.pid")).unwrap();
-    let pid = pid.trim();
-    for e in std::fs::read_dir(format!("/proc/{pid}/fd"))
-        .unwrap()
-        .flatten()
-    {
-        if std::fs::read_link(e.path()).is_ok_and(|l| l.as_os_str() == "anon_inode:[fanotify]") {
-            let info = std::fs::read_to_string(format!(
-                "/proc/{pid}/fdinfo/{}",
-                e.file_name().to_string_lossy()
-            ))
-            .unwrap();
-            return info
-                .lines()
-                .filter(|l| l.starts_with("fanotify ino:"))
-                .count();
-        }
-    }
-    panic!("holder {pid} holds no fanotify group");
-}
-
-/// An image of `n` files of ~1 MiB (content `pattern(len, seed0 + i)`) plus a directory.
-fn build_image(dir: &Path, tag: &str, n: usize, seed0: u64) -> (String, Vec<(String, Vec<u8>)>) {
-    let mut items = vec![LayerItem::Dir {
-        path: "data".into(),
-        mode: 0o755,
-    }];
-    let mut files = Vec::new();
-    for i in 0..n {
-        let data = pattern((1 << 20) + 4096 * i + 17, seed0 + i as u64);
-        let path = format!("data/f{i:02}.bin");
-        items.push(LayerItem::File {
-            path: path.clone(),
-            mode: 0o644,
-            data: data.clone(),
-        });
-        files.push((path, data));
-    }
-    let built = write_layout(dir, tag, &[items], Compression::Gzip).unwrap();
-    (built.reference(), files)
-}
+use fsutil::daemonproc::{DaemonProc, bin, build_image, holder_marks};
+use fsutil::within;
 
 #[test]
 fn sigkill_with_16_blocked_readers_loses_no_reader_and_leaks_no_zeros() {
@@ -220,7 +174,18 @@ fn cli_pull_status_rm_and_clear_errors() {
         .unwrap()
         .port();
     let metrics_addr = format!("127.0.0.1:{port}");
-    let d = DaemonProc::start(&state, &["--metrics-addr", &metrics_addr]);
+    let tmp_root = std::env::temp_dir();
+    let d = DaemonProc::start(
+        &state,
+        &[
+            "--metrics-addr",
+            &metrics_addr,
+            "--allow-root",
+            tmp_root.to_str().unwrap(),
+            "--allow-root",
+            "/dev/shm",
+        ],
+    );
     let cli = |args: &[&str]| {
         let mut c = bin();
         c.args(args).env("FANFILL_SOCKET", &d.socket);

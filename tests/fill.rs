@@ -822,3 +822,94 @@ fn event_fds_do_not_leak_into_children() {
     let got = within(20, "slow read", move || reader.join().unwrap());
     assert!(got == *data);
 }
+
+/// `Engine::supply` (bytes that arrived by a layer stream) is held to the same rules as a
+/// fetch: bytes that fail verification are refused and never reach the disk, a file the
+/// user truncated and rewrote keeps the user's bytes, supplied chunks are not fetched again,
+/// and the file completes (mark removed) with its last chunk.
+#[test]
+fn supplied_bytes_are_verified_and_never_overwrite_user_data() {
+    let dir = tempfile::tempdir().unwrap();
+    let e = engine();
+    let data = Arc::new(pattern((3 << 20) + 777, 41));
+    let digests: Vec<String> = data.chunks(1 << 20).map(sha256_hex).collect();
+    let chunks = || Verify::Chunks {
+        chunk: 1 << 20,
+        sha256: digests.clone(),
+    };
+
+    // Wrong bytes: refused, nothing on disk; a later read gets the true bytes from the source.
+    let (path, id, src) = placeholder(
+        &e,
+        dir.path(),
+        "bad",
+        &data,
+        MemSource::new(data.clone()),
+        chunks(),
+    );
+    let mut wrong = data[..2 << 20].to_vec();
+    wrong[5] ^= 1;
+    assert!(e.supply(id, 0, &wrong).is_err(), "corrupt supply refused");
+    assert_eq!(
+        std::fs::metadata(&path).unwrap().blocks(),
+        0,
+        "nothing written"
+    );
+    assert!(!e.is_complete(id));
+    assert!(read_all(&path).unwrap() == *data);
+    assert!(src.calls.load(Ordering::SeqCst) > 0);
+
+    // Right bytes, in two pieces, one not chunk-aligned at its end: the covered chunks are
+    // written, the rest waits for the next piece; nothing is fetched; the mark goes.
+    let (path, id, src) = placeholder(
+        &e,
+        dir.path(),
+        "good",
+        &data,
+        MemSource::new(data.clone()),
+        chunks(),
+    );
+    let first = (1 << 20) + 4096; // one whole chunk and a bit of the next
+    assert_eq!(e.supply(id, 0, &data[..first]).unwrap(), 1 << 20);
+    assert!(!e.is_complete(id));
+    assert_eq!(
+        e.supply(id, 1 << 20, &data[1 << 20..]).unwrap(),
+        data.len() as u64 - (1 << 20)
+    );
+    assert!(e.is_complete(id));
+    assert_eq!(
+        e.supply(id, 0, &data).unwrap(),
+        0,
+        "a complete file takes nothing"
+    );
+    assert!(read_all(&path).unwrap() == *data);
+    assert_eq!(
+        src.calls.load(Ordering::SeqCst),
+        0,
+        "supplied chunks are not fetched"
+    );
+    assert_eq!(
+        marks_of_group(e.group().as_raw_fd()),
+        0,
+        "both files complete, no mark left"
+    );
+
+    // The user truncated and rewrote the file (O_TRUNC raises no event): the supply must not
+    // bring the image's bytes back.
+    let (path, id, _) = placeholder(
+        &e,
+        dir.path(),
+        "user",
+        &data,
+        MemSource::new(data.clone()),
+        chunks(),
+    );
+    let q = path.clone();
+    within(20, "O_TRUNC", move || {
+        let mut f = File::options().write(true).truncate(true).open(&q).unwrap();
+        f.write_all(b"user bytes").unwrap();
+    });
+    assert_eq!(e.supply(id, 0, &data).unwrap(), 0);
+    assert_eq!(read_all(&path).unwrap(), b"user bytes");
+    assert!(e.is_complete(id));
+}

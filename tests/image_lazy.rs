@@ -10,117 +10,57 @@
 mod common;
 #[path = "support/host_image.rs"]
 mod host_image;
+#[path = "support/trees.rs"]
+mod trees;
 
-use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
-use std::process::Command;
-use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
 use fanfill::fill::{Engine, EngineConfig};
 use fanfill::image::{self, IndexOrigin, PrepareOptions};
 use fanfill::ocibuild::{Compression, write_layout};
 use sha2::Digest as _;
+use trees::{
+    compare, compare_all, mib, pct, read_bounded, read_sample, sample, sha256_file, tar_extract,
+    walk,
+};
 
-/// What a path is in a tree: a file's sha256, a symlink's target, or a directory.
-#[derive(Debug, Clone, PartialEq, Eq)]
-enum Node {
-    File(String),
-    Link(String),
-    Dir,
+/// An image of host files (`scale` of the full set) written as a gzip OCI layout under
+/// `tmp`, with its plain `tar -x` reference tree.
+struct HostImage {
+    layout: PathBuf,
+    built: fanfill::ocibuild::BuiltImage,
+    tree: std::collections::BTreeMap<String, (PathBuf, std::fs::FileType)>,
 }
 
-/// Every path below `root` (not following symlinks), without reading file contents.
-fn walk(root: &Path) -> BTreeMap<String, (PathBuf, std::fs::FileType)> {
-    let mut out = BTreeMap::new();
-    let mut stack = vec![root.to_path_buf()];
-    while let Some(dir) = stack.pop() {
-        for e in std::fs::read_dir(&dir).unwrap() {
-            let e = e.unwrap();
-            let p = e.path();
-            let t = e.file_type().unwrap();
-            let rel = p.strip_prefix(root).unwrap().to_string_lossy().into_owned();
-            if t.is_dir() {
-                stack.push(p.clone());
-            }
-            out.insert(rel, (p, t));
+impl HostImage {
+    fn build(tmp: &Path, scale: f64) -> HostImage {
+        let layout = tmp.join("layout");
+        let built = write_layout(&layout, "v1", &host_image::layers(scale), Compression::Gzip)
+            .expect("build the image from host files");
+        let blobs: Vec<PathBuf> = built
+            .layers
+            .iter()
+            .map(|(d, _, _)| layout.join("blobs/sha256").join(&d[7..]))
+            .collect();
+        let reference_dir = tmp.join("reference");
+        tar_extract(&blobs, &reference_dir);
+        let tree = walk(&reference_dir);
+        HostImage {
+            layout,
+            built,
+            tree,
         }
     }
-    out
-}
 
-fn sha256_file(p: &Path) -> String {
-    hex::encode(sha2::Sha256::digest(std::fs::read(p).unwrap()))
-}
-
-/// Reads `path` on another thread; panics if that takes longer than `limit` (a fill that
-/// never completes must fail the test, not hang it).
-fn read_bounded(path: &Path, limit: Duration) -> Vec<u8> {
-    let (tx, rx) = mpsc::channel();
-    let p = path.to_path_buf();
-    std::thread::spawn(move || {
-        let _ = tx.send(std::fs::read(&p));
-    });
-    match rx.recv_timeout(limit) {
-        Ok(Ok(data)) => data,
-        Ok(Err(e)) => panic!("reading {}: {e}", path.display()),
-        Err(_) => panic!("reading {} took longer than {limit:?}", path.display()),
+    /// The regular files' paths.
+    fn files(&self) -> Vec<&String> {
+        self.tree
+            .iter()
+            .filter(|(_, (_, t))| t.is_file())
+            .map(|(k, _)| k)
+            .collect()
     }
-}
-
-/// A plain extraction of the layers, lowest first, with OCI whiteouts applied: the reference
-/// the placeholders must match. Uses GNU tar only (no fanfill code).
-fn tar_extract(blobs: &[PathBuf], dest: &Path) {
-    std::fs::create_dir_all(dest).unwrap();
-    for blob in blobs {
-        let list = Command::new("tar").arg("-tzf").arg(blob).output().unwrap();
-        assert!(list.status.success());
-        for name in String::from_utf8(list.stdout).unwrap().lines() {
-            let name = name.trim_start_matches("./");
-            let (dir, base) = match name.rsplit_once('/') {
-                Some((d, b)) => (format!("{d}/"), b),
-                None => (String::new(), name),
-            };
-            if let Some(victim) = base.strip_prefix(".wh.") {
-                assert_ne!(victim, ".wh..opq", "opaque whiteouts are not used here");
-                let target = dest.join(format!("{dir}{victim}"));
-                match std::fs::symlink_metadata(&target) {
-                    Ok(m) if m.is_dir() => std::fs::remove_dir_all(&target).unwrap(),
-                    Ok(_) => std::fs::remove_file(&target).unwrap(),
-                    Err(_) => panic!("whiteout {name} of a missing path"),
-                }
-            }
-        }
-        let st = Command::new("tar")
-            .args(["-xzf"])
-            .arg(blob)
-            .arg("-C")
-            .arg(dest)
-            .args(["--exclude=.wh.*", "--no-same-owner"])
-            .status()
-            .unwrap();
-        assert!(st.success(), "tar -x {}", blob.display());
-    }
-}
-
-/// xorshift64: the sample is the same on every run.
-fn sample(n: usize, k: usize, mut seed: u64) -> Vec<usize> {
-    let mut picked = std::collections::BTreeSet::new();
-    while picked.len() < k.min(n) {
-        seed ^= seed << 13;
-        seed ^= seed >> 7;
-        seed ^= seed << 17;
-        picked.insert((seed % n as u64) as usize);
-    }
-    picked.into_iter().collect()
-}
-
-fn pct(part: u64, whole: u64) -> f64 {
-    part as f64 * 100.0 / whole as f64
-}
-
-fn mib(b: u64) -> f64 {
-    b as f64 / 1048576.0
 }
 
 #[test]
@@ -128,23 +68,9 @@ fn lazy_image_meets_the_issue_figures() {
     common::init_tracing();
     let reg = common::TestRegistry::start();
     let tmp = tempfile::tempdir().unwrap();
-    let layout = tmp.path().join("layout");
-    let built = write_layout(&layout, "v1", &host_image::layers(1.0), Compression::Gzip)
-        .expect("build the image from host files");
+    let img = HostImage::build(tmp.path(), 1.0);
+    let (layout, built, tree, files) = (&img.layout, &img.built, &img.tree, img.files());
     let compressed = built.compressed_size();
-    let blobs: Vec<PathBuf> = built
-        .layers
-        .iter()
-        .map(|(d, _, _)| layout.join("blobs/sha256").join(&d[7..]))
-        .collect();
-    let reference_dir = tmp.path().join("reference");
-    tar_extract(&blobs, &reference_dir);
-    let tree = walk(&reference_dir);
-    let files: Vec<&String> = tree
-        .iter()
-        .filter(|(_, (_, t))| t.is_file())
-        .map(|(k, _)| k)
-        .collect();
     eprintln!(
         "image: {} layers, {:.1} MiB compressed, {:.1} MiB uncompressed, {} files, {} paths",
         built.layers.len(),
@@ -159,7 +85,7 @@ fn lazy_image_meets_the_issue_figures() {
     assert!(tree.values().any(|(_, t)| t.is_symlink()));
 
     // The publisher: push the image, index it once, attach the index as a referrer.
-    common::push_layout(&layout, "v1", &reg.host(), "lazy/app", &[]);
+    common::push_layout(layout, "v1", &reg.host(), "lazy/app", &[]);
     let reference = format!("docker://{}/lazy/app:v1", reg.host());
     let mut publisher = PrepareOptions::new(tmp.path().join("publisher-indexes"));
     publisher.registry.insecure = true;
@@ -211,99 +137,279 @@ fn lazy_image_meets_the_issue_figures() {
 
     // (2) A seeded random 5% of the files, read through the placeholders.
     let limit = Duration::from_secs(60);
-    let picked = sample(files.len(), files.len().div_ceil(20), 0x00c0_ffee);
-    let start = prepared.store.bytes_fetched();
-    let t = Instant::now();
-    let mut sampled_bytes = 0u64;
-    for &i in &picked {
-        let rel = files[i];
-        let data = read_bounded(&dest.join(rel), limit);
-        sampled_bytes += data.len() as u64;
-        assert_eq!(
-            hex::encode(sha2::Sha256::digest(&data)),
-            sha256_file(&tree[rel].0),
-            "{rel}"
-        );
-    }
-    let fetched = prepared.store.bytes_fetched() - start;
+    let read = read_sample(&files, tree, &dest, limit, || {
+        prepared.store.bytes_fetched()
+    });
     eprintln!(
-        "(2) read {} of {} files ({:.1} MiB of content) in {} ms: fetched {:.2} MiB = {:.1}% of the compressed image ({:.1}% with the bytes before ready)",
-        picked.len(),
-        files.len(),
-        mib(sampled_bytes),
-        t.elapsed().as_millis(),
-        mib(fetched),
-        pct(fetched, compressed),
-        pct(fetched + before, compressed)
+        "{} ({:.1}% with the bytes before ready)",
+        read.report(files.len(), compressed),
+        pct(read.fetched + before, compressed)
     );
-    assert!(pct(fetched, compressed) < 20.0);
+    assert!(pct(read.fetched, compressed) < 20.0);
 
     // (3) Every path: same kind, same link target, same content.
-    let t = Instant::now();
-    let ours = walk(&dest);
-    let node = |p: &Path, t: &std::fs::FileType, read: &dyn Fn(&Path) -> String| {
-        if t.is_symlink() {
-            Node::Link(
-                std::fs::read_link(p)
-                    .unwrap()
-                    .to_string_lossy()
-                    .into_owned(),
-            )
-        } else if t.is_dir() {
-            Node::Dir
-        } else {
-            Node::File(read(p))
-        }
+    compare_all(
+        tree,
+        files.len(),
+        &dest,
+        limit,
+        || prepared.store.bytes_fetched(),
+        compressed,
+    );
+    drop(prepared);
+    engine.shutdown();
+    drop(rt);
+}
+
+/// Background completion streams each layer once: a prefetch of a prepared image reads every
+/// layer blob with one GET, inflates it once, and leaves every file complete (mark removed)
+/// with the bytes of a plain `tar -x`, also while readers fill files on demand at the same
+/// time (no chunk written twice, none wrong).
+#[test]
+fn streaming_prefetch_reads_each_layer_once_and_completes_the_image() {
+    common::init_tracing();
+    let reg = common::TestRegistry::start();
+    let tmp = tempfile::tempdir().unwrap();
+    let img = HostImage::build(tmp.path(), 0.25);
+    let (built, tree, files) = (&img.built, &img.tree, img.files());
+    let compressed = built.compressed_size();
+    common::push_layout(&img.layout, "v1", &reg.host(), "stream/app", &[]);
+    let reference = format!("docker://{}/stream/app:v1", reg.host());
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap();
+    // Index once (streams the layers), then prepare from that local index with no blob
+    // cache: every prefetched byte has to come from the registry.
+    let mut opts = PrepareOptions::new(tmp.path().join("indexes"));
+    opts.registry.insecure = true;
+    opts.use_artifact = false;
+    opts.blob_cache = None;
+    rt.block_on(image::index_image(&reference, &opts, false))
+        .expect("index");
+    let engine =
+        Engine::start(EngineConfig::default()).expect("fanotify pre-content group (6.14+, root)");
+    let limit = Duration::from_secs(60);
+    let check = |dest: &Path, what: &str| {
+        let bad = compare(tree, dest, limit);
+        assert!(
+            bad.is_empty(),
+            "{what}: {} differ: {:?}",
+            bad.len(),
+            &bad[..bad.len().min(5)]
+        );
     };
-    // Four readers at once, like a container starting several processes.
-    let entries: Vec<_> = tree.iter().collect();
-    let mut mismatches: Vec<String> = std::thread::scope(|s| {
-        let workers: Vec<_> = entries
-            .chunks(entries.len().div_ceil(4))
-            .map(|part| {
-                let (ours, node) = (&ours, &node);
+
+    // 1. Nobody reading: one GET per layer, about the compressed size in all.
+    let dest = tmp.path().join("quiet");
+    std::fs::create_dir(&dest).unwrap();
+    let prepared = rt
+        .block_on(image::prepare(&engine, &reference, &dest, &opts))
+        .expect("prepare");
+    let (bytes0, req0) = (
+        prepared.store.bytes_fetched(),
+        prepared.store.stats().requests(),
+    );
+    let t = Instant::now();
+    let streamed = prepared.prefetch(&engine, 2).expect("prefetch");
+    let (bytes, requests) = (
+        prepared.store.bytes_fetched() - bytes0,
+        prepared.store.stats().requests() - req0,
+    );
+    eprintln!(
+        "quiet prefetch: {} files, {:.1} MiB written from {} layer streams in {} ms; {:.1} MiB fetched ({:.2}x the compressed image) in {requests} requests",
+        streamed.files,
+        mib(streamed.bytes_written),
+        built.layers.len(),
+        t.elapsed().as_millis(),
+        mib(bytes),
+        bytes as f64 / compressed as f64
+    );
+    let complete = prepared
+        .files
+        .iter()
+        .filter(|id| engine.is_complete(**id))
+        .count();
+    assert_eq!(
+        complete,
+        prepared.files.len(),
+        "files complete after prefetch"
+    );
+    assert!(streamed.bytes_written > 0);
+    assert!(
+        requests <= 2 * built.layers.len() as u64,
+        "{requests} requests"
+    );
+    assert!(
+        bytes <= compressed + compressed / 50,
+        "{bytes} bytes fetched"
+    );
+    check(&dest, "quiet prefetch");
+
+    // 2. Readers filling on demand while the layers stream: every byte right, every file
+    // complete.
+    let dest = tmp.path().join("busy");
+    std::fs::create_dir(&dest).unwrap();
+    let prepared = rt
+        .block_on(image::prepare(&engine, &reference, &dest, &opts))
+        .expect("prepare");
+    let order = sample(files.len(), files.len(), 0x5eed);
+    let errors = std::thread::scope(|s| {
+        let readers: Vec<_> = (0..4)
+            .map(|r| {
+                let (order, files, tree, dest) = (&order, &files, &tree, &dest);
                 s.spawn(move || {
-                    let mut bad = Vec::new();
-                    for (rel, (p, t)) in part {
-                        let want = node(p, t, &sha256_file);
-                        let got = ours.get(*rel).map(|(q, u)| {
-                            node(q, u, &|q| {
-                                hex::encode(sha2::Sha256::digest(read_bounded(q, limit)))
-                            })
-                        });
-                        if got.as_ref() != Some(&want) {
-                            bad.push(format!("{rel}: want {want:?}, got {got:?}"));
-                        }
+                    let mut bad = 0;
+                    // Half the readers walk against the streams' direction.
+                    let mine: Vec<usize> = order.iter().copied().skip(r).step_by(4).collect();
+                    let mine: Vec<usize> = if r % 2 == 1 {
+                        mine.into_iter().rev().collect()
+                    } else {
+                        mine
+                    };
+                    for i in mine {
+                        let rel = files[i];
+                        let got =
+                            hex::encode(sha2::Sha256::digest(read_bounded(&dest.join(rel), limit)));
+                        bad += usize::from(got != sha256_file(&tree[rel].0));
                     }
                     bad
                 })
             })
             .collect();
-        workers
+        let streamed = prepared
+            .prefetch(&engine, 2)
+            .expect("prefetch with readers");
+        eprintln!(
+            "busy prefetch: {:.1} MiB written from layer streams while 4 readers read every file",
+            mib(streamed.bytes_written)
+        );
+        readers
             .into_iter()
-            .flat_map(|w| w.join().expect("reader thread"))
-            .collect()
+            .map(|r| r.join().expect("reader"))
+            .sum::<usize>()
     });
-    for rel in ours.keys() {
-        if !tree.contains_key(rel) {
-            mismatches.push(format!("{rel}: only in the placeholder tree"));
-        }
+    assert_eq!(errors, 0, "readers saw wrong bytes");
+    let complete = prepared
+        .files
+        .iter()
+        .filter(|id| engine.is_complete(**id))
+        .count();
+    assert_eq!(complete, prepared.files.len());
+    check(&dest, "busy prefetch");
+    assert_eq!(engine.stats().errors, 0);
+    drop(prepared);
+    engine.shutdown();
+    drop(rt);
+}
+
+/// An access profile recorded from one run travels in the index artifact, and the next
+/// prepare fills exactly its files in the background, in its order, before anyone reads
+/// them.
+#[test]
+fn access_profile_is_recorded_published_and_filled_ahead() {
+    common::init_tracing();
+    let reg = common::TestRegistry::start();
+    let tmp = tempfile::tempdir().unwrap();
+    let layout = tmp.path().join("layout");
+    write_layout(&layout, "v1", &host_image::layers(0.1), Compression::Gzip)
+        .expect("build the image from host files");
+    common::push_layout(&layout, "v1", &reg.host(), "profile/app", &[]);
+    let reference = format!("docker://{}/profile/app:v1", reg.host());
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap();
+    let engine =
+        Engine::start(EngineConfig::default()).expect("fanotify pre-content group (6.14+, root)");
+    let limit = Duration::from_secs(60);
+
+    // Record: prepare, read six files in a known order (one of them twice).
+    let mut opts = PrepareOptions::new(tmp.path().join("publisher"));
+    opts.registry.insecure = true;
+    let dest = tmp.path().join("record");
+    let recorded = dest.clone();
+    std::fs::create_dir(&dest).unwrap();
+    let prepared = rt
+        .block_on(image::prepare(&engine, &reference, &dest, &opts))
+        .expect("prepare");
+    assert_eq!(prepared.profile_files, 0, "no profile published yet");
+    let tree = walk(&dest);
+    let files: Vec<&String> = tree
+        .iter()
+        .filter(|(_, (_, t))| t.is_file())
+        .map(|(k, _)| k)
+        .collect();
+    let picked: Vec<&String> = sample(files.len(), 6, 0xfeed)
+        .into_iter()
+        .rev()
+        .map(|i| files[i])
+        .collect();
+    for rel in picked.iter().chain(&picked[..1]) {
+        read_bounded(&dest.join(rel), limit);
     }
-    let total = prepared.store.bytes_fetched();
-    eprintln!(
-        "(3) all {} paths ({} files) compared in {} ms: {} mismatches; fetched in all {:.1} MiB = {:.1}% of the compressed image",
-        tree.len(),
-        files.len(),
-        t.elapsed().as_millis(),
-        mismatches.len(),
-        mib(total),
-        pct(total, compressed)
+    let profile = prepared.access_profile(&engine);
+    // Paths in the profile are the indexes' names; here they are the tree's paths.
+    let want: Vec<String> = picked
+        .iter()
+        .filter(|rel| std::fs::metadata(dest.join(rel)).unwrap().len() > 0)
+        .map(|s| s.to_string())
+        .collect();
+    assert_eq!(profile.files, want, "first access first, each file once");
+    rt.block_on(image::index_image_with_profile(
+        &reference,
+        &opts,
+        true,
+        Some(&profile),
+    ))
+    .expect("push the artifact with the profile");
+    drop(prepared);
+
+    // A fresh machine: the artifact's profile is filled at once, and nothing else.
+    let mut opts = PrepareOptions::new(tmp.path().join("indexes"));
+    opts.registry.insecure = true;
+    let dest = tmp.path().join("run");
+    std::fs::create_dir(&dest).unwrap();
+    let complete_before = engine.stats().files_complete;
+    let prepared = rt
+        .block_on(image::prepare(&engine, &reference, &dest, &opts))
+        .expect("prepare");
+    assert_eq!(prepared.profile_files, want.len());
+    let deadline = Instant::now() + limit;
+    let done = || {
+        prepared
+            .files
+            .iter()
+            .filter(|id| engine.is_complete(**id))
+            .count()
+    };
+    while done() < want.len() {
+        assert!(
+            Instant::now() < deadline,
+            "profile files not filled: {}",
+            done()
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    std::thread::sleep(Duration::from_millis(200));
+    assert_eq!(done(), want.len(), "only the profile's files are filled");
+    let events_before = engine.stats().events;
+    for rel in &want {
+        let got = read_bounded(&dest.join(rel), limit);
+        assert!(got == std::fs::read(recorded.join(rel)).unwrap(), "{rel}");
+    }
+    assert_eq!(
+        engine.stats().events,
+        events_before,
+        "reading the profile's files raised no fill event: they were complete"
     );
-    assert!(
-        mismatches.is_empty(),
-        "{} mismatches, first: {:#?}",
-        mismatches.len(),
-        &mismatches[..mismatches.len().min(10)]
+    eprintln!(
+        "profile of {} files filled ahead by the next prepare; {} files complete before, {} after",
+        want.len(),
+        complete_before,
+        engine.stats().files_complete
     );
     drop(prepared);
     engine.shutdown();

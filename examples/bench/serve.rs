@@ -12,7 +12,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, anyhow, bail};
 use fanfill::fill::{Engine, EngineConfig};
-use fanfill::image::{self, IndexOrigin, PrepareOptions, Prepared};
+use fanfill::image::{self, PrepareOptions, Prepared};
 use fanfill::overlay::OverlayWatch;
 use fanfill::unpack::Mode;
 use serde_json::{Value, json};
@@ -107,6 +107,7 @@ fn handle(
             let mut opts = PrepareOptions::new(s("index_dir")?);
             opts.registry.insecure = true;
             opts.use_artifact = cmd["use_artifact"].as_bool().unwrap_or(true);
+            opts.profile_prefetch = cmd["profile_prefetch"].as_u64().unwrap_or(0) as usize;
             let overlay = cmd["mode"] == "overlay";
             opts.mode = if overlay { Mode::Overlay } else { Mode::Direct };
             let reference = cmd["reference"].as_str().ok_or(anyhow!("no reference"))?;
@@ -133,15 +134,7 @@ fn handle(
                 st.watch = Some(OverlayWatch::start(engine, &merged, dev)?);
             }
             let u = &prepared.unpacked.stats;
-            let origins: Vec<&str> = prepared
-                .index_origins
-                .iter()
-                .map(|o| match o {
-                    IndexOrigin::Local => "local",
-                    IndexOrigin::Artifact => "artifact",
-                    IndexOrigin::Built => "built",
-                })
-                .collect();
+            let origins: Vec<&str> = prepared.index_origins.iter().map(|o| o.as_str()).collect();
             let v = json!({
                 "prepare_ms": prepare_ms,
                 "ready_ms": t.elapsed().as_secs_f64() * 1e3,
@@ -150,39 +143,33 @@ fn handle(
                 "placeholders": prepared.files.len(),
                 "dirs": u.dirs, "reg_files": u.files, "symlinks": u.symlinks,
                 "hardlinks": u.hardlinks, "whiteouts": u.whiteouts,
-                "origins": origins,
+                "origins": origins, "profile_files": prepared.profile_files,
             });
             st.prepared = Some(prepared);
             Ok(v)
         }
         "stats" => Ok(stats_json(engine, st)),
-        "fill_all" => {
-            let t = Instant::now();
-            // Not `Engine::fill_all`: it drives the fills on the calling thread, whose own
-            // small (inline) writes then raise pre-content events that the engine treats as
-            // a foreign reader waiting on the very fill in progress: a self-deadlock (the
-            // caller blocks in `fanotify_handle_event` inside `pwrite64`). The fills run as
-            // tasks on the engine's runtime instead, whose threads the engine recognises.
-            let ids = st
+        "profile" => {
+            let prepared = st
                 .prepared
                 .as_ref()
-                .map(|p| p.files.clone())
-                .unwrap_or_default();
-            let filler = engine.filler();
-            let task = engine.handle().spawn(async move {
-                use futures::stream::{self, StreamExt, TryStreamExt};
-                stream::iter(ids)
-                    .map(|id| filler(id))
-                    .buffer_unordered(4)
-                    .try_collect::<Vec<()>>()
-                    .await
-            });
-            engine
-                .handle()
-                .block_on(task)?
-                .map_err(|e| anyhow!("fill_all: {}", fanfill::fill::error_chain(&*e)))?;
+                .ok_or_else(|| anyhow!("profile: nothing prepared"))?;
+            Ok(serde_json::to_value(prepared.access_profile(engine))?)
+        }
+        "fill_all" => {
+            let t = Instant::now();
+            // The library's background completion: each layer streamed once into its
+            // placeholders, then range fills for whatever is left.
+            let prepared = st
+                .prepared
+                .as_ref()
+                .ok_or_else(|| anyhow!("fill_all: nothing prepared"))?;
+            let streamed = prepared
+                .prefetch(engine, 4)
+                .map_err(|e| anyhow!("fill_all: {}", fanfill::fill::error_chain(&e)))?;
             let mut v = stats_json(engine, st);
             v["fill_all_ms"] = json!(t.elapsed().as_secs_f64() * 1e3);
+            v["streamed_bytes"] = json!(streamed.bytes_written);
             Ok(v)
         }
         "quit" => {

@@ -6,16 +6,21 @@
 //! daemon dies, a successor can still answer those events, if it knows their numbers and
 //! what they asked for: that is this journal. One fixed-size slot per fd number, written
 //! with `pwrite` (the page cache survives the process), holding the file's device and inode
-//! and the range; the header holds the highest event number ever used, so a successor can
-//! reserve every number a stale event may still carry before it reads a new one.
+//! and the range; the header holds the highest event number a stale event may still carry
+//! (the highest unanswered one, the latest one read, and until the predecessor's events are
+//! answered the predecessor's own figure), so a successor can reserve every such number
+//! before it reads a new one. It falls again as events are answered: a figure that only grew
+//! would grow by a reservation's width at every crash with readers waiting, until a
+//! successor could no longer reserve it within its descriptor limit.
 //!
 //! It does not answer anything itself (see the daemon's takeover).
 
+use std::collections::BTreeSet;
 use std::fs::File;
 use std::os::fd::BorrowedFd;
 use std::os::unix::fs::FileExt;
 use std::path::Path;
-use std::sync::atomic::{AtomicI32, Ordering};
+use std::sync::Mutex;
 
 use crate::fill::EventJournal;
 use crate::sys::fanotify::{EventId, EventRange};
@@ -43,7 +48,20 @@ pub struct Inflight {
 #[derive(Debug)]
 pub struct Journal {
     file: File,
-    hwm: AtomicI32,
+    marks: Mutex<Marks>,
+}
+
+/// What the recorded highest number is made of.
+#[derive(Debug, Default)]
+struct Marks {
+    /// The predecessor's figure, until its events are answered ([`Journal::release_floor`]).
+    floor: i32,
+    /// The latest event number read.
+    latest: i32,
+    /// Numbers of events read and not yet answered (the predecessor's included).
+    outstanding: BTreeSet<i32>,
+    /// The figure in the file.
+    written: i32,
 }
 
 impl Journal {
@@ -84,10 +102,16 @@ impl Journal {
             h[..8].copy_from_slice(MAGIC);
             file.write_all_at(&h, 0)?;
         }
+        let marks = Marks {
+            floor: hwm,
+            outstanding: found.iter().map(|i| i.id.raw()).collect(),
+            written: hwm,
+            ..Marks::default()
+        };
         Ok((
             Journal {
                 file,
-                hwm: AtomicI32::new(hwm),
+                marks: Mutex::new(marks),
             },
             hwm,
             found,
@@ -97,6 +121,30 @@ impl Journal {
     /// Forgets a predecessor's event (answered).
     pub fn clear(&self, id: EventId) {
         self.end(id);
+    }
+
+    /// The predecessor's events are all answered and its reserved numbers released: its
+    /// figure no longer counts.
+    pub fn release_floor(&self) {
+        self.update(|m| m.floor = 0);
+    }
+
+    /// The recorded highest number (for tests and logs).
+    pub fn hwm(&self) -> i32 {
+        self.marks.lock().unwrap().written
+    }
+
+    fn update(&self, f: impl FnOnce(&mut Marks)) {
+        let mut m = self.marks.lock().unwrap();
+        f(&mut m);
+        let hwm = m
+            .floor
+            .max(m.latest)
+            .max(m.outstanding.last().copied().unwrap_or(0));
+        if hwm != m.written {
+            m.written = hwm;
+            let _ = self.file.write_all_at(&hwm.to_ne_bytes(), 8);
+        }
     }
 
     fn slot(id: EventId) -> Option<u64> {
@@ -119,19 +167,22 @@ impl EventJournal for Journal {
         s[24..32].copy_from_slice(&offset.to_ne_bytes());
         s[32..40].copy_from_slice(&count.to_ne_bytes());
         let _ = self.file.write_all_at(&s, at);
+        self.update(|m| {
+            m.outstanding.insert(id.raw());
+        });
     }
 
     fn end(&self, id: EventId) {
         if let Some(at) = Journal::slot(id) {
             let _ = self.file.write_all_at(&[0u8; 4], at);
         }
+        self.update(|m| {
+            m.outstanding.remove(&id.raw());
+        });
     }
 
     fn seen(&self, id: EventId) {
-        let n = id.raw();
-        if self.hwm.fetch_max(n, Ordering::SeqCst) < n {
-            let _ = self.file.write_all_at(&n.to_ne_bytes(), 8);
-        }
+        self.update(|m| m.latest = id.raw());
     }
 }
 
@@ -161,10 +212,26 @@ mod tests {
             }
             j.end(EventId::from_raw(9));
         }
-        let (_, hwm, found) = Journal::open(&p).unwrap();
+        let (j, hwm, found) = Journal::open(&p).unwrap();
         assert_eq!(hwm, 12);
         let ids: Vec<i32> = found.iter().map(|i| i.id.raw()).collect();
         assert_eq!(ids, vec![5, 12]);
         assert_eq!(found[1].offset, 12 * 4096);
+        // A successor's events, read above the reserved numbers, then the old ones answered.
+        j.seen(EventId::from_raw(2100));
+        j.begin(EventId::from_raw(2100), f.as_fd(), None);
+        j.clear(EventId::from_raw(12));
+        j.clear(EventId::from_raw(5));
+        j.release_floor();
+        assert_eq!(j.hwm(), 2100);
+        j.end(EventId::from_raw(2100));
+        j.seen(EventId::from_raw(4));
+        assert_eq!(
+            j.hwm(),
+            4,
+            "the figure falls once the high events are answered"
+        );
+        drop(j);
+        assert_eq!(Journal::open(&p).unwrap().1, 4);
     }
 }

@@ -18,8 +18,9 @@
 //!    writes allowed;
 //! 4. reopen every recorded image and register every file with its recorded progress
 //!    (unfilled files are marked; marks taken over are simply re-added);
-//! 5. open the gate, fill and answer the predecessor's in-flight events by number, deny
-//!    (`EIO`) any stale number nothing is known about, release the reservation; serve the API.
+//! 5. deny (`EIO`) any stale number nothing is known about and release the reservation but
+//!    for the predecessor's known in-flight events; open the gate, fill and answer those by
+//!    number, release their numbers; serve the API.
 //!
 //! A graceful stop (SIGTERM, SIGINT) records progress, answers what it can and leaves the
 //! group with the holder: readers that arrive meanwhile block until the successor is up.
@@ -30,16 +31,15 @@ pub mod journal;
 pub mod metrics;
 pub mod state;
 
-use std::collections::BTreeMap;
-use std::os::unix::fs::PermissionsExt;
-use std::path::{Path, PathBuf};
+use std::collections::{BTreeMap, HashSet};
+use std::os::unix::fs::{MetadataExt, OpenOptionsExt, PermissionsExt};
+use std::path::{Component, Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use futures::FutureExt;
 use futures::future::BoxFuture;
-use oci_spec::image::Digest;
 use tracing::{debug, info, warn};
 
 use crate::api::{
@@ -50,7 +50,7 @@ use crate::fill::{
     error_chain,
 };
 use crate::image::{self, PrepareOptions};
-use crate::index::{LayerIndex, LayerWindows, WindowCache};
+use crate::index::LayerIndex;
 use crate::overlay::OverlayWatch;
 use crate::registry::BlobStore;
 use crate::sys::fanotify::{DenyErrno, EventId, Group, GroupClass, Response as FanResponse};
@@ -101,6 +101,20 @@ pub enum DaemonError {
 /// buffer holds at most ~1,365 pre-content events (48 bytes each with their range record).
 const RESERVE_MARGIN: i32 = 2048;
 
+/// Descriptors left free below the descriptor limit when reserving event numbers.
+const RESERVE_HEADROOM: u64 = 1024;
+
+/// The directories under which the daemon prepares images unless told otherwise
+/// (`--allow-root`): where container runtimes and administrators keep root filesystems, and
+/// scratch space. A destination must lie strictly below one of them.
+pub const DEFAULT_ALLOWED_ROOTS: &[&str] = &[
+    "/var/lib", "/var/tmp", "/srv", "/mnt", "/media", "/run", "/tmp", "/home",
+];
+
+/// Longest API request line the daemon reads; a longer one is answered with an error and
+/// its connection dropped (memory per connection stays bounded).
+pub const MAX_REQUEST_LINE: usize = 1 << 20;
+
 /// How to run the daemon.
 #[derive(Debug, Clone)]
 pub struct DaemonConfig {
@@ -126,6 +140,10 @@ pub struct DaemonConfig {
     pub fetch_delay: Duration,
     /// Serve Prometheus metrics on this address (off when `None`).
     pub metrics_addr: Option<std::net::SocketAddr>,
+    /// Destinations must lie strictly below one of these directories (default
+    /// [`DEFAULT_ALLOWED_ROOTS`]); never above the daemon's state dir, index dir or socket,
+    /// inside the state dir only under `STATE_DIR/roots`, never inside the index dir.
+    pub allowed_roots: Vec<PathBuf>,
 }
 
 impl DaemonConfig {
@@ -142,6 +160,7 @@ impl DaemonConfig {
             holder_exe: std::env::current_exe().ok(),
             fetch_delay: Duration::ZERO,
             metrics_addr: None,
+            allowed_roots: DEFAULT_ALLOWED_ROOTS.iter().map(PathBuf::from).collect(),
         }
     }
 }
@@ -153,10 +172,10 @@ struct ImageCounters {
     errors: AtomicU64,
 }
 
-/// A file's bytes from its layer ([`crate::image::LayerFileSource`]), plus per-image
-/// counters and the test delay.
+/// A file's bytes from its layer (the source [`image::ImageSources::file_source`] picks),
+/// plus per-image counters and the test delay.
 struct DaemonSource {
-    inner: image::LayerFileSource,
+    inner: Arc<dyn ContentSource>,
     store: Arc<BlobStore>,
     counters: Arc<ImageCounters>,
     delay: Duration,
@@ -187,6 +206,8 @@ struct ImageRt {
     record: Mutex<ImageRecord>,
     /// Parallel to `record.files`; `None`: not registered (user-modified file, or error).
     files: Vec<Option<FileId>>,
+    /// Positions into `files` in prefetch order (TOC prefetch landmarks first).
+    order: Vec<usize>,
     counters: Arc<ImageCounters>,
     prefetch: AtomicBool,
     prefetch_running: AtomicBool,
@@ -196,6 +217,51 @@ struct ImageRt {
     saved: Mutex<Option<ImageRecord>>,
     /// Files already offered to the content cache.
     cached: Mutex<Vec<bool>>,
+    /// The destination directory, held open: finds the tree if it is moved, and tells
+    /// whatever now sits at the recorded path from it. `None`: it was gone at start-up.
+    tree: Option<TreeDir>,
+    /// Files found moved, deleted or replaced under the daemon (indexes into `files`).
+    gone: Mutex<HashSet<usize>>,
+    /// The image's store and indexes, for streaming prefetch (`None`: it could not be
+    /// reopened after a restart).
+    opened: Option<Arc<Opened>>,
+}
+
+/// An image's destination directory, identified by its device, inode and birth time.
+struct TreeDir {
+    fd: std::fs::File,
+    key: (u64, u64, Option<std::time::SystemTime>),
+}
+
+impl TreeDir {
+    fn open(dest: &Path) -> std::io::Result<TreeDir> {
+        let fd = std::fs::File::options()
+            .read(true)
+            .custom_flags(libc::O_PATH | libc::O_DIRECTORY | libc::O_NOFOLLOW)
+            .open(dest)?;
+        let m = fd.metadata()?;
+        Ok(TreeDir {
+            fd,
+            key: (m.dev(), m.ino(), m.created().ok()),
+        })
+    }
+
+    /// Whether `path` (not followed if a symlink) is this directory.
+    fn is_at(&self, path: &Path) -> bool {
+        std::fs::symlink_metadata(path)
+            .is_ok_and(|m| m.is_dir() && (m.dev(), m.ino(), m.created().ok()) == self.key)
+    }
+
+    /// Where the directory is now: `recorded` if it is still there, wherever it was moved
+    /// to, or `None` if it was deleted.
+    fn location(&self, recorded: &Path) -> Option<PathBuf> {
+        if self.is_at(recorded) {
+            return Some(recorded.to_path_buf());
+        }
+        let fd = crate::sys::fdpass::fd_number(&self.fd);
+        let now = std::fs::read_link(format!("/proc/self/fd/{fd}")).ok()?;
+        self.is_at(&now).then_some(now)
+    }
 }
 
 /// The running daemon (shared by the API tasks and its threads).
@@ -213,6 +279,68 @@ struct Daemon {
     stopping: AtomicBool,
     /// Open watches on overlay rootfs mounts: (image id, merged dir, watch).
     watches: Mutex<Vec<(u64, PathBuf, OverlayWatch)>>,
+    /// Destinations being prepared right now (claimed before anything is created).
+    claims: Mutex<Vec<PathBuf>>,
+    /// The daemon's own places, resolved: the state dir, the index dir, the socket. A
+    /// destination is never one of them or above one; inside the state dir it must be under
+    /// `STATE_DIR/roots`, inside the index dir nowhere.
+    own: OwnPlaces,
+}
+
+/// See `Daemon::own`.
+struct OwnPlaces {
+    state: PathBuf,
+    index: PathBuf,
+    socket: PathBuf,
+}
+
+impl OwnPlaces {
+    fn new(state: &Path, index: &Path, socket: &Path) -> OwnPlaces {
+        let canon = |p: &Path| p.canonicalize().unwrap_or_else(|_| p.to_path_buf());
+        OwnPlaces {
+            state: canon(state),
+            index: canon(index),
+            socket: socket
+                .parent()
+                .map(|d| canon(d).join(socket.file_name().unwrap_or_default()))
+                .unwrap_or_else(|| socket.to_path_buf()),
+        }
+    }
+
+    /// Why `p` may not be a destination, if it may not.
+    fn conflict(&self, p: &Path) -> Option<String> {
+        for own in [&self.state, &self.index, &self.socket] {
+            if own.starts_with(p) {
+                return Some(format!("it contains the daemon's own {}", own.display()));
+            }
+        }
+        if p.starts_with(&self.index) {
+            return Some(format!(
+                "it is inside the index directory {}",
+                self.index.display()
+            ));
+        }
+        let roots = self.state.join("roots");
+        if p.starts_with(&self.state) && !p.starts_with(&roots) {
+            return Some(format!(
+                "inside the state directory only {} holds image trees",
+                roots.display()
+            ));
+        }
+        None
+    }
+}
+
+/// A claimed destination; released when the prepare ends, either way.
+struct Claim<'a> {
+    claims: &'a Mutex<Vec<PathBuf>>,
+    dest: PathBuf,
+}
+
+impl Drop for Claim<'_> {
+    fn drop(&mut self) {
+        self.claims.lock().unwrap().retain(|d| *d != self.dest);
+    }
 }
 
 /// An API error: its kind and message.
@@ -238,21 +366,26 @@ fn fs_name(magic: i64) -> String {
     }
 }
 
-/// Checks a destination: created if missing, empty, on ext4, xfs or btrfs.
-fn check_dest(dest: &Path) -> Result<PathBuf, ApiFail> {
-    std::fs::create_dir_all(dest).map_err(|e| {
-        ApiFail(
-            ErrorKind::Internal,
-            format!("creating {}: {e}", dest.display()),
-        )
-    })?;
-    let dest = dest.canonicalize().map_err(|e| {
-        ApiFail(
-            ErrorKind::Internal,
-            format!("resolving {}: {e}", dest.display()),
-        )
-    })?;
-    let fs = nix::sys::statfs::statfs(&dest).map_err(|e| {
+/// `path` resolved: its deepest existing ancestor canonicalized (symlinks followed, to see
+/// where they lead), the rest appended. `path` is absolute and has no `..`.
+fn resolve_lexically(path: &Path) -> std::io::Result<PathBuf> {
+    let mut existing = path;
+    while std::fs::symlink_metadata(existing).is_err() {
+        existing = match existing.parent() {
+            Some(p) => p,
+            None => break,
+        };
+    }
+    let canon = existing.canonicalize()?;
+    Ok(match path.strip_prefix(existing) {
+        Ok(rest) if !rest.as_os_str().is_empty() => canon.join(rest),
+        _ => canon,
+    })
+}
+
+/// Checks a created destination: empty, on ext4, xfs or btrfs.
+fn check_dest_dir(dest: &Path) -> Result<(), ApiFail> {
+    let fs = nix::sys::statfs::statfs(dest).map_err(|e| {
         ApiFail(
             ErrorKind::Internal,
             format!("statfs {}: {e}", dest.display()),
@@ -269,7 +402,7 @@ fn check_dest(dest: &Path) -> Result<PathBuf, ApiFail> {
             ),
         ));
     }
-    let mut rd = std::fs::read_dir(&dest).map_err(|e| {
+    let mut rd = std::fs::read_dir(dest).map_err(|e| {
         ApiFail(
             ErrorKind::Internal,
             format!("reading {}: {e}", dest.display()),
@@ -281,7 +414,7 @@ fn check_dest(dest: &Path) -> Result<PathBuf, ApiFail> {
             format!("{} is not empty", dest.display()),
         ));
     }
-    Ok(dest)
+    Ok(())
 }
 
 fn prepare_options(index_dir: &Path, r: &RegistrySettings) -> Result<PrepareOptions, ApiFail> {
@@ -293,27 +426,20 @@ fn prepare_options(index_dir: &Path, r: &RegistrySettings) -> Result<PrepareOpti
 struct Opened {
     store: Arc<BlobStore>,
     manifest_digest: String,
-    layers: Vec<(Digest, Arc<LayerIndex>)>,
-    windows: Vec<Arc<LayerWindows>>,
-    blob_cache: Option<crate::blobcache::BlobCache>,
+    sources: image::ImageSources,
+    /// The index artifact's access profile, if it carries one.
+    profile: Option<image::AccessProfile>,
 }
 
 async fn open_image(reference: &str, opts: &PrepareOptions) -> Result<Opened, image::ImageError> {
     let (store, resolved) = image::open(reference, opts).await?;
     let manifest_digest = resolved.manifest_digest.to_string();
     let ix = image::load_indexes(&store, resolved, reference, opts).await?;
-    let cache = Arc::new(WindowCache::new(image::WINDOW_CACHE_BYTES));
-    let windows = ix
-        .windows
-        .iter()
-        .map(|w| Arc::new(LayerWindows::new(w.clone(), cache.clone())))
-        .collect();
     Ok(Opened {
+        sources: ix.sources(&store),
+        profile: ix.profile.clone(),
         store,
         manifest_digest,
-        blob_cache: ix.blob_cache.clone(),
-        layers: ix.layers.into_iter().map(|(d, i, _)| (d, i)).collect(),
-        windows,
     })
 }
 
@@ -325,23 +451,10 @@ impl Daemon {
         entry: usize,
         counters: &Arc<ImageCounters>,
     ) -> Result<(Arc<DaemonSource>, Verify), String> {
-        let (digest, index) = opened
-            .layers
-            .get(layer)
-            .ok_or_else(|| format!("no layer {layer}"))?;
-        let e = index
-            .resolve(entry)
-            .cloned()
-            .ok_or_else(|| format!("no entry {entry} in layer {digest}"))?;
-        let verify = image::verify_for(&e);
-        let inner = image::LayerFileSource::new(
-            opened.store.clone(),
-            digest.clone(),
-            index.clone(),
-            opened.windows[layer].clone(),
-            e,
-        )
-        .with_blob_cache(opened.blob_cache.clone());
+        let (inner, verify) = opened
+            .sources
+            .file_source(layer, entry)
+            .map_err(|e| error_chain(&e))?;
         Ok((
             Arc::new(DaemonSource {
                 inner,
@@ -353,13 +466,25 @@ impl Daemon {
         ))
     }
 
+    /// The image served at `dest`: its recorded destination, or the directory it was moved
+    /// to (the same directory by identity).
     fn find(&self, dest: &Path) -> Result<(u64, Arc<ImageRt>), ApiFail> {
+        if !dest.is_absolute() {
+            return Err(ApiFail(
+                ErrorKind::BadRequest,
+                format!("destination {} is not an absolute path", dest.display()),
+            ));
+        }
         let canon = dest.canonicalize().unwrap_or_else(|_| dest.to_path_buf());
-        self.images
-            .lock()
-            .unwrap()
+        let images = self.images.lock().unwrap();
+        images
             .iter()
             .find(|(_, i)| i.record.lock().unwrap().dest == canon)
+            .or_else(|| {
+                images
+                    .iter()
+                    .find(|(_, i)| i.tree.as_ref().is_some_and(|t| t.is_at(&canon)))
+            })
             .map(|(id, i)| (*id, i.clone()))
             .ok_or_else(|| {
                 ApiFail(
@@ -367,6 +492,100 @@ impl Daemon {
                     format!("no image is served at {}", dest.display()),
                 )
             })
+    }
+
+    /// Whether `p` (resolved) may be a destination: strictly below an allowed root, not in
+    /// or above one of the daemon's own directories, not in or above a served tree.
+    fn check_allowed(&self, p: &Path) -> Result<(), ApiFail> {
+        let bad = |m: String| ApiFail(ErrorKind::BadRequest, m);
+        let roots = &self.config.allowed_roots;
+        if !roots.iter().any(|r| p.starts_with(r) && p != r) {
+            let list: Vec<String> = roots.iter().map(|r| r.display().to_string()).collect();
+            return Err(bad(format!(
+                "destination {} is outside the allowed roots ({}; see `fanfill daemon --allow-root`)",
+                p.display(),
+                list.join(", ")
+            )));
+        }
+        if let Some(why) = self.own.conflict(p) {
+            return Err(bad(format!("destination {}: {why}", p.display())));
+        }
+        for img in self.images.lock().unwrap().values() {
+            let d = img.record.lock().unwrap().dest.clone();
+            if d == p {
+                return Err(ApiFail(
+                    ErrorKind::AlreadyServed,
+                    format!("{} is already served", p.display()),
+                ));
+            }
+            if p.starts_with(&d) || d.starts_with(p) {
+                return Err(bad(format!(
+                    "destination {} overlaps the served image tree {}",
+                    p.display(),
+                    d.display()
+                )));
+            }
+        }
+        Ok(())
+    }
+
+    /// Checks a requested destination before anything is created, claims it against
+    /// concurrent prepares, creates it, and checks it again once resolved (empty, on ext4,
+    /// xfs or btrfs). Returns the resolved path and the claim.
+    fn claim_dest(&self, dest: &Path) -> Result<(PathBuf, Claim<'_>), ApiFail> {
+        let bad = |m: String| ApiFail(ErrorKind::BadRequest, m);
+        if !dest.is_absolute() {
+            return Err(bad(format!(
+                "destination {} is not an absolute path",
+                dest.display()
+            )));
+        }
+        if dest.components().any(|c| c == Component::ParentDir) {
+            return Err(bad(format!("destination {} contains `..`", dest.display())));
+        }
+        let resolved = resolve_lexically(dest)
+            .map_err(|e| bad(format!("resolving {}: {e}", dest.display())))?;
+        let claim = {
+            let mut claims = self.claims.lock().unwrap();
+            self.check_allowed(&resolved)?;
+            if let Some(c) = claims
+                .iter()
+                .find(|c| resolved.starts_with(c) || c.starts_with(&resolved))
+            {
+                return Err(ApiFail(
+                    ErrorKind::AlreadyServed,
+                    format!("{} is being prepared", c.display()),
+                ));
+            }
+            claims.push(resolved.clone());
+            Claim {
+                claims: &self.claims,
+                dest: resolved.clone(),
+            }
+        };
+        std::fs::create_dir_all(&resolved).map_err(|e| {
+            ApiFail(
+                ErrorKind::Internal,
+                format!("creating {}: {e}", resolved.display()),
+            )
+        })?;
+        // A symlink put in place meanwhile would lead elsewhere: the real path must be the
+        // one checked.
+        let canon = resolved.canonicalize().map_err(|e| {
+            ApiFail(
+                ErrorKind::Internal,
+                format!("resolving {}: {e}", resolved.display()),
+            )
+        })?;
+        if canon != resolved {
+            return Err(bad(format!(
+                "destination {} changed while it was checked (now {})",
+                resolved.display(),
+                canon.display()
+            )));
+        }
+        check_dest_dir(&canon)?;
+        Ok((canon, claim))
     }
 
     async fn prepare(
@@ -377,13 +596,13 @@ impl Daemon {
         registry: RegistrySettings,
         prefetch: bool,
     ) -> Result<ImageStatus, ApiFail> {
-        let dest = check_dest(&dest)?;
-        if self.find(&dest).is_ok() {
-            return Err(ApiFail(
-                ErrorKind::AlreadyServed,
-                format!("{} is already served", dest.display()),
-            ));
-        }
+        let (dest, _claim) = self.claim_dest(&dest)?;
+        let tree = TreeDir::open(&dest).map_err(|e| {
+            ApiFail(
+                ErrorKind::Internal,
+                format!("opening {}: {e}", dest.display()),
+            )
+        })?;
         let opts = prepare_options(&self.config.index_dir, &registry)?;
         let started = Instant::now();
         let opened = open_image(&image_ref, &opts)
@@ -396,8 +615,8 @@ impl Daemon {
             },
             ..UnpackOptions::default()
         };
-        let digests: Vec<String> = opened.layers.iter().map(|l| l.0.to_string()).collect();
-        let ixs: Vec<Arc<LayerIndex>> = opened.layers.iter().map(|l| l.1.clone()).collect();
+        let digests: Vec<String> = opened.sources.layers().map(|l| l.0.to_string()).collect();
+        let ixs: Vec<Arc<LayerIndex>> = opened.sources.layers().map(|l| l.1.clone()).collect();
         let (d2, dest2) = (digests.clone(), dest.clone());
         let unpacked = tokio::task::spawn_blocking(move || {
             let layers: Vec<Layer<'_>> = d2
@@ -436,12 +655,15 @@ impl Daemon {
             files: Vec::with_capacity(unpacked.placeholders.len()),
         };
         let this = self.clone();
+        let opened = Arc::new(opened);
+        let opened2 = opened.clone();
         let res = tokio::task::spawn_blocking(move || {
+            let opened = opened2;
             let mut ids = Vec::new();
             for p in &unpacked.placeholders {
-                let sha = opened.layers[p.layer]
-                    .1
-                    .resolve(p.entry)
+                let sha = opened
+                    .sources
+                    .entry(p.layer, p.entry)
                     .and_then(|e| e.sha256.clone());
                 let mut rec = FileRecord {
                     path: p.path.clone(),
@@ -495,11 +717,12 @@ impl Daemon {
                 }
                 record.files.push(rec);
             }
-            Ok((ids, record, counters))
+            let order = opened.sources.prefetch_order(&record.file_keys());
+            Ok((ids, record, counters, order))
         })
         .await
         .map_err(ApiFail::internal)?;
-        let (ids, record, counters) = match res {
+        let (ids, record, counters, order) = match res {
             Ok(v) => v,
             Err(e) => {
                 image::remove_tree_contents(&dest);
@@ -507,6 +730,24 @@ impl Daemon {
             }
         };
         self.state.save(&record).map_err(ApiFail::internal)?;
+        if let Some(profile) = opened
+            .profile
+            .as_ref()
+            .filter(|_| opts.profile_prefetch > 0)
+        {
+            // The files a recorded run of this image read, filled before the workload asks.
+            let (placed, fids): (Vec<(usize, usize)>, Vec<FileId>) = record
+                .files
+                .iter()
+                .zip(&ids)
+                .filter_map(|(f, id)| Some(((f.layer, f.entry), (*id)?)))
+                .unzip();
+            let layers: Vec<Arc<LayerIndex>> =
+                opened.sources.layers().map(|(_, ix)| ix.clone()).collect();
+            let want = image::profile_file_ids(profile, &layers, &placed, &fids);
+            info!(reference = %image_ref, files = want.len(), "filling the access profile's files ahead of the workload");
+            self.engine.fill_in_background(want, opts.profile_prefetch);
+        }
         info!(
             reference = %image_ref,
             dest = %dest.display(),
@@ -517,14 +758,18 @@ impl Daemon {
         let rt = Arc::new(ImageRt {
             saved: Mutex::new(Some(record.clone())),
             cached: Mutex::new(Vec::new()),
+            opened: Some(opened),
             record: Mutex::new(record),
             files: ids,
+            order,
             counters,
             prefetch: AtomicBool::new(prefetch),
             prefetch_running: AtomicBool::new(false),
             removed: AtomicBool::new(false),
             error: None,
             rate: Mutex::new((Instant::now(), 0, 0.0)),
+            tree: Some(tree),
+            gone: Mutex::new(HashSet::new()),
         });
         self.images.lock().unwrap().insert(id, rt.clone());
         if prefetch {
@@ -537,10 +782,23 @@ impl Daemon {
     /// progress.
     async fn reopen(self: &Arc<Self>, record: ImageRecord) -> Arc<ImageRt> {
         let counters = Arc::new(ImageCounters::default());
-        let mk = |files: Vec<Option<FileId>>, record: ImageRecord, error: Option<String>| {
+        let mk = |files: Vec<Option<FileId>>,
+                  order: Vec<usize>,
+                  record: ImageRecord,
+                  error: Option<String>,
+                  opened: Option<Arc<Opened>>| {
+            let tree = TreeDir::open(&record.dest)
+                .inspect_err(
+                    |e| warn!(dest = %record.dest.display(), error = %e, "image tree missing"),
+                )
+                .ok();
             Arc::new(ImageRt {
+                tree,
+                gone: Mutex::new(HashSet::new()),
+                order,
                 saved: Mutex::new(Some(record.clone())),
                 cached: Mutex::new(Vec::new()),
+                opened,
                 prefetch: AtomicBool::new(record.prefetch),
                 record: Mutex::new(record),
                 files,
@@ -566,18 +824,21 @@ impl Daemon {
                 );
                 warn!(error = %m, "cannot reopen image");
                 let n = record.files.len();
-                return mk(vec![None; n], record, Some(m));
+                return mk(vec![None; n], (0..n).collect(), record, Some(m), None);
             }
             Err(m) => {
                 warn!(reference = %record.reference, error = %m, "cannot reopen image");
                 let n = record.files.len();
-                return mk(vec![None; n], record, Some(m));
+                return mk(vec![None; n], (0..n).collect(), record, Some(m), None);
             }
         };
         let this = self.clone();
         let counters2 = counters.clone();
         let overlay = record.mode == LayoutMode::Overlay;
+        let opened = Arc::new(opened);
+        let opened2 = opened.clone();
         let files = tokio::task::spawn_blocking(move || {
+            let opened = opened2;
             let mut ids = Vec::with_capacity(record.files.len());
             for f in &record.files {
                 if f.complete && f.chunk == 0 {
@@ -603,7 +864,17 @@ impl Daemon {
                         let id = this
                             .engine
                             .register_filled(p, f.chunk, &f.filled_flags(n))
-                            .map_err(|e| error_chain(&e))?;
+                            .map_err(|e| {
+                                if matches!(e, FillError::NotPlaceholder { .. }) {
+                                    // Changed by the user while unfilled (O_TRUNC raises no
+                                    // event): theirs now, never refused as unknown.
+                                    if let Err(e) = this.engine.release_path(&f.path) {
+                                        warn!(error = %error_chain(&e), "releasing a user-modified file");
+                                    }
+                                    return format!("{}; left to the user", error_chain(&e));
+                                }
+                                error_chain(&e)
+                            })?;
                         if overlay {
                             this.engine.unmark(id).map_err(|e| error_chain(&e))?;
                         }
@@ -617,13 +888,14 @@ impl Daemon {
                     }
                 }
             }
-            (ids, record)
+            let order = opened.sources.prefetch_order(&record.file_keys());
+            (ids, record, order)
         })
         .await;
         match files {
-            Ok((ids, record)) => {
+            Ok((ids, record, order)) => {
                 info!(reference = %record.reference, dest = %record.dest.display(), files = ids.len(), "image re-served");
-                mk(ids, record, None)
+                mk(ids, order, record, None, Some(opened))
             }
             Err(e) => panic!("re-registering task failed: {e}"),
         }
@@ -669,8 +941,23 @@ impl Daemon {
             }
             s.fetch_rate = r.2;
         }
+        let gone: Vec<usize> = img.gone.lock().unwrap().iter().copied().collect();
+        s.files_gone = gone.len() as u64;
+        let tree_gone = img
+            .tree
+            .as_ref()
+            .is_none_or(|t| t.location(&rec.dest).is_none());
         s.state = match &img.error {
             Some(e) => format!("error: {e}"),
+            None if tree_gone => format!(
+                "error: the tree at {} was moved or deleted under the daemon",
+                rec.dest.display()
+            ),
+            None if !gone.is_empty() => format!(
+                "error: {} placeholders moved or deleted under the daemon (one: {})",
+                gone.len(),
+                rec.files[*gone.iter().min().unwrap_or(&0)].path.display()
+            ),
             None if s.files_complete == s.files => "complete".into(),
             None => "serving".into(),
         };
@@ -750,17 +1037,31 @@ impl Daemon {
         Ok(Response::Ok)
     }
 
+    /// Stops serving an image and deletes its tree: where the tree is now (found by
+    /// identity, so a tree moved away is still removed and whatever now sits at the old path
+    /// is never touched). Its files are forgotten, not unmarked, before they are deleted: a
+    /// process that still holds one open gets `EIO`, never zeros, and the kernel drops each
+    /// mark with its inode. A tree that cannot be found keeps its files unmarked instead.
     fn remove(&self, dest: &Path) -> Result<Response, ApiFail> {
         let (id, img) = self.find(dest)?;
+        if img.removed.swap(true, Ordering::SeqCst) {
+            return Err(ApiFail(
+                ErrorKind::UnknownImage,
+                format!("the image at {} is already being removed", dest.display()),
+            ));
+        }
         self.watches
             .lock()
             .unwrap()
             .retain(|(img_id, _, _)| *img_id != id);
-        img.removed.store(true, Ordering::SeqCst);
         img.prefetch.store(false, Ordering::SeqCst);
+        let recorded = img.record.lock().unwrap().dest.clone();
+        let location = img.tree.as_ref().and_then(|t| t.location(&recorded));
         for fid in img.files.iter().flatten() {
-            if let Err(e) = self.engine.unregister(*fid) {
-                warn!(error = %error_chain(&e), "unregistering a removed image's file");
+            if location.is_some() {
+                self.engine.forget(*fid);
+            } else if let Err(e) = self.engine.unregister(*fid) {
+                debug!(error = %error_chain(&e), "unregistering a removed image's file");
             }
         }
         self.images.lock().unwrap().remove(&id);
@@ -769,52 +1070,158 @@ impl Daemon {
             let _saving = img.saved.lock().unwrap();
             self.state.remove(id).map_err(ApiFail::internal)?;
         }
-        let dest = img.record.lock().unwrap().dest.clone();
-        image::remove_tree_contents(&dest);
-        info!(dest = %dest.display(), "image removed");
-        Ok(Response::Removed { dest })
+        match &location {
+            Some(at) if img.tree.as_ref().is_some_and(|t| t.is_at(at)) => {
+                image::remove_tree_contents(at);
+                info!(dest = %recorded.display(), at = %at.display(), "image removed");
+            }
+            _ => warn!(dest = %recorded.display(), "image removed; its tree was gone"),
+        }
+        Ok(Response::Removed { dest: recorded })
     }
 
-    /// Background prefetch of one image: its files in layer order, `prefetch_parallel` at a
-    /// time, pausing while any reader's miss is being served (on-demand first).
+    /// Background prefetch of one image, pausing while any reader's miss is being served
+    /// (on-demand first): each layer streamed once into its placeholders
+    /// ([`image::stream_fill_layer`]), then whatever is still missing filled file by file
+    /// from the files' sources, `prefetch_parallel` at a time. A pass that leaves files
+    /// unfilled (full disk, registry down) is retried with a growing pause (0.5 s to 30 s)
+    /// while prefetch stays on; files moved or deleted under the daemon are not retried
+    /// (status reports them).
     fn start_prefetch(self: &Arc<Self>, img: &Arc<ImageRt>) {
         if img.prefetch_running.swap(true, Ordering::SeqCst) {
             return;
         }
-        let next = Arc::new(AtomicUsize::new(0));
-        let workers = Arc::new(AtomicUsize::new(self.config.prefetch_parallel.max(1)));
-        for _ in 0..self.config.prefetch_parallel.max(1) {
-            let (this, img, next, workers) =
-                (self.clone(), img.clone(), next.clone(), workers.clone());
-            std::thread::spawn(move || {
-                loop {
-                    if !img.prefetch.load(Ordering::SeqCst)
-                        || img.removed.load(Ordering::SeqCst)
-                        || this.stopping.load(Ordering::SeqCst)
-                    {
-                        break;
-                    }
-                    while this.engine.inflight_events() > 0 && !this.stopping.load(Ordering::SeqCst)
-                    {
+        let (this, img) = (self.clone(), img.clone());
+        std::thread::spawn(move || {
+            this.stream_layers(&img);
+            let mut pause = Duration::from_millis(500);
+            loop {
+                let failed = this.prefetch_pass(&img);
+                if failed == 0 || this.prefetch_stopped(&img) {
+                    break;
+                }
+                debug!(
+                    failed,
+                    pause_ms = pause.as_millis() as u64,
+                    "prefetch pass left files unfilled; retrying"
+                );
+                let until = Instant::now() + pause;
+                while Instant::now() < until && !this.prefetch_stopped(&img) {
+                    std::thread::sleep(Duration::from_millis(50));
+                }
+                pause = (pause * 2).min(Duration::from_secs(30));
+            }
+            img.prefetch_running.store(false, Ordering::SeqCst);
+            info!(dest = %img.record.lock().unwrap().dest.display(), "prefetch finished");
+        });
+    }
+
+    /// Whether background work on `img` should stop.
+    fn prefetch_stopped(&self, img: &ImageRt) -> bool {
+        !img.prefetch.load(Ordering::SeqCst)
+            || img.removed.load(Ordering::SeqCst)
+            || self.stopping.load(Ordering::SeqCst)
+    }
+
+    /// Streams every layer with incomplete files into its placeholders, lowest first.
+    fn stream_layers(&self, img: &ImageRt) {
+        let Some(opened) = &img.opened else { return };
+        let placed: Vec<(usize, usize)> = {
+            let rec = img.record.lock().unwrap();
+            rec.files.iter().map(|f| (f.layer, f.entry)).collect()
+        };
+        for (li, (digest, index)) in opened.sources.layers().enumerate() {
+            if opened.sources.is_toc(li) {
+                continue; // No tar stream to follow: its files fill by chunks below.
+            }
+            let files: Vec<(usize, FileId)> = placed
+                .iter()
+                .zip(&img.files)
+                .filter_map(|(&(layer, entry), id)| Some((layer, entry, (*id)?)))
+                .filter(|&(layer, _, _)| layer == li)
+                .map(|(_, entry, id)| (entry, id))
+                .collect();
+            let res = image::stream_fill_layer(
+                &self.engine,
+                &opened.store,
+                opened.sources.blob_cache(),
+                digest,
+                index,
+                &files,
+                |len| {
+                    while self.engine.inflight_events() > 0 && !self.prefetch_stopped(img) {
                         std::thread::sleep(Duration::from_millis(2));
                     }
-                    let i = next.fetch_add(1, Ordering::SeqCst);
-                    let Some(fid) = img.files.get(i) else { break };
-                    let Some(fid) = fid else { continue };
-                    if this.engine.is_complete(*fid) {
-                        continue;
+                    if self.prefetch_stopped(img) {
+                        return false;
                     }
-                    this.pace_prefetch(img.record.lock().unwrap().files[i].size);
-                    if let Err(e) = this.engine.fill_file(*fid) {
-                        debug!(error = %error_chain(&e), "prefetch of a file failed");
-                    }
+                    self.pace_prefetch(len);
+                    true
+                },
+            );
+            if !matches!(res, Ok(s) if s.files == 0) {
+                // The image's own store: its counter is the image's network traffic.
+                img.counters
+                    .bytes_fetched
+                    .fetch_max(opened.store.bytes_fetched(), Ordering::Relaxed);
+            }
+            match res {
+                Ok(s) if s.files > 0 => {
+                    info!(layer = %digest, files = s.files, bytes_written = s.bytes_written, "layer streamed into placeholders")
                 }
-                if workers.fetch_sub(1, Ordering::SeqCst) == 1 {
-                    img.prefetch_running.store(false, Ordering::SeqCst);
-                    info!(dest = %img.record.lock().unwrap().dest.display(), "prefetch finished");
+                Ok(_) => {}
+                Err(e) => {
+                    warn!(error = %error_chain(&e), "streaming prefetch of a layer failed; its files fill by ranges")
                 }
-            });
+            }
+            if self.prefetch_stopped(img) {
+                return;
+            }
         }
+    }
+
+    /// One pass filling the image's incomplete files one by one from their sources, in
+    /// prefetch order, `prefetch_parallel` at a time; returns how many files failed (moved
+    /// or deleted ones not counted: they are recorded in `gone`).
+    fn prefetch_pass(&self, img: &ImageRt) -> usize {
+        let next = AtomicUsize::new(0);
+        let failed = AtomicUsize::new(0);
+        std::thread::scope(|s| {
+            for _ in 0..self.config.prefetch_parallel.max(1) {
+                s.spawn(|| {
+                    loop {
+                        if self.prefetch_stopped(img) {
+                            break;
+                        }
+                        while self.engine.inflight_events() > 0
+                            && !self.stopping.load(Ordering::SeqCst)
+                        {
+                            std::thread::sleep(Duration::from_millis(2));
+                        }
+                        let k = next.fetch_add(1, Ordering::SeqCst);
+                        let Some(&i) = img.order.get(k) else { break };
+                        let Some(fid) = img.files.get(i) else { break };
+                        let Some(fid) = fid else { continue };
+                        if self.engine.is_complete(*fid) || img.gone.lock().unwrap().contains(&i) {
+                            continue;
+                        }
+                        self.pace_prefetch(img.record.lock().unwrap().files[i].size);
+                        match self.engine.fill_file(*fid) {
+                            Ok(()) => {}
+                            Err(e) if e.is_gone() => {
+                                debug!(error = %error_chain(&e), "prefetch: placeholder gone");
+                                img.gone.lock().unwrap().insert(i);
+                            }
+                            Err(e) => {
+                                failed.fetch_add(1, Ordering::SeqCst);
+                                debug!(error = %error_chain(&e), "prefetch of a file failed");
+                            }
+                        }
+                    }
+                });
+            }
+        });
+        failed.into_inner()
     }
 
     /// Waits until `bytes` more of prefetch fit the configured rate.
@@ -925,15 +1332,40 @@ impl Daemon {
     }
 }
 
-/// Fills and answers the events a predecessor read and never answered; then denies (`EIO`)
-/// any other event still carrying a reserved number; then releases the reservation.
+/// Denies (`EIO`) every stale event carrying a reserved number nothing is known about, then
+/// releases every reserved number but the known in-flight events' ones: new events get low
+/// numbers again (events read while the whole range was held get numbers above it, and a
+/// crash with those unanswered would make the next successor reserve still higher).
+fn deny_unknown_stale(group: &Group, inflight: &[Inflight], reservation: &mut FdReservation) {
+    let known: Vec<i32> = inflight.iter().map(|i| i.id.raw()).collect();
+    let mut stale = 0;
+    for n in reservation.numbers() {
+        if known.contains(&n) {
+            continue;
+        }
+        if group
+            .respond_id(EventId::from_raw(n), FanResponse::Deny(DenyErrno::Io))
+            .is_ok()
+        {
+            stale += 1;
+        }
+    }
+    reservation.release_except(&known);
+    info!(
+        unrecorded_denied = stale,
+        held = known.len(),
+        "stale event numbers answered; reservation released but for known events"
+    );
+}
+
+/// Fills and answers the events a predecessor read and never answered (their numbers are
+/// still reserved), then releases the rest of the reservation.
 fn answer_inherited(
     daemon: &Arc<Daemon>,
     journal: &Arc<Journal>,
     inflight: Vec<Inflight>,
     reservation: FdReservation,
 ) {
-    let known: Vec<i32> = inflight.iter().map(|i| i.id.raw()).collect();
     let started = Instant::now();
     std::thread::scope(|s| {
         for ev in &inflight {
@@ -961,39 +1393,72 @@ fn answer_inherited(
             });
         }
     });
-    let mut stale = 0;
-    for n in reservation.numbers() {
-        if known.contains(&n) {
-            continue;
-        }
-        if daemon
-            .engine
-            .group()
-            .respond_id(EventId::from_raw(n), FanResponse::Deny(DenyErrno::Io))
-            .is_ok()
-        {
-            stale += 1;
-        }
-    }
     drop(reservation);
+    journal.release_floor();
     info!(
         answered = daemon.inherited_answered.load(Ordering::Relaxed),
-        unrecorded_denied = stale,
         ms = started.elapsed().as_millis() as u64,
         "predecessor's in-flight events answered"
     );
 }
 
-async fn serve_conn(daemon: Arc<Daemon>, stream: tokio::net::UnixStream) {
-    use tokio::io::{AsyncBufReadExt, AsyncWriteExt};
-    let (r, mut w) = stream.into_split();
-    let mut lines = tokio::io::BufReader::new(r).lines();
-    while let Ok(Some(line)) = lines.next_line().await {
-        let resp = match Request::from_line(&line) {
-            Ok(req) => daemon.handle(req).await,
-            Err(e) => Response::bad_request(&e),
+/// Reads one request line of at most [`MAX_REQUEST_LINE`] bytes (without its `\n`).
+/// `Ok(None)`: the client closed the connection; `Err`: the line is too long (the rest is
+/// not read).
+async fn read_request_line(
+    r: &mut (impl tokio::io::AsyncBufRead + Unpin),
+    line: &mut Vec<u8>,
+) -> std::io::Result<Option<()>> {
+    use tokio::io::AsyncBufReadExt;
+    line.clear();
+    loop {
+        let buf = r.fill_buf().await?;
+        if buf.is_empty() {
+            return Ok(if line.is_empty() { None } else { Some(()) });
+        }
+        let (take, done) = match buf.iter().position(|b| *b == b'\n') {
+            Some(i) => (i, true),
+            None => (buf.len(), false),
         };
-        if w.write_all(resp.to_line().as_bytes()).await.is_err() {
+        if line.len() + take > MAX_REQUEST_LINE {
+            return Err(std::io::Error::new(
+                std::io::ErrorKind::InvalidData,
+                format!("request line longer than {MAX_REQUEST_LINE} bytes"),
+            ));
+        }
+        line.extend_from_slice(&buf[..take]);
+        r.consume(take + usize::from(done));
+        if done {
+            return Ok(Some(()));
+        }
+    }
+}
+
+async fn serve_conn(daemon: Arc<Daemon>, stream: tokio::net::UnixStream) {
+    use tokio::io::AsyncWriteExt;
+    let (r, mut w) = stream.into_split();
+    let mut r = tokio::io::BufReader::new(r);
+    let mut line = Vec::new();
+    loop {
+        let (resp, close) = match read_request_line(&mut r, &mut line).await {
+            Ok(None) => break,
+            Ok(Some(())) => match Request::from_line(&line) {
+                Ok(req) => (daemon.handle(req).await, false),
+                Err(e) => (Response::bad_request(&e), false),
+            },
+            Err(e) if e.kind() == std::io::ErrorKind::InvalidData => {
+                warn!(error = %e, "API client sent an oversized request; dropping it");
+                (
+                    Response::Error {
+                        kind: ErrorKind::BadRequest,
+                        message: format!("bad request: {e}; connection closed"),
+                    },
+                    true,
+                )
+            }
+            Err(_) => break,
+        };
+        if w.write_all(resp.to_line().as_bytes()).await.is_err() || close {
             break;
         }
     }
@@ -1007,17 +1472,33 @@ pub fn run(config: DaemonConfig) -> Result<(), DaemonError> {
         let what = what.to_string();
         move |source| DaemonError::Io { what, source }
     };
-    match crate::sys::fdpass::raise_nofile_limit() {
-        Ok(n) => debug!(nofile = n, "descriptor limit"),
-        Err(e) => warn!(error = %e, "cannot raise the descriptor limit"),
-    }
+    let nofile = match crate::sys::fdpass::raise_nofile_limit() {
+        Ok(n) => {
+            debug!(nofile = n, "descriptor limit");
+            n
+        }
+        Err(e) => {
+            warn!(error = %e, "cannot raise the descriptor limit");
+            1024
+        }
+    };
     let (journal, hwm, inflight) =
         Journal::open(&state.root().join("inflight")).map_err(io("opening the journal"))?;
     // The journal learns an event's number just after read(2) returned it: a crash in that
     // window leaves numbers up to one read buffer of events above the recorded highest.
     let reservation = if hwm >= 3 {
-        FdReservation::reserve(3, hwm.saturating_add(RESERVE_MARGIN))
-            .map_err(io("reserving event numbers"))?
+        // Never so many that the daemon cannot start (its readers would wait forever):
+        // leave room for its own descriptors and new events.
+        let cap = i32::try_from(nofile.saturating_sub(RESERVE_HEADROOM)).unwrap_or(i32::MAX);
+        let want = hwm.saturating_add(RESERVE_MARGIN);
+        if want > cap {
+            tracing::error!(
+                want,
+                cap,
+                "the predecessor's event numbers exceed the descriptor limit; reserving up to it"
+            );
+        }
+        FdReservation::reserve(3, want.min(cap)).map_err(io("reserving event numbers"))?
     } else {
         FdReservation::default()
     };
@@ -1064,6 +1545,13 @@ pub fn run(config: DaemonConfig) -> Result<(), DaemonError> {
     let records = state.load()?;
     let next_id = records.iter().map(|r| r.id).max().unwrap_or(0) + 1;
     let cache = cache::Cache::open(&state.root().join("cache"))?;
+    let own = OwnPlaces::new(state.root(), &config.index_dir, &config.socket);
+    let mut config = config;
+    config.allowed_roots = config
+        .allowed_roots
+        .iter()
+        .map(|r| r.canonicalize().unwrap_or_else(|_| r.clone()))
+        .collect();
     let daemon = Arc::new(Daemon {
         config: config.clone(),
         engine,
@@ -1076,6 +1564,8 @@ pub fn run(config: DaemonConfig) -> Result<(), DaemonError> {
         prefetch_next: Mutex::new(Instant::now()),
         stopping: AtomicBool::new(false),
         watches: Mutex::new(Vec::new()),
+        claims: Mutex::new(Vec::new()),
+        own,
     });
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
@@ -1096,6 +1586,8 @@ pub fn run(config: DaemonConfig) -> Result<(), DaemonError> {
         "recorded images re-registered"
     );
     // 5. Serve.
+    let mut reservation = reservation;
+    deny_unknown_stale(daemon.engine.group(), &inflight, &mut reservation);
     daemon.engine.open_gate();
     {
         let (d, j) = (daemon.clone(), journal.clone());

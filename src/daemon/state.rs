@@ -120,6 +120,13 @@ pub struct ImageRecord {
     pub files: Vec<FileRecord>,
 }
 
+impl ImageRecord {
+    /// `(layer, entry)` of every file, in record order.
+    pub fn file_keys(&self) -> Vec<(usize, usize)> {
+        self.files.iter().map(|f| (f.layer, f.entry)).collect()
+    }
+}
+
 /// The state directory.
 #[derive(Debug, Clone)]
 pub struct StateDir {

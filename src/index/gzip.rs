@@ -754,7 +754,7 @@ impl BitWriter {
         // Bulk: 32 bits at a time out of an unaligned 8-byte load (at most 7 bits of shift
         // leave 57 valid bits). The accumulator holds fewer than 8 bits between pieces, so
         // the piece fits beside them.
-        while end - bit >= 32 && (bit / 8) as usize + 8 <= src.len() {
+        while end.saturating_sub(bit) >= 32 && (bit / 8) as usize + 8 <= src.len() {
             let at = (bit / 8) as usize;
             let mut word = [0u8; 8];
             word.copy_from_slice(&src[at..at + 8]);
@@ -983,9 +983,22 @@ mod tests {
             })
             .collect();
         for head_bits in [0u64, 1, 3, 7, 8, 13] {
-            // The last two start at and past the end of `data` (found by fuzzing: an
+            // The last four start near, at and past the end of `data` (found by fuzzing: an
             // overflow when a checkpoint sits at the span's end).
-            for from in [0u64, 1, 5, 7, 8, 9, 63, 100, 4096 * 8, 4096 * 8 + 3] {
+            for from in [
+                0u64,
+                1,
+                5,
+                7,
+                8,
+                9,
+                63,
+                100,
+                4096 * 8 - 3,
+                4096 * 8,
+                4096 * 8 + 3,
+                4096 * 8 + 9,
+            ] {
                 for count in [0u64, 1, 31, 32, 33, 64, 1000, 40_000] {
                     let pieces: [(&[u8], u64, u64); 3] = [
                         (&data[..4], 3, head_bits),

@@ -69,6 +69,7 @@ mod gzip;
 mod store;
 mod windows;
 
+pub(crate) use build::normalize_path;
 pub use build::{IndexOptions, IndexSink, NoSink};
 pub use error::IndexError;
 pub use extract::{

@@ -106,6 +106,11 @@ impl FdReservation {
         self.held.iter().any(|(m, _)| *m == n)
     }
 
+    /// Releases every number but those in `keep`.
+    pub fn release_except(&mut self, keep: &[i32]) {
+        self.held.retain(|(n, _)| keep.contains(n));
+    }
+
     /// The numbers held.
     pub fn numbers(&self) -> Vec<i32> {
         self.held.iter().map(|(n, _)| *n).collect()

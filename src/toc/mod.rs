@@ -14,7 +14,175 @@
 //! covering it with one range request, inflates each one whole, checks each chunk's digest
 //! and slices the wanted bytes: nothing reaches the engine unverified.
 
-use crate::index::LayerIndex;
+use oci_spec::image::Descriptor;
+
+use crate::blobcache::BlobCache;
+use crate::index::{Compression, LayerIndex};
+use crate::registry::{self, BlobStore};
+
+pub mod estargz;
+mod source;
+pub mod zstd_chunked;
+
+pub use source::{TocFileSource, verify_for};
+
+/// Largest chunk accepted (uncompressed), in either format: a fill inflates one chunk into
+/// memory, so a TOC must not be able to make that unbounded.
+pub const MAX_CHUNK_LEN: u64 = 256 << 20;
+
+/// Errors while finding, fetching or reading a layer's table of contents.
+#[derive(Debug, thiserror::Error)]
+pub enum TocError {
+    /// Reading the blob failed.
+    #[error("layer {layer}: reading {what}")]
+    Registry {
+        /// The layer digest.
+        layer: String,
+        /// What was being read.
+        what: &'static str,
+        /// The registry error.
+        #[source]
+        source: Box<registry::Error>,
+    },
+    /// The footer is missing or points nowhere sensible.
+    #[error("layer {layer}: bad TOC footer: {reason}")]
+    Footer {
+        /// The layer digest.
+        layer: String,
+        /// What is wrong.
+        reason: String,
+    },
+    /// The TOC does not parse or describes an impossible layout.
+    #[error("layer {layer}: corrupt TOC: {reason}")]
+    Corrupt {
+        /// The layer digest.
+        layer: String,
+        /// What is wrong.
+        reason: String,
+    },
+    /// The TOC's digest is not the one the layer's annotation names.
+    #[error("layer {layer}: TOC digest {found} does not match the annotation's {expected}")]
+    DigestMismatch {
+        /// The layer digest.
+        layer: String,
+        /// The digest the annotation names.
+        expected: String,
+        /// The digest of the TOC as fetched.
+        found: String,
+    },
+    /// The TOC exceeds a size limit (a hostile or broken layer).
+    #[error("layer {layer}: {what} of {size} bytes exceeds the limit of {limit}")]
+    TooLarge {
+        /// The layer digest.
+        layer: String,
+        /// Which part.
+        what: &'static str,
+        /// Its size.
+        size: u64,
+        /// The limit.
+        limit: u64,
+    },
+    /// A TOC annotation on the layer descriptor does not parse or does not fit the blob.
+    #[error("layer {layer}: annotation {key}: {reason}")]
+    Annotation {
+        /// The layer digest.
+        layer: String,
+        /// The annotation key.
+        key: &'static str,
+        /// Its value, and what is wrong with it.
+        reason: String,
+    },
+}
+
+/// The TOC format a layer descriptor announces by its annotations (no I/O); `None` when
+/// it announces none (a footer may still show one: [`load`] probes for it).
+pub fn detect(desc: &Descriptor) -> Option<TocFormat> {
+    let ann = desc.annotations().as_ref()?;
+    if ann.contains_key(estargz::TOC_DIGEST_ANNOTATION) {
+        return Some(TocFormat::Estargz);
+    }
+    zstd_chunked::detect(desc).then_some(TocFormat::ZstdChunked)
+}
+
+/// The TOC layer behind `desc`, or `None` when the layer has no TOC. With an annotation
+/// (see [`detect`]) the TOC is fetched and verified against it; a gzip or zstd layer
+/// without one costs one range read of its last [`estargz::FOOTER_SIZE`] (gzip) or
+/// [`zstd_chunked::FOOTER_READ`] (zstd) bytes to look for a footer (such a TOC is used
+/// unverified: nothing names its digest, and its chunk digests still
+/// verify every byte read). Reads go to `cache` first when it holds the blob.
+pub async fn load(
+    store: &BlobStore,
+    desc: &Descriptor,
+    cache: Option<&BlobCache>,
+) -> Result<Option<TocLayer>, TocError> {
+    let layer = desc.digest();
+    let ann = desc.annotations().as_ref();
+    match detect(desc) {
+        Some(TocFormat::Estargz) => {
+            let want = ann.and_then(|a| a.get(estargz::TOC_DIGEST_ANNOTATION));
+            estargz::load(
+                store,
+                cache,
+                layer,
+                desc.size(),
+                want.map(String::as_str),
+                None,
+            )
+            .await
+            .map(Some)
+        }
+        Some(TocFormat::ZstdChunked) => zstd_chunked::load(store, desc, cache).await,
+        None => {
+            let media = desc.media_type().to_string();
+            match Compression::from_media_type(&media) {
+                // A zstd layer may be zstd:chunked without the annotations: its footer tells.
+                Some(Compression::Zstd) => return zstd_chunked::load(store, desc, cache).await,
+                Some(Compression::Gzip) => {}
+                _ => return Ok(None),
+            }
+            let size = desc.size();
+            let n = estargz::FOOTER_SIZE.min(size);
+            // The probe is opportunistic: a layer whose tail cannot be read is left to the
+            // ordinary path, which reports what is wrong with it.
+            let tail = match crate::blobcache::read_range(cache, store, layer, size - n, n).await {
+                Ok(tail) => tail,
+                Err(e) => {
+                    tracing::debug!(layer = %layer, error = %crate::fill::error_chain(&e), "footer probe failed");
+                    return Ok(None);
+                }
+            };
+            if estargz::parse_footer(&tail).is_none() {
+                return Ok(None);
+            }
+            estargz::load(store, cache, layer, size, None, Some(tail))
+                .await
+                .map(Some)
+        }
+    }
+}
+
+/// The entry table of a TOC layer as a [`LayerIndex`] (`layer` of `blob_size` bytes): no
+/// checkpoints, windows or end marks, file bytes are located through [`TocLayer::chunks`].
+fn entry_table(
+    compression: Compression,
+    layer: &str,
+    blob_size: u64,
+    entries: Vec<crate::index::Entry>,
+) -> LayerIndex {
+    LayerIndex {
+        compression,
+        blob_digest: layer.to_string(),
+        diff_id: None,
+        compressed_size: blob_size,
+        uncompressed_size: 0,
+        span: 0,
+        windows_digest: None,
+        windows_size: 0,
+        entries,
+        checkpoints: Vec::new(),
+        end_marks: Vec::new(),
+    }
+}
 
 /// Which TOC format a layer is in.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

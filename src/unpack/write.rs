@@ -45,7 +45,7 @@ fn op(o: Op) -> impl FnOnce(Errno) -> (Op, io::Error) {
 /// sparse (`ftruncate`) or with its blocks reserved (`fallocate`). The file is open
 /// read-write so that a caller can write its data before [`finish_file`].
 pub fn create_file(dir: BorrowedFd<'_>, name: &OsStr, size: u64, sparse: bool) -> io::Result<File> {
-    create_file_op(dir, name, size, sparse).map_err(|(_, e)| e)
+    create_file_op(dir, name, size, sparse, 0o600).map_err(|(_, e)| e)
 }
 
 /// Sets a new file's owner, mode, xattrs and mtime from `meta`, in the order that keeps
@@ -77,12 +77,20 @@ pub fn open_dir_beneath(root: BorrowedFd<'_>, rel: &Path) -> io::Result<OwnedFd>
     Ok(openat2(root, rel, how)?)
 }
 
-fn create_file_op(dir: BorrowedFd<'_>, name: &OsStr, size: u64, sparse: bool) -> OpResult<File> {
+/// `mode`: permission bits to create the file with (no setuid, setgid or sticky bit: those
+/// are set by [`finish_fd`] once the owner is final).
+fn create_file_op(
+    dir: BorrowedFd<'_>,
+    name: &OsStr,
+    size: u64,
+    sparse: bool,
+    mode: u32,
+) -> OpResult<File> {
     let fd = openat(
         dir,
         name,
         OFlag::O_CREAT | OFlag::O_EXCL | OFlag::O_RDWR | OFlag::O_NOFOLLOW | OFlag::O_CLOEXEC,
-        Perm::from_bits_truncate(0o600),
+        Perm::from_bits_truncate((mode & 0o777) as libc::mode_t),
     )
     .map_err(op(Op::Create))?;
     let len = i64::try_from(size).map_err(|_| (Op::Size, io::Error::from(Errno::EFBIG)))?;
@@ -100,13 +108,22 @@ fn create_file_op(dir: BorrowedFd<'_>, name: &OsStr, size: u64, sparse: bool) ->
 /// Owner, mode, xattrs, times of an open file or directory; `opaque` adds the overlay
 /// opaque marker.
 fn finish_fd(file: &File, meta: &Entry, opaque: bool) -> OpResult<()> {
-    fchown(
-        file.as_fd(),
-        Some(Uid::from_raw(meta.uid)),
-        Some(Gid::from_raw(meta.gid)),
-    )
-    .map_err(op(Op::Chown))?;
-    fchmod(file.as_fd(), perm(meta.mode)).map_err(op(Op::Chmod))?;
+    // A chown and a chmod each dirty the inode in the journal; most entries are created
+    // with the owner and mode they need already (root unpacking root's files), so compare
+    // first. A chown clears setuid/setgid bits: after one, the mode is always set again.
+    let st = nix::sys::stat::fstat(file.as_fd()).map_err(op(Op::Chown))?;
+    let chown = (st.st_uid, st.st_gid) != (meta.uid, meta.gid);
+    if chown {
+        fchown(
+            file.as_fd(),
+            Some(Uid::from_raw(meta.uid)),
+            Some(Gid::from_raw(meta.gid)),
+        )
+        .map_err(op(Op::Chown))?;
+    }
+    if chown || (st.st_mode & 0o7777) != (meta.mode & 0o7777) {
+        fchmod(file.as_fd(), perm(meta.mode)).map_err(op(Op::Chmod))?;
+    }
     for (name, value) in &meta.xattrs {
         if keep_xattr(name, true) {
             file.set_xattr(name, value)
@@ -441,7 +458,7 @@ impl Writer<'_> {
         let e = &layers[inode.layer].entries[inode.entry];
         match e.kind {
             EntryKind::File => {
-                let mut file = create_file_op(dir, name, e.size, self.opts.sparse)?;
+                let mut file = create_file_op(dir, name, e.size, self.opts.sparse, e.mode)?;
                 let data = self
                     .hooks
                     .write_data(inode.layer, inode.entry, e, &mut file)

@@ -6,8 +6,9 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use fanfill::api::{ImageStatus, LayoutMode, RegistrySettings, Request, Response};
+use fanfill::ocibuild::{Compression, LayerItem, write_layout};
 
-use super::within;
+use super::{pattern, within};
 
 pub fn bin() -> Command {
     Command::new(env!("CARGO_BIN_EXE_fanfill"))
@@ -136,4 +137,64 @@ impl Drop for DaemonProc {
         }
         let _ = fanfill::daemon::holder::quit(&self.state.join("holder.sock"));
     }
+}
+
+/// The holder's fanotify group fd as `/proc/PID/fdinfo/FD`: number of inode marks.
+pub fn holder_marks(state: &Path) -> usize {
+    let pid = std::fs::read_to_string(state.join("holder.pid")).unwrap();
+    let pid = pid.trim();
+    for e in std::fs::read_dir(format!("/proc/{pid}/fd"))
+        .unwrap()
+        .flatten()
+    {
+        if std::fs::read_link(e.path()).is_ok_and(|l| l.as_os_str() == "anon_inode:[fanotify]") {
+            let info = std::fs::read_to_string(format!(
+                "/proc/{pid}/fdinfo/{}",
+                e.file_name().to_string_lossy()
+            ))
+            .unwrap();
+            return info
+                .lines()
+                .filter(|l| l.starts_with("fanotify ino:"))
+                .count();
+        }
+    }
+    panic!("holder {pid} holds no fanotify group");
+}
+
+/// An image of `n` files of ~1 MiB (content `pattern(len, seed0 + i)`) plus a directory.
+pub fn build_image(
+    dir: &Path,
+    tag: &str,
+    n: usize,
+    seed0: u64,
+) -> (String, Vec<(String, Vec<u8>)>) {
+    build_image_sized(dir, tag, n, seed0, |i| (1 << 20) + 4096 * i + 17)
+}
+
+/// An image of `n` files `data/fNN.bin` of `size(i)` bytes (content `pattern(len, seed0 + i)`).
+pub fn build_image_sized(
+    dir: &Path,
+    tag: &str,
+    n: usize,
+    seed0: u64,
+    size: impl Fn(usize) -> usize,
+) -> (String, Vec<(String, Vec<u8>)>) {
+    let mut items = vec![LayerItem::Dir {
+        path: "data".into(),
+        mode: 0o755,
+    }];
+    let mut files = Vec::new();
+    for i in 0..n {
+        let data = pattern(size(i), seed0 + i as u64);
+        let path = format!("data/f{i:02}.bin");
+        items.push(LayerItem::File {
+            path: path.clone(),
+            mode: 0o644,
+            data: data.clone(),
+        });
+        files.push((path, data));
+    }
+    let built = write_layout(dir, tag, &[items], Compression::Gzip).unwrap();
+    (built.reference(), files)
 }
