@@ -35,6 +35,8 @@ pub const TARGETS: &[(&str, Target)] = &[
     ("unpack_plan", unpack_plan),
     ("api_line", api_line),
     ("text_parsers", text_parsers),
+    ("toc_estargz", toc_estargz),
+    ("toc_zstd", toc_zstd),
 ];
 
 /// Index options with dense checkpoints, so that small inputs exercise every kind of gzip
@@ -295,6 +297,102 @@ fn one_line(s: &str) -> &[u8] {
         "a protocol line spans lines: {line:?}"
     );
     line.as_bytes()
+}
+
+/// Blob size the TOC targets claim: large, so that the seeds' offsets all lie inside it.
+const TOC_BLOB: u64 = 1 << 40;
+
+/// (f) eStargz: the input as a footer, as a TOC gzip member (`stargz.index.json` in a tar)
+/// and as TOC JSON. A TOC that parses must be self-consistent ([`check_toc`]).
+pub fn toc_estargz(data: &[u8]) {
+    use crate::toc::estargz;
+    if let Some((offset, len)) = estargz::parse_footer(data) {
+        assert!(len == estargz::FOOTER_SIZE || len == estargz::LEGACY_FOOTER_SIZE);
+        let _ = offset;
+    }
+    if let Ok(json) = estargz::toc_json(data) {
+        if let Ok(toc) = estargz::parse_toc(&json, "sha256:fuzz", TOC_BLOB, TOC_BLOB / 2) {
+            check_toc(&toc, TOC_BLOB / 2);
+        }
+    }
+    if let Ok(toc) = estargz::parse_toc(data, "sha256:fuzz", TOC_BLOB, TOC_BLOB / 2) {
+        check_toc(&toc, TOC_BLOB / 2);
+    }
+}
+
+/// (f) zstd:chunked: the input as a footer, as a compressed TOC (hostile zstd) and, zstd
+/// compressed here, as TOC JSON. A TOC that parses must be self-consistent ([`check_toc`]).
+pub fn toc_zstd(data: &[u8]) {
+    use crate::toc::zstd_chunked::{TocPosition, parse};
+    let _ = TocPosition::from_footer("sha256:fuzz", TOC_BLOB, data);
+    let at = TOC_BLOB / 2;
+    let raw = TocPosition {
+        offset: at,
+        len: data.len() as u64,
+        uncompressed_len: u64::from(data.first().copied().unwrap_or(0)) << 8,
+        checksum: None,
+    };
+    if let Ok(toc) = parse("sha256:fuzz", TOC_BLOB, &raw, data) {
+        check_toc(&toc, TOC_BLOB);
+    }
+    let compressed = zstd::bulk::compress(data, 1).expect("zstd into a Vec");
+    let position = TocPosition {
+        offset: at,
+        len: compressed.len() as u64,
+        uncompressed_len: data.len() as u64,
+        checksum: None,
+    };
+    if let Ok(toc) = parse("sha256:fuzz", TOC_BLOB, &position, &compressed) {
+        check_toc(&toc, TOC_BLOB);
+    }
+}
+
+/// A parsed TOC: one chunk list per entry, each regular file's chunks covering `0..size` in
+/// order without gaps or overlaps, every chunk's bytes inside the blob (before `limit`) and
+/// bounded, paths normalised, prefetch entries existing, and an entry table the unpack
+/// planner takes without panicking.
+fn check_toc(toc: &crate::toc::TocLayer, limit: u64) {
+    let entries = &toc.index.entries;
+    assert_eq!(entries.len(), toc.chunks.len(), "one chunk list per entry");
+    for (e, chunks) in entries.iter().zip(&toc.chunks) {
+        check_normalised(&e.path);
+        if e.kind != EntryKind::File {
+            assert!(chunks.is_empty(), "{:?}: chunks on a non-file", e.path);
+            continue;
+        }
+        let mut next = 0u64;
+        for c in chunks {
+            assert_eq!(c.file_offset, next, "{:?}: chunk gap or overlap", e.path);
+            assert!(
+                c.len > 0 && c.len <= crate::toc::MAX_CHUNK_LEN,
+                "{:?}: chunk length {}",
+                e.path,
+                c.len
+            );
+            next = c
+                .file_offset
+                .checked_add(c.len)
+                .expect("chunk end overflows");
+            if !c.zeros {
+                assert!(
+                    c.compressed_offset < c.compressed_end && c.compressed_end <= limit,
+                    "{:?}: chunk bytes {}..{} outside the blob",
+                    e.path,
+                    c.compressed_offset,
+                    c.compressed_end
+                );
+            }
+        }
+        assert_eq!(next, e.size, "{:?}: chunks do not cover the file", e.path);
+    }
+    for &i in &toc.prefetch_first {
+        assert!(
+            i < entries.len(),
+            "prefetch names entry {i} of {}",
+            entries.len()
+        );
+    }
+    let _ = crate::unpack::plan::plan(&[Layer::new("sha256:fuzz", entries)], true);
 }
 
 /// The small text parsers of what registries, users and the kernel hand in: a
@@ -674,6 +772,26 @@ pub fn seeds(name: &str) -> Vec<Vec<u8>> {
             b"oci:/srv/images/app:1".to_vec(),
             b"90 22 0:50 / /run/c\\040x/merged rw - overlay overlay rw,lowerdir=/l/2-abc:/l/1-def\\:x,upperdir=/u,workdir=/w\n22 1 8:1 / / rw - ext4 /dev/vda rw\n".to_vec(),
         ],
+        "toc_estargz" => {
+            use crate::toc::estargz;
+            let mut out = Vec::new();
+            for tar in &tars {
+                let opts = estargz::WriteOptions {
+                    chunk_size: 16 << 10,
+                    prefetch: vec!["etc/hosts".into()],
+                    level: 6,
+                };
+                let Ok(w) = estargz::write(tar, &opts) else {
+                    continue;
+                };
+                let (_, footer) = estargz::parse_footer(&w.blob).expect("a written footer");
+                let member = &w.blob[w.toc_offset as usize..w.blob.len() - footer as usize];
+                out.push(estargz::toc_json(member).expect("a written TOC"));
+                out.push(member.to_vec());
+                out.push(w.blob[w.blob.len() - footer as usize..].to_vec());
+            }
+            out
+        }
         "api_line" => vec![
             br#"{"Prepare":{"image":"oci:/srv/img:1","dest":"/srv/a","mode":"overlay","registry":{"insecure":true,"mirrors":["m:5000"]},"prefetch":true}}"#.to_vec(),
             b"{\"Status\":{\"dest\":null}}\n{\"Remove\":{\"dest\":\"/d\"}}\r\n\"Ping\"".to_vec(),

@@ -212,6 +212,16 @@ fn text_parsers() {
 }
 
 #[test]
+fn toc_estargz() {
+    smoke("toc_estargz");
+}
+
+#[test]
+fn toc_zstd() {
+    smoke("toc_zstd");
+}
+
+#[test]
 fn every_target_is_tested() {
     let tested = [
         "index_tar",
@@ -221,6 +231,8 @@ fn every_target_is_tested() {
         "unpack_plan",
         "api_line",
         "text_parsers",
+        "toc_estargz",
+        "toc_zstd",
     ];
     for (name, _) in TARGETS {
         assert!(
@@ -279,6 +291,17 @@ fn write_seed_corpus() {
             std::fs::write(dir.join(format!("seed-{h}")), &seed).unwrap();
         }
     }
+    // zstd:chunked: the TOC JSON and the footer of the layer skopeo 1.9.3 wrote
+    // (`tests/fixtures`; manifest position 39558:1091:3844).
+    let blob = std::fs::read(
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/zstd-chunked-skopeo19.blob"),
+    )
+    .unwrap();
+    let json = zstd::bulk::decompress(&blob[39558..39558 + 1091], 3844).unwrap();
+    let dir = corpus_dir("toc_zstd");
+    std::fs::create_dir_all(&dir).unwrap();
+    std::fs::write(dir.join("seed-skopeo19-toc"), json).unwrap();
+    std::fs::write(dir.join("seed-skopeo19-footer"), &blob[blob.len() - 72..]).unwrap();
 }
 
 /// Runs target `name` on its committed corpus file `file` (a crash input of an earlier run).
@@ -292,4 +315,21 @@ fn regression(name: &str, file: &str) {
 #[test]
 fn regression_copy_bits_past_span_end() {
     regression("index_extract", "crash-copy-bits-past-span-end");
+}
+
+/// The zstd:chunked seed is a TOC the target's parse accepts (so the fuzzer starts from
+/// inputs that reach the TOC checks, not only from errors).
+#[test]
+fn toc_zstd_seed_parses() {
+    use fanfill::toc::zstd_chunked::{TocPosition, parse};
+    let json = std::fs::read(corpus_dir("toc_zstd").join("seed-skopeo19-toc")).unwrap();
+    let compressed = zstd::bulk::compress(&json, 1).unwrap();
+    let position = TocPosition {
+        offset: 1 << 39,
+        len: compressed.len() as u64,
+        uncompressed_len: json.len() as u64,
+        checksum: None,
+    };
+    let toc = parse("sha256:fuzz", 1 << 40, &position, &compressed).unwrap();
+    assert!(toc.index.entries.len() > 3, "{}", toc.index.entries.len());
 }
