@@ -249,6 +249,50 @@ pub enum Response {
     },
 }
 
+impl Request {
+    /// Parses one protocol line (without its `\n`): what the daemon does with each line it
+    /// reads.
+    pub fn from_line(line: &[u8]) -> Result<Request, serde_json::Error> {
+        serde_json::from_slice(line)
+    }
+
+    /// The request as one protocol line, `\n` included.
+    pub fn to_line(&self) -> Result<String, serde_json::Error> {
+        let mut line = serde_json::to_string(self)?;
+        line.push('\n');
+        Ok(line)
+    }
+}
+
+impl Response {
+    /// Parses one protocol line (without its `\n`): what a client does with the answer.
+    pub fn from_line(line: &[u8]) -> Result<Response, serde_json::Error> {
+        serde_json::from_slice(line)
+    }
+
+    /// The answer to a line that did not parse as a [`Request`].
+    pub fn bad_request(e: &serde_json::Error) -> Response {
+        Response::Error {
+            kind: ErrorKind::BadRequest,
+            message: format!("bad request: {e}"),
+        }
+    }
+
+    /// The response as one protocol line, `\n` included. Never fails: a response that
+    /// cannot be serialised (none can today) becomes an [`ErrorKind::Internal`] error line.
+    pub fn to_line(&self) -> String {
+        let mut line = serde_json::to_string(self).unwrap_or_else(|e| {
+            serde_json::to_string(&Response::Error {
+                kind: ErrorKind::Internal,
+                message: format!("serialising the response: {e}"),
+            })
+            .unwrap_or_else(|_| r#"{"Error":{"kind":"Internal","message":""}}"#.to_owned())
+        });
+        line.push('\n');
+        line
+    }
+}
+
 /// Errors of the API client.
 #[derive(Debug, thiserror::Error)]
 pub enum ApiError {
@@ -312,8 +356,9 @@ impl Client {
             socket: self.socket.clone(),
             source,
         };
-        let mut line = serde_json::to_string(req).map_err(|e| ApiError::Protocol(e.to_string()))?;
-        line.push('\n');
+        let line = req
+            .to_line()
+            .map_err(|e| ApiError::Protocol(e.to_string()))?;
         self.reader
             .get_mut()
             .write_all(line.as_bytes())
@@ -329,7 +374,10 @@ impl Client {
         if n == 0 {
             return Err(ApiError::Protocol("connection closed".into()));
         }
-        match serde_json::from_str(&answer).map_err(|e| ApiError::Protocol(e.to_string()))? {
+        let answer = answer.strip_suffix('\n').unwrap_or(&answer);
+        match Response::from_line(answer.as_bytes())
+            .map_err(|e| ApiError::Protocol(e.to_string()))?
+        {
             Response::Error { kind, message } => Err(ApiError::Daemon { kind, message }),
             r => Ok(r),
         }
@@ -361,5 +409,24 @@ mod tests {
                 ..
             }
         ));
+    }
+
+    #[test]
+    fn bad_request_answer_is_one_json_line() {
+        // The message quotes the input; it must still be valid JSON on one line.
+        let e = Request::from_line(b"{\"Remove\":{\"dest\":\"a\"b\n\"}}").unwrap_err();
+        let line = Response::bad_request(&e).to_line();
+        assert_eq!(line.matches('\n').count(), 1);
+        assert!(line.ends_with('\n'));
+        assert!(matches!(
+            Response::from_line(line.trim_end().as_bytes()).unwrap(),
+            Response::Error {
+                kind: ErrorKind::BadRequest,
+                ..
+            }
+        ));
+        let req = Request::Remove { dest: "/d".into() };
+        let line = req.to_line().unwrap();
+        assert_eq!(Request::from_line(line.trim_end().as_bytes()).unwrap(), req);
     }
 }

@@ -13,6 +13,7 @@
 //! - [`blobcache`]: local copies of layer blobs that travelled whole (no index yet).
 //! - [`daemon`]: `fanfill daemon`: every image in one process, state, crash takeover.
 //! - [`fill`]: the fill engine: registration, single-flight fills, answers to the kernel.
+//! - `fuzzing` (feature `fuzzing`): fuzz target bodies for every parser of untrusted input.
 //! - [`index`]: the layer index: entry table and random-access checkpoints.
 //! - [`hook`]: the OCI runtime hook's view of a container (state, config, overlay rootfs).
 //! - [`image`]: preparing an image: indexes, placeholders, sources, the index artifact.
@@ -28,6 +29,8 @@ pub mod api;
 pub mod blobcache;
 pub mod daemon;
 pub mod fill;
+#[cfg(feature = "fuzzing")]
+pub mod fuzzing;
 pub mod hook;
 pub mod image;
 pub mod index;

@@ -1442,15 +1442,9 @@ async fn serve_conn(daemon: Arc<Daemon>, stream: tokio::net::UnixStream) {
     loop {
         let (resp, close) = match read_request_line(&mut r, &mut line).await {
             Ok(None) => break,
-            Ok(Some(())) => match serde_json::from_slice::<Request>(&line) {
+            Ok(Some(())) => match Request::from_line(&line) {
                 Ok(req) => (daemon.handle(req).await, false),
-                Err(e) => (
-                    Response::Error {
-                        kind: ErrorKind::BadRequest,
-                        message: format!("bad request: {e}"),
-                    },
-                    false,
-                ),
+                Err(e) => (Response::bad_request(&e), false),
             },
             Err(e) if e.kind() == std::io::ErrorKind::InvalidData => {
                 warn!(error = %e, "API client sent an oversized request; dropping it");
@@ -1464,10 +1458,7 @@ async fn serve_conn(daemon: Arc<Daemon>, stream: tokio::net::UnixStream) {
             }
             Err(_) => break,
         };
-        let mut out = serde_json::to_string(&resp)
-            .unwrap_or_else(|e| format!(r#"{{"Error":{{"kind":"Internal","message":"{e}"}}}}"#));
-        out.push('\n');
-        if w.write_all(out.as_bytes()).await.is_err() || close {
+        if w.write_all(resp.to_line().as_bytes()).await.is_err() || close {
             break;
         }
     }

@@ -279,6 +279,27 @@ fn decode_entry(r: &mut Reader<'_>, uncompressed_size: u64) -> Result<Entry, Ind
 impl LayerIndex {
     /// Serialise into the stored format (`docs/index-format.md`).
     pub fn encode(&self) -> Vec<u8> {
+        let body = self.encode_body();
+        // zstd into a Vec cannot fail short of allocation failure, which aborts anyway; fall
+        // back to an empty frame-less output that decode rejects rather than panicking.
+        let packed = zstd::bulk::Compressor::new(3)
+            .and_then(|mut c| {
+                c.include_checksum(true)?;
+                c.include_contentsize(true)?;
+                c.compress(&body)
+            })
+            .unwrap_or_default();
+        let mut out = Vec::with_capacity(HEADER_LEN + packed.len());
+        out.extend_from_slice(&FORMAT_MAGIC);
+        out.extend_from_slice(&FORMAT_VERSION.to_le_bytes());
+        out.extend_from_slice(&0u16.to_le_bytes());
+        out.extend_from_slice(&(body.len() as u32).to_le_bytes());
+        out.extend_from_slice(&packed);
+        out
+    }
+
+    /// The uncompressed body of the stored format (what the zstd frame holds).
+    pub(crate) fn encode_body(&self) -> Vec<u8> {
         let mut w = Writer(Vec::with_capacity(
             self.entries.len() * 128 + self.checkpoints.len() * 16 + 128,
         ));
@@ -339,23 +360,7 @@ impl LayerIndex {
             w.var(b.compressed_end.wrapping_sub(prev_c));
             (prev_u, prev_c) = (b.uncompressed_offset, b.compressed_end);
         }
-        let body = w.0;
-        // zstd into a Vec cannot fail short of allocation failure, which aborts anyway; fall
-        // back to an empty frame-less output that decode rejects rather than panicking.
-        let packed = zstd::bulk::Compressor::new(3)
-            .and_then(|mut c| {
-                c.include_checksum(true)?;
-                c.include_contentsize(true)?;
-                c.compress(&body)
-            })
-            .unwrap_or_default();
-        let mut out = Vec::with_capacity(HEADER_LEN + packed.len());
-        out.extend_from_slice(&FORMAT_MAGIC);
-        out.extend_from_slice(&FORMAT_VERSION.to_le_bytes());
-        out.extend_from_slice(&0u16.to_le_bytes());
-        out.extend_from_slice(&(body.len() as u32).to_le_bytes());
-        out.extend_from_slice(&packed);
-        out
+        w.0
     }
 
     /// Parse a stored index. Never panics; allocations are bounded by the decompressed body,
@@ -387,7 +392,12 @@ impl LayerIndex {
         if body.len() as u64 != body_len {
             return Err(corrupt("body length mismatch"));
         }
-        let mut r = Reader { buf: &body, pos: 0 };
+        Self::decode_body(&body)
+    }
+
+    /// Parse the uncompressed body of the stored format (see [`LayerIndex::decode`]).
+    pub(crate) fn decode_body(body: &[u8]) -> Result<LayerIndex, IndexError> {
+        let mut r = Reader { buf: body, pos: 0 };
         let compression = match r.u8()? {
             0 => Compression::None,
             1 => Compression::Gzip,

@@ -747,9 +747,10 @@ impl BitWriter {
     /// Appends `count` bits of `src` starting at bit `from` (fewer if `src` ends first).
     fn copy_bits(&mut self, src: &[u8], from: u64, count: u64) {
         let end = from.saturating_add(count).min(src.len() as u64 * 8);
-        let mut bit = from;
-        self.out
-            .reserve(end.saturating_sub(bit).div_ceil(8) as usize);
+        // `from` may lie past the end of `src` (a checkpoint at the span's last byte, a
+        // header shorter than the index says): nothing to copy.
+        let mut bit = from.min(end);
+        self.out.reserve((end - bit).div_ceil(8) as usize);
         // Bulk: 32 bits at a time out of an unaligned 8-byte load (at most 7 bits of shift
         // leave 57 valid bits). The accumulator holds fewer than 8 bits between pieces, so
         // the piece fits beside them.
@@ -982,10 +983,28 @@ mod tests {
             })
             .collect();
         for head_bits in [0u64, 1, 3, 7, 8, 13] {
-            for from in [0u64, 1, 5, 7, 8, 9, 63, 100, 4096 * 8 - 3, 4096 * 8 + 9] {
+            // The last four start near, at and past the end of `data` (found by fuzzing: an
+            // overflow when a checkpoint sits at the span's end).
+            for from in [
+                0u64,
+                1,
+                5,
+                7,
+                8,
+                9,
+                63,
+                100,
+                4096 * 8 - 3,
+                4096 * 8,
+                4096 * 8 + 3,
+                4096 * 8 + 9,
+            ] {
                 for count in [0u64, 1, 31, 32, 33, 64, 1000, 40_000] {
-                    let pieces: [(&[u8], u64, u64); 2] =
-                        [(&data[..4], 3, head_bits), (&data, from, count)];
+                    let pieces: [(&[u8], u64, u64); 3] = [
+                        (&data[..4], 3, head_bits),
+                        (&data[..0], 5, head_bits),
+                        (&data, from, count),
+                    ];
                     let mut bw = BitWriter::default();
                     for (s, f, c) in pieces {
                         bw.copy_bits(s, f, c);

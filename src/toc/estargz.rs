@@ -253,7 +253,7 @@ pub(super) async fn load(
 }
 
 /// Inflates the TOC member and returns the content of its `stargz.index.json` tar entry.
-fn toc_json(member: &[u8]) -> Result<Vec<u8>, String> {
+pub(crate) fn toc_json(member: &[u8]) -> Result<Vec<u8>, String> {
     let dec = flate2::read::GzDecoder::new(member);
     // Header block (and a PAX header or two), then the JSON: bounded by the JSON limit.
     let mut tar = tar::Archive::new(dec.take(MAX_TOC_JSON + 64 * 1024));
@@ -294,7 +294,7 @@ fn sha_hex(d: &Option<String>) -> Option<String> {
 }
 
 /// Parses TOC JSON of layer `layer` (blob of `blob_size` bytes, TOC member at `toc_offset`).
-fn parse_toc(
+pub(crate) fn parse_toc(
     json: &[u8],
     layer: &str,
     blob_size: u64,

@@ -55,7 +55,7 @@
 //! so that both modes show the same tree. `trusted.overlay.*` and `user.overlay.*` xattrs
 //! from layers are dropped: a layer must not steer overlayfs.
 
-mod plan;
+pub(crate) mod plan;
 mod write;
 
 use std::fmt;
