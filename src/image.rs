@@ -307,10 +307,9 @@ pub struct Prepared {
     pub image_size: u64,
     /// The store the placeholders fill from (its counters keep running).
     pub store: Arc<BlobStore>,
-    /// Each layer's digest and index, lowest first (for [`Prepared::prefetch`]).
-    pub layers: Vec<(Digest, Arc<LayerIndex>)>,
-    /// Where layers that travelled whole are kept.
-    pub blob_cache: Option<BlobCache>,
+    /// The sources of the image's files, by layer (for [`Prepared::prefetch`] and
+    /// [`Prepared::access_profile`]).
+    pub sources: ImageSources,
     /// Files of the artifact's access profile put to background filling at once (0: no
     /// profile, or [`PrepareOptions::profile_prefetch`] is 0).
     pub profile_files: usize,
@@ -373,6 +372,17 @@ pub struct ImageSources {
     layers: Vec<LayerSources>,
 }
 
+impl std::fmt::Debug for ImageSources {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ImageSources")
+            .field(
+                "layers",
+                &self.layers.iter().map(|l| &l.digest).collect::<Vec<_>>(),
+            )
+            .finish_non_exhaustive()
+    }
+}
+
 impl ImageSources {
     /// Each layer's digest and entry table (a TOC layer's from its TOC), lowest first.
     pub fn layers(&self) -> impl Iterator<Item = (&Digest, &Arc<LayerIndex>)> {
@@ -422,15 +432,80 @@ impl ImageSources {
         Ok((Arc::new(source), verify))
     }
 
-    /// Where layers that travelled whole are kept.
-    pub fn blob_cache(&self) -> Option<&BlobCache> {
-        self.blob_cache.as_ref()
+    /// The engine ids of the files an access profile lists, in its order: `placed` are the
+    /// placeholders as (layer, entry) beside their `ids`. Paths the image does not have as
+    /// placeholders are skipped.
+    pub fn profile_file_ids(
+        &self,
+        profile: &AccessProfile,
+        placed: &[(usize, usize)],
+        ids: &[FileId],
+    ) -> Vec<FileId> {
+        let by_path: std::collections::HashMap<&str, FileId> = placed
+            .iter()
+            .zip(ids)
+            .filter_map(|(&(layer, entry), id)| {
+                let path = &self.layers.get(layer)?.index.entries.get(entry)?.path;
+                Some((path.as_str(), *id))
+            })
+            .collect();
+        let mut seen = std::collections::HashSet::new();
+        profile
+            .files
+            .iter()
+            .filter_map(|p| by_path.get(p.as_str()).copied())
+            .filter(|id| seen.insert(*id))
+            .collect()
     }
 
-    /// Whether layer `layer` is read through its own table of contents (its entries carry no
-    /// tar-stream offsets, so [`stream_fill_layer`] does not apply to it).
-    pub fn is_toc(&self, layer: usize) -> bool {
-        self.layers.get(layer).is_some_and(|l| l.toc.is_some())
+    /// Streams every layer that has a tar stream (TOC layers have none) into its
+    /// placeholders with [`stream_fill_layer`], lowest first. `files` are the placeholders
+    /// as (layer, entry, engine id). A layer whose stream fails is logged and left to its
+    /// files' sources; `before_piece` returning `false` stops everything. Returns the totals.
+    pub fn stream_fill(
+        &self,
+        engine: &Engine,
+        files: &[(usize, usize, FileId)],
+        mut before_piece: impl FnMut(u64) -> bool,
+    ) -> StreamFill {
+        let mut total = StreamFill::default();
+        let mut stopped = false;
+        for (li, l) in self.layers.iter().enumerate() {
+            if l.toc.is_some() || stopped {
+                continue;
+            }
+            let mine: Vec<(usize, FileId)> = files
+                .iter()
+                .filter(|f| f.0 == li)
+                .map(|f| (f.1, f.2))
+                .collect();
+            let res = stream_fill_layer(
+                engine,
+                &self.store,
+                self.blob_cache.as_ref(),
+                &l.digest,
+                &l.index,
+                &mine,
+                |len| {
+                    stopped = !before_piece(len);
+                    !stopped
+                },
+            );
+            match res {
+                Ok(s) => {
+                    if s.files > 0 {
+                        info!(layer = %l.digest, files = s.files, bytes_written = s.bytes_written, "layer streamed into placeholders");
+                    }
+                    total.bytes_read += s.bytes_read;
+                    total.bytes_written += s.bytes_written;
+                    total.files += s.files;
+                }
+                Err(e) => {
+                    warn!(error = %crate::fill::error_chain(&e), "streaming a layer failed; its files fill by ranges")
+                }
+            }
+        }
+        total
     }
 
     /// Per layer, the entries its TOC names to prefetch first (empty for other layers).
@@ -808,7 +883,7 @@ pub async fn prepare(
         .as_ref()
         .filter(|_| opts.profile_prefetch > 0)
     {
-        let ids = profile_file_ids(profile, &ixs, &keys, &files);
+        let ids = sources.profile_file_ids(profile, &keys, &files);
         profile_files = ids.len();
         info!(
             reference,
@@ -843,39 +918,9 @@ pub async fn prepare(
         bytes_before_ready,
         image_size,
         store,
-        layers: indexes
-            .layers
-            .iter()
-            .map(|(d, ix, _)| (d.clone(), ix.clone()))
-            .collect(),
-        blob_cache: indexes.blob_cache.clone(),
+        sources,
         profile_files,
     })
-}
-
-/// The engine ids of the files an access profile lists, in its order: `placed` are the
-/// placeholders as (layer, entry) beside their `ids`, `layers` the layer indexes naming
-/// their paths. Paths the image does not have as placeholders are skipped.
-pub fn profile_file_ids(
-    profile: &AccessProfile,
-    layers: &[Arc<LayerIndex>],
-    placed: &[(usize, usize)],
-    ids: &[FileId],
-) -> Vec<FileId> {
-    let by_path: std::collections::HashMap<&str, FileId> = placed
-        .iter()
-        .zip(ids)
-        .filter_map(|(&(layer, entry), id)| {
-            Some((layers.get(layer)?.entries.get(entry)?.path.as_str(), *id))
-        })
-        .collect();
-    let mut seen = std::collections::HashSet::new();
-    profile
-        .files
-        .iter()
-        .filter_map(|p| by_path.get(p.as_str()).copied())
-        .filter(|id| seen.insert(*id))
-        .collect()
 }
 
 impl Prepared {
@@ -888,16 +933,8 @@ impl Prepared {
             .iter()
             .zip(&self.files)
             .filter_map(|(p, id)| {
-                Some((
-                    *id,
-                    self.layers
-                        .get(p.layer)?
-                        .1
-                        .entries
-                        .get(p.entry)?
-                        .path
-                        .as_str(),
-                ))
+                let (_, index) = self.sources.layers().nth(p.layer)?;
+                Some((*id, index.entries.get(p.entry)?.path.as_str()))
             })
             .collect();
         AccessProfile {
@@ -1338,38 +1375,14 @@ impl Prepared {
     /// reader had in flight) filled from the files' own sources in
     /// [`Prepared::prefetch_order`], `parallel` at a time. Returns the streamed totals.
     pub fn prefetch(&self, engine: &Engine, parallel: usize) -> Result<StreamFill, ImageError> {
-        let mut total = StreamFill::default();
-        for (li, (digest, index)) in self.layers.iter().enumerate() {
-            if self.index_origins.get(li) == Some(&IndexOrigin::Toc) {
-                continue; // No tar stream to follow: its files fill by chunks below.
-            }
-            let files: Vec<(usize, FileId)> = self
-                .unpacked
-                .placeholders
-                .iter()
-                .zip(&self.files)
-                .filter(|(p, _)| p.layer == li)
-                .map(|(p, id)| (p.entry, *id))
-                .collect();
-            match stream_fill_layer(
-                engine,
-                &self.store,
-                self.blob_cache.as_ref(),
-                digest,
-                index,
-                &files,
-                |_| true,
-            ) {
-                Ok(s) => {
-                    total.bytes_read += s.bytes_read;
-                    total.bytes_written += s.bytes_written;
-                    total.files += s.files;
-                }
-                Err(e) => {
-                    warn!(error = %crate::fill::error_chain(&e), "streaming prefetch failed; filling by ranges")
-                }
-            }
-        }
+        let files: Vec<(usize, usize, FileId)> = self
+            .unpacked
+            .placeholders
+            .iter()
+            .zip(&self.files)
+            .map(|(p, id)| (p.layer, p.entry, *id))
+            .collect();
+        let total = self.sources.stream_fill(engine, &files, |_| true);
         engine
             .fill_files(&self.prefetch_order, parallel)
             .map_err(|source| ImageError::Fill {

@@ -21,8 +21,8 @@ use fanfill::image::{self, IndexOrigin, PrepareOptions};
 use fanfill::ocibuild::{Compression, write_layout};
 use sha2::Digest as _;
 use trees::{
-    compare, compare_all, mib, pct, read_bounded, read_sample, sample, sha256_file, tar_extract,
-    walk,
+    compare, compare_all, mib, pct, prepare_within, read_bounded, read_sample, sample, sha256_file,
+    tar_extract, walk,
 };
 
 /// An image of host files (`scale` of the full set) written as a gzip OCI layout under
@@ -107,16 +107,7 @@ fn lazy_image_meets_the_issue_figures() {
     let dest = tmp.path().join("root");
     std::fs::create_dir(&dest).unwrap();
     let t = Instant::now();
-    let prepared = rt
-        .block_on(async {
-            tokio::time::timeout(
-                Duration::from_secs(120),
-                image::prepare(&engine, &reference, &dest, &opts),
-            )
-            .await
-        })
-        .expect("prepare within 120 s")
-        .expect("prepare");
+    let prepared = prepare_within(&rt, &engine, &reference, &dest, &opts).expect("prepare");
     let ready_ms = t.elapsed().as_millis();
     assert_eq!(prepared.image_size, compressed);
     assert!(

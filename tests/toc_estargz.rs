@@ -16,7 +16,7 @@ use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
-use fanfill::api::{LayoutMode, RegistrySettings, Request, Response};
+use fanfill::api::RegistrySettings;
 use fanfill::fill::{Engine, EngineConfig, error_chain};
 use fanfill::image::{self, IndexOrigin, PrepareOptions};
 use fanfill::index::{IndexOptions, LayerIndex};
@@ -25,7 +25,7 @@ use fanfill::toc::estargz::{self, WriteOptions};
 use fanfill::unpack::Mode;
 use fsutil::daemonproc::DaemonProc;
 use fsutil::{LoopFs, OverlayMount, within};
-use trees::{compare, compare_all, mib, pct, read_sample, tar_extract, walk};
+use trees::{compare, compare_all, mib, pct, prepare_within, read_sample, tar_extract, walk};
 
 const HIDDEN: [&str; 3] = [
     estargz::TOC_TAR_NAME,
@@ -246,16 +246,7 @@ fn estargz_image_direct_mode_meets_the_issue_figures() {
     std::fs::create_dir(&dest).unwrap();
     let rt = rt();
     let t = Instant::now();
-    let prepared = rt
-        .block_on(async {
-            tokio::time::timeout(
-                Duration::from_secs(120),
-                image::prepare(&engine, &reference, &dest, &opts),
-            )
-            .await
-        })
-        .expect("prepare within 120 s")
-        .expect("prepare");
+    let prepared = prepare_within(&rt, &engine, &reference, &dest, &opts).expect("prepare");
     assert!(
         prepared
             .index_origins
@@ -509,19 +500,15 @@ fn daemon_serves_estargz_and_prefetches_landmark_files_first() {
         &["--test-fetch-delay-ms", "40", "--prefetch-parallel", "2"],
     );
     let dest = tmp.path().join("root");
-    let status = match d.call(Request::Prepare {
-        image: format!("docker://{}/toc/daemon:v1", reg.host()),
-        dest: dest.clone(),
-        mode: LayoutMode::Direct,
-        registry: RegistrySettings {
+    let status = d.prepare_with(
+        &format!("docker://{}/toc/daemon:v1", reg.host()),
+        &dest,
+        true,
+        RegistrySettings {
             insecure: true,
             ..RegistrySettings::default()
         },
-        prefetch: true,
-    }) {
-        Response::Prepared(s) => s,
-        r => panic!("{r:?}"),
-    };
+    );
     // A placeholder has no blocks until it is filled; stat raises no fanotify event.
     let filled = |rel: &str| {
         std::fs::metadata(dest.join(rel))

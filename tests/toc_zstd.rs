@@ -26,7 +26,7 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use fanfill::api::{LayoutMode, RegistrySettings, Request, Response};
+use fanfill::api::RegistrySettings;
 use fanfill::fill::{Engine, EngineConfig};
 use fanfill::image::{self, IndexOrigin, PrepareOptions};
 use fanfill::ocibuild::{Compression, LayerItem, write_layout};
@@ -36,7 +36,8 @@ use fanfill::unpack::Mode;
 use fsutil::daemonproc::DaemonProc;
 use fsutil::{LoopFs, OverlayMount};
 use trees::{
-    compare, compare_all, mib, pct, read_bounded, read_sample, tar_extract, try_read_bounded, walk,
+    compare, compare_all, mib, pct, prepare_within, read_bounded, read_sample, tar_extract,
+    try_read_bounded, walk,
 };
 
 const READ_LIMIT: Duration = Duration::from_secs(60);
@@ -169,25 +170,7 @@ fn options(dir: &Path, mode: Mode) -> PrepareOptions {
     opts
 }
 
-fn prepare(
-    rt: &tokio::runtime::Runtime,
-    engine: &Engine,
-    reference: &str,
-    dest: &Path,
-    opts: &PrepareOptions,
-) -> Result<image::Prepared, String> {
-    rt.block_on(async {
-        tokio::time::timeout(
-            Duration::from_secs(120),
-            image::prepare(engine, reference, dest, opts),
-        )
-        .await
-        .expect("prepare within 120 s")
-        .map_err(|e| chain(&e))
-    })
-}
-
-/// [`prepare`] into a new directory `name` below `tmp`, with its own index directory.
+/// [`prepare_within`] into a new directory `name` below `tmp`, with its own index directory.
 fn prepare_fresh(
     rt: &tokio::runtime::Runtime,
     engine: &Engine,
@@ -197,25 +180,13 @@ fn prepare_fresh(
 ) -> Result<image::Prepared, String> {
     let dest = tmp.join(name);
     std::fs::create_dir(&dest).unwrap();
-    prepare(
+    prepare_within(
         rt,
         engine,
         reference,
         &dest,
         &options(&tmp.join(format!("{name}-state")), Mode::Direct),
     )
-}
-
-/// Error chain as one line.
-fn chain(e: &dyn std::error::Error) -> String {
-    let mut out = e.to_string();
-    let mut cur = e.source();
-    while let Some(s) = cur {
-        out.push_str(": ");
-        out.push_str(&s.to_string());
-        cur = s.source();
-    }
-    out
 }
 
 #[test]
@@ -253,7 +224,7 @@ fn zstd_chunked_image_meets_the_issue_figures() {
     let dest = tmp.path().join("root");
     std::fs::create_dir(&dest).unwrap();
     let t = Instant::now();
-    let prepared = prepare(
+    let prepared = prepare_within(
         &rt,
         &engine,
         &img.reference,
@@ -323,7 +294,7 @@ fn overlay_mode_and_the_daemon_serve_zstd_chunked_images() {
     let engine = Engine::start(EngineConfig::default()).unwrap();
     let layers = fs.mnt.join("layers");
     std::fs::create_dir(&layers).unwrap();
-    let prepared = prepare(
+    let prepared = prepare_within(
         &rt,
         &engine,
         &img.reference,
@@ -367,19 +338,15 @@ fn overlay_mode_and_the_daemon_serve_zstd_chunked_images() {
     let d = DaemonProc::start(&state, &[]);
     let dest = fs.mnt.join("daemon-root");
     std::fs::create_dir(&dest).unwrap();
-    let status = match d.call(Request::Prepare {
-        image: img.reference.clone(),
-        dest: dest.clone(),
-        mode: LayoutMode::Direct,
-        registry: RegistrySettings {
+    let status = d.prepare_with(
+        &img.reference,
+        &dest,
+        false,
+        RegistrySettings {
             insecure: true,
             ..RegistrySettings::default()
         },
-        prefetch: false,
-    }) {
-        Response::Prepared(s) => s,
-        r => panic!("{r:?}"),
-    };
+    );
     let before = status.bytes_fetched;
     let mismatches = compare(&tree, &dest, READ_LIMIT);
     let (_, images) = d.status();
@@ -436,7 +403,7 @@ fn metadata_corruption_and_trust() {
     let engine = Engine::start(EngineConfig::default()).unwrap();
     let dest = tmp.path().join("root");
     std::fs::create_dir(&dest).unwrap();
-    let prepared = prepare(
+    let prepared = prepare_within(
         &rt,
         &engine,
         &img.reference,

@@ -258,8 +258,7 @@ impl TreeDir {
         if self.is_at(recorded) {
             return Some(recorded.to_path_buf());
         }
-        let fd = crate::sys::fdpass::fd_number(&self.fd);
-        let now = std::fs::read_link(format!("/proc/self/fd/{fd}")).ok()?;
+        let now = std::fs::read_link(crate::sys::fdpass::proc_fd_path(&self.fd)).ok()?;
         self.is_at(&now).then_some(now)
     }
 }
@@ -742,9 +741,7 @@ impl Daemon {
                 .zip(&ids)
                 .filter_map(|(f, id)| Some(((f.layer, f.entry), (*id)?)))
                 .unzip();
-            let layers: Vec<Arc<LayerIndex>> =
-                opened.sources.layers().map(|(_, ix)| ix.clone()).collect();
-            let want = image::profile_file_ids(profile, &layers, &placed, &fids);
+            let want = opened.sources.profile_file_ids(profile, &placed, &fids);
             info!(reference = %image_ref, files = want.len(), "filling the access profile's files ahead of the workload");
             self.engine.fill_in_background(want, opts.profile_prefetch);
         }
@@ -1123,60 +1120,33 @@ impl Daemon {
             || self.stopping.load(Ordering::SeqCst)
     }
 
-    /// Streams every layer with incomplete files into its placeholders, lowest first.
+    /// Streams every layer with incomplete files into its placeholders, lowest first
+    /// ([`image::ImageSources::stream_fill`]), pausing while readers' misses are served.
     fn stream_layers(&self, img: &ImageRt) {
         let Some(opened) = &img.opened else { return };
-        let placed: Vec<(usize, usize)> = {
+        let files: Vec<(usize, usize, FileId)> = {
             let rec = img.record.lock().unwrap();
-            rec.files.iter().map(|f| (f.layer, f.entry)).collect()
-        };
-        for (li, (digest, index)) in opened.sources.layers().enumerate() {
-            if opened.sources.is_toc(li) {
-                continue; // No tar stream to follow: its files fill by chunks below.
-            }
-            let files: Vec<(usize, FileId)> = placed
+            rec.files
                 .iter()
                 .zip(&img.files)
-                .filter_map(|(&(layer, entry), id)| Some((layer, entry, (*id)?)))
-                .filter(|&(layer, _, _)| layer == li)
-                .map(|(_, entry, id)| (entry, id))
-                .collect();
-            let res = image::stream_fill_layer(
-                &self.engine,
-                &opened.store,
-                opened.sources.blob_cache(),
-                digest,
-                index,
-                &files,
-                |len| {
-                    while self.engine.inflight_events() > 0 && !self.prefetch_stopped(img) {
-                        std::thread::sleep(Duration::from_millis(2));
-                    }
-                    if self.prefetch_stopped(img) {
-                        return false;
-                    }
-                    self.pace_prefetch(len);
-                    true
-                },
-            );
-            if !matches!(res, Ok(s) if s.files == 0) {
-                // The image's own store: its counter is the image's network traffic.
-                img.counters
-                    .bytes_fetched
-                    .fetch_max(opened.store.bytes_fetched(), Ordering::Relaxed);
-            }
-            match res {
-                Ok(s) if s.files > 0 => {
-                    info!(layer = %digest, files = s.files, bytes_written = s.bytes_written, "layer streamed into placeholders")
-                }
-                Ok(_) => {}
-                Err(e) => {
-                    warn!(error = %error_chain(&e), "streaming prefetch of a layer failed; its files fill by ranges")
-                }
+                .filter_map(|(f, id)| Some((f.layer, f.entry, (*id)?)))
+                .collect()
+        };
+        let streamed = opened.sources.stream_fill(&self.engine, &files, |len| {
+            while self.engine.inflight_events() > 0 && !self.prefetch_stopped(img) {
+                std::thread::sleep(Duration::from_millis(2));
             }
             if self.prefetch_stopped(img) {
-                return;
+                return false;
             }
+            self.pace_prefetch(len);
+            true
+        });
+        if streamed.files > 0 {
+            // The image's own store: its counter is the image's network traffic.
+            img.counters
+                .bytes_fetched
+                .fetch_max(opened.store.bytes_fetched(), Ordering::Relaxed);
         }
     }
 

@@ -868,8 +868,14 @@ fn newest(descriptors: Vec<Descriptor>) -> Option<Descriptor> {
 /// `YYYY-MM-DDTHH:MM:SS.NNNNNNNNNZ` (fixed width, so it sorts as text).
 fn rfc3339(t: std::time::SystemTime) -> String {
     let since = t.duration_since(std::time::UNIX_EPOCH).unwrap_or_default();
-    let secs = since.as_secs();
-    let (days, rem) = ((secs / 86_400) as i64, secs % 86_400);
+    let secs = rfc3339_secs(since.as_secs() as i64);
+    // Seconds precision ends in `Z`: put the nanoseconds before it.
+    format!("{}.{:09}Z", &secs[..secs.len() - 1], since.subsec_nanos())
+}
+
+/// Seconds since the epoch (negative too) as RFC 3339 UTC, `YYYY-MM-DDTHH:MM:SSZ`.
+pub(crate) fn rfc3339_secs(secs: i64) -> String {
+    let (days, rem) = (secs.div_euclid(86_400), secs.rem_euclid(86_400));
     // Civil date from days since 1970-01-01 (Howard Hinnant's algorithm).
     let z = days + 719_468;
     let era = z.div_euclid(146_097);
@@ -881,11 +887,10 @@ fn rfc3339(t: std::time::SystemTime) -> String {
     let month = if mp < 10 { mp + 3 } else { mp - 9 };
     let year = yoe + era * 400 + i64::from(month <= 2);
     format!(
-        "{year:04}-{month:02}-{day:02}T{:02}:{:02}:{:02}.{:09}Z",
+        "{year:04}-{month:02}-{day:02}T{:02}:{:02}:{:02}Z",
         rem / 3600,
         rem % 3600 / 60,
-        rem % 60,
-        since.subsec_nanos()
+        rem % 60
     )
 }
 

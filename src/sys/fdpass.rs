@@ -139,9 +139,10 @@ pub fn raise_nofile_limit() -> std::io::Result<u64> {
     Ok(lim.rlim_cur)
 }
 
-/// The number of an open descriptor (for logs and `/proc/PID/fdinfo` look-ups).
-pub fn fd_number(fd: impl AsFd) -> i32 {
-    fd.as_fd().as_raw_fd()
+/// `/proc/self/fd/N` for an open descriptor: a path naming the open file itself (what
+/// `readlink` shows is where it is now), for path-only calls on it.
+pub fn proc_fd_path(fd: impl AsFd) -> std::path::PathBuf {
+    std::path::PathBuf::from(format!("/proc/self/fd/{}", fd.as_fd().as_raw_fd()))
 }
 
 #[cfg(test)]

@@ -293,6 +293,22 @@ fn sha_hex(d: &Option<String>) -> Option<String> {
         .then(|| hex.to_ascii_lowercase())
 }
 
+impl JEntry {
+    /// The chunk this entry describes (`compressed_end` is filled in once every member's
+    /// start is known).
+    fn chunk(&self) -> TocChunk {
+        TocChunk {
+            file_offset: self.chunk_offset,
+            len: self.chunk_size,
+            compressed_offset: self.offset,
+            compressed_end: 0,
+            inner_offset: self.inner_offset,
+            sha256: sha_hex(&self.chunk_digest),
+            zeros: false,
+        }
+    }
+}
+
 /// Parses TOC JSON of layer `layer` (blob of `blob_size` bytes, TOC member at `toc_offset`).
 pub(crate) fn parse_toc(
     json: &[u8],
@@ -325,15 +341,7 @@ pub(crate) fn parse_toc(
                     "chunk entry {i} ({path}) does not follow its regular file"
                 )));
             };
-            chunks[r].push(TocChunk {
-                file_offset: j.chunk_offset,
-                len: j.chunk_size,
-                compressed_offset: j.offset,
-                compressed_end: 0,
-                inner_offset: j.inner_offset,
-                sha256: sha_hex(&j.chunk_digest),
-                zeros: false,
-            });
+            chunks[r].push(j.chunk());
             continue;
         }
         open_reg = None;
@@ -411,15 +419,7 @@ pub(crate) fn parse_toc(
             e.size = j.size;
             e.sha256 = sha_hex(&j.digest);
             if j.size > 0 {
-                file_chunks.push(TocChunk {
-                    file_offset: j.chunk_offset,
-                    len: j.chunk_size,
-                    compressed_offset: j.offset,
-                    compressed_end: 0,
-                    inner_offset: j.inner_offset,
-                    sha256: sha_hex(&j.chunk_digest),
-                    zeros: false,
-                });
+                file_chunks.push(j.chunk());
             }
             open_reg = Some(entries.len());
         }
@@ -565,27 +565,6 @@ pub fn parse_rfc3339(s: &str) -> Option<(i64, u32)> {
     let doe = yoe * 365 + yoe / 4 - yoe / 100 + doy;
     let days = era * 146_097 + doe - 719_468;
     Some((days * 86_400 + h * 3600 + mi * 60 + sec - offset, nsec))
-}
-
-/// Formats seconds since the epoch as RFC 3339 UTC (`2006-01-02T15:04:05Z`).
-fn format_rfc3339(secs: i64) -> String {
-    let days = secs.div_euclid(86_400);
-    let rem = secs.rem_euclid(86_400);
-    let z = days + 719_468;
-    let era = z.div_euclid(146_097);
-    let doe = z - era * 146_097;
-    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
-    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
-    let mp = (5 * doy + 2) / 153;
-    let d = doy - (153 * mp + 2) / 5 + 1;
-    let m = if mp < 10 { mp + 3 } else { mp - 9 };
-    let y = yoe + era * 400 + i64::from(m <= 2);
-    format!(
-        "{y:04}-{m:02}-{d:02}T{:02}:{:02}:{:02}Z",
-        rem / 3600,
-        rem % 3600 / 60,
-        rem % 60
-    )
 }
 
 /// How [`write()`] lays a layer out.
@@ -797,7 +776,7 @@ pub fn write(tar_stream: &[u8], opts: &WriteOptions) -> std::io::Result<Written>
         let mut j = JEntry {
             name: it.path.clone(),
             kind: kind.to_string(),
-            modtime: Some(format_rfc3339(h.mtime().unwrap_or(0) as i64)),
+            modtime: Some(crate::registry::rfc3339_secs(h.mtime().unwrap_or(0) as i64)),
             mode: u64::from(h.mode().unwrap_or(0)),
             uid: h.uid().unwrap_or(0),
             gid: h.gid().unwrap_or(0),
@@ -971,7 +950,10 @@ mod tests {
             parse_rfc3339("2023-11-14T23:13:20+01:00"),
             Some((1_700_000_000, 0))
         );
-        assert_eq!(format_rfc3339(1_700_000_000), "2023-11-14T22:13:20Z");
+        assert_eq!(
+            crate::registry::rfc3339_secs(1_700_000_000),
+            "2023-11-14T22:13:20Z"
+        );
         assert_eq!(parse_rfc3339("2023-13-14T22:13:20Z"), None);
         assert_eq!(parse_rfc3339("yesterday"), None);
     }

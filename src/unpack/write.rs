@@ -12,7 +12,7 @@ use std::collections::{BTreeMap, HashMap, HashSet};
 use std::ffi::OsStr;
 use std::fs::File;
 use std::io;
-use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd};
+use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 use std::os::unix::ffi::OsStrExt;
 use std::path::{Path, PathBuf};
 
@@ -313,7 +313,7 @@ fn open_dir(parent: BorrowedFd<'_>, name: &OsStr) -> OpResult<File> {
 /// resolving anything else, for the path-only xattr calls (`lsetxattr` does not follow the
 /// final symlink).
 fn proc_path(dir: BorrowedFd<'_>, name: &OsStr) -> PathBuf {
-    let mut p = PathBuf::from(format!("/proc/self/fd/{}", dir.as_raw_fd()));
+    let mut p = crate::sys::fdpass::proc_fd_path(dir);
     p.push(name);
     p
 }

@@ -77,11 +77,22 @@ impl DaemonProc {
     }
 
     pub fn prepare(&self, image: &str, dest: &Path, prefetch: bool) -> ImageStatus {
+        self.prepare_with(image, dest, prefetch, RegistrySettings::default())
+    }
+
+    /// [`DaemonProc::prepare`] with registry settings (e.g. plain HTTP).
+    pub fn prepare_with(
+        &self,
+        image: &str,
+        dest: &Path,
+        prefetch: bool,
+        registry: RegistrySettings,
+    ) -> ImageStatus {
         match self.call(Request::Prepare {
             image: image.into(),
             dest: dest.into(),
             mode: LayoutMode::Direct,
-            registry: RegistrySettings::default(),
+            registry,
             prefetch,
         }) {
             Response::Prepared(s) => s,

@@ -259,3 +259,22 @@ pub fn compare(
     }
     mismatches
 }
+
+/// `image::prepare` on `rt`, failing the test after 120 s; the error as one line.
+pub fn prepare_within(
+    rt: &tokio::runtime::Runtime,
+    engine: &fanfill::fill::Engine,
+    reference: &str,
+    dest: &Path,
+    opts: &fanfill::image::PrepareOptions,
+) -> Result<fanfill::image::Prepared, String> {
+    rt.block_on(async {
+        tokio::time::timeout(
+            Duration::from_secs(120),
+            fanfill::image::prepare(engine, reference, dest, opts),
+        )
+        .await
+        .expect("prepare within 120 s")
+        .map_err(|e| fanfill::fill::error_chain(&e))
+    })
+}
