@@ -716,28 +716,6 @@ impl Engine {
         seen.into_iter().map(|(_, id)| id).collect()
     }
 
-    /// Starts filling `ids` in that order, `parallel` at a time, on the engine's runtime, and
-    /// returns at once (an access profile's files, fetched before the workload asks).
-    /// Failures are logged; a file that failed fills on its next access as usual.
-    pub fn fill_in_background(&self, ids: Vec<FileId>, parallel: usize) {
-        let entries: Vec<_> = ids.iter().filter_map(|id| self.entry(*id)).collect();
-        let inner = self.inner.clone();
-        self.handle().spawn(async move {
-            use futures::stream::{self, StreamExt};
-            let n = entries.len();
-            let failed = stream::iter(entries)
-                .map(|e| {
-                    let inner = inner.clone();
-                    async move { prefetch_entry(&inner, &e).await.is_err() }
-                })
-                .buffered(parallel.max(1))
-                .filter(|failed| futures::future::ready(*failed))
-                .count()
-                .await;
-            debug!(files = n, failed, "background fill of listed files done");
-        });
-    }
-
     fn fill_entries(&self, entries: Vec<Arc<FileEntry>>, parallel: usize) -> Result<(), FillError> {
         let inner = self.inner.clone();
         self.run_on_runtime(async move {
@@ -869,75 +847,36 @@ impl Engine {
         let Some(entry) = self.entry(id) else {
             return Ok(0);
         };
-        let current = current_size(&entry).map_err(unwrap_arc)?;
-        let data_end = offset.saturating_add(data.len() as u64).min(entry.size);
-        let (runs, taken) = {
-            let mut st = entry.state.lock().unwrap();
-            if current < st.limit {
-                st.limit = current;
-            }
-            if st.complete {
-                return Ok(0);
-            }
-            let limit = st.limit;
-            let usable = |st: &FileState, i: u64| {
-                let (a, b) = entry.chunk_range(i);
-                b <= data_end
-                    && a < limit
-                    && !st.filled[i as usize]
-                    && !st.inflight.contains_key(&i)
-            };
-            let nchunks = entry.size.div_ceil(entry.chunk);
-            let (mut runs, mut taken) = (Vec::new(), 0);
-            let mut idx = offset.div_ceil(entry.chunk);
-            while idx < nchunks && entry.chunk_range(idx).1 <= data_end {
-                if !usable(&st, idx) {
-                    idx += 1;
-                    continue;
-                }
-                let mut count = 1;
-                while idx + count < nchunks && usable(&st, idx + count) {
-                    count += 1;
-                }
-                let (a, b) = (
-                    entry.chunk_range(idx).0,
-                    entry.chunk_range(idx + count - 1).1,
-                );
-                let bytes = data[(a - offset) as usize..(b - offset) as usize].to_vec();
-                let fut = fill_run(
-                    self.inner.clone(),
-                    entry.clone(),
-                    idx,
-                    count,
-                    None,
-                    Some(bytes),
-                )
-                .boxed()
-                .shared();
-                for i in idx..idx + count {
-                    st.inflight.insert(i, fut.clone());
-                }
-                runs.push(fut);
-                taken += b.min(limit) - a;
-                idx += count;
-            }
-            (runs, taken)
-        };
-        if runs.is_empty() {
+        let Some((runs, taken)) = supply_runs(&self.inner, &entry, offset, data)? else {
             return Ok(0);
-        }
+        };
         let inner = self.inner.clone();
-        self.run_on_runtime(async move {
-            let mut result = Ok(());
-            for r in futures::future::join_all(runs).await {
-                if r.is_err() && result.is_ok() {
-                    result = r;
-                }
-            }
-            maybe_complete(&inner, &entry, None);
-            result
-        })?;
+        self.run_on_runtime(async move { finish_supply(&inner, &entry, runs).await })?;
         Ok(taken)
+    }
+
+    /// [`Engine::supply`] as a function making futures, usable from any task (a coalesced
+    /// read that fills several files from one fetch): same verification and bookkeeping,
+    /// without blocking a thread.
+    pub fn supplier(&self) -> Supplier {
+        let inner = self.inner.clone();
+        Arc::new(move |id: FileId, offset: u64, data: bytes::Bytes| {
+            let inner = inner.clone();
+            async move {
+                let entry = inner.files.read().unwrap().get(&(id.dev, id.ino)).cloned();
+                let Some(entry) = entry else {
+                    return Ok(0);
+                };
+                let Some((runs, taken)) = supply_runs(&inner, &entry, offset, &data)? else {
+                    return Ok(0);
+                };
+                finish_supply(&inner, &entry, runs)
+                    .await
+                    .map_err(unwrap_arc)?;
+                Ok(taken)
+            }
+            .boxed()
+        })
     }
 
     /// Event service times so far: count per log2 bucket of microseconds (bucket `i` holds
@@ -1635,6 +1574,16 @@ impl Engine {
     /// registered and not complete), usable from any runtime and after `self` is borrowed
     /// elsewhere. Concurrent calls and pre-content events share fetches.
     pub fn filler(&self) -> Filler {
+        self.make_filler(true)
+    }
+
+    /// [`Engine::filler`] for filling ahead of readers (prefetch): the files it fills do not
+    /// count as accessed ([`Engine::accessed`]).
+    pub fn prefetcher(&self) -> Filler {
+        self.make_filler(false)
+    }
+
+    fn make_filler(&self, touch: bool) -> Filler {
         let inner = self.inner.clone();
         Arc::new(move |id: FileId| {
             let inner = inner.clone();
@@ -1642,7 +1591,9 @@ impl Engine {
                 let entry = inner.files.read().unwrap().get(&(id.dev, id.ino)).cloned();
                 match entry {
                     Some(entry) => {
-                        entry.touched(&inner);
+                        if touch {
+                            entry.touched(&inner);
+                        }
                         prefetch_entry(&inner, &entry).await
                     }
                     None => Ok(()),
@@ -1666,6 +1617,80 @@ fn unmark_entry(inner: &Inner, entry: &FileEntry) -> Result<(), FillError> {
         Err(e) => Err(e.into()),
     }
 }
+
+/// The runs of [`Engine::supply`]: claims every usable chunk of `data` (wholly covered,
+/// below the limit, neither filled nor in flight) as in flight and returns the runs writing
+/// them with the bytes they take, or `None` when there is nothing to take.
+fn supply_runs(
+    inner: &Arc<Inner>,
+    entry: &Arc<FileEntry>,
+    offset: u64,
+    data: &[u8],
+) -> Result<Option<(Vec<SharedFill>, u64)>, FillError> {
+    let current = current_size(entry).map_err(unwrap_arc)?;
+    let data_end = offset.saturating_add(data.len() as u64).min(entry.size);
+    let mut st = entry.state.lock().unwrap();
+    if current < st.limit {
+        st.limit = current;
+    }
+    if st.complete {
+        return Ok(None);
+    }
+    let limit = st.limit;
+    let usable = |st: &FileState, i: u64| {
+        let (a, b) = entry.chunk_range(i);
+        b <= data_end && a < limit && !st.filled[i as usize] && !st.inflight.contains_key(&i)
+    };
+    let nchunks = entry.size.div_ceil(entry.chunk);
+    let (mut runs, mut taken) = (Vec::new(), 0);
+    let mut idx = offset.div_ceil(entry.chunk);
+    while idx < nchunks && entry.chunk_range(idx).1 <= data_end {
+        if !usable(&st, idx) {
+            idx += 1;
+            continue;
+        }
+        let mut count = 1;
+        while idx + count < nchunks && usable(&st, idx + count) {
+            count += 1;
+        }
+        let (a, b) = (
+            entry.chunk_range(idx).0,
+            entry.chunk_range(idx + count - 1).1,
+        );
+        let bytes = data[(a - offset) as usize..(b - offset) as usize].to_vec();
+        let fut = fill_run(inner.clone(), entry.clone(), idx, count, None, Some(bytes))
+            .boxed()
+            .shared();
+        for i in idx..idx + count {
+            st.inflight.insert(i, fut.clone());
+        }
+        runs.push(fut);
+        taken += b.min(limit) - a;
+        idx += count;
+    }
+    Ok((!runs.is_empty()).then_some((runs, taken)))
+}
+
+/// Waits for the runs [`supply_runs`] started; completes the file if they were its last.
+async fn finish_supply(
+    inner: &Arc<Inner>,
+    entry: &Arc<FileEntry>,
+    runs: Vec<SharedFill>,
+) -> FillResult {
+    let mut result = Ok(());
+    for r in futures::future::join_all(runs).await {
+        if r.is_err() && result.is_ok() {
+            result = r;
+        }
+    }
+    maybe_complete(inner, entry, None);
+    result
+}
+
+/// See [`Engine::supplier`]: `(file, offset, bytes)` to a future giving the bytes written.
+pub type Supplier = Arc<
+    dyn Fn(FileId, u64, bytes::Bytes) -> BoxFuture<'static, Result<u64, FillError>> + Send + Sync,
+>;
 
 /// See [`Engine::filler`].
 pub type Filler =

@@ -41,6 +41,9 @@ use crate::registry::{self, BlobStore, Platform};
 use crate::toc::{self, TocError, TocFileSource, TocLayer};
 use crate::unpack::{self, Layer, Mode, UnpackError, UnpackOptions, Unpacked};
 
+mod profile;
+pub use profile::{EntryKey, GAP_MAX, ProfileFill, ProfileRead, SPAN_MAX, SpanFile};
+
 /// `artifactType` of the layer-index artifact a `fanfill index --push` attaches to an image
 /// manifest as a referrer.
 pub const INDEX_ARTIFACT_TYPE: &str = "application/vnd.fanfill.index.v2";
@@ -432,32 +435,6 @@ impl ImageSources {
         Ok((Arc::new(source), verify))
     }
 
-    /// The engine ids of the files an access profile lists, in its order: `placed` are the
-    /// placeholders as (layer, entry) beside their `ids`. Paths the image does not have as
-    /// placeholders are skipped.
-    pub fn profile_file_ids(
-        &self,
-        profile: &AccessProfile,
-        placed: &[(usize, usize)],
-        ids: &[FileId],
-    ) -> Vec<FileId> {
-        let by_path: std::collections::HashMap<&str, FileId> = placed
-            .iter()
-            .zip(ids)
-            .filter_map(|(&(layer, entry), id)| {
-                let path = &self.layers.get(layer)?.index.entries.get(entry)?.path;
-                Some((path.as_str(), *id))
-            })
-            .collect();
-        let mut seen = std::collections::HashSet::new();
-        profile
-            .files
-            .iter()
-            .filter_map(|p| by_path.get(p.as_str()).copied())
-            .filter(|id| seen.insert(*id))
-            .collect()
-    }
-
     /// Streams every layer that has a tar stream (TOC layers have none) into its
     /// placeholders with [`stream_fill_layer`], lowest first. `files` are the placeholders
     /// as (layer, entry, engine id). A layer whose stream fails is logged and left to its
@@ -762,14 +739,39 @@ async fn artifact_indexes(
         return Ok((Vec::new(), None));
     };
     let blobs = referrer.manifest.layers();
+    // The metadata blobs (layer indexes, the first access profile), fetched concurrently:
+    // one round trip each, and every one is needed before the placeholders.
+    let profile_blob = blobs
+        .iter()
+        .position(|b| b.media_type().to_string() == ACCESS_PROFILE_MEDIA_TYPE);
+    let fetches: Vec<BoxFuture<'_, Option<Result<Bytes, registry::Error>>>> = blobs
+        .iter()
+        .enumerate()
+        .map(|(i, b)| {
+            let wanted =
+                Some(i) == profile_blob || b.media_type().to_string() == INDEX_LAYER_MEDIA_TYPE;
+            let digest = b.digest().clone();
+            async move {
+                match wanted {
+                    true => Some(store.fetch_blob(&digest).await),
+                    false => None,
+                }
+            }
+            .boxed()
+        })
+        .collect();
+    let mut fetched: Vec<_> = {
+        use futures::stream::{self, StreamExt};
+        stream::iter(fetches).buffered(8).collect().await
+    };
     let mut out = Vec::new();
     let mut profile = None;
-    for blob in blobs {
+    for (i, blob) in blobs.iter().enumerate() {
         let media_type = blob.media_type().to_string();
-        if media_type == ACCESS_PROFILE_MEDIA_TYPE && profile.is_none() {
-            let parsed = store
-                .fetch_blob(blob.digest())
-                .await
+        if Some(i) == profile_blob
+            && let Some(got) = fetched[i].take()
+        {
+            let parsed = got
                 .map_err(|e| e.to_string())
                 .and_then(|bytes| AccessProfile::from_json(&bytes));
             match parsed {
@@ -783,10 +785,10 @@ async fn artifact_indexes(
         if media_type != INDEX_LAYER_MEDIA_TYPE {
             continue;
         }
-        let bytes = store
-            .fetch_blob(blob.digest())
-            .await
-            .map_err(reg_err("index artifact"))?;
+        let Some(bytes) = fetched[i].take() else {
+            continue;
+        };
+        let bytes = bytes.map_err(reg_err("index artifact"))?;
         let ix = match LayerIndex::decode(&bytes) {
             Ok(ix) => ix,
             Err(e) => {
@@ -829,6 +831,13 @@ pub async fn prepare(
     let manifest_digest = image.manifest_digest.to_string();
     let image_size = image.manifest.layers().iter().map(|l| l.size()).sum();
     let indexes = load_indexes(&store, image, reference, opts).await?;
+    let sources = indexes.sources(&store);
+    // The profile's files are fetched and inflated while the placeholders are unpacked.
+    let early_profile = indexes
+        .profile
+        .as_ref()
+        .filter(|_| opts.profile_prefetch > 0)
+        .map(|p| sources.start_profile(engine, p, opts.profile_prefetch));
     let digests: Vec<String> = indexes.layers.iter().map(|l| l.0.to_string()).collect();
     let ixs: Vec<Arc<LayerIndex>> = indexes.layers.iter().map(|l| l.1.clone()).collect();
     let uopts = UnpackOptions {
@@ -863,7 +872,6 @@ pub async fn prepare(
     if let Err(e) = mark_tree(dest, reference) {
         warn!(dest = %dest.display(), error = %e, "cannot mark the tree as fanfill's");
     }
-    let sources = indexes.sources(&store);
     let files = match register_all(engine, &sources, &unpacked, reference, opts.mode) {
         Ok(files) => files,
         Err(e) => {
@@ -877,22 +885,7 @@ pub async fn prepare(
         .iter()
         .map(|p| (p.layer, p.entry))
         .collect();
-    let mut profile_files = 0;
-    if let Some(profile) = indexes
-        .profile
-        .as_ref()
-        .filter(|_| opts.profile_prefetch > 0)
-    {
-        let ids = sources.profile_file_ids(profile, &keys, &files);
-        profile_files = ids.len();
-        info!(
-            reference,
-            files = profile_files,
-            listed = profile.files.len(),
-            "filling the access profile's files ahead of the workload"
-        );
-        engine.fill_in_background(ids, opts.profile_prefetch);
-    }
+    let profile_files = early_profile.map_or(0, |p| p.place(&keys, &files));
     let prefetch_order = sources
         .prefetch_order(&keys)
         .into_iter()

@@ -41,6 +41,7 @@ struct Args {
     out: PathBuf,
     steady_rounds: usize,
     build_only: bool,
+    variants: Vec<String>,
 }
 
 fn parse_args() -> Result<Args> {
@@ -53,6 +54,7 @@ fn parse_args() -> Result<Args> {
         out: std::env::current_dir()?,
         steady_rounds: 3,
         build_only: false,
+        variants: VARIANTS.iter().map(|v| v.0.to_string()).collect(),
     };
     let mut it = std::env::args().skip(1);
     let mut explicit_runs = None;
@@ -67,10 +69,26 @@ fn parse_args() -> Result<Args> {
             "--links" => a.links = val("--links")?.split(',').map(String::from).collect(),
             "--cache" => a.cache = PathBuf::from(val("--cache")?),
             "--out" => a.out = PathBuf::from(val("--out")?),
+            "--variants" => {
+                a.variants = val("--variants")?.split(',').map(String::from).collect();
+                if let Some(v) = a
+                    .variants
+                    .iter()
+                    .find(|v| !VARIANTS.iter().any(|k| k.0 == v.as_str()))
+                {
+                    bail!(
+                        "unknown variant {v} (known: {})",
+                        VARIANTS.iter().map(|k| k.0).collect::<Vec<_>>().join(",")
+                    );
+                }
+            }
+            "--steady-rounds" => a.steady_rounds = val("--steady-rounds")?.parse()?,
             "-h" | "--help" => {
                 println!(
                     "bench [--all | --quick] [--runs N] [--images slim,python,large] \
-                     [--links shaped,unshaped] [--cache DIR] [--out DIR] [--build-only]\n\
+                     [--links shaped,unshaped] [--variants eager,direct,...] [--steady-rounds N] \
+                     [--cache DIR] [--out DIR] [--build-only]\n\
+                     (a partial selection is for iterating: BENCHMARKS.md is the table of what ran)\n\
                      bench --report-only [DIR]   (BENCHMARKS.md again from BENCHMARKS.json)"
                 );
                 std::process::exit(0);
@@ -275,6 +293,9 @@ fn real_main() -> Result<()> {
             let reference = format!("docker://{host}/fanfill-bench/{}:bench", spec.name);
             for rep in 0..args.runs {
                 for (variant, mode, artifact, profile) in VARIANTS {
+                    if !args.variants.iter().any(|v| v == variant) {
+                        continue;
+                    }
                     let last = rep + 1 == args.runs;
                     let ctx = RunCtx {
                         mnt: &mnt,
@@ -294,7 +315,8 @@ fn real_main() -> Result<()> {
                             mode,
                             *artifact,
                             *profile,
-                            (keep && *variant == "direct").then_some(args.steady_rounds),
+                            (keep && *variant == "direct" && args.steady_rounds > 0)
+                                .then_some(args.steady_rounds),
                             false,
                             &mut report,
                         )

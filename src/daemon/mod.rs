@@ -607,6 +607,17 @@ impl Daemon {
         let opened = open_image(&image_ref, &opts)
             .await
             .map_err(|e| ApiFail(ErrorKind::Image, error_chain(&e)))?;
+        // The files a recorded run of this image read: fetched while the placeholders are
+        // unpacked, written once they are registered, before the workload asks.
+        let early_profile = opened
+            .profile
+            .as_ref()
+            .filter(|_| opts.profile_prefetch > 0)
+            .map(|p| {
+                opened
+                    .sources
+                    .start_profile(&self.engine, p, opts.profile_prefetch)
+            });
         let uopts = UnpackOptions {
             mode: match mode {
                 LayoutMode::Direct => Mode::Direct,
@@ -729,21 +740,15 @@ impl Daemon {
             }
         };
         self.state.save(&record).map_err(ApiFail::internal)?;
-        if let Some(profile) = opened
-            .profile
-            .as_ref()
-            .filter(|_| opts.profile_prefetch > 0)
-        {
-            // The files a recorded run of this image read, filled before the workload asks.
+        if let Some(early) = early_profile {
             let (placed, fids): (Vec<(usize, usize)>, Vec<FileId>) = record
                 .files
                 .iter()
                 .zip(&ids)
                 .filter_map(|(f, id)| Some(((f.layer, f.entry), (*id)?)))
                 .unzip();
-            let want = opened.sources.profile_file_ids(profile, &placed, &fids);
-            info!(reference = %image_ref, files = want.len(), "filling the access profile's files ahead of the workload");
-            self.engine.fill_in_background(want, opts.profile_prefetch);
+            let n = early.place(&placed, &fids);
+            info!(reference = %image_ref, files = n, "access profile's files handed to their placeholders");
         }
         info!(
             reference = %image_ref,
