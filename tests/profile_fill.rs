@@ -12,12 +12,14 @@ use std::os::unix::fs::FileExt;
 use std::path::Path;
 use std::time::{Duration, Instant};
 
+use fanfill::api::RegistrySettings;
 use fanfill::fill::{Engine, EngineConfig};
 use fanfill::image::{
     self, AccessProfile, GAP_MAX, PrepareOptions, Prepared, ProfileRead, SPAN_MAX,
 };
 use fanfill::index::CHUNK_SIZE;
 use fanfill::ocibuild::{self, Compression, LayerItem};
+use fsutil::daemonproc::DaemonProc;
 use fsutil::{pattern, within};
 
 /// Text-like bytes (compressible, different per seed).
@@ -294,4 +296,80 @@ fn damaged_span_costs_only_its_own_file() {
     eprintln!("damaged byte at blob offset {damage_at}: a and c exact, b gives EIO");
     drop(prepared);
     engine.shutdown();
+}
+
+/// The daemon starts the profile's reads before unpacking (`fanfill daemon`, no prefetch):
+/// soon after `prepare` answers, exactly the profile's files are complete and exact.
+#[test]
+fn daemon_fills_the_profile_ahead_without_prefetch() {
+    common::init_tracing();
+    let registry = common::TestRegistry::start();
+    let dir = tempfile::tempdir().unwrap();
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let files: Vec<(String, Vec<u8>)> = (0..40)
+        .map(|i| {
+            (
+                format!("data/f{i:02}"),
+                text(30_000 + 1_000 * i, 50 + i as u64),
+            )
+        })
+        .collect();
+    // Every third file, last first.
+    let order: Vec<&str> = files
+        .iter()
+        .step_by(3)
+        .rev()
+        .map(|f| f.0.as_str())
+        .collect();
+    let (reference, _) = publish(&registry, dir.path(), "profile/daemon", &files, &order, &rt);
+
+    let state = dir.path().join("state");
+    std::fs::create_dir(&state).unwrap();
+    let d = DaemonProc::start(&state, &[]);
+    let dest = dir.path().join("root");
+    let status = d.prepare_with(
+        &reference,
+        &dest,
+        false,
+        RegistrySettings {
+            insecure: true,
+            ..RegistrySettings::default()
+        },
+    );
+    assert_eq!(status.files, files.len() as u64);
+    let t = Instant::now();
+    let complete = || d.status().1[0].files_complete;
+    while complete() < order.len() as u64 {
+        assert!(
+            t.elapsed() < Duration::from_secs(60),
+            "profile not filled: {} of {} files complete",
+            complete(),
+            order.len()
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let took = t.elapsed();
+    std::thread::sleep(Duration::from_millis(300));
+    assert_eq!(
+        complete(),
+        order.len() as u64,
+        "only the profile's files are filled (no prefetch)"
+    );
+    for (p, want) in files.iter().filter(|f| order.contains(&f.0.as_str())) {
+        let path = dest.join(p);
+        let got = within(30, "read a profile file", move || std::fs::read(&path)).unwrap();
+        assert!(got == *want, "{p}: wrong bytes");
+    }
+    assert!(
+        d.log_text()
+            .contains("access profile's files handed to their placeholders"),
+        "{}",
+        d.log_text()
+    );
+    eprintln!(
+        "daemon: {} profile files of {} complete {} ms after prepare returned",
+        order.len(),
+        files.len(),
+        took.as_millis()
+    );
 }
