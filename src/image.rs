@@ -217,8 +217,9 @@ pub struct PrepareOptions {
     /// Keep layers that have to be streamed whole (no index yet) here, so their fills are
     /// local reads instead of second downloads (`None`: do not keep them).
     pub blob_cache: Option<PathBuf>,
-    /// Files of the artifact's access profile filled at once in the background, this many
-    /// at a time, as soon as the placeholders are ready (0: ignore profiles). Default 8.
+    /// Reads of the artifact's access profile in flight at once ([`ImageSources::start_profile`]:
+    /// coalesced range reads started as soon as the indexes are in, written once the
+    /// placeholders exist); 0: ignore profiles. Default 8.
     pub profile_prefetch: usize,
 }
 
@@ -313,7 +314,7 @@ pub struct Prepared {
     /// The sources of the image's files, by layer (for [`Prepared::prefetch`] and
     /// [`Prepared::access_profile`]).
     pub sources: ImageSources,
-    /// Files of the artifact's access profile put to background filling at once (0: no
+    /// Files of the artifact's access profile being filled ahead of the workload (0: no
     /// profile, or [`PrepareOptions::profile_prefetch`] is 0).
     pub profile_files: usize,
 }

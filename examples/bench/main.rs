@@ -52,7 +52,7 @@ fn parse_args() -> Result<Args> {
         links: vec!["shaped".into(), "unshaped".into()],
         cache: PathBuf::from("/var/tmp/fanfill-bench"),
         out: std::env::current_dir()?,
-        steady_rounds: 5,
+        steady_rounds: 6,
         build_only: false,
         variants: VARIANTS.iter().map(|v| v.0.to_string()).collect(),
     };
@@ -181,7 +181,18 @@ fn real_main() -> Result<()> {
     std::fs::create_dir_all(&mnt)?;
     let img = args.cache.join("scratch-ext4.img");
     let _ = std::fs::remove_file(&img);
-    std::fs::File::create(&img)?.set_len(40 << 30)?;
+    // Allocated up front, not sparse: the loop filesystem's blocks then lie on the disk in
+    // their own order, not in the order this run first wrote them (a sparse image made the
+    // tree written last, piece by piece, slower to read cold than one written in one go).
+    let scratch = std::fs::File::create(&img)?;
+    nix::fcntl::fallocate(
+        &scratch,
+        nix::fcntl::FallocateFlags::empty(),
+        0,
+        SCRATCH_BYTES as i64,
+    )
+    .context("allocating the scratch filesystem's image")?;
+    drop(scratch);
     run_cmd(120, "mkfs.ext4", &["-q", "-F", &img.to_string_lossy()])?;
     cleanup::add_mount_root(mnt.clone());
     run_cmd(
@@ -307,6 +318,10 @@ fn real_main() -> Result<()> {
                         reference: &reference,
                     };
                     let keep = last && link == &args.links[0];
+                    // Every run starts on a settled filesystem: what the previous one wrote
+                    // (an eager unpack is 1 GiB for the large image) and deleted is written
+                    // back now, not during this run's clock.
+                    nix::unistd::sync();
                     let mut r = if *variant == "eager" {
                         eager_run(&ctx, keep)
                     } else {
@@ -723,6 +738,9 @@ fn fanfill_run(
 
 /// Reads every file of the filled fanfill tree, the eager tree on plain ext4 and the eager
 /// tree through squashfuse: per round and tree, evict, a cold pass, a warm pass.
+/// Size of the scratch filesystem every tree of the run goes on (allocated on disk).
+const SCRATCH_BYTES: u64 = 16 << 30;
+
 /// Least time one warm measurement spends reading (whole passes over the tree).
 const WARM_MIN: f64 = 0.3;
 
@@ -733,6 +751,7 @@ fn steady_state(ctx: &RunCtx, filled: &Path, rounds: usize) -> Result<Value> {
         bail!("no eager tree kept for the steady state");
     }
     let sqfs = keep.join("image.sqfs");
+    let backing = ctx.mnt.parent().unwrap_or(ctx.mnt).join("scratch-ext4.img");
     let fuse = keep.join("fuse");
     std::fs::create_dir_all(&fuse)?;
     let t = Instant::now();
@@ -769,6 +788,9 @@ fn steady_state(ctx: &RunCtx, filled: &Path, rounds: usize) -> Result<Value> {
         let mut cold: Vec<Vec<f64>> = vec![Vec::new(); 3];
         let mut warm: Vec<Vec<f64>> = vec![Vec::new(); 3];
         let mut bytes = 0;
+        // mksquashfs has just read the ext4 tree whole; read the fanfill tree whole too, so
+        // that whatever caches below this machine (the hypervisor's) hold both alike.
+        measure::read_tree(filled, &files)?;
         for round in 0..rounds {
             // Every tree out of the page cache, and everything written back, before any cold
             // pass: no tree's eviction writes while another is being read.
@@ -777,8 +799,15 @@ fn steady_state(ctx: &RunCtx, filled: &Path, rounds: usize) -> Result<Value> {
             }
             measure::evict_file(&sqfs);
             nix::unistd::sync();
-            for k in 0..3 {
-                let i = (k + round) % 3;
+            // And the scratch filesystem's backing file: a cold pass reads from the disk,
+            // not from this machine's cache of the loop device's file.
+            measure::evict_file(&backing);
+            // Let the reclaim and writeback the eviction set off settle before any clock runs.
+            std::thread::sleep(Duration::from_secs(1));
+            // fanfill and ext4 take turns going first (whichever goes first after the
+            // eviction was seen to read slower); squashfuse, the far slower baseline, last.
+            let order = if round % 2 == 0 { [0, 1, 2] } else { [1, 0, 2] };
+            for i in order {
                 let (_, root) = trees[i];
                 let (b, s) = measure::read_tree(root, &files)?;
                 cold[i].push(b as f64 / 1048576.0 / s);
@@ -806,6 +835,12 @@ fn steady_state(ctx: &RunCtx, filled: &Path, rounds: usize) -> Result<Value> {
             |a: &[f64], b: &[f64]| -> Vec<f64> { a.iter().zip(b).map(|(x, y)| x / y).collect() };
         let mut out = json!({"files": files.len(), "bytes": bytes, "rounds": rounds,
                              "mksquashfs_s": mksquashfs_s, "warm_min_s": WARM_MIN});
+        for (name, root) in &trees[..2] {
+            let (total, split, adjacent) = measure::extents(root, &files)?;
+            out[format!("{name}_extents")] = json!(total);
+            out[format!("{name}_split_files")] = json!(split);
+            out[format!("{name}_adjacent_files")] = json!(adjacent);
+        }
         for (i, (name, _)) in trees.iter().enumerate() {
             let (rc, rw) = (paired(&cold[i], &cold[1]), paired(&warm[i], &warm[1]));
             out[name] = json!({
@@ -928,7 +963,8 @@ fn report_md(r: &Value) -> String {
     let _ = writeln!(
         s,
         "- All trees on a loop-mounted ext4 made for the run; a fresh index directory per \
-         fanfill run (cold: only the registry's index artifact, or none)."
+         fanfill run (cold: only the registry's index artifact, or none); `sync` before every \
+         run, so that none pays for the previous one's writeback."
     );
     let _ = writeln!(
         s,
@@ -1127,15 +1163,36 @@ fn report_md(r: &Value) -> String {
                 ratio(rd, "squashfuse", "warm"),
             );
         }
+        for st in &steady {
+            let rd = &st["reads"];
+            if rd["fanfill_extents"].is_number() {
+                let _ = write!(
+                    s,
+                    "{}**{}** on disk (`filefrag -v` of the files read): fanfill {} extents ({} \
+                     files in more than one; {} files start where the one read before ends), \
+                     ext4 {} ({}; {}).",
+                    if st == &steady[0] { "\n" } else { " " },
+                    st["image"].as_str().unwrap_or(""),
+                    rd["fanfill_extents"],
+                    rd["fanfill_split_files"],
+                    rd["fanfill_adjacent_files"],
+                    rd["ext4_extents"],
+                    rd["ext4_split_files"],
+                    rd["ext4_adjacent_files"],
+                );
+            }
+        }
+        s.push('\n');
         let _ = writeln!(
             s,
             "\nfanfill: the direct tree of the last cold run after every file was read once (every mark \
              removed; daemon still running). ext4: the eager run's `umoci` tree on the same \
              filesystem. squashfuse: `mksquashfs` (gzip) of that tree mounted with `squashfuse`. \
              Each round evicts the three trees' page cache (fsync + `POSIX_FADV_DONTNEED` per \
-             file, and the squashfs image) and syncs, then per tree reads every file once (cold: from the filesystem, whose loop \
-             backing file may still be cached by the host), then again until at least {} s have \
-             gone by (warm); MiB/s are medians over {} rounds with the order rotated, and each \
+             file, and the squashfs image), syncs and evicts the loop device's backing file, then per \
+             tree reads every file once (cold: from the VM's virtio disk), then again until at least {} s have \
+             gone by (warm); MiB/s are medians over {} rounds, fanfill and ext4 taking turns to go \
+             first, and each \
              ratio is the median over rounds of that round's figure against ext4's in the same \
              round.\n",
             steady
@@ -1261,7 +1318,7 @@ cargo run --release --example bench -- --quick   # slim image, 3 runs, shaped li
 
 The images are made of the files of the packages named in `examples/bench/images.rs` that
 are installed (`dpkg -L`, plus `ldd` closures), so their sizes follow the machine. Cached
-under `/var/tmp/fanfill-bench`; a 40 GiB sparse scratch image is created there.
+under `/var/tmp/fanfill-bench`; a 16 GiB scratch image is allocated there.
 
 ## How the figures are taken, and what is approximate
 
@@ -1277,7 +1334,8 @@ under `/var/tmp/fanfill-bench`; a 40 GiB sparse scratch image is created there.
 - **Steady state**: fanfill's tree is completed the way the daemon's background prefetch
   does it (`Prepared::prefetch`: each layer streamed once into its placeholders, then range
   fills for whatever is left); the prefetch column is that time. The cold pass reads through
-  a loop device whose backing file may be in the host page cache.
+  the loop device from the VM's virtio disk (its backing file evicted from this machine's
+  page cache first); the hypervisor below may still cache it.
 - A warm pass over a small tree takes tens of milliseconds, so each warm figure repeats
   passes for at least 0.3 s, and every ratio is taken within one round (same machine state)
   before the median over rounds.

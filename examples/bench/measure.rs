@@ -443,3 +443,60 @@ pub fn dir_size_on_disk(root: &Path) -> u64 {
         .map(|m| m.blocks() * 512)
         .sum()
 }
+
+/// How the data of the tree's `files` lies on disk (`filefrag -v`): extents in all, files
+/// in more than one, and of the consecutive pairs in `files` order (the order a pass reads
+/// them), how many start where the previous file ends (what the loop device's readahead of
+/// its backing file turns into one sequential read).
+pub fn extents(root: &Path, files: &[(PathBuf, u64)]) -> Result<(u64, u64, u64)> {
+    let (mut total, mut split, mut adjacent) = (0u64, 0u64, 0u64);
+    let mut prev_end: Option<u64> = None;
+    for batch in files.chunks(256) {
+        let paths: Vec<String> = batch
+            .iter()
+            .map(|(rel, _)| root.join(rel).to_string_lossy().into_owned())
+            .collect();
+        let mut args: Vec<&str> = vec!["-v"];
+        args.extend(paths.iter().map(String::as_str));
+        let out = run_cmd(120, "filefrag", &args)?;
+        // Per file: "File size of PATH is ..." then extent rows
+        // "   0:        0..      15:      34816..     34831:     16:             last,eof",
+        // then "PATH: N extents found".
+        let mut first: Option<u64> = None;
+        let mut last_end: Option<u64> = None;
+        for line in String::from_utf8_lossy(&out.stdout).lines() {
+            if line.starts_with("File size of ") {
+                first = None;
+                last_end = None;
+            } else if line.ends_with("found") {
+                let n = line
+                    .rsplit(": ")
+                    .next()
+                    .and_then(|t| t.split_whitespace().next())
+                    .and_then(|n| n.parse::<u64>().ok())
+                    .unwrap_or(0);
+                total += n;
+                split += u64::from(n > 1);
+                if let (Some(f), Some(p)) = (first, prev_end) {
+                    adjacent += u64::from(f == p);
+                }
+                if last_end.is_some() {
+                    prev_end = last_end;
+                }
+            } else {
+                let cols: Vec<&str> = line.split(':').map(str::trim).collect();
+                if cols.len() >= 4 && cols[0].parse::<u64>().is_ok() {
+                    let phys: Vec<u64> = cols[2]
+                        .split("..")
+                        .filter_map(|x| x.trim().parse().ok())
+                        .collect();
+                    if phys.len() == 2 {
+                        first.get_or_insert(phys[0]);
+                        last_end = Some(phys[1] + 1);
+                    }
+                }
+            }
+        }
+    }
+    Ok((total, split, adjacent))
+}

@@ -287,6 +287,7 @@ impl ImageSources {
         });
         let handle = engine.handle();
         engine.handle().spawn(async move {
+            let started = std::time::Instant::now();
             let fetching = Arc::new(Semaphore::new(parallel.max(1)));
             let held = Arc::new(Semaphore::new((HELD_MAX / HELD_UNIT) as usize));
             let files = reads.iter().map(ProfileRead::file_count).sum::<usize>();
@@ -314,7 +315,12 @@ impl ImageSources {
             for t in tasks {
                 failed += t.await.unwrap_or(1);
             }
-            debug!(files, failed, "access profile filled");
+            info!(
+                files,
+                failed,
+                ms = started.elapsed().as_millis() as u64,
+                "access profile filled"
+            );
         });
         ProfileFill { tx, keys }
     }
