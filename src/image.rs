@@ -1137,6 +1137,41 @@ impl LayerFileSource {
     }
 }
 
+/// The bytes `span` of `layer` names: its compressed range (from the blob cache, else the
+/// store) and its checkpoint's window fetched concurrently, then inflated on a blocking
+/// thread. `what` names the read in errors. Shared by file sources and the access-profile
+/// fill.
+async fn fetch_span(
+    store: &Arc<BlobStore>,
+    blob_cache: Option<&BlobCache>,
+    layer: &Digest,
+    index: &Arc<LayerIndex>,
+    windows: &LayerWindows,
+    span: crate::index::Span,
+    what: impl Fn() -> String,
+) -> Result<Vec<u8>, SourceError> {
+    let fetch = async {
+        crate::blobcache::read_range(blob_cache, store, layer, span.blob_offset, span.blob_len)
+            .await
+            .map_err(|e| SourceError::with_source(what(), e))
+    };
+    let window = async {
+        match span.checkpoint {
+            Some(cp) => windows
+                .window(index, cp)
+                .await
+                .map_err(|e| SourceError::with_source(what(), e)),
+            None => Ok(Arc::from(Vec::new())),
+        }
+    };
+    let (bytes, window) = futures::future::try_join(fetch, window).await?;
+    let index = index.clone();
+    tokio::task::spawn_blocking(move || crate::index::extract(&index, &span, &window, &bytes))
+        .await
+        .map_err(|e| SourceError::with_source(what(), e))?
+        .map_err(|e| SourceError::with_source(what(), e))
+}
+
 impl LayerFileSource {
     /// Inflates `[offset, offset + len)` of the file starting `back` checkpoints before the
     /// nearest one.
@@ -1144,33 +1179,16 @@ impl LayerFileSource {
         let what = || format!("{} in layer {}", self.entry.path, self.layer);
         let span = crate::index::plan_back(&self.index, &self.entry, offset, len, back)
             .map_err(|e| SourceError::with_source(what(), e))?;
-        let fetch = async {
-            crate::blobcache::read_range(
-                self.local.as_ref(),
-                &self.store,
-                &self.layer,
-                span.blob_offset,
-                span.blob_len,
-            )
-            .await
-            .map_err(|e| SourceError::with_source(what(), e))
-        };
-        let window = async {
-            match span.checkpoint {
-                Some(cp) => self
-                    .windows
-                    .window(&self.index, cp)
-                    .await
-                    .map_err(|e| SourceError::with_source(what(), e)),
-                None => Ok(Arc::from(Vec::new())),
-            }
-        };
-        let (bytes, window) = futures::future::try_join(fetch, window).await?;
-        let index = self.index.clone();
-        tokio::task::spawn_blocking(move || crate::index::extract(&index, &span, &window, &bytes))
-            .await
-            .map_err(|e| SourceError::with_source(what(), e))?
-            .map_err(|e| SourceError::with_source(what(), e))
+        fetch_span(
+            &self.store,
+            self.local.as_ref(),
+            &self.layer,
+            &self.index,
+            &self.windows,
+            span,
+            what,
+        )
+        .await
     }
 
     /// Whether `data` (the file's bytes at `offset`) matches the index's digests, when the

@@ -436,34 +436,16 @@ impl ReadCtx {
                 what()
             )));
         }
-        let fetch = async {
-            crate::blobcache::read_range(
-                self.blob_cache.as_ref(),
-                &self.store,
-                digest,
-                span.blob_offset,
-                span.blob_len,
-            )
-            .await
-            .map_err(|e| SourceError::with_source(what(), e))
-        };
-        let window = async {
-            match span.checkpoint {
-                Some(cp) => windows
-                    .window(index, cp)
-                    .await
-                    .map_err(|e| SourceError::with_source(what(), e)),
-                None => Ok(Arc::from(Vec::new())),
-            }
-        };
-        let (bytes, window) = futures::future::try_join(fetch, window).await?;
-        let index = index.clone();
-        let data = tokio::task::spawn_blocking(move || {
-            crate::index::extract(&index, &span, &window, &bytes)
-        })
-        .await
-        .map_err(|e| SourceError::with_source(what(), e))?
-        .map_err(|e| SourceError::with_source(what(), e))?;
+        let data = super::fetch_span(
+            &self.store,
+            self.blob_cache.as_ref(),
+            digest,
+            index,
+            windows,
+            span,
+            what,
+        )
+        .await?;
         Ok(Bytes::from(data))
     }
 }
