@@ -774,6 +774,16 @@ fn steady_state(ctx: &RunCtx, filled: &Path, rounds: usize) -> Result<Value> {
         "squashfuse",
         &[&sqfs.to_string_lossy(), &fuse.to_string_lossy()],
     )?;
+    // The A/A control: a plain copy of the ext4 tree, written after it as the fanfill tree
+    // was. Its ratio to ext4 is what this machine reports when nothing differs but when and
+    // where a tree was written.
+    let copy = keep.join("copy");
+    let _ = std::fs::remove_dir_all(&copy);
+    run_cmd(
+        1800,
+        "cp",
+        &["-a", &eager.to_string_lossy(), &copy.to_string_lossy()],
+    )?;
     let res = (|| -> Result<Value> {
         // Files the three trees have alike (the workload's own outputs may differ).
         let files: Vec<_> = measure::tree_files(&eager)
@@ -783,14 +793,19 @@ fn steady_state(ctx: &RunCtx, filled: &Path, rounds: usize) -> Result<Value> {
                     && std::fs::metadata(fuse.join(p)).is_ok_and(|m| m.len() == *s)
             })
             .collect();
-        let trees: [(&str, &Path); 3] =
-            [("fanfill", filled), ("ext4", &eager), ("squashfuse", &fuse)];
-        let mut cold: Vec<Vec<f64>> = vec![Vec::new(); 3];
-        let mut warm: Vec<Vec<f64>> = vec![Vec::new(); 3];
+        let trees: [(&str, &Path); 4] = [
+            ("fanfill", filled),
+            ("ext4", &eager),
+            ("squashfuse", &fuse),
+            ("ext4_copy", &copy),
+        ];
+        let mut cold: Vec<Vec<f64>> = vec![Vec::new(); trees.len()];
+        let mut warm: Vec<Vec<f64>> = vec![Vec::new(); trees.len()];
         let mut bytes = 0;
-        // mksquashfs has just read the ext4 tree whole; read the fanfill tree whole too, so
-        // that whatever caches below this machine (the hypervisor's) hold both alike.
+        // mksquashfs has just read the ext4 tree whole; read the others whole too, so that
+        // whatever caches below this machine (the hypervisor's) hold them alike.
         measure::read_tree(filled, &files)?;
+        measure::read_tree(&copy, &files)?;
         for round in 0..rounds {
             // Every tree out of the page cache, and everything written back, before any cold
             // pass: no tree's eviction writes while another is being read.
@@ -804,9 +819,19 @@ fn steady_state(ctx: &RunCtx, filled: &Path, rounds: usize) -> Result<Value> {
             measure::evict_file(&backing);
             // Let the reclaim and writeback the eviction set off settle before any clock runs.
             std::thread::sleep(Duration::from_secs(1));
-            // fanfill and ext4 take turns going first (whichever goes first after the
-            // eviction was seen to read slower); squashfuse, the far slower baseline, last.
-            let order = if round % 2 == 0 { [0, 1, 2] } else { [1, 0, 2] };
+            // fanfill, ext4 and the copy take turns in every order (whichever goes first
+            // after the eviction was seen to read slower); squashfuse, the far slower
+            // baseline, last.
+            const ORDERS: [[usize; 3]; 6] = [
+                [0, 1, 3],
+                [1, 3, 0],
+                [3, 0, 1],
+                [1, 0, 3],
+                [0, 3, 1],
+                [3, 1, 0],
+            ];
+            let o = ORDERS[round % ORDERS.len()];
+            let order = [o[0], o[1], o[2], 2];
             for i in order {
                 let (_, root) = trees[i];
                 let (b, s) = measure::read_tree(root, &files)?;
@@ -841,6 +866,11 @@ fn steady_state(ctx: &RunCtx, filled: &Path, rounds: usize) -> Result<Value> {
             out[format!("{name}_split_files")] = json!(split);
             out[format!("{name}_adjacent_files")] = json!(adjacent);
         }
+        let (fc, fw) = (paired(&cold[0], &cold[3]), paired(&warm[0], &warm[3]));
+        out["fanfill_vs_copy"] = json!({
+            "cold_ratio": med(&fc), "warm_ratio": med(&fw),
+            "cold_ratio_all": fc, "warm_ratio_all": fw,
+        });
         for (i, (name, _)) in trees.iter().enumerate() {
             let (rc, rw) = (paired(&cold[i], &cold[1]), paired(&warm[i], &warm[1]));
             out[name] = json!({
@@ -854,6 +884,7 @@ fn steady_state(ctx: &RunCtx, filled: &Path, rounds: usize) -> Result<Value> {
     })();
     cleanup::umount(&fuse);
     let _ = std::fs::remove_file(&sqfs);
+    let _ = std::fs::remove_dir_all(&copy);
     res
 }
 
@@ -1183,16 +1214,54 @@ fn report_md(r: &Value) -> String {
             }
         }
         s.push('\n');
+        if steady.iter().any(|st| st["reads"]["ext4_copy"].is_object()) {
+            let _ = writeln!(
+                s,
+                "\nA/A control: `cp -a` of the ext4 tree, made after it (as the fanfill tree \
+                 was) and read in the same rounds. Its ratio to ext4 is this machine's noise \
+                 floor for a tree that differs only in when and where it was written.\n"
+            );
+            let _ = writeln!(
+                s,
+                "| image | copy ÷ ext4 cold | per round | copy ÷ ext4 warm | fanfill ÷ copy cold | fanfill ÷ copy warm |"
+            );
+            let _ = writeln!(s, "|---|---|---|---|---|---|");
+            for st in &steady {
+                let rd = &st["reads"];
+                if !rd["ext4_copy"].is_object() {
+                    continue;
+                }
+                let spread = |v: &Value| {
+                    let xs: Vec<f64> = v
+                        .as_array()
+                        .map(|a| a.iter().map(f).collect())
+                        .unwrap_or_default();
+                    let lo = xs.iter().copied().fold(f64::INFINITY, f64::min);
+                    let hi = xs.iter().copied().fold(f64::NEG_INFINITY, f64::max);
+                    format!("{lo:.2}–{hi:.2}")
+                };
+                let _ = writeln!(
+                    s,
+                    "| {} | {:.3} | {} | {:.3} | {:.3} | {:.3} |",
+                    st["image"].as_str().unwrap_or(""),
+                    ratio(rd, "ext4_copy", "cold"),
+                    spread(&rd["ext4_copy"]["cold_ratio_all"]),
+                    ratio(rd, "ext4_copy", "warm"),
+                    f(&rd["fanfill_vs_copy"]["cold_ratio"]),
+                    f(&rd["fanfill_vs_copy"]["warm_ratio"]),
+                );
+            }
+        }
         let _ = writeln!(
             s,
             "\nfanfill: the direct tree of the last cold run after every file was read once (every mark \
              removed; daemon still running). ext4: the eager run's `umoci` tree on the same \
              filesystem. squashfuse: `mksquashfs` (gzip) of that tree mounted with `squashfuse`. \
-             Each round evicts the three trees' page cache (fsync + `POSIX_FADV_DONTNEED` per \
+             Each round evicts every tree's page cache (fsync + `POSIX_FADV_DONTNEED` per \
              file, and the squashfs image), syncs and evicts the loop device's backing file, then per \
              tree reads every file once (cold: from the VM's virtio disk), then again until at least {} s have \
-             gone by (warm); MiB/s are medians over {} rounds, fanfill and ext4 taking turns to go \
-             first, and each \
+             gone by (warm); MiB/s are medians over {} rounds, fanfill, ext4 and the copy taking \
+             turns in every order (squashfuse last), and each \
              ratio is the median over rounds of that round's figure against ext4's in the same \
              round.\n",
             steady
@@ -1287,12 +1356,21 @@ fn report_md(r: &Value) -> String {
         let _ = writeln!(
             s,
             "- **{}** steady state ÷ plain ext4: fanfill {:.3} cold, {:.3} warm (goal ≥ 0.98); \
-             squashfuse {:.3} cold, {:.3} warm.",
+             squashfuse {:.3} cold, {:.3} warm{}.",
             st["image"].as_str().unwrap_or(""),
             ratio(rd, "fanfill", "cold"),
             ratio(rd, "fanfill", "warm"),
             ratio(rd, "squashfuse", "cold"),
             ratio(rd, "squashfuse", "warm"),
+            if rd["ext4_copy"].is_object() {
+                format!(
+                    "; a plain copy of the ext4 tree {:.3} cold, {:.3} warm",
+                    ratio(rd, "ext4_copy", "cold"),
+                    ratio(rd, "ext4_copy", "warm")
+                )
+            } else {
+                String::new()
+            },
         );
     }
     let _ = writeln!(
