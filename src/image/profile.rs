@@ -129,28 +129,30 @@ impl ImageSources {
     /// path, the topmost layer's entry of that path when it is a regular file (or a hardlink
     /// to one). Paths the image does not have as files are skipped.
     pub fn profile_keys(&self, profile: &AccessProfile) -> Vec<EntryKey> {
-        let mut seen = HashSet::new();
-        let mut out = Vec::new();
-        for path in &profile.files {
-            let top = self
-                .layers
-                .iter()
-                .enumerate()
-                .rev()
-                .find_map(|(li, l)| Some((li, l.index.find(path)?)));
-            let Some((layer, entry)) = top else {
-                continue;
-            };
-            let is_file = self
-                .layers
-                .get(layer)
-                .and_then(|l| l.index.resolve(entry))
-                .is_some_and(|e| e.kind == EntryKind::File && e.size > 0);
-            if is_file && seen.insert((layer, entry)) {
-                out.push((layer, entry));
+        // One pass over every layer's entries (not a search per listed path: a profile may
+        // list 100,000 paths): the last entry of each listed path, topmost layer winning.
+        let wanted: HashSet<&str> = profile.files.iter().map(String::as_str).collect();
+        let mut top: HashMap<&str, EntryKey> = HashMap::new();
+        for (li, l) in self.layers.iter().enumerate() {
+            for (ei, e) in l.index.entries.iter().enumerate() {
+                if wanted.contains(e.path.as_str()) {
+                    top.insert(e.path.as_str(), (li, ei));
+                }
             }
         }
-        out
+        let mut seen = HashSet::new();
+        profile
+            .files
+            .iter()
+            .filter_map(|path| top.get(path.as_str()).copied())
+            .filter(|&(layer, entry)| {
+                self.layers
+                    .get(layer)
+                    .and_then(|l| l.index.resolve(entry))
+                    .is_some_and(|e| e.kind == EntryKind::File && e.size > 0)
+            })
+            .filter(|key| seen.insert(*key))
+            .collect()
     }
 
     /// Plans the fill of `keys` (an access profile's files, in the order the workload first
