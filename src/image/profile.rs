@@ -55,6 +55,10 @@ const HELD_UNIT: u64 = 64 << 10;
 /// Reads at once before the placeholders are registered.
 const EARLY_READS: usize = 2;
 
+/// Reads that fetch their own checkpoint window; the windows of the rest are preloaded
+/// together ([`LayerWindows::preload`]).
+const PRELOAD_AFTER: usize = 4;
+
 /// A placeholder as the image's layers name it: (layer position, entry index).
 pub type EntryKey = (usize, usize);
 
@@ -288,6 +292,7 @@ impl ImageSources {
             early: Arc::new(Semaphore::new(EARLY_READS)),
         });
         let handle = engine.handle();
+        self.preload_windows(&handle, &reads);
         engine.handle().spawn(async move {
             let started = std::time::Instant::now();
             let fetching = Arc::new(Semaphore::new(parallel.max(1)));
@@ -325,6 +330,40 @@ impl ImageSources {
             );
         });
         ProfileFill { tx, keys }
+    }
+
+    /// Starts fetching, per layer and a few range reads at once, the checkpoint windows of
+    /// the reads after the first [`PRELOAD_AFTER`]: one request per window each would cost
+    /// as many requests as the reads themselves. The first reads fetch their own windows
+    /// so that none waits behind a larger request.
+    fn preload_windows(&self, handle: &tokio::runtime::Handle, reads: &[ProfileRead]) {
+        let mut per_layer: HashMap<usize, Vec<usize>> = HashMap::new();
+        for read in reads.iter().skip(PRELOAD_AFTER) {
+            let ProfileRead::Span {
+                layer, start, end, ..
+            } = read
+            else {
+                continue;
+            };
+            let Some(l) = self.layers.get(*layer) else {
+                continue;
+            };
+            if let Ok(crate::index::Span {
+                checkpoint: Some(cp),
+                ..
+            }) = crate::index::plan_uncompressed(&l.index, *start, end - start)
+            {
+                per_layer.entry(*layer).or_default().push(cp);
+            }
+        }
+        for (layer, cps) in per_layer {
+            let l = &self.layers[layer];
+            let (index, windows) = (l.index.clone(), l.windows.clone());
+            handle.spawn(async move {
+                let loaded = windows.preload(&index, &cps).await;
+                debug!(layer, wanted = cps.len(), loaded, "windows preloaded");
+            });
+        }
     }
 }
 

@@ -387,6 +387,104 @@ impl LayerWindows {
     }
 }
 
+/// Most bytes of a windows pack one [`LayerWindows::preload`] request covers.
+pub const PRELOAD_MAX: u64 = 2 << 20;
+/// Longest stretch of frames nobody asked for that one preload request still reads through
+/// rather than starting another.
+pub const PRELOAD_GAP: u64 = 256 << 10;
+
+/// Groups window refs (sorted by pack offset) into pack ranges: frames less than
+/// [`PRELOAD_GAP`] apart share a range of at most [`PRELOAD_MAX`] bytes.
+fn preload_groups(refs: &[(usize, WindowRef)]) -> Vec<&[(usize, WindowRef)]> {
+    let mut groups = Vec::new();
+    let mut first = 0;
+    for i in 1..=refs.len() {
+        let split = refs.get(i).is_none_or(|(_, r)| {
+            let (_, start) = refs[first];
+            let (_, prev) = refs[i - 1];
+            let prev_end = prev.pack_offset + u64::from(prev.pack_len);
+            r.pack_offset.saturating_sub(prev_end) > PRELOAD_GAP
+                || r.pack_offset + u64::from(r.pack_len) - start.pack_offset > PRELOAD_MAX
+        });
+        if split {
+            groups.push(&refs[first..i]);
+            first = i;
+        }
+    }
+    groups
+}
+
+impl LayerWindows {
+    /// Fetches the windows of `checkpoints` of `index` ahead of the reads that will start
+    /// there, a few at a time: nearby frames of the pack come in one range read
+    /// ([`PRELOAD_MAX`], [`PRELOAD_GAP`]) instead of one request each. A reader asking for
+    /// one of these windows while its range is on the way waits for it. Windows already
+    /// cached are skipped; at most half the cache is preloaded. Returns how many windows
+    /// were loaded; a failed range is logged and left to the readers, who fetch their own.
+    pub async fn preload(&self, index: &LayerIndex, checkpoints: &[usize]) -> usize {
+        let mut refs: Vec<(usize, WindowRef)> = checkpoints
+            .iter()
+            .filter_map(|&cp| Some((cp, window_ref(index, cp).ok()??)))
+            .collect();
+        refs.sort_by_key(|(cp, r)| (r.pack_offset, *cp));
+        refs.dedup_by_key(|(cp, _)| *cp);
+        refs.truncate(self.cache.capacity / 2);
+        let loads = preload_groups(&refs).into_iter().map(|group| {
+            let (_, first) = group[0];
+            let (_, last) = group[group.len() - 1];
+            let start = first.pack_offset;
+            let len = last.pack_offset + u64::from(last.pack_len) - start;
+            // The slots are taken on the first poll, before anything is awaited: a reader
+            // asking later finds the window being fetched and waits for it.
+            let slots: Vec<_> = group
+                .iter()
+                .map(|&(cp, r)| (cp, r, self.cache.slot((self.key, cp))))
+                .collect();
+            let range = self
+                .source
+                .read_pack(start, len)
+                .map(|r| {
+                    r.inspect(|b| {
+                        self.fetched.fetch_add(b.len() as u64, Ordering::Relaxed);
+                    })
+                    .map_err(Arc::new)
+                })
+                .shared();
+            let inits = slots.into_iter().map(move |(cp, r, slot)| {
+                let range = range.clone();
+                async move {
+                    slot.get_or_try_init(|| async {
+                        let bytes = range.await.map_err(|e| IndexError::WindowFetch {
+                            checkpoint: cp,
+                            source: io::Error::new(e.kind(), e.to_string()),
+                        })?;
+                        let at = (r.pack_offset - start) as usize;
+                        let frame = bytes.get(at..at + r.pack_len as usize).ok_or(
+                            IndexError::CorruptWindow {
+                                checkpoint: cp,
+                                reason: "outside the pack",
+                            },
+                        )?;
+                        decode_window(&r, cp, frame).map(Arc::from)
+                    })
+                    .await
+                    .map(|_| ())
+                }
+            });
+            futures::future::join_all(inits)
+        });
+        let results = futures::future::join_all(loads).await;
+        let mut loaded = 0;
+        for r in results.into_iter().flatten() {
+            match r {
+                Ok(()) => loaded += 1,
+                Err(e) => tracing::debug!(error = %e, "window preload failed; readers fetch it"),
+            }
+        }
+        loaded
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -426,5 +524,124 @@ mod tests {
         assert_eq!(c.len(), 2);
         assert!(c.lock().map.contains_key(&(0, 1)));
         assert!(!c.lock().map.contains_key(&(0, 2)));
+    }
+
+    /// A pack source that counts its reads.
+    struct Counting(WindowPack, AtomicU64);
+
+    impl WindowSource for Counting {
+        fn read_pack(&self, offset: u64, len: u64) -> BoxFuture<'_, io::Result<Bytes>> {
+            self.1.fetch_add(1, Ordering::Relaxed);
+            self.0.read_pack(offset, len)
+        }
+    }
+
+    fn pack_of(n: usize) -> (WindowPack, Vec<WindowRef>) {
+        let mut w = PackWriter::new();
+        let refs = (0..n)
+            .map(|i| {
+                // Incompressible-ish windows: ~32 KiB frames, so gaps and caps are reached.
+                let win: Vec<u8> = (0..WINDOW_SIZE)
+                    .map(|j| ((i * 7919 + j * 104_729) % 251) as u8 ^ (j >> 3) as u8)
+                    .collect();
+                w.push(&win, None).unwrap()
+            })
+            .collect();
+        (w.finish(), refs)
+    }
+
+    #[test]
+    fn preload_groups_respect_gap_and_cap() {
+        let (_, refs) = pack_of(200);
+        let frame = u64::from(refs[0].pack_len);
+        assert!(frame > 1000, "frames must not compress away: {frame}");
+        let pick = |ids: &[usize]| ids.iter().map(|&i| (i, refs[i])).collect::<Vec<_>>();
+        // Neighbours share a range; a stretch of more than PRELOAD_GAP starts another.
+        let far = (PRELOAD_GAP / frame + 2) as usize;
+        let chosen = pick(&[0, 1, 3, 3 + far]);
+        let groups = preload_groups(&chosen);
+        assert_eq!(groups.len(), 2, "{groups:?}");
+        assert_eq!(groups[0].len(), 3);
+        // A run of every frame is cut at PRELOAD_MAX.
+        let all = pick(&(0..200).collect::<Vec<_>>());
+        let groups = preload_groups(&all);
+        assert!(groups.len() > 1);
+        assert_eq!(groups.iter().map(|g| g.len()).sum::<usize>(), 200);
+        for g in &groups {
+            let (_, a) = g[0];
+            let (_, b) = g[g.len() - 1];
+            assert!(b.pack_offset + u64::from(b.pack_len) - a.pack_offset <= PRELOAD_MAX);
+        }
+        assert!(preload_groups(&[]).is_empty());
+    }
+
+    #[test]
+    fn preload_fetches_nearby_windows_in_one_read_and_readers_use_them() {
+        use super::super::{Checkpoint, Compression, LayerIndex};
+        let (pack, refs) = pack_of(40);
+        let index = LayerIndex {
+            compression: Compression::Gzip,
+            blob_digest: String::new(),
+            diff_id: None,
+            compressed_size: 0,
+            uncompressed_size: 0,
+            span: 0,
+            windows_digest: Some(pack.digest()),
+            windows_size: pack.len(),
+            entries: Vec::new(),
+            checkpoints: refs
+                .iter()
+                .enumerate()
+                .map(|(i, r)| Checkpoint {
+                    compressed_offset: i as u64 * 1000,
+                    uncompressed_offset: i as u64 * 10_000,
+                    bit_offset: 0,
+                    window: Some(*r),
+                })
+                .collect(),
+            end_marks: Vec::new(),
+        };
+        let src = Arc::new(Counting(pack.clone(), AtomicU64::new(0)));
+        let lw = LayerWindows::new(src.clone(), Arc::new(WindowCache::new(8 << 20)));
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .build()
+            .unwrap();
+        let loaded = rt.block_on(lw.preload(&index, &[2, 5, 3, 3, 7]));
+        assert_eq!(loaded, 4);
+        assert_eq!(
+            src.1.load(Ordering::Relaxed),
+            1,
+            "one range read for 4 nearby windows"
+        );
+        for cp in [2, 3, 5, 7] {
+            let w = rt.block_on(lw.window(&index, cp)).unwrap();
+            assert_eq!(
+                &w[..],
+                &pack.window(&index, cp).unwrap()[..],
+                "checkpoint {cp}"
+            );
+        }
+        assert_eq!(
+            src.1.load(Ordering::Relaxed),
+            1,
+            "readers found them cached"
+        );
+        // A damaged pack: nothing is cached, and a reader's own fetch reports the damage.
+        let mut bytes = pack.bytes().to_vec();
+        let at = refs[9].pack_offset as usize + 10;
+        bytes[at] ^= 0xff;
+        let bad = Arc::new(Counting(WindowPack::from_bytes(bytes), AtomicU64::new(0)));
+        let lw = LayerWindows::new(bad.clone(), Arc::new(WindowCache::new(8 << 20)));
+        assert_eq!(rt.block_on(lw.preload(&index, &[8, 9])), 1);
+        assert!(rt.block_on(lw.window(&index, 8)).is_ok());
+        assert!(matches!(
+            rt.block_on(lw.window(&index, 9)),
+            Err(IndexError::CorruptWindow { .. })
+        ));
+        assert_eq!(
+            bad.1.load(Ordering::Relaxed),
+            2,
+            "the damaged window was fetched again"
+        );
     }
 }
