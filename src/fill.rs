@@ -566,6 +566,11 @@ impl Engine {
     /// Registers a placeholder: checks it, marks its inode, and serves it from now on.
     /// Zero-length files need no mark and are reported complete at once.
     pub fn register(&self, p: Placeholder) -> Result<FileId, FillError> {
+        self.register_as(p, true)
+    }
+
+    /// [`Engine::register`], with the pre-content mark placed or not.
+    fn register_as(&self, p: Placeholder, mark: bool) -> Result<FileId, FillError> {
         let file = File::options()
             .read(true)
             .custom_flags(libc::O_NOFOLLOW | libc::O_NONBLOCK)
@@ -574,23 +579,27 @@ impl Engine {
                 path: p.path.clone(),
                 source,
             })?;
-        let st = nix::sys::stat::fstat(file.as_fd()).map_err(|e| FillError::Register {
+        // One statx for the type, size, identity and birth time.
+        let meta = file.metadata().map_err(|source| FillError::Register {
             path: p.path.clone(),
-            source: e.into(),
+            source,
         })?;
-        let is_reg = (st.st_mode & libc::S_IFMT) == libc::S_IFREG;
-        if !is_reg || st.st_size as u64 != p.size {
+        let is_reg = meta.file_type().is_file();
+        if !is_reg || meta.len() != p.size {
             return Err(FillError::NotPlaceholder {
                 path: p.path,
                 expected: p.size,
                 found: if is_reg {
-                    format!("{} bytes", st.st_size)
+                    format!("{} bytes", meta.len())
                 } else {
                     "not a regular file".into()
                 },
             });
         }
-        let key = stat_key(&st);
+        let key = {
+            use std::os::unix::fs::MetadataExt as _;
+            (meta.dev(), meta.ino())
+        };
         let id = FileId {
             dev: key.0,
             ino: key.1,
@@ -606,7 +615,7 @@ impl Engine {
             use xattr::FileExt as _;
             file.get_xattr(CAPABILITY_XATTR).ok().flatten()
         };
-        let born = file.metadata().ok().and_then(|m| m.created().ok());
+        let born = meta.created().ok();
         let entry = Arc::new(FileEntry {
             path: p.path,
             key,
@@ -629,11 +638,13 @@ impl Engine {
         if nchunks > 0 {
             // Record before marking, so the first event finds the entry.
             self.inner.files.write().unwrap().insert(key, entry.clone());
-            if let Err(e) = self.inner.group.mark_inode(file.as_fd(), FAN_PRE_ACCESS) {
-                self.inner.files.write().unwrap().remove(&key);
-                return Err(e.into());
+            if mark {
+                if let Err(e) = self.inner.group.mark_inode(file.as_fd(), FAN_PRE_ACCESS) {
+                    self.inner.files.write().unwrap().remove(&key);
+                    return Err(e.into());
+                }
             }
-            debug!(path = %entry.path.display(), size = entry.size, chunk, "placeholder registered");
+            debug!(path = %entry.path.display(), size = entry.size, chunk, mark, "placeholder registered");
         } else {
             self.inner.files.write().unwrap().insert(key, entry);
             self.inner
@@ -1518,10 +1529,7 @@ impl Engine {
     /// reads, so the caller must fill it (for example [`Engine::fill_future`] on open)
     /// before anyone reads it.
     pub fn register_unmarked(&self, p: Placeholder) -> Result<FileId, FillError> {
-        // The file is not exposed yet, so marking and unmarking at once lets no reader in.
-        let id = self.register(p)?;
-        self.unmark(id)?;
-        Ok(id)
+        self.register_as(p, false)
     }
 
     /// Removes the pre-content mark of a registered file but keeps it registered (overlay
