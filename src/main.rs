@@ -267,7 +267,11 @@ fn main() -> ExitCode {
         .init();
     let socket = cli.socket.clone();
     let res = match cli.command {
-        Command::Pull(a) if a.foreground || a.exit_when_complete => pull(a),
+        Command::Pull(a) if a.foreground || a.exit_when_complete => {
+            // Beside the resolve and unpack, not in front of the first connection.
+            fanfill::registry::warm_up();
+            pull(a)
+        }
         Command::Pull(a) => pull_client(&socket, a),
         Command::Daemon(a) => daemon(socket, a),
         Command::Status(a) => status(&socket, a),

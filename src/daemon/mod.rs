@@ -1441,6 +1441,8 @@ async fn serve_conn(daemon: Arc<Daemon>, stream: tokio::net::UnixStream) {
 
 /// Runs the daemon in the foreground until SIGTERM or SIGINT.
 pub fn run(config: DaemonConfig) -> Result<(), DaemonError> {
+    // The TLS library's one-time setup, off the first pull's path.
+    crate::registry::warm_up();
     // 1. What a predecessor left in flight; reserve the numbers it may still be using.
     let state = StateDir::open(&config.state_dir)?;
     let io = |what: &str| {

@@ -67,7 +67,7 @@ use sha2::Digest as _;
 pub use auth::{Challenge, Credentials, auth_files, lookup as lookup_credentials, parse_challenge};
 pub use layout::LayoutStore;
 pub use remote::{RemoteStore, referrers_tag};
-pub use tls::{cert_roots, find_cert_dir};
+pub use tls::{cert_roots, find_cert_dir, set_up as set_up_tls, warm_up};
 
 use crate::reference::Reference;
 
