@@ -235,6 +235,7 @@ fn real_main() -> Result<()> {
             variant: "record",
             rep: 0,
             reference: &reference,
+            registry_pid: registry.pid(),
         };
         let mut scratch = json!({"steady": []});
         let r = fanfill_run(&ctx, "direct", true, false, None, true, &mut scratch)
@@ -316,6 +317,7 @@ fn real_main() -> Result<()> {
                         variant,
                         rep,
                         reference: &reference,
+                        registry_pid: registry.pid(),
                     };
                     let keep = last && link == &args.links[0];
                     // Every run starts on a settled filesystem: what the previous one wrote
@@ -575,6 +577,8 @@ struct RunCtx<'a> {
     variant: &'a str,
     rep: usize,
     reference: &'a str,
+    /// The registry process, for its CPU time per run.
+    registry_pid: u32,
 }
 
 impl RunCtx<'_> {
@@ -603,6 +607,7 @@ fn eager_run(ctx: &RunCtx, keep: bool) -> Result<Value> {
     let _ = std::fs::remove_dir_all(&dir);
     std::fs::create_dir_all(&dir)?;
     let (oci, rootfs) = (dir.join("oci"), dir.join("rootfs"));
+    let registry_cpu = serve::proc_cpu_s(ctx.registry_pid);
     let t0 = Instant::now();
     run_cmd(
         RUN_TIMEOUT.as_secs(),
@@ -635,6 +640,7 @@ fn eager_run(ctx: &RunCtx, keep: bool) -> Result<Value> {
     let v = json!({
         "first_output_s": o.first_output.as_secs_f64(),
         "done_s": o.done.as_secs_f64(),
+        "registry_cpu_s": serve::proc_cpu_s(ctx.registry_pid) - registry_cpu,
         "pull_s": copied.as_secs_f64(),
         "unpack_s": (unpacked - copied).as_secs_f64(),
         "fetched_before_first_output": fetched,
@@ -676,6 +682,7 @@ fn fanfill_run(
         ctx.image, ctx.link, ctx.variant, ctx.rep
     ));
     let mut serve = serve::Serve::spawn(&log)?;
+    let registry_cpu = serve::proc_cpu_s(ctx.registry_pid);
     let t0 = Instant::now();
     let ready = serve.call(
         json!({
@@ -698,8 +705,10 @@ fn fanfill_run(
         })?
     };
     let after = serve.call(json!({"cmd": "stats"}), Duration::from_secs(30))?;
+    let registry_cpu = serve::proc_cpu_s(ctx.registry_pid) - registry_cpu;
     let at_first = o.at_first.clone().unwrap_or(Value::Null);
     let mut v = json!({
+        "registry_cpu_s": registry_cpu,
         "first_output_s": o.first_output.as_secs_f64(),
         "done_s": o.done.as_secs_f64(),
         "ready_s": ready_s,

@@ -103,12 +103,28 @@ impl Registry {
     pub fn start(storage: &Path, work: &Path) -> Result<Registry> {
         std::fs::create_dir_all(storage)?;
         std::fs::create_dir_all(work)?;
-        let config = format!(
-            "version: 0.1\nlog:\n  level: warn\n  accesslog:\n    disabled: true\n\
-             storage:\n  filesystem:\n    rootdirectory: {}\n  delete:\n    enabled: true\n\
-             http:\n  addr: {REGISTRY_ADDR}:{REGISTRY_PORT}\n",
-            storage.display()
-        );
+        let root = format!("    rootdirectory: {}", storage.display());
+        let addr = format!("  addr: {REGISTRY_ADDR}:{REGISTRY_PORT}");
+        let config = [
+            "version: 0.1",
+            "log:",
+            "  level: warn",
+            "  accesslog:",
+            "    disabled: true",
+            "storage:",
+            "  filesystem:",
+            &root,
+            "  delete:",
+            "    enabled: true",
+            // As in the Debian package's /etc/docker/registry/config.yml: blob descriptors
+            // cached in memory instead of read from the storage on every request.
+            "  cache:",
+            "    blobdescriptor: inmemory",
+            "http:",
+            &addr,
+            "",
+        ]
+        .join("\n");
         let cfg = work.join("registry.yml");
         std::fs::write(&cfg, config)?;
         let log = std::fs::File::create(work.join("registry.log"))?;

