@@ -52,7 +52,7 @@ fn parse_args() -> Result<Args> {
         links: vec!["shaped".into(), "unshaped".into()],
         cache: PathBuf::from("/var/tmp/fanfill-bench"),
         out: std::env::current_dir()?,
-        steady_rounds: 6,
+        steady_rounds: 9,
         build_only: false,
         variants: VARIANTS.iter().map(|v| v.0.to_string()).collect(),
     };
@@ -345,11 +345,13 @@ fn real_main() -> Result<()> {
                     r["rep"] = json!(rep);
                     r["compressed"] = json!(b.compressed());
                     eprintln!(
-                        "bench: {} {link} {variant:14} #{rep}: first output {:.3}s done {:.3}s fetched {:.1} MiB",
+                        "bench: {} {link} {variant:14} #{rep}: first output {:.3}s done {:.3}s fetched {:.1} MiB steal {:.2}s iowait {:.2}s",
                         spec.name,
                         r["first_output_s"].as_f64().unwrap_or(0.0),
                         r["done_s"].as_f64().unwrap_or(0.0),
-                        r["fetched_before_first_output"].as_f64().unwrap_or(0.0) / 1048576.0
+                        r["fetched_before_first_output"].as_f64().unwrap_or(0.0) / 1048576.0,
+                        r["steal_s"].as_f64().unwrap_or(0.0),
+                        r["iowait_s"].as_f64().unwrap_or(0.0),
                     );
                     report["runs_raw"].as_array_mut().unwrap().push(r);
                 }
@@ -608,6 +610,7 @@ fn eager_run(ctx: &RunCtx, keep: bool) -> Result<Value> {
     std::fs::create_dir_all(&dir)?;
     let (oci, rootfs) = (dir.join("oci"), dir.join("rootfs"));
     let registry_cpu = serve::proc_cpu_s(ctx.registry_pid);
+    let (steal, iowait) = serve::steal_iowait_s();
     let t0 = Instant::now();
     run_cmd(
         RUN_TIMEOUT.as_secs(),
@@ -641,6 +644,8 @@ fn eager_run(ctx: &RunCtx, keep: bool) -> Result<Value> {
         "first_output_s": o.first_output.as_secs_f64(),
         "done_s": o.done.as_secs_f64(),
         "registry_cpu_s": serve::proc_cpu_s(ctx.registry_pid) - registry_cpu,
+        "steal_s": serve::steal_iowait_s().0 - steal,
+        "iowait_s": serve::steal_iowait_s().1 - iowait,
         "pull_s": copied.as_secs_f64(),
         "unpack_s": (unpacked - copied).as_secs_f64(),
         "fetched_before_first_output": fetched,
@@ -683,6 +688,7 @@ fn fanfill_run(
     ));
     let mut serve = serve::Serve::spawn(&log)?;
     let registry_cpu = serve::proc_cpu_s(ctx.registry_pid);
+    let (steal, iowait) = serve::steal_iowait_s();
     let t0 = Instant::now();
     let ready = serve.call(
         json!({
@@ -706,9 +712,15 @@ fn fanfill_run(
     };
     let after = serve.call(json!({"cmd": "stats"}), Duration::from_secs(30))?;
     let registry_cpu = serve::proc_cpu_s(ctx.registry_pid) - registry_cpu;
+    let (steal, iowait) = {
+        let (s, i) = serve::steal_iowait_s();
+        (s - steal, i - iowait)
+    };
     let at_first = o.at_first.clone().unwrap_or(Value::Null);
     let mut v = json!({
         "registry_cpu_s": registry_cpu,
+        "steal_s": steal,
+        "iowait_s": iowait,
         "first_output_s": o.first_output.as_secs_f64(),
         "done_s": o.done.as_secs_f64(),
         "ready_s": ready_s,
@@ -751,7 +763,7 @@ fn fanfill_run(
 const SCRATCH_BYTES: u64 = 16 << 30;
 
 /// Least time one warm measurement spends reading (whole passes over the tree).
-const WARM_MIN: f64 = 0.3;
+const WARM_MIN: f64 = 0.6;
 
 fn steady_state(ctx: &RunCtx, filled: &Path, rounds: usize) -> Result<Value> {
     let keep = ctx.mnt.join(format!("keep-{}", ctx.image));
@@ -1118,6 +1130,43 @@ fn report_md(r: &Value) -> String {
              received (manifest, config, index artifact or layer streams, fills), sampled when \
              the first output byte arrived.\n"
         );
+        // What the hypervisor and the disk took from the runs: explains outliers.
+        let on_link: Vec<&Value> = runs.iter().filter(|x| x["link"] == link.as_str()).collect();
+        let worst = |k: &str| {
+            on_link
+                .iter()
+                .filter(|x| x[k].is_f64())
+                .max_by(|a, b| f(&a[k]).total_cmp(&f(&b[k])))
+                .map(|x| {
+                    format!(
+                        "{:.2} s ({} {} #{})",
+                        f(&x[k]),
+                        x["image"].as_str().unwrap_or(""),
+                        x["variant"].as_str().unwrap_or(""),
+                        x["rep"]
+                    )
+                })
+        };
+        let med = |k: &str| {
+            stats_of(
+                on_link
+                    .iter()
+                    .map(|x| f(&x[k]))
+                    .filter(|v| !v.is_nan())
+                    .collect(),
+            )
+            .0
+        };
+        if let (Some(steal), Some(iowait)) = (worst("steal_s"), worst("iowait_s")) {
+            let _ = writeln!(
+                s,
+                "Per run, over both CPUs (`/proc/stat`): CPU steal (the hypervisor running \
+                 something else) median {:.2} s, most {steal}; I/O wait median {:.2} s, most \
+                 {iowait}.\n",
+                med("steal_s"),
+                med("iowait_s"),
+            );
+        }
     }
 
     // Engine counters of the runs.
@@ -1446,7 +1495,7 @@ under `/var/tmp/fanfill-bench`; a 16 GiB scratch image is allocated there.
   the loop device from the VM's virtio disk (its backing file evicted from this machine's
   page cache first); the hypervisor below may still cache it.
 - A warm pass over a small tree takes tens of milliseconds, so each warm figure repeats
-  passes for at least 0.3 s, and every ratio is taken within one round (same machine state)
+  passes for at least 0.6 s, and every ratio is taken within one round (same machine state)
   before the median over rounds.
 - **CPU, not the link, bounds the fanfill runs**: `docker-registry`, the relay, the daemon
   and the container share 2 cores, and `docker-registry` reads 4 MiB for every range request

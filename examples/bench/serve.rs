@@ -48,6 +48,24 @@ pub fn proc_cpu_s(pid: u32) -> f64 {
         .unwrap_or(0.0)
 }
 
+/// Seconds of CPU steal (the hypervisor running something else on this VM's CPUs) and of
+/// I/O wait since boot, summed over CPUs, from `/proc/stat` (ticks of 10 ms).
+pub fn steal_iowait_s() -> (f64, f64) {
+    std::fs::read_to_string("/proc/stat")
+        .ok()
+        .and_then(|s| {
+            let f: Vec<u64> = s
+                .lines()
+                .next()?
+                .split_whitespace()
+                .skip(1)
+                .filter_map(|x| x.parse().ok())
+                .collect();
+            Some((*f.get(7)? as f64 / 100.0, *f.get(4)? as f64 / 100.0))
+        })
+        .unwrap_or((0.0, 0.0))
+}
+
 struct State {
     prepared: Option<Prepared>,
     watch: Option<OverlayWatch>,
