@@ -372,4 +372,49 @@ fn daemon_fills_the_profile_ahead_without_prefetch() {
         files.len(),
         took.as_millis()
     );
+
+    // A second tree of the same image: the profile's files are in the content cache now,
+    // so they are filled from it and not read from the registry again.
+    let t = Instant::now();
+    while std::fs::read_dir(state.join("cache")).unwrap().count() < order.len() {
+        assert!(
+            t.elapsed() < Duration::from_secs(30),
+            "content cache not populated"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let dest2 = dir.path().join("root2");
+    let s2 = d.prepare_with(
+        &reference,
+        &dest2,
+        false,
+        RegistrySettings {
+            insecure: true,
+            ..RegistrySettings::default()
+        },
+    );
+    assert_eq!(s2.files_complete, order.len() as u64, "{s2:?}");
+    std::thread::sleep(Duration::from_millis(300));
+    let log = d.log_text();
+    let second = log
+        .lines()
+        .filter(|l| l.contains("filling the access profile's files ahead"))
+        .nth(1)
+        .unwrap_or_else(|| panic!("no second profile fill in the log:\n{log}"));
+    assert!(
+        second.contains("files=0") && second.contains("reads=0"),
+        "the second prepare read cached profile files again: {second}"
+    );
+    for (p, want) in files.iter().filter(|f| order.contains(&f.0.as_str())) {
+        let path = dest2.join(p);
+        let got = within(30, "read a cached profile file", move || {
+            std::fs::read(&path)
+        })
+        .unwrap();
+        assert!(got == *want, "{p}: wrong bytes in the second tree");
+    }
+    eprintln!(
+        "second tree: {} of {} files from the content cache, {} bytes fetched",
+        s2.files_complete, s2.files, s2.bytes_fetched
+    );
 }

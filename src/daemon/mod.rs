@@ -614,9 +614,12 @@ impl Daemon {
             .as_ref()
             .filter(|_| opts.profile_prefetch > 0)
             .map(|p| {
+                // Files the content cache holds are filled from it at registration.
                 opened
                     .sources
-                    .start_profile(&self.engine, p, opts.profile_prefetch)
+                    .start_profile_except(&self.engine, p, opts.profile_prefetch, |e| {
+                        e.sha256.as_deref().is_some_and(|s| self.cache.contains(s))
+                    })
             });
         let uopts = UnpackOptions {
             mode: match mode {

@@ -32,7 +32,7 @@ use tracing::{debug, info, warn};
 use super::{AccessProfile, ImageSources};
 use crate::blobcache::BlobCache;
 use crate::fill::{Engine, FileId, Filler, SourceError, Supplier, error_chain};
-use crate::index::{CHUNK_SIZE, EntryKind, LayerIndex, LayerWindows};
+use crate::index::{CHUNK_SIZE, Entry, EntryKind, LayerIndex, LayerWindows};
 use crate::registry::BlobStore;
 
 /// Longest stretch of a layer's uncompressed stream one read covers: its inflated bytes
@@ -261,7 +261,33 @@ impl ImageSources {
         profile: &AccessProfile,
         parallel: usize,
     ) -> ProfileFill {
-        let keys = self.profile_keys(profile);
+        self.start_profile_except(engine, profile, parallel, |_| false)
+    }
+
+    /// [`ImageSources::start_profile`], leaving out the files for which `filled_elsewhere`
+    /// says their bytes will come from somewhere else (a daemon's content cache): reading
+    /// them from the registry would be wasted.
+    pub fn start_profile_except(
+        &self,
+        engine: &Engine,
+        profile: &AccessProfile,
+        parallel: usize,
+        filled_elsewhere: impl Fn(&Entry) -> bool,
+    ) -> ProfileFill {
+        let mut keys = self.profile_keys(profile);
+        let listed = keys.len();
+        keys.retain(|&(layer, entry)| {
+            self.layers
+                .get(layer)
+                .and_then(|l| l.index.resolve(entry))
+                .is_none_or(|e| !filled_elsewhere(e))
+        });
+        if keys.len() < listed {
+            debug!(
+                skipped = listed - keys.len(),
+                "profile files whose bytes come from elsewhere are not read"
+            );
+        }
         let reads = self.plan_profile(&keys);
         let span_bytes: u64 = reads
             .iter()
