@@ -961,6 +961,28 @@ fn blocking_here<T>(f: impl FnOnce() -> T) -> T {
     }
 }
 
+/// Registers one unpacked placeholder with the engine, its bytes coming from `source`. In
+/// overlay mode it carries no pre-content mark: overlay reads of a marked lower file fail
+/// with EPERM, so the overlay open watch fills it whole instead.
+pub fn register_placeholder(
+    engine: &Engine,
+    p: &unpack::Placeholder,
+    source: Arc<dyn ContentSource>,
+    verify: Verify,
+    mode: Mode,
+) -> Result<FileId, crate::fill::FillError> {
+    let placeholder = Placeholder {
+        path: p.path.clone(),
+        size: p.size,
+        source,
+        verify,
+    };
+    match mode {
+        Mode::Direct => engine.register(placeholder),
+        Mode::Overlay => engine.register_unmarked(placeholder),
+    }
+}
+
 /// Threads registering placeholders: each registration is a handful of syscalls (open,
 /// statx, getxattr, the mark, close), so two threads halve the wait on a 2-core machine.
 const REGISTER_THREADS: usize = 2;
@@ -978,19 +1000,7 @@ fn register_all(
 ) -> Result<Vec<FileId>, ImageError> {
     let register = |p: &unpack::Placeholder| -> Result<FileId, ImageError> {
         let (source, verify) = sources.file_source(p.layer, p.entry)?;
-        let placeholder = Placeholder {
-            path: p.path.clone(),
-            size: p.size,
-            source,
-            verify,
-        };
-        // Overlay lowers must carry no pre-content mark (overlay reads of a marked lower
-        // file fail with EPERM); the overlay open watch fills them whole instead.
-        match mode {
-            Mode::Direct => engine.register(placeholder),
-            Mode::Overlay => engine.register_unmarked(placeholder),
-        }
-        .map_err(|source| ImageError::Fill {
+        register_placeholder(engine, p, source, verify, mode).map_err(|source| ImageError::Fill {
             reference: reference.to_string(),
             source,
         })

@@ -621,11 +621,12 @@ impl Daemon {
                         e.sha256.as_deref().is_some_and(|s| self.cache.contains(s))
                     })
             });
+        let unpack_mode = match mode {
+            LayoutMode::Direct => Mode::Direct,
+            LayoutMode::Overlay => Mode::Overlay,
+        };
         let uopts = UnpackOptions {
-            mode: match mode {
-                LayoutMode::Direct => Mode::Direct,
-                LayoutMode::Overlay => Mode::Overlay,
-            },
+            mode: unpack_mode,
             ..UnpackOptions::default()
         };
         let digests: Vec<String> = opened.sources.layers().map(|l| l.0.to_string()).collect();
@@ -705,19 +706,8 @@ impl Daemon {
                     .source(&opened, p.layer, p.entry, &counters)
                     .map_err(|m| ApiFail(ErrorKind::Internal, m))
                     .and_then(|(source, verify)| {
-                        let placeholder = Placeholder {
-                            path: p.path.clone(),
-                            size: p.size,
-                            source,
-                            verify,
-                        };
-                        // Overlay lowers carry no pre-content mark (overlay reads of a marked
-                        // lower file fail with EPERM): the overlay watch fills them on open.
-                        match mode {
-                            LayoutMode::Direct => this.engine.register(placeholder),
-                            LayoutMode::Overlay => this.engine.register_unmarked(placeholder),
-                        }
-                        .map_err(ApiFail::internal)
+                        image::register_placeholder(&this.engine, p, source, verify, unpack_mode)
+                            .map_err(ApiFail::internal)
                     });
                 match r {
                     Ok(fid) => ids.push(Some(fid)),
