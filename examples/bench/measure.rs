@@ -225,6 +225,46 @@ pub fn read_tree(root: &Path, files: &[(PathBuf, u64)]) -> Result<(u64, f64)> {
     Ok((total, t.elapsed().as_secs_f64()))
 }
 
+/// Reads every file of several trees file by file, taking turns: file `j` is read from
+/// each tree in `active` in turn, the first tree rotating with `j + shift`, and each read
+/// (open, read to EOF, close) is timed on its own. Returns per tree (bytes, seconds) summed
+/// over its reads (inactive trees: zeros). The trees see the same machine within
+/// milliseconds of each other, so drift in the host (CPU steal, the virtual disk's latency)
+/// lands on all of them alike instead of on whichever tree was being read when it came.
+pub fn read_interleaved(
+    roots: &[&Path],
+    active: &[bool],
+    files: &[(PathBuf, u64)],
+    shift: usize,
+) -> Result<Vec<(u64, f64)>> {
+    let mut buf = vec![0u8; 1 << 20];
+    let mut out = vec![(0u64, 0f64); roots.len()];
+    let n = roots.len();
+    for (j, (rel, _)) in files.iter().enumerate() {
+        for k in 0..n {
+            let i = (j + shift + k) % n;
+            if !active[i] {
+                continue;
+            }
+            let path = roots[i].join(rel);
+            let t = Instant::now();
+            let mut f = File::open(&path).with_context(|| format!("{}", path.display()))?;
+            let mut got = 0u64;
+            loop {
+                let r = f.read(&mut buf)?;
+                if r == 0 {
+                    break;
+                }
+                got += r as u64;
+            }
+            drop(f);
+            out[i].0 += got;
+            out[i].1 += t.elapsed().as_secs_f64();
+        }
+    }
+    Ok(out)
+}
+
 /// Drops the page cache of every file of the tree (fsync, then `POSIX_FADV_DONTNEED`), so a
 /// pass reads from the filesystem again.
 pub fn evict_tree(root: &Path, files: &[(PathBuf, u64)]) {
