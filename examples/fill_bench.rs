@@ -112,7 +112,7 @@ fn main() -> anyhow::Result<()> {
 
     for readers in [1u64, 8] {
         // Floor.
-        let group = Arc::new(Group::new(GroupClass::PreContent)?);
+        let group = Arc::new(Group::new(GroupClass::PreContentWritable)?);
         let stop = Arc::new(AtomicBool::new(false));
         let handlers: Vec<_> = (0..2)
             .map(|_| {

@@ -25,7 +25,7 @@
 
 use std::collections::{HashMap, HashSet};
 use std::fs::File;
-use std::os::fd::AsFd;
+use std::os::fd::{AsFd, OwnedFd};
 use std::os::unix::fs::{FileExt, MetadataExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -40,8 +40,8 @@ use sha2::{Digest, Sha256};
 use tracing::{debug, info, warn};
 
 use crate::sys::fanotify::{
-    AsyncGroup, DenyErrno, Event, EventId, EventRange, FAN_PRE_ACCESS, FanotifyError, Group,
-    GroupClass, Response, current_tid,
+    DenyErrno, Event, EventId, EventRange, FAN_PRE_ACCESS, FanotifyError, Group, GroupClass,
+    Response, current_tid,
 };
 
 /// An error a [`ContentSource`] reports. The engine turns every one into `EIO` for the reader.
@@ -352,6 +352,45 @@ struct FileState {
     missing: usize,
     inflight: HashMap<u64, SharedFill>,
     complete: bool,
+    /// The engine's own writable opens of the file in use ([`WriterHold`]). A complete file
+    /// keeps its mark until this is zero: `execve` of an unmarked file denies writers, and
+    /// fails with ETXTBSY while one is open, whereas a file opened under a pre-content watch
+    /// is exempt. (Event fds are read-only for the same reason: the kernel opens one for
+    /// every queued event when it is read, which can be after the mark went.)
+    writers: usize,
+    /// Complete, with the mark left for the last [`WriterHold`] to remove.
+    unmark_pending: bool,
+}
+
+/// One writable open of a registered file by the engine, counted in
+/// [`FileState::writers`]; dropped after the file is closed. The last one of a complete
+/// file removes its mark.
+struct WriterHold {
+    inner: Arc<Inner>,
+    entry: Arc<FileEntry>,
+}
+
+impl WriterHold {
+    fn new(inner: &Arc<Inner>, entry: &Arc<FileEntry>) -> WriterHold {
+        entry.state.lock().unwrap().writers += 1;
+        WriterHold {
+            inner: inner.clone(),
+            entry: entry.clone(),
+        }
+    }
+}
+
+impl Drop for WriterHold {
+    fn drop(&mut self) {
+        let unmark = {
+            let mut st = self.entry.state.lock().unwrap();
+            st.writers -= 1;
+            st.writers == 0 && std::mem::take(&mut st.unmark_pending)
+        };
+        if unmark {
+            remove_mark(&self.inner, &self.entry);
+        }
+    }
 }
 
 impl FileEntry {
@@ -411,7 +450,10 @@ struct Inner {
     own_tids: RwLock<HashSet<i32>>,
     counters: Counters,
     inflight_events: AtomicU64,
+    /// Tells the event thread to stop reading.
     stopping: AtomicBool,
+    /// The runtime events are served on (set once it is built).
+    runtime: std::sync::OnceLock<tokio::runtime::Handle>,
     /// Records events read but not yet answered (for a successor after a crash).
     journal: Option<Arc<dyn EventJournal>>,
     /// While `Some`, events for readers are held here unanswered (start-up: the files are
@@ -456,8 +498,7 @@ pub struct FileProgress {
 pub struct Engine {
     inner: Arc<Inner>,
     runtime: Option<tokio::runtime::Runtime>,
-    reader: Option<tokio::task::JoinHandle<()>>,
-    stop: Arc<tokio::sync::Notify>,
+    reader: Option<std::thread::JoinHandle<()>>,
 }
 
 /// Identifies a registered placeholder (its device and inode numbers).
@@ -516,6 +557,7 @@ impl Engine {
             counters: Counters::default(),
             inflight_events: AtomicU64::new(0),
             stopping: AtomicBool::new(false),
+            runtime: std::sync::OnceLock::new(),
             journal,
             gate: Mutex::new(gated.then(Vec::new)),
             deny_unknown: AtomicBool::new(false),
@@ -534,11 +576,13 @@ impl Engine {
             })
             .build()
             .map_err(FillError::Runtime)?;
-        let stop = Arc::new(tokio::sync::Notify::new());
+        let _ = inner.runtime.set(runtime.handle().clone());
         let reader = {
-            let _guard = runtime.enter();
-            let agroup = AsyncGroup::new(inner.group.clone()).map_err(FillError::Runtime)?;
-            runtime.spawn(reader_loop(inner.clone(), agroup, stop.clone()))
+            let inner = inner.clone();
+            std::thread::Builder::new()
+                .name("fanfill-events".into())
+                .spawn(move || event_thread(inner))
+                .map_err(FillError::Runtime)?
         };
         info!(
             workers = config.workers,
@@ -549,7 +593,6 @@ impl Engine {
             inner,
             runtime: Some(runtime),
             reader: Some(reader),
-            stop,
         })
     }
 
@@ -630,6 +673,8 @@ impl Engine {
                 missing: nchunks,
                 inflight: HashMap::new(),
                 complete: nchunks == 0,
+                writers: 0,
+                unmark_pending: false,
             }),
             bytes_filled: AtomicU64::new(0),
             capability,
@@ -808,7 +853,7 @@ impl Engine {
             }
             entry.bytes_filled.fetch_add(bytes, Ordering::Relaxed);
         }
-        maybe_complete(&self.inner, &entry, None);
+        maybe_complete(&self.inner, &entry);
         Ok(id)
     }
 
@@ -942,10 +987,9 @@ impl Engine {
             return;
         };
         self.inner.stopping.store(true, Ordering::SeqCst);
-        self.stop.notify_one();
         if let Some(reader) = self.reader.take() {
-            let _ = runtime
-                .block_on(async { tokio::time::timeout(Duration::from_secs(5), reader).await });
+            // It looks at `stopping` at least every EVENT_WAIT_MS.
+            let _ = reader.join();
         }
         let deadline = Instant::now() + self.inner.config.fetch_timeout + Duration::from_secs(1);
         while self.inner.inflight_events.load(Ordering::SeqCst) > 0 && Instant::now() < deadline {
@@ -1004,18 +1048,23 @@ fn percentile(buckets: &[u64], q: f64) -> u64 {
     1u64 << (buckets.len() - 1)
 }
 
-async fn reader_loop(inner: Arc<Inner>, group: AsyncGroup, stop: Arc<tokio::sync::Notify>) {
+/// How long the event thread waits for events before it looks at `stopping` again.
+const EVENT_WAIT_MS: u16 = 50;
+
+/// Reads the group's events on a thread of its own, not a runtime task: the engine's own
+/// writes block until their event is answered, and this thread answers those at once
+/// whatever the runtime's workers are doing (a worker blocked in such a write can never
+/// hold up the reader). Readers' events go to the runtime.
+fn event_thread(inner: Arc<Inner>) {
     let mut buf = vec![0u8; 64 << 10];
     let mut events = Vec::new();
-    loop {
-        tokio::select! {
-            _ = stop.notified() => break,
-            r = group.read_events(&mut buf, &mut events) => {
-                if let Err(e) = r {
-                    warn!(error = %e, "reading fanotify events");
-                    tokio::time::sleep(Duration::from_millis(10)).await;
-                }
-            }
+    while !inner.stopping.load(Ordering::SeqCst) {
+        if let Err(e) = inner
+            .group
+            .wait_events(&mut buf, &mut events, EVENT_WAIT_MS)
+        {
+            warn!(error = %e, "reading fanotify events");
+            std::thread::sleep(Duration::from_millis(10));
         }
         for event in events.drain(..) {
             dispatch(&inner, event);
@@ -1065,7 +1114,12 @@ fn dispatch_now(inner: &Arc<Inner>, event: Event) {
     inner.counters.events.fetch_add(1, Ordering::Relaxed);
     inner.inflight_events.fetch_add(1, Ordering::SeqCst);
     let inner = inner.clone();
-    tokio::spawn(async move {
+    let runtime = inner
+        .runtime
+        .get()
+        .expect("set before events are read")
+        .clone();
+    runtime.spawn(async move {
         let started = Instant::now();
         let response = match serve_event(&inner, &event).await {
             Ok(()) => Response::Allow,
@@ -1106,6 +1160,7 @@ pub fn error_chain(e: &dyn std::error::Error) -> String {
     s
 }
 
+/// Fills what `event` asks for.
 async fn serve_event(inner: &Arc<Inner>, event: &Event) -> FillResult {
     let Some(fd) = event.file() else {
         return Ok(());
@@ -1136,12 +1191,10 @@ async fn serve_event(inner: &Arc<Inner>, event: &Event) -> FillResult {
         // No range record, or count 0 (FICLONE, growing truncate): the whole file.
         _ => (0, u64::MAX),
     };
-    let writer = event
-        .clone_file()
-        .ok()
-        .flatten()
-        .map(|fd| Arc::new(File::from(fd)));
-    ensure_range(inner, &entry, start, end, st.st_size as u64, writer).await
+    // The event's fd (read-only) to write through a reopen of it: reaches the file even
+    // where its path no longer does (a tree renamed under the daemon).
+    let via = event.clone_file().ok().flatten().map(Arc::new);
+    ensure_range(inner, &entry, start, end, st.st_size as u64, via).await
 }
 
 /// Makes `[start, end)` (clipped to the file) present, fetching missing chunks once.
@@ -1151,7 +1204,7 @@ async fn ensure_range(
     start: u64,
     end: u64,
     current_size: u64,
-    writer: Option<Arc<File>>,
+    via: Option<Arc<OwnedFd>>,
 ) -> FillResult {
     let waits: Vec<SharedFill> = {
         let mut st = entry.state.lock().unwrap();
@@ -1168,7 +1221,7 @@ async fn ensure_range(
         if start >= end {
             drop(st);
             // Nothing to fetch, but a lowered limit may have made the file complete.
-            maybe_complete(inner, entry, writer.as_deref());
+            maybe_complete(inner, entry);
             return Ok(());
         }
         let (first, last) = (start / entry.chunk, (end - 1) / entry.chunk);
@@ -1195,16 +1248,9 @@ async fn ensure_range(
             {
                 count += 1;
             }
-            let fut = fill_run(
-                inner.clone(),
-                entry.clone(),
-                idx,
-                count,
-                writer.clone(),
-                None,
-            )
-            .boxed()
-            .shared();
+            let fut = fill_run(inner.clone(), entry.clone(), idx, count, via.clone(), None)
+                .boxed()
+                .shared();
             for i in idx..idx + count {
                 st.inflight.insert(i, fut.clone());
             }
@@ -1220,7 +1266,7 @@ async fn ensure_range(
         }
     }
     result?;
-    maybe_complete(inner, entry, writer.as_deref());
+    maybe_complete(inner, entry);
     Ok(())
 }
 
@@ -1231,12 +1277,12 @@ async fn fill_run(
     entry: Arc<FileEntry>,
     first: u64,
     count: u64,
-    writer: Option<Arc<File>>,
+    via: Option<Arc<OwnedFd>>,
     supplied: Option<Vec<u8>>,
 ) -> FillResult {
     let res = match supplied {
-        Some(data) => store_run(&entry, first, count, data, writer).await,
-        None => fill_run_inner(&inner, &entry, first, count, writer).await,
+        Some(data) => store_run(&inner, &entry, first, count, data, via).await,
+        None => fill_run_inner(&inner, &entry, first, count, via).await,
     };
     let mut st = entry.state.lock().unwrap();
     for idx in first..first + count {
@@ -1254,12 +1300,12 @@ async fn fill_run_inner(
     entry: &Arc<FileEntry>,
     first: u64,
     count: u64,
-    writer: Option<Arc<File>>,
+    via: Option<Arc<OwnedFd>>,
 ) -> Result<(), FillError> {
     let offset = entry.chunk_range(first).0;
     let len = entry.chunk_range(first + count - 1).1 - offset;
     let data = fetch_run(inner, entry, offset, len).await?;
-    store_run(entry, first, count, data, writer).await
+    store_run(inner, entry, first, count, data, via).await
 }
 
 /// Reads `[offset, offset + len)` of the file from its source, within the fetch timeout.
@@ -1301,11 +1347,12 @@ async fn fetch_run(
 /// Checks that `data` is exactly the bytes of chunks `first..first + count`, verifies it
 /// chunk by chunk and writes what lies below the file's limit.
 async fn store_run(
+    inner: &Arc<Inner>,
     entry: &Arc<FileEntry>,
     first: u64,
     count: u64,
     data: Vec<u8>,
-    writer: Option<Arc<File>>,
+    via: Option<Arc<OwnedFd>>,
 ) -> Result<(), FillError> {
     let offset = entry.chunk_range(first).0;
     let len = entry.chunk_range(first + count - 1).1 - offset;
@@ -1333,14 +1380,13 @@ async fn store_run(
         return Ok(());
     }
     let write_off = offset;
-    let written = if keep as u64 <= INLINE_WRITE_MAX && writer.is_some() {
-        // A page-cache write this small costs less than a hop to the blocking pool. Only
-        // through an event fd: a write through the path raises an event that a worker must
-        // read, and with every worker blocked in such writes nobody would.
-        write_chunk(entry, writer, &data[..keep], write_off)?
+    let written = if keep as u64 <= INLINE_WRITE_MAX {
+        // A page-cache write this small costs less than a hop to the blocking pool. The
+        // event it raises is answered by the event thread, not by a worker.
+        write_chunk(inner, entry, via, &data[..keep], write_off)?
     } else {
-        let e2 = entry.clone();
-        tokio::task::spawn_blocking(move || write_chunk(&e2, writer, &data[..keep], write_off))
+        let (i2, e2) = (inner.clone(), entry.clone());
+        tokio::task::spawn_blocking(move || write_chunk(&i2, &e2, via, &data[..keep], write_off))
             .await
             .map_err(|e| FillError::Write {
                 path: entry.path.clone(),
@@ -1383,14 +1429,17 @@ fn verify(entry: &FileEntry, idx: u64, offset: u64, data: &[u8]) -> Result<(), F
 }
 
 /// Writes `data` at `offset` and puts the mtime back (a write bumps it; the image's
-/// metadata must stay true); returns the bytes written. With no event fd, opens the path
-/// (only if it still leads to the registered file): the write raises an event from an
-/// engine thread, which the reader task allows at once. The file's size is checked just
+/// metadata must stay true); returns the bytes written. Opens the file for writing, counted
+/// as a writer until closed ([`WriterHold`]): a reopen of the reader's event fd (`via`;
+/// event fds are read-only, see [`FileState::writers`]), or else the registered path, only
+/// if it still leads to the registered file. The write raises an event from an engine
+/// thread, which the reader task allows at once. The file's size is checked just
 /// before writing: a file cut short since the fill started (`open(O_TRUNC)` raises no
 /// event) lowers the limit, and nothing at or past it is written.
 fn write_chunk(
-    entry: &FileEntry,
-    writer: Option<Arc<File>>,
+    inner: &Arc<Inner>,
+    entry: &Arc<FileEntry>,
+    via: Option<Arc<OwnedFd>>,
     data: &[u8],
     offset: u64,
 ) -> Result<u64, FillError> {
@@ -1400,9 +1449,11 @@ fn write_chunk(
         len: data.len() as u64,
         source,
     };
-    let file = match writer {
-        Some(f) => f,
-        None => Arc::new(open_checked(entry, true)?),
+    // Declared first, dropped last: the count outlives the open file.
+    let _hold = WriterHold::new(inner, entry);
+    let file = match via {
+        Some(fd) => crate::sys::reopen_for_write(fd.as_fd()).map_err(werr)?,
+        None => open_checked(entry, true)?,
     };
     let before = nix::sys::stat::fstat(file.as_fd()).map_err(|e| werr(e.into()))?;
     let keep = {
@@ -1473,8 +1524,10 @@ fn restore_mtime(fd: std::os::fd::BorrowedFd<'_>, st: &FileStat) -> Result<(), E
 }
 
 /// If every chunk below the limit is in, removes the file's mark: from now on reads never
-/// reach the daemon.
-fn maybe_complete(inner: &Inner, entry: &FileEntry, fd: Option<&File>) {
+/// reach the daemon. While the engine holds a writable description of the file (an event
+/// being answered, a write of its own), the last one to close removes it instead
+/// ([`FileState::writers`]).
+fn maybe_complete(inner: &Inner, entry: &FileEntry) {
     {
         let mut st = entry.state.lock().unwrap();
         if st.complete {
@@ -1485,23 +1538,27 @@ fn maybe_complete(inner: &Inner, entry: &FileEntry, fd: Option<&File>) {
             return;
         }
         st.complete = true;
+        inner.counters.completed.fetch_add(1, Ordering::Relaxed);
+        if st.writers > 0 {
+            st.unmark_pending = true;
+            debug!(path = %entry.path.display(), writers = st.writers, "complete; mark goes when the engine's writable fds close");
+            return;
+        }
     }
-    inner.counters.completed.fetch_add(1, Ordering::Relaxed);
-    let opened;
-    let fd = match fd {
-        Some(fd) => fd.as_fd(),
-        None => match open_checked(entry, false) {
-            Ok(f) => {
-                opened = f;
-                opened.as_fd()
-            }
-            Err(e) => {
-                warn!(path = %entry.path.display(), error = %e, "cannot open completed file to remove its mark");
-                return;
-            }
-        },
+    remove_mark(inner, entry);
+}
+
+/// Removes the mark of a complete file, through a read-only open of its registered path
+/// (not a writer: see [`FileState::writers`]).
+fn remove_mark(inner: &Inner, entry: &FileEntry) {
+    let file = match open_checked(entry, false) {
+        Ok(f) => f,
+        Err(e) => {
+            warn!(path = %entry.path.display(), error = %e, "cannot open completed file to remove its mark");
+            return;
+        }
     };
-    match inner.group.unmark_inode(fd, FAN_PRE_ACCESS) {
+    match inner.group.unmark_inode(file.as_fd(), FAN_PRE_ACCESS) {
         Ok(()) => debug!(path = %entry.path.display(), "complete; mark removed"),
         // ENOENT: no mark (for instance a hardlink of an inode already done).
         Err(FanotifyError::Mark {
@@ -1691,7 +1748,7 @@ async fn finish_supply(
             result = r;
         }
     }
-    maybe_complete(inner, entry, None);
+    maybe_complete(inner, entry);
     result
 }
 

@@ -913,3 +913,71 @@ fn supplied_bytes_are_verified_and_never_overwrite_user_data() {
     assert_eq!(read_all(&path).unwrap(), b"user bytes");
     assert!(e.is_complete(id));
 }
+
+/// Regression: a file completes while readers' events are queued or being answered, and
+/// `execve`s of it run all the while. An exec that opens the file after its mark went
+/// denies writers; with `O_RDWR` event fds the kernel opened a writable fd for every event
+/// read after that (queued before), so the exec failed with ETXTBSY (42 times in these 20
+/// rounds), or the event fd could not be opened and a reader got an error.
+#[test]
+fn exec_right_after_completion_never_sees_text_file_busy() {
+    use std::os::unix::process::CommandExt;
+    let dir = tempfile::tempdir().unwrap();
+    let e = engine();
+    let data = Arc::new(std::fs::read("/bin/busybox").unwrap());
+    let mut busy = 0;
+    let mut runs = 0;
+    for round in 0..20 {
+        let mut src = MemSource::new(data.clone());
+        src.delay = Duration::from_millis(150);
+        let (path, _, _) = placeholder(
+            &e,
+            dir.path(),
+            &format!("bb{round}"),
+            &data,
+            src,
+            Verify::None,
+        );
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o755)).unwrap();
+        let start = Arc::new(std::sync::Barrier::new(25));
+        let mut readers = Vec::new();
+        for _ in 0..24 {
+            let (p, start, data) = (path.clone(), start.clone(), data.clone());
+            readers.push(std::thread::spawn(move || {
+                start.wait();
+                assert!(std::fs::read(&p).unwrap() == *data);
+            }));
+        }
+        start.wait();
+        let mut execers = Vec::new();
+        for _ in 0..3 {
+            let path = path.clone();
+            execers.push(std::thread::spawn(move || {
+                let (mut runs, mut busy) = (0, 0);
+                let t = Instant::now();
+                while t.elapsed() < Duration::from_millis(400) {
+                    match Command::new(&path).arg0("busybox").arg("true").status() {
+                        Ok(s) => {
+                            assert!(s.success());
+                            runs += 1;
+                        }
+                        Err(err) if err.raw_os_error() == Some(libc::ETXTBSY) => busy += 1,
+                        Err(err) => panic!("exec: {err}"),
+                    }
+                }
+                (runs, busy)
+            }));
+        }
+        for h in execers {
+            let (r, b) = h.join().unwrap();
+            runs += r;
+            busy += b;
+        }
+        within(20, "readers", move || {
+            readers.into_iter().for_each(|h| h.join().unwrap())
+        });
+    }
+    eprintln!("{runs} execs, {busy} ETXTBSY");
+    assert!(runs > 0);
+    assert_eq!(busy, 0, "execs failed with ETXTBSY ({runs} succeeded)");
+}

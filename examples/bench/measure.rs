@@ -419,7 +419,7 @@ pub fn strace_profile(rootfs: &Path, trace_out: &Path) -> Result<ReadProfile> {
 pub fn kernel_floor(dir: &Path, pages: u64) -> Result<(f64, f64)> {
     const PAGE: u64 = 4096;
     let data = Arc::new(vec![0x5au8; PAGE as usize]);
-    let group = Arc::new(Group::new(GroupClass::PreContent)?);
+    let group = Arc::new(Group::new(GroupClass::PreContentWritable)?);
     let stop = Arc::new(AtomicBool::new(false));
     let handlers: Vec<_> = (0..2)
         .map(|_| {

@@ -130,9 +130,16 @@ pub enum FanotifyError {
 /// Which kind of group to create.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum GroupClass {
-    /// `FAN_CLASS_PRE_CONTENT` with `O_RDWR|O_LARGEFILE|O_CLOEXEC` event fds and `FAN_REPORT_TID`:
-    /// range fills of placeholders (`FAN_PRE_ACCESS`).
+    /// `FAN_CLASS_PRE_CONTENT` with `O_RDONLY|O_LARGEFILE|O_CLOEXEC` event fds and
+    /// `FAN_REPORT_TID`: range fills of placeholders (`FAN_PRE_ACCESS`). The event fds are
+    /// read-only on purpose: the kernel opens one for each event when it is read, and a
+    /// writable one is a writer of the file, which makes any `execve` of it that does not
+    /// carry the pre-content exemption (opened after its mark went) fail with ETXTBSY.
     PreContent,
+    /// [`GroupClass::PreContent`] with `O_RDWR` event fds: a handler can fill through the
+    /// event fd itself (no event raised by that write), at the price above. For measuring
+    /// the kernel's round trip; the fill engine does not use it.
+    PreContentWritable,
     /// `FAN_CLASS_CONTENT` with `O_RDONLY|O_LARGEFILE|O_CLOEXEC` event fds: open-time permission events
     /// on an overlay superblock (`FAN_OPEN_PERM|FAN_OPEN_EXEC_PERM`).
     Content,
@@ -268,8 +275,8 @@ impl Event {
             && self.fd.is_some()
     }
 
-    /// The file being accessed. For a pre-content group it is open `O_RDWR` with
-    /// notifications suppressed: reads and writes through it raise no events.
+    /// The file being accessed, open with notifications suppressed (reads through it raise
+    /// no events): read-only, or read-write for [`GroupClass::PreContentWritable`].
     pub fn file(&self) -> Option<BorrowedFd<'_>> {
         self.fd.as_ref().map(|f| f.as_fd())
     }
@@ -392,8 +399,12 @@ impl Group {
         let (flags, fflags, what) = match class {
             GroupClass::PreContent => (
                 base | FAN_CLASS_PRE_CONTENT | FAN_REPORT_TID,
-                // O_CLOEXEC: an event fd leaked into a child (a container process) would be
-                // an open writer of the file, and the next execve of it fails with ETXTBSY.
+                // Read-only, and O_CLOEXEC so no child inherits one: see GroupClass.
+                libc::O_RDONLY | libc::O_LARGEFILE | libc::O_CLOEXEC,
+                "FAN_CLASS_PRE_CONTENT",
+            ),
+            GroupClass::PreContentWritable => (
+                base | FAN_CLASS_PRE_CONTENT | FAN_REPORT_TID,
                 libc::O_RDWR | libc::O_LARGEFILE | libc::O_CLOEXEC,
                 "FAN_CLASS_PRE_CONTENT",
             ),
@@ -540,6 +551,26 @@ impl Group {
             Ok(n) => parse_events(&buf[..n], out).map(|()| true),
             Err(Errno::EAGAIN) => Ok(false),
             Err(Errno::EINTR) => Ok(false),
+            Err(e) => Err(FanotifyError::Read(e)),
+        }
+    }
+
+    /// Waits up to `timeout_ms` for events, then reads them into `out` as
+    /// [`Group::read_events`] does: `Ok(false)` when none came in time. For a thread of its
+    /// own that serves the group without an async runtime.
+    pub fn wait_events(
+        &self,
+        buf: &mut [u8],
+        out: &mut Vec<Event>,
+        timeout_ms: u16,
+    ) -> Result<bool, FanotifyError> {
+        let mut fds = [nix::poll::PollFd::new(
+            self.inner.as_fd(),
+            nix::poll::PollFlags::POLLIN,
+        )];
+        match nix::poll::poll(&mut fds, nix::poll::PollTimeout::from(timeout_ms)) {
+            Ok(0) | Err(Errno::EINTR) => Ok(false),
+            Ok(_) => self.read_events(buf, out),
             Err(e) => Err(FanotifyError::Read(e)),
         }
     }
