@@ -1433,7 +1433,7 @@ fn verify(entry: &FileEntry, idx: u64, offset: u64, data: &[u8]) -> Result<(), F
 /// as a writer until closed ([`WriterHold`]): a reopen of the reader's event fd (`via`;
 /// event fds are read-only, see [`FileState::writers`]), or else the registered path, only
 /// if it still leads to the registered file. The write raises an event from an engine
-/// thread, which the reader task allows at once. The file's size is checked just
+/// thread, which the event thread allows at once. The file's size is checked just
 /// before writing: a file cut short since the fill started (`open(O_TRUNC)` raises no
 /// event) lowers the limit, and nothing at or past it is written.
 fn write_chunk(
@@ -1524,9 +1524,8 @@ fn restore_mtime(fd: std::os::fd::BorrowedFd<'_>, st: &FileStat) -> Result<(), E
 }
 
 /// If every chunk below the limit is in, removes the file's mark: from now on reads never
-/// reach the daemon. While the engine holds a writable description of the file (an event
-/// being answered, a write of its own), the last one to close removes it instead
-/// ([`FileState::writers`]).
+/// reach the daemon. While one of the engine's own writable opens of the file is still
+/// open, the last one to close removes it instead ([`FileState::writers`]).
 fn maybe_complete(inner: &Inner, entry: &FileEntry) {
     {
         let mut st = entry.state.lock().unwrap();

@@ -968,11 +968,14 @@ fn exec_right_after_completion_never_sees_text_file_busy() {
                 (runs, busy)
             }));
         }
-        for h in execers {
-            let (r, b) = h.join().unwrap();
-            runs += r;
-            busy += b;
-        }
+        let (r, b) = within(30, "execs", move || {
+            execers
+                .into_iter()
+                .map(|h| h.join().unwrap())
+                .fold((0, 0), |(r, b), (r1, b1)| (r + r1, b + b1))
+        });
+        runs += r;
+        busy += b;
         within(20, "readers", move || {
             readers.into_iter().for_each(|h| h.join().unwrap())
         });

@@ -326,16 +326,27 @@ fn daemon_fills_the_profile_ahead_without_prefetch() {
     let state = dir.path().join("state");
     std::fs::create_dir(&state).unwrap();
     let d = DaemonProc::start(&state, &[]);
+    let prepare = |dest: &Path| {
+        d.prepare_with(
+            &reference,
+            dest,
+            false,
+            RegistrySettings {
+                insecure: true,
+                ..RegistrySettings::default()
+            },
+        )
+    };
+    // Every profile file of the tree at `root` reads back exact.
+    let profile_bytes_exact = |root: &Path| {
+        for (p, want) in files.iter().filter(|f| order.contains(&f.0.as_str())) {
+            let path = root.join(p);
+            let got = within(30, "read a profile file", move || std::fs::read(&path)).unwrap();
+            assert!(got == *want, "{p}: wrong bytes under {}", root.display());
+        }
+    };
     let dest = dir.path().join("root");
-    let status = d.prepare_with(
-        &reference,
-        &dest,
-        false,
-        RegistrySettings {
-            insecure: true,
-            ..RegistrySettings::default()
-        },
-    );
+    let status = prepare(&dest);
     assert_eq!(status.files, files.len() as u64);
     let t = Instant::now();
     let complete = || d.status().1[0].files_complete;
@@ -355,11 +366,7 @@ fn daemon_fills_the_profile_ahead_without_prefetch() {
         order.len() as u64,
         "only the profile's files are filled (no prefetch)"
     );
-    for (p, want) in files.iter().filter(|f| order.contains(&f.0.as_str())) {
-        let path = dest.join(p);
-        let got = within(30, "read a profile file", move || std::fs::read(&path)).unwrap();
-        assert!(got == *want, "{p}: wrong bytes");
-    }
+    profile_bytes_exact(&dest);
     assert!(
         d.log_text()
             .contains("access profile's files handed to their placeholders"),
@@ -384,15 +391,7 @@ fn daemon_fills_the_profile_ahead_without_prefetch() {
         std::thread::sleep(Duration::from_millis(50));
     }
     let dest2 = dir.path().join("root2");
-    let s2 = d.prepare_with(
-        &reference,
-        &dest2,
-        false,
-        RegistrySettings {
-            insecure: true,
-            ..RegistrySettings::default()
-        },
-    );
+    let s2 = prepare(&dest2);
     assert_eq!(s2.files_complete, order.len() as u64, "{s2:?}");
     std::thread::sleep(Duration::from_millis(300));
     let log = d.log_text();
@@ -405,14 +404,7 @@ fn daemon_fills_the_profile_ahead_without_prefetch() {
         second.contains("files=0") && second.contains("reads=0"),
         "the second prepare read cached profile files again: {second}"
     );
-    for (p, want) in files.iter().filter(|f| order.contains(&f.0.as_str())) {
-        let path = dest2.join(p);
-        let got = within(30, "read a cached profile file", move || {
-            std::fs::read(&path)
-        })
-        .unwrap();
-        assert!(got == *want, "{p}: wrong bytes in the second tree");
-    }
+    profile_bytes_exact(&dest2);
     eprintln!(
         "second tree: {} of {} files from the content cache, {} bytes fetched",
         s2.files_complete, s2.files, s2.bytes_fetched
