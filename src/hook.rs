@@ -121,7 +121,7 @@ pub fn inspect(state_json: &[u8]) -> Result<Container, HookError> {
 }
 
 /// Unescapes a mountinfo field (`\040` for space, `\011` tab, `\012` newline, `\134`).
-fn unescape_octal(s: &str) -> String {
+pub(crate) fn unescape_octal(s: &str) -> String {
     let b = s.as_bytes();
     let mut out = Vec::with_capacity(b.len());
     let mut i = 0;

@@ -38,6 +38,7 @@ pub mod ocibuild;
 pub mod overlay;
 pub mod reference;
 pub mod registry;
+pub mod snapshotter;
 pub mod sys;
 pub mod toc;
 pub mod unpack;

@@ -128,6 +128,17 @@ struct DaemonArgs {
     /// Test knob: delay every fetch by this many milliseconds.
     #[arg(long, hide = true, default_value_t = 0)]
     test_fetch_delay_ms: u64,
+    /// Also serve containerd's snapshots API on this socket, as proxy snapshotter (see
+    /// docs/runtimes.md): `[proxy_plugins.fanfill] type = "snapshot" address = "PATH"`.
+    #[arg(long, value_name = "PATH")]
+    containerd_socket: Option<PathBuf>,
+    /// For the images containerd has fanfill serve: verify TLS (false: also allow plain HTTP).
+    #[arg(long, default_value_t = true, action = clap::ArgAction::Set, value_name = "BOOL")]
+    containerd_tls_verify: bool,
+    /// For the images containerd has fanfill serve: a registry mirror tried before the
+    /// origin (repeatable).
+    #[arg(long, value_name = "HOST")]
+    containerd_mirror: Vec<String>,
 }
 
 #[derive(Args)]
@@ -487,6 +498,12 @@ fn daemon(socket: PathBuf, a: DaemonArgs) -> Result<()> {
     if a.no_holder {
         c.holder_exe = None;
     }
+    c.containerd_socket = a.containerd_socket;
+    c.containerd_registry = RegistrySettings {
+        insecure: !a.containerd_tls_verify,
+        mirrors: a.containerd_mirror,
+        ..RegistrySettings::default()
+    };
     fanfill::daemon::run(c)?;
     Ok(())
 }

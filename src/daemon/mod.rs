@@ -26,6 +26,7 @@
 //! group with the holder: readers that arrive meanwhile block until the successor is up.
 
 pub mod cache;
+mod containerd;
 pub mod holder;
 pub mod journal;
 pub mod metrics;
@@ -86,6 +87,9 @@ pub enum DaemonError {
         #[source]
         source: std::io::Error,
     },
+    /// The containerd snapshotter failed to start.
+    #[error("containerd snapshotter")]
+    Snapshotter(#[from] crate::snapshotter::SnapshotterError),
     /// Some other I/O failed.
     #[error("{what}")]
     Io {
@@ -144,6 +148,10 @@ pub struct DaemonConfig {
     /// [`DEFAULT_ALLOWED_ROOTS`]); never above the daemon's state dir, index dir or socket,
     /// inside the state dir only under `STATE_DIR/roots`, never inside the index dir.
     pub allowed_roots: Vec<PathBuf>,
+    /// Serve containerd's snapshots API here ([`crate::snapshotter`]; off when `None`).
+    pub containerd_socket: Option<PathBuf>,
+    /// Registry settings for the images containerd has the snapshotter serve lazily.
+    pub containerd_registry: RegistrySettings,
 }
 
 impl DaemonConfig {
@@ -161,6 +169,8 @@ impl DaemonConfig {
             fetch_delay: Duration::ZERO,
             metrics_addr: None,
             allowed_roots: DEFAULT_ALLOWED_ROOTS.iter().map(PathBuf::from).collect(),
+            containerd_socket: None,
+            containerd_registry: RegistrySettings::default(),
         }
     }
 }
@@ -1608,6 +1618,10 @@ pub fn run(config: DaemonConfig) -> Result<(), DaemonError> {
         let d = daemon.clone();
         rt.spawn(metrics::serve(l, Arc::new(move || d.metrics())));
         info!(%addr, "Prometheus metrics served");
+    }
+    if let Some(sock) = &config.containerd_socket {
+        let _g = rt.enter();
+        containerd::start(&daemon, sock)?;
     }
     info!(socket = %config.socket.display(), "fanfill daemon serving");
     let d = daemon.clone();

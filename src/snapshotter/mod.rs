@@ -1,0 +1,743 @@
+//! containerd proxy snapshotter: containerd's snapshots API served by the daemon, so that
+//! `ctr`, nerdctl and the CRI plugin start containers on lazily filled layers with no
+//! per-container setup.
+//!
+//! Owns the snapshots (metadata in [`store`], files under `STATE_DIR/snapshots/snapshots/ID/`
+//! laid out as containerd's overlay snapshotter lays them out: `fs` is the snapshot's tree
+//! or upper directory, `work` overlayfs's work directory), the mounts handed to containerd,
+//! and the choice between a remote and an ordinary snapshot. It must not touch placeholders,
+//! fills, fanotify or the daemon's image records: those go through [`Host`], which the
+//! daemon implements (`src/daemon/containerd.rs`) on its one engine and state. The gRPC glue
+//! is [`grpc`].
+//!
+//! # Why the daemon serves it (`fanfill daemon --containerd-socket PATH`)
+//! A remote snapshot is an image the daemon serves; a container's rootfs needs the
+//! daemon's overlay watch on it. A separate `fanfill snapshotter` process would have to
+//! drive both through the daemon's API and keep a second state that can disagree with the
+//! daemon's after a crash; served by the daemon, a snapshot and the image it points into
+//! are created, restored and removed by one process with one engine.
+//!
+//! # Remote snapshots (the protocol containerd's clients speak)
+//! containerd unpacks an image by calling `Prepare(key, parent)` per layer with the target
+//! label `containerd.io/snapshot.ref` (the layer's chain ID) and the labels its client set:
+//! `containerd.io/snapshot/remote/stargz.{reference,digest}` (`ctr-remote image rpull`,
+//! nerdctl) or `containerd.io/snapshot/cri.{image-ref,layer-digest}` (CRI). If both the image
+//! reference and the layer digest are there, the snapshotter asks the daemon to prepare the
+//! whole image once, in overlay mode (one placeholder tree per layer, registered unmarked:
+//! filled whole when a container opens a file), records a committed snapshot whose files are
+//! that layer's tree and whose labels carry the target, and answers `AlreadyExists`;
+//! containerd then finds the committed snapshot by its label and parent and never downloads
+//! the layer. Any failure falls back to an ordinary active snapshot that containerd fills by
+//! applying the diff: a pull never fails because laziness failed.
+//!
+//! # Container rootfs
+//! An active or view snapshot whose parents include a remote layer is mounted by the
+//! snapshotter itself: overlayfs at `snapshots/ID/merged` with the parents' trees as
+//! lowerdirs (the remote ones taken from one image, so one watch covers them) and
+//! `fs`/`work` as upper and work directories; the daemon's overlay watch is started on it
+//! (opens wait until the lower file is filled), and containerd gets a bind mount of the
+//! merged directory. Nothing of the placeholder trees is ever visible unwatched. Other
+//! snapshots get the mounts containerd's overlay snapshotter would return.
+//!
+//! # Restarts and removal
+//! The metadata is rewritten atomically on every change. At start the snapshotter re-arms
+//! the watch on every overlay it mounted (remounting it if it is gone). `Remove` unmounts,
+//! stops the watch, deletes the snapshot's directory, and once no snapshot points into a
+//! lazy image any more asks the daemon to remove that image (its placeholder tree with it).
+
+pub mod grpc;
+pub mod store;
+
+use std::collections::BTreeMap;
+use std::os::unix::fs::MetadataExt;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+
+use containerd_client::types::Mount;
+use futures::future::BoxFuture;
+use tracing::{debug, info, warn};
+
+use store::{Kind, LazyImage, Record, RemoteLayer, Store};
+
+/// The target label containerd sets on a layer's `Prepare`: the layer's chain ID.
+pub const LABEL_SNAPSHOT_REF: &str = "containerd.io/snapshot.ref";
+/// Image reference, as `ctr-remote image rpull` and nerdctl set it.
+pub const LABEL_STARGZ_REFERENCE: &str = "containerd.io/snapshot/remote/stargz.reference";
+/// Layer digest, as `ctr-remote image rpull` and nerdctl set it.
+pub const LABEL_STARGZ_DIGEST: &str = "containerd.io/snapshot/remote/stargz.digest";
+/// Image reference, as containerd's CRI plugin sets it.
+pub const LABEL_CRI_IMAGE_REF: &str = "containerd.io/snapshot/cri.image-ref";
+/// Layer digest, as containerd's CRI plugin sets it.
+pub const LABEL_CRI_LAYER_DIGEST: &str = "containerd.io/snapshot/cri.layer-digest";
+
+/// Errors of the snapshotter, each mapped to the gRPC code containerd expects.
+#[derive(Debug, thiserror::Error)]
+pub enum SnapshotterError {
+    /// No such snapshot.
+    #[error("{0} not found")]
+    NotFound(String),
+    /// The name is taken (or, for a remote layer, the target exists).
+    #[error("{0} already exists")]
+    AlreadyExists(String),
+    /// The request is malformed.
+    #[error("{0}")]
+    InvalidArgument(String),
+    /// The snapshot is in the wrong state (children, kind).
+    #[error("{0}")]
+    FailedPrecondition(String),
+    /// The metadata file could not be read or written.
+    #[error("snapshot metadata {path}")]
+    Metadata {
+        /// The file.
+        path: PathBuf,
+        /// Why.
+        #[source]
+        source: std::io::Error,
+    },
+    /// A snapshot's files or mounts failed.
+    #[error("{what}")]
+    Io {
+        /// What was done.
+        what: String,
+        /// Why.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The daemon refused (a lazy image, an overlay watch).
+    #[error("{0}")]
+    Host(String),
+    /// Anything else.
+    #[error("{0}")]
+    Internal(String),
+}
+
+fn io_err(what: impl Into<String>) -> impl FnOnce(std::io::Error) -> SnapshotterError {
+    let what = what.into();
+    move |source| SnapshotterError::Io { what, source }
+}
+
+/// An image's layers, lowest first: digest and layer tree (`None` if an opaque layer above
+/// hides it, so it was not created).
+pub type ImageLayers = Vec<(String, Option<PathBuf>)>;
+
+/// What the snapshotter needs from the daemon serving it.
+pub trait Host: Send + Sync + 'static {
+    /// Prepares `reference` in overlay mode into the new directory `dest` and serves it
+    /// (placeholders unmarked, filled whole through an overlay watch).
+    fn prepare_image<'a>(
+        &'a self,
+        reference: &'a str,
+        dest: &'a Path,
+    ) -> BoxFuture<'a, Result<ImageLayers, String>>;
+    /// Whether the daemon still serves the image at `dest`.
+    fn serves(&self, dest: &Path) -> bool;
+    /// Holds opens through the overlay mounted at `merged` until their lower file is filled.
+    fn watch_overlay(&self, merged: &Path) -> Result<(), String>;
+    /// Stops the watch on `merged` (after it was unmounted).
+    fn unwatch_overlay(&self, merged: &Path);
+    /// Stops serving the image at `dest` and deletes its tree.
+    fn remove_image(&self, dest: &Path) -> Result<(), String>;
+}
+
+/// The image reference and layer digest a remote snapshot needs, from `Prepare`'s labels.
+pub fn remote_layer(labels: &BTreeMap<String, String>) -> Option<(&str, &str)> {
+    let pair = |r: &str, d: &str| Some((labels.get(r)?.as_str(), labels.get(d)?.as_str()));
+    pair(LABEL_STARGZ_REFERENCE, LABEL_STARGZ_DIGEST)
+        .or_else(|| pair(LABEL_CRI_IMAGE_REF, LABEL_CRI_LAYER_DIGEST))
+        .filter(|(r, d)| !r.is_empty() && d.starts_with("sha256:"))
+}
+
+/// The snapshotter.
+pub struct Snapshotter {
+    /// `STATE_DIR/snapshots`.
+    root: PathBuf,
+    /// Where lazy images are prepared (`STATE_DIR/roots/containerd`).
+    images_root: PathBuf,
+    host: Arc<dyn Host>,
+    store: Mutex<Store>,
+    /// One remote prepare at a time: the first layer of an image prepares it, the next ones
+    /// find it.
+    remote: tokio::sync::Mutex<()>,
+}
+
+/// Disk usage of a tree: (bytes, inodes), hardlinks counted once; `apparent` counts file
+/// sizes (a placeholder's logical size) instead of allocated blocks.
+fn usage_of(dir: &Path, apparent: bool) -> (u64, u64) {
+    let mut seen = std::collections::HashSet::new();
+    let (mut bytes, mut inodes) = (0u64, 0u64);
+    let mut stack = vec![dir.to_path_buf()];
+    while let Some(d) = stack.pop() {
+        let Ok(rd) = std::fs::read_dir(&d) else {
+            continue;
+        };
+        for e in rd.flatten() {
+            let Ok(m) = e.path().symlink_metadata() else {
+                continue;
+            };
+            if !seen.insert((m.dev(), m.ino())) {
+                continue;
+            }
+            inodes += 1;
+            bytes += if apparent { m.len() } else { m.blocks() * 512 };
+            if m.is_dir() {
+                stack.push(e.path());
+            }
+        }
+    }
+    (bytes, inodes)
+}
+
+/// Whether `path` is a mount point (from `/proc/self/mountinfo`).
+fn is_mount_point(path: &Path) -> bool {
+    let Ok(mi) = std::fs::read_to_string("/proc/self/mountinfo") else {
+        return false;
+    };
+    mi.lines().any(|l| {
+        l.split(' ')
+            .nth(4)
+            .map(crate::hook::unescape_octal)
+            .as_deref()
+            == Some(&*path.to_string_lossy())
+    })
+}
+
+fn bind(source: &Path, readonly: bool) -> Mount {
+    Mount {
+        r#type: "bind".into(),
+        source: source.to_string_lossy().into_owned(),
+        target: String::new(),
+        options: vec![if readonly { "ro" } else { "rw" }.into(), "rbind".into()],
+    }
+}
+
+fn joined(dirs: &[PathBuf]) -> Result<String, SnapshotterError> {
+    let mut s = String::new();
+    for (i, d) in dirs.iter().enumerate() {
+        let d = d.to_string_lossy();
+        if d.contains([':', ',']) {
+            return Err(SnapshotterError::Internal(format!(
+                "layer directory {d} cannot be an overlay lowerdir"
+            )));
+        }
+        if i > 0 {
+            s.push(':');
+        }
+        s.push_str(&d);
+    }
+    Ok(s)
+}
+
+impl Snapshotter {
+    /// Opens the snapshotter whose state lives in `state_dir/snapshots`, lazy images under
+    /// `state_dir/roots/containerd`, and re-arms the overlays it mounted.
+    pub fn open(
+        state_dir: &Path,
+        host: Arc<dyn Host>,
+    ) -> Result<Arc<Snapshotter>, SnapshotterError> {
+        let root = state_dir.join("snapshots");
+        let images_root = state_dir.join("roots").join("containerd");
+        for d in [root.join("snapshots"), images_root.clone()] {
+            std::fs::create_dir_all(&d).map_err(io_err(format!("creating {}", d.display())))?;
+        }
+        let store = Store::open(&root.join("metadata.json"))?;
+        let sn = Arc::new(Snapshotter {
+            root,
+            images_root,
+            host,
+            store: Mutex::new(store),
+            remote: tokio::sync::Mutex::new(()),
+        });
+        sn.restore();
+        Ok(sn)
+    }
+
+    fn dir(&self, id: u64) -> PathBuf {
+        self.root.join("snapshots").join(id.to_string())
+    }
+
+    /// Re-arms the watch on every overlay this snapshotter mounted (remounting any that is
+    /// gone), and reports lazy images the daemon no longer serves.
+    fn restore(&self) {
+        let store = self.store.lock().unwrap();
+        for img in store.images() {
+            if !self.host.serves(&img.dest) {
+                warn!(reference = %img.reference, dest = %img.dest.display(), "a lazy image of the snapshotter is not served");
+            }
+        }
+        for (key, rec) in store.all().filter(|(_, r)| r.own_mount) {
+            let merged = self.dir(rec.id).join("merged");
+            let r = if is_mount_point(&merged) {
+                self.host
+                    .watch_overlay(&merged)
+                    .map_err(SnapshotterError::Host)
+            } else {
+                self.mount_own(&store, rec).map(|_| ())
+            };
+            match r {
+                Ok(()) => info!(key, merged = %merged.display(), "container rootfs watched again"),
+                Err(e) => {
+                    warn!(key, error = %crate::fill::error_chain(&e), "cannot re-arm a container rootfs")
+                }
+            }
+        }
+    }
+
+    fn save(&self, store: &Store) -> Result<(), SnapshotterError> {
+        store.save()
+    }
+
+    /// `Prepare`: a remote snapshot if the labels name a layer that can be served lazily
+    /// (answered `AlreadyExists`), else an active snapshot.
+    pub async fn prepare(
+        &self,
+        key: &str,
+        parent: &str,
+        labels: BTreeMap<String, String>,
+    ) -> Result<Vec<Mount>, SnapshotterError> {
+        if let (Some(target), Some((reference, digest))) =
+            (labels.get(LABEL_SNAPSHOT_REF), remote_layer(&labels))
+        {
+            {
+                let store = self.store.lock().unwrap();
+                if store.find_remote(target, parent).is_some() {
+                    return Err(SnapshotterError::AlreadyExists(format!(
+                        "target snapshot {target}"
+                    )));
+                }
+                if store.get(key).is_ok() {
+                    return Err(SnapshotterError::AlreadyExists(format!("snapshot {key}")));
+                }
+            }
+            match self
+                .prepare_remote(parent, &labels, target, reference, digest)
+                .await
+            {
+                Ok(()) => {
+                    return Err(SnapshotterError::AlreadyExists(format!(
+                        "target snapshot {target}"
+                    )));
+                }
+                Err(e) => warn!(
+                    reference,
+                    layer = digest,
+                    error = %crate::fill::error_chain(&e),
+                    "layer not served lazily; containerd unpacks it"
+                ),
+            }
+        }
+        self.create(Kind::Active, key, parent, labels)
+    }
+
+    /// Records the committed remote snapshot for `target`: the layer `digest` of
+    /// `reference`, prepared (the whole image, once) by the daemon.
+    async fn prepare_remote(
+        &self,
+        parent: &str,
+        labels: &BTreeMap<String, String>,
+        target: &str,
+        reference: &str,
+        digest: &str,
+    ) -> Result<(), SnapshotterError> {
+        let _one = self.remote.lock().await;
+        if !parent.is_empty() {
+            let store = self.store.lock().unwrap();
+            if store.get(parent)?.kind != Kind::Committed {
+                return Err(SnapshotterError::InvalidArgument(format!(
+                    "parent {parent} is not committed"
+                )));
+            }
+        }
+        let served = {
+            let store = self.store.lock().unwrap();
+            store
+                .images()
+                .iter()
+                .filter(|i| i.reference == reference && self.host.serves(&i.dest))
+                .find_map(|i| {
+                    let dir = i.layers.iter().find(|(d, _)| d == digest)?.1.clone()?;
+                    Some((i.dest.clone(), dir))
+                })
+        };
+        let (image, dir) = match served {
+            Some(found) => found,
+            None => {
+                let dest = {
+                    let mut store = self.store.lock().unwrap();
+                    let n = store.next_image_number();
+                    self.save(&store)?;
+                    self.images_root.join(n.to_string())
+                };
+                let layers = self
+                    .host
+                    .prepare_image(reference, &dest)
+                    .await
+                    .map_err(SnapshotterError::Host)?;
+                info!(reference, dest = %dest.display(), layers = layers.len(), "lazy image prepared for containerd");
+                let dir = layers
+                    .iter()
+                    .find(|(d, _)| d == digest)
+                    .and_then(|(_, dir)| dir.clone());
+                let mut store = self.store.lock().unwrap();
+                store.add_image(LazyImage {
+                    reference: reference.to_string(),
+                    dest: dest.clone(),
+                    layers,
+                });
+                self.save(&store)?;
+                match dir {
+                    Some(dir) => (dest, dir),
+                    None => {
+                        drop(store);
+                        self.release_image(&dest);
+                        return Err(SnapshotterError::Internal(format!(
+                            "{reference} has no layer tree for {digest}"
+                        )));
+                    }
+                }
+            }
+        };
+        let usage = usage_of(&dir, true);
+        let mut store = self.store.lock().unwrap();
+        let name = format!("fanfill-remote/{}/{target}", store.next_image_number());
+        store.insert_remote(
+            &name,
+            parent,
+            labels.clone(),
+            RemoteLayer {
+                image,
+                digest: digest.to_string(),
+                dir,
+            },
+            usage,
+        )?;
+        self.save(&store)?;
+        debug!(name, target, parent, "remote snapshot committed");
+        Ok(())
+    }
+
+    /// `View`.
+    pub fn view(
+        &self,
+        key: &str,
+        parent: &str,
+        labels: BTreeMap<String, String>,
+    ) -> Result<Vec<Mount>, SnapshotterError> {
+        self.create(Kind::View, key, parent, labels)
+    }
+
+    fn create(
+        &self,
+        kind: Kind,
+        key: &str,
+        parent: &str,
+        labels: BTreeMap<String, String>,
+    ) -> Result<Vec<Mount>, SnapshotterError> {
+        let mut store = self.store.lock().unwrap();
+        let rec = store.create(kind, key, parent, labels)?;
+        let dir = self.dir(rec.id);
+        let made = std::fs::create_dir_all(dir.join("fs"))
+            .and_then(|_| std::fs::create_dir_all(dir.join("work")))
+            .map_err(io_err(format!("creating {}", dir.display())));
+        let mounts = made.and_then(|_| {
+            if self.over_remote(&store, &rec)? {
+                let m = self.mount_own(&store, &rec)?;
+                store.set_own_mount(key, true)?;
+                Ok(m)
+            } else {
+                self.plain_mounts(&store, &rec)
+            }
+        });
+        let mounts = mounts.and_then(|m| self.save(&store).map(|_| m));
+        if let Err(e) = &mounts {
+            let _ = store.remove(key);
+            drop(store);
+            self.discard_files(rec.id, true);
+            debug!(key, error = %e, "snapshot not created");
+        }
+        mounts
+    }
+
+    /// Whether any ancestor of `rec` is a remote layer.
+    fn over_remote(&self, store: &Store, rec: &Record) -> Result<bool, SnapshotterError> {
+        Ok(self
+            .parent_chain(store, rec)?
+            .iter()
+            .any(|(_, r)| r.remote.is_some()))
+    }
+
+    fn parent_chain<'s>(
+        &self,
+        store: &'s Store,
+        rec: &Record,
+    ) -> Result<Vec<(&'s String, &'s Record)>, SnapshotterError> {
+        if rec.parent.is_empty() {
+            return Ok(Vec::new());
+        }
+        let mut chain = vec![(
+            store
+                .all()
+                .find(|(n, _)| **n == rec.parent)
+                .map(|(n, _)| n)
+                .ok_or_else(|| SnapshotterError::NotFound(format!("parent {}", rec.parent)))?,
+            store.get(&rec.parent)?,
+        )];
+        chain.extend(store.ancestors(&rec.parent)?);
+        Ok(chain)
+    }
+
+    /// The parents' trees, nearest first; remote layers taken from the image of the nearest
+    /// remote layer where it has them (one image: one overlay watch covers them all).
+    fn lowerdirs(&self, store: &Store, rec: &Record) -> Result<Vec<PathBuf>, SnapshotterError> {
+        let chain = self.parent_chain(store, rec)?;
+        let top_image = chain
+            .iter()
+            .find_map(|(_, r)| r.remote.as_ref())
+            .and_then(|l| store.images().iter().find(|i| i.dest == l.image));
+        Ok(chain
+            .iter()
+            .map(|(_, r)| match &r.remote {
+                Some(l) => top_image
+                    .and_then(|i| i.layers.iter().find(|(d, _)| *d == l.digest))
+                    .and_then(|(_, dir)| dir.clone())
+                    .unwrap_or_else(|| l.dir.clone()),
+                None => self.dir(r.id).join("fs"),
+            })
+            .collect())
+    }
+
+    /// The mounts containerd's overlay snapshotter returns for `rec`.
+    fn plain_mounts(&self, store: &Store, rec: &Record) -> Result<Vec<Mount>, SnapshotterError> {
+        let dir = self.dir(rec.id);
+        let lowers = self.lowerdirs(store, rec)?;
+        let view = rec.kind == Kind::View;
+        Ok(vec![match (view, lowers.len()) {
+            (_, 0) => bind(&dir.join("fs"), view),
+            (true, 1) => bind(&lowers[0], true),
+            (true, _) => Mount {
+                r#type: "overlay".into(),
+                source: "overlay".into(),
+                target: String::new(),
+                options: vec![format!("lowerdir={}", joined(&lowers)?)],
+            },
+            (false, _) => Mount {
+                r#type: "overlay".into(),
+                source: "overlay".into(),
+                target: String::new(),
+                options: vec![
+                    format!("workdir={}", dir.join("work").display()),
+                    format!("upperdir={}", dir.join("fs").display()),
+                    format!("lowerdir={}", joined(&lowers)?),
+                ],
+            },
+        }])
+    }
+
+    /// Mounts the overlay of `rec` at `snapshots/ID/merged` (unless mounted), has the
+    /// daemon watch it, and returns a bind mount of it.
+    fn mount_own(&self, store: &Store, rec: &Record) -> Result<Vec<Mount>, SnapshotterError> {
+        let dir = self.dir(rec.id);
+        let merged = dir.join("merged");
+        if !is_mount_point(&merged) {
+            std::fs::create_dir_all(&merged)
+                .map_err(io_err(format!("creating {}", merged.display())))?;
+            let lowers = self.lowerdirs(store, rec)?;
+            let opts = format!(
+                "lowerdir={},upperdir={},workdir={}",
+                joined(&lowers)?,
+                dir.join("fs").display(),
+                dir.join("work").display()
+            );
+            nix::mount::mount(
+                Some("overlay"),
+                &merged,
+                Some("overlay"),
+                nix::mount::MsFlags::empty(),
+                Some(opts.as_str()),
+            )
+            .map_err(|e| SnapshotterError::Io {
+                what: format!("mounting the overlay at {}", merged.display()),
+                source: e.into(),
+            })?;
+        }
+        if let Err(e) = self.host.watch_overlay(&merged) {
+            let _ = nix::mount::umount2(&merged, nix::mount::MntFlags::MNT_DETACH);
+            return Err(SnapshotterError::Host(e));
+        }
+        debug!(merged = %merged.display(), "container rootfs mounted and watched");
+        Ok(vec![bind(&merged, rec.kind == Kind::View)])
+    }
+
+    /// `Mounts`.
+    pub fn mounts(&self, key: &str) -> Result<Vec<Mount>, SnapshotterError> {
+        let store = self.store.lock().unwrap();
+        let rec = store.get(key)?;
+        match rec.kind {
+            Kind::Committed => Err(SnapshotterError::FailedPrecondition(format!(
+                "snapshot {key} is committed: it has no mounts"
+            ))),
+            _ if rec.own_mount => Ok(vec![bind(
+                &self.dir(rec.id).join("merged"),
+                rec.kind == Kind::View,
+            )]),
+            _ => self.plain_mounts(&store, rec),
+        }
+    }
+
+    /// `Commit`.
+    pub fn commit(
+        &self,
+        name: &str,
+        key: &str,
+        labels: BTreeMap<String, String>,
+    ) -> Result<(), SnapshotterError> {
+        let mut store = self.store.lock().unwrap();
+        let rec = store.get(key)?;
+        if rec.own_mount {
+            return Err(SnapshotterError::FailedPrecondition(format!(
+                "snapshot {key} is a container rootfs over lazy layers; it cannot be committed"
+            )));
+        }
+        let usage = usage_of(&self.dir(rec.id).join("fs"), false);
+        store.commit(name, key, labels, usage)?;
+        self.save(&store)
+    }
+
+    /// `Remove`: the record, then its mount, watch and files; the lazy image once no
+    /// snapshot points into it.
+    pub fn remove(&self, key: &str) -> Result<(), SnapshotterError> {
+        let rec = {
+            let mut store = self.store.lock().unwrap();
+            let rec = store.remove(key)?;
+            self.save(&store)?;
+            rec
+        };
+        self.discard_files(rec.id, rec.own_mount);
+        if let Some(l) = &rec.remote
+            && !self.store.lock().unwrap().image_in_use(&l.image)
+        {
+            self.release_image(&l.image);
+        }
+        info!(key, "snapshot removed");
+        Ok(())
+    }
+
+    /// Unmounts (and unwatches) `snapshots/ID/merged` and deletes `snapshots/ID`, unless
+    /// something is still mounted there.
+    fn discard_files(&self, id: u64, own_mount: bool) {
+        let dir = self.dir(id);
+        let merged = dir.join("merged");
+        if own_mount || is_mount_point(&merged) {
+            if is_mount_point(&merged)
+                && let Err(e) = nix::mount::umount2(&merged, nix::mount::MntFlags::MNT_DETACH)
+            {
+                warn!(merged = %merged.display(), error = %e, "unmounting a container rootfs");
+            }
+            self.host.unwatch_overlay(&merged);
+        }
+        if is_mount_point(&merged) {
+            warn!(dir = %dir.display(), "still mounted; left for Cleanup");
+            return;
+        }
+        match std::fs::remove_dir_all(&dir) {
+            Ok(()) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) => warn!(dir = %dir.display(), error = %e, "deleting a snapshot's files"),
+        }
+    }
+
+    /// Has the daemon remove the lazy image at `dest` and forgets it.
+    fn release_image(&self, dest: &Path) {
+        if self.host.serves(dest)
+            && let Err(e) = self.host.remove_image(dest)
+        {
+            warn!(dest = %dest.display(), error = %e, "removing a lazy image");
+            return;
+        }
+        // The daemon empties the tree; the directory itself is the snapshotter's.
+        match std::fs::remove_dir(dest) {
+            Ok(()) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) => {
+                warn!(dest = %dest.display(), error = %e, "deleting a lazy image's directory")
+            }
+        }
+        let mut store = self.store.lock().unwrap();
+        store.remove_image(dest);
+        if let Err(e) = self.save(&store) {
+            warn!(error = %crate::fill::error_chain(&e), "recording a removed lazy image");
+        }
+        info!(dest = %dest.display(), "lazy image removed");
+    }
+
+    /// `Stat`.
+    pub fn stat(&self, key: &str) -> Result<Record, SnapshotterError> {
+        Ok(self.store.lock().unwrap().get(key)?.clone())
+    }
+
+    /// `Update` (labels only).
+    pub fn update(
+        &self,
+        key: &str,
+        labels: BTreeMap<String, String>,
+        paths: &[String],
+    ) -> Result<Record, SnapshotterError> {
+        let mut store = self.store.lock().unwrap();
+        let rec = store.update_labels(key, labels, paths)?;
+        self.save(&store)?;
+        Ok(rec)
+    }
+
+    /// `List` (containerd's `Walk`): the snapshots passing `filters`.
+    pub fn list(&self, filters: &[String]) -> Vec<(String, Record)> {
+        self.store
+            .lock()
+            .unwrap()
+            .all()
+            .filter(|(n, r)| store::matches(filters, n, r))
+            .map(|(n, r)| (n.clone(), r.clone()))
+            .collect()
+    }
+
+    /// `Usage`: recorded at commit (a remote layer: its files' logical sizes); measured for
+    /// an active snapshot.
+    pub fn usage(&self, key: &str) -> Result<(u64, u64), SnapshotterError> {
+        let (id, usage) = {
+            let store = self.store.lock().unwrap();
+            let rec = store.get(key)?;
+            (rec.id, rec.usage)
+        };
+        Ok(usage.unwrap_or_else(|| usage_of(&self.dir(id).join("fs"), false)))
+    }
+
+    /// `Cleanup`: deletes snapshot directories no snapshot owns and lazy images no snapshot
+    /// points into.
+    pub fn cleanup(&self) -> Result<(), SnapshotterError> {
+        let (ids, unused): (Vec<u64>, Vec<PathBuf>) = {
+            let store = self.store.lock().unwrap();
+            (
+                store.all().map(|(_, r)| r.id).collect(),
+                store
+                    .images()
+                    .iter()
+                    .filter(|i| !store.image_in_use(&i.dest))
+                    .map(|i| i.dest.clone())
+                    .collect(),
+            )
+        };
+        let dirs = self.root.join("snapshots");
+        let rd = std::fs::read_dir(&dirs).map_err(io_err(format!("reading {}", dirs.display())))?;
+        for e in rd.flatten() {
+            let id = e.file_name().to_str().and_then(|n| n.parse::<u64>().ok());
+            if let Some(id) = id
+                && !ids.contains(&id)
+            {
+                info!(dir = %e.path().display(), "cleanup: orphaned snapshot directory");
+                self.discard_files(id, false);
+            }
+        }
+        for dest in unused {
+            self.release_image(&dest);
+        }
+        Ok(())
+    }
+}
