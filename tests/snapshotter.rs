@@ -10,6 +10,8 @@
 #[path = "support/containerd.rs"]
 mod containerd;
 mod fsutil;
+#[path = "support/rootfs_layers.rs"]
+mod rootfs_layers;
 
 use std::path::Path;
 
@@ -29,73 +31,9 @@ const SCRIPT: &str = "/usr/bin/sha256sum /data/a /data/b /data/notes/n7.txt /dat
     test -e /data/gone && echo WHITEOUT-BROKEN; echo done";
 
 fn image(dir: &Path) -> BuiltImage {
-    let host = |path: &str, host: &str| LayerItem::HostFile {
-        path: path.into(),
-        host: std::fs::canonicalize(host).unwrap(),
-    };
-    let dir_item = |path: &str| LayerItem::Dir {
-        path: path.into(),
-        mode: 0o755,
-    };
-    let link = |path: &str| LayerItem::Symlink {
-        path: path.into(),
-        target: "busybox".into(),
-    };
-    let base = vec![
-        dir_item("bin"),
-        dir_item("lib64"),
-        dir_item("lib"),
-        dir_item("lib/x86_64-linux-gnu"),
-        dir_item("usr"),
-        dir_item("usr/bin"),
-        dir_item("proc"),
-        dir_item("dev"),
-        dir_item("sys"),
-        dir_item("etc"),
-        host("bin/busybox", "/bin/busybox"),
-        link("bin/sh"),
-        link("bin/test"),
-        link("bin/echo"),
-        host("lib64/ld-linux-x86-64.so.2", "/lib64/ld-linux-x86-64.so.2"),
-        host(
-            "lib/x86_64-linux-gnu/libc.so.6",
-            "/lib/x86_64-linux-gnu/libc.so.6",
-        ),
-        host("usr/bin/sha256sum", "/usr/bin/sha256sum"),
-    ];
-    let mut data = vec![
-        dir_item("data"),
-        dir_item("data/notes"),
-        LayerItem::File {
-            path: "data/a".into(),
-            mode: 0o644,
-            data: pattern(3 << 20, 31),
-        },
-        LayerItem::File {
-            path: "data/b".into(),
-            mode: 0o600,
-            data: pattern(200_000, 32),
-        },
-        LayerItem::File {
-            path: "data/unread".into(),
-            mode: 0o644,
-            data: pattern(24 << 20, 33),
-        },
-        LayerItem::File {
-            path: "data/gone".into(),
-            mode: 0o644,
-            data: b"x".to_vec(),
-        },
-    ];
-    for i in 0..20 {
-        data.push(LayerItem::File {
-            path: format!("data/notes/n{i}.txt"),
-            mode: 0o644,
-            data: format!("note {i}\n").repeat(100).into_bytes(),
-        });
-    }
+    let (base, data) = rootfs_layers::base_and_data(24);
     let top = vec![
-        dir_item("data"),
+        rootfs_layers::dir("data"),
         LayerItem::Whiteout {
             path: "data/gone".into(),
         },
