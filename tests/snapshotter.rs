@@ -1,11 +1,16 @@
 //! fanfill as containerd's proxy snapshotter, end to end: Debian's containerd (private root,
 //! state, socket and config), the real `fanfill daemon --containerd-socket`, an image in a
-//! local registry with its index artifact, `ctr-remote image rpull --snapshotter fanfill`,
-//! then `ctr run --snapshotter fanfill` of a program that execs a dynamically linked binary
+//! local registry, `ctr-remote image rpull --snapshotter fanfill`, then
+//! `ctr run --snapshotter fanfill` of a program that execs a dynamically linked binary
 //! (ld.so maps libc), reads files of three layers and checks a whiteout. Its output must
 //! equal the same run on containerd's own overlayfs snapshotter after an ordinary pull;
 //! bytes fetched are reported against the image size; removing the image must leave no
 //! snapshot, placeholder tree or mount behind.
+//!
+//! Scenarios: an image with its index artifact (and a daemon SIGKILLed and restarted under
+//! a running container), an image without one (the daemon streams each layer once to index
+//! it), and a daemon that cannot reach the registry (every layer falls back to an ordinary
+//! snapshot that containerd fills by applying the diff).
 
 #[path = "support/containerd.rs"]
 mod containerd;
@@ -29,6 +34,11 @@ const SCRIPT: &str = "/usr/bin/sha256sum /data/a /data/b /data/notes/n7.txt /dat
     /bin/busybox ls -ln /data | /bin/busybox grep -v '^total' | /bin/busybox sort; \
     /bin/busybox cat /data/notes/n3.txt; \
     test -e /data/gone && echo WHITEOUT-BROKEN; echo done";
+
+/// Reads of files the first run left alone, run in a container started before the daemon
+/// was SIGKILLed and restarted.
+const SCRIPT_AFTER_RESTART: &str =
+    "/usr/bin/sha256sum /data/unread /data/top-unread /data/notes/n11.txt; echo done";
 
 fn image(dir: &Path) -> BuiltImage {
     let (base, data) = rootfs_layers::base_and_data(24);
@@ -79,146 +89,220 @@ fn entries(dir: &Path) -> Vec<String> {
         .unwrap_or_default()
 }
 
-#[test]
-fn ctr_remote_rpull_and_ctr_run_on_fanfill() {
-    let fs = LoopFs::new("ext4", 1024);
-    let registry = common::TestRegistry::start();
-    let built = image(&fs.mnt.join("layout"));
-    let reference = format!("{}/snap/app:v1", registry.host());
-    common::push_layout(&built.dir, "v1", &registry.host(), "snap/app", &[]);
-    let out = fsutil::daemonproc::bin()
-        .args(["index", &reference, "--push", "--tls-verify=false"])
-        .arg("--index-dir")
-        .arg(fs.mnt.join("push-indexes"))
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "fanfill index --push: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+/// Containerd and a fanfill daemon serving it, on a scratch ext4, with the test image in a
+/// local registry.
+struct Rig {
+    // Dropped in this order: containerd, then the daemon, the registry, the filesystem.
+    ctrd: Containerd,
+    _ctrd_dir: tempfile::TempDir,
+    daemon: DaemonProc,
+    _registry: common::TestRegistry,
+    built: BuiltImage,
+    reference: String,
+    state: std::path::PathBuf,
+    daemon_args: Vec<String>,
+    _fs: LoopFs,
+}
 
-    let state = fs.mnt.join("state");
-    std::fs::create_dir(&state).unwrap();
-    let snap_sock = state.join("snapshotter.sock");
-    let daemon = DaemonProc::start(
-        &state,
-        &[
-            "--containerd-socket",
-            snap_sock.to_str().unwrap(),
-            "--containerd-tls-verify=false",
-        ],
-    );
-    let ctrd_dir = tempfile::tempdir().unwrap();
-    let ctrd = Containerd::start(&fs.mnt.join("containerd"), ctrd_dir.path(), &snap_sock);
-    let fail = |what: &str| -> String {
+impl Rig {
+    /// `index`: push the image's index artifact; `daemon_extra`: more daemon flags.
+    fn start(index: bool, daemon_extra: &[&str]) -> Rig {
+        let fs = LoopFs::new("ext4", 1024);
+        let registry = common::TestRegistry::start();
+        let built = image(&fs.mnt.join("layout"));
+        let reference = format!("{}/snap/app:v1", registry.host());
+        common::push_layout(&built.dir, "v1", &registry.host(), "snap/app", &[]);
+        if index {
+            let out = fsutil::daemonproc::bin()
+                .args(["index", &reference, "--push", "--tls-verify=false"])
+                .arg("--index-dir")
+                .arg(fs.mnt.join("push-indexes"))
+                .output()
+                .unwrap();
+            assert!(
+                out.status.success(),
+                "fanfill index --push: {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
+        let state = fs.mnt.join("state");
+        std::fs::create_dir(&state).unwrap();
+        let snap_sock = state.join("snapshotter.sock");
+        let mut daemon_args = vec![
+            "--containerd-socket".to_string(),
+            snap_sock.to_string_lossy().into_owned(),
+        ];
+        daemon_args.extend(daemon_extra.iter().map(|a| a.to_string()));
+        let args: Vec<&str> = daemon_args.iter().map(String::as_str).collect();
+        let daemon = DaemonProc::start(&state, &args);
+        let ctrd_dir = tempfile::tempdir().unwrap();
+        let ctrd = Containerd::start(&fs.mnt.join("containerd"), ctrd_dir.path(), &snap_sock);
+        Rig {
+            ctrd,
+            _ctrd_dir: ctrd_dir,
+            daemon,
+            _registry: registry,
+            built,
+            reference,
+            state,
+            daemon_args,
+            _fs: fs,
+        }
+    }
+
+    /// `what` with the tails of both logs.
+    fn fail(&self, what: &str) -> String {
         format!(
             "{what}\n--- daemon log (tail) ---\n{}\n--- containerd log (tail) ---\n{}",
-            tail(&daemon.log_text(), 40),
-            tail(&ctrd.log_text(), 40)
+            tail(&self.daemon.log_text(), 40),
+            tail(&self.ctrd.log_text(), 40)
         )
-    };
+    }
 
-    // Lazy pull: containerd asks fanfill for every layer; fanfill answers with remote
-    // snapshots, so containerd fetches only the manifest and config.
-    let rpull = ctrd.ctr_output(
-        "ctr-remote",
-        &[
-            "image",
-            "rpull",
-            "--plain-http",
-            "--snapshotter",
-            "fanfill",
-            &reference,
-        ],
-    );
-    assert!(
-        rpull.status.success(),
-        "{}",
-        fail(&format!(
-            "rpull: {}{}",
-            String::from_utf8_lossy(&rpull.stdout),
-            String::from_utf8_lossy(&rpull.stderr)
-        ))
-    );
-    let (before, images) = fetched(&daemon);
-    assert_eq!(images, 1, "{}", fail("one lazy image expected"));
-    let snaps = ctrd.ctr("ctr", &["snapshots", "--snapshotter", "fanfill", "ls"]);
-    eprintln!("snapshots after rpull:\n{snaps}");
+    /// Runs `tool args`; panics with both logs unless it succeeds; returns stdout.
+    fn ctr(&self, tool: &str, args: &[&str]) -> String {
+        let out = self.ctrd.ctr_output(tool, args);
+        let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+        assert!(
+            out.status.success(),
+            "{}",
+            self.fail(&format!(
+                "{tool} {args:?}: {stdout}{}",
+                String::from_utf8_lossy(&out.stderr)
+            ))
+        );
+        stdout
+    }
+
+    fn rpull(&self) {
+        self.ctr(
+            "ctr-remote",
+            &[
+                "image",
+                "rpull",
+                "--plain-http",
+                "--snapshotter",
+                "fanfill",
+                &self.reference,
+            ],
+        );
+    }
+
+    /// `ctr run --rm` of `script` on `snapshotter`.
+    fn run(&self, snapshotter: &str, id: &str, script: &str) -> String {
+        self.ctr(
+            "ctr",
+            &[
+                "run",
+                "--rm",
+                "--snapshotter",
+                snapshotter,
+                &self.reference,
+                id,
+                "/bin/sh",
+                "-c",
+                script,
+            ],
+        )
+    }
+
+    /// The outputs of `scripts` on containerd's own pull and overlayfs snapshotter.
+    fn eager(&self, scripts: &[&str]) -> Vec<String> {
+        self.ctr(
+            "ctr",
+            &[
+                "image",
+                "pull",
+                "--plain-http",
+                "--snapshotter",
+                "overlayfs",
+                &self.reference,
+            ],
+        );
+        scripts
+            .iter()
+            .enumerate()
+            .map(|(i, s)| self.run("overlayfs", &format!("eager-{i}"), s))
+            .collect()
+    }
+
+    /// fanfill's snapshots as `ctr snapshots ls` shows them: (name, kind) per line.
+    fn snapshots(&self) -> Vec<(String, String)> {
+        self.ctr("ctr", &["snapshots", "--snapshotter", "fanfill", "ls"])
+            .lines()
+            .skip(1)
+            .filter_map(|l| {
+                let f: Vec<&str> = l.split_whitespace().collect();
+                Some((f.first()?.to_string(), f.last()?.to_string()))
+            })
+            .collect()
+    }
+
+    /// Removes the image; then nothing of it may be left: no snapshot (containerd's list
+    /// and the snapshotter's directories), no lazy image tree, no image served, no mount.
+    fn remove_and_check_clean(&self) {
+        self.ctr("ctr", &["image", "rm", "--sync", &self.reference]);
+        let snaps = self.snapshots();
+        assert!(
+            snaps.is_empty(),
+            "{}",
+            self.fail(&format!("snapshots left: {snaps:?}"))
+        );
+        let dirs = entries(&self.state.join("snapshots/snapshots"));
+        assert!(dirs.is_empty(), "snapshot directories left: {dirs:?}");
+        let trees = entries(&self.state.join("roots/containerd"));
+        assert!(
+            trees.is_empty(),
+            "{}",
+            self.fail(&format!("lazy image trees left: {trees:?}"))
+        );
+        assert_eq!(
+            fetched(&self.daemon).1,
+            0,
+            "the daemon still serves an image"
+        );
+        assert_eq!(
+            mounts_under(&self.state),
+            Vec::<String>::new(),
+            "mounts left"
+        );
+    }
+}
+
+/// The image with its index artifact: rpull fetches no layer, the run fetches a fraction of
+/// the image and matches the eager run. Then a container is started, the daemon SIGKILLed
+/// and restarted: containerd's snapshot list is intact, and the running container reads
+/// files nobody read before with the right bytes (the restarted daemon watches its rootfs
+/// again). Removing everything leaves nothing behind.
+#[test]
+fn ctr_remote_rpull_and_ctr_run_on_fanfill() {
+    let mut rig = Rig::start(true, &["--containerd-tls-verify=false"]);
+    rig.rpull();
+    let (before, images) = fetched(&rig.daemon);
+    assert_eq!(images, 1, "{}", rig.fail("one lazy image expected"));
+    let snaps = rig.snapshots();
     assert_eq!(
-        snaps.lines().filter(|l| l.contains("Committed")).count(),
+        snaps.iter().filter(|(_, k)| k == "Committed").count(),
         3,
-        "three committed layer snapshots expected"
+        "three committed layer snapshots expected: {snaps:?}"
     );
     // containerd's content store has no layer blob: it never downloaded one.
-    let content = ctrd.ctr("ctr", &["content", "ls", "--quiet"]);
+    let content = rig.ctr("ctr", &["content", "ls", "--quiet"]);
     let blobs: Vec<&str> = content.lines().map(str::trim).collect();
     assert_eq!(blobs.len(), 2, "manifest and config only: {content}");
-    for (digest, _, _) in &built.layers {
+    for (digest, _, _) in &rig.built.layers {
         assert!(
             !blobs.contains(&digest.as_str()),
             "containerd downloaded layer {digest}:\n{content}"
         );
     }
 
-    let run = ctrd.ctr_output(
-        "ctr",
-        &[
-            "run",
-            "--rm",
-            "--snapshotter",
-            "fanfill",
-            &reference,
-            "lazy",
-            "/bin/sh",
-            "-c",
-            SCRIPT,
-        ],
-    );
-    let lazy_out = String::from_utf8_lossy(&run.stdout).into_owned();
-    assert!(
-        run.status.success(),
-        "{}",
-        fail(&format!(
-            "ctr run (fanfill): {lazy_out}{}",
-            String::from_utf8_lossy(&run.stderr)
-        ))
-    );
-    let (after, _) = fetched(&daemon);
-
-    // Eager: the same image through containerd's own pull and overlayfs snapshotter.
-    ctrd.ctr(
-        "ctr",
-        &[
-            "image",
-            "pull",
-            "--plain-http",
-            "--snapshotter",
-            "overlayfs",
-            &reference,
-        ],
-    );
-    let eager_out = ctrd.ctr(
-        "ctr",
-        &[
-            "run",
-            "--rm",
-            "--snapshotter",
-            "overlayfs",
-            &reference,
-            "eager",
-            "/bin/sh",
-            "-c",
-            SCRIPT,
-        ],
-    );
+    let lazy_out = rig.run("fanfill", "lazy", SCRIPT);
+    let (after, _) = fetched(&rig.daemon);
     eprintln!("container output:\n{lazy_out}");
-    assert!(lazy_out.ends_with("done\n"), "{lazy_out}");
-    assert!(!lazy_out.contains("WHITEOUT-BROKEN"));
-    assert_eq!(lazy_out, eager_out, "lazy and eager runs differ");
-    let size = built.compressed_size();
+    let size = rig.built.compressed_size();
     eprintln!(
-        "bytes fetched by fanfill: {before} after rpull, {after} after the run; image layers {size} bytes compressed ({:.1}% fetched)",
+        "with index artifact: bytes fetched by fanfill: {before} after rpull, {after} after the run; image layers {size} bytes compressed ({:.1}% fetched)",
         after as f64 * 100.0 / size as f64
     );
     assert!(
@@ -226,33 +310,135 @@ fn ctr_remote_rpull_and_ctr_run_on_fanfill() {
         "the run fetched {after} of {size} bytes: not lazy"
     );
 
-    // Remove: every snapshot goes, and with the last one the lazy image, its placeholder
-    // trees and the container's overlay.
-    ctrd.ctr("ctr", &["image", "rm", "--sync", &reference]);
-    let snaps = ctrd.ctr("ctr", &["snapshots", "--snapshotter", "fanfill", "ls"]);
+    // A container that keeps running while the daemon is SIGKILLed and restarted.
+    rig.ctr(
+        "ctr",
+        &[
+            "run",
+            "-d",
+            "--snapshotter",
+            "fanfill",
+            &rig.reference,
+            "kept",
+            "/bin/busybox",
+            "sleep",
+            "600",
+        ],
+    );
+    let snaps_before = rig.snapshots();
+    rig.daemon.kill9();
+    let args: Vec<&str> = rig.daemon_args.iter().map(String::as_str).collect();
+    let old = std::mem::replace(&mut rig.daemon, DaemonProc::start(&rig.state, &args));
+    // containerd reconnects to the proxy plugin on its own (backoff of at most 3 s).
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    let snaps_after = loop {
+        let out = rig
+            .ctrd
+            .ctr_output("ctr", &["snapshots", "--snapshotter", "fanfill", "ls"]);
+        if out.status.success() {
+            break rig.snapshots();
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "{}",
+            rig.fail("no reconnect")
+        );
+        std::thread::sleep(std::time::Duration::from_millis(200));
+    };
     assert_eq!(
-        snaps
-            .lines()
-            .skip(1)
-            .filter(|l| !l.trim().is_empty())
-            .count(),
-        0,
-        "{}",
-        fail(&format!("snapshots left:\n{snaps}"))
+        snaps_after, snaps_before,
+        "snapshot list changed by the restart"
     );
+    let restart_out = rig.ctr(
+        "ctr",
+        &[
+            "task",
+            "exec",
+            "--exec-id",
+            "after-restart",
+            "kept",
+            "/bin/sh",
+            "-c",
+            SCRIPT_AFTER_RESTART,
+        ],
+    );
+    let (after_restart, _) = fetched(&rig.daemon);
+    eprintln!(
+        "after the restart the kept container read {} more bytes' worth of files; fetched by the new daemon: {after_restart}",
+        24 * 1048576 + 8 * 1048576
+    );
+
+    let eager = rig.eager(&[SCRIPT, SCRIPT_AFTER_RESTART]);
+    assert!(lazy_out.ends_with("done\n"), "{lazy_out}");
+    assert!(!lazy_out.contains("WHITEOUT-BROKEN"));
+    assert_eq!(lazy_out, eager[0], "lazy and eager runs differ");
+    assert_eq!(
+        restart_out, eager[1],
+        "the container read wrong bytes after the daemon's restart"
+    );
+
+    rig.ctr("ctr", &["task", "kill", "--signal", "SIGKILL", "kept"]);
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    while !rig
+        .ctrd
+        .ctr_output("ctr", &["task", "rm", "kept"])
+        .status
+        .success()
+    {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "task kept did not stop"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+    rig.ctr("ctr", &["container", "rm", "kept"]);
+    rig.remove_and_check_clean();
+    drop(old);
+}
+
+/// The image without an index artifact: the daemon reads each layer once at rpull to index
+/// it (no layer reaches containerd's content store), and the run matches the eager run.
+#[test]
+fn image_without_index_artifact_is_indexed_at_pull() {
+    let rig = Rig::start(false, &["--containerd-tls-verify=false"]);
+    rig.rpull();
+    let (before, images) = fetched(&rig.daemon);
+    assert_eq!(images, 1, "{}", rig.fail("one lazy image expected"));
+    let lazy_out = rig.run("fanfill", "lazy", SCRIPT);
+    let (after, _) = fetched(&rig.daemon);
+    let size = rig.built.compressed_size();
+    eprintln!(
+        "without index artifact: bytes fetched by fanfill: {before} after rpull (streamed index), {after} after the run; image layers {size} bytes compressed"
+    );
+    let eager = rig.eager(&[SCRIPT]);
+    assert_eq!(lazy_out, eager[0], "lazy and eager runs differ");
+    rig.remove_and_check_clean();
+}
+
+/// A daemon that cannot reach the registry (it insists on TLS; the registry speaks plain
+/// HTTP): every lazy prepare fails, each layer falls back to an ordinary snapshot that
+/// containerd fills by applying the diff, and the pull and the run still work, on the
+/// overlay mounts the snapshotter hands out.
+#[test]
+fn unreachable_layers_fall_back_to_ordinary_snapshots() {
+    let rig = Rig::start(true, &[]);
+    rig.rpull();
+    assert_eq!(fetched(&rig.daemon).1, 0, "no lazy image expected");
+    let content = rig.ctr("ctr", &["content", "ls", "--quiet"]);
+    for (digest, _, _) in &rig.built.layers {
+        assert!(
+            content.lines().any(|l| l.trim() == digest),
+            "containerd did not download layer {digest}: {content}"
+        );
+    }
+    let log = rig.daemon.log_text();
     assert!(
-        entries(&state.join("snapshots/snapshots")).is_empty(),
-        "snapshot directories left: {:?}",
-        entries(&state.join("snapshots/snapshots"))
-    );
-    assert!(
-        entries(&state.join("roots/containerd")).is_empty(),
+        log.contains("layer not served lazily; containerd unpacks it"),
         "{}",
-        fail(&format!(
-            "lazy image trees left: {:?}",
-            entries(&state.join("roots/containerd"))
-        ))
+        rig.fail("no fallback logged")
     );
-    assert_eq!(fetched(&daemon).1, 0, "the daemon still serves an image");
-    assert_eq!(mounts_under(&state), Vec::<String>::new(), "mounts left");
+    let out = rig.run("fanfill", "fallback", SCRIPT);
+    let eager = rig.eager(&[SCRIPT]);
+    assert_eq!(out, eager[0], "fallback and eager runs differ");
+    rig.remove_and_check_clean();
 }

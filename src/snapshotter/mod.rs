@@ -367,11 +367,14 @@ impl Snapshotter {
                     self.save(&store)?;
                     self.images_root.join(n.to_string())
                 };
-                let layers = self
-                    .host
-                    .prepare_image(reference, &dest)
-                    .await
-                    .map_err(SnapshotterError::Host)?;
+                let layers = match self.host.prepare_image(reference, &dest).await {
+                    Ok(l) => l,
+                    Err(e) => {
+                        // The daemon leaves the directory it created, empty.
+                        let _ = std::fs::remove_dir(&dest);
+                        return Err(SnapshotterError::Host(e));
+                    }
+                };
                 info!(reference, dest = %dest.display(), layers = layers.len(), "lazy image prepared for containerd");
                 let dir = layers
                     .iter()
