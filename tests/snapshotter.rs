@@ -61,6 +61,29 @@ fn image(dir: &Path) -> BuiltImage {
     ocibuild::write_layout(dir, "v1", &[base, data, top], Compression::Gzip).unwrap()
 }
 
+/// A pod sandbox image in the registry at `host`: a static busybox that sleeps (its
+/// command set with umoci). Returns its reference.
+fn pause_image(dir: &Path, host: &str) -> String {
+    let layer = vec![
+        rootfs_layers::dir("bin"),
+        LayerItem::HostFile {
+            path: "bin/busybox".into(),
+            host: std::fs::canonicalize("/bin/busybox").unwrap(),
+        },
+    ];
+    let built = ocibuild::write_layout(dir, "v1", &[layer], Compression::Gzip).unwrap();
+    let st = std::process::Command::new("umoci")
+        .args(["config", "--image"])
+        .arg(format!("{}:v1", built.dir.display()))
+        .args(["--config.cmd", "/bin/busybox", "--config.cmd", "sleep"])
+        .args(["--config.cmd", "100000"])
+        .status()
+        .unwrap();
+    assert!(st.success(), "umoci config");
+    common::push_layout(&built.dir, "v1", host, "snap/pause", &[]);
+    format!("{host}/snap/pause:v1")
+}
+
 /// Bytes the daemon fetched from the registry, all images together, and how many images
 /// it serves.
 fn fetched(daemon: &DaemonProc) -> (u64, usize) {
@@ -105,8 +128,9 @@ struct Rig {
 }
 
 impl Rig {
-    /// `index`: push the image's index artifact; `daemon_extra`: more daemon flags.
-    fn start(index: bool, daemon_extra: &[&str]) -> Rig {
+    /// `index`: push the image's index artifact; `daemon_extra`: more daemon flags; `cri`:
+    /// turn containerd's CRI plugin on, with fanfill as its snapshotter and a pause image.
+    fn start(index: bool, daemon_extra: &[&str], cri: bool) -> Rig {
         let fs = LoopFs::new("ext4", 1024);
         let registry = common::TestRegistry::start();
         let built = image(&fs.mnt.join("layout"));
@@ -136,7 +160,34 @@ impl Rig {
         let args: Vec<&str> = daemon_args.iter().map(String::as_str).collect();
         let daemon = DaemonProc::start(&state, &args);
         let ctrd_dir = tempfile::tempdir().unwrap();
-        let ctrd = Containerd::start(&fs.mnt.join("containerd"), ctrd_dir.path(), &snap_sock);
+        let cri_config = cri.then(|| {
+            let pause = pause_image(&fs.mnt.join("pause"), &registry.host());
+            let d = ctrd_dir.path();
+            format!(
+                r#"[plugins."io.containerd.grpc.v1.cri"]
+  sandbox_image = "{pause}"
+  disable_apparmor = true
+  # The sandbox's oom_score_adj (-998) may be below what this process may set.
+  restrict_oom_score_adj = true
+  [plugins."io.containerd.grpc.v1.cri".containerd]
+    snapshotter = "fanfill"
+    disable_snapshot_annotations = false
+  [plugins."io.containerd.grpc.v1.cri".cni]
+    bin_dir = "{cni}/bin"
+    conf_dir = "{cni}/conf"
+  [plugins."io.containerd.grpc.v1.cri".registry.mirrors."{host}"]
+    endpoint = ["http://{host}"]
+"#,
+                cni = d.join("cni").display(),
+                host = registry.host(),
+            )
+        });
+        let ctrd = Containerd::start(
+            &fs.mnt.join("containerd"),
+            ctrd_dir.path(),
+            &snap_sock,
+            cri_config.as_deref(),
+        );
         Rig {
             ctrd,
             _ctrd_dir: ctrd_dir,
@@ -276,7 +327,7 @@ impl Rig {
 /// again). Removing everything leaves nothing behind.
 #[test]
 fn ctr_remote_rpull_and_ctr_run_on_fanfill() {
-    let mut rig = Rig::start(true, &["--containerd-tls-verify=false"]);
+    let mut rig = Rig::start(true, &["--containerd-tls-verify=false"], false);
     rig.rpull();
     let (before, images) = fetched(&rig.daemon);
     assert_eq!(images, 1, "{}", rig.fail("one lazy image expected"));
@@ -400,7 +451,7 @@ fn ctr_remote_rpull_and_ctr_run_on_fanfill() {
 /// it (no layer reaches containerd's content store), and the run matches the eager run.
 #[test]
 fn image_without_index_artifact_is_indexed_at_pull() {
-    let rig = Rig::start(false, &["--containerd-tls-verify=false"]);
+    let rig = Rig::start(false, &["--containerd-tls-verify=false"], false);
     rig.rpull();
     let (before, images) = fetched(&rig.daemon);
     assert_eq!(images, 1, "{}", rig.fail("one lazy image expected"));
@@ -421,7 +472,7 @@ fn image_without_index_artifact_is_indexed_at_pull() {
 /// overlay mounts the snapshotter hands out.
 #[test]
 fn unreachable_layers_fall_back_to_ordinary_snapshots() {
-    let rig = Rig::start(true, &[]);
+    let rig = Rig::start(true, &[], false);
     rig.rpull();
     assert_eq!(fetched(&rig.daemon).1, 0, "no lazy image expected");
     let content = rig.ctr("ctr", &["content", "ls", "--quiet"]);
@@ -441,4 +492,208 @@ fn unreachable_layers_fall_back_to_ordinary_snapshots() {
     let eager = rig.eager(&[SCRIPT]);
     assert_eq!(out, eager[0], "fallback and eager runs differ");
     rig.remove_and_check_clean();
+}
+
+/// The output a CRI container logged (containerd's CRI log format: `TIME STREAM TAG TEXT`,
+/// tag `P` for a partial line).
+fn cri_log_text(log: &str) -> String {
+    let mut out = String::new();
+    for line in log.lines() {
+        let mut f = line.splitn(4, ' ');
+        let (_, _, tag, text) = (f.next(), f.next(), f.next(), f.next().unwrap_or(""));
+        out.push_str(text);
+        if tag != Some("P") {
+            out.push('\n');
+        }
+    }
+    out
+}
+
+/// The CRI path, as a kubelet drives it: containerd's CRI plugin with `snapshotter =
+/// "fanfill"` and `disable_snapshot_annotations = false`, a CRI client pulling the image
+/// (the `cri.*` layer labels reach fanfill), running a host-network pod sandbox, creating
+/// and starting a container and reading its log. Layers are not downloaded whole, the
+/// output equals the eager run, and removing pod and images leaves nothing behind.
+#[test]
+fn cri_pull_and_run_on_fanfill() {
+    use k8s_cri::v1::image_service_client::ImageServiceClient;
+    use k8s_cri::v1::runtime_service_client::RuntimeServiceClient;
+    use k8s_cri::v1::*;
+
+    let rig = Rig::start(true, &["--containerd-tls-verify=false"], true);
+    let logs = tempfile::tempdir().unwrap();
+    let pause = format!("{}/snap/pause:v1", rig._registry.host());
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let sock = rig.ctrd.socket.clone();
+    let reference = rig.reference.clone();
+    let log_dir = logs.path().to_path_buf();
+    let cri = async move {
+        let ch = containerd_client::connect(&sock).await.unwrap();
+        let mut images = ImageServiceClient::new(ch.clone());
+        let mut runtime = RuntimeServiceClient::new(ch);
+        let spec = |image: &str| ImageSpec {
+            image: image.to_string(),
+            ..Default::default()
+        };
+        images
+            .pull_image(PullImageRequest {
+                image: Some(spec(&reference)),
+                ..Default::default()
+            })
+            .await
+            .map_err(|e| format!("PullImage: {e}"))?;
+        let sandbox = PodSandboxConfig {
+            metadata: Some(PodSandboxMetadata {
+                name: "lazy".into(),
+                uid: "uid-lazy".into(),
+                namespace: "default".into(),
+                attempt: 0,
+            }),
+            // Host network: the host's UTS namespace, no hostname of its own.
+            log_directory: log_dir.to_string_lossy().into_owned(),
+            linux: Some(LinuxPodSandboxConfig {
+                security_context: Some(LinuxSandboxSecurityContext {
+                    namespace_options: Some(NamespaceOption {
+                        network: NamespaceMode::Node as i32,
+                        pid: NamespaceMode::Pod as i32,
+                        ipc: NamespaceMode::Pod as i32,
+                        ..Default::default()
+                    }),
+                    ..Default::default()
+                }),
+                ..Default::default()
+            }),
+            ..Default::default()
+        };
+        let pod = runtime
+            .run_pod_sandbox(RunPodSandboxRequest {
+                config: Some(sandbox.clone()),
+                runtime_handler: String::new(),
+            })
+            .await
+            .map_err(|e| format!("RunPodSandbox: {e}"))?
+            .into_inner()
+            .pod_sandbox_id;
+        let id = runtime
+            .create_container(CreateContainerRequest {
+                pod_sandbox_id: pod.clone(),
+                config: Some(ContainerConfig {
+                    metadata: Some(ContainerMetadata {
+                        name: "app".into(),
+                        attempt: 0,
+                    }),
+                    image: Some(spec(&reference)),
+                    command: vec!["/bin/sh".into(), "-c".into(), SCRIPT.into()],
+                    log_path: "app.log".into(),
+                    ..Default::default()
+                }),
+                sandbox_config: Some(sandbox),
+            })
+            .await
+            .map_err(|e| format!("CreateContainer: {e}"))?
+            .into_inner()
+            .container_id;
+        runtime
+            .start_container(StartContainerRequest {
+                container_id: id.clone(),
+            })
+            .await
+            .map_err(|e| format!("StartContainer: {e}"))?;
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(120);
+        loop {
+            let st = runtime
+                .container_status(ContainerStatusRequest {
+                    container_id: id.clone(),
+                    verbose: false,
+                })
+                .await
+                .map_err(|e| format!("ContainerStatus: {e}"))?
+                .into_inner()
+                .status
+                .ok_or("no status")?;
+            if st.state == ContainerState::ContainerExited as i32 {
+                if st.exit_code != 0 {
+                    return Err(format!("container exited with {}", st.exit_code));
+                }
+                break;
+            }
+            if std::time::Instant::now() > deadline {
+                return Err("container did not finish".into());
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+        }
+        let log = std::fs::read_to_string(log_dir.join("app.log")).map_err(|e| e.to_string())?;
+        runtime
+            .remove_container(RemoveContainerRequest { container_id: id })
+            .await
+            .map_err(|e| format!("RemoveContainer: {e}"))?;
+        runtime
+            .stop_pod_sandbox(StopPodSandboxRequest {
+                pod_sandbox_id: pod.clone(),
+            })
+            .await
+            .map_err(|e| format!("StopPodSandbox: {e}"))?;
+        runtime
+            .remove_pod_sandbox(RemovePodSandboxRequest {
+                pod_sandbox_id: pod,
+            })
+            .await
+            .map_err(|e| format!("RemovePodSandbox: {e}"))?;
+        Ok::<_, String>((log, images))
+    };
+    let (log, mut images) = rt
+        .block_on(cri)
+        .unwrap_or_else(|e| panic!("{}", rig.fail(&e)));
+    let out = cri_log_text(&log);
+    let (fetched_bytes, served) = fetched(&rig.daemon);
+    let size = rig.built.compressed_size();
+    eprintln!(
+        "CRI: {served} lazy images (app and pause); fetched {fetched_bytes} bytes; app image layers {size} bytes compressed"
+    );
+    // The layers went through fanfill: containerd's content store (k8s.io) holds no layer
+    // blob of the app image.
+    let content = rig
+        .ctrd
+        .ctr_output_in("k8s.io", "ctr", &["content", "ls", "--quiet"]);
+    let content = String::from_utf8_lossy(&content.stdout);
+    for (digest, _, _) in &rig.built.layers {
+        assert!(
+            !content.lines().any(|l| l.trim() == digest),
+            "containerd downloaded layer {digest}"
+        );
+    }
+    assert!(
+        fetched_bytes < size / 2,
+        "fetched {fetched_bytes} of {size} bytes: not lazy"
+    );
+    let eager = rig.eager(&[SCRIPT]);
+    assert_eq!(out, eager[0], "CRI and eager runs differ");
+
+    // Remove both images through CRI: nothing of them may be left.
+    for image in [&rig.reference, &pause] {
+        rt.block_on(images.remove_image(RemoveImageRequest {
+            image: Some(ImageSpec {
+                image: image.to_string(),
+                ..Default::default()
+            }),
+        }))
+        .unwrap_or_else(|e| panic!("{}", rig.fail(&format!("RemoveImage {image}: {e}"))));
+    }
+    // CRI removes images asynchronously from the snapshotter's view: wait for the trees.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    while !entries(&rig.state.join("roots/containerd")).is_empty()
+        && std::time::Instant::now() < deadline
+    {
+        std::thread::sleep(std::time::Duration::from_millis(200));
+    }
+    assert!(
+        entries(&rig.state.join("roots/containerd")).is_empty(),
+        "{}",
+        rig.fail("lazy image trees left after CRI removed the images")
+    );
+    assert_eq!(
+        mounts_under(&rig.state),
+        Vec::<String>::new(),
+        "mounts left"
+    );
 }

@@ -19,8 +19,14 @@ pub struct Containerd {
 impl Containerd {
     /// Starts containerd with `root` (on a real filesystem: the overlayfs snapshotter keeps
     /// its upper directories there) and everything else in `dir`, with the proxy
-    /// snapshotter `fanfill` at `snapshotter_socket` and the CRI plugin off.
-    pub fn start(root: &Path, dir: &Path, snapshotter_socket: &Path) -> Containerd {
+    /// snapshotter `fanfill` at `snapshotter_socket`. `cri`: the CRI plugin's configuration
+    /// (TOML appended to the config file); `None` turns the plugin off.
+    pub fn start(
+        root: &Path,
+        dir: &Path,
+        snapshotter_socket: &Path,
+        cri: Option<&str>,
+    ) -> Containerd {
         std::fs::create_dir_all(root).unwrap();
         std::fs::create_dir_all(dir).unwrap();
         let socket = dir.join("containerd.sock");
@@ -31,7 +37,7 @@ impl Containerd {
                 r#"version = 2
 root = "{root}"
 state = "{state}"
-disabled_plugins = ["io.containerd.grpc.v1.cri"]
+disabled_plugins = [{disabled}]
 
 [grpc]
   address = "{sock}"
@@ -43,7 +49,15 @@ disabled_plugins = ["io.containerd.grpc.v1.cri"]
   [proxy_plugins.fanfill]
     type = "snapshot"
     address = "{snap}"
+
+{cri}
 "#,
+                disabled = if cri.is_some() {
+                    ""
+                } else {
+                    "\"io.containerd.grpc.v1.cri\""
+                },
+                cri = cri.unwrap_or_default(),
                 root = root.display(),
                 state = dir.join("state").display(),
                 sock = socket.display(),
@@ -92,10 +106,15 @@ disabled_plugins = ["io.containerd.grpc.v1.cri"]
     /// Runs `tool` (`ctr` or `ctr-remote`) against this containerd and namespace, bounded
     /// to 300 s.
     pub fn ctr_output(&self, tool: &str, args: &[&str]) -> Output {
+        self.ctr_output_in(&self.namespace, tool, args)
+    }
+
+    /// [`Containerd::ctr_output`] in namespace `ns` (`k8s.io` for what CRI made).
+    pub fn ctr_output_in(&self, ns: &str, tool: &str, args: &[&str]) -> Output {
         Command::new("timeout")
             .args(["300", tool, "--address"])
             .arg(&self.socket)
-            .args(["--namespace", &self.namespace])
+            .args(["--namespace", ns])
             .args(args)
             .stdin(Stdio::null())
             .output()
