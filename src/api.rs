@@ -90,6 +90,10 @@ pub struct RegistrySettings {
     /// (skopeo's `--cert-dir`); default: `certs.d/HOST:PORT` lookup.
     #[serde(default)]
     pub cert_dir: Option<PathBuf>,
+    /// containerd's registry host directory: each registry's `hosts.toml` there adds its
+    /// mirrors (after `mirrors`) and may make the origin plain HTTP.
+    #[serde(default)]
+    pub hosts_dir: Option<PathBuf>,
 }
 
 /// A request to the daemon.

@@ -253,6 +253,7 @@ impl PrepareOptions {
             .map_err(|e| bad("--creds", &e))?;
         o.registry.authfile = r.authfile.clone();
         o.registry.cert_dir = r.cert_dir.clone();
+        o.registry.hosts_dir = r.hosts_dir.clone();
         o.registry.mirrors = r
             .mirrors
             .iter()

@@ -139,6 +139,11 @@ struct DaemonArgs {
     /// origin (repeatable).
     #[arg(long, value_name = "HOST")]
     containerd_mirror: Vec<String>,
+    /// For the images containerd has fanfill serve: containerd's registry host directory,
+    /// whose HOST[:PORT]/hosts.toml (or _default/hosts.toml) lists mirrors tried before the
+    /// origin, as containerd reads them.
+    #[arg(long, value_name = "DIR", default_value = "/etc/containerd/certs.d")]
+    containerd_hosts_dir: PathBuf,
 }
 
 #[derive(Args)]
@@ -433,6 +438,7 @@ impl RegistryArgs {
             mirrors: self.mirror.clone(),
             no_index_artifact: self.no_index_artifact,
             cert_dir: self.cert_dir.clone(),
+            hosts_dir: None,
         }
     }
 }
@@ -502,6 +508,7 @@ fn daemon(socket: PathBuf, a: DaemonArgs) -> Result<()> {
     c.containerd_registry = RegistrySettings {
         insecure: !a.containerd_tls_verify,
         mirrors: a.containerd_mirror,
+        hosts_dir: Some(a.containerd_hosts_dir),
         ..RegistrySettings::default()
     };
     fanfill::daemon::run(c)?;

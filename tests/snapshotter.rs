@@ -119,7 +119,7 @@ struct Rig {
     ctrd: Containerd,
     _ctrd_dir: tempfile::TempDir,
     daemon: DaemonProc,
-    _registry: common::TestRegistry,
+    registry: common::TestRegistry,
     built: BuiltImage,
     reference: String,
     state: std::path::PathBuf,
@@ -192,7 +192,7 @@ impl Rig {
             ctrd,
             _ctrd_dir: ctrd_dir,
             daemon,
-            _registry: registry,
+            registry,
             built,
             reference,
             state,
@@ -226,6 +226,10 @@ impl Rig {
     }
 
     fn rpull(&self) {
+        self.rpull_as(&self.reference);
+    }
+
+    fn rpull_as(&self, reference: &str) {
         self.ctr(
             "ctr-remote",
             &[
@@ -234,7 +238,7 @@ impl Rig {
                 "--plain-http",
                 "--snapshotter",
                 "fanfill",
-                &self.reference,
+                reference,
             ],
         );
     }
@@ -522,7 +526,7 @@ fn cri_pull_and_run_on_fanfill() {
 
     let rig = Rig::start(true, &["--containerd-tls-verify=false"], true);
     let logs = tempfile::tempdir().unwrap();
-    let pause = format!("{}/snap/pause:v1", rig._registry.host());
+    let pause = format!("{}/snap/pause:v1", rig.registry.host());
     let rt = tokio::runtime::Runtime::new().unwrap();
     let sock = rig.ctrd.socket.clone();
     let reference = rig.reference.clone();
@@ -695,5 +699,79 @@ fn cri_pull_and_run_on_fanfill() {
         mounts_under(&rig.state),
         Vec::<String>::new(),
         "mounts left"
+    );
+}
+
+/// A pull-through cache as mirror in containerd's `hosts.toml`: the origin (behind a
+/// counting TCP proxy) is the image's registry, a second `docker-registry` in proxy mode is
+/// listed for it in `HOSTS_DIR/ORIGIN/hosts.toml`, and the daemon reads that directory
+/// (`--containerd-hosts-dir`). Fills go to the mirror: it caches what the containers read.
+/// Reports connections at the origin, bytes cached at the mirror and bytes fanfill fetched,
+/// for a first and a second pull (after removing the image).
+#[test]
+fn hosts_toml_mirror_serves_the_fills() {
+    let hosts = tempfile::tempdir().unwrap();
+    let mut rig = Rig::start(
+        true,
+        &[
+            "--containerd-tls-verify=false",
+            "--containerd-hosts-dir",
+            hosts.path().to_str().unwrap(),
+        ],
+        false,
+    );
+    let origin = common::FaultyProxy::start(rig.registry.addr, common::Fault::None);
+    let mirror = common::TestRegistry::start_proxy_of(&origin.host());
+    let dir = hosts.path().join(origin.host());
+    std::fs::create_dir_all(&dir).unwrap();
+    std::fs::write(
+        dir.join("hosts.toml"),
+        format!(
+            "server = \"http://{}\"\n\n[host.\"http://{}\"]\n  capabilities = [\"pull\", \"resolve\"]\n",
+            origin.host(),
+            mirror.host()
+        ),
+    )
+    .unwrap();
+    rig.reference = format!("{}/snap/app:v1", origin.host());
+    let eager = rig.eager(&[SCRIPT]);
+    rig.ctr("ctr", &["image", "rm", "--sync", &rig.reference]);
+    let size = rig.built.compressed_size();
+    let mut figures = Vec::new();
+    for pass in ["first", "second"] {
+        let c0 = origin.connections();
+        rig.rpull();
+        let out = rig.run("fanfill", &format!("mirror-{pass}"), SCRIPT);
+        assert_eq!(out, eager[0], "{pass} pull: lazy and eager runs differ");
+        let (fetched_bytes, _) = fetched(&rig.daemon);
+        figures.push(format!(
+            "{pass} pull + run: origin connections {}, mirror cache {} bytes, fanfill fetched {fetched_bytes} bytes (image {size} bytes)",
+            origin.connections() - c0,
+            mirror.stored_blob_bytes()
+        ));
+        // A cold pull-through cache answers a range request with the whole blob: at most
+        // one copy of the image then. The second time the daemon's content cache has the
+        // files read before.
+        let limit = if pass == "first" {
+            size + size / 10
+        } else {
+            size / 2
+        };
+        assert!(fetched_bytes <= limit, "{}", figures.join("\n"));
+        rig.ctr("ctr", &["image", "rm", "--sync", &rig.reference]);
+    }
+    eprintln!("{}", figures.join("\n"));
+    // The fills went through the mirror: it cached layer blobs (a cold pull-through cache
+    // fetches a whole blob on a range request).
+    assert!(
+        mirror.stored_blob_bytes() > 0,
+        "the mirror cached nothing: fills did not go to it\n{}",
+        figures.join("\n")
+    );
+    let log = rig.daemon.log_text();
+    assert!(
+        !log.contains("hosts.toml: mirror skipped"),
+        "{}",
+        rig.fail("mirror skipped")
     );
 }

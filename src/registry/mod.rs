@@ -47,6 +47,7 @@
 //! ```
 
 mod auth;
+pub mod hosts;
 mod layout;
 mod remote;
 mod tls;
@@ -88,6 +89,9 @@ pub const MAX_MANIFEST_SIZE: usize = 4 << 20;
 /// Errors from resolving images and reading blobs.
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
+    /// A `hosts.toml` could not be read.
+    #[error(transparent)]
+    Hosts(#[from] hosts::HostsError),
     /// A request could not be sent or got no answer (connection refused, reset, timeout).
     #[error("{method} {url}: no response")]
     Connect {
@@ -479,6 +483,10 @@ pub struct Options {
     pub authfile: Option<PathBuf>,
     /// Mirrors tried in order before the origin for reads.
     pub mirrors: Vec<Mirror>,
+    /// containerd's registry host directory (`/etc/containerd/certs.d`): the origin's
+    /// `hosts.toml` adds its mirrors after [`Options::mirrors`] and may make the origin
+    /// plain HTTP ([`hosts`]).
+    pub hosts_dir: Option<PathBuf>,
     /// Retry policy for every request.
     pub retry: RetryPolicy,
     /// Connect timeout for one request.
@@ -496,6 +504,7 @@ impl Default for Options {
             creds: None,
             authfile: None,
             mirrors: Vec::new(),
+            hosts_dir: None,
             retry: RetryPolicy::default(),
             connect_timeout: Duration::from_secs(10),
             read_timeout: Duration::from_secs(30),

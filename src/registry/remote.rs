@@ -21,6 +21,7 @@ use reqwest::{Client, Method, StatusCode, Url};
 use serde_json::json;
 
 use super::auth::{self, Challenge, Credentials};
+use super::hosts;
 use super::tls::{self, Trust};
 use super::{
     Artifact, BlobStream, Error, MAX_MANIFEST_SIZE, MEDIA_DOCKER_LIST, MEDIA_DOCKER_MANIFEST,
@@ -309,8 +310,13 @@ impl RemoteStore {
             |k| std::env::var(k).ok(),
             nix::unistd::geteuid().as_raw(),
         );
+        let hosts = match &options.hosts_dir {
+            Some(dir) => hosts::lookup(dir, &reference.registry)?,
+            None => hosts::HostConfig::default(),
+        };
+        let origin_insecure = options.insecure || hosts.origin_insecure;
         let mut endpoints = Vec::new();
-        for mirror in &options.mirrors {
+        for mirror in options.mirrors.iter().chain(&hosts.mirrors) {
             let (host, prefix) = parse_mirror(&mirror.location)?;
             let repository = if prefix.is_empty() {
                 reference.repository.clone()
@@ -336,8 +342,8 @@ impl RemoteStore {
         };
         endpoints.push(
             Endpoint::new(
-                client_for(options.insecure, &reference.registry)?,
-                options.insecure,
+                client_for(origin_insecure, &reference.registry)?,
+                origin_insecure,
                 reference.api_host(),
                 reference.repository.clone(),
                 creds,

@@ -59,6 +59,29 @@ impl TestRegistry {
         Self::start_inner(Some(format!("{user}:{hash}\n")))
     }
 
+    /// Starts a pull-through cache (`proxy: remoteurl:`) of the plain-HTTP registry at
+    /// `origin` (`HOST:PORT`), which must already answer.
+    pub fn start_proxy_of(origin: &str) -> Self {
+        Self::start_with_auth_yaml(Some(format!("proxy:\n  remoteurl: http://{origin}\n")))
+    }
+
+    /// Bytes of the blobs in its storage (for a pull-through cache: what it cached).
+    pub fn stored_blob_bytes(&self) -> u64 {
+        let mut total = 0;
+        let mut stack = vec![self.storage().join("docker/registry/v2/blobs")];
+        while let Some(d) = stack.pop() {
+            for e in std::fs::read_dir(&d).into_iter().flatten().flatten() {
+                let Ok(m) = e.metadata() else { continue };
+                if m.is_dir() {
+                    stack.push(e.path());
+                } else if e.file_name() == "data" {
+                    total += m.len();
+                }
+            }
+        }
+        total
+    }
+
     /// Starts a registry that takes Bearer tokens from `token_server` (its `token:` auth).
     pub fn start_with_token_auth(token_server: &TokenServer) -> Self {
         Self::start_with_auth_yaml(Some(format!(
