@@ -144,6 +144,10 @@ struct DaemonArgs {
     /// origin, as containerd reads them.
     #[arg(long, value_name = "DIR", default_value = "/etc/containerd/certs.d")]
     containerd_hosts_dir: PathBuf,
+    /// Fill the images containerd has fanfill serve in the background as well (never ahead
+    /// of a reader's miss).
+    #[arg(long)]
+    containerd_prefetch: bool,
 }
 
 #[derive(Args)]
@@ -505,6 +509,7 @@ fn daemon(socket: PathBuf, a: DaemonArgs) -> Result<()> {
         c.holder_exe = None;
     }
     c.containerd_socket = a.containerd_socket;
+    c.containerd_prefetch = a.containerd_prefetch;
     c.containerd_registry = RegistrySettings {
         insecure: !a.containerd_tls_verify,
         mirrors: a.containerd_mirror,

@@ -34,7 +34,7 @@ impl Host for DaemonHost {
                     dest.to_path_buf(),
                     LayoutMode::Overlay,
                     registry,
-                    false,
+                    self.0.config.containerd_prefetch,
                 )
                 .await
                 .map_err(|ApiFail(_, m)| m)?;

@@ -24,6 +24,9 @@
 //!
 //! A graceful stop (SIGTERM, SIGINT) records progress, answers what it can and leaves the
 //! group with the holder: readers that arrive meanwhile block until the successor is up.
+//!
+//! With `containerd_socket` set it also serves containerd's snapshots API once step 4 is
+//! done ([`crate::snapshotter`], through the adapter in `containerd.rs`).
 
 pub mod cache;
 mod containerd;
@@ -152,6 +155,8 @@ pub struct DaemonConfig {
     pub containerd_socket: Option<PathBuf>,
     /// Registry settings for the images containerd has the snapshotter serve lazily.
     pub containerd_registry: RegistrySettings,
+    /// Fill those images in the background too (as `Prepare`'s `prefetch`).
+    pub containerd_prefetch: bool,
 }
 
 impl DaemonConfig {
@@ -171,6 +176,7 @@ impl DaemonConfig {
             allowed_roots: DEFAULT_ALLOWED_ROOTS.iter().map(PathBuf::from).collect(),
             containerd_socket: None,
             containerd_registry: RegistrySettings::default(),
+            containerd_prefetch: false,
         }
     }
 }

@@ -158,7 +158,13 @@ pub struct Snapshotter {
     /// One remote prepare at a time: the first layer of an image prepares it, the next ones
     /// find it.
     remote: tokio::sync::Mutex<()>,
+    /// References whose lazy prepare failed lately, and when: their other layers fall back
+    /// at once instead of failing the same way one by one.
+    failed: Mutex<std::collections::HashMap<String, std::time::Instant>>,
 }
+
+/// How long a failed lazy prepare makes the image's other layers fall back at once.
+const FAILED_FOR: std::time::Duration = std::time::Duration::from_secs(60);
 
 /// Disk usage of a tree: (bytes, inodes), hardlinks counted once; `apparent` counts file
 /// sizes (a placeholder's logical size) instead of allocated blocks.
@@ -246,6 +252,7 @@ impl Snapshotter {
             host,
             store: Mutex::new(store),
             remote: tokio::sync::Mutex::new(()),
+            failed: Mutex::new(std::collections::HashMap::new()),
         });
         sn.restore();
         Ok(sn)
@@ -367,14 +374,27 @@ impl Snapshotter {
                     self.save(&store)?;
                     self.images_root.join(n.to_string())
                 };
+                if let Some(at) = self.failed.lock().unwrap().get(reference)
+                    && at.elapsed() < FAILED_FOR
+                {
+                    return Err(SnapshotterError::Host(format!(
+                        "{reference} could not be prepared {} s ago",
+                        at.elapsed().as_secs()
+                    )));
+                }
                 let layers = match self.host.prepare_image(reference, &dest).await {
                     Ok(l) => l,
                     Err(e) => {
                         // The daemon leaves the directory it created, empty.
                         let _ = std::fs::remove_dir(&dest);
+                        self.failed
+                            .lock()
+                            .unwrap()
+                            .insert(reference.to_string(), std::time::Instant::now());
                         return Err(SnapshotterError::Host(e));
                     }
                 };
+                self.failed.lock().unwrap().remove(reference);
                 info!(reference, dest = %dest.display(), layers = layers.len(), "lazy image prepared for containerd");
                 let dir = layers
                     .iter()
