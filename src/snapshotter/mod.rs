@@ -614,11 +614,22 @@ impl Snapshotter {
         labels: BTreeMap<String, String>,
     ) -> Result<(), SnapshotterError> {
         let mut store = self.store.lock().unwrap();
-        let rec = store.get(key)?;
+        let rec = store.get(key)?.clone();
         if rec.own_mount {
-            return Err(SnapshotterError::FailedPrecondition(format!(
-                "snapshot {key} is a container rootfs over lazy layers; it cannot be committed"
-            )));
+            // A layer containerd applied over lazy layers (one that could not be served
+            // lazily itself): its changes are in `fs`, the overlay's upper directory; the
+            // overlay and its watch go.
+            let merged = self.dir(rec.id).join("merged");
+            if is_mount_point(&merged) {
+                nix::mount::umount2(&merged, nix::mount::MntFlags::MNT_DETACH).map_err(|e| {
+                    SnapshotterError::Io {
+                        what: format!("unmounting {}", merged.display()),
+                        source: e.into(),
+                    }
+                })?;
+            }
+            self.host.unwatch_overlay(&merged);
+            store.set_own_mount(key, false)?;
         }
         let usage = usage_of(&self.dir(rec.id).join("fs"), false);
         store.commit(name, key, labels, usage)?;
