@@ -219,6 +219,15 @@ pub struct DaemonStatus {
     pub latency_p50_us: u64,
     /// 99th percentile.
     pub latency_p99_us: u64,
+    /// Overlay rootfs mounts whose opens are held until their files are filled.
+    #[serde(default)]
+    pub overlays_watched: u64,
+    /// Opens through watched overlays being served now.
+    #[serde(default)]
+    pub overlay_opens_inflight: u64,
+    /// Opens through watched overlays served since start.
+    #[serde(default)]
+    pub overlay_opens: u64,
 }
 
 /// A response from the daemon.

@@ -464,7 +464,8 @@ fn estargz_overlay_mode_fills_whole_files_on_open() {
     assert_eq!(prepared.unpacked.lowerdirs.len(), 2);
     let ovl = OverlayMount::new(&prepared.unpacked.lowerdir_option(), &fs.mnt.join("ovl"));
     let lower_dev = std::fs::metadata(&fs.mnt).unwrap().dev();
-    let watch = fanfill::overlay::OverlayWatch::start(&engine, &ovl.merged, lower_dev).unwrap();
+    let watch =
+        fanfill::overlay::OverlayWatcher::start_on(&engine, &ovl.merged, lower_dev).unwrap();
     let mismatches = compare(
         &walk(&fx.reference_dir),
         &ovl.merged,

@@ -30,7 +30,7 @@ use fanfill::api::RegistrySettings;
 use fanfill::fill::{Engine, EngineConfig};
 use fanfill::image::{self, IndexOrigin, PrepareOptions};
 use fanfill::ocibuild::{Compression, LayerItem, write_layout};
-use fanfill::overlay::OverlayWatch;
+use fanfill::overlay::OverlayWatcher;
 use fanfill::toc::zstd_chunked::{self, POSITION_ANNOTATIONS, TocPosition};
 use fanfill::unpack::Mode;
 use fsutil::daemonproc::DaemonProc;
@@ -311,7 +311,7 @@ fn overlay_mode_and_the_daemon_serve_zstd_chunked_images() {
     assert_eq!(prepared.unpacked.lowerdirs.len(), img.blobs.len());
     let ovl = OverlayMount::new(&prepared.unpacked.lowerdir_option(), &fs.mnt.join("ovl"));
     let lower_dev = std::fs::metadata(&fs.mnt).unwrap().dev();
-    let watch = OverlayWatch::start(&engine, &ovl.merged, lower_dev).unwrap();
+    let watch = OverlayWatcher::start_on(&engine, &ovl.merged, lower_dev).unwrap();
     let mismatches = compare(&tree, &ovl.merged, READ_LIMIT);
     eprintln!(
         "overlay: {} paths compared through overlayfs, {} mismatches, {} opens held, {:.1} MiB fetched of {:.1} MiB",

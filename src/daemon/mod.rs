@@ -51,12 +51,12 @@ use crate::fill::{
 };
 use crate::image::{self, PrepareOptions};
 use crate::index::LayerIndex;
-use crate::overlay::OverlayWatch;
+use crate::overlay::OverlayWatcher;
 use crate::registry::BlobStore;
 use crate::sys::fanotify::{DenyErrno, EventId, Group, GroupClass, Response as FanResponse};
 use crate::sys::fdpass::FdReservation;
 use crate::unpack::{self, Layer, Mode, UnpackOptions};
-use journal::{Inflight, Journal};
+use journal::{EventKind, Inflight, Journal};
 use state::{FileRecord, ImageRecord, StateDir};
 
 /// Errors of the daemon.
@@ -276,8 +276,11 @@ struct Daemon {
     /// Prefetch pacing: when the next prefetch may start (see `prefetch_rate`).
     prefetch_next: Mutex<Instant>,
     stopping: AtomicBool,
-    /// Open watches on overlay rootfs mounts: (image id, merged dir, watch).
-    watches: Mutex<Vec<(u64, PathBuf, OverlayWatch)>>,
+    /// The open watch of every overlay rootfs over an overlay-mode image (its group is kept
+    /// by the fd holder too).
+    overlays: OverlayWatcher,
+    /// Watched overlays: (image id, merged dir, the overlay's device number).
+    watches: Mutex<Vec<(u64, PathBuf, u64)>>,
     /// Destinations being prepared right now (claimed before anything is created).
     claims: Mutex<Vec<PathBuf>>,
     /// The daemon's own places, resolved: the state dir, the index dir, the socket. A
@@ -666,6 +669,7 @@ impl Daemon {
                 ..registry
             },
             prefetch,
+            overlays: Vec::new(),
             files: Vec::with_capacity(unpacked.placeholders.len()),
         };
         let this = self.clone();
@@ -975,6 +979,9 @@ impl Daemon {
                 errors: st.errors,
                 latency_p50_us: st.latency_p50_us,
                 latency_p99_us: st.latency_p99_us,
+                overlays_watched: self.watches.lock().unwrap().len() as u64,
+                overlay_opens_inflight: self.overlays.inflight(),
+                overlay_opens: self.overlays.opens(),
             },
             images: images.iter().map(|i| self.image_status(i)).collect(),
         })
@@ -1019,17 +1026,75 @@ impl Daemon {
                 ),
             ));
         };
-        let mut watches = self.watches.lock().unwrap();
-        if watches.iter().any(|(_, m, _)| m == merged) {
-            return Ok(Response::Ok);
-        }
-        let dev = std::fs::metadata(&dest)
-            .map(|m| std::os::unix::fs::MetadataExt::dev(&m))
+        let img = self.images.lock().unwrap().get(&id).cloned();
+        let Some(img) = img else {
+            return Err(ApiFail(
+                ErrorKind::UnknownImage,
+                format!("the image at {} is being removed", dest.display()),
+            ));
+        };
+        self.watch_overlay_of(id, &img, merged, &dest)
             .map_err(ApiFail::internal)?;
-        let watch = OverlayWatch::start(&self.engine, merged, dev).map_err(ApiFail::internal)?;
-        info!(merged = %merged.display(), image = %dest.display(), "overlay rootfs watched");
-        watches.push((id, merged.to_path_buf(), watch));
+        // On record before the answer: a successor re-learns every overlay it must watch.
+        self.persist_image(&img);
         Ok(Response::Ok)
+    }
+
+    /// Watches the overlay at `merged`, over `img`'s layer trees at `dest`, and notes it in
+    /// the image's record (idempotent).
+    fn watch_overlay_of(
+        &self,
+        id: u64,
+        img: &ImageRt,
+        merged: &Path,
+        dest: &Path,
+    ) -> Result<(), crate::overlay::OverlayError> {
+        let lower_dev = std::fs::metadata(dest).map(|m| m.dev()).map_err(|source| {
+            crate::overlay::OverlayError::Stat {
+                path: dest.to_path_buf(),
+                source,
+            }
+        })?;
+        let mut watches = self.watches.lock().unwrap();
+        let dev = self.overlays.watch(merged, lower_dev)?;
+        if !watches.iter().any(|(_, m, d)| m == merged && *d == dev) {
+            watches.retain(|(_, m, _)| m != merged);
+            watches.push((id, merged.to_path_buf(), dev));
+        }
+        let mut rec = img.record.lock().unwrap();
+        if !rec.overlays.iter().any(|m| m == merged) {
+            rec.overlays.push(merged.to_path_buf());
+        }
+        info!(merged = %merged.display(), image = %dest.display(), "overlay rootfs watched");
+        Ok(())
+    }
+
+    /// Re-learns the overlays a predecessor watched for `img` (the group taken over still
+    /// marks them; a new group is marked again). An overlay no longer mounted there, or no
+    /// longer over this image's trees, is dropped from the record.
+    fn rewatch_overlays(&self, id: u64, img: &ImageRt) {
+        let (recorded, dest) = {
+            let rec = img.record.lock().unwrap();
+            (rec.overlays.clone(), rec.dest.clone())
+        };
+        if recorded.is_empty() {
+            return;
+        }
+        let mountinfo = std::fs::read_to_string("/proc/self/mountinfo").unwrap_or_default();
+        for merged in recorded {
+            let over_ours = crate::hook::overlay_lowerdirs(&mountinfo, &merged)
+                .is_some_and(|lowers| lowers.iter().all(|l| l.starts_with(&dest)));
+            let res = if over_ours {
+                self.watch_overlay_of(id, img, &merged, &dest)
+                    .map_err(|e| error_chain(&e))
+            } else {
+                Err("no longer mounted over this image's layers".to_string())
+            };
+            if let Err(e) = res {
+                info!(merged = %merged.display(), reason = %e, "overlay watch dropped");
+                img.record.lock().unwrap().overlays.retain(|m| *m != merged);
+            }
+        }
     }
 
     /// Stops serving an image and deletes its tree: where the tree is now (found by
@@ -1045,10 +1110,12 @@ impl Daemon {
                 format!("the image at {} is already being removed", dest.display()),
             ));
         }
-        self.watches
-            .lock()
-            .unwrap()
-            .retain(|(img_id, _, _)| *img_id != id);
+        self.watches.lock().unwrap().retain(|(img_id, _, dev)| {
+            if *img_id == id {
+                self.overlays.unwatch(*dev);
+            }
+            *img_id != id
+        });
         img.prefetch.store(false, Ordering::SeqCst);
         let recorded = img.record.lock().unwrap().dest.clone();
         let location = img.tree.as_ref().and_then(|t| t.location(&recorded));
@@ -1212,53 +1279,59 @@ impl Daemon {
     fn persist(&self) {
         let images: Vec<Arc<ImageRt>> = self.images.lock().unwrap().values().cloned().collect();
         for img in images {
-            if img.removed.load(Ordering::SeqCst) || img.error.is_some() {
+            self.persist_image(&img);
+        }
+    }
+
+    /// Records one image's progress (and watched overlays) if it changed since it was last
+    /// recorded, then offers its complete files to the content cache.
+    fn persist_image(&self, img: &ImageRt) {
+        if img.removed.load(Ordering::SeqCst) || img.error.is_some() {
+            return;
+        }
+        let snapshot = {
+            let mut rec = img.record.lock().unwrap();
+            rec.prefetch = img.prefetch.load(Ordering::Relaxed);
+            for (f, id) in rec.files.iter_mut().zip(&img.files) {
+                if let Some(p) = id.and_then(|id| self.engine.progress(id)) {
+                    f.set_filled(p.chunk, &p.filled, p.complete);
+                }
+            }
+            rec.clone()
+        };
+        let mut saved = img.saved.lock().unwrap();
+        if img.removed.load(Ordering::SeqCst) {
+            // Removed meanwhile: its record must not come back.
+            return;
+        }
+        if saved.as_ref() != Some(&snapshot) {
+            // Filled bytes reach the disk before the record that says they are there.
+            if let Ok(d) = std::fs::File::open(&snapshot.dest) {
+                let _ = nix::unistd::syncfs(&d);
+            }
+            match self.state.save(&snapshot) {
+                Ok(()) => *saved = Some(snapshot.clone()),
+                Err(e) => warn!(error = %error_chain(&e), "recording progress"),
+            }
+        }
+        // Complete files enter the content cache (only if their bytes are the image's).
+        let mut cached = img.cached.lock().unwrap();
+        cached.resize(snapshot.files.len(), false);
+        for (i, f) in snapshot.files.iter().enumerate() {
+            if cached[i] || !f.complete {
                 continue;
             }
-            let snapshot = {
-                let mut rec = img.record.lock().unwrap();
-                rec.prefetch = img.prefetch.load(Ordering::Relaxed);
-                for (f, id) in rec.files.iter_mut().zip(&img.files) {
-                    if let Some(p) = id.and_then(|id| self.engine.progress(id)) {
-                        f.set_filled(p.chunk, &p.filled, p.complete);
+            cached[i] = true;
+            if let Some(sha) = &f.sha256
+                && !self.cache.contains(sha)
+                && !img.removed.load(Ordering::SeqCst)
+            {
+                match self.cache.add(sha, &f.path) {
+                    Ok(true) => debug!(path = %f.path.display(), "added to the content cache"),
+                    Ok(false) => {
+                        warn!(path = %f.path.display(), "not cached: its bytes are not the image's")
                     }
-                }
-                rec.clone()
-            };
-            let mut saved = img.saved.lock().unwrap();
-            if img.removed.load(Ordering::SeqCst) {
-                // Removed meanwhile: its record must not come back.
-                continue;
-            }
-            if saved.as_ref() != Some(&snapshot) {
-                // Filled bytes reach the disk before the record that says they are there.
-                if let Ok(d) = std::fs::File::open(&snapshot.dest) {
-                    let _ = nix::unistd::syncfs(&d);
-                }
-                match self.state.save(&snapshot) {
-                    Ok(()) => *saved = Some(snapshot.clone()),
-                    Err(e) => warn!(error = %error_chain(&e), "recording progress"),
-                }
-            }
-            // Complete files enter the content cache (only if their bytes are the image's).
-            let mut cached = img.cached.lock().unwrap();
-            cached.resize(snapshot.files.len(), false);
-            for (i, f) in snapshot.files.iter().enumerate() {
-                if cached[i] || !f.complete {
-                    continue;
-                }
-                cached[i] = true;
-                if let Some(sha) = &f.sha256
-                    && !self.cache.contains(sha)
-                    && !img.removed.load(Ordering::SeqCst)
-                {
-                    match self.cache.add(sha, &f.path) {
-                        Ok(true) => debug!(path = %f.path.display(), "added to the content cache"),
-                        Ok(false) => {
-                            warn!(path = %f.path.display(), "not cached: its bytes are not the image's")
-                        }
-                        Err(e) => warn!(error = %error_chain(&e), "adding to the content cache"),
-                    }
+                    Err(e) => warn!(error = %error_chain(&e), "adding to the content cache"),
                 }
             }
         }
@@ -1300,22 +1373,63 @@ impl Daemon {
     }
 }
 
+/// A group of `class` kept in the fd holder's `slot`: taken back from a running holder
+/// (`true`: taken over, with its marks and blocked events), or new, with a duplicate handed
+/// to the holder (started if need be). A holder that predates the slot keeps nothing: the
+/// group then fails open when this daemon dies, which is logged.
+fn held_group(
+    config: &DaemonConfig,
+    holder_sock: &Path,
+    slot: holder::Slot,
+    class: GroupClass,
+) -> Result<(Group, bool), DaemonError> {
+    if let Some(fd) = holder::take(holder_sock, slot).or_else(|e| match e {
+        holder::HolderError::Protocol { .. } => Ok(None),
+        e => Err(e),
+    })? {
+        return Ok((Group::from_owned_fd(fd)?, true));
+    }
+    let g = Group::new(class)?;
+    if let Some(exe) = &config.holder_exe {
+        if !holder::is_running(holder_sock) {
+            holder::spawn(exe, holder_sock)?;
+        }
+        let dup = g.try_clone_fd().map_err(|source| DaemonError::Io {
+            what: "duplicating the group fd".into(),
+            source,
+        })?;
+        match holder::put(holder_sock, slot, std::os::fd::AsFd::as_fd(&dup)) {
+            Ok(()) => {}
+            Err(holder::HolderError::Protocol { answer, .. }) => tracing::error!(
+                ?slot,
+                ?answer,
+                "the running fd holder cannot keep this group (an older version?): restart it"
+            ),
+            Err(e) => return Err(e.into()),
+        }
+    }
+    Ok((g, false))
+}
+
 /// Denies (`EIO`) every stale event carrying a reserved number nothing is known about, then
 /// releases every reserved number but the known in-flight events' ones: new events get low
 /// numbers again (events read while the whole range was held get numbers above it, and a
 /// crash with those unanswered would make the next successor reserve still higher).
-fn deny_unknown_stale(group: &Group, inflight: &[Inflight], reservation: &mut FdReservation) {
+fn deny_unknown_stale(groups: &[&Group], inflight: &[Inflight], reservation: &mut FdReservation) {
     let known: Vec<i32> = inflight.iter().map(|i| i.id.raw()).collect();
     let mut stale = 0;
     for n in reservation.numbers() {
         if known.contains(&n) {
             continue;
         }
-        if group
-            .respond_id(EventId::from_raw(n), FanResponse::Deny(DenyErrno::Io))
-            .is_ok()
-        {
-            stale += 1;
+        // Only the group that holds an event with this number accepts the answer.
+        for group in groups {
+            if group
+                .respond_id(EventId::from_raw(n), FanResponse::Deny(DenyErrno::Io))
+                .is_ok()
+            {
+                stale += 1;
+            }
         }
     }
     reservation.release_except(&known);
@@ -1339,11 +1453,20 @@ fn answer_inherited(
         for ev in &inflight {
             s.spawn(move || {
                 let fid = FileId::new(ev.dev, ev.ino);
+                let group = match ev.kind {
+                    EventKind::Range => daemon.engine.group(),
+                    EventKind::OverlayOpen => daemon.overlays.group(),
+                };
                 let response = if daemon.engine.progress(fid).is_none() {
                     warn!(event = %ev.id, "inherited event on a file not served; EIO");
                     FanResponse::Deny(DenyErrno::Io)
                 } else {
-                    match daemon.engine.fill_range(fid, ev.offset, ev.count) {
+                    let fill = match ev.kind {
+                        EventKind::Range => daemon.engine.fill_range(fid, ev.offset, ev.count),
+                        // An open through a watched overlay: the lower file, whole.
+                        EventKind::OverlayOpen => daemon.engine.fill_file(fid),
+                    };
+                    match fill {
                         Ok(()) => FanResponse::Allow,
                         Err(e) => {
                             warn!(event = %ev.id, error = %error_chain(&e), "inherited event: fill failed");
@@ -1351,7 +1474,7 @@ fn answer_inherited(
                         }
                     }
                 };
-                match daemon.engine.group().respond_id(ev.id, response) {
+                match group.respond_id(ev.id, response) {
                     Ok(()) => {
                         daemon.inherited_answered.fetch_add(1, Ordering::Relaxed);
                     }
@@ -1473,22 +1596,20 @@ pub fn run(config: DaemonConfig) -> Result<(), DaemonError> {
         FdReservation::default()
     };
     let journal = Arc::new(journal);
-    // 2. The group: from the holder, or new.
+    // 2. The groups: from the holder, or new (and a duplicate handed to it).
     let holder_sock = state.root().join("holder.sock");
-    let (group, took_over) = match holder::take(&holder_sock)? {
-        Some(fd) => (Group::from_owned_fd(fd)?, true),
-        None => {
-            let g = Group::new(GroupClass::PreContent)?;
-            if let Some(exe) = &config.holder_exe {
-                if !holder::is_running(&holder_sock) {
-                    holder::spawn(exe, &holder_sock)?;
-                }
-                let dup = g.try_clone_fd().map_err(io("duplicating the group fd"))?;
-                holder::put(&holder_sock, std::os::fd::AsFd::as_fd(&dup))?;
-            }
-            (g, false)
-        }
-    };
+    let (group, took_over) = held_group(
+        &config,
+        &holder_sock,
+        holder::Slot::PreContent,
+        GroupClass::PreContent,
+    )?;
+    let (overlay_group, overlays_taken) = held_group(
+        &config,
+        &holder_sock,
+        holder::Slot::OverlayWatch,
+        GroupClass::Content,
+    )?;
     let inflight = if took_over {
         inflight
     } else {
@@ -1512,6 +1633,12 @@ pub fn run(config: DaemonConfig) -> Result<(), DaemonError> {
         true,
     )?;
     engine.set_deny_unknown(true);
+    // Reads nothing until step 5: opens through watched overlays wait in the kernel.
+    let overlays = OverlayWatcher::with_group(
+        &engine,
+        overlay_group,
+        Some(journal.clone() as Arc<dyn crate::fill::EventJournal>),
+    );
     let records = state.load()?;
     let next_id = records.iter().map(|r| r.id).max().unwrap_or(0) + 1;
     let cache = cache::Cache::open(&state.root().join("cache"))?;
@@ -1533,6 +1660,7 @@ pub fn run(config: DaemonConfig) -> Result<(), DaemonError> {
         inherited_answered: AtomicU64::new(0),
         prefetch_next: Mutex::new(Instant::now()),
         stopping: AtomicBool::new(false),
+        overlays,
         watches: Mutex::new(Vec::new()),
         claims: Mutex::new(Vec::new()),
         own,
@@ -1548,17 +1676,27 @@ pub fn run(config: DaemonConfig) -> Result<(), DaemonError> {
     for rec in records {
         let id = rec.id;
         let img = rt.block_on(daemon.reopen(rec));
+        if img.error.is_none() {
+            daemon.rewatch_overlays(id, &img);
+        }
         daemon.images.lock().unwrap().insert(id, img);
     }
     info!(
         images = daemon.images.lock().unwrap().len(),
+        overlays = daemon.watches.lock().unwrap().len(),
+        overlay_group_taken_over = overlays_taken,
         ms = t.elapsed().as_millis() as u64,
         "recorded images re-registered"
     );
     // 5. Serve.
     let mut reservation = reservation;
-    deny_unknown_stale(daemon.engine.group(), &inflight, &mut reservation);
+    deny_unknown_stale(
+        &[daemon.engine.group(), daemon.overlays.group()],
+        &inflight,
+        &mut reservation,
+    );
     daemon.engine.open_gate();
+    daemon.overlays.start();
     {
         let (d, j) = (daemon.clone(), journal.clone());
         std::thread::spawn(move || answer_inherited(&d, &j, inflight, reservation));
@@ -1632,11 +1770,18 @@ pub fn run(config: DaemonConfig) -> Result<(), DaemonError> {
     daemon.persist();
     let _ = std::fs::remove_file(&config.socket);
     rt.shutdown_timeout(Duration::from_secs(1));
+    // Opens not read yet wait in the kernel for the successor; those read are answered
+    // here, or, past the deadline, by the successor from the journal.
+    daemon.overlays.stop();
     // Events still in flight are journaled: the successor answers them.
     let deadline = Instant::now() + Duration::from_secs(5);
-    while daemon.engine.inflight_events() > 0 && Instant::now() < deadline {
+    while daemon.engine.inflight_events() + daemon.overlays.inflight() > 0
+        && Instant::now() < deadline
+    {
         std::thread::sleep(Duration::from_millis(5));
     }
+    // What those fills completed is on record too: the successor does not fetch it again.
+    daemon.persist();
     Ok(())
 }
 

@@ -116,6 +116,10 @@ pub struct ImageRecord {
     pub registry: RegistrySettings,
     /// Background prefetch on.
     pub prefetch: bool,
+    /// Overlay mode: mount points of the overlays over these layers whose opens the daemon
+    /// holds until filled (a successor watches them again before it serves anything).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub overlays: Vec<PathBuf>,
     /// The placeholders.
     pub files: Vec<FileRecord>,
 }
@@ -243,6 +247,7 @@ mod tests {
             lowerdir: None,
             registry: RegistrySettings::default(),
             prefetch: false,
+            overlays: vec!["/run/c/rootfs".into()],
             files: vec![f],
         };
         st.save(&rec).unwrap();

@@ -530,6 +530,17 @@ impl Group {
         )
     }
 
+    /// Removes `mask` from the filesystem mark of the superblock holding `path`.
+    pub fn unmark_filesystem(&self, path: &Path, mask: u64) -> Result<(), FanotifyError> {
+        self.mark_raw(
+            FAN_MARK_REMOVE | FAN_MARK_FILESYSTEM,
+            mask,
+            cwd_fd(),
+            Some(path),
+            &|| path_string(path),
+        )
+    }
+
     /// Puts an ignore mark for `mask` (on the directory and its children) on `dir`, so that a
     /// broader mark does not report accesses under it (the daemon's cache).
     pub fn ignore_dir(&self, dir: &Path, mask: u64) -> Result<(), FanotifyError> {
