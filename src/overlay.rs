@@ -17,7 +17,11 @@
 //! group back, re-learns its overlays ([`OverlayWatcher::watch`] is idempotent), and answers
 //! the opens its predecessor read, by number, from the journal ([`EventJournal::begin_open`]).
 //! Events are not read before [`OverlayWatcher::start`]: they wait in the kernel until the
-//! files are registered. It never unpacks, fetches or writes file data itself (the engine
+//! files are registered.
+//!
+//! A refused open fails with `EPERM`, not `EIO`: the kernel takes a chosen errno
+//! (`FAN_DENY_ERRNO`) only from pre-content groups and refuses the answer from this class,
+//! which would leave the opener blocked; a plain `FAN_DENY` is what remains. It never unpacks, fetches or writes file data itself (the engine
 //! does), and never marks anything but the overlay mounts it is given.
 
 use std::collections::HashMap;
@@ -30,7 +34,7 @@ use tracing::{debug, info, warn};
 
 use crate::fill::{Engine, EventJournal, FileId, Filler, error_chain};
 use crate::sys::fanotify::{
-    DenyErrno, Event, FAN_OPEN_EXEC_PERM, FAN_OPEN_PERM, FanotifyError, Group, GroupClass, Response,
+    Event, FAN_OPEN_EXEC_PERM, FAN_OPEN_PERM, FanotifyError, Group, GroupClass, Response,
 };
 
 /// Errors of the overlay watch.
@@ -293,9 +297,9 @@ fn dispatch(inner: &Arc<Inner>, event: Event) {
         warn!(
             dev = st.st_dev,
             ino = st.st_ino,
-            "open on an overlay this daemon does not know; EIO"
+            "open on an overlay this daemon does not know; refused (EPERM)"
         );
-        answer(inner, event, Response::Deny(DenyErrno::Io), false);
+        answer(inner, event, Response::DenyPlain, false);
         return;
     };
     let lower = FileId::new(lower_dev, st.st_ino);
@@ -310,8 +314,8 @@ fn dispatch(inner: &Arc<Inner>, event: Event) {
         let response = match fut.await {
             Ok(()) => Response::Allow,
             Err(e) => {
-                warn!(ino = st.st_ino, error = %error_chain(&*e), "overlay open: fill failed; denying");
-                Response::Deny(e.errno())
+                warn!(ino = st.st_ino, error = %error_chain(&*e), "overlay open: fill failed; refused (EPERM)");
+                Response::DenyPlain
             }
         };
         answer(&inner2, event, response, true);

@@ -150,7 +150,9 @@ fn issue20_overlay_readers_get_the_image_bytes_across_sigkill_and_sigterm() {
     ));
     let (ds, images) = d3.status();
     assert_eq!(ds.overlays_watched, 1, "{ds:?}");
-    assert_eq!(images[0].files_complete, 24, "{:?}", images[0]);
+    // The first three were filled by the daemon that was SIGKILLed, possibly before it
+    // recorded them (they would be fetched again); every later one is on record.
+    assert!(images[0].files_complete >= 21, "{:?}", images[0]);
 
     // An overlay unmounted while no daemon runs is dropped cleanly by the successor.
     let mut d3 = d3;
@@ -168,4 +170,124 @@ fn issue20_overlay_readers_get_the_image_bytes_across_sigkill_and_sigterm() {
     for (what, n) in report {
         println!("| {what} | {n} | 0 |");
     }
+}
+
+/// Issue #20's audit: an image a successor cannot reopen (its layout gone) while the fd
+/// holder died too (so the group and its marks are new): its unfilled files answer `EIO`
+/// through a direct tree, and their opens through a watched overlay are refused (`EPERM`),
+/// never their holes.
+#[test]
+fn issue20_image_that_cannot_be_reopened_answers_eio_not_holes() {
+    let fs = LoopFs::new("ext4", 256);
+    let state = fs.mnt.join("state");
+    std::fs::create_dir(&state).unwrap();
+    let img_dir = fs.mnt.join("img");
+    let (reference, files) = build_image(&img_dir, "1", 3, 950);
+    let mut d = DaemonProc::start(&state, &[]);
+    let direct = fs.mnt.join("direct");
+    d.prepare(&reference, &direct, false);
+    let layers = fs.mnt.join("layers");
+    let st = d.prepare_layout(
+        &reference,
+        &layers,
+        LayoutMode::Overlay,
+        false,
+        RegistrySettings::default(),
+    );
+    let ovl = OverlayMount::new(st.lowerdir.as_deref().unwrap(), &fs.mnt.join("ovl"));
+    watch(&d, &ovl.merged);
+    d.stop();
+    fanfill::daemon::holder::quit(&state.join("holder.sock")).unwrap();
+    std::fs::rename(&img_dir, fs.mnt.join("img-moved")).unwrap();
+    let d2 = DaemonProc::start(&state, &[]);
+    let (ds, images) = d2.status();
+    assert!(!ds.took_over);
+    assert_eq!(ds.overlays_watched, 1, "{ds:?}");
+    for i in &images {
+        assert!(i.state.starts_with("error: "), "{i:?}");
+    }
+    // Through overlay the open is refused with EPERM: a content-class group cannot choose
+    // the errno (`src/overlay.rs`).
+    for (path, errno) in [
+        (direct.join(&files[0].0), libc::EIO),
+        (ovl.merged.join(&files[1].0), libc::EPERM),
+    ] {
+        let p = path.clone();
+        let got = within(30, "read of an image not reopened", move || {
+            std::fs::read(p)
+        });
+        match got {
+            Err(e) => assert_eq!(e.raw_os_error(), Some(errno), "{}: {e}", path.display()),
+            Ok(b) => panic!(
+                "{}: read {} bytes ({} zero) of an image that could not be reopened",
+                path.display(),
+                b.len(),
+                b.iter().filter(|x| **x == 0).count()
+            ),
+        }
+    }
+    println!(
+        "image not reopened: {}; direct reads answered EIO, overlay opens EPERM",
+        images[0].state
+    );
+}
+
+/// Issue #20's audit: a daemon SIGKILLed in the middle of a prepare (placeholders being
+/// created, not yet registered, so unmarked and readable as holes) leaves no tree behind: its
+/// successor removes what was made, and the destination can be prepared again.
+#[test]
+fn issue20_prepare_cut_short_by_sigkill_leaves_no_readable_holes() {
+    let fs = LoopFs::new("ext4", 512);
+    let state = fs.mnt.join("state");
+    std::fs::create_dir(&state).unwrap();
+    // Many small files: the unpack and registration take long enough to be cut short.
+    let (reference, files) =
+        fsutil::daemonproc::build_image_sized(&fs.mnt.join("img"), "1", 30_000, 7, |i| {
+            100 + i % 900
+        });
+    let mut d = DaemonProc::start(&state, &[]);
+    let dest = fs.mnt.join("root");
+    let (socket, r2, dest2) = (d.socket.clone(), reference.clone(), dest.clone());
+    let call = std::thread::spawn(move || {
+        fanfill::daemon::call(
+            &socket,
+            &Request::Prepare {
+                image: r2,
+                dest: dest2,
+                mode: LayoutMode::Direct,
+                registry: RegistrySettings::default(),
+                prefetch: false,
+            },
+        )
+    });
+    // Kill as soon as the first placeholders exist.
+    let data = dest.join("data");
+    within(60, "placeholders appear", move || {
+        while !data.exists() {
+            std::thread::sleep(Duration::from_millis(1));
+        }
+    });
+    d.kill9();
+    let answered = within(30, "prepare call", move || call.join().unwrap());
+    assert!(
+        !matches!(answered, Ok(Response::Prepared(_))),
+        "the prepare finished before the kill: {answered:?}"
+    );
+    let left_before = std::fs::read_dir(&dest).unwrap().count();
+    let d2 = DaemonProc::start(&state, &[]);
+    let (_, images) = d2.status();
+    assert!(images.is_empty(), "{images:?}");
+    assert_eq!(
+        std::fs::read_dir(&dest).unwrap().count(),
+        0,
+        "a partial tree was left"
+    );
+    assert!(d2.log_text().contains("removing its partial tree"));
+    // The destination is usable again, and serves the image's bytes.
+    d2.prepare(&reference, &dest, false);
+    let (p, want) = (dest.join(&files[4242].0), files[4242].1.clone());
+    assert!(within(30, "read", move || std::fs::read(p)).unwrap() == want);
+    println!(
+        "prepare killed with {left_before} entries made in the destination: the successor removed them"
+    );
 }

@@ -57,7 +57,7 @@ use crate::sys::fanotify::{DenyErrno, EventId, Group, GroupClass, Response as Fa
 use crate::sys::fdpass::FdReservation;
 use crate::unpack::{self, Layer, Mode, UnpackOptions};
 use journal::{EventKind, Inflight, Journal};
-use state::{FileRecord, ImageRecord, StateDir};
+use state::{FileRecord, ImageRecord, PrepareIntent, StateDir};
 
 /// Errors of the daemon.
 #[derive(Debug, thiserror::Error)]
@@ -201,6 +201,72 @@ impl ContentSource for DaemonSource {
     }
 }
 
+/// A prepare under way, on record ([`PrepareIntent`]) until [`Preparing::done`]. Dropped
+/// before that (any failure), it removes what was made in the destination.
+struct Preparing<'a> {
+    state: &'a StateDir,
+    id: u64,
+    intent: PrepareIntent,
+    done: bool,
+}
+
+impl<'a> Preparing<'a> {
+    fn begin(
+        state: &'a StateDir,
+        id: u64,
+        dest: &Path,
+        tree: &TreeDir,
+    ) -> Result<Preparing<'a>, ApiFail> {
+        let intent = PrepareIntent {
+            dest: dest.to_path_buf(),
+            key: tree.key,
+        };
+        state
+            .begin_prepare(id, &intent)
+            .map_err(ApiFail::internal)?;
+        Ok(Preparing {
+            state,
+            id,
+            intent,
+            done: false,
+        })
+    }
+
+    /// The image is recorded: what was made stays.
+    fn done(mut self) {
+        self.done = true;
+    }
+}
+
+impl Drop for Preparing<'_> {
+    fn drop(&mut self) {
+        if !self.done {
+            abandon_prepare(&self.intent);
+        }
+        self.state.end_prepare(self.id);
+    }
+}
+
+/// Removes what an unfinished prepare made in its destination, if the directory there is
+/// still the one it prepared into.
+fn abandon_prepare(intent: &PrepareIntent) {
+    if dir_is(&intent.dest, intent.key) {
+        image::remove_tree_contents(&intent.dest);
+    }
+}
+
+/// The source of a file whose image could not be reopened after a restart (registry
+/// unreachable, the reference moved on, the index lost): every fill fails with the reason,
+/// so readers get `EIO` rather than the placeholder's holes.
+struct Unavailable(String);
+
+impl ContentSource for Unavailable {
+    fn read_at(&self, _offset: u64, _len: u64) -> BoxFuture<'_, Result<Vec<u8>, SourceError>> {
+        let m = self.0.clone();
+        async move { Err(SourceError::new(format!("image not reopened: {m}"))) }.boxed()
+    }
+}
+
 /// One served image.
 struct ImageRt {
     record: Mutex<ImageRecord>,
@@ -227,10 +293,19 @@ struct ImageRt {
     opened: Option<Arc<Opened>>,
 }
 
+/// Identity of a directory: device, inode and birth time.
+type DirKey = (u64, u64, Option<std::time::SystemTime>);
+
+/// Whether the directory at `path` (not following a final symlink) is the one `key` names.
+fn dir_is(path: &Path, key: DirKey) -> bool {
+    std::fs::symlink_metadata(path)
+        .is_ok_and(|m| m.is_dir() && (m.dev(), m.ino(), m.created().ok()) == key)
+}
+
 /// An image's destination directory, identified by its device, inode and birth time.
 struct TreeDir {
     fd: std::fs::File,
-    key: (u64, u64, Option<std::time::SystemTime>),
+    key: DirKey,
 }
 
 impl TreeDir {
@@ -248,8 +323,7 @@ impl TreeDir {
 
     /// Whether `path` (not followed if a symlink) is this directory.
     fn is_at(&self, path: &Path) -> bool {
-        std::fs::symlink_metadata(path)
-            .is_ok_and(|m| m.is_dir() && (m.dev(), m.ino(), m.created().ok()) == self.key)
+        dir_is(path, self.key)
     }
 
     /// Where the directory is now: `recorded` if it is still there, wherever it was moved
@@ -605,6 +679,10 @@ impl Daemon {
                 format!("opening {}: {e}", dest.display()),
             )
         })?;
+        let id = self.next_id.fetch_add(1, Ordering::SeqCst);
+        // Until the image is recorded, a failure (or a successor, after a crash) removes
+        // whatever was made here.
+        let preparing = Preparing::begin(&self.state, id, &dest, &tree)?;
         let opts = prepare_options(&self.config.index_dir, &registry)?;
         let started = Instant::now();
         let opened = open_image(&image_ref, &opts)
@@ -654,7 +732,6 @@ impl Daemon {
         if let Err(e) = image::mark_tree(&dest, &image_ref) {
             warn!(dest = %dest.display(), error = %e, "cannot mark the tree as fanfill's");
         }
-        let id = self.next_id.fetch_add(1, Ordering::SeqCst);
         let counters = Arc::new(ImageCounters::default());
         let mut record = ImageRecord {
             id,
@@ -729,14 +806,9 @@ impl Daemon {
         })
         .await
         .map_err(ApiFail::internal)?;
-        let (ids, record, counters, order) = match res {
-            Ok(v) => v,
-            Err(e) => {
-                image::remove_tree_contents(&dest);
-                return Err(e);
-            }
-        };
+        let (ids, record, counters, order) = res?;
         self.state.save(&record).map_err(ApiFail::internal)?;
+        preparing.done();
         if let Some(early) = early_profile {
             let (placed, fids): (Vec<(usize, usize)>, Vec<FileId>) = record
                 .files
@@ -814,30 +886,25 @@ impl Daemon {
                 .map_err(|e| error_chain(&e)),
             Err(ApiFail(_, m)) => Err(m),
         };
-        let opened = match opened {
-            Ok(o) if o.manifest_digest == record.manifest_digest => o,
-            Ok(o) => {
-                let m = format!(
+        let (opened, error) = match opened {
+            Ok(o) if o.manifest_digest == record.manifest_digest => (Some(Arc::new(o)), None),
+            Ok(o) => (
+                None,
+                Some(format!(
                     "{} now resolves to {}, not {}",
                     record.reference, o.manifest_digest, record.manifest_digest
-                );
-                warn!(error = %m, "cannot reopen image");
-                let n = record.files.len();
-                return mk(vec![None; n], (0..n).collect(), record, Some(m), None);
-            }
-            Err(m) => {
-                warn!(reference = %record.reference, error = %m, "cannot reopen image");
-                let n = record.files.len();
-                return mk(vec![None; n], (0..n).collect(), record, Some(m), None);
-            }
+                )),
+            ),
+            Err(m) => (None, Some(m)),
         };
+        if let Some(m) = &error {
+            warn!(reference = %record.reference, error = %m, "cannot reopen image; its unfilled files answer EIO");
+        }
         let this = self.clone();
         let counters2 = counters.clone();
         let overlay = record.mode == LayoutMode::Overlay;
-        let opened = Arc::new(opened);
-        let opened2 = opened.clone();
+        let (opened2, error2) = (opened.clone(), error.clone());
         let files = tokio::task::spawn_blocking(move || {
-            let opened = opened2;
             let mut ids = Vec::with_capacity(record.files.len());
             for f in &record.files {
                 if f.complete && f.chunk == 0 {
@@ -845,35 +912,42 @@ impl Daemon {
                     ids.push(None);
                     continue;
                 }
+                // A file whose source cannot be had is still registered (marked, or held
+                // by the overlay watch): its readers get EIO, never its holes.
+                let found = match (&opened2, &error2) {
+                    (Some(o), _) => this.source(o, f.layer, f.entry, &counters2),
+                    (None, e) => Err(e.clone().unwrap_or_default()),
+                };
+                let (source, verify): (Arc<dyn ContentSource>, Verify) = match found {
+                    Ok((s, v)) => (s, v),
+                    Err(m) => (Arc::new(Unavailable(m)), Verify::None),
+                };
+                let p = Placeholder {
+                    path: f.path.clone(),
+                    size: f.size,
+                    source,
+                    verify,
+                };
+                let n = if f.chunk > 0 {
+                    f.size.div_ceil(f.chunk) as usize
+                } else {
+                    0
+                };
                 let r = this
-                    .source(&opened, f.layer, f.entry, &counters2)
-                    .map_err(|m| m.to_string())
-                    .and_then(|(source, verify)| {
-                        let p = Placeholder {
-                            path: f.path.clone(),
-                            size: f.size,
-                            source,
-                            verify,
-                        };
-                        let n = if f.chunk > 0 {
-                            f.size.div_ceil(f.chunk) as usize
-                        } else {
-                            0
-                        };
-                        let id = this
-                            .engine
-                            .register_filled(p, f.chunk, &f.filled_flags(n))
-                            .map_err(|e| {
-                                if matches!(e, FillError::NotPlaceholder { .. }) {
-                                    // Changed by the user while unfilled (O_TRUNC raises no
-                                    // event): theirs now, never refused as unknown.
-                                    if let Err(e) = this.engine.release_path(&f.path) {
-                                        warn!(error = %error_chain(&e), "releasing a user-modified file");
-                                    }
-                                    return format!("{}; left to the user", error_chain(&e));
-                                }
-                                error_chain(&e)
-                            })?;
+                    .engine
+                    .register_filled(p, f.chunk, &f.filled_flags(n))
+                    .map_err(|e| {
+                        if matches!(e, FillError::NotPlaceholder { .. }) {
+                            // Changed by the user while unfilled (O_TRUNC raises no
+                            // event): theirs now, never refused as unknown.
+                            if let Err(e) = this.engine.release_path(&f.path) {
+                                warn!(error = %error_chain(&e), "releasing a user-modified file");
+                            }
+                            return format!("{}; left to the user", error_chain(&e));
+                        }
+                        error_chain(&e)
+                    })
+                    .and_then(|id| {
                         if overlay {
                             this.engine.unmark(id).map_err(|e| error_chain(&e))?;
                         }
@@ -887,14 +961,17 @@ impl Daemon {
                     }
                 }
             }
-            let order = opened.sources.prefetch_order(&record.file_keys());
+            let order = match &opened2 {
+                Some(o) => o.sources.prefetch_order(&record.file_keys()),
+                None => (0..record.files.len()).collect(),
+            };
             (ids, record, order)
         })
         .await;
         match files {
             Ok((ids, record, order)) => {
                 info!(reference = %record.reference, dest = %record.dest.display(), files = ids.len(), "image re-served");
-                mk(ids, order, record, None, Some(opened))
+                mk(ids, order, record, error, opened)
             }
             Err(e) => panic!("re-registering task failed: {e}"),
         }
@@ -1422,10 +1499,13 @@ fn deny_unknown_stale(groups: &[&Group], inflight: &[Inflight], reservation: &mu
         if known.contains(&n) {
             continue;
         }
-        // Only the group that holds an event with this number accepts the answer.
+        // Only the group that holds an event with this number accepts the answer (and
+        // only a pre-content group takes a chosen errno: the others get a plain deny).
         for group in groups {
+            let id = EventId::from_raw(n);
             if group
-                .respond_id(EventId::from_raw(n), FanResponse::Deny(DenyErrno::Io))
+                .respond_id(id, FanResponse::Deny(DenyErrno::Io))
+                .or_else(|_| group.respond_id(id, FanResponse::DenyPlain))
                 .is_ok()
             {
                 stale += 1;
@@ -1457,9 +1537,14 @@ fn answer_inherited(
                     EventKind::Range => daemon.engine.group(),
                     EventKind::OverlayOpen => daemon.overlays.group(),
                 };
+                // A content-class group takes no chosen errno (`crate::overlay`).
+                let refuse = |errno| match ev.kind {
+                    EventKind::Range => FanResponse::Deny(errno),
+                    EventKind::OverlayOpen => FanResponse::DenyPlain,
+                };
                 let response = if daemon.engine.progress(fid).is_none() {
-                    warn!(event = %ev.id, "inherited event on a file not served; EIO");
-                    FanResponse::Deny(DenyErrno::Io)
+                    warn!(event = %ev.id, "inherited event on a file not served; refused");
+                    refuse(DenyErrno::Io)
                 } else {
                     let fill = match ev.kind {
                         EventKind::Range => daemon.engine.fill_range(fid, ev.offset, ev.count),
@@ -1470,7 +1555,7 @@ fn answer_inherited(
                         Ok(()) => FanResponse::Allow,
                         Err(e) => {
                             warn!(event = %ev.id, error = %error_chain(&e), "inherited event: fill failed");
-                            FanResponse::Deny(e.errno())
+                            refuse(e.errno())
                         }
                     }
                 };
@@ -1640,7 +1725,23 @@ pub fn run(config: DaemonConfig) -> Result<(), DaemonError> {
         Some(journal.clone() as Arc<dyn crate::fill::EventJournal>),
     );
     let records = state.load()?;
-    let next_id = records.iter().map(|r| r.id).max().unwrap_or(0) + 1;
+    // Trees a predecessor was still making when it died: never served, never left with
+    // readable holes.
+    let unfinished = state.unfinished_prepares();
+    for (id, intent) in &unfinished {
+        if !records.iter().any(|r| r.id == *id) {
+            warn!(dest = %intent.dest.display(), "an image was being prepared when the daemon stopped; removing its partial tree");
+            abandon_prepare(intent);
+        }
+        state.end_prepare(*id);
+    }
+    let next_id = records
+        .iter()
+        .map(|r| r.id)
+        .chain(unfinished.iter().map(|u| u.0))
+        .max()
+        .unwrap_or(0)
+        + 1;
     let cache = cache::Cache::open(&state.root().join("cache"))?;
     let own = OwnPlaces::new(state.root(), &config.index_dir, &config.socket);
     let mut config = config;
@@ -1676,9 +1777,7 @@ pub fn run(config: DaemonConfig) -> Result<(), DaemonError> {
     for rec in records {
         let id = rec.id;
         let img = rt.block_on(daemon.reopen(rec));
-        if img.error.is_none() {
-            daemon.rewatch_overlays(id, &img);
-        }
+        daemon.rewatch_overlays(id, &img);
         daemon.images.lock().unwrap().insert(id, img);
     }
     info!(
