@@ -92,6 +92,11 @@ pub struct RegistrySettings {
     pub cert_dir: Option<PathBuf>,
 }
 
+/// Serde default of fields that are on unless said otherwise.
+fn yes() -> bool {
+    true
+}
+
 /// A request to the daemon.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub enum Request {
@@ -108,8 +113,8 @@ pub enum Request {
         /// Registry settings.
         #[serde(default)]
         registry: RegistrySettings,
-        /// Fill the rest of the image in the background.
-        #[serde(default)]
+        /// Fill the rest of the image in the background (default: yes).
+        #[serde(default = "yes")]
         prefetch: bool,
     },
     /// Status of every image, or of the one in `dest`.

@@ -1237,70 +1237,25 @@ async fn fetch_span(
         .map_err(|e| SourceError::with_source(what(), e))
 }
 
-impl LayerFileSource {
-    /// Inflates `[offset, offset + len)` of the file starting `back` checkpoints before the
-    /// nearest one.
-    async fn read_from(&self, offset: u64, len: u64, back: usize) -> Result<Vec<u8>, SourceError> {
-        let what = || format!("{} in layer {}", self.entry.path, self.layer);
-        let span = crate::index::plan_back(&self.index, &self.entry, offset, len, back)
-            .map_err(|e| SourceError::with_source(what(), e))?;
-        fetch_span(
-            &self.store,
-            self.local.as_ref(),
-            &self.layer,
-            &self.index,
-            &self.windows,
-            span,
-            what,
-        )
-        .await
-    }
-
-    /// Whether `data` (the file's bytes at `offset`) matches the index's digests, when the
-    /// range covers whole digested pieces; `None` when it cannot be told here (the engine
-    /// verifies every fill anyway).
-    fn matches_index(&self, offset: u64, data: &[u8]) -> Option<bool> {
-        let e = &self.entry;
-        let end = offset + data.len() as u64;
-        if e.chunk_sha256.is_empty() {
-            return (offset == 0 && end == e.size)
-                .then(|| crate::index::verify_whole(e, data).is_ok());
-        }
-        if offset % CHUNK_SIZE != 0 || (end % CHUNK_SIZE != 0 && end != e.size) {
-            return None;
-        }
-        Some(
-            data.chunks(CHUNK_SIZE as usize)
-                .enumerate()
-                .all(|(i, piece)| {
-                    crate::index::verify_chunk(e, offset / CHUNK_SIZE + i as u64, piece).is_ok()
-                }),
-        )
-    }
-}
-
 impl ContentSource for LayerFileSource {
+    /// Inflates `[offset, offset + len)` of the file from the nearest checkpoint before it
+    /// (every checkpoint resumes exactly: `src/index/gzip.rs`; the engine verifies the bytes
+    /// against the index's digests all the same).
     fn read_at(&self, offset: u64, len: u64) -> BoxFuture<'_, Result<Vec<u8>, SourceError>> {
         async move {
-            // Inflating from a checkpoint placed inside a deflate block has been seen to go
-            // wrong on rare blocks (the digests catch it). Before handing the engine bytes it
-            // would refuse (and the reader an EIO), start from earlier checkpoints instead:
-            // more is fetched, the bytes are the layer's.
-            let mut data = self.read_from(offset, len, 0).await?;
-            for back in [1, 4, 16, usize::MAX] {
-                if self.matches_index(offset, &data) != Some(false) {
-                    break;
-                }
-                warn!(
-                    path = %self.entry.path,
-                    layer = %self.layer,
-                    offset,
-                    back,
-                    "bytes inflated from the nearest checkpoint failed verification; retrying from an earlier one"
-                );
-                data = self.read_from(offset, len, back).await?;
-            }
-            Ok(data)
+            let what = || format!("{} in layer {}", self.entry.path, self.layer);
+            let span = crate::index::plan(&self.index, &self.entry, offset, len)
+                .map_err(|e| SourceError::with_source(what(), e))?;
+            fetch_span(
+                &self.store,
+                self.local.as_ref(),
+                &self.layer,
+                &self.index,
+                &self.windows,
+                span,
+                what,
+            )
+            .await
         }
         .boxed()
     }
