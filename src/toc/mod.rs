@@ -94,14 +94,27 @@ pub enum TocError {
     },
 }
 
-/// The TOC format a layer descriptor announces by its annotations (no I/O); `None` when
-/// it announces none (a footer may still show one: [`load`] probes for it).
+/// The TOC format a layer descriptor announces (no I/O), read in this order: the media
+/// type's compression first (only gzip and zstd layers can carry a TOC), then the
+/// annotations that fit that compression. `None` when it announces none (a footer may
+/// still show one: [`load`] probes for it).
+///
+/// - gzip (OCI or Docker schema 2) with `containerd.io/snapshot/stargz/toc.digest`: eStargz;
+/// - zstd with that same annotation: zstd:chunked as stargz-snapshotter writes it
+///   ([`TocFormat::EstargzZstd`]: the eStargz TOC JSON in a zstd:chunked footer's frame);
+/// - zstd with a `zstd-chunked.manifest-position` annotation: zstd:chunked as
+///   containers/storage writes it;
+/// - anything else, including a gzip layer with zstd:chunked annotations or a plain tar
+///   with any of them: no TOC (such a layer is indexed by streaming it).
 pub fn detect(desc: &Descriptor) -> Option<TocFormat> {
     let ann = desc.annotations().as_ref()?;
-    if ann.contains_key(estargz::TOC_DIGEST_ANNOTATION) {
-        return Some(TocFormat::Estargz);
+    let stargz = ann.contains_key(estargz::TOC_DIGEST_ANNOTATION);
+    match Compression::from_media_type(desc.media_type().as_ref())? {
+        Compression::Gzip => stargz.then_some(TocFormat::Estargz),
+        Compression::Zstd if stargz => Some(TocFormat::EstargzZstd),
+        Compression::Zstd => zstd_chunked::detect(desc).then_some(TocFormat::ZstdChunked),
+        Compression::None => None,
     }
-    zstd_chunked::detect(desc).then_some(TocFormat::ZstdChunked)
 }
 
 /// The TOC layer behind `desc`, or `None` when the layer has no TOC. With an annotation
@@ -131,7 +144,9 @@ pub async fn load(
             .await
             .map(Some)
         }
-        Some(TocFormat::ZstdChunked) => zstd_chunked::load(store, desc, cache).await,
+        Some(TocFormat::ZstdChunked | TocFormat::EstargzZstd) => {
+            zstd_chunked::load(store, desc, cache).await
+        }
         None => {
             let media = desc.media_type().to_string();
             match Compression::from_media_type(&media) {
@@ -192,6 +207,22 @@ pub enum TocFormat {
     /// zstd:chunked (containers/storage): zstd frames, a zstd-compressed manifest in a
     /// skippable frame, located by manifest annotations or the footer.
     ZstdChunked,
+    /// zstd:chunked as stargz-snapshotter writes it (`ctr-remote image convert
+    /// --zstdchunked`, nerdctl): zstd frames and the zstd:chunked footer and annotations,
+    /// but the TOC is eStargz's JSON (`stargz.index.json` format, no `endOffset`, landmark
+    /// files), named by the eStargz `toc.digest` annotation.
+    EstargzZstd,
+}
+
+impl TocFormat {
+    /// One word for reports and logs.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            TocFormat::Estargz => "estargz",
+            TocFormat::ZstdChunked => "zstd:chunked",
+            TocFormat::EstargzZstd => "zstd:chunked (eStargz TOC)",
+        }
+    }
 }
 
 /// How each chunk's bytes are stored in the blob.

@@ -284,7 +284,10 @@ pub(super) async fn load(
     };
     let compressed = fetch(position.offset, position.len, "the zstd:chunked TOC").await?;
     fetched += position.len;
-    let mut toc = parse(&layer, blob_size, &position, &compressed)?;
+    let stargz = annotations
+        .get(super::estargz::TOC_DIGEST_ANNOTATION)
+        .map(String::as_str);
+    let mut toc = parse_with(&layer, blob_size, &position, &compressed, stargz)?;
     toc.toc_bytes_fetched = fetched;
     Ok(Some(toc))
 }
@@ -297,6 +300,22 @@ pub fn parse(
     blob_size: u64,
     position: &TocPosition,
     compressed: &[u8],
+) -> Result<TocLayer, TocError> {
+    parse_with(layer, blob_size, position, compressed, None)
+}
+
+/// [`parse`], reading the TOC in either JSON dialect: containers/storage's (regular files
+/// and chunks carry `endOffset`) or stargz-snapshotter's eStargz JSON
+/// ([`TocFormat::EstargzZstd`]). The eStargz dialect is taken when `stargz_digest` (the
+/// layer's `containerd.io/snapshot/stargz/toc.digest` annotation) is given, and then the
+/// decompressed JSON must hash to it; without the annotation, when no entry carries an
+/// `endOffset` while some regular file has content ([`is_estargz_json`]).
+pub fn parse_with(
+    layer: &str,
+    blob_size: u64,
+    position: &TocPosition,
+    compressed: &[u8],
+    stargz_digest: Option<&str>,
 ) -> Result<TocLayer, TocError> {
     let digest = format!("sha256:{}", hex::encode(sha2::Sha256::digest(compressed)));
     if let Some(expected) = &position.checksum
@@ -338,6 +357,30 @@ pub fn parse(
             json.len().min(limit as usize)
         )));
     }
+    if stargz_digest.is_some() || is_estargz_json(&json) {
+        let found = format!("sha256:{}", hex::encode(sha2::Sha256::digest(&json)));
+        if let Some(want) = stargz_digest
+            && want != found
+        {
+            return Err(TocError::DigestMismatch {
+                layer: layer.to_owned(),
+                expected: want.to_owned(),
+                found,
+            });
+        }
+        // The chunk frames end, at the latest, where the TOC's skippable frame starts.
+        let toc_frame = position.offset - SKIPPABLE_HEADER;
+        let mut toc = super::estargz::parse_toc_as(
+            &json,
+            layer,
+            blob_size,
+            toc_frame,
+            ChunkCodec::ZstdFrame,
+        )?;
+        toc.toc_digest = digest;
+        toc.toc_bytes_fetched = position.len;
+        return Ok(toc);
+    }
     let raw: RawToc = serde_json::from_slice(&json).map_err(|e| TocError::Corrupt {
         layer: layer.to_owned(),
         reason: format!("zstd:chunked TOC JSON: {e}"),
@@ -359,6 +402,32 @@ pub fn parse(
         toc_digest: digest,
         toc_bytes_fetched: position.len,
     })
+}
+
+/// Whether TOC JSON is in stargz-snapshotter's dialect: no entry names an `endOffset`,
+/// while at least one regular file has content (containers/storage gives every such file
+/// one). JSON that does not parse is not.
+pub fn is_estargz_json(json: &[u8]) -> bool {
+    #[derive(Deserialize)]
+    struct Sniff {
+        #[serde(default)]
+        entries: Vec<SniffEntry>,
+    }
+    #[derive(Deserialize)]
+    #[serde(rename_all = "camelCase")]
+    struct SniffEntry {
+        #[serde(rename = "type", default)]
+        kind: String,
+        #[serde(default)]
+        size: i64,
+        #[serde(default)]
+        end_offset: Option<i64>,
+    }
+    let Ok(doc) = serde_json::from_slice::<Sniff>(json) else {
+        return false;
+    };
+    doc.entries.iter().all(|e| e.end_offset.is_none())
+        && doc.entries.iter().any(|e| e.kind == "reg" && e.size > 0)
 }
 
 /// The TOC JSON (containers/storage `minimal.TOC`); unknown fields are ignored.
