@@ -17,7 +17,7 @@ use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use fanfill::api::RegistrySettings;
-use fanfill::fill::{Engine, EngineConfig, error_chain};
+use fanfill::fill::{Engine, EngineConfig};
 use fanfill::image::{self, IndexOrigin, PrepareOptions};
 use fanfill::index::{IndexOptions, LayerIndex};
 use fanfill::ocibuild::{self, BuiltImage, LayerItem};
