@@ -325,7 +325,9 @@ pub struct ImageIndexes {
     pub windows: Vec<Arc<dyn WindowSource>>,
     /// Where layers that travelled whole are kept (read before the registry).
     pub blob_cache: Option<BlobCache>,
-    /// The index artifact's access profile, when the artifact was read and carries one.
+    /// The access profile to fill ahead: the index artifact's, when it was read and carries
+    /// one, else the files TOC layers name to prefetch first (an optimized eStargz's
+    /// prioritized files).
     pub profile: Option<AccessProfile>,
     /// Per layer, lowest first: its table of contents when it is a TOC layer
     /// ([`IndexOrigin::Toc`]; `layers` then holds the TOC's entry table).
@@ -743,6 +745,9 @@ pub async fn load_indexes(
         layers.push((digest, ix, origin));
         windows.push(win);
     }
+    // Without a recorded profile, the files an optimized eStargz lists before its
+    // `.prefetch.landmark` (`ctr-remote image optimize`: what its workload read) are one.
+    let profile = profile.or_else(|| landmark_profile(&tocs));
     Ok(ImageIndexes {
         image,
         layers,
@@ -751,6 +756,32 @@ pub async fn load_indexes(
         tocs,
         profile,
     })
+}
+
+/// The files the TOC layers name to prefetch first (eStargz entries before
+/// `.prefetch.landmark`, lowest layer first, in TOC order) as an access profile, filled
+/// ahead of the workload like a recorded one; `None` when no layer names any.
+fn landmark_profile(tocs: &[Option<Arc<TocLayer>>]) -> Option<AccessProfile> {
+    let mut seen = std::collections::HashSet::new();
+    let files: Vec<String> = tocs
+        .iter()
+        .flatten()
+        .flat_map(|t| {
+            t.prefetch_first
+                .iter()
+                .filter_map(|&e| t.index.entries.get(e).map(|e| e.path.clone()))
+        })
+        .filter(|p| seen.insert(p.clone()))
+        .take(AccessProfile::MAX_FILES)
+        .collect();
+    if files.is_empty() {
+        return None;
+    }
+    info!(
+        files = files.len(),
+        "the layers' prioritized files (before the eStargz landmark) are filled ahead as a profile"
+    );
+    Some(AccessProfile { version: 1, files })
 }
 
 /// Largest distance, in compressed bytes, between a layer's random-access points

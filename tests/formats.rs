@@ -46,6 +46,9 @@ const ESTARGZ_HIDDEN: [&str; 3] = [
     ".no.prefetch.landmark",
 ];
 const STARGZ_TOC_ANNOTATION: &str = "containerd.io/snapshot/stargz/toc.digest";
+/// The workload run from every image (`/bin/sh -c WORKLOAD` in a chroot).
+const WORKLOAD: &str =
+    "/bin/busybox cat /etc/greeting && /bin/busybox sha256sum /data/small/042.txt";
 
 /// Runs `tool args` under a 300 s timeout; panics with its output on failure; returns stdout.
 fn run(tool: &str, args: &[&str]) -> String {
@@ -168,6 +171,9 @@ struct Pulled {
     media_types: String,
     origins: Vec<IndexOrigin>,
     before_ready: u64,
+    /// Files filled ahead of the workload without a reader, and the bytes fetched by then.
+    ahead_files: usize,
+    after_ahead: u64,
     after_workload: u64,
     files: usize,
     paths: usize,
@@ -178,7 +184,14 @@ impl Pulled {
     fn mode(&self) -> String {
         let lazy = |o: &IndexOrigin| matches!(o, IndexOrigin::Toc | IndexOrigin::Artifact);
         let what: Vec<&str> = self.origins.iter().map(|o| o.as_str()).collect();
-        if self.origins.iter().all(lazy) {
+        if self.origins.iter().all(lazy) && self.ahead_files > 0 {
+            format!(
+                "lazy ({}); {} prioritized files filled ahead, {} bytes fetched by then",
+                what.join(", "),
+                self.ahead_files,
+                self.after_ahead
+            )
+        } else if self.origins.iter().all(lazy) {
             format!("lazy ({})", what.join(", "))
         } else {
             format!("fallback: streamed once ({})", what.join(", "))
@@ -231,16 +244,32 @@ impl Puller {
             .unwrap_or_else(|e| panic!("{name}: prepare {reference}: {e}"));
         let before_ready = prepared.bytes_before_ready;
 
+        // Files the image names to fill ahead (an optimized eStargz's prioritized files,
+        // before its landmark) are filled without a reader: wait for them.
+        let ahead: Vec<_> = prepared
+            .unpacked
+            .placeholders
+            .iter()
+            .zip(&prepared.files)
+            .filter(|(p, _)| prepared.sources.prefetch_first(p.layer).contains(&p.entry))
+            .map(|(_, id)| *id)
+            .collect();
+        let deadline = std::time::Instant::now() + Duration::from_secs(30);
+        while !ahead.iter().all(|id| self.engine.is_complete(*id)) {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "{name}: the prioritized files were not filled ahead within 30 s"
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        let after_ahead = prepared.store.bytes_fetched();
+
         // The workload: a shell from the image reads two small files.
         let root = dest.clone();
         let out = fsutil::within(120, "chroot workload", move || {
             Command::new("chroot")
                 .arg(&root)
-                .args([
-                    "/bin/sh",
-                    "-c",
-                    "/bin/busybox cat /etc/greeting && /bin/busybox sha256sum /data/small/042.txt",
-                ])
+                .args(["/bin/sh", "-c", WORKLOAD])
                 .output()
                 .unwrap()
         });
@@ -293,6 +322,8 @@ impl Puller {
             media_types: media.join(", "),
             origins: prepared.index_origins.clone(),
             before_ready,
+            ahead_files: ahead.len(),
+            after_ahead,
             after_workload,
             files,
             paths: tree.len(),
@@ -575,7 +606,8 @@ fn ctr_remote_convert(
 }
 
 /// The image of the issue: stargz-snapshotter's zstd:chunked (an eStargz TOC annotation on
-/// a zstd layer with a zstd:chunked footer) pulls and runs lazily; so does its eStargz.
+/// a zstd layer with a zstd:chunked footer) pulls and runs lazily; so does its eStargz, and
+/// its optimized eStargz has its prioritized files filled ahead of the workload.
 #[test]
 fn ctr_remote_estargz_and_zstdchunked_images_pull_lazily() {
     common::init_tracing();
@@ -630,6 +662,44 @@ fn ctr_remote_estargz_and_zstdchunked_images_pull_lazily() {
     );
     assert_eq!(rows.len(), 1, "read through its TOC, nothing streamed");
     assert_eq!(rows[0].origins, vec![IndexOrigin::Toc]);
+    assert_eq!(rows[0].ahead_files, 0, "not optimized: nothing prioritized");
+
+    // `ctr-remote image optimize` runs the workload in a container and puts the files it read
+    // before the landmark: fanfill fills them ahead, so the same workload fetches nothing.
+    let dst = format!("{}/stargz/app:optimized", reg.host());
+    let args = serde_json::to_string(&[WORKLOAD]).unwrap();
+    ctd.must(
+        "ctr-remote",
+        &[
+            "image",
+            "optimize",
+            "--oci",
+            "--period",
+            "3",
+            "--entrypoint",
+            r#"["/bin/sh","-c"]"#,
+            "--args",
+            &args,
+            &base,
+            &dst,
+        ],
+    );
+    ctd.must("ctr-remote", &["image", "push", "--plain-http", &dst]);
+    let rows = puller.pull_then_indexed(
+        t,
+        "ctr-remote-optimized",
+        "ctr-remote",
+        "ctr-remote image optimize --oci (workload: the test's)",
+        &format!("docker://{dst}"),
+        IndexOrigin::Artifact,
+    );
+    assert_eq!(rows.len(), 1);
+    assert_eq!(rows[0].origins, vec![IndexOrigin::Toc]);
+    assert!(rows[0].ahead_files >= 2, "{}", rows[0].ahead_files);
+    assert_eq!(
+        rows[0].after_workload, rows[0].after_ahead,
+        "the workload read only files filled ahead"
+    );
 }
 
 /// Rewrites the single-image OCI layout at `dir` (as `skopeo copy` writes it): `edit` gets

@@ -282,3 +282,53 @@ pub struct TocLayer {
     /// Bytes fetched from the blob to read the TOC (footer included).
     pub toc_bytes_fetched: u64,
 }
+
+#[cfg(test)]
+mod tests {
+    use std::collections::HashMap;
+
+    use oci_spec::image::{Descriptor, MediaType};
+
+    use super::*;
+
+    fn desc(media: &str, annotations: &[&str]) -> Descriptor {
+        let mut d = Descriptor::new(
+            MediaType::from(media),
+            1000,
+            format!("sha256:{}", "a".repeat(64))
+                .parse::<oci_spec::image::Digest>()
+                .unwrap(),
+        );
+        let ann: HashMap<String, String> = annotations
+            .iter()
+            .map(|k| (k.to_string(), "x".to_string()))
+            .collect();
+        d.set_annotations(Some(ann));
+        d
+    }
+
+    #[test]
+    fn detect_reads_the_media_type_before_the_annotations() {
+        let stargz = estargz::TOC_DIGEST_ANNOTATION;
+        let position = zstd_chunked::POSITION_ANNOTATIONS[1];
+        let oci_gzip = "application/vnd.oci.image.layer.v1.tar+gzip";
+        let docker_gzip = "application/vnd.docker.image.rootfs.diff.tar.gzip";
+        let oci_zstd = "application/vnd.oci.image.layer.v1.tar+zstd";
+        let cases: [(&str, &[&str], Option<TocFormat>); 9] = [
+            (oci_gzip, &[stargz], Some(TocFormat::Estargz)),
+            (docker_gzip, &[stargz], Some(TocFormat::Estargz)),
+            // stargz-snapshotter's zstd:chunked carries both annotation families.
+            (oci_zstd, &[stargz, position], Some(TocFormat::EstargzZstd)),
+            (oci_zstd, &[stargz], Some(TocFormat::EstargzZstd)),
+            (oci_zstd, &[position], Some(TocFormat::ZstdChunked)),
+            // Annotations that do not fit the compression announce nothing.
+            (oci_gzip, &[position], None),
+            ("application/vnd.oci.image.layer.v1.tar", &[stargz], None),
+            ("application/vnd.example.unknown", &[stargz, position], None),
+            (oci_zstd, &[], None),
+        ];
+        for (media, ann, want) in cases {
+            assert_eq!(detect(&desc(media, ann)), want, "{media} {ann:?}");
+        }
+    }
+}

@@ -16,6 +16,11 @@
 //! carries no `endOffset`: a chunk's frame ends where the next chunk's starts, and the last
 //! one at its file's `endOffset`.
 //!
+//! Two TOC dialects are read ([`parse_with`]): containers/storage's (above) and
+//! stargz-snapshotter's (`ctr-remote image convert --zstdchunked`): the same frames, footer
+//! and position annotations around eStargz's TOC JSON, named by eStargz's `toc.digest`
+//! annotation, which [`super::estargz`] parses with zstd frames as chunks.
+//!
 //! Trust: the TOC is verified against the checksum annotation; without one (TOC found through
 //! the footer) it is accepted with a warning, and its chunk digests then protect only against
 //! corruption in transit, not against a dishonest registry. Every chunk of a multi-chunk file
@@ -760,6 +765,62 @@ fn close_file(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn estargz_json_is_told_from_containers_storage_json() {
+        let stargz = br#"{"version":1,"entries":[{"name":"a","type":"reg","size":3,"offset":0,"digest":"sha256:00"}]}"#;
+        let storage = br#"{"version":1,"entries":[{"name":"a","type":"reg","size":3,"offset":0,"endOffset":9}]}"#;
+        let no_content = br#"{"version":1,"entries":[{"name":"d","type":"dir"}]}"#;
+        assert!(is_estargz_json(stargz));
+        assert!(!is_estargz_json(storage));
+        assert!(!is_estargz_json(no_content));
+        assert!(!is_estargz_json(b"not json"));
+    }
+
+    /// stargz-snapshotter's zstd:chunked: an eStargz TOC compressed in the skippable frame
+    /// the annotations point at, chunk frames ending where the next one (or the TOC frame)
+    /// starts, the JSON checked against the `toc.digest` annotation.
+    #[test]
+    fn estargz_toc_in_a_zstd_frame_parses_with_its_digest() {
+        let json = br#"{"version":1,"entries":[
+            {"name":".no.prefetch.landmark","type":"reg","size":1,"offset":0,"digest":"sha256:dc0e9c3658a1a3ed1ec94274d8b19925c93e1abb7ddba294923ad9bde30f8cb8"},
+            {"name":"bin/","type":"dir","mode":493},
+            {"name":"bin/a","type":"reg","size":5,"offset":100,"digest":"sha256:2cf24dba5fb0a30e26e83b2ac5b9e29e1b161e5c1fa7425e73043362938b9824"},
+            {"name":"bin/b","type":"reg","size":4,"offset":200,"digest":"sha256:04f8996da763b7a969b1028ee3007569eaf3a635486ddab211d512c85b9df8fb"}
+        ]}"#;
+        let compressed = zstd::encode_all(&json[..], 3).unwrap();
+        let pos = TocPosition {
+            offset: 308,
+            len: compressed.len() as u64,
+            uncompressed_len: json.len() as u64,
+            checksum: Some(format!(
+                "sha256:{}",
+                hex::encode(sha2::Sha256::digest(&compressed))
+            )),
+        };
+        let blob_size = 308 + compressed.len() as u64 + 48;
+        let digest = format!("sha256:{}", hex::encode(sha2::Sha256::digest(&json[..])));
+        let toc = parse_with("l", blob_size, &pos, &compressed, Some(&digest)).unwrap();
+        assert_eq!(toc.format, TocFormat::EstargzZstd);
+        assert_eq!(toc.codec, ChunkCodec::ZstdFrame);
+        assert_eq!(toc.index.compression, Compression::Zstd);
+        let paths: Vec<&str> = toc.index.entries.iter().map(|e| e.path.as_str()).collect();
+        assert_eq!(paths, ["bin", "bin/a", "bin/b"], "landmarks hidden");
+        assert_eq!(toc.chunks[1][0].compressed_end, 200);
+        assert_eq!(
+            toc.chunks[2][0].compressed_end, 300,
+            "the TOC frame's start"
+        );
+        // Without the annotation, the JSON dialect still tells.
+        let unannotated = parse_with("l", blob_size, &pos, &compressed, None).unwrap();
+        assert_eq!(unannotated.format, TocFormat::EstargzZstd);
+        // A JSON that is not the annotation's is refused.
+        let wrong = format!("sha256:{}", "0".repeat(64));
+        assert!(matches!(
+            parse_with("l", blob_size, &pos, &compressed, Some(&wrong)),
+            Err(TocError::DigestMismatch { .. })
+        ));
+    }
     use std::io;
 
     /// A layer skopeo 1.9.3 wrote (`tests/fixtures/make_zstd_chunked.py`, then `skopeo copy
