@@ -59,13 +59,7 @@ fn run(tool: &str, args: &[&str]) -> String {
         .stdin(Stdio::null())
         .output()
         .unwrap_or_else(|e| panic!("run {tool}: {e}"));
-    assert!(
-        out.status.success(),
-        "{tool} {args:?} failed: {}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8_lossy(&out.stdout).into_owned()
+    containerd::succeeded(tool, args, out)
 }
 
 /// The files of every image: a static busybox and `sh`, a greeting, a 9 MiB file (several
@@ -403,14 +397,52 @@ fn fresh_registry() -> common::TestRegistry {
     common::TestRegistry::start()
 }
 
+/// What every test starts from: a temp dir, the puller, the umoci layout of the test's files
+/// and a registry holding it as `base/app:v1` (`host/base/app:v1`, without a transport).
+struct Base {
+    tmp: tempfile::TempDir,
+    puller: Puller,
+    layout: PathBuf,
+    reg: common::TestRegistry,
+    base: String,
+}
+
+impl Base {
+    fn new() -> Base {
+        common::init_tracing();
+        let tmp = tempfile::tempdir().unwrap();
+        let rootfs = tmp.path().join("rootfs");
+        let puller = Puller::new(make_rootfs(&rootfs));
+        let layout = umoci_layout(tmp.path(), &rootfs);
+        let reg = fresh_registry();
+        let base = format!("{}/base/app:v1", reg.host());
+        common::skopeo_copy(
+            &format!("oci:{}:base", layout.display()),
+            &format!("docker://{base}"),
+            &[],
+        );
+        Base {
+            tmp,
+            puller,
+            layout,
+            reg,
+            base,
+        }
+    }
+
+    /// A private containerd holding the base image (pulled by `ctr-remote`).
+    fn containerd(&self) -> containerd::Containerd {
+        let ctd = containerd::Containerd::start();
+        ctd.must("ctr-remote", &["image", "pull", "--plain-http", &self.base]);
+        ctd
+    }
+}
+
 #[test]
 fn umoci_and_skopeo_images_pull_and_run() {
-    common::init_tracing();
-    let tmp = tempfile::tempdir().unwrap();
-    let rootfs = tmp.path().join("rootfs");
-    let puller = Puller::new(make_rootfs(&rootfs));
-    let layout = umoci_layout(tmp.path(), &rootfs);
-    let src = format!("oci:{}:base", layout.display());
+    let b = Base::new();
+    let (tmp, puller) = (&b.tmp, &b.puller);
+    let src = format!("oci:{}:base", b.layout.display());
 
     let reg = fresh_registry();
     let r = docker_ref(&reg, "umoci/app:gzip");
@@ -458,9 +490,13 @@ fn umoci_and_skopeo_images_pull_and_run() {
     );
 }
 
-/// `buildah` with its own storage below `tmp`.
-fn buildah(tmp: &Path, args: &[&str]) -> String {
-    let (root, runroot) = (tmp.join("buildah-root"), tmp.join("buildah-run"));
+/// `tool` (`buildah` or `podman`) with its own containers/storage below `tmp` (vfs driver:
+/// no overlay mounts to clean up).
+fn with_storage(tool: &str, tmp: &Path, args: &[&str]) -> String {
+    let (root, runroot) = (
+        tmp.join(format!("{tool}-root")),
+        tmp.join(format!("{tool}-run")),
+    );
     let mut all = vec![
         "--root",
         root.to_str().unwrap(),
@@ -470,7 +506,11 @@ fn buildah(tmp: &Path, args: &[&str]) -> String {
         "vfs",
     ];
     all.extend_from_slice(args);
-    run("buildah", &all)
+    run(tool, &all)
+}
+
+fn buildah(tmp: &Path, args: &[&str]) -> String {
+    with_storage("buildah", tmp, args)
 }
 
 #[test]
@@ -528,32 +568,9 @@ fn buildah_images_pull_and_run() {
 
 #[test]
 fn podman_zstd_chunked_image_pulls_lazily() {
-    common::init_tracing();
-    let tmp = tempfile::tempdir().unwrap();
-    let t = tmp.path();
-    let rootfs = t.join("rootfs");
-    let puller = Puller::new(make_rootfs(&rootfs));
-    let layout = umoci_layout(t, &rootfs);
-    let base_reg = fresh_registry();
-    let base = format!("{}/podman/base:v1", base_reg.host());
-    common::skopeo_copy(
-        &format!("oci:{}:base", layout.display()),
-        &format!("docker://{base}"),
-        &[],
-    );
-    let (root, runroot) = (t.join("podman-root"), t.join("podman-run"));
-    let podman = |args: &[&str]| {
-        let mut all = vec![
-            "--root",
-            root.to_str().unwrap(),
-            "--runroot",
-            runroot.to_str().unwrap(),
-            "--storage-driver",
-            "vfs",
-        ];
-        all.extend_from_slice(args);
-        run("podman", &all)
-    };
+    let b = Base::new();
+    let (t, puller, base) = (b.tmp.path(), &b.puller, &b.base);
+    let podman = |args: &[&str]| with_storage("podman", t, args);
     podman(&[
         "pull",
         "-q",
@@ -568,7 +585,7 @@ fn podman_zstd_chunked_image_pulls_lazily() {
         "--tls-verify=false",
         "--compression-format",
         "zstd:chunked",
-        &base,
+        base,
         &r,
     ]);
     let rows = puller.pull_then_indexed(
@@ -610,23 +627,11 @@ fn ctr_remote_convert(
 /// its optimized eStargz has its prioritized files filled ahead of the workload.
 #[test]
 fn ctr_remote_estargz_and_zstdchunked_images_pull_lazily() {
-    common::init_tracing();
-    let tmp = tempfile::tempdir().unwrap();
-    let t = tmp.path();
-    let rootfs = t.join("rootfs");
-    let puller = Puller::new(make_rootfs(&rootfs));
-    let layout = umoci_layout(t, &rootfs);
-    let reg = fresh_registry();
-    let base = format!("{}/stargz/base:v1", reg.host());
-    common::skopeo_copy(
-        &format!("oci:{}:base", layout.display()),
-        &format!("docker://{base}"),
-        &[],
-    );
-    let ctd = containerd::Containerd::start();
-    ctd.must("ctr-remote", &["image", "pull", "--plain-http", &base]);
+    let b = Base::new();
+    let (t, puller, reg, base) = (b.tmp.path(), &b.puller, &b.reg, &b.base);
+    let ctd = b.containerd();
 
-    let r = ctr_remote_convert(&ctd, &reg, &base, "--zstdchunked", "zstdchunked");
+    let r = ctr_remote_convert(&ctd, reg, base, "--zstdchunked", "zstdchunked");
     let rows = puller.pull_then_indexed(
         t,
         "ctr-remote-zstdchunked",
@@ -651,7 +656,7 @@ fn ctr_remote_estargz_and_zstdchunked_images_pull_lazily() {
         rows[0].after_workload
     );
 
-    let r = ctr_remote_convert(&ctd, &reg, &base, "--estargz", "estargz");
+    let r = ctr_remote_convert(&ctd, reg, base, "--estargz", "estargz");
     let rows = puller.pull_then_indexed(
         t,
         "ctr-remote-estargz",
@@ -680,7 +685,7 @@ fn ctr_remote_estargz_and_zstdchunked_images_pull_lazily() {
             r#"["/bin/sh","-c"]"#,
             "--args",
             &args,
-            &base,
+            base,
             &dst,
         ],
     );
@@ -744,23 +749,11 @@ fn edit_layout(dir: &Path, edit: impl FnOnce(&mut serde_json::Value, &mut Vec<u8
 /// layer).
 #[test]
 fn layers_with_broken_tocs_pull_from_the_blob_cache_and_read_right() {
-    common::init_tracing();
-    let tmp = tempfile::tempdir().unwrap();
-    let t = tmp.path();
-    let rootfs = t.join("rootfs");
-    let puller = Puller::new(make_rootfs(&rootfs));
-    let layout = umoci_layout(t, &rootfs);
-    let reg = fresh_registry();
-    let base = format!("{}/stargz/base:v1", reg.host());
-    common::skopeo_copy(
-        &format!("oci:{}:base", layout.display()),
-        &format!("docker://{base}"),
-        &[],
-    );
-    let ctd = containerd::Containerd::start();
-    ctd.must("ctr-remote", &["image", "pull", "--plain-http", &base]);
-    let zstd = ctr_remote_convert(&ctd, &reg, &base, "--zstdchunked", "zstdchunked");
-    let esgz = ctr_remote_convert(&ctd, &reg, &base, "--estargz", "estargz");
+    let b = Base::new();
+    let (t, puller, reg, base) = (b.tmp.path(), &b.puller, &b.reg, &b.base);
+    let ctd = b.containerd();
+    let zstd = ctr_remote_convert(&ctd, reg, base, "--zstdchunked", "zstdchunked");
+    let esgz = ctr_remote_convert(&ctd, reg, base, "--estargz", "estargz");
 
     type Edit = Box<dyn FnOnce(&mut serde_json::Value, &mut Vec<u8>)>;
     let cases: Vec<(&str, &str, String, Edit)> = vec![
@@ -806,7 +799,7 @@ fn layers_with_broken_tocs_pull_from_the_blob_cache_and_read_right() {
         let dir = t.join(format!("{name}-layout"));
         common::skopeo_copy(&source, &format!("oci:{}:x", dir.display()), &[]);
         edit_layout(&dir, edit);
-        let r = docker_ref(&reg, &format!("broken/app:{name}"));
+        let r = docker_ref(reg, &format!("broken/app:{name}"));
         common::skopeo_copy(&format!("oci:{}:x", dir.display()), &r, &[]);
         let eager = eager_copy(&r, t, name);
         let state = t.join(format!("{name}-state"));

@@ -122,15 +122,20 @@ impl Containerd {
 
     /// [`Containerd::run`], panicking with its output when it fails; returns stdout.
     pub fn must(&self, tool: &str, args: &[&str]) -> String {
-        let out = self.run(tool, args);
-        assert!(
-            out.status.success(),
-            "{tool} {args:?} failed: {}{}",
-            String::from_utf8_lossy(&out.stdout),
-            String::from_utf8_lossy(&out.stderr)
-        );
-        String::from_utf8_lossy(&out.stdout).into_owned()
+        succeeded(tool, args, self.run(tool, args))
     }
+}
+
+/// The stdout of a command (`tool args`) that must have succeeded; panics with its output
+/// otherwise.
+pub fn succeeded(tool: &str, args: &[&str], out: Output) -> String {
+    assert!(
+        out.status.success(),
+        "{tool} {args:?} failed: {}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
 }
 
 impl Drop for Containerd {
