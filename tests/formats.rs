@@ -32,6 +32,7 @@ use std::time::Duration;
 use fanfill::fill::{Engine, EngineConfig};
 use fanfill::image::{self, IndexOrigin, PrepareOptions};
 use fanfill::unpack::Mode;
+use fsutil::daemonproc::DaemonProc;
 use sha2::Digest as _;
 use trees::{compare, prepare_within, tar_extract, walk};
 
@@ -117,6 +118,56 @@ fn umoci_layout(tmp: &Path, rootfs: &Path) -> PathBuf {
         &["config", "--image", &image, "--config.cmd", "/bin/sh"],
     );
     layout
+}
+
+/// Runs [`WORKLOAD`] from the tree at `root` in a chroot (bounded: a fill that never
+/// completes fails the test) and checks what it prints.
+fn run_workload(root: &Path, name: &str, workload_sha: &str) {
+    let root = root.to_path_buf();
+    let out = fsutil::within(120, "chroot workload", move || {
+        Command::new("chroot")
+            .arg(&root)
+            .args(["/bin/sh", "-c", WORKLOAD])
+            .output()
+            .unwrap()
+    });
+    assert!(
+        out.status.success(),
+        "{name}: workload failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(text.starts_with(GREETING), "{name}: {text}");
+    assert!(
+        text.contains(&format!("{workload_sha}  /data/small/042.txt")),
+        "{name}: {text}"
+    );
+}
+
+/// The command, `fanfill pull --tls-verify=false REFERENCE DEST`, served by a
+/// `fanfill daemon` of its own; then [`WORKLOAD`] from DEST. Returns the daemon (its log,
+/// its status) for the caller's checks.
+fn cli_pull(t: &Path, name: &str, reference: &str, workload_sha: &str) -> DaemonProc {
+    let state = t.join(format!("{name}-daemon"));
+    std::fs::create_dir(&state).unwrap();
+    let d = DaemonProc::start(&state, &[]);
+    let dest = t.join(format!("{name}-cli-root"));
+    std::fs::create_dir(&dest).unwrap();
+    let out = fsutil::daemonproc::bin()
+        .env("FANFILL_SOCKET", &d.socket)
+        .args(["pull", "--tls-verify=false", reference])
+        .arg(&dest)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{name}: fanfill pull failed: {}{}\ndaemon log:\n{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr),
+        d.log_text()
+    );
+    run_workload(&dest, name, workload_sha);
+    d
 }
 
 /// `docker://HOST/REPO:TAG` as fanfill and skopeo spell it.
@@ -258,26 +309,7 @@ impl Puller {
         }
         let after_ahead = prepared.store.bytes_fetched();
 
-        // The workload: a shell from the image reads two small files.
-        let root = dest.clone();
-        let out = fsutil::within(120, "chroot workload", move || {
-            Command::new("chroot")
-                .arg(&root)
-                .args(["/bin/sh", "-c", WORKLOAD])
-                .output()
-                .unwrap()
-        });
-        assert!(
-            out.status.success(),
-            "{name}: workload failed: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        let text = String::from_utf8_lossy(&out.stdout);
-        assert!(text.starts_with(GREETING), "{name}: {text}");
-        assert!(
-            text.contains(&format!("{}  /data/small/042.txt", self.workload_sha)),
-            "{name}: {text}"
-        );
+        run_workload(&dest, name, &self.workload_sha);
         let after_workload = prepared.store.bytes_fetched();
 
         // The reference: a plain extraction; a layer read through an eStargz TOC shows what
@@ -655,6 +687,24 @@ fn ctr_remote_estargz_and_zstdchunked_images_pull_lazily() {
         "{} of {size}",
         rows[0].after_workload
     );
+    // The issue's own command, through the CLI and a daemon: it pulls, runs and reads the
+    // layer through its TOC (no fallback warning), fetching a fraction of the image.
+    let d = cli_pull(t, "cli-zstdchunked", &r, &puller.workload_sha);
+    let (_, images) = d.status();
+    let log = d.log_text();
+    eprintln!(
+        "fanfill pull (CLI, daemon) of the ctr-remote --zstdchunked image: {} bytes fetched after the workload, of {size}",
+        images[0].bytes_fetched
+    );
+    assert!(
+        images[0].bytes_fetched < size / 2,
+        "{}",
+        images[0].bytes_fetched
+    );
+    assert!(
+        !log.contains("cannot read the layer lazily"),
+        "the TOC was not used:\n{log}"
+    );
 
     let r = ctr_remote_convert(&ctd, reg, base, "--estargz", "estargz");
     let rows = puller.pull_then_indexed(
@@ -819,6 +869,18 @@ fn layers_with_broken_tocs_pull_from_the_blob_cache_and_read_right() {
             .join(layer.trim_start_matches("sha256:"));
         assert!(cached.is_file(), "{name}: {} not cached", cached.display());
         let size = eager.manifest["layers"][0]["size"].as_u64().unwrap();
+        // Through the CLI and a daemon too: the warning names the layer and the reason.
+        if name == "broken-zstd-toc" {
+            let d = cli_pull(t, name, &r, &puller.workload_sha);
+            let log = d.log_text();
+            let warning = log
+                .lines()
+                .find(|l| l.contains("cannot read the layer lazily"))
+                .unwrap_or_else(|| panic!("no fallback warning:\n{log}"));
+            eprintln!("{name}: daemon log: {warning}");
+            assert!(warning.contains(layer), "{warning}");
+            assert!(warning.contains("does not match"), "{warning}");
+        }
         assert!(
             pulled.after_workload < size + (64 << 10),
             "{name}: fills after the stream went to the registry: {} for a {size}-byte layer",
