@@ -796,7 +796,8 @@ fn edit_layout(dir: &Path, edit: impl FnOnce(&mut serde_json::Value, &mut Vec<u8
 /// decompresses) changed, annotations kept: the TOC no longer matches its checksum; (b) its
 /// eStargz with a `toc.digest` annotation naming another TOC; (c) its zstd:chunked with the
 /// annotations dropped and the footer's magic broken (no TOC to be found: a plain zstd
-/// layer).
+/// layer); (d) its eStargz with the annotations dropped and the footer's TOC offset moved
+/// (the footer probe finds a TOC that does not read).
 #[test]
 fn layers_with_broken_tocs_pull_from_the_blob_cache_and_read_right() {
     let b = Base::new();
@@ -824,7 +825,7 @@ fn layers_with_broken_tocs_pull_from_the_blob_cache_and_read_right() {
         (
             "wrong-estargz-digest",
             "toc.digest annotation of another TOC",
-            esgz,
+            esgz.clone(),
             Box::new(|m, _| {
                 m["layers"][0]["annotations"][STARGZ_TOC_ANNOTATION] =
                     format!("sha256:{}", "ab".repeat(32)).into();
@@ -842,6 +843,23 @@ fn layers_with_broken_tocs_pull_from_the_blob_cache_and_read_right() {
                 let n = blob.len();
                 // The footer's magic: the last 8 bytes of its skippable frame.
                 blob[n - 8..].copy_from_slice(b"NOTAFOOT");
+            }),
+        ),
+        (
+            "estargz-footer-offset",
+            "annotations dropped, footer's TOC offset moved",
+            esgz,
+            Box::new(|m, blob| {
+                m["layers"][0]
+                    .as_object_mut()
+                    .unwrap()
+                    .remove("annotations");
+                // The 51-byte footer: gzip header (10), XLEN (2), "SG" and its length (4),
+                // then the TOC offset as 16 hex digits (not covered by any checksum).
+                let at = blob.len() - 51 + 16;
+                let hex = std::str::from_utf8(&blob[at..at + 16]).unwrap();
+                let moved = u64::from_str_radix(hex, 16).unwrap() - 7;
+                blob[at..at + 16].copy_from_slice(format!("{moved:016x}").as_bytes());
             }),
         ),
     ];
