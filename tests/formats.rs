@@ -4,7 +4,8 @@
 //! (+ `skopeo copy`), `skopeo copy --format v2s2` and `--dest-compress-format zstd`,
 //! `buildah` (`from scratch` + `copy` + `commit`, `push --compression-format gzip` and
 //! `zstd:chunked`), `podman push --compression-format zstd:chunked`, and stargz-snapshotter's
-//! `ctr-remote image convert --oci --estargz` / `--zstdchunked` against a private containerd.
+//! `ctr-remote image convert --oci --estargz` / `--zstdchunked` and `ctr-remote image
+//! optimize` against a private containerd (`tests/support/containerd.rs`).
 //! Every image holds the same files (a static busybox, generated data, links). For each one
 //! fanfill prepares it (`image::prepare`: lazily through the layer's TOC, or by streaming the
 //! layer once when it has none), a program from it runs in a chroot, and every path is
@@ -13,9 +14,11 @@
 //! pushed (`fanfill index --push`), and a fresh prepare shows the lazy pull through it. Each
 //! run prints one table row per pull (`ROW | ...`), the rows of `docs/formats.md`.
 //!
-//! Also: a layer with a broken TOC or an unexpected one still pulls (streamed once, served
-//! from the blob cache) and reads right; non-distributable, Docker foreign and empty layers
-//! and a multi-platform index with a platform chosen.
+//! Also: issue #19's image (`ctr-remote --zstdchunked`) pulled by the `fanfill pull` CLI
+//! through a daemon; an optimized eStargz's prioritized files filled before the workload;
+//! layers with a broken TOC or an unexpected footer still pull (streamed once, served from
+//! the blob cache, a warning naming the layer) and read right; non-distributable, Docker
+//! foreign and empty layers under a multi-platform index with a platform chosen.
 
 mod common;
 #[path = "support/containerd.rs"]
@@ -90,8 +93,8 @@ fn make_rootfs(dir: &Path) -> String {
     ))
 }
 
-/// A registry and an OCI layout `base` made by umoci from `rootfs` and pushed by skopeo as
-/// `base:umoci`.
+/// An OCI layout below `tmp` holding `base`, an image umoci made of `rootfs` (`init`, `new`,
+/// `unpack`, the files copied in, `repack`, `config --config.cmd /bin/sh`).
 fn umoci_layout(tmp: &Path, rootfs: &Path) -> PathBuf {
     let layout = tmp.join("umoci-layout");
     let image = format!("{}:base", layout.display());
