@@ -682,7 +682,7 @@ fn ctr_remote_estargz_and_zstdchunked_images_pull_lazily() {
     );
     // Lazy: nothing but manifest, config and TOC travelled before ready, and the workload
     // (busybox and two small files) fetched a fraction of the image.
-    let eager = eager_copy(&r, t, "zc-size");
+    let eager = eager_copy(&r, t, "zc");
     let size = eager.manifest["layers"][0]["size"].as_u64().unwrap();
     assert!(rows[0].before_ready < 64 << 10, "{}", rows[0].before_ready);
     assert!(
@@ -708,6 +708,39 @@ fn ctr_remote_estargz_and_zstdchunked_images_pull_lazily() {
         !log.contains("cannot read the layer lazily"),
         "the TOC was not used:\n{log}"
     );
+    // `--prefetch` completes it in the background, by ranges through its TOC.
+    let dest = t.join("cli-zstdchunked-prefetch");
+    std::fs::create_dir(&dest).unwrap();
+    let settings = fanfill::api::RegistrySettings {
+        insecure: true,
+        ..Default::default()
+    };
+    d.prepare_with(&r, &dest, true, settings);
+    let deadline = std::time::Instant::now() + Duration::from_secs(120);
+    let done = loop {
+        let (_, images) = d.status();
+        let s = images.iter().find(|i| i.dest == dest).expect("served");
+        if s.files_complete == s.files {
+            break s.clone();
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "prefetch incomplete after 120 s: {s:?}"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    eprintln!(
+        "fanfill pull --prefetch of the same image: {} files complete, {} bytes fetched, {} errors",
+        done.files_complete, done.bytes_fetched, done.errors
+    );
+    assert_eq!(done.errors, 0);
+    let reference_dir = t.join("zc-eager");
+    tar_extract(&eager.blobs, &reference_dir);
+    for n in ESTARGZ_HIDDEN {
+        let _ = std::fs::remove_file(reference_dir.join(n));
+    }
+    let mismatches = compare(&walk(&reference_dir), &dest, READ_LIMIT);
+    assert!(mismatches.is_empty(), "{mismatches:#?}");
 
     let r = ctr_remote_convert(&ctd, reg, base, "--estargz", "estargz");
     let rows = puller.pull_then_indexed(
