@@ -8,6 +8,12 @@
 //! It never touches the placeholder tree or the fanotify group, and it does not build or
 //! store checkpoint indexes: that is [`crate::index`].
 //!
+//! Formats are told apart by the layer's media type first (gzip: eStargz; zstd:
+//! zstd:chunked, in containers/storage's TOC dialect or stargz-snapshotter's, which carries
+//! eStargz's TOC JSON and annotation), then by its annotations, then by its footer
+//! ([`detect`], [`load`]). A TOC that does not read is an error here; the caller
+//! ([`crate::image`]) then streams the layer instead.
+//!
 //! Common shape of both formats: every regular file's content is split into chunks, each an
 //! independent gzip member (eStargz) or zstd frame (zstd:chunked) starting at a known blob
 //! offset, with a sha256 per chunk in the TOC. A range read fetches the members or frames
