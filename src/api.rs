@@ -161,6 +161,8 @@ pub enum ErrorKind {
     AlreadyServed,
     /// The request did not parse.
     BadRequest,
+    /// The image is in use: its layers are mounted as an overlay that is still there.
+    InUse,
     /// Anything else.
     Internal,
 }

@@ -1181,6 +1181,28 @@ impl Daemon {
     /// mark with its inode. A tree that cannot be found keeps its files unmarked instead.
     fn remove(&self, dest: &Path) -> Result<Response, ApiFail> {
         let (id, img) = self.find(dest)?;
+        // An overlay over its layers still mounted would go on reading them, holes and all,
+        // once the watch is gone: the overlay goes first.
+        let mounted: Vec<PathBuf> = self
+            .watches
+            .lock()
+            .unwrap()
+            .iter()
+            .filter(|(img_id, merged, dev)| {
+                *img_id == id && nix::sys::stat::stat(merged).is_ok_and(|st| st.st_dev == *dev)
+            })
+            .map(|(_, merged, _)| merged.clone())
+            .collect();
+        if let Some(merged) = mounted.first() {
+            return Err(ApiFail(
+                ErrorKind::InUse,
+                format!(
+                    "the layers of the image at {} are mounted as the overlay at {}: unmount it first",
+                    dest.display(),
+                    merged.display()
+                ),
+            ));
+        }
         if img.removed.swap(true, Ordering::SeqCst) {
             return Err(ApiFail(
                 ErrorKind::UnknownImage,
