@@ -96,6 +96,11 @@ pub struct RegistrySettings {
     pub hosts_dir: Option<PathBuf>,
 }
 
+/// Serde default of fields that are on unless said otherwise.
+fn yes() -> bool {
+    true
+}
+
 /// A request to the daemon.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub enum Request {
@@ -112,8 +117,8 @@ pub enum Request {
         /// Registry settings.
         #[serde(default)]
         registry: RegistrySettings,
-        /// Fill the rest of the image in the background.
-        #[serde(default)]
+        /// Fill the rest of the image in the background (default: yes).
+        #[serde(default = "yes")]
         prefetch: bool,
     },
     /// Status of every image, or of the one in `dest`.
@@ -160,6 +165,8 @@ pub enum ErrorKind {
     AlreadyServed,
     /// The request did not parse.
     BadRequest,
+    /// The image is in use: its layers are mounted as an overlay that is still there.
+    InUse,
     /// Anything else.
     Internal,
 }
@@ -223,6 +230,15 @@ pub struct DaemonStatus {
     pub latency_p50_us: u64,
     /// 99th percentile.
     pub latency_p99_us: u64,
+    /// Overlay rootfs mounts whose opens are held until their files are filled.
+    #[serde(default)]
+    pub overlays_watched: u64,
+    /// Opens through watched overlays being served now.
+    #[serde(default)]
+    pub overlay_opens_inflight: u64,
+    /// Opens through watched overlays served since start.
+    #[serde(default)]
+    pub overlay_opens: u64,
 }
 
 /// A response from the daemon.

@@ -470,6 +470,9 @@ struct Inner {
 pub trait EventJournal: Send + Sync + 'static {
     /// An event for `file` (the event's fd) and `range` was read and will be answered.
     fn begin(&self, id: EventId, file: std::os::fd::BorrowedFd<'_>, range: Option<EventRange>);
+    /// An open of an overlay file whose lower placeholder is `lower` was read and will be
+    /// answered once that file is filled whole (the overlay open watch, [`crate::overlay`]).
+    fn begin_open(&self, id: EventId, lower: FileId);
     /// The event was answered.
     fn end(&self, id: EventId);
     /// Any event needing an answer was read (the engine's own ones included, which are not

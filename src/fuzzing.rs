@@ -37,6 +37,7 @@ pub const TARGETS: &[(&str, Target)] = &[
     ("text_parsers", text_parsers),
     ("toc_estargz", toc_estargz),
     ("toc_zstd", toc_zstd),
+    ("checkpoint_inflate", checkpoint_inflate),
 ];
 
 /// Index options with dense checkpoints, so that small inputs exercise every kind of gzip
@@ -111,6 +112,103 @@ pub fn index_gzip(data: &[u8]) {
     if let Ok((index, pack)) = LayerIndex::build(data, &opts) {
         check_built(&index, &pack, data);
     }
+}
+
+/// (a') Differential check of gzip checkpoints: every checkpoint the indexer records,
+/// inflated from its window, must give exactly the bytes a straight inflate of the same stream
+/// gives from that offset on. The input is a recipe for data that compresses into long
+/// matches and runs (where a resume bit inside a Huffman block is easy to get wrong, see
+/// `src/index/gzip.rs`): byte 0 picks the gzip level, then each 3-byte step appends a run
+/// (`b`, repeated `n * 64` times), a copy of earlier output, or literal bytes; the result is
+/// cut into tar files of a few KiB so that every file start is a checkpoint candidate.
+pub fn checkpoint_inflate(data: &[u8]) {
+    let Some((&level, recipe)) = data.split_first() else {
+        return;
+    };
+    let mut raw: Vec<u8> = Vec::new();
+    for step in recipe.chunks(3) {
+        let [op, a, b] = [
+            step[0],
+            *step.get(1).unwrap_or(&0),
+            *step.get(2).unwrap_or(&0),
+        ];
+        match op % 3 {
+            0 => raw.extend(std::iter::repeat_n(a, usize::from(b) * 64 + 1)),
+            1 if !raw.is_empty() => {
+                let len = (usize::from(a) * 64 + 1).min(raw.len());
+                let from = usize::from(b) * 97 % raw.len();
+                let from = from.min(raw.len() - len);
+                raw.extend_from_within(from..from + len);
+            }
+            _ => raw.extend_from_slice(step),
+        }
+        if raw.len() > 1 << 20 {
+            break;
+        }
+    }
+    let mut tar = tar::Builder::new(Vec::new());
+    for (i, piece) in raw.chunks(3000 + usize::from(level) * 37).enumerate() {
+        let mut h = tar::Header::new_ustar();
+        h.set_size(piece.len() as u64);
+        h.set_mode(0o644);
+        h.set_entry_type(tar::EntryType::Regular);
+        h.set_cksum();
+        if tar.append_data(&mut h, format!("f{i}"), piece).is_err() {
+            return;
+        }
+    }
+    let Ok(tar) = tar.into_inner() else { return };
+    let mut enc =
+        flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::new(u32::from(level % 10)));
+    enc.write_all(&tar).expect("gzip into a Vec");
+    let gz = enc.finish().expect("gzip into a Vec");
+    let opts = IndexOptions {
+        media_type: Some("application/vnd.oci.image.layer.v1.tar+gzip".into()),
+        ..options()
+    };
+    check_every_checkpoint(&tar, &gz, &opts, 64 << 10);
+}
+
+/// Indexes `gz` (a gzip stream of `raw`) with `opts`, then inflates up to `len` bytes from
+/// every checkpoint, with its window, and compares them with `raw` from that offset on.
+/// Panics naming the first checkpoint that disagrees; returns how many were checked and how
+/// many of them lie inside a Huffman block. The differential behind
+/// [`checkpoint_inflate`] and the libLLVM-14 regression test.
+pub fn check_every_checkpoint(
+    raw: &[u8],
+    gz: &[u8],
+    opts: &IndexOptions,
+    len: u64,
+) -> (usize, usize) {
+    let (index, pack) = LayerIndex::build(gz, opts).expect("a valid gzip tar indexes");
+    let mut mid_block = 0;
+    for (i, c) in index.checkpoints.iter().enumerate() {
+        let from = c.uncompressed_offset;
+        let len = len.min(index.uncompressed_size - from);
+        let inside = c.window.is_some_and(|w| w.header_bits > 0);
+        mid_block += usize::from(inside);
+        if len == 0 {
+            continue;
+        }
+        let span = Span {
+            blob_offset: c.compressed_offset,
+            blob_len: gz.len() as u64 - c.compressed_offset,
+            checkpoint: Some(i),
+            uncompressed_offset: from,
+            len,
+        };
+        let window = pack.window(&index, i).expect("the pack holds every window");
+        let out = extract(&index, &span, &window, &gz[c.compressed_offset as usize..])
+            .unwrap_or_else(|e| panic!("checkpoint {i} at {from}: {e}"));
+        let want = &raw[from as usize..(from + len) as usize];
+        if out != want {
+            let at = out.iter().zip(want).position(|(a, b)| a != b);
+            panic!(
+                "checkpoint {i} at {from} (inside a block: {inside}) inflates wrong bytes from {at:?} on"
+            );
+        }
+    }
+    (index.checkpoints.len(), mid_block)
 }
 
 /// (b) The stored index format: a whole stored file (when the input starts with the magic)
@@ -735,6 +833,17 @@ pub fn seeds(name: &str) -> Vec<Vec<u8>> {
     };
     match name {
         "index_tar" => tars,
+        // Runs, copies and literals at levels 6, 1 and 9.
+        "checkpoint_inflate" => vec![
+            [6u8, 0, 0, 200, 2, 7, 7, 1, 40, 3, 0, 0xff, 255, 2, 1, 2, 1, 200, 9, 0, 0, 255]
+                .to_vec(),
+            [1u8, 2, 5, 5, 0, 1, 255, 2, 9, 9, 1, 100, 50, 0, 0, 255, 0, 0, 255, 2, 3, 4].to_vec(),
+            (0..600u32)
+                .map(|i| (i.wrapping_mul(2_654_435_761) >> 13) as u8)
+                .chain([9])
+                .rev()
+                .collect(),
+        ],
         "index_gzip" => tars.iter().flat_map(|t| [gzip(t, 6), gzip(t, 1)]).collect(),
         "index_decode" => tars
             .iter()

@@ -13,6 +13,13 @@
 //! a [`TocFileSource`]; [`ImageSources::file_source`] is the one place that picks a file's
 //! source and the digests the engine checks.
 //!
+//! Every layer pulls: a layer whose TOC cannot be read (an unknown or broken TOC, an
+//! unexpected footer) or whose media type announces no TOC is streamed once, indexed as it
+//! passes and kept in the blob cache, and its files are served from there; a warning names
+//! the layer and the reason. A pull fails only when the image itself cannot be had: its
+//! manifest or config, a layer's bytes (unreachable, or not hashing to the digest the
+//! manifest names), or a layer that is not a tar stream.
+//!
 //! Only index *metadata* travels before the placeholders are ready. The checkpoint windows
 //! stay where they are (the artifact's windows blob in the registry, the `.win` file of the
 //! local index store) and a [`LayerFileSource`] reads the one window a fill needs, once, by
@@ -38,7 +45,7 @@ use crate::index::{
 };
 use crate::reference::Reference;
 use crate::registry::{self, BlobStore, Platform};
-use crate::toc::{self, TocError, TocFileSource, TocLayer};
+use crate::toc::{self, TocFileSource, TocLayer};
 use crate::unpack::{self, Layer, Mode, UnpackError, UnpackOptions, Unpacked};
 
 mod profile;
@@ -85,17 +92,6 @@ pub enum ImageError {
         /// The index error.
         #[source]
         source: IndexError,
-    },
-    /// A layer's table of contents (eStargz, zstd:chunked) could not be read or verified.
-    #[error("layer {layer} of {reference}")]
-    Toc {
-        /// The image.
-        reference: String,
-        /// The layer digest.
-        layer: String,
-        /// The TOC error.
-        #[source]
-        source: TocError,
     },
     /// An index does not describe the layer it was filed under.
     #[error("index for layer {layer} describes blob {found}")]
@@ -330,7 +326,9 @@ pub struct ImageIndexes {
     pub windows: Vec<Arc<dyn WindowSource>>,
     /// Where layers that travelled whole are kept (read before the registry).
     pub blob_cache: Option<BlobCache>,
-    /// The index artifact's access profile, when the artifact was read and carries one.
+    /// The access profile to fill ahead: the index artifact's, when it was read and carries
+    /// one, else the files TOC layers name to prefetch first (an optimized eStargz's
+    /// prioritized files).
     pub profile: Option<AccessProfile>,
     /// Per layer, lowest first: its table of contents when it is a TOC layer
     /// ([`IndexOrigin::Toc`]; `layers` then holds the TOC's entry table).
@@ -585,14 +583,6 @@ pub async fn load_indexes(
             source,
         }
     };
-    let toc_err = |layer: &Digest| {
-        let (reference, layer) = (reference.to_string(), layer.to_string());
-        move |source| ImageError::Toc {
-            reference,
-            layer,
-            source,
-        }
-    };
     let blob_cache = opts.blob_cache.as_ref().map(BlobCache::new);
     let mut found: Vec<Option<Found>> = Vec::new();
     let mut profile = None;
@@ -603,22 +593,12 @@ pub async fn load_indexes(
         let windows: Arc<dyn WindowSource> = Arc::new(crate::index::NoWindows);
         (Some((ix, windows, IndexOrigin::Toc)), Some(Arc::new(t)))
     };
+    // Per layer: whether its TOC (announced or found by a footer probe) was tried already.
+    let mut toc_tried = Vec::new();
     for desc in image.manifest.layers() {
         let digest = desc.digest().to_string();
-        // A layer that announces its TOC needs nothing else.
-        if toc::detect(desc).is_some() {
-            let t = toc::load(store, desc, blob_cache.as_ref())
-                .await
-                .map_err(toc_err(desc.digest()))?
-                .ok_or_else(|| {
-                    ImageError::Task(format!("layer {digest} announces a TOC but has none"))
-                })?;
-            let (f, t) = toc_found(t);
-            found.push(f);
-            tocs.push(t);
-            continue;
-        }
-        tocs.push(None);
+        // An index built by streaming the layer (an earlier pull that could not read it
+        // lazily) comes first: it is local, and its TOC would fail again.
         let hit = match local.load(&digest).map_err(idx_err(desc.digest()))? {
             Some(ix) => {
                 let windows = local.open_windows(&ix).map_err(idx_err(desc.digest()))?;
@@ -626,6 +606,34 @@ pub async fn load_indexes(
             }
             None => None,
         };
+        // A layer that announces its TOC needs nothing else, if the TOC reads.
+        let announced = toc::detect(desc).filter(|_| hit.is_none());
+        toc_tried.push(announced.is_some());
+        if let Some(format) = announced {
+            match toc::load(store, desc, blob_cache.as_ref()).await {
+                Ok(Some(t)) => {
+                    let (f, t) = toc_found(t);
+                    found.push(f);
+                    tocs.push(t);
+                    continue;
+                }
+                Ok(None) => warn!(
+                    layer = %digest,
+                    media_type = %desc.media_type(),
+                    format = format.as_str(),
+                    reason = "the layer announces a TOC but has none",
+                    "cannot read the layer lazily; it will be streamed once and served from the blob cache"
+                ),
+                Err(e) => warn!(
+                    layer = %digest,
+                    media_type = %desc.media_type(),
+                    format = format.as_str(),
+                    reason = %crate::fill::error_chain(&e),
+                    "cannot read the layer lazily; it will be streamed once and served from the blob cache"
+                ),
+            }
+        }
+        tocs.push(None);
         found.push(hit);
     }
     if opts.use_artifact && found.iter().any(Option::is_none) {
@@ -648,21 +656,48 @@ pub async fn load_indexes(
             Err(e) => debug!(error = %crate::fill::error_chain(&e), "no usable index artifact"),
         }
     }
+    // An index that cannot serve ranges cheaply (a zstd layer written as one frame, or
+    // frames far apart: every fill would inflate from a frame start it has to fetch again) is
+    // worth less than the layer itself: stream the layer once into the blob cache instead.
+    if let Some(cache) = &blob_cache {
+        for (slot, desc) in found.iter_mut().zip(image.manifest.layers()) {
+            let Some((ix, _, origin)) = slot.as_ref().filter(|f| f.2 != IndexOrigin::Toc) else {
+                continue;
+            };
+            let gap = random_access_gap(ix);
+            if gap > RANDOM_ACCESS_GAP_MAX && !cache.contains(desc.digest().as_ref()) {
+                warn!(
+                    layer = %desc.digest(),
+                    media_type = %desc.media_type(),
+                    index = origin.as_str(),
+                    gap,
+                    reason = "its random-access points lie too far apart",
+                    "cannot read the layer lazily; it will be streamed once and served from the blob cache"
+                );
+                *slot = None;
+            }
+        }
+    }
     // No index anywhere: a gzip layer may still be eStargz without the annotation (its
     // footer tells, for one small range read).
-    for ((slot, toc_slot), desc) in found
+    for (((slot, toc_slot), desc), tried) in found
         .iter_mut()
         .zip(tocs.iter_mut())
         .zip(image.manifest.layers())
+        .zip(&toc_tried)
     {
-        if slot.is_some() {
+        if slot.is_some() || *tried {
             continue;
         }
-        if let Some(t) = toc::load(store, desc, blob_cache.as_ref())
-            .await
-            .map_err(toc_err(desc.digest()))?
-        {
-            (*slot, *toc_slot) = toc_found(t);
+        match toc::load(store, desc, blob_cache.as_ref()).await {
+            Ok(Some(t)) => (*slot, *toc_slot) = toc_found(t),
+            Ok(None) => {}
+            Err(e) => warn!(
+                layer = %desc.digest(),
+                media_type = %desc.media_type(),
+                reason = %crate::fill::error_chain(&e),
+                "cannot read the layer lazily (its footer names a TOC that does not read); it will be streamed once and served from the blob cache"
+            ),
         }
     }
     let mut layers = Vec::new();
@@ -711,6 +746,9 @@ pub async fn load_indexes(
         layers.push((digest, ix, origin));
         windows.push(win);
     }
+    // Without a recorded profile, the files an optimized eStargz lists before its
+    // `.prefetch.landmark` (`ctr-remote image optimize`: what its workload read) are one.
+    let profile = profile.or_else(|| landmark_profile(&tocs));
     Ok(ImageIndexes {
         image,
         layers,
@@ -719,6 +757,54 @@ pub async fn load_indexes(
         tocs,
         profile,
     })
+}
+
+/// The files the TOC layers name to prefetch first (eStargz entries before
+/// `.prefetch.landmark`, lowest layer first, in TOC order) as an access profile, filled
+/// ahead of the workload like a recorded one; `None` when no layer names any.
+fn landmark_profile(tocs: &[Option<Arc<TocLayer>>]) -> Option<AccessProfile> {
+    let mut seen = std::collections::HashSet::new();
+    let files: Vec<String> = tocs
+        .iter()
+        .flatten()
+        .flat_map(|t| {
+            t.prefetch_first
+                .iter()
+                .filter_map(|&e| t.index.entries.get(e).map(|e| e.path.clone()))
+        })
+        .filter(|p| seen.insert(p.clone()))
+        .take(AccessProfile::MAX_FILES)
+        .collect();
+    if files.is_empty() {
+        return None;
+    }
+    info!(
+        files = files.len(),
+        "the layers' prioritized files (before the eStargz landmark) are filled ahead as a profile"
+    );
+    Some(AccessProfile { version: 1, files })
+}
+
+/// Largest distance, in compressed bytes, between a layer's random-access points
+/// ([`random_access_gap`]) for it to be read by ranges: farther apart, a fill would fetch
+/// and inflate up to this much from the point before it, again for every fill.
+pub const RANDOM_ACCESS_GAP_MAX: u64 = 8 << 20;
+
+/// The largest compressed distance between consecutive checkpoints of `ix` (and from the
+/// last one to the blob's end); 0 for an uncompressed layer, which needs none.
+pub fn random_access_gap(ix: &LayerIndex) -> u64 {
+    if ix.compression == crate::index::Compression::None {
+        return 0;
+    }
+    let mut points: Vec<u64> = ix.checkpoints.iter().map(|c| c.compressed_offset).collect();
+    points.push(ix.compressed_size);
+    let first = points.first().copied().unwrap_or(0);
+    points
+        .windows(2)
+        .map(|w| w[1].saturating_sub(w[0]))
+        .max()
+        .unwrap_or(0)
+        .max(first)
 }
 
 /// The layer indexes of the image's index artifact, each with its windows pack blob as a
@@ -1238,70 +1324,25 @@ async fn fetch_span(
         .map_err(|e| SourceError::with_source(what(), e))
 }
 
-impl LayerFileSource {
-    /// Inflates `[offset, offset + len)` of the file starting `back` checkpoints before the
-    /// nearest one.
-    async fn read_from(&self, offset: u64, len: u64, back: usize) -> Result<Vec<u8>, SourceError> {
-        let what = || format!("{} in layer {}", self.entry.path, self.layer);
-        let span = crate::index::plan_back(&self.index, &self.entry, offset, len, back)
-            .map_err(|e| SourceError::with_source(what(), e))?;
-        fetch_span(
-            &self.store,
-            self.local.as_ref(),
-            &self.layer,
-            &self.index,
-            &self.windows,
-            span,
-            what,
-        )
-        .await
-    }
-
-    /// Whether `data` (the file's bytes at `offset`) matches the index's digests, when the
-    /// range covers whole digested pieces; `None` when it cannot be told here (the engine
-    /// verifies every fill anyway).
-    fn matches_index(&self, offset: u64, data: &[u8]) -> Option<bool> {
-        let e = &self.entry;
-        let end = offset + data.len() as u64;
-        if e.chunk_sha256.is_empty() {
-            return (offset == 0 && end == e.size)
-                .then(|| crate::index::verify_whole(e, data).is_ok());
-        }
-        if offset % CHUNK_SIZE != 0 || (end % CHUNK_SIZE != 0 && end != e.size) {
-            return None;
-        }
-        Some(
-            data.chunks(CHUNK_SIZE as usize)
-                .enumerate()
-                .all(|(i, piece)| {
-                    crate::index::verify_chunk(e, offset / CHUNK_SIZE + i as u64, piece).is_ok()
-                }),
-        )
-    }
-}
-
 impl ContentSource for LayerFileSource {
+    /// Inflates `[offset, offset + len)` of the file from the nearest checkpoint before it
+    /// (every checkpoint resumes exactly: `src/index/gzip.rs`; the engine verifies the bytes
+    /// against the index's digests all the same).
     fn read_at(&self, offset: u64, len: u64) -> BoxFuture<'_, Result<Vec<u8>, SourceError>> {
         async move {
-            // Inflating from a checkpoint placed inside a deflate block has been seen to go
-            // wrong on rare blocks (the digests catch it). Before handing the engine bytes it
-            // would refuse (and the reader an EIO), start from earlier checkpoints instead:
-            // more is fetched, the bytes are the layer's.
-            let mut data = self.read_from(offset, len, 0).await?;
-            for back in [1, 4, 16, usize::MAX] {
-                if self.matches_index(offset, &data) != Some(false) {
-                    break;
-                }
-                warn!(
-                    path = %self.entry.path,
-                    layer = %self.layer,
-                    offset,
-                    back,
-                    "bytes inflated from the nearest checkpoint failed verification; retrying from an earlier one"
-                );
-                data = self.read_from(offset, len, back).await?;
-            }
-            Ok(data)
+            let what = || format!("{} in layer {}", self.entry.path, self.layer);
+            let span = crate::index::plan(&self.index, &self.entry, offset, len)
+                .map_err(|e| SourceError::with_source(what(), e))?;
+            fetch_span(
+                &self.store,
+                self.local.as_ref(),
+                &self.layer,
+                &self.index,
+                &self.windows,
+                span,
+                what,
+            )
+            .await
         }
         .boxed()
     }

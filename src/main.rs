@@ -52,8 +52,9 @@ enum Command {
     /// Prepare an image as placeholders in DEST (served by `fanfill daemon`).
     ///
     /// Asks the daemon to prepare the image and returns as soon as the placeholders exist
-    /// (prints "ready"); the daemon then fills reads of DEST on demand. With --prefetch the
-    /// rest of the image is filled in the background. With --foreground no daemon is used:
+    /// (prints "ready"); the daemon then fills reads of DEST on demand, and fills the rest of
+    /// the image in the background (each layer streamed once, never ahead of a reader's
+    /// miss; --no-prefetch: only what is read). With --foreground no daemon is used:
     /// this process serves DEST until interrupted (--exit-when-complete: until every file
     /// is filled and its mark gone).
     ///
@@ -233,10 +234,16 @@ struct PullArgs {
     /// How to lay the image out.
     #[arg(long, value_enum, default_value = "direct")]
     mode: ModeArg,
-    /// Fill the rest of the image in the background once the placeholders are ready.
+    /// Fill only what readers ask for: no background completion (by default the rest of
+    /// the image is filled in the background once the placeholders are ready, as an eager
+    /// pull would have, yielding to readers' misses; once complete, no read goes through
+    /// the daemon).
     #[arg(long)]
+    no_prefetch: bool,
+    /// Accepted for compatibility: background completion is the default.
+    #[arg(long, hide = true, conflicts_with = "no_prefetch")]
     prefetch: bool,
-    /// Files filled at once by --prefetch.
+    /// Files filled at once by the background completion.
     #[arg(long, default_value_t = 4)]
     prefetch_parallel: usize,
     /// Exit once every file is filled (implies --prefetch and --foreground).
@@ -356,7 +363,7 @@ fn pull(a: PullArgs) -> Result<()> {
     if !prepared.unpacked.lowerdirs.is_empty() {
         println!("lowerdir={}", prepared.unpacked.lowerdir_option());
     }
-    let prefetch = a.prefetch || a.exit_when_complete;
+    let prefetch = !a.no_prefetch || a.exit_when_complete;
     let prepared = Arc::new(prepared);
     let (done_tx, done_rx) = std::sync::mpsc::channel();
     if prefetch {
@@ -469,7 +476,7 @@ fn pull_client(socket: &Path, a: PullArgs) -> Result<()> {
                 ModeArg::Overlay => LayoutMode::Overlay,
             },
             registry: a.registry.settings(),
-            prefetch: a.prefetch,
+            prefetch: !a.no_prefetch,
         },
     );
     bar.finish_and_clear();

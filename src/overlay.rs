@@ -1,26 +1,40 @@
 //! Overlay rootfs: whole-file fill when a container opens a file through overlayfs.
 //!
-//! Owns the open-time watch on an overlay mount whose lower directories are placeholder
-//! trees. Range fills cannot serve an overlay rootfs (a lower file under a pre-content watch
-//! reads as EPERM through overlay, and mmap/exec through overlay raise no pre-content event:
+//! Owns the open-time watch on overlay mounts whose lower directories are placeholder trees.
+//! Range fills cannot serve an overlay rootfs (a lower file under a pre-content watch reads
+//! as EPERM through overlay, and mmap/exec through overlay raise no pre-content event:
 //! `docs/kernel.md`), so the lower placeholders are registered *unmarked*
-//! ([`Engine::register_unmarked`]) and a content-class group with
-//! `FAN_OPEN_PERM|FAN_OPEN_EXEC_PERM` on the overlay's superblock holds every open until the
-//! lower file is completely filled, then allows it. Exec, mmap and copy-up (a write open
-//! copies the lower file up) therefore all see the full original file. The overlay file
-//! reports the lower inode's number when all layers share one filesystem, which is how an
-//! event finds its placeholder. It never unpacks, fetches or writes file data itself (the
-//! engine does), and never marks anything but the overlay mount it is given.
+//! ([`Engine::register_unmarked`]) and one content-class group with
+//! `FAN_OPEN_PERM|FAN_OPEN_EXEC_PERM` marks on the superblocks of the watched overlays holds
+//! every open until the lower file is completely filled, then allows it. Exec, mmap and
+//! copy-up (a write open copies the lower file up) therefore all see the full original file.
+//! The overlay file reports the lower inode's number when all layers share one filesystem;
+//! its device number says which watched overlay (and so which lower filesystem) it is on.
+//!
+//! The group is one fd for every overlay, so a daemon can hand it to its fd holder like the
+//! pre-content group: while the group lives, an open that nobody answers stays blocked in
+//! the kernel (a dead daemon never lets an opener read holes), and a successor takes the
+//! group back, re-learns its overlays ([`OverlayWatcher::watch`] is idempotent), and answers
+//! the opens its predecessor read, by number, from the journal ([`EventJournal::begin_open`]).
+//! Events are not read before [`OverlayWatcher::start`]: they wait in the kernel until the
+//! files are registered.
+//!
+//! A refused open fails with `EPERM`, not `EIO`: the kernel takes a chosen errno
+//! (`FAN_DENY_ERRNO`) only from pre-content groups and refuses the answer from this class,
+//! which would leave the opener blocked; a plain `FAN_DENY` is what remains. It never unpacks, fetches or writes file data itself (the engine
+//! does), and never marks anything but the overlay mounts it is given.
 
+use std::collections::HashMap;
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, RwLock};
+use std::time::Duration;
 
 use tracing::{debug, info, warn};
 
-use crate::fill::{Engine, FileId, Filler, error_chain};
+use crate::fill::{Engine, EventJournal, FileId, Filler, error_chain};
 use crate::sys::fanotify::{
-    AsyncGroup, FAN_OPEN_EXEC_PERM, FAN_OPEN_PERM, FanotifyError, Group, GroupClass, Response,
+    Event, FAN_OPEN_EXEC_PERM, FAN_OPEN_PERM, FanotifyError, Group, GroupClass, Response,
 };
 
 /// Errors of the overlay watch.
@@ -48,28 +62,106 @@ pub enum OverlayError {
     Fanotify(#[from] FanotifyError),
 }
 
-/// A running open watch on one overlay mount. Dropping it stops the watch (opens are no
-/// longer held: drop it only after the container is gone).
-pub struct OverlayWatch {
-    task: tokio::task::JoinHandle<()>,
-    opens: Arc<AtomicU64>,
-    merged: PathBuf,
-}
-
 const OVERLAYFS_SUPER_MAGIC: i64 = 0x794c_7630;
 
-impl OverlayWatch {
-    /// Starts holding opens of `merged` (an overlay mount) until the lower file, a
-    /// placeholder on the filesystem whose device number is `lower_dev`, is filled.
-    pub fn start(
+/// The events of the watched overlays' superblocks.
+const OPEN_MASK: u64 = FAN_OPEN_PERM | FAN_OPEN_EXEC_PERM;
+
+/// How long the event thread waits for events before it looks at `stopping` again.
+const EVENT_WAIT_MS: u16 = 50;
+
+/// One watched overlay.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Watched {
+    /// Its mount point when it was watched.
+    pub merged: PathBuf,
+    /// Device number of the filesystem its lower placeholders are on.
+    pub lower_dev: u64,
+}
+
+struct Inner {
+    group: Arc<Group>,
+    filler: Filler,
+    runtime: tokio::runtime::Handle,
+    journal: Option<Arc<dyn EventJournal>>,
+    /// Watched overlays by the device number of their superblock.
+    watched: RwLock<HashMap<u64, Watched>>,
+    opens: AtomicU64,
+    inflight: AtomicU64,
+    stopping: AtomicBool,
+}
+
+/// The open watch of every overlay rootfs one engine serves: one content-class group, one
+/// event thread. Dropping it stops reading events; the group closes with its last fd (opens
+/// are then no longer held: keep a duplicate, [`OverlayWatcher::group`], in an fd holder, or
+/// drop it only after the containers are gone).
+pub struct OverlayWatcher {
+    inner: Arc<Inner>,
+    thread: Mutex<Option<std::thread::JoinHandle<()>>>,
+}
+
+impl OverlayWatcher {
+    /// A watcher on a new group, serving `engine`'s placeholders.
+    pub fn create(engine: &Engine) -> Result<OverlayWatcher, OverlayError> {
+        Ok(OverlayWatcher::with_group(
+            engine,
+            Group::new(GroupClass::Content)?,
+            None,
+        ))
+    }
+
+    /// A running watcher of one overlay (a new group): what a process that serves one
+    /// container without a daemon uses.
+    pub fn start_on(
         engine: &Engine,
         merged: &Path,
         lower_dev: u64,
-    ) -> Result<OverlayWatch, OverlayError> {
-        let fs = nix::sys::statfs::statfs(merged).map_err(|e| OverlayError::Stat {
+    ) -> Result<OverlayWatcher, OverlayError> {
+        let w = OverlayWatcher::create(engine)?;
+        w.watch(merged, lower_dev)?;
+        w.start();
+        Ok(w)
+    }
+
+    /// A watcher on `group` (a content-class group, new or taken over from a predecessor
+    /// with its marks), recording the opens it reads and has not answered yet in `journal`.
+    /// Reads nothing before [`OverlayWatcher::start`].
+    pub fn with_group(
+        engine: &Engine,
+        group: Group,
+        journal: Option<Arc<dyn EventJournal>>,
+    ) -> OverlayWatcher {
+        OverlayWatcher {
+            inner: Arc::new(Inner {
+                group: Arc::new(group),
+                filler: engine.filler(),
+                runtime: engine.handle(),
+                journal,
+                watched: RwLock::new(HashMap::new()),
+                opens: AtomicU64::new(0),
+                inflight: AtomicU64::new(0),
+                stopping: AtomicBool::new(false),
+            }),
+            thread: Mutex::new(None),
+        }
+    }
+
+    /// The group (to hand a duplicate of it to an fd holder, or to answer a predecessor's
+    /// events by number).
+    pub fn group(&self) -> &Group {
+        &self.inner.group
+    }
+
+    /// Starts holding opens of `merged` (an overlay mount) until the lower file, a
+    /// placeholder on the filesystem whose device number is `lower_dev`, is filled. Watching
+    /// an overlay again (after a takeover, say) is harmless. Returns the overlay's device
+    /// number.
+    pub fn watch(&self, merged: &Path, lower_dev: u64) -> Result<u64, OverlayError> {
+        let stat_err = |source: std::io::Error| OverlayError::Stat {
             path: merged.to_path_buf(),
-            source: e.into(),
-        })?;
+            source,
+        };
+        let fs = nix::sys::statfs::statfs(merged).map_err(|e| stat_err(e.into()))?;
         let magic = fs.filesystem_type().0 as i64;
         if magic != OVERLAYFS_SUPER_MAGIC {
             return Err(OverlayError::NotOverlay {
@@ -77,92 +169,166 @@ impl OverlayWatch {
                 fstype: format!("{magic:#x}"),
             });
         }
-        let group = Arc::new(Group::new(GroupClass::Content)?);
-        group.mark_filesystem(merged, FAN_OPEN_PERM | FAN_OPEN_EXEC_PERM)?;
-        let handle = engine.handle();
-        let agroup = {
-            let _g = handle.enter();
-            AsyncGroup::new(group.clone()).map_err(|e| OverlayError::Stat {
-                path: merged.to_path_buf(),
-                source: e,
-            })?
+        let dev = nix::sys::stat::stat(merged)
+            .map_err(|e| stat_err(e.into()))?
+            .st_dev;
+        // Known before the mark exists: an open between the two finds its overlay.
+        self.inner.watched.write().unwrap().insert(
+            dev,
+            Watched {
+                merged: merged.to_path_buf(),
+                lower_dev,
+            },
+        );
+        if let Err(e) = self.inner.group.mark_filesystem(merged, OPEN_MASK) {
+            self.inner.watched.write().unwrap().remove(&dev);
+            return Err(e.into());
+        }
+        info!(merged = %merged.display(), dev, "overlay open watch on");
+        Ok(dev)
+    }
+
+    /// Stops holding opens of the overlay whose device number is `dev` (its mark is removed
+    /// if it is still mounted where it was watched; an unmounted overlay took its mark with
+    /// it).
+    pub fn unwatch(&self, dev: u64) {
+        let Some(w) = self.inner.watched.write().unwrap().remove(&dev) else {
+            return;
         };
-        let opens = Arc::new(AtomicU64::new(0));
-        let task = handle.spawn(watch_loop(
-            engine.filler(),
-            agroup,
-            group,
-            lower_dev,
-            opens.clone(),
-        ));
-        info!(merged = %merged.display(), "overlay open watch started");
-        Ok(OverlayWatch {
-            task,
-            opens,
-            merged: merged.to_path_buf(),
-        })
+        let still_there = nix::sys::stat::stat(&w.merged).is_ok_and(|st| st.st_dev == dev);
+        if still_there && let Err(e) = self.inner.group.unmark_filesystem(&w.merged, OPEN_MASK) {
+            debug!(merged = %w.merged.display(), error = %e, "removing an overlay watch");
+        }
+        info!(merged = %w.merged.display(), "overlay open watch off");
+    }
+
+    /// The overlays watched now.
+    pub fn watched(&self) -> Vec<(u64, Watched)> {
+        let w = self.inner.watched.read().unwrap();
+        w.iter().map(|(d, w)| (*d, w.clone())).collect()
+    }
+
+    /// Starts reading and answering open events (on a thread of its own). Call it once the
+    /// lower placeholders are registered with the engine and the overlays are watched.
+    pub fn start(&self) {
+        let mut t = self.thread.lock().unwrap();
+        if t.is_none() {
+            let inner = self.inner.clone();
+            *t = Some(
+                std::thread::Builder::new()
+                    .name("fanfill-overlay".into())
+                    .spawn(move || event_thread(inner))
+                    .expect("spawning the overlay event thread"),
+            );
+        }
     }
 
     /// Opens held and answered so far.
     pub fn opens(&self) -> u64 {
-        self.opens.load(Ordering::Relaxed)
+        self.inner.opens.load(Ordering::Relaxed)
+    }
+
+    /// Opens read and not answered yet.
+    pub fn inflight(&self) -> u64 {
+        self.inner.inflight.load(Ordering::SeqCst)
     }
 }
 
-impl Drop for OverlayWatch {
+impl OverlayWatcher {
+    /// Stops reading events (those not read yet wait in the kernel for whoever serves the
+    /// group next); opens already read are still answered.
+    pub fn stop(&self) {
+        self.inner.stopping.store(true, Ordering::SeqCst);
+        if let Some(t) = self.thread.lock().unwrap().take() {
+            let _ = t.join();
+        }
+        debug!("overlay open watch stopped");
+    }
+}
+
+impl Drop for OverlayWatcher {
     fn drop(&mut self) {
-        self.task.abort();
-        debug!(merged = %self.merged.display(), "overlay open watch stopped");
+        self.stop();
     }
 }
 
-async fn watch_loop(
-    fill: Filler,
-    agroup: AsyncGroup,
-    group: Arc<Group>,
-    lower_dev: u64,
-    opens: Arc<AtomicU64>,
-) {
+fn event_thread(inner: Arc<Inner>) {
     let mut buf = vec![0u8; 64 << 10];
     let mut events = Vec::new();
-    loop {
-        if let Err(e) = agroup.read_events(&mut buf, &mut events).await {
+    while !inner.stopping.load(Ordering::SeqCst) {
+        if let Err(e) = inner
+            .group
+            .wait_events(&mut buf, &mut events, EVENT_WAIT_MS)
+        {
             warn!(error = %e, "reading overlay open events");
-            tokio::time::sleep(std::time::Duration::from_millis(10)).await;
-            continue;
+            std::thread::sleep(Duration::from_millis(10));
         }
         for event in events.drain(..) {
-            if !event.needs_response() {
-                continue;
-            }
-            // Directories, devices, empty files and files that are not ours pass at once.
-            let target = event
-                .file()
-                .and_then(|fd| nix::sys::stat::fstat(fd).ok())
-                .filter(|st| (st.st_mode & libc::S_IFMT) == libc::S_IFREG && st.st_size > 0);
-            let Some(st) = target else {
-                answer(&group, event, Response::Allow);
-                continue;
-            };
-            opens.fetch_add(1, Ordering::Relaxed);
-            let fut = fill(FileId::new(lower_dev, st.st_ino));
-            let group = group.clone();
-            tokio::spawn(async move {
-                let response = match fut.await {
-                    Ok(()) => Response::Allow,
-                    Err(e) => {
-                        warn!(ino = st.st_ino, error = %error_chain(&*e), "overlay open: fill failed; denying");
-                        Response::Deny(e.errno())
-                    }
-                };
-                answer(&group, event, response);
-            });
+            dispatch(&inner, event);
         }
     }
 }
 
-fn answer(group: &Group, event: crate::sys::fanotify::Event, response: Response) {
-    if let Err(e) = group.respond(event, response) {
+fn dispatch(inner: &Arc<Inner>, event: Event) {
+    if !event.needs_response() {
+        return;
+    }
+    if let Some(j) = &inner.journal {
+        j.seen(event.id());
+    }
+    // Directories, devices and empty files pass at once.
+    let target = event
+        .file()
+        .and_then(|fd| nix::sys::stat::fstat(fd).ok())
+        .filter(|st| (st.st_mode & libc::S_IFMT) == libc::S_IFREG && st.st_size > 0);
+    let Some(st) = target else {
+        answer(inner, event, Response::Allow, false);
+        return;
+    };
+    let lower_dev = inner
+        .watched
+        .read()
+        .unwrap()
+        .get(&st.st_dev)
+        .map(|w| w.lower_dev);
+    let Some(lower_dev) = lower_dev else {
+        // Marked by this group, yet no overlay of ours: a watch a predecessor added and
+        // nobody re-learned. Its lower files may be holes: refuse rather than guess.
+        warn!(
+            dev = st.st_dev,
+            ino = st.st_ino,
+            "open on an overlay this daemon does not know; refused (EPERM)"
+        );
+        answer(inner, event, Response::DenyPlain, false);
+        return;
+    };
+    let lower = FileId::new(lower_dev, st.st_ino);
+    if let Some(j) = &inner.journal {
+        j.begin_open(event.id(), lower);
+    }
+    inner.opens.fetch_add(1, Ordering::Relaxed);
+    inner.inflight.fetch_add(1, Ordering::SeqCst);
+    let fut = (inner.filler)(lower);
+    let inner2 = inner.clone();
+    inner.runtime.spawn(async move {
+        let response = match fut.await {
+            Ok(()) => Response::Allow,
+            Err(e) => {
+                warn!(ino = st.st_ino, error = %error_chain(&*e), "overlay open: fill failed; refused (EPERM)");
+                Response::DenyPlain
+            }
+        };
+        answer(&inner2, event, response, true);
+        inner2.inflight.fetch_sub(1, Ordering::SeqCst);
+    });
+}
+
+fn answer(inner: &Inner, event: Event, response: Response, journaled: bool) {
+    let id = event.id();
+    if let Err(e) = inner.group.respond(event, response) {
         warn!(error = %e, "answering overlay open");
+    }
+    if journaled && let Some(j) = &inner.journal {
+        j.end(id);
     }
 }

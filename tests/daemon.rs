@@ -198,7 +198,7 @@ fn cli_pull_status_rm_and_clear_errors() {
     };
     let dest = tmp.path().join("root");
     let dest_s = dest.to_str().unwrap();
-    let (code, out, err) = cli(&["pull", &reference, dest_s]);
+    let (code, out, err) = cli(&["pull", "--no-prefetch", &reference, dest_s]);
     assert_eq!(code, Some(0), "{err}");
     assert!(out.starts_with("ready: "), "{out}");
     let got = std::fs::read(dest.join(&files[1].0)).unwrap();
@@ -259,6 +259,23 @@ fn cli_pull_status_rm_and_clear_errors() {
     assert!(
         String::from_utf8_lossy(&out.stderr).contains("unreachable at /nonexistent/fanfill.sock")
     );
+    // By default the rest of the image is filled in the background: it completes unread,
+    // and keeps no mark.
+    let dest2 = tmp.path().join("root2");
+    let (code, _, err) = cli(&["pull", &reference, dest2.to_str().unwrap()]);
+    assert_eq!(code, Some(0), "{err}");
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while d
+        .status()
+        .1
+        .iter()
+        .any(|i| i.dest == dest2 && i.state != "complete")
+    {
+        assert!(Instant::now() < deadline, "{:?}", d.status().1);
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let (code, _, err) = cli(&["rm", dest2.to_str().unwrap()]);
+    assert_eq!(code, Some(0), "{err}");
     // rm: tree and state gone.
     let (code, out, err) = cli(&["rm", dest_s]);
     assert_eq!(code, Some(0), "{err}");

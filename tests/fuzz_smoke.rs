@@ -222,8 +222,14 @@ fn toc_zstd() {
 }
 
 #[test]
+fn checkpoint_inflate() {
+    smoke("checkpoint_inflate");
+}
+
+#[test]
 fn every_target_is_tested() {
     let tested = [
+        "checkpoint_inflate",
         "index_tar",
         "index_gzip",
         "index_decode",

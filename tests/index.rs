@@ -1217,3 +1217,33 @@ fn planning_from_earlier_checkpoints_gives_the_same_bytes() {
         "the file's middle is past the first checkpoint"
     );
 }
+
+/// The layer that showed the bug: Debian 12's libLLVM-14 (package `libllvm14`), tarred and
+/// gzipped at level 6 as the bench's large image holds it. Its checkpoint at uncompressed
+/// offset 94,372,191 sits inside a Huffman block where seven resume bits inflate to the same
+/// 16 KiB (the data repeats there); the indexer took the first, which went wrong 113,521
+/// bytes on, and fills from it failed verification. Now a checkpoint is kept only where
+/// exactly one resume bit fits, and every checkpoint inflates to the stream's own bytes.
+#[test]
+fn checkpoint_resume_is_exact_or_absent() {
+    let lib = std::path::Path::new("/usr/lib/x86_64-linux-gnu/libLLVM-14.so.1");
+    assert!(
+        lib.exists(),
+        "{} missing: apt-get install libllvm14 (scripts/test does)",
+        lib.display()
+    );
+    let mut tar = tar::Builder::new(Vec::new());
+    tar.append_path_with_name(lib, "usr/lib/x86_64-linux-gnu/libLLVM-14.so.1")
+        .unwrap();
+    let raw = tar.into_inner().unwrap();
+    let mut enc = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::new(6));
+    enc.write_all(&raw).unwrap();
+    let gz = enc.finish().unwrap();
+    let (checkpoints, inside) =
+        fanfill::fuzzing::check_every_checkpoint(&raw, &gz, &IndexOptions::default(), 1 << 20);
+    assert!(inside > 50, "{inside} of {checkpoints} inside blocks");
+    println!(
+        "libLLVM-14 ({} MB): {checkpoints} checkpoints ({inside} inside Huffman blocks), each inflates 1 MiB exactly as the stream does",
+        raw.len() >> 20
+    );
+}

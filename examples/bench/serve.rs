@@ -13,7 +13,7 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, Result, anyhow, bail};
 use fanfill::fill::{Engine, EngineConfig};
 use fanfill::image::{self, PrepareOptions, Prepared};
-use fanfill::overlay::OverlayWatch;
+use fanfill::overlay::OverlayWatcher;
 use fanfill::unpack::Mode;
 use serde_json::{Value, json};
 
@@ -68,7 +68,7 @@ pub fn steal_iowait_s() -> (f64, f64) {
 
 struct State {
     prepared: Option<Prepared>,
-    watch: Option<OverlayWatch>,
+    watch: Option<OverlayWatcher>,
     merged: Option<PathBuf>,
     /// [`cpu_s`] when the prepare started: figures count from there.
     cpu_base: f64,
@@ -177,7 +177,7 @@ fn handle(
                 }
                 st.merged = Some(merged.clone());
                 let dev = std::fs::metadata(&dest)?.dev();
-                st.watch = Some(OverlayWatch::start(engine, &merged, dev)?);
+                st.watch = Some(OverlayWatcher::start_on(engine, &merged, dev)?);
             }
             let u = &prepared.unpacked.stats;
             let origins: Vec<&str> = prepared.index_origins.iter().map(|o| o.as_str()).collect();

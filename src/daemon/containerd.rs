@@ -77,11 +77,24 @@ impl Host for DaemonHost {
     }
 
     fn unwatch_overlay(&self, merged: &Path) {
-        self.0
-            .watches
-            .lock()
-            .unwrap()
-            .retain(|(_, m, _)| m != merged);
+        let d = &self.0;
+        let mut images = Vec::new();
+        d.watches.lock().unwrap().retain(|(id, m, dev)| {
+            if m != merged {
+                return true;
+            }
+            d.overlays.unwatch(*dev);
+            images.push(*id);
+            false
+        });
+        for id in images {
+            let img = d.images.lock().unwrap().get(&id).cloned();
+            if let Some(img) = img {
+                img.record.lock().unwrap().overlays.retain(|m| m != merged);
+                // Off the record too: a successor must not watch it again.
+                d.persist_image(&img);
+            }
+        }
     }
 
     fn remove_image(&self, dest: &Path) -> Result<(), String> {

@@ -6,9 +6,14 @@
 //! readers block in the kernel until a successor takes the fd back over `STATE_DIR/holder.sock`
 //! (`SCM_RIGHTS`) and answers them. The holder reads no events and answers nothing.
 //!
-//! Protocol (one byte per message, an fd attached where noted): `P`+fd: keep this group
-//! (answer `K`); `G`: give it back (answer `Y`+fd, or `N` when holding none); `Q`: exit
-//! (answer `K`).
+//! It keeps two groups, one per [`Slot`]: the pre-content group of range fills, and the
+//! content-class group of the overlay open watch ([`crate::overlay`]), whose permission events
+//! block openers of overlay rootfs files in the same way.
+//!
+//! Protocol (one byte per message, an fd attached where noted): `P`+fd / `O`+fd: keep this
+//! pre-content / overlay-watch group (answer `K`); `G` / `H`: give it back (answer `Y`+fd, or
+//! `N` when holding none); `Q`: exit (answer `K`). A holder that predates the overlay slot
+//! answers `?` to `O` and `H`.
 
 use std::os::fd::{AsFd, OwnedFd};
 use std::os::unix::fs::PermissionsExt;
@@ -51,6 +56,40 @@ pub enum HolderError {
     },
 }
 
+/// Which of the daemon's groups a message is about.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Slot {
+    /// The pre-content group (range fills of direct trees).
+    PreContent,
+    /// The overlay open watch's content-class group.
+    OverlayWatch,
+}
+
+impl Slot {
+    fn put_tag(self) -> u8 {
+        match self {
+            Slot::PreContent => b'P',
+            Slot::OverlayWatch => b'O',
+        }
+    }
+
+    fn take_tag(self) -> u8 {
+        match self {
+            Slot::PreContent => b'G',
+            Slot::OverlayWatch => b'H',
+        }
+    }
+
+    fn index(self) -> usize {
+        match self {
+            Slot::PreContent => 0,
+            Slot::OverlayWatch => 1,
+        }
+    }
+
+    const ALL: [Slot; 2] = [Slot::PreContent, Slot::OverlayWatch];
+}
+
 fn sock_err(path: &Path) -> impl Fn(std::io::Error) -> HolderError + '_ {
     move |source| HolderError::Socket {
         path: path.to_path_buf(),
@@ -75,7 +114,7 @@ pub fn run(socket: &Path) -> Result<(), HolderError> {
         let _ = std::fs::write(dir.join("holder.pid"), std::process::id().to_string());
     }
     info!(socket = %socket.display(), "fd holder ready");
-    let mut held: Option<OwnedFd> = None;
+    let mut held: [Option<OwnedFd>; 2] = [None, None];
     for conn in listener.incoming() {
         let Ok(conn) = conn else { continue };
         loop {
@@ -87,16 +126,18 @@ pub fn run(socket: &Path) -> Result<(), HolderError> {
                     break;
                 }
             };
-            let r = match msg {
-                (b'P', Some(fd)) => {
-                    held = Some(fd);
+            let put = Slot::ALL.into_iter().find(|s| s.put_tag() == msg.0);
+            let take = Slot::ALL.into_iter().find(|s| s.take_tag() == msg.0);
+            let r = match (msg, put, take) {
+                ((_, Some(fd)), Some(slot), _) => {
+                    held[slot.index()] = Some(fd);
                     send_fd(&conn, b'K', None)
                 }
-                (b'G', _) => match &held {
+                (_, _, Some(slot)) => match &held[slot.index()] {
                     Some(fd) => send_fd(&conn, b'Y', Some(fd.as_fd())),
                     None => send_fd(&conn, b'N', None),
                 },
-                (b'Q', _) => {
+                ((b'Q', _), _, _) => {
                     let _ = send_fd(&conn, b'K', None);
                     let _ = std::fs::remove_file(socket);
                     info!("fd holder exiting");
@@ -133,12 +174,12 @@ pub fn is_running(socket: &Path) -> bool {
     UnixStream::connect(socket).is_ok()
 }
 
-/// Takes a duplicate of the held group fd, if a holder runs and holds one.
-pub fn take(socket: &Path) -> Result<Option<OwnedFd>, HolderError> {
+/// Takes a duplicate of the group fd held in `slot`, if a holder runs and holds one.
+pub fn take(socket: &Path, slot: Slot) -> Result<Option<OwnedFd>, HolderError> {
     if !is_running(socket) {
         return Ok(None);
     }
-    match request(socket, b'G', None)? {
+    match request(socket, slot.take_tag(), None)? {
         (b'Y', Some(fd)) => Ok(Some(fd)),
         (b'N', _) => Ok(None),
         (a, _) => Err(HolderError::Protocol {
@@ -148,9 +189,9 @@ pub fn take(socket: &Path) -> Result<Option<OwnedFd>, HolderError> {
     }
 }
 
-/// Hands the holder a duplicate of the group fd to keep.
-pub fn put(socket: &Path, fd: std::os::fd::BorrowedFd<'_>) -> Result<(), HolderError> {
-    match request(socket, b'P', Some(fd))? {
+/// Hands the holder a duplicate of a group fd to keep in `slot`.
+pub fn put(socket: &Path, slot: Slot, fd: std::os::fd::BorrowedFd<'_>) -> Result<(), HolderError> {
+    match request(socket, slot.put_tag(), Some(fd))? {
         (b'K', _) => Ok(()),
         (a, _) => Err(HolderError::Protocol {
             path: socket.to_path_buf(),

@@ -5,8 +5,10 @@
 //! reader) for as long as the group lives, which the fd holder guarantees. So when the
 //! daemon dies, a successor can still answer those events, if it knows their numbers and
 //! what they asked for: that is this journal. One fixed-size slot per fd number, written
-//! with `pwrite` (the page cache survives the process), holding the file's device and inode
-//! and the range; the header holds the highest event number a stale event may still carry
+//! with `pwrite` (the page cache survives the process), holding which group the event came
+//! from (the pre-content group, or the overlay open watch's group, see [`EventKind`]), the
+//! file's device and inode (for an overlay open: the lower placeholder's) and the range; the
+//! header holds the highest event number a stale event may still carry
 //! (the highest unanswered one, the latest one read, and until the predecessor's events are
 //! answered the predecessor's own figure), so a successor can reserve every such number
 //! before it reads a new one. It falls again as events are answered: a figure that only grew
@@ -22,18 +24,47 @@ use std::os::unix::fs::FileExt;
 use std::path::Path;
 use std::sync::Mutex;
 
-use crate::fill::EventJournal;
+use crate::fill::{EventJournal, FileId};
 use crate::sys::fanotify::{EventId, EventRange};
 
 const HEADER: u64 = 64;
 const SLOT: u64 = 40;
 const MAGIC: &[u8; 8] = b"FFJRNL01";
 
+/// Which group an event was read from: a successor answers it on the same group.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum EventKind {
+    /// A `FAN_PRE_ACCESS` event of the pre-content group: fill the range, then answer.
+    Range,
+    /// A `FAN_OPEN_PERM`/`FAN_OPEN_EXEC_PERM` event of the overlay open watch's group: fill
+    /// the lower placeholder whole, then answer.
+    OverlayOpen,
+}
+
+impl EventKind {
+    fn code(self) -> u32 {
+        match self {
+            EventKind::Range => 0,
+            EventKind::OverlayOpen => 1,
+        }
+    }
+
+    fn from_code(c: u32) -> Option<EventKind> {
+        match c {
+            0 => Some(EventKind::Range),
+            1 => Some(EventKind::OverlayOpen),
+            _ => None,
+        }
+    }
+}
+
 /// An event a predecessor read and did not answer.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Inflight {
     /// The event's number.
     pub id: EventId,
+    /// The group it came from.
+    pub kind: EventKind,
     /// Device of the file.
     pub dev: u64,
     /// Inode of the file.
@@ -84,10 +115,12 @@ impl Journal {
             while at + SLOT as usize <= bytes.len() {
                 let s = &bytes[at..at + SLOT as usize];
                 let tag = i32::from_ne_bytes(s[0..4].try_into().expect("4"));
-                if tag == n + 1 {
+                let kind = EventKind::from_code(u32::from_ne_bytes(s[4..8].try_into().expect("4")));
+                if let (true, Some(kind)) = (tag == n + 1, kind) {
                     let u = |o: usize| u64::from_ne_bytes(s[o..o + 8].try_into().expect("8"));
                     found.push(Inflight {
                         id: EventId::from_raw(n),
+                        kind,
                         dev: u(8),
                         ino: u(16),
                         offset: u(24),
@@ -153,23 +186,40 @@ impl Journal {
     }
 }
 
-impl EventJournal for Journal {
-    fn begin(&self, id: EventId, file: BorrowedFd<'_>, range: Option<EventRange>) {
+impl Journal {
+    fn record(&self, id: EventId, kind: EventKind, file: FileId, offset: u64, count: u64) {
         let Some(at) = Journal::slot(id) else { return };
-        let Ok(st) = nix::sys::stat::fstat(file) else {
-            return;
-        };
-        let (offset, count) = range.map(|r| (r.offset, r.count)).unwrap_or((0, 0));
         let mut s = [0u8; SLOT as usize];
         s[0..4].copy_from_slice(&(id.raw() + 1).to_ne_bytes());
-        s[8..16].copy_from_slice(&st.st_dev.to_ne_bytes());
-        s[16..24].copy_from_slice(&st.st_ino.to_ne_bytes());
+        s[4..8].copy_from_slice(&kind.code().to_ne_bytes());
+        s[8..16].copy_from_slice(&file.dev().to_ne_bytes());
+        s[16..24].copy_from_slice(&file.ino().to_ne_bytes());
         s[24..32].copy_from_slice(&offset.to_ne_bytes());
         s[32..40].copy_from_slice(&count.to_ne_bytes());
         let _ = self.file.write_all_at(&s, at);
         self.update(|m| {
             m.outstanding.insert(id.raw());
         });
+    }
+}
+
+impl EventJournal for Journal {
+    fn begin(&self, id: EventId, file: BorrowedFd<'_>, range: Option<EventRange>) {
+        let Ok(st) = nix::sys::stat::fstat(file) else {
+            return;
+        };
+        let (offset, count) = range.map(|r| (r.offset, r.count)).unwrap_or((0, 0));
+        self.record(
+            id,
+            EventKind::Range,
+            FileId::new(st.st_dev, st.st_ino),
+            offset,
+            count,
+        );
+    }
+
+    fn begin_open(&self, id: EventId, lower: FileId) {
+        self.record(id, EventKind::OverlayOpen, lower, 0, 0);
     }
 
     fn end(&self, id: EventId) {
@@ -211,12 +261,21 @@ mod tests {
                 );
             }
             j.end(EventId::from_raw(9));
+            // An open through a watched overlay, recorded with its lower file.
+            j.seen(EventId::from_raw(7));
+            j.begin_open(EventId::from_raw(7), FileId::new(42, 4242));
         }
         let (j, hwm, found) = Journal::open(&p).unwrap();
         assert_eq!(hwm, 12);
         let ids: Vec<i32> = found.iter().map(|i| i.id.raw()).collect();
-        assert_eq!(ids, vec![5, 12]);
-        assert_eq!(found[1].offset, 12 * 4096);
+        assert_eq!(ids, vec![5, 7, 12]);
+        assert_eq!(found[2].offset, 12 * 4096);
+        assert_eq!(found[0].kind, EventKind::Range);
+        assert_eq!(
+            (found[1].kind, found[1].dev, found[1].ino),
+            (EventKind::OverlayOpen, 42, 4242)
+        );
+        j.clear(EventId::from_raw(7));
         // A successor's events, read above the reserved numbers, then the old ones answered.
         j.seen(EventId::from_raw(2100));
         j.begin(EventId::from_raw(2100), f.as_fd(), None);

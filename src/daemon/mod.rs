@@ -55,13 +55,13 @@ use crate::fill::{
 };
 use crate::image::{self, PrepareOptions};
 use crate::index::LayerIndex;
-use crate::overlay::OverlayWatch;
+use crate::overlay::OverlayWatcher;
 use crate::registry::BlobStore;
 use crate::sys::fanotify::{DenyErrno, EventId, Group, GroupClass, Response as FanResponse};
 use crate::sys::fdpass::FdReservation;
 use crate::unpack::{self, Layer, Mode, UnpackOptions};
-use journal::{Inflight, Journal};
-use state::{FileRecord, ImageRecord, StateDir};
+use journal::{EventKind, Inflight, Journal};
+use state::{FileRecord, ImageRecord, PrepareIntent, StateDir};
 
 /// Errors of the daemon.
 #[derive(Debug, thiserror::Error)]
@@ -217,6 +217,72 @@ impl ContentSource for DaemonSource {
     }
 }
 
+/// A prepare under way, on record ([`PrepareIntent`]) until [`Preparing::done`]. Dropped
+/// before that (any failure), it removes what was made in the destination.
+struct Preparing<'a> {
+    state: &'a StateDir,
+    id: u64,
+    intent: PrepareIntent,
+    done: bool,
+}
+
+impl<'a> Preparing<'a> {
+    fn begin(
+        state: &'a StateDir,
+        id: u64,
+        dest: &Path,
+        tree: &TreeDir,
+    ) -> Result<Preparing<'a>, ApiFail> {
+        let intent = PrepareIntent {
+            dest: dest.to_path_buf(),
+            key: tree.key,
+        };
+        state
+            .begin_prepare(id, &intent)
+            .map_err(ApiFail::internal)?;
+        Ok(Preparing {
+            state,
+            id,
+            intent,
+            done: false,
+        })
+    }
+
+    /// The image is recorded: what was made stays.
+    fn done(mut self) {
+        self.done = true;
+    }
+}
+
+impl Drop for Preparing<'_> {
+    fn drop(&mut self) {
+        if !self.done {
+            abandon_prepare(&self.intent);
+        }
+        self.state.end_prepare(self.id);
+    }
+}
+
+/// Removes what an unfinished prepare made in its destination, if the directory there is
+/// still the one it prepared into.
+fn abandon_prepare(intent: &PrepareIntent) {
+    if dir_is(&intent.dest, intent.key) {
+        image::remove_tree_contents(&intent.dest);
+    }
+}
+
+/// The source of a file whose image could not be reopened after a restart (registry
+/// unreachable, the reference moved on, the index lost): every fill fails with the reason,
+/// so readers get `EIO` rather than the placeholder's holes.
+struct Unavailable(String);
+
+impl ContentSource for Unavailable {
+    fn read_at(&self, _offset: u64, _len: u64) -> BoxFuture<'_, Result<Vec<u8>, SourceError>> {
+        let m = self.0.clone();
+        async move { Err(SourceError::new(format!("image not reopened: {m}"))) }.boxed()
+    }
+}
+
 /// One served image.
 struct ImageRt {
     record: Mutex<ImageRecord>,
@@ -243,10 +309,19 @@ struct ImageRt {
     opened: Option<Arc<Opened>>,
 }
 
+/// Identity of a directory: device, inode and birth time.
+type DirKey = (u64, u64, Option<std::time::SystemTime>);
+
+/// Whether the directory at `path` (not following a final symlink) is the one `key` names.
+fn dir_is(path: &Path, key: DirKey) -> bool {
+    std::fs::symlink_metadata(path)
+        .is_ok_and(|m| m.is_dir() && (m.dev(), m.ino(), m.created().ok()) == key)
+}
+
 /// An image's destination directory, identified by its device, inode and birth time.
 struct TreeDir {
     fd: std::fs::File,
-    key: (u64, u64, Option<std::time::SystemTime>),
+    key: DirKey,
 }
 
 impl TreeDir {
@@ -264,8 +339,7 @@ impl TreeDir {
 
     /// Whether `path` (not followed if a symlink) is this directory.
     fn is_at(&self, path: &Path) -> bool {
-        std::fs::symlink_metadata(path)
-            .is_ok_and(|m| m.is_dir() && (m.dev(), m.ino(), m.created().ok()) == self.key)
+        dir_is(path, self.key)
     }
 
     /// Where the directory is now: `recorded` if it is still there, wherever it was moved
@@ -292,8 +366,11 @@ struct Daemon {
     /// Prefetch pacing: when the next prefetch may start (see `prefetch_rate`).
     prefetch_next: Mutex<Instant>,
     stopping: AtomicBool,
-    /// Open watches on overlay rootfs mounts: (image id, merged dir, watch).
-    watches: Mutex<Vec<(u64, PathBuf, OverlayWatch)>>,
+    /// The open watch of every overlay rootfs over an overlay-mode image (its group is kept
+    /// by the fd holder too).
+    overlays: OverlayWatcher,
+    /// Watched overlays: (image id, merged dir, the overlay's device number).
+    watches: Mutex<Vec<(u64, PathBuf, u64)>>,
     /// Destinations being prepared right now (claimed before anything is created).
     claims: Mutex<Vec<PathBuf>>,
     /// The daemon's own places, resolved: the state dir, the index dir, the socket. A
@@ -618,6 +695,10 @@ impl Daemon {
                 format!("opening {}: {e}", dest.display()),
             )
         })?;
+        let id = self.next_id.fetch_add(1, Ordering::SeqCst);
+        // Until the image is recorded, a failure (or a successor, after a crash) removes
+        // whatever was made here.
+        let preparing = Preparing::begin(&self.state, id, &dest, &tree)?;
         let opts = prepare_options(&self.config.index_dir, &registry)?;
         let started = Instant::now();
         let opened = open_image(&image_ref, &opts)
@@ -667,7 +748,6 @@ impl Daemon {
         if let Err(e) = image::mark_tree(&dest, &image_ref) {
             warn!(dest = %dest.display(), error = %e, "cannot mark the tree as fanfill's");
         }
-        let id = self.next_id.fetch_add(1, Ordering::SeqCst);
         let counters = Arc::new(ImageCounters::default());
         let mut record = ImageRecord {
             id,
@@ -682,6 +762,7 @@ impl Daemon {
                 ..registry
             },
             prefetch,
+            overlays: Vec::new(),
             files: Vec::with_capacity(unpacked.placeholders.len()),
         };
         let this = self.clone();
@@ -741,14 +822,9 @@ impl Daemon {
         })
         .await
         .map_err(ApiFail::internal)?;
-        let (ids, record, counters, order) = match res {
-            Ok(v) => v,
-            Err(e) => {
-                image::remove_tree_contents(&dest);
-                return Err(e);
-            }
-        };
+        let (ids, record, counters, order) = res?;
         self.state.save(&record).map_err(ApiFail::internal)?;
+        preparing.done();
         if let Some(early) = early_profile {
             let (placed, fids): (Vec<(usize, usize)>, Vec<FileId>) = record
                 .files
@@ -826,30 +902,25 @@ impl Daemon {
                 .map_err(|e| error_chain(&e)),
             Err(ApiFail(_, m)) => Err(m),
         };
-        let opened = match opened {
-            Ok(o) if o.manifest_digest == record.manifest_digest => o,
-            Ok(o) => {
-                let m = format!(
+        let (opened, error) = match opened {
+            Ok(o) if o.manifest_digest == record.manifest_digest => (Some(Arc::new(o)), None),
+            Ok(o) => (
+                None,
+                Some(format!(
                     "{} now resolves to {}, not {}",
                     record.reference, o.manifest_digest, record.manifest_digest
-                );
-                warn!(error = %m, "cannot reopen image");
-                let n = record.files.len();
-                return mk(vec![None; n], (0..n).collect(), record, Some(m), None);
-            }
-            Err(m) => {
-                warn!(reference = %record.reference, error = %m, "cannot reopen image");
-                let n = record.files.len();
-                return mk(vec![None; n], (0..n).collect(), record, Some(m), None);
-            }
+                )),
+            ),
+            Err(m) => (None, Some(m)),
         };
+        if let Some(m) = &error {
+            warn!(reference = %record.reference, error = %m, "cannot reopen image; its unfilled files answer EIO");
+        }
         let this = self.clone();
         let counters2 = counters.clone();
         let overlay = record.mode == LayoutMode::Overlay;
-        let opened = Arc::new(opened);
-        let opened2 = opened.clone();
+        let (opened2, error2) = (opened.clone(), error.clone());
         let files = tokio::task::spawn_blocking(move || {
-            let opened = opened2;
             let mut ids = Vec::with_capacity(record.files.len());
             for f in &record.files {
                 if f.complete && f.chunk == 0 {
@@ -857,35 +928,42 @@ impl Daemon {
                     ids.push(None);
                     continue;
                 }
+                // A file whose source cannot be had is still registered (marked, or held
+                // by the overlay watch): its readers get EIO, never its holes.
+                let found = match (&opened2, &error2) {
+                    (Some(o), _) => this.source(o, f.layer, f.entry, &counters2),
+                    (None, e) => Err(e.clone().unwrap_or_default()),
+                };
+                let (source, verify): (Arc<dyn ContentSource>, Verify) = match found {
+                    Ok((s, v)) => (s, v),
+                    Err(m) => (Arc::new(Unavailable(m)), Verify::None),
+                };
+                let p = Placeholder {
+                    path: f.path.clone(),
+                    size: f.size,
+                    source,
+                    verify,
+                };
+                let n = if f.chunk > 0 {
+                    f.size.div_ceil(f.chunk) as usize
+                } else {
+                    0
+                };
                 let r = this
-                    .source(&opened, f.layer, f.entry, &counters2)
-                    .map_err(|m| m.to_string())
-                    .and_then(|(source, verify)| {
-                        let p = Placeholder {
-                            path: f.path.clone(),
-                            size: f.size,
-                            source,
-                            verify,
-                        };
-                        let n = if f.chunk > 0 {
-                            f.size.div_ceil(f.chunk) as usize
-                        } else {
-                            0
-                        };
-                        let id = this
-                            .engine
-                            .register_filled(p, f.chunk, &f.filled_flags(n))
-                            .map_err(|e| {
-                                if matches!(e, FillError::NotPlaceholder { .. }) {
-                                    // Changed by the user while unfilled (O_TRUNC raises no
-                                    // event): theirs now, never refused as unknown.
-                                    if let Err(e) = this.engine.release_path(&f.path) {
-                                        warn!(error = %error_chain(&e), "releasing a user-modified file");
-                                    }
-                                    return format!("{}; left to the user", error_chain(&e));
-                                }
-                                error_chain(&e)
-                            })?;
+                    .engine
+                    .register_filled(p, f.chunk, &f.filled_flags(n))
+                    .map_err(|e| {
+                        if matches!(e, FillError::NotPlaceholder { .. }) {
+                            // Changed by the user while unfilled (O_TRUNC raises no
+                            // event): theirs now, never refused as unknown.
+                            if let Err(e) = this.engine.release_path(&f.path) {
+                                warn!(error = %error_chain(&e), "releasing a user-modified file");
+                            }
+                            return format!("{}; left to the user", error_chain(&e));
+                        }
+                        error_chain(&e)
+                    })
+                    .and_then(|id| {
                         if overlay {
                             this.engine.unmark(id).map_err(|e| error_chain(&e))?;
                         }
@@ -899,14 +977,17 @@ impl Daemon {
                     }
                 }
             }
-            let order = opened.sources.prefetch_order(&record.file_keys());
+            let order = match &opened2 {
+                Some(o) => o.sources.prefetch_order(&record.file_keys()),
+                None => (0..record.files.len()).collect(),
+            };
             (ids, record, order)
         })
         .await;
         match files {
             Ok((ids, record, order)) => {
                 info!(reference = %record.reference, dest = %record.dest.display(), files = ids.len(), "image re-served");
-                mk(ids, order, record, None, Some(opened))
+                mk(ids, order, record, error, opened)
             }
             Err(e) => panic!("re-registering task failed: {e}"),
         }
@@ -991,6 +1072,9 @@ impl Daemon {
                 errors: st.errors,
                 latency_p50_us: st.latency_p50_us,
                 latency_p99_us: st.latency_p99_us,
+                overlays_watched: self.watches.lock().unwrap().len() as u64,
+                overlay_opens_inflight: self.overlays.inflight(),
+                overlay_opens: self.overlays.opens(),
             },
             images: images.iter().map(|i| self.image_status(i)).collect(),
         })
@@ -1035,17 +1119,75 @@ impl Daemon {
                 ),
             ));
         };
-        let mut watches = self.watches.lock().unwrap();
-        if watches.iter().any(|(_, m, _)| m == merged) {
-            return Ok(Response::Ok);
-        }
-        let dev = std::fs::metadata(&dest)
-            .map(|m| std::os::unix::fs::MetadataExt::dev(&m))
+        let img = self.images.lock().unwrap().get(&id).cloned();
+        let Some(img) = img else {
+            return Err(ApiFail(
+                ErrorKind::UnknownImage,
+                format!("the image at {} is being removed", dest.display()),
+            ));
+        };
+        self.watch_overlay_of(id, &img, merged, &dest)
             .map_err(ApiFail::internal)?;
-        let watch = OverlayWatch::start(&self.engine, merged, dev).map_err(ApiFail::internal)?;
-        info!(merged = %merged.display(), image = %dest.display(), "overlay rootfs watched");
-        watches.push((id, merged.to_path_buf(), watch));
+        // On record before the answer: a successor re-learns every overlay it must watch.
+        self.persist_image(&img);
         Ok(Response::Ok)
+    }
+
+    /// Watches the overlay at `merged`, over `img`'s layer trees at `dest`, and notes it in
+    /// the image's record (idempotent).
+    fn watch_overlay_of(
+        &self,
+        id: u64,
+        img: &ImageRt,
+        merged: &Path,
+        dest: &Path,
+    ) -> Result<(), crate::overlay::OverlayError> {
+        let lower_dev = std::fs::metadata(dest).map(|m| m.dev()).map_err(|source| {
+            crate::overlay::OverlayError::Stat {
+                path: dest.to_path_buf(),
+                source,
+            }
+        })?;
+        let mut watches = self.watches.lock().unwrap();
+        let dev = self.overlays.watch(merged, lower_dev)?;
+        if !watches.iter().any(|(_, m, d)| m == merged && *d == dev) {
+            watches.retain(|(_, m, _)| m != merged);
+            watches.push((id, merged.to_path_buf(), dev));
+        }
+        let mut rec = img.record.lock().unwrap();
+        if !rec.overlays.iter().any(|m| m == merged) {
+            rec.overlays.push(merged.to_path_buf());
+        }
+        info!(merged = %merged.display(), image = %dest.display(), "overlay rootfs watched");
+        Ok(())
+    }
+
+    /// Re-learns the overlays a predecessor watched for `img` (the group taken over still
+    /// marks them; a new group is marked again). An overlay no longer mounted there, or no
+    /// longer over this image's trees, is dropped from the record.
+    fn rewatch_overlays(&self, id: u64, img: &ImageRt) {
+        let (recorded, dest) = {
+            let rec = img.record.lock().unwrap();
+            (rec.overlays.clone(), rec.dest.clone())
+        };
+        if recorded.is_empty() {
+            return;
+        }
+        let mountinfo = std::fs::read_to_string("/proc/self/mountinfo").unwrap_or_default();
+        for merged in recorded {
+            let over_ours = crate::hook::overlay_lowerdirs(&mountinfo, &merged)
+                .is_some_and(|lowers| lowers.iter().all(|l| l.starts_with(&dest)));
+            let res = if over_ours {
+                self.watch_overlay_of(id, img, &merged, &dest)
+                    .map_err(|e| error_chain(&e))
+            } else {
+                Err("no longer mounted over this image's layers".to_string())
+            };
+            if let Err(e) = res {
+                info!(merged = %merged.display(), reason = %e, "overlay watch dropped");
+                img.record.lock().unwrap().overlays.retain(|m| *m != merged);
+            }
+        }
     }
 
     /// Stops serving an image and deletes its tree: where the tree is now (found by
@@ -1055,16 +1197,40 @@ impl Daemon {
     /// mark with its inode. A tree that cannot be found keeps its files unmarked instead.
     fn remove(&self, dest: &Path) -> Result<Response, ApiFail> {
         let (id, img) = self.find(dest)?;
+        // An overlay over its layers still mounted would go on reading them, holes and all,
+        // once the watch is gone: the overlay goes first.
+        let mounted: Vec<PathBuf> = self
+            .watches
+            .lock()
+            .unwrap()
+            .iter()
+            .filter(|(img_id, merged, dev)| {
+                *img_id == id && nix::sys::stat::stat(merged).is_ok_and(|st| st.st_dev == *dev)
+            })
+            .map(|(_, merged, _)| merged.clone())
+            .collect();
+        if let Some(merged) = mounted.first() {
+            return Err(ApiFail(
+                ErrorKind::InUse,
+                format!(
+                    "the layers of the image at {} are mounted as the overlay at {}: unmount it first",
+                    dest.display(),
+                    merged.display()
+                ),
+            ));
+        }
         if img.removed.swap(true, Ordering::SeqCst) {
             return Err(ApiFail(
                 ErrorKind::UnknownImage,
                 format!("the image at {} is already being removed", dest.display()),
             ));
         }
-        self.watches
-            .lock()
-            .unwrap()
-            .retain(|(img_id, _, _)| *img_id != id);
+        self.watches.lock().unwrap().retain(|(img_id, _, dev)| {
+            if *img_id == id {
+                self.overlays.unwatch(*dev);
+            }
+            *img_id != id
+        });
         img.prefetch.store(false, Ordering::SeqCst);
         let recorded = img.record.lock().unwrap().dest.clone();
         let location = img.tree.as_ref().and_then(|t| t.location(&recorded));
@@ -1228,53 +1394,59 @@ impl Daemon {
     fn persist(&self) {
         let images: Vec<Arc<ImageRt>> = self.images.lock().unwrap().values().cloned().collect();
         for img in images {
-            if img.removed.load(Ordering::SeqCst) || img.error.is_some() {
+            self.persist_image(&img);
+        }
+    }
+
+    /// Records one image's progress (and watched overlays) if it changed since it was last
+    /// recorded, then offers its complete files to the content cache.
+    fn persist_image(&self, img: &ImageRt) {
+        if img.removed.load(Ordering::SeqCst) || img.error.is_some() {
+            return;
+        }
+        let snapshot = {
+            let mut rec = img.record.lock().unwrap();
+            rec.prefetch = img.prefetch.load(Ordering::Relaxed);
+            for (f, id) in rec.files.iter_mut().zip(&img.files) {
+                if let Some(p) = id.and_then(|id| self.engine.progress(id)) {
+                    f.set_filled(p.chunk, &p.filled, p.complete);
+                }
+            }
+            rec.clone()
+        };
+        let mut saved = img.saved.lock().unwrap();
+        if img.removed.load(Ordering::SeqCst) {
+            // Removed meanwhile: its record must not come back.
+            return;
+        }
+        if saved.as_ref() != Some(&snapshot) {
+            // Filled bytes reach the disk before the record that says they are there.
+            if let Ok(d) = std::fs::File::open(&snapshot.dest) {
+                let _ = nix::unistd::syncfs(&d);
+            }
+            match self.state.save(&snapshot) {
+                Ok(()) => *saved = Some(snapshot.clone()),
+                Err(e) => warn!(error = %error_chain(&e), "recording progress"),
+            }
+        }
+        // Complete files enter the content cache (only if their bytes are the image's).
+        let mut cached = img.cached.lock().unwrap();
+        cached.resize(snapshot.files.len(), false);
+        for (i, f) in snapshot.files.iter().enumerate() {
+            if cached[i] || !f.complete {
                 continue;
             }
-            let snapshot = {
-                let mut rec = img.record.lock().unwrap();
-                rec.prefetch = img.prefetch.load(Ordering::Relaxed);
-                for (f, id) in rec.files.iter_mut().zip(&img.files) {
-                    if let Some(p) = id.and_then(|id| self.engine.progress(id)) {
-                        f.set_filled(p.chunk, &p.filled, p.complete);
+            cached[i] = true;
+            if let Some(sha) = &f.sha256
+                && !self.cache.contains(sha)
+                && !img.removed.load(Ordering::SeqCst)
+            {
+                match self.cache.add(sha, &f.path) {
+                    Ok(true) => debug!(path = %f.path.display(), "added to the content cache"),
+                    Ok(false) => {
+                        warn!(path = %f.path.display(), "not cached: its bytes are not the image's")
                     }
-                }
-                rec.clone()
-            };
-            let mut saved = img.saved.lock().unwrap();
-            if img.removed.load(Ordering::SeqCst) {
-                // Removed meanwhile: its record must not come back.
-                continue;
-            }
-            if saved.as_ref() != Some(&snapshot) {
-                // Filled bytes reach the disk before the record that says they are there.
-                if let Ok(d) = std::fs::File::open(&snapshot.dest) {
-                    let _ = nix::unistd::syncfs(&d);
-                }
-                match self.state.save(&snapshot) {
-                    Ok(()) => *saved = Some(snapshot.clone()),
-                    Err(e) => warn!(error = %error_chain(&e), "recording progress"),
-                }
-            }
-            // Complete files enter the content cache (only if their bytes are the image's).
-            let mut cached = img.cached.lock().unwrap();
-            cached.resize(snapshot.files.len(), false);
-            for (i, f) in snapshot.files.iter().enumerate() {
-                if cached[i] || !f.complete {
-                    continue;
-                }
-                cached[i] = true;
-                if let Some(sha) = &f.sha256
-                    && !self.cache.contains(sha)
-                    && !img.removed.load(Ordering::SeqCst)
-                {
-                    match self.cache.add(sha, &f.path) {
-                        Ok(true) => debug!(path = %f.path.display(), "added to the content cache"),
-                        Ok(false) => {
-                            warn!(path = %f.path.display(), "not cached: its bytes are not the image's")
-                        }
-                        Err(e) => warn!(error = %error_chain(&e), "adding to the content cache"),
-                    }
+                    Err(e) => warn!(error = %error_chain(&e), "adding to the content cache"),
                 }
             }
         }
@@ -1316,22 +1488,66 @@ impl Daemon {
     }
 }
 
+/// A group of `class` kept in the fd holder's `slot`: taken back from a running holder
+/// (`true`: taken over, with its marks and blocked events), or new, with a duplicate handed
+/// to the holder (started if need be). A holder that predates the slot keeps nothing: the
+/// group then fails open when this daemon dies, which is logged.
+fn held_group(
+    config: &DaemonConfig,
+    holder_sock: &Path,
+    slot: holder::Slot,
+    class: GroupClass,
+) -> Result<(Group, bool), DaemonError> {
+    if let Some(fd) = holder::take(holder_sock, slot).or_else(|e| match e {
+        holder::HolderError::Protocol { .. } => Ok(None),
+        e => Err(e),
+    })? {
+        return Ok((Group::from_owned_fd(fd)?, true));
+    }
+    let g = Group::new(class)?;
+    if let Some(exe) = &config.holder_exe {
+        if !holder::is_running(holder_sock) {
+            holder::spawn(exe, holder_sock)?;
+        }
+        let dup = g.try_clone_fd().map_err(|source| DaemonError::Io {
+            what: "duplicating the group fd".into(),
+            source,
+        })?;
+        match holder::put(holder_sock, slot, std::os::fd::AsFd::as_fd(&dup)) {
+            Ok(()) => {}
+            Err(holder::HolderError::Protocol { answer, .. }) => tracing::error!(
+                ?slot,
+                ?answer,
+                "the running fd holder cannot keep this group (an older version?): restart it"
+            ),
+            Err(e) => return Err(e.into()),
+        }
+    }
+    Ok((g, false))
+}
+
 /// Denies (`EIO`) every stale event carrying a reserved number nothing is known about, then
 /// releases every reserved number but the known in-flight events' ones: new events get low
 /// numbers again (events read while the whole range was held get numbers above it, and a
 /// crash with those unanswered would make the next successor reserve still higher).
-fn deny_unknown_stale(group: &Group, inflight: &[Inflight], reservation: &mut FdReservation) {
+fn deny_unknown_stale(groups: &[&Group], inflight: &[Inflight], reservation: &mut FdReservation) {
     let known: Vec<i32> = inflight.iter().map(|i| i.id.raw()).collect();
     let mut stale = 0;
     for n in reservation.numbers() {
         if known.contains(&n) {
             continue;
         }
-        if group
-            .respond_id(EventId::from_raw(n), FanResponse::Deny(DenyErrno::Io))
-            .is_ok()
-        {
-            stale += 1;
+        // Only the group that holds an event with this number accepts the answer (and
+        // only a pre-content group takes a chosen errno: the others get a plain deny).
+        for group in groups {
+            let id = EventId::from_raw(n);
+            if group
+                .respond_id(id, FanResponse::Deny(DenyErrno::Io))
+                .or_else(|_| group.respond_id(id, FanResponse::DenyPlain))
+                .is_ok()
+            {
+                stale += 1;
+            }
         }
     }
     reservation.release_except(&known);
@@ -1355,19 +1571,33 @@ fn answer_inherited(
         for ev in &inflight {
             s.spawn(move || {
                 let fid = FileId::new(ev.dev, ev.ino);
+                let group = match ev.kind {
+                    EventKind::Range => daemon.engine.group(),
+                    EventKind::OverlayOpen => daemon.overlays.group(),
+                };
+                // A content-class group takes no chosen errno (`crate::overlay`).
+                let refuse = |errno| match ev.kind {
+                    EventKind::Range => FanResponse::Deny(errno),
+                    EventKind::OverlayOpen => FanResponse::DenyPlain,
+                };
                 let response = if daemon.engine.progress(fid).is_none() {
-                    warn!(event = %ev.id, "inherited event on a file not served; EIO");
-                    FanResponse::Deny(DenyErrno::Io)
+                    warn!(event = %ev.id, "inherited event on a file not served; refused");
+                    refuse(DenyErrno::Io)
                 } else {
-                    match daemon.engine.fill_range(fid, ev.offset, ev.count) {
+                    let fill = match ev.kind {
+                        EventKind::Range => daemon.engine.fill_range(fid, ev.offset, ev.count),
+                        // An open through a watched overlay: the lower file, whole.
+                        EventKind::OverlayOpen => daemon.engine.fill_file(fid),
+                    };
+                    match fill {
                         Ok(()) => FanResponse::Allow,
                         Err(e) => {
                             warn!(event = %ev.id, error = %error_chain(&e), "inherited event: fill failed");
-                            FanResponse::Deny(e.errno())
+                            refuse(e.errno())
                         }
                     }
                 };
-                match daemon.engine.group().respond_id(ev.id, response) {
+                match group.respond_id(ev.id, response) {
                     Ok(()) => {
                         daemon.inherited_answered.fetch_add(1, Ordering::Relaxed);
                     }
@@ -1489,22 +1719,20 @@ pub fn run(config: DaemonConfig) -> Result<(), DaemonError> {
         FdReservation::default()
     };
     let journal = Arc::new(journal);
-    // 2. The group: from the holder, or new.
+    // 2. The groups: from the holder, or new (and a duplicate handed to it).
     let holder_sock = state.root().join("holder.sock");
-    let (group, took_over) = match holder::take(&holder_sock)? {
-        Some(fd) => (Group::from_owned_fd(fd)?, true),
-        None => {
-            let g = Group::new(GroupClass::PreContent)?;
-            if let Some(exe) = &config.holder_exe {
-                if !holder::is_running(&holder_sock) {
-                    holder::spawn(exe, &holder_sock)?;
-                }
-                let dup = g.try_clone_fd().map_err(io("duplicating the group fd"))?;
-                holder::put(&holder_sock, std::os::fd::AsFd::as_fd(&dup))?;
-            }
-            (g, false)
-        }
-    };
+    let (group, took_over) = held_group(
+        &config,
+        &holder_sock,
+        holder::Slot::PreContent,
+        GroupClass::PreContent,
+    )?;
+    let (overlay_group, overlays_taken) = held_group(
+        &config,
+        &holder_sock,
+        holder::Slot::OverlayWatch,
+        GroupClass::Content,
+    )?;
     let inflight = if took_over {
         inflight
     } else {
@@ -1528,8 +1756,30 @@ pub fn run(config: DaemonConfig) -> Result<(), DaemonError> {
         true,
     )?;
     engine.set_deny_unknown(true);
+    // Reads nothing until step 5: opens through watched overlays wait in the kernel.
+    let overlays = OverlayWatcher::with_group(
+        &engine,
+        overlay_group,
+        Some(journal.clone() as Arc<dyn crate::fill::EventJournal>),
+    );
     let records = state.load()?;
-    let next_id = records.iter().map(|r| r.id).max().unwrap_or(0) + 1;
+    // Trees a predecessor was still making when it died: never served, never left with
+    // readable holes.
+    let unfinished = state.unfinished_prepares();
+    for (id, intent) in &unfinished {
+        if !records.iter().any(|r| r.id == *id) {
+            warn!(dest = %intent.dest.display(), "an image was being prepared when the daemon stopped; removing its partial tree");
+            abandon_prepare(intent);
+        }
+        state.end_prepare(*id);
+    }
+    let next_id = records
+        .iter()
+        .map(|r| r.id)
+        .chain(unfinished.iter().map(|u| u.0))
+        .max()
+        .unwrap_or(0)
+        + 1;
     let cache = cache::Cache::open(&state.root().join("cache"))?;
     let own = OwnPlaces::new(state.root(), &config.index_dir, &config.socket);
     let mut config = config;
@@ -1549,6 +1799,7 @@ pub fn run(config: DaemonConfig) -> Result<(), DaemonError> {
         inherited_answered: AtomicU64::new(0),
         prefetch_next: Mutex::new(Instant::now()),
         stopping: AtomicBool::new(false),
+        overlays,
         watches: Mutex::new(Vec::new()),
         claims: Mutex::new(Vec::new()),
         own,
@@ -1564,17 +1815,25 @@ pub fn run(config: DaemonConfig) -> Result<(), DaemonError> {
     for rec in records {
         let id = rec.id;
         let img = rt.block_on(daemon.reopen(rec));
+        daemon.rewatch_overlays(id, &img);
         daemon.images.lock().unwrap().insert(id, img);
     }
     info!(
         images = daemon.images.lock().unwrap().len(),
+        overlays = daemon.watches.lock().unwrap().len(),
+        overlay_group_taken_over = overlays_taken,
         ms = t.elapsed().as_millis() as u64,
         "recorded images re-registered"
     );
     // 5. Serve.
     let mut reservation = reservation;
-    deny_unknown_stale(daemon.engine.group(), &inflight, &mut reservation);
+    deny_unknown_stale(
+        &[daemon.engine.group(), daemon.overlays.group()],
+        &inflight,
+        &mut reservation,
+    );
     daemon.engine.open_gate();
+    daemon.overlays.start();
     {
         let (d, j) = (daemon.clone(), journal.clone());
         std::thread::spawn(move || answer_inherited(&d, &j, inflight, reservation));
@@ -1652,11 +1911,18 @@ pub fn run(config: DaemonConfig) -> Result<(), DaemonError> {
     daemon.persist();
     let _ = std::fs::remove_file(&config.socket);
     rt.shutdown_timeout(Duration::from_secs(1));
+    // Opens not read yet wait in the kernel for the successor; those read are answered
+    // here, or, past the deadline, by the successor from the journal.
+    daemon.overlays.stop();
     // Events still in flight are journaled: the successor answers them.
     let deadline = Instant::now() + Duration::from_secs(5);
-    while daemon.engine.inflight_events() > 0 && Instant::now() < deadline {
+    while daemon.engine.inflight_events() + daemon.overlays.inflight() > 0
+        && Instant::now() < deadline
+    {
         std::thread::sleep(Duration::from_millis(5));
     }
+    // What those fills completed is on record too: the successor does not fetch it again.
+    daemon.persist();
     Ok(())
 }
 

@@ -116,6 +116,10 @@ pub struct ImageRecord {
     pub registry: RegistrySettings,
     /// Background prefetch on.
     pub prefetch: bool,
+    /// Overlay mode: mount points of the overlays over these layers whose opens the daemon
+    /// holds until filled (a successor watches them again before it serves anything).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub overlays: Vec<PathBuf>,
     /// The placeholders.
     pub files: Vec<FileRecord>,
 }
@@ -125,6 +129,18 @@ impl ImageRecord {
     pub fn file_keys(&self) -> Vec<(usize, usize)> {
         self.files.iter().map(|f| (f.layer, f.entry)).collect()
     }
+}
+
+/// A prepare under way (`STATE_DIR/preparing/ID.json`): written before the first
+/// placeholder is created and removed once the image is recorded, so that a successor can
+/// tell a tree a dead daemon left half made (its placeholders unmarked, its holes readable)
+/// and remove it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PrepareIntent {
+    /// The destination directory.
+    pub dest: PathBuf,
+    /// Its device, inode and birth time (a directory put there since is never touched).
+    pub key: (u64, u64, Option<std::time::SystemTime>),
 }
 
 /// The state directory.
@@ -201,6 +217,48 @@ impl StateDir {
         Ok(())
     }
 
+    fn intent_path(&self, id: u64) -> PathBuf {
+        self.root.join("preparing").join(format!("{id}.json"))
+    }
+
+    /// Records that image `id` is being prepared into `intent.dest` (durably, before
+    /// anything is created there).
+    pub fn begin_prepare(&self, id: u64, intent: &PrepareIntent) -> Result<(), StateError> {
+        let path = self.intent_path(id);
+        let io = |source| StateError::Io {
+            path: path.clone(),
+            source,
+        };
+        if let Some(dir) = path.parent() {
+            std::fs::create_dir_all(dir).map_err(io)?;
+        }
+        let bytes = serde_json::to_vec(intent).map_err(|e| io(std::io::Error::other(e)))?;
+        let mut f = std::fs::File::create(&path).map_err(io)?;
+        f.write_all(&bytes).map_err(io)?;
+        f.sync_all().map_err(io)
+    }
+
+    /// The prepare of image `id` is over (recorded, or cleaned up).
+    pub fn end_prepare(&self, id: u64) {
+        let _ = std::fs::remove_file(self.intent_path(id));
+    }
+
+    /// Prepares a predecessor began and never ended, by image id (unreadable ones are
+    /// skipped).
+    pub fn unfinished_prepares(&self) -> Vec<(u64, PrepareIntent)> {
+        let Ok(rd) = std::fs::read_dir(self.root.join("preparing")) else {
+            return Vec::new();
+        };
+        rd.flatten()
+            .filter_map(|e| {
+                let p = e.path();
+                let id = p.file_stem()?.to_str()?.parse().ok()?;
+                let intent = serde_json::from_slice(&std::fs::read(&p).ok()?).ok()?;
+                Some((id, intent))
+            })
+            .collect()
+    }
+
     /// Deletes one image's record.
     pub fn remove(&self, id: u64) -> Result<(), StateError> {
         let path = self.image_path(id);
@@ -243,6 +301,7 @@ mod tests {
             lowerdir: None,
             registry: RegistrySettings::default(),
             prefetch: false,
+            overlays: vec!["/run/c/rootfs".into()],
             files: vec![f],
         };
         st.save(&rec).unwrap();

@@ -50,8 +50,8 @@ pub fn plan(index: &LayerIndex, entry: &Entry, offset: u64, len: u64) -> Result<
 }
 
 /// [`plan`], but starting `back` checkpoints earlier than the nearest one (clamped to the
-/// first): a retry path for a range whose bytes failed verification when inflated from the
-/// nearest checkpoint. More is fetched and inflated; the result is the same bytes.
+/// first). More is fetched and inflated; the result is the same bytes (the fuzz targets
+/// check that every checkpoint resumes exactly).
 pub fn plan_back(
     index: &LayerIndex,
     entry: &Entry,

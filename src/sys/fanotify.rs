@@ -191,8 +191,13 @@ impl DenyErrno {
 pub enum Response {
     /// Let the access proceed.
     Allow,
-    /// Fail the access with this errno (`FAN_DENY_ERRNO`).
+    /// Fail the access with this errno (`FAN_DENY_ERRNO`). Pre-content groups only: the
+    /// kernel refuses the answer (`EINVAL`) from any other class, and the access stays
+    /// blocked.
     Deny(DenyErrno),
+    /// Fail the access with a plain `FAN_DENY`: the opener sees `EPERM`. The only refusal
+    /// a content-class group (the overlay open watch) can give.
+    DenyPlain,
 }
 
 impl Response {
@@ -200,6 +205,7 @@ impl Response {
         match self {
             Response::Allow => FAN_ALLOW,
             Response::Deny(e) => FAN_DENY | (((e.errno() as u32) & 0xff) << 24),
+            Response::DenyPlain => FAN_DENY,
         }
     }
 }
@@ -523,6 +529,17 @@ impl Group {
         }
         self.mark_raw(
             FAN_MARK_ADD | FAN_MARK_FILESYSTEM,
+            mask,
+            cwd_fd(),
+            Some(path),
+            &|| path_string(path),
+        )
+    }
+
+    /// Removes `mask` from the filesystem mark of the superblock holding `path`.
+    pub fn unmark_filesystem(&self, path: &Path, mask: u64) -> Result<(), FanotifyError> {
+        self.mark_raw(
+            FAN_MARK_REMOVE | FAN_MARK_FILESYSTEM,
             mask,
             cwd_fd(),
             Some(path),

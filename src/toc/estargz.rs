@@ -6,7 +6,9 @@
 //! gzip member holding a tar entry `stargz.index.json`), the JSON entry list and its meaning
 //! (`chunk` entries continue the previous `reg`; a member starts at every chunk; entries
 //! before `.prefetch.landmark` are prefetched first), and [`write()`], which turns a tar stream
-//! into an eStargz blob (used for the project's own test images). Reading a file's bytes is
+//! into an eStargz blob (used for the project's own test images). The same JSON, with zstd
+//! frames for chunks, is the TOC of stargz-snapshotter's zstd:chunked layers
+//! (`parse_toc_as`, located and fetched by [`super::zstd_chunked`]). Reading a file's bytes is
 //! [`super::TocFileSource`]; it never fetches anything but the footer and the TOC, and never
 //! touches placeholders.
 
@@ -309,12 +311,26 @@ impl JEntry {
     }
 }
 
-/// Parses TOC JSON of layer `layer` (blob of `blob_size` bytes, TOC member at `toc_offset`).
+/// Parses TOC JSON of eStargz layer `layer` (blob of `blob_size` bytes, TOC member at
+/// `toc_offset`).
 pub(crate) fn parse_toc(
     json: &[u8],
     layer: &str,
     blob_size: u64,
     toc_offset: u64,
+) -> Result<TocLayer, TocError> {
+    parse_toc_as(json, layer, blob_size, toc_offset, ChunkCodec::GzipMember)
+}
+
+/// Parses eStargz TOC JSON whose chunks are stored as `codec`: gzip members (eStargz) or
+/// zstd frames (stargz-snapshotter's zstd:chunked, [`TocFormat::EstargzZstd`], whose TOC
+/// frame starts at `toc_offset`). The JSON's meaning is the same in both.
+pub(crate) fn parse_toc_as(
+    json: &[u8],
+    layer: &str,
+    blob_size: u64,
+    toc_offset: u64,
+    codec: ChunkCodec,
 ) -> Result<TocLayer, TocError> {
     let corrupt = |reason: String| TocError::Corrupt {
         layer: layer.to_string(),
@@ -491,10 +507,14 @@ pub(crate) fn parse_toc(
             .collect(),
         None => Vec::new(),
     };
+    let (format, compression) = match codec {
+        ChunkCodec::GzipMember => (TocFormat::Estargz, Compression::Gzip),
+        ChunkCodec::ZstdFrame => (TocFormat::EstargzZstd, Compression::Zstd),
+    };
     Ok(TocLayer {
-        format: TocFormat::Estargz,
-        codec: ChunkCodec::GzipMember,
-        index: super::entry_table(Compression::Gzip, layer, blob_size, entries),
+        format,
+        codec,
+        index: super::entry_table(compression, layer, blob_size, entries),
         chunks,
         prefetch_first,
         toc_digest: String::new(),

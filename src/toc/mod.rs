@@ -8,6 +8,12 @@
 //! It never touches the placeholder tree or the fanotify group, and it does not build or
 //! store checkpoint indexes: that is [`crate::index`].
 //!
+//! Formats are told apart by the layer's media type first (gzip: eStargz; zstd:
+//! zstd:chunked, in containers/storage's TOC dialect or stargz-snapshotter's, which carries
+//! eStargz's TOC JSON and annotation), then by its annotations, then by its footer
+//! ([`detect`], [`load`]). A TOC that does not read is an error here; the caller
+//! ([`crate::image`]) then streams the layer instead.
+//!
 //! Common shape of both formats: every regular file's content is split into chunks, each an
 //! independent gzip member (eStargz) or zstd frame (zstd:chunked) starting at a known blob
 //! offset, with a sha256 per chunk in the TOC. A range read fetches the members or frames
@@ -94,14 +100,27 @@ pub enum TocError {
     },
 }
 
-/// The TOC format a layer descriptor announces by its annotations (no I/O); `None` when
-/// it announces none (a footer may still show one: [`load`] probes for it).
+/// The TOC format a layer descriptor announces (no I/O), read in this order: the media
+/// type's compression first (only gzip and zstd layers can carry a TOC), then the
+/// annotations that fit that compression. `None` when it announces none (a footer may
+/// still show one: [`load`] probes for it).
+///
+/// - gzip (OCI or Docker schema 2) with `containerd.io/snapshot/stargz/toc.digest`: eStargz;
+/// - zstd with that same annotation: zstd:chunked as stargz-snapshotter writes it
+///   ([`TocFormat::EstargzZstd`]: the eStargz TOC JSON in a zstd:chunked footer's frame);
+/// - zstd with a `zstd-chunked.manifest-position` annotation: zstd:chunked as
+///   containers/storage writes it;
+/// - anything else, including a gzip layer with zstd:chunked annotations or a plain tar
+///   with any of them: no TOC (such a layer is indexed by streaming it).
 pub fn detect(desc: &Descriptor) -> Option<TocFormat> {
     let ann = desc.annotations().as_ref()?;
-    if ann.contains_key(estargz::TOC_DIGEST_ANNOTATION) {
-        return Some(TocFormat::Estargz);
+    let stargz = ann.contains_key(estargz::TOC_DIGEST_ANNOTATION);
+    match Compression::from_media_type(desc.media_type().as_ref())? {
+        Compression::Gzip => stargz.then_some(TocFormat::Estargz),
+        Compression::Zstd if stargz => Some(TocFormat::EstargzZstd),
+        Compression::Zstd => zstd_chunked::detect(desc).then_some(TocFormat::ZstdChunked),
+        Compression::None => None,
     }
-    zstd_chunked::detect(desc).then_some(TocFormat::ZstdChunked)
 }
 
 /// The TOC layer behind `desc`, or `None` when the layer has no TOC. With an annotation
@@ -131,7 +150,9 @@ pub async fn load(
             .await
             .map(Some)
         }
-        Some(TocFormat::ZstdChunked) => zstd_chunked::load(store, desc, cache).await,
+        Some(TocFormat::ZstdChunked | TocFormat::EstargzZstd) => {
+            zstd_chunked::load(store, desc, cache).await
+        }
         None => {
             let media = desc.media_type().to_string();
             match Compression::from_media_type(&media) {
@@ -192,6 +213,22 @@ pub enum TocFormat {
     /// zstd:chunked (containers/storage): zstd frames, a zstd-compressed manifest in a
     /// skippable frame, located by manifest annotations or the footer.
     ZstdChunked,
+    /// zstd:chunked as stargz-snapshotter writes it (`ctr-remote image convert
+    /// --zstdchunked`, nerdctl): zstd frames and the zstd:chunked footer and annotations,
+    /// but the TOC is eStargz's JSON (`stargz.index.json` format, no `endOffset`, landmark
+    /// files), named by the eStargz `toc.digest` annotation.
+    EstargzZstd,
+}
+
+impl TocFormat {
+    /// One word for reports and logs.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            TocFormat::Estargz => "estargz",
+            TocFormat::ZstdChunked => "zstd:chunked",
+            TocFormat::EstargzZstd => "zstd:chunked (eStargz TOC)",
+        }
+    }
 }
 
 /// How each chunk's bytes are stored in the blob.
@@ -250,4 +287,54 @@ pub struct TocLayer {
     pub toc_digest: String,
     /// Bytes fetched from the blob to read the TOC (footer included).
     pub toc_bytes_fetched: u64,
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::HashMap;
+
+    use oci_spec::image::{Descriptor, MediaType};
+
+    use super::*;
+
+    fn desc(media: &str, annotations: &[&str]) -> Descriptor {
+        let mut d = Descriptor::new(
+            MediaType::from(media),
+            1000,
+            format!("sha256:{}", "a".repeat(64))
+                .parse::<oci_spec::image::Digest>()
+                .unwrap(),
+        );
+        let ann: HashMap<String, String> = annotations
+            .iter()
+            .map(|k| (k.to_string(), "x".to_string()))
+            .collect();
+        d.set_annotations(Some(ann));
+        d
+    }
+
+    #[test]
+    fn detect_reads_the_media_type_before_the_annotations() {
+        let stargz = estargz::TOC_DIGEST_ANNOTATION;
+        let position = zstd_chunked::POSITION_ANNOTATIONS[1];
+        let oci_gzip = "application/vnd.oci.image.layer.v1.tar+gzip";
+        let docker_gzip = "application/vnd.docker.image.rootfs.diff.tar.gzip";
+        let oci_zstd = "application/vnd.oci.image.layer.v1.tar+zstd";
+        let cases: [(&str, &[&str], Option<TocFormat>); 9] = [
+            (oci_gzip, &[stargz], Some(TocFormat::Estargz)),
+            (docker_gzip, &[stargz], Some(TocFormat::Estargz)),
+            // stargz-snapshotter's zstd:chunked carries both annotation families.
+            (oci_zstd, &[stargz, position], Some(TocFormat::EstargzZstd)),
+            (oci_zstd, &[stargz], Some(TocFormat::EstargzZstd)),
+            (oci_zstd, &[position], Some(TocFormat::ZstdChunked)),
+            // Annotations that do not fit the compression announce nothing.
+            (oci_gzip, &[position], None),
+            ("application/vnd.oci.image.layer.v1.tar", &[stargz], None),
+            ("application/vnd.example.unknown", &[stargz, position], None),
+            (oci_zstd, &[], None),
+        ];
+        for (media, ann, want) in cases {
+            assert_eq!(detect(&desc(media, ann)), want, "{media} {ann:?}");
+        }
+    }
 }

@@ -16,6 +16,11 @@
 //! carries no `endOffset`: a chunk's frame ends where the next chunk's starts, and the last
 //! one at its file's `endOffset`.
 //!
+//! Two TOC dialects are read ([`parse_with`]): containers/storage's (above) and
+//! stargz-snapshotter's (`ctr-remote image convert --zstdchunked`): the same frames, footer
+//! and position annotations around eStargz's TOC JSON, named by eStargz's `toc.digest`
+//! annotation, which [`super::estargz`] parses with zstd frames as chunks.
+//!
 //! Trust: the TOC is verified against the checksum annotation; without one (TOC found through
 //! the footer) it is accepted with a warning, and its chunk digests then protect only against
 //! corruption in transit, not against a dishonest registry. Every chunk of a multi-chunk file
@@ -284,7 +289,10 @@ pub(super) async fn load(
     };
     let compressed = fetch(position.offset, position.len, "the zstd:chunked TOC").await?;
     fetched += position.len;
-    let mut toc = parse(&layer, blob_size, &position, &compressed)?;
+    let stargz = annotations
+        .get(super::estargz::TOC_DIGEST_ANNOTATION)
+        .map(String::as_str);
+    let mut toc = parse_with(&layer, blob_size, &position, &compressed, stargz)?;
     toc.toc_bytes_fetched = fetched;
     Ok(Some(toc))
 }
@@ -297,6 +305,22 @@ pub fn parse(
     blob_size: u64,
     position: &TocPosition,
     compressed: &[u8],
+) -> Result<TocLayer, TocError> {
+    parse_with(layer, blob_size, position, compressed, None)
+}
+
+/// [`parse`], reading the TOC in either JSON dialect: containers/storage's (regular files
+/// and chunks carry `endOffset`) or stargz-snapshotter's eStargz JSON
+/// ([`TocFormat::EstargzZstd`]). The eStargz dialect is taken when `stargz_digest` (the
+/// layer's `containerd.io/snapshot/stargz/toc.digest` annotation) is given, and then the
+/// decompressed JSON must hash to it; without the annotation, when no entry carries an
+/// `endOffset` while some regular file has content ([`is_estargz_json`]).
+pub fn parse_with(
+    layer: &str,
+    blob_size: u64,
+    position: &TocPosition,
+    compressed: &[u8],
+    stargz_digest: Option<&str>,
 ) -> Result<TocLayer, TocError> {
     let digest = format!("sha256:{}", hex::encode(sha2::Sha256::digest(compressed)));
     if let Some(expected) = &position.checksum
@@ -338,6 +362,30 @@ pub fn parse(
             json.len().min(limit as usize)
         )));
     }
+    if stargz_digest.is_some() || is_estargz_json(&json) {
+        let found = format!("sha256:{}", hex::encode(sha2::Sha256::digest(&json)));
+        if let Some(want) = stargz_digest
+            && want != found
+        {
+            return Err(TocError::DigestMismatch {
+                layer: layer.to_owned(),
+                expected: want.to_owned(),
+                found,
+            });
+        }
+        // The chunk frames end, at the latest, where the TOC's skippable frame starts.
+        let toc_frame = position.offset - SKIPPABLE_HEADER;
+        let mut toc = super::estargz::parse_toc_as(
+            &json,
+            layer,
+            blob_size,
+            toc_frame,
+            ChunkCodec::ZstdFrame,
+        )?;
+        toc.toc_digest = digest;
+        toc.toc_bytes_fetched = position.len;
+        return Ok(toc);
+    }
     let raw: RawToc = serde_json::from_slice(&json).map_err(|e| TocError::Corrupt {
         layer: layer.to_owned(),
         reason: format!("zstd:chunked TOC JSON: {e}"),
@@ -359,6 +407,32 @@ pub fn parse(
         toc_digest: digest,
         toc_bytes_fetched: position.len,
     })
+}
+
+/// Whether TOC JSON is in stargz-snapshotter's dialect: no entry names an `endOffset`,
+/// while at least one regular file has content (containers/storage gives every such file
+/// one). JSON that does not parse is not.
+pub fn is_estargz_json(json: &[u8]) -> bool {
+    #[derive(Deserialize)]
+    struct Sniff {
+        #[serde(default)]
+        entries: Vec<SniffEntry>,
+    }
+    #[derive(Deserialize)]
+    #[serde(rename_all = "camelCase")]
+    struct SniffEntry {
+        #[serde(rename = "type", default)]
+        kind: String,
+        #[serde(default)]
+        size: i64,
+        #[serde(default)]
+        end_offset: Option<i64>,
+    }
+    let Ok(doc) = serde_json::from_slice::<Sniff>(json) else {
+        return false;
+    };
+    doc.entries.iter().all(|e| e.end_offset.is_none())
+        && doc.entries.iter().any(|e| e.kind == "reg" && e.size > 0)
 }
 
 /// The TOC JSON (containers/storage `minimal.TOC`); unknown fields are ignored.
@@ -691,6 +765,62 @@ fn close_file(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn estargz_json_is_told_from_containers_storage_json() {
+        let stargz = br#"{"version":1,"entries":[{"name":"a","type":"reg","size":3,"offset":0,"digest":"sha256:00"}]}"#;
+        let storage = br#"{"version":1,"entries":[{"name":"a","type":"reg","size":3,"offset":0,"endOffset":9}]}"#;
+        let no_content = br#"{"version":1,"entries":[{"name":"d","type":"dir"}]}"#;
+        assert!(is_estargz_json(stargz));
+        assert!(!is_estargz_json(storage));
+        assert!(!is_estargz_json(no_content));
+        assert!(!is_estargz_json(b"not json"));
+    }
+
+    /// stargz-snapshotter's zstd:chunked: an eStargz TOC compressed in the skippable frame
+    /// the annotations point at, chunk frames ending where the next one (or the TOC frame)
+    /// starts, the JSON checked against the `toc.digest` annotation.
+    #[test]
+    fn estargz_toc_in_a_zstd_frame_parses_with_its_digest() {
+        let json = br#"{"version":1,"entries":[
+            {"name":".no.prefetch.landmark","type":"reg","size":1,"offset":0,"digest":"sha256:dc0e9c3658a1a3ed1ec94274d8b19925c93e1abb7ddba294923ad9bde30f8cb8"},
+            {"name":"bin/","type":"dir","mode":493},
+            {"name":"bin/a","type":"reg","size":5,"offset":100,"digest":"sha256:2cf24dba5fb0a30e26e83b2ac5b9e29e1b161e5c1fa7425e73043362938b9824"},
+            {"name":"bin/b","type":"reg","size":4,"offset":200,"digest":"sha256:04f8996da763b7a969b1028ee3007569eaf3a635486ddab211d512c85b9df8fb"}
+        ]}"#;
+        let compressed = zstd::encode_all(&json[..], 3).unwrap();
+        let pos = TocPosition {
+            offset: 308,
+            len: compressed.len() as u64,
+            uncompressed_len: json.len() as u64,
+            checksum: Some(format!(
+                "sha256:{}",
+                hex::encode(sha2::Sha256::digest(&compressed))
+            )),
+        };
+        let blob_size = 308 + compressed.len() as u64 + 48;
+        let digest = format!("sha256:{}", hex::encode(sha2::Sha256::digest(&json[..])));
+        let toc = parse_with("l", blob_size, &pos, &compressed, Some(&digest)).unwrap();
+        assert_eq!(toc.format, TocFormat::EstargzZstd);
+        assert_eq!(toc.codec, ChunkCodec::ZstdFrame);
+        assert_eq!(toc.index.compression, Compression::Zstd);
+        let paths: Vec<&str> = toc.index.entries.iter().map(|e| e.path.as_str()).collect();
+        assert_eq!(paths, ["bin", "bin/a", "bin/b"], "landmarks hidden");
+        assert_eq!(toc.chunks[1][0].compressed_end, 200);
+        assert_eq!(
+            toc.chunks[2][0].compressed_end, 300,
+            "the TOC frame's start"
+        );
+        // Without the annotation, the JSON dialect still tells.
+        let unannotated = parse_with("l", blob_size, &pos, &compressed, None).unwrap();
+        assert_eq!(unannotated.format, TocFormat::EstargzZstd);
+        // A JSON that is not the annotation's is refused.
+        let wrong = format!("sha256:{}", "0".repeat(64));
+        assert!(matches!(
+            parse_with("l", blob_size, &pos, &compressed, Some(&wrong)),
+            Err(TocError::DigestMismatch { .. })
+        ));
+    }
     use std::io;
 
     /// A layer skopeo 1.9.3 wrote (`tests/fixtures/make_zstd_chunked.py`, then `skopeo copy

@@ -88,15 +88,44 @@ impl DaemonProc {
         prefetch: bool,
         registry: RegistrySettings,
     ) -> ImageStatus {
+        self.prepare_layout(image, dest, LayoutMode::Direct, prefetch, registry)
+    }
+
+    /// A prepare in either layout.
+    pub fn prepare_layout(
+        &self,
+        image: &str,
+        dest: &Path,
+        mode: LayoutMode,
+        prefetch: bool,
+        registry: RegistrySettings,
+    ) -> ImageStatus {
         match self.call(Request::Prepare {
             image: image.into(),
             dest: dest.into(),
-            mode: LayoutMode::Direct,
+            mode,
             registry,
             prefetch,
         }) {
             Response::Prepared(s) => s,
             r => panic!("{r:?}"),
+        }
+    }
+
+    /// Waits (at most 20 s) until `ready` holds for the daemon's status.
+    pub fn wait_status(&self, what: &str, ready: impl Fn(&fanfill::api::DaemonStatus) -> bool) {
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            let (ds, _) = self.status();
+            if ready(&ds) {
+                return;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "{what}: {ds:?}\n{}",
+                self.log_text()
+            );
+            std::thread::sleep(Duration::from_millis(20));
         }
     }
 

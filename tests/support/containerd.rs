@@ -1,151 +1,182 @@
-//! A private containerd for tests (Debian's `containerd` 1.6): its own root, state, socket
-//! and config file, a unique namespace, fanfill registered as proxy snapshotter `fanfill`;
-//! killed on drop. The runc shim still uses `/run/containerd/{s,fifo,runc}` (shared with any
-//! other containerd on the machine; the namespace keeps tests apart).
+//! A private containerd for tests: Debian's `containerd` started with its own root, state,
+//! sockets and config in a temp dir, a namespace of its own, killed by its pid when dropped.
+//!
+//! Use it with `#[path = "support/containerd.rs"] mod containerd;`. The CRI plugin is
+//! disabled (no pause image, no CNI needed) unless started with
+//! [`Containerd::start_with_cri`]. Only the runc shim writes outside the temp dir
+//! (`/run/containerd/{s,fifo,runc}`, fixed by containerd): a test that runs containers should
+//! use the namespace [`Containerd::namespace`] and remove its containers itself.
 #![allow(dead_code)]
 
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
+/// A running containerd.
 pub struct Containerd {
-    child: Option<Child>,
+    /// The gRPC socket (`ctr -a`, `ctr-remote -a`).
     pub socket: PathBuf,
+    /// The namespace commands run in.
     pub namespace: String,
-    pub log: PathBuf,
-    pub root: PathBuf,
+    dir: tempfile::TempDir,
+    child: Child,
 }
 
 impl Containerd {
-    /// Starts containerd with `root` (on a real filesystem: the overlayfs snapshotter keeps
-    /// its upper directories there) and everything else in `dir`, with the proxy
-    /// snapshotter `fanfill` at `snapshotter_socket`. `cri`: the CRI plugin's configuration
-    /// (TOML appended to the config file); `None` turns the plugin off.
-    pub fn start(
-        root: &Path,
-        dir: &Path,
-        snapshotter_socket: &Path,
-        cri: Option<&str>,
-    ) -> Containerd {
-        std::fs::create_dir_all(root).unwrap();
-        std::fs::create_dir_all(dir).unwrap();
-        let socket = dir.join("containerd.sock");
-        let config = dir.join("config.toml");
-        std::fs::write(
-            &config,
-            format!(
-                r#"version = 2
-root = "{root}"
-state = "{state}"
-disabled_plugins = [{disabled}]
+    /// Starts containerd (`proxy_plugins` TOML appended verbatim to its config, may be empty)
+    /// and waits until `ctr version` answers (at most 60 s).
+    pub fn start_with(extra_config: &str) -> Containerd {
+        Self::start_inner(extra_config, false)
+    }
 
-[grpc]
-  address = "{sock}"
+    /// [`Containerd::start_with`] with the CRI plugin on (`extra_config` configures it:
+    /// sandbox image, snapshotter, registry).
+    pub fn start_with_cri(extra_config: &str) -> Containerd {
+        Self::start_inner(extra_config, true)
+    }
 
-[ttrpc]
-  address = "{sock}.ttrpc"
-
-[proxy_plugins]
-  [proxy_plugins.fanfill]
-    type = "snapshot"
-    address = "{snap}"
-
-{cri}
-"#,
-                disabled = if cri.is_some() {
-                    ""
-                } else {
-                    "\"io.containerd.grpc.v1.cri\""
-                },
-                cri = cri.unwrap_or_default(),
-                root = root.display(),
-                state = dir.join("state").display(),
-                sock = socket.display(),
-                snap = snapshotter_socket.display(),
-            ),
-        )
-        .unwrap();
-        let log = dir.join("containerd.log");
+    fn start_inner(extra_config: &str, cri: bool) -> Containerd {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let d = dir.path();
+        let socket = d.join("containerd.sock");
+        let disabled = if cri {
+            ""
+        } else {
+            "\"io.containerd.grpc.v1.cri\""
+        };
+        let config = format!(
+            "version = 2\nroot = \"{root}\"\nstate = \"{state}\"\n\
+             disabled_plugins = [{disabled}]\n\
+             [grpc]\n  address = \"{sock}\"\n[ttrpc]\n  address = \"{sock}.ttrpc\"\n\
+             [debug]\n  address = \"{debug}\"\n  level = \"info\"\n\
+             [plugins.\"io.containerd.internal.v1.opt\"]\n  path = \"{opt}\"\n{extra_config}\n",
+            root = d.join("root").display(),
+            state = d.join("state").display(),
+            sock = socket.display(),
+            debug = d.join("debug.sock").display(),
+            opt = d.join("opt").display(),
+        );
+        let config_path = d.join("config.toml");
+        std::fs::write(&config_path, config).unwrap();
+        let log = std::fs::File::create(d.join("containerd.log")).unwrap();
         let child = Command::new("containerd")
             .arg("--config")
-            .arg(&config)
-            .args(["--log-level", "debug"])
+            .arg(&config_path)
             .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(std::fs::File::create(&log).unwrap())
+            .stdout(log.try_clone().unwrap())
+            .stderr(log)
             .spawn()
-            .expect("containerd");
-        let namespace = format!("fanfill-test-{}", std::process::id());
-        let c = Containerd {
-            child: Some(child),
+            .expect("spawn containerd (Debian package containerd)");
+        // Namespaces are `[A-Za-z0-9]+` joined by single `.`, `_` or `-`.
+        let suffix: String = d
+            .file_name()
+            .unwrap()
+            .to_string_lossy()
+            .chars()
+            .filter(char::is_ascii_alphanumeric)
+            .collect();
+        let namespace = format!("fanfill-test-{}", suffix.to_lowercase());
+        let mut c = Containerd {
             socket,
             namespace,
-            log,
-            root: root.to_path_buf(),
+            dir,
+            child,
         };
-        let deadline = Instant::now() + Duration::from_secs(30);
+        let deadline = Instant::now() + Duration::from_secs(60);
         loop {
-            let out = c.ctr_output("ctr", &["version"]);
-            if out.status.success() {
-                break;
+            if let Ok(Some(status)) = c.child.try_wait() {
+                panic!("containerd exited ({status}):\n{}", c.log());
+            }
+            let ok = Command::new("ctr")
+                .arg("-a")
+                .arg(&c.socket)
+                .arg("version")
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .status()
+                .is_ok_and(|s| s.success());
+            if ok {
+                return c;
             }
             assert!(
                 Instant::now() < deadline,
-                "containerd did not come up: {}",
-                c.log_text()
+                "containerd did not answer within 60 s:\n{}",
+                c.log()
             );
             std::thread::sleep(Duration::from_millis(100));
         }
-        c
     }
 
-    pub fn log_text(&self) -> String {
-        std::fs::read_to_string(&self.log).unwrap_or_default()
+    /// Starts a plain containerd.
+    pub fn start() -> Containerd {
+        Self::start_with("")
     }
 
-    /// Runs `tool` (`ctr` or `ctr-remote`) against this containerd and namespace, bounded
-    /// to 300 s.
-    pub fn ctr_output(&self, tool: &str, args: &[&str]) -> Output {
-        self.ctr_output_in(&self.namespace, tool, args)
+    /// Its temp dir (root, state, log).
+    pub fn dir(&self) -> &Path {
+        self.dir.path()
     }
 
-    /// [`Containerd::ctr_output`] in namespace `ns` (`k8s.io` for what CRI made).
-    pub fn ctr_output_in(&self, ns: &str, tool: &str, args: &[&str]) -> Output {
+    /// Its log so far.
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(self.dir.path().join("containerd.log")).unwrap_or_default()
+    }
+
+    /// `TOOL -a SOCKET -n NAMESPACE ARGS` (`ctr` or `ctr-remote`) under a 300 s timeout.
+    pub fn run(&self, tool: &str, args: &[&str]) -> Output {
+        self.run_in(&self.namespace, tool, args)
+    }
+
+    /// [`Containerd::run`] in namespace `ns` (`k8s.io`: what the CRI plugin made).
+    pub fn run_in(&self, ns: &str, tool: &str, args: &[&str]) -> Output {
         Command::new("timeout")
-            .args(["300", tool, "--address"])
+            .arg("300")
+            .arg(tool)
+            .arg("-a")
             .arg(&self.socket)
-            .args(["--namespace", ns])
+            .args(["-n", ns])
             .args(args)
             .stdin(Stdio::null())
             .output()
-            .expect(tool)
+            .unwrap_or_else(|e| panic!("run {tool}: {e}"))
     }
 
-    /// [`Containerd::ctr_output`] that must succeed; returns stdout.
-    pub fn ctr(&self, tool: &str, args: &[&str]) -> String {
-        let out = self.ctr_output(tool, args);
-        assert!(
-            out.status.success(),
-            "{tool} {args:?} failed: {}{}\n--- containerd log (tail) ---\n{}",
-            String::from_utf8_lossy(&out.stdout),
-            String::from_utf8_lossy(&out.stderr),
-            tail(&self.log_text(), 40)
-        );
-        String::from_utf8_lossy(&out.stdout).into_owned()
+    /// [`Containerd::run`], panicking with its output when it fails; returns stdout.
+    pub fn must(&self, tool: &str, args: &[&str]) -> String {
+        succeeded(tool, args, self.run(tool, args))
     }
 }
 
-/// The last `n` lines of `s`.
-pub fn tail(s: &str, n: usize) -> String {
-    let lines: Vec<&str> = s.lines().collect();
-    lines[lines.len().saturating_sub(n)..].join("\n")
+/// The stdout of a command (`tool args`) that must have succeeded; panics with its output
+/// otherwise.
+pub fn succeeded(tool: &str, args: &[&str], out: Output) -> String {
+    assert!(
+        out.status.success(),
+        "{tool} {args:?} failed: {}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
 }
 
 impl Drop for Containerd {
     fn drop(&mut self) {
-        if let Some(mut c) = self.child.take() {
-            let _ = c.kill();
-            let _ = c.wait();
+        // SIGTERM by pid, then SIGKILL if it lingers.
+        let pid = self.child.id().to_string();
+        let _ = Command::new("kill").args(["-TERM", &pid]).status();
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while Instant::now() < deadline {
+            if let Ok(Some(_)) = self.child.try_wait() {
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(50));
         }
+        if !matches!(self.child.try_wait(), Ok(Some(_))) {
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+        }
+        // The runc shim's per-namespace state dir, outside the temp dir (empty once the
+        // namespace's containers are gone; left alone otherwise).
+        let _ = std::fs::remove_dir(Path::new("/run/containerd/runc").join(&self.namespace));
     }
 }
