@@ -40,10 +40,12 @@
 //! snapshots get the mounts containerd's overlay snapshotter would return.
 //!
 //! # Restarts and removal
-//! The metadata is rewritten atomically on every change. At start the snapshotter re-arms
-//! the watch on every overlay it mounted (remounting it if it is gone). `Remove` unmounts,
-//! stops the watch, deletes the snapshot's directory, and once no snapshot points into a
-//! lazy image any more asks the daemon to remove that image (its placeholder tree with it).
+//! The metadata is rewritten atomically on every change. The daemon keeps the watches of
+//! the overlays it was asked to watch across its restarts (fd holder, records); at start the
+//! snapshotter asks again for every overlay it mounted (a no-op for one still watched) and
+//! remounts one that is gone (a reboot). `Remove` unmounts, stops the watch, deletes the
+//! snapshot's directory, and once no snapshot points into a lazy image any more asks the
+//! daemon to remove that image (its placeholder tree with it).
 
 pub mod grpc;
 pub mod store;
@@ -262,8 +264,9 @@ impl Snapshotter {
         self.root.join("snapshots").join(id.to_string())
     }
 
-    /// Re-arms the watch on every overlay this snapshotter mounted (remounting any that is
-    /// gone), and reports lazy images the daemon no longer serves.
+    /// Asks for the watch on every overlay this snapshotter mounted (the daemon kept it
+    /// across a restart; a no-op then), remounting any that is gone, and reports lazy images
+    /// the daemon no longer serves.
     fn restore(&self) {
         let store = self.store.lock().unwrap();
         for img in store.images() {
