@@ -975,6 +975,7 @@ fn snapshots_api_contract() {
         );
         let orphan = state.join("snapshots/snapshots/999999/fs");
         std::fs::create_dir_all(&orphan).unwrap();
+        std::fs::create_dir_all(state.join("roots/containerd/999999")).unwrap();
         c.cleanup(CleanupRequest {
             snapshotter: "fanfill".into(),
         })

@@ -268,6 +268,8 @@ impl Snapshotter {
     /// across a restart; a no-op then), remounting any that is gone, and reports lazy images
     /// the daemon no longer serves.
     fn restore(&self) {
+        // Nothing is served yet: no remote prepare can be under way.
+        self.sweep_orphan_images();
         let store = self.store.lock().unwrap();
         for img in store.images() {
             if !self.host.serves(&img.dest) {
@@ -746,9 +748,42 @@ impl Snapshotter {
         Ok(usage.unwrap_or_else(|| usage_of(&self.dir(id).join("fs"), false)))
     }
 
-    /// `Cleanup`: deletes snapshot directories no snapshot owns and lazy images no snapshot
-    /// points into.
+    /// Removes what sits under `roots/containerd` but is no recorded lazy image (a crash
+    /// between the daemon's prepare and the record): the daemon's image if it serves one
+    /// there, and the directory. No remote prepare may run meanwhile.
+    fn sweep_orphan_images(&self) {
+        let known: Vec<PathBuf> = {
+            let store = self.store.lock().unwrap();
+            store.images().iter().map(|i| i.dest.clone()).collect()
+        };
+        let Ok(rd) = std::fs::read_dir(&self.images_root) else {
+            return;
+        };
+        for e in rd.flatten() {
+            let dest = e.path();
+            if known.contains(&dest) {
+                continue;
+            }
+            info!(dest = %dest.display(), "cleanup: lazy image directory no snapshot records");
+            if self.host.serves(&dest)
+                && let Err(e) = self.host.remove_image(&dest)
+            {
+                warn!(dest = %dest.display(), error = %e, "removing an orphaned lazy image");
+                continue;
+            }
+            if let Err(e) = std::fs::remove_dir(&dest) {
+                warn!(dest = %dest.display(), error = %e, "deleting an orphaned lazy image directory");
+            }
+        }
+    }
+
+    /// `Cleanup`: deletes snapshot directories no snapshot owns, lazy images no snapshot
+    /// points into, and lazy image directories nothing records.
     pub fn cleanup(&self) -> Result<(), SnapshotterError> {
+        // No remote prepare between the daemon's prepare and its record (called on a
+        // blocking thread).
+        let _one = self.remote.blocking_lock();
+        self.sweep_orphan_images();
         let (ids, unused): (Vec<u64>, Vec<PathBuf>) = {
             let store = self.store.lock().unwrap();
             (
