@@ -500,6 +500,18 @@ fn unreachable_layers_fall_back_to_ordinary_snapshots() {
         "{}",
         rig.fail("no fallback logged")
     );
+    // containerd commits each layer with its labels: the layer digest stays on the ordinary
+    // snapshot (what lets a later lazy image stack its own tree of that layer instead).
+    for (name, _) in rig.snapshots() {
+        let info = rig.ctr(
+            "ctr",
+            &["snapshots", "--snapshotter", "fanfill", "info", &name],
+        );
+        assert!(
+            info.contains(fanfill::snapshotter::LABEL_STARGZ_DIGEST),
+            "no layer digest label on {name}: {info}"
+        );
+    }
     let out = rig.run("fanfill", "fallback", SCRIPT);
     let eager = rig.eager(&[SCRIPT]);
     assert_eq!(out, eager[0], "fallback and eager runs differ");
@@ -798,6 +810,7 @@ fn snapshots_api_contract() {
     let rig = Rig::start(true, &["--containerd-tls-verify=false"], false);
     let sock = rig.state.join("snapshotter.sock");
     let (reference, layer0) = (rig.reference.clone(), rig.built.layers[0].0.clone());
+    let layer1 = rig.built.layers[1].0.clone();
     let state = rig.state.clone();
     let rt = tokio::runtime::Runtime::new().unwrap();
     let body = async move {
@@ -952,7 +965,6 @@ fn snapshots_api_contract() {
         });
         assert_eq!(sha, std::fs::read("/usr/bin/sha256sum").unwrap());
 
-        // Removal: children first; then the lazy image goes with its last snapshot.
         let remove = |c: &mut SnapshotsClient<_>, key: &str| {
             let (mut c, key) = (c.clone(), key.to_string());
             async move {
@@ -963,6 +975,65 @@ fn snapshots_api_contract() {
                 .await
             }
         };
+        // A base layer containerd unpacked as an ordinary snapshot earlier (its labels name
+        // the layer), a lazy layer over it: the rootfs stacks the image's own tree of the
+        // base layer, so one watch covers it, and reads through it are the image's bytes.
+        let digest_labels = |digest: &str| -> HashMap<String, String> {
+            [
+                (LABEL_STARGZ_REFERENCE, reference.as_str()),
+                (LABEL_STARGZ_DIGEST, digest),
+            ]
+            .into_iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect()
+        };
+        c.prepare(prep("base-act", "", digest_labels(&layer0)))
+            .await
+            .unwrap();
+        c.commit(CommitSnapshotRequest {
+            snapshotter: "fanfill".into(),
+            name: "base".into(),
+            key: "base-act".into(),
+            labels: digest_labels(&layer0),
+        })
+        .await
+        .unwrap();
+        let chain1 = "sha256:00000000000000000000000000000000000000000000000000000000000000bb";
+        let mut l1 = digest_labels(&layer1);
+        l1.insert(LABEL_SNAPSHOT_REF.into(), chain1.into());
+        let e = c.prepare(prep("extract-2", "base", l1)).await.unwrap_err();
+        assert_eq!(e.code(), tonic::Code::AlreadyExists, "{e}");
+        let mut list = c
+            .list(ListSnapshotsRequest {
+                snapshotter: "fanfill".into(),
+                filters: vec![format!(
+                    r#"labels."{LABEL_SNAPSHOT_REF}"=={chain1},parent==base"#
+                )],
+            })
+            .await
+            .unwrap()
+            .into_inner();
+        let lazy1 = list.message().await.unwrap().unwrap().info[0].name.clone();
+        let m = c
+            .prepare(prep("over-shared-base", &lazy1, HashMap::new()))
+            .await
+            .unwrap_or_else(|e| panic!("rootfs over a shared ordinary base: {e}"))
+            .into_inner()
+            .mounts;
+        let root = std::path::PathBuf::from(&m[0].source);
+        let (busybox, b) = fsutil::within(60, "read over the shared base", move || {
+            (
+                std::fs::read(root.join("bin/busybox")).unwrap(),
+                std::fs::read(root.join("data/b")).unwrap(),
+            )
+        });
+        assert_eq!(busybox, std::fs::read("/bin/busybox").unwrap());
+        assert_eq!(b, pattern(200_000, 32));
+        for key in ["over-shared-base", &lazy1, "base"] {
+            remove(&mut c, key).await.unwrap();
+        }
+
+        // Removal: children first; then the lazy image goes with its last snapshot.
         let e = remove(&mut c, &layer).await.unwrap_err();
         assert_eq!(e.code(), tonic::Code::FailedPrecondition, "{e}");
         remove(&mut c, "view").await.unwrap();

@@ -36,7 +36,10 @@
 //! lowerdirs (the remote ones taken from one image, so one watch covers them) and
 //! `fs`/`work` as upper and work directories; the daemon's overlay watch is started on it
 //! (opens wait until the lower file is filled), and containerd gets a bind mount of the
-//! merged directory. Nothing of the placeholder trees is ever visible unwatched. Other
+//! merged directory. Nothing of the placeholder trees is ever visible unwatched. An ordinary
+//! parent whose labels name a layer that image has (a shared base layer containerd unpacked
+//! earlier) is stacked as the image's tree of that layer; a rootfs that would still mix
+//! ordinary and lazy lowers is refused (the watch covers one image's trees). Other
 //! snapshots get the mounts containerd's overlay snapshotter would return.
 //!
 //! # Restarts and removal
@@ -147,6 +150,15 @@ pub fn remote_layer(labels: &BTreeMap<String, String>) -> Option<(&str, &str)> {
     pair(LABEL_STARGZ_REFERENCE, LABEL_STARGZ_DIGEST)
         .or_else(|| pair(LABEL_CRI_IMAGE_REF, LABEL_CRI_LAYER_DIGEST))
         .filter(|(r, d)| !r.is_empty() && d.starts_with("sha256:"))
+}
+
+/// The layer digest a snapshot's labels name (the labels of its `Prepare` and `Commit`).
+fn layer_digest(labels: &BTreeMap<String, String>) -> Option<&str> {
+    [LABEL_STARGZ_DIGEST, LABEL_CRI_LAYER_DIGEST]
+        .iter()
+        .find_map(|k| labels.get(*k))
+        .map(String::as_str)
+        .filter(|d| d.starts_with("sha256:"))
 }
 
 /// The snapshotter.
@@ -521,14 +533,21 @@ impl Snapshotter {
             .iter()
             .find_map(|(_, r)| r.remote.as_ref())
             .and_then(|l| store.images().iter().find(|i| i.dest == l.image));
+        let in_top_image = |digest: &str| {
+            top_image
+                .and_then(|i| i.layers.iter().find(|(d, _)| d == digest))
+                .and_then(|(_, dir)| dir.clone())
+        };
         Ok(chain
             .iter()
             .map(|(_, r)| match &r.remote {
-                Some(l) => top_image
-                    .and_then(|i| i.layers.iter().find(|(d, _)| *d == l.digest))
-                    .and_then(|(_, dir)| dir.clone())
-                    .unwrap_or_else(|| l.dir.clone()),
-                None => self.dir(r.id).join("fs"),
+                Some(l) => in_top_image(&l.digest).unwrap_or_else(|| l.dir.clone()),
+                // An ordinary snapshot of a layer the lazy image also has (a base layer
+                // containerd unpacked before): the same files, as the image's tree, so one
+                // watch covers every lower.
+                None => layer_digest(&r.labels)
+                    .and_then(in_top_image)
+                    .unwrap_or_else(|| self.dir(r.id).join("fs")),
             })
             .collect())
     }
