@@ -97,6 +97,10 @@ pub enum DaemonError {
     },
 }
 
+/// Longest a background layer stream waits for readers' misses before its next piece
+/// (about 4 MiB): misses go first, and the stream still moves while they never stop.
+const STREAM_YIELD: Duration = Duration::from_millis(5);
+
 /// Event numbers reserved above the highest one a predecessor journaled: one 64 KiB read
 /// buffer holds at most ~1,365 pre-content events (48 bytes each with their range record).
 const RESERVE_MARGIN: i32 = 2048;
@@ -1285,7 +1289,10 @@ impl Daemon {
     }
 
     /// Streams every layer with incomplete files into its placeholders, lowest first
-    /// ([`image::ImageSources::stream_fill`]), pausing while readers' misses are served.
+    /// ([`image::ImageSources::stream_fill`]). Before each piece it yields to readers'
+    /// misses being served, for at most [`STREAM_YIELD`]: a workload that misses without
+    /// pause (a walk of the tree) would otherwise starve the one stream that makes all of
+    /// its later misses local.
     fn stream_layers(&self, img: &ImageRt) {
         let Some(opened) = &img.opened else { return };
         let files: Vec<(usize, usize, FileId)> = {
@@ -1297,8 +1304,12 @@ impl Daemon {
                 .collect()
         };
         let streamed = opened.sources.stream_fill(&self.engine, &files, |len| {
-            while self.engine.inflight_events() > 0 && !self.prefetch_stopped(img) {
-                std::thread::sleep(Duration::from_millis(2));
+            let yielded = Instant::now();
+            while self.engine.inflight_events() + self.overlays.inflight() > 0
+                && yielded.elapsed() < STREAM_YIELD
+                && !self.prefetch_stopped(img)
+            {
+                std::thread::sleep(Duration::from_millis(1));
             }
             if self.prefetch_stopped(img) {
                 return false;
