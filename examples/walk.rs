@@ -15,7 +15,7 @@
 //! Needs root, Linux 6.14+, `docker-registry`, `skopeo`, `e2fsprogs`.
 
 #[path = "../tests/common/mod.rs"]
-#[allow(dead_code, unused_imports)]
+#[allow(unused_imports)]
 mod common;
 #[path = "../tests/support/host_image.rs"]
 mod host_image;
