@@ -125,6 +125,10 @@ struct DaemonArgs {
     /// their symlinks lead.
     #[arg(long = "allow-root", value_name = "DIR")]
     allow_root: Vec<PathBuf>,
+    /// Let members of this group (name or gid) ask for status through the API socket
+    /// (read-only; everything else stays root's). The socket is then 0660 with this group.
+    #[arg(long, value_name = "GROUP")]
+    status_group: Option<String>,
     /// Test knob: delay every fetch by this many milliseconds.
     #[arg(long, hide = true, default_value_t = 0)]
     test_fetch_delay_ms: u64,
@@ -486,6 +490,15 @@ fn daemon(socket: PathBuf, a: DaemonArgs) -> Result<()> {
     }
     if a.no_holder {
         c.holder_exe = None;
+    }
+    if let Some(g) = a.status_group {
+        c.status_group = Some(match g.parse::<u32>() {
+            Ok(gid) => gid,
+            Err(_) => nix::unistd::Group::from_name(&g)?
+                .with_context(|| format!("no group named {g}"))?
+                .gid
+                .as_raw(),
+        });
     }
     fanfill::daemon::run(c)?;
     Ok(())

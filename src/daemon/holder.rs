@@ -9,10 +9,14 @@
 //! Protocol (one byte per message, an fd attached where noted): `P`+fd: keep this group
 //! (answer `K`); `G`: give it back (answer `Y`+fd, or `N` when holding none); `Q`: exit
 //! (answer `K`).
+//!
+//! The group fd is the power to answer every reader on the node: the socket is bound 0600
+//! with no window before it is ([`super::peer::bind`]), in the 0700 state directory, and
+//! every connection is checked before anything is read from it ([`admit`]): only a root
+//! process running this very program (the daemon, a successor) is served.
 
 use std::os::fd::{AsFd, OwnedFd};
-use std::os::unix::fs::PermissionsExt;
-use std::os::unix::net::{UnixListener, UnixStream};
+use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
@@ -68,9 +72,7 @@ pub fn run(socket: &Path) -> Result<(), HolderError> {
         });
     }
     let _ = std::fs::remove_file(socket);
-    let listener = UnixListener::bind(socket).map_err(sock_err(socket))?;
-    std::fs::set_permissions(socket, std::fs::Permissions::from_mode(0o600))
-        .map_err(sock_err(socket))?;
+    let listener = super::peer::bind(socket, 0o600, None).map_err(sock_err(socket))?;
     if let Some(dir) = socket.parent() {
         let _ = std::fs::write(dir.join("holder.pid"), std::process::id().to_string());
     }
@@ -78,6 +80,9 @@ pub fn run(socket: &Path) -> Result<(), HolderError> {
     let mut held: Option<OwnedFd> = None;
     for conn in listener.incoming() {
         let Ok(conn) = conn else { continue };
+        if !admit(&conn) {
+            continue;
+        }
         loop {
             let msg = match recv_fd(&conn) {
                 Ok(Some(m)) => m,
@@ -110,6 +115,27 @@ pub fn run(socket: &Path) -> Result<(), HolderError> {
         }
     }
     Ok(())
+}
+
+/// Whether the peer of an accepted connection may talk to the holder: a root process
+/// running this program (`SO_PEERCRED`, `/proc/PID/exe`). Anyone else is disconnected
+/// unanswered.
+fn admit(conn: &UnixStream) -> bool {
+    match super::peer::peer(conn) {
+        Ok(p) if super::peer::is_fanfill(&p) => true,
+        Ok(p) => {
+            warn!(
+                uid = p.uid,
+                pid = p.pid,
+                "fd holder: connection refused (not root running fanfill)"
+            );
+            false
+        }
+        Err(e) => {
+            warn!(error = %e, "fd holder: connection refused (no peer credentials)");
+            false
+        }
+    }
 }
 
 fn request(

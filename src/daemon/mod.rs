@@ -29,6 +29,7 @@ pub mod cache;
 pub mod holder;
 pub mod journal;
 pub mod metrics;
+pub mod peer;
 pub mod state;
 
 use std::collections::{BTreeMap, HashSet};
@@ -144,6 +145,10 @@ pub struct DaemonConfig {
     /// [`DEFAULT_ALLOWED_ROOTS`]); never above the daemon's state dir, index dir or socket,
     /// inside the state dir only under `STATE_DIR/roots`, never inside the index dir.
     pub allowed_roots: Vec<PathBuf>,
+    /// Members of this group (gid) may use the API for read-only requests (`Status`,
+    /// `Ping`); everyone but root is refused otherwise. The socket is then 0660 with this
+    /// group, and a socket directory the daemon creates 0750.
+    pub status_group: Option<u32>,
 }
 
 impl DaemonConfig {
@@ -161,6 +166,7 @@ impl DaemonConfig {
             fetch_delay: Duration::ZERO,
             metrics_addr: None,
             allowed_roots: DEFAULT_ALLOWED_ROOTS.iter().map(PathBuf::from).collect(),
+            status_group: None,
         }
     }
 }
@@ -690,8 +696,9 @@ impl Daemon {
                     sha256: sha.clone(),
                 };
                 // From the content cache: filled before it is ever marked, nothing fetched.
-                if let Some(sha) = &sha {
-                    match this.cache.fill(sha, &p.path, p.size) {
+                let meta = opened.sources.entry(p.layer, p.entry);
+                if let (Some(sha), Some(meta)) = (&sha, meta) {
+                    match this.cache.fill(sha, &p.path, meta) {
                         Ok(true) => {
                             rec.complete = true;
                             record.files.push(rec);
@@ -1248,11 +1255,14 @@ impl Daemon {
                     continue;
                 }
                 cached[i] = true;
+                // Read only through the inode the engine registered (never a path that
+                // now leads elsewhere); files filled from the cache are in it already.
                 if let Some(sha) = &f.sha256
+                    && let Some(Some(fid)) = img.files.get(i)
                     && !self.cache.contains(sha)
                     && !img.removed.load(Ordering::SeqCst)
                 {
-                    match self.cache.add(sha, &f.path) {
+                    match self.cache.add(sha, &f.path, (fid.dev(), fid.ino())) {
                         Ok(true) => debug!(path = %f.path.display(), "added to the content cache"),
                         Ok(false) => {
                             warn!(path = %f.path.display(), "not cached: its bytes are not the image's")
@@ -1402,7 +1412,7 @@ async fn read_request_line(
     }
 }
 
-async fn serve_conn(daemon: Arc<Daemon>, stream: tokio::net::UnixStream) {
+async fn serve_conn(daemon: Arc<Daemon>, stream: tokio::net::UnixStream, access: peer::Access) {
     use tokio::io::AsyncWriteExt;
     let (r, mut w) = stream.into_split();
     let mut r = tokio::io::BufReader::new(r);
@@ -1411,6 +1421,14 @@ async fn serve_conn(daemon: Arc<Daemon>, stream: tokio::net::UnixStream) {
         let (resp, close) = match read_request_line(&mut r, &mut line).await {
             Ok(None) => break,
             Ok(Some(())) => match Request::from_line(&line) {
+                Ok(req) if access == peer::Access::ReadOnly && !req.is_read_only() => (
+                    Response::Error {
+                        kind: ErrorKind::PermissionDenied,
+                        message: "permission denied: only root may change what the daemon serves"
+                            .into(),
+                    },
+                    false,
+                ),
                 Ok(req) => (daemon.handle(req).await, false),
                 Err(e) => (Response::bad_request(&e), false),
             },
@@ -1442,6 +1460,9 @@ pub fn run(config: DaemonConfig) -> Result<(), DaemonError> {
         let what = what.to_string();
         move |source| DaemonError::Io { what, source }
     };
+    // State, cache, journal and the holder's socket: root's alone.
+    std::fs::set_permissions(state.root(), std::fs::Permissions::from_mode(0o700))
+        .map_err(io("making the state directory private"))?;
     let nofile = match crate::sys::fdpass::raise_nofile_limit() {
         Ok(n) => {
             debug!(nofile = n, "descriptor limit");
@@ -1578,7 +1599,8 @@ pub fn run(config: DaemonConfig) -> Result<(), DaemonError> {
         });
     }
     if let Some(dir) = config.socket.parent() {
-        std::fs::create_dir_all(dir).map_err(io("creating the socket directory"))?;
+        peer::create_socket_dir(dir, config.status_group)
+            .map_err(io("creating the socket directory"))?;
     }
     if std::os::unix::net::UnixStream::connect(&config.socket).is_ok() {
         return Err(DaemonError::Socket {
@@ -1595,11 +1617,16 @@ pub fn run(config: DaemonConfig) -> Result<(), DaemonError> {
         source,
     };
     let listener = {
+        let mode = if config.status_group.is_some() {
+            0o660
+        } else {
+            0o600
+        };
+        let l = peer::bind(&config.socket, mode, config.status_group).map_err(sock_err)?;
+        l.set_nonblocking(true).map_err(sock_err)?;
         let _g = rt.enter();
-        tokio::net::UnixListener::bind(&config.socket).map_err(sock_err)?
+        tokio::net::UnixListener::from_std(l).map_err(sock_err)?
     };
-    std::fs::set_permissions(&config.socket, std::fs::Permissions::from_mode(0o600))
-        .map_err(sock_err)?;
     if let Some(addr) = config.metrics_addr {
         let _g = rt.enter();
         let l = rt
@@ -1619,7 +1646,11 @@ pub fn run(config: DaemonConfig) -> Result<(), DaemonError> {
         loop {
             tokio::select! {
                 c = listener.accept() => match c {
-                    Ok((s, _)) => { tokio::spawn(serve_conn(d.clone(), s)); }
+                    Ok((s, _)) => match peer::peer(&s).map(|p| (p, peer::api_access(&p, d.config.status_group))) {
+                        Ok((_, Some(access))) => { tokio::spawn(serve_conn(d.clone(), s, access)); }
+                        Ok((p, None)) => warn!(uid = p.uid, pid = p.pid, "API connection refused: not root nor in the status group"),
+                        Err(e) => warn!(error = %e, "API connection refused: no peer credentials"),
+                    },
                     Err(e) => warn!(error = %e, "accepting an API connection"),
                 },
                 _ = async { match term.as_mut() { Some(s) => { s.recv().await; } None => std::future::pending().await } } => break,

@@ -52,8 +52,11 @@
 //!
 //! Directories no layer describes (a parent a tar omitted) get mode 0755, owner 0:0 and
 //! mtime 0, or in overlay mode the metadata the directory already has in the layers below,
-//! so that both modes show the same tree. `trusted.overlay.*` and `user.overlay.*` xattrs
-//! from layers are dropped: a layer must not steer overlayfs.
+//! so that both modes show the same tree. Of a layer's xattrs only those an unpacker may
+//! apply are ([`xattr_allowed`]: `security.capability`, POSIX ACLs, `user.*` and
+//! `trusted.*` but overlayfs control xattrs and fanfill's own marker); the rest are dropped
+//! and counted in the log: a layer must not steer overlayfs, label files for the host's
+//! security modules, or forge fanfill's tree marker.
 
 pub(crate) mod plan;
 mod write;
@@ -65,7 +68,7 @@ use std::path::{Path, PathBuf};
 
 use crate::index::Entry;
 
-pub use write::{create_file, finish_file, open_dir_beneath};
+pub use write::{OWN_XATTR_PREFIXES, create_file, finish_file, open_dir_beneath, xattr_allowed};
 
 /// One layer of an image: its digest (for messages and the overlay layout) and its entry
 /// table in tar order.

@@ -146,7 +146,39 @@ impl Drop for DaemonProc {
                 self.log_text()
             );
         }
-        let _ = fanfill::daemon::holder::quit(&self.state.join("holder.sock"));
+        stop_holder(&self.state);
+    }
+}
+
+/// Stops the fd holder of the daemon with state dir `state` (its group closes). The holder
+/// serves only root processes of the fanfill binary, not this test program: it is sent
+/// SIGTERM, by its recorded pid, once that pid is checked to be a holder on this state
+/// dir's socket.
+pub fn stop_holder(state: &Path) {
+    let Ok(pid) = std::fs::read_to_string(state.join("holder.pid")) else {
+        return;
+    };
+    let Ok(pid) = pid.trim().parse::<i32>() else {
+        return;
+    };
+    let sock = state.join("holder.sock");
+    let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
+    let args: Vec<&[u8]> = cmdline.split(|b| *b == 0).collect();
+    let is_ours =
+        args.contains(&&b"holder"[..]) && args.contains(&sock.as_os_str().as_encoded_bytes());
+    if is_ours {
+        let _ = nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(pid),
+            nix::sys::signal::Signal::SIGTERM,
+        );
+        let deadline = Instant::now() + Duration::from_secs(10);
+        let alive = || {
+            std::fs::read_to_string(format!("/proc/{pid}/stat"))
+                .is_ok_and(|st| st.rsplit(") ").next().is_some_and(|r| !r.starts_with('Z')))
+        };
+        while alive() && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(10));
+        }
     }
 }
 

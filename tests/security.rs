@@ -1,0 +1,498 @@
+//! Issue #18, security: what a node user, a container, a registry writer and an image
+//! author can and cannot make the root daemon do (docs/security.md names each test here).
+
+mod fsutil;
+
+use std::io::{Read, Write};
+use std::os::unix::fs::{MetadataExt, PermissionsExt};
+use std::os::unix::process::CommandExt;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use fanfill::api::Request;
+use fanfill::index::{Entry, EntryKind};
+use fanfill::ocibuild::{Compression, LayerItem, write_layout};
+use fanfill::unpack::{Layer, UnpackOptions};
+use fsutil::daemonproc::{DaemonProc, bin};
+use fsutil::{pattern, sha256_hex, within};
+
+/// A `security.capability` value (revision 2): `cap_net_raw+ep`.
+fn cap_net_raw() -> Vec<u8> {
+    let mut v = Vec::new();
+    for w in [0x0200_0001u32, 1 << 13, 0, 0, 0] {
+        v.extend_from_slice(&w.to_le_bytes());
+    }
+    v
+}
+
+/// Reads `path` whole (a placeholder: the daemon fills it), under a timeout.
+fn read(path: &Path) -> Vec<u8> {
+    let p = path.to_path_buf();
+    within(60, "reading a placeholder", move || std::fs::read(&p))
+        .unwrap_or_else(|e| panic!("{}: {e}", path.display()))
+}
+
+/// Waits up to `secs` for `f`.
+fn wait_for(secs: u64, mut f: impl FnMut() -> bool) -> bool {
+    let deadline = Instant::now() + Duration::from_secs(secs);
+    while Instant::now() < deadline {
+        if f() {
+            return true;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    f()
+}
+
+fn mode_of(p: &Path) -> u32 {
+    std::fs::symlink_metadata(p)
+        .unwrap_or_else(|e| panic!("{}: {e}", p.display()))
+        .mode()
+        & 0o7777
+}
+
+/// A temp dir whose state dir a non-root user could reach if the daemon let it.
+fn open_tmp() -> tempfile::TempDir {
+    let tmp = tempfile::tempdir().unwrap();
+    std::fs::set_permissions(tmp.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
+    tmp
+}
+
+/// Finding "setuid copies in the content cache": every cache entry is a root-owned 0400
+/// file, cache and state dirs 0700, and a file filled from the cache gets mode and
+/// capability from the index.
+#[test]
+fn cache_entries_carry_no_mode_and_restores_take_the_index_metadata() {
+    let tmp = open_tmp();
+    let state = tmp.path().join("state");
+    std::fs::create_dir_all(&state).unwrap();
+    let su = pattern(300_000, 7);
+    let plain = pattern(200_000, 8);
+    let built = write_layout(
+        &tmp.path().join("img"),
+        "1",
+        &[vec![
+            LayerItem::Dir {
+                path: "bin".into(),
+                mode: 0o755,
+            },
+            LayerItem::FileXattrs {
+                path: "bin/su".into(),
+                mode: 0o4755,
+                data: su.clone(),
+                xattrs: vec![("security.capability".into(), cap_net_raw())],
+            },
+            LayerItem::File {
+                path: "bin/plain".into(),
+                mode: 0o2755,
+                data: plain.clone(),
+            },
+        ]],
+        Compression::Gzip,
+    )
+    .unwrap();
+    let d = DaemonProc::start(&state, &[]);
+    let a = tmp.path().join("a");
+    d.prepare(&built.reference(), &a, false);
+    assert_eq!(read(&a.join("bin/su")), su);
+    assert_eq!(read(&a.join("bin/plain")), plain);
+    let cache = state.join("cache");
+    for data in [&su, &plain] {
+        let entry = cache.join(sha256_hex(data));
+        assert!(
+            wait_for(20, || entry.exists()),
+            "{} never cached",
+            entry.display()
+        );
+        let m = std::fs::metadata(&entry).unwrap();
+        assert_eq!(
+            (m.mode() & 0o7777, m.uid(), m.gid()),
+            (0o400, 0, 0),
+            "cache entry {} is not a root-owned 0400 file",
+            entry.display()
+        );
+        assert_eq!(xattr::get(&entry, "security.capability").unwrap(), None);
+    }
+    assert_eq!(mode_of(&cache), 0o700, "cache dir");
+    assert_eq!(mode_of(&state), 0o700, "state dir");
+    // A second tree of the image is filled from the cache before it is marked.
+    let b = tmp.path().join("b");
+    d.prepare(&built.reference(), &b, false);
+    assert_eq!(read(&b.join("bin/su")), su);
+    assert_eq!(mode_of(&b.join("bin/su")), 0o4755);
+    assert_eq!(mode_of(&b.join("bin/plain")), 0o2755);
+    assert_eq!(
+        xattr::get(b.join("bin/su"), "security.capability").unwrap(),
+        Some(cap_net_raw()),
+        "the restored file lost the index's capability"
+    );
+}
+
+/// Finding "cache adds follow the served path": a container that swaps a completed file
+/// for a FIFO does not hang the persist thread (later files still reach the cache), and
+/// one swapped for a symlink to the same bytes is not read.
+#[test]
+fn cache_adds_never_follow_a_swapped_path() {
+    let tmp = open_tmp();
+    let state = tmp.path().join("state");
+    std::fs::create_dir_all(&state).unwrap();
+    let files: Vec<Vec<u8>> = (0..3)
+        .map(|i| pattern(100_000 + i, 40 + i as u64))
+        .collect();
+    let mut items = vec![LayerItem::Dir {
+        path: "d".into(),
+        mode: 0o755,
+    }];
+    for (i, f) in files.iter().enumerate() {
+        items.push(LayerItem::File {
+            path: format!("d/f{i}"),
+            mode: 0o644,
+            data: f.clone(),
+        });
+    }
+    let built = write_layout(&tmp.path().join("img"), "1", &[items], Compression::Gzip).unwrap();
+    let d = DaemonProc::start(&state, &[]);
+    let dest = tmp.path().join("dest");
+    d.prepare(&built.reference(), &dest, false);
+    let cached = |data: &[u8]| state.join("cache").join(sha256_hex(data)).exists();
+    // f0: completed, then replaced by a FIFO before the daemon records it.
+    let fifo = dest.join("d/fifo");
+    nix::unistd::mkfifo(&fifo, nix::sys::stat::Mode::from_bits_truncate(0o666)).unwrap();
+    assert_eq!(read(&dest.join("d/f0")), files[0]);
+    std::fs::rename(&fifo, dest.join("d/f0")).unwrap();
+    // f1: completed, then replaced by a symlink to a copy of its own bytes elsewhere.
+    let copy = tmp.path().join("copy");
+    std::fs::write(&copy, &files[1]).unwrap();
+    assert_eq!(read(&dest.join("d/f1")), files[1]);
+    let link = dest.join("d/link");
+    std::os::unix::fs::symlink(&copy, &link).unwrap();
+    std::fs::rename(&link, dest.join("d/f1")).unwrap();
+    // f2: an ordinary completed file, recorded after the others.
+    assert_eq!(read(&dest.join("d/f2")), files[2]);
+    let f2_cached = wait_for(10, || cached(&files[2]));
+    // A persist thread blocked opening the FIFO is let go (so the daemon can stop) before
+    // any assertion.
+    if let Ok(w) = std::fs::OpenOptions::new()
+        .write(true)
+        .custom_flags_nonblock()
+        .open(dest.join("d/f0"))
+    {
+        drop(w);
+    }
+    assert!(
+        f2_cached,
+        "a file completed after the FIFO swap never reached the cache: the persist thread hung"
+    );
+    assert!(!cached(&files[0]), "the FIFO was cached");
+    assert!(
+        !cached(&files[1]),
+        "the symlink was followed: bytes read from outside the served tree"
+    );
+    assert!(d.log_text().contains("no longer the served file"));
+}
+
+trait NonBlock {
+    fn custom_flags_nonblock(&mut self) -> &mut Self;
+}
+
+impl NonBlock for std::fs::OpenOptions {
+    fn custom_flags_nonblock(&mut self) -> &mut Self {
+        use std::os::unix::fs::OpenOptionsExt;
+        self.custom_flags(libc::O_NONBLOCK)
+    }
+}
+
+/// Runs `fanfill ARGS` as `uid:gid` against the daemon's socket; (success, stderr).
+fn fanfill_as(uid: u32, gid: u32, socket: &Path, args: &[&str]) -> (bool, String) {
+    let out = bin()
+        .args(args)
+        .env("FANFILL_SOCKET", socket)
+        .uid(uid)
+        .gid(gid)
+        .output()
+        .unwrap();
+    (
+        out.status.success(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+/// A small image and a daemon serving it in `tmp/dest`.
+fn served(tmp: &Path, extra: &[&str]) -> (DaemonProc, PathBuf) {
+    let state = tmp.join("state");
+    std::fs::create_dir_all(&state).unwrap();
+    let built = write_layout(
+        &tmp.join("img"),
+        "1",
+        &[vec![LayerItem::File {
+            path: "f".into(),
+            mode: 0o644,
+            data: pattern(10_000, 1),
+        }]],
+        Compression::Gzip,
+    )
+    .unwrap();
+    let d = DaemonProc::start(&state, extra);
+    let dest = tmp.join("dest");
+    d.prepare(&built.reference(), &dest, false);
+    (d, dest)
+}
+
+/// Finding "API and holder sockets": a non-root process that reaches the API socket (it
+/// connected while the socket was still open to it, or its mode was loosened) is refused
+/// by its peer credentials: it can neither read status nor remove an image.
+#[test]
+fn api_refuses_a_non_root_peer() {
+    let tmp = open_tmp();
+    let (d, dest) = served(tmp.path(), &[]);
+    // The socket made reachable to everyone, as it was between bind and chmod.
+    std::fs::set_permissions(&d.state, std::fs::Permissions::from_mode(0o711)).unwrap();
+    std::fs::set_permissions(&d.socket, std::fs::Permissions::from_mode(0o666)).unwrap();
+    let (ok, err) = fanfill_as(65534, 65534, &d.socket, &["status"]);
+    assert!(!ok, "a non-root peer read the daemon's status");
+    let (ok, err2) = fanfill_as(65534, 65534, &d.socket, &["rm", dest.to_str().unwrap()]);
+    assert!(!ok, "a non-root peer removed an image");
+    let (_, images) = d.status();
+    assert_eq!(images.len(), 1, "{err}\n{err2}");
+    assert!(dest.join("f").exists());
+}
+
+/// `--status-group`: its members may read status, nothing else; the socket is 0660 with
+/// that group.
+#[test]
+fn status_group_may_only_read() {
+    let tmp = open_tmp();
+    let (d, dest) = served(tmp.path(), &["--status-group", "4242"]);
+    let m = std::fs::metadata(&d.socket).unwrap();
+    assert_eq!((m.mode() & 0o777, m.gid()), (0o660, 4242));
+    std::fs::set_permissions(&d.state, std::fs::Permissions::from_mode(0o711)).unwrap();
+    let (ok, err) = fanfill_as(65534, 4242, &d.socket, &["status"]);
+    assert!(ok, "a status-group member could not read status: {err}");
+    let (ok, err) = fanfill_as(65534, 4242, &d.socket, &["rm", dest.to_str().unwrap()]);
+    assert!(!ok, "a status-group member removed an image");
+    assert!(err.contains("permission denied"), "{err}");
+    let (_, images) = d.status();
+    assert_eq!(images.len(), 1);
+}
+
+/// The fd holder hands the group fd (the power to answer every reader on the node) only to
+/// a root process running the fanfill binary: not to this test program, root as it is.
+#[test]
+fn holder_gives_the_group_only_to_fanfill() {
+    let tmp = open_tmp();
+    let (d, _dest) = served(tmp.path(), &[]);
+    let sock = d.state.join("holder.sock");
+    assert_eq!(mode_of(&sock), 0o600);
+    let conn = std::os::unix::net::UnixStream::connect(&sock).unwrap();
+    conn.set_read_timeout(Some(Duration::from_secs(10)))
+        .unwrap();
+    let sent = fanfill::sys::fdpass::send_fd(&conn, b'G', None);
+    let got = fanfill::sys::fdpass::recv_fd(&conn);
+    let handed = matches!(got, Ok(Some((b'Y', Some(_)))));
+    assert!(
+        !handed,
+        "the holder handed its fanotify group to a process that is not fanfill ({sent:?})"
+    );
+}
+
+/// A socket directory the daemon creates is 0700 (0750 with a status group), and nothing
+/// but the socket appears in it.
+#[test]
+fn socket_dir_is_private() {
+    let tmp = open_tmp();
+    let state = tmp.path().join("state");
+    std::fs::create_dir_all(&state).unwrap();
+    let run = tmp.path().join("run/fanfill");
+    let sock = run.join("api.sock");
+    let mut child = bin()
+        .args(["daemon", "--no-holder", "--socket"])
+        .arg(&sock)
+        .arg("--state-dir")
+        .arg(&state)
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let up = wait_for(60, || fanfill::daemon::call(&sock, &Request::Ping).is_ok());
+    let dir_mode = std::fs::metadata(&run).map(|m| m.mode() & 0o7777);
+    let names: Vec<String> = std::fs::read_dir(&run)
+        .map(|r| {
+            r.flatten()
+                .map(|e| e.file_name().to_string_lossy().into_owned())
+                .collect()
+        })
+        .unwrap_or_default();
+    let _ = nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(child.id() as i32),
+        nix::sys::signal::Signal::SIGTERM,
+    );
+    let _ = within(30, "daemon stop", move || child.wait());
+    assert!(up, "daemon did not come up");
+    assert_eq!(dir_mode.unwrap(), 0o700);
+    assert_eq!(names, vec!["api.sock".to_string()]);
+    assert_eq!(mode_of(&state), 0o700);
+}
+
+/// Finding "xattrs and markers from the image": only the xattrs an unpacker may apply are
+/// applied; fanfill's own marker, LSM labels and overlay control xattrs never are.
+#[test]
+fn image_xattrs_are_filtered() {
+    let tmp = tempfile::tempdir().unwrap();
+    let x = |pairs: &[(&str, &[u8])]| -> Vec<(String, Vec<u8>)> {
+        let mut v: Vec<(String, Vec<u8>)> = pairs
+            .iter()
+            .map(|(n, val)| (n.to_string(), val.to_vec()))
+            .collect();
+        v.sort();
+        v
+    };
+    let mut root = Entry::new("", EntryKind::Dir, 0o755);
+    root.xattrs = x(&[("trusted.fanfill.image", b"forged")]);
+    let mut dir = Entry::new("etc", EntryKind::Dir, 0o755);
+    dir.xattrs = x(&[
+        ("trusted.fanfill.image", b"forged"),
+        ("user.fanfill.x", b"forged"),
+        ("user.dir", b"kept"),
+    ]);
+    let mut file = Entry::new("etc/f", EntryKind::File, 0o755);
+    file.xattrs = x(&[
+        ("security.capability", &cap_net_raw()),
+        ("security.selinux", b"system_u:object_r:shadow_t:s0"),
+        ("security.ima", b"\x03\x02\x04"),
+        ("security.evm", b"\x05\x06"),
+        ("trusted.overlay.opaque", b"y"),
+        ("user.overlay.redirect", b"/x"),
+        ("trusted.kept", b"1"),
+        ("user.kept", b"2"),
+    ]);
+    let entries = vec![root, dir, file];
+    let dest = tmp.path().join("tree");
+    std::fs::create_dir(&dest).unwrap();
+    let layers = [Layer::new("sha256:00", &entries)];
+    fanfill::unpack::unpack(&layers, &dest, &UnpackOptions::default()).unwrap();
+    let get = |p: &str, n: &str| xattr::get(dest.join(p), n).unwrap();
+    for (p, n) in [
+        ("", "trusted.fanfill.image"),
+        ("etc", "trusted.fanfill.image"),
+        ("etc", "user.fanfill.x"),
+        ("etc/f", "security.selinux"),
+        ("etc/f", "security.ima"),
+        ("etc/f", "security.evm"),
+        ("etc/f", "trusted.overlay.opaque"),
+        ("etc/f", "user.overlay.redirect"),
+    ] {
+        assert_eq!(get(p, n), None, "{n} on /{p} was taken from the image");
+    }
+    assert_eq!(get("etc", "user.dir"), Some(b"kept".to_vec()));
+    assert_eq!(get("etc/f", "trusted.kept"), Some(b"1".to_vec()));
+    assert_eq!(get("etc/f", "user.kept"), Some(b"2".to_vec()));
+    assert_eq!(get("etc/f", "security.capability"), Some(cap_net_raw()));
+}
+
+/// Finding "metrics listener": at most a bounded number of connections are held, and a
+/// client trickling its request is cut off; a well-behaved client is answered after.
+#[test]
+fn metrics_listener_is_bounded() {
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let l = rt
+        .block_on(tokio::net::TcpListener::bind("127.0.0.1:0"))
+        .unwrap();
+    let addr = l.local_addr().unwrap();
+    rt.spawn(fanfill::daemon::metrics::serve(
+        l,
+        std::sync::Arc::new(|| "fanfill_test 1\n".to_string()),
+    ));
+    // 200 idle clients: the daemon must not hold them all.
+    let idle: Vec<std::net::TcpStream> = (0..200)
+        .map(|_| std::net::TcpStream::connect(addr).unwrap())
+        .collect();
+    std::thread::sleep(Duration::from_millis(500));
+    let closed = idle
+        .iter()
+        .filter(|c| {
+            c.set_read_timeout(Some(Duration::from_millis(20))).unwrap();
+            matches!((&**c).read(&mut [0u8; 1]), Ok(0))
+        })
+        .count();
+    assert!(
+        closed >= 150,
+        "{closed} of 200 idle connections closed: no connection bound"
+    );
+    drop(idle);
+    // (The server sees them go.)
+    std::thread::sleep(Duration::from_millis(500));
+    // A client that sends one byte every 500 ms is served for a while, then cut off
+    // within the deadline.
+    let mut slow = std::net::TcpStream::connect(addr).unwrap();
+    let t = Instant::now();
+    let mut cut = false;
+    while t.elapsed() < Duration::from_secs(12) {
+        if slow.write_all(b"G").is_err() {
+            cut = true;
+            break;
+        }
+        slow.set_read_timeout(Some(Duration::from_millis(500)))
+            .unwrap();
+        match slow.read(&mut [0u8; 64]) {
+            Ok(0) => {
+                cut = true;
+                break;
+            }
+            Ok(_) => panic!("answered a request that never ended"),
+            Err(_) => {}
+        }
+    }
+    assert!(cut, "a trickling client held its connection for 12 s");
+    assert!(
+        t.elapsed() > Duration::from_secs(2) && t.elapsed() < Duration::from_secs(8),
+        "cut after {:?}",
+        t.elapsed()
+    );
+    // And a proper request is still answered.
+    let mut c = std::net::TcpStream::connect(addr).unwrap();
+    c.write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n")
+        .unwrap();
+    let mut body = String::new();
+    c.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    c.read_to_string(&mut body).unwrap();
+    assert!(body.contains("fanfill_test 1"), "{body}");
+}
+
+/// Finding "supply chain": every dependency `Cargo.toml` declares is used by the code (a
+/// root daemon carries only what it runs).
+#[test]
+fn every_declared_dependency_is_used() {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+    let manifest = std::fs::read_to_string(root.join("Cargo.toml")).unwrap();
+    let deps: Vec<String> = manifest
+        .split("\n[dependencies]\n")
+        .nth(1)
+        .unwrap()
+        .split("\n[")
+        .next()
+        .unwrap()
+        .lines()
+        .filter_map(|l| l.split_once('=').map(|(k, _)| k.trim().to_string()))
+        .filter(|k| !k.is_empty() && !k.starts_with('#'))
+        .collect();
+    assert!(deps.len() > 10, "{deps:?}");
+    let mut src = String::new();
+    let mut stack = vec![root.join("src")];
+    while let Some(d) = stack.pop() {
+        for e in std::fs::read_dir(&d).unwrap().flatten() {
+            let p = e.path();
+            if p.is_dir() {
+                stack.push(p);
+            } else if p.extension().is_some_and(|x| x == "rs") {
+                src.push_str(&std::fs::read_to_string(&p).unwrap());
+            }
+        }
+    }
+    let unused: Vec<&String> = deps
+        .iter()
+        .filter(|d| {
+            let id = d.replace('-', "_");
+            !src.contains(&format!("{id}::")) && !src.contains(&format!("use {id}"))
+        })
+        .collect();
+    assert!(unused.is_empty(), "declared but never used: {unused:?}");
+}
