@@ -1061,6 +1061,12 @@ pub fn mark_tree(dest: &Path, reference: &str) -> std::io::Result<()> {
     xattr::set(dest, TREE_XATTR, reference.as_bytes())
 }
 
+/// [`mark_tree`] on the tree's directory open as `dir`.
+pub fn mark_tree_dir(dir: &std::fs::File, reference: &str) -> std::io::Result<()> {
+    use xattr::FileExt as _;
+    dir.set_xattr(TREE_XATTR, reference.as_bytes())
+}
+
 /// The image a prepared tree came from, if `path` or one of its two parents is one.
 pub fn tree_image(path: &Path) -> Option<String> {
     path.ancestors()

@@ -58,6 +58,14 @@ fn open_tmp() -> tempfile::TempDir {
     tmp
 }
 
+/// A directory in `tmp` only root can enter: where direct-mode trees may live.
+fn private(tmp: &Path) -> PathBuf {
+    let p = tmp.join("private");
+    std::fs::create_dir_all(&p).unwrap();
+    std::fs::set_permissions(&p, std::fs::Permissions::from_mode(0o700)).unwrap();
+    p
+}
+
 /// Finding "setuid copies in the content cache": every cache entry is a root-owned 0400
 /// file, cache and state dirs 0700, and a file filled from the cache gets mode and
 /// capability from the index.
@@ -92,7 +100,7 @@ fn cache_entries_carry_no_mode_and_restores_take_the_index_metadata() {
     )
     .unwrap();
     let d = DaemonProc::start(&state, &[]);
-    let a = tmp.path().join("a");
+    let a = private(tmp.path()).join("a");
     d.prepare(&built.reference(), &a, false);
     assert_eq!(read(&a.join("bin/su")), su);
     assert_eq!(read(&a.join("bin/plain")), plain);
@@ -116,7 +124,7 @@ fn cache_entries_carry_no_mode_and_restores_take_the_index_metadata() {
     assert_eq!(mode_of(&cache), 0o700, "cache dir");
     assert_eq!(mode_of(&state), 0o700, "state dir");
     // A second tree of the image is filled from the cache before it is marked.
-    let b = tmp.path().join("b");
+    let b = private(tmp.path()).join("b");
     d.prepare(&built.reference(), &b, false);
     assert_eq!(read(&b.join("bin/su")), su);
     assert_eq!(mode_of(&b.join("bin/su")), 0o4755);
@@ -152,7 +160,7 @@ fn cache_adds_never_follow_a_swapped_path() {
     }
     let built = write_layout(&tmp.path().join("img"), "1", &[items], Compression::Gzip).unwrap();
     let d = DaemonProc::start(&state, &[]);
-    let dest = tmp.path().join("dest");
+    let dest = private(tmp.path()).join("dest");
     d.prepare(&built.reference(), &dest, false);
     let cached = |data: &[u8]| state.join("cache").join(sha256_hex(data)).exists();
     // f0: completed, then replaced by a FIFO before the daemon records it.
@@ -233,7 +241,7 @@ fn served(tmp: &Path, extra: &[&str]) -> (DaemonProc, PathBuf) {
     )
     .unwrap();
     let d = DaemonProc::start(&state, extra);
-    let dest = tmp.join("dest");
+    let dest = private(tmp).join("dest");
     d.prepare(&built.reference(), &dest, false);
     (d, dest)
 }
@@ -495,4 +503,145 @@ fn every_declared_dependency_is_used() {
         })
         .collect();
     assert!(unused.is_empty(), "declared but never used: {unused:?}");
+}
+
+/// The API's refusal of a prepare, or the prepared status.
+fn try_prepare(d: &DaemonProc, image: &str, dest: &Path) -> Result<(), String> {
+    let s = d.socket.clone();
+    let req = Request::Prepare {
+        image: image.into(),
+        dest: dest.into(),
+        mode: fanfill::api::LayoutMode::Direct,
+        registry: Default::default(),
+        prefetch: false,
+    };
+    match within(120, "API call", move || fanfill::daemon::call(&s, &req)) {
+        Ok(fanfill::api::Response::Prepared(_)) => Ok(()),
+        Ok(r) => Err(format!("{r:?}")),
+        Err(e) => Err(e.to_string()),
+    }
+}
+
+fn setuid_image(dir: &Path) -> String {
+    write_layout(
+        dir,
+        "1",
+        &[vec![
+            LayerItem::Dir {
+                path: "bin".into(),
+                mode: 0o755,
+            },
+            LayerItem::File {
+                path: "bin/su".into(),
+                mode: 0o4755,
+                data: pattern(5000, 3),
+            },
+        ]],
+        Compression::Gzip,
+    )
+    .unwrap()
+    .reference()
+}
+
+/// Finding "trees readable by every host user": a direct-mode tree is only made below a
+/// directory host users cannot enter; the image's setuid binary is out of their reach.
+#[test]
+fn direct_trees_are_out_of_host_users_reach() {
+    let tmp = open_tmp();
+    let state = tmp.path().join("state");
+    std::fs::create_dir_all(&state).unwrap();
+    let image = setuid_image(&tmp.path().join("img"));
+    let d = DaemonProc::start(&state, &[]);
+    // Below directories every user can enter: refused.
+    let open = tmp.path().join("open");
+    std::fs::create_dir(&open).unwrap();
+    std::fs::set_permissions(&open, std::fs::Permissions::from_mode(0o755)).unwrap();
+    let exposed = open.join("dest");
+    let r = try_prepare(&d, &image, &exposed);
+    let ls = |p: &Path| {
+        std::process::Command::new("ls")
+            .arg("-l")
+            .arg(p)
+            .uid(65534)
+            .gid(65534)
+            .output()
+            .unwrap()
+    };
+    let reachable = ls(&exposed.join("bin/su")).status.success();
+    assert!(
+        r.is_err() && !reachable,
+        "a direct tree was made where every user can run its setuid binary ({r:?}, reachable: {reachable})"
+    );
+    assert!(r.unwrap_err().contains("only root can enter"));
+    // Missing parents are created 0700: accepted, and out of reach.
+    let guarded = tmp.path().join("new/parent/dest");
+    try_prepare(&d, &image, &guarded).unwrap();
+    assert_eq!(mode_of(&tmp.path().join("new")), 0o700);
+    assert_eq!(mode_of(&guarded.join("bin/su")), 0o4755);
+    assert!(!ls(&guarded.join("bin/su")).status.success());
+    // Root (the container's root) sees the tree as it is.
+    assert_eq!(read(&guarded.join("bin/su")), pattern(5000, 3));
+}
+
+/// Finding "destination race": a destination a user could move or replace while root
+/// builds in it (below a directory that user owns, or one anyone may write) is refused;
+/// the tree is built in the directory opened once, by fd.
+#[test]
+fn destinations_a_user_could_swap_are_refused() {
+    let tmp = open_tmp();
+    let state = tmp.path().join("state");
+    std::fs::create_dir_all(&state).unwrap();
+    let image = setuid_image(&tmp.path().join("img"));
+    let d = DaemonProc::start(&state, &[]);
+    let base = private(tmp.path());
+    let users = base.join("users");
+    std::fs::create_dir(&users).unwrap();
+    std::os::unix::fs::chown(&users, Some(1000), Some(1000)).unwrap();
+    let r = try_prepare(&d, &image, &users.join("dest"));
+    assert!(
+        r.as_ref().is_err_and(|e| e.contains("owned by uid 1000")),
+        "prepared below a directory uid 1000 can rename entries of: {r:?}"
+    );
+    let world = base.join("world");
+    std::fs::create_dir(&world).unwrap();
+    std::fs::set_permissions(&world, std::fs::Permissions::from_mode(0o777)).unwrap();
+    let r = try_prepare(&d, &image, &world.join("dest"));
+    assert!(
+        r.as_ref()
+            .is_err_and(|e| e.contains("writable by group or others")),
+        "prepared below a world-writable directory: {r:?}"
+    );
+    // A sticky world-writable directory (as /tmp) protects root's entries: accepted.
+    let sticky = base.join("sticky");
+    std::fs::create_dir(&sticky).unwrap();
+    std::fs::set_permissions(&sticky, std::fs::Permissions::from_mode(0o1777)).unwrap();
+    try_prepare(&d, &image, &sticky.join("dest")).unwrap();
+}
+
+/// The unpacker builds in the directory it was given open, even when the path that named
+/// it leads elsewhere by then (a symlink swapped in).
+#[test]
+fn unpack_builds_beneath_the_open_destination() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dest = tmp.path().join("dest");
+    let elsewhere = tmp.path().join("elsewhere");
+    std::fs::create_dir(&dest).unwrap();
+    std::fs::create_dir(&elsewhere).unwrap();
+    let fd = fanfill::unpack::open_dest(&dest).unwrap();
+    std::fs::rename(&dest, tmp.path().join("moved")).unwrap();
+    std::os::unix::fs::symlink(&elsewhere, &dest).unwrap();
+    let mut f = Entry::new("f", EntryKind::File, 0o644);
+    f.size = 10;
+    let entries = vec![Entry::new("", EntryKind::Dir, 0o755), f];
+    fanfill::unpack::unpack_at(
+        &[Layer::new("sha256:00", &entries)],
+        fd,
+        &dest,
+        &UnpackOptions::default(),
+    )
+    .unwrap();
+    assert!(tmp.path().join("moved/f").exists());
+    assert!(!elsewhere.join("f").exists());
+    // A destination path with a symlink on the way is not opened at all.
+    assert!(fanfill::unpack::open_dest(&dest.join(".")).is_err());
 }

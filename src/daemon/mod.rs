@@ -33,7 +33,7 @@ pub mod peer;
 pub mod state;
 
 use std::collections::{BTreeMap, HashSet};
-use std::os::unix::fs::{MetadataExt, OpenOptionsExt, PermissionsExt};
+use std::os::unix::fs::{DirBuilderExt, MetadataExt, OpenOptionsExt, PermissionsExt};
 use std::path::{Component, Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
@@ -245,6 +245,11 @@ impl TreeDir {
             .read(true)
             .custom_flags(libc::O_PATH | libc::O_DIRECTORY | libc::O_NOFOLLOW)
             .open(dest)?;
+        TreeDir::from_dir(fd)
+    }
+
+    /// The directory open as `fd`.
+    fn from_dir(fd: std::fs::File) -> std::io::Result<TreeDir> {
         let m = fd.metadata()?;
         Ok(TreeDir {
             fd,
@@ -388,9 +393,75 @@ fn resolve_lexically(path: &Path) -> std::io::Result<PathBuf> {
     })
 }
 
-/// Checks a created destination: empty, on ext4, xfs or btrfs.
-fn check_dest_dir(dest: &Path) -> Result<(), ApiFail> {
-    let fs = nix::sys::statfs::statfs(dest).map_err(|e| {
+/// Checks that nobody but root can rename, replace or remove `p` or any of its ancestors
+/// while the daemon builds a tree there and later reaches its files by path: each is owned
+/// by root and, unless sticky (`/tmp`), writable by nobody else.
+fn check_ancestors(p: &Path) -> Result<(), ApiFail> {
+    for a in p.ancestors() {
+        let m = std::fs::symlink_metadata(a).map_err(|e| {
+            ApiFail(
+                ErrorKind::Internal,
+                format!("checking {}: {e}", a.display()),
+            )
+        })?;
+        let others_write = m.mode() & 0o022 != 0 && m.mode() & 0o1000 == 0;
+        if m.uid() != 0 || others_write {
+            return Err(ApiFail(
+                ErrorKind::BadRequest,
+                format!(
+                    "destination {}: {} is {} (a user could move or replace the tree while root writes into it); use a directory only root can change",
+                    p.display(),
+                    a.display(),
+                    if m.uid() != 0 {
+                        format!("owned by uid {}", m.uid())
+                    } else {
+                        "writable by group or others".to_string()
+                    }
+                ),
+            ));
+        }
+    }
+    Ok(())
+}
+
+/// Whether an image entry would give a host user who reaches it more than the user has:
+/// a setuid or setgid file, or one with file capabilities.
+fn is_privileged(e: &crate::index::Entry) -> bool {
+    (e.kind == crate::index::EntryKind::File && e.mode & 0o6000 != 0)
+        || e.xattrs.iter().any(|(n, _)| n == "security.capability")
+}
+
+/// Checks that host users cannot reach a direct-mode tree at `dest` holding the privileged
+/// file `privileged` (its setuid and capability binaries would be theirs to run): some
+/// ancestor must be a root-owned directory others cannot enter (no search bit for others,
+/// nor for a group but root's), as overlay mode's `layers/` is. The container's root is
+/// the tree itself and sees no difference. `roots`: `STATE_DIR/roots`, such a place (named
+/// in the error).
+fn check_unexposed(dest: &Path, privileged: &str, roots: &Path) -> Result<(), ApiFail> {
+    let guarded = dest.ancestors().skip(1).any(|a| {
+        std::fs::symlink_metadata(a).is_ok_and(|m| {
+            m.is_dir()
+                && m.uid() == 0
+                && m.mode() & 0o001 == 0
+                && (m.mode() & 0o010 == 0 || m.gid() == 0)
+        })
+    });
+    if guarded {
+        return Ok(());
+    }
+    Err(ApiFail(
+        ErrorKind::BadRequest,
+        format!(
+            "destination {}: every user of this host could enter the tree and run the image's setuid and capability binaries (/{privileged}); put it under a directory only root can enter (mode 0700; missing parents are created so), e.g. {}",
+            dest.display(),
+            roots.join(dest.file_name().unwrap_or_default()).display()
+        ),
+    ))
+}
+
+/// Checks a created destination, open as `dir`: empty, on ext4, xfs or btrfs.
+fn check_dest_dir(dest: &Path, dir: &impl std::os::fd::AsFd) -> Result<(), ApiFail> {
+    let fs = nix::sys::statfs::fstatfs(dir).map_err(|e| {
         ApiFail(
             ErrorKind::Internal,
             format!("statfs {}: {e}", dest.display()),
@@ -407,7 +478,7 @@ fn check_dest_dir(dest: &Path) -> Result<(), ApiFail> {
             ),
         ));
     }
-    let mut rd = std::fs::read_dir(dest).map_err(|e| {
+    let mut rd = std::fs::read_dir(crate::sys::fdpass::proc_fd_path(dir)).map_err(|e| {
         ApiFail(
             ErrorKind::Internal,
             format!("reading {}: {e}", dest.display()),
@@ -536,8 +607,12 @@ impl Daemon {
 
     /// Checks a requested destination before anything is created, claims it against
     /// concurrent prepares, creates it, and checks it again once resolved (empty, on ext4,
-    /// xfs or btrfs). Returns the resolved path and the claim.
-    fn claim_dest(&self, dest: &Path) -> Result<(PathBuf, Claim<'_>), ApiFail> {
+    /// xfs or btrfs; no ancestor a user but root could change), and opens it. Returns the
+    /// resolved path, the claim and the open directory.
+    fn claim_dest(
+        &self,
+        dest: &Path,
+    ) -> Result<(PathBuf, Claim<'_>, std::os::fd::OwnedFd), ApiFail> {
         let bad = |m: String| ApiFail(ErrorKind::BadRequest, m);
         if !dest.is_absolute() {
             return Err(bad(format!(
@@ -568,12 +643,17 @@ impl Daemon {
                 dest: resolved.clone(),
             }
         };
-        std::fs::create_dir_all(&resolved).map_err(|e| {
-            ApiFail(
-                ErrorKind::Internal,
-                format!("creating {}: {e}", resolved.display()),
-            )
-        })?;
+        // Directories created on the way are root's alone (0700).
+        std::fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o700)
+            .create(&resolved)
+            .map_err(|e| {
+                ApiFail(
+                    ErrorKind::Internal,
+                    format!("creating {}: {e}", resolved.display()),
+                )
+            })?;
         // A symlink put in place meanwhile would lead elsewhere: the real path must be the
         // one checked.
         let canon = resolved.canonicalize().map_err(|e| {
@@ -589,8 +669,17 @@ impl Daemon {
                 canon.display()
             )));
         }
-        check_dest_dir(&canon)?;
-        Ok((canon, claim))
+        check_ancestors(&canon)?;
+        // Opened once, with no symlink anywhere on the way: the directory checked is the
+        // one everything is built in, whatever happens to the path later.
+        let dir = unpack::open_dest(&canon).map_err(|e| {
+            ApiFail(
+                ErrorKind::Internal,
+                format!("opening {}: {}", canon.display(), error_chain(&e)),
+            )
+        })?;
+        check_dest_dir(&canon, &dir)?;
+        Ok((canon, claim, dir))
     }
 
     async fn prepare(
@@ -601,18 +690,31 @@ impl Daemon {
         registry: RegistrySettings,
         prefetch: bool,
     ) -> Result<ImageStatus, ApiFail> {
-        let (dest, _claim) = self.claim_dest(&dest)?;
-        let tree = TreeDir::open(&dest).map_err(|e| {
+        let (dest, _claim, dir) = self.claim_dest(&dest)?;
+        let internal = |e: std::io::Error| {
             ApiFail(
                 ErrorKind::Internal,
                 format!("opening {}: {e}", dest.display()),
             )
-        })?;
+        };
+        let dir = std::fs::File::from(dir);
+        let tree = TreeDir::from_dir(dir.try_clone().map_err(internal)?).map_err(internal)?;
         let opts = prepare_options(&self.config.index_dir, &registry)?;
         let started = Instant::now();
         let opened = open_image(&image_ref, &opts)
             .await
             .map_err(|e| ApiFail(ErrorKind::Image, error_chain(&e)))?;
+        if mode == LayoutMode::Direct {
+            let privileged = opened
+                .sources
+                .layers()
+                .flat_map(|(_, ix)| ix.entries.iter())
+                .find(|e| is_privileged(e))
+                .map(|e| e.path.clone());
+            if let Some(p) = privileged {
+                check_unexposed(&dest, &p, &self.own.state.join("roots"))?;
+            }
+        }
         // The files a recorded run of this image read: fetched while the placeholders are
         // unpacked, written once they are registered, before the workload asks.
         let early_profile = opened
@@ -644,7 +746,7 @@ impl Daemon {
                 .zip(&ixs)
                 .map(|(d, ix)| Layer::new(d, &ix.entries))
                 .collect();
-            unpack::unpack(&layers, &dest2, &uopts)
+            unpack::unpack_at(&layers, dir.into(), &dest2, &uopts)
         })
         .await
         .map_err(ApiFail::internal)?
@@ -654,7 +756,7 @@ impl Daemon {
                 format!("unpacking {image_ref}: {}", error_chain(&e)),
             )
         })?;
-        if let Err(e) = image::mark_tree(&dest, &image_ref) {
+        if let Err(e) = image::mark_tree_dir(&tree.fd, &image_ref) {
             warn!(dest = %dest.display(), error = %e, "cannot mark the tree as fanfill's");
         }
         let id = self.next_id.fetch_add(1, Ordering::SeqCst);

@@ -17,7 +17,7 @@ use std::os::unix::ffi::OsStrExt;
 use std::path::{Path, PathBuf};
 
 use nix::errno::Errno;
-use nix::fcntl::{AtFlags, OFlag, OpenHow, ResolveFlag, open, openat, openat2};
+use nix::fcntl::{AtFlags, OFlag, OpenHow, ResolveFlag, openat, openat2};
 use nix::sys::stat::{
     FchmodatFlags, Mode as Perm, SFlag, UtimensatFlags, fchmod, fchmodat, futimens, makedev,
     mkdirat, mknodat, utimensat,
@@ -260,23 +260,29 @@ struct Writer<'a> {
     dropped: Dropped,
 }
 
-/// Creates the plan's trees under `dest_abs`.
+/// Opens the destination directory `dest_abs` (absolute, canonical) once, never following a
+/// symlink at any component (`RESOLVE_NO_SYMLINKS`): everything is then built beneath this
+/// fd.
+pub fn open_dest(dest_abs: &Path) -> Result<OwnedFd, UnpackError> {
+    let how = OpenHow::new()
+        .flags(OFlag::O_RDONLY | OFlag::O_DIRECTORY | OFlag::O_CLOEXEC)
+        .resolve(ResolveFlag::RESOLVE_NO_SYMLINKS | ResolveFlag::RESOLVE_NO_MAGICLINKS);
+    openat2(nix::fcntl::AT_FDCWD, dest_abs, how).map_err(|e| UnpackError::Dest {
+        dest: dest_abs.to_owned(),
+        source: e.into(),
+    })
+}
+
+/// Creates the plan's trees beneath the open directory `dest` (which is at `dest_abs`: the
+/// path only names placeholders in the result, nothing is opened through it).
 pub(super) fn materialise(
     layers: &[Layer<'_>],
+    dest: OwnedFd,
     dest_abs: &Path,
     opts: &UnpackOptions,
     hooks: &mut dyn UnpackHooks,
     plan: &Plan,
 ) -> Result<Unpacked, UnpackError> {
-    let dest = open(
-        dest_abs,
-        OFlag::O_RDONLY | OFlag::O_DIRECTORY | OFlag::O_CLOEXEC,
-        Perm::empty(),
-    )
-    .map_err(|e| UnpackError::Dest {
-        dest: dest_abs.to_owned(),
-        source: e.into(),
-    })?;
     let mut devices_ok = opts.make_devices;
     if devices_ok && !nix::unistd::geteuid().is_root() {
         tracing::warn!("not root: device nodes will be skipped");
