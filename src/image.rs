@@ -223,6 +223,47 @@ pub struct PrepareOptions {
     pub profile_prefetch: usize,
 }
 
+/// Which layer indexes a prepare takes file digests and metadata from (`--index-policy`).
+/// An eStargz or zstd:chunked TOC whose digest the manifest names is bound to the image
+/// under every policy.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum IndexPolicy {
+    /// Only indexes built on this node from the layer stream, which is verified against the
+    /// layer digest the manifest names: an image pulled by digest keeps its integrity. The
+    /// first prepare of a layer streams it whole. The default.
+    #[default]
+    Local,
+    /// Also the newest index artifact among the image's referrers, trusted on sight: anyone
+    /// with push rights to the repository can attach one, and nothing binds it to the
+    /// image. Only for repositories whose every writer is trusted.
+    Referrer,
+}
+
+impl IndexPolicy {
+    /// `opts` restricted to this policy (a referrer artifact is looked for only under
+    /// [`IndexPolicy::Referrer`], and then only if the options ask for it).
+    pub fn apply(self, opts: &mut PrepareOptions) {
+        if self == IndexPolicy::Local {
+            opts.use_artifact = false;
+        }
+    }
+}
+
+impl std::str::FromStr for IndexPolicy {
+    type Err = SettingsError;
+
+    fn from_str(s: &str) -> Result<IndexPolicy, SettingsError> {
+        match s {
+            "local" => Ok(IndexPolicy::Local),
+            "referrer" => Ok(IndexPolicy::Referrer),
+            other => Err(SettingsError {
+                what: "--index-policy",
+                message: format!("{other:?} is not one of: local, referrer"),
+            }),
+        }
+    }
+}
+
 /// Registry settings that do not parse (`creds`, `platform`).
 #[derive(Debug, thiserror::Error)]
 #[error("bad {what}: {message}")]

@@ -129,6 +129,11 @@ struct DaemonArgs {
     /// (read-only; everything else stays root's). The socket is then 0660 with this group.
     #[arg(long, value_name = "GROUP")]
     status_group: Option<String>,
+    /// Which layer indexes file digests may come from, whatever a client asks: `local`
+    /// (built here from the layer stream; the default) or `referrer` (also an index
+    /// artifact among the image's referrers, trusted on sight). See docs/security.md.
+    #[arg(long, value_enum, default_value = "local")]
+    index_policy: IndexPolicyArg,
     /// Test knob: delay every fetch by this many milliseconds.
     #[arg(long, hide = true, default_value_t = 0)]
     test_fetch_delay_ms: u64,
@@ -200,6 +205,27 @@ impl RegistryArgs {
     }
 }
 
+/// `--index-policy`: which layer indexes file digests may come from.
+#[derive(Clone, Copy, PartialEq, Eq, ValueEnum)]
+enum IndexPolicyArg {
+    /// Only indexes built on this node from the layer stream (checked against the layer
+    /// digest the manifest names): an image pulled by digest keeps its integrity. The
+    /// first prepare of a layer streams it whole.
+    Local,
+    /// Also the newest index artifact among the image's referrers, trusted on sight (anyone
+    /// with push rights can attach one): only for repositories whose writers you trust.
+    Referrer,
+}
+
+impl From<IndexPolicyArg> for image::IndexPolicy {
+    fn from(a: IndexPolicyArg) -> image::IndexPolicy {
+        match a {
+            IndexPolicyArg::Local => image::IndexPolicy::Local,
+            IndexPolicyArg::Referrer => image::IndexPolicy::Referrer,
+        }
+    }
+}
+
 #[derive(Clone, Copy, ValueEnum)]
 enum ModeArg {
     /// One flattened placeholder tree: the container's rootfs (range fills).
@@ -234,6 +260,10 @@ struct PullArgs {
     /// Run the workload once against DEST, then interrupt.
     #[arg(long, value_name = "FILE", requires = "foreground")]
     record_profile: Option<PathBuf>,
+    /// Which layer indexes file digests may come from (see docs/security.md); the daemon's
+    /// own --index-policy applies too.
+    #[arg(long, value_enum, default_value = "local")]
+    index_policy: IndexPolicyArg,
     #[command(flatten)]
     registry: RegistryArgs,
 }
@@ -309,6 +339,7 @@ fn mib(b: u64) -> String {
 
 fn pull(a: PullArgs) -> Result<()> {
     let mut opts = a.registry.options()?;
+    image::IndexPolicy::from(a.index_policy).apply(&mut opts);
     opts.mode = match a.mode {
         ModeArg::Direct => Mode::Direct,
         ModeArg::Overlay => Mode::Overlay,
@@ -451,7 +482,11 @@ fn pull_client(socket: &Path, a: PullArgs) -> Result<()> {
                 ModeArg::Direct => LayoutMode::Direct,
                 ModeArg::Overlay => LayoutMode::Overlay,
             },
-            registry: a.registry.settings(),
+            registry: RegistrySettings {
+                no_index_artifact: a.registry.no_index_artifact
+                    || a.index_policy == IndexPolicyArg::Local,
+                ..a.registry.settings()
+            },
             prefetch: a.prefetch,
         },
     );
@@ -491,6 +526,7 @@ fn daemon(socket: PathBuf, a: DaemonArgs) -> Result<()> {
     if a.no_holder {
         c.holder_exe = None;
     }
+    c.index_policy = a.index_policy.into();
     if let Some(g) = a.status_group {
         c.status_group = Some(match g.parse::<u32>() {
             Ok(gid) => gid,

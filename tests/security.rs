@@ -1,6 +1,7 @@
 //! Issue #18, security: what a node user, a container, a registry writer and an image
 //! author can and cannot make the root daemon do (docs/security.md names each test here).
 
+mod common;
 mod fsutil;
 
 use std::io::{Read, Write};
@@ -644,4 +645,91 @@ fn unpack_builds_beneath_the_open_destination() {
     assert!(!elsewhere.join("f").exists());
     // A destination path with a symlink on the way is not opened at all.
     assert!(fanfill::unpack::open_dest(&dest.join(".")).is_err());
+}
+
+/// Finding "the index artifact is trusted on sight": an index artifact anyone with push
+/// rights attached (here: the image's true index with a file made setuid) is ignored under
+/// the default `--index-policy local`, and used only when the daemon is told `referrer`.
+#[test]
+fn index_policy_local_ignores_a_forged_referrer() {
+    use fanfill::image::{self, PrepareOptions};
+    let registry = common::TestRegistry::start();
+    let tmp = open_tmp();
+    let data = pattern(50_000, 9);
+    let built = write_layout(
+        &tmp.path().join("img"),
+        "v1",
+        &[vec![
+            LayerItem::Dir {
+                path: "bin".into(),
+                mode: 0o755,
+            },
+            LayerItem::File {
+                path: "bin/tool".into(),
+                mode: 0o755,
+                data: data.clone(),
+            },
+        ]],
+        Compression::Gzip,
+    )
+    .unwrap();
+    common::push_layout(&built.dir, "v1", &registry.host(), "sec/forged", &[]);
+    let reference = format!("docker://{}/sec/forged:v1", registry.host());
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let mut opts = PrepareOptions::new(tmp.path().join("forger/indexes"));
+    opts.registry.insecure = true;
+    opts.blob_cache = None;
+    let (indexes, _) = rt
+        .block_on(image::index_image_with_profile(
+            &reference, &opts, false, None,
+        ))
+        .unwrap();
+    let ix = &indexes.layers[0].1;
+    let mut forged = (**ix).clone();
+    let tool = forged
+        .entries
+        .iter_mut()
+        .find(|e| e.path == "bin/tool")
+        .unwrap();
+    tool.mode = 0o4755;
+    let mut blobs = vec![(
+        image::INDEX_LAYER_MEDIA_TYPE.to_string(),
+        bytes::Bytes::from(forged.encode()),
+    )];
+    if let Some(pack) = fanfill::index::IndexStore::new(&opts.index_dir)
+        .load_windows(ix)
+        .unwrap()
+    {
+        blobs.push((
+            image::INDEX_WINDOWS_MEDIA_TYPE.to_string(),
+            pack.bytes().clone(),
+        ));
+    }
+    let (store, img) = rt.block_on(image::open(&reference, &opts)).unwrap();
+    rt.block_on(store.push_artifact(&img.manifest_digest, image::INDEX_ARTIFACT_TYPE, blobs))
+        .unwrap();
+    let settings = fanfill::api::RegistrySettings {
+        insecure: true,
+        ..Default::default()
+    };
+    let base = private(tmp.path());
+    let serve = |name: &str, extra: &[&str]| {
+        let state = tmp.path().join(name);
+        std::fs::create_dir_all(&state).unwrap();
+        let d = DaemonProc::start(&state, extra);
+        let dest = base.join(name);
+        d.prepare_with(&reference, &dest, false, settings.clone());
+        assert_eq!(read(&dest.join("bin/tool")), data);
+        (d, mode_of(&dest.join("bin/tool")))
+    };
+    let (_d, default_mode) = serve("default", &[]);
+    assert_eq!(
+        default_mode, 0o755,
+        "the default policy took file metadata from a referrer artifact anyone could push"
+    );
+    let (_d2, referrer_mode) = serve("referrer", &["--index-policy", "referrer"]);
+    assert_eq!(
+        referrer_mode, 0o4755,
+        "under --index-policy referrer the pushed artifact is used (the forgery this test plants)"
+    );
 }

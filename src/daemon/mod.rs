@@ -149,6 +149,9 @@ pub struct DaemonConfig {
     /// `Ping`); everyone but root is refused otherwise. The socket is then 0660 with this
     /// group, and a socket directory the daemon creates 0750.
     pub status_group: Option<u32>,
+    /// Which layer indexes file digests may come from, whatever a request asks (default
+    /// [`image::IndexPolicy::Local`]: only indexes built here).
+    pub index_policy: image::IndexPolicy,
 }
 
 impl DaemonConfig {
@@ -167,6 +170,7 @@ impl DaemonConfig {
             metrics_addr: None,
             allowed_roots: DEFAULT_ALLOWED_ROOTS.iter().map(PathBuf::from).collect(),
             status_group: None,
+            index_policy: image::IndexPolicy::default(),
         }
     }
 }
@@ -493,9 +497,11 @@ fn check_dest_dir(dest: &Path, dir: &impl std::os::fd::AsFd) -> Result<(), ApiFa
     Ok(())
 }
 
-fn prepare_options(index_dir: &Path, r: &RegistrySettings) -> Result<PrepareOptions, ApiFail> {
-    PrepareOptions::from_settings(index_dir, r)
-        .map_err(|e| ApiFail(ErrorKind::BadRequest, e.to_string()))
+fn prepare_options(config: &DaemonConfig, r: &RegistrySettings) -> Result<PrepareOptions, ApiFail> {
+    let mut o = PrepareOptions::from_settings(&config.index_dir, r)
+        .map_err(|e| ApiFail(ErrorKind::BadRequest, e.to_string()))?;
+    config.index_policy.apply(&mut o);
+    Ok(o)
 }
 
 /// An image opened for serving: store, indexes by layer.
@@ -699,7 +705,7 @@ impl Daemon {
         };
         let dir = std::fs::File::from(dir);
         let tree = TreeDir::from_dir(dir.try_clone().map_err(internal)?).map_err(internal)?;
-        let opts = prepare_options(&self.config.index_dir, &registry)?;
+        let opts = prepare_options(&self.config, &registry)?;
         let started = Instant::now();
         let opened = open_image(&image_ref, &opts)
             .await
@@ -913,7 +919,7 @@ impl Daemon {
                 rate: Mutex::new((Instant::now(), 0, 0.0)),
             })
         };
-        let opened = match prepare_options(&self.config.index_dir, &record.registry) {
+        let opened = match prepare_options(&self.config, &record.registry) {
             Ok(opts) => open_image(&record.reference, &opts)
                 .await
                 .map_err(|e| error_chain(&e)),
