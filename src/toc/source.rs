@@ -14,7 +14,7 @@ use futures::future::BoxFuture;
 use oci_spec::image::Digest;
 use sha2::{Digest as _, Sha256};
 
-use super::{ChunkCodec, TocChunk, TocLayer};
+use super::{ChunkCodec, MAX_INNER_OFFSET, TocChunk, TocLayer};
 use crate::blobcache::BlobCache;
 use crate::fill::{ContentSource, SourceError, Verify};
 use crate::registry::BlobStore;
@@ -116,12 +116,6 @@ fn inflate(codec: ChunkCodec, data: &[u8], want: u64) -> std::io::Result<Vec<u8>
     }
     Ok(out)
 }
-
-/// Furthest into its gzip member a chunk may start (eStargz `innerOffset`). Writers put
-/// several small files in one member (`--estargz-min-chunk-size`), never megabytes of them;
-/// a TOC saying more would make one read inflate that much before the chunk comes out (a
-/// decompression bomb: a small member of zeros inflates a thousandfold).
-pub const MAX_INNER_OFFSET: u64 = 64 << 20;
 
 /// Inflates the chunks `cs` from `fetched` (the blob from offset `base`) and returns their
 /// bytes concatenated, every chunk checked against its digest. Each member is inflated no
@@ -352,6 +346,29 @@ mod tests {
         // An offset that overflows is refused too, never wrapped.
         toc.chunks[0][0].inner_offset = u64::MAX - 10;
         assert!(try_chunk_bytes_for_test(&toc, 0, &blob).is_err());
+    }
+
+    /// The same crafted chunk in TOC JSON: refused when the TOC is read, before any fill.
+    #[test]
+    fn an_estargz_toc_with_a_deep_inner_offset_is_refused() {
+        let deep = 200u64 << 20;
+        let j = format!(
+            r#"{{"version":1,"entries":[{{"name":"a","type":"reg","size":4096,"offset":5,"innerOffset":{deep}}}]}}"#
+        );
+        let r = super::super::estargz::parse_toc(j.as_bytes(), "l", 1 << 30, 1 << 29);
+        assert!(
+            matches!(
+                r,
+                Err(super::super::TocError::TooLarge {
+                    what: "chunk inner offset",
+                    ..
+                })
+            ),
+            "a TOC putting a chunk {deep} bytes into its member was accepted: {r:?}"
+        );
+        let j = j.replace(&deep.to_string(), "4096");
+        let toc = super::super::estargz::parse_toc(j.as_bytes(), "l", 1 << 30, 1 << 29).unwrap();
+        assert_eq!(toc.chunks[0][0].inner_offset, 4096);
     }
 
     #[test]
