@@ -21,12 +21,12 @@
 //!    would show. Every error is found here, before the first write.
 //! 2. **Materialise**: beneath the destination opened once (by the caller, [`unpack_at`],
 //!    or here with `RESOLVE_NO_SYMLINKS`), one walk per tree in path order, parents first,
-//!    through directory fds opened with `O_NOFOLLOW` one component at a time; existing inodes for hardlinks
-//!    are found with `openat2(RESOLVE_BENEATH | RESOLVE_NO_SYMLINKS | ...)` from the
-//!    destination. A directory's owner, mode, xattrs and mtime are set when the walk leaves
-//!    it, deepest first. Regular files: create, size (`ftruncate`), optional data, owner,
-//!    mode (after the owner: chown clears setuid), xattrs (after the owner: chown clears
-//!    `security.capability`), mtime.
+//!    through directory fds opened with `O_NOFOLLOW` one component at a time; existing
+//!    inodes for hardlinks are found with `openat2(RESOLVE_BENEATH | RESOLVE_NO_SYMLINKS |
+//!    ...)` from the destination. A directory's owner, mode, xattrs and mtime are set when
+//!    the walk leaves it, deepest first. Regular files: create, size (`ftruncate`),
+//!    optional data, owner, mode (after the owner: chown clears setuid), xattrs (after the
+//!    owner: chown clears `security.capability`), mtime.
 //!
 //! # Layouts
 //! - [`Mode::Direct`]: the flattened image at `dest`; `dest` itself carries the image root's
