@@ -756,3 +756,83 @@ fn index_policy_local_ignores_a_forged_referrer() {
         "under --index-policy referrer the pushed artifact is used (the forgery this test plants)"
     );
 }
+
+/// Finding "whatever the policy, a layer's background completion computes the layer's
+/// sha256": a layer whose bytes change in a way no file shows (the gzip header's time
+/// field) is caught when prefetch reads it whole; the image is then bad: status names the
+/// layer and every read, of a filled file too, gets EIO.
+#[test]
+fn a_layer_that_does_not_hash_to_its_digest_fails_the_image() {
+    let tmp = open_tmp();
+    let state = tmp.path().join("state");
+    std::fs::create_dir_all(&state).unwrap();
+    let files: Vec<Vec<u8>> = (0..3).map(|i| pattern(300_000, 70 + i)).collect();
+    let mut items = vec![LayerItem::Dir {
+        path: "d".into(),
+        mode: 0o755,
+    }];
+    for (i, f) in files.iter().enumerate() {
+        items.push(LayerItem::File {
+            path: format!("d/f{i}"),
+            mode: 0o644,
+            data: f.clone(),
+        });
+    }
+    let built = write_layout(&tmp.path().join("img"), "1", &[items], Compression::Gzip).unwrap();
+    let layer = built.layers[0].0.clone();
+    let d = DaemonProc::start(&state, &[]);
+    let dest = private(tmp.path()).join("dest");
+    d.prepare(&built.reference(), &dest, false);
+    // One file read (filled, its mark gone) before the layer is found bad.
+    assert_eq!(read(&dest.join("d/f0")), files[0]);
+    // The layer's bytes change where no file's do: the gzip member's MTIME (bytes 4..8),
+    // in the layout and in the daemon's kept copy of the streamed layer.
+    let hex = layer.strip_prefix("sha256:").unwrap();
+    let copies = [
+        built.dir.join("blobs/sha256").join(hex),
+        state.join("blobs/sha256").join(hex),
+    ];
+    let mut changed = 0;
+    for p in &copies {
+        let Ok(mut b) = std::fs::read(p) else {
+            continue;
+        };
+        std::fs::set_permissions(p, std::fs::Permissions::from_mode(0o644)).unwrap();
+        b[4..8].copy_from_slice(&[0xde, 0xad, 0xbe, 0xef]);
+        std::fs::write(p, &b).unwrap();
+        changed += 1;
+    }
+    assert!(changed > 0, "no copy of the layer found");
+    match d.call(Request::Prefetch {
+        dest: dest.clone(),
+        enable: true,
+    }) {
+        fanfill::api::Response::Ok => {}
+        r => panic!("{r:?}"),
+    }
+    let bad = wait_for(30, || {
+        d.status()
+            .1
+            .first()
+            .is_some_and(|s| s.state.contains("does not match its digest"))
+    });
+    let (_, images) = d.status();
+    assert!(
+        bad,
+        "prefetch read a layer that does not hash to its digest and the image stayed good: {:?}",
+        images.first().map(|s| &s.state)
+    );
+    assert!(images[0].state.contains(&layer), "{}", images[0].state);
+    assert!(d.log_text().contains("image marked bad"));
+    for i in 0..3 {
+        let p = dest.join(format!("d/f{i}"));
+        let r = within(30, "reading a file of a bad image", move || {
+            std::fs::read(&p)
+        });
+        assert_eq!(
+            r.map_err(|e| e.raw_os_error()).map(|v| v.len()),
+            Err(Some(libc::EIO)),
+            "d/f{i} of a bad image"
+        );
+    }
+}

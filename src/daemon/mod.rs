@@ -232,6 +232,9 @@ struct ImageRt {
     tree: Option<TreeDir>,
     /// Files found moved, deleted or replaced under the daemon (indexes into `files`).
     gone: Mutex<HashSet<usize>>,
+    /// Set when a layer, read whole in the background, did not hash to its digest: every
+    /// later read of the image gets `EIO` ([`Daemon::mark_bad`]).
+    bad: Mutex<Option<String>>,
     /// The image's store and indexes, for streaming prefetch (`None`: it could not be
     /// reopened after a restart).
     opened: Option<Arc<Opened>>,
@@ -880,6 +883,7 @@ impl Daemon {
             rate: Mutex::new((Instant::now(), 0, 0.0)),
             tree: Some(tree),
             gone: Mutex::new(HashSet::new()),
+            bad: Mutex::new(None),
         });
         self.images.lock().unwrap().insert(id, rt.clone());
         if prefetch {
@@ -905,6 +909,7 @@ impl Daemon {
             Arc::new(ImageRt {
                 tree,
                 gone: Mutex::new(HashSet::new()),
+                bad: Mutex::new(None),
                 order,
                 saved: Mutex::new(Some(record.clone())),
                 cached: Mutex::new(Vec::new()),
@@ -1057,7 +1062,8 @@ impl Daemon {
             .tree
             .as_ref()
             .is_none_or(|t| t.location(&rec.dest).is_none());
-        s.state = match &img.error {
+        let bad = img.bad.lock().unwrap().clone();
+        s.state = match img.error.as_ref().or(bad.as_ref()) {
             Some(e) => format!("error: {e}"),
             None if tree_gone => format!(
                 "error: the tree at {} was moved or deleted under the daemon",
@@ -1245,21 +1251,66 @@ impl Daemon {
                 .filter_map(|(f, id)| Some((f.layer, f.entry, (*id)?)))
                 .collect()
         };
-        let streamed = opened.sources.stream_fill(&self.engine, &files, |len| {
-            while self.engine.inflight_events() > 0 && !self.prefetch_stopped(img) {
-                std::thread::sleep(Duration::from_millis(2));
-            }
-            if self.prefetch_stopped(img) {
-                return false;
-            }
-            self.pace_prefetch(len);
-            true
-        });
+        let (streamed, mismatched) =
+            opened
+                .sources
+                .stream_fill_checked(&self.engine, &files, |len| {
+                    while self.engine.inflight_events() > 0 && !self.prefetch_stopped(img) {
+                        std::thread::sleep(Duration::from_millis(2));
+                    }
+                    if self.prefetch_stopped(img) {
+                        return false;
+                    }
+                    self.pace_prefetch(len);
+                    true
+                });
         if streamed.files > 0 {
             // The image's own store: its counter is the image's network traffic.
             img.counters
                 .bytes_fetched
                 .fetch_max(opened.store.bytes_fetched(), Ordering::Relaxed);
+        }
+        if let Some((layer, actual)) = mismatched.first() {
+            self.mark_bad(
+                img,
+                format!("layer {layer} does not match its digest (its bytes hash to {actual})"),
+            );
+        }
+    }
+
+    /// Fails the image closed: every later read of it gets `EIO`. Its files are forgotten by
+    /// the engine with their marks kept (unknown files are denied), and in direct mode the
+    /// complete ones are marked again; prefetch stops; status and the log say why.
+    fn mark_bad(&self, img: &ImageRt, why: String) {
+        let (dest, mode, paths) = {
+            let rec = img.record.lock().unwrap();
+            let paths: Vec<PathBuf> = rec.files.iter().map(|f| f.path.clone()).collect();
+            (rec.dest.clone(), rec.mode, paths)
+        };
+        tracing::error!(dest = %dest.display(), reason = %why, "image marked bad: every read gets EIO");
+        *img.bad.lock().unwrap() = Some(why);
+        img.prefetch.store(false, Ordering::SeqCst);
+        for (path, id) in paths.iter().zip(&img.files) {
+            let Some(fid) = id else { continue };
+            self.engine.forget(*fid);
+            if mode != LayoutMode::Direct {
+                continue;
+            }
+            // The registered inode only (a FIFO put there never blocks the open).
+            let f = std::fs::File::options()
+                .read(true)
+                .custom_flags(libc::O_NOFOLLOW | libc::O_NONBLOCK | libc::O_CLOEXEC)
+                .open(path);
+            if let Ok(f) = f
+                && f.metadata()
+                    .is_ok_and(|m| m.is_file() && (m.dev(), m.ino()) == (fid.dev(), fid.ino()))
+                && let Err(e) = self.engine.group().mark_inode(
+                    std::os::fd::AsFd::as_fd(&f),
+                    crate::sys::fanotify::FAN_PRE_ACCESS,
+                )
+            {
+                warn!(path = %path.display(), error = %e, "cannot mark a file of a bad image");
+            }
         }
     }
 
@@ -1327,7 +1378,10 @@ impl Daemon {
     fn persist(&self) {
         let images: Vec<Arc<ImageRt>> = self.images.lock().unwrap().values().cloned().collect();
         for img in images {
-            if img.removed.load(Ordering::SeqCst) || img.error.is_some() {
+            if img.removed.load(Ordering::SeqCst)
+                || img.error.is_some()
+                || img.bad.lock().unwrap().is_some()
+            {
                 continue;
             }
             let snapshot = {
