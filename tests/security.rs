@@ -836,3 +836,51 @@ fn a_layer_that_does_not_hash_to_its_digest_fails_the_image() {
         );
     }
 }
+
+/// Finding "decompression bombs", the checkpoint path: a crafted index says the layer
+/// yields 8 KiB and a file sits in its first 4 KiB; the blob is one gzip member of 1 GiB of
+/// zeros (about 1 MiB). A fill of the file inflates what the index says and stops: 4 KiB
+/// back at once, never the gigabyte.
+#[test]
+fn a_checkpoint_inflate_stops_at_what_the_index_says() {
+    use fanfill::index::{Checkpoint, Compression as IxCompression, LayerIndex};
+    let mut gz = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::best());
+    let zeros = vec![0u8; 1 << 20];
+    for _ in 0..1024 {
+        gz.write_all(&zeros).unwrap();
+    }
+    let blob = gz.finish().unwrap();
+    assert!(blob.len() < 2 << 20, "{}", blob.len());
+    let mut file = Entry::new("bomb", EntryKind::File, 0o644);
+    file.size = 4096;
+    file.data_offset = 0;
+    let index = LayerIndex {
+        compression: IxCompression::Gzip,
+        blob_digest: String::new(),
+        diff_id: None,
+        compressed_size: blob.len() as u64,
+        uncompressed_size: 8192,
+        span: 1 << 20,
+        windows_digest: None,
+        windows_size: 0,
+        entries: vec![file.clone()],
+        // The member's deflate data starts after its 10-byte header.
+        checkpoints: vec![Checkpoint {
+            uncompressed_offset: 0,
+            compressed_offset: 10,
+            bit_offset: 0,
+            window: None,
+        }],
+        end_marks: Vec::new(),
+    };
+    let span = fanfill::index::plan(&index, &file, 0, 4096).unwrap();
+    let bytes = &blob[span.blob_offset as usize..(span.blob_offset + span.blob_len) as usize];
+    let t = Instant::now();
+    let got = fanfill::index::extract(&index, &span, &[], bytes).unwrap();
+    let took = t.elapsed();
+    assert_eq!(got, vec![0u8; 4096]);
+    assert!(
+        took < Duration::from_millis(200),
+        "4 KiB took {took:?}: inflated past what the index says"
+    );
+}
