@@ -59,6 +59,30 @@ fn open_tmp() -> tempfile::TempDir {
     tmp
 }
 
+/// [`open_tmp`] with a state dir in it.
+fn tmp_and_state() -> (tempfile::TempDir, PathBuf) {
+    let tmp = open_tmp();
+    let state = tmp.path().join("state");
+    std::fs::create_dir_all(&state).unwrap();
+    (tmp, state)
+}
+
+/// A layer of directory `d` holding `files` as `d/f0`, `d/f1`, ...
+fn files_layer(files: &[Vec<u8>]) -> Vec<LayerItem> {
+    let mut items = vec![LayerItem::Dir {
+        path: "d".into(),
+        mode: 0o755,
+    }];
+    for (i, f) in files.iter().enumerate() {
+        items.push(LayerItem::File {
+            path: format!("d/f{i}"),
+            mode: 0o644,
+            data: f.clone(),
+        });
+    }
+    items
+}
+
 /// A directory in `tmp` only root can enter: where direct-mode trees may live.
 fn private(tmp: &Path) -> PathBuf {
     let p = tmp.join("private");
@@ -72,9 +96,7 @@ fn private(tmp: &Path) -> PathBuf {
 /// capability from the index.
 #[test]
 fn cache_entries_carry_no_mode_and_restores_take_the_index_metadata() {
-    let tmp = open_tmp();
-    let state = tmp.path().join("state");
-    std::fs::create_dir_all(&state).unwrap();
+    let (tmp, state) = tmp_and_state();
     let su = pattern(300_000, 7);
     let plain = pattern(200_000, 8);
     let built = write_layout(
@@ -142,24 +164,17 @@ fn cache_entries_carry_no_mode_and_restores_take_the_index_metadata() {
 /// one swapped for a symlink to the same bytes is not read.
 #[test]
 fn cache_adds_never_follow_a_swapped_path() {
-    let tmp = open_tmp();
-    let state = tmp.path().join("state");
-    std::fs::create_dir_all(&state).unwrap();
+    let (tmp, state) = tmp_and_state();
     let files: Vec<Vec<u8>> = (0..3)
         .map(|i| pattern(100_000 + i, 40 + i as u64))
         .collect();
-    let mut items = vec![LayerItem::Dir {
-        path: "d".into(),
-        mode: 0o755,
-    }];
-    for (i, f) in files.iter().enumerate() {
-        items.push(LayerItem::File {
-            path: format!("d/f{i}"),
-            mode: 0o644,
-            data: f.clone(),
-        });
-    }
-    let built = write_layout(&tmp.path().join("img"), "1", &[items], Compression::Gzip).unwrap();
+    let built = write_layout(
+        &tmp.path().join("img"),
+        "1",
+        &[files_layer(&files)],
+        Compression::Gzip,
+    )
+    .unwrap();
     let d = DaemonProc::start(&state, &[]);
     let dest = private(tmp.path()).join("dest");
     d.prepare(&built.reference(), &dest, false);
@@ -321,9 +336,7 @@ fn holder_gives_the_group_only_to_fanfill() {
 /// but the socket appears in it.
 #[test]
 fn socket_dir_is_private() {
-    let tmp = open_tmp();
-    let state = tmp.path().join("state");
-    std::fs::create_dir_all(&state).unwrap();
+    let (tmp, state) = tmp_and_state();
     let run = tmp.path().join("run/fanfill");
     let sock = run.join("api.sock");
     let mut child = bin()
@@ -571,9 +584,7 @@ fn setuid_image(dir: &Path) -> String {
 /// directory host users cannot enter; the image's setuid binary is out of their reach.
 #[test]
 fn direct_trees_are_out_of_host_users_reach() {
-    let tmp = open_tmp();
-    let state = tmp.path().join("state");
-    std::fs::create_dir_all(&state).unwrap();
+    let (tmp, state) = tmp_and_state();
     let image = setuid_image(&tmp.path().join("img"));
     let d = DaemonProc::start(&state, &[]);
     // Below directories every user can enter: refused.
@@ -612,9 +623,7 @@ fn direct_trees_are_out_of_host_users_reach() {
 /// the tree is built in the directory opened once, by fd.
 #[test]
 fn destinations_a_user_could_swap_are_refused() {
-    let tmp = open_tmp();
-    let state = tmp.path().join("state");
-    std::fs::create_dir_all(&state).unwrap();
+    let (tmp, state) = tmp_and_state();
     let image = setuid_image(&tmp.path().join("img"));
     let d = DaemonProc::start(&state, &[]);
     let base = private(tmp.path());
@@ -763,22 +772,15 @@ fn index_policy_local_ignores_a_forged_referrer() {
 /// layer and every read, of a filled file too, gets EIO.
 #[test]
 fn a_layer_that_does_not_hash_to_its_digest_fails_the_image() {
-    let tmp = open_tmp();
-    let state = tmp.path().join("state");
-    std::fs::create_dir_all(&state).unwrap();
+    let (tmp, state) = tmp_and_state();
     let files: Vec<Vec<u8>> = (0..3).map(|i| pattern(300_000, 70 + i)).collect();
-    let mut items = vec![LayerItem::Dir {
-        path: "d".into(),
-        mode: 0o755,
-    }];
-    for (i, f) in files.iter().enumerate() {
-        items.push(LayerItem::File {
-            path: format!("d/f{i}"),
-            mode: 0o644,
-            data: f.clone(),
-        });
-    }
-    let built = write_layout(&tmp.path().join("img"), "1", &[items], Compression::Gzip).unwrap();
+    let built = write_layout(
+        &tmp.path().join("img"),
+        "1",
+        &[files_layer(&files)],
+        Compression::Gzip,
+    )
+    .unwrap();
     let layer = built.layers[0].0.clone();
     let d = DaemonProc::start(&state, &[]);
     let dest = private(tmp.path()).join("dest");
