@@ -153,6 +153,9 @@ impl Daemon {
             .arg(dir.join("indexes"))
             .arg("--allow-root")
             .arg(allow)
+            // The index artifact this example pushed is the one to use (the default policy,
+            // `local`, would stream every layer whole at the first pull).
+            .args(["--index-policy", "referrer"])
             .env("FANFILL_LOG", "warn")
             .stdin(Stdio::null())
             .spawn()
@@ -177,7 +180,7 @@ impl Drop for Daemon {
     fn drop(&mut self) {
         let _ = self.child.kill();
         let _ = self.child.wait();
-        let _ = fanfill::daemon::holder::quit(&self.state.join("holder.sock"));
+        fanfill::daemon::holder::terminate(&self.state);
     }
 }
 
