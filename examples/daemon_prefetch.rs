@@ -250,5 +250,5 @@ fn main() {
         nix::sys::signal::Signal::SIGTERM,
     );
     let _ = daemon.wait();
-    let _ = fanfill::daemon::holder::quit(&state.join("holder.sock"));
+    fanfill::daemon::holder::terminate(&state);
 }

@@ -5,7 +5,10 @@
 //!
 //! # Protocol
 //! A unix stream socket (default `/run/fanfill/fanfill.sock`, `FANFILL_SOCKET`), mode 0600
-//! (root only). A client writes one [`Request`] as a single line of JSON terminated by `\n`;
+//! (root only; 0660 with `fanfill daemon --status-group GROUP`). The daemon checks every
+//! connection's peer (`SO_PEERCRED`): root may send everything, a member of the status group
+//! only `Status` and `Ping` (anything else gets a `PermissionDenied` error), anyone else is
+//! disconnected unanswered. A client writes one [`Request`] as a single line of JSON terminated by `\n`;
 //! the daemon answers with one [`Response`] as a single line of JSON and keeps the
 //! connection open for the next request. Requests on one connection are served in order.
 //! Unknown fields are ignored, so an older client keeps working against a newer daemon.
@@ -150,6 +153,14 @@ pub enum Request {
     Ping,
 }
 
+impl Request {
+    /// Whether the request changes nothing (what a member of the daemon's status group may
+    /// send).
+    pub fn is_read_only(&self) -> bool {
+        matches!(self, Request::Status { .. } | Request::Ping)
+    }
+}
+
 /// What went wrong, for a client to act on.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 pub enum ErrorKind {
@@ -169,6 +180,9 @@ pub enum ErrorKind {
     InUse,
     /// Anything else.
     Internal,
+    /// The client may not make this request (only root may change what is served;
+    /// members of the daemon's status group may only ask for status).
+    PermissionDenied,
 }
 
 /// One image's status.

@@ -466,6 +466,12 @@ fn check_toc(toc: &crate::toc::TocLayer, limit: u64) {
                 e.path,
                 c.len
             );
+            assert!(
+                c.inner_offset <= crate::toc::MAX_INNER_OFFSET,
+                "{:?}: chunk {} bytes into its member",
+                e.path,
+                c.inner_offset
+            );
             next = c
                 .file_offset
                 .checked_add(c.len)

@@ -121,6 +121,15 @@ pub enum ImageError {
         #[source]
         source: FillError,
     },
+    /// A layer's bytes, read whole by its background completion, do not hash to its
+    /// digest: the registry (or the local copy) serves another blob than the manifest names.
+    #[error("layer {layer}: its bytes hash to {actual}, not to the layer's digest")]
+    LayerDigest {
+        /// The layer digest.
+        layer: String,
+        /// The sha256 its bytes have.
+        actual: String,
+    },
     /// Streaming a layer into its placeholders failed (prefetch).
     #[error("streaming layer {layer} into its placeholders")]
     Stream {
@@ -217,6 +226,47 @@ pub struct PrepareOptions {
     /// coalesced range reads started as soon as the indexes are in, written once the
     /// placeholders exist); 0: ignore profiles. Default 8.
     pub profile_prefetch: usize,
+}
+
+/// Which layer indexes a prepare takes file digests and metadata from (`--index-policy`).
+/// An eStargz or zstd:chunked TOC whose digest the manifest names is bound to the image
+/// under every policy.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum IndexPolicy {
+    /// Only indexes built on this node from the layer stream, which is verified against the
+    /// layer digest the manifest names: an image pulled by digest keeps its integrity. The
+    /// first prepare of a layer streams it whole. The default.
+    #[default]
+    Local,
+    /// Also the newest index artifact among the image's referrers, trusted on sight: anyone
+    /// with push rights to the repository can attach one, and nothing binds it to the
+    /// image. Only for repositories whose every writer is trusted.
+    Referrer,
+}
+
+impl IndexPolicy {
+    /// `opts` restricted to this policy (a referrer artifact is looked for only under
+    /// [`IndexPolicy::Referrer`], and then only if the options ask for it).
+    pub fn apply(self, opts: &mut PrepareOptions) {
+        if self == IndexPolicy::Local {
+            opts.use_artifact = false;
+        }
+    }
+}
+
+impl std::str::FromStr for IndexPolicy {
+    type Err = SettingsError;
+
+    fn from_str(s: &str) -> Result<IndexPolicy, SettingsError> {
+        match s {
+            "local" => Ok(IndexPolicy::Local),
+            "referrer" => Ok(IndexPolicy::Referrer),
+            other => Err(SettingsError {
+                what: "--index-policy",
+                message: format!("{other:?} is not one of: local, referrer"),
+            }),
+        }
+    }
 }
 
 /// Registry settings that do not parse (`creds`, `platform`).
@@ -443,9 +493,21 @@ impl ImageSources {
         &self,
         engine: &Engine,
         files: &[(usize, usize, FileId)],
-        mut before_piece: impl FnMut(u64) -> bool,
+        before_piece: impl FnMut(u64) -> bool,
     ) -> StreamFill {
+        self.stream_fill_checked(engine, files, before_piece).0
+    }
+
+    /// [`ImageSources::stream_fill`], also returning every layer whose stream, read whole,
+    /// did not hash to its digest: (layer digest, the sha256 its bytes have).
+    pub fn stream_fill_checked(
+        &self,
+        engine: &Engine,
+        files: &[(usize, usize, FileId)],
+        mut before_piece: impl FnMut(u64) -> bool,
+    ) -> (StreamFill, Vec<(String, String)>) {
         let mut total = StreamFill::default();
+        let mut mismatched = Vec::new();
         let mut stopped = false;
         for (li, l) in self.layers.iter().enumerate() {
             if l.toc.is_some() || stopped {
@@ -477,12 +539,16 @@ impl ImageSources {
                     total.bytes_written += s.bytes_written;
                     total.files += s.files;
                 }
+                Err(ImageError::LayerDigest { layer, actual }) => {
+                    tracing::error!(%layer, %actual, "layer bytes do not hash to the layer's digest");
+                    mismatched.push((layer, actual));
+                }
                 Err(e) => {
                     warn!(error = %crate::fill::error_chain(&e), "streaming a layer failed; its files fill by ranges")
                 }
             }
         }
-        total
+        (total, mismatched)
     }
 
     /// Per layer, the entries its TOC names to prefetch first (empty for other layers).
@@ -1148,6 +1214,12 @@ pub fn mark_tree(dest: &Path, reference: &str) -> std::io::Result<()> {
     xattr::set(dest, TREE_XATTR, reference.as_bytes())
 }
 
+/// [`mark_tree`] on the tree's directory open as `dir`.
+pub fn mark_tree_dir(dir: &std::fs::File, reference: &str) -> std::io::Result<()> {
+    use xattr::FileExt as _;
+    dir.set_xattr(TREE_XATTR, reference.as_bytes())
+}
+
 /// The image a prepared tree came from, if `path` or one of its two parents is one.
 pub fn tree_image(path: &Path) -> Option<String> {
     path.ancestors()
@@ -1372,9 +1444,10 @@ const STREAM_PIECE: u64 = 4 << 20;
 /// the index's digests and skips what readers already filled or are fetching, so on-demand
 /// fills and this stream never write the same chunk twice. `before_piece(len)` runs before
 /// each piece of file data (pacing, pausing for readers); returning `false` stops early.
-/// Blocks: call it from a plain thread, not from a runtime. Stops reading once the last
-/// wanted file has passed; a piece whose verification fails is logged and left to the
-/// file's own source.
+/// Blocks: call it from a plain thread, not from a runtime. A piece whose verification
+/// fails is logged and left to the file's own source. Once the last wanted file has passed
+/// the rest of the blob is read too (background completion): a blob that does not hash to
+/// `layer` is [`ImageError::LayerDigest`], whatever index described it.
 pub fn stream_fill_layer(
     engine: &Engine,
     store: &Arc<BlobStore>,
@@ -1430,6 +1503,12 @@ pub fn stream_fill_layer(
             Box::new(stream.into_blocking_reader())
         }
     };
+    // The whole layer's sha256, computed as it passes (see the end).
+    let hashed = Arc::new(std::sync::Mutex::new((sha2::Sha256::default(), 0u64)));
+    let raw = Hashing {
+        inner: raw,
+        state: hashed.clone(),
+    };
     let raw = io::BufReader::with_capacity(1 << 20, raw);
     let mut tar: Box<dyn Read> = match index.compression {
         crate::index::Compression::Gzip => Box::new(flate2::bufread::MultiGzDecoder::new(raw)),
@@ -1483,8 +1562,57 @@ pub fn stream_fill_layer(
             at += len;
         }
     }
+    // Background completion: the rest of the layer, so that its sha256 is known whole.
+    let actual = match io::copy(&mut tar, &mut io::sink()) {
+        Ok(_) => {
+            let (h, n) = &*hashed.lock().unwrap();
+            // A decoder that stopped before the blob's end hashed a prefix: no verdict.
+            (*n == index.compressed_size || index.compressed_size == 0).then(|| {
+                use sha2::Digest as _;
+                format!("sha256:{}", hex::encode(h.clone().finalize()))
+            })
+        }
+        Err(e) => match e
+            .get_ref()
+            .and_then(|i| i.downcast_ref::<registry::Error>())
+        {
+            Some(registry::Error::DigestMismatch { actual, .. }) => Some(actual.clone()),
+            _ => {
+                // Every wanted file was offered already: no verdict, nothing lost.
+                debug!(layer = %layer, error = %e, "the rest of the layer did not read; its digest is not checked");
+                None
+            }
+        },
+    };
+    let digest = layer.to_string();
+    if let Some(actual) = actual
+        && digest.starts_with("sha256:")
+        && actual != digest
+    {
+        return Err(ImageError::LayerDigest {
+            layer: digest,
+            actual,
+        });
+    }
     debug!(layer = %layer, read = stats.bytes_read, written = stats.bytes_written, "layer streamed into placeholders");
     Ok(stats)
+}
+
+/// A reader that hashes what passes through it and counts it.
+struct Hashing<R> {
+    inner: R,
+    state: Arc<std::sync::Mutex<(sha2::Sha256, u64)>>,
+}
+
+impl<R: io::Read> io::Read for Hashing<R> {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        use sha2::Digest as _;
+        let n = self.inner.read(buf)?;
+        let mut st = self.state.lock().unwrap();
+        st.0.update(&buf[..n]);
+        st.1 += n as u64;
+        Ok(n)
+    }
 }
 
 impl Prepared {

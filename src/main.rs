@@ -126,6 +126,15 @@ struct DaemonArgs {
     /// their symlinks lead.
     #[arg(long = "allow-root", value_name = "DIR")]
     allow_root: Vec<PathBuf>,
+    /// Let members of this group (name or gid) ask for status through the API socket
+    /// (read-only; everything else stays root's). The socket is then 0660 with this group.
+    #[arg(long, value_name = "GROUP")]
+    status_group: Option<String>,
+    /// Which layer indexes file digests may come from, whatever a client asks: `local`
+    /// (built here from the layer stream; the default) or `referrer` (also an index
+    /// artifact among the image's referrers, trusted on sight). See docs/security.md.
+    #[arg(long, value_enum, default_value = "local")]
+    index_policy: IndexPolicyArg,
     /// Test knob: delay every fetch by this many milliseconds.
     #[arg(long, hide = true, default_value_t = 0)]
     test_fetch_delay_ms: u64,
@@ -217,6 +226,27 @@ impl RegistryArgs {
     }
 }
 
+/// `--index-policy`: which layer indexes file digests may come from.
+#[derive(Clone, Copy, PartialEq, Eq, ValueEnum)]
+enum IndexPolicyArg {
+    /// Only indexes built on this node from the layer stream (checked against the layer
+    /// digest the manifest names): an image pulled by digest keeps its integrity. The
+    /// first prepare of a layer streams it whole.
+    Local,
+    /// Also the newest index artifact among the image's referrers, trusted on sight (anyone
+    /// with push rights can attach one): only for repositories whose writers you trust.
+    Referrer,
+}
+
+impl From<IndexPolicyArg> for image::IndexPolicy {
+    fn from(a: IndexPolicyArg) -> image::IndexPolicy {
+        match a {
+            IndexPolicyArg::Local => image::IndexPolicy::Local,
+            IndexPolicyArg::Referrer => image::IndexPolicy::Referrer,
+        }
+    }
+}
+
 #[derive(Clone, Copy, ValueEnum)]
 enum ModeArg {
     /// One flattened placeholder tree: the container's rootfs (range fills).
@@ -257,6 +287,10 @@ struct PullArgs {
     /// Run the workload once against DEST, then interrupt.
     #[arg(long, value_name = "FILE", requires = "foreground")]
     record_profile: Option<PathBuf>,
+    /// Which layer indexes file digests may come from (see docs/security.md); the daemon's
+    /// own --index-policy applies too.
+    #[arg(long, value_enum, default_value = "local")]
+    index_policy: IndexPolicyArg,
     #[command(flatten)]
     registry: RegistryArgs,
 }
@@ -332,6 +366,7 @@ fn mib(b: u64) -> String {
 
 fn pull(a: PullArgs) -> Result<()> {
     let mut opts = a.registry.options()?;
+    image::IndexPolicy::from(a.index_policy).apply(&mut opts);
     opts.mode = match a.mode {
         ModeArg::Direct => Mode::Direct,
         ModeArg::Overlay => Mode::Overlay,
@@ -475,7 +510,11 @@ fn pull_client(socket: &Path, a: PullArgs) -> Result<()> {
                 ModeArg::Direct => LayoutMode::Direct,
                 ModeArg::Overlay => LayoutMode::Overlay,
             },
-            registry: a.registry.settings(),
+            registry: RegistrySettings {
+                no_index_artifact: a.registry.no_index_artifact
+                    || a.index_policy == IndexPolicyArg::Local,
+                ..a.registry.settings()
+            },
             prefetch: !a.no_prefetch,
         },
     );
@@ -523,6 +562,16 @@ fn daemon(socket: PathBuf, a: DaemonArgs) -> Result<()> {
         hosts_dir: Some(a.containerd_hosts_dir),
         ..RegistrySettings::default()
     };
+    c.index_policy = a.index_policy.into();
+    if let Some(g) = a.status_group {
+        c.status_group = Some(match g.parse::<u32>() {
+            Ok(gid) => gid,
+            Err(_) => nix::unistd::Group::from_name(&g)?
+                .with_context(|| format!("no group named {g}"))?
+                .gid
+                .as_raw(),
+        });
+    }
     fanfill::daemon::run(c)?;
     Ok(())
 }

@@ -218,7 +218,7 @@ fn issue20_image_that_cannot_be_reopened_answers_eio_not_holes() {
     let ovl = OverlayMount::new(st.lowerdir.as_deref().unwrap(), &fs.mnt.join("ovl"));
     watch(&d, &ovl.merged);
     d.stop();
-    fanfill::daemon::holder::quit(&state.join("holder.sock")).unwrap();
+    assert!(fanfill::daemon::holder::terminate(&state));
     std::fs::rename(&img_dir, fs.mnt.join("img-moved")).unwrap();
     let d2 = DaemonProc::start(&state, &[]);
     let (ds, images) = d2.status();

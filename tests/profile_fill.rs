@@ -325,7 +325,8 @@ fn daemon_fills_the_profile_ahead_without_prefetch() {
 
     let state = dir.path().join("state");
     std::fs::create_dir(&state).unwrap();
-    let d = DaemonProc::start(&state, &[]);
+    // The profile travels in the index artifact: trusted here by choice.
+    let d = DaemonProc::start(&state, &["--index-policy", "referrer"]);
     let prepare = |dest: &Path| {
         d.prepare_with(
             &reference,

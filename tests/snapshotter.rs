@@ -134,7 +134,8 @@ struct Rig {
 }
 
 impl Rig {
-    /// `index`: push the image's index artifact; `daemon_extra`: more daemon flags; `cri`:
+    /// `index`: push the image's index artifact (and let the daemon use it:
+    /// `--index-policy referrer`); `daemon_extra`: more daemon flags; `cri`:
     /// turn containerd's CRI plugin on, with fanfill as its snapshotter and a pause image.
     fn start(index: bool, daemon_extra: &[&str], cri: bool) -> Rig {
         let fs = LoopFs::new("ext4", 1024);
@@ -162,6 +163,11 @@ impl Rig {
             "--containerd-socket".to_string(),
             snap_sock.to_string_lossy().into_owned(),
         ];
+        if index {
+            // The daemon trusts a pushed index artifact only when told to (the default builds
+            // indexes locally from the verified layer stream).
+            daemon_args.extend(["--index-policy".to_string(), "referrer".to_string()]);
+        }
         daemon_args.extend(daemon_extra.iter().map(|a| a.to_string()));
         let args: Vec<&str> = daemon_args.iter().map(String::as_str).collect();
         let daemon = DaemonProc::start(&state, &args);

@@ -9,12 +9,29 @@
 //! filesystem, and copies in the kernel otherwise). The cache directory is never marked and
 //! never read through a marked path, so it cannot deadlock the fill engine. It knows nothing
 //! of fanotify or registries.
+//!
+//! What the cache holds is bytes, never metadata: the directory is 0700 and every entry is
+//! a root-owned 0400 file whatever the image's file was (a setuid binary of an image never
+//! becomes a setuid file on the host); a placeholder filled from the cache gets its owner,
+//! mode, xattrs (its capability) and mtime from the index entry. Both sides are opened with
+//! `O_NOFOLLOW | O_NONBLOCK` and checked to be regular files: a served file is read only
+//! while it is the inode the engine registered (a container that swaps it for a symlink or
+//! a FIFO gets [`CacheError::Replaced`], never a read elsewhere or a hang).
 
 use std::fs::File;
 use std::io::Read;
+use std::os::unix::fs::{MetadataExt, OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 
 use sha2::{Digest, Sha256};
+
+use crate::index::Entry;
+
+/// Mode of a cache entry: readable by its owner (root), nothing else.
+pub const ENTRY_MODE: u32 = 0o400;
+
+/// Mode of the cache directory.
+pub const DIR_MODE: u32 = 0o700;
 
 /// Errors of the content cache.
 #[derive(Debug, thiserror::Error)]
@@ -28,6 +45,13 @@ pub enum CacheError {
         #[source]
         source: std::io::Error,
     },
+    /// The path no longer leads to the registered file (a symlink, a FIFO, another inode):
+    /// nothing was read from it.
+    #[error("content cache: {path} is no longer the served file")]
+    Replaced {
+        /// The path.
+        path: PathBuf,
+    },
 }
 
 fn io(path: &Path) -> impl Fn(std::io::Error) -> CacheError + '_ {
@@ -37,6 +61,15 @@ fn io(path: &Path) -> impl Fn(std::io::Error) -> CacheError + '_ {
     }
 }
 
+/// Opens `path` without following a final symlink and without blocking on a FIFO.
+fn open_nofollow(path: &Path, write: bool) -> std::io::Result<File> {
+    File::options()
+        .read(!write)
+        .write(write)
+        .custom_flags(libc::O_NOFOLLOW | libc::O_NONBLOCK | libc::O_CLOEXEC)
+        .open(path)
+}
+
 /// The cache directory.
 #[derive(Debug, Clone)]
 pub struct Cache {
@@ -44,12 +77,63 @@ pub struct Cache {
 }
 
 impl Cache {
-    /// Opens (creating) the cache at `dir`.
+    /// Opens (creating) the cache at `dir`: the directory is made 0700 and every entry a
+    /// root-owned 0400 file (entries of older versions kept the image's mode, setuid bits
+    /// included); anything else found there is removed.
     pub fn open(dir: &Path) -> Result<Cache, CacheError> {
         std::fs::create_dir_all(dir).map_err(io(dir))?;
-        Ok(Cache {
+        std::fs::set_permissions(dir, std::fs::Permissions::from_mode(DIR_MODE))
+            .map_err(io(dir))?;
+        let cache = Cache {
             dir: dir.to_path_buf(),
-        })
+        };
+        let mut fixed = 0u64;
+        for e in std::fs::read_dir(dir).map_err(io(dir))?.flatten() {
+            let path = e.path();
+            let name = e.file_name();
+            let is_entry = cache
+                .path(&name.to_string_lossy())
+                .is_some_and(|p| p == path);
+            // The common case, an entry as it should be, costs one lstat.
+            if is_entry
+                && std::fs::symlink_metadata(&path).is_ok_and(|m| {
+                    m.is_file() && (m.uid(), m.gid()) == (0, 0) && m.mode() & 0o7777 == ENTRY_MODE
+                })
+            {
+                continue;
+            }
+            let f = match open_nofollow(&path, false) {
+                Ok(f) if is_entry => f,
+                _ => {
+                    // Not an entry (a temp file of a crashed add, a symlink): gone.
+                    let _ = std::fs::remove_file(&path);
+                    continue;
+                }
+            };
+            let m = f.metadata().map_err(io(&path))?;
+            if !m.is_file() {
+                let _ = std::fs::remove_file(&path);
+                continue;
+            }
+            if (m.uid(), m.gid()) != (0, 0) || m.mode() & 0o7777 != ENTRY_MODE {
+                nix::unistd::fchown(
+                    &f,
+                    Some(nix::unistd::Uid::from_raw(0)),
+                    Some(nix::unistd::Gid::from_raw(0)),
+                )
+                .map_err(|e| io(&path)(e.into()))?;
+                f.set_permissions(std::fs::Permissions::from_mode(ENTRY_MODE))
+                    .map_err(io(&path))?;
+                fixed += 1;
+            }
+        }
+        if fixed > 0 {
+            tracing::info!(
+                fixed,
+                "content cache entries made root-owned and read-only (0400)"
+            );
+        }
+        Ok(cache)
     }
 
     fn path(&self, sha256: &str) -> Option<PathBuf> {
@@ -62,89 +146,188 @@ impl Cache {
         self.path(sha256).is_some_and(|p| p.exists())
     }
 
-    /// Writes the cached bytes of `sha256` into the (not yet marked) placeholder `dest` of
-    /// `size` bytes, keeping its mtime. `Ok(false)`: not cached (or of another size).
-    pub fn fill(&self, sha256: &str, dest: &Path, size: u64) -> Result<bool, CacheError> {
+    /// Writes the cached bytes of `sha256` into the (not yet marked) placeholder `dest` made
+    /// from the index entry `meta`, then gives it `meta`'s owner, mode, xattrs and mtime
+    /// (a write strips `security.capability`; nothing is taken from the cache entry).
+    /// `Ok(false)`: not cached (or of another size), or `dest` is not a regular file of
+    /// `meta`'s size.
+    pub fn fill(&self, sha256: &str, dest: &Path, meta: &Entry) -> Result<bool, CacheError> {
         let Some(src_path) = self.path(sha256) else {
             return Ok(false);
         };
-        let mut src = match File::open(&src_path) {
+        let mut src = match open_nofollow(&src_path, false) {
             Ok(f) => f,
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(false),
             Err(e) => return Err(io(&src_path)(e)),
         };
-        if src.metadata().map_err(io(&src_path))?.len() != size {
+        let sm = src.metadata().map_err(io(&src_path))?;
+        if !sm.is_file() || sm.len() != meta.size {
             return Ok(false);
         }
-        let mut out = File::options().write(true).open(dest).map_err(io(dest))?;
-        let mtime = out
-            .metadata()
-            .and_then(|m| m.modified())
-            .map_err(io(dest))?;
+        let mut out = open_nofollow(dest, true).map_err(io(dest))?;
+        let dm = out.metadata().map_err(io(dest))?;
+        if !dm.is_file() || dm.len() != meta.size {
+            return Ok(false);
+        }
         // std::io::copy between files is copy_file_range on Linux: reflinks where it can.
         std::io::copy(&mut src, &mut out).map_err(io(dest))?;
-        out.set_modified(mtime).map_err(io(dest))?;
+        crate::unpack::finish_file(&out, meta).map_err(io(dest))?;
         Ok(true)
     }
 
-    /// Adds the complete file `src` under `sha256` if its bytes hash to it. `Ok(false)`:
-    /// they do not (the file was changed by its user), nothing is added.
-    pub fn add(&self, sha256: &str, src: &Path) -> Result<bool, CacheError> {
+    /// Adds the complete file at `src` under `sha256` if `src` is still the regular file
+    /// `(dev, ino)` and its bytes hash to `sha256`. `Ok(false)`: they do not (the file was
+    /// changed by its user), nothing is added.
+    pub fn add(&self, sha256: &str, src: &Path, expect: (u64, u64)) -> Result<bool, CacheError> {
         let Some(path) = self.path(sha256) else {
             return Ok(false);
         };
         if path.exists() {
             return Ok(true);
         }
-        let tmp = path.with_extension(format!("tmp{}", std::process::id()));
-        std::fs::copy(src, &tmp).map_err(io(src))?;
-        let mut f = File::open(&tmp).map_err(io(&tmp))?;
-        let mut h = Sha256::new();
-        let mut buf = vec![0u8; 1 << 20];
-        loop {
-            let n = f.read(&mut buf).map_err(io(&tmp))?;
-            if n == 0 {
-                break;
+        let replaced = || CacheError::Replaced {
+            path: src.to_path_buf(),
+        };
+        let mut from = match open_nofollow(src, false) {
+            Ok(f) => f,
+            // ELOOP: a symlink now; ENOENT: moved or deleted.
+            Err(e) if matches!(e.raw_os_error(), Some(libc::ELOOP | libc::ENOENT)) => {
+                return Err(replaced());
             }
-            h.update(&buf[..n]);
+            Err(e) => return Err(io(src)(e)),
+        };
+        let m = from.metadata().map_err(io(src))?;
+        if !m.is_file() || (m.dev(), m.ino()) != expect {
+            return Err(replaced());
         }
-        if !hex::encode(h.finalize()).eq_ignore_ascii_case(sha256) {
+        let tmp = path.with_extension(format!("tmp{}", std::process::id()));
+        let _ = std::fs::remove_file(&tmp);
+        let mut out = File::options()
+            .write(true)
+            .create_new(true)
+            .mode(ENTRY_MODE)
+            .custom_flags(libc::O_NOFOLLOW | libc::O_CLOEXEC)
+            .open(&tmp)
+            .map_err(io(&tmp))?;
+        let added = (|| {
+            std::io::copy(&mut from, &mut out)?;
+            drop(out);
+            let mut f = open_nofollow(&tmp, false)?;
+            let mut h = Sha256::new();
+            let mut buf = vec![0u8; 1 << 20];
+            loop {
+                let n = f.read(&mut buf)?;
+                if n == 0 {
+                    break;
+                }
+                h.update(&buf[..n]);
+            }
+            if !hex::encode(h.finalize()).eq_ignore_ascii_case(sha256) {
+                return Ok(false);
+            }
+            std::fs::rename(&tmp, &path)?;
+            Ok(true)
+        })();
+        if !matches!(added, Ok(true)) {
             let _ = std::fs::remove_file(&tmp);
-            return Ok(false);
         }
-        std::fs::rename(&tmp, &path).map_err(io(&path))?;
-        Ok(true)
+        added.map_err(io(&path))
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::index::EntryKind;
+
+    fn key(p: &Path) -> (u64, u64) {
+        let m = std::fs::metadata(p).unwrap();
+        (m.dev(), m.ino())
+    }
 
     #[test]
-    fn only_matching_bytes_enter_and_fill_keeps_mtime() {
+    fn only_matching_bytes_enter_and_fill_takes_the_index_metadata() {
         let dir = tempfile::tempdir().unwrap();
         let cache = Cache::open(&dir.path().join("cache")).unwrap();
         let src = dir.path().join("src");
         std::fs::write(&src, b"hello").unwrap();
+        std::fs::set_permissions(&src, std::fs::Permissions::from_mode(0o4755)).unwrap();
         let sha = hex::encode(Sha256::digest(b"hello"));
-        assert!(
-            !cache
-                .add(&hex::encode(Sha256::digest(b"other")), &src)
-                .unwrap()
-        );
-        assert!(cache.add(&sha, &src).unwrap());
+        let other = hex::encode(Sha256::digest(b"other"));
+        assert!(!cache.add(&other, &src, key(&src)).unwrap());
+        assert!(cache.add(&sha, &src, key(&src)).unwrap());
         assert!(cache.contains(&sha));
+        let m = std::fs::metadata(dir.path().join("cache").join(&sha)).unwrap();
+        assert_eq!(m.mode() & 0o7777, ENTRY_MODE);
+        let dm = std::fs::metadata(dir.path().join("cache")).unwrap();
+        assert_eq!(dm.mode() & 0o7777, DIR_MODE);
         let dest = dir.path().join("dest");
         let f = File::create(&dest).unwrap();
         f.set_len(5).unwrap();
-        let t = std::time::SystemTime::UNIX_EPOCH + std::time::Duration::from_secs(1_000_000);
-        f.set_modified(t).unwrap();
         drop(f);
-        assert!(cache.fill(&sha, &dest, 5).unwrap());
+        let mut meta = Entry::new("dest", EntryKind::File, 0o2711);
+        meta.size = 5;
+        meta.mtime = 1_000_000;
+        assert!(cache.fill(&sha, &dest, &meta).unwrap());
         assert_eq!(std::fs::read(&dest).unwrap(), b"hello");
-        assert_eq!(std::fs::metadata(&dest).unwrap().modified().unwrap(), t);
-        assert!(!cache.fill(&sha, &dest, 6).unwrap());
-        assert!(!cache.fill("../../etc/passwd", &dest, 5).unwrap());
+        let m = std::fs::metadata(&dest).unwrap();
+        assert_eq!(m.mode() & 0o7777, 0o2711);
+        assert_eq!(m.mtime(), 1_000_000);
+        meta.size = 6;
+        assert!(!cache.fill(&sha, &dest, &meta).unwrap());
+        meta.size = 5;
+        assert!(!cache.fill("../../etc/passwd", &dest, &meta).unwrap());
+    }
+
+    #[test]
+    fn a_swapped_path_is_never_read() {
+        let dir = tempfile::tempdir().unwrap();
+        let cache = Cache::open(&dir.path().join("cache")).unwrap();
+        let served = dir.path().join("served");
+        std::fs::write(&served, b"data").unwrap();
+        let k = key(&served);
+        let sha = hex::encode(Sha256::digest(b"data"));
+        // Another file with the same bytes: the right content, the wrong inode.
+        let elsewhere = dir.path().join("elsewhere");
+        std::fs::write(&elsewhere, b"data").unwrap();
+        std::fs::remove_file(&served).unwrap();
+        std::os::unix::fs::symlink(&elsewhere, &served).unwrap();
+        assert!(matches!(
+            cache.add(&sha, &served, k),
+            Err(CacheError::Replaced { .. })
+        ));
+        std::fs::remove_file(&served).unwrap();
+        std::fs::rename(&elsewhere, &served).unwrap();
+        assert!(matches!(
+            cache.add(&sha, &served, k),
+            Err(CacheError::Replaced { .. })
+        ));
+        // A FIFO: refused at once, no reader blocked on it.
+        std::fs::remove_file(&served).unwrap();
+        nix::unistd::mkfifo(&served, nix::sys::stat::Mode::from_bits_truncate(0o600)).unwrap();
+        let k = key(&served);
+        assert!(matches!(
+            cache.add(&sha, &served, k),
+            Err(CacheError::Replaced { .. })
+        ));
+        assert!(!cache.contains(&sha));
+    }
+
+    #[test]
+    fn open_strips_old_entries_to_read_only() {
+        let dir = tempfile::tempdir().unwrap();
+        let cdir = dir.path().join("cache");
+        std::fs::create_dir(&cdir).unwrap();
+        std::fs::set_permissions(&cdir, std::fs::Permissions::from_mode(0o755)).unwrap();
+        let sha = hex::encode(Sha256::digest(b"x"));
+        std::fs::write(cdir.join(&sha), b"x").unwrap();
+        std::fs::set_permissions(cdir.join(&sha), std::fs::Permissions::from_mode(0o4755)).unwrap();
+        std::fs::write(cdir.join(format!("{sha}.tmp1")), b"x").unwrap();
+        let cache = Cache::open(&cdir).unwrap();
+        assert!(cache.contains(&sha));
+        let m = std::fs::metadata(cdir.join(&sha)).unwrap();
+        assert_eq!(m.mode() & 0o7777, ENTRY_MODE);
+        assert_eq!(std::fs::metadata(&cdir).unwrap().mode() & 0o7777, DIR_MODE);
+        assert!(!cdir.join(format!("{sha}.tmp1")).exists());
     }
 }

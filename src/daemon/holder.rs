@@ -14,10 +14,14 @@
 //! pre-content / overlay-watch group (answer `K`); `G` / `H`: give it back (answer `Y`+fd, or
 //! `N` when holding none); `Q`: exit (answer `K`). A holder that predates the overlay slot
 //! answers `?` to `O` and `H`.
+//!
+//! The group fd is the power to answer every reader on the node: the socket is bound 0600
+//! with no window before it is ([`super::peer::bind`]), in the 0700 state directory, and
+//! every connection is checked before anything is read from it ([`admit`]): only a root
+//! process running this very program (the daemon, a successor) is served.
 
 use std::os::fd::{AsFd, OwnedFd};
-use std::os::unix::fs::PermissionsExt;
-use std::os::unix::net::{UnixListener, UnixStream};
+use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
@@ -107,9 +111,7 @@ pub fn run(socket: &Path) -> Result<(), HolderError> {
         });
     }
     let _ = std::fs::remove_file(socket);
-    let listener = UnixListener::bind(socket).map_err(sock_err(socket))?;
-    std::fs::set_permissions(socket, std::fs::Permissions::from_mode(0o600))
-        .map_err(sock_err(socket))?;
+    let listener = super::peer::bind(socket, 0o600, None).map_err(sock_err(socket))?;
     if let Some(dir) = socket.parent() {
         let _ = std::fs::write(dir.join("holder.pid"), std::process::id().to_string());
     }
@@ -117,6 +119,9 @@ pub fn run(socket: &Path) -> Result<(), HolderError> {
     let mut held: [Option<OwnedFd>; 2] = [None, None];
     for conn in listener.incoming() {
         let Ok(conn) = conn else { continue };
+        if !admit(&conn) {
+            continue;
+        }
         loop {
             let msg = match recv_fd(&conn) {
                 Ok(Some(m)) => m,
@@ -151,6 +156,27 @@ pub fn run(socket: &Path) -> Result<(), HolderError> {
         }
     }
     Ok(())
+}
+
+/// Whether the peer of an accepted connection may talk to the holder: a root process
+/// running this program (`SO_PEERCRED`, `/proc/PID/exe`). Anyone else is disconnected
+/// unanswered.
+fn admit(conn: &UnixStream) -> bool {
+    match super::peer::peer(conn) {
+        Ok(p) if super::peer::is_fanfill(&p) => true,
+        Ok(p) => {
+            warn!(
+                uid = p.uid,
+                pid = p.pid,
+                "fd holder: connection refused (not root running fanfill)"
+            );
+            false
+        }
+        Err(e) => {
+            warn!(error = %e, "fd holder: connection refused (no peer credentials)");
+            false
+        }
+    }
 }
 
 fn request(
@@ -198,6 +224,40 @@ pub fn put(socket: &Path, slot: Slot, fd: std::os::fd::BorrowedFd<'_>) -> Result
             answer: Some(a),
         }),
     }
+}
+
+/// Stops the holder whose pid `STATE_DIR/holder.pid` records (after checking that this pid
+/// runs `holder --socket STATE_DIR/holder.sock`) with SIGTERM, and waits up to 10 s for it
+/// to exit. Its groups close: readers blocked on them are let through, so do this only when
+/// nothing is served (tearing a node's fanfill down, tests). For processes the holder does
+/// not serve (see [`admit`]); a fanfill process can also use [`quit`]. Returns whether a
+/// holder was stopped.
+pub fn terminate(state_dir: &Path) -> bool {
+    let Some(pid) = std::fs::read_to_string(state_dir.join("holder.pid"))
+        .ok()
+        .and_then(|p| p.trim().parse::<i32>().ok())
+    else {
+        return false;
+    };
+    let sock = state_dir.join("holder.sock");
+    let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
+    let args: Vec<&[u8]> = cmdline.split(|b| *b == 0).collect();
+    if !(args.contains(&&b"holder"[..]) && args.contains(&sock.as_os_str().as_encoded_bytes())) {
+        return false;
+    }
+    let pid = nix::unistd::Pid::from_raw(pid);
+    if nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM).is_err() {
+        return false;
+    }
+    let alive = || {
+        std::fs::read_to_string(format!("/proc/{pid}/stat"))
+            .is_ok_and(|st| st.rsplit(") ").next().is_some_and(|r| !r.starts_with('Z')))
+    };
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while alive() && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    true
 }
 
 /// Tells the holder to exit (its group closes: do this only when nothing is served).

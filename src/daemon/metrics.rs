@@ -3,6 +3,8 @@
 //! Owns rendering the daemon's figures (misses, fill latency histogram, bytes fetched,
 //! errors, queue depth, per-image progress) and answering `GET` on `--metrics-addr` (off by
 //! default). Every request gets the metrics, whatever its path; no other HTTP is spoken.
+//! The responder is bounded: [`MAX_CONNECTIONS`] at once, [`CONNECTION_DEADLINE`] for a
+//! request head of at most 8 KiB and again for the answer.
 
 use std::fmt::Write as _;
 use std::sync::Arc;
@@ -82,33 +84,62 @@ pub fn render(stats: &Stats, latency: &[u64], inflight: u64, images: &[ImageStat
     o
 }
 
-/// Answers every connection on `listener` with the current metrics.
+/// Connections answered at once; more are closed unanswered until one ends.
+pub const MAX_CONNECTIONS: usize = 16;
+
+/// Longest a connection may take to send its request head, and to take the answer.
+pub const CONNECTION_DEADLINE: std::time::Duration = std::time::Duration::from_secs(5);
+
+/// Largest request head read (its content is not needed).
+const MAX_REQUEST_HEAD: usize = 8192;
+
+/// Answers every connection on `listener` with the current metrics: at most
+/// [`MAX_CONNECTIONS`] at once (others are closed at once), each given
+/// [`CONNECTION_DEADLINE`] in all to send at most 8 KiB of request head and again to take
+/// the answer, so no client can hold the daemon's memory or tasks.
 pub async fn serve(
     listener: tokio::net::TcpListener,
     metrics: Arc<dyn Fn() -> String + Send + Sync>,
 ) {
+    let slots = Arc::new(tokio::sync::Semaphore::new(MAX_CONNECTIONS));
     loop {
-        let Ok((mut conn, _)) = listener.accept().await else {
+        let mut conn = match listener.accept().await {
+            Ok((c, _)) => c,
+            Err(e) => {
+                // Out of descriptors, say: do not spin.
+                tracing::debug!(error = %e, "metrics: accept failed");
+                tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+                continue;
+            }
+        };
+        let Ok(slot) = slots.clone().try_acquire_owned() else {
+            tracing::debug!("metrics: too many connections; one closed unanswered");
+            drop(conn);
             continue;
         };
         let metrics = metrics.clone();
         tokio::spawn(async move {
-            // Read the request head (up to a blank line or 8 KiB); its content is not needed.
-            let mut buf = vec![0u8; 8192];
-            let mut got = 0;
-            while got < buf.len() {
-                match tokio::time::timeout(
-                    std::time::Duration::from_secs(5),
-                    conn.read(&mut buf[got..]),
-                )
-                .await
-                {
-                    Ok(Ok(0)) | Err(_) | Ok(Err(_)) => break,
-                    Ok(Ok(n)) => got += n,
+            let _slot = slot;
+            // Read the request head (up to a blank line or 8 KiB).
+            let head = async {
+                let mut buf = vec![0u8; MAX_REQUEST_HEAD];
+                let mut got = 0;
+                while got < buf.len() {
+                    match conn.read(&mut buf[got..]).await {
+                        Ok(0) | Err(_) => return false,
+                        Ok(n) => got += n,
+                    }
+                    if buf[..got].windows(4).any(|w| w == b"\r\n\r\n") {
+                        return true;
+                    }
                 }
-                if buf[..got].windows(4).any(|w| w == b"\r\n\r\n") {
-                    break;
-                }
+                true
+            };
+            if !matches!(
+                tokio::time::timeout(CONNECTION_DEADLINE, head).await,
+                Ok(true)
+            ) {
+                return;
             }
             let body = tokio::task::spawn_blocking(move || metrics())
                 .await
@@ -117,8 +148,11 @@ pub async fn serve(
                 "HTTP/1.1 200 OK\r\nContent-Type: text/plain; version=0.0.4\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
                 body.len()
             );
-            let _ = conn.write_all(head.as_bytes()).await;
-            let _ = conn.write_all(body.as_bytes()).await;
+            let _ = tokio::time::timeout(CONNECTION_DEADLINE, async {
+                conn.write_all(head.as_bytes()).await?;
+                conn.write_all(body.as_bytes()).await
+            })
+            .await;
         });
     }
 }

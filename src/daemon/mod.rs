@@ -33,10 +33,11 @@ mod containerd;
 pub mod holder;
 pub mod journal;
 pub mod metrics;
+pub mod peer;
 pub mod state;
 
 use std::collections::{BTreeMap, HashSet};
-use std::os::unix::fs::{MetadataExt, OpenOptionsExt, PermissionsExt};
+use std::os::unix::fs::{DirBuilderExt, MetadataExt, OpenOptionsExt, PermissionsExt};
 use std::path::{Component, Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
@@ -104,6 +105,10 @@ pub enum DaemonError {
     },
 }
 
+/// Longest a background layer stream waits for readers' misses before its next piece
+/// (about 4 MiB): misses go first, and the stream still moves while they never stop.
+const STREAM_YIELD: Duration = Duration::from_millis(5);
+
 /// Event numbers reserved above the highest one a predecessor journaled: one 64 KiB read
 /// buffer holds at most ~1,365 pre-content events (48 bytes each with their range record).
 const RESERVE_MARGIN: i32 = 2048;
@@ -157,6 +162,13 @@ pub struct DaemonConfig {
     pub containerd_registry: RegistrySettings,
     /// Fill those images in the background too (as `Prepare`'s `prefetch`).
     pub containerd_prefetch: bool,
+    /// Members of this group (gid) may use the API for read-only requests (`Status`,
+    /// `Ping`); everyone but root is refused otherwise. The socket is then 0660 with this
+    /// group, and a socket directory the daemon creates 0750.
+    pub status_group: Option<u32>,
+    /// Which layer indexes file digests may come from, whatever a request asks (default
+    /// [`image::IndexPolicy::Local`]: only indexes built here).
+    pub index_policy: image::IndexPolicy,
 }
 
 impl DaemonConfig {
@@ -177,6 +189,8 @@ impl DaemonConfig {
             containerd_socket: None,
             containerd_registry: RegistrySettings::default(),
             containerd_prefetch: false,
+            status_group: None,
+            index_policy: image::IndexPolicy::default(),
         }
     }
 }
@@ -304,6 +318,9 @@ struct ImageRt {
     tree: Option<TreeDir>,
     /// Files found moved, deleted or replaced under the daemon (indexes into `files`).
     gone: Mutex<HashSet<usize>>,
+    /// Set when a layer, read whole in the background, did not hash to its digest: every
+    /// later read of the image gets `EIO` ([`Daemon::mark_bad`]).
+    bad: Mutex<Option<String>>,
     /// The image's store and indexes, for streaming prefetch (`None`: it could not be
     /// reopened after a restart).
     opened: Option<Arc<Opened>>,
@@ -330,6 +347,11 @@ impl TreeDir {
             .read(true)
             .custom_flags(libc::O_PATH | libc::O_DIRECTORY | libc::O_NOFOLLOW)
             .open(dest)?;
+        TreeDir::from_dir(fd)
+    }
+
+    /// The directory open as `fd`.
+    fn from_dir(fd: std::fs::File) -> std::io::Result<TreeDir> {
         let m = fd.metadata()?;
         Ok(TreeDir {
             fd,
@@ -475,9 +497,75 @@ fn resolve_lexically(path: &Path) -> std::io::Result<PathBuf> {
     })
 }
 
-/// Checks a created destination: empty, on ext4, xfs or btrfs.
-fn check_dest_dir(dest: &Path) -> Result<(), ApiFail> {
-    let fs = nix::sys::statfs::statfs(dest).map_err(|e| {
+/// Checks that nobody but root can rename, replace or remove `p` or any of its ancestors
+/// while the daemon builds a tree there and later reaches its files by path: each is owned
+/// by root and, unless sticky (`/tmp`), writable by nobody else.
+fn check_ancestors(p: &Path) -> Result<(), ApiFail> {
+    for a in p.ancestors() {
+        let m = std::fs::symlink_metadata(a).map_err(|e| {
+            ApiFail(
+                ErrorKind::Internal,
+                format!("checking {}: {e}", a.display()),
+            )
+        })?;
+        let others_write = m.mode() & 0o022 != 0 && m.mode() & 0o1000 == 0;
+        if m.uid() != 0 || others_write {
+            return Err(ApiFail(
+                ErrorKind::BadRequest,
+                format!(
+                    "destination {}: {} is {} (a user could move or replace the tree while root writes into it); use a directory only root can change",
+                    p.display(),
+                    a.display(),
+                    if m.uid() != 0 {
+                        format!("owned by uid {}", m.uid())
+                    } else {
+                        "writable by group or others".to_string()
+                    }
+                ),
+            ));
+        }
+    }
+    Ok(())
+}
+
+/// Whether an image entry would give a host user who reaches it more than the user has:
+/// a setuid or setgid file, or one with file capabilities.
+fn is_privileged(e: &crate::index::Entry) -> bool {
+    (e.kind == crate::index::EntryKind::File && e.mode & 0o6000 != 0)
+        || e.xattrs.iter().any(|(n, _)| n == "security.capability")
+}
+
+/// Checks that host users cannot reach a direct-mode tree at `dest` holding the privileged
+/// file `privileged` (its setuid and capability binaries would be theirs to run): some
+/// ancestor must be a root-owned directory others cannot enter (no search bit for others,
+/// nor for a group but root's), as overlay mode's `layers/` is. The container's root is
+/// the tree itself and sees no difference. `roots`: `STATE_DIR/roots`, such a place (named
+/// in the error).
+fn check_unexposed(dest: &Path, privileged: &str, roots: &Path) -> Result<(), ApiFail> {
+    let guarded = dest.ancestors().skip(1).any(|a| {
+        std::fs::symlink_metadata(a).is_ok_and(|m| {
+            m.is_dir()
+                && m.uid() == 0
+                && m.mode() & 0o001 == 0
+                && (m.mode() & 0o010 == 0 || m.gid() == 0)
+        })
+    });
+    if guarded {
+        return Ok(());
+    }
+    Err(ApiFail(
+        ErrorKind::BadRequest,
+        format!(
+            "destination {}: every user of this host could enter the tree and run the image's setuid and capability binaries (/{privileged}); put it under a directory only root can enter (mode 0700; missing parents are created so), e.g. {}",
+            dest.display(),
+            roots.join(dest.file_name().unwrap_or_default()).display()
+        ),
+    ))
+}
+
+/// Checks a created destination, open as `dir`: empty, on ext4, xfs or btrfs.
+fn check_dest_dir(dest: &Path, dir: &impl std::os::fd::AsFd) -> Result<(), ApiFail> {
+    let fs = nix::sys::statfs::fstatfs(dir).map_err(|e| {
         ApiFail(
             ErrorKind::Internal,
             format!("statfs {}: {e}", dest.display()),
@@ -494,7 +582,7 @@ fn check_dest_dir(dest: &Path) -> Result<(), ApiFail> {
             ),
         ));
     }
-    let mut rd = std::fs::read_dir(dest).map_err(|e| {
+    let mut rd = std::fs::read_dir(crate::sys::fdpass::proc_fd_path(dir)).map_err(|e| {
         ApiFail(
             ErrorKind::Internal,
             format!("reading {}: {e}", dest.display()),
@@ -509,9 +597,11 @@ fn check_dest_dir(dest: &Path) -> Result<(), ApiFail> {
     Ok(())
 }
 
-fn prepare_options(index_dir: &Path, r: &RegistrySettings) -> Result<PrepareOptions, ApiFail> {
-    PrepareOptions::from_settings(index_dir, r)
-        .map_err(|e| ApiFail(ErrorKind::BadRequest, e.to_string()))
+fn prepare_options(config: &DaemonConfig, r: &RegistrySettings) -> Result<PrepareOptions, ApiFail> {
+    let mut o = PrepareOptions::from_settings(&config.index_dir, r)
+        .map_err(|e| ApiFail(ErrorKind::BadRequest, e.to_string()))?;
+    config.index_policy.apply(&mut o);
+    Ok(o)
 }
 
 /// An image opened for serving: store, indexes by layer.
@@ -623,8 +713,12 @@ impl Daemon {
 
     /// Checks a requested destination before anything is created, claims it against
     /// concurrent prepares, creates it, and checks it again once resolved (empty, on ext4,
-    /// xfs or btrfs). Returns the resolved path and the claim.
-    fn claim_dest(&self, dest: &Path) -> Result<(PathBuf, Claim<'_>), ApiFail> {
+    /// xfs or btrfs; no ancestor a user but root could change), and opens it. Returns the
+    /// resolved path, the claim and the open directory.
+    fn claim_dest(
+        &self,
+        dest: &Path,
+    ) -> Result<(PathBuf, Claim<'_>, std::os::fd::OwnedFd), ApiFail> {
         let bad = |m: String| ApiFail(ErrorKind::BadRequest, m);
         if !dest.is_absolute() {
             return Err(bad(format!(
@@ -655,12 +749,17 @@ impl Daemon {
                 dest: resolved.clone(),
             }
         };
-        std::fs::create_dir_all(&resolved).map_err(|e| {
-            ApiFail(
-                ErrorKind::Internal,
-                format!("creating {}: {e}", resolved.display()),
-            )
-        })?;
+        // Directories created on the way are root's alone (0700).
+        std::fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o700)
+            .create(&resolved)
+            .map_err(|e| {
+                ApiFail(
+                    ErrorKind::Internal,
+                    format!("creating {}: {e}", resolved.display()),
+                )
+            })?;
         // A symlink put in place meanwhile would lead elsewhere: the real path must be the
         // one checked.
         let canon = resolved.canonicalize().map_err(|e| {
@@ -676,8 +775,17 @@ impl Daemon {
                 canon.display()
             )));
         }
-        check_dest_dir(&canon)?;
-        Ok((canon, claim))
+        check_ancestors(&canon)?;
+        // Opened once, with no symlink anywhere on the way: the directory checked is the
+        // one everything is built in, whatever happens to the path later.
+        let dir = unpack::open_dest(&canon).map_err(|e| {
+            ApiFail(
+                ErrorKind::Internal,
+                format!("opening {}: {}", canon.display(), error_chain(&e)),
+            )
+        })?;
+        check_dest_dir(&canon, &dir)?;
+        Ok((canon, claim, dir))
     }
 
     async fn prepare(
@@ -688,22 +796,35 @@ impl Daemon {
         registry: RegistrySettings,
         prefetch: bool,
     ) -> Result<ImageStatus, ApiFail> {
-        let (dest, _claim) = self.claim_dest(&dest)?;
-        let tree = TreeDir::open(&dest).map_err(|e| {
+        let (dest, _claim, dir) = self.claim_dest(&dest)?;
+        let internal = |e: std::io::Error| {
             ApiFail(
                 ErrorKind::Internal,
                 format!("opening {}: {e}", dest.display()),
             )
-        })?;
+        };
+        let dir = std::fs::File::from(dir);
+        let tree = TreeDir::from_dir(dir.try_clone().map_err(internal)?).map_err(internal)?;
         let id = self.next_id.fetch_add(1, Ordering::SeqCst);
         // Until the image is recorded, a failure (or a successor, after a crash) removes
         // whatever was made here.
         let preparing = Preparing::begin(&self.state, id, &dest, &tree)?;
-        let opts = prepare_options(&self.config.index_dir, &registry)?;
+        let opts = prepare_options(&self.config, &registry)?;
         let started = Instant::now();
         let opened = open_image(&image_ref, &opts)
             .await
             .map_err(|e| ApiFail(ErrorKind::Image, error_chain(&e)))?;
+        if mode == LayoutMode::Direct {
+            let privileged = opened
+                .sources
+                .layers()
+                .flat_map(|(_, ix)| ix.entries.iter())
+                .find(|e| is_privileged(e))
+                .map(|e| e.path.clone());
+            if let Some(p) = privileged {
+                check_unexposed(&dest, &p, &self.own.state.join("roots"))?;
+            }
+        }
         // The files a recorded run of this image read: fetched while the placeholders are
         // unpacked, written once they are registered, before the workload asks.
         let early_profile = opened
@@ -735,7 +856,7 @@ impl Daemon {
                 .zip(&ixs)
                 .map(|(d, ix)| Layer::new(d, &ix.entries))
                 .collect();
-            unpack::unpack(&layers, &dest2, &uopts)
+            unpack::unpack_at(&layers, dir.into(), &dest2, &uopts)
         })
         .await
         .map_err(ApiFail::internal)?
@@ -745,7 +866,7 @@ impl Daemon {
                 format!("unpacking {image_ref}: {}", error_chain(&e)),
             )
         })?;
-        if let Err(e) = image::mark_tree(&dest, &image_ref) {
+        if let Err(e) = image::mark_tree_dir(&tree.fd, &image_ref) {
             warn!(dest = %dest.display(), error = %e, "cannot mark the tree as fanfill's");
         }
         let counters = Arc::new(ImageCounters::default());
@@ -787,8 +908,9 @@ impl Daemon {
                     sha256: sha.clone(),
                 };
                 // From the content cache: filled before it is ever marked, nothing fetched.
-                if let Some(sha) = &sha {
-                    match this.cache.fill(sha, &p.path, p.size) {
+                let meta = opened.sources.entry(p.layer, p.entry);
+                if let (Some(sha), Some(meta)) = (&sha, meta) {
+                    match this.cache.fill(sha, &p.path, meta) {
                         Ok(true) => {
                             rec.complete = true;
                             record.files.push(rec);
@@ -857,6 +979,7 @@ impl Daemon {
             rate: Mutex::new((Instant::now(), 0, 0.0)),
             tree: Some(tree),
             gone: Mutex::new(HashSet::new()),
+            bad: Mutex::new(None),
         });
         self.images.lock().unwrap().insert(id, rt.clone());
         if prefetch {
@@ -882,6 +1005,7 @@ impl Daemon {
             Arc::new(ImageRt {
                 tree,
                 gone: Mutex::new(HashSet::new()),
+                bad: Mutex::new(None),
                 order,
                 saved: Mutex::new(Some(record.clone())),
                 cached: Mutex::new(Vec::new()),
@@ -896,7 +1020,7 @@ impl Daemon {
                 rate: Mutex::new((Instant::now(), 0, 0.0)),
             })
         };
-        let opened = match prepare_options(&self.config.index_dir, &record.registry) {
+        let opened = match prepare_options(&self.config, &record.registry) {
             Ok(opts) => open_image(&record.reference, &opts)
                 .await
                 .map_err(|e| error_chain(&e)),
@@ -1039,7 +1163,8 @@ impl Daemon {
             .tree
             .as_ref()
             .is_none_or(|t| t.location(&rec.dest).is_none());
-        s.state = match &img.error {
+        let bad = img.bad.lock().unwrap().clone();
+        s.state = match img.error.as_ref().or(bad.as_ref()) {
             Some(e) => format!("error: {e}"),
             None if tree_gone => format!(
                 "error: the tree at {} was moved or deleted under the daemon",
@@ -1301,7 +1426,10 @@ impl Daemon {
     }
 
     /// Streams every layer with incomplete files into its placeholders, lowest first
-    /// ([`image::ImageSources::stream_fill`]), pausing while readers' misses are served.
+    /// ([`image::ImageSources::stream_fill`]). Before each piece it yields to readers'
+    /// misses being served, for at most [`STREAM_YIELD`]: a workload that misses without
+    /// pause (a walk of the tree) would otherwise starve the one stream that makes all of
+    /// its later misses local.
     fn stream_layers(&self, img: &ImageRt) {
         let Some(opened) = &img.opened else { return };
         let files: Vec<(usize, usize, FileId)> = {
@@ -1312,21 +1440,70 @@ impl Daemon {
                 .filter_map(|(f, id)| Some((f.layer, f.entry, (*id)?)))
                 .collect()
         };
-        let streamed = opened.sources.stream_fill(&self.engine, &files, |len| {
-            while self.engine.inflight_events() > 0 && !self.prefetch_stopped(img) {
-                std::thread::sleep(Duration::from_millis(2));
-            }
-            if self.prefetch_stopped(img) {
-                return false;
-            }
-            self.pace_prefetch(len);
-            true
-        });
+        let (streamed, mismatched) =
+            opened
+                .sources
+                .stream_fill_checked(&self.engine, &files, |len| {
+                    let yielded = Instant::now();
+                    while self.engine.inflight_events() + self.overlays.inflight() > 0
+                        && yielded.elapsed() < STREAM_YIELD
+                        && !self.prefetch_stopped(img)
+                    {
+                        std::thread::sleep(Duration::from_millis(1));
+                    }
+                    if self.prefetch_stopped(img) {
+                        return false;
+                    }
+                    self.pace_prefetch(len);
+                    true
+                });
         if streamed.files > 0 {
             // The image's own store: its counter is the image's network traffic.
             img.counters
                 .bytes_fetched
                 .fetch_max(opened.store.bytes_fetched(), Ordering::Relaxed);
+        }
+        if let Some((layer, actual)) = mismatched.first() {
+            self.mark_bad(
+                img,
+                format!("layer {layer} does not match its digest (its bytes hash to {actual})"),
+            );
+        }
+    }
+
+    /// Fails the image closed: every later read of it gets `EIO`. Its files are forgotten by
+    /// the engine with their marks kept (unknown files are denied), and in direct mode the
+    /// complete ones are marked again; prefetch stops; status and the log say why.
+    fn mark_bad(&self, img: &ImageRt, why: String) {
+        let (dest, mode, paths) = {
+            let rec = img.record.lock().unwrap();
+            let paths: Vec<PathBuf> = rec.files.iter().map(|f| f.path.clone()).collect();
+            (rec.dest.clone(), rec.mode, paths)
+        };
+        tracing::error!(dest = %dest.display(), reason = %why, "image marked bad: every read gets EIO");
+        *img.bad.lock().unwrap() = Some(why);
+        img.prefetch.store(false, Ordering::SeqCst);
+        for (path, id) in paths.iter().zip(&img.files) {
+            let Some(fid) = id else { continue };
+            self.engine.forget(*fid);
+            if mode != LayoutMode::Direct {
+                continue;
+            }
+            // The registered inode only (a FIFO put there never blocks the open).
+            let f = std::fs::File::options()
+                .read(true)
+                .custom_flags(libc::O_NOFOLLOW | libc::O_NONBLOCK | libc::O_CLOEXEC)
+                .open(path);
+            if let Ok(f) = f
+                && f.metadata()
+                    .is_ok_and(|m| m.is_file() && (m.dev(), m.ino()) == (fid.dev(), fid.ino()))
+                && let Err(e) = self.engine.group().mark_inode(
+                    std::os::fd::AsFd::as_fd(&f),
+                    crate::sys::fanotify::FAN_PRE_ACCESS,
+                )
+            {
+                warn!(path = %path.display(), error = %e, "cannot mark a file of a bad image");
+            }
         }
     }
 
@@ -1401,7 +1578,10 @@ impl Daemon {
     /// Records one image's progress (and watched overlays) if it changed since it was last
     /// recorded, then offers its complete files to the content cache.
     fn persist_image(&self, img: &ImageRt) {
-        if img.removed.load(Ordering::SeqCst) || img.error.is_some() {
+        if img.removed.load(Ordering::SeqCst)
+            || img.error.is_some()
+            || img.bad.lock().unwrap().is_some()
+        {
             return;
         }
         let snapshot = {
@@ -1437,11 +1617,14 @@ impl Daemon {
                 continue;
             }
             cached[i] = true;
+            // Read only through the inode the engine registered (never a path that
+            // now leads elsewhere); files filled from the cache are in it already.
             if let Some(sha) = &f.sha256
+                && let Some(Some(fid)) = img.files.get(i)
                 && !self.cache.contains(sha)
                 && !img.removed.load(Ordering::SeqCst)
             {
-                match self.cache.add(sha, &f.path) {
+                match self.cache.add(sha, &f.path, (fid.dev(), fid.ino())) {
                     Ok(true) => debug!(path = %f.path.display(), "added to the content cache"),
                     Ok(false) => {
                         warn!(path = %f.path.display(), "not cached: its bytes are not the image's")
@@ -1648,7 +1831,7 @@ async fn read_request_line(
     }
 }
 
-async fn serve_conn(daemon: Arc<Daemon>, stream: tokio::net::UnixStream) {
+async fn serve_conn(daemon: Arc<Daemon>, stream: tokio::net::UnixStream, access: peer::Access) {
     use tokio::io::AsyncWriteExt;
     let (r, mut w) = stream.into_split();
     let mut r = tokio::io::BufReader::new(r);
@@ -1657,6 +1840,14 @@ async fn serve_conn(daemon: Arc<Daemon>, stream: tokio::net::UnixStream) {
         let (resp, close) = match read_request_line(&mut r, &mut line).await {
             Ok(None) => break,
             Ok(Some(())) => match Request::from_line(&line) {
+                Ok(req) if access == peer::Access::ReadOnly && !req.is_read_only() => (
+                    Response::Error {
+                        kind: ErrorKind::PermissionDenied,
+                        message: "permission denied: only root may change what the daemon serves"
+                            .into(),
+                    },
+                    false,
+                ),
                 Ok(req) => (daemon.handle(req).await, false),
                 Err(e) => (Response::bad_request(&e), false),
             },
@@ -1688,6 +1879,9 @@ pub fn run(config: DaemonConfig) -> Result<(), DaemonError> {
         let what = what.to_string();
         move |source| DaemonError::Io { what, source }
     };
+    // State, cache, journal and the holder's socket: root's alone.
+    std::fs::set_permissions(state.root(), std::fs::Permissions::from_mode(0o700))
+        .map_err(io("making the state directory private"))?;
     let nofile = match crate::sys::fdpass::raise_nofile_limit() {
         Ok(n) => {
             debug!(nofile = n, "descriptor limit");
@@ -1853,7 +2047,8 @@ pub fn run(config: DaemonConfig) -> Result<(), DaemonError> {
         });
     }
     if let Some(dir) = config.socket.parent() {
-        std::fs::create_dir_all(dir).map_err(io("creating the socket directory"))?;
+        peer::create_socket_dir(dir, config.status_group)
+            .map_err(io("creating the socket directory"))?;
     }
     if std::os::unix::net::UnixStream::connect(&config.socket).is_ok() {
         return Err(DaemonError::Socket {
@@ -1870,11 +2065,16 @@ pub fn run(config: DaemonConfig) -> Result<(), DaemonError> {
         source,
     };
     let listener = {
+        let mode = if config.status_group.is_some() {
+            0o660
+        } else {
+            0o600
+        };
+        let l = peer::bind(&config.socket, mode, config.status_group).map_err(sock_err)?;
+        l.set_nonblocking(true).map_err(sock_err)?;
         let _g = rt.enter();
-        tokio::net::UnixListener::bind(&config.socket).map_err(sock_err)?
+        tokio::net::UnixListener::from_std(l).map_err(sock_err)?
     };
-    std::fs::set_permissions(&config.socket, std::fs::Permissions::from_mode(0o600))
-        .map_err(sock_err)?;
     if let Some(addr) = config.metrics_addr {
         let _g = rt.enter();
         let l = rt
@@ -1898,7 +2098,11 @@ pub fn run(config: DaemonConfig) -> Result<(), DaemonError> {
         loop {
             tokio::select! {
                 c = listener.accept() => match c {
-                    Ok((s, _)) => { tokio::spawn(serve_conn(d.clone(), s)); }
+                    Ok((s, _)) => match peer::peer(&s).map(|p| (p, peer::api_access(&p, d.config.status_group))) {
+                        Ok((_, Some(access))) => { tokio::spawn(serve_conn(d.clone(), s, access)); }
+                        Ok((p, None)) => warn!(uid = p.uid, pid = p.pid, "API connection refused: not root nor in the status group"),
+                        Err(e) => warn!(error = %e, "API connection refused: no peer credentials"),
+                    },
                     Err(e) => warn!(error = %e, "accepting an API connection"),
                 },
                 _ = async { match term.as_mut() { Some(s) => { s.recv().await; } None => std::future::pending().await } } => break,

@@ -19,7 +19,7 @@ use base64::Engine as _;
 use serde::{Deserialize, Serialize};
 use sha2::{Digest as _, Sha256};
 
-use super::{ChunkCodec, MAX_CHUNK_LEN, TocChunk, TocError, TocFormat, TocLayer};
+use super::{ChunkCodec, MAX_CHUNK_LEN, MAX_INNER_OFFSET, TocChunk, TocError, TocFormat, TocLayer};
 use crate::blobcache::BlobCache;
 use crate::index::{Compression, Entry, EntryKind};
 use crate::registry::BlobStore;
@@ -479,6 +479,14 @@ pub(crate) fn parse_toc_as(
                     what: "chunk",
                     size: c.len,
                     limit: MAX_CHUNK_LEN,
+                });
+            }
+            if c.inner_offset > MAX_INNER_OFFSET {
+                return Err(TocError::TooLarge {
+                    layer: layer.to_string(),
+                    what: "chunk inner offset",
+                    size: c.inner_offset,
+                    limit: MAX_INNER_OFFSET,
                 });
             }
             if k > 0 && c.compressed_offset < prev_start {

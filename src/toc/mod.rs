@@ -36,6 +36,12 @@ pub use source::{TocFileSource, verify_for};
 /// memory, so a TOC must not be able to make that unbounded.
 pub const MAX_CHUNK_LEN: u64 = 256 << 20;
 
+/// Furthest into its gzip member a chunk may start (eStargz `innerOffset`). Writers put
+/// several small files in one member (`--estargz-min-chunk-size`), never megabytes of them;
+/// a TOC saying more would make one read inflate that much before the chunk comes out (a
+/// decompression bomb: a small member of zeros inflates a thousandfold).
+pub const MAX_INNER_OFFSET: u64 = 64 << 20;
+
 /// Errors while finding, fetching or reading a layer's table of contents.
 #[derive(Debug, thiserror::Error)]
 pub enum TocError {

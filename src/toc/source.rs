@@ -14,7 +14,7 @@ use futures::future::BoxFuture;
 use oci_spec::image::Digest;
 use sha2::{Digest as _, Sha256};
 
-use super::{ChunkCodec, TocChunk, TocLayer};
+use super::{ChunkCodec, MAX_INNER_OFFSET, TocChunk, TocLayer};
 use crate::blobcache::BlobCache;
 use crate::fill::{ContentSource, SourceError, Verify};
 use crate::registry::BlobStore;
@@ -118,7 +118,9 @@ fn inflate(codec: ChunkCodec, data: &[u8], want: u64) -> std::io::Result<Vec<u8>
 }
 
 /// Inflates the chunks `cs` from `fetched` (the blob from offset `base`) and returns their
-/// bytes concatenated, every chunk checked against its digest.
+/// bytes concatenated, every chunk checked against its digest. Each member is inflated no
+/// further than the end of the last chunk of it the read needs (`innerOffset` plus length,
+/// the offset at most [`MAX_INNER_OFFSET`]): what the TOC says it yields, never more.
 fn chunk_bytes(
     codec: ChunkCodec,
     cs: &[TocChunk],
@@ -135,7 +137,16 @@ fn chunk_bytes(
             out.resize(out.len() + c.len as usize, 0);
             continue;
         }
-        let need = c.inner_offset + c.len;
+        let need = match c.inner_offset.checked_add(c.len) {
+            Some(n) if c.inner_offset <= MAX_INNER_OFFSET => n,
+            _ => {
+                return Err(SourceError::new(format!(
+                    "{}: the TOC puts it {} bytes into its member (at most {MAX_INNER_OFFSET})",
+                    at(),
+                    c.inner_offset
+                )));
+            }
+        };
         let reuse = matches!(&member, Some((off, buf)) if *off == c.compressed_offset && buf.len() as u64 >= need);
         if !reuse {
             let lo = (c.compressed_offset - base) as usize;
@@ -144,9 +155,11 @@ fn chunk_bytes(
             let need_all = cs
                 .iter()
                 .filter(|o| o.compressed_offset == c.compressed_offset && !o.zeros)
-                .map(|o| o.inner_offset + o.len)
+                .filter(|o| o.inner_offset <= MAX_INNER_OFFSET)
+                .filter_map(|o| o.inner_offset.checked_add(o.len))
                 .max()
-                .unwrap_or(need);
+                .unwrap_or(need)
+                .max(need);
             let bytes = inflate(codec, &fetched[lo..hi], need_all).map_err(|e| {
                 SourceError::with_source(
                     format!(
@@ -296,6 +309,66 @@ mod tests {
             toc_digest: String::new(),
             toc_bytes_fetched: 0,
         }
+    }
+
+    /// A crafted TOC and blob: a 1 MiB gzip member of 256 MiB of zeros, and a chunk the TOC
+    /// says starts 200 MiB into it. Refused before anything is inflated.
+    #[test]
+    fn a_chunk_deep_in_a_bomb_member_is_refused_uninflated() {
+        use std::io::Write as _;
+        let mut gz = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::best());
+        let zeros = vec![0u8; 1 << 20];
+        for _ in 0..256 {
+            gz.write_all(&zeros).unwrap();
+        }
+        let blob = gz.finish().unwrap();
+        assert!(blob.len() < 1 << 20);
+        let mut toc = layer(&[4096]);
+        toc.codec = ChunkCodec::GzipMember;
+        toc.chunks[0][0] = TocChunk {
+            file_offset: 0,
+            len: 4096,
+            compressed_offset: 0,
+            compressed_end: blob.len() as u64,
+            inner_offset: 200 << 20,
+            sha256: None,
+            zeros: false,
+        };
+        let t = std::time::Instant::now();
+        let r = try_chunk_bytes_for_test(&toc, 0, &blob);
+        let took = t.elapsed();
+        assert!(
+            matches!(&r, Err(e) if e.to_string().contains("into its member")),
+            "a chunk 200 MiB into a bomb member was inflated ({} bytes, {took:?})",
+            r.map(|v| v.len()).unwrap_or_default()
+        );
+        assert!(took < std::time::Duration::from_millis(100), "{took:?}");
+        // An offset that overflows is refused too, never wrapped.
+        toc.chunks[0][0].inner_offset = u64::MAX - 10;
+        assert!(try_chunk_bytes_for_test(&toc, 0, &blob).is_err());
+    }
+
+    /// The same crafted chunk in TOC JSON: refused when the TOC is read, before any fill.
+    #[test]
+    fn an_estargz_toc_with_a_deep_inner_offset_is_refused() {
+        let deep = 200u64 << 20;
+        let j = format!(
+            r#"{{"version":1,"entries":[{{"name":"a","type":"reg","size":4096,"offset":5,"innerOffset":{deep}}}]}}"#
+        );
+        let r = super::super::estargz::parse_toc(j.as_bytes(), "l", 1 << 30, 1 << 29);
+        assert!(
+            matches!(
+                r,
+                Err(super::super::TocError::TooLarge {
+                    what: "chunk inner offset",
+                    ..
+                })
+            ),
+            "a TOC putting a chunk {deep} bytes into its member was accepted: {r:?}"
+        );
+        let j = j.replace(&deep.to_string(), "4096");
+        let toc = super::super::estargz::parse_toc(j.as_bytes(), "l", 1 << 30, 1 << 29).unwrap();
+        assert_eq!(toc.chunks[0][0].inner_offset, 4096);
     }
 
     #[test]

@@ -19,13 +19,14 @@
 //!    non-directory (`a -> /etc` then `a/passwd`) is refused; an entry beneath a *lower*
 //!    layer's non-directory replaces it with a directory, as an overlay mount of the layers
 //!    would show. Every error is found here, before the first write.
-//! 2. **Materialise**: one walk per tree in path order, parents first, through directory
-//!    fds opened with `O_NOFOLLOW` one component at a time; existing inodes for hardlinks
-//!    are found with `openat2(RESOLVE_BENEATH | RESOLVE_NO_SYMLINKS | ...)` from the
-//!    destination. A directory's owner, mode, xattrs and mtime are set when the walk leaves
-//!    it, deepest first. Regular files: create, size (`ftruncate`), optional data, owner,
-//!    mode (after the owner: chown clears setuid), xattrs (after the owner: chown clears
-//!    `security.capability`), mtime.
+//! 2. **Materialise**: beneath the destination opened once (by the caller, [`unpack_at`],
+//!    or here with `RESOLVE_NO_SYMLINKS`), one walk per tree in path order, parents first,
+//!    through directory fds opened with `O_NOFOLLOW` one component at a time; existing
+//!    inodes for hardlinks are found with `openat2(RESOLVE_BENEATH | RESOLVE_NO_SYMLINKS |
+//!    ...)` from the destination. A directory's owner, mode, xattrs and mtime are set when
+//!    the walk leaves it, deepest first. Regular files: create, size (`ftruncate`),
+//!    optional data, owner, mode (after the owner: chown clears setuid), xattrs (after the
+//!    owner: chown clears `security.capability`), mtime.
 //!
 //! # Layouts
 //! - [`Mode::Direct`]: the flattened image at `dest`; `dest` itself carries the image root's
@@ -52,8 +53,11 @@
 //!
 //! Directories no layer describes (a parent a tar omitted) get mode 0755, owner 0:0 and
 //! mtime 0, or in overlay mode the metadata the directory already has in the layers below,
-//! so that both modes show the same tree. `trusted.overlay.*` and `user.overlay.*` xattrs
-//! from layers are dropped: a layer must not steer overlayfs.
+//! so that both modes show the same tree. Of a layer's xattrs only those an unpacker may
+//! apply are ([`xattr_allowed`]: `security.capability`, POSIX ACLs, `user.*` and
+//! `trusted.*` but overlayfs control xattrs and fanfill's own marker); the rest are dropped
+//! and counted in the log: a layer must not steer overlayfs, label files for the host's
+//! security modules, or forge fanfill's tree marker.
 
 pub(crate) mod plan;
 mod write;
@@ -65,7 +69,9 @@ use std::path::{Path, PathBuf};
 
 use crate::index::Entry;
 
-pub use write::{create_file, finish_file, open_dir_beneath};
+pub use write::{
+    OWN_XATTR_PREFIXES, create_file, finish_file, open_dest, open_dir_beneath, xattr_allowed,
+};
 
 /// One layer of an image: its digest (for messages and the overlay layout) and its entry
 /// table in tar order.
@@ -375,14 +381,44 @@ pub fn unpack_with(
         source,
     };
     let dest_abs = dest.canonicalize().map_err(dest_err)?;
+    let fd = write::open_dest(&dest_abs)?;
+    unpack_at_with(layers, fd, &dest_abs, opts, hooks)
+}
+
+/// [`unpack`] into the directory open as `dest` (at `dest_abs`, which names the
+/// placeholders in the result): nothing is created through a path, so whatever is done to
+/// `dest_abs` meanwhile, the tree is built in this directory.
+pub fn unpack_at(
+    layers: &[Layer<'_>],
+    dest: std::os::fd::OwnedFd,
+    dest_abs: &Path,
+    opts: &UnpackOptions,
+) -> Result<Unpacked, UnpackError> {
+    unpack_at_with(layers, dest, dest_abs, opts, &mut NoHooks)
+}
+
+fn unpack_at_with(
+    layers: &[Layer<'_>],
+    dest: std::os::fd::OwnedFd,
+    dest_abs: &Path,
+    opts: &UnpackOptions,
+    hooks: &mut dyn UnpackHooks,
+) -> Result<Unpacked, UnpackError> {
+    let dest_err = |source| UnpackError::Dest {
+        dest: dest_abs.to_owned(),
+        source,
+    };
     if !opts.allow_nonempty
-        && std::fs::read_dir(&dest_abs)
+        && std::fs::read_dir(crate::sys::fdpass::proc_fd_path(&dest))
             .map_err(dest_err)?
             .next()
             .is_some()
     {
-        return Err(UnpackError::DestNotEmpty { dest: dest_abs });
+        return Err(UnpackError::DestNotEmpty {
+            dest: dest_abs.to_owned(),
+        });
     }
+    let dest_abs = dest_abs.to_path_buf();
     let plan = plan::plan(layers, opts.mode == Mode::Overlay)?;
     tracing::info!(
         dest = %dest_abs.display(),
@@ -391,7 +427,7 @@ pub fn unpack_with(
         objects = plan.merged.len(),
         "unpacking placeholders"
     );
-    let out = write::materialise(layers, &dest_abs, opts, hooks, &plan)?;
+    let out = write::materialise(layers, dest, &dest_abs, opts, hooks, &plan)?;
     tracing::info!(
         dest = %dest_abs.display(),
         dirs = out.stats.dirs,

@@ -17,7 +17,7 @@ use std::os::unix::ffi::OsStrExt;
 use std::path::{Path, PathBuf};
 
 use nix::errno::Errno;
-use nix::fcntl::{AtFlags, OFlag, OpenHow, ResolveFlag, open, openat, openat2};
+use nix::fcntl::{AtFlags, OFlag, OpenHow, ResolveFlag, openat, openat2};
 use nix::sys::stat::{
     FchmodatFlags, Mode as Perm, SFlag, UtimensatFlags, fchmod, fchmodat, futimens, makedev,
     mkdirat, mknodat, utimensat,
@@ -53,7 +53,7 @@ pub fn create_file(dir: BorrowedFd<'_>, name: &OsStr, size: u64, sparse: bool) -
 /// capability also by a write): call it after any data was written. The access time is
 /// set to the mtime (layers carry no atime).
 pub fn finish_file(file: &File, meta: &Entry) -> io::Result<()> {
-    finish_fd(file, meta, false).map_err(|(_, e)| e)
+    finish_fd(file, meta, false, &Dropped::default()).map_err(|(_, e)| e)
 }
 
 /// Opens the directory `rel` beneath `root` for use with [`create_file`], refusing any
@@ -107,7 +107,7 @@ fn create_file_op(
 
 /// Owner, mode, xattrs, times of an open file or directory; `opaque` adds the overlay
 /// opaque marker.
-fn finish_fd(file: &File, meta: &Entry, opaque: bool) -> OpResult<()> {
+fn finish_fd(file: &File, meta: &Entry, opaque: bool, dropped: &Dropped) -> OpResult<()> {
     // A chown and a chmod each dirty the inode in the journal; most entries are created
     // with the owner and mode they need already (root unpacking root's files), so compare
     // first. A chown clears setuid/setgid bits: after one, the mode is always set again.
@@ -125,7 +125,7 @@ fn finish_fd(file: &File, meta: &Entry, opaque: bool) -> OpResult<()> {
         fchmod(file.as_fd(), perm(meta.mode)).map_err(op(Op::Chmod))?;
     }
     for (name, value) in &meta.xattrs {
-        if keep_xattr(name, true) {
+        if keep_xattr(name, true, dropped) {
             file.set_xattr(name, value)
                 .map_err(|e| (Op::Xattr(name.clone()), e))?;
         }
@@ -148,14 +148,75 @@ fn mtime(meta: &Entry) -> TimeSpec {
     TimeSpec::new(meta.mtime, i64::from(meta.mtime_nsec.min(999_999_999)))
 }
 
-/// Whether a layer xattr is applied. Overlay control xattrs never are; `user.*` only on
-/// regular files and directories (the kernel refuses it elsewhere).
-fn keep_xattr(name: &str, file_or_dir: bool) -> bool {
-    if name.starts_with("trusted.overlay.") || name.starts_with("user.overlay.") {
+/// Prefixes of fanfill's own xattrs (the tree marker `trusted.fanfill.image` the OCI hook
+/// trusts): never taken from an image.
+pub const OWN_XATTR_PREFIXES: &[&str] = &["trusted.fanfill.", "user.fanfill."];
+
+/// Whether an unpacker may apply the layer xattr `name`: what a layer legitimately
+/// carries, as containerd's and umoci's unpackers apply it: file capabilities
+/// (`security.capability`), POSIX ACLs (`system.posix_acl_access`, `_default`), and the
+/// `user.*` and `trusted.*` namespaces, except overlayfs control xattrs (`trusted.overlay.*`,
+/// `user.overlay.*`: an image must not steer the overlay it is mounted in) and fanfill's own
+/// ([`OWN_XATTR_PREFIXES`]: an image must not forge fanfill's marker). Every other
+/// `security.*` label (`selinux`, `ima`, `evm`, `apparmor`, `SMACK64`...) belongs to the
+/// host's policy, not to the image, and is never applied; so is any other namespace.
+pub fn xattr_allowed(name: &str) -> bool {
+    if name.starts_with("trusted.overlay.")
+        || name.starts_with("user.overlay.")
+        || OWN_XATTR_PREFIXES.iter().any(|p| name.starts_with(p))
+    {
+        return false;
+    }
+    matches!(
+        name,
+        "security.capability" | "system.posix_acl_access" | "system.posix_acl_default"
+    ) || name.starts_with("user.")
+        || name.starts_with("trusted.")
+}
+
+/// Layer xattrs not applied (see [`xattr_allowed`]): how many, and a few of their names
+/// for the log.
+#[derive(Default)]
+pub(super) struct Dropped {
+    count: std::cell::Cell<u64>,
+    names: std::cell::RefCell<std::collections::BTreeSet<String>>,
+}
+
+impl Dropped {
+    fn note(&self, name: &str) {
+        self.count.set(self.count.get() + 1);
+        let mut names = self.names.borrow_mut();
+        if names.len() < 8 {
+            names.insert(name.to_owned());
+        }
+    }
+
+    /// How many were dropped.
+    pub(super) fn count(&self) -> u64 {
+        self.count.get()
+    }
+
+    /// Logs the count, once per unpack.
+    fn log(&self) {
+        if self.count() > 0 {
+            tracing::warn!(
+                dropped = self.count(),
+                names = ?self.names.borrow(),
+                "layer xattrs an unpacker may not apply were dropped"
+            );
+        }
+    }
+}
+
+/// Whether a layer xattr is applied: [`xattr_allowed`] (others are counted in `dropped`);
+/// `user.*` only on regular files and directories (the kernel refuses it elsewhere).
+fn keep_xattr(name: &str, file_or_dir: bool, dropped: &Dropped) -> bool {
+    if !xattr_allowed(name) {
         tracing::debug!(
             xattr = name,
-            "dropping overlayfs control xattr from a layer"
+            "dropping a layer xattr an unpacker may not apply"
         );
+        dropped.note(name);
         return false;
     }
     if !file_or_dir && name.starts_with("user.") {
@@ -196,25 +257,32 @@ struct Writer<'a> {
     done: u64,
     total: u64,
     out: Unpacked,
+    dropped: Dropped,
 }
 
-/// Creates the plan's trees under `dest_abs`.
+/// Opens the destination directory `dest_abs` (absolute, canonical) once, never following a
+/// symlink at any component (`RESOLVE_NO_SYMLINKS`): everything is then built beneath this
+/// fd.
+pub fn open_dest(dest_abs: &Path) -> Result<OwnedFd, UnpackError> {
+    let how = OpenHow::new()
+        .flags(OFlag::O_RDONLY | OFlag::O_DIRECTORY | OFlag::O_CLOEXEC)
+        .resolve(ResolveFlag::RESOLVE_NO_SYMLINKS | ResolveFlag::RESOLVE_NO_MAGICLINKS);
+    openat2(nix::fcntl::AT_FDCWD, dest_abs, how).map_err(|e| UnpackError::Dest {
+        dest: dest_abs.to_owned(),
+        source: e.into(),
+    })
+}
+
+/// Creates the plan's trees beneath the open directory `dest` (which is at `dest_abs`: the
+/// path only names placeholders in the result, nothing is opened through it).
 pub(super) fn materialise(
     layers: &[Layer<'_>],
+    dest: OwnedFd,
     dest_abs: &Path,
     opts: &UnpackOptions,
     hooks: &mut dyn UnpackHooks,
     plan: &Plan,
 ) -> Result<Unpacked, UnpackError> {
-    let dest = open(
-        dest_abs,
-        OFlag::O_RDONLY | OFlag::O_DIRECTORY | OFlag::O_CLOEXEC,
-        Perm::empty(),
-    )
-    .map_err(|e| UnpackError::Dest {
-        dest: dest_abs.to_owned(),
-        source: e.into(),
-    })?;
     let mut devices_ok = opts.make_devices;
     if devices_ok && !nix::unistd::geteuid().is_root() {
         tracing::warn!("not root: device nodes will be skipped");
@@ -240,6 +308,7 @@ pub(super) fn materialise(
         done: 0,
         total,
         out: Unpacked::default(),
+        dropped: Dropped::default(),
     };
     match opts.mode {
         Mode::Direct => {
@@ -286,6 +355,7 @@ pub(super) fn materialise(
         done: w.done,
         total: w.total,
     });
+    w.dropped.log();
     Ok(w.out)
 }
 
@@ -437,7 +507,7 @@ impl Writer<'_> {
             Some(r) => (self.entry(r), self.layers[r.layer].digest),
             None => (&self.default_dir, tree_layer),
         };
-        finish_fd(&o.dir, meta, o.opaque)
+        finish_fd(&o.dir, meta, o.opaque, &self.dropped)
             .map_err(|e| self.err(layer, &prefix.join(plan::display(o.key)), e))
     }
 
@@ -463,7 +533,7 @@ impl Writer<'_> {
                     .hooks
                     .write_data(inode.layer, inode.entry, e, &mut file)
                     .map_err(|err| (Op::WriteData, err))?;
-                finish_fd(&file, e, false)?;
+                finish_fd(&file, e, false, &self.dropped)?;
                 self.out.stats.files += 1;
                 let visible = self.visible.as_ref().is_none_or(|v| v.contains(&inode));
                 if data == FileData::Placeholder && e.size > 0 && visible {
@@ -479,12 +549,12 @@ impl Writer<'_> {
             EntryKind::Symlink => {
                 let target = e.link.as_deref().unwrap_or_default();
                 symlinkat(target, dir, name).map_err(op(Op::Create))?;
-                special_meta(dir, name, e, false)?;
+                special_meta(dir, name, e, false, &self.dropped)?;
                 self.out.stats.symlinks += 1;
             }
             EntryKind::Fifo => {
                 mknodat(dir, name, SFlag::S_IFIFO, Perm::empty(), 0).map_err(op(Op::Create))?;
-                special_meta(dir, name, e, true)?;
+                special_meta(dir, name, e, true, &self.dropped)?;
                 self.out.stats.fifos += 1;
             }
             EntryKind::Char { major, minor } | EntryKind::Block { major, minor } => {
@@ -509,7 +579,7 @@ impl Writer<'_> {
                     }
                     Err(err) => return Err((Op::Create, err.into())),
                 }
-                special_meta(dir, name, e, true)?;
+                special_meta(dir, name, e, true, &self.dropped)?;
                 self.out.stats.devices += 1;
             }
             EntryKind::Dir | EntryKind::Hardlink => {
@@ -534,7 +604,13 @@ impl Writer<'_> {
 }
 
 /// Owner, mode, xattrs and times of a symlink, fifo or device node, never following it.
-fn special_meta(dir: BorrowedFd<'_>, name: &OsStr, e: &Entry, chmod: bool) -> OpResult<()> {
+fn special_meta(
+    dir: BorrowedFd<'_>,
+    name: &OsStr,
+    e: &Entry,
+    chmod: bool,
+    dropped: &Dropped,
+) -> OpResult<()> {
     fchownat(
         dir,
         name,
@@ -547,7 +623,11 @@ fn special_meta(dir: BorrowedFd<'_>, name: &OsStr, e: &Entry, chmod: bool) -> Op
         fchmodat(dir, name, perm(e.mode), FchmodatFlags::NoFollowSymlink).map_err(op(Op::Chmod))?;
     }
     let mut path = None;
-    for (n, value) in e.xattrs.iter().filter(|(n, _)| keep_xattr(n, false)) {
+    for (n, value) in e
+        .xattrs
+        .iter()
+        .filter(|(n, _)| keep_xattr(n, false, dropped))
+    {
         let path = path.get_or_insert_with(|| proc_path(dir, name));
         xattr::set(&*path, n, value).map_err(|err| (Op::Xattr(n.clone()), err))?;
     }

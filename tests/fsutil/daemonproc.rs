@@ -175,8 +175,16 @@ impl Drop for DaemonProc {
                 self.log_text()
             );
         }
-        let _ = fanfill::daemon::holder::quit(&self.state.join("holder.sock"));
+        stop_holder(&self.state);
     }
+}
+
+/// Stops the fd holder of the daemon with state dir `state` (its group closes). The holder
+/// serves only root processes of the fanfill binary, not this test program: it is sent
+/// SIGTERM, by its recorded pid, once that pid is checked to be a holder on this state
+/// dir's socket.
+pub fn stop_holder(state: &Path) {
+    fanfill::daemon::holder::terminate(state);
 }
 
 /// The holder's fanotify group fd as `/proc/PID/fdinfo/FD`: number of inode marks.
