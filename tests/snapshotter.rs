@@ -815,6 +815,11 @@ fn snapshots_api_contract() {
 
     let rig = Rig::start(true, &["--containerd-tls-verify=false"], false);
     let sock = rig.state.join("snapshotter.sock");
+    {
+        use std::os::unix::fs::PermissionsExt;
+        let mode = std::fs::metadata(&sock).unwrap().permissions().mode();
+        assert_eq!(mode & 0o777, 0o600, "the snapshotter socket is root's only");
+    }
     let (reference, layer0) = (rig.reference.clone(), rig.built.layers[0].0.clone());
     let layer1 = rig.built.layers[1].0.clone();
     let state = rig.state.clone();

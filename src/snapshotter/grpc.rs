@@ -204,8 +204,9 @@ impl Snapshots for Service {
 }
 
 /// Binds `socket` (replacing a stale socket file, refusing one a live server answers on;
-/// mode 0600) and serves the snapshotter on it on the current tokio runtime until the
-/// runtime shuts down.
+/// mode 0600 from the start, [`crate::daemon::peer::bind`]) and serves the snapshotter on
+/// it on the current tokio runtime until the runtime shuts down. Only root peers are served
+/// (containerd runs as root); anyone else is disconnected before a byte is read.
 pub fn serve(socket: &Path, snapshotter: Arc<Snapshotter>) -> Result<(), SnapshotterError> {
     let err = |what: &str| {
         let what = format!("{what} {}", socket.display());
@@ -220,16 +221,26 @@ pub fn serve(socket: &Path, snapshotter: Arc<Snapshotter>) -> Result<(), Snapsho
             "another server answers there",
         )));
     }
-    let _ = std::fs::remove_file(socket);
-    let listener = tokio::net::UnixListener::bind(socket).map_err(err("binding"))?;
-    {
-        use std::os::unix::fs::PermissionsExt;
-        std::fs::set_permissions(socket, std::fs::Permissions::from_mode(0o600))
-            .map_err(err("setting the mode of"))?;
-    }
+    let listener = crate::daemon::peer::bind(socket, 0o600, None).map_err(err("binding"))?;
+    listener.set_nonblocking(true).map_err(err("setting up"))?;
+    let listener = tokio::net::UnixListener::from_std(listener).map_err(err("setting up"))?;
     let incoming = futures::stream::unfold(listener, |l| async move {
-        let conn = l.accept().await.map(|(s, _)| s);
-        Some((conn, l))
+        loop {
+            match l.accept().await {
+                Ok((s, _)) => match crate::daemon::peer::peer(&s) {
+                    Ok(p) if p.uid == 0 => return Some((Ok(s), l)),
+                    Ok(p) => {
+                        warn!(
+                            uid = p.uid,
+                            pid = p.pid,
+                            "containerd socket: non-root peer refused"
+                        );
+                    }
+                    Err(e) => warn!(error = %e, "containerd socket: peer unknown; refused"),
+                },
+                Err(e) => return Some((Err(e), l)),
+            }
+        }
     });
     let server = tonic::service::Routes::new(SnapshotsServer::new(Service(snapshotter)));
     let path = socket.to_path_buf();
