@@ -148,8 +148,9 @@ fn run_workload(root: &Path, name: &str, workload_sha: &str) {
 }
 
 /// The command, `fanfill pull --tls-verify=false REFERENCE DEST`, served by a
-/// `fanfill daemon` of its own; then [`WORKLOAD`] from DEST. Returns the daemon (its log,
-/// its status) for the caller's checks.
+/// `fanfill daemon` of its own, with `--no-prefetch` (so that what was fetched is what the
+/// workload read); then [`WORKLOAD`] from DEST. Returns the daemon (its log, its status) for
+/// the caller's checks.
 fn cli_pull(t: &Path, name: &str, reference: &str, workload_sha: &str) -> DaemonProc {
     let state = t.join(format!("{name}-daemon"));
     std::fs::create_dir(&state).unwrap();
@@ -158,7 +159,7 @@ fn cli_pull(t: &Path, name: &str, reference: &str, workload_sha: &str) -> Daemon
     std::fs::create_dir(&dest).unwrap();
     let out = fsutil::daemonproc::bin()
         .env("FANFILL_SOCKET", &d.socket)
-        .args(["pull", "--tls-verify=false", reference])
+        .args(["pull", "--no-prefetch", "--tls-verify=false", reference])
         .arg(&dest)
         .output()
         .unwrap();
