@@ -53,6 +53,22 @@ fn watch(d: &DaemonProc, merged: &Path) {
     }
 }
 
+/// `reference` prepared in overlay mode into `fs/layers`, an overlay of its layers mounted
+/// at `fs/ovl/merged`, and the daemon asked to watch it.
+fn watched_overlay(d: &DaemonProc, fs: &LoopFs, reference: &str) -> (PathBuf, OverlayMount) {
+    let layers = fs.mnt.join("layers");
+    let st = d.prepare_layout(
+        reference,
+        &layers,
+        LayoutMode::Overlay,
+        false,
+        RegistrySettings::default(),
+    );
+    let ovl = OverlayMount::new(st.lowerdir.as_deref().unwrap(), &fs.mnt.join("ovl"));
+    watch(d, &ovl.merged);
+    (layers, ovl)
+}
+
 fn recorded_overlays(state: &Path) -> Vec<PathBuf> {
     let rec: serde_json::Value =
         serde_json::from_slice(&std::fs::read(state.join("images/1.json")).unwrap()).unwrap();
@@ -75,17 +91,8 @@ fn issue20_overlay_readers_get_the_image_bytes_across_sigkill_and_sigterm() {
     // Every fetch takes 1.5 s: readers are still blocked when the daemon dies.
     let slow = ["--test-fetch-delay-ms", "1500"];
     let mut d = DaemonProc::start(&state, &slow);
-    let layers = fs.mnt.join("layers");
-    let st = d.prepare_layout(
-        &reference,
-        &layers,
-        LayoutMode::Overlay,
-        false,
-        RegistrySettings::default(),
-    );
-    let ovl = OverlayMount::new(st.lowerdir.as_deref().unwrap(), &fs.mnt.join("ovl"));
+    let (layers, ovl) = watched_overlay(&d, &fs, &reference);
     let merged = ovl.merged.clone();
-    watch(&d, &merged);
     assert_eq!(recorded_overlays(&state), vec![merged.clone()]);
     let name = |i: usize| files[i].0.clone();
     let mut report = Vec::new();
@@ -207,16 +214,7 @@ fn issue20_image_that_cannot_be_reopened_answers_eio_not_holes() {
     let mut d = DaemonProc::start(&state, &[]);
     let direct = fs.mnt.join("direct");
     d.prepare(&reference, &direct, false);
-    let layers = fs.mnt.join("layers");
-    let st = d.prepare_layout(
-        &reference,
-        &layers,
-        LayoutMode::Overlay,
-        false,
-        RegistrySettings::default(),
-    );
-    let ovl = OverlayMount::new(st.lowerdir.as_deref().unwrap(), &fs.mnt.join("ovl"));
-    watch(&d, &ovl.merged);
+    let (_layers, ovl) = watched_overlay(&d, &fs, &reference);
     d.stop();
     assert!(fanfill::daemon::holder::terminate(&state));
     std::fs::rename(&img_dir, fs.mnt.join("img-moved")).unwrap();

@@ -77,24 +77,7 @@ impl Host for DaemonHost {
     }
 
     fn unwatch_overlay(&self, merged: &Path) {
-        let d = &self.0;
-        let mut images = Vec::new();
-        d.watches.lock().unwrap().retain(|(id, m, dev)| {
-            if m != merged {
-                return true;
-            }
-            d.overlays.unwatch(*dev);
-            images.push(*id);
-            false
-        });
-        for id in images {
-            let img = d.images.lock().unwrap().get(&id).cloned();
-            if let Some(img) = img {
-                img.record.lock().unwrap().overlays.retain(|m| m != merged);
-                // Off the record too: a successor must not watch it again.
-                d.persist_image(&img);
-            }
-        }
+        self.0.unwatch_overlay(merged);
     }
 
     fn remove_image(&self, dest: &Path) -> Result<(), String> {

@@ -1287,6 +1287,27 @@ impl Daemon {
         Ok(())
     }
 
+    /// Stops holding opens of the overlay at `merged` (about to be unmounted) and takes it
+    /// off its image's record, so that a successor does not watch it again.
+    fn unwatch_overlay(&self, merged: &Path) {
+        let mut images = Vec::new();
+        self.watches.lock().unwrap().retain(|(id, m, dev)| {
+            if m != merged {
+                return true;
+            }
+            self.overlays.unwatch(*dev);
+            images.push(*id);
+            false
+        });
+        for id in images {
+            let img = self.images.lock().unwrap().get(&id).cloned();
+            if let Some(img) = img {
+                img.record.lock().unwrap().overlays.retain(|m| m != merged);
+                self.persist_image(&img);
+            }
+        }
+    }
+
     /// Re-learns the overlays a predecessor watched for `img` (the group taken over still
     /// marks them; a new group is marked again). An overlay no longer mounted there, or no
     /// longer over this image's trees, is dropped from the record.
