@@ -240,7 +240,7 @@ fn main() {
             run(Command::new(&bin)
                 .arg("pull")
                 .args(flags)
-                .arg("--tls-verify=false")
+                .args(["--index-policy", "referrer", "--tls-verify=false"])
                 .arg(&image)
                 .arg(&dest)
                 .env("FANFILL_SOCKET", &socket)
