@@ -253,6 +253,10 @@ pub struct DaemonStatus {
     /// Opens through watched overlays served since start.
     #[serde(default)]
     pub overlay_opens: u64,
+    /// Misses that waited for a running layer stream and got their bytes from it (instead
+    /// of a fetch of their own).
+    #[serde(default)]
+    pub delivered_waits: u64,
 }
 
 /// A response from the daemon.

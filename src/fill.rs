@@ -158,6 +158,14 @@ pub struct EngineConfig {
     pub workers: usize,
     /// Upper bound on one chunk fetch; past it the reader gets `EIO`.
     pub fetch_timeout: Duration,
+    /// A reader missing a file that a running [`Delivery`] (a layer stream) is expected to
+    /// bring within four fetch times (the moving average of this engine's source reads),
+    /// and at most within this time, waits for it instead of fetching the file itself: a
+    /// walk just behind the stream then reads at the stream's speed instead of competing
+    /// with it file by file, while a sparse reader ahead of it still fetches. A delivery
+    /// that has not arrived within twice the wait is given up for that file (it is
+    /// fetched). Zero: never wait. Default 1 s (`examples/walk.rs`, README "Benchmarks").
+    pub delivery_wait: Duration,
 }
 
 impl Default for EngineConfig {
@@ -167,6 +175,7 @@ impl Default for EngineConfig {
             whole_file_max: 256 << 10,
             workers: 4,
             fetch_timeout: Duration::from_secs(60),
+            delivery_wait: Duration::from_secs(1),
         }
     }
 }
@@ -334,6 +343,9 @@ struct FileEntry {
     capability: Option<Vec<u8>>,
     /// Position of the first reader access among all files (see [`Engine::accessed`]).
     first_access: std::sync::OnceLock<u64>,
+    /// The delivery bringing this file, and the position in it by which the whole file has
+    /// passed ([`Engine::expect`]).
+    expected: Mutex<Option<(Arc<Delivery>, u64)>>,
 }
 
 impl FileEntry {
@@ -409,6 +421,8 @@ struct Counters {
     bytes_fetched: AtomicU64,
     errors: AtomicU64,
     completed: AtomicU64,
+    /// Fills that waited for a delivery and got their bytes from it.
+    delivered: AtomicU64,
     /// log2 buckets of event service time in microseconds.
     latency: [AtomicU64; 32],
 }
@@ -434,6 +448,9 @@ pub struct Stats {
     pub fills: u64,
     /// Fills or events that ended in an error answer.
     pub errors: u64,
+    /// Fills that waited for a running [`Delivery`] (a layer stream) and got their bytes
+    /// from it instead of fetching.
+    pub delivered: u64,
     /// Median event service time, microseconds (bucket upper bound).
     pub latency_p50_us: u64,
     /// 99th percentile event service time, microseconds (bucket upper bound).
@@ -450,6 +467,12 @@ struct Inner {
     own_tids: RwLock<HashSet<i32>>,
     counters: Counters,
     inflight_events: AtomicU64,
+    /// Fills waiting for a [`Delivery`] rather than fetching (see
+    /// [`Engine::waiting_for_delivery`]).
+    waiting_delivery: AtomicU64,
+    /// Moving average of a source read's time, microseconds (0: none yet): a reader waits
+    /// for a delivery only when it is expected sooner than a few fetches would take.
+    fetch_us: AtomicU64,
     /// Tells the event thread to stop reading.
     stopping: AtomicBool,
     /// The runtime events are served on (set once it is built).
@@ -559,6 +582,8 @@ impl Engine {
             own_tids: RwLock::new(HashSet::new()),
             counters: Counters::default(),
             inflight_events: AtomicU64::new(0),
+            waiting_delivery: AtomicU64::new(0),
+            fetch_us: AtomicU64::new(0),
             stopping: AtomicBool::new(false),
             runtime: std::sync::OnceLock::new(),
             journal,
@@ -682,6 +707,7 @@ impl Engine {
             bytes_filled: AtomicU64::new(0),
             capability,
             first_access: std::sync::OnceLock::new(),
+            expected: Mutex::new(None),
         });
         if nchunks > 0 {
             // Record before marking, so the first event finds the entry.
@@ -824,6 +850,25 @@ impl Engine {
     /// Events of readers being served right now (read, not yet answered).
     pub fn inflight_events(&self) -> u64 {
         self.inner.inflight_events.load(Ordering::SeqCst)
+    }
+
+    /// Fills waiting for a [`Delivery`] right now, readers' or the engine's own
+    /// ([`Engine::fill_file`]). A delivery that yields to readers' misses subtracts these:
+    /// yielding to a reader that waits for the delivery would stall both.
+    pub fn waiting_for_delivery(&self) -> u64 {
+        self.inner.waiting_delivery.load(Ordering::SeqCst)
+    }
+
+    /// Ties a registered file to `delivery`: the whole file will have been offered once the
+    /// delivery's position reaches `by`. A reader missing a chunk of the file while the
+    /// delivery is expected to get there within [`EngineConfig::delivery_wait`] waits for it
+    /// rather than fetching; otherwise, or once the delivery has ended or is late, the file
+    /// is fetched from its source as usual. A file tied to an earlier delivery is tied to
+    /// this one instead.
+    pub fn expect(&self, id: FileId, delivery: &Arc<Delivery>, by: u64) {
+        if let Some(entry) = self.entry(id) {
+            *entry.expected.lock().unwrap() = Some((delivery.clone(), by));
+        }
     }
 
     /// Registers a placeholder whose chunks `filled` (at granularity `chunk`) are known to be
@@ -973,6 +1018,7 @@ impl Engine {
             self_events: c.self_events.load(Ordering::Relaxed),
             fills: c.fills.load(Ordering::Relaxed),
             errors: c.errors.load(Ordering::Relaxed),
+            delivered: c.delivered.load(Ordering::Relaxed),
             latency_p50_us: percentile(&buckets, 0.50),
             latency_p99_us: percentile(&buckets, 0.99),
         }
@@ -1200,8 +1246,82 @@ async fn serve_event(inner: &Arc<Inner>, event: &Event) -> FillResult {
     ensure_range(inner, &entry, start, end, st.st_size as u64, via).await
 }
 
-/// Makes `[start, end)` (clipped to the file) present, fetching missing chunks once.
+/// Makes `[start, end)` (clipped to the file) present, fetching missing chunks once. A
+/// range with chunks nobody is fetching, in a file a near [`Delivery`] brings, first waits
+/// for the delivery (once: a late delivery is given up for this file).
 async fn ensure_range(
+    inner: &Arc<Inner>,
+    entry: &Arc<FileEntry>,
+    start: u64,
+    end: u64,
+    current_size: u64,
+    via: Option<Arc<OwnedFd>>,
+) -> FillResult {
+    if let Some((delivery, by)) = near_delivery(inner, entry, start, end) {
+        let limit = inner.config.delivery_wait * 2;
+        inner.waiting_delivery.fetch_add(1, Ordering::SeqCst);
+        let arrived = await_delivery(&delivery, by, limit).await;
+        inner.waiting_delivery.fetch_sub(1, Ordering::SeqCst);
+        if arrived {
+            inner.counters.delivered.fetch_add(1, Ordering::Relaxed);
+        } else {
+            // Late or ended: this file is fetched from now on.
+            let mut expected = entry.expected.lock().unwrap();
+            if expected
+                .as_ref()
+                .is_some_and(|(d, _)| Arc::ptr_eq(d, &delivery))
+            {
+                *expected = None;
+            }
+            debug!(path = %entry.path.display(), "delivery did not arrive in time; fetching");
+        }
+    }
+    plan_and_fill(inner, entry, start, end, current_size, via).await
+}
+
+/// The delivery to wait for before filling `[start, end)` of `entry`, and the position to
+/// wait for: only when some chunk of the range is neither filled nor being filled and the
+/// delivery is expected there within [`EngineConfig::delivery_wait`].
+fn near_delivery(
+    inner: &Inner,
+    entry: &FileEntry,
+    start: u64,
+    end: u64,
+) -> Option<(Arc<Delivery>, u64)> {
+    if inner.config.delivery_wait.is_zero() {
+        return None;
+    }
+    // Worth waiting only for what arrives sooner than a few fetches of its own would take
+    // (a walk just behind or at the stream); a sparse reader ahead of it fetches.
+    let fetch = match inner.fetch_us.load(Ordering::Relaxed) {
+        0 => DELIVERY_FETCH_GUESS,
+        us => Duration::from_micros(us),
+    };
+    let wait = inner
+        .config
+        .delivery_wait
+        .min(fetch * DELIVERY_FETCHES_WORTH);
+    let (delivery, by) = entry.expected.lock().unwrap().clone()?;
+    let eta = delivery.eta(by);
+    if eta.is_none_or(|eta| eta > wait) {
+        debug!(path = %entry.path.display(), ?eta, "delivery not near; fetching");
+        return None;
+    }
+    let st = entry.state.lock().unwrap();
+    let end = end.min(st.limit).min(entry.size);
+    if st.complete || start >= end {
+        return None;
+    }
+    let (first, last) = (start / entry.chunk, (end - 1) / entry.chunk);
+    let open = (first..=last).any(|i| !st.filled[i as usize] && !st.inflight.contains_key(&i));
+    if open {
+        debug!(path = %entry.path.display(), ?eta, "waiting for the delivery");
+    }
+    open.then_some((delivery, by))
+}
+
+/// [`ensure_range`] without the delivery wait.
+async fn plan_and_fill(
     inner: &Arc<Inner>,
     entry: &Arc<FileEntry>,
     start: u64,
@@ -1319,6 +1439,7 @@ async fn fetch_run(
     len: u64,
 ) -> Result<Vec<u8>, FillError> {
     let timeout = inner.config.fetch_timeout;
+    let started = Instant::now();
     let data = match tokio::time::timeout(timeout, entry.source.read_at(offset, len)).await {
         Err(_) => {
             return Err(FillError::Timeout {
@@ -1338,6 +1459,12 @@ async fn fetch_run(
         }
         Ok(Ok(d)) => d,
     };
+    let us = started.elapsed().as_micros().max(1) as u64;
+    let _ = inner
+        .fetch_us
+        .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |avg| {
+            Some(if avg == 0 { us } else { (avg * 7 + us) / 8 })
+        });
     inner.counters.fills.fetch_add(1, Ordering::Relaxed);
     inner
         .counters
@@ -1752,6 +1879,94 @@ async fn finish_supply(
     }
     maybe_complete(inner, entry);
     result
+}
+
+/// Bytes per second a [`Delivery`] is assumed to move before it has run long enough to be
+/// measured.
+const DELIVERY_ASSUMED_RATE: f64 = (32 << 20) as f64;
+
+/// A reader waits for a [`Delivery`] expected within this many fetch times (the moving
+/// average of its source reads), at most [`EngineConfig::delivery_wait`].
+const DELIVERY_FETCHES_WORTH: u32 = 4;
+
+/// The fetch time assumed before any fetch was timed.
+const DELIVERY_FETCH_GUESS: Duration = Duration::from_millis(10);
+
+/// How long a [`Delivery`] runs before its own rate replaces the assumed one.
+const DELIVERY_RATE_AFTER: Duration = Duration::from_millis(200);
+
+/// A sequential source of whole files that is running now (a layer streamed into its
+/// placeholders): a position that only grows, in the delivery's own units (uncompressed
+/// layer bytes), and the rate it grows at. Files are tied to it with [`Engine::expect`];
+/// readers missing one of them wait for it when it is near ([`EngineConfig::delivery_wait`]).
+/// [`Delivery::end`] (or dropping the last handle of the one who drives it) releases every
+/// waiter to fetch what did not come.
+pub struct Delivery {
+    started: Instant,
+    position: tokio::sync::watch::Sender<u64>,
+    ended: AtomicBool,
+}
+
+impl Delivery {
+    /// A delivery starting now at position 0.
+    pub fn start() -> Arc<Delivery> {
+        Arc::new(Delivery {
+            started: Instant::now(),
+            position: tokio::sync::watch::Sender::new(0),
+            ended: AtomicBool::new(false),
+        })
+    }
+
+    /// Everything before `position` has been offered ([`Engine::supply`]): wakes the readers
+    /// waiting for it.
+    pub fn advance(&self, position: u64) {
+        self.position.send_if_modified(|p| {
+            let moved = position > *p;
+            *p = (*p).max(position);
+            moved
+        });
+    }
+
+    /// Nothing more comes: every waiter fetches what it still misses.
+    pub fn end(&self) {
+        self.ended.store(true, Ordering::SeqCst);
+        self.position.send_replace(u64::MAX);
+    }
+
+    /// Whether it has ended.
+    pub fn is_ended(&self) -> bool {
+        self.ended.load(Ordering::SeqCst)
+    }
+
+    /// The expected time until `position` is reached, or `None` once the delivery ended.
+    fn eta(&self, position: u64) -> Option<Duration> {
+        if self.is_ended() {
+            return None;
+        }
+        let now = *self.position.borrow();
+        if now >= position {
+            return Some(Duration::ZERO);
+        }
+        let elapsed = self.started.elapsed();
+        let rate = if elapsed < DELIVERY_RATE_AFTER {
+            DELIVERY_ASSUMED_RATE
+        } else {
+            now as f64 / elapsed.as_secs_f64()
+        };
+        if rate <= 0.0 {
+            return Some(Duration::MAX);
+        }
+        Some(Duration::from_secs_f64(
+            ((position - now) as f64 / rate).min(1e6),
+        ))
+    }
+}
+
+/// Waits (at most `limit`) until `delivery` has passed `position`; whether it did.
+async fn await_delivery(delivery: &Delivery, position: u64, limit: Duration) -> bool {
+    let mut rx = delivery.position.subscribe();
+    let reached = tokio::time::timeout(limit, rx.wait_for(|p| *p >= position)).await;
+    matches!(reached, Ok(Ok(_))) && !delivery.is_ended()
 }
 
 /// See [`Engine::supplier`]: `(file, offset, bytes)` to a future giving the bytes written.

@@ -30,6 +30,7 @@
 use std::io;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 
 use bytes::Bytes;
 use futures::FutureExt;
@@ -38,7 +39,9 @@ use oci_spec::image::Digest;
 use tracing::{debug, info, warn};
 
 use crate::blobcache::{BlobCache, Tee};
-use crate::fill::{ContentSource, Engine, FileId, FillError, Placeholder, SourceError, Verify};
+use crate::fill::{
+    ContentSource, Delivery, Engine, FileId, FillError, Placeholder, SourceError, Verify,
+};
 use crate::index::{
     CHUNK_SIZE, Entry, IndexError, IndexOptions, IndexStore, LayerIndex, LayerWindows, WindowCache,
     WindowSource,
@@ -486,33 +489,41 @@ impl ImageSources {
     }
 
     /// Streams every layer that has a tar stream (TOC layers have none) into its
-    /// placeholders with [`stream_fill_layer`], lowest first. `files` are the placeholders
-    /// as (layer, entry, engine id). A layer whose stream fails is logged and left to its
-    /// files' sources; `before_piece` returning `false` stops everything. Returns the totals.
+    /// placeholders with [`stream_fill_layer`], [`STREAM_PARALLEL`] layers at a time, lowest
+    /// first. `files` are the placeholders as (layer, entry, engine id). A layer whose stream
+    /// fails is logged and left to its files' sources; `before_piece` returning `false`
+    /// stops everything. Returns the totals.
     pub fn stream_fill(
         &self,
         engine: &Engine,
         files: &[(usize, usize, FileId)],
-        before_piece: impl FnMut(u64) -> bool,
+        before_piece: impl Fn(u64) -> bool + Sync,
     ) -> StreamFill {
         self.stream_fill_checked(engine, files, before_piece).0
     }
 
     /// [`ImageSources::stream_fill`], also returning every layer whose stream, read whole,
     /// did not hash to its digest: (layer digest, the sha256 its bytes have).
+    ///
+    /// Layers stream side by side rather than one after another: a reader's misses can fall
+    /// in any layer (a walk in path order reads the top layer's `/usr/include` before the
+    /// bottom layer's `/usr/lib`), and only a layer being streamed has a [`Delivery`] for its
+    /// misses to wait for (`examples/walk.rs`).
     pub fn stream_fill_checked(
         &self,
         engine: &Engine,
         files: &[(usize, usize, FileId)],
-        mut before_piece: impl FnMut(u64) -> bool,
+        before_piece: impl Fn(u64) -> bool + Sync,
     ) -> (StreamFill, Vec<(String, String)>) {
-        let mut total = StreamFill::default();
-        let mut mismatched = Vec::new();
-        let mut stopped = false;
-        for (li, l) in self.layers.iter().enumerate() {
-            if l.toc.is_some() || stopped {
-                continue;
-            }
+        let total = std::sync::Mutex::new(StreamFill::default());
+        let mismatched = std::sync::Mutex::new(Vec::new());
+        let stopped = AtomicBool::new(false);
+        let next = AtomicUsize::new(0);
+        let streamed: Vec<usize> = (0..self.layers.len())
+            .filter(|&li| self.layers[li].toc.is_none())
+            .collect();
+        let one = |li: usize| {
+            let l = &self.layers[li];
             let mine: Vec<(usize, FileId)> = files
                 .iter()
                 .filter(|f| f.0 == li)
@@ -526,8 +537,11 @@ impl ImageSources {
                 &l.index,
                 &mine,
                 |len| {
-                    stopped = !before_piece(len);
-                    !stopped
+                    let go = !stopped.load(Ordering::SeqCst) && before_piece(len);
+                    if !go {
+                        stopped.store(true, Ordering::SeqCst);
+                    }
+                    go
                 },
             );
             match res {
@@ -535,20 +549,35 @@ impl ImageSources {
                     if s.files > 0 {
                         info!(layer = %l.digest, files = s.files, bytes_written = s.bytes_written, "layer streamed into placeholders");
                     }
-                    total.bytes_read += s.bytes_read;
-                    total.bytes_written += s.bytes_written;
-                    total.files += s.files;
+                    let mut t = total.lock().unwrap();
+                    t.bytes_read += s.bytes_read;
+                    t.bytes_written += s.bytes_written;
+                    t.files += s.files;
                 }
                 Err(ImageError::LayerDigest { layer, actual }) => {
                     tracing::error!(%layer, %actual, "layer bytes do not hash to the layer's digest");
-                    mismatched.push((layer, actual));
+                    mismatched.lock().unwrap().push((layer, actual));
                 }
                 Err(e) => {
                     warn!(error = %crate::fill::error_chain(&e), "streaming a layer failed; its files fill by ranges")
                 }
             }
-        }
-        (total, mismatched)
+        };
+        std::thread::scope(|s| {
+            for _ in 0..STREAM_PARALLEL.min(streamed.len()) {
+                s.spawn(|| {
+                    while !stopped.load(Ordering::SeqCst) {
+                        let Some(&li) = streamed.get(next.fetch_add(1, Ordering::SeqCst)) else {
+                            break;
+                        };
+                        one(li);
+                    }
+                });
+            }
+        });
+        let mut mismatched = mismatched.into_inner().unwrap();
+        mismatched.sort();
+        (total.into_inner().unwrap(), mismatched)
     }
 
     /// Per layer, the entries its TOC names to prefetch first (empty for other layers).
@@ -1431,6 +1460,11 @@ pub struct StreamFill {
     pub files: u64,
 }
 
+/// Layers of one image streamed at once by [`ImageSources::stream_fill`]: enough that the
+/// layers of a typical image all have a [`Delivery`] running from the start, few enough
+/// that two cores are not split many ways (each stream is one GET and one inflate).
+pub const STREAM_PARALLEL: usize = 4;
+
 /// Bytes read from a layer stream and offered to the engine at a time (rounded to a file's
 /// fill chunk): large enough for few writes, small enough that readers never wait long
 /// behind one.
@@ -1488,6 +1522,14 @@ pub fn stream_fill_layer(
     if want.is_empty() {
         return Ok(stats);
     }
+    // Readers missing a file just ahead of the stream wait for it instead of fetching it
+    // (a walk of the tree follows the stream); ended however this function returns.
+    let delivery = DeliveryGuard(Delivery::start());
+    for (offset, (_, size, ids)) in &want {
+        for id in ids {
+            engine.expect(*id, &delivery.0, offset + size);
+        }
+    }
     let digest = layer.to_string();
     let raw: Box<dyn Read> = match blob_cache.filter(|c| c.contains(&digest)) {
         Some(cache) => {
@@ -1525,6 +1567,7 @@ pub fn stream_fill_layer(
         let skip = offset - stats.bytes_read;
         let skipped = io::copy(&mut (&mut tar).take(skip), &mut io::sink()).map_err(err)?;
         stats.bytes_read += skipped;
+        delivery.0.advance(stats.bytes_read);
         if skipped != skip {
             return Err(err(io::Error::new(
                 io::ErrorKind::UnexpectedEof,
@@ -1560,6 +1603,7 @@ pub fn stream_fill_layer(
                 }
             }
             at += len;
+            delivery.0.advance(stats.bytes_read);
         }
     }
     // Background completion: the rest of the layer, so that its sha256 is known whole.
@@ -1596,6 +1640,15 @@ pub fn stream_fill_layer(
     }
     debug!(layer = %layer, read = stats.bytes_read, written = stats.bytes_written, "layer streamed into placeholders");
     Ok(stats)
+}
+
+/// Ends its delivery when dropped: waiters fetch what the stream did not bring.
+struct DeliveryGuard(Arc<Delivery>);
+
+impl Drop for DeliveryGuard {
+    fn drop(&mut self) {
+        self.0.end();
+    }
 }
 
 /// A reader that hashes what passes through it and counts it.

@@ -113,6 +113,11 @@ struct DaemonArgs {
     /// Worker threads serving fill events.
     #[arg(long, default_value_t = 4)]
     workers: usize,
+    /// A reader missing a file that the background layer stream is expected to bring
+    /// within this many milliseconds waits for the stream instead of fetching the file on
+    /// its own (a tree walk then reads at the stream's speed); 0: never wait.
+    #[arg(long, default_value_t = 1000, value_name = "MS")]
+    delivery_wait_ms: u64,
     /// Run without an fd holder (a crash then lets blocked readers through to zeros).
     #[arg(long)]
     no_holder: bool,
@@ -546,6 +551,7 @@ fn daemon(socket: PathBuf, a: DaemonArgs) -> Result<()> {
     c.prefetch_rate = a.prefetch_rate_mib << 20;
     c.persist_interval = Duration::from_millis(a.persist_interval_ms.max(10));
     c.engine.workers = a.workers;
+    c.engine.delivery_wait = Duration::from_millis(a.delivery_wait_ms);
     c.fetch_delay = Duration::from_millis(a.test_fetch_delay_ms);
     c.metrics_addr = a.metrics_addr;
     if !a.allow_root.is_empty() {
@@ -591,7 +597,7 @@ fn status(socket: &Path, a: StatusArgs) -> Result<()> {
         bail!("unexpected answer from the daemon");
     };
     println!(
-        "daemon pid {}{}: {} misses served, {} in flight, {} errors, p50 {} µs, p99 {} µs",
+        "daemon pid {}{}: {} misses served ({} from a layer stream they waited for), {} in flight, {} errors, p50 {} µs, p99 {} µs",
         daemon.pid,
         if daemon.took_over {
             format!(
@@ -602,6 +608,7 @@ fn status(socket: &Path, a: StatusArgs) -> Result<()> {
             String::new()
         },
         daemon.events,
+        daemon.delivered_waits,
         daemon.inflight_events,
         daemon.errors,
         daemon.latency_p50_us,

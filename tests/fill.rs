@@ -984,3 +984,136 @@ fn exec_right_after_completion_never_sees_text_file_busy() {
     assert!(runs > 0);
     assert_eq!(busy, 0, "execs failed with ETXTBSY ({runs} succeeded)");
 }
+
+/// Polls `f` until it holds, for at most `secs`.
+fn eventually(secs: u64, what: &str, f: impl Fn() -> bool) {
+    let until = Instant::now() + Duration::from_secs(secs);
+    while !f() {
+        assert!(Instant::now() < until, "{what}: not within {secs}s");
+        std::thread::sleep(Duration::from_millis(5));
+    }
+}
+
+/// Issue #15: a reader missing a file that a running delivery (a layer stream) brings soon
+/// waits for the delivery instead of fetching it (nothing fetched, true bytes); a file the
+/// delivery is far from is fetched at once; a delivery that ends or is late releases its
+/// waiters to fetch.
+#[test]
+fn a_miss_just_ahead_of_a_delivery_waits_for_it_and_is_never_fetched_twice() {
+    let dir = tempfile::tempdir().unwrap();
+    let e = Engine::start(EngineConfig {
+        delivery_wait: Duration::from_secs(10),
+        ..EngineConfig::default()
+    })
+    .expect("fanotify pre-content group (Linux 6.14+, root)");
+    let data = Arc::new(pattern((1 << 20) + 99, 77));
+    let whole = || Verify::Whole(sha256_hex(&data));
+    let reader = |path: &PathBuf| {
+        let p = path.clone();
+        std::thread::spawn(move || std::fs::read(p))
+    };
+
+    // Near: the reader waits, the delivery brings the bytes, the source is never asked.
+    let delivery = fanfill::fill::Delivery::start();
+    let (near, id, src) = placeholder(
+        &e,
+        dir.path(),
+        "near",
+        &data,
+        MemSource::new(data.clone()),
+        whole(),
+    );
+    // Positions are in the delivery's units: 1 GiB passed already, so it is fast.
+    delivery.advance(1 << 30);
+    e.expect(id, &delivery, (1 << 30) + 4096 + data.len() as u64);
+    let r = reader(&near);
+    eventually(10, "the reader waits for the delivery", || {
+        e.waiting_for_delivery() == 1
+    });
+    assert_eq!(
+        src.calls.load(Ordering::SeqCst),
+        0,
+        "a waiting reader fetched"
+    );
+    delivery.advance((1 << 30) + 4096);
+    std::thread::sleep(Duration::from_millis(50));
+    assert_eq!(e.waiting_for_delivery(), 1, "woke before its file passed");
+    assert_eq!(e.supply(id, 0, &data).unwrap(), data.len() as u64);
+    delivery.advance((1 << 30) + 4096 + data.len() as u64);
+    let got = within(10, "near read", move || r.join().unwrap()).unwrap();
+    assert!(got == *data, "near: wrong bytes");
+    assert_eq!(
+        src.calls.load(Ordering::SeqCst),
+        0,
+        "the delivered file was fetched too"
+    );
+    assert!(e.is_complete(id));
+
+    // Far (1 MiB passed, the file at 100 GiB): fetched at once, no wait.
+    let slow = fanfill::fill::Delivery::start();
+    slow.advance(1 << 20);
+    let (far, id, src) = placeholder(
+        &e,
+        dir.path(),
+        "far",
+        &data,
+        MemSource::new(data.clone()),
+        whole(),
+    );
+    e.expect(id, &slow, 100 << 30);
+    let got = read_all(&far).unwrap();
+    assert!(got == *data, "far: wrong bytes");
+    assert!(src.calls.load(Ordering::SeqCst) > 0, "far: not fetched");
+
+    // Ended while a reader waits: the reader fetches at once (long before the 20 s limit).
+    let other = fanfill::fill::Delivery::start();
+    let (ended, id, src) = placeholder(
+        &e,
+        dir.path(),
+        "ended",
+        &data,
+        MemSource::new(data.clone()),
+        whole(),
+    );
+    other.advance(1 << 30);
+    e.expect(id, &other, (1 << 30) + 1);
+    let r = reader(&ended);
+    eventually(10, "the reader waits for the other delivery", || {
+        e.waiting_for_delivery() == 1
+    });
+    other.end();
+    let got = within(5, "read after the delivery ended", move || {
+        r.join().unwrap()
+    })
+    .unwrap();
+    assert!(got == *data, "ended: wrong bytes");
+    assert!(src.calls.load(Ordering::SeqCst) > 0, "ended: not fetched");
+    assert_eq!(e.waiting_for_delivery(), 0);
+
+    // Late: a delivery that stalls is given up after twice the wait, then the file is fetched.
+    let e2 = Engine::start(EngineConfig {
+        delivery_wait: Duration::from_millis(300),
+        ..EngineConfig::default()
+    })
+    .unwrap();
+    let stalled = fanfill::fill::Delivery::start();
+    let (late, id, src) = placeholder(
+        &e2,
+        dir.path(),
+        "late",
+        &data,
+        MemSource::new(data.clone()),
+        whole(),
+    );
+    // One byte short of the file's end, and no further.
+    stalled.advance(1 << 30);
+    e2.expect(id, &stalled, (1 << 30) + 1);
+    let t = Instant::now();
+    let got = read_all(&late).unwrap();
+    assert!(got == *data, "late: wrong bytes");
+    assert!(src.calls.load(Ordering::SeqCst) > 0, "late: not fetched");
+    assert!(
+        t.elapsed() >= Duration::from_millis(550),
+        "late: did not wait for the delivery first"
+    );
+}

@@ -281,7 +281,9 @@ fn issue20_prepare_cut_short_by_sigkill_leaves_no_readable_holes() {
     });
     // Kill as soon as the first placeholders exist.
     let data = dest.join("data");
-    within(60, "placeholders appear", move || {
+    // A bound, not a timing: the layer has no index, so it is streamed and indexed first
+    // (a debug build on a loaded CI machine has taken over 60 s).
+    within(300, "placeholders appear", move || {
         while !data.exists() {
             std::thread::sleep(Duration::from_millis(1));
         }

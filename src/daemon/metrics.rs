@@ -36,6 +36,11 @@ pub fn render(stats: &Stats, latency: &[u64], inflight: u64, images: &[ImageStat
         stats.bytes_fetched,
     );
     counter(
+        "fanfill_delivered_waits_total",
+        "Misses that waited for a running layer stream and got their bytes from it.",
+        stats.delivered,
+    );
+    counter(
         "fanfill_fill_errors_total",
         "Fills or events answered with an error.",
         stats.errors,
