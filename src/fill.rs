@@ -421,7 +421,7 @@ struct Counters {
     bytes_fetched: AtomicU64,
     errors: AtomicU64,
     completed: AtomicU64,
-    /// Fills that waited for a delivery and got their bytes from it.
+    /// Fills that waited for a delivery that then passed their file.
     delivered: AtomicU64,
     /// log2 buckets of event service time in microseconds.
     latency: [AtomicU64; 32],
@@ -448,8 +448,8 @@ pub struct Stats {
     pub fills: u64,
     /// Fills or events that ended in an error answer.
     pub errors: u64,
-    /// Fills that waited for a running [`Delivery`] (a layer stream) and got their bytes
-    /// from it instead of fetching.
+    /// Fills that waited for a running [`Delivery`] (a layer stream) that then passed their
+    /// file (whatever it did not bring, a refused piece, is still fetched).
     pub delivered: u64,
     /// Median event service time, microseconds (bucket upper bound).
     pub latency_p50_us: u64,
@@ -861,8 +861,8 @@ impl Engine {
 
     /// Ties a registered file to `delivery`: the whole file will have been offered once the
     /// delivery's position reaches `by`. A reader missing a chunk of the file while the
-    /// delivery is expected to get there within [`EngineConfig::delivery_wait`] waits for it
-    /// rather than fetching; otherwise, or once the delivery has ended or is late, the file
+    /// delivery is expected to get there soon (four fetch times, at most
+    /// [`EngineConfig::delivery_wait`]) waits for it rather than fetching; otherwise, or once the delivery has ended or is late, the file
     /// is fetched from its source as usual. A file tied to an earlier delivery is tied to
     /// this one instead.
     pub fn expect(&self, id: FileId, delivery: &Arc<Delivery>, by: u64) {
@@ -1281,7 +1281,8 @@ async fn ensure_range(
 
 /// The delivery to wait for before filling `[start, end)` of `entry`, and the position to
 /// wait for: only when some chunk of the range is neither filled nor being filled and the
-/// delivery is expected there within [`EngineConfig::delivery_wait`].
+/// delivery is expected there within four fetch times (at most
+/// [`EngineConfig::delivery_wait`]).
 fn near_delivery(
     inner: &Inner,
     entry: &FileEntry,
@@ -1899,8 +1900,9 @@ const DELIVERY_RATE_AFTER: Duration = Duration::from_millis(200);
 /// placeholders): a position that only grows, in the delivery's own units (uncompressed
 /// layer bytes), and the rate it grows at. Files are tied to it with [`Engine::expect`];
 /// readers missing one of them wait for it when it is near ([`EngineConfig::delivery_wait`]).
-/// [`Delivery::end`] (or dropping the last handle of the one who drives it) releases every
-/// waiter to fetch what did not come.
+/// Whoever drives it must call [`Delivery::end`] however it stops (`image.rs` ends it from a
+/// drop guard): that releases every waiter to fetch what did not come. A delivery never
+/// ended only delays its waiters, by twice the wait at most.
 pub struct Delivery {
     started: Instant,
     position: tokio::sync::watch::Sender<u64>,
