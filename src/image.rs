@@ -1539,10 +1539,27 @@ pub fn stream_fill_layer(
         None => {
             let handle = engine.handle();
             let _runtime = handle.enter();
-            let stream = handle
-                .block_on(store.open_stream(layer))
-                .map_err(|e| err(io::Error::other(e)))?;
-            Box::new(stream.into_blocking_reader())
+            // From a registry, the layer travels whole: one copy, kept, that misses the
+            // server answers with the whole blob and a second stream of it follow too.
+            let cache = blob_cache.filter(|_| matches!(**store, BlobStore::Remote(_)));
+            match cache.and_then(|c| c.copying(&digest)) {
+                Some(copy) => Box::new(copy.reader()),
+                None => {
+                    let stream = handle
+                        .block_on(store.open_stream(layer))
+                        .map_err(|e| err(io::Error::other(e)))?;
+                    match cache {
+                        Some(cache) => match cache.copy(Box::new(stream)) {
+                            Ok(copy) => Box::new(copy.reader()),
+                            Err((e, stream)) => {
+                                warn!(layer = %layer, error = %e, "blob cache unavailable; not keeping the layer");
+                                Box::new(stream.into_blocking_reader())
+                            }
+                        },
+                        None => Box::new(stream.into_blocking_reader()),
+                    }
+                }
+            }
         }
     };
     // The whole layer's sha256, computed as it passes (see the end).

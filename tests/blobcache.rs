@@ -1,6 +1,7 @@
 //! A layer with no index travels whole once: it is kept, and every later fill of it is a
 //! local read, not a second download.
 
+mod common;
 mod fsutil;
 
 use fanfill::fill::{Engine, EngineConfig};
@@ -55,5 +56,131 @@ fn a_streamed_layer_is_kept_and_fills_read_it_locally() {
     assert_eq!(
         after, 0,
         "fills went back to the source for a layer already kept"
+    );
+}
+
+/// A pull-through cache on a cold cache answers a range request with the whole blob (`200`,
+/// not `206`; `docker-registry` in proxy mode does). Every miss on such a layer used to cost
+/// a download of the blob up to the miss, discarded after it: reading a layer's files from
+/// the last to the first cost about half the layer per file. Now the first such answer is
+/// kept as the layer's one copy, in the blob cache: misses wait until it passes their
+/// range, also when several race, and later trees read it locally.
+#[test]
+fn a_mirror_that_sends_whole_blobs_costs_one_copy_per_layer() {
+    common::init_tracing();
+    let origin = common::TestRegistry::start();
+    let mirror = common::TestRegistry::start_proxy_of(&origin.host());
+    let dir = tempfile::tempdir().unwrap();
+    // Two layers of incompressible files: one read last file first, one by four readers at once.
+    let layers: Vec<Vec<(String, Vec<u8>)>> = (0..2u64)
+        .map(|l| {
+            (0..8u64)
+                .map(|i| (format!("l{l}/f{i}"), pattern(1 << 20, 1000 * l + i)))
+                .collect()
+        })
+        .collect();
+    let items = layers
+        .iter()
+        .map(|files| {
+            files
+                .iter()
+                .map(|(p, d)| LayerItem::File {
+                    path: p.clone(),
+                    mode: 0o644,
+                    data: d.clone(),
+                })
+                .collect()
+        })
+        .collect::<Vec<_>>();
+    let built =
+        ocibuild::write_layout(&dir.path().join("layout"), "v", &items, Compression::Gzip).unwrap();
+    common::push_layout(&built.dir, "v", &origin.host(), "cold/app", &[]);
+    let reference = format!("docker://{}/cold/app:v", origin.host());
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap();
+    // Index from the origin, keeping nothing: the fills below have to fetch.
+    let mut opts = PrepareOptions::new(dir.path().join("state/indexes"));
+    opts.registry.insecure = true;
+    opts.use_artifact = false;
+    opts.blob_cache = None;
+    rt.block_on(image::index_image(&reference, &opts, false))
+        .unwrap();
+    opts.blob_cache = Some(dir.path().join("state/blobs"));
+    opts.registry.mirrors = vec![fanfill::registry::Mirror {
+        location: mirror.host(),
+        insecure: true,
+    }];
+    let engine = Engine::start(EngineConfig::default()).unwrap();
+    let prepare = |name: &str| {
+        let dest = dir.path().join(name);
+        std::fs::create_dir(&dest).unwrap();
+        let prepared = rt
+            .block_on(image::prepare(&engine, &reference, &dest, &opts))
+            .unwrap();
+        (dest, prepared)
+    };
+    let (dest, prepared) = prepare("first");
+    let ready = prepared.store.bytes_fetched();
+    for (p, d) in layers[0].iter().rev() {
+        let path = dest.join(p);
+        let got = within(60, "read", move || std::fs::read(path).unwrap());
+        assert!(got == *d, "{p}");
+    }
+    std::thread::scope(|s| {
+        for part in layers[1].chunks(2) {
+            let dest = &dest;
+            s.spawn(move || {
+                for (p, d) in part.iter().rev() {
+                    let path = dest.join(p);
+                    let got = within(60, "read", move || std::fs::read(path).unwrap());
+                    assert!(got == *d, "{p}");
+                }
+            });
+        }
+    });
+    let fetched = prepared.store.bytes_fetched() - ready;
+    let size = built.compressed_size();
+    let kept = |digest: &str| {
+        dir.path()
+            .join("state/blobs/sha256")
+            .join(digest.trim_start_matches("sha256:"))
+            .is_file()
+    };
+    // The copies finish in the background once the last reader has its range.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+    while !built.layers.iter().all(|l| kept(&l.0)) && std::time::Instant::now() < deadline {
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    let fetched_all = prepared.store.bytes_fetched() - ready;
+    eprintln!(
+        "cold mirror: image {size} bytes; fetched {fetched} bytes by the last read, {fetched_all} once the copies ended ({:.2}x the image), {} requests; mirror cached {} bytes",
+        fetched_all as f64 / size as f64,
+        prepared.store.stats().requests(),
+        mirror.stored_blob_bytes()
+    );
+    assert!(
+        built.layers.iter().all(|l| kept(&l.0)),
+        "every layer the mirror sent whole is kept in the blob cache"
+    );
+    assert!(
+        fetched_all <= size + size / 20,
+        "{fetched_all} bytes fetched for a {size}-byte image: more than one copy per layer"
+    );
+
+    // A second tree of the image reads the kept layers: nothing from the network.
+    let (dest2, prepared2) = prepare("second");
+    let before = prepared2.store.bytes_fetched();
+    for (p, d) in layers.iter().flatten() {
+        let path = dest2.join(p);
+        let got = within(60, "read", move || std::fs::read(path).unwrap());
+        assert!(got == *d, "{p}");
+    }
+    assert_eq!(
+        prepared2.store.bytes_fetched(),
+        before,
+        "fills of a kept layer went remote"
     );
 }

@@ -775,11 +775,15 @@ fn hosts_toml_mirror_serves_the_fills() {
             origin.connections() - c0,
             mirror.stored_blob_bytes()
         ));
-        // A cold pull-through cache answers a range request with the whole blob: about one
-        // copy of the image then (concurrent misses on a cold layer may each still get the
-        // whole blob: up to two copies seen under load). The second time the daemon's
-        // content cache has the files read before.
-        let limit = if pass == "first" { 2 * size } else { size / 2 };
+        // A cold pull-through cache answers a range request with the whole blob: that
+        // answer becomes the layer's one copy, kept in the blob cache, and every other miss
+        // on the layer waits for it (at most one copy of each layer, plus the index
+        // artifact's blobs). The second time the kept layers and the content cache serve.
+        let limit = if pass == "first" {
+            size + size / 10
+        } else {
+            size / 2
+        };
         assert!(fetched_bytes <= limit, "{}", figures.join("\n"));
         rig.ctr("ctr", &["image", "rm", "--sync", &rig.reference]);
     }

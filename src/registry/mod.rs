@@ -702,6 +702,27 @@ impl BlobStore {
         }
     }
 
+    /// Reads `len` bytes of a blob at `offset` like [`BlobStore::read_range`], unless the
+    /// server ignores `Range:` and sends the whole blob (a pull-through cache on a cold
+    /// cache does): then that whole blob, as a verified stream from byte 0, for the caller
+    /// to keep ([`crate::blobcache`]) rather than discard.
+    pub async fn read_range_or_whole(
+        &self,
+        digest: &Digest,
+        offset: u64,
+        len: u64,
+    ) -> Result<RangeRead> {
+        match self {
+            BlobStore::Remote(r) if len > 0 && offset.checked_add(len).is_some() => {
+                r.read_range_or_whole(digest, offset, len).await
+            }
+            _ => self
+                .read_range(digest, offset, len)
+                .await
+                .map(RangeRead::Range),
+        }
+    }
+
     /// Opens a streaming read of a whole blob; the stream checks the digest at its end.
     pub async fn open_stream(&self, digest: &Digest) -> Result<BlobStream> {
         match self {
@@ -1028,6 +1049,15 @@ pub fn sha256_digest(data: &[u8]) -> Digest {
     Digest::from_str(&format!("sha256:{hex}")).expect("sha256 hex is a valid digest")
 }
 
+/// What [`BlobStore::read_range_or_whole`] got.
+#[derive(Debug)]
+pub enum RangeRead {
+    /// The bytes asked for.
+    Range(Bytes),
+    /// The server ignored `Range:`: the whole blob, from byte 0.
+    Whole(Box<BlobStream>),
+}
+
 /// A streaming read of a whole blob, verified at its end.
 ///
 /// Chunks come out as they arrive; the digest is checked when the source is exhausted, so
@@ -1106,6 +1136,28 @@ impl BlobStream {
                 Ok(None)
             }
         }
+    }
+
+    /// Bytes `offset..offset + len` of the blob, reading the stream up to them and
+    /// dropping it there (the rest is never read: unverified, like any range read).
+    pub async fn into_slice(mut self, offset: u64, len: u64) -> Result<Bytes> {
+        let mut out = bytes::BytesMut::with_capacity(len as usize);
+        let end = offset + len;
+        while (out.len() as u64) < len {
+            let start = self.position;
+            let Some(chunk) = self.chunk().await? else {
+                return Err(Error::RangeBeyondEnd {
+                    digest: self.digest.to_string(),
+                    offset,
+                    len,
+                    size: self.position,
+                });
+            };
+            let from = offset.saturating_sub(start).min(chunk.len() as u64) as usize;
+            let to = (end.saturating_sub(start)).min(chunk.len() as u64) as usize;
+            out.extend_from_slice(&chunk[from..to.max(from)]);
+        }
+        Ok(out.freeze())
     }
 
     /// The stream as a [`futures::Stream`] of chunks (ending with an error on mismatch).

@@ -25,8 +25,9 @@ use super::hosts;
 use super::tls::{self, Trust};
 use super::{
     Artifact, BlobStream, Error, MAX_MANIFEST_SIZE, MEDIA_DOCKER_LIST, MEDIA_DOCKER_MANIFEST,
-    MEDIA_OCI_INDEX, MEDIA_OCI_MANIFEST, Options, RawManifest, Result, RetryPolicy, Stats,
-    StreamSource, Verifier, add_index_entry, parse_json, sha256_digest, sniff_media_type, verify,
+    MEDIA_OCI_INDEX, MEDIA_OCI_MANIFEST, Options, RangeRead, RawManifest, Result, RetryPolicy,
+    Stats, StreamSource, Verifier, add_index_entry, parse_json, sha256_digest, sniff_media_type,
+    verify,
 };
 use crate::reference::{RegistryRef, valid_digest};
 
@@ -396,61 +397,73 @@ impl RemoteStore {
     }
 
     pub(super) async fn read_range(&self, digest: &Digest, offset: u64, len: u64) -> Result<Bytes> {
+        match self.read_range_or_whole(digest, offset, len).await? {
+            RangeRead::Range(bytes) => Ok(bytes),
+            RangeRead::Whole(stream) => stream.into_slice(offset, len).await,
+        }
+    }
+
+    pub(super) async fn read_range_or_whole(
+        &self,
+        digest: &Digest,
+        offset: u64,
+        len: u64,
+    ) -> Result<RangeRead> {
         let inner = &self.inner;
-        inner
+        let got = inner
             .on_endpoints(Some(digest.as_ref()), move |ep| async move {
                 let url = ep.url(&format!("blobs/{digest}"));
                 let mut headers = HeaderMap::new();
                 let range = format!("bytes={}-{}", offset, offset + len - 1);
                 headers.insert(header::RANGE, HeaderValue::from_str(&range).expect("ascii"));
                 let resp = inner.get(ep, &url, headers).await?;
-                let skip = match resp.status() {
-                    StatusCode::PARTIAL_CONTENT => {
-                        let size = check_content_range(&resp, &url, offset)?;
-                        if size.is_some_and(|size| offset + len > size) {
-                            return Err(Error::RangeBeyondEnd {
-                                digest: digest.to_string(),
-                                offset,
-                                len,
-                                size: size.unwrap_or_default(),
-                            });
-                        }
-                        0
-                    }
-                    _ => {
-                        tracing::debug!(url = %url, offset, len, "server ignored Range, slicing the full body");
-                        if let Some(size) = resp.content_length().filter(|size| offset + len > *size) {
-                            return Err(Error::RangeBeyondEnd {
-                                digest: digest.to_string(),
-                                offset,
-                                len,
-                                size,
-                            });
-                        }
-                        offset
-                    }
+                let size = match resp.status() {
+                    StatusCode::PARTIAL_CONTENT => check_content_range(&resp, &url, offset)?,
+                    _ => resp.content_length(),
                 };
-                inner.read_slice(resp, &url, skip, len).await
+                if let Some(size) = size.filter(|size| offset + len > *size) {
+                    return Err(Error::RangeBeyondEnd {
+                        digest: digest.to_string(),
+                        offset,
+                        len,
+                        size,
+                    });
+                }
+                if resp.status() == StatusCode::PARTIAL_CONTENT {
+                    return Ok(Ok(inner.read_slice(resp, &url, 0, len).await?));
+                }
+                tracing::debug!(url = %url, offset, len, "server ignored Range: it sends the whole blob");
+                Ok(Err(resp))
             })
-            .await
+            .await?;
+        Ok(match got {
+            Ok(bytes) => RangeRead::Range(bytes),
+            Err(response) => RangeRead::Whole(Box::new(self.stream_of(digest, response)?)),
+        })
     }
 
-    pub(super) async fn open_stream(&self, digest: &Digest) -> Result<BlobStream> {
-        let verifier = Verifier::new(digest)?;
-        let (response, skip) = self.open_blob_at(digest, 0).await?;
+    /// A verified stream of the whole blob `digest` over `response` (a GET from byte 0).
+    fn stream_of(&self, digest: &Digest, response: reqwest::Response) -> Result<BlobStream> {
         Ok(BlobStream {
             digest: digest.clone(),
             position: 0,
-            verifier: Some(verifier),
+            verifier: Some(Verifier::new(digest)?),
             mismatch: None,
             source: StreamSource::Remote(StreamState {
                 store: self.clone(),
                 response: Some(response),
-                skip,
+                skip: 0,
                 failures: 0,
             }),
             stats: self.inner.stats.clone(),
         })
+    }
+
+    pub(super) async fn open_stream(&self, digest: &Digest) -> Result<BlobStream> {
+        Verifier::new(digest)?;
+        let (response, skip) = self.open_blob_at(digest, 0).await?;
+        debug_assert_eq!(skip, 0, "a GET from byte 0 skips nothing");
+        self.stream_of(digest, response)
     }
 
     /// A GET of a blob from byte `from` on; returns the response and how many leading body
