@@ -1291,3 +1291,155 @@ fn tls_client_certificate_from_cert_dir() {
         );
     });
 }
+
+/// `HOSTS_DIR/ORIGIN/hosts.toml` with `text`, and `files` (name, content) beside it;
+/// returns the hosts dir.
+fn hosts_dir(origin: &str, text: &str, files: &[(&str, Vec<u8>)]) -> tempfile::TempDir {
+    let d = tempfile::tempdir().unwrap();
+    let dir = d.path().join(origin);
+    std::fs::create_dir_all(&dir).unwrap();
+    std::fs::write(dir.join("hosts.toml"), text).unwrap();
+    for (name, content) in files {
+        std::fs::write(dir.join(name), content).unwrap();
+    }
+    d
+}
+
+/// [`tls_options`] reading `hosts`, with Alice's credentials for `mirror` in the auth file
+/// (`creds` only serve the origin).
+fn mirror_options(dir: &Path, hosts: &Path, mirror: &str) -> Options {
+    use base64::Engine as _;
+    let authfile = dir.join("mirror-auth.json");
+    let auth = base64::engine::general_purpose::STANDARD.encode("alice:s3cret");
+    std::fs::write(
+        &authfile,
+        format!(r#"{{"auths": {{"{mirror}": {{"auth": "{auth}"}}}}}}"#),
+    )
+    .unwrap();
+    Options {
+        authfile: Some(authfile),
+        hosts_dir: Some(hosts.to_owned()),
+        ..tls_options(dir)
+    }
+}
+
+/// A TLS mirror whose private CA only a `hosts.toml` `ca` names (relative to the file) is
+/// trusted; so is the origin's, from the top-level `ca`; a `ca` file that is not there fails
+/// the open, naming it and the `hosts.toml`.
+#[test]
+fn hosts_toml_ca_for_a_mirror_and_the_origin() {
+    common::init_tracing();
+    let (reg, dir, image) = tls_registry_with_image(false);
+    let ca = std::fs::read(reg.cert_dir().join("ca.crt")).unwrap();
+    // The origin is not there: everything comes from the mirror.
+    let origin = format!("127.0.0.1:{}", common::free_port());
+    let reference = format!("docker://{origin}/{REPO}:{TAG}");
+    run_async(120, async {
+        let mirror_entry = format!(
+            "server = \"http://{origin}\"\n[host.\"https://{}\"]\n",
+            reg.host()
+        );
+        let with_ca = hosts_dir(
+            &origin,
+            &format!("{mirror_entry}  ca = \"mirror-ca.crt\"\n"),
+            &[("mirror-ca.crt", ca.clone())],
+        );
+        let options = mirror_options(dir.path(), with_ca.path(), &reg.host());
+        let store = check_image(&reference, &options, &image).await;
+        assert_eq!(store.stats().retries(), 0);
+
+        // Without the `ca`, the mirror's certificate is not trusted and the origin is down.
+        let without = hosts_dir(&origin, &mirror_entry, &[]);
+        let options = mirror_options(dir.path(), without.path(), &reg.host());
+        let err = open(&reference, &options)
+            .await
+            .resolve(None)
+            .await
+            .unwrap_err();
+        assert!(matches!(err, Error::Connect { .. }), "{err}");
+
+        // The origin's own CA from the top level (an array of one, absolute).
+        let ca_path = reg.cert_dir().join("ca.crt");
+        let origin_ca = hosts_dir(
+            &reg.host(),
+            &format!("ca = [\"{}\"]\n", ca_path.display()),
+            &[],
+        );
+        let options = Options {
+            hosts_dir: Some(origin_ca.path().to_owned()),
+            ..tls_options(dir.path())
+        };
+        check_image(
+            &format!("docker://{}/{REPO}:{TAG}", reg.host()),
+            &options,
+            &image,
+        )
+        .await;
+
+        // A `ca` file that is not there.
+        let missing = hosts_dir(
+            &origin,
+            &format!("{mirror_entry}  ca = \"gone.crt\"\n"),
+            &[],
+        );
+        let options = mirror_options(dir.path(), missing.path(), &reg.host());
+        let r: Reference = reference.parse().unwrap();
+        let err = BlobStore::open(&r, &options).await.unwrap_err();
+        assert!(matches!(err, Error::Hosts(_)), "{err}");
+        let message = err.to_string();
+        let hosts_file = missing.path().join(&origin).join("hosts.toml");
+        assert!(
+            message.contains(
+                &missing
+                    .path()
+                    .join(&origin)
+                    .join("gone.crt")
+                    .display()
+                    .to_string()
+            ),
+            "{message}"
+        );
+        assert!(
+            message.contains(&hosts_file.display().to_string()),
+            "{message}"
+        );
+    });
+}
+
+/// A mirror that demands a client certificate is reached with a `hosts.toml` `client`: a
+/// `[cert, key]` pair, or one file holding both; without it the mirror turns us away.
+#[test]
+fn hosts_toml_client_certificate_for_a_mirror() {
+    common::init_tracing();
+    let (reg, dir, image) = tls_registry_with_image(true);
+    let read = |name: &str| std::fs::read(reg.cert_dir().join(name)).unwrap();
+    let (ca, cert, key) = (read("ca.crt"), read("client.cert"), read("client.key"));
+    let both = [cert.clone(), b"\n".to_vec(), key.clone()].concat();
+    let origin = format!("127.0.0.1:{}", common::free_port());
+    let reference = format!("docker://{origin}/{REPO}:{TAG}");
+    run_async(120, async {
+        let entry = format!(
+            "server = \"http://{origin}\"\n[host.\"https://{}\"]\n  ca = \"ca.crt\"\n",
+            reg.host()
+        );
+        let files = [
+            ("ca.crt", ca),
+            ("client.cert", cert),
+            ("client.key", key),
+            ("both.pem", both),
+        ];
+        for client in ["[[\"client.cert\", \"client.key\"]]", "\"both.pem\""] {
+            let hosts = hosts_dir(&origin, &format!("{entry}  client = {client}\n"), &files);
+            let options = mirror_options(dir.path(), hosts.path(), &reg.host());
+            check_image(&reference, &options, &image).await;
+        }
+        let hosts = hosts_dir(&origin, &entry, &files);
+        let options = mirror_options(dir.path(), hosts.path(), &reg.host());
+        let err = open(&reference, &options)
+            .await
+            .resolve(None)
+            .await
+            .unwrap_err();
+        assert!(matches!(err, Error::Connect { .. }), "{err}");
+    });
+}
