@@ -1443,3 +1443,65 @@ fn hosts_toml_client_certificate_for_a_mirror() {
         assert!(matches!(err, Error::Connect { .. }), "{err}");
     });
 }
+
+/// A `hosts.toml` header block reaches the mirror on every request (a value and a list of
+/// values), never its `Authorization` or `Range`; the mirror's API root may be elsewhere
+/// than `/v2` only with `override_path`, so `/v2` written out works the same.
+#[test]
+fn hosts_toml_headers_reach_the_mirror() {
+    common::init_tracing();
+    let (mirror, _dir, image) = registry_with_image();
+    let proxy = FaultyProxy::start(mirror.addr, Fault::RecordHeads);
+    let origin = format!("127.0.0.1:{}", common::free_port());
+    let hosts = hosts_dir(
+        &origin,
+        &format!(
+            "server = \"http://{origin}\"\n[host.\"http://{}/v2\"]\n\
+             [host.\"http://{}/v2\".header]\n  X-Fanfill-Test = \"yes\"\n  x-multi = [\"a\", \"b\"]\n\
+             \x20 authorization = \"Basic c25lYWt5\"\n  range = \"bytes=0-0\"\n",
+            proxy.host(),
+            proxy.host()
+        ),
+        &[],
+    );
+    run_async(120, async {
+        let options = Options {
+            hosts_dir: Some(hosts.path().to_owned()),
+            ..insecure()
+        };
+        let store = open(&format!("docker://{origin}/{REPO}:{TAG}"), &options).await;
+        let resolved = store.resolve(None).await.unwrap();
+        assert_eq!(resolved.manifest_digest.to_string(), image.manifest_digest);
+        let layer = &image.layers[0];
+        assert_eq!(
+            store
+                .read_range(&digest(&layer.digest), 100, 50)
+                .await
+                .unwrap()
+                .as_ref(),
+            &layer.blob[100..150]
+        );
+        let heads = proxy.request_heads();
+        let api: Vec<String> = heads
+            .iter()
+            .map(|h| h.to_ascii_lowercase())
+            .filter(|h| h.contains(&format!(" /v2/{REPO}/")))
+            .collect();
+        assert!(api.len() >= 3, "{heads:?}");
+        for head in &api {
+            assert!(head.contains("\r\nx-fanfill-test: yes\r\n"), "{head}");
+            assert!(head.contains("\r\nx-multi: a\r\n"), "{head}");
+            assert!(head.contains("\r\nx-multi: b\r\n"), "{head}");
+            assert!(!head.contains("authorization:"), "{head}");
+            assert!(!head.contains("bytes=0-0"), "{head}");
+        }
+        // The range read sent its own Range, once.
+        let ranged: Vec<_> = api.iter().filter(|h| h.contains("\r\nrange: ")).collect();
+        assert_eq!(ranged.len(), 1, "{api:?}");
+        assert!(
+            ranged[0].contains("\r\nrange: bytes=100-149\r\n"),
+            "{}",
+            ranged[0]
+        );
+    });
+}
