@@ -4,7 +4,8 @@
 //! manifest for one platform (OCI and Docker schema2 manifests and lists), reading byte
 //! ranges of blobs, streaming and verifying whole blobs, registry auth (anonymous, Basic,
 //! Bearer with a token cache), TLS trust (private CAs and client certificates from
-//! `--cert-dir` or `certs.d` directories, as podman finds them), mirrors with fallback,
+//! `--cert-dir` or `certs.d` directories, as podman finds them, and the per-host `ca`,
+//! `client` and header settings of containerd's `hosts.toml`), mirrors with fallback,
 //! retries with bounded exponential backoff, referrers (the layer-index artifact), and
 //! counters of what was fetched. It never interprets layer contents, writes placeholders or
 //! talks to the kernel.

@@ -3,7 +3,8 @@
 //! A certificate directory holds `*.crt` files (PEM CA certificates trusted for the host, on
 //! top of the system roots) and optionally one `NAME.cert` + `NAME.key` pair (a PEM client
 //! certificate and its key). It is `--cert-dir` when given (for every host), else the first
-//! existing `ROOT/HOST[:PORT]` below the roots of [`cert_roots`]. Pure file handling: the
+//! existing `ROOT/HOST[:PORT]` below the roots of [`cert_roots`]. The same readers load the
+//! `ca` and `client` files a `hosts.toml` names ([`super::hosts`]). Pure file handling: the
 //! clients are built in [`super::remote`].
 
 use std::path::{Path, PathBuf};
