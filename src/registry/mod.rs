@@ -310,7 +310,7 @@ pub enum Error {
         /// roots, if any.
         cert_dir: Option<PathBuf>,
         /// The CA files a `hosts.toml` names for the host (its `ca`), trusted too.
-        ca_files: Vec<PathBuf>,
+        ca_files: Box<[PathBuf]>,
         /// The transport error.
         #[source]
         source: reqwest::Error,

@@ -205,7 +205,7 @@ impl Endpoint {
                 url: url.to_string(),
                 registry: self.host.clone(),
                 cert_dir: self.cert_dir.clone(),
-                ca_files: self.ca_files.clone(),
+                ca_files: self.ca_files.clone().into(),
                 source,
             }
         } else {
