@@ -94,7 +94,8 @@ pub struct RegistrySettings {
     #[serde(default)]
     pub cert_dir: Option<PathBuf>,
     /// containerd's registry host directory: each registry's `hosts.toml` there adds its
-    /// mirrors (after `mirrors`) and may make the origin plain HTTP.
+    /// mirrors (after `mirrors`), gives each host its CA files, client certificate and
+    /// headers, and may make the origin plain HTTP.
     #[serde(default)]
     pub hosts_dir: Option<PathBuf>,
 }

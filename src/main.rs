@@ -156,7 +156,8 @@ struct DaemonArgs {
     containerd_mirror: Vec<String>,
     /// For the images containerd has fanfill serve: containerd's registry host directory,
     /// whose HOST[:PORT]/hosts.toml (or _default/hosts.toml) lists mirrors tried before the
-    /// origin, as containerd reads them.
+    /// origin and each host's CA files, client certificates and headers, as containerd reads
+    /// them.
     #[arg(long, value_name = "DIR", default_value = "/etc/containerd/certs.d")]
     containerd_hosts_dir: PathBuf,
     /// Fill the images containerd has fanfill serve in the background as well (never ahead

@@ -1291,3 +1291,217 @@ fn tls_client_certificate_from_cert_dir() {
         );
     });
 }
+
+/// `HOSTS_DIR/ORIGIN/hosts.toml` with `text`, and `files` (name, content) beside it;
+/// returns the hosts dir.
+fn hosts_dir(origin: &str, text: &str, files: &[(&str, Vec<u8>)]) -> tempfile::TempDir {
+    let d = tempfile::tempdir().unwrap();
+    let dir = d.path().join(origin);
+    std::fs::create_dir_all(&dir).unwrap();
+    std::fs::write(dir.join("hosts.toml"), text).unwrap();
+    for (name, content) in files {
+        std::fs::write(dir.join(name), content).unwrap();
+    }
+    d
+}
+
+/// [`tls_options`] reading `hosts`, with Alice's credentials for `mirror` in the auth file
+/// (`creds` only serve the origin).
+fn mirror_options(dir: &Path, hosts: &Path, mirror: &str) -> Options {
+    use base64::Engine as _;
+    let authfile = dir.join("mirror-auth.json");
+    let auth = base64::engine::general_purpose::STANDARD.encode("alice:s3cret");
+    std::fs::write(
+        &authfile,
+        format!(r#"{{"auths": {{"{mirror}": {{"auth": "{auth}"}}}}}}"#),
+    )
+    .unwrap();
+    Options {
+        authfile: Some(authfile),
+        hosts_dir: Some(hosts.to_owned()),
+        ..tls_options(dir)
+    }
+}
+
+/// A TLS mirror whose private CA only a `hosts.toml` `ca` names (relative to the file) is
+/// trusted; so is the origin's, from the top-level `ca`; a `ca` file that is not there fails
+/// the open, naming it and the `hosts.toml`.
+#[test]
+fn hosts_toml_ca_for_a_mirror_and_the_origin() {
+    common::init_tracing();
+    let (reg, dir, image) = tls_registry_with_image(false);
+    let ca = std::fs::read(reg.cert_dir().join("ca.crt")).unwrap();
+    // The origin is not there: everything comes from the mirror.
+    let origin = format!("127.0.0.1:{}", common::free_port());
+    let reference = format!("docker://{origin}/{REPO}:{TAG}");
+    run_async(120, async {
+        let mirror_entry = format!(
+            "server = \"http://{origin}\"\n[host.\"https://{}\"]\n",
+            reg.host()
+        );
+        let with_ca = hosts_dir(
+            &origin,
+            &format!("{mirror_entry}  ca = \"mirror-ca.crt\"\n"),
+            &[("mirror-ca.crt", ca.clone())],
+        );
+        let options = mirror_options(dir.path(), with_ca.path(), &reg.host());
+        let store = check_image(&reference, &options, &image).await;
+        assert_eq!(store.stats().retries(), 0);
+
+        // Without the `ca`, the mirror's certificate is not trusted and the origin is down.
+        let without = hosts_dir(&origin, &mirror_entry, &[]);
+        let options = mirror_options(dir.path(), without.path(), &reg.host());
+        let err = open(&reference, &options)
+            .await
+            .resolve(None)
+            .await
+            .unwrap_err();
+        assert!(matches!(err, Error::Connect { .. }), "{err}");
+
+        // The origin's own CA from the top level (an array of one, absolute).
+        let ca_path = reg.cert_dir().join("ca.crt");
+        let origin_ca = hosts_dir(
+            &reg.host(),
+            &format!("ca = [\"{}\"]\n", ca_path.display()),
+            &[],
+        );
+        let options = Options {
+            hosts_dir: Some(origin_ca.path().to_owned()),
+            ..tls_options(dir.path())
+        };
+        check_image(
+            &format!("docker://{}/{REPO}:{TAG}", reg.host()),
+            &options,
+            &image,
+        )
+        .await;
+
+        // A `ca` file that is not there.
+        let missing = hosts_dir(
+            &origin,
+            &format!("{mirror_entry}  ca = \"gone.crt\"\n"),
+            &[],
+        );
+        let options = mirror_options(dir.path(), missing.path(), &reg.host());
+        let r: Reference = reference.parse().unwrap();
+        let err = BlobStore::open(&r, &options).await.unwrap_err();
+        assert!(matches!(err, Error::Hosts(_)), "{err}");
+        let message = err.to_string();
+        let hosts_file = missing.path().join(&origin).join("hosts.toml");
+        assert!(
+            message.contains(
+                &missing
+                    .path()
+                    .join(&origin)
+                    .join("gone.crt")
+                    .display()
+                    .to_string()
+            ),
+            "{message}"
+        );
+        assert!(
+            message.contains(&hosts_file.display().to_string()),
+            "{message}"
+        );
+    });
+}
+
+/// A mirror that demands a client certificate is reached with a `hosts.toml` `client`: a
+/// `[cert, key]` pair, or one file holding both; without it the mirror turns us away.
+#[test]
+fn hosts_toml_client_certificate_for_a_mirror() {
+    common::init_tracing();
+    let (reg, dir, image) = tls_registry_with_image(true);
+    let read = |name: &str| std::fs::read(reg.cert_dir().join(name)).unwrap();
+    let (ca, cert, key) = (read("ca.crt"), read("client.cert"), read("client.key"));
+    let both = [cert.clone(), b"\n".to_vec(), key.clone()].concat();
+    let origin = format!("127.0.0.1:{}", common::free_port());
+    let reference = format!("docker://{origin}/{REPO}:{TAG}");
+    run_async(120, async {
+        let entry = format!(
+            "server = \"http://{origin}\"\n[host.\"https://{}\"]\n  ca = \"ca.crt\"\n",
+            reg.host()
+        );
+        let files = [
+            ("ca.crt", ca),
+            ("client.cert", cert),
+            ("client.key", key),
+            ("both.pem", both),
+        ];
+        for client in ["[[\"client.cert\", \"client.key\"]]", "\"both.pem\""] {
+            let hosts = hosts_dir(&origin, &format!("{entry}  client = {client}\n"), &files);
+            let options = mirror_options(dir.path(), hosts.path(), &reg.host());
+            check_image(&reference, &options, &image).await;
+        }
+        let hosts = hosts_dir(&origin, &entry, &files);
+        let options = mirror_options(dir.path(), hosts.path(), &reg.host());
+        let err = open(&reference, &options)
+            .await
+            .resolve(None)
+            .await
+            .unwrap_err();
+        assert!(matches!(err, Error::Connect { .. }), "{err}");
+    });
+}
+
+/// A `hosts.toml` header block reaches the mirror on every request (a value and a list of
+/// values), never its `Authorization` or `Range`; the mirror's API root may be elsewhere
+/// than `/v2` only with `override_path`, so `/v2` written out works the same.
+#[test]
+fn hosts_toml_headers_reach_the_mirror() {
+    common::init_tracing();
+    let (mirror, _dir, image) = registry_with_image();
+    let proxy = FaultyProxy::start(mirror.addr, Fault::RecordHeads);
+    let origin = format!("127.0.0.1:{}", common::free_port());
+    let hosts = hosts_dir(
+        &origin,
+        &format!(
+            "server = \"http://{origin}\"\n[host.\"http://{}/v2\"]\n\
+             [host.\"http://{}/v2\".header]\n  X-Fanfill-Test = \"yes\"\n  x-multi = [\"a\", \"b\"]\n\
+             \x20 authorization = \"Basic c25lYWt5\"\n  range = \"bytes=0-0\"\n",
+            proxy.host(),
+            proxy.host()
+        ),
+        &[],
+    );
+    run_async(120, async {
+        let options = Options {
+            hosts_dir: Some(hosts.path().to_owned()),
+            ..insecure()
+        };
+        let store = open(&format!("docker://{origin}/{REPO}:{TAG}"), &options).await;
+        let resolved = store.resolve(None).await.unwrap();
+        assert_eq!(resolved.manifest_digest.to_string(), image.manifest_digest);
+        let layer = &image.layers[0];
+        assert_eq!(
+            store
+                .read_range(&digest(&layer.digest), 100, 50)
+                .await
+                .unwrap()
+                .as_ref(),
+            &layer.blob[100..150]
+        );
+        let heads = proxy.request_heads();
+        let api: Vec<String> = heads
+            .iter()
+            .map(|h| h.to_ascii_lowercase())
+            .filter(|h| h.contains(&format!(" /v2/{REPO}/")))
+            .collect();
+        assert!(api.len() >= 3, "{heads:?}");
+        for head in &api {
+            assert!(head.contains("\r\nx-fanfill-test: yes\r\n"), "{head}");
+            assert!(head.contains("\r\nx-multi: a\r\n"), "{head}");
+            assert!(head.contains("\r\nx-multi: b\r\n"), "{head}");
+            assert!(!head.contains("authorization:"), "{head}");
+            assert!(!head.contains("bytes=0-0"), "{head}");
+        }
+        // The range read sent its own Range, once.
+        let ranged: Vec<_> = api.iter().filter(|h| h.contains("\r\nrange: ")).collect();
+        assert_eq!(ranged.len(), 1, "{api:?}");
+        assert!(
+            ranged[0].contains("\r\nrange: bytes=100-149\r\n"),
+            "{}",
+            ranged[0]
+        );
+    });
+}

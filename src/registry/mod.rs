@@ -4,7 +4,8 @@
 //! manifest for one platform (OCI and Docker schema2 manifests and lists), reading byte
 //! ranges of blobs, streaming and verifying whole blobs, registry auth (anonymous, Basic,
 //! Bearer with a token cache), TLS trust (private CAs and client certificates from
-//! `--cert-dir` or `certs.d` directories, as podman finds them), mirrors with fallback,
+//! `--cert-dir` or `certs.d` directories, as podman finds them, and the per-host `ca`,
+//! `client` and header settings of containerd's `hosts.toml`), mirrors with fallback,
 //! retries with bounded exponential backoff, referrers (the layer-index artifact), and
 //! counters of what was fetched. It never interprets layer contents, writes placeholders or
 //! talks to the kernel.
@@ -297,7 +298,7 @@ pub enum Error {
         source: Box<dyn std::error::Error + Send + Sync>,
     },
     /// The registry's TLS certificate did not verify (unknown CA, wrong name, expired).
-    #[error("{method} {url}: TLS certificate of {registry} not trusted ({})", trust_hint(registry, cert_dir.as_deref()))]
+    #[error("{method} {url}: TLS certificate of {registry} not trusted ({})", trust_hint(registry, cert_dir.as_deref(), ca_files))]
     Certificate {
         /// HTTP method.
         method: String,
@@ -308,6 +309,8 @@ pub enum Error {
         /// The certificate directory whose `*.crt` files were trusted besides the system
         /// roots, if any.
         cert_dir: Option<PathBuf>,
+        /// The CA files a `hosts.toml` names for the host (its `ca`), trusted too.
+        ca_files: Box<[PathBuf]>,
         /// The transport error.
         #[source]
         source: reqwest::Error,
@@ -315,13 +318,19 @@ pub enum Error {
 }
 
 /// What was trusted, and where a CA for `registry` would go.
-fn trust_hint(registry: &str, cert_dir: Option<&std::path::Path>) -> String {
-    match cert_dir {
-        Some(dir) => format!("trusted: system roots and {}/*.crt", dir.display()),
-        None => format!(
+fn trust_hint(registry: &str, cert_dir: Option<&std::path::Path>, ca_files: &[PathBuf]) -> String {
+    let mut trusted: Vec<String> = cert_dir
+        .map(|dir| format!("{}/*.crt", dir.display()))
+        .into_iter()
+        .chain(ca_files.iter().map(|f| f.display().to_string()))
+        .collect();
+    if trusted.is_empty() {
+        return format!(
             "trusted: system roots only; a private CA for it goes in /etc/containers/certs.d/{registry}/*.crt"
-        ),
+        );
     }
+    trusted.insert(0, "system roots".to_owned());
+    format!("trusted: {}", trusted.join(", "))
 }
 
 impl Error {
@@ -484,7 +493,8 @@ pub struct Options {
     /// Mirrors tried in order before the origin for reads.
     pub mirrors: Vec<Mirror>,
     /// containerd's registry host directory (`/etc/containerd/certs.d`): the origin's
-    /// `hosts.toml` adds its mirrors after [`Options::mirrors`] and may make the origin
+    /// `hosts.toml` adds its mirrors after [`Options::mirrors`], gives each host (mirror or
+    /// origin) its `ca` and `client` files and headers, and may make the origin
     /// plain HTTP ([`hosts`]).
     pub hosts_dir: Option<PathBuf>,
     /// Retry policy for every request.

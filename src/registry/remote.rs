@@ -67,6 +67,14 @@ struct Endpoint {
     client: Client,
     /// The certificate directory the client trusts (for error messages).
     cert_dir: Option<PathBuf>,
+    /// The `hosts.toml` CA files the client trusts (for error messages).
+    ca_files: Vec<PathBuf>,
+    /// The API root below `base`, without a leading `/`, with a trailing one unless empty:
+    /// `v2/` (or another root from a `hosts.toml`).
+    api: String,
+    /// Sent on every request to this endpoint (a `hosts.toml` header block); never
+    /// `Authorization` or `Range`.
+    headers: HeaderMap,
     is_origin: bool,
     /// Milliseconds since `epoch` until which this mirror is skipped (0: in service).
     resting_until_ms: AtomicU64,
@@ -105,9 +113,19 @@ impl fmt::Debug for RemoteStore {
     }
 }
 
+/// How one endpoint is reached: its client and what that trusts, its API root and headers.
+struct Route {
+    client: Client,
+    cert_dir: Option<PathBuf>,
+    ca_files: Vec<PathBuf>,
+    /// `/v2`, or another API root.
+    api_root: String,
+    headers: HeaderMap,
+}
+
 impl Endpoint {
     async fn new(
-        (client, cert_dir): (Client, Option<PathBuf>),
+        route: Route,
         insecure: bool,
         host: &str,
         repository: String,
@@ -115,17 +133,26 @@ impl Endpoint {
         is_origin: bool,
     ) -> Result<Self> {
         let base = if insecure {
-            insecure_base(&client, host).await
+            insecure_base(&route.client, host).await
         } else {
             Url::parse(&format!("https://{host}/")).map_err(|_| Error::Mirror(host.to_owned()))?
+        };
+        let root = route.api_root.trim_matches('/');
+        let api = if root.is_empty() {
+            String::new()
+        } else {
+            format!("{root}/")
         };
         Ok(Endpoint {
             base,
             host: host.to_owned(),
             repository,
             creds,
-            client,
-            cert_dir,
+            client: route.client,
+            cert_dir: route.cert_dir,
+            ca_files: route.ca_files,
+            api,
+            headers: route.headers,
             is_origin,
             resting_until_ms: AtomicU64::new(0),
             epoch: Instant::now(),
@@ -146,8 +173,28 @@ impl Endpoint {
     }
 
     fn url(&self, path: &str) -> Url {
-        let url = format!("{}v2/{}/{path}", self.base, self.repository);
-        Url::parse(&url).expect("host and repository were validated")
+        let url = format!("{}{}{}/{path}", self.base, self.api, self.repository);
+        Url::parse(&url).expect("host, API root and repository were validated")
+    }
+
+    /// A request to this endpoint: its configured headers, then `headers` (which replace
+    /// configured ones of the same name), then `auth` as `Authorization`.
+    fn request(
+        &self,
+        method: Method,
+        url: &Url,
+        headers: &HeaderMap,
+        auth: Option<&str>,
+    ) -> reqwest::RequestBuilder {
+        let mut req = self
+            .client
+            .request(method, url.clone())
+            .headers(self.headers.clone())
+            .headers(headers.clone());
+        if let Some(a) = auth {
+            req = req.header(header::AUTHORIZATION, a);
+        }
+        req
     }
 
     /// A request that got no response: [`Error::Certificate`] when the server's certificate
@@ -159,6 +206,7 @@ impl Endpoint {
                 url: url.to_string(),
                 registry: self.host.clone(),
                 cert_dir: self.cert_dir.clone(),
+                ca_files: self.ca_files.clone().into(),
                 source,
             }
         } else {
@@ -288,36 +336,72 @@ impl RemoteStore {
             .cert_roots
             .clone()
             .unwrap_or_else(|| tls::cert_roots(|k| std::env::var(k).ok()));
-        // One client per (insecure, certificate directory): endpoints that trust the same
-        // things share connections.
-        let mut clients: HashMap<(bool, Option<PathBuf>), Client> = HashMap::new();
-        let mut client_for =
-            |insecure: bool, registry: &str| -> Result<(Client, Option<PathBuf>)> {
-                let dir = options
-                    .cert_dir
-                    .clone()
-                    .or_else(|| tls::find_cert_dir(&cert_roots, registry));
-                let key = (insecure, dir.clone());
-                if let Some(client) = clients.get(&key) {
-                    return Ok((client.clone(), dir));
+        let hosts = match &options.hosts_dir {
+            Some(dir) => hosts::lookup(dir, &reference.registry)?,
+            None => hosts::HostConfig::default(),
+        };
+        // One client per trust setting (insecure, certificate directory, hosts.toml `ca`
+        // and `client` files): endpoints that trust the same things share connections.
+        type Key = (bool, Option<PathBuf>, Vec<PathBuf>, Vec<hosts::ClientPair>);
+        let mut clients: HashMap<Key, Client> = HashMap::new();
+        let mut route_for = |insecure: bool,
+                             registry: &str,
+                             api_root: &str,
+                             settings: &hosts::HostSettings|
+         -> Result<Route> {
+            let dir = options
+                .cert_dir
+                .clone()
+                .or_else(|| tls::find_cert_dir(&cert_roots, registry));
+            let key = (
+                insecure,
+                dir.clone(),
+                settings.ca.clone(),
+                settings.client.clone(),
+            );
+            let client = match clients.get(&key) {
+                Some(client) => client.clone(),
+                None => {
+                    let mut trust = dir.as_deref().map(Trust::load).transpose()?;
+                    if let Some(extra) = hosts.load_tls(settings)? {
+                        let t = trust.get_or_insert_with(|| Trust {
+                            roots: Vec::new(),
+                            identity: None,
+                        });
+                        t.roots.extend(extra.roots);
+                        // The hosts.toml's own client certificate wins.
+                        if extra.identity.is_some() {
+                            t.identity = extra.identity;
+                        }
+                    }
+                    let client = build_client(options, insecure, trust.as_ref())?;
+                    clients.insert(key, client.clone());
+                    client
                 }
-                let trust = dir.as_deref().map(Trust::load).transpose()?;
-                let client = build_client(options, insecure, trust.as_ref())?;
-                clients.insert(key, client.clone());
-                Ok((client, dir))
             };
+            Ok(Route {
+                client,
+                cert_dir: dir,
+                ca_files: settings.ca.clone(),
+                api_root: api_root.to_owned(),
+                headers: settings.headers.clone(),
+            })
+        };
         let files = auth::auth_files(
             options.authfile.as_deref(),
             |k| std::env::var(k).ok(),
             nix::unistd::geteuid().as_raw(),
         );
-        let hosts = match &options.hosts_dir {
-            Some(dir) => hosts::lookup(dir, &reference.registry)?,
-            None => hosts::HostConfig::default(),
-        };
         let origin_insecure = options.insecure || hosts.origin_insecure;
+        let plain = hosts::HostSettings::default();
+        let mirrors = options.mirrors.iter().map(|m| (m, "/v2", &plain)).chain(
+            hosts
+                .mirrors
+                .iter()
+                .map(|m| (&m.mirror, m.api_root.as_str(), &m.settings)),
+        );
         let mut endpoints = Vec::new();
-        for mirror in options.mirrors.iter().chain(&hosts.mirrors) {
+        for (mirror, api_root, settings) in mirrors {
             let (host, prefix) = parse_mirror(&mirror.location)?;
             let repository = if prefix.is_empty() {
                 reference.repository.clone()
@@ -327,7 +411,7 @@ impl RemoteStore {
             let creds = auth::lookup(&files, host, &repository)?;
             endpoints.push(
                 Endpoint::new(
-                    client_for(mirror.insecure, host)?,
+                    route_for(mirror.insecure, host, api_root, settings)?,
                     mirror.insecure,
                     host,
                     repository,
@@ -343,7 +427,7 @@ impl RemoteStore {
         };
         endpoints.push(
             Endpoint::new(
-                client_for(origin_insecure, &reference.registry)?,
+                route_for(origin_insecure, &reference.registry, "/v2", &hosts.origin)?,
                 origin_insecure,
                 reference.api_host(),
                 reference.repository.clone(),
@@ -731,13 +815,7 @@ impl Inner {
         let mut auth = self.cached_auth(ep, &scope);
         let mut answered = false;
         loop {
-            let mut req = ep
-                .client
-                .request(method.clone(), url.clone())
-                .headers(headers.clone());
-            if let Some(a) = &auth {
-                req = req.header(header::AUTHORIZATION, a);
-            }
+            let mut req = ep.request(method.clone(), url, &headers, auth.as_deref());
             if let Some(b) = &body {
                 req = req.body(b.clone());
             }
@@ -1153,5 +1231,82 @@ impl StreamState {
                 }
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A secure endpoint as `open` makes it from a `hosts.toml` entry (no network).
+    async fn endpoint(api_root: &str, toml_headers: &str) -> Endpoint {
+        let config = hosts::parse(
+            &format!(
+                "[host.\"https://m.example{api_root}\"]\noverride_path = true\n{toml_headers}"
+            ),
+            std::path::Path::new("/nowhere"),
+        )
+        .unwrap();
+        let m = &config.mirrors[0];
+        let route = Route {
+            client: build_client(&Options::default(), false, None).unwrap(),
+            cert_dir: None,
+            ca_files: Vec::new(),
+            api_root: m.api_root.clone(),
+            headers: m.settings.headers.clone(),
+        };
+        Endpoint::new(route, false, "m.example", "lib/app".into(), None, false)
+            .await
+            .unwrap()
+    }
+
+    #[tokio::test]
+    async fn requests_carry_the_host_headers_and_api_root() {
+        let ep = endpoint(
+            "",
+            "[host.\"https://m.example\".header]\nx-token = \"t\"\nx-multi = [\"a\", \"b\"]\n\
+             accept = \"text/plain\"\nauthorization = \"Basic c25lYWt5\"\nRange = \"bytes=0-0\"",
+        )
+        .await;
+        let url = ep.url("blobs/sha256:00");
+        // override_path with no path: the repository sits at the root.
+        assert_eq!(url.as_str(), "https://m.example/lib/app/blobs/sha256:00");
+        let mut own = HeaderMap::new();
+        own.insert(header::ACCEPT, HeaderValue::from_static(MANIFEST_ACCEPT));
+        own.insert(header::RANGE, HeaderValue::from_static("bytes=5-9"));
+        let req = ep
+            .request(Method::GET, &url, &own, Some("Bearer ours"))
+            .build()
+            .unwrap();
+        let h = req.headers();
+        assert_eq!(h["x-token"], "t");
+        let multi: Vec<_> = h.get_all("x-multi").iter().collect();
+        assert_eq!(multi, ["a", "b"]);
+        // fanfill's own headers win; Authorization and Range are never the file's.
+        let one = |name| h.get_all(name).iter().collect::<Vec<_>>();
+        assert_eq!(one(header::ACCEPT), [MANIFEST_ACCEPT]);
+        assert_eq!(one(header::RANGE), ["bytes=5-9"]);
+        assert_eq!(one(header::AUTHORIZATION), ["Bearer ours"]);
+        // Without its own Range or auth, a request has none at all.
+        let req = ep
+            .request(Method::GET, &url, &HeaderMap::new(), None)
+            .build()
+            .unwrap();
+        assert!(!req.headers().contains_key(header::RANGE));
+        assert!(!req.headers().contains_key(header::AUTHORIZATION));
+        assert_eq!(req.headers()["accept"], "text/plain");
+
+        let ep = endpoint("/api/v2/", "").await;
+        assert_eq!(
+            ep.url("manifests/v1").as_str(),
+            "https://m.example/api/v2/lib/app/manifests/v1"
+        );
+        assert!(
+            ep.request(Method::GET, &url, &HeaderMap::new(), None)
+                .build()
+                .unwrap()
+                .headers()
+                .is_empty()
+        );
     }
 }

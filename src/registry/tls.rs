@@ -3,7 +3,8 @@
 //! A certificate directory holds `*.crt` files (PEM CA certificates trusted for the host, on
 //! top of the system roots) and optionally one `NAME.cert` + `NAME.key` pair (a PEM client
 //! certificate and its key). It is `--cert-dir` when given (for every host), else the first
-//! existing `ROOT/HOST[:PORT]` below the roots of [`cert_roots`]. Pure file handling: the
+//! existing `ROOT/HOST[:PORT]` below the roots of [`cert_roots`]. The same readers load the
+//! `ca` and `client` files a `hosts.toml` names ([`super::hosts`]). Pure file handling: the
 //! clients are built in [`super::remote`].
 
 use std::path::{Path, PathBuf};
@@ -96,17 +97,20 @@ impl Trust {
                 Some("cert") => {
                     let key = path.with_extension("key");
                     if !key.exists() {
-                        return Err(cert_err(path, "client certificate without its .key file"));
+                        return Err(
+                            cert_err(path, "client certificate without its .key file").into()
+                        );
                     }
                     if identity.is_none() {
-                        identity = Some(read_identity(path, &key)?);
+                        identity = Some(read_identity(path, Some(&key))?);
                     }
                 }
                 Some("key") if !path.with_extension("cert").exists() => {
                     return Err(cert_err(
                         path,
                         "key without its .cert file (CA certificates end in .crt)",
-                    ));
+                    )
+                    .into());
                 }
                 _ => {}
             }
@@ -116,20 +120,42 @@ impl Trust {
     }
 }
 
-fn cert_err(path: &Path, problem: &str) -> Error {
-    Error::CertFile {
+fn cert_err(path: &Path, problem: &str) -> FileError {
+    FileError {
         path: path.to_owned(),
         source: problem.into(),
     }
 }
 
-/// The CA certificates of one PEM file, each checked by building a client that trusts it.
-fn read_cas(path: &Path) -> Result<Vec<Certificate>> {
-    let pem = std::fs::read(path).map_err(|e| Error::CertFile {
+/// A certificate or key file that could not be read or parsed; the caller says who named it.
+#[derive(Debug)]
+pub(crate) struct FileError {
+    /// The file (or the directory, if it could not be listed).
+    pub(crate) path: PathBuf,
+    /// The read or parse error.
+    pub(crate) source: Box<dyn std::error::Error + Send + Sync>,
+}
+
+impl From<FileError> for Error {
+    fn from(e: FileError) -> Self {
+        Error::CertFile {
+            path: e.path,
+            source: e.source,
+        }
+    }
+}
+
+fn read_file(path: &Path) -> Result<Vec<u8>, FileError> {
+    std::fs::read(path).map_err(|e| FileError {
         path: path.to_owned(),
         source: Box::new(e),
-    })?;
-    let parse_err = |e: reqwest::Error| Error::CertFile {
+    })
+}
+
+/// The CA certificates of one PEM file, each checked by building a client that trusts it.
+pub(crate) fn read_cas(path: &Path) -> Result<Vec<Certificate>, FileError> {
+    let pem = read_file(path)?;
+    let parse_err = |e: reqwest::Error| FileError {
         path: path.to_owned(),
         source: Box::new(e),
     };
@@ -146,18 +172,15 @@ fn read_cas(path: &Path) -> Result<Vec<Certificate>> {
     Ok(certs)
 }
 
-/// A client identity from a PEM certificate (chain) and its PEM key.
-fn read_identity(cert: &Path, key: &Path) -> Result<Identity> {
-    let read = |path: &Path| {
-        std::fs::read(path).map_err(|e| Error::CertFile {
-            path: path.to_owned(),
-            source: Box::new(e),
-        })
-    };
-    let mut pem = read(cert)?;
-    pem.push(b'\n');
-    pem.extend(read(key)?);
-    let parse_err = |e: reqwest::Error| Error::CertFile {
+/// A client identity from a PEM certificate (chain) and its PEM key (`None`: the key is in
+/// the certificate's file).
+pub(crate) fn read_identity(cert: &Path, key: Option<&Path>) -> Result<Identity, FileError> {
+    let mut pem = read_file(cert)?;
+    if let Some(key) = key {
+        pem.push(b'\n');
+        pem.extend(read_file(key)?);
+    }
+    let parse_err = |e: reqwest::Error| FileError {
         path: cert.to_owned(),
         source: Box::new(e),
     };

@@ -632,6 +632,9 @@ pub enum Fault {
     },
     /// Remove `Range:` headers from every request (a server that ignores ranges).
     StripRange,
+    /// Forward faithfully, keeping each request's header block for
+    /// [`FaultyProxy::request_heads`].
+    RecordHeads,
     /// Answer the first request on the next `connections` connections with `status` (e.g.
     /// 503, or 429 with `Retry-After: 1`), then close.
     Status {
@@ -648,6 +651,8 @@ pub struct FaultyProxy {
     pub addr: SocketAddr,
     fault: Arc<Mutex<Fault>>,
     plain_connections: Arc<AtomicUsize>,
+    /// Request header blocks seen under [`Fault::RecordHeads`].
+    heads: Arc<Mutex<Vec<String>>>,
     stop: Arc<AtomicBool>,
     /// Client sockets of the connections accepted so far (for [`FaultyProxy::set_fault_now`]).
     live: Arc<Mutex<Vec<TcpStream>>>,
@@ -662,11 +667,13 @@ impl FaultyProxy {
         let plain_connections = Arc::new(AtomicUsize::new(0));
         let stop = Arc::new(AtomicBool::new(false));
         let live = Arc::new(Mutex::new(Vec::new()));
-        let (f, c, s, l) = (
+        let heads = Arc::new(Mutex::new(Vec::new()));
+        let (f, c, s, l, h) = (
             fault.clone(),
             plain_connections.clone(),
             stop.clone(),
             live.clone(),
+            heads.clone(),
         );
         std::thread::spawn(move || {
             for conn in listener.incoming() {
@@ -677,14 +684,15 @@ impl FaultyProxy {
                 if let Ok(clone) = client.try_clone() {
                     l.lock().unwrap().push(clone);
                 }
-                let (f, c) = (f.clone(), c.clone());
-                std::thread::spawn(move || handle(client, target, &f, &c));
+                let (f, c, h) = (f.clone(), c.clone(), h.clone());
+                std::thread::spawn(move || handle(client, target, &f, &c, h));
             }
         });
         FaultyProxy {
             addr,
             fault,
             plain_connections,
+            heads,
             stop,
             live,
         }
@@ -713,6 +721,12 @@ impl FaultyProxy {
     pub fn connections(&self) -> usize {
         self.plain_connections.load(Ordering::SeqCst)
     }
+
+    /// The header blocks (request line and headers) of the requests forwarded under
+    /// [`Fault::RecordHeads`], in order.
+    pub fn request_heads(&self) -> Vec<String> {
+        self.heads.lock().unwrap().clone()
+    }
 }
 
 impl Drop for FaultyProxy {
@@ -722,7 +736,13 @@ impl Drop for FaultyProxy {
     }
 }
 
-fn handle(client: TcpStream, target: SocketAddr, fault: &Mutex<Fault>, count: &AtomicUsize) {
+fn handle(
+    client: TcpStream,
+    target: SocketAddr,
+    fault: &Mutex<Fault>,
+    count: &AtomicUsize,
+    heads: Arc<Mutex<Vec<String>>>,
+) {
     let _ = client.set_read_timeout(Some(Duration::from_secs(30)));
     let mut first = [0u8; 1];
     let is_tls = matches!(client.peek(&mut first), Ok(1) if first[0] == 0x16);
@@ -741,7 +761,7 @@ fn handle(client: TcpStream, target: SocketAddr, fault: &Mutex<Fault>, count: &A
                     *f = Fault::None;
                 }
             }
-            Fault::None | Fault::StripRange => {}
+            Fault::None | Fault::StripRange | Fault::RecordHeads => {}
         }
         action
     };
@@ -768,10 +788,14 @@ fn handle(client: TcpStream, target: SocketAddr, fault: &Mutex<Fault>, count: &A
     };
     let _ = server.set_read_timeout(Some(Duration::from_secs(30)));
     let (c2, s2) = (client.try_clone().unwrap(), server.try_clone().unwrap());
-    let strip = action == Fault::StripRange;
+    let parse = match action {
+        Fault::StripRange => Some(None),
+        Fault::RecordHeads => Some(Some(heads)),
+        _ => None,
+    };
     let upstream = std::thread::spawn(move || {
-        if strip {
-            forward_requests_without_range(c2, s2);
+        if let Some(record) = parse {
+            forward_requests(c2, s2, record.as_deref());
         } else {
             let (mut c2, mut s2) = (c2, s2);
             let _ = std::io::copy(&mut c2, &mut s2);
@@ -821,8 +845,9 @@ fn forward_truncated(
     client.flush()
 }
 
-/// Copies requests (header blocks, then `Content-Length` bodies), dropping `Range:` lines.
-fn forward_requests_without_range(client: TcpStream, mut server: TcpStream) {
+/// Copies requests (header blocks, then `Content-Length` bodies): dropping `Range:` lines,
+/// or, with `record`, keeping each header block there instead.
+fn forward_requests(client: TcpStream, mut server: TcpStream, record: Option<&Mutex<Vec<String>>>) {
     let mut reader = BufReader::new(client);
     loop {
         let mut head = Vec::new();
@@ -841,12 +866,18 @@ fn forward_requests_without_range(client: TcpStream, mut server: TcpStream) {
                 content_length = v.trim().parse().unwrap_or(0);
             }
             let end = line == "\r\n";
-            if !lower.starts_with("range:") {
+            if record.is_some() || !lower.starts_with("range:") {
                 head.extend_from_slice(line.as_bytes());
             }
             if end {
                 break;
             }
+        }
+        if let Some(record) = record {
+            record
+                .lock()
+                .unwrap()
+                .push(String::from_utf8_lossy(&head).into_owned());
         }
         let mut body = vec![0u8; content_length];
         if reader.read_exact(&mut body).is_err()
