@@ -524,6 +524,77 @@ fn unreachable_layers_fall_back_to_ordinary_snapshots() {
     rig.remove_and_check_clean();
 }
 
+/// A lazy layer over layers containerd unpacked itself: the base image (the app image's
+/// two lower layers, same digests) pulled the ordinary way onto fanfill first, then the app
+/// image rpulled: containerd finds the two lower layers' snapshots and asks fanfill only for
+/// the top one, which is served lazily. The container's rootfs stacks the lazy tree over
+/// the two ordinary snapshots (one watch, one filesystem) and its output equals the eager
+/// run's.
+#[test]
+fn lazy_layer_over_layers_containerd_unpacked() {
+    let rig = Rig::start(true, &["--containerd-tls-verify=false"], false);
+    let (base, data) = rootfs_layers::base_and_data(24);
+    let base_built = ocibuild::write_layout(
+        &rig.state.join("../base-layout"),
+        "v1",
+        &[base, data],
+        Compression::Gzip,
+    )
+    .unwrap();
+    assert_eq!(
+        base_built.layers[..],
+        rig.built.layers[..2],
+        "the base image's layers are the app image's lower layers"
+    );
+    common::push_layout(
+        &base_built.dir,
+        "v1",
+        &rig.registry.host(),
+        "snap/base",
+        &[],
+    );
+    let base_ref = format!("{}/snap/base:v1", rig.registry.host());
+    rig.ctr(
+        "ctr",
+        &[
+            "image",
+            "pull",
+            "--plain-http",
+            "--snapshotter",
+            "fanfill",
+            &base_ref,
+        ],
+    );
+    assert_eq!(
+        fetched(&rig.daemon).1,
+        0,
+        "the base image was pulled eagerly"
+    );
+    rig.rpull();
+    assert_eq!(
+        fetched(&rig.daemon).1,
+        1,
+        "{}",
+        rig.fail("the top layer is lazy")
+    );
+    let content = rig.ctr("ctr", &["content", "ls", "--quiet"]);
+    let top = &rig.built.layers[2].0;
+    assert!(
+        !content.lines().any(|l| l.trim() == top),
+        "containerd downloaded the top layer:\n{content}"
+    );
+    let out = rig.run("fanfill", "mixed", SCRIPT);
+    let (fetched_bytes, _) = fetched(&rig.daemon);
+    eprintln!(
+        "lazy top layer over two unpacked layers: fanfill fetched {fetched_bytes} bytes; top layer {} bytes compressed",
+        rig.built.layers[2].1
+    );
+    let eager = rig.eager(&[SCRIPT]);
+    assert_eq!(out, eager[0], "mixed and eager runs differ");
+    rig.ctr("ctr", &["image", "rm", "--sync", &base_ref]);
+    rig.remove_and_check_clean();
+}
+
 /// The output a CRI container logged (containerd's CRI log format: `TIME STREAM TAG TEXT`,
 /// tag `P` for a partial line).
 fn cri_log_text(log: &str) -> String {
@@ -954,13 +1025,25 @@ fn snapshots_api_contract() {
             stat(&mut c, "act").await.unwrap_err().code(),
             tonic::Code::NotFound
         );
-        // Today's limit: a rootfs over an ordinary snapshot *and* lazy layers is refused
-        // (the overlay watch covers one image's trees), never mounted unwatched.
-        let e = c
+        // A rootfs over an ordinary snapshot (a layer containerd applied itself) *and* lazy
+        // layers: mounted and watched; the lazy files read filled, the applied file as
+        // written.
+        let mixed = c
             .prepare(prep("mixed", "applied", HashMap::new()))
             .await
-            .unwrap_err();
-        assert!(e.message().contains("does not stack layers"), "{e}");
+            .unwrap_or_else(|e| panic!("rootfs over an applied layer and lazy layers: {e}"))
+            .into_inner()
+            .mounts;
+        let root = std::path::PathBuf::from(&mixed[0].source);
+        assert!(root.ends_with("merged"), "{root:?}");
+        let (sha, applied) = fsutil::within(60, "read over the applied layer", move || {
+            (
+                std::fs::read(root.join("usr/bin/sha256sum")).unwrap(),
+                std::fs::read(root.join("new.txt")).unwrap(),
+            )
+        });
+        assert_eq!(sha, std::fs::read("/usr/bin/sha256sum").unwrap());
+        assert_eq!(applied, b"applied over lazy layers");
         // A view of the lazy layer, read through the view's mount.
         let view = c
             .view(ViewSnapshotRequest {
@@ -1052,6 +1135,7 @@ fn snapshots_api_contract() {
         let e = remove(&mut c, &layer).await.unwrap_err();
         assert_eq!(e.code(), tonic::Code::FailedPrecondition, "{e}");
         remove(&mut c, "view").await.unwrap();
+        remove(&mut c, "mixed").await.unwrap();
         remove(&mut c, "applied").await.unwrap();
         assert!(!entries(&state.join("roots/containerd")).is_empty());
         remove(&mut c, &layer).await.unwrap();

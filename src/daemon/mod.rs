@@ -1237,22 +1237,60 @@ impl Daemon {
                 format!("{} is not an overlayfs mount", merged.display()),
             )
         })?;
-        let found = self.images.lock().unwrap().iter().find_map(|(id, img)| {
+        // The image whose layer trees the overlay stacks: exactly one, in overlay mode. Other
+        // lowers may be ordinary directories (layers containerd unpacked itself), never
+        // another image's placeholder trees (nobody would fill them).
+        let mut found = Vec::new();
+        for (id, img) in self.images.lock().unwrap().iter() {
+            if img.removed.load(Ordering::SeqCst) {
+                continue;
+            }
             let rec = img.record.lock().unwrap();
-            let ours = rec.mode == LayoutMode::Overlay
-                && !img.removed.load(Ordering::SeqCst)
-                && lowers.iter().all(|l| l.starts_with(&rec.dest));
-            ours.then(|| (*id, rec.dest.clone()))
-        });
-        let Some((id, dest)) = found else {
+            if lowers.iter().any(|l| l.starts_with(&rec.dest)) {
+                found.push((*id, rec.dest.clone(), rec.mode));
+            }
+        }
+        let (id, dest) = match found.as_slice() {
+            [(id, dest, LayoutMode::Overlay)] => (*id, dest.clone()),
+            [] => {
+                return Err(ApiFail(
+                    ErrorKind::UnknownImage,
+                    format!(
+                        "the overlay at {} does not stack layers of an image fanfill serves in overlay mode",
+                        merged.display()
+                    ),
+                ));
+            }
+            _ => {
+                let dests: Vec<String> = found.iter().map(|f| f.1.display().to_string()).collect();
+                return Err(ApiFail(
+                    ErrorKind::BadRequest,
+                    format!(
+                        "the overlay at {} stacks placeholder trees of {} (more than one image, or a direct-mode tree): one watch serves one overlay-mode image",
+                        merged.display(),
+                        dests.join(", ")
+                    ),
+                ));
+            }
+        };
+        // The watch finds a lower file by the inode number the overlay reports, which is the
+        // lower file's own only when every layer shares one filesystem.
+        let dev_of = |p: &Path| std::fs::metadata(p).map(|m| m.dev()).ok();
+        let image_dev = dev_of(&dest);
+        if let Some(other) = lowers
+            .iter()
+            .find(|l| image_dev.is_none() || dev_of(l) != image_dev)
+        {
             return Err(ApiFail(
-                ErrorKind::UnknownImage,
+                ErrorKind::BadRequest,
                 format!(
-                    "the overlay at {} does not stack layers of an image fanfill serves in overlay mode",
-                    merged.display()
+                    "the overlay at {}: lower {} is not on the filesystem of the image's trees at {}",
+                    merged.display(),
+                    other.display(),
+                    dest.display()
                 ),
             ));
-        };
+        }
         let img = self.images.lock().unwrap().get(&id).cloned();
         let Some(img) = img else {
             return Err(ApiFail(

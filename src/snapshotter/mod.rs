@@ -38,9 +38,12 @@
 //! (opens wait until the lower file is filled), and containerd gets a bind mount of the
 //! merged directory. Nothing of the placeholder trees is ever visible unwatched. An ordinary
 //! parent whose labels name a layer that image has (a shared base layer containerd unpacked
-//! earlier) is stacked as the image's tree of that layer; a rootfs that would still mix
-//! ordinary and lazy lowers is refused (the watch covers one image's trees). Other
-//! snapshots get the mounts containerd's overlay snapshotter would return.
+//! earlier) is stacked as the image's tree of that layer; any other ordinary parent (a
+//! layer containerd applied itself, a base image pulled the ordinary way) is stacked as its
+//! own directory: its files are real, and the watch lets their opens through. The daemon
+//! refuses a rootfs whose lowers hold placeholder trees of more than one image, or lie on
+//! more than one filesystem (the watch finds a lower file by the inode number the overlay
+//! reports). Other snapshots get the mounts containerd's overlay snapshotter would return.
 //!
 //! # Restarts and removal
 //! The metadata is rewritten atomically on every change. The daemon keeps the watches of
