@@ -131,7 +131,8 @@ pub async fn prepare(
 
 impl Prepared {
     /// The files readers of this tree have touched so far, first access first, as an access
-    /// profile to publish with the index artifact ([`index_image_with_profile`]).
+    /// profile to publish with the index artifact
+    /// ([`index_image_with_profile`](super::index_image_with_profile)).
     pub fn access_profile(&self, engine: &Engine) -> AccessProfile {
         let by_id: std::collections::HashMap<FileId, &str> = self
             .unpacked
