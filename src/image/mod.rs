@@ -1,17 +1,18 @@
 //! Image preparation: from an image reference to a served placeholder tree.
 //!
 //! Owns the sequence that makes an image lazy: resolve the reference to one manifest, get
-//! one [`LayerIndex`](crate::index::LayerIndex) per layer (the local index store first, then the index artifact in the
-//! registry, else one streaming pass over the layer), unpack the placeholders (direct or
-//! overlay), and register every placeholder with the fill engine together with a
-//! [`LayerFileSource`] that fetches a file range as an HTTP range read of the compressed span
-//! and inflates it, and the index's digests so that every filled byte is verified. It also
-//! builds and pushes the index artifact (`fanfill index --push`).
+//! one [`LayerIndex`](crate::index::LayerIndex) per layer (the local index store first,
+//! then the index artifact in the registry, else one streaming pass over the layer), unpack
+//! the placeholders (direct or overlay), and register every placeholder with the fill
+//! engine together with a [`LayerFileSource`] that fetches a file range as an HTTP range
+//! read of the compressed span and inflates it, and the index's digests so that every
+//! filled byte is verified. It also builds and pushes the index artifact (`fanfill index
+//! --push`).
 //!
 //! Layers that carry their own table of contents (eStargz, zstd:chunked: [`crate::toc`])
 //! need no index: their TOC is fetched by range and verified, and their files are served by
-//! a [`TocFileSource`](crate::toc::TocFileSource); [`ImageSources::file_source`] is the one place that picks a file's
-//! source and the digests the engine checks.
+//! a [`TocFileSource`](crate::toc::TocFileSource); [`ImageSources::file_source`] is the
+//! one place that picks a file's source and the digests the engine checks.
 //!
 //! Every layer pulls: a layer whose TOC cannot be read (an unknown or broken TOC, an
 //! unexpected footer) or whose media type announces no TOC is streamed once, indexed as it
