@@ -36,7 +36,7 @@ pub mod metrics;
 pub mod peer;
 pub mod state;
 
-use std::collections::{BTreeMap, HashSet};
+use std::collections::BTreeMap;
 use std::os::unix::fs::{DirBuilderExt, MetadataExt, OpenOptionsExt, PermissionsExt};
 use std::path::{Component, Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
@@ -308,8 +308,8 @@ impl ContentSource for Unavailable {
 /// One served image.
 struct ImageRt {
     record: Mutex<ImageRecord>,
-    /// Parallel to `record.files`; `None`: not registered (user-modified file, or error).
-    files: Vec<Option<FileId>>,
+    /// One per file, at its position in `record.files` (the persisted part stays there).
+    files: Vec<ServedFile>,
     /// Positions into `files` in prefetch order (TOC prefetch landmarks first).
     order: Vec<usize>,
     counters: Arc<ImageCounters>,
@@ -319,19 +319,50 @@ struct ImageRt {
     error: Option<String>,
     rate: Mutex<(Instant, u64, f64)>,
     saved: Mutex<Option<ImageRecord>>,
-    /// Files already offered to the content cache.
-    cached: Mutex<Vec<bool>>,
     /// The destination directory, held open: finds the tree if it is moved, and tells
     /// whatever now sits at the recorded path from it. `None`: it was gone at start-up.
     tree: Option<TreeDir>,
-    /// Files found moved, deleted or replaced under the daemon (indexes into `files`).
-    gone: Mutex<HashSet<usize>>,
     /// Set when a layer, read whole in the background, did not hash to its digest: every
     /// later read of the image gets `EIO` ([`Daemon::mark_bad`]).
     bad: Mutex<Option<String>>,
     /// The image's store and indexes, for streaming prefetch (`None`: it could not be
     /// reopened after a restart).
     opened: Option<Arc<Opened>>,
+}
+
+/// What the daemon keeps of one served file besides its [`FileRecord`] (the persisted
+/// part, at the same position in [`ImageRecord::files`]): what the hot paths (prefetch,
+/// status, persisting) read without locking the record, and the flags they set.
+struct ServedFile {
+    /// The engine's id of its placeholder, set once when the image is prepared or reopened;
+    /// `None`: not registered (filled from the content cache at prepare, a user-modified
+    /// file, or an error).
+    id: Option<FileId>,
+    /// Its true size (the record's `size`, which never changes): what prefetch paces.
+    size: u64,
+    /// Offered to the content cache already: set by [`Daemon::persist_image`] (under
+    /// `saved`) the first time the record says the file is complete.
+    cached: AtomicBool,
+    /// Found moved, deleted or replaced under the daemon: set by a prefetch fill that finds
+    /// the placeholder gone; prefetch skips it from then on and status reports it.
+    gone: AtomicBool,
+}
+
+impl ServedFile {
+    /// The served files of `record`, `ids` giving each file's engine id in record order.
+    fn list(record: &ImageRecord, ids: Vec<Option<FileId>>) -> Vec<ServedFile> {
+        record
+            .files
+            .iter()
+            .zip(ids)
+            .map(|(f, id)| ServedFile {
+                id,
+                size: f.size,
+                cached: AtomicBool::new(false),
+                gone: AtomicBool::new(false),
+            })
+            .collect()
+    }
 }
 
 /// Identity of a directory: device, inode and birth time.
@@ -953,14 +984,15 @@ impl Daemon {
         .await
         .map_err(ApiFail::internal)?;
         let (ids, record, counters, order) = res?;
+        let files = ServedFile::list(&record, ids);
         self.state.save(&record).map_err(ApiFail::internal)?;
         preparing.done();
         if let Some(early) = early_profile {
             let (placed, fids): (Vec<(usize, usize)>, Vec<FileId>) = record
                 .files
                 .iter()
-                .zip(&ids)
-                .filter_map(|(f, id)| Some(((f.layer, f.entry), (*id)?)))
+                .zip(&files)
+                .filter_map(|(f, served)| Some(((f.layer, f.entry), served.id?)))
                 .unzip();
             let n = early.place(&placed, &fids);
             info!(reference = %image_ref, files = n, "access profile's files handed to their placeholders");
@@ -968,16 +1000,15 @@ impl Daemon {
         info!(
             reference = %image_ref,
             dest = %dest.display(),
-            files = ids.len(),
+            files = files.len(),
             ms = started.elapsed().as_millis() as u64,
             "image prepared"
         );
         let rt = Arc::new(ImageRt {
             saved: Mutex::new(Some(record.clone())),
-            cached: Mutex::new(Vec::new()),
             opened: Some(opened),
             record: Mutex::new(record),
-            files: ids,
+            files,
             order,
             counters,
             prefetch: AtomicBool::new(prefetch),
@@ -986,7 +1017,6 @@ impl Daemon {
             error: None,
             rate: Mutex::new((Instant::now(), 0, 0.0)),
             tree: Some(tree),
-            gone: Mutex::new(HashSet::new()),
             bad: Mutex::new(None),
         });
         self.images.lock().unwrap().insert(id, rt.clone());
@@ -1005,6 +1035,7 @@ impl Daemon {
                   record: ImageRecord,
                   error: Option<String>,
                   opened: Option<Arc<Opened>>| {
+            let files = ServedFile::list(&record, files);
             let tree = TreeDir::open(&record.dest)
                 .inspect_err(
                     |e| warn!(dest = %record.dest.display(), error = %e, "image tree missing"),
@@ -1012,11 +1043,9 @@ impl Daemon {
                 .ok();
             Arc::new(ImageRt {
                 tree,
-                gone: Mutex::new(HashSet::new()),
                 bad: Mutex::new(None),
                 order,
                 saved: Mutex::new(Some(record.clone())),
-                cached: Mutex::new(Vec::new()),
                 opened,
                 prefetch: AtomicBool::new(record.prefetch),
                 record: Mutex::new(record),
@@ -1140,9 +1169,9 @@ impl Daemon {
             errors: img.counters.errors.load(Ordering::Relaxed),
             ..ImageStatus::default()
         };
-        for (f, id) in rec.files.iter().zip(&img.files) {
+        for (f, served) in rec.files.iter().zip(&img.files) {
             s.bytes_total += f.size;
-            match id.and_then(|id| self.engine.progress(id)) {
+            match served.id.and_then(|id| self.engine.progress(id)) {
                 Some(p) => {
                     s.bytes_filled += p.bytes_filled.min(p.size);
                     if p.complete {
@@ -1165,7 +1194,13 @@ impl Daemon {
             }
             s.fetch_rate = r.2;
         }
-        let gone: Vec<usize> = img.gone.lock().unwrap().iter().copied().collect();
+        let gone: Vec<usize> = img
+            .files
+            .iter()
+            .enumerate()
+            .filter(|(_, f)| f.gone.load(Ordering::SeqCst))
+            .map(|(i, _)| i)
+            .collect();
         s.files_gone = gone.len() as u64;
         let tree_gone = img
             .tree
@@ -1427,10 +1462,10 @@ impl Daemon {
         img.prefetch.store(false, Ordering::SeqCst);
         let recorded = img.record.lock().unwrap().dest.clone();
         let location = img.tree.as_ref().and_then(|t| t.location(&recorded));
-        for fid in img.files.iter().flatten() {
+        for fid in img.files.iter().filter_map(|f| f.id) {
             if location.is_some() {
-                self.engine.forget(*fid);
-            } else if let Err(e) = self.engine.unregister(*fid) {
+                self.engine.forget(fid);
+            } else if let Err(e) = self.engine.unregister(fid) {
                 debug!(error = %error_chain(&e), "unregistering a removed image's file");
             }
         }
@@ -1506,7 +1541,7 @@ impl Daemon {
             rec.files
                 .iter()
                 .zip(&img.files)
-                .filter_map(|(f, id)| Some((f.layer, f.entry, (*id)?)))
+                .filter_map(|(f, served)| Some((f.layer, f.entry, served.id?)))
                 .collect()
         };
         thread_local! {
@@ -1565,9 +1600,9 @@ impl Daemon {
         tracing::error!(dest = %dest.display(), reason = %why, "image marked bad: every read gets EIO");
         *img.bad.lock().unwrap() = Some(why);
         img.prefetch.store(false, Ordering::SeqCst);
-        for (path, id) in paths.iter().zip(&img.files) {
-            let Some(fid) = id else { continue };
-            self.engine.forget(*fid);
+        for (path, served) in paths.iter().zip(&img.files) {
+            let Some(fid) = served.id else { continue };
+            self.engine.forget(fid);
             if mode != LayoutMode::Direct {
                 continue;
             }
@@ -1591,7 +1626,7 @@ impl Daemon {
 
     /// One pass filling the image's incomplete files one by one from their sources, in
     /// prefetch order, `prefetch_parallel` at a time; returns how many files failed (moved
-    /// or deleted ones not counted: they are recorded in `gone`).
+    /// or deleted ones not counted: they are recorded in their [`ServedFile::gone`]).
     fn prefetch_pass(&self, img: &ImageRt) -> usize {
         let next = AtomicUsize::new(0);
         let failed = AtomicUsize::new(0);
@@ -1609,17 +1644,19 @@ impl Daemon {
                         }
                         let k = next.fetch_add(1, Ordering::SeqCst);
                         let Some(&i) = img.order.get(k) else { break };
-                        let Some(fid) = img.files.get(i) else { break };
-                        let Some(fid) = fid else { continue };
-                        if self.engine.is_complete(*fid) || img.gone.lock().unwrap().contains(&i) {
+                        let Some(served) = img.files.get(i) else {
+                            break;
+                        };
+                        let Some(fid) = served.id else { continue };
+                        if self.engine.is_complete(fid) || served.gone.load(Ordering::SeqCst) {
                             continue;
                         }
-                        self.pace_prefetch(img.record.lock().unwrap().files[i].size);
-                        match self.engine.fill_file(*fid) {
+                        self.pace_prefetch(served.size);
+                        match self.engine.fill_file(fid) {
                             Ok(()) => {}
                             Err(e) if e.is_gone() => {
                                 debug!(error = %error_chain(&e), "prefetch: placeholder gone");
-                                img.gone.lock().unwrap().insert(i);
+                                served.gone.store(true, Ordering::SeqCst);
                             }
                             Err(e) => {
                                 failed.fetch_add(1, Ordering::SeqCst);
@@ -1669,8 +1706,8 @@ impl Daemon {
         let snapshot = {
             let mut rec = img.record.lock().unwrap();
             rec.prefetch = img.prefetch.load(Ordering::Relaxed);
-            for (f, id) in rec.files.iter_mut().zip(&img.files) {
-                if let Some(p) = id.and_then(|id| self.engine.progress(id)) {
+            for (f, served) in rec.files.iter_mut().zip(&img.files) {
+                if let Some(p) = served.id.and_then(|id| self.engine.progress(id)) {
                     f.set_filled(p.chunk, &p.filled, p.complete);
                 }
             }
@@ -1692,17 +1729,15 @@ impl Daemon {
             }
         }
         // Complete files enter the content cache (only if their bytes are the image's).
-        let mut cached = img.cached.lock().unwrap();
-        cached.resize(snapshot.files.len(), false);
-        for (i, f) in snapshot.files.iter().enumerate() {
-            if cached[i] || !f.complete {
+        for (f, served) in snapshot.files.iter().zip(&img.files) {
+            if served.cached.load(Ordering::SeqCst) || !f.complete {
                 continue;
             }
-            cached[i] = true;
+            served.cached.store(true, Ordering::SeqCst);
             // Read only through the inode the engine registered (never a path that
             // now leads elsewhere); files filled from the cache are in it already.
             if let Some(sha) = &f.sha256
-                && let Some(Some(fid)) = img.files.get(i)
+                && let Some(fid) = served.id
                 && !self.cache.contains(sha)
                 && !img.removed.load(Ordering::SeqCst)
             {

@@ -503,7 +503,7 @@ impl ReadCtx {
                 what()
             )));
         }
-        let data = super::fetch_span(
+        let data = super::sources::fetch_span(
             &self.store,
             self.blob_cache.as_ref(),
             digest,

@@ -1,0 +1,478 @@
+//! Loading an image's layer indexes: from a reference to one index (or TOC entry table) per
+//! layer, and the index artifact that publishes them.
+//!
+//! Owns resolving the reference ([`open`]) and finding every layer's index ([`load_indexes`]):
+//! the local index store first, then the layer's own TOC, then the index artifact among the
+//! image's referrers ([`artifact_indexes`]), else one streaming pass over the layer that
+//! builds the index and keeps the blob; an index whose random-access points lie too far apart
+//! ([`random_access_gap`]) is dropped for that pass. Also the access profile that comes with
+//! the indexes (the artifact's, else the TOC layers' landmark files) and building and pushing
+//! the artifact ([`index_image`]). Only index metadata moves here: it never reads a file's
+//! bytes ([`super::sources`]), never touches the placeholder tree or the engine
+//! ([`super::register`]).
+
+use std::sync::Arc;
+
+use bytes::Bytes;
+use futures::FutureExt;
+use futures::future::BoxFuture;
+use oci_spec::image::Digest;
+use tracing::{debug, info, warn};
+
+use super::sources::RemoteWindows;
+use super::{
+    ACCESS_PROFILE_MEDIA_TYPE, AccessProfile, INDEX_ARTIFACT_TYPE, INDEX_LAYER_MEDIA_TYPE,
+    INDEX_WINDOWS_MEDIA_TYPE, ImageError, IndexOrigin, PrepareOptions,
+};
+use crate::blobcache::{BlobCache, Tee};
+use crate::index::{IndexError, IndexOptions, IndexStore, LayerIndex, WindowSource};
+use crate::reference::Reference;
+use crate::registry::{self, BlobStore};
+use crate::toc::{self, TocLayer};
+
+/// The indexes of an image's layers, with where each came from.
+pub struct ImageIndexes {
+    /// The resolved image.
+    pub image: registry::ResolvedImage,
+    /// One index per layer, lowest first.
+    pub layers: Vec<(Digest, Arc<LayerIndex>, IndexOrigin)>,
+    /// Where each layer's checkpoint windows are read from, lowest first.
+    pub windows: Vec<Arc<dyn WindowSource>>,
+    /// Where layers that travelled whole are kept (read before the registry).
+    pub blob_cache: Option<BlobCache>,
+    /// The access profile to fill ahead: the index artifact's, when it was read and carries
+    /// one, else the files TOC layers name to prefetch first (an optimized eStargz's
+    /// prioritized files).
+    pub profile: Option<AccessProfile>,
+    /// Per layer, lowest first: its table of contents when it is a TOC layer
+    /// ([`IndexOrigin::Toc`]; `layers` then holds the TOC's entry table).
+    pub tocs: Vec<Option<Arc<TocLayer>>>,
+}
+
+type Found = (Arc<LayerIndex>, Arc<dyn WindowSource>, IndexOrigin);
+
+fn reg_err(reference: &str) -> impl Fn(registry::Error) -> ImageError + '_ {
+    move |source| ImageError::Registry {
+        reference: reference.to_string(),
+        source: Box::new(source),
+    }
+}
+
+/// Opens the store of `reference` and resolves it to one image manifest.
+pub async fn open(
+    reference: &str,
+    opts: &PrepareOptions,
+) -> Result<(Arc<BlobStore>, registry::ResolvedImage), ImageError> {
+    let parsed: Reference = reference.parse()?;
+    let store = BlobStore::open(&parsed, &opts.registry)
+        .await
+        .map_err(reg_err(reference))?;
+    let image = store
+        .resolve(opts.platform.as_ref())
+        .await
+        .map_err(reg_err(reference))?;
+    Ok((Arc::new(store), image))
+}
+
+/// Gets an index for every layer of the image: local store, artifact, or one streaming pass
+/// (the result is saved locally).
+pub async fn load_indexes(
+    store: &Arc<BlobStore>,
+    image: registry::ResolvedImage,
+    reference: &str,
+    opts: &PrepareOptions,
+) -> Result<ImageIndexes, ImageError> {
+    let local = IndexStore::new(&opts.index_dir);
+    let idx_err = |layer: &Digest| {
+        let (reference, layer) = (reference.to_string(), layer.to_string());
+        move |source| ImageError::Index {
+            reference,
+            layer,
+            source,
+        }
+    };
+    let blob_cache = opts.blob_cache.as_ref().map(BlobCache::new);
+    let mut found: Vec<Option<Found>> = Vec::new();
+    let mut profile = None;
+    let mut tocs: Vec<Option<Arc<TocLayer>>> = Vec::new();
+    let toc_found = |t: TocLayer| -> (Option<Found>, Option<Arc<TocLayer>>) {
+        info!(layer = %t.index.blob_digest, format = ?t.format, entries = t.index.entries.len(), toc_bytes = t.toc_bytes_fetched, "layer read through its table of contents");
+        let ix: Arc<LayerIndex> = Arc::new(t.index.clone());
+        let windows: Arc<dyn WindowSource> = Arc::new(crate::index::NoWindows);
+        (Some((ix, windows, IndexOrigin::Toc)), Some(Arc::new(t)))
+    };
+    // Per layer: whether its TOC (announced or found by a footer probe) was tried already.
+    let mut toc_tried = Vec::new();
+    for desc in image.manifest.layers() {
+        let digest = desc.digest().to_string();
+        // An index built by streaming the layer (an earlier pull that could not read it
+        // lazily) comes first: it is local, and its TOC would fail again.
+        let hit = match local.load(&digest).map_err(idx_err(desc.digest()))? {
+            Some(ix) => {
+                let windows = local.open_windows(&ix).map_err(idx_err(desc.digest()))?;
+                Some((Arc::new(ix), windows, IndexOrigin::Local))
+            }
+            None => None,
+        };
+        // A layer that announces its TOC needs nothing else, if the TOC reads.
+        let announced = toc::detect(desc).filter(|_| hit.is_none());
+        toc_tried.push(announced.is_some());
+        if let Some(format) = announced {
+            match toc::load(store, desc, blob_cache.as_ref()).await {
+                Ok(Some(t)) => {
+                    let (f, t) = toc_found(t);
+                    found.push(f);
+                    tocs.push(t);
+                    continue;
+                }
+                Ok(None) => warn!(
+                    layer = %digest,
+                    media_type = %desc.media_type(),
+                    format = format.as_str(),
+                    reason = "the layer announces a TOC but has none",
+                    "cannot read the layer lazily; it will be streamed once and served from the blob cache"
+                ),
+                Err(e) => warn!(
+                    layer = %digest,
+                    media_type = %desc.media_type(),
+                    format = format.as_str(),
+                    reason = %crate::fill::error_chain(&e),
+                    "cannot read the layer lazily; it will be streamed once and served from the blob cache"
+                ),
+            }
+        }
+        tocs.push(None);
+        found.push(hit);
+    }
+    if opts.use_artifact && found.iter().any(Option::is_none) {
+        match artifact_indexes(store, &image.manifest_digest).await {
+            Ok((mut list, p)) => {
+                profile = p;
+                // Artifact metadata is not stored locally: it is small, and its windows stay
+                // in the registry (the local store keeps only complete pairs).
+                for (slot, desc) in found.iter_mut().zip(image.manifest.layers()) {
+                    if slot.is_some() {
+                        continue;
+                    }
+                    let want = desc.digest().to_string();
+                    if let Some(pos) = list.iter().position(|(ix, _)| ix.blob_digest == want) {
+                        let (ix, windows) = list.swap_remove(pos);
+                        *slot = Some((Arc::new(ix), windows, IndexOrigin::Artifact));
+                    }
+                }
+            }
+            Err(e) => debug!(error = %crate::fill::error_chain(&e), "no usable index artifact"),
+        }
+    }
+    // An index that cannot serve ranges cheaply (a zstd layer written as one frame, or
+    // frames far apart: every fill would inflate from a frame start it has to fetch again) is
+    // worth less than the layer itself: stream the layer once into the blob cache instead.
+    if let Some(cache) = &blob_cache {
+        for (slot, desc) in found.iter_mut().zip(image.manifest.layers()) {
+            let Some((ix, _, origin)) = slot.as_ref().filter(|f| f.2 != IndexOrigin::Toc) else {
+                continue;
+            };
+            let gap = random_access_gap(ix);
+            if gap > RANDOM_ACCESS_GAP_MAX && !cache.contains(desc.digest().as_ref()) {
+                warn!(
+                    layer = %desc.digest(),
+                    media_type = %desc.media_type(),
+                    index = origin.as_str(),
+                    gap,
+                    reason = "its random-access points lie too far apart",
+                    "cannot read the layer lazily; it will be streamed once and served from the blob cache"
+                );
+                *slot = None;
+            }
+        }
+    }
+    // No index anywhere: a gzip layer may still be eStargz without the annotation (its
+    // footer tells, for one small range read).
+    for (((slot, toc_slot), desc), tried) in found
+        .iter_mut()
+        .zip(tocs.iter_mut())
+        .zip(image.manifest.layers())
+        .zip(&toc_tried)
+    {
+        if slot.is_some() || *tried {
+            continue;
+        }
+        match toc::load(store, desc, blob_cache.as_ref()).await {
+            Ok(Some(t)) => (*slot, *toc_slot) = toc_found(t),
+            Ok(None) => {}
+            Err(e) => warn!(
+                layer = %desc.digest(),
+                media_type = %desc.media_type(),
+                reason = %crate::fill::error_chain(&e),
+                "cannot read the layer lazily (its footer names a TOC that does not read); it will be streamed once and served from the blob cache"
+            ),
+        }
+    }
+    let mut layers = Vec::new();
+    let mut windows = Vec::new();
+    for (slot, desc) in found.into_iter().zip(image.manifest.layers()) {
+        let digest = desc.digest().clone();
+        let (ix, win, origin) = match slot {
+            Some(hit) => hit,
+            None => {
+                info!(layer = %digest, size = desc.size(), "no index for layer: streaming it once");
+                let stream = store
+                    .open_stream(&digest)
+                    .await
+                    .map_err(reg_err(reference))?;
+                let reader = stream.into_blocking_reader();
+                let iopts = IndexOptions {
+                    media_type: Some(desc.media_type().to_string()),
+                    ..IndexOptions::default()
+                };
+                // The layer travels whole anyway: keep it, so fills read it locally.
+                let mut reader = match &opts.blob_cache {
+                    Some(dir) => BlobCache::new(dir).tee(digest.as_ref(), reader),
+                    None => Tee::passthrough(reader),
+                };
+                let (built, pack) = tokio::task::spawn_blocking(move || {
+                    let built = LayerIndex::build(&mut reader, &iopts)?;
+                    if let Err(e) = reader.finish() {
+                        warn!(error = %e, "keeping the streamed layer failed");
+                    }
+                    Ok::<_, IndexError>(built)
+                })
+                .await
+                .map_err(|e| ImageError::Task(e.to_string()))?
+                .map_err(idx_err(&digest))?;
+                local.save(&built, &pack).map_err(idx_err(&digest))?;
+                let win = local.open_windows(&built).map_err(idx_err(&digest))?;
+                (Arc::new(built), win, IndexOrigin::Built)
+            }
+        };
+        if ix.blob_digest != digest.to_string() {
+            return Err(ImageError::IndexMismatch {
+                layer: digest.to_string(),
+                found: ix.blob_digest.clone(),
+            });
+        }
+        layers.push((digest, ix, origin));
+        windows.push(win);
+    }
+    // Without a recorded profile, the files an optimized eStargz lists before its
+    // `.prefetch.landmark` (`ctr-remote image optimize`: what its workload read) are one.
+    let profile = profile.or_else(|| landmark_profile(&tocs));
+    Ok(ImageIndexes {
+        image,
+        layers,
+        windows,
+        blob_cache,
+        tocs,
+        profile,
+    })
+}
+
+/// The files the TOC layers name to prefetch first (eStargz entries before
+/// `.prefetch.landmark`, lowest layer first, in TOC order) as an access profile, filled
+/// ahead of the workload like a recorded one; `None` when no layer names any.
+fn landmark_profile(tocs: &[Option<Arc<TocLayer>>]) -> Option<AccessProfile> {
+    let mut seen = std::collections::HashSet::new();
+    let files: Vec<String> = tocs
+        .iter()
+        .flatten()
+        .flat_map(|t| {
+            t.prefetch_first
+                .iter()
+                .filter_map(|&e| t.index.entries.get(e).map(|e| e.path.clone()))
+        })
+        .filter(|p| seen.insert(p.clone()))
+        .take(AccessProfile::MAX_FILES)
+        .collect();
+    if files.is_empty() {
+        return None;
+    }
+    info!(
+        files = files.len(),
+        "the layers' prioritized files (before the eStargz landmark) are filled ahead as a profile"
+    );
+    Some(AccessProfile { version: 1, files })
+}
+
+/// Largest distance, in compressed bytes, between a layer's random-access points
+/// ([`random_access_gap`]) for it to be read by ranges: farther apart, a fill would fetch
+/// and inflate up to this much from the point before it, again for every fill.
+pub const RANDOM_ACCESS_GAP_MAX: u64 = 8 << 20;
+
+/// The largest compressed distance between consecutive checkpoints of `ix` (and from the
+/// last one to the blob's end); 0 for an uncompressed layer, which needs none.
+pub fn random_access_gap(ix: &LayerIndex) -> u64 {
+    if ix.compression == crate::index::Compression::None {
+        return 0;
+    }
+    let mut points: Vec<u64> = ix.checkpoints.iter().map(|c| c.compressed_offset).collect();
+    points.push(ix.compressed_size);
+    let first = points.first().copied().unwrap_or(0);
+    points
+        .windows(2)
+        .map(|w| w[1].saturating_sub(w[0]))
+        .max()
+        .unwrap_or(0)
+        .max(first)
+}
+
+/// The layer indexes of the image's index artifact, each with its windows pack blob as a
+/// window source, and its access profile if it has one. Downloads the metadata blobs only.
+async fn artifact_indexes(
+    store: &Arc<BlobStore>,
+    subject: &Digest,
+) -> Result<
+    (
+        Vec<(LayerIndex, Arc<dyn WindowSource>)>,
+        Option<AccessProfile>,
+    ),
+    ImageError,
+> {
+    let Some(referrer) = store
+        .find_referrer(subject, INDEX_ARTIFACT_TYPE)
+        .await
+        .map_err(reg_err("index artifact"))?
+    else {
+        return Ok((Vec::new(), None));
+    };
+    let blobs = referrer.manifest.layers();
+    // The metadata blobs (layer indexes, the first access profile), fetched concurrently:
+    // one round trip each, and every one is needed before the placeholders.
+    let profile_blob = blobs
+        .iter()
+        .position(|b| b.media_type().to_string() == ACCESS_PROFILE_MEDIA_TYPE);
+    let fetches: Vec<BoxFuture<'_, Option<Result<Bytes, registry::Error>>>> = blobs
+        .iter()
+        .enumerate()
+        .map(|(i, b)| {
+            let wanted =
+                Some(i) == profile_blob || b.media_type().to_string() == INDEX_LAYER_MEDIA_TYPE;
+            let digest = b.digest().clone();
+            async move {
+                match wanted {
+                    true => Some(store.fetch_blob(&digest).await),
+                    false => None,
+                }
+            }
+            .boxed()
+        })
+        .collect();
+    let mut fetched: Vec<_> = {
+        use futures::stream::{self, StreamExt};
+        stream::iter(fetches).buffered(8).collect().await
+    };
+    let mut out = Vec::new();
+    let mut profile = None;
+    for (i, blob) in blobs.iter().enumerate() {
+        let media_type = blob.media_type().to_string();
+        if Some(i) == profile_blob
+            && let Some(got) = fetched[i].take()
+        {
+            let parsed = got
+                .map_err(|e| e.to_string())
+                .and_then(|bytes| AccessProfile::from_json(&bytes));
+            match parsed {
+                Ok(p) => profile = Some(p),
+                Err(e) => {
+                    warn!(blob = %blob.digest(), error = %e, "ignoring the artifact's access profile")
+                }
+            }
+            continue;
+        }
+        if media_type != INDEX_LAYER_MEDIA_TYPE {
+            continue;
+        }
+        let Some(bytes) = fetched[i].take() else {
+            continue;
+        };
+        let bytes = bytes.map_err(reg_err("index artifact"))?;
+        let ix = match LayerIndex::decode(&bytes) {
+            Ok(ix) => ix,
+            Err(e) => {
+                warn!(blob = %blob.digest(), error = %e, "skipping undecodable index blob");
+                continue;
+            }
+        };
+        let windows: Arc<dyn WindowSource> = match &ix.windows_digest {
+            None => Arc::new(crate::index::NoWindows),
+            Some(want) => {
+                let pack = blobs.iter().find(|b| {
+                    b.digest().to_string() == *want
+                        && b.size() == ix.windows_size
+                        && b.media_type().to_string() == INDEX_WINDOWS_MEDIA_TYPE
+                });
+                let Some(pack) = pack else {
+                    warn!(blob = %blob.digest(), windows = %want, "index artifact lacks the windows pack of a layer index; skipping it");
+                    continue;
+                };
+                Arc::new(RemoteWindows {
+                    store: store.clone(),
+                    digest: pack.digest().clone(),
+                })
+            }
+        };
+        out.push((ix, windows));
+    }
+    Ok((out, profile))
+}
+
+/// Builds (or loads) the indexes of every layer and, with `push`, attaches them to the image
+/// manifest in the registry as one artifact. Returns the indexes and the artifact digest.
+pub async fn index_image(
+    reference: &str,
+    opts: &PrepareOptions,
+    push: bool,
+) -> Result<(ImageIndexes, Option<Digest>), ImageError> {
+    index_image_with_profile(reference, opts, push, None).await
+}
+
+/// [`index_image`], with an access profile added to the pushed artifact.
+pub async fn index_image_with_profile(
+    reference: &str,
+    opts: &PrepareOptions,
+    push: bool,
+    profile: Option<&AccessProfile>,
+) -> Result<(ImageIndexes, Option<Digest>), ImageError> {
+    let (store, image) = open(reference, opts).await?;
+    let subject = image.manifest_digest.clone();
+    let mut no_artifact = opts.clone();
+    no_artifact.use_artifact = false;
+    let indexes = load_indexes(&store, image, reference, &no_artifact).await?;
+    if !push {
+        return Ok((indexes, None));
+    }
+    // Every index is in the local store now (loaded from it, or built and saved).
+    let local = IndexStore::new(&opts.index_dir);
+    let mut blobs = Vec::new();
+    for (digest, ix, origin) in &indexes.layers {
+        if *origin == IndexOrigin::Toc {
+            // Read through its own TOC: nothing to attach.
+            continue;
+        }
+        blobs.push((INDEX_LAYER_MEDIA_TYPE.to_string(), Bytes::from(ix.encode())));
+        let pack = local.load_windows(ix).map_err(|source| ImageError::Index {
+            reference: reference.to_string(),
+            layer: digest.to_string(),
+            source,
+        })?;
+        if let Some(pack) = pack {
+            blobs.push((INDEX_WINDOWS_MEDIA_TYPE.to_string(), pack.bytes().clone()));
+        }
+    }
+    if blobs.is_empty() {
+        info!(
+            reference,
+            "every layer carries its own TOC: no index artifact to push"
+        );
+        return Ok((indexes, None));
+    }
+    if let Some(p) = profile {
+        let json = serde_json::to_vec(p).map_err(|e| ImageError::Task(e.to_string()))?;
+        blobs.push((ACCESS_PROFILE_MEDIA_TYPE.to_string(), Bytes::from(json)));
+    }
+    let digest = store
+        .push_artifact(&subject, INDEX_ARTIFACT_TYPE, blobs)
+        .await
+        .map_err(reg_err(reference))?;
+    info!(reference, artifact = %digest, "index artifact pushed");
+    Ok((indexes, Some(digest)))
+}

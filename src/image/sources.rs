@@ -1,0 +1,297 @@
+//! The content sources of a prepared image's files: where a file's bytes come from and what
+//! the engine checks them against.
+//!
+//! Owns [`ImageSources`] (per layer its index or TOC and checkpoint windows, with the store
+//! and the blob cache; built by [`ImageIndexes::sources`]), the one place that picks a file's
+//! [`LayerFileSource`] or [`TocFileSource`] and its [`Verify`] ([`ImageSources::file_source`],
+//! [`verify_for`]); [`LayerFileSource`] and [`fetch_span`] (a range read of the compressed
+//! span and of its checkpoint's window, inflated); windows packs read by range from the
+//! registry ([`RemoteWindows`]); and the prefetch order TOC layers ask for. It reads bytes
+//! and never writes them: it never registers placeholders or touches the engine's files
+//! ([`super::register`]), never streams a whole layer ([`super::stream`]) and never decides
+//! where an index comes from ([`super::indexes`]).
+
+use std::io;
+use std::sync::Arc;
+
+use bytes::Bytes;
+use futures::FutureExt;
+use futures::future::BoxFuture;
+use oci_spec::image::Digest;
+
+use super::{ImageError, ImageIndexes, WINDOW_CACHE_BYTES};
+use crate::blobcache::BlobCache;
+use crate::fill::{ContentSource, SourceError, Verify};
+use crate::index::{CHUNK_SIZE, Entry, LayerIndex, LayerWindows, WindowCache, WindowSource};
+use crate::registry::BlobStore;
+use crate::toc::{self, TocFileSource, TocLayer};
+
+impl ImageIndexes {
+    /// The sources of the image's files, fetching from `store`; checkpoint windows are
+    /// cached per image ([`WINDOW_CACHE_BYTES`]).
+    pub fn sources(&self, store: &Arc<BlobStore>) -> ImageSources {
+        let cache = Arc::new(WindowCache::new(WINDOW_CACHE_BYTES));
+        ImageSources {
+            store: store.clone(),
+            blob_cache: self.blob_cache.clone(),
+            layers: self
+                .layers
+                .iter()
+                .zip(&self.windows)
+                .zip(&self.tocs)
+                .map(|(((digest, index, _), w), toc)| LayerSources {
+                    digest: digest.clone(),
+                    index: index.clone(),
+                    toc: toc.clone(),
+                    windows: Arc::new(LayerWindows::new(w.clone(), cache.clone())),
+                })
+                .collect(),
+        }
+    }
+}
+
+pub(super) struct LayerSources {
+    pub(super) digest: Digest,
+    pub(super) index: Arc<LayerIndex>,
+    pub(super) toc: Option<Arc<TocLayer>>,
+    pub(super) windows: Arc<LayerWindows>,
+}
+
+/// Everything that builds the content source of any file of a prepared image: the store,
+/// per layer its index or TOC and checkpoint windows, the blob cache. The one place that
+/// picks [`LayerFileSource`] or [`TocFileSource`] and the matching [`Verify`].
+pub struct ImageSources {
+    pub(super) store: Arc<BlobStore>,
+    pub(super) blob_cache: Option<BlobCache>,
+    pub(super) layers: Vec<LayerSources>,
+}
+
+impl std::fmt::Debug for ImageSources {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ImageSources")
+            .field(
+                "layers",
+                &self.layers.iter().map(|l| &l.digest).collect::<Vec<_>>(),
+            )
+            .finish_non_exhaustive()
+    }
+}
+
+impl ImageSources {
+    /// Each layer's digest and entry table (a TOC layer's from its TOC), lowest first.
+    pub fn layers(&self) -> impl Iterator<Item = (&Digest, &Arc<LayerIndex>)> {
+        self.layers.iter().map(|l| (&l.digest, &l.index))
+    }
+
+    /// The entry `entry` of layer `layer`, hardlinks resolved to their file.
+    pub fn entry(&self, layer: usize, entry: usize) -> Option<&Entry> {
+        self.layers.get(layer)?.index.resolve(entry)
+    }
+
+    /// The content source and verification of regular-file entry `entry` of layer `layer`.
+    // Returned once per file at registration: the size of the error does not matter here.
+    #[allow(clippy::result_large_err)]
+    pub fn file_source(
+        &self,
+        layer: usize,
+        entry: usize,
+    ) -> Result<(Arc<dyn ContentSource>, Verify), ImageError> {
+        let l = self
+            .layers
+            .get(layer)
+            .ok_or_else(|| ImageError::Task(format!("no layer {layer}")))?;
+        let missing = || ImageError::Task(format!("no entry {entry} in layer {}", l.digest));
+        if let Some(toc) = &l.toc {
+            let target = resolve_pos(&toc.index, entry).ok_or_else(missing)?;
+            let verify = toc::verify_for(toc, target);
+            let source = TocFileSource::new(
+                self.store.clone(),
+                self.blob_cache.clone(),
+                l.digest.clone(),
+                toc.clone(),
+                target,
+            );
+            return Ok((Arc::new(source), verify));
+        }
+        let e = l.index.resolve(entry).cloned().ok_or_else(missing)?;
+        let verify = verify_for(&e);
+        let source = LayerFileSource::new(
+            self.store.clone(),
+            l.digest.clone(),
+            l.index.clone(),
+            l.windows.clone(),
+            e,
+        )
+        .with_blob_cache(self.blob_cache.clone());
+        Ok((Arc::new(source), verify))
+    }
+
+    /// Per layer, the entries its TOC names to prefetch first (empty for other layers).
+    pub fn prefetch_first(&self, layer: usize) -> &[usize] {
+        self.layers
+            .get(layer)
+            .and_then(|l| l.toc.as_deref())
+            .map_or(&[], |t| t.prefetch_first.as_slice())
+    }
+
+    /// `files` (pairs of layer and entry, as placeholders list them) reordered for prefetch:
+    /// the files each TOC layer names to prefetch first (lowest layer first, in TOC order),
+    /// then every other one in the order given. Returns positions into `files`.
+    pub fn prefetch_order(&self, files: &[(usize, usize)]) -> Vec<usize> {
+        let mut first = Vec::new();
+        let mut pos: std::collections::HashMap<(usize, usize), usize> =
+            files.iter().enumerate().map(|(i, f)| (*f, i)).collect();
+        for layer in 0..self.layers.len() {
+            for &e in self.prefetch_first(layer) {
+                if let Some(i) = pos.remove(&(layer, e)) {
+                    first.push(i);
+                }
+            }
+        }
+        let mut taken = vec![false; files.len()];
+        for &i in &first {
+            taken[i] = true;
+        }
+        first.extend((0..files.len()).filter(|&i| !taken[i]));
+        first
+    }
+}
+
+/// Position of the entry a hardlink at `idx` resolves to (`idx` itself for other kinds).
+fn resolve_pos(index: &LayerIndex, idx: usize) -> Option<usize> {
+    let target = index.resolve(idx)?;
+    // `resolve` returns a reference into `entries`: find its position by address.
+    index.entries.iter().position(|e| std::ptr::eq(e, target))
+}
+
+/// A windows pack in the registry (or layout), read a window at a time by range reads.
+pub(super) struct RemoteWindows {
+    pub(super) store: Arc<BlobStore>,
+    pub(super) digest: Digest,
+}
+
+impl WindowSource for RemoteWindows {
+    fn read_pack(&self, offset: u64, len: u64) -> BoxFuture<'_, io::Result<Bytes>> {
+        async move {
+            self.store
+                .read_range(&self.digest, offset, len)
+                .await
+                .map_err(io::Error::other)
+        }
+        .boxed()
+    }
+}
+
+/// What the engine checks a file's bytes against: per-chunk digests for large files, the
+/// whole-file digest for the rest.
+pub fn verify_for(entry: &Entry) -> Verify {
+    if !entry.chunk_sha256.is_empty() {
+        Verify::Chunks {
+            chunk: CHUNK_SIZE,
+            sha256: entry.chunk_sha256.clone(),
+        }
+    } else if let Some(d) = &entry.sha256 {
+        Verify::Whole(d.clone())
+    } else {
+        Verify::None
+    }
+}
+
+/// Fills a placeholder from its layer: a range read of the compressed span that holds the
+/// wanted bytes (from the nearest checkpoint) and, concurrently, of that checkpoint's window
+/// (unless cached), inflated and sliced. The engine verifies the result against the index's
+/// digests before writing it.
+pub struct LayerFileSource {
+    local: Option<BlobCache>,
+    store: Arc<BlobStore>,
+    layer: Digest,
+    index: Arc<LayerIndex>,
+    windows: Arc<LayerWindows>,
+    entry: Entry,
+}
+
+impl LayerFileSource {
+    /// The source of regular-file `entry` of layer `layer` (described by `index`, its
+    /// checkpoint windows read through `windows`), fetching from `store`.
+    pub fn new(
+        store: Arc<BlobStore>,
+        layer: Digest,
+        index: Arc<LayerIndex>,
+        windows: Arc<LayerWindows>,
+        entry: Entry,
+    ) -> LayerFileSource {
+        LayerFileSource {
+            local: None,
+            store,
+            layer,
+            index,
+            windows,
+            entry,
+        }
+    }
+
+    /// Reads the layer from `cache` when it holds it (a layer that streamed whole).
+    pub fn with_blob_cache(mut self, cache: Option<BlobCache>) -> LayerFileSource {
+        self.local = cache;
+        self
+    }
+}
+
+/// The bytes `span` of `layer` names: its compressed range (from the blob cache, else the
+/// store) and its checkpoint's window fetched concurrently, then inflated on a blocking
+/// thread. `what` names the read in errors. Shared by file sources and the access-profile
+/// fill.
+pub(super) async fn fetch_span(
+    store: &Arc<BlobStore>,
+    blob_cache: Option<&BlobCache>,
+    layer: &Digest,
+    index: &Arc<LayerIndex>,
+    windows: &LayerWindows,
+    span: crate::index::Span,
+    what: impl Fn() -> String,
+) -> Result<Vec<u8>, SourceError> {
+    let fetch = async {
+        crate::blobcache::read_range(blob_cache, store, layer, span.blob_offset, span.blob_len)
+            .await
+            .map_err(|e| SourceError::with_source(what(), e))
+    };
+    let window = async {
+        match span.checkpoint {
+            Some(cp) => windows
+                .window(index, cp)
+                .await
+                .map_err(|e| SourceError::with_source(what(), e)),
+            None => Ok(Arc::from(Vec::new())),
+        }
+    };
+    let (bytes, window) = futures::future::try_join(fetch, window).await?;
+    let index = index.clone();
+    tokio::task::spawn_blocking(move || crate::index::extract(&index, &span, &window, &bytes))
+        .await
+        .map_err(|e| SourceError::with_source(what(), e))?
+        .map_err(|e| SourceError::with_source(what(), e))
+}
+
+impl ContentSource for LayerFileSource {
+    /// Inflates `[offset, offset + len)` of the file from the nearest checkpoint before it
+    /// (every checkpoint resumes exactly: `src/index/gzip.rs`; the engine verifies the bytes
+    /// against the index's digests all the same).
+    fn read_at(&self, offset: u64, len: u64) -> BoxFuture<'_, Result<Vec<u8>, SourceError>> {
+        async move {
+            let what = || format!("{} in layer {}", self.entry.path, self.layer);
+            let span = crate::index::plan(&self.index, &self.entry, offset, len)
+                .map_err(|e| SourceError::with_source(what(), e))?;
+            fetch_span(
+                &self.store,
+                self.local.as_ref(),
+                &self.layer,
+                &self.index,
+                &self.windows,
+                span,
+                what,
+            )
+            .await
+        }
+        .boxed()
+    }
+}
