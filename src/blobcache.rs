@@ -50,6 +50,19 @@ impl BlobCache {
         Some(self.dir.join("sha256").join(hex))
     }
 
+    /// Deletes the blob if it is here; returns whether it was. A copy of it in flight is
+    /// not stopped (it publishes the blob again when it ends).
+    pub fn remove(&self, digest: &str) -> io::Result<bool> {
+        let Some(path) = self.path(digest) else {
+            return Ok(false);
+        };
+        match std::fs::remove_file(&path) {
+            Ok(()) => Ok(true),
+            Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(false),
+            Err(e) => Err(e),
+        }
+    }
+
     /// Whether the blob is here.
     pub fn contains(&self, digest: &str) -> bool {
         self.path(digest).is_some_and(|p| p.is_file())

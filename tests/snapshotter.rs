@@ -330,6 +330,10 @@ impl Rig {
             0,
             "the daemon still serves an image"
         );
+        // Layers kept whole (streamed to index them, or sent whole by a server) go with
+        // the last image that has them.
+        let blobs = entries(&self.state.join("blobs/sha256"));
+        assert!(blobs.is_empty(), "kept layer blobs left: {blobs:?}");
         assert_eq!(
             mounts_under(&self.state),
             Vec::<String>::new(),

@@ -1482,7 +1482,30 @@ impl Daemon {
             }
             _ => warn!(dest = %recorded.display(), "image removed; its tree was gone"),
         }
+        self.drop_kept_layers(&img);
         Ok(Response::Removed { dest: recorded })
+    }
+
+    /// Deletes the layer blobs kept for `img` (a removed image) that no image still served
+    /// has, as containerd's garbage collector drops a removed image's blobs.
+    fn drop_kept_layers(&self, img: &ImageRt) {
+        let Some(dir) = PrepareOptions::new(&self.config.index_dir).blob_cache else {
+            return;
+        };
+        let cache = crate::blobcache::BlobCache::new(dir);
+        let layers = img.record.lock().unwrap().layers.clone();
+        let images: Vec<Arc<ImageRt>> = self.images.lock().unwrap().values().cloned().collect();
+        let in_use: std::collections::HashSet<String> = images
+            .iter()
+            .flat_map(|i| i.record.lock().unwrap().layers.clone())
+            .collect();
+        for layer in layers.iter().filter(|l| !in_use.contains(*l)) {
+            match cache.remove(layer) {
+                Ok(true) => debug!(layer, "kept layer blob deleted"),
+                Ok(false) => {}
+                Err(e) => warn!(layer, error = %e, "deleting a kept layer blob"),
+            }
+        }
     }
 
     /// Background prefetch of one image, pausing while any reader's miss is being served
