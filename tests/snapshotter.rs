@@ -804,11 +804,13 @@ fn cri_pull_and_run_on_fanfill() {
 }
 
 /// A pull-through cache as mirror in containerd's `hosts.toml`: the origin (behind a
-/// counting TCP proxy) is the image's registry, a second `docker-registry` in proxy mode is
-/// listed for it in `HOSTS_DIR/ORIGIN/hosts.toml`, and the daemon reads that directory
-/// (`--containerd-hosts-dir`). Fills go to the mirror: it caches what the containers read.
-/// Reports connections at the origin, bytes cached at the mirror and bytes fanfill fetched,
-/// for a first and a second pull (after removing the image).
+/// counting TCP proxy) is the image's registry, a second `docker-registry` in proxy mode
+/// (behind another) is listed for it in `HOSTS_DIR/ORIGIN/hosts.toml`, and the daemon reads
+/// that directory (`--containerd-hosts-dir`). Fills go to the mirror: it caches what the
+/// containers read; on its cold cache it answers range reads with whole blobs, which cost
+/// one copy per layer. Reports requests and bytes at the origin and at the mirror, bytes
+/// cached at the mirror and bytes fanfill fetched, for a first and a second pull (after
+/// removing the image).
 #[test]
 fn hosts_toml_mirror_serves_the_fills() {
     let hosts = tempfile::tempdir().unwrap();
@@ -821,8 +823,9 @@ fn hosts_toml_mirror_serves_the_fills() {
         ],
         false,
     );
-    let origin = common::FaultyProxy::start(rig.registry.addr, common::Fault::None);
+    let origin = common::FaultyProxy::start(rig.registry.addr, common::Fault::RecordHeads);
     let mirror = common::TestRegistry::start_proxy_of(&origin.host());
+    let mirror_front = common::FaultyProxy::start(mirror.addr, common::Fault::RecordHeads);
     let dir = hosts.path().join(origin.host());
     std::fs::create_dir_all(&dir).unwrap();
     std::fs::write(
@@ -830,7 +833,7 @@ fn hosts_toml_mirror_serves_the_fills() {
         format!(
             "server = \"http://{}\"\n\n[host.\"http://{}\"]\n  capabilities = [\"pull\", \"resolve\"]\n",
             origin.host(),
-            mirror.host()
+            mirror_front.host()
         ),
     )
     .unwrap();
@@ -839,15 +842,20 @@ fn hosts_toml_mirror_serves_the_fills() {
     rig.ctr("ctr", &["image", "rm", "--sync", &rig.reference]);
     let size = rig.built.compressed_size();
     let mut figures = Vec::new();
+    let at = |p: &common::FaultyProxy| (p.request_heads().len(), p.bytes_down());
     for pass in ["first", "second"] {
-        let c0 = origin.connections();
+        let (o0, m0) = (at(&origin), at(&mirror_front));
         rig.rpull();
         let out = rig.run("fanfill", &format!("mirror-{pass}"), SCRIPT);
         assert_eq!(out, eager[0], "{pass} pull: lazy and eager runs differ");
         let (fetched_bytes, _) = fetched(&rig.daemon);
+        let (o1, m1) = (at(&origin), at(&mirror_front));
         figures.push(format!(
-            "{pass} pull + run: origin connections {}, mirror cache {} bytes, fanfill fetched {fetched_bytes} bytes (image {size} bytes)",
-            origin.connections() - c0,
+            "{pass} pull + run: origin {} requests, {} bytes (containerd's and the mirror's); mirror {} requests, {} bytes; mirror cache {} bytes; fanfill fetched {fetched_bytes} bytes (image {size} bytes)",
+            o1.0 - o0.0,
+            o1.1 - o0.1,
+            m1.0 - m0.0,
+            m1.1 - m0.1,
             mirror.stored_blob_bytes()
         ));
         // A cold pull-through cache answers a range request with the whole blob: that

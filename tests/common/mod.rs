@@ -8,7 +8,7 @@ use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -653,6 +653,8 @@ pub struct FaultyProxy {
     plain_connections: Arc<AtomicUsize>,
     /// Request header blocks seen under [`Fault::RecordHeads`].
     heads: Arc<Mutex<Vec<String>>>,
+    /// Bytes forwarded from the server to clients (whole responses, heads included).
+    bytes_down: Arc<AtomicU64>,
     stop: Arc<AtomicBool>,
     /// Client sockets of the connections accepted so far (for [`FaultyProxy::set_fault_now`]).
     live: Arc<Mutex<Vec<TcpStream>>>,
@@ -668,12 +670,14 @@ impl FaultyProxy {
         let stop = Arc::new(AtomicBool::new(false));
         let live = Arc::new(Mutex::new(Vec::new()));
         let heads = Arc::new(Mutex::new(Vec::new()));
-        let (f, c, s, l, h) = (
+        let bytes_down = Arc::new(AtomicU64::new(0));
+        let (f, c, s, l, h, b) = (
             fault.clone(),
             plain_connections.clone(),
             stop.clone(),
             live.clone(),
             heads.clone(),
+            bytes_down.clone(),
         );
         std::thread::spawn(move || {
             for conn in listener.incoming() {
@@ -684,8 +688,8 @@ impl FaultyProxy {
                 if let Ok(clone) = client.try_clone() {
                     l.lock().unwrap().push(clone);
                 }
-                let (f, c, h) = (f.clone(), c.clone(), h.clone());
-                std::thread::spawn(move || handle(client, target, &f, &c, h));
+                let (f, c, h, b) = (f.clone(), c.clone(), h.clone(), b.clone());
+                std::thread::spawn(move || handle(client, target, &f, &c, h, &b));
             }
         });
         FaultyProxy {
@@ -693,6 +697,7 @@ impl FaultyProxy {
             fault,
             plain_connections,
             heads,
+            bytes_down,
             stop,
             live,
         }
@@ -722,6 +727,12 @@ impl FaultyProxy {
         self.plain_connections.load(Ordering::SeqCst)
     }
 
+    /// Bytes the server sent to clients through the proxy so far (every response, heads
+    /// included; not under [`Fault::TruncateBody`]).
+    pub fn bytes_down(&self) -> u64 {
+        self.bytes_down.load(Ordering::SeqCst)
+    }
+
     /// The header blocks (request line and headers) of the requests forwarded under
     /// [`Fault::RecordHeads`], in order.
     pub fn request_heads(&self) -> Vec<String> {
@@ -742,6 +753,7 @@ fn handle(
     fault: &Mutex<Fault>,
     count: &AtomicUsize,
     heads: Arc<Mutex<Vec<String>>>,
+    bytes_down: &AtomicU64,
 ) {
     let _ = client.set_read_timeout(Some(Duration::from_secs(30)));
     let mut first = [0u8; 1];
@@ -810,7 +822,18 @@ fn handle(
             let _ = server.shutdown(Shutdown::Both);
         }
         _ => {
-            let _ = std::io::copy(&mut server, &mut client);
+            let mut buf = vec![0u8; 64 << 10];
+            loop {
+                match server.read(&mut buf) {
+                    Ok(0) | Err(_) => break,
+                    Ok(n) => {
+                        bytes_down.fetch_add(n as u64, Ordering::SeqCst);
+                        if client.write_all(&buf[..n]).is_err() {
+                            break;
+                        }
+                    }
+                }
+            }
             let _ = client.shutdown(Shutdown::Write);
         }
     }
