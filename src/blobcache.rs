@@ -144,6 +144,13 @@ pub async fn read_range(
     };
     let copy = match cache.copy(stream) {
         Ok(copy) => copy,
+        // A copy ended and published the blob while this range read was on its way.
+        Err((e, _)) if e.kind() == io::ErrorKind::AlreadyExists => {
+            if let Ok(Some(bytes)) = cache.read_range(key, offset, len) {
+                return Ok(bytes::Bytes::from(bytes));
+            }
+            return store.read_range(digest, offset, len).await;
+        }
         Err((e, stream)) => {
             tracing::warn!(digest = key, error = %e, "blob cache unavailable; reading the range from the whole blob");
             return stream.into_slice(offset, len).await;
@@ -348,8 +355,10 @@ impl BlobCache {
 
     /// Copies the whole blob `stream` reads into the cache, on the current tokio runtime,
     /// and returns the copy to read from; if a copy of that blob is already in flight, that
-    /// one (and `stream` is dropped unread). If the cache cannot be written, the stream
-    /// comes back with the error.
+    /// one (and `stream` is dropped unread). If the blob is already kept (a copy ended while
+    /// the caller's request was on its way), the stream comes back with an
+    /// [`io::ErrorKind::AlreadyExists`] error; if the cache cannot be written, with that
+    /// error.
     ///
     /// # Panics
     /// If called outside a tokio runtime.
@@ -365,6 +374,15 @@ impl BlobCache {
         let mut copies = COPIES.lock().unwrap();
         if let Some(copy) = copies.get(&dest) {
             return Ok(copy.clone());
+        }
+        // A copy publishes its blob before it leaves the map: no copy in the map and no
+        // file means none has ended since.
+        if dest.is_file() {
+            let e = io::Error::new(
+                io::ErrorKind::AlreadyExists,
+                format!("{digest} is kept already"),
+            );
+            return Err((e, stream));
         }
         let made = dest
             .parent()

@@ -218,6 +218,11 @@ pub fn stream_fill_layer(
                     match cache {
                         Some(cache) => match cache.copy(Box::new(stream)) {
                             Ok(copy) => Box::new(copy.reader()),
+                            // Kept meanwhile (a copy a miss started ended).
+                            Err((e, _)) if e.kind() == io::ErrorKind::AlreadyExists => {
+                                let path = cache.path(&digest).unwrap_or_default();
+                                Box::new(std::fs::File::open(&path).map_err(err)?)
+                            }
                             Err((e, stream)) => {
                                 warn!(layer = %layer, error = %e, "blob cache unavailable; not keeping the layer");
                                 Box::new(stream.into_blocking_reader())
