@@ -89,6 +89,11 @@ pub struct RegistrySettings {
     /// Do not look for a pushed index artifact.
     #[serde(default)]
     pub no_index_artifact: bool,
+    /// Take a pushed index artifact only if it is signed with the daemon's `--index-key`
+    /// (`pull --index-policy signed`): a daemon whose own policy would take one unsigned
+    /// refuses the request instead.
+    #[serde(default)]
+    pub signed_index_only: bool,
     /// Trust the CA certificates (`*.crt`) and use the client certificate in this directory
     /// (skopeo's `--cert-dir`); default: `certs.d/HOST:PORT` lookup.
     #[serde(default)]

@@ -21,6 +21,7 @@
 //! - [`overlay`]: overlay rootfs: whole-file fill when a file is opened through overlayfs.
 //! - [`reference`]: image reference grammar (`docker://`, `oci:`).
 //! - [`registry`]: manifests and blobs from a registry or an OCI layout: ranges, streams, auth.
+//! - [`signature`]: cosign key signatures of manifests (the `signed` index policy).
 //! - [`toc`]: eStargz and zstd:chunked layers, read through their own table of contents.
 //! - [`unpack`]: placeholder unpack: layers to a metadata-complete tree of sparse files.
 #![deny(missing_docs)]
@@ -38,6 +39,7 @@ pub mod ocibuild;
 pub mod overlay;
 pub mod reference;
 pub mod registry;
+pub mod signature;
 pub mod snapshotter;
 pub mod sys;
 pub mod toc;

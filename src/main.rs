@@ -136,10 +136,15 @@ struct DaemonArgs {
     #[arg(long, value_name = "GROUP")]
     status_group: Option<String>,
     /// Which layer indexes file digests may come from, whatever a client asks: `local`
-    /// (built here from the layer stream; the default) or `referrer` (also an index
-    /// artifact among the image's referrers, trusted on sight). See docs/security.md.
+    /// (built here from the layer stream; the default), `signed` (also an index artifact
+    /// signed with --index-key) or `referrer` (also an index artifact among the image's
+    /// referrers, trusted on sight). See docs/security.md.
     #[arg(long, value_enum, default_value = "local")]
     index_policy: IndexPolicyArg,
+    /// With --index-policy signed: the public key (PEM, ECDSA P-256, as cosign.pub) index
+    /// artifacts must carry a cosign signature of.
+    #[arg(long, value_name = "PEM")]
+    index_key: Option<PathBuf>,
     /// Test knob: delay every fetch by this many milliseconds.
     #[arg(long, hide = true, default_value_t = 0)]
     test_fetch_delay_ms: u64,
@@ -239,18 +244,30 @@ enum IndexPolicyArg {
     /// digest the manifest names): an image pulled by digest keeps its integrity. The
     /// first prepare of a layer streams it whole.
     Local,
+    /// Also the newest index artifact of the image that carries a cosign signature by
+    /// --index-key (sign one with `fanfill index --push --sign-key`, or `cosign sign --key`
+    /// on the artifact's digest): lazy from the first start, trusting the key's holder.
+    Signed,
     /// Also the newest index artifact among the image's referrers, trusted on sight (anyone
     /// with push rights can attach one): only for repositories whose writers you trust.
     Referrer,
 }
 
-impl From<IndexPolicyArg> for image::IndexPolicy {
-    fn from(a: IndexPolicyArg) -> image::IndexPolicy {
-        match a {
-            IndexPolicyArg::Local => image::IndexPolicy::Local,
-            IndexPolicyArg::Referrer => image::IndexPolicy::Referrer,
+/// The index policy `arg` names, with its key read from `key` (`signed` needs one).
+fn index_policy(arg: IndexPolicyArg, key: Option<&Path>) -> Result<image::IndexPolicy> {
+    Ok(match (arg, key) {
+        (IndexPolicyArg::Signed, Some(key)) => {
+            image::IndexPolicy::Signed(fanfill::signature::VerifyKey::from_pem_file(key)?)
         }
-    }
+        (IndexPolicyArg::Signed, None) => {
+            bail!(
+                "--index-policy signed needs --index-key PEM (the public key artifacts are signed with)"
+            )
+        }
+        (_, Some(_)) => bail!("--index-key is for --index-policy signed"),
+        (IndexPolicyArg::Local, None) => image::IndexPolicy::Local,
+        (IndexPolicyArg::Referrer, None) => image::IndexPolicy::Referrer,
+    })
 }
 
 #[derive(Clone, Copy, ValueEnum)]
@@ -294,9 +311,13 @@ struct PullArgs {
     #[arg(long, value_name = "FILE", requires = "foreground")]
     record_profile: Option<PathBuf>,
     /// Which layer indexes file digests may come from (see docs/security.md); the daemon's
-    /// own --index-policy applies too.
+    /// own --index-policy applies too (and its --index-key, for `signed`).
     #[arg(long, value_enum, default_value = "local")]
     index_policy: IndexPolicyArg,
+    /// With --index-policy signed and --foreground: the public key (PEM) index artifacts
+    /// must be signed with.
+    #[arg(long, value_name = "PEM")]
+    index_key: Option<PathBuf>,
     #[command(flatten)]
     registry: RegistryArgs,
 }
@@ -313,6 +334,12 @@ struct IndexArgs {
     /// at once, before the workload asks for them.
     #[arg(long, value_name = "FILE", requires = "push")]
     profile: Option<PathBuf>,
+    /// With --push: sign the pushed artifact with this private key (PEM, ECDSA P-256,
+    /// unencrypted: `openssl ecparam -name prime256v1 -genkey -noout -out KEY`), as
+    /// `cosign sign --key` does, for daemons running --index-policy signed with its public
+    /// half (`openssl ec -in KEY -pubout`).
+    #[arg(long, value_name = "PEM", requires = "push")]
+    sign_key: Option<PathBuf>,
     #[command(flatten)]
     registry: RegistryArgs,
 }
@@ -372,7 +399,7 @@ fn mib(b: u64) -> String {
 
 fn pull(a: PullArgs) -> Result<()> {
     let mut opts = a.registry.options()?;
-    image::IndexPolicy::from(a.index_policy).apply(&mut opts);
+    index_policy(a.index_policy, a.index_key.as_deref())?.apply(&mut opts);
     opts.mode = match a.mode {
         ModeArg::Direct => Mode::Direct,
         ModeArg::Overlay => Mode::Overlay,
@@ -489,6 +516,7 @@ impl RegistryArgs {
             platform: self.platform.clone(),
             mirrors: self.mirror.clone(),
             no_index_artifact: self.no_index_artifact,
+            signed_index_only: false,
             cert_dir: self.cert_dir.clone(),
             hosts_dir: None,
         }
@@ -504,6 +532,11 @@ fn pull_client(socket: &Path, a: PullArgs) -> Result<()> {
     a.image
         .parse::<fanfill::reference::Reference>()
         .context("bad image reference")?;
+    if a.index_key.is_some() {
+        bail!(
+            "--index-key is for --foreground: through the daemon, its own --index-key is the one artifacts must be signed with"
+        );
+    }
     let dest = std::path::absolute(&a.dest).context("destination")?;
     let started = Instant::now();
     let bar = spinner(format!("preparing {} in {}", a.image, a.dest.display()));
@@ -519,6 +552,7 @@ fn pull_client(socket: &Path, a: PullArgs) -> Result<()> {
             registry: RegistrySettings {
                 no_index_artifact: a.registry.no_index_artifact
                     || a.index_policy == IndexPolicyArg::Local,
+                signed_index_only: a.index_policy == IndexPolicyArg::Signed,
                 ..a.registry.settings()
             },
             prefetch: !a.no_prefetch,
@@ -569,7 +603,7 @@ fn daemon(socket: PathBuf, a: DaemonArgs) -> Result<()> {
         hosts_dir: Some(a.containerd_hosts_dir),
         ..RegistrySettings::default()
     };
-    c.index_policy = a.index_policy.into();
+    c.index_policy = index_policy(a.index_policy, a.index_key.as_deref())?;
     if let Some(g) = a.status_group {
         c.status_group = Some(match g.parse::<u32>() {
             Ok(gid) => gid,
@@ -668,6 +702,12 @@ fn index(a: IndexArgs) -> Result<()> {
         }
         None => None,
     };
+    // A bad key fails before the layers are read.
+    let sign_key = a
+        .sign_key
+        .as_deref()
+        .map(fanfill::signature::SignKey::from_pem_file)
+        .transpose()?;
     let rt = runtime()?;
     let bar = spinner(format!("indexing the layers of {}", a.image));
     let indexed = rt.block_on(image::index_image_with_profile(
@@ -711,6 +751,10 @@ fn index(a: IndexArgs) -> Result<()> {
             "pushed index artifact {d} referring to {}",
             indexes.image.manifest_digest
         );
+        if let Some(key) = &sign_key {
+            let tag = rt.block_on(image::sign_artifact(&a.image, &opts, &d, key))?;
+            println!("signed it: signature stored under the tag {tag}");
+        }
     }
     Ok(())
 }

@@ -680,17 +680,19 @@ fn unpack_builds_beneath_the_open_destination() {
     assert!(fanfill::unpack::open_dest(&dest.join(".")).is_err());
 }
 
-/// Finding "the index artifact is trusted on sight": an index artifact anyone with push
-/// rights attached (here: the image's true index with a file made setuid) is ignored under
-/// the default `--index-policy local`, and used only when the daemon is told `referrer`.
-#[test]
-fn index_policy_local_ignores_a_forged_referrer() {
+/// An image in `registry` (repository `repo`) of one layer with an executable `bin/tool`
+/// (mode 0755), and a forged index artifact pushed for it the way anyone with push rights
+/// could: the image's true index with `bin/tool` made setuid. Returns the reference, the
+/// tool's bytes and the forged artifact's digest.
+fn image_with_forged_referrer(
+    registry: &common::TestRegistry,
+    tmp: &Path,
+    repo: &str,
+) -> (String, Vec<u8>, String) {
     use fanfill::image::{self, PrepareOptions};
-    let registry = common::TestRegistry::start();
-    let tmp = open_tmp();
     let data = pattern(50_000, 9);
     let built = write_layout(
-        &tmp.path().join("img"),
+        &tmp.join(format!("img-{}", repo.replace('/', "-"))),
         "v1",
         &[vec![
             LayerItem::Dir {
@@ -706,10 +708,11 @@ fn index_policy_local_ignores_a_forged_referrer() {
         Compression::Gzip,
     )
     .unwrap();
-    common::push_layout(&built.dir, "v1", &registry.host(), "sec/forged", &[]);
-    let reference = format!("docker://{}/sec/forged:v1", registry.host());
+    common::push_layout(&built.dir, "v1", &registry.host(), repo, &[]);
+    let reference = format!("docker://{}/{repo}:v1", registry.host());
     let rt = tokio::runtime::Runtime::new().unwrap();
-    let mut opts = PrepareOptions::new(tmp.path().join("forger/indexes"));
+    let mut opts =
+        PrepareOptions::new(tmp.join(format!("forger-{}/indexes", repo.replace('/', "-"))));
     opts.registry.insecure = true;
     opts.blob_cache = None;
     let (indexes, _) = rt
@@ -739,31 +742,291 @@ fn index_policy_local_ignores_a_forged_referrer() {
         ));
     }
     let (store, img) = rt.block_on(image::open(&reference, &opts)).unwrap();
-    rt.block_on(store.push_artifact(&img.manifest_digest, image::INDEX_ARTIFACT_TYPE, blobs))
+    let digest = rt
+        .block_on(store.push_artifact(&img.manifest_digest, image::INDEX_ARTIFACT_TYPE, blobs))
         .unwrap();
+    (reference, data, digest.to_string())
+}
+
+/// Prepares `reference` on a daemon started with `extra` flags (state and destination named
+/// `name` under `tmp`); returns the daemon and `bin/tool`'s mode as served.
+fn serve_tool(
+    tmp: &Path,
+    reference: &str,
+    data: &[u8],
+    name: &str,
+    extra: &[&str],
+) -> (DaemonProc, u32) {
     let settings = fanfill::api::RegistrySettings {
         insecure: true,
         ..Default::default()
     };
-    let base = private(tmp.path());
-    let serve = |name: &str, extra: &[&str]| {
-        let state = tmp.path().join(name);
-        std::fs::create_dir_all(&state).unwrap();
-        let d = DaemonProc::start(&state, extra);
-        let dest = base.join(name);
-        d.prepare_with(&reference, &dest, false, settings.clone());
-        assert_eq!(read(&dest.join("bin/tool")), data);
-        (d, mode_of(&dest.join("bin/tool")))
-    };
-    let (_d, default_mode) = serve("default", &[]);
+    let state = tmp.join(name);
+    std::fs::create_dir_all(&state).unwrap();
+    let d = DaemonProc::start(&state, extra);
+    let dest = private(tmp).join(name);
+    d.prepare_with(reference, &dest, false, settings);
+    assert_eq!(read(&dest.join("bin/tool")), data);
+    let mode = mode_of(&dest.join("bin/tool"));
+    (d, mode)
+}
+
+/// Finding "the index artifact is trusted on sight": an index artifact anyone with push
+/// rights attached (here: the image's true index with a file made setuid) is ignored under
+/// the default `--index-policy local`, and used only when the daemon is told `referrer`.
+#[test]
+fn index_policy_local_ignores_a_forged_referrer() {
+    let registry = common::TestRegistry::start();
+    let tmp = open_tmp();
+    let (reference, data, _) = image_with_forged_referrer(&registry, tmp.path(), "sec/forged");
+    let (_d, default_mode) = serve_tool(tmp.path(), &reference, &data, "default", &[]);
     assert_eq!(
         default_mode, 0o755,
         "the default policy took file metadata from a referrer artifact anyone could push"
     );
-    let (_d2, referrer_mode) = serve("referrer", &["--index-policy", "referrer"]);
+    let (_d2, referrer_mode) = serve_tool(
+        tmp.path(),
+        &reference,
+        &data,
+        "referrer",
+        &["--index-policy", "referrer"],
+    );
     assert_eq!(
         referrer_mode, 0o4755,
         "under --index-policy referrer the pushed artifact is used (the forgery this test plants)"
+    );
+}
+
+/// Runs `openssl ARGS`, panicking with its stderr on failure; returns stdout.
+fn openssl(args: &[&std::ffi::OsStr]) -> Vec<u8> {
+    let out = std::process::Command::new("openssl")
+        .args(args)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "openssl {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    out.stdout
+}
+
+/// An ECDSA P-256 key pair made by openssl under `dir`: (private, public) PEM files.
+fn p256_key(dir: &Path, name: &str) -> (PathBuf, PathBuf) {
+    let (private, public) = (
+        dir.join(format!("{name}.key")),
+        dir.join(format!("{name}.pub")),
+    );
+    openssl(&[
+        "ecparam".as_ref(),
+        "-name".as_ref(),
+        "prime256v1".as_ref(),
+        "-genkey".as_ref(),
+        "-noout".as_ref(),
+        "-out".as_ref(),
+        private.as_os_str(),
+    ]);
+    openssl(&[
+        "ec".as_ref(),
+        "-in".as_ref(),
+        private.as_os_str(),
+        "-pubout".as_ref(),
+        "-out".as_ref(),
+        public.as_os_str(),
+    ]);
+    (private, public)
+}
+
+/// Finding "the index artifact is trusted on sight", the `signed` policy: an index artifact
+/// is taken only with a cosign signature by the daemon's `--index-key`. The publisher pushes
+/// and signs the true index (`fanfill index --push --sign-key`); a forger then pushes a
+/// newer artifact (bin/tool setuid) signed with a key of its own (made by openssl in
+/// cosign's format). A daemon with the publisher's key serves the signed artifact (the
+/// tool stays 0755, the forgery is logged as not signed by the key); one with the forger's
+/// key takes the forgery (the key decides, and an openssl-made signature verifies); one
+/// with `referrer` takes the newest (the forgery). fanfill's signature verifies with
+/// `openssl dgst -verify` (it is cosign's format), and `signed` without a key is refused.
+#[test]
+fn index_policy_signed_takes_only_an_artifact_signed_with_the_key() {
+    use base64::Engine as _;
+    use fanfill::image::{self, PrepareOptions};
+    use fanfill::signature;
+    let registry = common::TestRegistry::start();
+    let tmp = open_tmp();
+    let keys = tmp.path().join("keys");
+    std::fs::create_dir_all(&keys).unwrap();
+    let (publisher_key, publisher_pub) = p256_key(&keys, "publisher");
+    let (forger_key, forger_pub) = p256_key(&keys, "forger");
+    let (reference, data, forged) = image_with_forged_referrer(&registry, tmp.path(), "sec/signed");
+
+    // The publisher's artifact, pushed after the forgery, then the forger's again, newest.
+    let out = bin()
+        .args([
+            "index",
+            &reference,
+            "--push",
+            "--tls-verify=false",
+            "--index-dir",
+        ])
+        .arg(tmp.path().join("publisher/indexes"))
+        .arg("--sign-key")
+        .arg(&publisher_key)
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert!(
+        out.status.success(),
+        "fanfill index --push --sign-key: {stdout}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let honest = stdout
+        .split_whitespace()
+        .skip_while(|w| *w != "artifact")
+        .nth(1)
+        .unwrap_or_else(|| panic!("no artifact digest in: {stdout}"))
+        .to_string();
+    assert!(stdout.contains("signed it"), "{stdout}");
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let mut opts = PrepareOptions::new(tmp.path().join("checker/indexes"));
+    opts.registry.insecure = true;
+    let (store, img) = rt.block_on(image::open(&reference, &opts)).unwrap();
+    // Make the forgery the newest referrer again: a second push of the same manifest gets a
+    // fresh creation time.
+    let forged_again = {
+        let listed = rt
+            .block_on(store.list_referrers(&img.manifest_digest, Some(image::INDEX_ARTIFACT_TYPE)))
+            .unwrap();
+        assert!(
+            listed.iter().any(|d| d.digest().to_string() == honest),
+            "{listed:?}"
+        );
+        let r = rt
+            .block_on(
+                store.fetch_referrer(
+                    listed
+                        .iter()
+                        .find(|d| d.digest().to_string() == forged)
+                        .unwrap(),
+                ),
+            )
+            .unwrap();
+        let mut blobs = Vec::new();
+        for l in r.manifest.layers() {
+            blobs.push((
+                l.media_type().to_string(),
+                rt.block_on(store.fetch_blob(l.digest())).unwrap(),
+            ));
+        }
+        rt.block_on(store.push_artifact(&img.manifest_digest, image::INDEX_ARTIFACT_TYPE, blobs))
+            .unwrap()
+            .to_string()
+    };
+
+    // fanfill's signature is cosign's format: openssl verifies it with the public key.
+    let sig_manifest = rt
+        .block_on(store.fetch_manifest(Some(&signature::signature_tag(&honest))))
+        .unwrap();
+    let m: oci_spec::image::ImageManifest = serde_json::from_slice(&sig_manifest.bytes).unwrap();
+    let layer = &m.layers()[0];
+    assert_eq!(
+        layer.media_type().to_string(),
+        signature::PAYLOAD_MEDIA_TYPE
+    );
+    let sig_b64 = layer.annotations().as_ref().unwrap()[signature::SIGNATURE_ANNOTATION].clone();
+    let payload = rt.block_on(store.fetch_blob(layer.digest())).unwrap();
+    let payload_file = tmp.path().join("payload.json");
+    let sig_file = tmp.path().join("payload.sig");
+    std::fs::write(&payload_file, &payload).unwrap();
+    std::fs::write(
+        &sig_file,
+        base64::engine::general_purpose::STANDARD
+            .decode(&sig_b64)
+            .unwrap(),
+    )
+    .unwrap();
+    let verified = openssl(&[
+        "dgst".as_ref(),
+        "-sha256".as_ref(),
+        "-verify".as_ref(),
+        publisher_pub.as_os_str(),
+        "-signature".as_ref(),
+        sig_file.as_os_str(),
+        payload_file.as_os_str(),
+    ]);
+    assert_eq!(String::from_utf8_lossy(&verified).trim(), "Verified OK");
+    signature::check_payload(&payload, &honest).unwrap();
+
+    // The forger signs its (newest) artifact with its own key, by openssl, as cosign would.
+    let forged_payload =
+        signature::payload(&format!("{}/sec/signed", registry.host()), &forged_again);
+    std::fs::write(&payload_file, &forged_payload).unwrap();
+    openssl(&[
+        "dgst".as_ref(),
+        "-sha256".as_ref(),
+        "-sign".as_ref(),
+        forger_key.as_os_str(),
+        "-out".as_ref(),
+        sig_file.as_os_str(),
+        payload_file.as_os_str(),
+    ]);
+    let forged_sig =
+        base64::engine::general_purpose::STANDARD.encode(std::fs::read(&sig_file).unwrap());
+    let (manifest, blobs) = signature::signature_manifest(&forged_payload, &forged_sig);
+    rt.block_on(store.push_tagged(&signature::signature_tag(&forged_again), manifest, blobs))
+        .unwrap();
+
+    let key_flag = |key: &Path| {
+        vec![
+            "--index-policy".to_string(),
+            "signed".to_string(),
+            "--index-key".to_string(),
+            key.display().to_string(),
+        ]
+    };
+    let flags = key_flag(&publisher_pub);
+    let args: Vec<&str> = flags.iter().map(String::as_str).collect();
+    let (d, signed_mode) = serve_tool(tmp.path(), &reference, &data, "signed", &args);
+    assert_eq!(
+        signed_mode, 0o755,
+        "--index-policy signed took the forger's artifact"
+    );
+    let log = d.log_text();
+    for line in log.lines().filter(|l| l.contains("index key")) {
+        eprintln!("{line}");
+    }
+    assert!(
+        log.contains("index artifact signed by the index key") && log.contains(&honest),
+        "the publisher's signed artifact was not used:\n{log}"
+    );
+    assert!(
+        log.contains("not signed by the index key") && log.contains(&forged_again),
+        "the forger's artifact was not considered and refused:\n{log}"
+    );
+    let flags = key_flag(&forger_pub);
+    let args: Vec<&str> = flags.iter().map(String::as_str).collect();
+    let (_d2, forger_mode) = serve_tool(tmp.path(), &reference, &data, "forger-key", &args);
+    assert_eq!(
+        forger_mode, 0o4755,
+        "with the forger's key the forger's (openssl-signed) artifact is the signed one"
+    );
+    let (_d3, referrer_mode) = serve_tool(
+        tmp.path(),
+        &reference,
+        &data,
+        "referrer",
+        &["--index-policy", "referrer"],
+    );
+    assert_eq!(referrer_mode, 0o4755, "the forgery is the newest referrer");
+
+    let out = bin()
+        .args(["daemon", "--index-policy", "signed", "--state-dir"])
+        .arg(tmp.path().join("nokey"))
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success() && err.contains("--index-key"),
+        "{err}"
     );
 }
 

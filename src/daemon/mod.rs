@@ -639,6 +639,12 @@ fn check_dest_dir(dest: &Path, dir: &impl std::os::fd::AsFd) -> Result<(), ApiFa
 fn prepare_options(config: &DaemonConfig, r: &RegistrySettings) -> Result<PrepareOptions, ApiFail> {
     let mut o = PrepareOptions::from_settings(&config.index_dir, r)
         .map_err(|e| ApiFail(ErrorKind::BadRequest, e.to_string()))?;
+    if r.signed_index_only && matches!(config.index_policy, image::IndexPolicy::Referrer) {
+        return Err(ApiFail(
+            ErrorKind::BadRequest,
+            "the pull asks for a signed index artifact, but this daemon runs --index-policy referrer (artifacts taken unsigned): run it with --index-policy signed --index-key KEY".into(),
+        ));
+    }
     config.index_policy.apply(&mut o);
     Ok(o)
 }

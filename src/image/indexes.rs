@@ -28,6 +28,7 @@ use crate::blobcache::{BlobCache, Tee};
 use crate::index::{IndexError, IndexOptions, IndexStore, LayerIndex, WindowSource};
 use crate::reference::Reference;
 use crate::registry::{self, BlobStore};
+use crate::signature::{self, VerifyKey};
 use crate::toc::{self, TocLayer};
 
 /// The indexes of an image's layers, with where each came from.
@@ -145,7 +146,7 @@ pub async fn load_indexes(
         found.push(hit);
     }
     if opts.use_artifact && found.iter().any(Option::is_none) {
-        match artifact_indexes(store, &image.manifest_digest).await {
+        match artifact_indexes(store, &image.manifest_digest, opts.index_key.as_ref()).await {
             Ok((mut list, p)) => {
                 profile = p;
                 // Artifact metadata is not stored locally: it is small, and its windows stay
@@ -320,6 +321,7 @@ pub fn random_access_gap(ix: &LayerIndex) -> u64 {
 async fn artifact_indexes(
     store: &Arc<BlobStore>,
     subject: &Digest,
+    key: Option<&VerifyKey>,
 ) -> Result<
     (
         Vec<(LayerIndex, Arc<dyn WindowSource>)>,
@@ -327,11 +329,14 @@ async fn artifact_indexes(
     ),
     ImageError,
 > {
-    let Some(referrer) = store
-        .find_referrer(subject, INDEX_ARTIFACT_TYPE)
-        .await
-        .map_err(reg_err("index artifact"))?
-    else {
+    let referrer = match key {
+        Some(key) => signed_referrer(store, subject, key).await?,
+        None => store
+            .find_referrer(subject, INDEX_ARTIFACT_TYPE)
+            .await
+            .map_err(reg_err("index artifact"))?,
+    };
+    let Some(referrer) = referrer else {
         return Ok((Vec::new(), None));
     };
     let blobs = referrer.manifest.layers();
@@ -413,6 +418,125 @@ async fn artifact_indexes(
         out.push((ix, windows));
     }
     Ok((out, profile))
+}
+
+/// Largest simple-signing payload read (cosign's are a few hundred bytes).
+const MAX_SIGNATURE_PAYLOAD: u64 = 64 << 10;
+
+/// Under the `signed` index policy: the newest index artifact of image `subject` whose
+/// subject is that image and that carries a cosign signature by `key`. Artifacts that do
+/// not qualify are logged with the reason and skipped.
+async fn signed_referrer(
+    store: &BlobStore,
+    subject: &Digest,
+    key: &VerifyKey,
+) -> Result<Option<registry::Referrer>, ImageError> {
+    let mut listed = store
+        .list_referrers(subject, Some(INDEX_ARTIFACT_TYPE))
+        .await
+        .map_err(reg_err("index artifact"))?;
+    registry::newest_first(&mut listed);
+    for desc in &listed {
+        let digest = desc.digest().to_string();
+        let checked = match signed_by(store, &digest, key).await {
+            Ok(()) => store
+                .fetch_referrer(desc)
+                .await
+                .map_err(|e| crate::fill::error_chain(&e))
+                .and_then(|r| {
+                    let named = r.manifest.subject().as_ref().map(|s| s.digest().clone());
+                    match named {
+                        Some(s) if s == *subject => Ok(r),
+                        other => Err(format!(
+                            "its subject is {}, not the image",
+                            other.map_or("missing".to_string(), |s| s.to_string())
+                        )),
+                    }
+                }),
+            Err(why) => Err(why),
+        };
+        match checked {
+            Ok(r) => {
+                info!(artifact = %digest, key = key.name(), "index artifact signed by the index key");
+                return Ok(Some(r));
+            }
+            Err(reason) => warn!(
+                artifact = %digest,
+                key = key.name(),
+                reason,
+                "index artifact ignored: not signed by the index key"
+            ),
+        }
+    }
+    Ok(None)
+}
+
+/// Whether manifest `digest` has a cosign signature by `key` (`Err`: why not).
+async fn signed_by(store: &BlobStore, digest: &str, key: &VerifyKey) -> Result<(), String> {
+    let tag = signature::signature_tag(digest);
+    let raw = match store.fetch_manifest(Some(&tag)).await {
+        Ok(raw) => raw,
+        Err(e) if e.is_not_found() => return Err(format!("no signature (no tag {tag})")),
+        Err(e) => return Err(crate::fill::error_chain(&e)),
+    };
+    let manifest: oci_spec::image::ImageManifest = serde_json::from_slice(&raw.bytes)
+        .map_err(|e| format!("signature manifest {tag} does not parse: {e}"))?;
+    let mut why = format!("signature manifest {tag} has no signed payload");
+    for layer in manifest.layers() {
+        let sig = layer
+            .annotations()
+            .as_ref()
+            .and_then(|a| a.get(signature::SIGNATURE_ANNOTATION));
+        let Some(sig) =
+            sig.filter(|_| layer.media_type().to_string() == signature::PAYLOAD_MEDIA_TYPE)
+        else {
+            continue;
+        };
+        if layer.size() > MAX_SIGNATURE_PAYLOAD {
+            why = format!("payload {} is {} bytes", layer.digest(), layer.size());
+            continue;
+        }
+        let payload = match store.fetch_blob(layer.digest()).await {
+            Ok(p) => p,
+            Err(e) => {
+                why = crate::fill::error_chain(&e);
+                continue;
+            }
+        };
+        match key.verify(&payload, sig, digest) {
+            Ok(()) => return Ok(()),
+            Err(e) => why = e.to_string(),
+        }
+    }
+    Err(why)
+}
+
+/// Signs the index artifact `artifact` of the image `reference` with `key`, as `cosign sign
+/// --key` would: a simple-signing payload for the artifact's digest, its signature in the
+/// payload layer's annotation, stored under the tag `sha256-HEX.sig` beside it (replacing
+/// signatures stored there before). Returns the tag. Registries only.
+pub async fn sign_artifact(
+    reference: &str,
+    opts: &PrepareOptions,
+    artifact: &Digest,
+    key: &signature::SignKey,
+) -> Result<String, ImageError> {
+    let parsed: Reference = reference.parse()?;
+    let repository = match &parsed {
+        Reference::Registry(r) => format!("{}/{}", r.registry, r.repository),
+        Reference::Layout(l) => l.dir.display().to_string(),
+    };
+    let store = BlobStore::open(&parsed, &opts.registry)
+        .await
+        .map_err(reg_err(reference))?;
+    let payload = signature::payload(&repository, artifact.as_ref());
+    let (manifest, blobs) = signature::signature_manifest(&payload, &key.sign(&payload));
+    let tag = signature::signature_tag(artifact.as_ref());
+    store
+        .push_tagged(&tag, manifest, blobs)
+        .await
+        .map_err(reg_err(reference))?;
+    Ok(tag)
 }
 
 /// Builds (or loads) the indexes of every layer and, with `push`, attaches them to the image

@@ -42,6 +42,7 @@ use std::sync::Arc;
 use crate::fill::{FileId, FillError};
 use crate::index::IndexError;
 use crate::registry::{self, BlobStore, Platform};
+use crate::signature::VerifyKey;
 use crate::unpack::{Mode, UnpackError, Unpacked};
 
 mod indexes;
@@ -51,7 +52,7 @@ mod sources;
 mod stream;
 pub use indexes::{
     ImageIndexes, RANDOM_ACCESS_GAP_MAX, index_image, index_image_with_profile, load_indexes, open,
-    random_access_gap,
+    random_access_gap, sign_artifact,
 };
 pub use profile::{EntryKey, GAP_MAX, ProfileFill, ProfileRead, SPAN_MAX, SpanFile};
 pub use register::{
@@ -232,6 +233,9 @@ pub struct PrepareOptions {
     /// Keep layers that have to be streamed whole (no index yet) here, so their fills are
     /// local reads instead of second downloads (`None`: do not keep them).
     pub blob_cache: Option<PathBuf>,
+    /// Under the `signed` index policy: the key an index artifact must be signed with
+    /// (`None`: an artifact is taken unsigned, when `use_artifact` allows one at all).
+    pub index_key: Option<VerifyKey>,
     /// Reads of the artifact's access profile in flight at once ([`ImageSources::start_profile`]:
     /// coalesced range reads started as soon as the indexes are in, written once the
     /// placeholders exist); 0: ignore profiles. Default 8.
@@ -241,13 +245,18 @@ pub struct PrepareOptions {
 /// Which layer indexes a prepare takes file digests and metadata from (`--index-policy`).
 /// An eStargz or zstd:chunked TOC whose digest the manifest names is bound to the image
 /// under every policy.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+#[derive(Debug, Clone, Default)]
 pub enum IndexPolicy {
     /// Only indexes built on this node from the layer stream, which is verified against the
     /// layer digest the manifest names: an image pulled by digest keeps its integrity. The
     /// first prepare of a layer streams it whole. The default.
     #[default]
     Local,
+    /// Also an index artifact among the image's referrers, but only one signed with this
+    /// key (a cosign signature, [`crate::signature`]) and whose subject is the image: the
+    /// newest such artifact; unsigned ones, or ones signed with another key, are ignored
+    /// (logged). A lazy first start without trusting every writer of the repository.
+    Signed(VerifyKey),
     /// Also the newest index artifact among the image's referrers, trusted on sight: anyone
     /// with push rights to the repository can attach one, and nothing binds it to the
     /// image. Only for repositories whose every writer is trusted.
@@ -256,25 +265,22 @@ pub enum IndexPolicy {
 
 impl IndexPolicy {
     /// `opts` restricted to this policy (a referrer artifact is looked for only under
-    /// [`IndexPolicy::Referrer`], and then only if the options ask for it).
-    pub fn apply(self, opts: &mut PrepareOptions) {
-        if self == IndexPolicy::Local {
-            opts.use_artifact = false;
+    /// [`IndexPolicy::Signed`] and [`IndexPolicy::Referrer`], and then only if the options
+    /// ask for it; under `Signed` it must carry the key's signature).
+    pub fn apply(&self, opts: &mut PrepareOptions) {
+        match self {
+            IndexPolicy::Local => opts.use_artifact = false,
+            IndexPolicy::Signed(key) => opts.index_key = Some(key.clone()),
+            IndexPolicy::Referrer => {}
         }
     }
-}
 
-impl std::str::FromStr for IndexPolicy {
-    type Err = SettingsError;
-
-    fn from_str(s: &str) -> Result<IndexPolicy, SettingsError> {
-        match s {
-            "local" => Ok(IndexPolicy::Local),
-            "referrer" => Ok(IndexPolicy::Referrer),
-            other => Err(SettingsError {
-                what: "--index-policy",
-                message: format!("{other:?} is not one of: local, referrer"),
-            }),
+    /// The policy's name, as `--index-policy` spells it.
+    pub fn name(&self) -> &'static str {
+        match self {
+            IndexPolicy::Local => "local",
+            IndexPolicy::Signed(_) => "signed",
+            IndexPolicy::Referrer => "referrer",
         }
     }
 }
@@ -339,6 +345,7 @@ impl PrepareOptions {
             blob_cache: Some(index_dir.with_file_name("blobs")),
             index_dir,
             use_artifact: true,
+            index_key: None,
             profile_prefetch: 8,
         }
     }

@@ -792,17 +792,41 @@ impl BlobStore {
         subject: &Digest,
         artifact_type: &str,
     ) -> Result<Option<Referrer>> {
-        let Some(desc) = newest(self.list_referrers(subject, Some(artifact_type)).await?) else {
-            return Ok(None);
-        };
+        let mut listed = self.list_referrers(subject, Some(artifact_type)).await?;
+        newest_first(&mut listed);
+        match listed.first() {
+            Some(desc) => self.fetch_referrer(desc).await.map(Some),
+            None => Ok(None),
+        }
+    }
+
+    /// The manifest a referrer descriptor names.
+    pub async fn fetch_referrer(&self, desc: &Descriptor) -> Result<Referrer> {
         let digest = desc.digest().to_string();
         let raw = self.fetch_manifest(Some(&digest)).await?;
         let manifest = parse_json(&raw.bytes, &format!("referrer {digest}"))?;
-        Ok(Some(Referrer {
+        Ok(Referrer {
             digest: raw.digest,
             manifest,
             manifest_bytes: raw.bytes,
-        }))
+        })
+    }
+
+    /// Stores `blobs`, then `manifest` (an OCI image manifest) under `tag` (a signature
+    /// beside the manifest it signs, for example). Registries only.
+    pub async fn push_tagged(
+        &self,
+        tag: &str,
+        manifest: Bytes,
+        blobs: Vec<(Digest, Bytes)>,
+    ) -> Result<()> {
+        match self {
+            BlobStore::Remote(r) => r.push_tagged(tag, manifest, blobs).await,
+            BlobStore::Layout(_) => Err(Error::Unsupported {
+                operation: "storing a manifest under a tag",
+                backend: "an oci: layout",
+            }),
+        }
     }
 }
 
@@ -891,18 +915,18 @@ fn add_index_entry(
 }
 
 /// The newest descriptor by [`ANNOTATION_CREATED`], the last listed among equals.
-fn newest(descriptors: Vec<Descriptor>) -> Option<Descriptor> {
+/// Orders referrer descriptors newest first: by [`ANNOTATION_CREATED`], a later listing
+/// before an earlier one among equals.
+pub fn newest_first(descriptors: &mut Vec<Descriptor>) {
     let created = |d: &Descriptor| {
         d.annotations()
             .as_ref()
             .and_then(|a| a.get(ANNOTATION_CREATED))
             .cloned()
     };
-    descriptors
-        .into_iter()
-        .enumerate()
-        .max_by(|(i, a), (j, b)| created(a).cmp(&created(b)).then(i.cmp(j)))
-        .map(|(_, d)| d)
+    let mut listed: Vec<(usize, Descriptor)> = descriptors.drain(..).enumerate().collect();
+    listed.sort_by(|(i, a), (j, b)| created(b).cmp(&created(a)).then(j.cmp(i)));
+    descriptors.extend(listed.into_iter().map(|(_, d)| d));
 }
 
 /// `YYYY-MM-DDTHH:MM:SS.NNNNNNNNNZ` (fixed width, so it sorts as text).
@@ -1320,13 +1344,24 @@ mod tests {
         let a = desc(1, Some("2026-01-02T00:00:00.000000000Z"));
         let b = desc(2, Some("2026-01-01T00:00:00.000000000Z"));
         let c = desc(3, None);
+        let sorted = |mut v: Vec<Descriptor>| {
+            newest_first(&mut v);
+            v
+        };
         assert_eq!(
-            newest(vec![a.clone(), b.clone(), c.clone()]),
-            Some(a.clone())
+            sorted(vec![a.clone(), b.clone(), c.clone()]),
+            vec![a.clone(), b.clone(), c.clone()]
         );
-        assert_eq!(newest(vec![c.clone(), b.clone()]), Some(b));
-        assert_eq!(newest(vec![c.clone(), desc(4, None)]), Some(desc(4, None)));
-        assert_eq!(newest(Vec::new()), None);
+        assert_eq!(
+            sorted(vec![c.clone(), b.clone()]),
+            vec![b.clone(), c.clone()]
+        );
+        // Among equals (no creation time), the later listing first.
+        assert_eq!(
+            sorted(vec![c.clone(), desc(4, None)]),
+            vec![desc(4, None), c.clone()]
+        );
+        assert_eq!(sorted(Vec::new()), Vec::<Descriptor>::new());
     }
 
     #[test]

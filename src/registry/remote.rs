@@ -663,6 +663,25 @@ impl RemoteStore {
     }
 }
 
+impl RemoteStore {
+    pub(super) async fn push_tagged(
+        &self,
+        tag: &str,
+        manifest: Bytes,
+        blobs: Vec<(Digest, Bytes)>,
+    ) -> Result<()> {
+        let inner = &self.inner;
+        let ep = inner.origin();
+        for (digest, data) in blobs {
+            inner.push_blob(ep, &digest, data).await?;
+        }
+        inner
+            .put_manifest(ep, tag, MEDIA_OCI_MANIFEST, manifest)
+            .await?;
+        Ok(())
+    }
+}
+
 fn content_type(resp: &reqwest::Response) -> Option<String> {
     resp.headers()
         .get(header::CONTENT_TYPE)
