@@ -134,8 +134,8 @@ struct Rig {
 }
 
 impl Rig {
-    /// `index`: push the image's index artifact (and let the daemon use it:
-    /// `--index-policy referrer`); `daemon_extra`: more daemon flags; `cri`:
+    /// `index`: push the image's index artifact, signed (and let the daemon use it:
+    /// `--index-policy signed` with the public key); `daemon_extra`: more daemon flags; `cri`:
     /// turn containerd's CRI plugin on, with fanfill as its snapshotter and a pause image.
     fn start(index: bool, daemon_extra: &[&str], cri: bool) -> Rig {
         let fs = LoopFs::new("ext4", 1024);
@@ -143,11 +143,32 @@ impl Rig {
         let built = image(&fs.mnt.join("layout"));
         let reference = format!("{}/snap/app:v1", registry.host());
         common::push_layout(&built.dir, "v1", &registry.host(), "snap/app", &[]);
+        let (key, public) = (fs.mnt.join("index.key"), fs.mnt.join("index.pub"));
         if index {
+            for args in [
+                &[
+                    "ecparam",
+                    "-name",
+                    "prime256v1",
+                    "-genkey",
+                    "-noout",
+                    "-out",
+                ][..],
+                &["ec", "-pubout", "-out", public.to_str().unwrap(), "-in"][..],
+            ] {
+                let st = std::process::Command::new("openssl")
+                    .args(args)
+                    .arg(&key)
+                    .output()
+                    .unwrap();
+                assert!(st.status.success(), "openssl {args:?}: {st:?}");
+            }
             let out = fsutil::daemonproc::bin()
                 .args(["index", &reference, "--push", "--tls-verify=false"])
                 .arg("--index-dir")
                 .arg(fs.mnt.join("push-indexes"))
+                .arg("--sign-key")
+                .arg(&key)
                 .output()
                 .unwrap();
             assert!(
@@ -164,9 +185,14 @@ impl Rig {
             snap_sock.to_string_lossy().into_owned(),
         ];
         if index {
-            // The daemon trusts a pushed index artifact only when told to (the default builds
-            // indexes locally from the verified layer stream).
-            daemon_args.extend(["--index-policy".to_string(), "referrer".to_string()]);
+            // The daemon takes a pushed index artifact only when told to (the default builds
+            // indexes locally from the verified layer stream): here, one signed with the key.
+            daemon_args.extend([
+                "--index-policy".to_string(),
+                "signed".to_string(),
+                "--index-key".to_string(),
+                public.to_string_lossy().into_owned(),
+            ]);
         }
         daemon_args.extend(daemon_extra.iter().map(|a| a.to_string()));
         let args: Vec<&str> = daemon_args.iter().map(String::as_str).collect();
