@@ -1046,7 +1046,7 @@ fn a_layer_that_does_not_hash_to_its_digest_fails_the_image() {
     )
     .unwrap();
     let layer = built.layers[0].0.clone();
-    let d = DaemonProc::start(&state, &[]);
+    let mut d = DaemonProc::start(&state, &[]);
     let dest = private(tmp.path()).join("dest");
     d.prepare(&built.reference(), &dest, false);
     // One file read (filled, its mark gone) before the layer is found bad.
@@ -1099,6 +1099,29 @@ fn a_layer_that_does_not_hash_to_its_digest_fails_the_image() {
             r.map_err(|e| e.raw_os_error()).map(|v| v.len()),
             Err(Some(libc::EIO)),
             "d/f{i} of a bad image"
+        );
+    }
+    // The verdict survives the daemon: after a SIGKILL and a restart the image is still
+    // bad, named so, and every read still gets EIO.
+    d.kill9();
+    let d2 = DaemonProc::start(&state, &[]);
+    let (_, images) = d2.status();
+    assert!(
+        images.first().is_some_and(|s| s.state.contains(&layer)),
+        "after a restart the bad image is served again: {:?}",
+        images.first().map(|s| &s.state)
+    );
+    for i in 0..3 {
+        let p = dest.join(format!("d/f{i}"));
+        let r = within(
+            30,
+            "reading a file of a bad image after a restart",
+            move || std::fs::read(&p),
+        );
+        assert_eq!(
+            r.map_err(|e| e.raw_os_error()).map(|v| v.len()),
+            Err(Some(libc::EIO)),
+            "d/f{i} of a bad image after a restart"
         );
     }
 }

@@ -929,6 +929,7 @@ impl Daemon {
             },
             prefetch,
             overlays: Vec::new(),
+            bad: None,
             files: Vec::with_capacity(unpacked.placeholders.len()),
         };
         let this = self.clone();
@@ -1154,7 +1155,12 @@ impl Daemon {
         match files {
             Ok((ids, record, order)) => {
                 info!(reference = %record.reference, dest = %record.dest.display(), files = ids.len(), "image re-served");
-                mk(ids, order, record, error, opened)
+                let bad = record.bad.clone();
+                let img = mk(ids, order, record, error, opened);
+                if let Some(why) = bad {
+                    self.mark_bad(&img, why);
+                }
+                img
             }
             Err(e) => panic!("re-registering task failed: {e}"),
         }
@@ -1627,7 +1633,22 @@ impl Daemon {
             (rec.dest.clone(), rec.mode, paths)
         };
         tracing::error!(dest = %dest.display(), reason = %why, "image marked bad: every read gets EIO");
-        *img.bad.lock().unwrap() = Some(why);
+        *img.bad.lock().unwrap() = Some(why.clone());
+        {
+            // On record, after any save in progress (which would not know it): a successor
+            // serves the image bad too.
+            let _saving = img.saved.lock().unwrap();
+            let rec = {
+                let mut rec = img.record.lock().unwrap();
+                rec.bad = Some(why);
+                rec.clone()
+            };
+            if !img.removed.load(Ordering::SeqCst)
+                && let Err(e) = self.state.save(&rec)
+            {
+                warn!(error = %error_chain(&e), "recording that the image is bad");
+            }
+        }
         img.prefetch.store(false, Ordering::SeqCst);
         for (path, served) in paths.iter().zip(&img.files) {
             let Some(fid) = served.id else { continue };
@@ -1743,8 +1764,9 @@ impl Daemon {
             rec.clone()
         };
         let mut saved = img.saved.lock().unwrap();
-        if img.removed.load(Ordering::SeqCst) {
-            // Removed meanwhile: its record must not come back.
+        if img.removed.load(Ordering::SeqCst) || img.bad.lock().unwrap().is_some() {
+            // Removed meanwhile: its record must not come back; found bad meanwhile: the
+            // record saying so must stay.
             return;
         }
         if saved.as_ref() != Some(&snapshot) {

@@ -120,6 +120,10 @@ pub struct ImageRecord {
     /// holds until filled (a successor watches them again before it serves anything).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub overlays: Vec<PathBuf>,
+    /// Why the image is bad (a layer that did not hash to its digest), once found: a
+    /// successor serves it bad again (every read `EIO`), never its files.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub bad: Option<String>,
     /// The placeholders.
     pub files: Vec<FileRecord>,
 }
@@ -302,6 +306,7 @@ mod tests {
             registry: RegistrySettings::default(),
             prefetch: false,
             overlays: vec!["/run/c/rootfs".into()],
+            bad: Some("layer sha256:11 does not match its digest".into()),
             files: vec![f],
         };
         st.save(&rec).unwrap();
