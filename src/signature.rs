@@ -290,21 +290,22 @@ impl SignKey {
 mod tests {
     use super::*;
 
+    /// A fresh key pair: the private key as PKCS#8 PEM read back by [`SignKey`], the public
+    /// half written by [`SignKey::public_pem`] and read by [`VerifyKey`].
     fn key_pair(dir: &Path) -> (SignKey, VerifyKey) {
+        let doc = EcdsaKeyPair::generate(&ECDSA_P256_SHA256_ASN1_SIGNING)
+            .unwrap()
+            .to_pkcs8v1()
+            .unwrap();
         let private = dir.join("k.pem");
-        let out = std::process::Command::new("openssl")
-            .args([
-                "ecparam",
-                "-name",
-                "prime256v1",
-                "-genkey",
-                "-noout",
-                "-out",
-            ])
-            .arg(&private)
-            .output()
-            .expect("openssl");
-        assert!(out.status.success(), "{out:?}");
+        std::fs::write(
+            &private,
+            format!(
+                "-----BEGIN PRIVATE KEY-----\n{}\n-----END PRIVATE KEY-----\n",
+                BASE64.encode(doc.as_ref())
+            ),
+        )
+        .unwrap();
         let sign = SignKey::from_pem_file(&private).unwrap();
         let public = dir.join("k.pub");
         std::fs::write(&public, sign.public_pem()).unwrap();

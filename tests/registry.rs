@@ -1305,6 +1305,16 @@ fn hosts_dir(origin: &str, text: &str, files: &[(&str, Vec<u8>)]) -> tempfile::T
     d
 }
 
+/// Resolving `reference` with `options` fails to connect (no source it may use answers).
+async fn cannot_connect(reference: &str, options: &Options) {
+    let err = open(reference, options)
+        .await
+        .resolve(None)
+        .await
+        .unwrap_err();
+    assert!(matches!(err, Error::Connect { .. }), "{err}");
+}
+
 /// [`tls_options`] reading `hosts`, with Alice's credentials for `mirror` in the auth file
 /// (`creds` only serve the origin).
 fn mirror_options(dir: &Path, hosts: &Path, mirror: &str) -> Options {
@@ -1351,12 +1361,7 @@ fn hosts_toml_ca_for_a_mirror_and_the_origin() {
         // Without the `ca`, the mirror's certificate is not trusted and the origin is down.
         let without = hosts_dir(&origin, &mirror_entry, &[]);
         let options = mirror_options(dir.path(), without.path(), &reg.host());
-        let err = open(&reference, &options)
-            .await
-            .resolve(None)
-            .await
-            .unwrap_err();
-        assert!(matches!(err, Error::Connect { .. }), "{err}");
+        cannot_connect(&reference, &options).await;
 
         // The origin's own CA from the top level (an array of one, absolute).
         let ca_path = reg.cert_dir().join("ca.crt");
@@ -1435,12 +1440,7 @@ fn hosts_toml_client_certificate_for_a_mirror() {
         }
         let hosts = hosts_dir(&origin, &entry, &files);
         let options = mirror_options(dir.path(), hosts.path(), &reg.host());
-        let err = open(&reference, &options)
-            .await
-            .resolve(None)
-            .await
-            .unwrap_err();
-        assert!(matches!(err, Error::Connect { .. }), "{err}");
+        cannot_connect(&reference, &options).await;
     });
 }
 

@@ -797,46 +797,6 @@ fn index_policy_local_ignores_a_forged_referrer() {
     );
 }
 
-/// Runs `openssl ARGS`, panicking with its stderr on failure; returns stdout.
-fn openssl(args: &[&std::ffi::OsStr]) -> Vec<u8> {
-    let out = std::process::Command::new("openssl")
-        .args(args)
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "openssl {args:?}: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    out.stdout
-}
-
-/// An ECDSA P-256 key pair made by openssl under `dir`: (private, public) PEM files.
-fn p256_key(dir: &Path, name: &str) -> (PathBuf, PathBuf) {
-    let (private, public) = (
-        dir.join(format!("{name}.key")),
-        dir.join(format!("{name}.pub")),
-    );
-    openssl(&[
-        "ecparam".as_ref(),
-        "-name".as_ref(),
-        "prime256v1".as_ref(),
-        "-genkey".as_ref(),
-        "-noout".as_ref(),
-        "-out".as_ref(),
-        private.as_os_str(),
-    ]);
-    openssl(&[
-        "ec".as_ref(),
-        "-in".as_ref(),
-        private.as_os_str(),
-        "-pubout".as_ref(),
-        "-out".as_ref(),
-        public.as_os_str(),
-    ]);
-    (private, public)
-}
-
 /// Finding "the index artifact is trusted on sight", the `signed` policy: an index artifact
 /// is taken only with a cosign signature by the daemon's `--index-key`. The publisher pushes
 /// and signs the true index (`fanfill index --push --sign-key`); a forger then pushes a
@@ -855,8 +815,8 @@ fn index_policy_signed_takes_only_an_artifact_signed_with_the_key() {
     let tmp = open_tmp();
     let keys = tmp.path().join("keys");
     std::fs::create_dir_all(&keys).unwrap();
-    let (publisher_key, publisher_pub) = p256_key(&keys, "publisher");
-    let (forger_key, forger_pub) = p256_key(&keys, "forger");
+    let (publisher_key, publisher_pub) = common::p256_key(&keys, "publisher");
+    let (forger_key, forger_pub) = common::p256_key(&keys, "forger");
     let (reference, data, forged) = image_with_forged_referrer(&registry, tmp.path(), "sec/signed");
 
     // The publisher's artifact, pushed after the forgery, then the forger's again, newest.
@@ -944,31 +904,37 @@ fn index_policy_signed_takes_only_an_artifact_signed_with_the_key() {
             .unwrap(),
     )
     .unwrap();
-    let verified = openssl(&[
-        "dgst".as_ref(),
-        "-sha256".as_ref(),
-        "-verify".as_ref(),
-        publisher_pub.as_os_str(),
-        "-signature".as_ref(),
-        sig_file.as_os_str(),
-        payload_file.as_os_str(),
-    ]);
-    assert_eq!(String::from_utf8_lossy(&verified).trim(), "Verified OK");
+    let path = |p: &Path| p.to_str().unwrap().to_string();
+    common::openssl(
+        tmp.path(),
+        &[
+            "dgst",
+            "-sha256",
+            "-verify",
+            &path(&publisher_pub),
+            "-signature",
+            &path(&sig_file),
+            &path(&payload_file),
+        ],
+    );
     signature::check_payload(&payload, &honest).unwrap();
 
     // The forger signs its (newest) artifact with its own key, by openssl, as cosign would.
     let forged_payload =
         signature::payload(&format!("{}/sec/signed", registry.host()), &forged_again);
     std::fs::write(&payload_file, &forged_payload).unwrap();
-    openssl(&[
-        "dgst".as_ref(),
-        "-sha256".as_ref(),
-        "-sign".as_ref(),
-        forger_key.as_os_str(),
-        "-out".as_ref(),
-        sig_file.as_os_str(),
-        payload_file.as_os_str(),
-    ]);
+    common::openssl(
+        tmp.path(),
+        &[
+            "dgst",
+            "-sha256",
+            "-sign",
+            &path(&forger_key),
+            "-out",
+            &path(&sig_file),
+            &path(&payload_file),
+        ],
+    );
     let forged_sig =
         base64::engine::general_purpose::STANDARD.encode(std::fs::read(&sig_file).unwrap());
     let (manifest, blobs) = signature::signature_manifest(&forged_payload, &forged_sig);

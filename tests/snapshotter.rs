@@ -143,26 +143,8 @@ impl Rig {
         let built = image(&fs.mnt.join("layout"));
         let reference = format!("{}/snap/app:v1", registry.host());
         common::push_layout(&built.dir, "v1", &registry.host(), "snap/app", &[]);
-        let (key, public) = (fs.mnt.join("index.key"), fs.mnt.join("index.pub"));
+        let (key, public) = common::p256_key(&fs.mnt, "index");
         if index {
-            for args in [
-                &[
-                    "ecparam",
-                    "-name",
-                    "prime256v1",
-                    "-genkey",
-                    "-noout",
-                    "-out",
-                ][..],
-                &["ec", "-pubout", "-out", public.to_str().unwrap(), "-in"][..],
-            ] {
-                let st = std::process::Command::new("openssl")
-                    .args(args)
-                    .arg(&key)
-                    .output()
-                    .unwrap();
-                assert!(st.status.success(), "openssl {args:?}: {st:?}");
-            }
             let out = fsutil::daemonproc::bin()
                 .args(["index", &reference, "--push", "--tls-verify=false"])
                 .arg("--index-dir")

@@ -235,8 +235,9 @@ impl Drop for TestRegistry {
     }
 }
 
-/// Runs `openssl ARGS` in `dir`, panicking with its output on failure.
-fn openssl(dir: &Path, args: &[&str]) {
+/// Runs `openssl ARGS` in `dir`, panicking with its output on failure (`dgst -verify`
+/// included: it fails unless the signature verifies).
+pub fn openssl(dir: &Path, args: &[&str]) {
     let out = Command::new("openssl")
         .args(args)
         .current_dir(dir)
@@ -1095,4 +1096,24 @@ fn serve_token(
         "HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
         body.len()
     )
+}
+
+/// An ECDSA P-256 key pair made by openssl under `dir`: (private, public) PEM files
+/// `NAME.key` and `NAME.pub`.
+pub fn p256_key(dir: &Path, name: &str) -> (PathBuf, PathBuf) {
+    let (key, public) = (format!("{name}.key"), format!("{name}.pub"));
+    openssl(
+        dir,
+        &[
+            "ecparam",
+            "-name",
+            "prime256v1",
+            "-genkey",
+            "-noout",
+            "-out",
+            &key,
+        ],
+    );
+    openssl(dir, &["ec", "-in", &key, "-pubout", "-out", &public]);
+    (dir.join(key), dir.join(public))
 }
