@@ -491,6 +491,11 @@ fn image_without_index_artifact_is_indexed_at_pull() {
     eprintln!(
         "without index artifact: bytes fetched by fanfill: {before} after rpull (streamed index), {after} after the run; image layers {size} bytes compressed"
     );
+    // Each layer streamed once to index it, and status says so from the start.
+    assert!(
+        before >= size && after <= size + size / 50,
+        "fetched {before} after rpull, {after} after the run, for {size} bytes of layers"
+    );
     let eager = rig.eager(&[SCRIPT]);
     assert_eq!(lazy_out, eager[0], "lazy and eager runs differ");
     rig.remove_and_check_clean();

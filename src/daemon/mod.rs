@@ -656,15 +656,20 @@ struct Opened {
     sources: image::ImageSources,
     /// The index artifact's access profile, if it carries one.
     profile: Option<image::AccessProfile>,
+    /// Bytes received to have every layer's index (layers streamed whole to build one,
+    /// artifact and TOC reads), before any placeholder existed.
+    index_bytes: u64,
 }
 
 async fn open_image(reference: &str, opts: &PrepareOptions) -> Result<Opened, image::ImageError> {
     let (store, resolved) = image::open(reference, opts).await?;
     let manifest_digest = resolved.manifest_digest.to_string();
+    let before = store.bytes_fetched();
     let ix = image::load_indexes(&store, resolved, reference, opts).await?;
     Ok(Opened {
         sources: ix.sources(&store),
         profile: ix.profile.clone(),
+        index_bytes: store.bytes_fetched() - before,
         store,
         manifest_digest,
     })
@@ -1011,6 +1016,10 @@ impl Daemon {
             ms = started.elapsed().as_millis() as u64,
             "image prepared"
         );
+        // What the image cost before its first fill: status shows it from the start.
+        counters
+            .bytes_fetched
+            .fetch_max(opened.index_bytes, Ordering::Relaxed);
         let rt = Arc::new(ImageRt {
             saved: Mutex::new(Some(record.clone())),
             opened: Some(opened),
