@@ -233,17 +233,22 @@ enum System {
     Eager,
     /// stargz-snapshotter (FUSE) on the eStargz image.
     Stargz,
-    /// fanfill on the plain gzip image with its signed index artifact.
+    /// fanfill on the plain gzip image with its signed index artifact, filling only what
+    /// containers read (`--containerd-prefetch=false`).
     Fanfill,
-    /// fanfill on the eStargz image (TOCs, no artifact).
+    /// fanfill on the eStargz image (TOCs, no artifact), on demand only.
     FanfillEstargz,
+    /// fanfill on the gzip image as it runs by default: background completion (as stargz
+    /// fetches its layers in the background).
+    FanfillComplete,
 }
 
-const SYSTEMS: [System; 4] = [
+const SYSTEMS: [System; 5] = [
     System::Eager,
     System::Stargz,
     System::Fanfill,
     System::FanfillEstargz,
+    System::FanfillComplete,
 ];
 
 impl System {
@@ -251,8 +256,15 @@ impl System {
         match self {
             System::Eager => "containerd eager (pull + overlayfs)",
             System::Stargz => "stargz-snapshotter (FUSE, eStargz image)",
-            System::Fanfill => "fanfill snapshotter (gzip image, signed index artifact)",
-            System::FanfillEstargz => "fanfill snapshotter on the eStargz image",
+            System::Fanfill => {
+                "fanfill snapshotter (gzip image, signed index artifact, --containerd-prefetch=false)"
+            }
+            System::FanfillEstargz => {
+                "fanfill snapshotter on the eStargz image (--containerd-prefetch=false)"
+            }
+            System::FanfillComplete => {
+                "fanfill snapshotter (gzip image, signed index artifact; default: background completion)"
+            }
         }
     }
 
@@ -260,7 +272,7 @@ impl System {
         match self {
             System::Eager => "overlayfs",
             System::Stargz => "stargz",
-            System::Fanfill | System::FanfillEstargz => "fanfill",
+            System::Fanfill | System::FanfillEstargz | System::FanfillComplete => "fanfill",
         }
     }
 
@@ -270,6 +282,7 @@ impl System {
             System::Stargz => "stargz",
             System::Fanfill => "fanfill",
             System::FanfillEstargz => "fanfill-esgz",
+            System::FanfillComplete => "fanfill-complete",
         }
     }
 }
@@ -362,7 +375,7 @@ impl Rig {
 
     fn reference(&self, sys: System) -> &str {
         match sys {
-            System::Eager | System::Fanfill => &self.plain,
+            System::Eager | System::Fanfill | System::FanfillComplete => &self.plain,
             System::Stargz | System::FanfillEstargz => &self.esgz,
         }
     }
@@ -377,7 +390,9 @@ impl Rig {
         let daemon = match sys {
             System::Eager => None,
             System::Stargz => Some(&self.stargz_log),
-            System::Fanfill | System::FanfillEstargz => Some(&self.fanfill_log),
+            System::Fanfill | System::FanfillEstargz | System::FanfillComplete => {
+                Some(&self.fanfill_log)
+            }
         };
         if let Some(l) = daemon {
             s.push_str(&format!(
@@ -576,8 +591,8 @@ impl Rig {
     }
 
     /// (Re)starts the fanfill daemon on a fresh state dir: no content cache, blob cache or
-    /// index survives.
-    fn restart_fanfill(&mut self) -> Result<()> {
+    /// index survives. `complete`: with background completion of containerd's images.
+    fn restart_fanfill(&mut self, complete: bool) -> Result<()> {
         run_now("fanfill");
         self.generation += 1;
         let state = self.mnt.join(format!("fanfill-state-{}", self.generation));
@@ -596,6 +611,7 @@ impl Rig {
                 .args(["--containerd-tls-verify=false", "--index-policy", "signed"])
                 .arg("--index-key")
                 .arg(&self.index_pub)
+                .arg(format!("--containerd-prefetch={complete}"))
                 .env("FANFILL_LOG", "fanfill=info"),
             &self.fanfill_log,
         )?;
@@ -809,7 +825,7 @@ fn setup(args: &Args) -> Result<(Rig, images::Built)> {
         "peer: python lib tree: {files} files, {:.1} MiB",
         bytes as f64 / 1048576.0
     );
-    rig.restart_fanfill()?;
+    rig.restart_fanfill(false)?;
     rig.proxy.set_fault_now(Fault::RecordHeads);
     Ok((rig, built))
 }
@@ -839,7 +855,8 @@ impl Rig {
         match sys {
             System::Eager => {}
             System::Stargz => self.restart_stargz()?,
-            System::Fanfill | System::FanfillEstargz => self.restart_fanfill()?,
+            System::Fanfill | System::FanfillEstargz => self.restart_fanfill(false)?,
+            System::FanfillComplete => self.restart_fanfill(true)?,
         }
         if sys != System::Eager {
             self.wait_snapshotter(sys)?;

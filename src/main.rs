@@ -165,9 +165,18 @@ struct DaemonArgs {
     /// them.
     #[arg(long, value_name = "DIR", default_value = "/etc/containerd/certs.d")]
     containerd_hosts_dir: PathBuf,
-    /// Fill the images containerd has fanfill serve in the background as well (never ahead
-    /// of a reader's miss).
-    #[arg(long)]
+    /// Complete the images containerd has fanfill serve in the background (each layer
+    /// streamed once; readers' misses go first and wait for a stream about to bring their
+    /// file), as stargz-snapshotter fetches its layers in the background. On by default;
+    /// `--containerd-prefetch=false`: fill only what containers read.
+    #[arg(
+        long,
+        value_name = "BOOL",
+        default_value_t = true,
+        num_args = 0..=1,
+        default_missing_value = "true",
+        action = clap::ArgAction::Set
+    )]
     containerd_prefetch: bool,
 }
 

@@ -138,6 +138,13 @@ impl Rig {
     /// `--index-policy signed` with the public key); `daemon_extra`: more daemon flags; `cri`:
     /// turn containerd's CRI plugin on, with fanfill as its snapshotter and a pause image.
     fn start(index: bool, daemon_extra: &[&str], cri: bool) -> Rig {
+        Rig::start_with(index, daemon_extra, cri, true)
+    }
+
+    /// [`Rig::start`]; `on_demand`: the daemon fills only what containers read
+    /// (`--containerd-prefetch=false`, unless `daemon_extra` says otherwise), else it runs
+    /// with its defaults (background completion).
+    fn start_with(index: bool, daemon_extra: &[&str], cri: bool, on_demand: bool) -> Rig {
         let fs = LoopFs::new("ext4", 1024);
         let registry = common::TestRegistry::start();
         let built = image(&fs.mnt.join("layout"));
@@ -175,6 +182,15 @@ impl Rig {
                 "--index-key".to_string(),
                 public.to_string_lossy().into_owned(),
             ]);
+        }
+        // The tests measure what containers read: background completion (on by default)
+        // only where a test asks for it.
+        if on_demand
+            && !daemon_extra
+                .iter()
+                .any(|a| a.starts_with("--containerd-prefetch"))
+        {
+            daemon_args.push("--containerd-prefetch=false".to_string());
         }
         daemon_args.extend(daemon_extra.iter().map(|a| a.to_string()));
         let args: Vec<&str> = daemon_args.iter().map(String::as_str).collect();
@@ -609,6 +625,55 @@ fn lazy_layer_over_layers_containerd_unpacked() {
     let eager = rig.eager(&[SCRIPT]);
     assert_eq!(out, eager[0], "mixed and eager runs differ");
     rig.ctr("ctr", &["image", "rm", "--sync", &base_ref]);
+    rig.remove_and_check_clean();
+}
+
+/// The daemon's defaults, as a node runs it: the images containerd has fanfill serve are
+/// completed in the background (each layer streamed once, as stargz-snapshotter fetches its
+/// layers), so after the first run the image reaches "complete", every byte of the image
+/// once, and a second container reads native files. Output equals the eager run's.
+#[test]
+fn images_complete_in_the_background_by_default() {
+    let rig = Rig::start_with(true, &["--containerd-tls-verify=false"], false, false);
+    assert!(
+        !rig.daemon_args
+            .iter()
+            .any(|a| a.contains("containerd-prefetch")),
+        "{:?}",
+        rig.daemon_args
+    );
+    rig.rpull();
+    let out = rig.run("fanfill", "first", SCRIPT);
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(120);
+    let status = loop {
+        let (_, images) = rig.daemon.status();
+        if images.first().is_some_and(|i| i.state == "complete") {
+            break images[0].clone();
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "{}",
+            rig.fail(&format!(
+                "not complete: {:?}",
+                images.first().map(|i| &i.state)
+            ))
+        );
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    };
+    let size = rig.built.compressed_size();
+    eprintln!(
+        "default (background completion): complete with {} bytes fetched, image {size} bytes compressed",
+        status.bytes_fetched
+    );
+    assert!(
+        status.bytes_fetched >= size && status.bytes_fetched <= size + size / 20,
+        "{} bytes fetched for {size}",
+        status.bytes_fetched
+    );
+    let again = rig.run("fanfill", "second", SCRIPT);
+    let eager = rig.eager(&[SCRIPT]);
+    assert_eq!(out, eager[0], "lazy and eager runs differ");
+    assert_eq!(again, eager[0], "a run on the complete image differs");
     rig.remove_and_check_clean();
 }
 

@@ -168,7 +168,7 @@ pub struct DaemonConfig {
     pub containerd_socket: Option<PathBuf>,
     /// Registry settings for the images containerd has the snapshotter serve lazily.
     pub containerd_registry: RegistrySettings,
-    /// Fill those images in the background too (as `Prepare`'s `prefetch`).
+    /// Complete those images in the background too (as `Prepare`'s `prefetch`; default on).
     pub containerd_prefetch: bool,
     /// Members of this group (gid) may use the API for read-only requests (`Status`,
     /// `Ping`); everyone but root is refused otherwise. The socket is then 0660 with this
@@ -196,7 +196,7 @@ impl DaemonConfig {
             allowed_roots: DEFAULT_ALLOWED_ROOTS.iter().map(PathBuf::from).collect(),
             containerd_socket: None,
             containerd_registry: RegistrySettings::default(),
-            containerd_prefetch: false,
+            containerd_prefetch: true,
             status_group: None,
             index_policy: image::IndexPolicy::default(),
         }
