@@ -695,23 +695,8 @@ fn setup(args: &Args) -> Result<(Rig, images::Built)> {
     )?;
 
     // The index artifact, signed.
-    let key = mnt.join("index.key");
-    let index_pub = mnt.join("index.pub");
-    let (k, p) = (key.to_string_lossy(), index_pub.to_string_lossy());
-    run(
-        30,
-        "openssl",
-        &[
-            "ecparam",
-            "-name",
-            "prime256v1",
-            "-genkey",
-            "-noout",
-            "-out",
-            &k,
-        ],
-    )?;
-    run(30, "openssl", &["ec", "-in", &k, "-pubout", "-out", &p])?;
+    let (key, index_pub) = common::p256_key(&mnt, "index");
+    let k = key.to_string_lossy();
     eprintln!("peer: fanfill index --push --sign-key (signed index artifact)");
     run(
         600,
@@ -779,39 +764,16 @@ fn setup(args: &Args) -> Result<(Rig, images::Built)> {
 
     // The image runs under runc (eager, overlayfs), and the lib tree's size.
     eprintln!("peer: checking the image runs (ctr run, overlayfs)");
-    let out = rig.ctr(
-        300,
-        "ctr",
-        &[
-            "run",
-            "--rm",
-            "--snapshotter",
-            "overlayfs",
-            &plain,
-            "peer-check",
-            "/usr/bin/python3",
-            "-c",
-            CODE,
-        ],
-    )?;
+    let eager_run = |id: &str, cmd: &[&str]| {
+        let mut a = vec!["run", "--rm", "--snapshotter", "overlayfs", &plain, id];
+        a.extend_from_slice(cmd);
+        rig.ctr(300, "ctr", &a)
+    };
+    let out = eager_run("peer-check", &["/usr/bin/python3", "-c", CODE])?;
     if out != "ok\n" {
         bail!("the workload printed {out:?}, not \"ok\"");
     }
-    let out = rig.ctr(
-        300,
-        "ctr",
-        &[
-            "run",
-            "--rm",
-            "--snapshotter",
-            "overlayfs",
-            &plain,
-            "peer-count",
-            "/bin/sh",
-            "-c",
-            COUNT_SCRIPT,
-        ],
-    )?;
+    let out = eager_run("peer-count", &["/bin/sh", "-c", COUNT_SCRIPT])?;
     let nums: Vec<u64> = out
         .split_whitespace()
         .filter_map(|w| w.parse().ok())
