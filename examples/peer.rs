@@ -30,6 +30,9 @@ mod common;
 #[allow(dead_code)]
 #[path = "bench/images.rs"]
 mod images;
+#[allow(dead_code)]
+#[path = "bench/net.rs"]
+mod net;
 
 use std::io::Read;
 use std::os::unix::process::CommandExt;
@@ -291,6 +294,13 @@ impl System {
 
 struct Args {
     runs: usize,
+    /// `loopback`, or `shaped`: the registry in a network namespace behind a veth pair at
+    /// 1 Gbit/s (`tc tbf`) and a 1 ms-each-way delay relay (examples/bench/net.rs).
+    link: String,
+    /// One of the start benchmark's images (`python` or `large`).
+    image: String,
+    /// Only these systems (tags), default all.
+    systems: Vec<System>,
     out: Option<PathBuf>,
     stargz_grpc: PathBuf,
     fanfill: PathBuf,
@@ -307,6 +317,9 @@ fn parse_args() -> Result<Args> {
         .to_path_buf();
     let mut a = Args {
         runs: 5,
+        link: "loopback".into(),
+        image: "python".into(),
+        systems: SYSTEMS.to_vec(),
         out: None,
         stargz_grpc: release
             .parent()
@@ -324,9 +337,26 @@ fn parse_args() -> Result<Args> {
             "--stargz-grpc" => a.stargz_grpc = PathBuf::from(val("--stargz-grpc")?),
             "--fanfill" => a.fanfill = PathBuf::from(val("--fanfill")?),
             "--cache" => a.cache = PathBuf::from(val("--cache")?),
+            "--link" => a.link = val("--link")?,
+            "--image" => a.image = val("--image")?,
+            "--systems" => {
+                let v = val("--systems")?;
+                a.systems = v
+                    .split(',')
+                    .map(|t| {
+                        SYSTEMS
+                            .iter()
+                            .copied()
+                            .find(|s| s.tag() == t)
+                            .with_context(|| format!("--systems: unknown system {t}"))
+                    })
+                    .collect::<Result<_>>()?;
+            }
             "-h" | "--help" => {
                 println!(
-                    "peer [--runs N] [--out FILE] [--stargz-grpc PATH] [--fanfill PATH] [--cache DIR]"
+                    "peer [--runs N] [--out FILE] [--link loopback|shaped] [--image python|large]\n     \
+                     [--systems eager,stargz,fanfill,fanfill-esgz,fanfill-complete]\n     \
+                     [--stargz-grpc PATH] [--fanfill PATH] [--cache DIR]"
                 );
                 std::process::exit(0);
             }
@@ -336,11 +366,20 @@ fn parse_args() -> Result<Args> {
     if a.runs == 0 {
         bail!("--runs must be at least 1");
     }
+    if !["loopback", "shaped"].contains(&a.link.as_str()) {
+        bail!("--link must be loopback or shaped, not {}", a.link);
+    }
     Ok(a)
 }
 
 /// Everything the runs share.
 struct Rig {
+    /// The registry of the shaped link (killed on drop); `None` on loopback.
+    _shaped_registry: Option<net::Registry>,
+    /// The link's name, for the report.
+    link: String,
+    /// The daemon of the system measured last (`None` for eager), for its CPU and peak RSS.
+    daemon_pid: Option<u32>,
     mnt: PathBuf,
     logs: PathBuf,
     proxy: FaultyProxy,
@@ -357,6 +396,8 @@ struct Rig {
     fanfill_bin: PathBuf,
     fanfill_sock: PathBuf,
     fanfill_log: PathBuf,
+    /// The running fanfill daemon's API socket (for its status at first output).
+    fanfill_api: Option<PathBuf>,
     index_pub: PathBuf,
     /// Daemon generations, for fresh state dirs and log names.
     generation: usize,
@@ -575,6 +616,7 @@ impl Rig {
                 .args(["--log-level", "info"]),
             &self.stargz_log,
         )?;
+        self.daemon_pid = Some(pid);
         let r = root.clone();
         on_exit(1, "stargz", move || {
             // SIGTERM unmounts its FUSE mounts; whatever is left goes here.
@@ -599,6 +641,7 @@ impl Rig {
         std::fs::create_dir_all(&state)?;
         self.fanfill_log = self.logs.join(format!("fanfill-{}.log", self.generation));
         let api = state.join("api.sock");
+        self.fanfill_api = Some(api.clone());
         let pid = spawn_daemon(
             Command::new(&self.fanfill_bin)
                 .arg("daemon")
@@ -612,9 +655,18 @@ impl Rig {
                 .arg("--index-key")
                 .arg(&self.index_pub)
                 .arg(format!("--containerd-prefetch={complete}"))
-                .env("FANFILL_LOG", "fanfill=info"),
+                .args(
+                    std::env::var("PEER_FANFILL_ARGS")
+                        .unwrap_or_default()
+                        .split_whitespace(),
+                )
+                .env(
+                    "FANFILL_LOG",
+                    std::env::var("PEER_FANFILL_LOG").unwrap_or_else(|_| "fanfill=info".into()),
+                ),
             &self.fanfill_log,
         )?;
+        self.daemon_pid = Some(pid);
         let st = state.clone();
         on_exit(1, "fanfill", move || {
             stop_pid(pid, 30);
@@ -668,18 +720,31 @@ fn setup(args: &Args) -> Result<(Rig, images::Built)> {
 
     let spec = images::specs()
         .into_iter()
-        .find(|s| s.name == "python")
-        .context("no python image spec")?;
-    let built = images::build(&spec, &args.cache.join("layouts/python"))?;
+        .find(|s| s.name == args.image && s.name != "slim")
+        .with_context(|| format!("--image {}: python or large", args.image))?;
+    let layout = args.cache.join("layouts").join(spec.name);
+    let built = images::build(&spec, &layout)?;
 
     let mnt = scratch_fs(&args.cache)?;
-    let registry = start_registry(&mnt, &logs)?;
+    let (registry, shaped) = if args.link == "shaped" {
+        net::setup().context("setting up the shaped link (ip netns, veth)")?;
+        on_exit(7, "link", net::teardown);
+        let reg = net::Registry::start(&mnt.join("registry"), &logs)?;
+        let pid = reg.pid();
+        on_exit(8, "registry", move || stop_pid(pid, 10));
+        net::shape(Some("1gbit"))?;
+        let delay = net::DelayProxy::start(net::direct_host().parse()?, Duration::from_millis(1))?;
+        (delay.addr, Some(reg))
+    } else {
+        (start_registry(&mnt, &logs)?, None)
+    };
     // Everything goes through the proxy, under its address: it counts what the registry
     // serves. Requests are counted from the first timed run on.
     let proxy = FaultyProxy::start(registry, Fault::None);
     let host = proxy.host();
-    let plain = format!("{host}/peer/python:plain");
-    let esgz = format!("{host}/peer/python:esgz");
+    let name = spec.name;
+    let plain = format!("{host}/peer/{name}:plain");
+    let esgz = format!("{host}/peer/{name}:esgz");
     eprintln!("peer: pushing the image as {plain}");
     run(
         600,
@@ -689,7 +754,7 @@ fn setup(args: &Args) -> Result<(Rig, images::Built)> {
             "copy",
             "--quiet",
             "--dest-tls-verify=false",
-            &format!("oci:{}:bench", args.cache.join("layouts/python").display()),
+            &format!("oci:{}:bench", layout.display()),
             &format!("docker://{plain}"),
         ],
     )?;
@@ -731,6 +796,9 @@ fn setup(args: &Args) -> Result<(Rig, images::Built)> {
         None
     };
     let mut rig = Rig {
+        _shaped_registry: shaped,
+        link: args.link.clone(),
+        daemon_pid: None,
         mnt: mnt.clone(),
         logs: logs.clone(),
         proxy,
@@ -745,6 +813,7 @@ fn setup(args: &Args) -> Result<(Rig, images::Built)> {
         fanfill_bin: args.fanfill.clone(),
         fanfill_sock,
         fanfill_log: logs.join("fanfill-0.log"),
+        fanfill_api: None,
         index_pub,
         generation: 0,
         lib_files: 0,
@@ -809,13 +878,142 @@ struct Sample {
     read: f64,
     /// Bytes the registry sent by the end of that read.
     bytes_end: u64,
+    /// The snapshotter daemon's CPU time (user + system) and peak RSS from its start (cold,
+    /// just before the pull) to the end of the read: `None` for eager.
+    daemon: Option<DaemonUse>,
+    /// Where fanfill's first-output time went (fanfill systems only).
+    breakdown: Option<Breakdown>,
+}
+
+/// Where a fanfill run's time to first output went: from the daemon's log (wall-clock
+/// timestamps against the bench's own) and its status at the moment of first output.
+#[derive(Clone, Copy, Debug, Default)]
+struct Breakdown {
+    /// Pull start to the signed index artifact checked.
+    index_s: f64,
+    /// Placeholder unpack (every layer's objects).
+    unpack_s: f64,
+    /// The daemon's whole prepare (index, unpack, marks, records), its own figure.
+    prepare_s: f64,
+    /// Pull start to the rootfs of the workload's container mounted and watched.
+    rootfs_s: f64,
+    /// Opens through the container's overlay that waited for a fill, by first output.
+    opens: u64,
+    /// Of the misses, those served by a running layer stream.
+    delivered: u64,
+    /// Reader-event service time p50 / p99 (ms), daemon-wide.
+    p50_ms: f64,
+    p99_ms: f64,
+}
+
+impl Breakdown {
+    /// This (from the log) with the status figures of `st`.
+    fn with_status(self, st: Breakdown) -> Breakdown {
+        Breakdown {
+            opens: st.opens,
+            delivered: st.delivered,
+            p50_ms: st.p50_ms,
+            p99_ms: st.p99_ms,
+            ..self
+        }
+    }
+}
+
+/// Seconds since midnight UTC of a tracing timestamp (`2026-12-06T21:43:32.236117Z …`).
+fn log_secs(line: &str) -> Option<f64> {
+    let t = line.get(11..26)?;
+    let h: f64 = t.get(0..2)?.parse().ok()?;
+    let m: f64 = t.get(3..5)?.parse().ok()?;
+    let sec: f64 = t.get(6..)?.trim_end_matches('Z').parse().ok()?;
+    Some(h * 3600.0 + m * 60.0 + sec)
+}
+
+/// Seconds since midnight UTC now.
+fn wall_secs() -> f64 {
+    let d = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap_or_default();
+    (d.as_secs() % 86_400) as f64 + f64::from(d.subsec_nanos()) / 1e9
+}
+
+/// The log part of a [`Breakdown`]: the last prepare in `log` after `since` (seconds of
+/// the day, the pull's start).
+fn breakdown_from_log(log: &Path, since: f64) -> Breakdown {
+    let text = std::fs::read_to_string(log).unwrap_or_default();
+    let mut b = Breakdown::default();
+    let (mut unpack_start, mut first_watch) = (None, None);
+    for l in text.lines() {
+        let Some(t) = log_secs(l).filter(|t| *t >= since) else {
+            continue;
+        };
+        if l.contains("index artifact signed") {
+            b.index_s = t - since;
+        } else if l.contains("unpacking placeholders") {
+            unpack_start = Some(t);
+        } else if l.contains("unpacked placeholders") {
+            b.unpack_s = unpack_start.map(|u| t - u).unwrap_or_default();
+        } else if l.contains("image prepared") {
+            b.prepare_s = l
+                .rsplit("ms=")
+                .next()
+                .and_then(|v| v.trim().parse::<f64>().ok())
+                .unwrap_or_default()
+                / 1000.0;
+        } else if l.contains("overlay rootfs watched") && first_watch.is_none() {
+            first_watch = Some(t - since);
+        }
+    }
+    b.rootfs_s = first_watch.unwrap_or_default();
+    b
+}
+
+#[derive(Clone, Copy, Debug)]
+struct DaemonUse {
+    cpu_s: f64,
+    hwm_mib: f64,
+    /// Bytes the daemon dirtied for its filesystems (`write_bytes` of /proc/PID/io): fills,
+    /// kept blobs, content cache, records.
+    written_mib: f64,
+}
+
+/// CPU seconds and `VmHWM` of process `pid` from /proc.
+fn daemon_use(pid: u32) -> Result<DaemonUse> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat"))
+        .with_context(|| format!("reading /proc/{pid}/stat"))?;
+    // Fields after the command name (which may hold spaces) start at the state, field 3.
+    let after = stat.rsplit_once(')').map(|x| x.1).unwrap_or_default();
+    let f: Vec<&str> = after.split_whitespace().collect();
+    let ticks: f64 = f.get(11).and_then(|u| u.parse::<f64>().ok()).unwrap_or(0.0)
+        + f.get(12).and_then(|s| s.parse::<f64>().ok()).unwrap_or(0.0);
+    let hz = nix::unistd::sysconf(nix::unistd::SysconfVar::CLK_TCK)
+        .ok()
+        .flatten()
+        .unwrap_or(100) as f64;
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
+    let kib: f64 = status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmHWM:"))
+        .and_then(|v| v.split_whitespace().next())
+        .and_then(|v| v.parse().ok())
+        .context("no VmHWM")?;
+    let io = std::fs::read_to_string(format!("/proc/{pid}/io"))?;
+    let written: f64 = io
+        .lines()
+        .find_map(|l| l.strip_prefix("write_bytes:"))
+        .and_then(|v| v.trim().parse().ok())
+        .context("no write_bytes")?;
+    Ok(DaemonUse {
+        cpu_s: ticks / hz,
+        hwm_mib: kib / 1024.0,
+        written_mib: written / 1048576.0,
+    })
 }
 
 impl Rig {
     /// Daemons restarted on fresh state, page cache dropped.
     fn make_cold(&mut self, sys: System) -> Result<()> {
         match sys {
-            System::Eager => {}
+            System::Eager => self.daemon_pid = None,
             System::Stargz => self.restart_stargz()?,
             System::Fanfill | System::FanfillEstargz => self.restart_fanfill(false)?,
             System::FanfillComplete => self.restart_fanfill(true)?,
@@ -880,7 +1078,11 @@ impl Rig {
 
     /// `ctr run` of the workload; returns when its first stdout byte arrived (and the
     /// registry's byte and request counts then), after checking the whole output.
-    fn first_output(&self, sys: System, id: &str) -> Result<(Instant, u64, usize)> {
+    fn first_output(
+        &self,
+        sys: System,
+        id: &str,
+    ) -> Result<(Instant, u64, usize, Option<Breakdown>)> {
         let r = self.reference(sys);
         let err_path = self.logs.join(format!("{id}.stderr"));
         let mut child = Command::new("timeout")
@@ -898,6 +1100,12 @@ impl Rig {
         let n = stdout.read(&mut first)?;
         let at = Instant::now();
         let (bytes, requests) = (self.proxy.bytes_down(), self.proxy.request_heads().len());
+        let ff_status = match (&self.fanfill_api, sys.snapshotter()) {
+            (Some(api), "fanfill") => {
+                fanfill::daemon::call(api, &fanfill::api::Request::Status { dest: None }).ok()
+            }
+            _ => None,
+        };
         let mut rest = Vec::new();
         stdout.read_to_end(&mut rest)?;
         let status = child.wait()?;
@@ -914,7 +1122,17 @@ impl Rig {
                 self.logs_of(sys)
             );
         }
-        Ok((at, bytes, requests))
+        let breakdown = match ff_status {
+            Some(fanfill::api::Response::Status { daemon, .. }) => Some(Breakdown {
+                opens: daemon.overlay_opens,
+                delivered: daemon.delivered_waits,
+                p50_ms: daemon.latency_p50_us as f64 / 1000.0,
+                p99_ms: daemon.latency_p99_us as f64 / 1000.0,
+                ..Breakdown::default()
+            }),
+            _ => None,
+        };
+        Ok((at, bytes, requests, breakdown))
     }
 
     /// A second container of the same image reads every file of the lib tree; seconds.
@@ -965,9 +1183,26 @@ impl Rig {
     fn pull_and_run(&self, sys: System, run_no: usize) -> Result<Sample> {
         let (b0, r0) = (self.proxy.bytes_down(), self.proxy.request_heads().len());
         let t0 = Instant::now();
+        let since = wall_secs();
+        let wall = || {
+            let d = std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .unwrap_or_default();
+            format!(
+                "{:02}:{:06.3}",
+                d.as_secs() / 60 % 60,
+                (d.as_millis() % 60_000) as f64 / 1000.0
+            )
+        };
+        // Wall-clock marks (minutes:seconds UTC) to read beside the daemons' logs.
+        eprint!("[pull {} ", wall());
         self.pull(sys)?;
         let pull = t0.elapsed().as_secs_f64();
-        let (at, b1, r1) = self.first_output(sys, &format!("{}-{run_no}", sys.tag()))?;
+        eprint!("run {} ", wall());
+        let (at, b1, r1, status) = self.first_output(sys, &format!("{}-{run_no}", sys.tag()))?;
+        let breakdown =
+            status.map(|st| breakdown_from_log(&self.fanfill_log, since - 0.001).with_status(st));
+        eprint!("output {}] ", wall());
         let read = self.read_tree(sys, &format!("{}-{run_no}-read", sys.tag()))?;
         Ok(Sample {
             first_output: (at - t0).as_secs_f64(),
@@ -976,6 +1211,8 @@ impl Rig {
             requests_first: r1 - r0,
             read,
             bytes_end: self.proxy.bytes_down() - b0,
+            daemon: self.daemon_pid.map(daemon_use).transpose()?,
+            breakdown,
         })
     }
 }
@@ -1040,10 +1277,11 @@ fn report(
         command.join(" ")
     ));
     s.push_str(&format!(
-        "Image: the start benchmark's \"python\" image, {} layers, {:.1} MiB gzip ({} files, {:.1} MiB); \
+        "Image: the start benchmark's \"{}\" image, {} layers, {:.1} MiB gzip ({} files, {:.1} MiB); \
          python lib tree `/usr/lib/python3*`: {} files, {:.1} MiB. Workload: `python3 -c '{}'`. \
-         Registry: `docker-registry` on loopback behind a counting TCP proxy. {} cold runs per system, \
+         Registry: `docker-registry` {} behind a counting TCP proxy. {} cold runs per system, \
          interleaved; median (min–max).\n\n",
+        args.image,
         built.layers.len(),
         mib(built.compressed()),
         built.files,
@@ -1051,18 +1289,24 @@ fn report(
         rig.lib_files,
         mib(rig.lib_bytes),
         CODE,
+        if rig.link == "shaped" {
+            "in a network namespace behind a veth pair shaped to 1 Gbit/s (`tc tbf`) and a \
+             relay adding 1 ms each way (a ~2 ms round trip)"
+        } else {
+            "on loopback"
+        },
         args.runs,
     ));
     s.push_str(
         "| System | Time to first output (s) | of which pull (s) | MiB fetched by first output | \
          Requests by first output | Lib tree first read (s) | Lib tree first read (MiB/s) | \
-         MiB fetched by end of read |\n\
-         |---|---|---|---|---|---|---|---|\n",
+         MiB fetched by end of read | Daemon CPU (s) | Daemon peak RSS (MiB) | Daemon MiB written |\n\
+         |---|---|---|---|---|---|---|---|---|---|---|\n",
     );
     for (sys, samples, err) in results {
         if samples.is_empty() {
             s.push_str(&format!(
-                "| {} | not measured: {} | | | | | | |\n",
+                "| {} | not measured: {} | | | | | | | | | |\n",
                 sys.label(),
                 summary(err.as_deref().unwrap_or("?"))
             ));
@@ -1070,8 +1314,19 @@ fn report(
         }
         let f = |g: fn(&Sample) -> f64| samples.iter().map(g).collect::<Vec<f64>>();
         let lib = rig.lib_bytes as f64 / 1048576.0;
+        let daemon = |g: fn(&DaemonUse) -> f64, prec: usize| {
+            let v: Vec<f64> = samples
+                .iter()
+                .filter_map(|x| x.daemon.as_ref().map(g))
+                .collect();
+            if v.is_empty() {
+                "–".to_string()
+            } else {
+                stat(&v, prec)
+            }
+        };
         s.push_str(&format!(
-            "| {} | {} | {} | {} | {} | {} | {} | {} |\n",
+            "| {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} |\n",
             sys.label(),
             stat(&f(|x| x.first_output), 2),
             stat(&f(|x| x.pull), 2),
@@ -1080,15 +1335,58 @@ fn report(
             stat(&f(|x| x.read), 2),
             stat(&samples.iter().map(|x| lib / x.read).collect::<Vec<_>>(), 1),
             stat(&f(|x| mib(x.bytes_end)), 1),
+            daemon(|d| d.cpu_s, 2),
+            daemon(|d| d.hwm_mib, 0),
+            daemon(|d| d.written_mib, 0),
         ));
         if let Some(e) = err {
             s.push_str(&format!(
-                "|  ↳ {} of {} runs failed: {} | | | | | | | |\n",
+                "|  ↳ {} of {} runs failed: {} | | | | | | | | | | |\n",
                 args.runs - samples.len(),
                 args.runs,
                 summary(e)
             ));
         }
+    }
+    // Where fanfill's time to first output went.
+    let mut rows = String::new();
+    for (sys, samples, _) in results {
+        let b: Vec<(&Sample, &Breakdown)> = samples
+            .iter()
+            .filter_map(|x| x.breakdown.as_ref().map(|b| (x, b)))
+            .collect();
+        if b.is_empty() {
+            continue;
+        }
+        let m = |g: &dyn Fn(&Sample, &Breakdown) -> f64, prec: usize| {
+            let v: Vec<f64> = b.iter().map(|(x, b)| g(x, b)).collect();
+            format!("{:.prec$}", median(&v))
+        };
+        rows.push_str(&format!(
+            "| {} | {} | {} | {} | {} | {} | {} | {} | {} | {} / {} |\n",
+            sys.label(),
+            m(&|_, b| b.index_s, 2),
+            m(&|_, b| b.unpack_s, 2),
+            m(&|_, b| b.prepare_s, 2),
+            m(&|x, _| x.pull, 2),
+            m(&|_, b| b.rootfs_s, 2),
+            m(&|x, _| x.first_output, 2),
+            m(&|_, b| b.opens as f64, 0),
+            m(&|_, b| b.delivered as f64, 0),
+            m(&|_, b| b.p50_ms, 1),
+            m(&|_, b| b.p99_ms, 1),
+        ));
+    }
+    if !rows.is_empty() {
+        s.push_str(
+            "\nWhere fanfill's time to first output went (medians; seconds from the start of the \
+             pull unless noted; from the daemon's log and its status at first output):\n\n\
+             | System | Index artifact checked | Unpack (s, duration) | Daemon prepare (s, duration) | \
+             Pull done | Container rootfs mounted and watched | First output | Opens held for a fill | \
+             Misses served by a layer stream | Reader event p50 / p99 (ms) |\n\
+             |---|---|---|---|---|---|---|---|---|---|\n",
+        );
+        s.push_str(&rows);
     }
     s.push_str(LEGEND);
     s
@@ -1110,6 +1408,11 @@ Columns:
   file of `/usr/lib/python3*` once (`find ... -type f -exec cat {} + > /dev/null`, timed
   inside the container with `date +%s%N`); MiB/s = the tree's bytes / that time. For eager,
   the files were just written by the unpack, so they are mostly in the page cache.
+* **Daemon CPU / peak RSS**: the snapshotter daemon's user + system CPU time and `VmHWM`
+  (from /proc) from its cold start just before the pull to the end of the lib tree read;
+  for fanfill the daemon process alone (its small fd-holder process is not counted).
+* **Daemon MiB written**: `write_bytes` of the daemon's /proc/PID/io by the end of the read:
+  what it wrote to its filesystems (filled files, kept blobs, caches, records).
 * **MiB fetched by end of read**: the registry's bytes from the start of the pull to the end
   of that read (background fetches included).
 
@@ -1125,13 +1428,18 @@ systems share one containerd (root and state on a loop-mounted ext4) and one reg
 fn real_main() -> Result<()> {
     let args = parse_args()?;
     let (mut rig, built) = setup(&args)?;
-    let mut results: Vec<(System, Vec<Sample>, Option<String>)> =
-        SYSTEMS.iter().map(|s| (*s, Vec::new(), None)).collect();
+    let mut results: Vec<(System, Vec<Sample>, Option<String>)> = args
+        .systems
+        .iter()
+        .map(|s| (*s, Vec::new(), None))
+        .collect();
     if rig.stargz_bin.is_none() {
-        results[1].2 = Some(format!(
-            "no containerd-stargz-grpc at {}",
-            args.stargz_grpc.display()
-        ));
+        for r in results.iter_mut().filter(|r| r.0 == System::Stargz) {
+            r.2 = Some(format!(
+                "no containerd-stargz-grpc at {}",
+                args.stargz_grpc.display()
+            ));
+        }
     }
     for run_no in 1..=args.runs {
         for (sys, samples, err) in results.iter_mut() {
@@ -1144,13 +1452,14 @@ fn real_main() -> Result<()> {
                 Ok(x) => {
                     eprintln!(
                         "first output {:.2} s (pull {:.2} s), {:.1} MiB / {} requests by then; \
-                         lib tree read {:.2} s; {:.1} MiB by the end",
+                         lib tree read {:.2} s; {:.1} MiB by the end; daemon {:?}",
                         x.first_output,
                         x.pull,
                         mib(x.bytes_first),
                         x.requests_first,
                         x.read,
-                        mib(x.bytes_end)
+                        mib(x.bytes_end),
+                        x.daemon
                     );
                     samples.push(x);
                 }

@@ -1357,7 +1357,9 @@ impl Daemon {
         self.watch_overlay_of(id, &img, merged, &dest)
             .map_err(ApiFail::internal)?;
         // On record before the answer: a successor re-learns every overlay it must watch.
-        self.persist_image(&img);
+        // Only the overlay list: progress (a syncfs of the trees, the content cache) waits
+        // for the next periodic record, never holding up a container's start.
+        self.persist_overlays(&img);
         Ok(Response::Ok)
     }
 
@@ -1406,7 +1408,7 @@ impl Daemon {
             let img = self.images.lock().unwrap().get(&id).cloned();
             if let Some(img) = img {
                 img.record.lock().unwrap().overlays.retain(|m| m != merged);
-                self.persist_image(&img);
+                self.persist_overlays(&img);
             }
         }
     }
@@ -1753,6 +1755,37 @@ impl Daemon {
         }
     }
 
+    /// Records a change of `img`'s watched overlays alone: the last saved record with the
+    /// overlay list replaced. No progress is taken from the engine, so no `syncfs` is
+    /// needed (the saved progress was synced when it was saved) and nothing enters the
+    /// content cache: cheap enough for the path of a container's start, where a full
+    /// [`Self::persist_image`] would wait for every byte a background stream wrote.
+    fn persist_overlays(&self, img: &ImageRt) {
+        if img.removed.load(Ordering::SeqCst)
+            || img.error.is_some()
+            || img.bad.lock().unwrap().is_some()
+        {
+            return;
+        }
+        let mut saved = img.saved.lock().unwrap();
+        let Some(prev) = saved.as_ref() else {
+            // Never recorded yet: the full record it is.
+            drop(saved);
+            self.persist_image(img);
+            return;
+        };
+        let mut next = prev.clone();
+        next.overlays = img.record.lock().unwrap().overlays.clone();
+        if img.removed.load(Ordering::SeqCst) || img.bad.lock().unwrap().is_some() || next == *prev
+        {
+            return;
+        }
+        match self.state.save(&next) {
+            Ok(()) => *saved = Some(next),
+            Err(e) => warn!(error = %error_chain(&e), "recording watched overlays"),
+        }
+    }
+
     /// Records one image's progress (and watched overlays) if it changed since it was last
     /// recorded, then offers its complete files to the content cache.
     fn persist_image(&self, img: &ImageRt) {
@@ -1772,12 +1805,16 @@ impl Daemon {
             }
             rec.clone()
         };
+        let mut snapshot = snapshot;
         let mut saved = img.saved.lock().unwrap();
         if img.removed.load(Ordering::SeqCst) || img.bad.lock().unwrap().is_some() {
             // Removed meanwhile: its record must not come back; found bad meanwhile: the
             // record saying so must stay.
             return;
         }
+        // The overlay list as of now: a `persist_overlays` that saved after the snapshot
+        // above was taken must not be undone by this older copy.
+        snapshot.overlays = img.record.lock().unwrap().overlays.clone();
         if saved.as_ref() != Some(&snapshot) {
             // Filled bytes reach the disk before the record that says they are there.
             if let Ok(d) = std::fs::File::open(&snapshot.dest) {
