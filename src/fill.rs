@@ -3,7 +3,7 @@
 //! Owns the lifecycle of every registered placeholder: it marks the file's inode for
 //! `FAN_PRE_ACCESS`, turns each event into the aligned chunks it needs, fetches each missing
 //! chunk once from the file's [`ContentSource`] (concurrent readers of a chunk share one
-//! fetch), verifies the bytes, writes them through the event's notification-free fd, restores
+//! fetch), verifies the bytes, writes them through a notification-free writable fd, restores
 //! the file's mtime, and answers the kernel: allow only when every byte of the range is there,
 //! otherwise `FAN_DENY_ERRNO` with an errno chosen in exactly one place ([`FillError::errno`]).
 //! When the last chunk of a file is in, its mark is removed and reads no longer involve the
@@ -12,9 +12,11 @@
 //!
 //! The kernel ↔ engine flow:
 //! 1. a reader touches a missing range and blocks in the kernel;
-//! 2. the reader task (one, async, on the engine's own runtime) reads the event and spawns a
-//!    handler; events raised by the engine's own threads (its prefetch writes) are allowed at
-//!    once, so the engine never waits on itself;
+//! 2. the event thread reads the event and polls its handler once: a miss whose bytes are at
+//!    hand is filled and answered right there; a handler that has to wait goes on to the
+//!    engine's runtime. Events raised by the engine's own threads (writes through an fd that
+//!    notifies, when no notification-free one could be had) are allowed at once, so the
+//!    engine never waits on itself;
 //! 3. the handler fills the chunks and answers. Many handlers run in parallel on at least two
 //!    worker threads.
 //!
@@ -41,7 +43,7 @@ use tracing::{debug, info, warn};
 
 use crate::sys::fanotify::{
     DenyErrno, Event, EventId, EventRange, FAN_PRE_ACCESS, FanotifyError, Group, GroupClass,
-    Response, current_tid,
+    Response, WriteOpener, current_tid,
 };
 
 /// An error a [`ContentSource`] reports. The engine turns every one into `EIO` for the reader.
@@ -364,15 +366,26 @@ struct FileState {
     missing: usize,
     inflight: HashMap<u64, SharedFill>,
     complete: bool,
-    /// The engine's own writable opens of the file in use ([`WriterHold`]). A complete file
-    /// keeps its mark until this is zero: `execve` of an unmarked file denies writers, and
+    /// The engine's own writable opens of the file in use ([`WriterHold`], and the cached
+    /// [`FileState::writer`]). A complete file keeps its mark until this is zero: `execve` of an unmarked file denies writers, and
     /// fails with ETXTBSY while one is open, whereas a file opened under a pre-content watch
     /// is exempt. (Event fds are read-only for the same reason: the kernel opens one for
     /// every queued event when it is read, which can be after the mark went.)
     writers: usize,
     /// Complete, with the mark left for the last [`WriterHold`] to remove.
     unmark_pending: bool,
+    /// Carries the engine's pre-content mark (registered marked, not complete, not
+    /// unmarked): only then may a writable fd stay open between fills.
+    marked: bool,
+    /// A notification-free writable fd kept open between fills while the file is marked
+    /// (counted in `writers` as one more writer), so a fill needs no new open: closed when
+    /// the file completes (before its mark goes), is unmarked or forgotten, or makes room
+    /// for another file's ([`WRITER_CACHE_MAX`]).
+    writer: Option<Arc<File>>,
 }
+
+/// Files that keep a writable fd open between fills ([`FileState::writer`]) at most.
+const WRITER_CACHE_MAX: usize = 64;
 
 /// One writable open of a registered file by the engine, counted in
 /// [`FileState::writers`]; dropped after the file is closed. The last one of a complete
@@ -394,14 +407,39 @@ impl WriterHold {
 
 impl Drop for WriterHold {
     fn drop(&mut self) {
-        let unmark = {
-            let mut st = self.entry.state.lock().unwrap();
+        release_writer(&self.inner, &self.entry, true);
+    }
+}
+
+/// Takes one writer off the count (`counted`; its fd is closed already) and removes the mark
+/// of a complete file when that was the last one.
+fn release_writer(inner: &Inner, entry: &FileEntry, counted: bool) {
+    let unmark = {
+        let mut st = entry.state.lock().unwrap();
+        if counted {
             st.writers -= 1;
-            st.writers == 0 && std::mem::take(&mut st.unmark_pending)
-        };
-        if unmark {
-            remove_mark(&self.inner, &self.entry);
         }
+        st.writers == 0 && std::mem::take(&mut st.unmark_pending)
+    };
+    if unmark {
+        remove_mark(inner, entry);
+    }
+}
+
+/// Closes the file's cached writable fd ([`FileState::writer`]), if any, and stops caching
+/// one unless `keep_marked` (eviction: the file stays marked).
+fn drop_cached_writer(inner: &Inner, entry: &FileEntry, keep_marked: bool) {
+    let cached = {
+        let mut st = entry.state.lock().unwrap();
+        if !keep_marked {
+            st.marked = false;
+        }
+        st.writer.take()
+    };
+    if let Some(file) = cached {
+        // In-flight fills sharing it hold counts of their own.
+        drop(file);
+        release_writer(inner, entry, true);
     }
 }
 
@@ -417,6 +455,7 @@ impl FileEntry {
 struct Counters {
     events: AtomicU64,
     self_events: AtomicU64,
+    quiet_writes: AtomicU64,
     fills: AtomicU64,
     bytes_fetched: AtomicU64,
     errors: AtomicU64,
@@ -442,8 +481,11 @@ pub struct Stats {
     pub bytes_fetched: u64,
     /// Pre-content events served for readers.
     pub events: u64,
-    /// Events raised by the engine's own writes (allowed at once).
+    /// Events raised by the engine's own writes (allowed at once): writes through an fd
+    /// that notifies, when no notification-free one could be had ([`WriteOpener`]).
     pub self_events: u64,
+    /// Fills written through a notification-free fd (no event raised).
+    pub quiet_writes: u64,
     /// Chunk fills performed (fetches).
     pub fills: u64,
     /// Fills or events that ended in an error answer.
@@ -459,6 +501,9 @@ pub struct Stats {
 
 struct Inner {
     group: Arc<Group>,
+    /// Makes the writable fds fills write through, raising no events (`None`: the kernel
+    /// refused the group; writes then raise events the event thread allows at once).
+    writer: Option<WriteOpener>,
     config: EngineConfig,
     /// Counts first reader accesses (orders [`Engine::accessed`]).
     access_seq: AtomicU64,
@@ -484,11 +529,13 @@ struct Inner {
     gate: Mutex<Option<Vec<Event>>>,
     /// Answer `EIO` for events on files the engine does not know (instead of allowing).
     deny_unknown: AtomicBool,
+    /// Files that got a cached writable fd, oldest first ([`FileState::writer`]).
+    cached_writers: Mutex<std::collections::VecDeque<std::sync::Weak<FileEntry>>>,
 }
 
 /// Where the engine records the events it has read but not yet answered, so that a
 /// successor that takes the group over after a crash can fill and answer them by
-/// [`EventId`]. `begin` runs on the reader task before the event is handled, `end` after
+/// [`EventId`]. `begin` runs on the event thread before the event is handled, `end` after
 /// its answer was written.
 pub trait EventJournal: Send + Sync + 'static {
     /// An event for `file` (the event's fd) and `range` was read and will be answered.
@@ -575,8 +622,12 @@ impl Engine {
     ) -> Result<Engine, FillError> {
         config.workers = config.workers.max(2);
         config.chunk_size = config.chunk_size.max(4096);
+        let writer = WriteOpener::new()
+            .inspect_err(|e| warn!(error = %e, "no notification-free writer; fills raise events"))
+            .ok();
         let inner = Arc::new(Inner {
             group,
+            writer,
             config: config.clone(),
             files: RwLock::new(HashMap::new()),
             own_tids: RwLock::new(HashSet::new()),
@@ -590,6 +641,7 @@ impl Engine {
             gate: Mutex::new(gated.then(Vec::new)),
             deny_unknown: AtomicBool::new(false),
             access_seq: AtomicU64::new(0),
+            cached_writers: Mutex::new(std::collections::VecDeque::new()),
         });
         let (start_inner, stop_inner) = (inner.clone(), inner.clone());
         let runtime = tokio::runtime::Builder::new_multi_thread()
@@ -703,6 +755,8 @@ impl Engine {
                 complete: nchunks == 0,
                 writers: 0,
                 unmark_pending: false,
+                marked: mark,
+                writer: None,
             }),
             bytes_filled: AtomicU64::new(0),
             capability,
@@ -735,6 +789,7 @@ impl Engine {
         let Some(entry) = self.inner.files.write().unwrap().remove(&(id.dev, id.ino)) else {
             return Ok(());
         };
+        drop_cached_writer(&self.inner, &entry, false);
         if entry.state.lock().unwrap().complete {
             return Ok(());
         }
@@ -746,7 +801,11 @@ impl Engine {
     /// of reading zeros, and the kernel drops the mark with the inode. Fills in flight
     /// finish first.
     pub fn forget(&self, id: FileId) {
-        self.inner.files.write().unwrap().remove(&(id.dev, id.ino));
+        let entry = self.inner.files.write().unwrap().remove(&(id.dev, id.ino));
+        if let Some(entry) = entry {
+            // Nothing of ours keeps the inode (and its blocks) alive.
+            drop_cached_writer(&self.inner, &entry, false);
+        }
     }
 
     /// Whether a registered file is completely filled (or was cut short by the user).
@@ -1016,6 +1075,7 @@ impl Engine {
             bytes_fetched: c.bytes_fetched.load(Ordering::Relaxed),
             events: c.events.load(Ordering::Relaxed),
             self_events: c.self_events.load(Ordering::Relaxed),
+            quiet_writes: c.quiet_writes.load(Ordering::Relaxed),
             fills: c.fills.load(Ordering::Relaxed),
             errors: c.errors.load(Ordering::Relaxed),
             delivered: c.delivered.load(Ordering::Relaxed),
@@ -1105,6 +1165,13 @@ const EVENT_WAIT_MS: u16 = 50;
 /// whatever the runtime's workers are doing (a worker blocked in such a write can never
 /// hold up the reader). Readers' events go to the runtime.
 fn event_thread(inner: Arc<Inner>) {
+    ON_EVENT_THREAD.with(|c| c.set(true));
+    // Handlers polled here (see `dispatch_now`) may start timers and blocking tasks.
+    let _runtime = inner
+        .runtime
+        .get()
+        .expect("set before the event thread starts")
+        .enter();
     let mut buf = vec![0u8; 64 << 10];
     let mut events = Vec::new();
     while !inner.stopping.load(Ordering::SeqCst) {
@@ -1158,32 +1225,88 @@ fn dispatch(inner: &Arc<Inner>, event: Event) {
     dispatch_now(inner, event);
 }
 
-/// Serves one reader's event on a new task (journal already written).
+thread_local! {
+    /// Set on the event thread, which polls handlers once before handing them to the
+    /// runtime ([`dispatch_now`]).
+    static ON_EVENT_THREAD: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+}
+
+fn on_event_thread() -> bool {
+    ON_EVENT_THREAD.with(|c| c.get())
+}
+
+/// A future that, polled on the event thread, is pending once (and wakes itself), and is
+/// ready anywhere else: a handler awaits it before work that must not run on the event
+/// thread (a write through an fd that raises events, which only the event thread answers;
+/// hashing or writing a large run), so the event thread's single poll stops there and the
+/// rest runs on the runtime.
+struct LeaveEventThread(bool);
+
+impl std::future::Future for LeaveEventThread {
+    type Output = ();
+
+    fn poll(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<()> {
+        if !self.0 && on_event_thread() {
+            self.0 = true;
+            cx.waker().wake_by_ref();
+            return std::task::Poll::Pending;
+        }
+        std::task::Poll::Ready(())
+    }
+}
+
+/// See [`LeaveEventThread`].
+fn off_event_thread() -> LeaveEventThread {
+    LeaveEventThread(false)
+}
+
+/// Serves one reader's event (journal already written). On the event thread the handler is
+/// polled once right here: a miss whose bytes are at hand (a source that answers at once)
+/// is filled and answered without a hop to the runtime. A handler that has to wait (a fetch,
+/// a fill in flight, a delivery), or reaches work that must not run on the event thread
+/// ([`LeaveEventThread`]), goes to the runtime as it stands, where it is polled again at
+/// once (the first poll had no waker to call).
 fn dispatch_now(inner: &Arc<Inner>, event: Event) {
     inner.counters.events.fetch_add(1, Ordering::Relaxed);
     inner.inflight_events.fetch_add(1, Ordering::SeqCst);
-    let inner = inner.clone();
-    let runtime = inner
+    let started = Instant::now();
+    let task_inner = inner.clone();
+    let mut task = async move {
+        let result = serve_event(&task_inner, &event).await;
+        answer(&task_inner, event, result, started);
+    }
+    .boxed();
+    if on_event_thread() {
+        let mut cx = std::task::Context::from_waker(futures::task::noop_waker_ref());
+        if task.as_mut().poll(&mut cx).is_ready() {
+            return;
+        }
+    }
+    inner
         .runtime
         .get()
         .expect("set before events are read")
-        .clone();
-    runtime.spawn(async move {
-        let started = Instant::now();
-        let response = match serve_event(&inner, &event).await {
-            Ok(()) => Response::Allow,
-            Err(e) => {
-                inner.counters.errors.fetch_add(1, Ordering::Relaxed);
-                warn!(error = %error_chain(&*e), pid = event.pid(), "fill failed; denying access");
-                Response::Deny(e.errno())
-            }
-        };
-        respond(&inner, event, response);
-        let us = started.elapsed().as_micros().max(1) as u64;
-        let bucket = (63 - us.leading_zeros() as usize).min(31);
-        inner.counters.latency[bucket].fetch_add(1, Ordering::Relaxed);
-        inner.inflight_events.fetch_sub(1, Ordering::SeqCst);
-    });
+        .spawn(task);
+}
+
+/// Answers a reader's event with the result of its fill and accounts for it.
+fn answer(inner: &Inner, event: Event, result: FillResult, started: Instant) {
+    let response = match result {
+        Ok(()) => Response::Allow,
+        Err(e) => {
+            inner.counters.errors.fetch_add(1, Ordering::Relaxed);
+            warn!(error = %error_chain(&*e), pid = event.pid(), "fill failed; denying access");
+            Response::Deny(e.errno())
+        }
+    };
+    respond(inner, event, response);
+    let us = started.elapsed().as_micros().max(1) as u64;
+    let bucket = (63 - us.leading_zeros() as usize).min(31);
+    inner.counters.latency[bucket].fetch_add(1, Ordering::Relaxed);
+    inner.inflight_events.fetch_sub(1, Ordering::SeqCst);
 }
 
 fn respond(inner: &Inner, event: Event, response: Response) {
@@ -1240,7 +1363,7 @@ async fn serve_event(inner: &Arc<Inner>, event: &Event) -> FillResult {
         // No range record, or count 0 (FICLONE, growing truncate): the whole file.
         _ => (0, u64::MAX),
     };
-    // The event's fd (read-only) to write through a reopen of it: reaches the file even
+    // The event's fd (read-only), to open the file for writing from: reaches the file even
     // where its path no longer does (a tree renamed under the daemon).
     let via = event.clone_file().ok().flatten().map(Arc::new);
     ensure_range(inner, &entry, start, end, st.st_size as u64, via).await
@@ -1495,6 +1618,10 @@ async fn store_run(
             got: data.len() as u64,
         });
     }
+    if len > INLINE_WRITE_MAX {
+        // Hashing and writing this much would hold up the event thread's other events.
+        off_event_thread().await;
+    }
     for idx in first..first + count {
         let (a, b) = entry.chunk_range(idx);
         verify(
@@ -1511,13 +1638,17 @@ async fn store_run(
         return Ok(());
     }
     let write_off = offset;
+    let writer = open_writer(inner, entry, via.as_deref(), offset, keep as u64)?;
+    if !writer.quiet {
+        // Its write raises an event, which only the event thread answers.
+        off_event_thread().await;
+    }
     let written = if keep as u64 <= INLINE_WRITE_MAX {
-        // A page-cache write this small costs less than a hop to the blocking pool. The
-        // event it raises is answered by the event thread, not by a worker.
-        write_chunk(inner, entry, via, &data[..keep], write_off)?
+        // A page-cache write this small costs less than a hop to the blocking pool.
+        write_chunk(inner, entry, writer, &data[..keep], write_off)?
     } else {
         let (i2, e2) = (inner.clone(), entry.clone());
-        tokio::task::spawn_blocking(move || write_chunk(&i2, &e2, via, &data[..keep], write_off))
+        tokio::task::spawn_blocking(move || write_chunk(&i2, &e2, writer, &data[..keep], write_off))
             .await
             .map_err(|e| FillError::Write {
                 path: entry.path.clone(),
@@ -1559,18 +1690,113 @@ fn verify(entry: &FileEntry, idx: u64, offset: u64, data: &[u8]) -> Result<(), F
     Ok(())
 }
 
-/// Writes `data` at `offset` and puts the mtime back (a write bumps it; the image's
-/// metadata must stay true); returns the bytes written. Opens the file for writing, counted
-/// as a writer until closed ([`WriterHold`]): a reopen of the reader's event fd (`via`;
-/// event fds are read-only, see [`FileState::writers`]), or else the registered path, only
-/// if it still leads to the registered file. The write raises an event from an engine
-/// thread, which the event thread allows at once. The file's size is checked just
-/// before writing: a file cut short since the fill started (`open(O_TRUNC)` raises no
-/// event) lowers the limit, and nothing at or past it is written.
-fn write_chunk(
+/// A writable open of a registered file by the engine, counted as a writer until it is
+/// closed ([`WriterHold`]).
+struct Writer {
+    /// Declared before the hold: closed first (unless the file's cache shares it, which
+    /// counts itself), so the count outlives the open file.
+    file: Arc<File>,
+    /// Writes through it raise no events ([`WriteOpener`]).
+    quiet: bool,
+    _hold: WriterHold,
+}
+
+/// Opens the file for writing: its cached writable fd ([`FileState::writer`]), or a new
+/// open from the reader's event fd (`via`; event fds are read-only, see
+/// [`FileState::writers`]), or else from the registered path, only if it still leads to
+/// the registered file. Preferably a notification-free fd from the [`WriteOpener`]: its
+/// writes raise no events; one made for a marked file is kept for the next fills. Failing
+/// that, a plain writable open (a reopen of `via`, or the path), whose writes raise events
+/// from an engine thread that the event thread allows at once.
+fn open_writer(
     inner: &Arc<Inner>,
     entry: &Arc<FileEntry>,
-    via: Option<Arc<OwnedFd>>,
+    via: Option<&OwnedFd>,
+    offset: u64,
+    len: u64,
+) -> Result<Writer, FillError> {
+    let werr = |source: std::io::Error| FillError::Write {
+        path: entry.path.clone(),
+        offset,
+        len,
+        source,
+    };
+    let hold = WriterHold::new(inner, entry);
+    if let Some(file) = entry.state.lock().unwrap().writer.clone() {
+        return Ok(Writer {
+            file,
+            quiet: true,
+            _hold: hold,
+        });
+    }
+    if let Some(opener) = &inner.writer {
+        let checked;
+        let base = match via {
+            Some(fd) => fd.as_fd(),
+            None => {
+                checked = open_checked(entry, false)?;
+                checked.as_fd()
+            }
+        };
+        match opener.open(base) {
+            Ok(file) => {
+                let file = Arc::new(file);
+                cache_writer(inner, entry, &file);
+                return Ok(Writer {
+                    file,
+                    quiet: true,
+                    _hold: hold,
+                });
+            }
+            Err(e) => {
+                debug!(path = %entry.path.display(), error = %e, "no notification-free writer; writing through a plain open")
+            }
+        }
+    }
+    let file = match via {
+        Some(fd) => crate::sys::reopen_for_write(fd.as_fd()).map_err(werr)?,
+        None => open_checked(entry, true)?,
+    };
+    Ok(Writer {
+        file: Arc::new(file),
+        quiet: false,
+        _hold: hold,
+    })
+}
+
+/// Keeps `file` as the file's writable fd between fills, if the file is marked and has
+/// none; closes the oldest other file's beyond [`WRITER_CACHE_MAX`].
+fn cache_writer(inner: &Inner, entry: &Arc<FileEntry>, file: &Arc<File>) {
+    {
+        let mut st = entry.state.lock().unwrap();
+        if !st.marked || st.complete || st.writer.is_some() {
+            return;
+        }
+        st.writer = Some(file.clone());
+        st.writers += 1;
+    }
+    let evict = {
+        let mut lru = inner.cached_writers.lock().unwrap();
+        lru.push_back(Arc::downgrade(entry));
+        if lru.len() > WRITER_CACHE_MAX {
+            lru.pop_front()
+        } else {
+            None
+        }
+    };
+    if let Some(old) = evict.and_then(|w| w.upgrade()) {
+        drop_cached_writer(inner, &old, true);
+    }
+}
+
+/// Writes `data` at `offset` through `writer` (closed on return) and puts the mtime back (a
+/// write bumps it; the image's metadata must stay true); returns the bytes written. The
+/// file's size is checked just before writing: a file cut short since the fill started
+/// (`open(O_TRUNC)` raises no event) lowers the limit, and nothing at or past it is written.
+fn write_chunk(
+    inner: &Inner,
+    entry: &FileEntry,
+    writer: Writer,
     data: &[u8],
     offset: u64,
 ) -> Result<u64, FillError> {
@@ -1580,12 +1806,7 @@ fn write_chunk(
         len: data.len() as u64,
         source,
     };
-    // Declared first, dropped last: the count outlives the open file.
-    let _hold = WriterHold::new(inner, entry);
-    let file = match via {
-        Some(fd) => crate::sys::reopen_for_write(fd.as_fd()).map_err(werr)?,
-        None => open_checked(entry, true)?,
-    };
+    let file = &writer.file;
     let before = nix::sys::stat::fstat(file.as_fd()).map_err(|e| werr(e.into()))?;
     let keep = {
         let mut st = entry.state.lock().unwrap();
@@ -1605,6 +1826,9 @@ fn write_chunk(
         file.set_xattr(CAPABILITY_XATTR, cap).map_err(werr)?;
     }
     restore_mtime(file.as_fd(), &before).map_err(|e| werr(e.into()))?;
+    if writer.quiet {
+        inner.counters.quiet_writes.fetch_add(1, Ordering::Relaxed);
+    }
     Ok(keep as u64)
 }
 
@@ -1658,24 +1882,35 @@ fn restore_mtime(fd: std::os::fd::BorrowedFd<'_>, st: &FileStat) -> Result<(), E
 /// reach the daemon. While one of the engine's own writable opens of the file is still
 /// open, the last one to close removes it instead ([`FileState::writers`]).
 fn maybe_complete(inner: &Inner, entry: &FileEntry) {
-    {
+    let cached = {
         let mut st = entry.state.lock().unwrap();
         if st.complete {
             return;
         }
         let needed = st.limit.min(entry.size).div_ceil(entry.chunk) as usize;
-        if st.filled[..needed].iter().any(|f| !f) {
+        let done = if needed == st.filled.len() {
+            st.missing == 0
+        } else {
+            st.filled[..needed].iter().all(|f| *f)
+        };
+        if !done {
             return;
         }
         st.complete = true;
+        st.marked = false;
         inner.counters.completed.fetch_add(1, Ordering::Relaxed);
-        if st.writers > 0 {
-            st.unmark_pending = true;
+        // The mark goes with the last writer (at once when there is none).
+        st.unmark_pending = true;
+        let cached = st.writer.take();
+        if st.writers > usize::from(cached.is_some()) {
             debug!(path = %entry.path.display(), writers = st.writers, "complete; mark goes when the engine's writable fds close");
-            return;
         }
-    }
-    remove_mark(inner, entry);
+        cached
+    };
+    let counted = cached.is_some();
+    // Closed before the count drops.
+    drop(cached);
+    release_writer(inner, entry, counted);
 }
 
 /// Removes the mark of a complete file, through a read-only open of its registered path
@@ -1703,7 +1938,7 @@ async fn prefetch_entry(inner: &Arc<Inner>, entry: &Arc<FileEntry>) -> FillResul
     if entry.state.lock().unwrap().complete {
         return Ok(());
     }
-    // The engine's own write raises an event that the reader task allows at once.
+    // Its writes raise no event (a notification-free fd), or one the event thread allows at once.
     let size = current_size(entry)?;
     ensure_range(inner, entry, 0, u64::MAX, size, None).await
 }
@@ -1724,6 +1959,9 @@ impl Engine {
     pub fn unmark(&self, id: FileId) -> Result<(), FillError> {
         match self.entry(id) {
             Some(entry) if !entry.state.lock().unwrap().complete => {
+                // Unmarked, the file no longer has the pre-content exemption from exec's
+                // denial of writers: no writable fd of ours may stay open.
+                drop_cached_writer(&self.inner, &entry, false);
                 unmark_entry(&self.inner, &entry)
             }
             _ => Ok(()),

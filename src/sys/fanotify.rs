@@ -625,6 +625,105 @@ impl AsRawFd for Group {
     }
 }
 
+/// `FAN_OPEN`: a file was opened (notification).
+const FAN_OPEN: u64 = 0x0000_0020;
+
+/// Opens writable handles on files that raise no fanotify events when written, for filling
+/// placeholders under a pre-content watch without a round trip through the engine's own
+/// group for every write.
+///
+/// The only such handles the kernel makes are the fds of fanotify events (opened with
+/// notifications suppressed). This owns a private notification-class group whose event fds
+/// are `O_RDWR`; [`WriteOpener::open`] marks the file's inode for `FAN_OPEN` in it, opens the
+/// file once (read-only, through `/proc/self/fd`) to raise that event, removes the mark again
+/// and reads the group dry, keeping the fd of its own event and closing every other one. The
+/// mark lives only for those few syscalls, under a lock, so nothing stays queued for a file
+/// after `open` returns: every writable fd this makes is one the caller holds (and counts;
+/// see `FileState::writers` in `crate::fill`), or one already closed. Opens by others in that
+/// window also reach this group: their fds are closed at once, before `open` returns.
+#[derive(Debug)]
+pub struct WriteOpener {
+    group: Fanotify,
+    /// Serialises mark, trigger, unmark and drain; holds the read buffer.
+    buf: std::sync::Mutex<Vec<u8>>,
+}
+
+impl WriteOpener {
+    /// Creates the private group (`FAN_CLASS_NOTIF|FAN_REPORT_TID`, `O_RDWR` event fds).
+    pub fn new() -> Result<WriteOpener, FanotifyError> {
+        let group = Fanotify::init(
+            InitFlags::from_bits_retain(FAN_CLOEXEC | FAN_NONBLOCK | FAN_REPORT_TID),
+            EventFFlags::from_bits_retain(
+                (libc::O_RDWR | libc::O_LARGEFILE | libc::O_CLOEXEC) as u32,
+            ),
+        )
+        .map_err(|errno| FanotifyError::Init {
+            what: "FAN_CLASS_NOTIF",
+            errno,
+        })?;
+        Ok(WriteOpener {
+            group,
+            buf: std::sync::Mutex::new(vec![0u8; 16 << 10]),
+        })
+    }
+
+    /// A new writable, notification-free open of the file behind `file` (the same inode:
+    /// checked by device and inode number). Fails when the kernel could not open it for
+    /// writing (for example ETXTBSY while an exec denies writers).
+    pub fn open(&self, file: BorrowedFd<'_>) -> std::io::Result<std::fs::File> {
+        use std::os::unix::fs::OpenOptionsExt;
+        let tid = current_tid();
+        let mut buf = self.buf.lock().unwrap_or_else(|p| p.into_inner());
+        let mark = |flags: u32| {
+            self.group.mark(
+                MarkFlags::from_bits_retain(flags),
+                MaskFlags::from_bits_retain(FAN_OPEN),
+                file,
+                None::<&Path>,
+            )
+        };
+        mark(FAN_MARK_ADD)?;
+        let trigger = std::fs::OpenOptions::new()
+            .read(true)
+            .custom_flags(libc::O_CLOEXEC | libc::O_NONBLOCK)
+            .open(format!("/proc/self/fd/{}", file.as_raw_fd()));
+        let unmarked = mark(FAN_MARK_REMOVE);
+        drop(trigger);
+        // Read until the queue is empty: the mark is gone, so nothing more comes for this
+        // file. Every fd but our own event's is closed here.
+        let mut found = None;
+        let mut events = Vec::new();
+        loop {
+            match nix::unistd::read(self.group.as_fd(), &mut buf[..]) {
+                Ok(0) | Err(Errno::EAGAIN) => break,
+                Err(Errno::EINTR) => continue,
+                Err(e) => return Err(e.into()),
+                Ok(n) => {
+                    let parsed = parse_events(&buf[..n], &mut events);
+                    for ev in events.drain(..) {
+                        if found.is_none() && ev.pid == tid && ev.mask & FAN_OPEN != 0 {
+                            found = ev.fd;
+                        }
+                    }
+                    parsed.map_err(|e| std::io::Error::other(e.to_string()))?;
+                }
+            }
+        }
+        drop(buf);
+        unmarked?;
+        let found = found.ok_or_else(|| {
+            std::io::Error::other("no writable fanotify event fd for the file (ETXTBSY?)")
+        })?;
+        let (a, b) = (nix::sys::stat::fstat(file)?, nix::sys::stat::fstat(&found)?);
+        if (a.st_dev, a.st_ino) != (b.st_dev, b.st_ino) {
+            return Err(std::io::Error::other(
+                "fanotify event fd names another file",
+            ));
+        }
+        Ok(std::fs::File::from(found))
+    }
+}
+
 /// A [`Group`] registered with the tokio reactor: `read_events` waits until the kernel has
 /// events for us instead of polling.
 #[derive(Debug)]
