@@ -707,6 +707,34 @@ impl Engine {
             path: p.path.clone(),
             source,
         })?;
+        self.register_fd(&file, &meta, p, true, mark)
+    }
+
+    /// Registers a placeholder its creator still has open as `file`, `meta` being its
+    /// metadata (type, size, device, inode, birth time: taken after it was sized), in the
+    /// pass that creates it ([`crate::unpack::PlaceholderSink`]): no path lookup, no second
+    /// `statx`, and the mark goes on through `file`. `capability`: the file may carry a
+    /// `security.capability` to keep (read back through `file`). `mark`: place the
+    /// pre-content mark ([`Engine::register`]) or not ([`Engine::register_unmarked`]).
+    pub fn register_open(
+        &self,
+        file: &File,
+        meta: &std::fs::Metadata,
+        p: Placeholder,
+        capability: bool,
+        mark: bool,
+    ) -> Result<FileId, FillError> {
+        self.register_fd(file, meta, p, capability, mark)
+    }
+
+    fn register_fd(
+        &self,
+        file: &File,
+        meta: &std::fs::Metadata,
+        p: Placeholder,
+        read_capability: bool,
+        mark: bool,
+    ) -> Result<FileId, FillError> {
         let is_reg = meta.file_type().is_file();
         if !is_reg || meta.len() != p.size {
             return Err(FillError::NotPlaceholder {
@@ -734,9 +762,11 @@ impl Engine {
             Verify::None => self.inner.config.chunk_size,
         };
         let nchunks = p.size.div_ceil(chunk) as usize;
-        let capability = {
+        let capability = if read_capability {
             use xattr::FileExt as _;
             file.get_xattr(CAPABILITY_XATTR).ok().flatten()
+        } else {
+            None
         };
         let born = meta.created().ok();
         let entry = Arc::new(FileEntry {

@@ -1094,3 +1094,93 @@ fn streaming_helpers_refuse_symlinks_and_keep_metadata() {
         assert_empty(out.path());
     });
 }
+
+/// The unpack that creates leaves on two threads (`unpack`, the path `prepare` takes) makes
+/// the same tree as the one-walk unpack (`unpack_with`), in both modes, for an image large
+/// enough to be split: hardlinks across directories (and to a lower layer's inode),
+/// symlinks, xattrs, owners, whiteouts and an opaque directory in the upper layer.
+#[test]
+fn two_thread_unpack_matches_the_single_walk() {
+    with_timeout(600, || {
+        let mut l0 = Vec::new();
+        for d in 0..24 {
+            l0.push(owned(dir(&format!("d{d:02}"), 0o750), 3, 4));
+            for f in 0..60 {
+                let mut e = at(
+                    owned(file(&format!("d{d:02}/f{f:02}"), 1 + f * 100), f as u32, 7),
+                    1_600_000_000 + f as i64,
+                    f as u32,
+                );
+                if f % 7 == 0 {
+                    e = with_xattr(e, "user.k", b"v");
+                }
+                if f % 11 == 0 {
+                    e.mode = 0o4755;
+                }
+                l0.push(e);
+            }
+            l0.push(symlink(&format!("d{d:02}/s"), "f00"));
+            // A name in another directory for an inode of this one.
+            l0.push(hardlink(
+                &format!("d{:02}/h{d:02}", (d + 5) % 24),
+                &format!("d{d:02}/f01"),
+            ));
+        }
+        let mut l1 = vec![
+            whiteout("d03/f04"),
+            whiteout("d05"),
+            file("d07/.wh..wh..opq", 0),
+            file("d07/new", 5),
+            hardlink("d09/again", "d10/f02"),
+        ];
+        for f in 0..600 {
+            l1.push(file(&format!("top/g{f:03}"), 10 + f));
+        }
+        let img = vec![("sha256:aa".to_owned(), l0), ("sha256:bb".to_owned(), l1)];
+        for mode in [Mode::Direct, Mode::Overlay] {
+            let (a, b) = (tmp(), tmp());
+            let pa = unpack(&layers(&img), a.path(), &opts(mode)).unwrap();
+            let pb = unpack_with(
+                &layers(&img),
+                b.path(),
+                &opts(mode),
+                &mut fanfill::unpack::NoHooks,
+            )
+            .unwrap();
+            assert_eq!(pa.stats, pb.stats, "{mode:?}");
+            let key = |u: &fanfill::unpack::Unpacked, root: &Path| {
+                let mut v: Vec<_> = u
+                    .placeholders
+                    .iter()
+                    .map(|p| {
+                        (
+                            p.path.strip_prefix(root).unwrap().to_path_buf(),
+                            p.layer,
+                            p.entry,
+                            p.size,
+                        )
+                    })
+                    .collect();
+                v.sort();
+                v
+            };
+            let (ra, rb) = (
+                a.path().canonicalize().unwrap(),
+                b.path().canonicalize().unwrap(),
+            );
+            assert_eq!(key(&pa, &ra), key(&pb, &rb), "{mode:?}");
+            assert!(pa.placeholders.len() > 1500, "{mode:?}");
+            let (mut sa, ga) = snapshot(a.path());
+            let (mut sb, gb) = snapshot(b.path());
+            if mode == Mode::Overlay {
+                // The destination and `layers/` carry their creation time: not the image's.
+                for s in [&mut sa, &mut sb] {
+                    s.remove(".");
+                    s.remove("layers");
+                }
+            }
+            assert_eq!(sa, sb, "{mode:?}");
+            assert_eq!(ga, gb, "{mode:?}");
+        }
+    });
+}

@@ -2,25 +2,28 @@
 //! tree.
 //!
 //! Owns [`prepare`] (indexes loaded, the access profile's reads started, the placeholders
-//! unpacked, the tree marked, every placeholder registered with the engine, the prefetch
-//! order set), registering placeholders ([`register_placeholder`]; [`register_all`] two
-//! threads at a time, undoing the done ones when one fails), the tree's mark
+//! unpacked and registered with the engine in one pass, each marked through the descriptor
+//! it was created with, the tree marked, the prefetch order set), registering placeholders
+//! ([`register_placeholder`]; `RegisterSink` during the unpack, undoing the done ones when
+//! one fails), the tree's mark
 //! ([`TREE_XATTR`], [`mark_tree`], [`tree_image`]), removing what a failed prepare left, and
 //! the access profile read back from a served tree ([`Prepared::access_profile`]). It takes
 //! each file's source as [`ImageSources`] gives it: it never fetches, inflates or verifies
 //! bytes (the engine does, from the sources) and never streams layers ([`super::stream`]).
 
+use std::collections::HashMap;
 use std::path::Path;
 use std::sync::Arc;
 
-use tracing::{debug, info, warn};
+use tracing::{info, warn};
 
 use super::{
-    AccessProfile, ImageError, ImageSources, PrepareOptions, Prepared, load_indexes, open,
+    AccessProfile, ImageError, ImageSources, PrepareOptions, PrepareTimings, Prepared,
+    load_indexes, open,
 };
 use crate::fill::{ContentSource, Engine, FileId, Placeholder, Verify};
-use crate::index::LayerIndex;
-use crate::unpack::{self, Layer, Mode, UnpackError, UnpackOptions, Unpacked};
+use crate::index::{Entry, LayerIndex};
+use crate::unpack::{self, Layer, Mode, UnpackError, UnpackOptions};
 
 /// Prepares `reference` into `dest` (which must be empty) and registers every placeholder
 /// with `engine`. Returns as soon as the placeholders are ready and served.
@@ -30,6 +33,7 @@ pub async fn prepare(
     dest: &Path,
     opts: &PrepareOptions,
 ) -> Result<Prepared, ImageError> {
+    let started = std::time::Instant::now();
     let (store, image) = open(reference, opts).await?;
     let manifest_digest = image.manifest_digest.to_string();
     let image_size = image.manifest.layers().iter().map(|l| l.size()).sum();
@@ -47,50 +51,74 @@ pub async fn prepare(
         mode: opts.mode,
         ..UnpackOptions::default()
     };
-    let (dest_buf, ixs2, digests2) = (dest.to_path_buf(), ixs.clone(), digests.clone());
-    let unpacked = tokio::task::spawn_blocking(move || {
-        let layers: Vec<Layer<'_>> = digests2
+    let indexes_done = started.elapsed();
+    // Placeholders are registered (and marked) by the unpack itself, as each is created.
+    let sink = RegisterSink {
+        engine,
+        sources: &sources,
+        mode: opts.mode,
+        reference,
+        ids: std::sync::Mutex::new(HashMap::new()),
+        failed: std::sync::Mutex::new(None),
+    };
+    let unpacked = blocking_here(|| {
+        let layers: Vec<Layer<'_>> = digests
             .iter()
-            .zip(&ixs2)
+            .zip(&ixs)
             .map(|(d, ix)| Layer::new(d, &ix.entries))
             .collect();
-        unpack::unpack(&layers, &dest_buf, &uopts)
-    })
-    .await
-    .map_err(|e| ImageError::Task(e.to_string()))?
-    .map_err(|source| {
-        // A refused destination (not empty, missing) was not ours to clean.
-        if !matches!(
-            source,
-            UnpackError::DestNotEmpty { .. } | UnpackError::Dest { .. }
-        ) {
-            remove_tree_contents(dest);
-        }
-        ImageError::Unpack {
-            reference: reference.to_string(),
+        let dest_abs = dest.canonicalize().map_err(|source| UnpackError::Dest {
             dest: dest.to_path_buf(),
-            source: Box::new(source),
+            source,
+        })?;
+        let fd = unpack::open_dest(&dest_abs)?;
+        unpack::unpack_at_into(&layers, fd, &dest_abs, &uopts, &sink)
+    });
+    let ids = sink.ids.into_inner().unwrap_or_else(|e| e.into_inner());
+    let failed = sink.failed.into_inner().unwrap_or_else(|e| e.into_inner());
+    let undo = |ids: HashMap<(usize, usize), FileId>| {
+        for id in ids.into_values() {
+            let _ = engine.unregister(id);
         }
-    })?;
+    };
+    let unpacked = match unpacked {
+        Ok(u) => u,
+        Err(source) => {
+            undo(ids);
+            // A refused destination (not empty, missing) was not ours to clean.
+            if !matches!(
+                source,
+                UnpackError::DestNotEmpty { .. } | UnpackError::Dest { .. }
+            ) {
+                remove_tree_contents(dest);
+            }
+            if let Some(e) = failed {
+                return Err(e);
+            }
+            return Err(ImageError::Unpack {
+                reference: reference.to_string(),
+                dest: dest.to_path_buf(),
+                source: Box::new(source),
+            });
+        }
+    };
+    let unpack_done = started.elapsed();
     if let Err(e) = mark_tree(dest, reference) {
         warn!(dest = %dest.display(), error = %e, "cannot mark the tree as fanfill's");
     }
-    // Thousands of syscalls: off this runtime thread when the runtime has others.
-    let registered = blocking_here(|| {
-        let t = std::time::Instant::now();
-        let r = register_all(engine, &sources, &unpacked, reference, opts.mode);
-        debug!(
-            ms = t.elapsed().as_millis() as u64,
-            "placeholders registered"
-        );
-        r
-    });
-    let files = match registered {
-        Ok(files) => files,
-        Err(e) => {
-            // Leave nothing behind: the tree was ours (dest had to be empty).
+    let files: Vec<FileId> = match unpacked
+        .placeholders
+        .iter()
+        .map(|p| ids.get(&(p.layer, p.entry)).copied())
+        .collect::<Option<Vec<_>>>()
+    {
+        Some(files) => files,
+        None => {
+            undo(ids);
             remove_tree_contents(dest);
-            return Err(e);
+            return Err(ImageError::Task(
+                "a placeholder was created but not registered".into(),
+            ));
         }
     };
     let keys: Vec<(usize, usize)> = unpacked
@@ -105,6 +133,13 @@ pub async fn prepare(
         .map(|i| files[i])
         .collect();
     let bytes_before_ready = store.bytes_fetched();
+    let total = started.elapsed();
+    let timings = PrepareTimings {
+        indexes: indexes_done,
+        unpack: unpack_done - indexes_done,
+        register: total - unpack_done,
+        total,
+    };
     info!(
         reference,
         dest = %dest.display(),
@@ -126,6 +161,7 @@ pub async fn prepare(
         store,
         sources,
         profile_files,
+        timings,
     })
 }
 
@@ -186,74 +222,72 @@ pub fn register_placeholder(
     }
 }
 
-/// Threads registering placeholders: each registration is a handful of syscalls (open,
-/// statx, getxattr, the mark, close), so two threads halve the wait on a 2-core machine.
-const REGISTER_THREADS: usize = 2;
-
-/// Registers every placeholder of an unpacked image, [`REGISTER_THREADS`] at a time; on
-/// failure unregisters the ones done. Blocks: call it off the async runtime.
-// Returned once per prepare: the size of the error does not matter here.
-#[allow(clippy::result_large_err)]
-fn register_all(
-    engine: &Engine,
-    sources: &ImageSources,
-    unpacked: &Unpacked,
-    reference: &str,
+/// Registers each placeholder with the engine as the unpack creates it
+/// ([`unpack::PlaceholderSink`]): its content source, and in direct mode its inode mark
+/// through the descriptor it was created with. Records the first failure for [`prepare`].
+struct RegisterSink<'a> {
+    engine: &'a Engine,
+    sources: &'a ImageSources,
     mode: Mode,
-) -> Result<Vec<FileId>, ImageError> {
-    let register = |p: &unpack::Placeholder| -> Result<FileId, ImageError> {
-        let (source, verify) = sources.file_source(p.layer, p.entry)?;
-        register_placeholder(engine, p, source, verify, mode).map_err(|source| ImageError::Fill {
-            reference: reference.to_string(),
-            source,
-        })
-    };
-    let all = &unpacked.placeholders;
-    let per = all.len().div_ceil(REGISTER_THREADS).max(1);
-    let parts: Vec<(Vec<FileId>, Option<ImageError>)> = std::thread::scope(|scope| {
-        let handles: Vec<_> = all
-            .chunks(per)
-            .map(|part| {
-                scope.spawn(move || {
-                    let mut done = Vec::with_capacity(part.len());
-                    for p in part {
-                        match register(p) {
-                            Ok(id) => done.push(id),
-                            Err(e) => return (done, Some(e)),
-                        }
-                    }
-                    (done, None)
-                })
-            })
-            .collect();
-        handles
-            .into_iter()
-            .map(|h| {
-                h.join().unwrap_or_else(|_| {
-                    (
-                        Vec::new(),
-                        Some(ImageError::Task("registering panicked".into())),
-                    )
-                })
-            })
-            .collect()
-    });
-    let mut files = Vec::with_capacity(all.len());
-    let mut failed = None;
-    for (done, err) in parts {
-        files.extend(done);
-        failed = failed.or(err);
-    }
-    match failed {
-        None => Ok(files),
-        Some(e) => {
-            for id in files {
-                let _ = engine.unregister(id);
-            }
-            Err(e)
-        }
+    reference: &'a str,
+    /// The registered files by (layer, entry).
+    ids: std::sync::Mutex<HashMap<(usize, usize), FileId>>,
+    failed: std::sync::Mutex<Option<ImageError>>,
+}
+
+impl RegisterSink<'_> {
+    fn fail(&self, e: ImageError) -> std::io::Error {
+        let msg = crate::fill::error_chain(&e);
+        let mut failed = self.failed.lock().unwrap_or_else(|e| e.into_inner());
+        failed.get_or_insert(e);
+        std::io::Error::other(msg)
     }
 }
+
+impl unpack::PlaceholderSink for RegisterSink<'_> {
+    fn created(
+        &self,
+        p: &unpack::Placeholder,
+        meta: &Entry,
+        file: &std::fs::File,
+        stat: &std::fs::Metadata,
+    ) -> std::io::Result<()> {
+        let (source, verify) = self
+            .sources
+            .file_source(p.layer, p.entry)
+            .map_err(|e| self.fail(e))?;
+        let placeholder = Placeholder {
+            path: p.path.clone(),
+            size: p.size,
+            source,
+            verify,
+        };
+        let capability = meta.xattrs.iter().any(|(n, _)| n == CAPABILITY_XATTR);
+        let id = self
+            .engine
+            .register_open(
+                file,
+                stat,
+                placeholder,
+                capability,
+                self.mode == Mode::Direct,
+            )
+            .map_err(|source| {
+                self.fail(ImageError::Fill {
+                    reference: self.reference.to_string(),
+                    source,
+                })
+            })?;
+        self.ids
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert((p.layer, p.entry), id);
+        Ok(())
+    }
+}
+
+/// The file capability xattr (kept by the engine across fills).
+const CAPABILITY_XATTR: &str = "security.capability";
 
 /// Extended attribute set on a prepared tree's top directory, naming the image: lets the
 /// OCI hook recognise a fanfill tree (and fail closed) even when the daemon is down.

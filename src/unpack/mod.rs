@@ -246,6 +246,44 @@ pub struct NoHooks;
 
 impl UnpackHooks for NoHooks {}
 
+/// Told of each placeholder the moment it exists, on the thread that created it (several at
+/// once: placeholders are created by more than one thread), with the file still open
+/// through the descriptor it was created with and its metadata (one `statx` before its
+/// owner, mode, xattrs and times were set: identity, type, size and birth time). A caller
+/// registers the placeholder here, in the same pass that creates it: marking its inode
+/// through this descriptor needs no second walk, path lookup or `statx`, and no one else can
+/// have opened the file yet (its directory is still `0700`).
+///
+/// An error stops the unpack ([`Op::Register`]); what was created stays for the caller to
+/// remove, as with any failed unpack.
+pub trait PlaceholderSink: Sync {
+    /// `p` was created from the entry `meta` (already on `p.path`), open as `file`.
+    fn created(
+        &self,
+        p: &Placeholder,
+        meta: &Entry,
+        file: &File,
+        stat: &std::fs::Metadata,
+    ) -> io::Result<()>;
+}
+
+/// A sink that takes nothing: [`unpack`] and [`unpack_at`] create leaves on several threads
+/// through it.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct NoSink;
+
+impl PlaceholderSink for NoSink {
+    fn created(
+        &self,
+        _: &Placeholder,
+        _: &Entry,
+        _: &File,
+        _: &std::fs::Metadata,
+    ) -> io::Result<()> {
+        Ok(())
+    }
+}
+
 /// What went wrong, naming the layer and path at fault.
 #[derive(Debug, thiserror::Error)]
 pub enum UnpackError {
@@ -342,6 +380,8 @@ pub enum Op {
     Xattr(String),
     /// Setting the timestamps.
     Times,
+    /// Handing the new placeholder to the [`PlaceholderSink`].
+    Register,
 }
 
 impl fmt::Display for Op {
@@ -356,6 +396,7 @@ impl fmt::Display for Op {
             Op::Chmod => f.write_str("chmod"),
             Op::Xattr(name) => write!(f, "set xattr {name}"),
             Op::Times => f.write_str("set times"),
+            Op::Register => f.write_str("register placeholder"),
         }
     }
 }
@@ -366,7 +407,12 @@ pub fn unpack(
     dest: &Path,
     opts: &UnpackOptions,
 ) -> Result<Unpacked, UnpackError> {
-    unpack_with(layers, dest, opts, &mut NoHooks)
+    let dest_abs = dest.canonicalize().map_err(|source| UnpackError::Dest {
+        dest: dest.to_owned(),
+        source,
+    })?;
+    let fd = write::open_dest(&dest_abs)?;
+    unpack_at_into(layers, fd, &dest_abs, opts, &NoSink)
 }
 
 /// [`unpack`] with caller hooks for progress and eager data.
@@ -382,7 +428,7 @@ pub fn unpack_with(
     };
     let dest_abs = dest.canonicalize().map_err(dest_err)?;
     let fd = write::open_dest(&dest_abs)?;
-    unpack_at_with(layers, fd, &dest_abs, opts, hooks)
+    unpack_at_with(layers, fd, &dest_abs, opts, hooks, None)
 }
 
 /// [`unpack`] into the directory open as `dest` (at `dest_abs`, which names the
@@ -394,7 +440,19 @@ pub fn unpack_at(
     dest_abs: &Path,
     opts: &UnpackOptions,
 ) -> Result<Unpacked, UnpackError> {
-    unpack_at_with(layers, dest, dest_abs, opts, &mut NoHooks)
+    unpack_at_into(layers, dest, dest_abs, opts, &NoSink)
+}
+
+/// [`unpack_at`] handing each placeholder to `sink` as soon as it exists (to register it in
+/// the same pass). The leaves of each tree are created by two threads.
+pub fn unpack_at_into(
+    layers: &[Layer<'_>],
+    dest: std::os::fd::OwnedFd,
+    dest_abs: &Path,
+    opts: &UnpackOptions,
+    sink: &dyn PlaceholderSink,
+) -> Result<Unpacked, UnpackError> {
+    unpack_at_with(layers, dest, dest_abs, opts, &mut NoHooks, Some(sink))
 }
 
 fn unpack_at_with(
@@ -403,6 +461,7 @@ fn unpack_at_with(
     dest_abs: &Path,
     opts: &UnpackOptions,
     hooks: &mut dyn UnpackHooks,
+    sink: Option<&dyn PlaceholderSink>,
 ) -> Result<Unpacked, UnpackError> {
     let dest_err = |source| UnpackError::Dest {
         dest: dest_abs.to_owned(),
@@ -427,7 +486,7 @@ fn unpack_at_with(
         objects = plan.merged.len(),
         "unpacking placeholders"
     );
-    let out = write::materialise(layers, dest, &dest_abs, opts, hooks, &plan)?;
+    let out = write::materialise(layers, dest, &dest_abs, opts, hooks, sink, &plan)?;
     tracing::info!(
         dest = %dest_abs.display(),
         dirs = out.stats.dirs,

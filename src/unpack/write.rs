@@ -30,9 +30,31 @@ use crate::index::{Entry, EntryKind};
 
 use super::plan::{self, EntryRef, Key, Node, Plan};
 use super::{
-    FileData, Layer, Mode, Op, Placeholder, Progress, UnpackError, UnpackHooks, UnpackOptions,
-    Unpacked, layer_dir_name,
+    FileData, Layer, Mode, NoHooks, Op, Placeholder, PlaceholderSink, Progress, UnpackError,
+    UnpackHooks, UnpackOptions, UnpackStats, Unpacked, layer_dir_name,
 };
+
+/// Threads creating the leaves of a tree (files, symlinks, special files) when a
+/// [`PlaceholderSink`] is given: directories are created first, then each thread takes whole
+/// directories' worth of leaves (about the same number each), then hardlinks to inodes of
+/// another thread and the directories' metadata are done on the calling thread. Two: the
+/// machines this is measured on have two cores, and ext4's journal serialises more.
+const UNPACK_THREADS: usize = 2;
+
+/// [`UNPACK_THREADS`], or `FANFILL_UNPACK_THREADS` (1 to 8: for measuring), at most the
+/// cores there are.
+fn unpack_threads() -> usize {
+    let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+    std::env::var("FANFILL_UNPACK_THREADS")
+        .ok()
+        .and_then(|v| v.parse::<usize>().ok())
+        .unwrap_or(UNPACK_THREADS)
+        .clamp(1, 8)
+        .min(cores)
+}
+
+/// Fewer leaves than this are created on the calling thread alone.
+const PARALLEL_MIN_LEAVES: usize = 512;
 
 /// A failed operation, before the layer and path are attached.
 type OpResult<T> = Result<T, (Op, io::Error)>;
@@ -53,7 +75,9 @@ pub fn create_file(dir: BorrowedFd<'_>, name: &OsStr, size: u64, sparse: bool) -
 /// capability also by a write): call it after any data was written. The access time is
 /// set to the mtime (layers carry no atime).
 pub fn finish_file(file: &File, meta: &Entry) -> io::Result<()> {
-    finish_fd(file, meta, false, &Dropped::default()).map_err(|(_, e)| e)
+    finish_fd(file, meta, false, &Dropped::default())
+        .map(drop)
+        .map_err(|(_, e)| e)
 }
 
 /// Opens the directory `rel` beneath `root` for use with [`create_file`], refusing any
@@ -106,13 +130,20 @@ fn create_file_op(
 }
 
 /// Owner, mode, xattrs, times of an open file or directory; `opaque` adds the overlay
-/// opaque marker.
-fn finish_fd(file: &File, meta: &Entry, opaque: bool, dropped: &Dropped) -> OpResult<()> {
+/// opaque marker. Returns the object's identity, type and size as found before (one
+/// `statx`: what a registration needs, see [`super::PlaceholderSink`]).
+fn finish_fd(
+    file: &File,
+    meta: &Entry,
+    opaque: bool,
+    dropped: &Dropped,
+) -> OpResult<std::fs::Metadata> {
+    use std::os::unix::fs::MetadataExt as _;
     // A chown and a chmod each dirty the inode in the journal; most entries are created
     // with the owner and mode they need already (root unpacking root's files), so compare
     // first. A chown clears setuid/setgid bits: after one, the mode is always set again.
-    let st = nix::sys::stat::fstat(file.as_fd()).map_err(op(Op::Chown))?;
-    let chown = (st.st_uid, st.st_gid) != (meta.uid, meta.gid);
+    let st = file.metadata().map_err(|e| (Op::Chown, e))?;
+    let chown = (st.uid(), st.gid()) != (meta.uid, meta.gid);
     if chown {
         fchown(
             file.as_fd(),
@@ -121,7 +152,7 @@ fn finish_fd(file: &File, meta: &Entry, opaque: bool, dropped: &Dropped) -> OpRe
         )
         .map_err(op(Op::Chown))?;
     }
-    if chown || (st.st_mode & 0o7777) != (meta.mode & 0o7777) {
+    if chown || (st.mode() & 0o7777) != (meta.mode & 0o7777) {
         fchmod(file.as_fd(), perm(meta.mode)).map_err(op(Op::Chmod))?;
     }
     for (name, value) in &meta.xattrs {
@@ -135,7 +166,8 @@ fn finish_fd(file: &File, meta: &Entry, opaque: bool, dropped: &Dropped) -> OpRe
             .map_err(|e| (Op::Xattr(OPAQUE_XATTR.to_owned()), e))?;
     }
     let t = mtime(meta);
-    futimens(file.as_fd(), &t, &t).map_err(op(Op::Times))
+    futimens(file.as_fd(), &t, &t).map_err(op(Op::Times))?;
+    Ok(st)
 }
 
 const OPAQUE_XATTR: &str = "trusted.overlay.opaque";
@@ -196,6 +228,17 @@ impl Dropped {
         self.count.get()
     }
 
+    /// Adds what `other` (another thread's) dropped.
+    fn merge(&self, other: Dropped) {
+        self.count.set(self.count.get() + other.count.get());
+        let mut names = self.names.borrow_mut();
+        for n in other.names.into_inner() {
+            if names.len() < 8 {
+                names.insert(n);
+            }
+        }
+    }
+
     /// Logs the count, once per unpack.
     fn log(&self) {
         if self.count() > 0 {
@@ -251,13 +294,106 @@ struct Writer<'a> {
     /// Where each inode was created first, relative to the destination.
     inodes: HashMap<EntryRef, PathBuf>,
     /// Overlay mode: inodes the merged view shows (only those are placeholders to fill).
-    visible: Option<HashSet<EntryRef>>,
+    visible: Option<&'a HashSet<EntryRef>>,
+    /// Told of each placeholder as soon as it exists; with one, the leaves of each tree are
+    /// created by [`UNPACK_THREADS`] threads ([`Writer::tree_par`]).
+    sink: Option<&'a dyn PlaceholderSink>,
     devices_ok: bool,
     default_dir: Entry,
     done: u64,
     total: u64,
     out: Unpacked,
     dropped: Dropped,
+}
+
+/// What every thread of [`Writer::tree_par`] shares.
+#[derive(Clone, Copy)]
+struct Shared<'a> {
+    layers: &'a [Layer<'a>],
+    opts: &'a UnpackOptions,
+    dest_abs: &'a Path,
+    dest: BorrowedFd<'a>,
+    visible: Option<&'a HashSet<EntryRef>>,
+    sink: Option<&'a dyn PlaceholderSink>,
+    devices_ok: bool,
+}
+
+/// Creates one run of leaves (whole directories of them) on the current thread, with a
+/// writer of its own; [`Writer::merge`] takes its result.
+fn part(
+    sh: Shared<'_>,
+    prefix: &Path,
+    tree_layer: &str,
+    root: &File,
+    run: &[(&[u8], Node)],
+) -> Result<Part, UnpackError> {
+    let mut hooks = NoHooks;
+    let io_err = |e: io::Error| UnpackError::Io {
+        layer: tree_layer.to_owned(),
+        path: prefix.to_string_lossy().into_owned(),
+        op: Op::OpenDir,
+        source: e,
+    };
+    let dest = sh.dest.try_clone_to_owned().map_err(io_err)?;
+    let mut w = Writer {
+        layers: sh.layers,
+        opts: sh.opts,
+        hooks: &mut hooks,
+        dest_abs: sh.dest_abs,
+        dest,
+        inodes: HashMap::new(),
+        visible: sh.visible,
+        sink: sh.sink,
+        devices_ok: sh.devices_ok,
+        default_dir: default_dir(),
+        done: 0,
+        total: 0,
+        out: Unpacked::default(),
+        dropped: Dropped::default(),
+    };
+    let mut open: Option<(&[u8], File)> = None;
+    for &(key, node) in run {
+        let rel = prefix.join(plan::display(key));
+        let layer = match node {
+            Node::Leaf { via, .. } => w.layers[via.layer].digest,
+            _ => tree_layer,
+        };
+        let parent = plan::parent(key);
+        if open.as_ref().is_none_or(|(k, _)| *k != parent) {
+            let dir = if parent.is_empty() {
+                root.try_clone().map_err(|e| (Op::OpenDir, e))
+            } else {
+                w.open_rel(prefix, parent)
+            }
+            .map_err(|e| w.err(layer, &rel, e))?;
+            open = Some((parent, dir));
+        }
+        let Some((_, dir)) = &open else { continue };
+        let name = OsStr::from_bytes(plan::name(key));
+        match node {
+            Node::Leaf { inode, .. } => w.leaf(dir.as_fd(), name, &rel, inode),
+            Node::Whiteout => w.whiteout(dir.as_fd(), name),
+            Node::Dir { .. } => Ok(()),
+        }
+        .map_err(|e| w.err(layer, &rel, e))?;
+        w.done += 1;
+    }
+    Ok(Part {
+        out: w.out,
+        inodes: w.inodes,
+        dropped: w.dropped,
+        done: w.done,
+        devices_ok: w.devices_ok,
+    })
+}
+
+/// What one thread of [`Writer::tree_par`] created.
+struct Part {
+    out: Unpacked,
+    inodes: HashMap<EntryRef, PathBuf>,
+    dropped: Dropped,
+    done: u64,
+    devices_ok: bool,
 }
 
 /// Opens the destination directory `dest_abs` (absolute, canonical) once, never following a
@@ -281,6 +417,7 @@ pub(super) fn materialise(
     dest_abs: &Path,
     opts: &UnpackOptions,
     hooks: &mut dyn UnpackHooks,
+    sink: Option<&dyn PlaceholderSink>,
     plan: &Plan,
 ) -> Result<Unpacked, UnpackError> {
     let mut devices_ok = opts.make_devices;
@@ -295,6 +432,15 @@ pub(super) fn materialise(
             .map(BTreeMap::len)
             .sum(),
     } as u64;
+    let visible: Option<HashSet<EntryRef>> = (opts.mode == Mode::Overlay).then(|| {
+        plan.merged
+            .values()
+            .filter_map(|n| match n {
+                Node::Leaf { inode, .. } => Some(*inode),
+                _ => None,
+            })
+            .collect()
+    });
     let mut w = Writer {
         layers,
         opts,
@@ -303,6 +449,7 @@ pub(super) fn materialise(
         dest,
         inodes: HashMap::new(),
         visible: None,
+        sink,
         devices_ok,
         default_dir: default_dir(),
         done: 0,
@@ -317,18 +464,10 @@ pub(super) fn materialise(
                 .try_clone()
                 .map(File::from)
                 .map_err(|e| layout_err("", Op::OpenDir, e))?;
-            w.tree(root, Path::new(""), "-", &plan.merged)?;
+            w.walk(root, Path::new(""), "-", &plan.merged)?;
         }
         Mode::Overlay => {
-            w.visible = Some(
-                plan.merged
-                    .values()
-                    .filter_map(|n| match n {
-                        Node::Leaf { inode, .. } => Some(*inode),
-                        _ => None,
-                    })
-                    .collect(),
-            );
+            w.visible = visible.as_ref();
             let layers_dir = {
                 let dest = w.dest.as_fd();
                 w.mkdir(dest, OsStr::new("layers"))
@@ -345,7 +484,7 @@ pub(super) fn materialise(
                     .map_err(|(o, e)| layout_err(&rel.to_string_lossy(), o, e))?;
                 let root = open_dir(layers_dir.as_fd(), OsStr::new(&name))
                     .map_err(|(o, e)| layout_err(&rel.to_string_lossy(), o, e))?;
-                w.tree(root, &rel, layers[li].digest, tree)?;
+                w.walk(root, &rel, layers[li].digest, tree)?;
                 w.out.lowerdirs.push(dest_abs.join(&rel));
             }
             w.out.lowerdirs.reverse();
@@ -484,9 +623,8 @@ impl Writer<'_> {
                         .map_err(|e| self.err(layer, &rel, e))?;
                 }
                 Node::Whiteout => {
-                    mknodat(dir, name, SFlag::S_IFCHR, Perm::empty(), makedev(0, 0))
-                        .map_err(|e| self.err(tree_layer, &rel, (Op::Create, e.into())))?;
-                    self.out.stats.whiteouts += 1;
+                    self.whiteout(dir, name)
+                        .map_err(|e| self.err(tree_layer, &rel, e))?;
                 }
             }
             self.tick();
@@ -495,6 +633,247 @@ impl Writer<'_> {
             self.finish_dir(o, prefix, tree_layer)?;
         }
         Ok(())
+    }
+
+    fn whiteout(&mut self, dir: BorrowedFd<'_>, name: &OsStr) -> OpResult<()> {
+        mknodat(dir, name, SFlag::S_IFCHR, Perm::empty(), makedev(0, 0)).map_err(op(Op::Create))?;
+        self.out.stats.whiteouts += 1;
+        Ok(())
+    }
+
+    /// One tree: with a sink, in parallel ([`Writer::tree_par`]), else in one walk.
+    fn walk(
+        &mut self,
+        root: File,
+        prefix: &Path,
+        tree_layer: &str,
+        nodes: &BTreeMap<Key, Node>,
+    ) -> Result<(), UnpackError> {
+        if self.sink.is_some() {
+            self.tree_par(root, prefix, tree_layer, nodes)
+        } else {
+            self.tree(root, prefix, tree_layer, nodes)
+        }
+    }
+
+    /// Opens the directory `key` of the tree at `prefix`, beneath the destination, refusing
+    /// symlinks, `..` and mount crossings on the way ([`open_dir_beneath`]).
+    fn open_rel(&self, prefix: &Path, key: &[u8]) -> OpResult<File> {
+        let rel = prefix.join(plan::display(key));
+        open_dir_beneath(self.dest.as_fd(), &rel)
+            .map(File::from)
+            .map_err(|e| (Op::OpenDir, e))
+    }
+
+    /// [`Writer::tree`] with the leaves spread over threads: (1) every directory, parents
+    /// first, in one walk; (2) the leaves grouped by directory, the groups split into
+    /// [`UNPACK_THREADS`] runs of about equal size, each run on its own thread opening its
+    /// directories beneath the destination; (3) names of inodes another group created
+    /// (hardlinks) on this thread; (4) the directories' metadata, deepest first.
+    fn tree_par(
+        &mut self,
+        root: File,
+        prefix: &Path,
+        tree_layer: &str,
+        nodes: &BTreeMap<Key, Node>,
+    ) -> Result<(), UnpackError> {
+        let (root_meta, root_opaque) = match nodes.get(&[][..]) {
+            Some(Node::Dir { meta, opaque }) => (*meta, *opaque),
+            _ => (None, false),
+        };
+        self.out.stats.dirs += 1;
+        self.done += 1;
+        let top = root
+            .try_clone()
+            .map_err(|e| self.err(tree_layer, prefix, (Op::OpenDir, e)))?;
+        let mut stack: Vec<(&[u8], File)> = vec![(&[], top)];
+        let mut dirs: Vec<(&[u8], Option<EntryRef>, bool)> = Vec::new();
+        let mut leaves: Vec<(&[u8], Node)> = Vec::new();
+        let mut later: Vec<(&[u8], Node)> = Vec::new();
+        let mut creators: HashSet<EntryRef> = HashSet::new();
+        for (key, node) in nodes.iter().filter(|(k, _)| !k.is_empty()) {
+            match *node {
+                Node::Dir { meta, opaque } => {
+                    let parent = plan::parent(key);
+                    while stack.last().is_some_and(|(k, _)| *k != parent) {
+                        stack.pop();
+                    }
+                    let rel = prefix.join(plan::display(key));
+                    let layer = meta.map_or(tree_layer, |r| self.layers[r.layer].digest);
+                    let Some((_, dir)) = stack.last() else {
+                        return Err(self.err(
+                            layer,
+                            &rel,
+                            (
+                                Op::OpenDir,
+                                io::Error::other("parent missing from the plan"),
+                            ),
+                        ));
+                    };
+                    let name = OsStr::from_bytes(plan::name(key));
+                    let opened = self
+                        .mkdir(dir.as_fd(), name)
+                        .and_then(|()| open_dir(dir.as_fd(), name))
+                        .map_err(|e| self.err(layer, &rel, e))?;
+                    self.out.stats.dirs += 1;
+                    self.done += 1;
+                    stack.push((key, opened));
+                    dirs.push((key, meta, opaque));
+                }
+                Node::Leaf { inode, .. } => {
+                    // The first name of an inode (in path order) creates it, as in `tree`.
+                    if self.inodes.contains_key(&inode) || !creators.insert(inode) {
+                        later.push((key, *node));
+                    } else {
+                        leaves.push((key, *node));
+                    }
+                }
+                Node::Whiteout => leaves.push((key, *node)),
+            }
+        }
+        drop(stack);
+        // Leaves grouped by directory (stable: path order inside a directory).
+        leaves.sort_by(|a, b| plan::parent(a.0).cmp(plan::parent(b.0)));
+        let threads = if leaves.len() < PARALLEL_MIN_LEAVES {
+            1
+        } else {
+            unpack_threads()
+        };
+        let mut runs: Vec<&[(&[u8], Node)]> = Vec::new();
+        let per = leaves.len().div_ceil(threads).max(1);
+        let mut start = 0;
+        for i in 1..=leaves.len() {
+            let end_of_group =
+                i == leaves.len() || plan::parent(leaves[i].0) != plan::parent(leaves[i - 1].0);
+            if end_of_group && (i - start >= per || i == leaves.len()) {
+                runs.push(&leaves[start..i]);
+                start = i;
+            }
+        }
+        let sh = Shared {
+            layers: self.layers,
+            opts: self.opts,
+            dest_abs: self.dest_abs,
+            dest: self.dest.as_fd(),
+            visible: self.visible,
+            sink: self.sink,
+            devices_ok: self.devices_ok,
+        };
+        let parts: Vec<Result<Part, UnpackError>> = if runs.len() <= 1 {
+            runs.iter()
+                .map(|run| part(sh, prefix, tree_layer, &root, run))
+                .collect()
+        } else {
+            let root = &root;
+            std::thread::scope(|scope| {
+                let handles: Vec<_> = runs
+                    .iter()
+                    .map(|run| scope.spawn(move || part(sh, prefix, tree_layer, root, run)))
+                    .collect();
+                handles
+                    .into_iter()
+                    .map(|h| {
+                        h.join().unwrap_or_else(|_| {
+                            Err(UnpackError::Io {
+                                layer: tree_layer.to_owned(),
+                                path: prefix.to_string_lossy().into_owned(),
+                                op: Op::Create,
+                                source: io::Error::other("unpack thread panicked"),
+                            })
+                        })
+                    })
+                    .collect()
+            })
+        };
+        let mut failed = None;
+        for part in parts {
+            match part {
+                Ok(p) => self.merge(p),
+                Err(e) => failed = failed.or(Some(e)),
+            }
+        }
+        if let Some(e) = failed {
+            return Err(e);
+        }
+        // Names of inodes created above (or in a lower layer's tree).
+        let mut open: Option<(&[u8], File)> = None;
+        for (key, node) in later {
+            let Node::Leaf { inode, via } = node else {
+                continue;
+            };
+            let layer = self.layers[via.layer].digest;
+            let rel = prefix.join(plan::display(key));
+            let parent = plan::parent(key);
+            if open.as_ref().is_none_or(|(k, _)| *k != parent) {
+                let dir = self
+                    .open_rel(prefix, parent)
+                    .map_err(|e| self.err(layer, &rel, e))?;
+                open = Some((parent, dir));
+            }
+            let Some((_, dir)) = &open else { continue };
+            let name = OsStr::from_bytes(plan::name(key));
+            self.leaf(dir.as_fd(), name, &rel, inode)
+                .map_err(|e| self.err(layer, &rel, e))?;
+            self.done += 1;
+        }
+        drop(open);
+        // Directory metadata, every directory after all of its subtree.
+        for &(key, meta, opaque) in dirs.iter().rev() {
+            let layer = meta.map_or(tree_layer, |r| self.layers[r.layer].digest);
+            let dir = self
+                .open_rel(prefix, key)
+                .map_err(|e| self.err(layer, &prefix.join(plan::display(key)), e))?;
+            self.finish_dir(
+                OpenDir {
+                    key,
+                    dir,
+                    meta,
+                    opaque,
+                },
+                prefix,
+                tree_layer,
+            )?;
+        }
+        self.finish_dir(
+            OpenDir {
+                key: &[],
+                dir: root,
+                meta: root_meta,
+                opaque: root_opaque,
+            },
+            prefix,
+            tree_layer,
+        )
+    }
+
+    /// Takes what one [`part`] created.
+    fn merge(&mut self, p: Part) {
+        let (a, b) = (&mut self.out.stats, &p.out.stats);
+        let UnpackStats {
+            dirs,
+            files,
+            symlinks,
+            hardlinks,
+            fifos,
+            devices,
+            whiteouts,
+            skipped,
+            bytes,
+        } = b;
+        a.dirs += dirs;
+        a.files += files;
+        a.symlinks += symlinks;
+        a.hardlinks += hardlinks;
+        a.fifos += fifos;
+        a.devices += devices;
+        a.whiteouts += whiteouts;
+        a.skipped += skipped;
+        a.bytes += bytes;
+        self.out.placeholders.extend(p.out.placeholders);
+        self.inodes.extend(p.inodes);
+        self.dropped.merge(p.dropped);
+        self.done += p.done;
+        self.devices_ok &= p.devices_ok;
     }
 
     fn finish_dir(
@@ -508,6 +887,7 @@ impl Writer<'_> {
             None => (&self.default_dir, tree_layer),
         };
         finish_fd(&o.dir, meta, o.opaque, &self.dropped)
+            .map(drop)
             .map_err(|e| self.err(layer, &prefix.join(plan::display(o.key)), e))
     }
 
@@ -533,17 +913,22 @@ impl Writer<'_> {
                     .hooks
                     .write_data(inode.layer, inode.entry, e, &mut file)
                     .map_err(|err| (Op::WriteData, err))?;
-                finish_fd(&file, e, false, &self.dropped)?;
+                let st = finish_fd(&file, e, false, &self.dropped)?;
                 self.out.stats.files += 1;
-                let visible = self.visible.as_ref().is_none_or(|v| v.contains(&inode));
+                let visible = self.visible.is_none_or(|v| v.contains(&inode));
                 if data == FileData::Placeholder && e.size > 0 && visible {
                     self.out.stats.bytes += e.size;
-                    self.out.placeholders.push(Placeholder {
+                    let p = Placeholder {
                         path: self.dest_abs.join(rel),
                         layer: inode.layer,
                         entry: inode.entry,
                         size: e.size,
-                    });
+                    };
+                    if let Some(sink) = self.sink {
+                        sink.created(&p, e, &file, &st)
+                            .map_err(|err| (Op::Register, err))?;
+                    }
+                    self.out.placeholders.push(p);
                 }
             }
             EntryKind::Symlink => {
