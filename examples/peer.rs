@@ -901,9 +901,8 @@ struct Breakdown {
     opens: u64,
     /// Of the misses, those served by a running layer stream.
     delivered: u64,
-    /// Reader-event service time p50 / p99 (ms), daemon-wide.
-    p50_ms: f64,
-    p99_ms: f64,
+    /// Pre-content events of readers (range misses; overlay mode has none).
+    events: u64,
 }
 
 impl Breakdown {
@@ -912,8 +911,7 @@ impl Breakdown {
         Breakdown {
             opens: st.opens,
             delivered: st.delivered,
-            p50_ms: st.p50_ms,
-            p99_ms: st.p99_ms,
+            events: st.events,
             ..self
         }
     }
@@ -952,7 +950,7 @@ fn breakdown_from_log(log: &Path, since: f64) -> Breakdown {
             unpack_start = Some(t);
         } else if l.contains("unpacked placeholders") {
             b.unpack_s = unpack_start.map(|u| t - u).unwrap_or_default();
-        } else if l.contains("image prepared") {
+        } else if l.contains("fanfill::daemon: image prepared") {
             b.prepare_s = l
                 .rsplit("ms=")
                 .next()
@@ -1126,8 +1124,7 @@ impl Rig {
             Some(fanfill::api::Response::Status { daemon, .. }) => Some(Breakdown {
                 opens: daemon.overlay_opens,
                 delivered: daemon.delivered_waits,
-                p50_ms: daemon.latency_p50_us as f64 / 1000.0,
-                p99_ms: daemon.latency_p99_us as f64 / 1000.0,
+                events: daemon.events,
                 ..Breakdown::default()
             }),
             _ => None,
@@ -1363,7 +1360,7 @@ fn report(
             format!("{:.prec$}", median(&v))
         };
         rows.push_str(&format!(
-            "| {} | {} | {} | {} | {} | {} | {} | {} | {} | {} / {} |\n",
+            "| {} | {} | {} | {} | {} | {} | {} | {} | {} | {} |\n",
             sys.label(),
             m(&|_, b| b.index_s, 2),
             m(&|_, b| b.unpack_s, 2),
@@ -1373,8 +1370,7 @@ fn report(
             m(&|x, _| x.first_output, 2),
             m(&|_, b| b.opens as f64, 0),
             m(&|_, b| b.delivered as f64, 0),
-            m(&|_, b| b.p50_ms, 1),
-            m(&|_, b| b.p99_ms, 1),
+            m(&|_, b| b.events as f64, 0),
         ));
     }
     if !rows.is_empty() {
@@ -1383,7 +1379,7 @@ fn report(
              pull unless noted; from the daemon's log and its status at first output):\n\n\
              | System | Index artifact checked | Unpack (s, duration) | Daemon prepare (s, duration) | \
              Pull done | Container rootfs mounted and watched | First output | Opens held for a fill | \
-             Misses served by a layer stream | Reader event p50 / p99 (ms) |\n\
+             Misses served by a layer stream | Reader range events |\n\
              |---|---|---|---|---|---|---|---|---|---|\n",
         );
         s.push_str(&rows);
