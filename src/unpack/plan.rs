@@ -54,6 +54,15 @@ pub(crate) enum Node {
     Whiteout,
 }
 
+/// The metadata entry and opaqueness of a planned tree's root (the node under the empty
+/// key): defaults when no layer describes it.
+pub(crate) fn root_of(nodes: &std::collections::BTreeMap<Key, Node>) -> (Option<EntryRef>, bool) {
+    match nodes.get(&[][..]) {
+        Some(Node::Dir { meta, opaque }) => (*meta, *opaque),
+        _ => (None, false),
+    }
+}
+
 /// The result of planning.
 #[derive(Debug, Default)]
 pub(crate) struct Plan {

@@ -570,10 +570,7 @@ impl Writer<'_> {
         tree_layer: &str,
         nodes: &BTreeMap<Key, Node>,
     ) -> Result<(), UnpackError> {
-        let (meta, opaque) = match nodes.get(&[][..]) {
-            Some(Node::Dir { meta, opaque }) => (*meta, *opaque),
-            _ => (None, false),
-        };
+        let (meta, opaque) = plan::root_of(nodes);
         let mut stack = vec![OpenDir {
             key: &[],
             dir: root,
@@ -677,10 +674,7 @@ impl Writer<'_> {
         tree_layer: &str,
         nodes: &BTreeMap<Key, Node>,
     ) -> Result<(), UnpackError> {
-        let (root_meta, root_opaque) = match nodes.get(&[][..]) {
-            Some(Node::Dir { meta, opaque }) => (*meta, *opaque),
-            _ => (None, false),
-        };
+        let (root_meta, root_opaque) = plan::root_of(nodes);
         self.out.stats.dirs += 1;
         self.done += 1;
         let top = root
