@@ -17,10 +17,21 @@
 //! file of the python lib tree. Between runs everything is cold: image removed, stargz and
 //! fanfill daemons restarted on fresh state, page cache dropped.
 //!
+//! The link (`--link`): `loopback` (the registry on 127.0.0.1), or `shaped`: the registry in
+//! a network namespace behind a veth pair at 1 Gbit/s (`tc tbf`) and a relay adding 1 ms each
+//! way, as in the start benchmark (examples/bench/net.rs). `--image large` runs the start
+//! benchmark's large image (the python workload runs there too). Beside the times, each
+//! snapshotter daemon's CPU, peak RSS and bytes written, and for fanfill where its time to
+//! first output went (its log and status).
+//!
 //! Run as root:
 //!   cargo build --release --example peer --bin fanfill
-//!   ./target/release/examples/peer [--runs N] [--out FILE]
+//!   ./target/release/examples/peer [--runs N] [--out FILE] [--link loopback|shaped]
+//!     [--image python|large] [--systems eager,stargz,fanfill,fanfill-esgz,fanfill-complete]
 //!     [--stargz-grpc PATH] [--fanfill PATH] [--cache DIR]
+//!
+//! `PEER_FANFILL_LOG` (a log filter) and `PEER_FANFILL_ARGS` (extra daemon arguments) are
+//! for looking into a run by hand.
 //!
 //! `containerd-stargz-grpc` is built with /work/shared/tools/stargz/build-stargz-grpc.sh;
 //! without it the stargz row says so and the other rows are still measured.
