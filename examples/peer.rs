@@ -1182,6 +1182,16 @@ impl Rig {
         self.make_cold(sys)?;
         let result = self.pull_and_run(sys, run_no);
         let removed = self.remove(sys);
+        // A snapshotter left running keeps fetching in the background (stargz goes on
+        // completing its layers after the image is removed): stopped here, so that what the
+        // registry sends during the next system's run is that system's alone.
+        match sys {
+            System::Eager => {}
+            System::Stargz => run_now("stargz"),
+            System::Fanfill | System::FanfillEstargz | System::FanfillComplete => {
+                run_now("fanfill")
+            }
+        }
         let sample = result?;
         removed?;
         Ok(sample)
@@ -1425,7 +1435,8 @@ Columns:
 
 Cold runs: before each run the image is removed (`ctr image rm --sync`), the stargz daemon
 and the fanfill daemon are restarted on a fresh root/state dir (no content, blob or index
-cache survives), containerd is checked to reach the restarted snapshotter (an empty
+cache survives) and stopped right after their run (a background fetch still going is not
+counted in the next system's run), containerd is checked to reach the restarted snapshotter (an empty
 `snapshots prepare`), and the page cache is dropped (`sync; echo 3 > drop_caches`). All
 systems share one containerd (root and state on a loop-mounted ext4) and one registry.
 ";
