@@ -318,7 +318,7 @@ type FillResult = Result<(), Arc<FillError>>;
 const INLINE_WRITE_MAX: u64 = 64 << 10;
 
 /// The file capability xattr, which every write strips.
-const CAPABILITY_XATTR: &str = "security.capability";
+pub(crate) const CAPABILITY_XATTR: &str = "security.capability";
 
 /// Longest run of consecutive missing chunks fetched with one source read.
 const MAX_RUN_BYTES: u64 = 8 << 20;
@@ -707,7 +707,7 @@ impl Engine {
             path: p.path.clone(),
             source,
         })?;
-        self.register_fd(&file, &meta, p, true, mark)
+        self.register_open(&file, &meta, p, true, mark)
     }
 
     /// Registers a placeholder its creator still has open as `file`, `meta` being its
@@ -717,17 +717,6 @@ impl Engine {
     /// `security.capability` to keep (read back through `file`). `mark`: place the
     /// pre-content mark ([`Engine::register`]) or not ([`Engine::register_unmarked`]).
     pub fn register_open(
-        &self,
-        file: &File,
-        meta: &std::fs::Metadata,
-        p: Placeholder,
-        capability: bool,
-        mark: bool,
-    ) -> Result<FileId, FillError> {
-        self.register_fd(file, meta, p, capability, mark)
-    }
-
-    fn register_fd(
         &self,
         file: &File,
         meta: &std::fs::Metadata,

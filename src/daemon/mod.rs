@@ -333,6 +333,14 @@ struct ImageRt {
 /// What the daemon keeps of one served file besides its [`FileRecord`] (the persisted
 /// part, at the same position in [`ImageRecord::files`]): what the hot paths (prefetch,
 /// status, persisting) read without locking the record, and the flags they set.
+/// Whether `img` may be recorded now: a removed image's record must not come back, a bad
+/// image's record (which says so) must stay, and one that failed to reopen has none.
+fn recordable(img: &ImageRt) -> bool {
+    !(img.removed.load(Ordering::SeqCst)
+        || img.error.is_some()
+        || img.bad.lock().unwrap().is_some())
+}
+
 /// Bytes of complete files one record ([`Daemon::persist_image`]) offers to the content
 /// cache at most: spread over the records (one a second by default), a background
 /// completion's copies trickle in at 32 MiB/s instead of competing with a container's start.
@@ -1766,10 +1774,7 @@ impl Daemon {
     /// content cache: cheap enough for the path of a container's start, where a full
     /// [`Self::persist_image`] would wait for every byte a background stream wrote.
     fn persist_overlays(&self, img: &ImageRt) {
-        if img.removed.load(Ordering::SeqCst)
-            || img.error.is_some()
-            || img.bad.lock().unwrap().is_some()
-        {
+        if !recordable(img) {
             return;
         }
         let mut saved = img.saved.lock().unwrap();
@@ -1781,8 +1786,7 @@ impl Daemon {
         };
         let mut next = prev.clone();
         next.overlays = img.record.lock().unwrap().overlays.clone();
-        if img.removed.load(Ordering::SeqCst) || img.bad.lock().unwrap().is_some() || next == *prev
-        {
+        if !recordable(img) || next == *prev {
             return;
         }
         match self.state.save(&next) {
@@ -1794,13 +1798,10 @@ impl Daemon {
     /// Records one image's progress (and watched overlays) if it changed since it was last
     /// recorded, then offers its complete files to the content cache.
     fn persist_image(&self, img: &ImageRt) {
-        if img.removed.load(Ordering::SeqCst)
-            || img.error.is_some()
-            || img.bad.lock().unwrap().is_some()
-        {
+        if !recordable(img) {
             return;
         }
-        let snapshot = {
+        let mut snapshot = {
             let mut rec = img.record.lock().unwrap();
             rec.prefetch = img.prefetch.load(Ordering::Relaxed);
             for (f, served) in rec.files.iter_mut().zip(&img.files) {
@@ -1810,9 +1811,8 @@ impl Daemon {
             }
             rec.clone()
         };
-        let mut snapshot = snapshot;
         let mut saved = img.saved.lock().unwrap();
-        if img.removed.load(Ordering::SeqCst) || img.bad.lock().unwrap().is_some() {
+        if !recordable(img) {
             // Removed meanwhile: its record must not come back; found bad meanwhile: the
             // record saying so must stay.
             return;

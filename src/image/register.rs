@@ -67,12 +67,7 @@ pub async fn prepare(
             .zip(&ixs)
             .map(|(d, ix)| Layer::new(d, &ix.entries))
             .collect();
-        let dest_abs = dest.canonicalize().map_err(|source| UnpackError::Dest {
-            dest: dest.to_path_buf(),
-            source,
-        })?;
-        let fd = unpack::open_dest(&dest_abs)?;
-        unpack::unpack_at_into(&layers, fd, &dest_abs, &uopts, &sink)
+        unpack::unpack_into(&layers, dest, &uopts, &sink)
     });
     let ids = sink.ids.into_inner().unwrap_or_else(|e| e.into_inner());
     let failed = sink.failed.into_inner().unwrap_or_else(|e| e.into_inner());
@@ -262,7 +257,10 @@ impl unpack::PlaceholderSink for RegisterSink<'_> {
             source,
             verify,
         };
-        let capability = meta.xattrs.iter().any(|(n, _)| n == CAPABILITY_XATTR);
+        let capability = meta
+            .xattrs
+            .iter()
+            .any(|(n, _)| n == crate::fill::CAPABILITY_XATTR);
         let id = self
             .engine
             .register_open(
@@ -285,9 +283,6 @@ impl unpack::PlaceholderSink for RegisterSink<'_> {
         Ok(())
     }
 }
-
-/// The file capability xattr (kept by the engine across fills).
-const CAPABILITY_XATTR: &str = "security.capability";
 
 /// Extended attribute set on a prepared tree's top directory, naming the image: lets the
 /// OCI hook recognise a fanfill tree (and fail closed) even when the daemon is down.

@@ -407,12 +407,18 @@ pub fn unpack(
     dest: &Path,
     opts: &UnpackOptions,
 ) -> Result<Unpacked, UnpackError> {
-    let dest_abs = dest.canonicalize().map_err(|source| UnpackError::Dest {
-        dest: dest.to_owned(),
-        source,
-    })?;
-    let fd = write::open_dest(&dest_abs)?;
-    unpack_at_into(layers, fd, &dest_abs, opts, &NoSink)
+    unpack_into(layers, dest, opts, &NoSink)
+}
+
+/// [`unpack`] handing each placeholder to `sink` as soon as it exists ([`unpack_at_into`]).
+pub fn unpack_into(
+    layers: &[Layer<'_>],
+    dest: &Path,
+    opts: &UnpackOptions,
+    sink: &dyn PlaceholderSink,
+) -> Result<Unpacked, UnpackError> {
+    let (fd, dest_abs) = open_dest_path(dest)?;
+    unpack_at_into(layers, fd, &dest_abs, opts, sink)
 }
 
 /// [`unpack`] with caller hooks for progress and eager data.
@@ -422,13 +428,18 @@ pub fn unpack_with(
     opts: &UnpackOptions,
     hooks: &mut dyn UnpackHooks,
 ) -> Result<Unpacked, UnpackError> {
-    let dest_err = |source| UnpackError::Dest {
+    let (fd, dest_abs) = open_dest_path(dest)?;
+    unpack_at_with(layers, fd, &dest_abs, opts, hooks, None)
+}
+
+/// The destination directory `dest`, open ([`open_dest`]), with its canonical path.
+fn open_dest_path(dest: &Path) -> Result<(std::os::fd::OwnedFd, std::path::PathBuf), UnpackError> {
+    let dest_abs = dest.canonicalize().map_err(|source| UnpackError::Dest {
         dest: dest.to_owned(),
         source,
-    };
-    let dest_abs = dest.canonicalize().map_err(dest_err)?;
+    })?;
     let fd = write::open_dest(&dest_abs)?;
-    unpack_at_with(layers, fd, &dest_abs, opts, hooks, None)
+    Ok((fd, dest_abs))
 }
 
 /// [`unpack`] into the directory open as `dest` (at `dest_abs`, which names the
