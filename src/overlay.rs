@@ -157,21 +157,7 @@ impl OverlayWatcher {
     /// an overlay again (after a takeover, say) is harmless. Returns the overlay's device
     /// number.
     pub fn watch(&self, merged: &Path, lower_dev: u64) -> Result<u64, OverlayError> {
-        let stat_err = |source: std::io::Error| OverlayError::Stat {
-            path: merged.to_path_buf(),
-            source,
-        };
-        let fs = nix::sys::statfs::statfs(merged).map_err(|e| stat_err(e.into()))?;
-        let magic = fs.filesystem_type().0 as i64;
-        if magic != OVERLAYFS_SUPER_MAGIC {
-            return Err(OverlayError::NotOverlay {
-                path: merged.to_path_buf(),
-                fstype: format!("{magic:#x}"),
-            });
-        }
-        let dev = nix::sys::stat::stat(merged)
-            .map_err(|e| stat_err(e.into()))?
-            .st_dev;
+        let dev = self.device_of(merged)?;
         // Known before the mark exists: an open between the two finds its overlay.
         self.inner.watched.write().unwrap().insert(
             dev,
@@ -186,6 +172,30 @@ impl OverlayWatcher {
         }
         info!(merged = %merged.display(), dev, "overlay open watch on");
         Ok(dev)
+    }
+
+    /// The device number of the overlay mounted at `merged` (an error if it is not one).
+    pub fn device_of(&self, merged: &Path) -> Result<u64, OverlayError> {
+        let stat_err = |source: std::io::Error| OverlayError::Stat {
+            path: merged.to_path_buf(),
+            source,
+        };
+        let fs = nix::sys::statfs::statfs(merged).map_err(|e| stat_err(e.into()))?;
+        let magic = fs.filesystem_type().0 as i64;
+        if magic != OVERLAYFS_SUPER_MAGIC {
+            return Err(OverlayError::NotOverlay {
+                path: merged.to_path_buf(),
+                fstype: format!("{magic:#x}"),
+            });
+        }
+        Ok(nix::sys::stat::stat(merged)
+            .map_err(|e| stat_err(e.into()))?
+            .st_dev)
+    }
+
+    /// Whether the overlay whose device number is `dev` is watched now.
+    pub fn is_watched(&self, dev: u64) -> bool {
+        self.inner.watched.read().unwrap().contains_key(&dev)
     }
 
     /// Stops holding opens of the overlay whose device number is `dev` (its mark is removed

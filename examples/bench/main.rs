@@ -1,25 +1,38 @@
-//! The start benchmark (issue #6): three images made from this machine's Debian packages,
+//! `bench --all` (issue #17) is the benchmark of record: every image, both links, the real
+//! daemons side by side (containerd eager, podman, stargz-snapshotter with and without its
+//! prioritized files, fanfill's containerd snapshotter with and without its access profile
+//! and on the eStargz image), written to `BENCHMARKS.md` and `BENCHMARKS.json` (see
+//! [`all`] and [`peer`]). `bench peer ...` runs one image.
+//!
+//! `bench harness ...` is the older in-process start benchmark (issue #6), kept for what
+//! only it measures (direct vs overlay layouts through a runc hook, fill latency against the
+//! kernel floor, squashfuse): three images made from this machine's Debian packages,
 //! served by a local `docker-registry` through a shaped link (1 Gbit/s, ~2 ms RTT) and an
 //! unshaped one; per image, the time until a real `runc` container prints its answer with an
 //! eager pull (`skopeo copy` + `umoci raw unpack`) vs fanfill direct and overlay, with and
 //! without the index artifact; then steady-state reads (filled tree vs plain ext4 vs
 //! squashfuse), fill latency vs the kernel floor, daemon peak RSS and the placeholder unpack
-//! rate. Writes `BENCHMARKS.md` and `BENCHMARKS.json`.
+//! rate. Writes `docs/harness-bench.md` and `docs/harness-bench.json`.
 //!
 //! Run as root (Linux 6.14+):
-//!   cargo run --release --example bench -- --all      # the full table
-//!   cargo run --release --example bench -- --quick    # slim image, 3 runs, shaped link only
+//!   cargo run --release --example bench -- --all              # BENCHMARKS.md
+//!   cargo run --release --example bench -- harness --all      # docs/harness-bench.md
+//!   cargo run --release --example bench -- harness --quick    # slim image, 3 runs, shaped
 //!
 //! Prerequisites (Debian): docker-registry skopeo umoci runc strace squashfs-tools
 //! squashfuse iproute2 e2fsprogs, plus the packages the images are made of (see
-//! BENCHMARKS.md). Everything lives under `--cache` (default `/var/tmp/fanfill-bench`):
+//! docs/harness-bench.md). Everything lives under `--cache` (default `/var/tmp/fanfill-bench`):
 //! image layouts and registry storage are kept between runs; trees go on a loop-mounted
 //! ext4 made afresh each run.
 
+mod all;
 mod cleanup;
+#[path = "../../tests/common/mod.rs"]
+mod common;
 mod images;
 mod measure;
 mod net;
+mod peer;
 mod serve;
 
 use std::path::{Path, PathBuf};
@@ -51,12 +64,13 @@ fn parse_args() -> Result<Args> {
         images: vec!["slim".into(), "python".into(), "large".into()],
         links: vec!["shaped".into(), "unshaped".into()],
         cache: PathBuf::from("/var/tmp/fanfill-bench"),
-        out: std::env::current_dir()?,
+        out: PathBuf::from("docs"),
         steady_rounds: 9,
         build_only: false,
         variants: VARIANTS.iter().map(|v| v.0.to_string()).collect(),
     };
-    let mut it = std::env::args().skip(1);
+    // `bench harness ARGS`
+    let mut it = std::env::args().skip(2);
     let mut explicit_runs = None;
     while let Some(arg) = it.next() {
         let mut val = |name: &str| it.next().with_context(|| format!("{name} needs a value"));
@@ -85,11 +99,11 @@ fn parse_args() -> Result<Args> {
             "--steady-rounds" => a.steady_rounds = val("--steady-rounds")?.parse()?,
             "-h" | "--help" => {
                 println!(
-                    "bench [--all | --quick] [--runs N] [--images slim,python,large] \
+                    "bench harness [--all | --quick] [--runs N] [--images slim,python,large] \
                      [--links shaped,unshaped] [--variants eager,direct,...] [--steady-rounds N] \
                      [--cache DIR] [--out DIR] [--build-only]\n\
-                     (a partial selection is for iterating: BENCHMARKS.md is the table of what ran)\n\
-                     bench --report-only [DIR]   (BENCHMARKS.md again from BENCHMARKS.json)"
+                     (a partial selection is for iterating: docs/harness-bench.md is the table of what ran)\n\
+                     bench harness --report-only [DIR]   (harness-bench.md again from harness-bench.json)"
                 );
                 std::process::exit(0);
             }
@@ -113,25 +127,29 @@ fn parse_args() -> Result<Args> {
 }
 
 fn main() {
-    if std::env::args().nth(1).as_deref() == Some("__serve") {
-        if let Err(e) = serve::serve_main() {
-            eprintln!("serve: {e:#}");
-            std::process::exit(1);
+    let argv: Vec<String> = std::env::args().skip(1).collect();
+    match argv.first().map(String::as_str) {
+        Some("__serve") => {
+            if let Err(e) = serve::serve_main() {
+                eprintln!("serve: {e:#}");
+                std::process::exit(1);
+            }
         }
-        return;
-    }
-    cleanup::install_signal_handler();
-    let res = if std::env::args().nth(1).as_deref() == Some("__link") {
-        link_only()
-    } else if std::env::args().nth(1).as_deref() == Some("--report-only") {
-        report_only()
-    } else {
-        real_main()
-    };
-    cleanup::run();
-    if let Err(e) = res {
-        eprintln!("bench: error: {e:#}");
-        std::process::exit(1);
+        Some("peer") => std::process::exit(peer::main(&argv[1..])),
+        Some("harness") | Some("__link") => {
+            cleanup::install_signal_handler();
+            let res = match argv.get(1).map(String::as_str) {
+                _ if argv[0] == "__link" => link_only(),
+                Some("--report-only") => report_only(),
+                _ => real_main(),
+            };
+            cleanup::run();
+            if let Err(e) = res {
+                eprintln!("bench harness: error: {e:#}");
+                std::process::exit(1);
+            }
+        }
+        _ => std::process::exit(all::main(&argv)),
     }
 }
 
@@ -363,10 +381,10 @@ fn real_main() -> Result<()> {
             report["elapsed_s"] = json!(started.elapsed().as_secs_f64());
             report["partial"] = json!(true);
             std::fs::write(
-                args.out.join("BENCHMARKS.json"),
+                args.out.join("harness-bench.json"),
                 serde_json::to_vec_pretty(&report)?,
             )?;
-            std::fs::write(args.out.join("BENCHMARKS.md"), report_md(&report))?;
+            std::fs::write(args.out.join("harness-bench.md"), report_md(&report))?;
             // What the workload read, from the kept eager tree.
             let kept = mnt.join(format!("keep-{}/rootfs", spec.name));
             if link == &args.links[0] && kept.exists() {
@@ -391,23 +409,23 @@ fn real_main() -> Result<()> {
     report["elapsed_s"] = json!(started.elapsed().as_secs_f64());
     report["partial"] = json!(false);
     std::fs::write(
-        args.out.join("BENCHMARKS.json"),
+        args.out.join("harness-bench.json"),
         serde_json::to_vec_pretty(&report)?,
     )?;
     let md = report_md(&report);
-    std::fs::write(args.out.join("BENCHMARKS.md"), &md)?;
+    std::fs::write(args.out.join("harness-bench.md"), &md)?;
     println!("{md}");
     Ok(())
 }
 
-/// `bench --report-only [DIR]`: rewrites DIR/BENCHMARKS.md from DIR/BENCHMARKS.json.
+/// `bench harness --report-only [DIR]`: rewrites DIR/harness-bench.md from its JSON.
 fn report_only() -> Result<()> {
     let dir = std::env::args()
-        .nth(2)
+        .nth(3)
         .map(PathBuf::from)
-        .unwrap_or(std::env::current_dir()?);
-    let r: Value = serde_json::from_slice(&std::fs::read(dir.join("BENCHMARKS.json"))?)?;
-    std::fs::write(dir.join("BENCHMARKS.md"), report_md(&r))?;
+        .unwrap_or(PathBuf::from("docs"));
+    let r: Value = serde_json::from_slice(&std::fs::read(dir.join("harness-bench.json"))?)?;
+    std::fs::write(dir.join("harness-bench.md"), report_md(&r))?;
     Ok(())
 }
 
@@ -1458,7 +1476,7 @@ fn report_md(r: &Value) -> String {
     }
     let _ = writeln!(
         s,
-        "\nRaw numbers: `BENCHMARKS.json` (every run, engine counters at first output and after \
+        "\nRaw numbers: `docs/harness-bench.json` (every run, engine counters at first output and after \
          the run). Whole run took {:.0} s.\n",
         f(&r["elapsed_s"])
     );
@@ -1473,8 +1491,8 @@ As root on Linux 6.14+ (Debian 12 packages; the bench is not run by CI):
 ```sh
 apt-get install -y docker-registry skopeo umoci runc strace squashfs-tools squashfuse \\
     iproute2 e2fsprogs python3-numpy gcc g++ llvm-14-dev openjdk-17-jre-headless
-cargo run --release --example bench -- --all     # this table: 3 images, 5 runs, both links
-cargo run --release --example bench -- --quick   # slim image, 3 runs, shaped link
+cargo run --release --example bench -- harness --all     # this table: 3 images, 5 runs, both links
+cargo run --release --example bench -- harness --quick   # slim image, 3 runs, shaped link
 ```
 
 The images are made of the files of the packages named in `examples/bench/images.rs` that

@@ -1188,6 +1188,49 @@ impl Daemon {
         }
     }
 
+    /// Whether every file of `img` is complete and nothing is wrong with it (not bad, not
+    /// failed to reopen, no placeholder gone): an overlay over it needs no open watch.
+    fn image_complete(&self, img: &ImageRt) -> bool {
+        if img.error.is_some()
+            || img.bad.lock().unwrap().is_some()
+            || img.removed.load(Ordering::SeqCst)
+        {
+            return false;
+        }
+        let rec = img.record.lock().unwrap();
+        rec.files.iter().zip(&img.files).all(|(f, served)| {
+            !served.gone.load(Ordering::SeqCst)
+                && match served.id {
+                    Some(id) => self.engine.is_complete(id),
+                    None => f.complete,
+                }
+        })
+    }
+
+    /// Takes the open watch off every overlay over `img` once the image is complete: each
+    /// lower file then holds all its data, and an open through the overlay must not pay a
+    /// round trip to the daemon for the rest of the container's life (a watched overlay
+    /// read its tree at a third of the speed of a plain one). The overlays stay on the
+    /// image's record, so `unwatch_overlay` still forgets them; a successor daemon does not
+    /// mark them again ([`Self::watch_overlay_of`] checks completeness first).
+    fn release_complete_overlays(&self, id: u64, img: &ImageRt) {
+        let devs: Vec<(u64, PathBuf)> = self
+            .watches
+            .lock()
+            .unwrap()
+            .iter()
+            .filter(|(i, _, dev)| *i == id && self.overlays.is_watched(*dev))
+            .map(|(_, m, dev)| (*dev, m.clone()))
+            .collect();
+        if devs.is_empty() || !self.image_complete(img) {
+            return;
+        }
+        for (dev, merged) in devs {
+            self.overlays.unwatch(dev);
+            info!(merged = %merged.display(), "image complete: overlay open watch released");
+        }
+    }
+
     fn image_status(&self, img: &ImageRt) -> ImageStatus {
         let rec = img.record.lock().unwrap();
         let mut s = ImageStatus {
@@ -1391,8 +1434,14 @@ impl Daemon {
                 source,
             }
         })?;
+        let complete = self.image_complete(img);
         let mut watches = self.watches.lock().unwrap();
-        let dev = self.overlays.watch(merged, lower_dev)?;
+        let dev = if complete {
+            // Nothing left to fill: the overlay is recorded, never marked.
+            self.overlays.device_of(merged)?
+        } else {
+            self.overlays.watch(merged, lower_dev)?
+        };
         if !watches.iter().any(|(_, m, d)| m == merged && *d == dev) {
             watches.retain(|(_, m, _)| m != merged);
             watches.push((id, merged.to_path_buf(), dev));
@@ -1401,7 +1450,11 @@ impl Daemon {
         if !rec.overlays.iter().any(|m| m == merged) {
             rec.overlays.push(merged.to_path_buf());
         }
-        info!(merged = %merged.display(), image = %dest.display(), "overlay rootfs watched");
+        if complete {
+            info!(merged = %merged.display(), image = %dest.display(), "overlay rootfs over a complete image: no open watch");
+        } else {
+            info!(merged = %merged.display(), image = %dest.display(), "overlay rootfs watched");
+        }
         Ok(())
     }
 
@@ -1762,9 +1815,16 @@ impl Daemon {
 
     /// Records progress of every image that changed since it was last recorded.
     fn persist(&self) {
-        let images: Vec<Arc<ImageRt>> = self.images.lock().unwrap().values().cloned().collect();
-        for img in images {
+        let images: Vec<(u64, Arc<ImageRt>)> = self
+            .images
+            .lock()
+            .unwrap()
+            .iter()
+            .map(|(id, img)| (*id, img.clone()))
+            .collect();
+        for (id, img) in images {
             self.persist_image(&img);
+            self.release_complete_overlays(id, &img);
         }
     }
 
