@@ -198,47 +198,59 @@ pub fn stream_fill_layer(
         }
     }
     let digest = layer.to_string();
-    let raw: Box<dyn Read> = match blob_cache.filter(|c| c.contains(&digest)) {
+    // The reader of the whole blob, and whether it checks the digest itself at its end (a
+    // registry or layout stream read directly: a mismatch is its read error, see the end).
+    let (raw, verifies): (Box<dyn Read>, bool) = match blob_cache.filter(|c| c.contains(&digest)) {
         Some(cache) => {
             let path = cache.path(&digest).unwrap_or_default();
-            Box::new(std::fs::File::open(&path).map_err(err)?)
+            (Box::new(std::fs::File::open(&path).map_err(err)?), false)
         }
         None => {
             let handle = engine.handle();
             let _runtime = handle.enter();
-            // From a registry, the layer travels whole: one copy, kept, that misses the
-            // server answers with the whole blob and a second stream of it follow too.
+            // From a registry that ignores `Range:`, the layer travels whole: one copy, kept,
+            // that misses (each answered with the whole blob) and a second stream of it
+            // follow too. A registry that serves ranges answers misses with their ranges:
+            // nothing to keep, the stream is read once and dropped.
             let cache = blob_cache.filter(|_| matches!(**store, BlobStore::Remote(_)));
             match cache.and_then(|c| c.copying(&digest)) {
-                Some(copy) => Box::new(copy.reader()),
+                Some(copy) => (Box::new(copy.reader()), false),
                 None => {
-                    let stream = handle
-                        .block_on(store.open_stream(layer))
+                    let (stream, ranges) = handle
+                        .block_on(store.open_stream_ranges(layer))
                         .map_err(|e| err(io::Error::other(e)))?;
-                    match cache {
+                    if ranges {
+                        debug!(layer = %layer, "the registry serves ranges; not keeping the layer");
+                    }
+                    match cache.filter(|_| !ranges) {
                         Some(cache) => match cache.copy(Box::new(stream)) {
-                            Ok(copy) => Box::new(copy.reader()),
+                            Ok(copy) => (Box::new(copy.reader()), false),
                             // Kept meanwhile (a copy a miss started ended).
                             Err((e, _)) if e.kind() == io::ErrorKind::AlreadyExists => {
                                 let path = cache.path(&digest).unwrap_or_default();
-                                Box::new(std::fs::File::open(&path).map_err(err)?)
+                                (Box::new(std::fs::File::open(&path).map_err(err)?), false)
                             }
                             Err((e, stream)) => {
                                 warn!(layer = %layer, error = %e, "blob cache unavailable; not keeping the layer");
-                                Box::new(stream.into_blocking_reader())
+                                (Box::new(stream.into_blocking_reader()), true)
                             }
                         },
-                        None => Box::new(stream.into_blocking_reader()),
+                        None => (Box::new(stream.into_blocking_reader()), true),
                     }
                 }
             }
         }
     };
-    // The whole layer's sha256, computed as it passes (see the end).
-    let hashed = Arc::new(std::sync::Mutex::new((sha2::Sha256::default(), 0u64)));
-    let raw = Hashing {
-        inner: raw,
-        state: hashed.clone(),
+    // The whole layer's sha256, computed as it passes (see the end), unless the stream
+    // checks it itself: hashed once either way.
+    let hashed =
+        (!verifies).then(|| Arc::new(std::sync::Mutex::new((sha2::Sha256::default(), 0u64))));
+    let raw: Box<dyn Read> = match &hashed {
+        Some(state) => Box::new(Hashing {
+            inner: raw,
+            state: state.clone(),
+        }),
+        None => raw,
     };
     let raw = io::BufReader::with_capacity(1 << 20, raw);
     let mut tar: Box<dyn Read> = match index.compression {
@@ -297,14 +309,16 @@ pub fn stream_fill_layer(
     }
     // Background completion: the rest of the layer, so that its sha256 is known whole.
     let actual = match io::copy(&mut tar, &mut io::sink()) {
-        Ok(_) => {
+        // A verifying stream that reached its end matched (else its read failed); one that
+        // was not read to its end has no verdict.
+        Ok(_) => hashed.and_then(|hashed| {
             let (h, n) = &*hashed.lock().unwrap();
             // A decoder that stopped before the blob's end hashed a prefix: no verdict.
             (*n == index.compressed_size || index.compressed_size == 0).then(|| {
                 use sha2::Digest as _;
                 format!("sha256:{}", hex::encode(h.clone().finalize()))
             })
-        }
+        }),
         Err(e) => match e
             .get_ref()
             .and_then(|i| i.downcast_ref::<registry::Error>())
