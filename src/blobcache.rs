@@ -2,7 +2,9 @@
 //!
 //! Owns the directory of blobs kept by digest (`DIR/sha256/HEX`). A blob travels whole when
 //! a layer has no index yet (it is streamed once to build one: [`BlobCache::tee`]), when the
-//! background completion reads a layer from a registry, and when a server answers a range
+//! background completion reads a layer from a registry that ignores `Range:` (one that
+//! serves ranges answers misses with their ranges: nothing is kept,
+//! [`crate::registry::BlobStore::serves_ranges`]), and when a server answers a range
 //! request with the whole blob (a pull-through cache on a cold cache does: `200`, not
 //! `206`). The bytes are downloaded anyway, so they are kept here as they pass, and every
 //! later fill of that layer is a local `pread` plus an inflate, not another request

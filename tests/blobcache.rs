@@ -184,3 +184,191 @@ fn a_mirror_that_sends_whole_blobs_costs_one_copy_per_layer() {
         "fills of a kept layer went remote"
     );
 }
+
+/// Background completion from a registry (#15): a server that answers range reads with
+/// their ranges has the layers streamed into their placeholders without a copy kept on
+/// disk (misses make their own range requests); a server that ignores `Range:` has each
+/// streamed layer kept, for misses to read instead of downloading the blob each.
+#[test]
+fn background_completion_keeps_a_layer_only_when_the_server_ignores_ranges() {
+    common::init_tracing();
+    let origin = common::TestRegistry::start();
+    let whole = common::FaultyProxy::start(origin.addr, common::Fault::StripRange);
+    let dir = tempfile::tempdir().unwrap();
+    let layers: Vec<Vec<(String, Vec<u8>)>> = (0..2u64)
+        .map(|l| {
+            (0..6u64)
+                .map(|i| {
+                    (
+                        format!("l{l}/f{i}"),
+                        pattern(300_000 + i as usize * 777, 50 * l + i),
+                    )
+                })
+                .collect()
+        })
+        .collect();
+    let items = layers
+        .iter()
+        .map(|files| {
+            files
+                .iter()
+                .map(|(p, d)| LayerItem::File {
+                    path: p.clone(),
+                    mode: 0o644,
+                    data: d.clone(),
+                })
+                .collect()
+        })
+        .collect::<Vec<_>>();
+    let built =
+        ocibuild::write_layout(&dir.path().join("layout"), "v", &items, Compression::Gzip).unwrap();
+    common::push_layout(&built.dir, "v", &origin.host(), "bg/app", &[]);
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap();
+    let engine = std::sync::Arc::new(Engine::start(EngineConfig::default()).unwrap());
+    for (name, host, kept_expected) in [
+        ("ranges", origin.host(), false),
+        ("whole", whole.host(), true),
+    ] {
+        let reference = format!("docker://{host}/bg/app:v");
+        let state = dir.path().join(name);
+        let blobs = state.join("blobs");
+        // Index first, keeping nothing: only the background completion may keep a layer.
+        let mut opts = PrepareOptions::new(state.join("indexes"));
+        opts.registry.insecure = true;
+        opts.use_artifact = false;
+        opts.blob_cache = None;
+        rt.block_on(image::index_image(&reference, &opts, false))
+            .unwrap();
+        opts.blob_cache = Some(blobs.clone());
+        let dest = state.join("rootfs");
+        std::fs::create_dir_all(&dest).unwrap();
+        let prepared = std::sync::Arc::new(
+            rt.block_on(image::prepare(&engine, &reference, &dest, &opts))
+                .unwrap(),
+        );
+        let streamed = within(60, "prefetch", {
+            let (engine, prepared) = (engine.clone(), prepared.clone());
+            move || prepared.prefetch(&engine, 2).unwrap()
+        });
+        assert!(streamed.files > 0, "{name}: nothing streamed");
+        for (p, d) in layers.iter().flatten() {
+            let path = dest.join(p);
+            let got = within(30, "read", move || std::fs::read(path).unwrap());
+            assert!(got == *d, "{name}: {p}");
+        }
+        let kept: Vec<String> = match std::fs::read_dir(blobs.join("sha256")) {
+            Ok(rd) => rd
+                .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+                .collect(),
+            Err(_) => Vec::new(),
+        };
+        eprintln!(
+            "{name}: {} bytes fetched for a {}-byte image; kept {kept:?}",
+            prepared.store.bytes_fetched(),
+            built.compressed_size()
+        );
+        if kept_expected {
+            for (digest, _, _) in &built.layers {
+                let hex = digest.trim_start_matches("sha256:");
+                assert!(
+                    kept.iter().any(|k| k == hex),
+                    "{name}: layer {digest} was not kept: {kept:?}"
+                );
+            }
+        } else {
+            assert!(kept.is_empty(), "{name}: layers kept: {kept:?}");
+        }
+        assert!(
+            prepared.store.bytes_fetched() <= built.compressed_size() * 11 / 10 + 64 * 1024,
+            "{name}: more than one download per layer"
+        );
+    }
+}
+
+/// A layer whose bytes do not hash to its digest (the gzip header's time field changed in
+/// the registry's storage after the image was indexed) is reported by the background
+/// completion whether it was read straight from the registry (ranges served: nothing kept)
+/// or through a kept copy (ranges ignored), and no copy of it is published (#15).
+#[test]
+fn background_completion_reports_a_layer_that_does_not_hash_with_or_without_a_copy() {
+    common::init_tracing();
+    let origin = common::TestRegistry::start();
+    let whole = common::FaultyProxy::start(origin.addr, common::Fault::StripRange);
+    let dir = tempfile::tempdir().unwrap();
+    let files: Vec<(String, Vec<u8>)> = (0..4u64)
+        .map(|i| (format!("f{i}"), pattern(200_000, 90 + i)))
+        .collect();
+    let layer = files
+        .iter()
+        .map(|(p, d)| LayerItem::File {
+            path: p.clone(),
+            mode: 0o644,
+            data: d.clone(),
+        })
+        .collect();
+    let built =
+        ocibuild::write_layout(&dir.path().join("layout"), "v", &[layer], Compression::Gzip)
+            .unwrap();
+    common::push_layout(&built.dir, "v", &origin.host(), "bad/app", &[]);
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap();
+    let hosts = [("ranges", origin.host()), ("whole", whole.host())];
+    let options = |name: &str, host: &str| {
+        let state = dir.path().join(name);
+        let mut opts = PrepareOptions::new(state.join("indexes"));
+        opts.registry.insecure = true;
+        opts.use_artifact = false;
+        opts.blob_cache = None;
+        (format!("docker://{host}/bad/app:v"), state, opts)
+    };
+    for (name, host) in &hosts {
+        let (reference, _, opts) = options(name, host);
+        rt.block_on(image::index_image(&reference, &opts, false))
+            .unwrap();
+    }
+    let digest = built.layers[0].0.clone();
+    let data = origin.blob_data_path(&digest);
+    let mut bytes = std::fs::read(&data).unwrap();
+    bytes[4..8].copy_from_slice(&[0xde, 0xad, 0xbe, 0xef]);
+    std::fs::write(&data, &bytes).unwrap();
+    let engine = std::sync::Arc::new(Engine::start(EngineConfig::default()).unwrap());
+    for (name, host) in &hosts {
+        let (reference, state, mut opts) = options(name, host);
+        opts.blob_cache = Some(state.join("blobs"));
+        let dest = state.join("rootfs");
+        std::fs::create_dir_all(&dest).unwrap();
+        let prepared = std::sync::Arc::new(
+            rt.block_on(image::prepare(&engine, &reference, &dest, &opts))
+                .unwrap(),
+        );
+        let mismatched = within(60, "stream", {
+            let (engine, prepared) = (engine.clone(), prepared.clone());
+            move || {
+                let files: Vec<_> = prepared
+                    .unpacked
+                    .placeholders
+                    .iter()
+                    .zip(&prepared.files)
+                    .map(|(p, id)| (p.layer, p.entry, *id))
+                    .collect();
+                prepared
+                    .sources
+                    .stream_fill_checked(&engine, &files, |_| true)
+                    .1
+            }
+        });
+        assert_eq!(mismatched.len(), 1, "{name}: {mismatched:?}");
+        assert_eq!(mismatched[0].0, digest, "{name}");
+        let kept = std::fs::read_dir(state.join("blobs/sha256"))
+            .map(|rd| rd.count())
+            .unwrap_or(0);
+        assert_eq!(kept, 0, "{name}: a layer that does not hash was kept");
+    }
+}

@@ -1640,8 +1640,8 @@ impl Daemon {
             || self.stopping.load(Ordering::SeqCst)
     }
 
-    /// Streams every layer with incomplete files into its placeholders, lowest first
-    /// ([`image::ImageSources::stream_fill`]). Every [`STREAM_YIELD_EVERY`] bytes each stream
+    /// Streams every layer with incomplete files into its placeholders, those readers touched
+    /// first ([`image::ImageSources::stream_fill`]). Every [`STREAM_YIELD_EVERY`] bytes each stream
     /// yields to readers' misses being fetched (not those waiting for the stream), for at most
     /// [`STREAM_YIELD`]: a workload that misses without
     /// pause (a walk of the tree) would otherwise starve the one stream that makes all of

@@ -60,7 +60,7 @@ pub use register::{
     tree_image,
 };
 pub use sources::{ImageSources, LayerFileSource, verify_for};
-pub use stream::{STREAM_PARALLEL, StreamFill, stream_fill_layer};
+pub use stream::{STREAM_PARALLEL, StreamFill, stream_fill_layer, stream_parallel};
 
 /// `artifactType` of the layer-index artifact a `fanfill index --push` attaches to an image
 /// manifest as a referrer.

@@ -3,7 +3,7 @@
 //! Owns [`stream_fill_layer`] (one layer's blob, from the blob cache or one streaming GET,
 //! inflated once and offered piece by piece to the engine with [`Engine::supply`], while a
 //! [`Delivery`] tells readers' misses what is about to arrive; the blob's sha256 checked once
-//! it has passed whole), [`ImageSources::stream_fill`] ([`STREAM_PARALLEL`] layers at a time)
+//! it has passed whole), [`ImageSources::stream_fill`] ([`stream_parallel`] layers at a time, those readers touched first)
 //! and [`Prepared::prefetch`]. It decides nothing about a file's bytes: the engine verifies
 //! every piece against the index's digests and skips what readers filled, and a piece or a
 //! layer that fails is left to the files' own sources ([`super::sources`]). It never
@@ -11,7 +11,7 @@
 
 use std::io;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, Ordering};
 
 use oci_spec::image::Digest;
 use tracing::{debug, info, warn};
@@ -24,8 +24,8 @@ use crate::registry::{self, BlobStore};
 
 impl ImageSources {
     /// Streams every layer that has a tar stream (TOC layers have none) into its
-    /// placeholders with [`stream_fill_layer`], [`STREAM_PARALLEL`] layers at a time, lowest
-    /// first. `files` are the placeholders as (layer, entry, engine id). A layer whose stream
+    /// placeholders with [`stream_fill_layer`], [`stream_parallel`] layers at a time, those
+    /// readers touched first. `files` are the placeholders as (layer, entry, engine id). A layer whose stream
     /// fails is logged and left to its files' sources; `before_piece` returning `false`
     /// stops everything. Returns the totals.
     pub fn stream_fill(
@@ -43,7 +43,9 @@ impl ImageSources {
     /// Layers stream side by side rather than one after another: a reader's misses can fall
     /// in any layer (a walk in path order reads the top layer's `/usr/include` before the
     /// bottom layer's `/usr/lib`), and only a layer being streamed has a [`Delivery`] for its
-    /// misses to wait for (`examples/walk.rs`).
+    /// misses to wait for (`examples/walk.rs`). At most [`stream_parallel`] at once; each
+    /// free stream takes the layer whose files readers have touched most so far (the lowest
+    /// among equals): the layers a workload reads are made local first.
     pub fn stream_fill_checked(
         &self,
         engine: &Engine,
@@ -53,17 +55,36 @@ impl ImageSources {
         let total = std::sync::Mutex::new(StreamFill::default());
         let mismatched = std::sync::Mutex::new(Vec::new());
         let stopped = AtomicBool::new(false);
-        let next = AtomicUsize::new(0);
-        let streamed: Vec<usize> = (0..self.layers.len())
+        // The layers left to stream, lowest first, with their placeholders as (entry, id).
+        let left: Vec<(usize, Vec<(usize, FileId)>)> = (0..self.layers.len())
             .filter(|&li| self.layers[li].toc.is_none())
+            .map(|li| {
+                let mine = files
+                    .iter()
+                    .filter(|f| f.0 == li)
+                    .map(|f| (f.1, f.2))
+                    .collect();
+                (li, mine)
+            })
             .collect();
-        let one = |li: usize| {
-            let l = &self.layers[li];
-            let mine: Vec<(usize, FileId)> = files
+        let parallel = stream_parallel().min(left.len());
+        let left = std::sync::Mutex::new(left);
+        let next = || {
+            let mut left = left.lock().unwrap();
+            let (k, touched) = left
                 .iter()
-                .filter(|f| f.0 == li)
-                .map(|f| (f.1, f.2))
-                .collect();
+                .enumerate()
+                .map(|(k, (_, mine))| {
+                    let ids: Vec<FileId> = mine.iter().map(|f| f.1).collect();
+                    (k, engine.accessed(&ids).len())
+                })
+                .max_by_key(|&(k, touched)| (touched, std::cmp::Reverse(k)))?;
+            let (li, mine) = left.remove(k);
+            debug!(layer = %self.layers[li].digest, touched, "streaming a layer");
+            Some((li, mine))
+        };
+        let one = |li: usize, mine: Vec<(usize, FileId)>| {
+            let l = &self.layers[li];
             let res = stream_fill_layer(
                 engine,
                 &self.store,
@@ -99,13 +120,13 @@ impl ImageSources {
             }
         };
         std::thread::scope(|s| {
-            for _ in 0..STREAM_PARALLEL.min(streamed.len()) {
+            for _ in 0..parallel {
                 s.spawn(|| {
                     while !stopped.load(Ordering::SeqCst) {
-                        let Some(&li) = streamed.get(next.fetch_add(1, Ordering::SeqCst)) else {
+                        let Some((li, mine)) = next() else {
                             break;
                         };
-                        one(li);
+                        one(li, mine);
                     }
                 });
             }
@@ -127,10 +148,19 @@ pub struct StreamFill {
     pub files: u64,
 }
 
-/// Layers of one image streamed at once by [`ImageSources::stream_fill`]: enough that the
-/// layers of a typical image all have a [`Delivery`] running from the start, few enough
-/// that two cores are not split many ways (each stream is one GET and one inflate).
+/// Most layers of one image streamed at once by [`ImageSources::stream_fill`]: enough that
+/// the layers of a typical image all have a [`Delivery`] running from the start on a large
+/// machine (see [`stream_parallel`]).
 pub const STREAM_PARALLEL: usize = 4;
+
+/// Layers of one image streamed at once: [`STREAM_PARALLEL`], but no more than the machine
+/// has CPUs. Each stream is one GET and one inflate that, while it runs, keeps a core busy;
+/// more streams than cores split them many ways beside a container's start (a 1 GiB,
+/// 8-layer image on two cores: four streams at once, #15).
+pub fn stream_parallel() -> usize {
+    let cpus = std::thread::available_parallelism().map_or(1, |n| n.get());
+    STREAM_PARALLEL.min(cpus).max(1)
+}
 
 /// Bytes read from a layer stream and offered to the engine at a time (rounded to a file's
 /// fill chunk): large enough for few writes, small enough that readers never wait long
@@ -198,47 +228,59 @@ pub fn stream_fill_layer(
         }
     }
     let digest = layer.to_string();
-    let raw: Box<dyn Read> = match blob_cache.filter(|c| c.contains(&digest)) {
+    // The reader of the whole blob, and whether it checks the digest itself at its end (a
+    // registry or layout stream read directly: a mismatch is its read error, see the end).
+    let (raw, verifies): (Box<dyn Read>, bool) = match blob_cache.filter(|c| c.contains(&digest)) {
         Some(cache) => {
             let path = cache.path(&digest).unwrap_or_default();
-            Box::new(std::fs::File::open(&path).map_err(err)?)
+            (Box::new(std::fs::File::open(&path).map_err(err)?), false)
         }
         None => {
             let handle = engine.handle();
             let _runtime = handle.enter();
-            // From a registry, the layer travels whole: one copy, kept, that misses the
-            // server answers with the whole blob and a second stream of it follow too.
+            // From a registry that ignores `Range:`, the layer travels whole: one copy, kept,
+            // that misses (each answered with the whole blob) and a second stream of it
+            // follow too. A registry that serves ranges answers misses with their ranges:
+            // nothing to keep, the stream is read once and dropped.
             let cache = blob_cache.filter(|_| matches!(**store, BlobStore::Remote(_)));
             match cache.and_then(|c| c.copying(&digest)) {
-                Some(copy) => Box::new(copy.reader()),
+                Some(copy) => (Box::new(copy.reader()), false),
                 None => {
-                    let stream = handle
-                        .block_on(store.open_stream(layer))
+                    let (stream, ranges) = handle
+                        .block_on(store.open_stream_ranges(layer))
                         .map_err(|e| err(io::Error::other(e)))?;
-                    match cache {
+                    if ranges {
+                        debug!(layer = %layer, "the registry serves ranges; not keeping the layer");
+                    }
+                    match cache.filter(|_| !ranges) {
                         Some(cache) => match cache.copy(Box::new(stream)) {
-                            Ok(copy) => Box::new(copy.reader()),
+                            Ok(copy) => (Box::new(copy.reader()), false),
                             // Kept meanwhile (a copy a miss started ended).
                             Err((e, _)) if e.kind() == io::ErrorKind::AlreadyExists => {
                                 let path = cache.path(&digest).unwrap_or_default();
-                                Box::new(std::fs::File::open(&path).map_err(err)?)
+                                (Box::new(std::fs::File::open(&path).map_err(err)?), false)
                             }
                             Err((e, stream)) => {
                                 warn!(layer = %layer, error = %e, "blob cache unavailable; not keeping the layer");
-                                Box::new(stream.into_blocking_reader())
+                                (Box::new(stream.into_blocking_reader()), true)
                             }
                         },
-                        None => Box::new(stream.into_blocking_reader()),
+                        None => (Box::new(stream.into_blocking_reader()), true),
                     }
                 }
             }
         }
     };
-    // The whole layer's sha256, computed as it passes (see the end).
-    let hashed = Arc::new(std::sync::Mutex::new((sha2::Sha256::default(), 0u64)));
-    let raw = Hashing {
-        inner: raw,
-        state: hashed.clone(),
+    // The whole layer's sha256, computed as it passes (see the end), unless the stream
+    // checks it itself: hashed once either way.
+    let hashed =
+        (!verifies).then(|| Arc::new(std::sync::Mutex::new((sha2::Sha256::default(), 0u64))));
+    let raw: Box<dyn Read> = match &hashed {
+        Some(state) => Box::new(Hashing {
+            inner: raw,
+            state: state.clone(),
+        }),
+        None => raw,
     };
     let raw = io::BufReader::with_capacity(1 << 20, raw);
     let mut tar: Box<dyn Read> = match index.compression {
@@ -297,14 +339,16 @@ pub fn stream_fill_layer(
     }
     // Background completion: the rest of the layer, so that its sha256 is known whole.
     let actual = match io::copy(&mut tar, &mut io::sink()) {
-        Ok(_) => {
+        // A verifying stream that reached its end matched (else its read failed); one that
+        // was not read to its end has no verdict.
+        Ok(_) => hashed.and_then(|hashed| {
             let (h, n) = &*hashed.lock().unwrap();
             // A decoder that stopped before the blob's end hashed a prefix: no verdict.
             (*n == index.compressed_size || index.compressed_size == 0).then(|| {
                 use sha2::Digest as _;
                 format!("sha256:{}", hex::encode(h.clone().finalize()))
             })
-        }
+        }),
         Err(e) => match e
             .get_ref()
             .and_then(|i| i.downcast_ref::<registry::Error>())

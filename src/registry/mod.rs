@@ -733,6 +733,36 @@ impl BlobStore {
         }
     }
 
+    /// Whether the source answers range reads of `digest` with just the range: always for a
+    /// layout; for a registry, as the endpoint a request for the blob goes to first answered
+    /// its last request carrying `Range:` (`206`: yes; the whole blob, as a pull-through cache
+    /// on a cold cache does: no), `None` before it answered one. The one place that is known.
+    pub fn serves_ranges(&self, digest: &Digest) -> Option<bool> {
+        match self {
+            BlobStore::Remote(r) => r.serves_ranges(digest),
+            BlobStore::Layout(_) => Some(true),
+        }
+    }
+
+    /// Opens a streaming read of a whole blob like [`BlobStore::open_stream`] and tells
+    /// whether the source serves ranges of it ([`BlobStore::serves_ranges`]). Not known yet,
+    /// the server is asked first with a one-byte range read: answered with the whole blob,
+    /// that answer is the stream returned (one download either way); a probe that fails
+    /// leaves it unknown (`false`: the caller keeps what it would keep without ranges).
+    pub async fn open_stream_ranges(&self, digest: &Digest) -> Result<(BlobStream, bool)> {
+        if let Some(ranges) = self.serves_ranges(digest) {
+            return Ok((self.open_stream(digest).await?, ranges));
+        }
+        match self.read_range_or_whole(digest, 0, 1).await {
+            Ok(RangeRead::Whole(stream)) => Ok((*stream, false)),
+            Ok(RangeRead::Range(_)) => Ok((self.open_stream(digest).await?, true)),
+            Err(e) => {
+                tracing::debug!(%digest, error = %e, "probing range reads failed");
+                Ok((self.open_stream(digest).await?, false))
+            }
+        }
+    }
+
     /// Opens a streaming read of a whole blob; the stream checks the digest at its end.
     pub async fn open_stream(&self, digest: &Digest) -> Result<BlobStream> {
         match self {

@@ -10,7 +10,7 @@ use std::collections::{HashMap, HashSet};
 use std::fmt;
 use std::future::Future;
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU8, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -79,7 +79,17 @@ struct Endpoint {
     /// Milliseconds since `epoch` until which this mirror is skipped (0: in service).
     resting_until_ms: AtomicU64,
     epoch: Instant,
+    /// How this endpoint answered its last request carrying `Range:` ([`RANGES_UNKNOWN`],
+    /// [`RANGES_SERVED`] or [`RANGES_IGNORED`]).
+    ranges: AtomicU8,
 }
+
+/// [`Endpoint::ranges`]: no request with `Range:` answered yet.
+const RANGES_UNKNOWN: u8 = 0;
+/// [`Endpoint::ranges`]: the last request with `Range:` was answered `206`.
+const RANGES_SERVED: u8 = 1;
+/// [`Endpoint::ranges`]: the last request with `Range:` was answered with the whole blob.
+const RANGES_IGNORED: u8 = 2;
 
 /// How long a mirror that failed with a transient error is skipped.
 const MIRROR_REST: Duration = Duration::from_secs(30);
@@ -156,6 +166,7 @@ impl Endpoint {
             is_origin,
             resting_until_ms: AtomicU64::new(0),
             epoch: Instant::now(),
+            ranges: AtomicU8::new(RANGES_UNKNOWN),
         })
     }
 
@@ -170,6 +181,17 @@ impl Endpoint {
 
     fn resting(&self) -> bool {
         self.resting_until_ms.load(Ordering::Relaxed) > self.now_ms()
+    }
+
+    /// Records how the endpoint answered a successful request carrying `Range:`: the last
+    /// answer wins (a pull-through cache that ignored ranges while cold serves them warm).
+    fn note_ranges(&self, status: StatusCode) {
+        let seen = if status == StatusCode::PARTIAL_CONTENT {
+            RANGES_SERVED
+        } else {
+            RANGES_IGNORED
+        };
+        self.ranges.store(seen, Ordering::Relaxed);
     }
 
     fn url(&self, path: &str) -> Url {
@@ -501,6 +523,7 @@ impl RemoteStore {
                 let range = format!("bytes={}-{}", offset, offset + len - 1);
                 headers.insert(header::RANGE, HeaderValue::from_str(&range).expect("ascii"));
                 let resp = inner.get(ep, &url, headers).await?;
+                ep.note_ranges(resp.status());
                 let size = match resp.status() {
                     StatusCode::PARTIAL_CONTENT => check_content_range(&resp, &url, offset)?,
                     _ => resp.content_length(),
@@ -543,6 +566,17 @@ impl RemoteStore {
         })
     }
 
+    /// Whether the endpoint a request for `digest` goes to first answers range reads:
+    /// `None` until it answered one (see [`Endpoint::note_ranges`]).
+    pub(super) fn serves_ranges(&self, digest: &Digest) -> Option<bool> {
+        let ep = self.inner.first_endpoint(digest.as_ref());
+        match ep.ranges.load(Ordering::Relaxed) {
+            RANGES_SERVED => Some(true),
+            RANGES_IGNORED => Some(false),
+            _ => None,
+        }
+    }
+
     pub(super) async fn open_stream(&self, digest: &Digest) -> Result<BlobStream> {
         Verifier::new(digest)?;
         let (response, skip) = self.open_blob_at(digest, 0).await?;
@@ -563,6 +597,9 @@ impl RemoteStore {
                     headers.insert(header::RANGE, HeaderValue::from_str(&range).expect("ascii"));
                 }
                 let resp = inner.get(ep, &url, headers).await?;
+                if from > 0 {
+                    ep.note_ranges(resp.status());
+                }
                 if resp.status() == StatusCode::PARTIAL_CONTENT {
                     check_content_range(&resp, &url, from)?;
                     Ok((resp, 0))
@@ -715,6 +752,17 @@ fn check_content_range(resp: &reqwest::Response, url: &Url, offset: u64) -> Resu
 impl Inner {
     fn origin(&self) -> &Endpoint {
         self.endpoints.last().expect("the origin is always there")
+    }
+
+    /// The endpoint [`Inner::on_endpoints`] tries first for `key`.
+    fn first_endpoint(&self, key: &str) -> &Endpoint {
+        let preferred = self.preferred.lock().expect("lock").get(key).copied();
+        preferred
+            .into_iter()
+            .chain(0..self.endpoints.len())
+            .map(|i| &self.endpoints[i])
+            .find(|ep| ep.is_origin || !ep.resting())
+            .unwrap_or_else(|| self.origin())
     }
 
     /// Runs `op` on each endpoint in turn (the one that last served `key` first) until one
