@@ -12,8 +12,14 @@
 //! after each (default 200,000 files: raise `fs.fanotify.max_user_marks` for two trees, or
 //! pass `--second-overlay`).
 //!
+//! With `--daemon`, the same is measured on the real `fanfill daemon` binary (built beside
+//! this example: `cargo build --release --examples --bins`) driven over its API: the time
+//! of each `Prepare` request as the client sees it and as the daemon logs it, and the
+//! daemon's CPU time; with `--memory`, the daemon process's VmRSS (a fresh daemon, after a
+//! first one stored the indexes).
+//!
 //! Run as root: `cargo run --release --example placeholder_bench -- [--fs ext4|xfs]
-//! [--files N] [--runs N] [--memory] [--second-overlay]`.
+//! [--files N] [--runs N] [--memory] [--second-overlay] [--daemon]`.
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -31,6 +37,7 @@ struct Args {
     runs: usize,
     memory: bool,
     second_overlay: bool,
+    daemon: bool,
 }
 
 fn args() -> anyhow::Result<Args> {
@@ -40,6 +47,7 @@ fn args() -> anyhow::Result<Args> {
         runs: 5,
         memory: false,
         second_overlay: false,
+        daemon: false,
     };
     let mut it = std::env::args().skip(1);
     while let Some(arg) = it.next() {
@@ -49,6 +57,7 @@ fn args() -> anyhow::Result<Args> {
             "--runs" => a.runs = it.next().context("--runs")?.parse()?,
             "--memory" => a.memory = true,
             "--second-overlay" => a.second_overlay = true,
+            "--daemon" => a.daemon = true,
             other => anyhow::bail!("unknown argument {other}"),
         }
     }
@@ -189,6 +198,9 @@ fn main() -> anyhow::Result<()> {
         t.elapsed().as_secs_f64()
     );
     let fs = LoopFs::new(tmp.path(), &a.fs, 8 << 30)?;
+    if a.daemon {
+        return daemon::bench(&a, &built.reference(), tmp.path(), &fs.mnt, files, objects);
+    }
     let opts = PrepareOptions::new(tmp.path().join("state/indexes"));
     let rt = tokio::runtime::Runtime::new()?;
     let reference = built.reference();
@@ -380,4 +392,254 @@ fn child_memory() -> anyhow::Result<()> {
     drop((first, two));
     drop(engine);
     Ok(())
+}
+
+/// `--daemon`: the same figures from the real `fanfill daemon` over its API.
+mod daemon {
+    use std::path::{Path, PathBuf};
+    use std::process::{Child, Command, Stdio};
+    use std::time::{Duration, Instant};
+
+    use anyhow::Context as _;
+    use fanfill::api::{LayoutMode, RegistrySettings, Request, Response};
+
+    use super::{Args, median, run, slab};
+
+    /// A running `fanfill daemon`, stopped (with its holder) on drop.
+    struct Daemon {
+        child: Child,
+        socket: PathBuf,
+        state: PathBuf,
+        log: PathBuf,
+    }
+
+    impl Daemon {
+        fn start(state: &Path, allow: &Path, log: &Path) -> anyhow::Result<Daemon> {
+            let exe = std::env::current_exe()?;
+            let bin = exe
+                .parent()
+                .and_then(Path::parent)
+                .context("binary directory")?
+                .join("fanfill");
+            anyhow::ensure!(
+                bin.exists(),
+                "{} missing: cargo build --release --bins",
+                bin.display()
+            );
+            let socket = state.join("api.sock");
+            let child = Command::new(&bin)
+                .args(["daemon", "--socket"])
+                .arg(&socket)
+                .arg("--state-dir")
+                .arg(state)
+                .arg("--allow-root")
+                .arg(allow)
+                .env("FANFILL_LOG", "fanfill=info")
+                .stdin(Stdio::null())
+                .stderr(std::fs::File::create(log)?)
+                .stdout(Stdio::null())
+                .spawn()?;
+            let d = Daemon {
+                child,
+                socket,
+                state: state.to_path_buf(),
+                log: log.to_path_buf(),
+            };
+            let deadline = Instant::now() + Duration::from_secs(30);
+            while fanfill::daemon::call(&d.socket, &Request::Ping).is_err() {
+                anyhow::ensure!(Instant::now() < deadline, "daemon did not start");
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            Ok(d)
+        }
+
+        fn call(&self, r: &Request) -> anyhow::Result<Response> {
+            Ok(fanfill::daemon::call(&self.socket, r)?)
+        }
+
+        /// Prepares `image` into `dest`; returns the number of files served.
+        fn prepare(&self, image: &str, dest: &Path, mode: LayoutMode) -> anyhow::Result<u64> {
+            match self.call(&Request::Prepare {
+                image: image.to_string(),
+                dest: dest.to_path_buf(),
+                mode,
+                registry: RegistrySettings::default(),
+                prefetch: false,
+            })? {
+                Response::Prepared(p) => Ok(p.files),
+                other => anyhow::bail!("prepare: {other:?}"),
+            }
+        }
+
+        fn remove(&self, dest: &Path) -> anyhow::Result<()> {
+            match self.call(&Request::Remove {
+                dest: dest.to_path_buf(),
+            })? {
+                Response::Error { .. } => anyhow::bail!("remove {}", dest.display()),
+                _ => Ok(()),
+            }
+        }
+
+        /// `/proc/PID/status` field `key`, bytes.
+        fn status(&self, key: &str) -> u64 {
+            let s = std::fs::read_to_string(format!("/proc/{}/status", self.child.id()))
+                .unwrap_or_default();
+            s.lines()
+                .find(|l| l.starts_with(key))
+                .and_then(|l| l.split_whitespace().nth(1))
+                .and_then(|v| v.parse::<u64>().ok())
+                .unwrap_or(0)
+                * 1024
+        }
+
+        /// User + system CPU seconds of the daemon so far.
+        fn cpu(&self) -> f64 {
+            let s = std::fs::read_to_string(format!("/proc/{}/stat", self.child.id()))
+                .unwrap_or_default();
+            let after = s.rsplit_once(')').map_or("", |(_, r)| r);
+            let f: Vec<&str> = after.split_whitespace().collect();
+            let ticks = |i: usize| f.get(i).and_then(|v| v.parse::<f64>().ok()).unwrap_or(0.0);
+            (ticks(11) + ticks(12)) / 100.0
+        }
+
+        /// The `ms=` of the daemon's last "image prepared" log line.
+        fn logged_ms(&self) -> Option<u64> {
+            let log = std::fs::read_to_string(&self.log).ok()?;
+            let line = log.lines().rev().find(|l| l.contains("image prepared"))?;
+            let at = line.find("ms=")? + 3;
+            line[at..]
+                .split(|c: char| !c.is_ascii_digit())
+                .next()?
+                .parse()
+                .ok()
+        }
+    }
+
+    impl Drop for Daemon {
+        fn drop(&mut self) {
+            let _ = nix::sys::signal::kill(
+                nix::unistd::Pid::from_raw(self.child.id() as i32),
+                nix::sys::signal::Signal::SIGTERM,
+            );
+            let _ = self.child.wait();
+            fanfill::daemon::holder::terminate(&self.state);
+        }
+    }
+
+    pub fn bench(
+        a: &Args,
+        image: &str,
+        tmp: &Path,
+        mnt: &Path,
+        files: usize,
+        objects: usize,
+    ) -> anyhow::Result<()> {
+        let state = tmp.join("daemon-state");
+        std::fs::create_dir_all(&state)?;
+        // The first prepare streams the layers and stores their indexes; the measured ones
+        // (by a fresh daemon: a clean heap) load them from the local index store.
+        {
+            let d = Daemon::start(&state, mnt, &tmp.join("warm.log"))?;
+            let warm = mnt.join("warm");
+            let n = d.prepare(image, &warm, LayoutMode::Direct)?;
+            anyhow::ensure!(n == files as u64, "{n} placeholders");
+            d.remove(&warm)?;
+        }
+        let d = Daemon::start(&state, mnt, &tmp.join("daemon.log"))?;
+        if a.memory {
+            return memory(a, &d, image, mnt, files as u64);
+        }
+        let (mut client, mut logged, mut cpus) = (Vec::new(), Vec::new(), Vec::new());
+        for i in 0..a.runs {
+            run(&mut Command::new("sync"))?;
+            let dest = mnt.join(format!("run{i}"));
+            let cpu0 = d.cpu();
+            let t = Instant::now();
+            let n = d.prepare(image, &dest, LayoutMode::Direct)?;
+            let wall = t.elapsed();
+            let cpu = Duration::from_secs_f64(d.cpu() - cpu0);
+            anyhow::ensure!(n == files as u64, "{n} placeholders");
+            let ms = Duration::from_millis(d.logged_ms().unwrap_or(0));
+            eprintln!(
+                "run {i}: request {:.0} ms, daemon logged {} ms, daemon cpu {:.0} ms",
+                wall.as_secs_f64() * 1e3,
+                ms.as_millis(),
+                cpu.as_secs_f64() * 1e3
+            );
+            client.push(wall);
+            logged.push(ms);
+            cpus.push(cpu);
+            d.remove(&dest)?;
+        }
+        println!(
+            "fanfill daemon prepare ({}, {files} files, {objects} objects, median of {}; load: {})",
+            a.fs,
+            a.runs,
+            std::fs::read_to_string("/proc/loadavg")
+                .unwrap_or_default()
+                .trim()
+        );
+        println!();
+        println!("| figure | median ms | objects/s |");
+        println!("|---|---|---|");
+        for (name, v) in [
+            ("Prepare request (client)", client),
+            ("image prepared (daemon log)", logged),
+            ("daemon CPU, user + system", cpus),
+        ] {
+            let m = median(v);
+            println!(
+                "| {name} | {:.0} | {:.0} |",
+                m.as_secs_f64() * 1e3,
+                objects as f64 / m.as_secs_f64()
+            );
+        }
+        Ok(())
+    }
+
+    fn memory(a: &Args, d: &Daemon, image: &str, mnt: &Path, files: u64) -> anyhow::Result<()> {
+        let kernel = || {
+            let (m, ms) = slab("fanotify_mark");
+            let (c, cs) = slab("fsnotify_mark_connector");
+            (m * ms + c * cs, m, c)
+        };
+        let base = d.status("VmRSS:");
+        let kbase = kernel();
+        let row = |what: &str| {
+            let rss = d.status("VmRSS:");
+            let hwm = d.status("VmHWM:");
+            let (k, m, c) = kernel();
+            println!(
+                "| {what} | {:.1} | {:.1} | {:.0} | {:.1} | {:+} marks, {:+} connectors: {:.1} MiB |",
+                rss as f64 / 1048576.0,
+                hwm as f64 / 1048576.0,
+                (rss as f64 - base as f64) / files as f64,
+                (rss as f64 - base as f64) / 1048576.0 / files as f64 * 100_000.0,
+                m as i64 - kbase.1 as i64,
+                c as i64 - kbase.2 as i64,
+                (k as f64 - kbase.0 as f64) / 1048576.0,
+            );
+        };
+        println!("fanfill daemon memory holding {files} placeholders per tree");
+        println!();
+        println!(
+            "| state | VmRSS MiB | VmHWM MiB | RSS B/placeholder | RSS MiB per 100k | kernel marks |"
+        );
+        println!("|---|---|---|---|---|---|");
+        row("daemon started");
+        let n = d.prepare(image, &mnt.join("tree1"), LayoutMode::Direct)?;
+        anyhow::ensure!(n == files, "{n} placeholders");
+        row("one tree");
+        let mode = if a.second_overlay {
+            LayoutMode::Overlay
+        } else {
+            LayoutMode::Direct
+        };
+        let n = d.prepare(image, &mnt.join("tree2"), mode)?;
+        anyhow::ensure!(n == files, "{n} placeholders");
+        row(&format!("second tree ({mode:?})"));
+        d.remove(&mnt.join("tree1"))?;
+        d.remove(&mnt.join("tree2"))?;
+        Ok(())
+    }
 }

@@ -1184,3 +1184,93 @@ fn two_thread_unpack_matches_the_single_walk() {
         }
     });
 }
+
+// ---------------------------------------------------------------------------------------
+// Registration in the unpack (issue #15)
+
+/// Zeros of any length: the placeholders below are never read.
+struct Zeros;
+
+impl fanfill::fill::ContentSource for Zeros {
+    fn read_at(
+        &self,
+        _offset: u64,
+        len: u64,
+    ) -> futures::future::BoxFuture<'_, Result<Vec<u8>, fanfill::fill::SourceError>> {
+        Box::pin(async move { Ok(vec![0; len as usize]) })
+    }
+}
+
+/// What the daemon's and the library's prepare do: each placeholder is registered with the
+/// engine as the unpack creates it (one id per placeholder, in its order; a prefilled one is
+/// not registered), and a source failing half-way stops the unpack and unregisters every
+/// placeholder registered before it.
+#[test]
+fn registration_in_the_unpack_registers_each_placeholder_and_undoes_a_failure() {
+    use std::sync::Arc;
+
+    use fanfill::fill::{ContentSource, Engine, EngineConfig, Verify};
+    use fanfill::image::{ImageError, Registration};
+
+    with_timeout(120, || {
+        let entries: Vec<Entry> = (0..40u64)
+            .map(|i| file(&format!("f{i:02}"), 100 + i))
+            .collect();
+        let layers = [Layer::new("sha256:aa", &entries)];
+        let engine = Engine::start(EngineConfig::default()).unwrap();
+        type Found = Result<(Arc<dyn ContentSource>, Verify), ImageError>;
+        let source = |_: usize, entry: usize| -> Found {
+            if entry == 20 {
+                return Err(ImageError::Task("injected source failure".into()));
+            }
+            Ok((Arc::new(Zeros) as Arc<dyn ContentSource>, Verify::None))
+        };
+        let ok_source = |_: usize, _: usize| -> Found {
+            Ok((Arc::new(Zeros) as Arc<dyn ContentSource>, Verify::None))
+        };
+        let prefill = |p: &fanfill::unpack::Placeholder, _: &Entry, _: &File| p.entry == 0;
+        let d = tmp();
+        let dest = d.path().canonicalize().unwrap();
+        let r = Registration {
+            engine: &engine,
+            mode: Mode::Direct,
+            reference: "test",
+            dest: &dest,
+            source: &ok_source,
+            prefill: Some(&prefill),
+        };
+        let (unpacked, ids) = r
+            .unpack(|sink| fanfill::unpack::unpack_into(&layers, &dest, &opts(Mode::Direct), sink))
+            .unwrap();
+        assert_eq!(unpacked.placeholders.len(), 40);
+        assert_eq!(ids.len(), 40);
+        for (p, id) in unpacked.placeholders.iter().zip(&ids) {
+            assert_eq!(id.is_none(), p.entry == 0, "{}", p.path.display());
+            if let Some(id) = id {
+                let m = fs::metadata(&p.path).unwrap();
+                assert_eq!((id.dev(), id.ino()), (m.dev(), m.ino()));
+            }
+        }
+        assert_eq!(engine.stats().files, 39);
+        for id in ids.into_iter().flatten() {
+            engine.unregister(id).unwrap();
+        }
+        assert_eq!(engine.stats().files, 0);
+
+        let d2 = tmp();
+        let dest2 = d2.path().canonicalize().unwrap();
+        let failing = Registration {
+            dest: &dest2,
+            source: &source,
+            ..r
+        };
+        let err = failing
+            .unpack(|sink| fanfill::unpack::unpack_into(&layers, &dest2, &opts(Mode::Direct), sink))
+            .unwrap_err();
+        assert!(
+            fanfill::fill::error_chain(&err).contains("injected source failure"),
+            "{err}"
+        );
+        assert_eq!(engine.stats().files, 0, "registered files were left behind");
+    })
+}

@@ -146,12 +146,18 @@ impl Cache {
         self.path(sha256).is_some_and(|p| p.exists())
     }
 
-    /// Writes the cached bytes of `sha256` into the (not yet marked) placeholder `dest` made
-    /// from the index entry `meta`, then gives it `meta`'s owner, mode, xattrs and mtime
-    /// (a write strips `security.capability`; nothing is taken from the cache entry).
-    /// `Ok(false)`: not cached (or of another size), or `dest` is not a regular file of
-    /// `meta`'s size.
-    pub fn fill(&self, sha256: &str, dest: &Path, meta: &Entry) -> Result<bool, CacheError> {
+    /// Writes the cached bytes of `sha256` into the (not yet marked) placeholder open as
+    /// `out` (at `dest`, for messages) made from the index entry `meta`, through that
+    /// descriptor, then gives it `meta`'s owner, mode, xattrs and mtime (a write strips
+    /// `security.capability`; nothing is taken from the cache entry). `Ok(false)`: not
+    /// cached (or of another size), or `out` is not a regular file of `meta`'s size.
+    pub fn fill(
+        &self,
+        sha256: &str,
+        out: &File,
+        dest: &Path,
+        meta: &Entry,
+    ) -> Result<bool, CacheError> {
         let Some(src_path) = self.path(sha256) else {
             return Ok(false);
         };
@@ -164,14 +170,17 @@ impl Cache {
         if !sm.is_file() || sm.len() != meta.size {
             return Ok(false);
         }
-        let mut out = open_nofollow(dest, true).map_err(io(dest))?;
         let dm = out.metadata().map_err(io(dest))?;
         if !dm.is_file() || dm.len() != meta.size {
             return Ok(false);
         }
         // std::io::copy between files is copy_file_range on Linux: reflinks where it can.
-        std::io::copy(&mut src, &mut out).map_err(io(dest))?;
-        crate::unpack::finish_file(&out, meta).map_err(io(dest))?;
+        // Written at offset 0 whatever the descriptor's position.
+        use std::io::Seek as _;
+        let mut w = out;
+        w.seek(std::io::SeekFrom::Start(0)).map_err(io(dest))?;
+        std::io::copy(&mut src, &mut w).map_err(io(dest))?;
+        crate::unpack::finish_file(out, meta).map_err(io(dest))?;
         Ok(true)
     }
 
@@ -268,15 +277,16 @@ mod tests {
         let mut meta = Entry::new("dest", EntryKind::File, 0o2711);
         meta.size = 5;
         meta.mtime = 1_000_000;
-        assert!(cache.fill(&sha, &dest, &meta).unwrap());
+        let out = open_nofollow(&dest, true).unwrap();
+        assert!(cache.fill(&sha, &out, &dest, &meta).unwrap());
         assert_eq!(std::fs::read(&dest).unwrap(), b"hello");
         let m = std::fs::metadata(&dest).unwrap();
         assert_eq!(m.mode() & 0o7777, 0o2711);
         assert_eq!(m.mtime(), 1_000_000);
         meta.size = 6;
-        assert!(!cache.fill(&sha, &dest, &meta).unwrap());
+        assert!(!cache.fill(&sha, &out, &dest, &meta).unwrap());
         meta.size = 5;
-        assert!(!cache.fill("../../etc/passwd", &dest, &meta).unwrap());
+        assert!(!cache.fill("../../etc/passwd", &out, &dest, &meta).unwrap());
     }
 
     #[test]

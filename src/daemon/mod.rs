@@ -5,7 +5,9 @@
 //! unix socket, keeps [`state`] in `STATE_DIR`, the in-flight [`journal`], and the
 //! [`holder`] process. It must not restructure what it builds on: image resolution and
 //! indexes come from [`crate::image`] (`open`, `load_indexes`), trees from
-//! [`crate::unpack`], fills from one shared [`crate::fill::Engine`].
+//! [`crate::unpack`] with each placeholder registered as it is created
+//! ([`crate::image::Registration`], the library's prepare's one pass), fills from one shared
+//! [`crate::fill::Engine`].
 //!
 //! Start-up, in this order (nothing is served before step 5):
 //! 1. read the journal a predecessor left (its unanswered events and highest event number)
@@ -51,11 +53,11 @@ use crate::api::{
     DaemonStatus, ErrorKind, ImageStatus, LayoutMode, RegistrySettings, Request, Response,
 };
 use crate::fill::{
-    ContentSource, Engine, EngineConfig, FileId, FillError, Placeholder, SourceError, Verify,
-    error_chain,
+    ContentSource, Engine, EngineConfig, FileId, FileProgress, FillError, Placeholder, SourceError,
+    Verify, error_chain,
 };
-use crate::image::{self, PrepareOptions};
-use crate::index::LayerIndex;
+use crate::image::{self, ImageError, PrepareOptions};
+use crate::index::{Entry, LayerIndex};
 use crate::overlay::OverlayWatcher;
 use crate::registry::BlobStore;
 use crate::sys::fanotify::{DenyErrno, EventId, Group, GroupClass, Response as FanResponse};
@@ -282,6 +284,28 @@ impl Drop for Preparing<'_> {
             abandon_prepare(&self.intent);
         }
         self.state.end_prepare(self.id);
+    }
+}
+
+/// Files a prepare registered: unregistered on drop unless [`Registered::keep`] says the
+/// image was recorded.
+struct Registered<'a> {
+    engine: &'a Engine,
+    ids: Option<&'a [Option<FileId>]>,
+}
+
+impl Registered<'_> {
+    /// The image is recorded: its files stay served.
+    fn keep(mut self) {
+        self.ids = None;
+    }
+}
+
+impl Drop for Registered<'_> {
+    fn drop(&mut self) {
+        for id in self.ids.into_iter().flatten().flatten() {
+            let _ = self.engine.unregister(*id);
+        }
     }
 }
 
@@ -695,11 +719,8 @@ impl Daemon {
         layer: usize,
         entry: usize,
         counters: &Arc<ImageCounters>,
-    ) -> Result<(Arc<DaemonSource>, Verify), String> {
-        let (inner, verify) = opened
-            .sources
-            .file_source(layer, entry)
-            .map_err(|e| error_chain(&e))?;
+    ) -> Result<(Arc<DaemonSource>, Verify), ImageError> {
+        let (inner, verify) = opened.sources.file_source(layer, entry)?;
         Ok((
             Arc::new(DaemonSource {
                 inner,
@@ -912,35 +933,95 @@ impl Daemon {
         };
         let digests: Vec<String> = opened.sources.layers().map(|l| l.0.to_string()).collect();
         let ixs: Vec<Arc<LayerIndex>> = opened.sources.layers().map(|l| l.1.clone()).collect();
-        let (d2, dest2) = (digests.clone(), dest.clone());
-        let unpacked = tokio::task::spawn_blocking(move || {
-            let layers: Vec<Layer<'_>> = d2
-                .iter()
-                .zip(&ixs)
-                .map(|(d, ix)| Layer::new(d, &ix.entries))
+        let counters = Arc::new(ImageCounters::default());
+        let opened = Arc::new(opened);
+        let this = self.clone();
+        let (opened2, counters2, d2, dest2, ref2) = (
+            opened.clone(),
+            counters.clone(),
+            digests.clone(),
+            dest.clone(),
+            image_ref.clone(),
+        );
+        // Each placeholder is registered (in direct mode marked) through the descriptor it
+        // was created with, as the unpack creates it: no second walk.
+        let registered = tokio::task::spawn_blocking(move || {
+            let (opened, counters, dest) = (opened2, counters2, dest2);
+            let source = |layer, entry| {
+                this.source(&opened, layer, entry, &counters)
+                    .map(|(s, v)| (s as Arc<dyn ContentSource>, v))
+            };
+            // From the content cache: filled before it is ever marked, nothing fetched.
+            let prefill = |p: &unpack::Placeholder, meta: &Entry, file: &std::fs::File| {
+                let Some(sha) = meta.sha256.as_deref() else {
+                    return false;
+                };
+                this.cache
+                    .fill(sha, file, &p.path, meta)
+                    .inspect_err(|e| warn!(error = %error_chain(e), "content cache"))
+                    .unwrap_or(false)
+            };
+            let registration = image::Registration {
+                engine: &this.engine,
+                mode: unpack_mode,
+                reference: &ref2,
+                dest: &dest,
+                source: &source,
+                prefill: Some(&prefill),
+            };
+            let (unpacked, ids) = registration.unpack(|sink| {
+                let layers: Vec<Layer<'_>> = d2
+                    .iter()
+                    .zip(&ixs)
+                    .map(|(d, ix)| Layer::new(d, &ix.entries))
+                    .collect();
+                unpack::unpack_at_into(&layers, dir.into(), &dest, &uopts, sink)
+            })?;
+            let lowerdir = (!unpacked.lowerdirs.is_empty()).then(|| unpacked.lowerdir_option());
+            let files: Vec<FileRecord> = unpacked
+                .placeholders
+                .into_iter()
+                .zip(&ids)
+                .map(|(p, id)| FileRecord {
+                    sha256: opened
+                        .sources
+                        .entry(p.layer, p.entry)
+                        .and_then(|e| e.sha256.clone()),
+                    path: p.path,
+                    layer: p.layer,
+                    entry: p.entry,
+                    size: p.size,
+                    chunk: 0,
+                    // Filled from the content cache, never registered.
+                    complete: id.is_none(),
+                    filled: String::new(),
+                })
                 .collect();
-            unpack::unpack_at(&layers, dir.into(), &dest2, &uopts)
+            let files = Arc::new(files);
+            let keys: Vec<(usize, usize)> = files.iter().map(|f| (f.layer, f.entry)).collect();
+            let order = opened.sources.prefetch_order(&keys);
+            Ok::<_, ImageError>((files, ids, lowerdir, order))
         })
         .await
-        .map_err(ApiFail::internal)?
-        .map_err(|e| {
-            ApiFail(
-                ErrorKind::Internal,
-                format!("unpacking {image_ref}: {}", error_chain(&e)),
-            )
-        })?;
+        .map_err(ApiFail::internal)?;
+        let (files, ids, lowerdir, order) =
+            registered.map_err(|e| ApiFail(ErrorKind::Internal, error_chain(&e)))?;
+        // Unregisters what was registered unless the image gets recorded.
+        let registered = Registered {
+            engine: &self.engine,
+            ids: Some(&ids),
+        };
         if let Err(e) = image::mark_tree_dir(&tree.fd, &image_ref) {
             warn!(dest = %dest.display(), error = %e, "cannot mark the tree as fanfill's");
         }
-        let counters = Arc::new(ImageCounters::default());
-        let mut record = ImageRecord {
+        let record = ImageRecord {
             id,
             reference: image_ref.clone(),
             manifest_digest: opened.manifest_digest.clone(),
             layers: digests,
             dest: dest.clone(),
             mode,
-            lowerdir: (!unpacked.lowerdirs.is_empty()).then(|| unpacked.lowerdir_option()),
+            lowerdir,
             registry: RegistrySettings {
                 creds: None,
                 ..registry
@@ -948,69 +1029,11 @@ impl Daemon {
             prefetch,
             overlays: Vec::new(),
             bad: None,
-            files: Vec::with_capacity(unpacked.placeholders.len()),
+            files,
         };
-        let this = self.clone();
-        let opened = Arc::new(opened);
-        let opened2 = opened.clone();
-        let res = tokio::task::spawn_blocking(move || {
-            let opened = opened2;
-            let mut ids = Vec::new();
-            for p in &unpacked.placeholders {
-                let sha = opened
-                    .sources
-                    .entry(p.layer, p.entry)
-                    .and_then(|e| e.sha256.clone());
-                let mut rec = FileRecord {
-                    path: p.path.clone(),
-                    layer: p.layer,
-                    entry: p.entry,
-                    size: p.size,
-                    chunk: 0,
-                    complete: false,
-                    filled: String::new(),
-                    sha256: sha.clone(),
-                };
-                // From the content cache: filled before it is ever marked, nothing fetched.
-                let meta = opened.sources.entry(p.layer, p.entry);
-                if let (Some(sha), Some(meta)) = (&sha, meta) {
-                    match this.cache.fill(sha, &p.path, meta) {
-                        Ok(true) => {
-                            rec.complete = true;
-                            record.files.push(rec);
-                            ids.push(None);
-                            continue;
-                        }
-                        Ok(false) => {}
-                        Err(e) => warn!(error = %error_chain(&e), "content cache"),
-                    }
-                }
-                let r = this
-                    .source(&opened, p.layer, p.entry, &counters)
-                    .map_err(|m| ApiFail(ErrorKind::Internal, m))
-                    .and_then(|(source, verify)| {
-                        image::register_placeholder(&this.engine, p, source, verify, unpack_mode)
-                            .map_err(ApiFail::internal)
-                    });
-                match r {
-                    Ok(fid) => ids.push(Some(fid)),
-                    Err(e) => {
-                        for fid in ids.into_iter().flatten() {
-                            let _ = this.engine.unregister(fid);
-                        }
-                        return Err(e);
-                    }
-                }
-                record.files.push(rec);
-            }
-            let order = opened.sources.prefetch_order(&record.file_keys());
-            Ok((ids, record, counters, order))
-        })
-        .await
-        .map_err(ApiFail::internal)?;
-        let (ids, record, counters, order) = res?;
-        let files = ServedFile::list(&record, ids);
         self.state.save(&record).map_err(ApiFail::internal)?;
+        registered.keep();
+        let files = ServedFile::list(&record, ids);
         preparing.done();
         if let Some(early) = early_profile {
             let (placed, fids): (Vec<(usize, usize)>, Vec<FileId>) = record
@@ -1112,7 +1135,7 @@ impl Daemon {
         let (opened2, error2) = (opened.clone(), error.clone());
         let files = tokio::task::spawn_blocking(move || {
             let mut ids = Vec::with_capacity(record.files.len());
-            for f in &record.files {
+            for f in record.files.iter() {
                 if f.complete && f.chunk == 0 {
                     // Filled from the content cache at prepare: never marked.
                     ids.push(None);
@@ -1121,7 +1144,9 @@ impl Daemon {
                 // A file whose source cannot be had is still registered (marked, or held
                 // by the overlay watch): its readers get EIO, never its holes.
                 let found = match (&opened2, &error2) {
-                    (Some(o), _) => this.source(o, f.layer, f.entry, &counters2),
+                    (Some(o), _) => this
+                        .source(o, f.layer, f.entry, &counters2)
+                        .map_err(|e| error_chain(&e)),
                     (None, e) => Err(e.clone().unwrap_or_default()),
                 };
                 let (source, verify): (Arc<dyn ContentSource>, Verify) = match found {
@@ -1864,9 +1889,21 @@ impl Daemon {
         let mut snapshot = {
             let mut rec = img.record.lock().unwrap();
             rec.prefetch = img.prefetch.load(Ordering::Relaxed);
-            for (f, served) in rec.files.iter_mut().zip(&img.files) {
-                if let Some(p) = served.id.and_then(|id| self.engine.progress(id)) {
-                    f.set_filled(p.chunk, &p.filled, p.complete);
+            // Only progress that changed copies the file list (shared with `saved`).
+            let changed: Vec<(usize, FileProgress)> = rec
+                .files
+                .iter()
+                .zip(&img.files)
+                .enumerate()
+                .filter_map(|(i, (f, served))| {
+                    let p = served.id.and_then(|id| self.engine.progress(id))?;
+                    f.differs(p.chunk, &p.filled, p.complete).then_some((i, p))
+                })
+                .collect();
+            if !changed.is_empty() {
+                let files = Arc::make_mut(&mut rec.files);
+                for (i, p) in changed {
+                    files[i].set_filled(p.chunk, &p.filled, p.complete);
                 }
             }
             rec.clone()

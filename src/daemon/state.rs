@@ -11,6 +11,7 @@
 
 use std::io::Write;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
 use serde::{Deserialize, Serialize};
 
@@ -80,9 +81,20 @@ impl FileRecord {
     pub fn set_filled(&mut self, chunk: u64, flags: &[bool], complete: bool) {
         self.chunk = chunk;
         self.complete = complete;
+        self.filled = Self::encode_filled(flags, complete);
+    }
+
+    /// Whether [`FileRecord::set_filled`] with these arguments would change the record.
+    pub fn differs(&self, chunk: u64, flags: &[bool], complete: bool) -> bool {
+        self.chunk != chunk
+            || self.complete != complete
+            || self.filled != Self::encode_filled(flags, complete)
+    }
+
+    /// The `filled` field for `flags` (empty when complete or nothing is filled).
+    fn encode_filled(flags: &[bool], complete: bool) -> String {
         if complete || !flags.iter().any(|f| *f) {
-            self.filled.clear();
-            return;
+            return String::new();
         }
         let mut bytes = vec![0u8; flags.len().div_ceil(8)];
         for (i, f) in flags.iter().enumerate() {
@@ -90,7 +102,7 @@ impl FileRecord {
                 bytes[i / 8] |= 1 << (i % 8);
             }
         }
-        self.filled = hex::encode(bytes);
+        hex::encode(bytes)
     }
 }
 
@@ -124,8 +136,27 @@ pub struct ImageRecord {
     /// successor serves it bad again (every read `EIO`), never its files.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub bad: Option<String>,
-    /// The placeholders.
-    pub files: Vec<FileRecord>,
+    /// The placeholders: shared by the live record and the copy last saved (a record whose
+    /// progress changes copies them once), so a served file costs one record.
+    #[serde(with = "shared_files")]
+    pub files: Arc<Vec<FileRecord>>,
+}
+
+/// (De)serializes [`ImageRecord::files`] as the plain list.
+mod shared_files {
+    use std::sync::Arc;
+
+    use serde::{Deserialize, Deserializer, Serialize, Serializer};
+
+    use super::FileRecord;
+
+    pub fn serialize<S: Serializer>(v: &Arc<Vec<FileRecord>>, s: S) -> Result<S::Ok, S::Error> {
+        v.as_slice().serialize(s)
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Arc<Vec<FileRecord>>, D::Error> {
+        Vec::<FileRecord>::deserialize(d).map(Arc::new)
+    }
 }
 
 impl ImageRecord {
@@ -307,7 +338,7 @@ mod tests {
             prefetch: false,
             overlays: vec!["/run/c/rootfs".into()],
             bad: Some("layer sha256:11 does not match its digest".into()),
-            files: vec![f],
+            files: Arc::new(vec![f]),
         };
         st.save(&rec).unwrap();
         assert_eq!(st.load().unwrap(), vec![rec]);

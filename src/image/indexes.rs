@@ -108,10 +108,10 @@ pub async fn load_indexes(
         let digest = desc.digest().to_string();
         // An index built by streaming the layer (an earlier pull that could not read it
         // lazily) comes first: it is local, and its TOC would fail again.
-        let hit = match local.load(&digest).map_err(idx_err(desc.digest()))? {
+        let hit = match local.load_shared(&digest).map_err(idx_err(desc.digest()))? {
             Some(ix) => {
                 let windows = local.open_windows(&ix).map_err(idx_err(desc.digest()))?;
-                Some((Arc::new(ix), windows, IndexOrigin::Local))
+                Some((ix, windows, IndexOrigin::Local))
             }
             None => None,
         };

@@ -56,8 +56,8 @@ pub use indexes::{
 };
 pub use profile::{EntryKey, GAP_MAX, ProfileFill, ProfileRead, SPAN_MAX, SpanFile};
 pub use register::{
-    TREE_XATTR, mark_tree, mark_tree_dir, prepare, register_placeholder, remove_tree_contents,
-    tree_image,
+    PrefillFn, Registration, SourceFn, TREE_XATTR, mark_tree, mark_tree_dir, prepare,
+    remove_tree_contents, tree_image,
 };
 pub use sources::{ImageSources, LayerFileSource, verify_for};
 pub use stream::{STREAM_PARALLEL, StreamFill, stream_fill_layer, stream_parallel};

@@ -4,8 +4,8 @@
 //! Owns [`prepare`] (indexes loaded, the access profile's reads started, the placeholders
 //! unpacked and registered with the engine in one pass, each marked through the descriptor
 //! it was created with, the tree marked, the prefetch order set), registering placeholders
-//! ([`register_placeholder`]; `RegisterSink` during the unpack, undoing the done ones when
-//! one fails), the tree's mark
+//! as an unpack creates them ([`Registration`], which the daemon's prepare uses too; undoing
+//! the done ones when one fails), the tree's mark
 //! ([`TREE_XATTR`], [`mark_tree`], [`tree_image`]), removing what a failed prepare left, and
 //! the access profile read back from a served tree ([`Prepared::access_profile`]). It takes
 //! each file's source as [`ImageSources`] gives it: it never fetches, inflates or verifies
@@ -18,12 +18,11 @@ use std::sync::Arc;
 use tracing::{info, warn};
 
 use super::{
-    AccessProfile, ImageError, ImageSources, PrepareOptions, PrepareTimings, Prepared,
-    load_indexes, open,
+    AccessProfile, ImageError, PrepareOptions, PrepareTimings, Prepared, load_indexes, open,
 };
 use crate::fill::{ContentSource, Engine, FileId, Placeholder, Verify};
 use crate::index::{Entry, LayerIndex};
-use crate::unpack::{self, Layer, Mode, UnpackError, UnpackOptions};
+use crate::unpack::{self, Layer, Mode, UnpackError, UnpackOptions, Unpacked};
 
 /// Prepares `reference` into `dest` (which must be empty) and registers every placeholder
 /// with `engine`. Returns as soon as the placeholders are ready and served.
@@ -53,69 +52,48 @@ pub async fn prepare(
     };
     let indexes_done = started.elapsed();
     // Placeholders are registered (and marked) by the unpack itself, as each is created.
-    let sink = RegisterSink {
+    let source = |layer, entry| {
+        sources
+            .file_source(layer, entry)
+            .map(|(s, v)| (s as Arc<dyn ContentSource>, v))
+    };
+    let registration = Registration {
         engine,
-        sources: &sources,
         mode: opts.mode,
         reference,
-        ids: std::sync::Mutex::new(HashMap::new()),
-        failed: std::sync::Mutex::new(None),
+        dest,
+        source: &source,
+        prefill: None,
     };
-    let unpacked = blocking_here(|| {
-        let layers: Vec<Layer<'_>> = digests
-            .iter()
-            .zip(&ixs)
-            .map(|(d, ix)| Layer::new(d, &ix.entries))
-            .collect();
-        unpack::unpack_into(&layers, dest, &uopts, &sink)
+    let registered = blocking_here(|| {
+        registration.unpack(|sink| {
+            let layers: Vec<Layer<'_>> = digests
+                .iter()
+                .zip(&ixs)
+                .map(|(d, ix)| Layer::new(d, &ix.entries))
+                .collect();
+            unpack::unpack_into(&layers, dest, &uopts, sink)
+        })
     });
-    let ids = sink.ids.into_inner().unwrap_or_else(|e| e.into_inner());
-    let failed = sink.failed.into_inner().unwrap_or_else(|e| e.into_inner());
-    let undo = |ids: HashMap<(usize, usize), FileId>| {
-        for id in ids.into_values() {
-            let _ = engine.unregister(id);
-        }
-    };
-    let unpacked = match unpacked {
-        Ok(u) => u,
-        Err(source) => {
-            undo(ids);
+    let (unpacked, ids) = match registered {
+        Ok(r) => r,
+        Err(e) => {
             // A refused destination (not empty, missing) was not ours to clean.
-            if !matches!(
-                source,
+            if !matches!(&e, ImageError::Unpack { source, .. } if matches!(
+                **source,
                 UnpackError::DestNotEmpty { .. } | UnpackError::Dest { .. }
-            ) {
+            )) {
                 remove_tree_contents(dest);
             }
-            if let Some(e) = failed {
-                return Err(e);
-            }
-            return Err(ImageError::Unpack {
-                reference: reference.to_string(),
-                dest: dest.to_path_buf(),
-                source: Box::new(source),
-            });
+            return Err(e);
         }
     };
     let unpack_done = started.elapsed();
     if let Err(e) = mark_tree(dest, reference) {
         warn!(dest = %dest.display(), error = %e, "cannot mark the tree as fanfill's");
     }
-    let files: Vec<FileId> = match unpacked
-        .placeholders
-        .iter()
-        .map(|p| ids.get(&(p.layer, p.entry)).copied())
-        .collect::<Option<Vec<_>>>()
-    {
-        Some(files) => files,
-        None => {
-            undo(ids);
-            remove_tree_contents(dest);
-            return Err(ImageError::Task(
-                "a placeholder was created but not registered".into(),
-            ));
-        }
-    };
+    // Nothing is filled before it is registered here (no `prefill`).
+    let files: Vec<FileId> = ids.into_iter().flatten().collect();
     let keys: Vec<(usize, usize)> = unpacked
         .placeholders
         .iter()
@@ -195,38 +173,89 @@ fn blocking_here<T>(f: impl FnOnce() -> T) -> T {
     }
 }
 
-/// Registers one unpacked placeholder with the engine, its bytes coming from `source`. In
-/// overlay mode it carries no pre-content mark: overlay reads of a marked lower file fail
-/// with EPERM, so the overlay open watch fills it whole instead.
-pub fn register_placeholder(
-    engine: &Engine,
-    p: &unpack::Placeholder,
-    source: Arc<dyn ContentSource>,
-    verify: Verify,
-    mode: Mode,
-) -> Result<FileId, crate::fill::FillError> {
-    let placeholder = Placeholder {
-        path: p.path.clone(),
-        size: p.size,
-        source,
-        verify,
-    };
-    match mode {
-        Mode::Direct => engine.register(placeholder),
-        Mode::Overlay => engine.register_unmarked(placeholder),
+/// Where a placeholder's bytes come from and how they are checked, by (layer, entry).
+pub type SourceFn<'a> =
+    dyn Fn(usize, usize) -> Result<(Arc<dyn ContentSource>, Verify), ImageError> + Sync + 'a;
+
+/// Fills a placeholder whole before it is registered, through the descriptor it was created
+/// with (the daemon's content cache); `true`: filled, it is not registered.
+pub type PrefillFn<'a> = dyn Fn(&unpack::Placeholder, &Entry, &std::fs::File) -> bool + Sync + 'a;
+
+/// How an unpack registers its placeholders with the engine as it creates them
+/// ([`Registration::unpack`]): each gets its content source and, in direct mode, its inode
+/// mark through the descriptor it was created with. In overlay mode a placeholder carries no
+/// pre-content mark: overlay reads of a marked lower file fail with EPERM, so the overlay
+/// open watch fills it whole instead.
+pub struct Registration<'a> {
+    /// The engine serving the placeholders.
+    pub engine: &'a Engine,
+    /// Direct (marked) or overlay (unmarked) placeholders.
+    pub mode: Mode,
+    /// The image, for messages.
+    pub reference: &'a str,
+    /// The destination, for messages.
+    pub dest: &'a Path,
+    /// Each placeholder's source.
+    pub source: &'a SourceFn<'a>,
+    /// Files filled before they are registered, if any.
+    pub prefill: Option<&'a PrefillFn<'a>>,
+}
+
+impl Registration<'_> {
+    /// Runs `unpack` with a sink registering every placeholder as it is created, in one
+    /// pass. Returns what was unpacked and, in the order of its placeholders, each one's
+    /// engine id (`None`: filled by `prefill`, not registered). On failure every registered
+    /// file is unregistered again; what the unpack created stays for the caller to remove.
+    pub fn unpack(
+        &self,
+        unpack: impl FnOnce(&dyn unpack::PlaceholderSink) -> Result<Unpacked, UnpackError>,
+    ) -> Result<(Unpacked, Vec<Option<FileId>>), ImageError> {
+        let sink = RegisterSink {
+            r: self,
+            ids: std::sync::Mutex::new(HashMap::new()),
+            failed: std::sync::Mutex::new(None),
+        };
+        let unpacked = unpack(&sink);
+        let mut ids = sink.ids.into_inner().unwrap_or_else(|e| e.into_inner());
+        let failed = sink.failed.into_inner().unwrap_or_else(|e| e.into_inner());
+        let undo = |ids: HashMap<(usize, usize), Option<FileId>>| {
+            for id in ids.into_values().flatten() {
+                let _ = self.engine.unregister(id);
+            }
+        };
+        let unpacked = match unpacked {
+            Ok(u) => u,
+            Err(source) => {
+                undo(ids);
+                return Err(failed.unwrap_or_else(|| ImageError::Unpack {
+                    reference: self.reference.to_string(),
+                    dest: self.dest.to_path_buf(),
+                    source: Box::new(source),
+                }));
+            }
+        };
+        let files: Option<Vec<Option<FileId>>> = unpacked
+            .placeholders
+            .iter()
+            .map(|p| ids.remove(&(p.layer, p.entry)))
+            .collect();
+        match files {
+            Some(files) => Ok((unpacked, files)),
+            None => {
+                undo(ids);
+                Err(ImageError::Task(
+                    "a placeholder was created but not registered".into(),
+                ))
+            }
+        }
     }
 }
 
-/// Registers each placeholder with the engine as the unpack creates it
-/// ([`unpack::PlaceholderSink`]): its content source, and in direct mode its inode mark
-/// through the descriptor it was created with. Records the first failure for [`prepare`].
+/// The sink of [`Registration::unpack`]. Records the first failure.
 struct RegisterSink<'a> {
-    engine: &'a Engine,
-    sources: &'a ImageSources,
-    mode: Mode,
-    reference: &'a str,
-    /// The registered files by (layer, entry).
-    ids: std::sync::Mutex<HashMap<(usize, usize), FileId>>,
+    r: &'a Registration<'a>,
+    /// The registered files by (layer, entry); `None`: prefilled.
+    ids: std::sync::Mutex<HashMap<(usize, usize), Option<FileId>>>,
     failed: std::sync::Mutex<Option<ImageError>>,
 }
 
@@ -247,35 +276,32 @@ impl unpack::PlaceholderSink for RegisterSink<'_> {
         file: &std::fs::File,
         stat: &std::fs::Metadata,
     ) -> std::io::Result<()> {
-        let (source, verify) = self
-            .sources
-            .file_source(p.layer, p.entry)
-            .map_err(|e| self.fail(e))?;
-        let placeholder = Placeholder {
-            path: p.path.clone(),
-            size: p.size,
-            source,
-            verify,
+        let r = self.r;
+        let id = if r.prefill.is_some_and(|f| f(p, meta, file)) {
+            None
+        } else {
+            let (source, verify) = (r.source)(p.layer, p.entry).map_err(|e| self.fail(e))?;
+            let placeholder = Placeholder {
+                path: p.path.clone(),
+                size: p.size,
+                source,
+                verify,
+            };
+            let capability = meta
+                .xattrs
+                .iter()
+                .any(|(n, _)| n == crate::fill::CAPABILITY_XATTR);
+            let id = r
+                .engine
+                .register_open(file, stat, placeholder, capability, r.mode == Mode::Direct)
+                .map_err(|source| {
+                    self.fail(ImageError::Fill {
+                        reference: r.reference.to_string(),
+                        source,
+                    })
+                })?;
+            Some(id)
         };
-        let capability = meta
-            .xattrs
-            .iter()
-            .any(|(n, _)| n == crate::fill::CAPABILITY_XATTR);
-        let id = self
-            .engine
-            .register_open(
-                file,
-                stat,
-                placeholder,
-                capability,
-                self.mode == Mode::Direct,
-            )
-            .map_err(|source| {
-                self.fail(ImageError::Fill {
-                    reference: self.reference.to_string(),
-                    source,
-                })
-            })?;
         self.ids
             .lock()
             .unwrap_or_else(|e| e.into_inner())

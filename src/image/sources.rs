@@ -24,7 +24,7 @@ use crate::blobcache::BlobCache;
 use crate::fill::{ContentSource, SourceError, Verify};
 use crate::index::{CHUNK_SIZE, Entry, LayerIndex, LayerWindows, WindowCache, WindowSource};
 use crate::registry::BlobStore;
-use crate::toc::{self, TocFileSource, TocLayer};
+use crate::toc::{self, TocFileSource, TocLayer, TocLayerReader};
 
 impl ImageIndexes {
     /// The sources of the image's files, fetching from `store`; checkpoint windows are
@@ -39,11 +39,30 @@ impl ImageIndexes {
                 .iter()
                 .zip(&self.windows)
                 .zip(&self.tocs)
-                .map(|(((digest, index, _), w), toc)| LayerSources {
-                    digest: digest.clone(),
-                    index: index.clone(),
-                    toc: toc.clone(),
-                    windows: Arc::new(LayerWindows::new(w.clone(), cache.clone())),
+                .map(|(((digest, index, _), w), toc)| {
+                    let windows = Arc::new(LayerWindows::new(w.clone(), cache.clone()));
+                    let reader = match toc {
+                        Some(toc) => LayerReader::Toc(TocLayerReader::new(
+                            store.clone(),
+                            self.blob_cache.clone(),
+                            digest.clone(),
+                            toc.clone(),
+                        )),
+                        None => LayerReader::Index(Arc::new(IndexLayerReader {
+                            store: store.clone(),
+                            local: self.blob_cache.clone(),
+                            layer: digest.clone(),
+                            index: index.clone(),
+                            windows: windows.clone(),
+                        })),
+                    };
+                    LayerSources {
+                        digest: digest.clone(),
+                        index: index.clone(),
+                        toc: toc.clone(),
+                        windows,
+                        reader,
+                    }
                 })
                 .collect(),
         }
@@ -55,6 +74,15 @@ pub(super) struct LayerSources {
     pub(super) index: Arc<LayerIndex>,
     pub(super) toc: Option<Arc<TocLayer>>,
     pub(super) windows: Arc<LayerWindows>,
+    /// What every file source of the layer shares (each file's source is this and the
+    /// position of its entry).
+    reader: LayerReader,
+}
+
+/// The shared part of a layer's file sources.
+enum LayerReader {
+    Index(Arc<IndexLayerReader>),
+    Toc(Arc<TocLayerReader>),
 }
 
 /// Everything that builds the content source of any file of a prepared image: the store,
@@ -101,29 +129,22 @@ impl ImageSources {
             .get(layer)
             .ok_or_else(|| ImageError::Task(format!("no layer {layer}")))?;
         let missing = || ImageError::Task(format!("no entry {entry} in layer {}", l.digest));
-        if let Some(toc) = &l.toc {
-            let target = resolve_pos(&toc.index, entry).ok_or_else(missing)?;
-            let verify = toc::verify_for(toc, target);
-            let source = TocFileSource::new(
-                self.store.clone(),
-                self.blob_cache.clone(),
-                l.digest.clone(),
-                toc.clone(),
-                target,
-            );
-            return Ok((Arc::new(source), verify));
+        let target = l.index.resolve_index(entry).ok_or_else(missing)?;
+        match &l.reader {
+            LayerReader::Toc(reader) => {
+                let verify = toc::verify_for(reader.toc(), target);
+                let source = TocFileSource::new(reader.clone(), target);
+                Ok((Arc::new(source), verify))
+            }
+            LayerReader::Index(reader) => {
+                let verify = verify_for(&l.index.entries[target]);
+                let source = LayerFileSource {
+                    shared: reader.clone(),
+                    entry: target,
+                };
+                Ok((Arc::new(source), verify))
+            }
         }
-        let e = l.index.resolve(entry).cloned().ok_or_else(missing)?;
-        let verify = verify_for(&e);
-        let source = LayerFileSource::new(
-            self.store.clone(),
-            l.digest.clone(),
-            l.index.clone(),
-            l.windows.clone(),
-            e,
-        )
-        .with_blob_cache(self.blob_cache.clone());
-        Ok((Arc::new(source), verify))
     }
 
     /// Per layer, the entries its TOC names to prefetch first (empty for other layers).
@@ -155,13 +176,6 @@ impl ImageSources {
         first.extend((0..files.len()).filter(|&i| !taken[i]));
         first
     }
-}
-
-/// Position of the entry a hardlink at `idx` resolves to (`idx` itself for other kinds).
-fn resolve_pos(index: &LayerIndex, idx: usize) -> Option<usize> {
-    let target = index.resolve(idx)?;
-    // `resolve` returns a reference into `entries`: find its position by address.
-    index.entries.iter().position(|e| std::ptr::eq(e, target))
 }
 
 /// A windows pack in the registry (or layout), read a window at a time by range reads.
@@ -202,39 +216,20 @@ pub fn verify_for(entry: &Entry) -> Verify {
 /// (unless cached), inflated and sliced. The engine verifies the result against the index's
 /// digests before writing it.
 pub struct LayerFileSource {
-    local: Option<BlobCache>,
+    shared: Arc<IndexLayerReader>,
+    /// Position of the file's entry in the layer's index (hardlinks resolved): one per
+    /// placeholder, so nothing of the entry is copied.
+    entry: usize,
+}
+
+/// What the file sources of one indexed layer share: the store, the blob cache (read first
+/// when it holds the layer), the layer's digest, index and checkpoint windows.
+struct IndexLayerReader {
     store: Arc<BlobStore>,
+    local: Option<BlobCache>,
     layer: Digest,
     index: Arc<LayerIndex>,
     windows: Arc<LayerWindows>,
-    entry: Entry,
-}
-
-impl LayerFileSource {
-    /// The source of regular-file `entry` of layer `layer` (described by `index`, its
-    /// checkpoint windows read through `windows`), fetching from `store`.
-    pub fn new(
-        store: Arc<BlobStore>,
-        layer: Digest,
-        index: Arc<LayerIndex>,
-        windows: Arc<LayerWindows>,
-        entry: Entry,
-    ) -> LayerFileSource {
-        LayerFileSource {
-            local: None,
-            store,
-            layer,
-            index,
-            windows,
-            entry,
-        }
-    }
-
-    /// Reads the layer from `cache` when it holds it (a layer that streamed whole).
-    pub fn with_blob_cache(mut self, cache: Option<BlobCache>) -> LayerFileSource {
-        self.local = cache;
-        self
-    }
 }
 
 /// The bytes `span` of `layer` names: its compressed range (from the blob cache, else the
@@ -278,15 +273,21 @@ impl ContentSource for LayerFileSource {
     /// against the index's digests all the same).
     fn read_at(&self, offset: u64, len: u64) -> BoxFuture<'_, Result<Vec<u8>, SourceError>> {
         async move {
-            let what = || format!("{} in layer {}", self.entry.path, self.layer);
-            let span = crate::index::plan(&self.index, &self.entry, offset, len)
+            let l = &self.shared;
+            let entry = l
+                .index
+                .entries
+                .get(self.entry)
+                .ok_or_else(|| SourceError::new(format!("no entry {}", self.entry)))?;
+            let what = || format!("{} in layer {}", entry.path, l.layer);
+            let span = crate::index::plan(&l.index, entry, offset, len)
                 .map_err(|e| SourceError::with_source(what(), e))?;
             fetch_span(
-                &self.store,
-                self.local.as_ref(),
-                &self.layer,
-                &self.index,
-                &self.windows,
+                &l.store,
+                l.local.as_ref(),
+                &l.layer,
+                &l.index,
+                &l.windows,
                 span,
                 what,
             )

@@ -296,17 +296,19 @@ impl LayerIndex {
     /// Follow a hardlink to the regular file entry it names (the last one before it with
     /// that path); returns the entry itself when it is not a hardlink.
     pub fn resolve(&self, idx: usize) -> Option<&Entry> {
+        self.entries.get(self.resolve_index(idx)?)
+    }
+
+    /// Position in `entries` of the entry [`LayerIndex::resolve`] returns.
+    pub fn resolve_index(&self, idx: usize) -> Option<usize> {
+        let mut pos = idx;
         let mut cur = self.entries.get(idx)?;
-        let mut limit = idx;
         // Hardlink chains point backwards, so this terminates after at most `idx` steps.
         while cur.kind == EntryKind::Hardlink {
             let target = cur.link.as_deref()?;
-            let pos = self.entries[..limit]
-                .iter()
-                .rposition(|e| e.path == target)?;
+            pos = self.entries[..pos].iter().rposition(|e| e.path == target)?;
             cur = &self.entries[pos];
-            limit = pos;
         }
-        Some(cur)
+        Some(pos)
     }
 }

@@ -76,17 +76,7 @@ impl IndexStore {
             Err(source) => return Err(IndexError::Store { path, source }),
         };
         match LayerIndex::decode(&data) {
-            Ok(idx) if idx.blob_digest == digest => {
-                if idx.windows_digest.is_some() {
-                    let win = self.windows_path_for(digest)?;
-                    let size = fs::metadata(&win).map(|m| m.len()).ok();
-                    if size != Some(idx.windows_size) {
-                        warn!(path = %win.display(), ?size, expected = idx.windows_size, "windows pack missing or of the wrong size; ignoring the stored index");
-                        return Ok(None);
-                    }
-                }
-                Ok(Some(idx))
-            }
+            Ok(idx) if idx.blob_digest == digest => Ok(self.windows_ok(&idx)?.then_some(idx)),
             Ok(idx) => {
                 warn!(path = %path.display(), stored = %idx.blob_digest, "stored index names another blob; ignoring");
                 Ok(None)
@@ -97,6 +87,53 @@ impl IndexStore {
             }
             Err(e) => Err(e),
         }
+    }
+
+    /// Whether the windows pack `idx` needs is there, of its size.
+    fn windows_ok(&self, idx: &LayerIndex) -> Result<bool, IndexError> {
+        if idx.windows_digest.is_none() {
+            return Ok(true);
+        }
+        let win = self.windows_path_for(&idx.blob_digest)?;
+        let size = fs::metadata(&win).map(|m| m.len()).ok();
+        if size != Some(idx.windows_size) {
+            warn!(path = %win.display(), ?size, expected = idx.windows_size, "windows pack missing or of the wrong size; ignoring the stored index");
+            return Ok(false);
+        }
+        Ok(true)
+    }
+
+    /// [`IndexStore::load`], sharing the index with every other holder in this process of
+    /// the same stored file (same path, device, inode, size and mtime): a second tree of an
+    /// image costs no second copy of its indexes (nor a second decode).
+    pub fn load_shared(&self, digest: &str) -> Result<Option<Arc<LayerIndex>>, IndexError> {
+        use std::os::unix::fs::MetadataExt as _;
+        type Key = (PathBuf, u64, u64, u64, i64, i64);
+        static LOADED: std::sync::LazyLock<
+            std::sync::Mutex<std::collections::HashMap<Key, std::sync::Weak<LayerIndex>>>,
+        > = std::sync::LazyLock::new(Default::default);
+        let path = self.path_for(digest)?;
+        let m = match fs::metadata(&path) {
+            Ok(m) => m,
+            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
+            Err(source) => return Err(IndexError::Store { path, source }),
+        };
+        let key = (path, m.dev(), m.ino(), m.len(), m.mtime(), m.mtime_nsec());
+        let held = LOADED
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(&key)
+            .and_then(std::sync::Weak::upgrade);
+        if let Some(idx) = held {
+            return Ok(self.windows_ok(&idx)?.then_some(idx));
+        }
+        let Some(idx) = self.load(digest)?.map(Arc::new) else {
+            return Ok(None);
+        };
+        let mut loaded = LOADED.lock().unwrap_or_else(|e| e.into_inner());
+        loaded.retain(|_, w| w.strong_count() > 0);
+        loaded.insert(key, Arc::downgrade(&idx));
+        Ok(Some(idx))
     }
 
     /// Opens the stored windows pack of `index` for reading windows on demand (a layer

@@ -30,7 +30,7 @@ pub mod estargz;
 mod source;
 pub mod zstd_chunked;
 
-pub use source::{TocFileSource, verify_for};
+pub use source::{TocFileSource, TocLayerReader, verify_for};
 
 /// Largest chunk accepted (uncompressed), in either format: a fill inflates one chunk into
 /// memory, so a TOC must not be able to make that unbounded.

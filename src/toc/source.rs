@@ -19,43 +19,65 @@ use crate::blobcache::BlobCache;
 use crate::fill::{ContentSource, SourceError, Verify};
 use crate::registry::BlobStore;
 
-/// The bytes of one regular file of a TOC layer.
+/// The bytes of one regular file of a TOC layer: the layer's shared reader and the file's
+/// entry (one per placeholder, so kept small).
 pub struct TocFileSource {
-    store: Arc<BlobStore>,
-    local: Option<BlobCache>,
-    layer: Digest,
-    toc: Arc<TocLayer>,
+    shared: Arc<TocLayerReader>,
     /// Index of the regular file's entry in `toc.index.entries` (hardlinks resolved).
     entry: usize,
 }
 
-impl TocFileSource {
-    /// The source of regular-file entry `entry` (already resolved through hardlinks) of TOC
-    /// layer `layer`, reading `local` first when it holds the blob, else `store`.
+/// What the file sources of one TOC layer share: the store, the blob cache, the layer's
+/// digest and its TOC.
+pub struct TocLayerReader {
+    store: Arc<BlobStore>,
+    local: Option<BlobCache>,
+    layer: Digest,
+    toc: Arc<TocLayer>,
+}
+
+impl TocLayerReader {
+    /// The reader of TOC layer `layer`, reading `local` first when it holds the blob, else
+    /// `store`.
     pub fn new(
         store: Arc<BlobStore>,
         local: Option<BlobCache>,
         layer: Digest,
         toc: Arc<TocLayer>,
-        entry: usize,
-    ) -> TocFileSource {
-        TocFileSource {
+    ) -> Arc<TocLayerReader> {
+        Arc::new(TocLayerReader {
             store,
             local,
             layer,
             toc,
+        })
+    }
+
+    /// The layer's TOC.
+    pub fn toc(&self) -> &TocLayer {
+        &self.toc
+    }
+}
+
+impl TocFileSource {
+    /// The source of regular-file entry `entry` (already resolved through hardlinks) of the
+    /// TOC layer `layer` reads.
+    pub fn new(layer: Arc<TocLayerReader>, entry: usize) -> TocFileSource {
+        TocFileSource {
+            shared: layer,
             entry,
         }
     }
 
     fn what(&self) -> String {
         let path = self
+            .shared
             .toc
             .index
             .entries
             .get(self.entry)
             .map_or("?", |e| e.path.as_str());
-        format!("{path} in layer {}", self.layer)
+        format!("{path} in layer {}", self.shared.layer)
     }
 }
 
@@ -201,6 +223,7 @@ impl ContentSource for TocFileSource {
         async move {
             let what = self.what();
             let chunks = self
+                .shared
                 .toc
                 .chunks
                 .get(self.entry)
@@ -224,9 +247,9 @@ impl ContentSource for TocFileSource {
                 (Some(a), Some(b)) => {
                     let (lo, hi) = (a.compressed_offset, b.compressed_end);
                     let bytes = crate::blobcache::read_range(
-                        self.local.as_ref(),
-                        &self.store,
-                        &self.layer,
+                        self.shared.local.as_ref(),
+                        &self.shared.store,
+                        &self.shared.layer,
                         lo,
                         hi.saturating_sub(lo),
                     )
@@ -236,7 +259,11 @@ impl ContentSource for TocFileSource {
                 }
                 _ => (0, bytes::Bytes::new()),
             };
-            let (codec, cs, skip) = (self.toc.codec, cs.to_vec(), offset - covered.unwrap_or(0));
+            let (codec, cs, skip) = (
+                self.shared.toc.codec,
+                cs.to_vec(),
+                offset - covered.unwrap_or(0),
+            );
             let all =
                 tokio::task::spawn_blocking(move || chunk_bytes(codec, &cs, base, &fetched, &what))
                     .await
