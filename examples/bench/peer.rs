@@ -1333,6 +1333,10 @@ pub struct Steady {
     /// Start of the pull to the image complete (fanfill: every mark gone; stargz: its
     /// background fetch quiet for 3 s; eager: the pull), seconds.
     pub complete_s: f64,
+    /// Bytes the registry sent from the start of the pull until then (the whole image, for
+    /// a system that completes it).
+    #[serde(default)]
+    pub bytes_total: u64,
     /// Median of three reads of the whole tree with the page cache dropped before, seconds.
     pub cold_s: f64,
     /// Median of the three reads right after each cold one, seconds.
@@ -1712,8 +1716,22 @@ impl Rig {
     }
 
     /// The image complete, the tree read three times cold and warm.
-    fn steady(&self, sys: System, run_no: usize, t0: Instant) -> Result<Steady> {
+    fn steady(
+        &self,
+        sys: System,
+        run_no: usize,
+        t0: Instant,
+        b0: u64,
+        pull: f64,
+    ) -> Result<Steady> {
         let done = self.wait_complete(sys)?;
+        // An eager system is complete when its pull returns.
+        let complete_s = if sys.is_fanfill() || sys.is_stargz() {
+            (done - t0).as_secs_f64()
+        } else {
+            pull
+        };
+        let bytes_total = self.proxy().bytes_down() - b0;
         let (mut cold, mut warm) = (Vec::new(), Vec::new());
         for i in 0..3 {
             drop_caches()?;
@@ -1733,7 +1751,8 @@ impl Rig {
             warm.push(w as f64 / 1e9);
         }
         Ok(Steady {
-            complete_s: (done - t0).as_secs_f64(),
+            complete_s,
+            bytes_total,
             cold_s: median(&cold),
             warm_s: median(&warm),
         })
@@ -1812,7 +1831,7 @@ impl Rig {
             self.daemon_pid.map(daemon_use).transpose()?,
         );
         let steady = if steady {
-            Some(self.steady(sys, run_no, t0)?)
+            Some(self.steady(sys, run_no, t0, b0, pull)?)
         } else {
             None
         };
@@ -2043,18 +2062,19 @@ pub fn report_image(r: &ImageResult, heading: &str) -> String {
             s.push_str(
                 "Steady state, once the image is complete (last run): the tree read three times \
                  with the page cache dropped before (cold) and right after (warm); medians.\n\n\
-                 | System | Complete after (s from pull start) | Cold read (s) | Cold MiB/s | \
-                 Cold ÷ eager's speed | Warm read (s) | Warm MiB/s | Warm ÷ eager's speed |\n\
-                 |---|---|---|---|---|---|---|---|\n",
+                 | System | Complete after (s from pull start) | MiB fetched by then | Cold read (s) | \
+                 Cold MiB/s | Cold ÷ eager's speed | Warm read (s) | Warm MiB/s | Warm ÷ eager's speed |\n\
+                 |---|---|---|---|---|---|---|---|---|\n",
             );
             for (row, st) in &steady {
                 let rel = |mine: f64, theirs: Option<f64>| {
                     theirs.map_or("–".to_string(), |t| format!("{:.2}", t / mine))
                 };
                 s.push_str(&format!(
-                    "| {} | {:.1} | {:.2} | {:.0} | {} | {:.3} | {:.0} | {} |\n",
+                    "| {} | {:.1} | {:.1} | {:.2} | {:.0} | {} | {:.3} | {:.0} | {} |\n",
                     row.system.label(),
                     st.complete_s,
+                    mib(st.bytes_total),
                     st.cold_s,
                     tree / st.cold_s,
                     rel(st.cold_s, eager.map(|e| e.cold_s)),
@@ -2136,7 +2156,8 @@ Columns:
   of that read (background fetches included).
 * **Steady state**: in the last run, after the tree read, the bench waits until the image is
   complete (fanfill: the daemon's status says `complete`, every mark gone; stargz: the
-  registry sent nothing for 3 s, its background fetch done; eager: at once), then three
+  registry sent nothing for 3 s, its background fetch done; eager: when its pull
+  returned), then three
   containers each read the tree twice in a row, the page cache dropped before each.
 
 Cold runs: before each run the image is removed, the stargz daemon and the fanfill daemon
