@@ -408,6 +408,22 @@ pub fn build(spec: &Spec, dir: &Path) -> Result<Built> {
     Ok(built)
 }
 
+/// The packages `spec` names that are not installed on this machine: the image is made of
+/// installed files, so they are missing from it (and a workload that needs them says so).
+pub fn missing_packages(spec: &Spec) -> Vec<String> {
+    spec.layers
+        .iter()
+        .flat_map(|l| l.packages.iter())
+        .filter(|p| {
+            !Command::new("dpkg-query")
+                .args(["-W", "-f=${Status}", p])
+                .output()
+                .is_ok_and(|o| String::from_utf8_lossy(&o.stdout).contains("install ok installed"))
+        })
+        .map(|p| p.to_string())
+        .collect()
+}
+
 fn dpkg_files(pkg: &str) -> Vec<PathBuf> {
     let Ok(out) = Command::new("dpkg").args(["-L", pkg]).output() else {
         return Vec::new();

@@ -524,6 +524,8 @@ struct Rig {
     pull_through: Option<PullThrough>,
     /// The image's name (`peer/NAME` in the registry).
     name: String,
+    /// Packages of the image's recipe not installed on this machine.
+    missing: Vec<String>,
     /// The workload (`/bin/sh -c`), its expected output, the tree read after it.
     script: String,
     expected: String,
@@ -954,6 +956,16 @@ fn setup(args: &Args) -> Result<(Rig, images::Built)> {
         .find(|s| s.name == args.image)
         .with_context(|| format!("--image {}: slim, python or large", args.image))?;
     let layout = args.cache.join("layouts").join(spec.name);
+    let missing = images::missing_packages(&spec);
+    if !missing.is_empty() {
+        eprintln!(
+            "peer: not installed here, so not in the {} image: {} (apt-get install them and \
+             delete {} to rebuild it)",
+            spec.name,
+            missing.join(" "),
+            layout.display()
+        );
+    }
     let built = images::build(&spec, &layout)?;
 
     let mnt = scratch_fs(&args.cache)?;
@@ -1077,6 +1089,7 @@ fn setup(args: &Args) -> Result<(Rig, images::Built)> {
         cur: 0,
         pull_through,
         name: name.to_string(),
+        missing,
         script: spec.script.to_string(),
         expected: String::new(),
         tree: tree.clone(),
@@ -1912,6 +1925,12 @@ pub struct ImageResult {
     pub tree_files: u64,
     pub tree_bytes: u64,
     pub profile_files: usize,
+    /// What the workload printed (the same on every system, checked each run).
+    #[serde(default)]
+    pub output: String,
+    /// Packages of the image's recipe not installed on the machine (not in the image).
+    #[serde(default)]
+    pub missing_packages: Vec<String>,
     pub runs: usize,
     pub date: String,
     pub command: String,
@@ -1985,6 +2004,19 @@ pub fn report_image(r: &ImageResult, heading: &str) -> String {
         r.date,
         r.command,
     ));
+    if !r.output.is_empty() {
+        s.push_str(&format!(
+            "Its output: `{}`.\n\n",
+            r.output.trim_end().replace('\n', " ⏎ ").replace('|', "\\|")
+        ));
+    }
+    if !r.missing_packages.is_empty() {
+        s.push_str(&format!(
+            "Packages of the image's recipe that were not installed on this machine, so not in \
+             the image: {}.\n\n",
+            r.missing_packages.join(", ")
+        ));
+    }
     let tree = mib(r.tree_bytes);
     for link in r.links() {
         s.push_str(&format!("Link: {}.\n\n", link_label(&link)));
@@ -2259,6 +2291,8 @@ pub fn run_image(args: &Args) -> Result<ImageResult> {
         tree_files: rig.tree_files,
         tree_bytes: rig.tree_bytes,
         profile_files: rig.profile_files,
+        output: rig.expected.clone(),
+        missing_packages: rig.missing.clone(),
         runs: args.runs,
         date: date.trim().to_string(),
         command: std::env::args().collect::<Vec<_>>().join(" "),
