@@ -1346,6 +1346,12 @@ pub struct Steady {
     /// Start of the pull to the image complete (fanfill: every mark gone; stargz: its
     /// background fetch quiet for 3 s; eager: the pull), seconds.
     pub complete_s: f64,
+    /// Start of the pull to the snapshotter daemon idle after that: nothing written for 2 s
+    /// (fanfill copies complete files into its content cache for a while after the image is
+    /// complete); the reads start then. `None` for eager systems and in runs recorded before
+    /// it was measured.
+    #[serde(default)]
+    pub settled_s: Option<f64>,
     /// Bytes the registry sent from the start of the pull until then (the whole image, for
     /// a system that completes it).
     #[serde(default)]
@@ -1728,6 +1734,29 @@ impl Rig {
         }
     }
 
+    /// Waits until the snapshotter daemon wrote nothing for 2 s (at most 300 s); returns
+    /// when that quiet began, in seconds from `t0`. Without a daemon: `None`.
+    fn wait_daemon_quiet(&self, t0: Instant) -> Result<Option<f64>> {
+        let Some(pid) = self.daemon_pid else {
+            return Ok(None);
+        };
+        let deadline = Instant::now() + Duration::from_secs(300);
+        let mut last = daemon_use(pid)?.written_mib;
+        let mut since = Instant::now();
+        loop {
+            std::thread::sleep(Duration::from_millis(200));
+            let now = daemon_use(pid)?.written_mib;
+            if now != last {
+                (last, since) = (now, Instant::now());
+            } else if since.elapsed() >= Duration::from_secs(2) {
+                return Ok(Some((since - t0).as_secs_f64()));
+            }
+            if Instant::now() > deadline {
+                bail!("the snapshotter daemon kept writing for 300 s after the image was complete");
+            }
+        }
+    }
+
     /// The image complete, the tree read three times cold and warm.
     fn steady(
         &self,
@@ -1745,6 +1774,7 @@ impl Rig {
             pull
         };
         let bytes_total = self.proxy().bytes_down() - b0;
+        let settled_s = self.wait_daemon_quiet(t0)?;
         let (mut cold, mut warm) = (Vec::new(), Vec::new());
         for i in 0..3 {
             drop_caches()?;
@@ -1765,6 +1795,7 @@ impl Rig {
         }
         Ok(Steady {
             complete_s,
+            settled_s,
             bytes_total,
             cold_s: median(&cold),
             warm_s: median(&warm),
@@ -2094,18 +2125,19 @@ pub fn report_image(r: &ImageResult, heading: &str) -> String {
             s.push_str(
                 "Steady state, once the image is complete (last run): the tree read three times \
                  with the page cache dropped before (cold) and right after (warm); medians.\n\n\
-                 | System | Complete after (s from pull start) | MiB fetched by then | Cold read (s) | \
+                 | System | Complete after (s from pull start) | Daemon idle after (s) | MiB fetched by then | Cold read (s) | \
                  Cold MiB/s | Cold ÷ eager's speed | Warm read (s) | Warm MiB/s | Warm ÷ eager's speed |\n\
-                 |---|---|---|---|---|---|---|---|---|\n",
+                 |---|---|---|---|---|---|---|---|---|---|\n",
             );
             for (row, st) in &steady {
                 let rel = |mine: f64, theirs: Option<f64>| {
                     theirs.map_or("–".to_string(), |t| format!("{:.2}", t / mine))
                 };
                 s.push_str(&format!(
-                    "| {} | {:.1} | {:.1} | {:.2} | {:.0} | {} | {:.3} | {:.0} | {} |\n",
+                    "| {} | {:.1} | {} | {:.1} | {:.2} | {:.0} | {} | {:.3} | {:.0} | {} |\n",
                     row.system.label(),
                     st.complete_s,
+                    st.settled_s.map_or("–".into(), |v| format!("{v:.1}")),
                     mib(st.bytes_total),
                     st.cold_s,
                     tree / st.cold_s,
@@ -2189,7 +2221,8 @@ Columns:
 * **Steady state**: in the last run, after the tree read, the bench waits until the image is
   complete (fanfill: the daemon's status says `complete`, every mark gone; stargz: the
   registry sent nothing for 3 s, its background fetch done; eager: when its pull
-  returned), then three
+  returned) and its daemon wrote nothing for 2 s (fanfill copies complete files into its
+  content cache for a while after), then three
   containers each read the tree twice in a row, the page cache dropped before each.
 
 Cold runs: before each run the image is removed, the stargz daemon and the fanfill daemon
