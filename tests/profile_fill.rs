@@ -411,3 +411,100 @@ fn daemon_fills_the_profile_ahead_without_prefetch() {
         s2.files_complete, s2.files, s2.bytes_fetched
     );
 }
+
+/// Without a profile, a whole-file read of a small file reads the files after it in the
+/// same request and inflate (read-around, `ImageSources::read_around`): those wholly inside
+/// the next `READ_AROUND` bytes of the stream come out complete and exact, reading them
+/// raises no fill event and no registry request, and a file past that reach stays
+/// unfilled.
+#[test]
+fn a_whole_file_read_fills_the_files_after_it() {
+    use std::os::unix::fs::MetadataExt;
+    common::init_tracing();
+    let registry = common::TestRegistry::start();
+    let dir = tempfile::tempdir().unwrap();
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let files: Vec<(String, Vec<u8>)> = (0..80)
+        .map(|i| {
+            (
+                format!("data/s{i:03}"),
+                text(8_000 + 13 * i, 500 + i as u64),
+            )
+        })
+        .collect();
+    let (reference, _) = publish(&registry, dir.path(), "around/many", &files, &[], &rt);
+
+    let engine = Engine::start(EngineConfig::default()).expect("fanotify (6.14+, root)");
+    let dest = dir.path().join("tree");
+    std::fs::create_dir(&dest).unwrap();
+    let mut opts = options(dir.path(), "indexes");
+    // Nothing in the background: only the read fills.
+    opts.profile_prefetch = 0;
+    let prepared = rt
+        .block_on(image::prepare(&engine, &reference, &dest, &opts))
+        .expect("prepare");
+    let id_of = |p: &str| {
+        let m = std::fs::metadata(dest.join(p)).unwrap();
+        fanfill::fill::FileId::new(m.dev(), m.ino())
+    };
+    // Where each file sits in the layer's stream, from the index.
+    let (_, index) = prepared.sources.layers().next().unwrap();
+    let at = |p: &str| {
+        let e = index.entries.iter().find(|e| e.path == p).unwrap();
+        (e.data_offset, e.data_offset + e.size)
+    };
+    let (first_start, first_end) = at("data/s000");
+    let reach = first_end + image::READ_AROUND;
+    let (inside, outside): (Vec<_>, Vec<_>) = files[1..]
+        .iter()
+        .partition(|(p, _)| at(p).1 <= reach && at(p).0 >= first_start);
+    assert!(
+        inside.len() >= 10 && outside.len() >= 10,
+        "{} inside",
+        inside.len()
+    );
+
+    let requests = prepared.store.stats().requests();
+    let path = dest.join("data/s000");
+    let got = within(30, "read the first file", move || std::fs::read(&path)).unwrap();
+    assert!(got == files[0].1, "data/s000: wrong bytes");
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while !inside.iter().all(|(p, _)| engine.is_complete(id_of(p))) && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let filled = inside
+        .iter()
+        .filter(|(p, _)| engine.is_complete(id_of(p)))
+        .count();
+    assert_eq!(filled, inside.len(), "files inside the read-around filled");
+    // One range request and at most one checkpoint window.
+    let used = prepared.store.stats().requests() - requests;
+    assert!(used <= 2, "{used} registry requests for one read");
+    let events = engine.stats().events;
+    for (p, want) in &inside {
+        let path = dest.join(p);
+        let got = within(30, "read a neighbour", move || std::fs::read(&path)).unwrap();
+        assert!(got == *want, "{p}: wrong bytes");
+    }
+    assert_eq!(
+        engine.stats().events,
+        events,
+        "neighbours read without a fill event"
+    );
+    assert_eq!(
+        prepared.store.stats().requests() - requests,
+        used,
+        "neighbours read without a request"
+    );
+    assert!(
+        outside.iter().all(|(p, _)| !engine.is_complete(id_of(p))),
+        "a file past the read-around was filled"
+    );
+    // Those still fill on access, exact.
+    let (p, want) = outside.last().unwrap();
+    let path = dest.join(p);
+    let got = within(30, "read a far file", move || std::fs::read(&path)).unwrap();
+    assert!(got == *want, "{p}: wrong bytes");
+    drop(prepared);
+    engine.shutdown();
+}

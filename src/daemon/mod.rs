@@ -402,6 +402,17 @@ impl ServedFile {
     }
 }
 
+/// The registered files of `record` (`files` at the same positions) as (layer, entry),
+/// beside their engine ids.
+fn placed_ids(record: &ImageRecord, files: &[ServedFile]) -> (Vec<(usize, usize)>, Vec<FileId>) {
+    record
+        .files
+        .iter()
+        .zip(files)
+        .filter_map(|(f, served)| Some(((f.layer, f.entry), served.id?)))
+        .unzip()
+}
+
 /// Identity of a directory: device, inode and birth time.
 type DirKey = (u64, u64, Option<std::time::SystemTime>);
 
@@ -1035,13 +1046,11 @@ impl Daemon {
         registered.keep();
         let files = ServedFile::list(&record, ids);
         preparing.done();
+        let (placed, fids) = placed_ids(&record, &files);
+        opened
+            .sources
+            .read_around(self.engine.supplier(), &placed, &fids);
         if let Some(early) = early_profile {
-            let (placed, fids): (Vec<(usize, usize)>, Vec<FileId>) = record
-                .files
-                .iter()
-                .zip(&files)
-                .filter_map(|(f, served)| Some(((f.layer, f.entry), served.id?)))
-                .unzip();
             let n = early.place(&placed, &fids);
             info!(reference = %image_ref, files = n, "access profile's files handed to their placeholders");
         }
@@ -1088,6 +1097,12 @@ impl Daemon {
                   error: Option<String>,
                   opened: Option<Arc<Opened>>| {
             let files = ServedFile::list(&record, files);
+            if let Some(opened) = &opened {
+                let (placed, fids) = placed_ids(&record, &files);
+                opened
+                    .sources
+                    .read_around(self.engine.supplier(), &placed, &fids);
+            }
             let tree = TreeDir::open(&record.dest)
                 .inspect_err(
                     |e| warn!(dest = %record.dest.display(), error = %e, "image tree missing"),

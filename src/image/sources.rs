@@ -5,14 +5,16 @@
 //! and the blob cache; built by [`ImageIndexes::sources`]), the one place that picks a file's
 //! [`LayerFileSource`] or [`TocFileSource`] and its [`Verify`] ([`ImageSources::file_source`],
 //! [`verify_for`]); [`LayerFileSource`] and [`fetch_span`] (a range read of the compressed
-//! span and of its checkpoint's window, inflated); windows packs read by range from the
-//! registry ([`RemoteWindows`]); and the prefetch order TOC layers ask for. It reads bytes
-//! and never writes them: it never registers placeholders or touches the engine's files
+//! span and of its checkpoint's window, inflated); read-around ([`ImageSources::read_around`]:
+//! a whole-file read of a small file also reads the files after it in the stream and hands
+//! them to the engine's supplier, which verifies and writes them); windows packs read by
+//! range from the registry ([`RemoteWindows`]); and the prefetch order TOC layers ask for.
+//! It reads bytes and never writes them: it never registers placeholders or touches the engine's files
 //! ([`super::register`]), never streams a whole layer ([`super::stream`]) and never decides
 //! where an index comes from ([`super::indexes`]).
 
 use std::io;
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 
 use bytes::Bytes;
 use futures::FutureExt;
@@ -21,8 +23,10 @@ use oci_spec::image::Digest;
 
 use super::{ImageError, ImageIndexes, WINDOW_CACHE_BYTES};
 use crate::blobcache::BlobCache;
-use crate::fill::{ContentSource, SourceError, Verify};
-use crate::index::{CHUNK_SIZE, Entry, LayerIndex, LayerWindows, WindowCache, WindowSource};
+use crate::fill::{ContentSource, FileId, SourceError, Supplier, Verify};
+use crate::index::{
+    CHUNK_SIZE, Entry, EntryKind, LayerIndex, LayerWindows, WindowCache, WindowSource,
+};
 use crate::registry::BlobStore;
 use crate::toc::{self, TocFileSource, TocLayer, TocLayerReader};
 
@@ -54,6 +58,7 @@ impl ImageIndexes {
                             layer: digest.clone(),
                             index: index.clone(),
                             windows: windows.clone(),
+                            around: OnceLock::new(),
                         })),
                     };
                     LayerSources {
@@ -147,6 +152,33 @@ impl ImageSources {
         }
     }
 
+    /// Turns on read-around: from now on a whole-file read of a small file of an indexed
+    /// layer (a container opening it through overlay, a reader reading it whole) also reads
+    /// the next [`READ_AROUND`] bytes of the layer's stream in the same request and inflate,
+    /// and hands every file wholly inside them that is among `placed` (as (layer, entry),
+    /// beside their engine `ids`) to `supply`, which verifies each against its digest as
+    /// for any fill. Files opened together mostly sit together in a layer (a package's
+    /// modules, a library's headers), so one round trip fills what would otherwise be the
+    /// next misses. The file's own bytes do not wait for its neighbours'. Once per image:
+    /// later calls change nothing.
+    pub fn read_around(&self, supply: Supplier, placed: &[(usize, usize)], ids: &[FileId]) {
+        let mut per_layer: Vec<Vec<(u32, FileId)>> = vec![Vec::new(); self.layers.len()];
+        for (&(layer, entry), &id) in placed.iter().zip(ids) {
+            if let (Some(list), Ok(entry)) = (per_layer.get_mut(layer), u32::try_from(entry)) {
+                list.push((entry, id));
+            }
+        }
+        for (l, mut ids) in self.layers.iter().zip(per_layer) {
+            if let LayerReader::Index(reader) = &l.reader {
+                ids.sort_unstable_by_key(|x| x.0);
+                let _ = reader.around.set(Around {
+                    supply: supply.clone(),
+                    ids,
+                });
+            }
+        }
+    }
+
     /// Per layer, the entries its TOC names to prefetch first (empty for other layers).
     pub fn prefetch_first(&self, layer: usize) -> &[usize] {
         self.layers
@@ -230,7 +262,24 @@ struct IndexLayerReader {
     layer: Digest,
     index: Arc<LayerIndex>,
     windows: Arc<LayerWindows>,
+    /// Where the neighbours of a whole-file read go ([`ImageSources::read_around`]); unset:
+    /// each read fetches its own file only.
+    around: OnceLock<Around>,
 }
+
+/// The placeholders of one layer that a read-around may fill, and the engine's way in.
+struct Around {
+    supply: Supplier,
+    /// (entry, placeholder), sorted by entry.
+    ids: Vec<(u32, FileId)>,
+}
+
+/// Uncompressed bytes of the layer's stream a whole-file read of a small file also reads
+/// past the file's end ([`ImageSources::read_around`]).
+pub const READ_AROUND: u64 = 256 << 10;
+
+/// Largest file whose whole-file read reads around it.
+const READ_AROUND_FILE_MAX: u64 = 256 << 10;
 
 /// The bytes `span` of `layer` names: its compressed range (from the blob cache, else the
 /// store) and its checkpoint's window fetched concurrently, then inflated on a blocking
@@ -267,6 +316,71 @@ pub(super) async fn fetch_span(
         .map_err(|e| SourceError::with_source(what(), e))
 }
 
+impl IndexLayerReader {
+    /// The whole of entry `at` (`entry`), read with the next [`READ_AROUND`] bytes of the
+    /// stream; the files wholly inside those go to `around` on a task of their own.
+    async fn read_around(
+        &self,
+        at: usize,
+        entry: &Entry,
+        around: &Around,
+        what: impl Fn() -> String,
+    ) -> Result<Vec<u8>, SourceError> {
+        let start = entry.data_offset;
+        let end = start
+            .saturating_add(entry.size)
+            .saturating_add(READ_AROUND)
+            .min(self.index.uncompressed_size)
+            .max(start.saturating_add(entry.size));
+        let span = crate::index::plan_uncompressed(&self.index, start, end - start)
+            .map_err(|e| SourceError::with_source(what(), e))?;
+        let data = Bytes::from(
+            fetch_span(
+                &self.store,
+                self.local.as_ref(),
+                &self.layer,
+                &self.index,
+                &self.windows,
+                span,
+                &what,
+            )
+            .await?,
+        );
+        let size = usize::try_from(entry.size).unwrap_or(usize::MAX);
+        if data.len() < size {
+            return Err(SourceError::new(format!("{}: short read", what())));
+        }
+        let mut neighbours = Vec::new();
+        for (k, e) in self.index.entries.iter().enumerate().skip(at + 1) {
+            if e.data_offset >= start.saturating_add(data.len() as u64) {
+                break;
+            }
+            if e.kind != EntryKind::File || e.size == 0 {
+                continue;
+            }
+            let (a, b) = (e.data_offset - start, e.data_offset - start + e.size);
+            if b > data.len() as u64 {
+                break;
+            }
+            let Ok(key) = u32::try_from(k) else { break };
+            if let Ok(i) = around.ids.binary_search_by_key(&key, |x| x.0) {
+                neighbours.push((around.ids[i].1, data.slice(a as usize..b as usize)));
+            }
+        }
+        if !neighbours.is_empty() {
+            let supply = around.supply.clone();
+            tokio::spawn(async move {
+                for (id, bytes) in neighbours {
+                    // A neighbour that refuses (rewritten by its user, a digest mismatch)
+                    // fills from its own source when read.
+                    let _ = supply(id, 0, bytes).await;
+                }
+            });
+        }
+        Ok(data[..size].to_vec())
+    }
+}
+
 impl ContentSource for LayerFileSource {
     /// Inflates `[offset, offset + len)` of the file from the nearest checkpoint before it
     /// (every checkpoint resumes exactly: `src/index/gzip.rs`; the engine verifies the bytes
@@ -280,6 +394,13 @@ impl ContentSource for LayerFileSource {
                 .get(self.entry)
                 .ok_or_else(|| SourceError::new(format!("no entry {}", self.entry)))?;
             let what = || format!("{} in layer {}", entry.path, l.layer);
+            if offset == 0
+                && len >= entry.size
+                && entry.size <= READ_AROUND_FILE_MAX
+                && let Some(around) = l.around.get()
+            {
+                return l.read_around(self.entry, entry, around, what).await;
+            }
             let span = crate::index::plan(&l.index, entry, offset, len)
                 .map_err(|e| SourceError::with_source(what(), e))?;
             fetch_span(
