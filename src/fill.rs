@@ -925,6 +925,12 @@ impl Engine {
         self.inner.deny_unknown.store(deny, Ordering::SeqCst);
     }
 
+    /// Readers' pre-content events so far (every miss and every read of a range being
+    /// filled), cheap to poll.
+    pub fn events_seen(&self) -> u64 {
+        self.inner.counters.events.load(Ordering::Relaxed)
+    }
+
     /// Events of readers being served right now (read, not yet answered).
     pub fn inflight_events(&self) -> u64 {
         self.inner.inflight_events.load(Ordering::SeqCst)

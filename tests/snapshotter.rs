@@ -248,6 +248,30 @@ impl Rig {
         )
     }
 
+    /// Kills the task of container `name` if it runs, deletes it, then the container: a
+    /// container started with `ctr run -d` otherwise leaves its shim running after the test.
+    fn remove_container(&self, name: &str) {
+        let _ = self
+            .ctrd
+            .run("ctr", &["task", "kill", "--signal", "SIGKILL", name]);
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+        while !self.ctrd.run("ctr", &["task", "rm", name]).status.success() {
+            let listed = self.ctrd.run("ctr", &["task", "ls", "-q"]);
+            if !String::from_utf8_lossy(&listed.stdout)
+                .lines()
+                .any(|l| l.trim() == name)
+            {
+                break;
+            }
+            assert!(
+                std::time::Instant::now() < deadline,
+                "task {name} did not stop"
+            );
+            std::thread::sleep(std::time::Duration::from_millis(100));
+        }
+        self.ctr("ctr", &["container", "rm", name]);
+    }
+
     /// Runs `tool args`; panics with both logs unless it succeeds; returns stdout.
     fn ctr(&self, tool: &str, args: &[&str]) -> String {
         let out = self.ctrd.run(tool, args);
@@ -474,21 +498,7 @@ fn ctr_remote_rpull_and_ctr_run_on_fanfill() {
         "the container read wrong bytes after the daemon's restart"
     );
 
-    rig.ctr("ctr", &["task", "kill", "--signal", "SIGKILL", "kept"]);
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
-    while !rig
-        .ctrd
-        .run("ctr", &["task", "rm", "kept"])
-        .status
-        .success()
-    {
-        assert!(
-            std::time::Instant::now() < deadline,
-            "task kept did not stop"
-        );
-        std::thread::sleep(std::time::Duration::from_millis(100));
-    }
-    rig.ctr("ctr", &["container", "rm", "kept"]);
+    rig.remove_container("kept");
     rig.remove_and_check_clean();
     drop(old);
 }
@@ -1306,6 +1316,7 @@ fn daemon_sigkill_while_a_container_open_waits() {
         }
         std::thread::sleep(std::time::Duration::from_millis(300));
     };
+    rig.remove_container("reader");
     let want = format!(
         "{}  /data/b\ndone\n",
         fsutil::sha256_hex(&pattern(200_000, 32))
