@@ -81,8 +81,11 @@ fn sigkill_under_load_20_times_never_serves_zeros() {
     let state = tmp.path().join("state");
     std::fs::create_dir_all(&state).unwrap();
     let n = ITERATIONS * READERS;
+    // Every file past the read-around's reach (`image::READ_AROUND` applies to files up to
+    // 256 KiB): each reader must block on a fetch of its own, not find its file filled by the
+    // read of the file before it.
     let (reference, files) = build_image_sized(&tmp.path().join("img"), "1", n, 7000, |i| {
-        (96 << 10) + 4099 * i
+        (264 << 10) + 4099 * i
     });
     let files = Arc::new(files);
     let slow = ["--test-fetch-delay-ms", "600"];
