@@ -426,7 +426,8 @@ fn issue20_runc_overlay_rootfs_across_daemon_sigkill_and_sigterm() {
         .collect();
     let state = fs.mnt.join("state");
     std::fs::create_dir(&state).unwrap();
-    let slow = ["--test-fetch-delay-ms", "300"];
+    // Read-around off: it would fill the next containers' files with the earlier ones'.
+    let slow = ["--test-fetch-delay-ms", "300", "--read-around-kib", "0"];
     let mut d = DaemonProc::start(&state, &slow);
     let st = d.prepare_layout(
         &built.reference(),

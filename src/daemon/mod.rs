@@ -172,6 +172,9 @@ pub struct DaemonConfig {
     /// Upper bound on the bytes per second background prefetch fills, all images together
     /// (0: unlimited). On-demand misses are never limited.
     pub prefetch_rate: u64,
+    /// Bytes of a layer's stream a whole-file read of a small file also reads past the file,
+    /// filling the files wholly inside ([`image::ImageSources::read_around`]); 0: off.
+    pub read_around: u64,
     /// How often fill progress is recorded.
     pub persist_interval: Duration,
     /// Keep the group in an fd holder process (`exe holder`). Without it a crash lets
@@ -210,6 +213,7 @@ impl DaemonConfig {
             engine: EngineConfig::default(),
             prefetch_parallel: 2,
             prefetch_rate: 0,
+            read_around: image::READ_AROUND,
             persist_interval: Duration::from_secs(1),
             holder_exe: std::env::current_exe().ok(),
             fetch_delay: Duration::ZERO,
@@ -1066,9 +1070,12 @@ impl Daemon {
         let files = ServedFile::list(&record, ids);
         preparing.done();
         let (placed, fids) = placed_ids(&record, &files);
-        opened
-            .sources
-            .read_around(self.engine.supplier(), &placed, &fids);
+        opened.sources.read_around(
+            self.engine.supplier(),
+            self.config.read_around,
+            &placed,
+            &fids,
+        );
         if let Some(early) = early_profile {
             let n = early.place(&placed, &fids);
             info!(reference = %image_ref, files = n, "access profile's files handed to their placeholders");
@@ -1118,9 +1125,12 @@ impl Daemon {
             let files = ServedFile::list(&record, files);
             if let Some(opened) = &opened {
                 let (placed, fids) = placed_ids(&record, &files);
-                opened
-                    .sources
-                    .read_around(self.engine.supplier(), &placed, &fids);
+                opened.sources.read_around(
+                    self.engine.supplier(),
+                    self.config.read_around,
+                    &placed,
+                    &fids,
+                );
             }
             let tree = TreeDir::open(&record.dest)
                 .inspect_err(

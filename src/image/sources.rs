@@ -154,14 +154,23 @@ impl ImageSources {
 
     /// Turns on read-around: from now on a whole-file read of a small file of an indexed
     /// layer (a container opening it through overlay, a reader reading it whole) also reads
-    /// the next [`READ_AROUND`] bytes of the layer's stream in the same request and inflate,
+    /// the next `reach` bytes (default [`READ_AROUND`]; 0: off) of the layer's stream in the same request and inflate,
     /// and hands every file wholly inside them that is among `placed` (as (layer, entry),
     /// beside their engine `ids`) to `supply`, which verifies each against its digest as
     /// for any fill. Files opened together mostly sit together in a layer (a package's
     /// modules, a library's headers), so one round trip fills what would otherwise be the
     /// next misses. The file's own bytes do not wait for its neighbours'. Once per image:
     /// later calls change nothing.
-    pub fn read_around(&self, supply: Supplier, placed: &[(usize, usize)], ids: &[FileId]) {
+    pub fn read_around(
+        &self,
+        supply: Supplier,
+        reach: u64,
+        placed: &[(usize, usize)],
+        ids: &[FileId],
+    ) {
+        if reach == 0 {
+            return;
+        }
         let mut per_layer: Vec<Vec<(u32, FileId)>> = vec![Vec::new(); self.layers.len()];
         for (&(layer, entry), &id) in placed.iter().zip(ids) {
             if let (Some(list), Ok(entry)) = (per_layer.get_mut(layer), u32::try_from(entry)) {
@@ -173,6 +182,7 @@ impl ImageSources {
                 ids.sort_unstable_by_key(|x| x.0);
                 let _ = reader.around.set(Around {
                     supply: supply.clone(),
+                    reach,
                     ids,
                 });
             }
@@ -270,6 +280,8 @@ struct IndexLayerReader {
 /// The placeholders of one layer that a read-around may fill, and the engine's way in.
 struct Around {
     supply: Supplier,
+    /// Bytes read past the file.
+    reach: u64,
     /// (entry, placeholder), sorted by entry.
     ids: Vec<(u32, FileId)>,
 }
@@ -317,7 +329,7 @@ pub(super) async fn fetch_span(
 }
 
 impl IndexLayerReader {
-    /// The whole of entry `at` (`entry`), read with the next [`READ_AROUND`] bytes of the
+    /// The whole of entry `at` (`entry`), read with the next `around.reach` bytes of the
     /// stream; the files wholly inside those go to `around` on a task of their own.
     async fn read_around(
         &self,
@@ -329,7 +341,7 @@ impl IndexLayerReader {
         let start = entry.data_offset;
         let end = start
             .saturating_add(entry.size)
-            .saturating_add(READ_AROUND)
+            .saturating_add(around.reach)
             .min(self.index.uncompressed_size)
             .max(start.saturating_add(entry.size));
         let span = crate::index::plan_uncompressed(&self.index, start, end - start)
