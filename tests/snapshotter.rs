@@ -641,7 +641,8 @@ fn lazy_layer_over_layers_containerd_unpacked() {
 /// The daemon's defaults, as a node runs it: the images containerd has fanfill serve are
 /// completed in the background (each layer streamed once, as stargz-snapshotter fetches its
 /// layers), so after the first run the image reaches "complete", every byte of the image
-/// once, and a second container reads native files. Output equals the eager run's.
+/// once beside what the first container's start read on demand before the streams began,
+/// and a second container reads native files. Output equals the eager run's.
 #[test]
 fn images_complete_in_the_background_by_default() {
     let rig = Rig::start_with(true, &["--containerd-tls-verify=false"], false, false);
@@ -654,6 +655,9 @@ fn images_complete_in_the_background_by_default() {
     );
     rig.rpull();
     let out = rig.run("fanfill", "first", SCRIPT);
+    // What the container's start fetched on demand (with read-around) before the streams,
+    // which wait for it to go quiet, began.
+    let early = rig.daemon.status().1.first().map_or(0, |i| i.bytes_fetched);
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(120);
     let status = loop {
         let (_, images) = rig.daemon.status();
@@ -676,8 +680,8 @@ fn images_complete_in_the_background_by_default() {
         status.bytes_fetched
     );
     assert!(
-        status.bytes_fetched >= size && status.bytes_fetched <= size + size / 20,
-        "{} bytes fetched for {size}",
+        status.bytes_fetched >= size && status.bytes_fetched <= size + early + size / 20,
+        "{} bytes fetched for {size} ({early} before the streams)",
         status.bytes_fetched
     );
     let again = rig.run("fanfill", "second", SCRIPT);
