@@ -425,17 +425,6 @@ impl ServedFile {
     }
 }
 
-/// The registered files of `record` (`files` at the same positions) as (layer, entry),
-/// beside their engine ids.
-fn placed_ids(record: &ImageRecord, files: &[ServedFile]) -> (Vec<(usize, usize)>, Vec<FileId>) {
-    record
-        .files
-        .iter()
-        .zip(files)
-        .filter_map(|(f, served)| Some(((f.layer, f.entry), served.id?)))
-        .unzip()
-}
-
 /// Identity of a directory: device, inode and birth time.
 type DirKey = (u64, u64, Option<std::time::SystemTime>);
 
@@ -1069,13 +1058,7 @@ impl Daemon {
         registered.keep();
         let files = ServedFile::list(&record, ids);
         preparing.done();
-        let (placed, fids) = placed_ids(&record, &files);
-        opened.sources.read_around(
-            self.engine.supplier(),
-            self.config.read_around,
-            &placed,
-            &fids,
-        );
+        let (placed, fids) = self.start_read_around(&opened, &record, &files);
         if let Some(early) = early_profile {
             let n = early.place(&placed, &fids);
             info!(reference = %image_ref, files = n, "access profile's files handed to their placeholders");
@@ -1124,13 +1107,7 @@ impl Daemon {
                   opened: Option<Arc<Opened>>| {
             let files = ServedFile::list(&record, files);
             if let Some(opened) = &opened {
-                let (placed, fids) = placed_ids(&record, &files);
-                opened.sources.read_around(
-                    self.engine.supplier(),
-                    self.config.read_around,
-                    &placed,
-                    &fids,
-                );
+                self.start_read_around(opened, &record, &files);
             }
             let tree = TreeDir::open(&record.dest)
                 .inspect_err(
@@ -1770,13 +1747,37 @@ impl Daemon {
         }
     }
 
+    /// Turns on read-around for the registered files of `record` (`files` at the same
+    /// positions; [`image::ImageSources::read_around`], `--read-around-kib`) and returns
+    /// them as (layer, entry) beside their engine ids.
+    fn start_read_around(
+        &self,
+        opened: &Opened,
+        record: &ImageRecord,
+        files: &[ServedFile],
+    ) -> (Vec<(usize, usize)>, Vec<FileId>) {
+        let (placed, ids): (Vec<(usize, usize)>, Vec<FileId>) = record
+            .files
+            .iter()
+            .zip(files)
+            .filter_map(|(f, served)| Some(((f.layer, f.entry), served.id?)))
+            .unzip();
+        opened.sources.read_around(
+            self.engine.supplier(),
+            self.config.read_around,
+            &placed,
+            &ids,
+        );
+        (placed, ids)
+    }
+
     /// Holds the background streams of an image while a container starting on it misses:
     /// until readers have been quiet for [`STREAM_QUIET`] (no pre-content event, no open
     /// through a watched overlay, on any image), or for [`STREAM_FIRST_WAIT`] when none came
     /// at all, and never past [`STREAM_HOLD_MAX`] nor [`STREAM_HOLD_WALK`] misses and opens
-    /// (a walk of the tree, which the streams serve at link speed). A start is a chain of small misses, one
-    /// after the other; streams running beside it take the link and both cores from every
-    /// one of them (large image, shaped link, first output: 2.25 s with the streams from the
+    /// (a walk of the tree, which the streams serve at link speed). A start is a chain of
+    /// small misses, one after the other; streams running beside it take the link and both
+    /// cores from every one of them (large image, shaped link, first output: 2.25 s with the streams from the
     /// pull on, 1.65 s with none; held so, 1.85 s against stargz-snapshotter's 2.22 in the
     /// same run; `bench peer`). Held before they start, the streams have no
     /// [`crate::fill::Delivery`] a reader could wait for in vain.

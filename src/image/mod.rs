@@ -240,6 +240,10 @@ pub struct PrepareOptions {
     /// coalesced range reads started as soon as the indexes are in, written once the
     /// placeholders exist); 0: ignore profiles. Default 8.
     pub profile_prefetch: usize,
+    /// Bytes of a layer's stream a whole-file read of a small file also reads past it,
+    /// filling the files wholly inside ([`ImageSources::read_around`]); 0: off. Default
+    /// [`READ_AROUND`].
+    pub read_around: u64,
 }
 
 /// Which layer indexes a prepare takes file digests and metadata from (`--index-policy`).
@@ -347,6 +351,7 @@ impl PrepareOptions {
             use_artifact: true,
             index_key: None,
             profile_prefetch: 8,
+            read_around: READ_AROUND,
         }
     }
 }

@@ -99,7 +99,7 @@ pub async fn prepare(
         .iter()
         .map(|p| (p.layer, p.entry))
         .collect();
-    sources.read_around(engine.supplier(), super::READ_AROUND, &keys, &files);
+    sources.read_around(engine.supplier(), opts.read_around, &keys, &files);
     let profile_files = early_profile.map_or(0, |p| p.place(&keys, &files));
     let prefetch_order = sources
         .prefetch_order(&keys)

@@ -9,9 +9,9 @@
 //! a whole-file read of a small file also reads the files after it in the stream and hands
 //! them to the engine's supplier, which verifies and writes them); windows packs read by
 //! range from the registry ([`RemoteWindows`]); and the prefetch order TOC layers ask for.
-//! It reads bytes and never writes them: it never registers placeholders or touches the engine's files
-//! ([`super::register`]), never streams a whole layer ([`super::stream`]) and never decides
-//! where an index comes from ([`super::indexes`]).
+//! It reads bytes and never writes them: it never registers placeholders or touches the
+//! engine's files ([`super::register`]), never streams a whole layer ([`super::stream`])
+//! and never decides where an index comes from ([`super::indexes`]).
 
 use std::io;
 use std::sync::{Arc, OnceLock};
@@ -154,8 +154,9 @@ impl ImageSources {
 
     /// Turns on read-around: from now on a whole-file read of a small file of an indexed
     /// layer (a container opening it through overlay, a reader reading it whole) also reads
-    /// the next `reach` bytes (default [`READ_AROUND`]; 0: off) of the layer's stream in the same request and inflate,
-    /// and hands every file wholly inside them that is among `placed` (as (layer, entry),
+    /// the next `reach` bytes (default [`READ_AROUND`]; 0: off) of the layer's stream in the
+    /// same request and inflate, and hands every file wholly inside them that is among
+    /// `placed` (as (layer, entry),
     /// beside their engine `ids`) to `supply`, which verifies each against its digest as
     /// for any fill. Files opened together mostly sit together in a layer (a package's
     /// modules, a library's headers), so one round trip fills what would otherwise be the
