@@ -59,7 +59,7 @@ fn main() -> anyhow::Result<()> {
             let p = dir.path().join(format!("{name}-{chunk}"));
             File::create(&p)?.set_len(size as u64)?;
             engine.register(Placeholder {
-                path: p.clone(),
+                path: p.clone().into(),
                 size: size as u64,
                 source: Arc::new(LinkSource {
                     data: data.clone(),

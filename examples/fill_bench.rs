@@ -136,7 +136,7 @@ fn main() -> anyhow::Result<()> {
         let ep = dir.join(format!("engine-{readers}"));
         placeholder(&ep, size)?;
         engine.register(Placeholder {
-            path: ep.clone(),
+            path: ep.clone().into(),
             size,
             source: Arc::new(Mem(data.clone())),
             verify: Verify::None,
@@ -162,7 +162,7 @@ fn main() -> anyhow::Result<()> {
     let filled = dir.join("completed");
     placeholder(&filled, big)?;
     let id = engine.register(Placeholder {
-        path: filled.clone(),
+        path: filled.clone().into(),
         size: big,
         source: Arc::new(Mem(bdata.clone())),
         verify: Verify::None,

@@ -606,6 +606,8 @@ mod daemon {
         let base = d.status("VmRSS:");
         let kbase = kernel();
         let row = |what: &str| {
+            // Settled: the daemon gives the prepare's freed heap back right after it answers.
+            std::thread::sleep(Duration::from_secs(2));
             let rss = d.status("VmRSS:");
             let hwm = d.status("VmHWM:");
             let (k, m, c) = kernel();

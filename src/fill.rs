@@ -25,7 +25,7 @@
 //! `open(O_TRUNC)`, which raises no event) lowers a per-file limit past which nothing is ever
 //! filled again.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::fs::File;
 use std::os::fd::{AsFd, OwnedFd};
 use std::os::unix::fs::{FileExt, MetadataExt, OpenOptionsExt};
@@ -34,11 +34,11 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, Instant};
 
+use crate::digest::Sha256;
 use futures::future::{BoxFuture, FutureExt, Shared};
 use nix::errno::Errno;
 use nix::sys::stat::FileStat;
 use nix::sys::time::TimeSpec;
-use sha2::{Digest, Sha256};
 use tracing::{debug, info, warn};
 
 use crate::sys::fanotify::{
@@ -121,14 +121,14 @@ impl ContentSource for LocalFileSource {
 pub enum Verify {
     /// Nothing beyond the length (the source verifies).
     None,
-    /// sha256 (lowercase hex) of the whole file: the file is always filled whole.
-    Whole(String),
+    /// sha256 of the whole file: the file is always filled whole.
+    Whole(Sha256),
     /// sha256 of each `chunk`-sized piece: the file is filled at that granularity.
     Chunks {
         /// Piece size in bytes.
         chunk: u64,
         /// One digest per piece, the last one covering the tail.
-        sha256: Vec<String>,
+        sha256: Vec<Sha256>,
     },
 }
 
@@ -136,7 +136,7 @@ pub enum Verify {
 pub struct Placeholder {
     /// The placeholder's path (it must exist, be a regular file of `size` bytes, and not be
     /// open by anyone yet: an fd opened before the mark never raises events).
-    pub path: PathBuf,
+    pub path: Arc<Path>,
     /// The file's true size.
     pub size: u64,
     /// Where its bytes come from.
@@ -326,7 +326,7 @@ type SharedFill = Shared<BoxFuture<'static, FillResult>>;
 
 /// A registered placeholder and its fill state.
 struct FileEntry {
-    path: PathBuf,
+    path: Arc<Path>,
     /// Device and inode of the registered file: a path that leads elsewhere is never
     /// written or unmarked.
     key: (u64, u64),
@@ -342,7 +342,7 @@ struct FileEntry {
     bytes_filled: AtomicU64,
     /// `security.capability` of the placeholder: the kernel strips it on every write, so
     /// each fill puts it back (a filled `ping` must keep `cap_net_raw`).
-    capability: Option<Vec<u8>>,
+    capability: Option<Box<[u8]>>,
     /// Position of the first reader access among all files (see [`Engine::accessed`]).
     first_access: std::sync::OnceLock<u64>,
     /// The delivery bringing this file, and the position in it by which the whole file has
@@ -364,7 +364,9 @@ struct FileState {
     limit: u64,
     filled: Vec<bool>,
     missing: usize,
-    inflight: HashMap<u64, SharedFill>,
+    /// Fills in flight by first chunk (a B-tree: empty costs nothing, and a placeholder
+    /// rarely has more than a few).
+    inflight: BTreeMap<u64, SharedFill>,
     complete: bool,
     /// The engine's own writable opens of the file in use ([`WriterHold`], and the cached
     /// [`FileState::writer`]). A complete file keeps its mark until this is zero: `execve` of an unmarked file denies writers, and
@@ -699,12 +701,12 @@ impl Engine {
             .custom_flags(libc::O_NOFOLLOW | libc::O_NONBLOCK)
             .open(&p.path)
             .map_err(|source| FillError::Register {
-                path: p.path.clone(),
+                path: p.path.to_path_buf(),
                 source,
             })?;
         // One statx for the type, size, identity and birth time.
         let meta = file.metadata().map_err(|source| FillError::Register {
-            path: p.path.clone(),
+            path: p.path.to_path_buf(),
             source,
         })?;
         self.register_open(&file, &meta, p, true, mark)
@@ -727,7 +729,7 @@ impl Engine {
         let is_reg = meta.file_type().is_file();
         if !is_reg || meta.len() != p.size {
             return Err(FillError::NotPlaceholder {
-                path: p.path,
+                path: p.path.to_path_buf(),
                 expected: p.size,
                 found: if is_reg {
                     format!("{} bytes", meta.len())
@@ -770,7 +772,7 @@ impl Engine {
                 limit: p.size,
                 filled: vec![false; nchunks],
                 missing: nchunks,
-                inflight: HashMap::new(),
+                inflight: BTreeMap::new(),
                 complete: nchunks == 0,
                 writers: 0,
                 unmark_pending: false,
@@ -778,7 +780,7 @@ impl Engine {
                 writer: None,
             }),
             bytes_filled: AtomicU64::new(0),
-            capability,
+            capability: capability.map(Vec::into_boxed_slice),
             first_access: std::sync::OnceLock::new(),
             expected: Mutex::new(None),
         });
@@ -1592,7 +1594,7 @@ async fn fetch_run(
     let data = match tokio::time::timeout(timeout, entry.source.read_at(offset, len)).await {
         Err(_) => {
             return Err(FillError::Timeout {
-                path: entry.path.clone(),
+                path: entry.path.to_path_buf(),
                 offset,
                 len,
                 secs: timeout.as_secs(),
@@ -1600,7 +1602,7 @@ async fn fetch_run(
         }
         Ok(Err(source)) => {
             return Err(FillError::Source {
-                path: entry.path.clone(),
+                path: entry.path.to_path_buf(),
                 offset,
                 len,
                 source,
@@ -1637,7 +1639,7 @@ async fn store_run(
     let len = entry.chunk_range(first + count - 1).1 - offset;
     if data.len() as u64 != len {
         return Err(FillError::ShortRead {
-            path: entry.path.clone(),
+            path: entry.path.to_path_buf(),
             offset,
             len,
             got: data.len() as u64,
@@ -1676,7 +1678,7 @@ async fn store_run(
         tokio::task::spawn_blocking(move || write_chunk(&i2, &e2, writer, &data[..keep], write_off))
             .await
             .map_err(|e| FillError::Write {
-                path: entry.path.clone(),
+                path: entry.path.to_path_buf(),
                 offset,
                 len: keep as u64,
                 source: std::io::Error::other(e),
@@ -1688,29 +1690,23 @@ async fn store_run(
 }
 
 fn verify(entry: &FileEntry, idx: u64, offset: u64, data: &[u8]) -> Result<(), FillError> {
+    let fail = |expected: String, actual: Sha256| FillError::Verify {
+        path: entry.path.to_path_buf(),
+        offset,
+        expected,
+        actual: actual.to_hex(),
+    };
     let expected = match &entry.verify {
         Verify::None => return Ok(()),
         Verify::Whole(d) => d,
         Verify::Chunks { sha256, .. } => match sha256.get(idx as usize) {
             Some(d) => d,
-            None => {
-                return Err(FillError::Verify {
-                    path: entry.path.clone(),
-                    offset,
-                    expected: "<missing chunk digest>".into(),
-                    actual: hex::encode(Sha256::digest(data)),
-                });
-            }
+            None => return Err(fail("<missing chunk digest>".into(), Sha256::of(data))),
         },
     };
-    let actual = hex::encode(Sha256::digest(data));
-    if !actual.eq_ignore_ascii_case(expected) {
-        return Err(FillError::Verify {
-            path: entry.path.clone(),
-            offset,
-            expected: expected.clone(),
-            actual,
-        });
+    let actual = Sha256::of(data);
+    if actual != *expected {
+        return Err(fail(expected.to_hex(), actual));
     }
     Ok(())
 }
@@ -1741,7 +1737,7 @@ fn open_writer(
     len: u64,
 ) -> Result<Writer, FillError> {
     let werr = |source: std::io::Error| FillError::Write {
-        path: entry.path.clone(),
+        path: entry.path.to_path_buf(),
         offset,
         len,
         source,
@@ -1826,7 +1822,7 @@ fn write_chunk(
     offset: u64,
 ) -> Result<u64, FillError> {
     let werr = |source: std::io::Error| FillError::Write {
-        path: entry.path.clone(),
+        path: entry.path.to_path_buf(),
         offset,
         len: data.len() as u64,
         source,
@@ -1862,7 +1858,7 @@ fn write_chunk(
 /// [`FillError::Gone`]. Read-only opens are non-blocking (a FIFO put there never hangs us).
 fn open_checked(entry: &FileEntry, write: bool) -> Result<File, FillError> {
     let gone = || FillError::Gone {
-        path: entry.path.clone(),
+        path: entry.path.to_path_buf(),
     };
     let file = File::options()
         .read(!write)
@@ -1872,12 +1868,12 @@ fn open_checked(entry: &FileEntry, write: bool) -> Result<File, FillError> {
         .map_err(|e| match e.raw_os_error() {
             Some(libc::ENOENT | libc::ENOTDIR | libc::ELOOP | libc::ENXIO) => gone(),
             _ => FillError::Register {
-                path: entry.path.clone(),
+                path: entry.path.to_path_buf(),
                 source: e,
             },
         })?;
     let m = file.metadata().map_err(|source| FillError::Register {
-        path: entry.path.clone(),
+        path: entry.path.to_path_buf(),
         source,
     })?;
     if (m.dev(), m.ino()) != entry.key || m.created().ok() != entry.born {
@@ -1891,7 +1887,7 @@ fn current_size(entry: &FileEntry) -> Result<u64, Arc<FillError>> {
     let f = open_checked(entry, false).map_err(Arc::new)?;
     f.metadata().map(|m| m.len()).map_err(|source| {
         Arc::new(FillError::Register {
-            path: entry.path.clone(),
+            path: entry.path.to_path_buf(),
             source,
         })
     })

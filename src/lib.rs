@@ -12,6 +12,7 @@
 //! - [`api`]: the daemon's local API: typed requests/responses, the protocol, a client.
 //! - [`blobcache`]: local copies of layer blobs that travelled whole (no index yet).
 //! - [`daemon`]: `fanfill daemon`: every image in one process, state, crash takeover.
+//! - [`digest`]: sha256 digests held as bytes, written as hex.
 //! - [`fill`]: the fill engine: registration, single-flight fills, answers to the kernel.
 //! - `fuzzing` (feature `fuzzing`): fuzz target bodies for every parser of untrusted input.
 //! - [`index`]: the layer index: entry table and random-access checkpoints.
@@ -29,6 +30,7 @@
 pub mod api;
 pub mod blobcache;
 pub mod daemon;
+pub mod digest;
 pub mod fill;
 #[cfg(feature = "fuzzing")]
 pub mod fuzzing;

@@ -13,6 +13,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
+use fanfill::digest::Sha256;
 use fanfill::fill::{
     ContentSource, Engine, EngineConfig, FileId, LocalFileSource, Placeholder, SourceError, Verify,
 };
@@ -83,7 +84,7 @@ fn placeholder(
     let source = Arc::new(source);
     let id = engine
         .register(Placeholder {
-            path: path.clone(),
+            path: path.clone().into(),
             size: data.len() as u64,
             source: source.clone(),
             verify,
@@ -250,7 +251,7 @@ fn copy_placeholder_of(e: &Engine, real: &Path, dst: &Path) -> FileId {
     make_placeholder(dst, size);
     std::fs::set_permissions(dst, std::fs::Permissions::from_mode(0o755)).unwrap();
     e.register(Placeholder {
-        path: dst.to_path_buf(),
+        path: dst.into(),
         size,
         source: Arc::new(LocalFileSource::open(real).unwrap()),
         verify: Verify::None,
@@ -620,7 +621,7 @@ fn failures_answer_eio_and_never_zeros() {
     // Corrupt bytes against a chunk digest: EIO, and nothing was written.
     let mut bad = MemSource::new(data.clone());
     bad.corrupt = true;
-    let digests = data.chunks(1 << 20).map(sha256_hex).collect();
+    let digests = data.chunks(1 << 20).map(Sha256::of).collect();
     let (path, _, _) = placeholder(
         &e,
         dir.path(),
@@ -652,7 +653,7 @@ fn failures_answer_eio_and_never_zeros() {
         "wrongdigest",
         &data,
         MemSource::new(data.clone()),
-        Verify::Whole("00".repeat(32)),
+        Verify::Whole(Sha256([0; 32])),
     );
     assert_eio(read_all(&path));
 
@@ -707,10 +708,10 @@ fn fill_restores_mtime_and_file_capability() {
     }
     xattr::set(&path, "security.capability", &cap).unwrap();
     e.register(Placeholder {
-        path: path.clone(),
+        path: path.clone().into(),
         size: data.len() as u64,
         source: Arc::new(MemSource::new(data.clone())),
-        verify: Verify::Whole(sha256_hex(&data)),
+        verify: Verify::Whole(Sha256::of(&data)),
     })
     .unwrap();
     assert!(read_all(&path).unwrap() == *data);
@@ -738,7 +739,7 @@ fn prefetch_by_the_engine_itself_does_not_wait_on_itself() {
         make_placeholder(&p, data.len() as u64);
         ids.push(
             e.register(Placeholder {
-                path: p,
+                path: p.into(),
                 size: data.len() as u64,
                 source: Arc::new(LocalFileSource::open(&cache).unwrap()),
                 verify: Verify::None,
@@ -751,7 +752,7 @@ fn prefetch_by_the_engine_itself_does_not_wait_on_itself() {
     make_placeholder(&z, 0);
     let zid = e
         .register(Placeholder {
-            path: z.clone(),
+            path: z.clone().into(),
             size: 0,
             source: Arc::new(MemSource::new(data.clone())),
             verify: Verify::None,
@@ -832,7 +833,7 @@ fn supplied_bytes_are_verified_and_never_overwrite_user_data() {
     let dir = tempfile::tempdir().unwrap();
     let e = engine();
     let data = Arc::new(pattern((3 << 20) + 777, 41));
-    let digests: Vec<String> = data.chunks(1 << 20).map(sha256_hex).collect();
+    let digests: Vec<Sha256> = data.chunks(1 << 20).map(Sha256::of).collect();
     let chunks = || Verify::Chunks {
         chunk: 1 << 20,
         sha256: digests.clone(),
@@ -1007,7 +1008,7 @@ fn a_miss_just_ahead_of_a_delivery_waits_for_it_and_is_never_fetched_twice() {
     })
     .expect("fanotify pre-content group (Linux 6.14+, root)");
     let data = Arc::new(pattern((1 << 20) + 99, 77));
-    let whole = || Verify::Whole(sha256_hex(&data));
+    let whole = || Verify::Whole(Sha256::of(&data));
     let reader = |path: &PathBuf| {
         let p = path.clone();
         std::thread::spawn(move || std::fs::read(p))

@@ -73,7 +73,7 @@ fn sixty_four_readers_over_ten_thousand_files() {
         File::create(&path).unwrap().set_len(size).unwrap();
         engine
             .register(Placeholder {
-                path,
+                path: path.into(),
                 size,
                 source: Arc::new(Generated { seed: i }),
                 verify: Verify::None,
@@ -95,7 +95,7 @@ fn sixty_four_readers_over_ten_thousand_files() {
         std::fs::set_permissions(&p, std::fs::Permissions::from_mode(0o755)).unwrap();
         engine
             .register(Placeholder {
-                path: p.clone(),
+                path: p.clone().into(),
                 size: bb_size,
                 source: Arc::new(LocalFileSource::open(&busybox).unwrap()),
                 verify: Verify::None,

@@ -943,7 +943,7 @@ impl Daemon {
                 opened
                     .sources
                     .start_profile_except(&self.engine, p, opts.profile_prefetch, |e| {
-                        e.sha256.as_deref().is_some_and(|s| self.cache.contains(s))
+                        e.sha256.is_some_and(|s| self.cache.contains(&s.to_hex()))
                     })
             });
         let unpack_mode = match mode {
@@ -976,11 +976,11 @@ impl Daemon {
             };
             // From the content cache: filled before it is ever marked, nothing fetched.
             let prefill = |p: &unpack::Placeholder, meta: &Entry, file: &std::fs::File| {
-                let Some(sha) = meta.sha256.as_deref() else {
+                let Some(sha) = meta.sha256 else {
                     return false;
                 };
                 this.cache
-                    .fill(sha, file, &p.path, meta)
+                    .fill(&sha.to_hex(), file, &p.path, meta)
                     .inspect_err(|e| warn!(error = %error_chain(e), "content cache"))
                     .unwrap_or(false)
             };
@@ -1009,7 +1009,7 @@ impl Daemon {
                     sha256: opened
                         .sources
                         .entry(p.layer, p.entry)
-                        .and_then(|e| e.sha256.clone()),
+                        .and_then(|e| e.sha256),
                     path: p.path,
                     layer: p.layer,
                     entry: p.entry,
@@ -1070,6 +1070,8 @@ impl Daemon {
             ms = started.elapsed().as_millis() as u64,
             "image prepared"
         );
+        // The unpack's plan, paths and buffers are freed by now; give their pages back.
+        tokio::task::spawn_blocking(crate::sys::release_free_heap);
         // What the image cost before its first fill: status shows it from the start.
         counters
             .bytes_fetched
@@ -1812,7 +1814,7 @@ impl Daemon {
     fn mark_bad(&self, img: &ImageRt, why: String) {
         let (dest, mode, paths) = {
             let rec = img.record.lock().unwrap();
-            let paths: Vec<PathBuf> = rec.files.iter().map(|f| f.path.clone()).collect();
+            let paths: Vec<Arc<Path>> = rec.files.iter().map(|f| f.path.clone()).collect();
             (rec.dest.clone(), rec.mode, paths)
         };
         tracing::error!(dest = %dest.display(), reason = %why, "image marked bad: every read gets EIO");
@@ -2025,12 +2027,12 @@ impl Daemon {
             served.cached.store(true, Ordering::SeqCst);
             // Read only through the inode the engine registered (never a path that
             // now leads elsewhere); files filled from the cache are in it already.
-            if let Some(sha) = &f.sha256
+            if let Some(sha) = f.sha256.map(|d| d.to_hex())
                 && let Some(fid) = served.id
-                && !self.cache.contains(sha)
+                && !self.cache.contains(&sha)
                 && !img.removed.load(Ordering::SeqCst)
             {
-                match self.cache.add(sha, &f.path, (fid.dev(), fid.ino())) {
+                match self.cache.add(&sha, &f.path, (fid.dev(), fid.ino())) {
                     Ok(true) => debug!(path = %f.path.display(), "added to the content cache"),
                     Ok(false) => {
                         warn!(path = %f.path.display(), "not cached: its bytes are not the image's")

@@ -16,6 +16,7 @@ use std::sync::Arc;
 use serde::{Deserialize, Serialize};
 
 use crate::api::{LayoutMode, RegistrySettings};
+use crate::digest::Sha256;
 
 /// Errors of the state store.
 #[derive(Debug, thiserror::Error)]
@@ -43,8 +44,8 @@ pub enum StateError {
 /// One placeholder of an image and how far it is filled.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct FileRecord {
-    /// Path of the placeholder.
-    pub path: PathBuf,
+    /// Path of the placeholder (shared with the engine's registration).
+    pub path: Arc<Path>,
     /// Index of its layer (lowest 0).
     pub layer: usize,
     /// Index of its entry in the layer's index.
@@ -60,9 +61,20 @@ pub struct FileRecord {
     /// Filled chunks as a bitmap, hex (bit i of byte i/8 = chunk i), when partly filled.
     #[serde(default, skip_serializing_if = "String::is_empty")]
     pub filled: String,
-    /// sha256 of the whole file, when the index has it (the content cache's key).
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub sha256: Option<String>,
+    /// sha256 of the whole file, when the index has it (the content cache's key). Read
+    /// leniently: a record whose text is not a sha256 (an index's free-form digest, saved by
+    /// an older daemon) loads without one, and the file stays out of the content cache.
+    #[serde(
+        default,
+        skip_serializing_if = "Option::is_none",
+        deserialize_with = "lenient_sha256"
+    )]
+    pub sha256: Option<Sha256>,
+}
+
+fn lenient_sha256<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<Sha256>, D::Error> {
+    let s = Option::<std::borrow::Cow<'de, str>>::deserialize(d)?;
+    Ok(s.and_then(|s| Sha256::from_hex(&s).ok()))
 }
 
 impl FileRecord {
@@ -85,10 +97,14 @@ impl FileRecord {
     }
 
     /// Whether [`FileRecord::set_filled`] with these arguments would change the record.
+    /// The granularity counts only where chunks are recorded: a file nothing of which is
+    /// filled yet is the same at any granularity (else the first record after a prepare
+    /// would rewrite, and copy, every file of the image).
     pub fn differs(&self, chunk: u64, flags: &[bool], complete: bool) -> bool {
-        self.chunk != chunk
-            || self.complete != complete
-            || self.filled != Self::encode_filled(flags, complete)
+        let filled = Self::encode_filled(flags, complete);
+        self.complete != complete
+            || self.filled != filled
+            || (!filled.is_empty() && self.chunk != chunk)
     }
 
     /// The `filled` field for `flags` (empty when complete or nothing is filled).
@@ -310,9 +326,31 @@ mod tests {
     use super::*;
 
     #[test]
+    fn progress_differs_only_where_something_is_recorded() {
+        let mut f = FileRecord {
+            path: Path::new("/x").into(),
+            layer: 0,
+            entry: 0,
+            size: 4 << 20,
+            chunk: 0,
+            complete: false,
+            filled: String::new(),
+            sha256: None,
+        };
+        let none = [false; 4];
+        // Prepared, never filled: the engine's granularity (unknown to the record) is no change.
+        assert!(!f.differs(1 << 20, &none, false));
+        assert!(f.differs(1 << 20, &[true, false, false, false], false));
+        assert!(f.differs(1 << 20, &none, true));
+        f.set_filled(1 << 20, &[true, false, false, false], false);
+        assert!(!f.differs(1 << 20, &[true, false, false, false], false));
+        assert!(f.differs(512 << 10, &[true, false, false, false], false));
+    }
+
+    #[test]
     fn bitmap_round_trip_and_atomic_save() {
         let mut f = FileRecord {
-            path: "/x".into(),
+            path: Path::new("/x").into(),
             layer: 0,
             entry: 3,
             size: 10 << 20,

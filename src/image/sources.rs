@@ -247,8 +247,8 @@ pub fn verify_for(entry: &Entry) -> Verify {
             chunk: CHUNK_SIZE,
             sha256: entry.chunk_sha256.clone(),
         }
-    } else if let Some(d) = &entry.sha256 {
-        Verify::Whole(d.clone())
+    } else if let Some(d) = entry.sha256 {
+        Verify::Whole(d)
     } else {
         Verify::None
     }

@@ -923,7 +923,9 @@ fn walk<R: Read + ?Sized>(
                         chunk_fill += take as u64;
                         rest = &rest[take..];
                         if chunk_fill == CHUNK_SIZE {
-                            entry.chunk_sha256.push(hex::encode(chunk.finalize_reset()));
+                            entry
+                                .chunk_sha256
+                                .push(crate::digest::Sha256(chunk.finalize_reset().into()));
                             chunk_fill = 0;
                         }
                     }
@@ -937,9 +939,11 @@ fn walk<R: Read + ?Sized>(
                 file_data(w.pos, false);
             }
             if chunked && chunk_fill > 0 {
-                entry.chunk_sha256.push(hex::encode(chunk.finalize()));
+                entry
+                    .chunk_sha256
+                    .push(crate::digest::Sha256(chunk.finalize().into()));
             }
-            entry.sha256 = Some(hex::encode(whole.finalize()));
+            entry.sha256 = Some(crate::digest::Sha256(whole.finalize().into()));
         } else {
             w.skip(size)?;
         }

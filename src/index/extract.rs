@@ -5,8 +5,8 @@
 use std::future::Future;
 use std::io;
 
+use crate::digest::Sha256;
 use bytes::Bytes;
-use sha2::{Digest, Sha256};
 
 use super::gzip::inflate_span;
 use super::windows::LayerWindows;
@@ -350,15 +350,14 @@ pub fn verify_chunk(entry: &Entry, chunk_idx: u64, bytes: &[u8]) -> Result<(), I
         return Err(mismatch());
     }
     let expected = if entry.chunk_sha256.is_empty() {
-        entry.sha256.as_deref()
+        entry.sha256.as_ref()
     } else {
         usize::try_from(chunk_idx)
             .ok()
             .and_then(|i| entry.chunk_sha256.get(i))
-            .map(String::as_str)
     };
     match expected {
-        Some(e) if e.eq_ignore_ascii_case(&hex::encode(Sha256::digest(bytes))) => Ok(()),
+        Some(e) if *e == Sha256::of(bytes) => Ok(()),
         _ => Err(mismatch()),
     }
 }
@@ -370,11 +369,8 @@ pub fn verify_whole(entry: &Entry, bytes: &[u8]) -> Result<(), IndexError> {
             path: entry.path.clone(),
         });
     }
-    let ok = bytes.len() as u64 == entry.size
-        && entry
-            .sha256
-            .as_deref()
-            .is_some_and(|e| e.eq_ignore_ascii_case(&hex::encode(Sha256::digest(bytes))));
+    let ok =
+        bytes.len() as u64 == entry.size && entry.sha256.is_some_and(|e| e == Sha256::of(bytes));
     if ok {
         Ok(())
     } else {

@@ -13,6 +13,7 @@ use super::windows::{PACK_HEADER_LEN, WindowRef};
 use super::{
     CHUNK_SIZE, Checkpoint, Compression, EndMark, Entry, EntryKind, IndexError, LayerIndex,
 };
+use crate::digest::Sha256;
 use crate::sys::zlib::WINDOW_SIZE;
 
 /// First 8 bytes of every stored index.
@@ -56,20 +57,15 @@ impl Writer {
         self.var(b.len() as u64);
         self.0.extend_from_slice(b);
     }
-    /// A digest: tag 0 absent, 1 raw sha256, 2 free-form string (not 64 hex digits).
-    fn digest(&mut self, d: Option<&str>) {
+    /// A digest: tag 0 absent, 1 raw sha256. (Tag 2, a free-form string, was written by
+    /// earlier versions for text that was not 64 hex digits; no producer makes one now.)
+    fn digest(&mut self, d: Option<&Sha256>) {
         match d {
             None => self.u8(0),
-            Some(s) => match hex::decode(s) {
-                Ok(raw) if raw.len() == 32 && s.bytes().all(|b| !b.is_ascii_uppercase()) => {
-                    self.u8(1);
-                    self.0.extend_from_slice(&raw);
-                }
-                _ => {
-                    self.u8(2);
-                    self.bytes(s.as_bytes());
-                }
-            },
+            Some(d) => {
+                self.u8(1);
+                self.0.extend_from_slice(&d.0);
+            }
         }
     }
 }
@@ -138,11 +134,17 @@ impl<'a> Reader<'a> {
         let b = self.bytes()?;
         String::from_utf8(b.to_vec()).map_err(|_| corrupt(format!("{what} is not UTF-8")))
     }
-    fn digest(&mut self) -> Result<Option<String>, IndexError> {
+    fn digest(&mut self) -> Result<Option<Sha256>, IndexError> {
         match self.u8()? {
             0 => Ok(None),
-            1 => Ok(Some(hex::encode(self.take(32)?))),
-            2 => Ok(Some(self.string("digest")?)),
+            1 => {
+                let mut d = [0u8; 32];
+                d.copy_from_slice(self.take(32)?);
+                Ok(Some(Sha256(d)))
+            }
+            // A free-form digest no bytes can be checked against: refused here rather than
+            // carried to a fill that would refuse every read.
+            2 => Err(corrupt("a digest that is not a sha256")),
             _ => Err(corrupt("bad digest tag")),
         }
     }
@@ -186,7 +188,7 @@ fn encode_entry(w: &mut Writer, e: &Entry) {
     }
     w.var(e.size);
     w.var(e.data_offset);
-    w.digest(e.sha256.as_deref());
+    w.digest(e.sha256.as_ref());
     w.var(e.chunk_sha256.len() as u64);
     for c in &e.chunk_sha256 {
         w.digest(Some(c));
@@ -323,7 +325,14 @@ impl LayerIndex {
             None => w.u8(0),
             Some(d) => {
                 let d = d.strip_prefix("sha256:").unwrap_or(d);
-                w.digest(Some(d));
+                match Sha256::from_hex(d) {
+                    Ok(d) => w.digest(Some(&d)),
+                    // Never made by the builder; written so that reading it fails.
+                    Err(_) => {
+                        w.u8(2);
+                        w.bytes(d.as_bytes());
+                    }
+                }
                 w.var(self.windows_size);
             }
         }
@@ -415,14 +424,13 @@ impl LayerIndex {
         let span = r.var()?;
         let (windows_digest, windows_size) = match r.digest()? {
             None => (None, 0),
-            Some(d) if d.len() == 64 => {
+            Some(d) => {
                 let size = r.var()?;
                 if size < PACK_HEADER_LEN {
                     return Err(corrupt("windows pack too small"));
                 }
                 (Some(format!("sha256:{d}")), size)
             }
-            Some(_) => return Err(corrupt("bad windows pack digest")),
         };
         let ne = r.count(16, "entry")?;
         let mut entries = Vec::with_capacity(ne);

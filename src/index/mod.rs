@@ -59,6 +59,7 @@
 //! # Ok(()) }
 //! ```
 
+use crate::digest::Sha256;
 use serde::{Deserialize, Serialize};
 
 mod build;
@@ -141,10 +142,10 @@ pub struct Entry {
     pub size: u64,
     /// Offset of the file data in the uncompressed tar stream.
     pub data_offset: u64,
-    /// sha256 of the whole file content, lowercase hex (regular files only).
-    pub sha256: Option<String>,
+    /// sha256 of the whole file content (regular files only).
+    pub sha256: Option<Sha256>,
     /// sha256 of each [`CHUNK_SIZE`] piece of the content, for files larger than one chunk.
-    pub chunk_sha256: Vec<String>,
+    pub chunk_sha256: Vec<Sha256>,
 }
 
 /// Granularity of per-chunk digests in the index, and the fill granularity of large files.

@@ -20,3 +20,20 @@ pub fn reopen_for_write(fd: BorrowedFd<'_>) -> std::io::Result<File> {
         .custom_flags(libc::O_CLOEXEC)
         .open(format!("/proc/self/fd/{}", fd.as_raw_fd()))
 }
+
+/// Gives the heap's free pages back to the kernel (glibc's `malloc_trim(0)`, every arena):
+/// a prepare frees most of what it allocated (the unpack's plan and paths), but glibc keeps
+/// freed memory of its per-thread arenas mapped, so without this a daemon's RSS stays at its
+/// high-water mark. Returns whether anything was released. A no-op on other C libraries.
+pub fn release_free_heap() -> bool {
+    #[cfg(target_env = "gnu")]
+    {
+        // SAFETY: malloc_trim only walks the allocator's own free lists; it takes the arena
+        // locks itself and is safe to call from any thread at any time.
+        unsafe { libc::malloc_trim(0) != 0 }
+    }
+    #[cfg(not(target_env = "gnu"))]
+    {
+        false
+    }
+}

@@ -289,10 +289,8 @@ pub(crate) fn toc_json(member: &[u8]) -> Result<Vec<u8>, String> {
 }
 
 /// `sha256:HEX` → `HEX` (lowercase), `None` for anything else.
-fn sha_hex(d: &Option<String>) -> Option<String> {
-    let hex = d.as_deref()?.strip_prefix("sha256:")?;
-    (hex.len() == 64 && hex.bytes().all(|b| b.is_ascii_hexdigit()))
-        .then(|| hex.to_ascii_lowercase())
+fn sha_hex(d: &Option<String>) -> Option<crate::digest::Sha256> {
+    crate::digest::Sha256::from_hex(d.as_deref()?.strip_prefix("sha256:")?).ok()
 }
 
 impl JEntry {
@@ -506,7 +504,7 @@ pub(crate) fn parse_toc_as(
             c.compressed_end = starts[pos];
         }
         if n == 1 && cs[0].sha256.is_none() {
-            cs[0].sha256 = e.sha256.clone();
+            cs[0].sha256 = e.sha256;
         }
     }
     let prefetch_first = match landmark {

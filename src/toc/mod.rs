@@ -265,7 +265,7 @@ pub struct TocChunk {
     /// sha256 of the chunk's uncompressed bytes, lowercase hex without the `sha256:` prefix
     /// (`chunkDigest`; for a single-chunk file the file's `digest` when no chunk digest is
     /// given). `None` only when the TOC carries neither.
-    pub sha256: Option<String>,
+    pub sha256: Option<crate::digest::Sha256>,
     /// zstd:chunked `chunkType: "zeros"`: the chunk is all zero bytes and has no data in the
     /// blob.
     pub zeros: bool,

@@ -12,7 +12,6 @@ use std::sync::Arc;
 use futures::FutureExt;
 use futures::future::BoxFuture;
 use oci_spec::image::Digest;
-use sha2::{Digest as _, Sha256};
 
 use super::{ChunkCodec, MAX_INNER_OFFSET, TocChunk, TocLayer};
 use crate::blobcache::BlobCache;
@@ -90,14 +89,10 @@ pub fn verify_for(toc: &TocLayer, entry: usize) -> Verify {
     let Some(chunks) = toc.chunks.get(entry) else {
         return Verify::None;
     };
-    let file_sha = toc.index.entries.get(entry).and_then(|e| e.sha256.clone());
+    let file_sha = toc.index.entries.get(entry).and_then(|e| e.sha256);
     match chunks.as_slice() {
         [] => file_sha.map_or(Verify::None, Verify::Whole),
-        [one] => one
-            .sha256
-            .clone()
-            .or(file_sha)
-            .map_or(Verify::None, Verify::Whole),
+        [one] => one.sha256.or(file_sha).map_or(Verify::None, Verify::Whole),
         [first, ..] => {
             let size = first.len;
             let uniform = size >= 4096
@@ -109,7 +104,7 @@ pub fn verify_for(toc: &TocLayer, entry: usize) -> Verify {
             if uniform {
                 Verify::Chunks {
                     chunk: size,
-                    sha256: chunks.iter().filter_map(|c| c.sha256.clone()).collect(),
+                    sha256: chunks.iter().filter_map(|c| c.sha256).collect(),
                 }
             } else {
                 Verify::None
@@ -205,8 +200,8 @@ fn chunk_bytes(
             )));
         };
         if let Some(want) = &c.sha256 {
-            let got = hex::encode(Sha256::digest(piece));
-            if &got != want {
+            let got = crate::digest::Sha256::of(piece);
+            if got != *want {
                 return Err(SourceError::new(format!(
                     "{}: sha256 {got} does not match the TOC's {want}",
                     at()
@@ -297,7 +292,7 @@ mod tests {
     fn layer(lens: &[u64]) -> TocLayer {
         let mut entry = Entry::new("f", EntryKind::File, 0o644);
         entry.size = lens.iter().sum();
-        entry.sha256 = Some("aa".repeat(32));
+        entry.sha256 = Some(crate::digest::Sha256([0xaa; 32]));
         let mut at = 0;
         let chunks = lens
             .iter()
@@ -308,7 +303,7 @@ mod tests {
                     compressed_offset: 100 + at,
                     compressed_end: 100 + at + len,
                     inner_offset: 0,
-                    sha256: Some("bb".repeat(32)),
+                    sha256: Some(crate::digest::Sha256([0xbb; 32])),
                     zeros: false,
                 };
                 at += len;

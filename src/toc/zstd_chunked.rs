@@ -219,10 +219,8 @@ impl TocPosition {
 }
 
 /// `sha256:<64 hex>` (or bare hex) to lowercase hex; `None` for anything else.
-fn parse_sha256(s: &str) -> Option<String> {
-    let hex = s.strip_prefix("sha256:").unwrap_or(s);
-    (hex.len() == 64 && hex.bytes().all(|b| b.is_ascii_hexdigit()))
-        .then(|| hex.to_ascii_lowercase())
+fn parse_sha256(s: &str) -> Option<crate::digest::Sha256> {
+    crate::digest::Sha256::from_hex(s.strip_prefix("sha256:").unwrap_or(s)).ok()
 }
 
 /// Whether the descriptor announces a zstd:chunked layer (a `manifest-position`
@@ -608,7 +606,7 @@ fn convert(
                         compressed_offset: nonneg(r.offset, "offset")?,
                         compressed_end: 0,
                         inner_offset: 0,
-                        sha256: entry.sha256.clone(),
+                        sha256: entry.sha256,
                         zeros: false,
                     }
                 };
@@ -945,7 +943,7 @@ mod tests {
                     assert!(data.iter().all(|&b| b == 0));
                 }
                 assert_eq!(
-                    Some(hex::encode(sha2::Sha256::digest(&data))),
+                    Some(crate::digest::Sha256::of(&data)),
                     c.sha256,
                     "{} chunk at {}",
                     entry.path,
@@ -955,7 +953,7 @@ mod tests {
             }
             assert_eq!(file, eager[&entry.path], "{}", entry.path);
             if !file.is_empty() {
-                assert_eq!(entry.sha256, Some(hex::encode(sha2::Sha256::digest(&file))));
+                assert_eq!(entry.sha256, Some(crate::digest::Sha256::of(&file)));
             }
         }
     }
@@ -1077,7 +1075,7 @@ mod tests {
             (c.file_offset, c.len, c.compressed_offset, c.compressed_end),
             (0, 100, 100, 200)
         );
-        assert_eq!(c.sha256.as_deref(), Some("ab".repeat(32).as_str()));
+        assert_eq!(c.sha256, Some(crate::digest::Sha256([0xab; 32])));
     }
 
     #[test]

@@ -66,6 +66,7 @@ use std::fmt;
 use std::fs::File;
 use std::io;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
 use crate::index::Entry;
 
@@ -133,8 +134,9 @@ impl Default for UnpackOptions {
 /// A regular file created without its data: what the fill engine has to fill.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Placeholder {
-    /// Absolute path of the file (one of its names, when it has hardlinks).
-    pub path: PathBuf,
+    /// Absolute path of the file (one of its names, when it has hardlinks); shared with the
+    /// engine's registration and the daemon's record of the file (one copy per placeholder).
+    pub path: Arc<Path>,
     /// Index of the layer whose entry describes the file (lowest layer 0).
     pub layer: usize,
     /// Index of that entry in its layer.

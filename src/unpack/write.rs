@@ -913,7 +913,7 @@ impl Writer<'_> {
                 if data == FileData::Placeholder && e.size > 0 && visible {
                     self.out.stats.bytes += e.size;
                     let p = Placeholder {
-                        path: self.dest_abs.join(rel),
+                        path: self.dest_abs.join(rel).into(),
                         layer: inode.layer,
                         entry: inode.entry,
                         size: e.size,
