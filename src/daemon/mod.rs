@@ -236,9 +236,15 @@ struct ImageCounters {
 }
 
 /// A file's bytes from its layer (the source [`image::ImageSources::file_source`] picks),
-/// plus per-image counters and the test delay.
+/// counted for its image: one allocation per placeholder.
 struct DaemonSource {
-    inner: Arc<dyn ContentSource>,
+    inner: image::FileSource,
+    image: Arc<SourceCounting>,
+}
+
+/// What the sources of one image's files share: the image's store, counters and the test
+/// delay.
+struct SourceCounting {
     store: Arc<BlobStore>,
     counters: Arc<ImageCounters>,
     delay: Duration,
@@ -247,16 +253,18 @@ struct DaemonSource {
 impl ContentSource for DaemonSource {
     fn read_at(&self, offset: u64, len: u64) -> BoxFuture<'_, Result<Vec<u8>, SourceError>> {
         async move {
-            if !self.delay.is_zero() {
-                tokio::time::sleep(self.delay).await;
+            let image = &self.image;
+            if !image.delay.is_zero() {
+                tokio::time::sleep(image.delay).await;
             }
             let res = self.inner.read_at(offset, len).await;
             // The image has its own store: its counter is the image's network traffic.
-            self.counters
+            image
+                .counters
                 .bytes_fetched
-                .fetch_max(self.store.bytes_fetched(), Ordering::Relaxed);
+                .fetch_max(image.store.bytes_fetched(), Ordering::Relaxed);
             if res.is_err() {
-                self.counters.errors.fetch_add(1, Ordering::Relaxed);
+                image.counters.errors.fetch_add(1, Ordering::Relaxed);
             }
             res
         }
@@ -372,6 +380,10 @@ struct ImageRt {
     /// Set when a layer, read whole in the background, did not hash to its digest: every
     /// later read of the image gets `EIO` ([`Daemon::mark_bad`]).
     bad: Mutex<Option<String>>,
+    /// Set once every file of a bad image answers `EIO` (forgotten by the engine, complete
+    /// ones marked again): only then does status say the image is bad, so a client that
+    /// sees the verdict never reads the image's bytes after it.
+    bad_fenced: AtomicBool,
     /// The image's store and indexes, for streaming prefetch (`None`: it could not be
     /// reopened after a restart).
     opened: Option<Arc<Opened>>,
@@ -736,20 +748,30 @@ async fn open_image(reference: &str, opts: &PrepareOptions) -> Result<Opened, im
 }
 
 impl Daemon {
-    fn source(
+    /// What the sources of `opened`'s files share ([`Daemon::source`]).
+    fn source_counting(
         &self,
+        opened: &Opened,
+        counters: &Arc<ImageCounters>,
+    ) -> Arc<SourceCounting> {
+        Arc::new(SourceCounting {
+            store: opened.store.clone(),
+            counters: counters.clone(),
+            delay: self.config.fetch_delay,
+        })
+    }
+
+    fn source(
         opened: &Opened,
         layer: usize,
         entry: usize,
-        counters: &Arc<ImageCounters>,
+        image: &Arc<SourceCounting>,
     ) -> Result<(Arc<DaemonSource>, Verify), ImageError> {
         let (inner, verify) = opened.sources.file_source(layer, entry)?;
         Ok((
             Arc::new(DaemonSource {
                 inner,
-                store: opened.store.clone(),
-                counters: counters.clone(),
-                delay: self.config.fetch_delay,
+                image: image.clone(),
             }),
             verify,
         ))
@@ -970,8 +992,9 @@ impl Daemon {
         // was created with, as the unpack creates it: no second walk.
         let registered = tokio::task::spawn_blocking(move || {
             let (opened, counters, dest) = (opened2, counters2, dest2);
+            let counting = this.source_counting(&opened, &counters);
             let source = |layer, entry| {
-                this.source(&opened, layer, entry, &counters)
+                Daemon::source(&opened, layer, entry, &counting)
                     .map(|(s, v)| (s as Arc<dyn ContentSource>, v))
             };
             // From the content cache: filled before it is ever marked, nothing fetched.
@@ -1090,6 +1113,7 @@ impl Daemon {
             rate: Mutex::new((Instant::now(), 0, 0.0)),
             tree: Some(tree),
             bad: Mutex::new(None),
+            bad_fenced: AtomicBool::new(false),
         });
         self.images.lock().unwrap().insert(id, rt.clone());
         if prefetch {
@@ -1119,6 +1143,7 @@ impl Daemon {
             Arc::new(ImageRt {
                 tree,
                 bad: Mutex::new(None),
+                bad_fenced: AtomicBool::new(false),
                 order,
                 saved: Mutex::new(Some(record.clone())),
                 opened,
@@ -1157,6 +1182,9 @@ impl Daemon {
         let overlay = record.mode == LayoutMode::Overlay;
         let (opened2, error2) = (opened.clone(), error.clone());
         let files = tokio::task::spawn_blocking(move || {
+            let counting = opened2
+                .as_ref()
+                .map(|o| this.source_counting(o, &counters2));
             let mut ids = Vec::with_capacity(record.files.len());
             for f in record.files.iter() {
                 if f.complete && f.chunk == 0 {
@@ -1166,11 +1194,11 @@ impl Daemon {
                 }
                 // A file whose source cannot be had is still registered (marked, or held
                 // by the overlay watch): its readers get EIO, never its holes.
-                let found = match (&opened2, &error2) {
-                    (Some(o), _) => this
-                        .source(o, f.layer, f.entry, &counters2)
-                        .map_err(|e| error_chain(&e)),
-                    (None, e) => Err(e.clone().unwrap_or_default()),
+                let found = match (&opened2, &counting, &error2) {
+                    (Some(o), Some(c), _) => {
+                        Daemon::source(o, f.layer, f.entry, c).map_err(|e| error_chain(&e))
+                    }
+                    (_, _, e) => Err(e.clone().unwrap_or_default()),
                 };
                 let (source, verify): (Arc<dyn ContentSource>, Verify) = match found {
                     Ok((s, v)) => (s, v),
@@ -1331,7 +1359,11 @@ impl Daemon {
             .tree
             .as_ref()
             .is_none_or(|t| t.location(&rec.dest).is_none());
-        let bad = img.bad.lock().unwrap().clone();
+        let bad = if img.bad_fenced.load(Ordering::SeqCst) {
+            img.bad.lock().unwrap().clone()
+        } else {
+            None
+        };
         s.state = match img.error.as_ref().or(bad.as_ref()) {
             Some(e) => format!("error: {e}"),
             None if tree_gone => format!(
@@ -1857,6 +1889,7 @@ impl Daemon {
                 warn!(path = %path.display(), error = %e, "cannot mark a file of a bad image");
             }
         }
+        img.bad_fenced.store(true, Ordering::SeqCst);
     }
 
     /// One pass filling the image's incomplete files one by one from their sources, in

@@ -55,7 +55,7 @@ pub async fn prepare(
     let source = |layer, entry| {
         sources
             .file_source(layer, entry)
-            .map(|(s, v)| (s as Arc<dyn ContentSource>, v))
+            .map(|(s, v)| (Arc::new(s) as Arc<dyn ContentSource>, v))
     };
     let registration = Registration {
         engine,

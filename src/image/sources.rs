@@ -128,7 +128,7 @@ impl ImageSources {
         &self,
         layer: usize,
         entry: usize,
-    ) -> Result<(Arc<dyn ContentSource>, Verify), ImageError> {
+    ) -> Result<(FileSource, Verify), ImageError> {
         let l = self
             .layers
             .get(layer)
@@ -139,7 +139,7 @@ impl ImageSources {
             LayerReader::Toc(reader) => {
                 let verify = toc::verify_for(reader.toc(), target);
                 let source = TocFileSource::new(reader.clone(), target);
-                Ok((Arc::new(source), verify))
+                Ok((FileSource::Toc(source), verify))
             }
             LayerReader::Index(reader) => {
                 let verify = verify_for(&l.index.entries[target]);
@@ -147,7 +147,7 @@ impl ImageSources {
                     shared: reader.clone(),
                     entry: target,
                 };
-                Ok((Arc::new(source), verify))
+                Ok((FileSource::Index(source), verify))
             }
         }
     }
@@ -251,6 +251,24 @@ pub fn verify_for(entry: &Entry) -> Verify {
         Verify::Whole(d)
     } else {
         Verify::None
+    }
+}
+
+/// One file's source as [`ImageSources::file_source`] picks it, by value: its user wraps it
+/// (in an `Arc` for the engine, with counters for the daemon) in one allocation per file.
+pub enum FileSource {
+    /// A file of a gzip layer with a fanfill index.
+    Index(LayerFileSource),
+    /// A file of an eStargz or zstd:chunked layer.
+    Toc(TocFileSource),
+}
+
+impl ContentSource for FileSource {
+    fn read_at(&self, offset: u64, len: u64) -> BoxFuture<'_, Result<Vec<u8>, SourceError>> {
+        match self {
+            FileSource::Index(s) => s.read_at(offset, len),
+            FileSource::Toc(s) => s.read_at(offset, len),
+        }
     }
 }
 
