@@ -325,18 +325,23 @@ impl StateDir {
 mod tests {
     use super::*;
 
-    #[test]
-    fn progress_differs_only_where_something_is_recorded() {
-        let mut f = FileRecord {
+    /// A record of an unfilled file `/x` of `size` bytes, entry `entry` of layer 0.
+    fn unfilled(entry: usize, size: u64) -> FileRecord {
+        FileRecord {
             path: Path::new("/x").into(),
             layer: 0,
-            entry: 0,
-            size: 4 << 20,
+            entry,
+            size,
             chunk: 0,
             complete: false,
             filled: String::new(),
             sha256: None,
-        };
+        }
+    }
+
+    #[test]
+    fn progress_differs_only_where_something_is_recorded() {
+        let mut f = unfilled(0, 4 << 20);
         let none = [false; 4];
         // Prepared, never filled: the engine's granularity (unknown to the record) is no change.
         assert!(!f.differs(1 << 20, &none, false));
@@ -349,16 +354,7 @@ mod tests {
 
     #[test]
     fn bitmap_round_trip_and_atomic_save() {
-        let mut f = FileRecord {
-            path: Path::new("/x").into(),
-            layer: 0,
-            entry: 3,
-            size: 10 << 20,
-            chunk: 0,
-            complete: false,
-            filled: String::new(),
-            sha256: None,
-        };
+        let mut f = unfilled(3, 10 << 20);
         let flags: Vec<bool> = (0..40).map(|i| i % 3 == 0).collect();
         f.set_filled(256 << 10, &flags, false);
         assert_eq!(f.filled_flags(40), flags);

@@ -1,6 +1,6 @@
-//! Thin, safe wrappers over kernel and C ABIs. This is the only module tree of the crate
-//! allowed to contain `unsafe`; every block carries a `// SAFETY:` comment, and nothing
-//! outside it ever sees a raw file descriptor number.
+//! Thin, safe wrappers over kernel and C ABIs (and the C library's allocator). This is the
+//! only module tree of the crate allowed to contain `unsafe`; every block carries a
+//! `// SAFETY:` comment, and nothing outside it ever sees a raw file descriptor number.
 #![allow(unsafe_code)]
 
 pub mod fanotify;
