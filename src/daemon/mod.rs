@@ -965,7 +965,7 @@ impl Daemon {
                 opened
                     .sources
                     .start_profile_except(&self.engine, p, opts.profile_prefetch, |e| {
-                        e.sha256.is_some_and(|s| self.cache.contains(&s.to_hex()))
+                        e.sha256.is_some_and(|s| self.cache.contains(&s))
                     })
             });
         let unpack_mode = match mode {
@@ -1003,7 +1003,7 @@ impl Daemon {
                     return false;
                 };
                 this.cache
-                    .fill(&sha.to_hex(), file, &p.path, meta)
+                    .fill(&sha, file, &p.path, meta)
                     .inspect_err(|e| warn!(error = %error_chain(e), "content cache"))
                     .unwrap_or(false)
             };
@@ -2060,7 +2060,7 @@ impl Daemon {
             served.cached.store(true, Ordering::SeqCst);
             // Read only through the inode the engine registered (never a path that
             // now leads elsewhere); files filled from the cache are in it already.
-            if let Some(sha) = f.sha256.map(|d| d.to_hex())
+            if let Some(sha) = f.sha256
                 && let Some(fid) = served.id
                 && !self.cache.contains(&sha)
                 && !img.removed.load(Ordering::SeqCst)
