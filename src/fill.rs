@@ -34,13 +34,13 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, Instant};
 
-use crate::digest::Sha256;
 use futures::future::{BoxFuture, FutureExt, Shared};
 use nix::errno::Errno;
 use nix::sys::stat::FileStat;
 use nix::sys::time::TimeSpec;
 use tracing::{debug, info, warn};
 
+use crate::digest::Sha256;
 use crate::sys::fanotify::{
     DenyErrno, Event, EventId, EventRange, FAN_PRE_ACCESS, FanotifyError, Group, GroupClass,
     Response, WriteOpener, current_tid,

@@ -5,12 +5,12 @@
 use std::future::Future;
 use std::io;
 
-use crate::digest::Sha256;
 use bytes::Bytes;
 
 use super::gzip::inflate_span;
 use super::windows::LayerWindows;
 use super::{Compression, Entry, EntryKind, IndexError, LayerIndex};
+use crate::digest::Sha256;
 
 /// Extra compressed bytes fetched past the next checkpoint's byte: protects against a
 /// decoder that wants to look a little ahead, and costs nothing measurable.

@@ -588,6 +588,23 @@ mod tests {
     }
 
     #[test]
+    fn digests_are_raw_sha256_and_free_form_ones_are_refused() {
+        let d = Sha256::of(b"x");
+        let mut w = Writer(Vec::new());
+        w.digest(None);
+        w.digest(Some(&d));
+        let mut r = Reader { buf: &w.0, pos: 0 };
+        assert_eq!(r.digest().unwrap(), None);
+        assert_eq!(r.digest().unwrap(), Some(d));
+        // Tag 2, a free-form string (reserved by earlier versions, never written).
+        let mut w = Writer(Vec::new());
+        w.u8(2);
+        w.bytes(b"md5:0123");
+        let mut r = Reader { buf: &w.0, pos: 0 };
+        assert!(matches!(r.digest(), Err(IndexError::CorruptIndex(_))));
+    }
+
+    #[test]
     fn rejects_garbage_headers() {
         assert!(matches!(LayerIndex::decode(b""), Err(IndexError::BadMagic)));
         let mut h = FORMAT_MAGIC.to_vec();

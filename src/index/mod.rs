@@ -59,8 +59,9 @@
 //! # Ok(()) }
 //! ```
 
-use crate::digest::Sha256;
 use serde::{Deserialize, Serialize};
+
+use crate::digest::Sha256;
 
 mod build;
 mod error;
