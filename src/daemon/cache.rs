@@ -88,7 +88,7 @@ pub struct Cache {
 #[derive(Debug)]
 struct Presence(Box<[AtomicU64]>);
 
-/// 2^22 bits (512 KiB, resident only where set): about 5 % of lookups of an absent digest
+/// 2^22 bits (512 KiB of the daemon's memory): about 5 % of lookups of an absent digest
 /// still reach the directory when the cache holds 200,000 entries.
 const PRESENCE_BITS: u32 = 22;
 
