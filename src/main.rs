@@ -121,7 +121,7 @@ struct DaemonArgs {
     /// When a container opens a small file (up to 256 KiB), also read this many KiB of its
     /// layer past it in the same request and fill every file wholly inside: files opened
     /// together mostly sit together in a layer. 0: fetch each file alone.
-    #[arg(long, default_value_t = 256, value_name = "KIB")]
+    #[arg(long, default_value_t = image::READ_AROUND >> 10, value_name = "KIB")]
     read_around_kib: u64,
     /// Run without an fd holder (a crash then lets blocked readers through to zeros).
     #[arg(long)]
@@ -601,7 +601,7 @@ fn daemon(socket: PathBuf, a: DaemonArgs) -> Result<()> {
     c.persist_interval = Duration::from_millis(a.persist_interval_ms.max(10));
     c.engine.workers = a.workers;
     c.engine.delivery_wait = Duration::from_millis(a.delivery_wait_ms);
-    c.read_around = a.read_around_kib.saturating_mul(1024);
+    c.read_around = a.read_around_kib.saturating_mul(1 << 10);
     c.fetch_delay = Duration::from_millis(a.test_fetch_delay_ms);
     c.metrics_addr = a.metrics_addr;
     if !a.allow_root.is_empty() {

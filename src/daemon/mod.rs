@@ -1811,9 +1811,9 @@ impl Daemon {
     /// at all, and never past [`STREAM_HOLD_MAX`] nor [`STREAM_HOLD_WALK`] misses and opens
     /// (a walk of the tree, which the streams serve at link speed). A start is a chain of
     /// small misses, one after the other; streams running beside it take the link and both
-    /// cores from every one of them (large image, shaped link, first output: 2.25 s with the streams from the
-    /// pull on, 1.65 s with none; held so, 1.85 s against stargz-snapshotter's 2.22 in the
-    /// same run; `bench peer`). Held before they start, the streams have no
+    /// cores from every one of them (large image, shaped link, first output: 2.25 s with
+    /// the streams from the pull on, 1.65 s with none; held so, 1.85 s against
+    /// stargz-snapshotter's 2.22 in the same run; `bench peer`). Held before they start, the streams have no
     /// [`crate::fill::Delivery`] a reader could wait for in vain.
     fn hold_streams(&self, img: &ImageRt) {
         let began = Instant::now();

@@ -156,9 +156,8 @@ impl ImageSources {
     /// layer (a container opening it through overlay, a reader reading it whole) also reads
     /// the next `reach` bytes (default [`READ_AROUND`]; 0: off) of the layer's stream in the
     /// same request and inflate, and hands every file wholly inside them that is among
-    /// `placed` (as (layer, entry),
-    /// beside their engine `ids`) to `supply`, which verifies each against its digest as
-    /// for any fill. Files opened together mostly sit together in a layer (a package's
+    /// `placed` (as (layer, entry), beside their engine `ids`) to `supply`, which verifies
+    /// each against its digest as for any fill. Files opened together mostly sit together in a layer (a package's
     /// modules, a library's headers), so one round trip fills what would otherwise be the
     /// next misses. The file's own bytes do not wait for its neighbours'. Once per image:
     /// later calls change nothing.

@@ -288,8 +288,8 @@ pub(crate) fn toc_json(member: &[u8]) -> Result<Vec<u8>, String> {
     Ok(json)
 }
 
-/// `sha256:HEX` → `HEX` (lowercase), `None` for anything else.
-fn sha_hex(d: &Option<String>) -> Option<crate::digest::Sha256> {
+/// The digest `sha256:HEX` names, `None` for anything else.
+fn sha256_of(d: &Option<String>) -> Option<crate::digest::Sha256> {
     crate::digest::Sha256::from_hex(d.as_deref()?.strip_prefix("sha256:")?).ok()
 }
 
@@ -303,7 +303,7 @@ impl JEntry {
             compressed_offset: self.offset,
             compressed_end: 0,
             inner_offset: self.inner_offset,
-            sha256: sha_hex(&self.chunk_digest),
+            sha256: sha256_of(&self.chunk_digest),
             zeros: false,
         }
     }
@@ -431,7 +431,7 @@ pub(crate) fn parse_toc_as(
         let mut file_chunks = Vec::new();
         if kind == EntryKind::File {
             e.size = j.size;
-            e.sha256 = sha_hex(&j.digest);
+            e.sha256 = sha256_of(&j.digest);
             if j.size > 0 {
                 file_chunks.push(j.chunk());
             }

@@ -262,9 +262,9 @@ pub struct TocChunk {
     /// Offset of the chunk's first byte in the member's or frame's uncompressed output
     /// (eStargz `innerOffset`; 0 when absent).
     pub inner_offset: u64,
-    /// sha256 of the chunk's uncompressed bytes, lowercase hex without the `sha256:` prefix
-    /// (`chunkDigest`; for a single-chunk file the file's `digest` when no chunk digest is
-    /// given). `None` only when the TOC carries neither.
+    /// sha256 of the chunk's uncompressed bytes (`chunkDigest`; for a single-chunk file the
+    /// file's `digest` when no chunk digest is given). `None` only when the TOC carries
+    /// neither.
     pub sha256: Option<crate::digest::Sha256>,
     /// zstd:chunked `chunkType: "zeros"`: the chunk is all zero bytes and has no data in the
     /// blob.

@@ -218,7 +218,7 @@ impl TocPosition {
     }
 }
 
-/// `sha256:<64 hex>` (or bare hex) to lowercase hex; `None` for anything else.
+/// The digest `sha256:<64 hex>` (or bare hex) names; `None` for anything else.
 fn parse_sha256(s: &str) -> Option<crate::digest::Sha256> {
     crate::digest::Sha256::from_hex(s.strip_prefix("sha256:").unwrap_or(s)).ok()
 }
