@@ -324,7 +324,10 @@ pub(crate) const CAPABILITY_XATTR: &str = "security.capability";
 const MAX_RUN_BYTES: u64 = 8 << 20;
 type SharedFill = Shared<BoxFuture<'static, FillResult>>;
 
-/// A registered placeholder and its fill state.
+/// A registered placeholder and its fill state. One per placeholder the engine serves, so
+/// kept small: what a file needs only while fills are in flight sits behind one pointer
+/// ([`FileState::inflight`]), fill flags are bits held inline for up to 64 chunks
+/// ([`ChunkFlags`]).
 struct FileEntry {
     path: Arc<Path>,
     /// Device and inode of the registered file: a path that leads elsewhere is never
@@ -343,18 +346,117 @@ struct FileEntry {
     /// `security.capability` of the placeholder: the kernel strips it on every write, so
     /// each fill puts it back (a filled `ping` must keep `cap_net_raw`).
     capability: Option<Box<[u8]>>,
-    /// Position of the first reader access among all files (see [`Engine::accessed`]).
-    first_access: std::sync::OnceLock<u64>,
-    /// The delivery bringing this file, and the position in it by which the whole file has
-    /// passed ([`Engine::expect`]).
-    expected: Mutex<Option<(Arc<Delivery>, u64)>>,
+    /// Position of the first reader access among all files (see [`Engine::accessed`]);
+    /// [`NOT_ACCESSED`] until then.
+    first_access: AtomicU64,
 }
+
+/// [`FileEntry::first_access`] of a file no reader has touched.
+const NOT_ACCESSED: u64 = u64::MAX;
 
 impl FileEntry {
     /// Notes a reader's access (the first one counts).
     fn touched(&self, inner: &Inner) {
-        self.first_access
-            .get_or_init(|| inner.access_seq.fetch_add(1, Ordering::Relaxed));
+        if self.first_access.load(Ordering::Relaxed) == NOT_ACCESSED {
+            let seq = inner.access_seq.fetch_add(1, Ordering::Relaxed);
+            let _ = self.first_access.compare_exchange(
+                NOT_ACCESSED,
+                seq,
+                Ordering::Relaxed,
+                Ordering::Relaxed,
+            );
+        }
+    }
+
+    /// Position of the first reader access, if any.
+    fn accessed_at(&self) -> Option<u64> {
+        let seq = self.first_access.load(Ordering::Relaxed);
+        (seq != NOT_ACCESSED).then_some(seq)
+    }
+}
+
+/// One flag per chunk of a file: filled. Up to 64 chunks (every file filled whole, and
+/// chunked files up to 64 chunks) the bits are held inline, no allocation.
+#[derive(Debug, Clone)]
+enum ChunkFlags {
+    Inline { bits: u64, len: u8 },
+    Heap { bits: Box<[u64]>, len: u32 },
+}
+
+impl ChunkFlags {
+    /// `len` flags, all clear.
+    fn new(len: usize) -> ChunkFlags {
+        if len <= 64 {
+            ChunkFlags::Inline {
+                bits: 0,
+                len: len as u8,
+            }
+        } else {
+            ChunkFlags::Heap {
+                bits: vec![0; len.div_ceil(64)].into_boxed_slice(),
+                len: u32::try_from(len).expect("at most 2^32 chunks"),
+            }
+        }
+    }
+
+    fn len(&self) -> usize {
+        match self {
+            ChunkFlags::Inline { len, .. } => usize::from(*len),
+            ChunkFlags::Heap { len, .. } => *len as usize,
+        }
+    }
+
+    fn get(&self, i: usize) -> bool {
+        debug_assert!(i < self.len());
+        match self {
+            ChunkFlags::Inline { bits, .. } => bits >> i & 1 == 1,
+            ChunkFlags::Heap { bits, .. } => bits[i / 64] >> (i % 64) & 1 == 1,
+        }
+    }
+
+    fn set(&mut self, i: usize) {
+        assert!(i < self.len(), "chunk {i} of {}", self.len());
+        match self {
+            ChunkFlags::Inline { bits, .. } => *bits |= 1 << i,
+            ChunkFlags::Heap { bits, .. } => bits[i / 64] |= 1 << (i % 64),
+        }
+    }
+
+    /// Whether the first `n` flags are all set.
+    fn all_below(&self, n: usize) -> bool {
+        (0..n).all(|i| self.get(i))
+    }
+
+    fn to_vec(&self) -> Vec<bool> {
+        (0..self.len()).map(|i| self.get(i)).collect()
+    }
+}
+
+/// Fills in flight of one file by first chunk: allocated only while there are some (a
+/// placeholder nothing is filling costs one null pointer).
+#[derive(Default)]
+struct Inflight(Option<Box<BTreeMap<u64, SharedFill>>>);
+
+impl Inflight {
+    fn get(&self, i: &u64) -> Option<&SharedFill> {
+        self.0.as_ref()?.get(i)
+    }
+
+    fn contains_key(&self, i: &u64) -> bool {
+        self.get(i).is_some()
+    }
+
+    fn insert(&mut self, i: u64, fill: SharedFill) {
+        self.0.get_or_insert_default().insert(i, fill);
+    }
+
+    fn remove(&mut self, i: &u64) {
+        if let Some(map) = &mut self.0 {
+            map.remove(i);
+            if map.is_empty() {
+                self.0 = None;
+            }
+        }
     }
 }
 
@@ -362,18 +464,16 @@ struct FileState {
     /// Nothing at or past this offset is ever filled: the smallest size the file has been
     /// seen with (truncate, `O_TRUNC`, or the registered size).
     limit: u64,
-    filled: Vec<bool>,
-    missing: usize,
-    /// Fills in flight by first chunk (a B-tree: empty costs nothing, and a placeholder
-    /// rarely has more than a few).
-    inflight: BTreeMap<u64, SharedFill>,
-    complete: bool,
+    filled: ChunkFlags,
+    missing: u32,
     /// The engine's own writable opens of the file in use ([`WriterHold`], and the cached
     /// [`FileState::writer`]). A complete file keeps its mark until this is zero: `execve` of an unmarked file denies writers, and
     /// fails with ETXTBSY while one is open, whereas a file opened under a pre-content watch
     /// is exempt. (Event fds are read-only for the same reason: the kernel opens one for
     /// every queued event when it is read, which can be after the mark went.)
-    writers: usize,
+    writers: u32,
+    inflight: Inflight,
+    complete: bool,
     /// Complete, with the mark left for the last [`WriterHold`] to remove.
     unmark_pending: bool,
     /// Carries the engine's pre-content mark (registered marked, not complete, not
@@ -384,6 +484,9 @@ struct FileState {
     /// the file completes (before its mark goes), is unmarked or forgotten, or makes room
     /// for another file's ([`WRITER_CACHE_MAX`]).
     writer: Option<Arc<File>>,
+    /// The delivery bringing this file, and the position in it by which the whole file has
+    /// passed ([`Engine::expect`]).
+    expected: Option<(Arc<Delivery>, u64)>,
 }
 
 /// Files that keep a writable fd open between fills ([`FileState::writer`]) at most.
@@ -759,6 +862,11 @@ impl Engine {
         } else {
             None
         };
+        let missing = u32::try_from(nchunks).map_err(|_| FillError::NotPlaceholder {
+            path: p.path.to_path_buf(),
+            expected: p.size,
+            found: format!("{nchunks} chunks of {chunk} bytes: more than the engine tracks"),
+        })?;
         let born = meta.created().ok();
         let entry = Arc::new(FileEntry {
             path: p.path,
@@ -770,19 +878,19 @@ impl Engine {
             verify: p.verify,
             state: Mutex::new(FileState {
                 limit: p.size,
-                filled: vec![false; nchunks],
-                missing: nchunks,
-                inflight: BTreeMap::new(),
+                filled: ChunkFlags::new(nchunks),
+                missing,
+                inflight: Inflight::default(),
                 complete: nchunks == 0,
                 writers: 0,
                 unmark_pending: false,
                 marked: mark,
                 writer: None,
+                expected: None,
             }),
             bytes_filled: AtomicU64::new(0),
             capability: capability.map(Vec::into_boxed_slice),
-            first_access: std::sync::OnceLock::new(),
-            expected: Mutex::new(None),
+            first_access: AtomicU64::new(NOT_ACCESSED),
         });
         if nchunks > 0 {
             // Record before marking, so the first event finds the entry.
@@ -874,7 +982,7 @@ impl Engine {
     pub fn accessed(&self, ids: &[FileId]) -> Vec<FileId> {
         let mut seen: Vec<(u64, FileId)> = ids
             .iter()
-            .filter_map(|id| Some((*self.entry(*id)?.first_access.get()?, *id)))
+            .filter_map(|id| Some((self.entry(*id)?.accessed_at()?, *id)))
             .collect();
         seen.sort_unstable_by_key(|(order, _)| *order);
         seen.dedup_by_key(|(_, id)| *id);
@@ -953,7 +1061,7 @@ impl Engine {
     /// this one instead.
     pub fn expect(&self, id: FileId, delivery: &Arc<Delivery>, by: u64) {
         if let Some(entry) = self.entry(id) {
-            *entry.expected.lock().unwrap() = Some((delivery.clone(), by));
+            entry.state.lock().unwrap().expected = Some((delivery.clone(), by));
         }
     }
 
@@ -978,8 +1086,8 @@ impl Engine {
             let mut st = entry.state.lock().unwrap();
             let mut bytes = 0;
             for (i, f) in filled.iter().enumerate() {
-                if *f && !st.filled[i] {
-                    st.filled[i] = true;
+                if *f && !st.filled.get(i) {
+                    st.filled.set(i);
                     st.missing -= 1;
                     let (a, b) = entry.chunk_range(i as u64);
                     bytes += b - a;
@@ -997,7 +1105,7 @@ impl Engine {
         let st = entry.state.lock().unwrap();
         Some(FileProgress {
             chunk: entry.chunk,
-            filled: st.filled.clone(),
+            filled: st.filled.to_vec(),
             complete: st.complete,
             bytes_filled: entry.bytes_filled.load(Ordering::Relaxed),
             size: entry.size,
@@ -1416,12 +1524,13 @@ async fn ensure_range(
             inner.counters.delivered.fetch_add(1, Ordering::Relaxed);
         } else {
             // Late or ended: this file is fetched from now on.
-            let mut expected = entry.expected.lock().unwrap();
-            if expected
+            let mut st = entry.state.lock().unwrap();
+            if st
+                .expected
                 .as_ref()
                 .is_some_and(|(d, _)| Arc::ptr_eq(d, &delivery))
             {
-                *expected = None;
+                st.expected = None;
             }
             debug!(path = %entry.path.display(), "delivery did not arrive in time; fetching");
         }
@@ -1452,7 +1561,7 @@ fn near_delivery(
         .config
         .delivery_wait
         .min(fetch * DELIVERY_FETCHES_WORTH);
-    let (delivery, by) = entry.expected.lock().unwrap().clone()?;
+    let (delivery, by) = entry.state.lock().unwrap().expected.clone()?;
     let eta = delivery.eta(by);
     if eta.is_none_or(|eta| eta > wait) {
         debug!(path = %entry.path.display(), ?eta, "delivery not near; fetching");
@@ -1464,7 +1573,7 @@ fn near_delivery(
         return None;
     }
     let (first, last) = (start / entry.chunk, (end - 1) / entry.chunk);
-    let open = (first..=last).any(|i| !st.filled[i as usize] && !st.inflight.contains_key(&i));
+    let open = (first..=last).any(|i| !st.filled.get(i as usize) && !st.inflight.contains_key(&i));
     if open {
         debug!(path = %entry.path.display(), ?eta, "waiting for the delivery");
     }
@@ -1503,7 +1612,7 @@ async fn plan_and_fill(
         let mut waits = Vec::new();
         let mut idx = first;
         while idx <= last {
-            if st.filled[idx as usize] {
+            if st.filled.get(idx as usize) {
                 idx += 1;
                 continue;
             }
@@ -1517,7 +1626,7 @@ async fn plan_and_fill(
             let mut count = 1;
             while count < max_run
                 && idx + count <= last
-                && !st.filled[(idx + count) as usize]
+                && !st.filled.get((idx + count) as usize)
                 && !st.inflight.contains_key(&(idx + count))
             {
                 count += 1;
@@ -1561,8 +1670,8 @@ async fn fill_run(
     let mut st = entry.state.lock().unwrap();
     for idx in first..first + count {
         st.inflight.remove(&idx);
-        if res.is_ok() && !st.filled[idx as usize] {
-            st.filled[idx as usize] = true;
+        if res.is_ok() && !st.filled.get(idx as usize) {
+            st.filled.set(idx as usize);
             st.missing -= 1;
         }
     }
@@ -1912,7 +2021,7 @@ fn maybe_complete(inner: &Inner, entry: &FileEntry) {
         let done = if needed == st.filled.len() {
             st.missing == 0
         } else {
-            st.filled[..needed].iter().all(|f| *f)
+            st.filled.all_below(needed)
         };
         if !done {
             return;
@@ -1923,7 +2032,7 @@ fn maybe_complete(inner: &Inner, entry: &FileEntry) {
         // The mark goes with the last writer (at once when there is none).
         st.unmark_pending = true;
         let cached = st.writer.take();
-        if st.writers > usize::from(cached.is_some()) {
+        if st.writers > u32::from(cached.is_some()) {
             debug!(path = %entry.path.display(), writers = st.writers, "complete; mark goes when the engine's writable fds close");
         }
         cached
@@ -2093,7 +2202,7 @@ fn supply_runs(
     let limit = st.limit;
     let usable = |st: &FileState, i: u64| {
         let (a, b) = entry.chunk_range(i);
-        b <= data_end && a < limit && !st.filled[i as usize] && !st.inflight.contains_key(&i)
+        b <= data_end && a < limit && !st.filled.get(i as usize) && !st.inflight.contains_key(&i)
     };
     let nchunks = entry.size.div_ceil(entry.chunk);
     let (mut runs, mut taken) = (Vec::new(), 0);
@@ -2243,5 +2352,50 @@ impl FileId {
     /// The id of the registered file with this device and inode number.
     pub fn new(dev: u64, ino: u64) -> FileId {
         FileId { dev, ino }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn chunk_flags_hold_bits_inline_up_to_64_and_on_the_heap_past_it() {
+        for len in [0usize, 1, 63, 64, 65, 200] {
+            let mut f = ChunkFlags::new(len);
+            assert_eq!(f.len(), len);
+            assert_eq!(matches!(f, ChunkFlags::Inline { .. }), len <= 64, "{len}");
+            assert!(f.to_vec().iter().all(|b| !b));
+            let picks: Vec<usize> = (0..len).filter(|i| i % 3 == 0 || i + 1 == len).collect();
+            for &i in &picks {
+                f.set(i);
+            }
+            for i in 0..len {
+                assert_eq!(f.get(i), picks.contains(&i), "{len}: flag {i}");
+            }
+            assert!(f.all_below(0));
+            if len > 2 {
+                // Flag 0 is set, flag 1 is not.
+                assert!(f.all_below(1));
+                assert!(!f.all_below(2), "{len}");
+            }
+            for i in 0..len {
+                f.set(i);
+            }
+            assert!(f.all_below(len));
+            assert_eq!(f.to_vec(), vec![true; len]);
+        }
+    }
+
+    #[test]
+    fn a_placeholder_no_fill_touches_stays_small() {
+        // The engine holds one of these per placeholder: 100,000 placeholders per 25 MiB.
+        assert!(
+            std::mem::size_of::<FileEntry>() <= 256,
+            "{}",
+            std::mem::size_of::<FileEntry>()
+        );
+        let st = Inflight::default();
+        assert!(st.0.is_none());
     }
 }

@@ -1029,22 +1029,18 @@ impl Daemon {
                 .into_iter()
                 .zip(&ids)
                 .map(|(p, id)| FileRecord {
-                    sha256: opened
-                        .sources
-                        .entry(p.layer, p.entry)
-                        .and_then(|e| e.sha256),
                     path: p.path,
-                    layer: p.layer,
-                    entry: p.entry,
+                    layer: FileRecord::position(p.layer),
+                    entry: FileRecord::position(p.entry),
                     size: p.size,
                     chunk: 0,
                     // Filled from the content cache, never registered.
                     complete: id.is_none(),
-                    filled: String::new(),
+                    filled: Box::default(),
                 })
                 .collect();
             let files = Arc::new(files);
-            let keys: Vec<(usize, usize)> = files.iter().map(|f| (f.layer, f.entry)).collect();
+            let keys: Vec<(usize, usize)> = files.iter().map(FileRecord::key).collect();
             let order = opened.sources.prefetch_order(&keys);
             Ok::<_, ImageError>((files, ids, lowerdir, order))
         })
@@ -1196,7 +1192,8 @@ impl Daemon {
                 // by the overlay watch): its readers get EIO, never its holes.
                 let found = match (&opened2, &counting, &error2) {
                     (Some(o), Some(c), _) => {
-                        Daemon::source(o, f.layer, f.entry, c).map_err(|e| error_chain(&e))
+                        let (layer, entry) = f.key();
+                        Daemon::source(o, layer, entry, c).map_err(|e| error_chain(&e))
                     }
                     (_, _, e) => Err(e.clone().unwrap_or_default()),
                 };
@@ -1734,7 +1731,7 @@ impl Daemon {
             rec.files
                 .iter()
                 .zip(&img.files)
-                .filter_map(|(f, served)| Some((f.layer, f.entry, served.id?)))
+                .filter_map(|(f, served)| Some((f.key().0, f.key().1, served.id?)))
                 .collect()
         };
         thread_local! {
@@ -1794,7 +1791,7 @@ impl Daemon {
             .files
             .iter()
             .zip(files)
-            .filter_map(|(f, served)| Some(((f.layer, f.entry), served.id?)))
+            .filter_map(|(f, served)| Some((f.key(), served.id?)))
             .unzip();
         opened.sources.read_around(
             self.engine.supplier(),
@@ -2060,7 +2057,13 @@ impl Daemon {
             served.cached.store(true, Ordering::SeqCst);
             // Read only through the inode the engine registered (never a path that
             // now leads elsewhere); files filled from the cache are in it already.
-            if let Some(sha) = f.sha256
+            // The digest is the index's (records do not keep a copy of it per file).
+            let (layer, entry) = f.key();
+            if let Some(sha) = img
+                .opened
+                .as_ref()
+                .and_then(|o| o.sources.entry(layer, entry))
+                .and_then(|e| e.sha256)
                 && let Some(fid) = served.id
                 && !self.cache.contains(&sha)
                 && !img.removed.load(Ordering::SeqCst)

@@ -16,7 +16,6 @@ use std::sync::Arc;
 use serde::{Deserialize, Serialize};
 
 use crate::api::{LayoutMode, RegistrySettings};
-use crate::digest::Sha256;
 
 /// Errors of the state store.
 #[derive(Debug, thiserror::Error)]
@@ -41,15 +40,17 @@ pub enum StateError {
     },
 }
 
-/// One placeholder of an image and how far it is filled.
+/// One placeholder of an image and how far it is filled. Its content digest is not kept
+/// here but read from the layer's index (`layer`, `entry`) when needed: one copy per image,
+/// not one per tree (records of older daemons carried a `sha256` field, now ignored).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct FileRecord {
     /// Path of the placeholder (shared with the engine's registration).
     pub path: Arc<Path>,
     /// Index of its layer (lowest 0).
-    pub layer: usize,
+    pub layer: u32,
     /// Index of its entry in the layer's index.
-    pub entry: usize,
+    pub entry: u32,
     /// True size.
     pub size: u64,
     /// Fill granularity the progress is recorded at (0: nothing recorded).
@@ -59,31 +60,28 @@ pub struct FileRecord {
     #[serde(default)]
     pub complete: bool,
     /// Filled chunks as a bitmap, hex (bit i of byte i/8 = chunk i), when partly filled.
-    #[serde(default, skip_serializing_if = "String::is_empty")]
-    pub filled: String,
-    /// sha256 of the whole file, when the index has it (the content cache's key). Read
-    /// leniently: a record whose text is not a sha256 (an index's free-form digest, saved by
-    /// an older daemon) loads without one, and the file stays out of the content cache.
-    #[serde(
-        default,
-        skip_serializing_if = "Option::is_none",
-        deserialize_with = "lenient_sha256"
-    )]
-    pub sha256: Option<Sha256>,
-}
-
-fn lenient_sha256<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<Sha256>, D::Error> {
-    let s = Option::<std::borrow::Cow<'de, str>>::deserialize(d)?;
-    Ok(s.and_then(|s| Sha256::from_hex(&s).ok()))
+    #[serde(default, skip_serializing_if = "str::is_empty")]
+    pub filled: Box<str>,
 }
 
 impl FileRecord {
+    /// `(layer, entry)`: where the file's bytes are described.
+    pub fn key(&self) -> (usize, usize) {
+        (self.layer as usize, self.entry as usize)
+    }
+
+    /// The record's form of a layer or entry position (which an index in memory can never
+    /// push past `u32`: 2^32 entries would take a terabyte).
+    pub fn position(n: usize) -> u32 {
+        u32::try_from(n).expect("fewer than 2^32 layers and entries")
+    }
+
     /// The recorded filled chunks, `n` flags.
     pub fn filled_flags(&self, n: usize) -> Vec<bool> {
         if self.complete {
             return vec![true; n];
         }
-        let bytes = hex::decode(&self.filled).unwrap_or_default();
+        let bytes = hex::decode(self.filled.as_bytes()).unwrap_or_default();
         (0..n)
             .map(|i| bytes.get(i / 8).is_some_and(|b| b & (1 << (i % 8)) != 0))
             .collect()
@@ -108,9 +106,9 @@ impl FileRecord {
     }
 
     /// The `filled` field for `flags` (empty when complete or nothing is filled).
-    fn encode_filled(flags: &[bool], complete: bool) -> String {
+    fn encode_filled(flags: &[bool], complete: bool) -> Box<str> {
         if complete || !flags.iter().any(|f| *f) {
-            return String::new();
+            return Box::default();
         }
         let mut bytes = vec![0u8; flags.len().div_ceil(8)];
         for (i, f) in flags.iter().enumerate() {
@@ -118,7 +116,7 @@ impl FileRecord {
                 bytes[i / 8] |= 1 << (i % 8);
             }
         }
-        hex::encode(bytes)
+        hex::encode(bytes).into()
     }
 }
 
@@ -178,7 +176,7 @@ mod shared_files {
 impl ImageRecord {
     /// `(layer, entry)` of every file, in record order.
     pub fn file_keys(&self) -> Vec<(usize, usize)> {
-        self.files.iter().map(|f| (f.layer, f.entry)).collect()
+        self.files.iter().map(FileRecord::key).collect()
     }
 }
 
@@ -326,7 +324,7 @@ mod tests {
     use super::*;
 
     /// A record of an unfilled file `/x` of `size` bytes, entry `entry` of layer 0.
-    fn unfilled(entry: usize, size: u64) -> FileRecord {
+    fn unfilled(entry: u32, size: u64) -> FileRecord {
         FileRecord {
             path: Path::new("/x").into(),
             layer: 0,
@@ -334,8 +332,7 @@ mod tests {
             size,
             chunk: 0,
             complete: false,
-            filled: String::new(),
-            sha256: None,
+            filled: Box::default(),
         }
     }
 
