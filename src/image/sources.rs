@@ -180,6 +180,8 @@ impl ImageSources {
         for (l, mut ids) in self.layers.iter().zip(per_layer) {
             if let LayerReader::Index(reader) = &l.reader {
                 ids.sort_unstable_by_key(|x| x.0);
+                // Kept for the image's life: no growth slack.
+                ids.shrink_to_fit();
                 let _ = reader.around.set(Around {
                     supply: supply.clone(),
                     reach,
@@ -201,7 +203,8 @@ impl ImageSources {
     /// the files each TOC layer names to prefetch first (lowest layer first, in TOC order),
     /// then every other one in the order given. Returns positions into `files`.
     pub fn prefetch_order(&self, files: &[(usize, usize)]) -> Vec<usize> {
-        let mut first = Vec::new();
+        // Kept for the image's life: sized once.
+        let mut first = Vec::with_capacity(files.len());
         let mut pos: std::collections::HashMap<(usize, usize), usize> =
             files.iter().enumerate().map(|(i, f)| (*f, i)).collect();
         for layer in 0..self.layers.len() {
