@@ -80,8 +80,9 @@ fn parse(argv: &[String]) -> Result<AllArgs> {
     Ok(a)
 }
 
-/// Builds stargz-snapshotter's daemon with the shared build script when it is missing.
-fn ensure_stargz(bin: &Path) {
+/// Builds stargz-snapshotter's daemon at `bin` with the shared build script when it is
+/// missing (the script takes the binary's path, not its directory).
+pub fn ensure_stargz(bin: &Path) {
     if bin.exists() {
         return;
     }
@@ -98,10 +99,9 @@ fn ensure_stargz(bin: &Path) {
         "bench: building containerd-stargz-grpc ({})",
         script.display()
     );
-    let dir = bin.parent().unwrap_or(Path::new("."));
     match std::process::Command::new("bash")
         .arg(script)
-        .arg(dir)
+        .arg(bin)
         .status()
     {
         Ok(s) if s.success() && bin.exists() => {}

@@ -1073,6 +1073,9 @@ fn setup(args: &Args) -> Result<(Rig, images::Built)> {
             .collect::<String>(),
     )?;
     let (ctrd_sock, ctrd_log) = start_containerd(&mnt, &logs, &stargz_sock, &fanfill_sock)?;
+    if args.systems.iter().any(|s| s.is_stargz()) {
+        crate::all::ensure_stargz(&args.stargz_grpc);
+    }
     let stargz_bin = if args.stargz_grpc.exists() {
         Some(args.stargz_grpc.clone())
     } else {
