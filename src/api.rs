@@ -259,6 +259,12 @@ pub struct DaemonStatus {
     /// Opens through watched overlays served since start.
     #[serde(default)]
     pub overlay_opens: u64,
+    /// Milliseconds those opens were held (read to answer), summed.
+    #[serde(default)]
+    pub overlay_open_held_ms: u64,
+    /// The longest one, milliseconds.
+    #[serde(default)]
+    pub overlay_open_held_max_ms: u64,
     /// Misses that waited for a running layer stream and got their bytes from it (instead
     /// of a fetch of their own).
     #[serde(default)]

@@ -664,6 +664,16 @@ fn status(socket: &Path, a: StatusArgs) -> Result<()> {
         daemon.latency_p50_us,
         daemon.latency_p99_us
     );
+    if daemon.overlay_opens > 0 || daemon.overlays_watched > 0 {
+        println!(
+            "overlay opens: {} watched rootfs, {} opens held for a fill ({} now), {} ms held in all, longest {} ms",
+            daemon.overlays_watched,
+            daemon.overlay_opens,
+            daemon.overlay_opens_inflight,
+            daemon.overlay_open_held_ms,
+            daemon.overlay_open_held_max_ms
+        );
+    }
     println!(
         "{:<32} {:<8} {:>13} {:>21} {:>12} {:>12} {:>6}  {:<8} IMAGE",
         "DEST", "MODE", "FILES", "FILLED", "FETCHED", "RATE", "ERRORS", "STATE"

@@ -28,7 +28,7 @@ use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use tracing::{debug, info, warn};
 
@@ -88,6 +88,9 @@ struct Inner {
     watched: RwLock<HashMap<u64, Watched>>,
     opens: AtomicU64,
     inflight: AtomicU64,
+    /// Microseconds opens were held, summed over every answered open, and the longest.
+    held_us: AtomicU64,
+    held_max_us: AtomicU64,
     stopping: AtomicBool,
 }
 
@@ -139,6 +142,8 @@ impl OverlayWatcher {
                 journal,
                 watched: RwLock::new(HashMap::new()),
                 opens: AtomicU64::new(0),
+                held_us: AtomicU64::new(0),
+                held_max_us: AtomicU64::new(0),
                 inflight: AtomicU64::new(0),
                 stopping: AtomicBool::new(false),
             }),
@@ -242,6 +247,15 @@ impl OverlayWatcher {
     pub fn inflight(&self) -> u64 {
         self.inner.inflight.load(Ordering::SeqCst)
     }
+
+    /// How long answered opens were held, summed, and the longest one: from the event read
+    /// to its answer (the fill of the lower file, and the answer itself).
+    pub fn held(&self) -> (Duration, Duration) {
+        (
+            Duration::from_micros(self.inner.held_us.load(Ordering::Relaxed)),
+            Duration::from_micros(self.inner.held_max_us.load(Ordering::Relaxed)),
+        )
+    }
 }
 
 impl OverlayWatcher {
@@ -318,6 +332,7 @@ fn dispatch(inner: &Arc<Inner>, event: Event) {
     }
     inner.opens.fetch_add(1, Ordering::Relaxed);
     inner.inflight.fetch_add(1, Ordering::SeqCst);
+    let began = Instant::now();
     let fut = (inner.filler)(lower);
     let inner2 = inner.clone();
     inner.runtime.spawn(async move {
@@ -329,7 +344,11 @@ fn dispatch(inner: &Arc<Inner>, event: Event) {
             }
         };
         answer(&inner2, event, response, true);
+        let held = u64::try_from(began.elapsed().as_micros()).unwrap_or(u64::MAX);
+        inner2.held_us.fetch_add(held, Ordering::Relaxed);
+        inner2.held_max_us.fetch_max(held, Ordering::Relaxed);
         inner2.inflight.fetch_sub(1, Ordering::SeqCst);
+        debug!(ino = st.st_ino, us = held, "overlay open answered");
     });
 }
 

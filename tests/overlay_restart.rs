@@ -100,6 +100,13 @@ fn issue20_overlay_readers_get_the_image_bytes_across_sigkill_and_sigterm() {
     // Before any restart.
     let before: Vec<Reader> = (0..3).map(|i| reader(&merged, &name(i))).collect();
     report.push(("before any restart", check(before, &files, "before")));
+    // Status says how long opens were held: each waited for a 1.5 s fetch.
+    let (ds, _) = d.status();
+    assert!(
+        ds.overlay_open_held_max_ms >= 1500
+            && ds.overlay_open_held_ms >= ds.overlay_open_held_max_ms,
+        "{ds:?}"
+    );
 
     // SIGKILL with readers blocked in open(2), and more arriving while no daemon runs.
     let blocked: Vec<Reader> = (3..9).map(|i| reader(&merged, &name(i))).collect();

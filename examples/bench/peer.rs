@@ -1379,6 +1379,9 @@ pub struct Breakdown {
     pub rootfs_s: f64,
     /// Opens through the container's overlay that waited for a fill, by first output.
     pub opens: u64,
+    /// Their time held (event read to answer), summed, seconds.
+    #[serde(default)]
+    pub opens_held_s: f64,
     /// Of the misses, those served by a running layer stream.
     pub delivered: u64,
     /// Pre-content events of readers (range misses; overlay mode has none).
@@ -1390,6 +1393,7 @@ impl Breakdown {
     fn with_status(self, st: Breakdown) -> Breakdown {
         Breakdown {
             opens: st.opens,
+            opens_held_s: st.opens_held_s,
             delivered: st.delivered,
             events: st.events,
             ..self
@@ -1679,6 +1683,7 @@ impl Rig {
         let breakdown = match ff_status {
             Some(fanfill::api::Response::Status { daemon, .. }) => Some(Breakdown {
                 opens: daemon.overlay_opens,
+                opens_held_s: daemon.overlay_open_held_ms as f64 / 1000.0,
                 delivered: daemon.delivered_waits,
                 events: daemon.events,
                 ..Breakdown::default()
@@ -2168,7 +2173,7 @@ pub fn report_image(r: &ImageResult, heading: &str) -> String {
                 format!("{:.prec$}", median(&v))
             };
             rows.push_str(&format!(
-                "| {} | {} | {} | {} | {} | {} | {} | {} | {} | {} |\n",
+                "| {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} |\n",
                 row.system.label(),
                 m(&|_, b| b.index_s, 2),
                 m(&|_, b| b.unpack_s, 2),
@@ -2177,6 +2182,7 @@ pub fn report_image(r: &ImageResult, heading: &str) -> String {
                 m(&|_, b| b.rootfs_s, 2),
                 m(&|x, _| x.first_output, 2),
                 m(&|_, b| b.opens as f64, 0),
+                m(&|_, b| b.opens_held_s, 2),
                 m(&|_, b| b.delivered as f64, 0),
                 m(&|_, b| b.events as f64, 0),
             ));
@@ -2187,8 +2193,8 @@ pub fn report_image(r: &ImageResult, heading: &str) -> String {
                  the pull unless noted; from the daemon's log and its status at first output):\n\n\
                  | System | Index artifact checked | Unpack (s, duration) | Daemon prepare (s, duration) | \
                  Pull done | Container rootfs mounted and watched | First output | Opens held for a fill | \
-                 Misses served by a layer stream | Reader range events |\n\
-                 |---|---|---|---|---|---|---|---|---|---|\n",
+                 Time they were held (s, sum) | Misses served by a layer stream | Reader range events |\n\
+                 |---|---|---|---|---|---|---|---|---|---|---|\n",
             );
             s.push_str(&rows);
             s.push('\n');

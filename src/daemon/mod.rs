@@ -1397,6 +1397,8 @@ impl Daemon {
                 overlays_watched: self.watches.lock().unwrap().len() as u64,
                 overlay_opens_inflight: self.overlays.inflight(),
                 overlay_opens: self.overlays.opens(),
+                overlay_open_held_ms: self.overlays.held().0.as_millis() as u64,
+                overlay_open_held_max_ms: self.overlays.held().1.as_millis() as u64,
                 delivered_waits: st.delivered,
             },
             images: images.iter().map(|i| self.image_status(i)).collect(),

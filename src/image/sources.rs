@@ -20,6 +20,7 @@ use bytes::Bytes;
 use futures::FutureExt;
 use futures::future::BoxFuture;
 use oci_spec::image::Digest;
+use tracing::debug;
 
 use super::{ImageError, ImageIndexes, WINDOW_CACHE_BYTES};
 use crate::blobcache::BlobCache;
@@ -327,26 +328,44 @@ pub(super) async fn fetch_span(
     span: crate::index::Span,
     what: impl Fn() -> String,
 ) -> Result<Vec<u8>, SourceError> {
+    let began = std::time::Instant::now();
     let fetch = async {
-        crate::blobcache::read_range(blob_cache, store, layer, span.blob_offset, span.blob_len)
-            .await
-            .map_err(|e| SourceError::with_source(what(), e))
+        let r =
+            crate::blobcache::read_range(blob_cache, store, layer, span.blob_offset, span.blob_len)
+                .await
+                .map_err(|e| SourceError::with_source(what(), e));
+        (r, began.elapsed())
     };
     let window = async {
-        match span.checkpoint {
+        let r = match span.checkpoint {
             Some(cp) => windows
                 .window(index, cp)
                 .await
                 .map_err(|e| SourceError::with_source(what(), e)),
             None => Ok(Arc::from(Vec::new())),
-        }
+        };
+        (r, began.elapsed())
     };
-    let (bytes, window) = futures::future::try_join(fetch, window).await?;
-    let index = index.clone();
-    tokio::task::spawn_blocking(move || crate::index::extract(&index, &span, &window, &bytes))
-        .await
-        .map_err(|e| SourceError::with_source(what(), e))?
-        .map_err(|e| SourceError::with_source(what(), e))
+    let ((bytes, fetched), (window, windowed)) = futures::future::join(fetch, window).await;
+    let (bytes, window) = (bytes?, window?);
+    let (index, blob_len) = (index.clone(), span.blob_len);
+    let out_len = span.len;
+    let data =
+        tokio::task::spawn_blocking(move || crate::index::extract(&index, &span, &window, &bytes))
+            .await
+            .map_err(|e| SourceError::with_source(what(), e))?
+            .map_err(|e| SourceError::with_source(what(), e))?;
+    // Where a miss's time goes (the range, its checkpoint's window, the inflate).
+    debug!(
+        what = %what(),
+        blob_len,
+        out_len,
+        range_us = fetched.as_micros() as u64,
+        window_us = windowed.as_micros() as u64,
+        total_us = began.elapsed().as_micros() as u64,
+        "span read"
+    );
+    Ok(data)
 }
 
 impl IndexLayerReader {
