@@ -666,7 +666,8 @@ fn status(socket: &Path, a: StatusArgs) -> Result<()> {
     );
     if daemon.overlay_opens > 0 || daemon.overlays_watched > 0 {
         println!(
-            "overlay opens: {} watched rootfs, {} opens held for a fill ({} now), {} ms held in all, longest {} ms",
+            "overlay opens: {} watched rootfs, {} opens held for a fill ({} now), \
+             {} ms held in all, longest {} ms",
             daemon.overlays_watched,
             daemon.overlay_opens,
             daemon.overlay_opens_inflight,

@@ -158,9 +158,9 @@ impl ImageSources {
     /// the next `reach` bytes (default [`READ_AROUND`]; 0: off) of the layer's stream in the
     /// same request and inflate, and hands every file wholly inside them that is among
     /// `placed` (as (layer, entry), beside their engine `ids`) to `supply`, which verifies
-    /// each against its digest as for any fill. Files opened together mostly sit together in a layer (a package's
-    /// modules, a library's headers), so one round trip fills what would otherwise be the
-    /// next misses. The file's own bytes do not wait for its neighbours'. Once per image:
+    /// each against its digest as for any fill. Files opened together mostly sit together
+    /// in a layer (a package's modules, a library's headers), so one round trip fills what
+    /// would otherwise be the next misses. The file's own bytes do not wait for its neighbours'. Once per image:
     /// later calls change nothing.
     pub fn read_around(
         &self,
@@ -329,27 +329,26 @@ pub(super) async fn fetch_span(
     what: impl Fn() -> String,
 ) -> Result<Vec<u8>, SourceError> {
     let began = std::time::Instant::now();
+    // Each part's time is kept for the debug line below; either failing ends the read.
     let fetch = async {
-        let r =
-            crate::blobcache::read_range(blob_cache, store, layer, span.blob_offset, span.blob_len)
-                .await
-                .map_err(|e| SourceError::with_source(what(), e));
-        (r, began.elapsed())
+        crate::blobcache::read_range(blob_cache, store, layer, span.blob_offset, span.blob_len)
+            .await
+            .map(|bytes| (bytes, began.elapsed()))
+            .map_err(|e| SourceError::with_source(what(), e))
     };
     let window = async {
-        let r = match span.checkpoint {
+        match span.checkpoint {
             Some(cp) => windows
                 .window(index, cp)
                 .await
                 .map_err(|e| SourceError::with_source(what(), e)),
             None => Ok(Arc::from(Vec::new())),
-        };
-        (r, began.elapsed())
+        }
+        .map(|window| (window, began.elapsed()))
     };
-    let ((bytes, fetched), (window, windowed)) = futures::future::join(fetch, window).await;
-    let (bytes, window) = (bytes?, window?);
-    let (index, blob_len) = (index.clone(), span.blob_len);
-    let out_len = span.len;
+    let ((bytes, fetched), (window, windowed)) = futures::future::try_join(fetch, window).await?;
+    let (blob_len, out_len) = (span.blob_len, span.len);
+    let index = index.clone();
     let data =
         tokio::task::spawn_blocking(move || crate::index::extract(&index, &span, &window, &bytes))
             .await
