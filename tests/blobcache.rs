@@ -165,9 +165,12 @@ fn a_mirror_that_sends_whole_blobs_costs_one_copy_per_layer() {
         built.layers.iter().all(|l| kept(&l.0)),
         "every layer the mirror sent whole is kept in the blob cache"
     );
+    // One copy per layer, plus what readers fetched as ranges when their request reached the
+    // mirror just after it had cached that layer (it then answers ranges): seen once in CI,
+    // one 1 MiB file (1.06x). A second copy of any layer would be +50 % (two equal layers).
     assert!(
-        fetched_all <= size + size / 20,
-        "{fetched_all} bytes fetched for a {size}-byte image: more than one copy per layer"
+        fetched_all < size + size / 4,
+        "{fetched_all} bytes fetched for a {size}-byte image: more than one copy of a layer"
     );
 
     // A second tree of the image reads the kept layers: nothing from the network.
