@@ -128,8 +128,28 @@ pub async fn read_range(
     offset: u64,
     len: u64,
 ) -> Result<bytes::Bytes, crate::registry::Error> {
+    read_range_seen(cache, store, digest, offset, len, None).await
+}
+
+/// [`read_range`], showing the bytes of a range read from the registry to `seen` as they
+/// arrive ([`BlobStore::read_range_or_whole_seen`]); bytes read locally (the cache, a copy)
+/// come back whole, unseen.
+pub async fn read_range_seen(
+    cache: Option<&BlobCache>,
+    store: &BlobStore,
+    digest: &oci_spec::image::Digest,
+    offset: u64,
+    len: u64,
+    seen: Option<crate::registry::RangeSeen<'_>>,
+) -> Result<bytes::Bytes, crate::registry::Error> {
     let Some(cache) = cache else {
-        return store.read_range(digest, offset, len).await;
+        return match store
+            .read_range_or_whole_seen(digest, offset, len, seen)
+            .await?
+        {
+            RangeRead::Range(bytes) => Ok(bytes),
+            RangeRead::Whole(stream) => stream.into_slice(offset, len).await,
+        };
     };
     let key = digest.as_ref();
     if let Some(copy) = cache.copying(key).filter(|c| c.ranges_ignored())
@@ -140,7 +160,10 @@ pub async fn read_range(
     if let Ok(Some(bytes)) = cache.read_range(key, offset, len) {
         return Ok(bytes::Bytes::from(bytes));
     }
-    let stream = match store.read_range_or_whole(digest, offset, len).await? {
+    let stream = match store
+        .read_range_or_whole_seen(digest, offset, len, seen)
+        .await?
+    {
         RangeRead::Range(bytes) => return Ok(bytes),
         RangeRead::Whole(stream) => stream,
     };

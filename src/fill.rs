@@ -972,6 +972,21 @@ impl Engine {
             .unwrap_or(false)
     }
 
+    /// The registered file, opened read-only at its registered path, when it is complete
+    /// and that path still names its inode (a file the user replaced since is not ours to
+    /// read); `None` otherwise. A complete file carries no mark of the engine's, so reading
+    /// it raises no event.
+    pub fn open_complete(&self, id: FileId) -> Option<File> {
+        open_complete(&self.inner, id)
+    }
+
+    /// [`Engine::open_complete`] as a function usable after `self` is borrowed elsewhere
+    /// (like [`Engine::filler`]).
+    pub fn complete_opener(&self) -> CompleteOpener {
+        let inner = self.inner.clone();
+        Arc::new(move |id| open_complete(&inner, id))
+    }
+
     fn entry(&self, id: FileId) -> Option<Arc<FileEntry>> {
         self.inner
             .files
@@ -980,7 +995,29 @@ impl Engine {
             .get(&(id.dev, id.ino))
             .cloned()
     }
+}
 
+/// See [`Engine::open_complete`].
+fn open_complete(inner: &Inner, id: FileId) -> Option<File> {
+    let entry = inner
+        .files
+        .read()
+        .unwrap()
+        .get(&(id.dev, id.ino))
+        .cloned()?;
+    if !entry.state.lock().unwrap().complete {
+        return None;
+    }
+    let f = File::options()
+        .read(true)
+        .custom_flags(libc::O_NOFOLLOW | libc::O_NONBLOCK | libc::O_CLOEXEC)
+        .open(&*entry.path)
+        .ok()?;
+    let m = f.metadata().ok()?;
+    (m.is_file() && (m.dev(), m.ino()) == (id.dev, id.ino)).then_some(f)
+}
+
+impl Engine {
     /// Fills the whole file now (prefetch) and removes its mark. Runs on the engine's
     /// runtime; waits for the result.
     pub fn fill_file(&self, id: FileId) -> Result<(), FillError> {
@@ -2375,6 +2412,9 @@ pub type Supplier = Arc<
 /// See [`Engine::filler`].
 pub type Filler =
     Arc<dyn Fn(FileId) -> BoxFuture<'static, Result<(), Arc<FillError>>> + Send + Sync>;
+
+/// Opens a complete registered file for reading ([`Engine::complete_opener`]).
+pub type CompleteOpener = Arc<dyn Fn(FileId) -> Option<File> + Send + Sync>;
 
 impl FileId {
     /// The id of the registered file with this device and inode number.

@@ -37,6 +37,7 @@ pub mod fuzzing;
 pub mod hook;
 pub mod image;
 pub mod index;
+pub mod loader;
 pub mod ocibuild;
 pub mod overlay;
 pub mod reference;

@@ -667,12 +667,13 @@ fn status(socket: &Path, a: StatusArgs) -> Result<()> {
     if daemon.overlay_opens > 0 || daemon.overlays_watched > 0 {
         println!(
             "overlay opens: {} watched rootfs, {} opens held for a fill ({} now), \
-             {} ms held in all, longest {} ms",
+             {} ms held in all, longest {} ms; {} files filled ahead of the loader",
             daemon.overlays_watched,
             daemon.overlay_opens,
             daemon.overlay_opens_inflight,
             daemon.overlay_open_held_ms,
-            daemon.overlay_open_held_max_ms
+            daemon.overlay_open_held_max_ms,
+            daemon.loader_ahead
         );
     }
     println!(

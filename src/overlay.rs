@@ -24,7 +24,7 @@
 //! which would leave the opener blocked; a plain `FAN_DENY` is what remains. It never unpacks, fetches or writes file data itself (the engine
 //! does), and never marks anything but the overlay mounts it is given.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
@@ -32,7 +32,7 @@ use std::time::{Duration, Instant};
 
 use tracing::{debug, info, warn};
 
-use crate::fill::{Engine, EventJournal, FileId, Filler, error_chain};
+use crate::fill::{CompleteOpener, Engine, EventJournal, FileId, Filler, error_chain};
 use crate::sys::fanotify::{
     Event, FAN_OPEN_EXEC_PERM, FAN_OPEN_PERM, FanotifyError, Group, GroupClass, Response,
 };
@@ -82,6 +82,14 @@ pub struct Watched {
 struct Inner {
     group: Arc<Group>,
     filler: Filler,
+    /// Fills ahead of the loader ([`loader_ahead`]): not counted as accessed.
+    prefetcher: Filler,
+    opener: CompleteOpener,
+    /// Lower files whose ELF dependencies were looked at (each once), and those filled
+    /// ahead (each started once).
+    parsed: Mutex<(HashSet<FileId>, HashSet<FileId>)>,
+    /// Files the loader-aware read-ahead started filling.
+    loader_ahead: AtomicU64,
     runtime: tokio::runtime::Handle,
     journal: Option<Arc<dyn EventJournal>>,
     /// Watched overlays by the device number of their superblock.
@@ -138,6 +146,10 @@ impl OverlayWatcher {
             inner: Arc::new(Inner {
                 group: Arc::new(group),
                 filler: engine.filler(),
+                prefetcher: engine.prefetcher(),
+                opener: engine.complete_opener(),
+                parsed: Mutex::new((HashSet::new(), HashSet::new())),
+                loader_ahead: AtomicU64::new(0),
                 runtime: engine.handle(),
                 journal,
                 watched: RwLock::new(HashMap::new()),
@@ -248,6 +260,12 @@ impl OverlayWatcher {
         self.inner.inflight.load(Ordering::SeqCst)
     }
 
+    /// Files the loader-aware read-ahead started filling: interpreters and libraries named
+    /// by ELF files opened through the watched overlays, filled before the loader opens them.
+    pub fn loader_ahead(&self) -> u64 {
+        self.inner.loader_ahead.load(Ordering::Relaxed)
+    }
+
     /// How long answered opens were held, summed, and the longest one: from the event read
     /// to its answer (the fill of the lower file, and the answer itself).
     pub fn held(&self) -> (Duration, Duration) {
@@ -337,7 +355,10 @@ fn dispatch(inner: &Arc<Inner>, event: Event) {
     let inner2 = inner.clone();
     inner.runtime.spawn(async move {
         let response = match fut.await {
-            Ok(()) => Response::Allow,
+            Ok(()) => {
+                loader_ahead(&inner2, lower, st.st_dev, 0);
+                Response::Allow
+            }
             Err(e) => {
                 warn!(ino = st.st_ino, error = %error_chain(&*e), "overlay open: fill failed; refused (EPERM)");
                 Response::DenyPlain
@@ -349,6 +370,74 @@ fn dispatch(inner: &Arc<Inner>, event: Event) {
         inner2.held_max_us.fetch_max(held, Ordering::Relaxed);
         inner2.inflight.fetch_sub(1, Ordering::SeqCst);
         debug!(ino = st.st_ino, us = held, "overlay open answered");
+    });
+}
+
+/// Deepest chain of libraries [`loader_ahead`] follows from an opened file.
+const LOADER_DEPTH: u32 = 8;
+/// Files [`loader_ahead`] remembers having looked at before it starts over.
+const LOADER_PARSED_MAX: usize = 100_000;
+
+/// Loader-aware read-ahead (`crate::loader`): `file`, a complete lower file just opened
+/// through the overlay `ovl_dev`, is read for the interpreter and libraries the dynamic
+/// loader will open next; those found in the overlay are filled at once, side by side, and
+/// looked at in turn once filled (`libssl` names `libcrypto`), instead of each being filled
+/// only when the loader opens it, one after the other. Runs off the event thread and after
+/// the open was answered; a file is looked at once.
+fn loader_ahead(inner: &Arc<Inner>, file: FileId, ovl_dev: u64, depth: u32) {
+    {
+        let mut parsed = inner.parsed.lock().unwrap();
+        if depth > LOADER_DEPTH || inner.stopping.load(Ordering::SeqCst) {
+            return;
+        }
+        if parsed.0.len() + parsed.1.len() >= LOADER_PARSED_MAX {
+            parsed.0.clear();
+            parsed.1.clear();
+        }
+        if !parsed.0.insert(file) {
+            return;
+        }
+    }
+    let inner = inner.clone();
+    let runtime = inner.runtime.clone();
+    runtime.spawn_blocking(move || {
+        let Some(deps) = (inner.opener)(file).and_then(|f| crate::loader::Deps::read(&f)) else {
+            return;
+        };
+        let Some(w) = inner.watched.read().unwrap().get(&ovl_dev).cloned() else {
+            return;
+        };
+        // The overlay's root, as watched (`O_PATH`: no open event), for the loader's lookups.
+        let root = nix::fcntl::open(
+            &w.merged,
+            nix::fcntl::OFlag::O_PATH | nix::fcntl::OFlag::O_DIRECTORY | nix::fcntl::OFlag::O_CLOEXEC,
+            nix::sys::stat::Mode::empty(),
+        );
+        let Ok(root) = root else { return };
+        if nix::sys::stat::fstat(std::os::fd::AsFd::as_fd(&root)).map(|st| st.st_dev) != Ok(ovl_dev) {
+            return;
+        }
+        let found = crate::loader::resolve(std::os::fd::AsFd::as_fd(&root), &deps.candidates());
+        for f in found.into_iter().filter(|f| f.dev == ovl_dev) {
+            let id = FileId::new(w.lower_dev, f.ino);
+            let new = {
+                let mut parsed = inner.parsed.lock().unwrap();
+                !parsed.0.contains(&id) && parsed.1.insert(id)
+            };
+            if !new {
+                continue;
+            }
+            inner.loader_ahead.fetch_add(1, Ordering::Relaxed);
+            let fill = (inner.prefetcher)(id);
+            let inner2 = inner.clone();
+            inner.runtime.spawn(async move {
+                match fill.await {
+                    Ok(()) => loader_ahead(&inner2, id, ovl_dev, depth + 1),
+                    Err(e) => debug!(ino = f.ino, error = %error_chain(&*e), "loader read-ahead fill failed"),
+                }
+            });
+        }
+        debug!(ino = file.ino(), interp = ?deps.interp, needed = ?deps.needed, "loader read-ahead");
     });
 }
 

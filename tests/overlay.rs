@@ -164,3 +164,114 @@ fn overlay_rootfs_fills_whole_files_on_open() {
     );
     drop(watch);
 }
+
+/// Loader-aware read-ahead (`fanfill::loader`): opening a dynamic executable through a
+/// watched overlay fills its interpreter and every library it needs, found the way the
+/// loader finds them (absolute and relative symlinks of the image resolved inside it),
+/// before anything opens them; files no ELF names stay unfilled.
+#[test]
+fn opening_an_executable_fills_its_interpreter_and_libraries_ahead() {
+    let fs = LoopFs::new("ext4", 512);
+    let layout = fs.mnt.join("layout");
+    let gnu = "usr/lib/x86_64-linux-gnu";
+    let link = |path: &str, target: &str| LayerItem::Symlink {
+        path: path.into(),
+        target: target.into(),
+    };
+    let libs = [
+        ("ld-linux-x86-64.so.2", "/lib64/ld-linux-x86-64.so.2"),
+        ("libc.so.6", "/lib/x86_64-linux-gnu/libc.so.6"),
+        ("libm.so.6", "/lib/x86_64-linux-gnu/libm.so.6"),
+        ("libz.so.1.2.13", "/lib/x86_64-linux-gnu/libz.so.1"),
+        ("libexpat.so.1.8.10", "/lib/x86_64-linux-gnu/libexpat.so.1"),
+    ];
+    let mut base = vec![
+        dir("usr"),
+        dir("usr/bin"),
+        dir("usr/lib"),
+        dir(gnu),
+        dir("usr/lib64"),
+        link("lib", "usr/lib"),
+        link("lib64", "usr/lib64"),
+        // Absolute, as Debian's is: resolved inside the image, not on the host.
+        link(
+            "usr/lib64/ld-linux-x86-64.so.2",
+            "/usr/lib/x86_64-linux-gnu/ld-linux-x86-64.so.2",
+        ),
+        link(&format!("{gnu}/libz.so.1"), "libz.so.1.2.13"),
+        link(&format!("{gnu}/libexpat.so.1"), "libexpat.so.1.8.10"),
+        host("usr/bin/python3.11", "/usr/bin/python3.11"),
+        LayerItem::File {
+            path: "usr/lib/unrelated".into(),
+            mode: 0o644,
+            data: pattern(300_000, 5),
+        },
+    ];
+    base.extend(
+        libs.iter()
+            .map(|(name, h)| host(&format!("{gnu}/{name}"), h)),
+    );
+    let built = ocibuild::write_layout(&layout, "t", &[base], Compression::Gzip).unwrap();
+
+    let engine = Engine::start(EngineConfig::default()).unwrap();
+    let layers = fs.mnt.join("layers");
+    std::fs::create_dir(&layers).unwrap();
+    let mut opts = PrepareOptions::new(fs.mnt.join("indexes"));
+    opts.mode = Mode::Overlay;
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let prepared = rt
+        .block_on(image::prepare(&engine, &built.reference(), &layers, &opts))
+        .unwrap();
+    let lower = std::path::PathBuf::from(&prepared.unpacked.lowerdirs[0]);
+    let id = |p: &str| {
+        let m = std::fs::symlink_metadata(lower.join(p)).unwrap();
+        fanfill::fill::FileId::new(m.dev(), m.ino())
+    };
+    let ovl = OverlayMount::new(&prepared.unpacked.lowerdir_option(), &fs.mnt.join("ovl"));
+    let lower_dev = std::fs::metadata(&fs.mnt).unwrap().dev();
+    let watch = OverlayWatcher::start_on(&engine, &ovl.merged, lower_dev).unwrap();
+    let ahead: Vec<fanfill::fill::FileId> = libs
+        .iter()
+        .map(|(name, _)| id(&format!("{gnu}/{name}")))
+        .collect();
+    assert!(
+        ahead.iter().all(|f| !engine.is_complete(*f)),
+        "filled before any open"
+    );
+
+    // One open of the executable, by a reader that only looks at its header.
+    let exe = ovl.merged.join("usr/bin/python3.11");
+    let head = within(60, "open the executable", move || {
+        let mut b = [0u8; 4];
+        std::fs::File::open(&exe)
+            .and_then(|f| std::os::unix::fs::FileExt::read_exact_at(&f, &mut b, 0))
+            .map(|()| b)
+            .unwrap()
+    });
+    assert_eq!(&head, b"\x7fELF");
+    let began = std::time::Instant::now();
+    while !ahead.iter().all(|f| engine.is_complete(*f)) {
+        assert!(
+            began.elapsed() < std::time::Duration::from_secs(30),
+            "not filled ahead: {:?}",
+            libs.iter()
+                .zip(&ahead)
+                .filter(|(_, f)| !engine.is_complete(**f))
+                .map(|(l, _)| l.0)
+                .collect::<Vec<_>>()
+        );
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    assert_eq!(watch.opens(), 1, "only the executable was opened");
+    assert_eq!(watch.loader_ahead(), libs.len() as u64);
+    assert!(
+        !engine.is_complete(id("usr/lib/unrelated")),
+        "a file no ELF names was filled"
+    );
+    // The libraries are the host's bytes, read through the overlay.
+    for (name, h) in libs {
+        let got = std::fs::read(ovl.merged.join(gnu).join(name)).unwrap();
+        assert!(got == std::fs::read(h).unwrap(), "{name} differs");
+    }
+    drop(watch);
+}

@@ -1400,6 +1400,7 @@ impl Daemon {
                 overlay_opens: self.overlays.opens(),
                 overlay_open_held_ms: held.as_millis() as u64,
                 overlay_open_held_max_ms: held_max.as_millis() as u64,
+                loader_ahead: self.overlays.loader_ahead(),
                 delivered_waits: st.delivered,
             },
             images: images.iter().map(|i| self.image_status(i)).collect(),

@@ -59,7 +59,9 @@ pub use register::{
     PrefillFn, Registration, SourceFn, TREE_XATTR, mark_tree, mark_tree_dir, prepare,
     remove_tree_contents, tree_image,
 };
-pub use sources::{FileSource, ImageSources, LayerFileSource, READ_AROUND, verify_for};
+pub use sources::{
+    FileSource, ImageSources, LayerFileSource, READ_AROUND, pipelined_reads, verify_for,
+};
 pub use stream::{STREAM_PARALLEL, StreamFill, stream_fill_layer, stream_parallel};
 
 /// `artifactType` of the layer-index artifact a `fanfill index --push` attaches to an image

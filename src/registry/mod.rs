@@ -722,9 +722,24 @@ impl BlobStore {
         offset: u64,
         len: u64,
     ) -> Result<RangeRead> {
+        self.read_range_or_whole_seen(digest, offset, len, None)
+            .await
+    }
+
+    /// [`BlobStore::read_range_or_whole`], showing a range's bytes to `seen` as they arrive
+    /// (a consumer can start on the front of a large range while the rest is on its way);
+    /// the whole range is still returned. Not called for a whole blob sent instead of the
+    /// range, nor for a layout (its read is one `pread`).
+    pub async fn read_range_or_whole_seen(
+        &self,
+        digest: &Digest,
+        offset: u64,
+        len: u64,
+        seen: Option<RangeSeen<'_>>,
+    ) -> Result<RangeRead> {
         match self {
             BlobStore::Remote(r) if len > 0 && offset.checked_add(len).is_some() => {
-                r.read_range_or_whole(digest, offset, len).await
+                r.read_range_or_whole(digest, offset, len, seen).await
             }
             _ => self
                 .read_range(digest, offset, len)
@@ -1112,6 +1127,11 @@ pub fn sha256_digest(data: &[u8]) -> Digest {
     let hex = hex::encode(sha2::Sha256::digest(data));
     Digest::from_str(&format!("sha256:{hex}")).expect("sha256 hex is a valid digest")
 }
+
+/// Sees a range read's bytes as they arrive ([`BlobStore::read_range_or_whole_seen`]):
+/// `(position in the range, bytes)`, in order. A read retried after a broken response starts
+/// again at position 0 with the same bytes (a blob is content-addressed).
+pub type RangeSeen<'a> = &'a (dyn Fn(u64, &[u8]) + Send + Sync);
 
 /// What [`BlobStore::read_range_or_whole`] got.
 #[derive(Debug)]

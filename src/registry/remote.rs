@@ -503,7 +503,7 @@ impl RemoteStore {
     }
 
     pub(super) async fn read_range(&self, digest: &Digest, offset: u64, len: u64) -> Result<Bytes> {
-        match self.read_range_or_whole(digest, offset, len).await? {
+        match self.read_range_or_whole(digest, offset, len, None).await? {
             RangeRead::Range(bytes) => Ok(bytes),
             RangeRead::Whole(stream) => stream.into_slice(offset, len).await,
         }
@@ -514,6 +514,7 @@ impl RemoteStore {
         digest: &Digest,
         offset: u64,
         len: u64,
+        seen: Option<super::RangeSeen<'_>>,
     ) -> Result<RangeRead> {
         let inner = &self.inner;
         let got = inner
@@ -537,7 +538,7 @@ impl RemoteStore {
                     });
                 }
                 if resp.status() == StatusCode::PARTIAL_CONTENT {
-                    return Ok(Ok(inner.read_slice(resp, &url, 0, len).await?));
+                    return Ok(Ok(inner.read_slice(resp, &url, 0, len, seen).await?));
                 }
                 tracing::debug!(url = %url, offset, len, "server ignored Range: it sends the whole blob");
                 Ok(Err(resp))
@@ -1078,6 +1079,7 @@ impl Inner {
         url: &Url,
         mut skip: u64,
         len: u64,
+        seen: Option<super::RangeSeen<'_>>,
     ) -> Result<Bytes> {
         let mut out = BytesMut::with_capacity(len as usize);
         while (out.len() as u64) < len {
@@ -1090,6 +1092,9 @@ impl Inner {
                         skip -= n;
                     }
                     let take = (len - out.len() as u64).min(chunk.len() as u64) as usize;
+                    if let Some(seen) = seen {
+                        seen(out.len() as u64, &chunk[..take]);
+                    }
                     out.extend_from_slice(&chunk[..take]);
                 }
                 Ok(None) => {
