@@ -123,6 +123,12 @@ struct DaemonArgs {
     /// together mostly sit together in a layer. 0: fetch each file alone.
     #[arg(long, default_value_t = image::READ_AROUND >> 10, value_name = "KIB")]
     read_around_kib: u64,
+    /// Do not fill an image's start set ahead when it comes without an access profile: by
+    /// default the files nearly every container start reads (/etc/passwd, /etc/group, the
+    /// loader's cache, /bin/sh, the program interpreter and C library, the config's
+    /// entrypoint) are fetched while the placeholders are made, like a profile's.
+    #[arg(long)]
+    no_start_set: bool,
     /// Run without an fd holder (a crash then lets blocked readers through to zeros).
     #[arg(long)]
     no_holder: bool,
@@ -602,6 +608,7 @@ fn daemon(socket: PathBuf, a: DaemonArgs) -> Result<()> {
     c.engine.workers = a.workers;
     c.engine.delivery_wait = Duration::from_millis(a.delivery_wait_ms);
     c.read_around = a.read_around_kib.saturating_mul(1 << 10);
+    c.start_set = !a.no_start_set;
     c.fetch_delay = Duration::from_millis(a.test_fetch_delay_ms);
     c.metrics_addr = a.metrics_addr;
     if !a.allow_root.is_empty() {

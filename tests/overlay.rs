@@ -218,6 +218,8 @@ fn opening_an_executable_fills_its_interpreter_and_libraries_ahead() {
     std::fs::create_dir(&layers).unwrap();
     let mut opts = PrepareOptions::new(fs.mnt.join("indexes"));
     opts.mode = Mode::Overlay;
+    // The loader's read-ahead alone (the start set would fill the loader and libc ahead).
+    opts.start_set = false;
     let rt = tokio::runtime::Runtime::new().unwrap();
     let prepared = rt
         .block_on(image::prepare(&engine, &built.reference(), &layers, &opts))
@@ -274,4 +276,109 @@ fn opening_an_executable_fills_its_interpreter_and_libraries_ahead() {
         assert!(got == std::fs::read(h).unwrap(), "{name} differs");
     }
     drop(watch);
+}
+
+/// The start set (`PrepareOptions::start_set`): without an access profile, the files nearly
+/// every container start reads (user and group files, the shell through its symlinks, the
+/// interpreter through an absolute symlink, libc) are filled by the prepare itself, before
+/// anything opens them; other files are not; with the start set off, none is.
+#[test]
+fn the_start_set_is_filled_before_anything_opens() {
+    let fs = LoopFs::new("ext4", 512);
+    let gnu = "usr/lib/x86_64-linux-gnu";
+    let link = |path: &str, target: &str| LayerItem::Symlink {
+        path: path.into(),
+        target: target.into(),
+    };
+    let text = |path: &str, seed: u64| LayerItem::File {
+        path: path.into(),
+        mode: 0o644,
+        data: pattern(50_000, seed),
+    };
+    let base = vec![
+        dir("etc"),
+        text("etc/passwd", 1),
+        text("etc/group", 2),
+        text("etc/unrelated", 3),
+        dir("usr"),
+        dir("usr/bin"),
+        dir("usr/lib"),
+        dir(gnu),
+        dir("usr/lib64"),
+        link("bin", "usr/bin"),
+        link("lib", "usr/lib"),
+        link("lib64", "usr/lib64"),
+        host("usr/bin/dash", "/usr/bin/dash"),
+        link("usr/bin/sh", "dash"),
+        link(
+            "usr/lib64/ld-linux-x86-64.so.2",
+            "/usr/lib/x86_64-linux-gnu/ld-linux-x86-64.so.2",
+        ),
+        host(
+            &format!("{gnu}/ld-linux-x86-64.so.2"),
+            "/lib64/ld-linux-x86-64.so.2",
+        ),
+        host(
+            &format!("{gnu}/libc.so.6"),
+            "/lib/x86_64-linux-gnu/libc.so.6",
+        ),
+        host(
+            &format!("{gnu}/libm.so.6"),
+            "/lib/x86_64-linux-gnu/libm.so.6",
+        ),
+    ];
+    let built =
+        ocibuild::write_layout(&fs.mnt.join("layout"), "t", &[base], Compression::Gzip).unwrap();
+    let engine = Engine::start(EngineConfig::default()).unwrap();
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let ahead = [
+        "etc/passwd".to_string(),
+        "etc/group".to_string(),
+        "usr/bin/dash".to_string(),
+        format!("{gnu}/ld-linux-x86-64.so.2"),
+        format!("{gnu}/libc.so.6"),
+    ];
+    for on in [true, false] {
+        let layers = fs.mnt.join(format!("layers-{on}"));
+        std::fs::create_dir(&layers).unwrap();
+        let mut opts = PrepareOptions::new(fs.mnt.join(format!("indexes-{on}")));
+        opts.mode = Mode::Overlay;
+        opts.start_set = on;
+        let prepared = rt
+            .block_on(image::prepare(&engine, &built.reference(), &layers, &opts))
+            .unwrap();
+        let lower = std::path::PathBuf::from(&prepared.unpacked.lowerdirs[0]);
+        let id = |p: &str| {
+            let m = std::fs::symlink_metadata(lower.join(p)).unwrap();
+            fanfill::fill::FileId::new(m.dev(), m.ino())
+        };
+        assert_eq!(prepared.profile_files, if on { ahead.len() } else { 0 });
+        let began = std::time::Instant::now();
+        while on && !ahead.iter().all(|p| engine.is_complete(id(p))) {
+            assert!(
+                began.elapsed() < std::time::Duration::from_secs(30),
+                "not filled ahead: {:?}",
+                ahead
+                    .iter()
+                    .filter(|p| !engine.is_complete(id(p)))
+                    .collect::<Vec<_>>()
+            );
+            std::thread::sleep(std::time::Duration::from_millis(20));
+        }
+        std::thread::sleep(std::time::Duration::from_millis(300));
+        for p in &ahead {
+            assert_eq!(engine.is_complete(id(p)), on, "{p} with the start set {on}");
+        }
+        for p in ["etc/unrelated", &format!("{gnu}/libm.so.6")] {
+            assert!(
+                !engine.is_complete(id(p)),
+                "{p} is no part of the start set"
+            );
+        }
+        // What was filled ahead is the image's bytes.
+        if on {
+            let got = std::fs::read(lower.join(format!("{gnu}/libc.so.6"))).unwrap();
+            assert!(got == std::fs::read("/lib/x86_64-linux-gnu/libc.so.6").unwrap());
+        }
+    }
 }

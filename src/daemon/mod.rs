@@ -175,6 +175,9 @@ pub struct DaemonConfig {
     /// Bytes of a layer's stream a whole-file read of a small file also reads past the file,
     /// filling the files wholly inside ([`image::ImageSources::read_around`]); 0: off.
     pub read_around: u64,
+    /// Fill an image's start set ahead when it comes without an access profile
+    /// ([`PrepareOptions::start_set`]).
+    pub start_set: bool,
     /// How often fill progress is recorded.
     pub persist_interval: Duration,
     /// Keep the group in an fd holder process (`exe holder`). Without it a crash lets
@@ -214,6 +217,7 @@ impl DaemonConfig {
             prefetch_parallel: 2,
             prefetch_rate: 0,
             read_around: image::READ_AROUND,
+            start_set: true,
             persist_interval: Duration::from_secs(1),
             holder_exe: std::env::current_exe().ok(),
             fetch_delay: Duration::ZERO,
@@ -718,6 +722,7 @@ fn prepare_options(config: &DaemonConfig, r: &RegistrySettings) -> Result<Prepar
         ));
     }
     config.index_policy.apply(&mut o);
+    o.start_set = config.start_set;
     Ok(o)
 }
 
@@ -726,7 +731,7 @@ struct Opened {
     store: Arc<BlobStore>,
     manifest_digest: String,
     sources: image::ImageSources,
-    /// The index artifact's access profile, if it carries one.
+    /// The access profile to fill ahead ([`image::ImageIndexes::profile`]).
     profile: Option<image::AccessProfile>,
     /// Bytes received to have every layer's index (layers streamed whole to build one,
     /// artifact and TOC reads), before any placeholder existed.

@@ -43,7 +43,7 @@ pub struct ImageIndexes {
     pub blob_cache: Option<BlobCache>,
     /// The access profile to fill ahead: the index artifact's, when it was read and carries
     /// one, else the files TOC layers name to prefetch first (an optimized eStargz's
-    /// prioritized files).
+    /// prioritized files), else the image's start set ([`PrepareOptions::start_set`]).
     pub profile: Option<AccessProfile>,
     /// Per layer, lowest first: its table of contents when it is a TOC layer
     /// ([`IndexOrigin::Toc`]; `layers` then holds the TOC's entry table).
@@ -257,7 +257,20 @@ pub async fn load_indexes(
     }
     // Without a recorded profile, the files an optimized eStargz lists before its
     // `.prefetch.landmark` (`ctr-remote image optimize`: what its workload read) are one.
-    let profile = profile.or_else(|| landmark_profile(&tocs));
+    let profile = profile.or_else(|| landmark_profile(&tocs)).or_else(|| {
+        // Else what nearly every start reads (a hint: no file of it is required).
+        if !opts.start_set {
+            return None;
+        }
+        let ixs: Vec<Arc<LayerIndex>> = layers.iter().map(|l| l.1.clone()).collect();
+        let files = super::start_set(&image.config, &ixs);
+        info!(
+            files = files.len(),
+            "no access profile: the image's start set is filled ahead"
+        );
+        debug!(?files, "start set");
+        (!files.is_empty()).then_some(AccessProfile { version: 1, files })
+    });
     Ok(ImageIndexes {
         image,
         layers,

@@ -49,6 +49,7 @@ mod indexes;
 mod profile;
 mod register;
 mod sources;
+mod startset;
 mod stream;
 pub use indexes::{
     ImageIndexes, RANDOM_ACCESS_GAP_MAX, index_image, index_image_with_profile, load_indexes, open,
@@ -62,6 +63,7 @@ pub use register::{
 pub use sources::{
     FileSource, ImageSources, LayerFileSource, READ_AROUND, pipelined_reads, verify_for,
 };
+pub use startset::start_set;
 pub use stream::{STREAM_PARALLEL, StreamFill, stream_fill_layer, stream_parallel};
 
 /// `artifactType` of the layer-index artifact a `fanfill index --push` attaches to an image
@@ -242,6 +244,11 @@ pub struct PrepareOptions {
     /// coalesced range reads started as soon as the indexes are in, written once the
     /// placeholders exist); 0: ignore profiles. Default 8.
     pub profile_prefetch: usize,
+    /// Without an access profile (none in the artifact, no eStargz landmark), fill the
+    /// image's start set ahead the same way ([`start_set`]: the user, group and loader
+    /// files, the shell, the program interpreter and C library, the config's entrypoint).
+    /// Default true.
+    pub start_set: bool,
     /// Bytes of a layer's stream a whole-file read of a small file also reads past it,
     /// filling the files wholly inside ([`ImageSources::read_around`]); 0: off. Default
     /// [`READ_AROUND`].
@@ -353,6 +360,7 @@ impl PrepareOptions {
             use_artifact: true,
             index_key: None,
             profile_prefetch: 8,
+            start_set: true,
             read_around: READ_AROUND,
         }
     }
