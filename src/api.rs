@@ -265,8 +265,8 @@ pub struct DaemonStatus {
     /// The longest one, milliseconds.
     #[serde(default)]
     pub overlay_open_held_max_ms: u64,
-    /// Files filled ahead of the dynamic loader: interpreters and libraries named by ELF
-    /// files opened through watched overlays (`crate::loader`).
+    /// Files read ahead for the dynamic loader: interpreters and libraries named by ELF
+    /// files opened through watched overlays (`crate::loader`), each asked for once.
     #[serde(default)]
     pub loader_ahead: u64,
     /// Misses that waited for a running layer stream and got their bytes from it (instead

@@ -1008,13 +1008,10 @@ fn open_complete(inner: &Inner, id: FileId) -> Option<File> {
     if !entry.state.lock().unwrap().complete {
         return None;
     }
-    let f = File::options()
-        .read(true)
-        .custom_flags(libc::O_NOFOLLOW | libc::O_NONBLOCK | libc::O_CLOEXEC)
-        .open(&*entry.path)
-        .ok()?;
-    let m = f.metadata().ok()?;
-    (m.is_file() && (m.dev(), m.ino()) == (id.dev, id.ino)).then_some(f)
+    // The registered inode only (device, inode and birth time), never a swapped path.
+    open_checked(&entry, false)
+        .ok()
+        .filter(|f| f.metadata().is_ok_and(|m| m.is_file()))
 }
 
 impl Engine {

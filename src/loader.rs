@@ -69,7 +69,8 @@ impl Deps {
         let phoff = u64_at(&ehdr, 32)?;
         let phentsize = usize::from(u16_at(&ehdr, 54)?);
         let phnum = usize::from(u16_at(&ehdr, 56)?).min(MAX_PHNUM);
-        if phentsize < 56 || phnum == 0 {
+        // The ELF64 program header size: anything else is not a file the loader takes.
+        if phentsize != 56 || phnum == 0 {
             return None;
         }
         let mut ph = vec![0u8; phentsize * phnum];
@@ -117,7 +118,7 @@ impl Deps {
                 .iter()
                 .filter(|p| p.kind == PT_LOAD)
                 .find(|p| addr >= p.vaddr && addr - p.vaddr < p.filesz)
-                .map(|p| p.offset + (addr - p.vaddr))
+                .and_then(|p| p.offset.checked_add(addr - p.vaddr))
         }) else {
             return;
         };

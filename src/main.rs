@@ -674,7 +674,7 @@ fn status(socket: &Path, a: StatusArgs) -> Result<()> {
     if daemon.overlay_opens > 0 || daemon.overlays_watched > 0 {
         println!(
             "overlay opens: {} watched rootfs, {} opens held for a fill ({} now), \
-             {} ms held in all, longest {} ms; {} files filled ahead of the loader",
+             {} ms held in all, longest {} ms; {} files read ahead for the loader",
             daemon.overlays_watched,
             daemon.overlay_opens,
             daemon.overlay_opens_inflight,

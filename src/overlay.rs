@@ -88,7 +88,7 @@ struct Inner {
     /// Lower files whose ELF dependencies were looked at (each once), and those filled
     /// ahead (each started once).
     parsed: Mutex<(HashSet<FileId>, HashSet<FileId>)>,
-    /// Files the loader-aware read-ahead started filling.
+    /// Files the loader-aware read-ahead asked to fill.
     loader_ahead: AtomicU64,
     runtime: tokio::runtime::Handle,
     journal: Option<Arc<dyn EventJournal>>,
@@ -260,8 +260,9 @@ impl OverlayWatcher {
         self.inner.inflight.load(Ordering::SeqCst)
     }
 
-    /// Files the loader-aware read-ahead started filling: interpreters and libraries named
-    /// by ELF files opened through the watched overlays, filled before the loader opens them.
+    /// Files the loader-aware read-ahead asked to fill (each once; those complete already
+    /// cost nothing): interpreters and libraries named by ELF files opened through the
+    /// watched overlays.
     pub fn loader_ahead(&self) -> u64 {
         self.inner.loader_ahead.load(Ordering::Relaxed)
     }
@@ -382,8 +383,9 @@ const LOADER_PARSED_MAX: usize = 100_000;
 /// through the overlay `ovl_dev`, is read for the interpreter and libraries the dynamic
 /// loader will open next; those found in the overlay are filled at once, side by side, and
 /// looked at in turn once filled (`libssl` names `libcrypto`), instead of each being filled
-/// only when the loader opens it, one after the other. Runs off the event thread and after
-/// the open was answered; a file is looked at once.
+/// only when the loader opens it, one after the other. Runs on the blocking pool, spawned
+/// just before the open is answered (the answer does not wait for it); a file is looked at
+/// once.
 fn loader_ahead(inner: &Arc<Inner>, file: FileId, ovl_dev: u64, depth: u32) {
     {
         let mut parsed = inner.parsed.lock().unwrap();

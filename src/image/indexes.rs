@@ -257,20 +257,22 @@ pub async fn load_indexes(
     }
     // Without a recorded profile, the files an optimized eStargz lists before its
     // `.prefetch.landmark` (`ctr-remote image optimize`: what its workload read) are one.
-    let profile = profile.or_else(|| landmark_profile(&tocs)).or_else(|| {
-        // Else what nearly every start reads (a hint: no file of it is required).
-        if !opts.start_set {
-            return None;
-        }
+    let mut profile = profile.or_else(|| landmark_profile(&tocs));
+    if profile.is_none() && opts.start_set {
+        // Else what nearly every start reads (a hint: no file of it is required). A map of
+        // every entry of every layer: off the async threads.
         let ixs: Vec<Arc<LayerIndex>> = layers.iter().map(|l| l.1.clone()).collect();
-        let files = super::start_set(&image.config, &ixs);
+        let config = image.config.clone();
+        let files = tokio::task::spawn_blocking(move || super::start_set(&config, &ixs))
+            .await
+            .map_err(|e| ImageError::Task(e.to_string()))?;
         info!(
             files = files.len(),
             "no access profile: the image's start set is filled ahead"
         );
         debug!(?files, "start set");
-        (!files.is_empty()).then_some(AccessProfile { version: 1, files })
-    });
+        profile = (!files.is_empty()).then_some(AccessProfile { version: 1, files });
+    }
     Ok(ImageIndexes {
         image,
         layers,

@@ -439,8 +439,9 @@ fn pipeline_parts(
 
 /// A large span read as [`fetch_span`] does, with the inflate pipelined behind the range
 /// read: `parts` ([`pipeline_parts`]) start inflating, each from its own checkpoint, as soon
-/// as the bytes up to their end arrived, on the blocking pool (both cores), while the rest
-/// of the range is still on its way. A miss on a large file (the python image's
+/// as the bytes up to their end arrived (and the parts' windows, fetched together in one
+/// request beside the range), on the blocking pool (both cores), while the rest of the
+/// range is still on its way. A miss on a large file (the python image's
 /// interpreter: 2.8 MB of gzip, 6.8 MB of output) then waits for its range and the inflate
 /// of its last part, not for the range and then the whole inflate.
 #[allow(clippy::too_many_arguments)]
@@ -499,6 +500,15 @@ async fn fetch_span_pipelined(
             got.0.clear();
             got.0.extend_from_slice(&bytes);
             release(&mut got);
+        }
+        // A part never released would leave the inflate waiting for it.
+        if got.1 < parts.len() {
+            return Err(SourceError::new(format!(
+                "{}: a pipelined read got {} bytes of {}",
+                what(),
+                bytes.len(),
+                span.blob_len
+            )));
         }
         Ok::<_, SourceError>(fetched)
     };

@@ -125,7 +125,15 @@ fn resolve(
             _ => cur.push(c),
         }
         let here = cur.join("/");
-        let &(li, ei) = top.get(here.as_str())?;
+        let more = todo.iter().any(|c| !c.is_empty() && c != ".");
+        let Some(&(li, ei)) = top.get(here.as_str()) else {
+            // A directory no layer has an entry of its own for (some builders write none):
+            // implied by the paths beneath it.
+            if more {
+                continue;
+            }
+            return None;
+        };
         let entry = layers.get(li)?.resolve(ei)?;
         match entry.kind {
             EntryKind::Symlink => {
@@ -140,9 +148,7 @@ fn resolve(
                 }
             }
             EntryKind::Dir => {}
-            EntryKind::File if todo.iter().all(|c| c.is_empty() || c == ".") => {
-                return Some(here);
-            }
+            EntryKind::File if !more => return Some(here),
             _ => return None,
         }
     }
@@ -271,6 +277,22 @@ mod tests {
             "a file is no directory"
         );
         assert_eq!(resolve(&layers, &top, "nothing"), None);
+        assert_eq!(resolve(&layers, &top, "nothing/group"), None);
+        // Directories with no entry of their own are implied by the files beneath them.
+        let bare = [index(vec![
+            file("usr/bin/dash"),
+            link("usr/bin/sh", "dash"),
+        ])];
+        let top2: HashMap<&str, (usize, usize)> = bare[0]
+            .entries
+            .iter()
+            .enumerate()
+            .map(|(i, e)| (e.path.as_str(), (0, i)))
+            .collect();
+        assert_eq!(
+            resolve(&bare, &top2, "usr/bin/sh").as_deref(),
+            Some("usr/bin/dash")
+        );
         // No config command, no shell: just what is there.
         let cfg = config(
             r#"{"architecture":"amd64","os":"linux","rootfs":{"type":"layers","diff_ids":[]}}"#,

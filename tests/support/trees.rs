@@ -278,3 +278,23 @@ pub fn prepare_within(
         .map_err(|e| fanfill::fill::error_chain(&e))
     })
 }
+
+/// A runtime, and options that prepare `reference` (on the test registry) from an index
+/// built here under `tmp` (no artifact) with no blob cache: every fill reads the registry.
+pub fn indexed_locally(
+    reference: &str,
+    tmp: &Path,
+) -> (tokio::runtime::Runtime, fanfill::image::PrepareOptions) {
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap();
+    let mut opts = fanfill::image::PrepareOptions::new(tmp.join("indexes"));
+    opts.registry.insecure = true;
+    opts.use_artifact = false;
+    opts.blob_cache = None;
+    rt.block_on(fanfill::image::index_image(reference, &opts, false))
+        .expect("index");
+    (rt, opts)
+}
