@@ -165,6 +165,34 @@ fn overlay_rootfs_fills_whole_files_on_open() {
     drop(watch);
 }
 
+/// `reference` prepared in overlay mode under `fs` (the start set on or off), and a way from
+/// a path in its (single) layer to the engine's id of that placeholder.
+fn prepare_overlay(
+    fs: &LoopFs,
+    engine: &Engine,
+    rt: &tokio::runtime::Runtime,
+    reference: &str,
+    start_set: bool,
+) -> (
+    image::Prepared,
+    impl Fn(&str) -> fanfill::fill::FileId + use<>,
+) {
+    let layers = fs.mnt.join(format!("layers-{start_set}"));
+    std::fs::create_dir(&layers).unwrap();
+    let mut opts = PrepareOptions::new(fs.mnt.join(format!("indexes-{start_set}")));
+    opts.mode = Mode::Overlay;
+    opts.start_set = start_set;
+    let prepared = rt
+        .block_on(image::prepare(engine, reference, &layers, &opts))
+        .unwrap();
+    let lower = std::path::PathBuf::from(&prepared.unpacked.lowerdirs[0]);
+    let id = move |p: &str| {
+        let m = std::fs::symlink_metadata(lower.join(p)).unwrap();
+        fanfill::fill::FileId::new(m.dev(), m.ino())
+    };
+    (prepared, id)
+}
+
 /// Loader-aware read-ahead (`fanfill::loader`): opening a dynamic executable through a
 /// watched overlay fills its interpreter and every library it needs, found the way the
 /// loader finds them (absolute and relative symlinks of the image resolved inside it),
@@ -214,21 +242,9 @@ fn opening_an_executable_fills_its_interpreter_and_libraries_ahead() {
     let built = ocibuild::write_layout(&layout, "t", &[base], Compression::Gzip).unwrap();
 
     let engine = Engine::start(EngineConfig::default()).unwrap();
-    let layers = fs.mnt.join("layers");
-    std::fs::create_dir(&layers).unwrap();
-    let mut opts = PrepareOptions::new(fs.mnt.join("indexes"));
-    opts.mode = Mode::Overlay;
-    // The loader's read-ahead alone (the start set would fill the loader and libc ahead).
-    opts.start_set = false;
     let rt = tokio::runtime::Runtime::new().unwrap();
-    let prepared = rt
-        .block_on(image::prepare(&engine, &built.reference(), &layers, &opts))
-        .unwrap();
-    let lower = std::path::PathBuf::from(&prepared.unpacked.lowerdirs[0]);
-    let id = |p: &str| {
-        let m = std::fs::symlink_metadata(lower.join(p)).unwrap();
-        fanfill::fill::FileId::new(m.dev(), m.ino())
-    };
+    // The loader's read-ahead alone (the start set would fill the loader and libc ahead).
+    let (prepared, id) = prepare_overlay(&fs, &engine, &rt, &built.reference(), false);
     let ovl = OverlayMount::new(&prepared.unpacked.lowerdir_option(), &fs.mnt.join("ovl"));
     let lower_dev = std::fs::metadata(&fs.mnt).unwrap().dev();
     let watch = OverlayWatcher::start_on(&engine, &ovl.merged, lower_dev).unwrap();
@@ -339,19 +355,8 @@ fn the_start_set_is_filled_before_anything_opens() {
         format!("{gnu}/libc.so.6"),
     ];
     for on in [true, false] {
-        let layers = fs.mnt.join(format!("layers-{on}"));
-        std::fs::create_dir(&layers).unwrap();
-        let mut opts = PrepareOptions::new(fs.mnt.join(format!("indexes-{on}")));
-        opts.mode = Mode::Overlay;
-        opts.start_set = on;
-        let prepared = rt
-            .block_on(image::prepare(&engine, &built.reference(), &layers, &opts))
-            .unwrap();
+        let (prepared, id) = prepare_overlay(&fs, &engine, &rt, &built.reference(), on);
         let lower = std::path::PathBuf::from(&prepared.unpacked.lowerdirs[0]);
-        let id = |p: &str| {
-            let m = std::fs::symlink_metadata(lower.join(p)).unwrap();
-            fanfill::fill::FileId::new(m.dev(), m.ino())
-        };
         assert_eq!(prepared.profile_files, if on { ahead.len() } else { 0 });
         let began = std::time::Instant::now();
         while on && !ahead.iter().all(|p| engine.is_complete(id(p))) {

@@ -161,19 +161,12 @@ mod tests {
     use crate::index::Entry;
 
     fn index(entries: Vec<Entry>) -> Arc<LayerIndex> {
-        Arc::new(LayerIndex {
-            compression: crate::index::Compression::Gzip,
-            blob_digest: String::new(),
-            diff_id: None,
-            compressed_size: 0,
-            uncompressed_size: 0,
-            span: 0,
-            windows_digest: None,
-            windows_size: 0,
+        Arc::new(crate::toc::entry_table(
+            crate::index::Compression::Gzip,
+            "",
+            0,
             entries,
-            checkpoints: Vec::new(),
-            end_marks: Vec::new(),
-        })
+        ))
     }
 
     fn file(p: &str) -> Entry {

@@ -190,7 +190,7 @@ pub async fn load(
 
 /// The entry table of a TOC layer as a [`LayerIndex`] (`layer` of `blob_size` bytes): no
 /// checkpoints, windows or end marks, file bytes are located through [`TocLayer::chunks`].
-fn entry_table(
+pub(crate) fn entry_table(
     compression: Compression,
     layer: &str,
     blob_size: u64,
