@@ -1009,9 +1009,7 @@ fn open_complete(inner: &Inner, id: FileId) -> Option<File> {
         return None;
     }
     // The registered inode only (device, inode and birth time), never a swapped path.
-    open_checked(&entry, false)
-        .ok()
-        .filter(|f| f.metadata().is_ok_and(|m| m.is_file()))
+    open_checked(&entry, false).ok()
 }
 
 impl Engine {

@@ -39,8 +39,10 @@ const DT_STRTAB: u64 = 5;
 const DT_STRSZ: u64 = 10;
 const DT_RPATH: u64 = 15;
 const DT_RUNPATH: u64 = 29;
-const EM_X86_64: u16 = 62;
-const EM_AARCH64: u16 = 183;
+/// `e_machine` of x86-64.
+pub const EM_X86_64: u16 = 62;
+/// `e_machine` of AArch64.
+pub const EM_AARCH64: u16 = 183;
 
 /// What the loader will look for once this ELF file is loaded.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
@@ -153,29 +155,13 @@ impl Deps {
         if let Some(interp) = &self.interp {
             out.push(vec![interp.trim_start_matches('/').to_owned()]);
         }
-        let defaults: &[&str] = match self.machine {
-            EM_X86_64 => &[
-                "lib/x86_64-linux-gnu",
-                "usr/lib/x86_64-linux-gnu",
-                "lib64",
-                "usr/lib64",
-            ],
-            EM_AARCH64 => &[
-                "lib/aarch64-linux-gnu",
-                "usr/lib/aarch64-linux-gnu",
-                "lib64",
-                "usr/lib64",
-            ],
-            _ => &[],
-        };
         let dirs: Vec<&str> = self
             .runpath
             .iter()
             .map(String::as_str)
             .filter(|d| d.starts_with('/') && !d.contains('$'))
             .map(|d| d.trim_matches('/'))
-            .chain(defaults.iter().copied())
-            .chain(["lib", "usr/lib", "usr/local/lib"])
+            .chain(library_dirs(self.machine).iter().copied())
             .collect();
         for name in &self.needed {
             if name.contains('/') {
@@ -184,6 +170,33 @@ impl Deps {
             out.push(dirs.iter().map(|d| format!("{d}/{name}")).collect());
         }
         out
+    }
+}
+
+/// The directories (no leading `/`) the loader searches by default for libraries of ELF
+/// machine `machine` (`e_machine`; [`EM_X86_64`], [`EM_AARCH64`]), in its order: the
+/// multiarch and `lib64` ones of that machine, then the generic ones.
+pub fn library_dirs(machine: u16) -> &'static [&'static str] {
+    match machine {
+        EM_X86_64 => &[
+            "lib/x86_64-linux-gnu",
+            "usr/lib/x86_64-linux-gnu",
+            "lib64",
+            "usr/lib64",
+            "lib",
+            "usr/lib",
+            "usr/local/lib",
+        ],
+        EM_AARCH64 => &[
+            "lib/aarch64-linux-gnu",
+            "usr/lib/aarch64-linux-gnu",
+            "lib64",
+            "usr/lib64",
+            "lib",
+            "usr/lib",
+            "usr/local/lib",
+        ],
+        _ => &["lib", "usr/lib", "usr/local/lib"],
     }
 }
 

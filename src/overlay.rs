@@ -25,11 +25,14 @@
 //! does), and never marks anything but the overlay mounts it is given.
 
 use std::collections::{HashMap, HashSet};
+use std::os::fd::AsFd;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, Instant};
 
+use nix::fcntl::OFlag;
+use nix::sys::stat::fstat;
 use tracing::{debug, info, warn};
 
 use crate::fill::{CompleteOpener, Engine, EventJournal, FileId, Filler, error_chain};
@@ -410,16 +413,17 @@ fn loader_ahead(inner: &Arc<Inner>, file: FileId, ovl_dev: u64, depth: u32) {
             return;
         };
         // The overlay's root, as watched (`O_PATH`: no open event), for the loader's lookups.
-        let root = nix::fcntl::open(
+        let Ok(root) = nix::fcntl::open(
             &w.merged,
-            nix::fcntl::OFlag::O_PATH | nix::fcntl::OFlag::O_DIRECTORY | nix::fcntl::OFlag::O_CLOEXEC,
+            OFlag::O_PATH | OFlag::O_DIRECTORY | OFlag::O_CLOEXEC,
             nix::sys::stat::Mode::empty(),
-        );
-        let Ok(root) = root else { return };
-        if nix::sys::stat::fstat(std::os::fd::AsFd::as_fd(&root)).map(|st| st.st_dev) != Ok(ovl_dev) {
+        ) else {
+            return;
+        };
+        if fstat(root.as_fd()).map(|st| st.st_dev) != Ok(ovl_dev) {
             return;
         }
-        let found = crate::loader::resolve(std::os::fd::AsFd::as_fd(&root), &deps.candidates());
+        let found = crate::loader::resolve(root.as_fd(), &deps.candidates());
         for f in found.into_iter().filter(|f| f.dev == ovl_dev) {
             let id = FileId::new(w.lower_dev, f.ino);
             let new = {
@@ -435,7 +439,10 @@ fn loader_ahead(inner: &Arc<Inner>, file: FileId, ovl_dev: u64, depth: u32) {
             inner.runtime.spawn(async move {
                 match fill.await {
                     Ok(()) => loader_ahead(&inner2, id, ovl_dev, depth + 1),
-                    Err(e) => debug!(ino = f.ino, error = %error_chain(&*e), "loader read-ahead fill failed"),
+                    Err(e) => {
+                        let error = error_chain(&*e);
+                        debug!(ino = f.ino, %error, "loader read-ahead fill failed");
+                    }
                 }
             });
         }

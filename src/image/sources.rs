@@ -160,8 +160,8 @@ impl ImageSources {
     /// `placed` (as (layer, entry), beside their engine `ids`) to `supply`, which verifies
     /// each against its digest as for any fill. Files opened together mostly sit together
     /// in a layer (a package's modules, a library's headers), so one round trip fills what
-    /// would otherwise be the next misses. The file's own bytes do not wait for its neighbours'. Once per image:
-    /// later calls change nothing.
+    /// would otherwise be the next misses. The file's own bytes do not wait for its
+    /// neighbours'. Once per image: later calls change nothing.
     pub fn read_around(
         &self,
         supply: Supplier,
@@ -381,7 +381,8 @@ const PIPELINE_PARTS_MAX: usize = 16;
 static PIPELINED_READS: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
 
 /// How many span reads this process inflated pipelined, in parts behind the range read
-/// (the large ones: [`PIPELINE_PART`]); for status and tests.
+/// (the large ones: [`PIPELINE_PART`]): what `tests/pipelined.rs` checks; the debug log
+/// has each such read.
 pub fn pipelined_reads() -> u64 {
     PIPELINED_READS.load(std::sync::atomic::Ordering::Relaxed)
 }
@@ -457,30 +458,23 @@ async fn fetch_span_pipelined(
 ) -> Result<Vec<u8>, SourceError> {
     let began = std::time::Instant::now();
     let what = &what;
-    let total = usize::try_from(span.blob_len).map_err(|e| SourceError::with_source(what(), e))?;
     let part_end =
         |p: &crate::index::Span| (p.blob_offset + p.blob_len - span.blob_offset) as usize;
-    // The range as it arrives: its bytes so far (a prefix) and the next part to release.
-    let arrived = std::sync::Mutex::new((Vec::<u8>::with_capacity(total), 0usize));
+    // The next part to hand to the inflate.
+    let next = std::sync::Mutex::new(0usize);
     let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<(usize, Vec<u8>)>();
-    let release = |got: &mut (Vec<u8>, usize)| {
-        while let Some(p) = parts.get(got.1)
-            && part_end(p) <= got.0.len()
+    // Hands out every part whose bytes `prefix` (the range's first bytes) holds whole; a
+    // retried read shows shorter prefixes again, which release nothing new.
+    let release = |prefix: &[u8]| {
+        let mut next = next.lock().unwrap();
+        while let Some(p) = parts.get(*next)
+            && part_end(p) <= prefix.len()
         {
             let from = (p.blob_offset - span.blob_offset) as usize;
-            let _ = tx.send((got.1, got.0[from..part_end(p)].to_vec()));
-            got.1 += 1;
+            let _ = tx.send((*next, prefix[from..part_end(p)].to_vec()));
+            *next += 1;
         }
-    };
-    let seen = |pos: u64, bytes: &[u8]| {
-        let mut got = arrived.lock().unwrap();
-        // A retried read starts again at 0 with the same bytes: only new ones are kept.
-        let pos = pos as usize;
-        if pos <= got.0.len() && pos + bytes.len() > got.0.len() {
-            let new = got.0.len() - pos;
-            got.0.extend_from_slice(&bytes[new..]);
-            release(&mut got);
-        }
+        *next
     };
     let fetch = async {
         let bytes = crate::blobcache::read_range_seen(
@@ -489,20 +483,16 @@ async fn fetch_span_pipelined(
             layer,
             span.blob_offset,
             span.blob_len,
-            Some(&seen),
+            Some(&|prefix: &[u8]| {
+                release(prefix);
+            }),
         )
         .await
         .map_err(|e| SourceError::with_source(what(), e))?;
         let fetched = began.elapsed();
         // Read locally, or answered otherwise than by the range: the parts not yet released.
-        let mut got = arrived.lock().unwrap();
-        if got.1 < parts.len() {
-            got.0.clear();
-            got.0.extend_from_slice(&bytes);
-            release(&mut got);
-        }
-        // A part never released would leave the inflate waiting for it.
-        if got.1 < parts.len() {
+        // One never released would leave the inflate waiting for it.
+        if release(&bytes) < parts.len() {
             return Err(SourceError::new(format!(
                 "{}: a pipelined read got {} bytes of {}",
                 what(),

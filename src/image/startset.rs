@@ -19,6 +19,7 @@ use std::sync::Arc;
 use oci_spec::image::ImageConfiguration;
 
 use crate::index::{EntryKind, LayerIndex};
+use crate::loader;
 
 /// `PATH` of a config that sets none (the OCI runtimes' default).
 const DEFAULT_PATH: &str = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin";
@@ -35,32 +36,24 @@ fn wanted(config: &ImageConfiguration) -> Vec<Vec<String>> {
         own(&["etc/ld.so.cache"]),
         own(&["bin/sh"]),
     ];
-    match config.architecture().to_string().as_str() {
-        "arm64" => {
-            out.push(own(&[
-                "lib/ld-linux-aarch64.so.1",
-                "lib/ld-musl-aarch64.so.1",
-            ]));
-            out.push(own(&[
-                "lib/aarch64-linux-gnu/libc.so.6",
-                "usr/lib/aarch64-linux-gnu/libc.so.6",
-                "lib64/libc.so.6",
-                "usr/lib64/libc.so.6",
-            ]));
-        }
-        _ => {
-            out.push(own(&[
-                "lib64/ld-linux-x86-64.so.2",
-                "lib/ld-musl-x86_64.so.1",
-            ]));
-            out.push(own(&[
-                "lib/x86_64-linux-gnu/libc.so.6",
-                "usr/lib/x86_64-linux-gnu/libc.so.6",
-                "lib64/libc.so.6",
-                "usr/lib64/libc.so.6",
-            ]));
-        }
-    }
+    // The program interpreter (glibc, musl), and libc where the loader looks for it.
+    let (machine, interp) = match config.architecture().to_string().as_str() {
+        "arm64" => (
+            loader::EM_AARCH64,
+            ["lib/ld-linux-aarch64.so.1", "lib/ld-musl-aarch64.so.1"],
+        ),
+        _ => (
+            loader::EM_X86_64,
+            ["lib64/ld-linux-x86-64.so.2", "lib/ld-musl-x86_64.so.1"],
+        ),
+    };
+    out.push(own(&interp));
+    out.push(
+        loader::library_dirs(machine)
+            .iter()
+            .map(|d| format!("{d}/libc.so.6"))
+            .collect(),
+    );
     let cfg = config.config().as_ref();
     let program = cfg
         .and_then(|c| c.entrypoint().as_ref().and_then(|e| e.first()))

@@ -1128,10 +1128,11 @@ pub fn sha256_digest(data: &[u8]) -> Digest {
     Digest::from_str(&format!("sha256:{hex}")).expect("sha256 hex is a valid digest")
 }
 
-/// Sees a range read's bytes as they arrive ([`BlobStore::read_range_or_whole_seen`]):
-/// `(position in the range, bytes)`, in order. A read retried after a broken response starts
-/// again at position 0 with the same bytes (a blob is content-addressed).
-pub type RangeSeen<'a> = &'a (dyn Fn(u64, &[u8]) + Send + Sync);
+/// Sees a range read's bytes as they arrive ([`BlobStore::read_range_or_whole_seen`]): the
+/// range's first bytes, as many as are in so far, after each piece. A read retried after a
+/// broken response starts again from the range's start with the same bytes (a blob is
+/// content-addressed).
+pub type RangeSeen<'a> = &'a (dyn Fn(&[u8]) + Send + Sync);
 
 /// What [`BlobStore::read_range_or_whole`] got.
 #[derive(Debug)]

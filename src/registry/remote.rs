@@ -1092,10 +1092,10 @@ impl Inner {
                         skip -= n;
                     }
                     let take = (len - out.len() as u64).min(chunk.len() as u64) as usize;
-                    if let Some(seen) = seen {
-                        seen(out.len() as u64, &chunk[..take]);
-                    }
                     out.extend_from_slice(&chunk[..take]);
+                    if let Some(seen) = seen {
+                        seen(&out);
+                    }
                 }
                 Ok(None) => {
                     return Err(Error::ShortRead {
