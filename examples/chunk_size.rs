@@ -25,7 +25,12 @@ struct LinkSource {
 }
 
 impl ContentSource for LinkSource {
-    fn read_at(&self, offset: u64, len: u64) -> BoxFuture<'_, Result<Vec<u8>, SourceError>> {
+    fn read_at(
+        &self,
+        _file: u32,
+        offset: u64,
+        len: u64,
+    ) -> BoxFuture<'_, Result<Vec<u8>, SourceError>> {
         async move {
             let wire = Duration::from_secs_f64(len as f64 / self.bytes_per_sec);
             let done = {
@@ -67,6 +72,7 @@ fn main() -> anyhow::Result<()> {
                     bytes_per_sec: 125e6,
                     link_free_at: link.clone(),
                 }),
+                file: 0,
                 verify: Verify::None,
             })?;
             Ok(p)

@@ -28,7 +28,12 @@ const PAGE: u64 = 4096;
 struct Mem(Arc<Vec<u8>>);
 
 impl ContentSource for Mem {
-    fn read_at(&self, offset: u64, len: u64) -> BoxFuture<'_, Result<Vec<u8>, SourceError>> {
+    fn read_at(
+        &self,
+        _file: u32,
+        offset: u64,
+        len: u64,
+    ) -> BoxFuture<'_, Result<Vec<u8>, SourceError>> {
         let v = self.0[offset as usize..(offset + len) as usize].to_vec();
         async move { Ok(v) }.boxed()
     }
@@ -139,6 +144,7 @@ fn main() -> anyhow::Result<()> {
             path: ep.clone().into(),
             size,
             source: Arc::new(Mem(data.clone())),
+            file: 0,
             verify: Verify::None,
         })?;
         let (mut elat, ewall) = touch_pages(&ep, pages, readers);
@@ -165,6 +171,7 @@ fn main() -> anyhow::Result<()> {
         path: filled.clone().into(),
         size: big,
         source: Arc::new(Mem(bdata.clone())),
+        file: 0,
         verify: Verify::None,
     })?;
     engine.fill_file(id)?;

@@ -43,7 +43,12 @@ impl MemSource {
 }
 
 impl ContentSource for MemSource {
-    fn read_at(&self, offset: u64, len: u64) -> BoxFuture<'_, Result<Vec<u8>, SourceError>> {
+    fn read_at(
+        &self,
+        _file: u32,
+        offset: u64,
+        len: u64,
+    ) -> BoxFuture<'_, Result<Vec<u8>, SourceError>> {
         async move {
             self.calls.fetch_add(1, Ordering::SeqCst);
             if !self.delay.is_zero() {
@@ -87,6 +92,7 @@ fn placeholder(
             path: path.clone().into(),
             size: data.len() as u64,
             source: source.clone(),
+            file: 0,
             verify,
         })
         .unwrap();
@@ -254,6 +260,7 @@ fn copy_placeholder_of(e: &Engine, real: &Path, dst: &Path) -> FileId {
         path: dst.into(),
         size,
         source: Arc::new(LocalFileSource::open(real).unwrap()),
+        file: 0,
         verify: Verify::None,
     })
     .unwrap()
@@ -593,6 +600,89 @@ fn assert_eio<T: std::fmt::Debug>(r: std::io::Result<T>) {
     assert_eq!(err.raw_os_error(), Some(libc::EIO), "{err}");
 }
 
+/// One source serving several files by key, holding their chunk digests itself
+/// ([`Verify::Source`]); file 1's bytes are served corrupted.
+struct KeyedSource {
+    files: Vec<Arc<Vec<u8>>>,
+    chunk: u64,
+}
+
+impl ContentSource for KeyedSource {
+    fn read_at(
+        &self,
+        file: u32,
+        offset: u64,
+        len: u64,
+    ) -> BoxFuture<'_, Result<Vec<u8>, SourceError>> {
+        async move {
+            let data = self
+                .files
+                .get(file as usize)
+                .ok_or_else(|| SourceError::new(format!("no file {file}")))?;
+            let mut v = data[offset as usize..(offset + len) as usize].to_vec();
+            if file == 1 {
+                v[0] ^= 0xff;
+            }
+            Ok(v)
+        }
+        .boxed()
+    }
+
+    fn digest(&self, file: u32, piece: u64) -> Option<Sha256> {
+        let data = self.files.get(file as usize)?;
+        data.chunks(self.chunk as usize)
+            .nth(piece as usize)
+            .map(Sha256::of)
+    }
+}
+
+#[test]
+fn one_source_serves_many_files_by_key_and_its_digests_are_checked() {
+    let dir = tempfile::tempdir().unwrap();
+    let e = engine();
+    let chunk = 64 << 10;
+    let files: Vec<Arc<Vec<u8>>> = (0..3)
+        .map(|i| Arc::new(pattern((1 << 20) + 1000 * i, 30 + i as u64)))
+        .collect();
+    let source: Arc<dyn ContentSource> = Arc::new(KeyedSource {
+        files: files.clone(),
+        chunk,
+    });
+    let mut paths = Vec::new();
+    for (key, data) in files.iter().enumerate() {
+        let path = dir.path().join(format!("k{key}"));
+        make_placeholder(&path, data.len() as u64);
+        e.register(Placeholder {
+            path: path.clone().into(),
+            size: data.len() as u64,
+            source: source.clone(),
+            file: key as u32,
+            verify: Verify::Source { chunk: Some(chunk) },
+        })
+        .unwrap();
+        paths.push(path);
+    }
+    // Each key reads its own bytes, checked against the source's digests.
+    assert!(read_all(&paths[0]).unwrap() == *files[0]);
+    assert!(read_all(&paths[2]).unwrap() == *files[2]);
+    // A piece that does not hash to the source's digest: EIO, nothing written.
+    assert_eio(read_all(&paths[1]));
+    assert_eq!(std::fs::metadata(&paths[1]).unwrap().blocks(), 0);
+    // A source without digests cannot vouch for a Verify::Source placeholder.
+    let path = dir.path().join("nodigest");
+    let data = Arc::new(pattern(5000, 7));
+    make_placeholder(&path, data.len() as u64);
+    e.register(Placeholder {
+        path: path.clone().into(),
+        size: data.len() as u64,
+        source: Arc::new(MemSource::new(data.clone())),
+        file: 0,
+        verify: Verify::Source { chunk: None },
+    })
+    .unwrap();
+    assert_eio(read_all(&path));
+}
+
 #[test]
 fn failures_answer_eio_and_never_zeros() {
     let dir = tempfile::tempdir().unwrap();
@@ -711,6 +801,7 @@ fn fill_restores_mtime_and_file_capability() {
         path: path.clone().into(),
         size: data.len() as u64,
         source: Arc::new(MemSource::new(data.clone())),
+        file: 0,
         verify: Verify::Whole(Sha256::of(&data)),
     })
     .unwrap();
@@ -742,6 +833,7 @@ fn prefetch_by_the_engine_itself_does_not_wait_on_itself() {
                 path: p.into(),
                 size: data.len() as u64,
                 source: Arc::new(LocalFileSource::open(&cache).unwrap()),
+                file: 0,
                 verify: Verify::None,
             })
             .unwrap(),
@@ -755,6 +847,7 @@ fn prefetch_by_the_engine_itself_does_not_wait_on_itself() {
             path: z.clone().into(),
             size: 0,
             source: Arc::new(MemSource::new(data.clone())),
+            file: 0,
             verify: Verify::None,
         })
         .unwrap();

@@ -38,7 +38,12 @@ fn generate(seed: u64, offset: u64, len: usize) -> Vec<u8> {
 }
 
 impl ContentSource for Generated {
-    fn read_at(&self, offset: u64, len: u64) -> BoxFuture<'_, Result<Vec<u8>, SourceError>> {
+    fn read_at(
+        &self,
+        _file: u32,
+        offset: u64,
+        len: u64,
+    ) -> BoxFuture<'_, Result<Vec<u8>, SourceError>> {
         let v = generate(self.seed, offset, len as usize);
         async move { Ok(v) }.boxed()
     }
@@ -76,6 +81,7 @@ fn sixty_four_readers_over_ten_thousand_files() {
                 path: path.into(),
                 size,
                 source: Arc::new(Generated { seed: i }),
+                file: 0,
                 verify: Verify::None,
             })
             .unwrap();
@@ -98,6 +104,7 @@ fn sixty_four_readers_over_ten_thousand_files() {
                 path: p.clone().into(),
                 size: bb_size,
                 source: Arc::new(LocalFileSource::open(&busybox).unwrap()),
+                file: 0,
                 verify: Verify::None,
             })
             .unwrap();

@@ -1194,6 +1194,7 @@ struct Zeros;
 impl fanfill::fill::ContentSource for Zeros {
     fn read_at(
         &self,
+        _file: u32,
         _offset: u64,
         len: u64,
     ) -> futures::future::BoxFuture<'_, Result<Vec<u8>, fanfill::fill::SourceError>> {
@@ -1210,7 +1211,7 @@ fn registration_in_the_unpack_registers_each_placeholder_and_undoes_a_failure() 
     use std::sync::Arc;
 
     use fanfill::fill::{ContentSource, Engine, EngineConfig, Verify};
-    use fanfill::image::{ImageError, Registration};
+    use fanfill::image::{FileSource, ImageError, Registration};
 
     with_timeout(120, || {
         let entries: Vec<Entry> = (0..40u64)
@@ -1218,16 +1219,19 @@ fn registration_in_the_unpack_registers_each_placeholder_and_undoes_a_failure() 
             .collect();
         let layers = [Layer::new("sha256:aa", &entries)];
         let engine = Engine::start(EngineConfig::default()).unwrap();
-        type Found = Result<(Arc<dyn ContentSource>, Verify), ImageError>;
-        let source = |_: usize, entry: usize| -> Found {
+        let zeros: Arc<dyn ContentSource> = Arc::new(Zeros);
+        let zeros = || FileSource {
+            source: zeros.clone(),
+            file: 0,
+            verify: Verify::None,
+        };
+        let source = |_: usize, entry: usize| -> Result<FileSource, ImageError> {
             if entry == 20 {
                 return Err(ImageError::Task("injected source failure".into()));
             }
-            Ok((Arc::new(Zeros) as Arc<dyn ContentSource>, Verify::None))
+            Ok(zeros())
         };
-        let ok_source = |_: usize, _: usize| -> Found {
-            Ok((Arc::new(Zeros) as Arc<dyn ContentSource>, Verify::None))
-        };
+        let ok_source = |_: usize, _: usize| -> Result<FileSource, ImageError> { Ok(zeros()) };
         let prefill = |p: &fanfill::unpack::Placeholder, _: &Entry, _: &File| p.entry == 0;
         let d = tmp();
         let dest = d.path().canonicalize().unwrap();

@@ -239,12 +239,16 @@ struct ImageCounters {
     errors: AtomicU64,
 }
 
-/// A file's bytes from its layer (the source [`image::ImageSources::file_source`] picks),
-/// counted for its image: one allocation per placeholder.
+/// One layer's reader (the source [`image::ImageSources::file_source`] picks for every file
+/// of the layer), counted for its image: one per layer of a served image, shared by the
+/// layer's placeholders ([`CountedSources`]).
 struct DaemonSource {
-    inner: image::FileSource,
+    inner: Arc<dyn ContentSource>,
     image: Arc<SourceCounting>,
 }
+
+/// The counted readers of one image's layers, by layer ([`Daemon::source`]).
+struct CountedSources(Vec<Arc<dyn ContentSource>>);
 
 /// What the sources of one image's files share: the image's store, counters and the test
 /// delay.
@@ -255,13 +259,18 @@ struct SourceCounting {
 }
 
 impl ContentSource for DaemonSource {
-    fn read_at(&self, offset: u64, len: u64) -> BoxFuture<'_, Result<Vec<u8>, SourceError>> {
+    fn read_at(
+        &self,
+        file: u32,
+        offset: u64,
+        len: u64,
+    ) -> BoxFuture<'_, Result<Vec<u8>, SourceError>> {
         async move {
             let image = &self.image;
             if !image.delay.is_zero() {
                 tokio::time::sleep(image.delay).await;
             }
-            let res = self.inner.read_at(offset, len).await;
+            let res = self.inner.read_at(file, offset, len).await;
             // The image has its own store: its counter is the image's network traffic.
             image
                 .counters
@@ -358,7 +367,12 @@ fn abandon_prepare(intent: &PrepareIntent) {
 struct Unavailable(String);
 
 impl ContentSource for Unavailable {
-    fn read_at(&self, _offset: u64, _len: u64) -> BoxFuture<'_, Result<Vec<u8>, SourceError>> {
+    fn read_at(
+        &self,
+        _file: u32,
+        _offset: u64,
+        _len: u64,
+    ) -> BoxFuture<'_, Result<Vec<u8>, SourceError>> {
         let m = self.0.clone();
         async move { Err(SourceError::new(format!("image not reopened: {m}"))) }.boxed()
     }
@@ -753,33 +767,40 @@ async fn open_image(reference: &str, opts: &PrepareOptions) -> Result<Opened, im
 }
 
 impl Daemon {
-    /// What the sources of `opened`'s files share ([`Daemon::source`]).
-    fn source_counting(
-        &self,
-        opened: &Opened,
-        counters: &Arc<ImageCounters>,
-    ) -> Arc<SourceCounting> {
-        Arc::new(SourceCounting {
+    /// The counted readers of `opened`'s layers, which its files share ([`Daemon::source`]).
+    fn counted_sources(&self, opened: &Opened, counters: &Arc<ImageCounters>) -> CountedSources {
+        let image = Arc::new(SourceCounting {
             store: opened.store.clone(),
             counters: counters.clone(),
             delay: self.config.fetch_delay,
-        })
+        });
+        CountedSources(
+            opened
+                .sources
+                .layer_sources()
+                .map(|inner| {
+                    Arc::new(DaemonSource {
+                        inner,
+                        image: image.clone(),
+                    }) as Arc<dyn ContentSource>
+                })
+                .collect(),
+        )
     }
 
+    /// The source of entry `entry` of layer `layer`, its layer's reader counted for the
+    /// image.
     fn source(
         opened: &Opened,
         layer: usize,
         entry: usize,
-        image: &Arc<SourceCounting>,
-    ) -> Result<(Arc<DaemonSource>, Verify), ImageError> {
-        let (inner, verify) = opened.sources.file_source(layer, entry)?;
-        Ok((
-            Arc::new(DaemonSource {
-                inner,
-                image: image.clone(),
-            }),
-            verify,
-        ))
+        counted: &CountedSources,
+    ) -> Result<image::FileSource, ImageError> {
+        let mut s = opened.sources.file_source(layer, entry)?;
+        if let Some(c) = counted.0.get(layer) {
+            s.source = c.clone();
+        }
+        Ok(s)
     }
 
     /// The image served at `dest`: its recorded destination, or the directory it was moved
@@ -997,11 +1018,8 @@ impl Daemon {
         // was created with, as the unpack creates it: no second walk.
         let registered = tokio::task::spawn_blocking(move || {
             let (opened, counters, dest) = (opened2, counters2, dest2);
-            let counting = this.source_counting(&opened, &counters);
-            let source = |layer, entry| {
-                Daemon::source(&opened, layer, entry, &counting)
-                    .map(|(s, v)| (s as Arc<dyn ContentSource>, v))
-            };
+            let counted = this.counted_sources(&opened, &counters);
+            let source = |layer, entry| Daemon::source(&opened, layer, entry, &counted);
             // From the content cache: filled before it is ever marked, nothing fetched.
             let prefill = |p: &unpack::Placeholder, meta: &Entry, file: &std::fs::File| {
                 let Some(sha) = meta.sha256 else {
@@ -1183,9 +1201,9 @@ impl Daemon {
         let overlay = record.mode == LayoutMode::Overlay;
         let (opened2, error2) = (opened.clone(), error.clone());
         let files = tokio::task::spawn_blocking(move || {
-            let counting = opened2
+            let counted = opened2
                 .as_ref()
-                .map(|o| this.source_counting(o, &counters2));
+                .map(|o| this.counted_sources(o, &counters2));
             let mut ids = Vec::with_capacity(record.files.len());
             for f in record.files.iter() {
                 if f.complete && f.chunk == 0 {
@@ -1195,22 +1213,24 @@ impl Daemon {
                 }
                 // A file whose source cannot be had is still registered (marked, or held
                 // by the overlay watch): its readers get EIO, never its holes.
-                let found = match (&opened2, &counting, &error2) {
+                let found = match (&opened2, &counted, &error2) {
                     (Some(o), Some(c), _) => {
                         let (layer, entry) = f.key();
                         Daemon::source(o, layer, entry, c).map_err(|e| error_chain(&e))
                     }
                     (_, _, e) => Err(e.clone().unwrap_or_default()),
                 };
-                let (source, verify): (Arc<dyn ContentSource>, Verify) = match found {
-                    Ok((s, v)) => (s, v),
-                    Err(m) => (Arc::new(Unavailable(m)), Verify::None),
-                };
+                let s = found.unwrap_or_else(|m| image::FileSource {
+                    source: Arc::new(Unavailable(m)),
+                    file: 0,
+                    verify: Verify::None,
+                });
                 let p = Placeholder {
                     path: f.path.clone(),
                     size: f.size,
-                    source,
-                    verify,
+                    source: s.source,
+                    file: s.file,
+                    verify: s.verify,
                 };
                 let n = if f.chunk > 0 {
                     f.size.div_ceil(f.chunk) as usize
@@ -2328,6 +2348,10 @@ async fn serve_conn(daemon: Arc<Daemon>, stream: tokio::net::UnixStream, access:
 
 /// Runs the daemon in the foreground until SIGTERM or SIGINT.
 pub fn run(config: DaemonConfig) -> Result<(), DaemonError> {
+    // Before anything allocates: large temporaries mapped apart from what placeholders keep.
+    if !crate::sys::fix_mmap_threshold() {
+        debug!("allocator's mmap threshold left as it is");
+    }
     // The TLS library's one-time setup, off the first pull's path.
     crate::registry::warm_up();
     // 1. What a predecessor left in flight; reserve the numbers it may still be using.

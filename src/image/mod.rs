@@ -4,14 +4,14 @@
 //! one [`LayerIndex`](crate::index::LayerIndex) per layer (the local index store first,
 //! then the index artifact in the registry, else one streaming pass over the layer), unpack
 //! the placeholders (direct or overlay), and register every placeholder with the fill
-//! engine together with a [`LayerFileSource`] that fetches a file range as an HTTP range
-//! read of the compressed span and inflates it, and the index's digests so that every
-//! filled byte is verified. It also builds and pushes the index artifact (`fanfill index
+//! engine together with its layer's reader (one per layer, keyed by entry: [`FileSource`])
+//! that fetches a file range as an HTTP range read of the compressed span and inflates it,
+//! and checks every filled byte against the index's digests. It also builds and pushes the index artifact (`fanfill index
 //! --push`).
 //!
 //! Layers that carry their own table of contents (eStargz, zstd:chunked: [`crate::toc`])
 //! need no index: their TOC is fetched by range and verified, and their files are served by
-//! a [`TocFileSource`](crate::toc::TocFileSource); [`ImageSources::file_source`] is the
+//! a [`TocLayerReader`](crate::toc::TocLayerReader); [`ImageSources::file_source`] is the
 //! one place that picks a file's source and the digests the engine checks.
 //!
 //! Every layer pulls: a layer whose TOC cannot be read (an unknown or broken TOC, an
@@ -23,7 +23,7 @@
 //!
 //! Only index *metadata* travels before the placeholders are ready. The checkpoint windows
 //! stay where they are (the artifact's windows blob in the registry, the `.win` file of the
-//! local index store) and a [`LayerFileSource`] reads the one window a fill needs, once, by
+//! local index store) and a layer's reader reads the one window a fill needs, once, by
 //! a range read, through a cache shared by the image's layers ([`WINDOW_CACHE_BYTES`]). It never speaks HTTP
 //! itself ([`crate::registry`]), parses tar or gzip ([`crate::index`]), creates files
 //! ([`crate::unpack`]) or touches fanotify ([`crate::fill`]).
@@ -60,9 +60,7 @@ pub use register::{
     PrefillFn, Registration, SourceFn, TREE_XATTR, mark_tree, mark_tree_dir, prepare,
     remove_tree_contents, tree_image,
 };
-pub use sources::{
-    FileSource, ImageSources, LayerFileSource, READ_AROUND, pipelined_reads, verify_for,
-};
+pub use sources::{FileSource, ImageSources, READ_AROUND, pipelined_reads, verify_for};
 pub use startset::start_set;
 pub use stream::{STREAM_PARALLEL, StreamFill, stream_fill_layer, stream_parallel};
 

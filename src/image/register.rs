@@ -18,9 +18,10 @@ use std::sync::Arc;
 use tracing::{info, warn};
 
 use super::{
-    AccessProfile, ImageError, PrepareOptions, PrepareTimings, Prepared, load_indexes, open,
+    AccessProfile, FileSource, ImageError, PrepareOptions, PrepareTimings, Prepared, load_indexes,
+    open,
 };
-use crate::fill::{ContentSource, Engine, FileId, Placeholder, Verify};
+use crate::fill::{Engine, FileId, Placeholder};
 use crate::index::{Entry, LayerIndex};
 use crate::unpack::{self, Layer, Mode, UnpackError, UnpackOptions, Unpacked};
 
@@ -52,11 +53,7 @@ pub async fn prepare(
     };
     let indexes_done = started.elapsed();
     // Placeholders are registered (and marked) by the unpack itself, as each is created.
-    let source = |layer, entry| {
-        sources
-            .file_source(layer, entry)
-            .map(|(s, v)| (Arc::new(s) as Arc<dyn ContentSource>, v))
-    };
+    let source = |layer, entry| sources.file_source(layer, entry);
     let registration = Registration {
         engine,
         mode: opts.mode,
@@ -175,8 +172,7 @@ fn blocking_here<T>(f: impl FnOnce() -> T) -> T {
 }
 
 /// Where a placeholder's bytes come from and how they are checked, by (layer, entry).
-pub type SourceFn<'a> =
-    dyn Fn(usize, usize) -> Result<(Arc<dyn ContentSource>, Verify), ImageError> + Sync + 'a;
+pub type SourceFn<'a> = dyn Fn(usize, usize) -> Result<FileSource, ImageError> + Sync + 'a;
 
 /// Fills a placeholder whole before it is registered, through the descriptor it was created
 /// with (the daemon's content cache); `true`: filled, it is not registered.
@@ -281,12 +277,13 @@ impl unpack::PlaceholderSink for RegisterSink<'_> {
         let id = if r.prefill.is_some_and(|f| f(p, meta, file)) {
             None
         } else {
-            let (source, verify) = (r.source)(p.layer, p.entry).map_err(|e| self.fail(e))?;
+            let s = (r.source)(p.layer, p.entry).map_err(|e| self.fail(e))?;
             let placeholder = Placeholder {
                 path: p.path.clone(),
                 size: p.size,
-                source,
-                verify,
+                source: s.source,
+                file: s.file,
+                verify: s.verify,
             };
             let capability = meta
                 .xattrs

@@ -3,9 +3,10 @@
 //!
 //! Owns [`ImageSources`] (per layer its index or TOC and checkpoint windows, with the store
 //! and the blob cache; built by [`ImageIndexes::sources`]), the one place that picks a file's
-//! [`LayerFileSource`] or [`TocFileSource`] and its [`Verify`] ([`ImageSources::file_source`],
-//! [`verify_for`]); [`LayerFileSource`] and [`fetch_span`] (a range read of the compressed
-//! span and of its checkpoint's window, inflated); read-around ([`ImageSources::read_around`]:
+//! [`FileSource`]: its layer's reader (an indexed layer's, or a [`TocLayerReader`]), its key
+//! there and its [`Verify`] ([`ImageSources::file_source`], [`verify_for`]); the indexed
+//! layer's reader and [`fetch_span`] (a range read of the compressed span and of its
+//! checkpoint's window, inflated); read-around ([`ImageSources::read_around`]:
 //! a whole-file read of a small file also reads the files after it in the stream and hands
 //! them to the engine's supplier, which verifies and writes them); windows packs read by
 //! range from the registry ([`RemoteWindows`]); and the prefetch order TOC layers ask for.
@@ -29,7 +30,7 @@ use crate::index::{
     CHUNK_SIZE, Entry, EntryKind, LayerIndex, LayerWindows, WindowCache, WindowSource,
 };
 use crate::registry::BlobStore;
-use crate::toc::{self, TocFileSource, TocLayer, TocLayerReader};
+use crate::toc::{self, TocLayer, TocLayerReader};
 
 impl ImageIndexes {
     /// The sources of the image's files, fetching from `store`; checkpoint windows are
@@ -62,12 +63,17 @@ impl ImageIndexes {
                             around: OnceLock::new(),
                         })),
                     };
+                    let source: Arc<dyn ContentSource> = match &reader {
+                        LayerReader::Toc(r) => r.clone(),
+                        LayerReader::Index(r) => r.clone(),
+                    };
                     LayerSources {
                         digest: digest.clone(),
                         index: index.clone(),
                         toc: toc.clone(),
                         windows,
                         reader,
+                        source,
                     }
                 })
                 .collect(),
@@ -80,12 +86,13 @@ pub(super) struct LayerSources {
     pub(super) index: Arc<LayerIndex>,
     pub(super) toc: Option<Arc<TocLayer>>,
     pub(super) windows: Arc<LayerWindows>,
-    /// What every file source of the layer shares (each file's source is this and the
-    /// position of its entry).
+    /// The layer's reader: the source of every file of the layer, keyed by entry.
     reader: LayerReader,
+    /// `reader`, for the engine.
+    source: Arc<dyn ContentSource>,
 }
 
-/// The shared part of a layer's file sources.
+/// The reader of a layer's files.
 enum LayerReader {
     Index(Arc<IndexLayerReader>),
     Toc(Arc<TocLayerReader>),
@@ -93,7 +100,7 @@ enum LayerReader {
 
 /// Everything that builds the content source of any file of a prepared image: the store,
 /// per layer its index or TOC and checkpoint windows, the blob cache. The one place that
-/// picks [`LayerFileSource`] or [`TocFileSource`] and the matching [`Verify`].
+/// picks a file's [`FileSource`].
 pub struct ImageSources {
     pub(super) store: Arc<BlobStore>,
     pub(super) blob_cache: Option<BlobCache>,
@@ -117,40 +124,38 @@ impl ImageSources {
         self.layers.iter().map(|l| (&l.digest, &l.index))
     }
 
+    /// Each layer's reader, lowest first: the source of every file of the layer
+    /// ([`FileSource::source`]).
+    pub fn layer_sources(&self) -> impl Iterator<Item = Arc<dyn ContentSource>> + '_ {
+        self.layers.iter().map(|l| l.source.clone())
+    }
+
     /// The entry `entry` of layer `layer`, hardlinks resolved to their file.
     pub fn entry(&self, layer: usize, entry: usize) -> Option<&Entry> {
         self.layers.get(layer)?.index.resolve(entry)
     }
 
-    /// The content source and verification of regular-file entry `entry` of layer `layer`.
+    /// The content source, key and verification of regular-file entry `entry` of layer
+    /// `layer`.
     // Returned once per file at registration: the size of the error does not matter here.
     #[allow(clippy::result_large_err)]
-    pub fn file_source(
-        &self,
-        layer: usize,
-        entry: usize,
-    ) -> Result<(FileSource, Verify), ImageError> {
+    pub fn file_source(&self, layer: usize, entry: usize) -> Result<FileSource, ImageError> {
         let l = self
             .layers
             .get(layer)
             .ok_or_else(|| ImageError::Task(format!("no layer {layer}")))?;
         let missing = || ImageError::Task(format!("no entry {entry} in layer {}", l.digest));
         let target = l.index.resolve_index(entry).ok_or_else(missing)?;
-        match &l.reader {
-            LayerReader::Toc(reader) => {
-                let verify = toc::verify_for(reader.toc(), target);
-                let source = TocFileSource::new(reader.clone(), target);
-                Ok((FileSource::Toc(source), verify))
-            }
-            LayerReader::Index(reader) => {
-                let verify = verify_for(&l.index.entries[target]);
-                let source = LayerFileSource {
-                    shared: reader.clone(),
-                    entry: target,
-                };
-                Ok((FileSource::Index(source), verify))
-            }
-        }
+        let file = u32::try_from(target).map_err(|_| missing())?;
+        let verify = match &l.reader {
+            LayerReader::Toc(reader) => toc::verify_for(reader.toc(), target),
+            LayerReader::Index(_) => verify_for(&l.index.entries[target]),
+        };
+        Ok(FileSource {
+            source: l.source.clone(),
+            file,
+            verify,
+        })
     }
 
     /// Turns on read-around: from now on a whole-file read of a small file of an indexed
@@ -242,52 +247,39 @@ impl WindowSource for RemoteWindows {
     }
 }
 
-/// What the engine checks a file's bytes against: per-chunk digests for large files, the
-/// whole-file digest for the rest.
+/// What the engine checks an indexed file's bytes against: the index's per-chunk digests
+/// for large files, its whole-file digest for the rest, both read from the index when a fill
+/// is checked ([`ContentSource::digest`]), never copied.
 pub fn verify_for(entry: &Entry) -> Verify {
     if !entry.chunk_sha256.is_empty() {
-        Verify::Chunks {
-            chunk: CHUNK_SIZE,
-            sha256: entry.chunk_sha256.clone(),
+        Verify::Source {
+            chunk: Some(CHUNK_SIZE),
         }
-    } else if let Some(d) = entry.sha256 {
-        Verify::Whole(d)
+    } else if entry.sha256.is_some() {
+        Verify::Source { chunk: None }
     } else {
         Verify::None
     }
 }
 
-/// One file's source as [`ImageSources::file_source`] picks it, by value: its user wraps it
-/// (in an `Arc` for the engine, with counters for the daemon) in one allocation per file.
-pub enum FileSource {
-    /// A file of a gzip layer with a fanfill index.
-    Index(LayerFileSource),
-    /// A file of an eStargz or zstd:chunked layer.
-    Toc(TocFileSource),
+/// One file's source as [`ImageSources::file_source`] picks it: its layer's reader (shared
+/// by every file of the layer), the file's key there (its entry, hardlinks resolved) and how
+/// the engine checks its bytes. What a [`crate::fill::Placeholder`] takes.
+pub struct FileSource {
+    /// The layer's reader.
+    pub source: Arc<dyn ContentSource>,
+    /// The file's key in it ([`crate::fill::Placeholder::file`]).
+    pub file: u32,
+    /// How its bytes are checked.
+    pub verify: Verify,
 }
 
-impl ContentSource for FileSource {
-    fn read_at(&self, offset: u64, len: u64) -> BoxFuture<'_, Result<Vec<u8>, SourceError>> {
-        match self {
-            FileSource::Index(s) => s.read_at(offset, len),
-            FileSource::Toc(s) => s.read_at(offset, len),
-        }
-    }
-}
-
-/// Fills a placeholder from its layer: a range read of the compressed span that holds the
-/// wanted bytes (from the nearest checkpoint) and, concurrently, of that checkpoint's window
-/// (unless cached), inflated and sliced. The engine verifies the result against the index's
-/// digests before writing it.
-pub struct LayerFileSource {
-    shared: Arc<IndexLayerReader>,
-    /// Position of the file's entry in the layer's index (hardlinks resolved): one per
-    /// placeholder, so nothing of the entry is copied.
-    entry: usize,
-}
-
-/// What the file sources of one indexed layer share: the store, the blob cache (read first
-/// when it holds the layer), the layer's digest, index and checkpoint windows.
+/// The source of every file of one indexed layer, keyed by entry: a range read of the
+/// compressed span that holds the wanted bytes (from the nearest checkpoint) and,
+/// concurrently, of that checkpoint's window (unless cached), inflated and sliced. The engine
+/// verifies the result against the index's digests ([`verify_for`]) before writing it. Holds
+/// the store, the blob cache (read first when it holds the layer), the layer's digest, index
+/// and checkpoint windows.
 struct IndexLayerReader {
     store: Arc<BlobStore>,
     local: Option<BlobCache>,
@@ -626,25 +618,30 @@ impl IndexLayerReader {
     }
 }
 
-impl ContentSource for LayerFileSource {
-    /// Inflates `[offset, offset + len)` of the file from the nearest checkpoint before it
-    /// (every checkpoint resumes exactly: `src/index/gzip.rs`; the engine verifies the bytes
-    /// against the index's digests all the same).
-    fn read_at(&self, offset: u64, len: u64) -> BoxFuture<'_, Result<Vec<u8>, SourceError>> {
+impl ContentSource for IndexLayerReader {
+    /// Inflates `[offset, offset + len)` of entry `file`'s data from the nearest checkpoint
+    /// before it (every checkpoint resumes exactly: `src/index/gzip.rs`; the engine verifies
+    /// the bytes against the index's digests all the same).
+    fn read_at(
+        &self,
+        file: u32,
+        offset: u64,
+        len: u64,
+    ) -> BoxFuture<'_, Result<Vec<u8>, SourceError>> {
         async move {
-            let l = &self.shared;
-            let entry = l
-                .index
-                .entries
-                .get(self.entry)
-                .ok_or_else(|| SourceError::new(format!("no entry {}", self.entry)))?;
+            let l = self;
+            let at = file as usize;
+            let entry =
+                l.index.entries.get(at).ok_or_else(|| {
+                    SourceError::new(format!("no entry {file} in layer {}", l.layer))
+                })?;
             let what = || format!("{} in layer {}", entry.path, l.layer);
             if offset == 0
                 && len >= entry.size
                 && entry.size <= READ_AROUND_FILE_MAX
                 && let Some(around) = l.around.get()
             {
-                return l.read_around(self.entry, entry, around, what).await;
+                return l.read_around(at, entry, around, what).await;
             }
             let span = crate::index::plan(&l.index, entry, offset, len)
                 .map_err(|e| SourceError::with_source(what(), e))?;
@@ -660,6 +657,19 @@ impl ContentSource for LayerFileSource {
             .await
         }
         .boxed()
+    }
+
+    /// The index's digest of piece `piece` of entry `file`, as [`verify_for`] pieces it.
+    fn digest(&self, file: u32, piece: u64) -> Option<crate::digest::Sha256> {
+        let entry = self.index.entries.get(file as usize)?;
+        if entry.chunk_sha256.is_empty() {
+            (piece == 0).then_some(entry.sha256).flatten()
+        } else {
+            entry
+                .chunk_sha256
+                .get(usize::try_from(piece).ok()?)
+                .copied()
+        }
     }
 }
 

@@ -9,7 +9,7 @@
 //! into an eStargz blob (used for the project's own test images). The same JSON, with zstd
 //! frames for chunks, is the TOC of stargz-snapshotter's zstd:chunked layers
 //! (`parse_toc_as`, located and fetched by [`super::zstd_chunked`]). Reading a file's bytes is
-//! [`super::TocFileSource`]; it never fetches anything but the footer and the TOC, and never
+//! [`super::TocLayerReader`]; it never fetches anything but the footer and the TOC, and never
 //! touches placeholders.
 
 use std::collections::BTreeMap;

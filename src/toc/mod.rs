@@ -4,7 +4,7 @@
 //! index: finding the TOC from the descriptor's annotations or the blob's footer, fetching
 //! and verifying just it by range, turning it into the [`LayerIndex`] entry table the
 //! unpacker takes (plus where each file's chunks sit in the blob, [`TocLayer::chunks`]), and
-//! reading a file range back from the independently compressed chunks (`TocFileSource`).
+//! reading a file range back from the independently compressed chunks (`TocLayerReader`).
 //! It never touches the placeholder tree or the fanotify group, and it does not build or
 //! store checkpoint indexes: that is [`crate::index`].
 //!
@@ -30,7 +30,7 @@ pub mod estargz;
 mod source;
 pub mod zstd_chunked;
 
-pub use source::{TocFileSource, TocLayerReader, verify_for};
+pub use source::{TocLayerReader, verify_for};
 
 /// Largest chunk accepted (uncompressed), in either format: a fill inflates one chunk into
 /// memory, so a TOC must not be able to make that unbounded.

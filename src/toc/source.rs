@@ -1,9 +1,9 @@
 //! Reading a TOC layer's file ranges: the chunks covering a range, fetched by one range read,
 //! inflated member by member (or frame by frame), each checked against its digest.
 //!
-//! Owns [`TocFileSource`] (the [`ContentSource`] of one regular file of a TOC layer) and
-//! [`verify_for`] (what the engine checks that file's bytes against, chosen so that the
-//! engine's fill granularity equals the chunks when it can). It never parses a TOC (see
+//! Owns [`TocLayerReader`] (the [`ContentSource`] of every regular file of a TOC layer,
+//! keyed by entry) and [`verify_for`] (what the engine checks a file's bytes against, chosen
+//! so that the engine's fill granularity equals the chunks when it can). It never parses a TOC (see
 //! [`super::estargz`]) and never touches placeholders.
 
 use std::io::Read;
@@ -18,16 +18,9 @@ use crate::blobcache::BlobCache;
 use crate::fill::{ContentSource, SourceError, Verify};
 use crate::registry::BlobStore;
 
-/// The bytes of one regular file of a TOC layer: the layer's shared reader and the file's
-/// entry (one per placeholder, so kept small).
-pub struct TocFileSource {
-    shared: Arc<TocLayerReader>,
-    /// Index of the regular file's entry in `toc.index.entries` (hardlinks resolved).
-    entry: usize,
-}
-
-/// What the file sources of one TOC layer share: the store, the blob cache, the layer's
-/// digest and its TOC.
+/// The bytes of every regular file of one TOC layer, keyed by the file's entry in
+/// `toc.index.entries` (hardlinks resolved): the store, the blob cache, the layer's digest
+/// and its TOC.
 pub struct TocLayerReader {
     store: Arc<BlobStore>,
     local: Option<BlobCache>,
@@ -58,25 +51,16 @@ impl TocLayerReader {
     }
 }
 
-impl TocFileSource {
-    /// The source of regular-file entry `entry` (already resolved through hardlinks) of the
-    /// TOC layer `layer` reads.
-    pub fn new(layer: Arc<TocLayerReader>, entry: usize) -> TocFileSource {
-        TocFileSource {
-            shared: layer,
-            entry,
-        }
-    }
-
-    fn what(&self) -> String {
+impl TocLayerReader {
+    /// Names entry `entry` in errors.
+    fn what(&self, entry: usize) -> String {
         let path = self
-            .shared
             .toc
             .index
             .entries
-            .get(self.entry)
+            .get(entry)
             .map_or("?", |e| e.path.as_str());
-        format!("{path} in layer {}", self.shared.layer)
+        format!("{path} in layer {}", self.layer)
     }
 }
 
@@ -89,10 +73,9 @@ pub fn verify_for(toc: &TocLayer, entry: usize) -> Verify {
     let Some(chunks) = toc.chunks.get(entry) else {
         return Verify::None;
     };
-    let file_sha = toc.index.entries.get(entry).and_then(|e| e.sha256);
+    let whole = || Verify::Source { chunk: None };
     match chunks.as_slice() {
-        [] => file_sha.map_or(Verify::None, Verify::Whole),
-        [one] => one.sha256.or(file_sha).map_or(Verify::None, Verify::Whole),
+        [] | [_] => whole_digest(toc, entry).map_or(Verify::None, |_| whole()),
         [first, ..] => {
             let size = first.len;
             let uniform = size >= 4096
@@ -102,14 +85,21 @@ pub fn verify_for(toc: &TocLayer, entry: usize) -> Verify {
                         && c.sha256.is_some()
                 });
             if uniform {
-                Verify::Chunks {
-                    chunk: size,
-                    sha256: chunks.iter().filter_map(|c| c.sha256).collect(),
-                }
+                Verify::Source { chunk: Some(size) }
             } else {
                 Verify::None
             }
         }
+    }
+}
+
+/// The digest of a file of at most one chunk: its chunk's, else the file's.
+fn whole_digest(toc: &TocLayer, entry: usize) -> Option<crate::digest::Sha256> {
+    let file_sha = toc.index.entries.get(entry).and_then(|e| e.sha256);
+    match toc.chunks.get(entry).map_or(&[][..], Vec::as_slice) {
+        [] => file_sha,
+        [one] => one.sha256.or(file_sha),
+        _ => None,
     }
 }
 
@@ -213,16 +203,17 @@ fn chunk_bytes(
     Ok(out)
 }
 
-impl ContentSource for TocFileSource {
-    fn read_at(&self, offset: u64, len: u64) -> BoxFuture<'_, Result<Vec<u8>, SourceError>> {
+impl ContentSource for TocLayerReader {
+    fn read_at(
+        &self,
+        file: u32,
+        offset: u64,
+        len: u64,
+    ) -> BoxFuture<'_, Result<Vec<u8>, SourceError>> {
         async move {
-            let what = self.what();
-            let chunks = self
-                .shared
-                .toc
-                .chunks
-                .get(self.entry)
-                .map_or(&[][..], Vec::as_slice);
+            let entry = file as usize;
+            let what = self.what(entry);
+            let chunks = self.toc.chunks.get(entry).map_or(&[][..], Vec::as_slice);
             let end = offset + len;
             let first = chunks.partition_point(|c| c.file_offset + c.len <= offset);
             let last = chunks.partition_point(|c| c.file_offset < end);
@@ -242,9 +233,9 @@ impl ContentSource for TocFileSource {
                 (Some(a), Some(b)) => {
                     let (lo, hi) = (a.compressed_offset, b.compressed_end);
                     let bytes = crate::blobcache::read_range(
-                        self.shared.local.as_ref(),
-                        &self.shared.store,
-                        &self.shared.layer,
+                        self.local.as_ref(),
+                        &self.store,
+                        &self.layer,
                         lo,
                         hi.saturating_sub(lo),
                     )
@@ -254,18 +245,26 @@ impl ContentSource for TocFileSource {
                 }
                 _ => (0, bytes::Bytes::new()),
             };
-            let (codec, cs, skip) = (
-                self.shared.toc.codec,
-                cs.to_vec(),
-                offset - covered.unwrap_or(0),
-            );
+            let (codec, cs, skip) = (self.toc.codec, cs.to_vec(), offset - covered.unwrap_or(0));
             let all =
                 tokio::task::spawn_blocking(move || chunk_bytes(codec, &cs, base, &fetched, &what))
                     .await
-                    .map_err(|e| SourceError::with_source(self.what(), e))??;
+                    .map_err(|e| SourceError::with_source(self.what(entry), e))??;
             Ok(all[skip as usize..(skip + len) as usize].to_vec())
         }
         .boxed()
+    }
+
+    fn digest(&self, file: u32, piece: u64) -> Option<crate::digest::Sha256> {
+        piece_digest(&self.toc, file as usize, piece)
+    }
+}
+
+/// The TOC's digest of piece `piece` of entry `entry`, as [`verify_for`] pieces it.
+fn piece_digest(toc: &TocLayer, entry: usize, piece: u64) -> Option<crate::digest::Sha256> {
+    match toc.chunks.get(entry).map_or(&[][..], Vec::as_slice) {
+        [] | [_] => (piece == 0).then(|| whole_digest(toc, entry)).flatten(),
+        chunks => chunks.get(usize::try_from(piece).ok()?)?.sha256,
     }
 }
 
@@ -296,14 +295,16 @@ mod tests {
         let mut at = 0;
         let chunks = lens
             .iter()
-            .map(|&len| {
+            .enumerate()
+            .map(|(i, &len)| {
                 let c = TocChunk {
                     file_offset: at,
                     len,
                     compressed_offset: 100 + at,
                     compressed_end: 100 + at + len,
                     inner_offset: 0,
-                    sha256: Some(crate::digest::Sha256([0xbb; 32])),
+                    // A digest of its own per chunk.
+                    sha256: Some(crate::digest::Sha256([0xb0 + i as u8; 32])),
                     zeros: false,
                 };
                 at += len;
@@ -396,11 +397,23 @@ mod tests {
     #[test]
     fn chunk_digests_go_to_the_engine_only_for_uniform_chunks() {
         let mib = 1 << 20;
-        assert!(matches!(
-            verify_for(&layer(&[4 * mib, 4 * mib, 100]), 0),
-            Verify::Chunks { chunk, ref sha256 } if chunk == 4 * mib && sha256.len() == 3
-        ));
-        assert!(matches!(verify_for(&layer(&[5000]), 0), Verify::Whole(_)));
+        let uniform = layer(&[4 * mib, 4 * mib, 100]);
+        assert_eq!(
+            verify_for(&uniform, 0),
+            Verify::Source {
+                chunk: Some(4 * mib)
+            }
+        );
+        for piece in 0..3 {
+            let want = uniform.chunks[0][piece].sha256;
+            assert!(want.is_some());
+            assert_eq!(piece_digest(&uniform, 0, piece as u64), want);
+        }
+        assert_eq!(piece_digest(&uniform, 0, 3), None);
+        let one = layer(&[5000]);
+        assert_eq!(verify_for(&one, 0), Verify::Source { chunk: None });
+        assert!(piece_digest(&one, 0, 0).is_some());
+        assert_eq!(piece_digest(&one, 0, 1), None);
         // Content-defined chunks (zstd:chunked), a last chunk longer than the others (seen
         // in a skopeo layer: 1109 + 1897 bytes), chunks below the engine's 4 KiB fill:
         // the source checks each chunk itself.

@@ -7,7 +7,7 @@
 //! JSON into a [`TocLayer`]: one [`Entry`] per TOC entry (paths normalised like the index
 //! module's, whiteouts kept as `.wh.` names) and each regular file's chunks (its own entry
 //! plus the `chunk` entries after it; each chunk is one zstd frame). It never reads file
-//! content (that is `TocFileSource`), never touches placeholders and never stores anything.
+//! content (that is `TocLayerReader`), never touches placeholders and never stores anything.
 //!
 //! Both generations of the format are read: annotations `io.github.containers.zstd-chunked.*`
 //! (current) and `io.containers.zstd-chunked.*` (containers/image before 5.2x, what Debian's
