@@ -34,7 +34,7 @@ fn main() -> anyhow::Result<()> {
                 1000 + f * 4096,
             );
             if f % 10 == 0 {
-                e.xattrs.push(("user.x".into(), b"1".to_vec()));
+                e.xattrs = Box::new([("user.x".into(), b"1".to_vec())]);
             }
             entries.push(e);
         }

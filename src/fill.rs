@@ -25,7 +25,7 @@
 //! `open(O_TRUNC)`, which raises no event) lowers a per-file limit past which nothing is ever
 //! filled again.
 
-use std::collections::{BTreeMap, HashMap, HashSet};
+use std::collections::{BTreeMap, HashSet};
 use std::fs::File;
 use std::os::fd::{AsFd, OwnedFd};
 use std::os::unix::fs::{FileExt, MetadataExt, OpenOptionsExt};
@@ -622,6 +622,57 @@ struct FileState {
     marked: bool,
 }
 
+/// The registered files by device and inode: a set of the entries keyed by their own
+/// [`FileEntry::key`], one pointer a slot (a map from the key would store it twice).
+#[derive(Default)]
+struct Files(HashSet<ByKey>);
+
+/// A [`FileEntry`] hashed and compared by its key.
+struct ByKey(Arc<FileEntry>);
+
+impl std::borrow::Borrow<(u64, u64)> for ByKey {
+    fn borrow(&self) -> &(u64, u64) {
+        &self.0.key
+    }
+}
+
+impl std::hash::Hash for ByKey {
+    fn hash<H: std::hash::Hasher>(&self, h: &mut H) {
+        self.0.key.hash(h);
+    }
+}
+
+impl PartialEq for ByKey {
+    fn eq(&self, other: &ByKey) -> bool {
+        self.0.key == other.0.key
+    }
+}
+
+impl Eq for ByKey {}
+
+impl Files {
+    fn get(&self, key: &(u64, u64)) -> Option<&Arc<FileEntry>> {
+        self.0.get(key).map(|e| &e.0)
+    }
+
+    /// Adds `entry`, replacing the one with its key.
+    fn insert(&mut self, entry: Arc<FileEntry>) {
+        self.0.replace(ByKey(entry));
+    }
+
+    fn remove(&mut self, key: &(u64, u64)) -> Option<Arc<FileEntry>> {
+        self.0.take(key).map(|e| e.0)
+    }
+
+    fn values(&self) -> impl Iterator<Item = &Arc<FileEntry>> {
+        self.0.iter().map(|e| &e.0)
+    }
+
+    fn len(&self) -> usize {
+        self.0.len()
+    }
+}
+
 /// Files that keep a writable fd open between fills ([`Busy::writer`]) at most.
 const WRITER_CACHE_MAX: usize = 64;
 
@@ -745,7 +796,7 @@ struct Inner {
     config: EngineConfig,
     /// Counts first reader accesses (orders [`Engine::accessed`]).
     access_seq: AtomicU64,
-    files: RwLock<HashMap<(u64, u64), Arc<FileEntry>>>,
+    files: RwLock<Files>,
     /// Thread ids of the engine's own runtime threads.
     own_tids: RwLock<HashSet<i32>>,
     counters: Counters,
@@ -867,7 +918,7 @@ impl Engine {
             group,
             writer,
             config: config.clone(),
-            files: RwLock::new(HashMap::new()),
+            files: RwLock::new(Files::default()),
             own_tids: RwLock::new(HashSet::new()),
             counters: Counters::default(),
             inflight_events: AtomicU64::new(0),
@@ -1028,7 +1079,7 @@ impl Engine {
         });
         if nchunks > 0 {
             // Record before marking, so the first event finds the entry.
-            self.inner.files.write().unwrap().insert(key, entry.clone());
+            self.inner.files.write().unwrap().insert(entry.clone());
             if mark {
                 if let Err(e) = self.inner.group.mark_inode(file.as_fd(), FAN_PRE_ACCESS) {
                     self.inner.files.write().unwrap().remove(&key);
@@ -1037,7 +1088,7 @@ impl Engine {
             }
             debug!(path = %entry.path.display(), size = entry.size, chunk, mark, "placeholder registered");
         } else {
-            self.inner.files.write().unwrap().insert(key, entry);
+            self.inner.files.write().unwrap().insert(entry);
             self.inner
                 .counters
                 .completed

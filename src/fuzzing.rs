@@ -779,7 +779,7 @@ pub fn entries_from(data: &[u8]) -> Vec<Vec<Entry>> {
             };
             let mut e = Entry::new(path, kind, 0o755);
             if matches!(e.kind, EntryKind::Symlink | EntryKind::Hardlink) && k & 0x80 == 0 {
-                e.link = b.path();
+                e.link = b.path().map(Into::into);
             }
             entries.push(e);
         }

@@ -260,7 +260,7 @@ fn check_entries(idx: &LayerIndex, files: &HashMap<String, Vec<u8>>) {
     for e in &idx.entries {
         if e.kind == EntryKind::File {
             let d = files
-                .get(&e.path)
+                .get(&*e.path)
                 .unwrap_or_else(|| panic!("unexpected file {}", e.path));
             assert_eq!(e.size, d.len() as u64, "{}", e.path);
             assert_eq!(e.sha256.map(|s| s.to_hex()), Some(sha(d)), "{}", e.path);
@@ -280,7 +280,7 @@ fn check_entries(idx: &LayerIndex, files: &HashMap<String, Vec<u8>>) {
     }
     assert_eq!(seen, files.len());
     let root = &idx.entries[0];
-    assert_eq!((root.path.as_str(), &root.kind), ("", &EntryKind::Dir));
+    assert_eq!((&*root.path, &root.kind), ("", &EntryKind::Dir));
     let long = &idx.entries[idx.find(LONG_PAX).expect("PAX long name")];
     assert_eq!(
         (long.mtime, long.mtime_nsec, long.mode, long.uid),
@@ -304,7 +304,7 @@ fn check_entries(idx: &LayerIndex, files: &HashMap<String, Vec<u8>>) {
         (&hl.kind, hl.link.as_deref(), hl.size),
         (&EntryKind::Hardlink, Some("usr/lib/random-12m.bin"), 0)
     );
-    assert_eq!(idx.resolve(hl_idx).unwrap().path, "usr/lib/random-12m.bin");
+    assert_eq!(&*idx.resolve(hl_idx).unwrap().path, "usr/lib/random-12m.bin");
     let dev = &idx.entries[idx.find("dev-null").unwrap()];
     assert_eq!(dev.kind, EntryKind::Char { major: 1, minor: 3 });
     assert_eq!(idx.entries[idx.find("fifo").unwrap()].kind, EntryKind::Fifo);
@@ -343,7 +343,7 @@ fn check_ranges(
         } else {
             file_entries[rng.below(file_entries.len() as u64) as usize]
         };
-        let data = &files[&e.path];
+        let data = &files[&*e.path];
         let (off, len) = match i % 4 {
             0 => {
                 let c = rng.below(e.chunk_count());
@@ -513,7 +513,7 @@ fn async_range_reader() {
     };
     rt.block_on(async {
         let e = &idx.entries[idx.find("usr/lib/random-12m.bin").unwrap()];
-        let data = &files[&e.path];
+        let data = &files[&*e.path];
         let got = read_file_range(&idx, e, 7_777_777, 65_536, &reader, &windows)
             .await
             .unwrap();
@@ -574,7 +574,7 @@ fn sink_sees_every_byte() {
         (idx.entries.len(), idx.entries.len())
     );
     for (i, data) in &sink.files {
-        assert!(files[&idx.entries[*i].path] == *data);
+        assert!(files[&*idx.entries[*i].path] == *data);
     }
 
     struct Failing;
@@ -888,7 +888,7 @@ fn check_real_layer(src: &std::path::Path, blob: &[u8], opts: &IndexOptions) -> 
     let mut files = HashMap::new();
     let mut checked = 0;
     for e in &idx.entries {
-        let disk = src.join(&e.path);
+        let disk = src.join(&*e.path);
         let meta = std::fs::symlink_metadata(&disk)
             .unwrap_or_else(|err| panic!("{}: {err}", disk.display()));
         match e.kind {
@@ -896,7 +896,7 @@ fn check_real_layer(src: &std::path::Path, blob: &[u8], opts: &IndexOptions) -> 
                 let data = std::fs::read(&disk).unwrap();
                 assert_eq!(e.sha256.map(|s| s.to_hex()), Some(sha(&data)), "{}", e.path);
                 assert_eq!(e.size, meta.len());
-                files.insert(e.path.clone(), data);
+                files.insert(e.path.to_string(), data);
                 checked += 1;
             }
             EntryKind::Dir => assert!(meta.is_dir()),
@@ -973,7 +973,7 @@ fn gnu_tar_layers_match_the_disk() {
         assert!(idx.find(&format!("a/b/{long}")).is_some());
         if xattr_ok && format == "--format=posix" {
             let e = &idx.entries[idx.find("a/text.txt").unwrap()];
-            assert_eq!(e.xattrs, vec![("user.fanfill".to_owned(), b"v1".to_vec())]);
+            assert_eq!(*e.xattrs, [("user.fanfill".to_owned(), b"v1".to_vec())]);
         }
     }
     // zstd from the real tool too.
@@ -1192,7 +1192,7 @@ fn planning_from_earlier_checkpoints_gives_the_same_bytes() {
         .max_by_key(|e| e.size)
         .unwrap()
         .clone();
-    let want = &files[&entry.path];
+    let want = &files[&*entry.path];
     let (off, len) = (entry.size / 2, (entry.size / 4).min(300_000));
     let mut starts = Vec::new();
     for back in [0, 1, 4, usize::MAX] {

@@ -450,7 +450,7 @@ fn a_whole_file_read_fills_the_files_after_it() {
     // Where each file sits in the layer's stream, from the index.
     let (_, index) = prepared.sources.layers().next().unwrap();
     let at = |p: &str| {
-        let e = index.entries.iter().find(|e| e.path == p).unwrap();
+        let e = index.entries.iter().find(|e| *e.path == *p).unwrap();
         (e.data_offset, e.data_offset + e.size)
     };
     let (first_start, first_end) = at("data/s000");

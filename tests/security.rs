@@ -372,13 +372,13 @@ fn socket_dir_is_private() {
 #[test]
 fn image_xattrs_are_filtered() {
     let tmp = tempfile::tempdir().unwrap();
-    let x = |pairs: &[(&str, &[u8])]| -> Vec<(String, Vec<u8>)> {
+    let x = |pairs: &[(&str, &[u8])]| -> Box<[(String, Vec<u8>)]> {
         let mut v: Vec<(String, Vec<u8>)> = pairs
             .iter()
             .map(|(n, val)| (n.to_string(), val.to_vec()))
             .collect();
         v.sort();
-        v
+        v.into()
     };
     let mut root = Entry::new("", EntryKind::Dir, 0o755);
     root.xattrs = x(&[("trusted.fanfill.image", b"forged")]);
@@ -725,7 +725,7 @@ fn image_with_forged_referrer(
     let tool = forged
         .entries
         .iter_mut()
-        .find(|e| e.path == "bin/tool")
+        .find(|e| &*e.path == "bin/tool")
         .unwrap();
     tool.mode = 0o4755;
     let mut blobs = vec![(

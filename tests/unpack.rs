@@ -26,19 +26,19 @@ const CAP: &[u8] = &[
 
 fn base(path: &str, kind: EntryKind, mode: u32) -> Entry {
     Entry {
-        path: path.to_owned(),
+        path: path.into(),
         kind,
         mode,
         uid: 0,
         gid: 0,
         mtime: 1_600_000_000,
         mtime_nsec: 0,
-        xattrs: Vec::new(),
+        xattrs: Box::default(),
         link: None,
         size: 0,
         data_offset: 0,
         sha256: None,
-        chunk_sha256: Vec::new(),
+        chunk_sha256: Box::default(),
     }
 }
 fn dir(path: &str, mode: u32) -> Entry {
@@ -52,13 +52,13 @@ fn file(path: &str, size: u64) -> Entry {
 }
 fn symlink(path: &str, to: &str) -> Entry {
     Entry {
-        link: Some(to.to_owned()),
+        link: Some(to.into()),
         ..base(path, EntryKind::Symlink, 0o777)
     }
 }
 fn hardlink(path: &str, to: &str) -> Entry {
     Entry {
-        link: Some(to.to_owned()),
+        link: Some(to.into()),
         ..base(path, EntryKind::Hardlink, 0o644)
     }
 }
@@ -76,8 +76,10 @@ fn at(e: Entry, mtime: i64, nsec: u32) -> Entry {
     }
 }
 fn with_xattr(mut e: Entry, name: &str, value: &[u8]) -> Entry {
-    e.xattrs.push((name.to_owned(), value.to_vec()));
-    e.xattrs.sort();
+    let mut xattrs = e.xattrs.into_vec();
+    xattrs.push((name.to_owned(), value.to_vec()));
+    xattrs.sort();
+    e.xattrs = xattrs.into();
     e
 }
 

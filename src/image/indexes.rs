@@ -294,7 +294,7 @@ fn landmark_profile(tocs: &[Option<Arc<TocLayer>>]) -> Option<AccessProfile> {
         .flat_map(|t| {
             t.prefetch_first
                 .iter()
-                .filter_map(|&e| t.index.entries.get(e).map(|e| e.path.clone()))
+                .filter_map(|&e| t.index.entries.get(e).map(|e| e.path.to_string()))
         })
         .filter(|p| seen.insert(p.clone()))
         .take(AccessProfile::MAX_FILES)

@@ -139,8 +139,8 @@ impl ImageSources {
         let mut top: HashMap<&str, EntryKey> = HashMap::new();
         for (li, l) in self.layers.iter().enumerate() {
             for (ei, e) in l.index.entries.iter().enumerate() {
-                if wanted.contains(e.path.as_str()) {
-                    top.insert(e.path.as_str(), (li, ei));
+                if wanted.contains(&*e.path) {
+                    top.insert(&*e.path, (li, ei));
                 }
             }
         }

@@ -148,7 +148,7 @@ impl Prepared {
             .zip(&self.files)
             .filter_map(|(p, id)| {
                 let (_, index) = self.sources.layers().nth(p.layer)?;
-                Some((*id, index.entries.get(p.entry)?.path.as_str()))
+                Some((*id, &*index.entries.get(p.entry)?.path))
             })
             .collect();
         AccessProfile {

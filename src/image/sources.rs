@@ -706,7 +706,7 @@ mod tests {
     #[test]
     fn pipeline_parts_tile_the_span_inside_its_blob_range() {
         let (index, _) = indexed(7 << 20);
-        let entry = index.entries.iter().find(|e| e.path == "f").unwrap();
+        let entry = index.entries.iter().find(|e| &*e.path == "f").unwrap();
         let span = plan_uncompressed(&index, entry.data_offset, entry.size).unwrap();
         let parts = pipeline_parts(&index, &span).expect("a 7 MiB span is cut");
         assert!(

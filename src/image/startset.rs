@@ -83,7 +83,7 @@ pub fn start_set(config: &ImageConfiguration, layers: &[Arc<LayerIndex>]) -> Vec
     let mut top: HashMap<&str, (usize, usize)> = HashMap::new();
     for (li, ix) in layers.iter().enumerate() {
         for (ei, e) in ix.entries.iter().enumerate() {
-            top.insert(e.path.as_str(), (li, ei));
+            top.insert(&*e.path, (li, ei));
         }
     }
     let mut out: Vec<String> = Vec::new();
@@ -243,7 +243,7 @@ mod tests {
             .entries
             .iter()
             .enumerate()
-            .map(|(i, e)| (e.path.as_str(), (0, i)))
+            .map(|(i, e)| (&*e.path, (0, i)))
             .collect();
         let layers = [ix.clone()];
         assert_eq!(resolve(&layers, &top, "a"), None, "a symlink loop");
@@ -273,7 +273,7 @@ mod tests {
             .entries
             .iter()
             .enumerate()
-            .map(|(i, e)| (e.path.as_str(), (0, i)))
+            .map(|(i, e)| (&*e.path, (0, i)))
             .collect();
         assert_eq!(
             resolve(&bare, &top2, "usr/bin/sh").as_deref(),

@@ -206,8 +206,8 @@ pub fn stream_fill_layer(
         }
         let slot = want
             .entry(e.data_offset)
-            .or_insert((e.path.as_str(), e.size, Vec::new()));
-        if slot.0 != e.path {
+            .or_insert((&*e.path, e.size, Vec::new()));
+        if *slot.0 != *e.path {
             // Two files' data at one offset: not a tar stream's layout (a table-of-contents
             // layer locates data by chunk, not by stream offset). Nothing to stream.
             debug!(layer = %layer, "layer data is not laid out as one stream; not streaming it");

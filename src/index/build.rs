@@ -872,8 +872,9 @@ fn walk<R: Read + ?Sized>(
         let mode =
             lenient(&old.mode, header.mode()).map_err(|e| bad(format!("mode: {e}")))? & 0o7777;
         let is_file = kind == EntryKind::File;
+        let mut chunk_sha256 = Vec::new();
         let mut entry = Entry {
-            path,
+            path: path.into(),
             kind,
             mode,
             uid,
@@ -881,11 +882,11 @@ fn walk<R: Read + ?Sized>(
             mtime,
             mtime_nsec,
             xattrs: pax.xattrs.into_iter().collect(),
-            link,
+            link: link.map(Into::into),
             size: if is_file { size } else { 0 },
             data_offset: w.pos,
             sha256: None,
-            chunk_sha256: Vec::new(),
+            chunk_sha256: Box::default(),
         };
         let idx = entries.len();
         sink.entry(idx, &entry)
@@ -923,9 +924,7 @@ fn walk<R: Read + ?Sized>(
                         chunk_fill += take as u64;
                         rest = &rest[take..];
                         if chunk_fill == CHUNK_SIZE {
-                            entry
-                                .chunk_sha256
-                                .push(crate::digest::Sha256(chunk.finalize_reset().into()));
+                            chunk_sha256.push(crate::digest::Sha256(chunk.finalize_reset().into()));
                             chunk_fill = 0;
                         }
                     }
@@ -939,10 +938,9 @@ fn walk<R: Read + ?Sized>(
                 file_data(w.pos, false);
             }
             if chunked && chunk_fill > 0 {
-                entry
-                    .chunk_sha256
-                    .push(crate::digest::Sha256(chunk.finalize().into()));
+                chunk_sha256.push(crate::digest::Sha256(chunk.finalize().into()));
             }
+            entry.chunk_sha256 = chunk_sha256.into();
             entry.sha256 = Some(crate::digest::Sha256(whole.finalize().into()));
         } else {
             w.skip(size)?;

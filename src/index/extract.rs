@@ -61,7 +61,7 @@ pub fn plan_back(
 ) -> Result<Span, IndexError> {
     if entry.kind != EntryKind::File {
         return Err(IndexError::NotAFile {
-            path: entry.path.clone(),
+            path: entry.path.to_string(),
         });
     }
     if offset > entry.size {
@@ -333,11 +333,11 @@ pub async fn read_file_range<R: RangeReader + ?Sized>(
 pub fn verify_chunk(entry: &Entry, chunk_idx: u64, bytes: &[u8]) -> Result<(), IndexError> {
     if entry.kind != EntryKind::File {
         return Err(IndexError::NotAFile {
-            path: entry.path.clone(),
+            path: entry.path.to_string(),
         });
     }
     let mismatch = || IndexError::DigestMismatch {
-        path: entry.path.clone(),
+        path: entry.path.to_string(),
         chunk: Some(chunk_idx),
     };
     let Some((_, len)) = entry.chunk_range(chunk_idx) else {
@@ -366,7 +366,7 @@ pub fn verify_chunk(entry: &Entry, chunk_idx: u64, bytes: &[u8]) -> Result<(), I
 pub fn verify_whole(entry: &Entry, bytes: &[u8]) -> Result<(), IndexError> {
     if entry.kind != EntryKind::File {
         return Err(IndexError::NotAFile {
-            path: entry.path.clone(),
+            path: entry.path.to_string(),
         });
     }
     let ok =
@@ -375,7 +375,7 @@ pub fn verify_whole(entry: &Entry, bytes: &[u8]) -> Result<(), IndexError> {
         Ok(())
     } else {
         Err(IndexError::DigestMismatch {
-            path: entry.path.clone(),
+            path: entry.path.to_string(),
             chunk: None,
         })
     }

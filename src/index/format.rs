@@ -262,19 +262,19 @@ fn decode_entry(r: &mut Reader<'_>, uncompressed_size: u64) -> Result<Entry, Ind
         return Err(corrupt("non-file entry with data"));
     }
     Ok(Entry {
-        path,
+        path: path.into(),
         kind,
         mode,
         uid,
         gid,
         mtime,
         mtime_nsec,
-        xattrs,
-        link,
+        xattrs: xattrs.into(),
+        link: link.map(Into::into),
         size,
         data_offset,
         sha256,
-        chunk_sha256,
+        chunk_sha256: chunk_sha256.into(),
     })
 }
 

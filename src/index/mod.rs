@@ -121,7 +121,7 @@ pub struct Entry {
     /// Path relative to the layer root, normalised: no leading `/` or `./`, no `..`, no
     /// trailing `/`. Whiteouts keep their `.wh.` names here; the unpacker interprets them.
     /// The layer root itself (a `./` member) has the empty path.
-    pub path: String,
+    pub path: Box<str>,
     /// Object kind.
     pub kind: EntryKind,
     /// Permission bits and setuid/setgid/sticky (`st_mode & 0o7777`).
@@ -135,10 +135,10 @@ pub struct Entry {
     /// Modification time, nanoseconds part (PAX `mtime` may carry it; otherwise 0).
     pub mtime_nsec: u32,
     /// Extended attributes (`SCHILY.xattr.*` PAX records), name -> value, sorted by name.
-    pub xattrs: Vec<(String, Vec<u8>)>,
+    pub xattrs: Box<[(String, Vec<u8>)]>,
     /// Link target for symlinks and hardlinks. Symlink targets are kept verbatim; hardlink
     /// targets are normalised like [`Entry::path`].
-    pub link: Option<String>,
+    pub link: Option<Box<str>>,
     /// Size of the file data in bytes (0 for everything but regular files).
     pub size: u64,
     /// Offset of the file data in the uncompressed tar stream.
@@ -146,7 +146,7 @@ pub struct Entry {
     /// sha256 of the whole file content (regular files only).
     pub sha256: Option<Sha256>,
     /// sha256 of each [`CHUNK_SIZE`] piece of the content, for files larger than one chunk.
-    pub chunk_sha256: Vec<Sha256>,
+    pub chunk_sha256: Box<[Sha256]>,
 }
 
 /// Granularity of per-chunk digests in the index, and the fill granularity of large files.
@@ -155,7 +155,7 @@ pub const CHUNK_SIZE: u64 = 1 << 20;
 impl Entry {
     /// An entry of `kind` at `path` with `mode`, owned by 0:0, at time 0, with no data,
     /// link or xattrs (builders fill in the rest).
-    pub fn new(path: impl Into<String>, kind: EntryKind, mode: u32) -> Entry {
+    pub fn new(path: impl Into<Box<str>>, kind: EntryKind, mode: u32) -> Entry {
         Entry {
             path: path.into(),
             kind,
@@ -164,12 +164,12 @@ impl Entry {
             gid: 0,
             mtime: 0,
             mtime_nsec: 0,
-            xattrs: Vec::new(),
+            xattrs: Box::default(),
             link: None,
             size: 0,
             data_offset: 0,
             sha256: None,
-            chunk_sha256: Vec::new(),
+            chunk_sha256: Box::default(),
         }
     }
 
@@ -292,7 +292,7 @@ pub struct LayerIndex {
 impl LayerIndex {
     /// Index of the last entry with this path (later members override earlier ones).
     pub fn find(&self, path: &str) -> Option<usize> {
-        self.entries.iter().rposition(|e| e.path == path)
+        self.entries.iter().rposition(|e| *e.path == *path)
     }
 
     /// Follow a hardlink to the regular file entry it names (the last one before it with
@@ -308,7 +308,7 @@ impl LayerIndex {
         // Hardlink chains point backwards, so this terminates after at most `idx` steps.
         while cur.kind == EntryKind::Hardlink {
             let target = cur.link.as_deref()?;
-            pos = self.entries[..pos].iter().rposition(|e| e.path == target)?;
+            pos = self.entries[..pos].iter().rposition(|e| *e.path == *target)?;
             cur = &self.entries[pos];
         }
         Some(pos)

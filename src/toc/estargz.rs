@@ -350,7 +350,7 @@ pub(crate) fn parse_toc_as(
         let path = crate::index::normalize_path(j.name.as_bytes(), i as u64)
             .map_err(|e| corrupt(format!("entry {i} ({:?}): {e}", j.name)))?;
         if j.kind == "chunk" {
-            let Some(r) = open_reg.filter(|&r| entries[r].path == path) else {
+            let Some(r) = open_reg.filter(|&r| *entries[r].path == *path) else {
                 return Err(corrupt(format!(
                     "chunk entry {i} ({path}) does not follow its regular file"
                 )));
@@ -401,19 +401,22 @@ pub(crate) fn parse_toc_as(
             e.mtime_nsec = ns;
         }
         if let Some(x) = &j.xattrs {
+            let mut xattrs = Vec::with_capacity(x.len());
             for (k, v) in x {
                 let bytes = base64::engine::general_purpose::STANDARD
                     .decode(v)
                     .map_err(|err| corrupt(format!("entry {path}: xattr {k}: {err}")))?;
-                e.xattrs.push((k.clone(), bytes));
+                xattrs.push((k.clone(), bytes));
             }
+            e.xattrs = xattrs.into();
         }
         match kind {
             EntryKind::Symlink => {
                 e.link = Some(
                     j.link_name
                         .clone()
-                        .ok_or_else(|| corrupt(format!("symlink {path} has no linkName")))?,
+                        .ok_or_else(|| corrupt(format!("symlink {path} has no linkName")))?
+                        .into(),
                 );
             }
             EntryKind::Hardlink => {
@@ -423,7 +426,8 @@ pub(crate) fn parse_toc_as(
                     .ok_or_else(|| corrupt(format!("hardlink {path} has no linkName")))?;
                 e.link = Some(
                     crate::index::normalize_path(target.as_bytes(), i as u64)
-                        .map_err(|err| corrupt(format!("hardlink {path}: {err}")))?,
+                        .map_err(|err| corrupt(format!("hardlink {path}: {err}")))?
+                        .into(),
                 );
             }
             _ => {}
@@ -1018,7 +1022,7 @@ mod tests {
             w.toc_digest
         );
         let toc = parse_toc(&json, "sha256:test", w.blob.len() as u64, off).unwrap();
-        let paths: Vec<&str> = toc.index.entries.iter().map(|e| e.path.as_str()).collect();
+        let paths: Vec<&str> = toc.index.entries.iter().map(|e| &*e.path).collect();
         assert_eq!(paths, ["etc", "etc/small", "big", "etc/link", "hard"]);
         assert_eq!(toc.prefetch_first, vec![1]);
         let small = &toc.index.entries[1];
@@ -1026,7 +1030,7 @@ mod tests {
             (small.mode, small.uid, small.mtime),
             (0o640, 7, 1_700_000_001)
         );
-        assert_eq!(small.xattrs, vec![("user.k".to_string(), b"v\0x".to_vec())]);
+        assert_eq!(*small.xattrs, [("user.k".to_string(), b"v\0x".to_vec())]);
         assert_eq!(toc.index.entries[3].link.as_deref(), Some("../big"));
         assert_eq!(toc.index.entries[4].link.as_deref(), Some("etc/small"));
         // 9 MiB + 123 in 4 MiB chunks: 3 members, the last one ending where the next starts.

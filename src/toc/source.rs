@@ -59,7 +59,7 @@ impl TocLayerReader {
             .index
             .entries
             .get(entry)
-            .map_or("?", |e| e.path.as_str());
+            .map_or("?", |e| &*e.path);
         format!("{path} in layer {}", self.layer)
     }
 }

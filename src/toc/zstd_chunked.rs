@@ -561,26 +561,28 @@ fn convert(
                 .ok_or_else(|| bad(format!("modtime {t:?} is not RFC 3339")))?;
         }
         if let Some(x) = &r.xattrs {
+            let mut xattrs = Vec::with_capacity(x.len());
             for (k, v) in x {
                 let value = base64::engine::general_purpose::STANDARD
                     .decode(v)
                     .map_err(|_| bad(format!("xattr {k:?} is not base64")))?;
-                entry.xattrs.push((k.clone(), value));
+                xattrs.push((k.clone(), value));
             }
+            entry.xattrs = xattrs.into();
         }
         match kind {
             EntryKind::Symlink => {
                 if r.link_name.is_empty() {
                     return Err(bad("symlink without a target".into()));
                 }
-                entry.link = Some(r.link_name.clone());
+                entry.link = Some(r.link_name.as_str().into());
             }
             EntryKind::Hardlink => {
                 let target = normalize_path(r.link_name.as_bytes(), 0)
                     .ok()
                     .filter(|t| !t.is_empty())
                     .ok_or_else(|| bad(format!("unusable hardlink target {:?}", r.link_name)))?;
-                entry.link = Some(target);
+                entry.link = Some(target.into());
             }
             _ => {}
         }
@@ -802,7 +804,7 @@ mod tests {
         assert_eq!(toc.format, TocFormat::EstargzZstd);
         assert_eq!(toc.codec, ChunkCodec::ZstdFrame);
         assert_eq!(toc.index.compression, Compression::Zstd);
-        let paths: Vec<&str> = toc.index.entries.iter().map(|e| e.path.as_str()).collect();
+        let paths: Vec<&str> = toc.index.entries.iter().map(|e| &*e.path).collect();
         assert_eq!(paths, ["bin", "bin/a", "bin/b"], "landmarks hidden");
         assert_eq!(toc.chunks[1][0].compressed_end, 200);
         assert_eq!(
@@ -878,7 +880,7 @@ mod tests {
         assert_eq!(toc.codec, ChunkCodec::ZstdFrame);
         let ix = &toc.index;
         assert_eq!(ix.compressed_size, BLOB.len() as u64);
-        let paths: Vec<&str> = ix.entries.iter().map(|e| e.path.as_str()).collect();
+        let paths: Vec<&str> = ix.entries.iter().map(|e| &*e.path).collect();
         assert_eq!(
             paths,
             [
@@ -902,7 +904,7 @@ mod tests {
         );
         assert_eq!(hello.mtime, 1_700_000_000);
         assert_eq!(
-            hello.xattrs,
+            *hello.xattrs,
             [
                 ("user.bin".to_owned(), vec![1, 0, 0x7f]),
                 ("user.note".to_owned(), b"fixture".to_vec())
@@ -951,7 +953,7 @@ mod tests {
                 );
                 file.extend_from_slice(&data);
             }
-            assert_eq!(file, eager[&entry.path], "{}", entry.path);
+            assert_eq!(file, eager[&*entry.path], "{}", entry.path);
             if !file.is_empty() {
                 assert_eq!(entry.sha256, Some(crate::digest::Sha256::of(&file)));
             }

@@ -257,7 +257,7 @@ impl LayerPlanner<'_, '_> {
     fn bad(&self, ei: usize, reason: &'static str) -> UnpackError {
         UnpackError::BadPath {
             layer: self.layer.digest.to_owned(),
-            path: self.layer.entries[ei].path.clone(),
+            path: self.layer.entries[ei].path.to_string(),
             reason,
         }
     }
@@ -265,7 +265,7 @@ impl LayerPlanner<'_, '_> {
     fn not_dir(&self, ei: usize, at: &[u8]) -> UnpackError {
         UnpackError::NotADirectory {
             layer: self.layer.digest.to_owned(),
-            path: self.layer.entries[ei].path.clone(),
+            path: self.layer.entries[ei].path.to_string(),
             parent: display(at),
         }
     }
@@ -487,8 +487,8 @@ fn hardlink_err(layer: &Layer<'_>, ei: usize, reason: &'static str) -> UnpackErr
     let e = &layer.entries[ei];
     UnpackError::HardlinkTarget {
         layer: layer.digest.to_owned(),
-        path: e.path.clone(),
-        target: e.link.clone().unwrap_or_default(),
+        path: e.path.to_string(),
+        target: e.link.as_deref().unwrap_or_default().to_string(),
         reason,
     }
 }
@@ -523,13 +523,13 @@ mod tests {
     }
     fn sl(path: &str, to: &str) -> Entry {
         Entry {
-            link: Some(to.to_owned()),
+            link: Some(to.into()),
             ..e(path, EntryKind::Symlink)
         }
     }
     fn hl(path: &str, to: &str) -> Entry {
         Entry {
-            link: Some(to.to_owned()),
+            link: Some(to.into()),
             ..e(path, EntryKind::Hardlink)
         }
     }
