@@ -360,7 +360,7 @@ type SharedFill = Shared<BoxFuture<'static, FillResult>>;
 /// kept small: what a file needs only while the engine works on it sits behind one pointer
 /// ([`FileState::busy`]), fill flags are bits held inline for up to 64 chunks
 /// ([`ChunkFlags`]), the source is shared and digests a source holds are not copied
-/// ([`Check`]). 168 bytes (`placeholder_entry_stays_small`).
+/// ([`Verify::Source`]). 152 bytes (`placeholder_entry_stays_small`).
 struct FileEntry {
     path: Arc<Path>,
     /// Device and inode of the registered file: a path that leads elsewhere is never
@@ -370,39 +370,23 @@ struct FileEntry {
     /// after the placeholder was deleted, the birth time tells them apart.
     born: u64,
     size: u64,
-    /// Fill granularity of this file.
-    chunk: u64,
+    /// Fill granularity of this file ([`FileEntry::chunk`]): 0 for the whole file.
+    piece: u32,
     source: Arc<dyn ContentSource>,
     /// The file's key in `source`.
     file: u32,
     /// Position of the first reader access among all files (see [`Engine::accessed`]),
     /// saturating; [`NOT_ACCESSED`] until then.
     first_access: AtomicU32,
-    check: Check,
+    /// Its bytes are checked against the source's digests ([`Verify::Source`]).
+    source_digests: bool,
+    /// Digests the caller gave ([`Verify::Whole`], [`Verify::Chunks`]), boxed: a placeholder
+    /// whose source holds its digests, or that has none, pays one null pointer for them.
+    given: Option<Box<Verify>>,
     state: Mutex<FileState>,
-    bytes_filled: AtomicU64,
     /// `security.capability` of the placeholder: the kernel strips it on every write, so
     /// each fill puts it back (a filled `ping` must keep `cap_net_raw`).
     capability: Option<Box<Capability>>,
-}
-
-/// What a file's bytes are checked against: nothing, the source's digests
-/// ([`Verify::Source`]), or digests the caller gave (boxed: a placeholder whose source holds
-/// its digests pays nothing for them).
-enum Check {
-    None,
-    Source,
-    Given(Box<Verify>),
-}
-
-impl Check {
-    fn new(verify: Verify) -> Check {
-        match verify {
-            Verify::None => Check::None,
-            Verify::Source { .. } => Check::Source,
-            v => Check::Given(Box::new(v)),
-        }
-    }
 }
 
 /// A file capability to restore after each write: rare, so a placeholder without one pays
@@ -733,9 +717,30 @@ fn drop_cached_writer(inner: &Inner, entry: &FileEntry, keep_marked: bool) {
 }
 
 impl FileEntry {
+    /// Fill granularity in bytes.
+    fn chunk(&self) -> u64 {
+        match self.piece {
+            0 => self.size.max(1),
+            n => u64::from(n),
+        }
+    }
+
     fn chunk_range(&self, idx: u64) -> (u64, u64) {
-        let start = idx * self.chunk;
-        (start, (start + self.chunk).min(self.size))
+        let chunk = self.chunk();
+        let start = idx * chunk;
+        (start, (start + chunk).min(self.size))
+    }
+
+    /// Bytes of the chunks filled (a truncated file's count includes the part of its
+    /// chunks past the cut).
+    fn bytes_filled(&self, st: &FileState) -> u64 {
+        let n = st.filled.len();
+        let filled = (n - st.missing as usize) as u64;
+        if n == 0 {
+            return 0;
+        }
+        let short_tail = self.chunk() * n as u64 - self.size;
+        filled * self.chunk() - if st.filled.get(n - 1) { short_tail } else { 0 }
     }
 }
 
@@ -871,6 +876,10 @@ pub struct FileId {
 }
 
 impl FileId {
+    /// Device and inode 0: a filler for a slot that holds no registered file (kept beside a
+    /// flag saying so, never looked up).
+    pub const NONE: FileId = FileId { dev: 0, ino: 0 };
+
     /// The device number.
     pub fn dev(&self) -> u64 {
         self.dev
@@ -1042,6 +1051,18 @@ impl Engine {
             Verify::None => self.inner.config.chunk_size,
         };
         let nchunks = p.size.div_ceil(chunk) as usize;
+        // Granularities past 4 GiB (a chunk that large of a larger file) are not kept.
+        let piece = match u32::try_from(chunk) {
+            _ if chunk >= p.size.max(1) => 0,
+            Ok(n) => n,
+            Err(_) => {
+                return Err(FillError::NotPlaceholder {
+                    path: p.path.to_path_buf(),
+                    expected: p.size,
+                    found: format!("chunks of {chunk} bytes: larger than the engine fills"),
+                });
+            }
+        };
         let capability = if read_capability {
             use xattr::FileExt as _;
             file.get_xattr(CAPABILITY_XATTR).ok().flatten()
@@ -1059,11 +1080,15 @@ impl Engine {
             key,
             born,
             size: p.size,
-            chunk,
+            piece,
             source: p.source,
             file: p.file,
             first_access: AtomicU32::new(NOT_ACCESSED),
-            check: Check::new(p.verify),
+            source_digests: matches!(p.verify, Verify::Source { .. }),
+            given: match p.verify {
+                Verify::None | Verify::Source { .. } => None,
+                v => Some(Box::new(v)),
+            },
             state: Mutex::new(FileState {
                 limit: p.size,
                 filled: ChunkFlags::new(nchunks),
@@ -1074,7 +1099,6 @@ impl Engine {
                 unmark_pending: false,
                 marked: mark,
             }),
-            bytes_filled: AtomicU64::new(0),
             capability: capability.map(|c| Box::new(Capability(c.into_boxed_slice()))),
         });
         if nchunks > 0 {
@@ -1297,21 +1321,17 @@ impl Engine {
         let Some(entry) = self.entry(id) else {
             return Ok(id);
         };
-        if entry.chunk != chunk || filled.len() != entry.state.lock().unwrap().filled.len() {
+        if entry.chunk() != chunk || filled.len() != entry.state.lock().unwrap().filled.len() {
             return Ok(id);
         }
         {
             let mut st = entry.state.lock().unwrap();
-            let mut bytes = 0;
             for (i, f) in filled.iter().enumerate() {
                 if *f && !st.filled.get(i) {
                     st.filled.set(i);
                     st.missing -= 1;
-                    let (a, b) = entry.chunk_range(i as u64);
-                    bytes += b - a;
                 }
             }
-            entry.bytes_filled.fetch_add(bytes, Ordering::Relaxed);
         }
         maybe_complete(&self.inner, &entry);
         Ok(id)
@@ -1322,10 +1342,10 @@ impl Engine {
         let entry = self.entry(id)?;
         let st = entry.state.lock().unwrap();
         Some(FileProgress {
-            chunk: entry.chunk,
+            chunk: entry.chunk(),
             filled: st.filled.to_vec(),
             complete: st.complete,
-            bytes_filled: entry.bytes_filled.load(Ordering::Relaxed),
+            bytes_filled: entry.bytes_filled(&st),
             size: entry.size,
         })
     }
@@ -1413,7 +1433,7 @@ impl Engine {
         let (mut bytes_total, mut bytes_filled) = (0, 0);
         for e in files.values() {
             bytes_total += e.size;
-            bytes_filled += e.bytes_filled.load(Ordering::Relaxed);
+            bytes_filled += e.bytes_filled(&e.state.lock().unwrap());
         }
         let buckets: Vec<u64> = c
             .latency
@@ -1790,7 +1810,7 @@ fn near_delivery(
     if st.complete || start >= end {
         return None;
     }
-    let (first, last) = (start / entry.chunk, (end - 1) / entry.chunk);
+    let (first, last) = (start / entry.chunk(), (end - 1) / entry.chunk());
     let open = (first..=last).any(|i| !st.filled.get(i as usize) && !st.busy.filling(i));
     if open {
         debug!(path = %entry.path.display(), ?eta, "waiting for the delivery");
@@ -1825,8 +1845,8 @@ async fn plan_and_fill(
             maybe_complete(inner, entry);
             return Ok(());
         }
-        let (first, last) = (start / entry.chunk, (end - 1) / entry.chunk);
-        let max_run = (MAX_RUN_BYTES / entry.chunk).max(1);
+        let (first, last) = (start / entry.chunk(), (end - 1) / entry.chunk());
+        let max_run = (MAX_RUN_BYTES / entry.chunk()).max(1);
         let mut waits = Vec::new();
         let mut idx = first;
         while idx <= last {
@@ -2012,7 +2032,6 @@ async fn store_run(
                 source: std::io::Error::other(e),
             })??
     };
-    entry.bytes_filled.fetch_add(written, Ordering::Relaxed);
     debug!(path = %entry.path.display(), offset, len = written, "chunk filled");
     Ok(())
 }
@@ -2026,18 +2045,14 @@ fn verify(entry: &FileEntry, idx: u64, offset: u64, data: &[u8]) -> Result<(), F
     };
     let missing = || fail("<missing chunk digest>".into(), Sha256::of(data));
     let from_source;
-    let expected = match &entry.check {
-        Check::None => return Ok(()),
-        Check::Source => {
+    let expected = match entry.given.as_deref() {
+        _ if entry.source_digests => {
             from_source = entry.source.digest(entry.file, idx).ok_or_else(missing)?;
             &from_source
         }
-        Check::Given(v) => match &**v {
-            Verify::None => return Ok(()),
-            Verify::Whole(d) => d,
-            Verify::Chunks { sha256, .. } => sha256.get(idx as usize).ok_or_else(missing)?,
-            Verify::Source { .. } => unreachable!("Check::new keeps Verify::Source apart"),
-        },
+        None | Some(Verify::None | Verify::Source { .. }) => return Ok(()),
+        Some(Verify::Whole(d)) => d,
+        Some(Verify::Chunks { sha256, .. }) => sha256.get(idx as usize).ok_or_else(missing)?,
     };
     let actual = Sha256::of(data);
     if actual != *expected {
@@ -2244,7 +2259,7 @@ fn maybe_complete(inner: &Inner, entry: &FileEntry) {
         if st.complete {
             return;
         }
-        let needed = st.limit.min(entry.size).div_ceil(entry.chunk) as usize;
+        let needed = st.limit.min(entry.size).div_ceil(entry.chunk()) as usize;
         let done = if needed == st.filled.len() {
             st.missing == 0
         } else {
@@ -2431,9 +2446,9 @@ fn supply_runs(
         let (a, b) = entry.chunk_range(i);
         b <= data_end && a < limit && !st.filled.get(i as usize) && !st.busy.filling(i)
     };
-    let nchunks = entry.size.div_ceil(entry.chunk);
+    let nchunks = entry.size.div_ceil(entry.chunk());
     let (mut runs, mut taken) = (Vec::new(), 0);
-    let mut idx = offset.div_ceil(entry.chunk);
+    let mut idx = offset.div_ceil(entry.chunk());
     while idx < nchunks && entry.chunk_range(idx).1 <= data_end {
         if !usable(&st, idx) {
             idx += 1;
@@ -2633,9 +2648,9 @@ mod tests {
     #[test]
     fn placeholder_entry_stays_small() {
         // The engine holds one of these per placeholder, in an `Arc` (two counts): at most
-        // 184 bytes asked of malloc, a 192-byte chunk (18 MiB per 100,000 placeholders).
+        // 168 bytes asked of malloc, a 176-byte chunk (17 MiB per 100,000 placeholders).
         assert!(
-            std::mem::size_of::<FileEntry>() <= 168,
+            std::mem::size_of::<FileEntry>() <= 152,
             "{}",
             std::mem::size_of::<FileEntry>()
         );

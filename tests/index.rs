@@ -304,7 +304,10 @@ fn check_entries(idx: &LayerIndex, files: &HashMap<String, Vec<u8>>) {
         (&hl.kind, hl.link.as_deref(), hl.size),
         (&EntryKind::Hardlink, Some("usr/lib/random-12m.bin"), 0)
     );
-    assert_eq!(&*idx.resolve(hl_idx).unwrap().path, "usr/lib/random-12m.bin");
+    assert_eq!(
+        &*idx.resolve(hl_idx).unwrap().path,
+        "usr/lib/random-12m.bin"
+    );
     let dev = &idx.entries[idx.find("dev-null").unwrap()];
     assert_eq!(dev.kind, EntryKind::Char { major: 1, minor: 3 });
     assert_eq!(idx.entries[idx.find("fifo").unwrap()].kind, EntryKind::Fifo);

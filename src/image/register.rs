@@ -101,7 +101,7 @@ pub async fn prepare(
     let prefetch_order = sources
         .prefetch_order(&keys)
         .into_iter()
-        .map(|i| files[i])
+        .map(|i| files[i as usize])
         .collect();
     let bytes_before_ready = store.bytes_fetched();
     let total = started.elapsed();

@@ -186,12 +186,17 @@ impl ImageSources {
         for (l, mut ids) in self.layers.iter().zip(per_layer) {
             if let LayerReader::Index(reader) = &l.reader {
                 ids.sort_unstable_by_key(|x| x.0);
-                // Kept for the image's life: no growth slack.
-                ids.shrink_to_fit();
+                // One device for the layer's placeholders (one unpack made them): a file
+                // elsewhere is left to its own reads.
+                let dev = ids.first().map_or(0, |x| x.1.dev());
+                ids.retain(|x| x.1.dev() == dev);
+                // Kept for the image's life: exact sizes, 12 bytes a file.
                 let _ = reader.around.set(Around {
                     supply: supply.clone(),
                     reach,
-                    ids,
+                    dev,
+                    entries: ids.iter().map(|x| x.0).collect(),
+                    inos: ids.iter().map(|x| x.1.ino()).collect(),
                 });
             }
         }
@@ -207,12 +212,17 @@ impl ImageSources {
 
     /// `files` (pairs of layer and entry, as placeholders list them) reordered for prefetch:
     /// the files each TOC layer names to prefetch first (lowest layer first, in TOC order),
-    /// then every other one in the order given. Returns positions into `files`.
-    pub fn prefetch_order(&self, files: &[(usize, usize)]) -> Vec<usize> {
+    /// then every other one in the order given. Returns positions into `files` (as `u32`:
+    /// the daemon keeps the order for the image's life; an index in memory never holds
+    /// 2^32 entries).
+    pub fn prefetch_order(&self, files: &[(usize, usize)]) -> Vec<u32> {
         // Kept for the image's life: sized once.
         let mut first = Vec::with_capacity(files.len());
-        let mut pos: std::collections::HashMap<(usize, usize), usize> =
-            files.iter().enumerate().map(|(i, f)| (*f, i)).collect();
+        let mut pos: std::collections::HashMap<(usize, usize), u32> = files
+            .iter()
+            .enumerate()
+            .map(|(i, f)| (*f, position(i)))
+            .collect();
         for layer in 0..self.layers.len() {
             for &e in self.prefetch_first(layer) {
                 if let Some(i) = pos.remove(&(layer, e)) {
@@ -222,11 +232,16 @@ impl ImageSources {
         }
         let mut taken = vec![false; files.len()];
         for &i in &first {
-            taken[i] = true;
+            taken[i as usize] = true;
         }
-        first.extend((0..files.len()).filter(|&i| !taken[i]));
+        first.extend((0..files.len()).filter(|&i| !taken[i]).map(position));
         first
     }
+}
+
+/// A position in a list of files as `u32` (a list in memory never holds 2^32 files).
+fn position(i: usize) -> u32 {
+    u32::try_from(i).expect("fewer than 2^32 files")
 }
 
 /// A windows pack in the registry (or layout), read a window at a time by range reads.
@@ -296,8 +311,11 @@ struct Around {
     supply: Supplier,
     /// Bytes read past the file.
     reach: u64,
-    /// (entry, placeholder), sorted by entry.
-    ids: Vec<(u32, FileId)>,
+    /// The device of the placeholders.
+    dev: u64,
+    /// Their entries, sorted, and beside each its placeholder's inode.
+    entries: Box<[u32]>,
+    inos: Box<[u64]>,
 }
 
 /// Uncompressed bytes of the layer's stream a whole-file read of a small file also reads
@@ -600,8 +618,9 @@ impl IndexLayerReader {
                 break;
             }
             let Ok(key) = u32::try_from(k) else { break };
-            if let Ok(i) = around.ids.binary_search_by_key(&key, |x| x.0) {
-                neighbours.push((around.ids[i].1, data.slice(a as usize..b as usize)));
+            if let Ok(i) = around.entries.binary_search(&key) {
+                let id = FileId::new(around.dev, around.inos[i]);
+                neighbours.push((id, data.slice(a as usize..b as usize)));
             }
         }
         if !neighbours.is_empty() {

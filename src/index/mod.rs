@@ -308,7 +308,9 @@ impl LayerIndex {
         // Hardlink chains point backwards, so this terminates after at most `idx` steps.
         while cur.kind == EntryKind::Hardlink {
             let target = cur.link.as_deref()?;
-            pos = self.entries[..pos].iter().rposition(|e| *e.path == *target)?;
+            pos = self.entries[..pos]
+                .iter()
+                .rposition(|e| *e.path == *target)?;
             cur = &self.entries[pos];
         }
         Some(pos)

@@ -54,12 +54,7 @@ impl TocLayerReader {
 impl TocLayerReader {
     /// Names entry `entry` in errors.
     fn what(&self, entry: usize) -> String {
-        let path = self
-            .toc
-            .index
-            .entries
-            .get(entry)
-            .map_or("?", |e| &*e.path);
+        let path = self.toc.index.entries.get(entry).map_or("?", |e| &*e.path);
         format!("{path} in layer {}", self.layer)
     }
 }
