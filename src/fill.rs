@@ -93,7 +93,8 @@ pub trait ContentSource: Send + Sync + 'static {
 
     /// The sha256 of piece `piece` of file `file`, for a placeholder registered with
     /// [`Verify::Source`] (the pieces are the placeholder's fill granularity). `None`: the
-    /// source has none, and the fill fails. The default has none.
+    /// source has none, and the fill fails (the reader gets `EIO`). The default has none: a
+    /// source that wraps another must forward this too.
     fn digest(&self, file: u32, piece: u64) -> Option<Sha256> {
         let _ = (file, piece);
         None
