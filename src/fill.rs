@@ -8,7 +8,8 @@
 //! otherwise `FAN_DENY_ERRNO` with an errno chosen in exactly one place ([`FillError::errno`]).
 //! When the last chunk of a file is in, its mark is removed and reads no longer involve the
 //! daemon. It does not know about images, registries or layer formats: bytes come from the
-//! source, expected digests from the caller's [`Verify`].
+//! source, expected digests from the caller's [`Verify`] or, with [`Verify::Source`], from
+//! the source.
 //!
 //! The kernel ↔ engine flow:
 //! 1. a reader touches a missing range and blocks in the kernel;
@@ -154,7 +155,8 @@ pub enum Verify {
         sha256: Vec<Sha256>,
     },
     /// The source's digest of each piece ([`ContentSource::digest`]): pieces of `chunk`
-    /// bytes, or the whole file as one piece (`None`: filled whole). What a source that
+    /// bytes (at least 4096, the engine's smallest fill; smaller is refused), or the whole
+    /// file as one piece (`None`: filled whole). What a source that
     /// already holds the digests (a layer's index) registers with, so the engine keeps no
     /// copy of them.
     Source {
@@ -652,10 +654,6 @@ impl Files {
     fn values(&self) -> impl Iterator<Item = &Arc<FileEntry>> {
         self.0.iter().map(|e| &e.0)
     }
-
-    fn len(&self) -> usize {
-        self.0.len()
-    }
 }
 
 /// Files that keep a writable fd open between fills ([`Busy::writer`]) at most.
@@ -770,7 +768,8 @@ pub struct Stats {
     pub files_complete: u64,
     /// Sum of registered sizes.
     pub bytes_total: u64,
-    /// Bytes written into placeholders.
+    /// Bytes of the chunks filled in placeholders (restored progress included; a truncated
+    /// file's count includes the part of its chunks past the cut).
     pub bytes_filled: u64,
     /// Bytes fetched from sources.
     pub bytes_fetched: u64,
@@ -824,7 +823,7 @@ struct Inner {
     gate: Mutex<Option<Vec<Event>>>,
     /// Answer `EIO` for events on files the engine does not know (instead of allowing).
     deny_unknown: AtomicBool,
-    /// Files that got a cached writable fd, oldest first ([`FileState::writer`]).
+    /// Files that got a cached writable fd, oldest first ([`Busy::writer`]).
     cached_writers: Mutex<std::collections::VecDeque<std::sync::Weak<FileEntry>>>,
 }
 
@@ -854,7 +853,8 @@ pub struct FileProgress {
     pub filled: Vec<bool>,
     /// Complete (every chunk below the limit is in; mark removed).
     pub complete: bool,
-    /// Bytes written into the file by the engine (including restored progress).
+    /// Bytes of the chunks filled (restored progress included; a truncated file's count
+    /// includes the part of its chunks past the cut).
     pub bytes_filled: u64,
     /// The registered size.
     pub size: u64,
@@ -1052,16 +1052,27 @@ impl Engine {
             Verify::None => self.inner.config.chunk_size,
         };
         let nchunks = p.size.div_ceil(chunk) as usize;
+        // Not a placeholder the user changed (`NotPlaceholder`): a granularity the engine
+        // cannot fill at.
+        let unfillable = |why: String| FillError::Register {
+            path: p.path.to_path_buf(),
+            source: std::io::Error::other(why),
+        };
+        if let Verify::Source { chunk: Some(c) } = p.verify
+            && c < 4096
+        {
+            return Err(unfillable(format!(
+                "digests of {c}-byte pieces: the engine fills 4096 bytes at least"
+            )));
+        }
         // Granularities past 4 GiB (a chunk that large of a larger file) are not kept.
         let piece = match u32::try_from(chunk) {
             _ if chunk >= p.size.max(1) => 0,
             Ok(n) => n,
             Err(_) => {
-                return Err(FillError::NotPlaceholder {
-                    path: p.path.to_path_buf(),
-                    expected: p.size,
-                    found: format!("chunks of {chunk} bytes: larger than the engine fills"),
-                });
+                return Err(unfillable(format!(
+                    "chunks of {chunk} bytes: larger than the engine fills"
+                )));
             }
         };
         let capability = if read_capability {
@@ -1070,10 +1081,10 @@ impl Engine {
         } else {
             None
         };
-        let missing = u32::try_from(nchunks).map_err(|_| FillError::NotPlaceholder {
-            path: p.path.to_path_buf(),
-            expected: p.size,
-            found: format!("{nchunks} chunks of {chunk} bytes: more than the engine tracks"),
+        let missing = u32::try_from(nchunks).map_err(|_| {
+            unfillable(format!(
+                "{nchunks} chunks of {chunk} bytes: more than the engine tracks"
+            ))
         })?;
         let born = birth_stamp(meta.created());
         let entry = Arc::new(FileEntry {
@@ -1430,9 +1441,13 @@ impl Engine {
     /// A snapshot of progress counters.
     pub fn stats(&self) -> Stats {
         let c = &self.inner.counters;
-        let files = self.inner.files.read().unwrap();
+        // Each file's state is locked outside the table's lock: a registration waiting to
+        // write the table holds up every event's lookup until the readers are done.
+        let entries: Vec<Arc<FileEntry>> =
+            self.inner.files.read().unwrap().values().cloned().collect();
+        let files = entries.len();
         let (mut bytes_total, mut bytes_filled) = (0, 0);
-        for e in files.values() {
+        for e in &entries {
             bytes_total += e.size;
             bytes_filled += e.bytes_filled(&e.state.lock().unwrap());
         }
@@ -1442,7 +1457,7 @@ impl Engine {
             .map(|b| b.load(Ordering::Relaxed))
             .collect();
         Stats {
-            files: files.len() as u64,
+            files: files as u64,
             files_complete: c.completed.load(Ordering::Relaxed),
             bytes_total,
             bytes_filled,
@@ -2073,7 +2088,7 @@ struct Writer {
     _hold: WriterHold,
 }
 
-/// Opens the file for writing: its cached writable fd ([`FileState::writer`]), or a new
+/// Opens the file for writing: its cached writable fd ([`Busy::writer`]), or a new
 /// open from the reader's event fd (`via`; event fds are read-only, see
 /// [`FileState::writers`]), or else from the registered path, only if it still leads to
 /// the registered file. Preferably a notification-free fd from the [`WriteOpener`]: its
@@ -2274,6 +2289,8 @@ fn maybe_complete(inner: &Inner, entry: &FileEntry) {
         inner.counters.completed.fetch_add(1, Ordering::Relaxed);
         // The mark goes with the last writer (at once when there is none).
         st.unmark_pending = true;
+        // Nothing is waited for any more: the delivery's hold on the file goes too.
+        st.busy.set_expected(None);
         let cached = st.busy.take_writer();
         if st.writers > u32::from(cached.is_some()) {
             debug!(path = %entry.path.display(), writers = st.writers, "complete; mark goes when the engine's writable fds close");
@@ -2643,6 +2660,54 @@ mod tests {
         assert_eq!(
             birth_stamp(Ok(UNIX_EPOCH - Duration::from_secs(1))),
             u64::MAX
+        );
+    }
+
+    #[test]
+    fn a_file_completed_while_a_delivery_was_expected_keeps_nothing_of_it() {
+        // Inode marks on temp files only; the fill reads a local file, nothing blocks.
+        let dir = tempfile::tempdir().unwrap();
+        let (path, src) = (dir.path().join("f"), dir.path().join("src"));
+        let data = vec![7u8; 10_000];
+        std::fs::write(&src, &data).unwrap();
+        File::create(&path)
+            .unwrap()
+            .set_len(data.len() as u64)
+            .unwrap();
+        let engine = Engine::start(EngineConfig::default()).unwrap();
+        let id = engine
+            .register(Placeholder {
+                path: path.into(),
+                size: data.len() as u64,
+                source: Arc::new(LocalFileSource::open(&src).unwrap()),
+                file: 0,
+                verify: Verify::Whole(Sha256::of(&data)),
+            })
+            .unwrap();
+        let busy = || {
+            engine
+                .entry(id)
+                .unwrap()
+                .state
+                .lock()
+                .unwrap()
+                .busy
+                .0
+                .is_some()
+        };
+        let delivery = Delivery::start();
+        // Far down the stream: the fill fetches rather than waits, and completes the file
+        // while the delivery is still expected.
+        engine.expect(id, &delivery, 1 << 50);
+        assert!(
+            busy(),
+            "an expected delivery is held while the file is missing"
+        );
+        engine.fill_file(id).unwrap();
+        assert!(engine.is_complete(id));
+        assert!(
+            !busy(),
+            "complete: the delivery, fills and writer are let go"
         );
     }
 

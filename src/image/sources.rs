@@ -189,7 +189,15 @@ impl ImageSources {
                 // One device for the layer's placeholders (one unpack made them): a file
                 // elsewhere is left to its own reads.
                 let dev = ids.first().map_or(0, |x| x.1.dev());
+                let all = ids.len();
                 ids.retain(|x| x.1.dev() == dev);
+                if ids.len() < all {
+                    debug!(
+                        layer = %l.digest,
+                        left_out = all - ids.len(),
+                        "read-around leaves out placeholders on another device"
+                    );
+                }
                 // Kept for the image's life: exact sizes, 12 bytes a file.
                 let _ = reader.around.set(Around {
                     supply: supply.clone(),
