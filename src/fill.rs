@@ -2338,7 +2338,7 @@ async fn prefetch_entry(inner: &Arc<Inner>, entry: &Arc<FileEntry>) -> FillResul
 /// carry a pre-content mark, see `docs/kernel.md`).
 impl Engine {
     /// Registers a placeholder that carries no pre-content mark: nothing intercepts its
-    /// reads, so the caller must fill it (for example [`Engine::fill_future`] on open)
+    /// reads, so the caller must fill it (for example [`Engine::filler`] on open)
     /// before anyone reads it.
     pub fn register_unmarked(&self, p: Placeholder) -> Result<FileId, FillError> {
         self.register_as(p, false)

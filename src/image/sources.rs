@@ -399,8 +399,8 @@ const PIPELINE_PARTS_MAX: usize = 16;
 static PIPELINED_READS: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
 
 /// How many span reads this process inflated pipelined, in parts behind the range read
-/// (the large ones: [`PIPELINE_PART`]): what `tests/pipelined.rs` checks; the debug log
-/// has each such read.
+/// (the large ones: spans of at least twice `PIPELINE_PART`, 1 MiB): what
+/// `tests/pipelined.rs` checks; the debug log has each such read.
 pub fn pipelined_reads() -> u64 {
     PIPELINED_READS.load(std::sync::atomic::Ordering::Relaxed)
 }
