@@ -734,10 +734,10 @@ impl FileEntry {
     /// chunks past the cut).
     fn bytes_filled(&self, st: &FileState) -> u64 {
         let n = st.filled.len();
-        let filled = (n - st.missing as usize) as u64;
         if n == 0 {
             return 0;
         }
+        let filled = (n - st.missing as usize) as u64;
         let short_tail = self.chunk() * n as u64 - self.size;
         filled * self.chunk() - if st.filled.get(n - 1) { short_tail } else { 0 }
     }

@@ -809,11 +809,14 @@ impl Daemon {
         entry: usize,
         counted: &CountedSources,
     ) -> Result<image::FileSource, ImageError> {
-        let mut s = opened.sources.file_source(layer, entry)?;
-        if let Some(c) = counted.0.get(layer) {
-            s.source = c.clone();
-        }
-        Ok(s)
+        let (file, verify) = opened.sources.file_key(layer, entry)?;
+        // One counted reader per layer of the same sources: there when the layer is.
+        let source = counted.0[layer].clone();
+        Ok(image::FileSource {
+            source,
+            file,
+            verify,
+        })
     }
 
     /// The image served at `dest`: its recorded destination, or the directory it was moved
@@ -1066,8 +1069,8 @@ impl Daemon {
                 .zip(&ids)
                 .map(|(p, id)| FileRecord {
                     path: p.path,
-                    layer: FileRecord::position(p.layer),
-                    entry: FileRecord::position(p.entry),
+                    layer: crate::index::position(p.layer),
+                    entry: crate::index::position(p.entry),
                     size: p.size,
                     chunk: 0,
                     // Filled from the content cache, never registered.
@@ -1281,7 +1284,7 @@ impl Daemon {
             let order = match &opened2 {
                 Some(o) => o.sources.prefetch_order(&record.file_keys()),
                 None => (0..record.files.len())
-                    .map(state::FileRecord::position)
+                    .map(crate::index::position)
                     .collect(),
             };
             (ids, record, order)

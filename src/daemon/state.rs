@@ -70,12 +70,6 @@ impl FileRecord {
         (self.layer as usize, self.entry as usize)
     }
 
-    /// The record's form of a layer or entry position (which an index in memory can never
-    /// push past `u32`: 2^32 entries would take a terabyte).
-    pub fn position(n: usize) -> u32 {
-        u32::try_from(n).expect("fewer than 2^32 layers and entries")
-    }
-
     /// The recorded filled chunks, `n` flags.
     pub fn filled_flags(&self, n: usize) -> Vec<bool> {
         if self.complete {

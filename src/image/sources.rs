@@ -63,17 +63,12 @@ impl ImageIndexes {
                             around: OnceLock::new(),
                         })),
                     };
-                    let source: Arc<dyn ContentSource> = match &reader {
-                        LayerReader::Toc(r) => r.clone(),
-                        LayerReader::Index(r) => r.clone(),
-                    };
                     LayerSources {
                         digest: digest.clone(),
                         index: index.clone(),
                         toc: toc.clone(),
                         windows,
                         reader,
-                        source,
                     }
                 })
                 .collect(),
@@ -88,8 +83,16 @@ pub(super) struct LayerSources {
     pub(super) windows: Arc<LayerWindows>,
     /// The layer's reader: the source of every file of the layer, keyed by entry.
     reader: LayerReader,
-    /// `reader`, for the engine.
-    source: Arc<dyn ContentSource>,
+}
+
+impl LayerSources {
+    /// The layer's reader, for the engine.
+    fn source(&self) -> Arc<dyn ContentSource> {
+        match &self.reader {
+            LayerReader::Toc(r) => r.clone(),
+            LayerReader::Index(r) => r.clone(),
+        }
+    }
 }
 
 /// The reader of a layer's files.
@@ -127,7 +130,7 @@ impl ImageSources {
     /// Each layer's reader, lowest first: the source of every file of the layer
     /// ([`FileSource::source`]).
     pub fn layer_sources(&self) -> impl Iterator<Item = Arc<dyn ContentSource>> + '_ {
-        self.layers.iter().map(|l| l.source.clone())
+        self.layers.iter().map(LayerSources::source)
     }
 
     /// The entry `entry` of layer `layer`, hardlinks resolved to their file.
@@ -140,22 +143,30 @@ impl ImageSources {
     // Returned once per file at registration: the size of the error does not matter here.
     #[allow(clippy::result_large_err)]
     pub fn file_source(&self, layer: usize, entry: usize) -> Result<FileSource, ImageError> {
+        let (file, verify) = self.file_key(layer, entry)?;
+        Ok(FileSource {
+            source: self.layers[layer].source(),
+            file,
+            verify,
+        })
+    }
+
+    /// The key in its layer's reader ([`ImageSources::layer_sources`]) and the verification
+    /// of regular-file entry `entry` of layer `layer` (hardlinks resolved): for a caller that
+    /// wraps the layers' readers.
+    #[allow(clippy::result_large_err)]
+    pub fn file_key(&self, layer: usize, entry: usize) -> Result<(u32, Verify), ImageError> {
         let l = self
             .layers
             .get(layer)
             .ok_or_else(|| ImageError::Task(format!("no layer {layer}")))?;
         let missing = || ImageError::Task(format!("no entry {entry} in layer {}", l.digest));
         let target = l.index.resolve_index(entry).ok_or_else(missing)?;
-        let file = u32::try_from(target).map_err(|_| missing())?;
         let verify = match &l.reader {
             LayerReader::Toc(reader) => toc::verify_for(reader.toc(), target),
             LayerReader::Index(_) => verify_for(&l.index.entries[target]),
         };
-        Ok(FileSource {
-            source: l.source.clone(),
-            file,
-            verify,
-        })
+        Ok((crate::index::position(target), verify))
     }
 
     /// Turns on read-around: from now on a whole-file read of a small file of an indexed
@@ -229,7 +240,7 @@ impl ImageSources {
         let mut pos: std::collections::HashMap<(usize, usize), u32> = files
             .iter()
             .enumerate()
-            .map(|(i, f)| (*f, position(i)))
+            .map(|(i, f)| (*f, crate::index::position(i)))
             .collect();
         for layer in 0..self.layers.len() {
             for &e in self.prefetch_first(layer) {
@@ -242,14 +253,13 @@ impl ImageSources {
         for &i in &first {
             taken[i as usize] = true;
         }
-        first.extend((0..files.len()).filter(|&i| !taken[i]).map(position));
+        first.extend(
+            (0..files.len())
+                .filter(|&i| !taken[i])
+                .map(crate::index::position),
+        );
         first
     }
-}
-
-/// A position in a list of files as `u32` (a list in memory never holds 2^32 files).
-fn position(i: usize) -> u32 {
-    u32::try_from(i).expect("fewer than 2^32 files")
 }
 
 /// A windows pack in the registry (or layout), read a window at a time by range reads.

@@ -152,6 +152,13 @@ pub struct Entry {
 /// Granularity of per-chunk digests in the index, and the fill granularity of large files.
 pub const CHUNK_SIZE: u64 = 1 << 20;
 
+/// A position among layers, entries or the files of an image as `u32`, how records and
+/// long-lived tables keep it: an index in memory never holds 2^32 entries (that would take
+/// a terabyte).
+pub fn position(n: usize) -> u32 {
+    u32::try_from(n).expect("fewer than 2^32 layers, entries and files")
+}
+
 impl Entry {
     /// An entry of `kind` at `path` with `mode`, owned by 0:0, at time 0, with no data,
     /// link or xattrs (builders fill in the rest).

@@ -68,9 +68,9 @@ pub fn verify_for(toc: &TocLayer, entry: usize) -> Verify {
     let Some(chunks) = toc.chunks.get(entry) else {
         return Verify::None;
     };
-    let whole = || Verify::Source { chunk: None };
     match chunks.as_slice() {
-        [] | [_] => whole_digest(toc, entry).map_or(Verify::None, |_| whole()),
+        [] | [_] if whole_digest(toc, entry).is_some() => Verify::Source { chunk: None },
+        [] | [_] => Verify::None,
         [first, ..] => {
             let size = first.len;
             let uniform = size >= 4096
