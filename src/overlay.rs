@@ -37,7 +37,8 @@ use tracing::{debug, info, warn};
 
 use crate::fill::{CompleteOpener, Engine, EventJournal, FileId, Filler, error_chain};
 use crate::sys::fanotify::{
-    Event, FAN_OPEN_EXEC_PERM, FAN_OPEN_PERM, FanotifyError, Group, GroupClass, Response,
+    Event, EventReader, FAN_OPEN_EXEC_PERM, FAN_OPEN_PERM, FanotifyError, Group, GroupClass,
+    Response,
 };
 
 /// Errors of the overlay watch.
@@ -94,6 +95,8 @@ struct Inner {
     /// Files the loader-aware read-ahead asked to fill.
     loader_ahead: AtomicU64,
     runtime: tokio::runtime::Handle,
+    /// The engine's [`crate::fill::EngineConfig::event_spin`].
+    event_spin: Duration,
     journal: Option<Arc<dyn EventJournal>>,
     /// Watched overlays by the device number of their superblock.
     watched: RwLock<HashMap<u64, Watched>>,
@@ -154,6 +157,7 @@ impl OverlayWatcher {
                 parsed: Mutex::new((HashSet::new(), HashSet::new())),
                 loader_ahead: AtomicU64::new(0),
                 runtime: engine.handle(),
+                event_spin: engine.event_spin(),
                 journal,
                 watched: RwLock::new(HashMap::new()),
                 opens: AtomicU64::new(0),
@@ -299,13 +303,10 @@ impl Drop for OverlayWatcher {
 }
 
 fn event_thread(inner: Arc<Inner>) {
-    let mut buf = vec![0u8; 64 << 10];
+    let mut reader = EventReader::new(inner.event_spin);
     let mut events = Vec::new();
     while !inner.stopping.load(Ordering::SeqCst) {
-        if let Err(e) = inner
-            .group
-            .wait_events(&mut buf, &mut events, EVENT_WAIT_MS)
-        {
+        if let Err(e) = reader.next(&inner.group, &mut events, EVENT_WAIT_MS) {
             warn!(error = %e, "reading overlay open events");
             std::thread::sleep(Duration::from_millis(10));
         }

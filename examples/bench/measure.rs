@@ -14,7 +14,8 @@ use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
-use fanfill::sys::fanotify::{FAN_PRE_ACCESS, Group, GroupClass, Response};
+use fanfill::fill::EngineConfig;
+use fanfill::sys::fanotify::{EventReader, FAN_PRE_ACCESS, Group, GroupClass, Response};
 use serde_json::{Value, json};
 
 /// Runs a command under `timeout`, failing with its stderr.
@@ -414,26 +415,22 @@ pub fn strace_profile(rootfs: &Path, trace_out: &Path) -> Result<ReadProfile> {
 }
 
 /// The kernel floor of one 4 KiB fill (method of `examples/fill_bench.rs`): a bare
-/// pre-content handler that writes 4 KiB through the event fd and allows; one reader
-/// touches `pages` distinct pages. Returns (p50 µs, p99 µs).
+/// pre-content handler that writes 4 KiB through the event fd and allows, reading events
+/// as the engine does (an [`EventReader`] spinning the engine's default `event_spin`); one
+/// reader touches `pages` distinct pages. Returns (p50 µs, p99 µs).
 pub fn kernel_floor(dir: &Path, pages: u64) -> Result<(f64, f64)> {
     const PAGE: u64 = 4096;
     let data = Arc::new(vec![0x5au8; PAGE as usize]);
     let group = Arc::new(Group::new(GroupClass::PreContentWritable)?);
     let stop = Arc::new(AtomicBool::new(false));
-    let handlers: Vec<_> = (0..2)
+    let handlers: Vec<_> = (0..1)
         .map(|_| {
             let (g, s, d) = (group.clone(), stop.clone(), data.clone());
             std::thread::spawn(move || {
-                let mut buf = vec![0u8; 64 << 10];
+                let mut reader = EventReader::new(EngineConfig::default().event_spin);
                 let mut events = Vec::new();
                 while !s.load(Ordering::Relaxed) {
-                    let mut fds = [nix::poll::PollFd::new(
-                        g.as_fd(),
-                        nix::poll::PollFlags::POLLIN,
-                    )];
-                    let _ = nix::poll::poll(&mut fds, nix::poll::PollTimeout::from(50u16));
-                    if g.read_events(&mut buf, &mut events).is_err() {
+                    if reader.next(&g, &mut events, 50).is_err() {
                         continue;
                     }
                     for ev in events.drain(..) {

@@ -17,6 +17,7 @@
 use std::fmt;
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd, RawFd};
 use std::path::Path;
+use std::sync::Arc;
 
 use nix::errno::Errno;
 use nix::sys::fanotify::{EventFFlags, Fanotify, InitFlags, MarkFlags, MaskFlags};
@@ -252,7 +253,8 @@ pub struct EventRange {
 #[derive(Debug)]
 pub struct Event {
     mask: u64,
-    fd: Option<OwnedFd>,
+    /// Shared, so that a fill can keep the file open past the answer without a `dup`.
+    fd: Option<Arc<OwnedFd>>,
     id: i32,
     pid: i32,
     range: Option<EventRange>,
@@ -290,6 +292,12 @@ impl Event {
     /// A second owned handle on the event's file (a `dup`), usable after the event is answered.
     pub fn clone_file(&self) -> std::io::Result<Option<OwnedFd>> {
         self.fd.as_ref().map(|f| f.try_clone()).transpose()
+    }
+
+    /// The event's file, shared: it stays open (the same open file, no `dup`) until the
+    /// event is answered and every holder has let it go.
+    pub fn share_file(&self) -> Option<Arc<OwnedFd>> {
+        self.fd.clone()
     }
 
     /// The accessing thread (with `FAN_REPORT_TID`) or process.
@@ -353,7 +361,11 @@ fn parse_events(buf: &[u8], out: &mut Vec<Event>) -> Result<(), FanotifyError> {
         let pid = u32_at(rec, 20) as i32;
         let mut event = Event {
             mask,
-            fd: if fd == FAN_NOFD { None } else { own_fd(fd) },
+            fd: if fd == FAN_NOFD {
+                None
+            } else {
+                own_fd(fd).map(Arc::new)
+            },
             id: fd,
             pid,
             range: None,
@@ -702,7 +714,7 @@ impl WriteOpener {
                     let parsed = parse_events(&buf[..n], &mut events);
                     for ev in events.drain(..) {
                         if found.is_none() && ev.pid == tid && ev.mask & FAN_OPEN != 0 {
-                            found = ev.fd;
+                            found = ev.fd.and_then(|fd| Arc::try_unwrap(fd).ok());
                         }
                     }
                     parsed.map_err(|e| std::io::Error::other(e.to_string()))?;
@@ -768,6 +780,60 @@ impl AsyncGroup {
             }
             guard.clear_ready();
         }
+    }
+}
+
+/// A thread's reader of a group's events: waits in poll(2) like [`Group::wait_events`], but
+/// after a batch it keeps reading without sleeping for up to `spin` before it waits again.
+///
+/// On a machine whose idle CPUs halt (every VM, most hosts in a deep C-state), putting the
+/// serving thread to sleep and waking it for the next event costs more than serving a
+/// local fill does: on this project's 2-vCPU machines a bare handler answers a 4 KiB miss
+/// in about 49 µs p50 when it sleeps between events and about 16 µs when it spins for
+/// 50 µs after each (`examples/fill_bench`). A reader that misses page after page raises
+/// its next event within microseconds of being let through, so a short spin catches it.
+/// The spin costs at most `spin` of CPU per batch of events, and nothing while no events
+/// come: the reader only spins after it has served some.
+pub struct EventReader {
+    buf: Vec<u8>,
+    spin: std::time::Duration,
+    hot: bool,
+}
+
+impl EventReader {
+    /// A reader that spins for `spin` after each batch (zero: never spins).
+    pub fn new(spin: std::time::Duration) -> EventReader {
+        EventReader {
+            buf: vec![0u8; 64 << 10],
+            spin,
+            hot: false,
+        }
+    }
+
+    /// Reads the next batch of `group`'s events into `out` (appending): at once if the last
+    /// call found events and one comes within the spin, else after waiting up to
+    /// `timeout_ms`. `Ok(false)` when none came.
+    pub fn next(
+        &mut self,
+        group: &Group,
+        out: &mut Vec<Event>,
+        timeout_ms: u16,
+    ) -> Result<bool, FanotifyError> {
+        if self.hot && !self.spin.is_zero() {
+            let until = std::time::Instant::now() + self.spin;
+            loop {
+                if group.read_events(&mut self.buf, out)? {
+                    return Ok(true);
+                }
+                if std::time::Instant::now() >= until {
+                    break;
+                }
+                std::hint::spin_loop();
+            }
+        }
+        let got = group.wait_events(&mut self.buf, out, timeout_ms)?;
+        self.hot = got;
+        Ok(got)
     }
 }
 
@@ -861,5 +927,65 @@ mod tests {
         assert_eq!(Response::Deny(DenyErrno::Io).bits(), 2 | (5 << 24));
         assert_eq!(Response::Deny(DenyErrno::NoSpc).bits(), 2 | (28 << 24));
         assert_eq!(Response::Deny(DenyErrno::DQuot).bits(), 2 | (122 << 24));
+    }
+}
+
+/// [`EventReader`] on the real kernel: an inode mark on a file of a temp dir (never a mount
+/// or filesystem mark), every blocked reader answered, and the group closed (which lets
+/// any reader through) if an assertion fails.
+#[cfg(test)]
+mod reader_tests {
+    use super::*;
+    use std::fs::File;
+    use std::os::unix::fs::FileExt;
+    use std::time::Duration;
+
+    #[test]
+    fn an_event_reader_spins_after_events_and_only_then() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("f");
+        std::fs::write(&path, b"bytes").unwrap();
+        let group = Group::new(GroupClass::PreContent).unwrap();
+        group
+            .mark_inode(File::open(&path).unwrap().as_fd(), FAN_PRE_ACCESS)
+            .unwrap();
+        let mut reader = EventReader::new(Duration::from_secs(1));
+        let mut events = Vec::new();
+        // One pread of the whole file 100 ms from now: exactly one event.
+        let read_later = || {
+            let p = path.clone();
+            std::thread::spawn(move || {
+                let f = File::open(p)?;
+                std::thread::sleep(Duration::from_millis(100));
+                let mut b = [0u8; 5];
+                f.read_exact_at(&mut b, 0).map(|()| b)
+            })
+        };
+        let allow_one = |events: &mut Vec<Event>| {
+            assert_eq!(events.len(), 1);
+            group
+                .respond(events.pop().unwrap(), Response::Allow)
+                .unwrap();
+        };
+
+        // Idle (no events served yet): no spin, so a zero wait finds nothing even though a
+        // read comes 100 ms later; a waiting call gets it.
+        let first = read_later();
+        assert!(!reader.next(&group, &mut events, 0).unwrap());
+        assert!(events.is_empty());
+        assert!(reader.next(&group, &mut events, 5000).unwrap());
+        allow_one(&mut events);
+        assert_eq!(&first.join().unwrap().unwrap(), b"bytes");
+
+        // Hot (the last call found events): a zero wait still catches a read that comes
+        // 100 ms later, within the 1 s spin.
+        let second = read_later();
+        assert!(reader.next(&group, &mut events, 0).unwrap());
+        allow_one(&mut events);
+        assert_eq!(&second.join().unwrap().unwrap(), b"bytes");
+
+        // A spin that finds nothing (none comes) ends in the wait, and leaves it idle.
+        assert!(!reader.next(&group, &mut events, 0).unwrap());
+        assert!(!reader.hot);
     }
 }
