@@ -1568,7 +1568,7 @@ const EVENT_WAIT_MS: u16 = 50;
 /// whatever the runtime's workers are doing (a worker blocked in such a write can never
 /// hold up the reader). Readers' events go to the runtime.
 fn event_thread(inner: Arc<Inner>) {
-    ON_EVENT_THREAD.with(|c| c.set(true));
+    become_event_thread();
     // Handlers polled here (see `dispatch_now`) may start timers and blocking tasks.
     let _runtime = inner
         .runtime
@@ -1582,20 +1582,24 @@ fn event_thread(inner: Arc<Inner>) {
             warn!(error = %e, "reading fanotify events");
             std::thread::sleep(Duration::from_millis(10));
         }
+        let mut at_once = false;
         for event in events.drain(..) {
-            dispatch(&inner, event);
+            at_once |= dispatch(&inner, event);
         }
+        reader.answered_at_once(at_once);
     }
 }
 
-fn dispatch(inner: &Arc<Inner>, event: Event) {
+/// Serves one event; returns whether it was answered here and now (not handed to the
+/// runtime or held at the gate).
+fn dispatch(inner: &Arc<Inner>, event: Event) -> bool {
     if event.is_overflow() {
         // Cannot happen with FAN_UNLIMITED_QUEUE; if it does, readers were let through.
         warn!("fanotify queue overflow: some reads were not intercepted");
-        return;
+        return false;
     }
     if !event.needs_response() {
-        return;
+        return false;
     }
     if let Some(j) = &inner.journal {
         j.seen(event.id());
@@ -1608,7 +1612,7 @@ fn dispatch(inner: &Arc<Inner>, event: Event) {
         if let Err(e) = inner.group.respond(event, Response::Allow) {
             warn!(event = %id, error = %e, "answering fanotify event");
         }
-        return;
+        return true;
     }
     if let Some(j) = &inner.journal
         && let Some(fd) = event.file()
@@ -1619,10 +1623,10 @@ fn dispatch(inner: &Arc<Inner>, event: Event) {
         let mut gate = inner.gate.lock().unwrap();
         if let Some(held) = gate.as_mut() {
             held.push(event);
-            return;
+            return false;
         }
     }
-    dispatch_now(inner, event);
+    dispatch_now(inner, event)
 }
 
 thread_local! {
@@ -1633,6 +1637,33 @@ thread_local! {
 
 fn on_event_thread() -> bool {
     ON_EVENT_THREAD.with(|c| c.get())
+}
+
+/// Makes the calling thread an event thread: [`serve_here_or_spawn`] polls handlers here
+/// once, and work that must not hold up an event thread leaves it ([`LeaveEventThread`]).
+/// The thread must have entered the engine's runtime.
+pub(crate) fn become_event_thread() {
+    ON_EVENT_THREAD.with(|c| c.set(true));
+}
+
+/// On an event thread ([`become_event_thread`]), polls `task` once right here: a handler
+/// whose answer needs nothing it has to wait for (bytes at hand, a file already complete)
+/// is done without a hop to the runtime, which on a VM costs tens of microseconds (waking a
+/// worker on a halted CPU). A task that has to wait, or reaches work that must not run on
+/// an event thread, goes to `runtime` as it stands, where it is polled again at once (the
+/// first poll had no waker to call). Returns whether the task finished here.
+pub(crate) fn serve_here_or_spawn(
+    runtime: &tokio::runtime::Handle,
+    mut task: BoxFuture<'static, ()>,
+) -> bool {
+    if on_event_thread() {
+        let mut cx = std::task::Context::from_waker(futures::task::noop_waker_ref());
+        if task.as_mut().poll(&mut cx).is_ready() {
+            return true;
+        }
+    }
+    runtime.spawn(task);
+    false
 }
 
 /// A future that, polled on the event thread, is pending once (and wakes itself), and is
@@ -1663,33 +1694,23 @@ fn off_event_thread() -> LeaveEventThread {
     LeaveEventThread(false)
 }
 
-/// Serves one reader's event (journal already written). On the event thread the handler is
-/// polled once right here: a miss whose bytes are at hand (a source that answers at once)
-/// is filled and answered without a hop to the runtime. A handler that has to wait (a fetch,
-/// a fill in flight, a delivery), or reaches work that must not run on the event thread
-/// ([`LeaveEventThread`]), goes to the runtime as it stands, where it is polled again at
-/// once (the first poll had no waker to call).
-fn dispatch_now(inner: &Arc<Inner>, event: Event) {
+/// Serves one reader's event (journal already written): on the event thread, a miss whose
+/// bytes are at hand (a source that answers at once) is filled and answered without a hop
+/// to the runtime ([`serve_here_or_spawn`]). Returns whether it was answered here.
+fn dispatch_now(inner: &Arc<Inner>, event: Event) -> bool {
     inner.counters.events.fetch_add(1, Ordering::Relaxed);
     inner.inflight_events.fetch_add(1, Ordering::SeqCst);
     let started = Instant::now();
     let task_inner = inner.clone();
-    let mut task = async move {
+    let task = async move {
         let result = serve_event(&task_inner, &event).await;
         answer(&task_inner, event, result, started);
     }
     .boxed();
-    if on_event_thread() {
-        let mut cx = std::task::Context::from_waker(futures::task::noop_waker_ref());
-        if task.as_mut().poll(&mut cx).is_ready() {
-            return;
-        }
-    }
-    inner
-        .runtime
-        .get()
-        .expect("set before events are read")
-        .spawn(task);
+    serve_here_or_spawn(
+        inner.runtime.get().expect("set before events are read"),
+        task,
+    )
 }
 
 /// Answers a reader's event with the result of its fill and accounts for it.

@@ -303,6 +303,10 @@ impl Drop for OverlayWatcher {
 }
 
 fn event_thread(inner: Arc<Inner>) {
+    // Opens of files that need no fill are answered right here (`serve_here_or_spawn`);
+    // the rest go to the engine's runtime.
+    let _runtime = inner.runtime.enter();
+    crate::fill::become_event_thread();
     let mut reader = EventReader::new(inner.event_spin);
     let mut events = Vec::new();
     while !inner.stopping.load(Ordering::SeqCst) {
@@ -310,15 +314,18 @@ fn event_thread(inner: Arc<Inner>) {
             warn!(error = %e, "reading overlay open events");
             std::thread::sleep(Duration::from_millis(10));
         }
+        let mut at_once = false;
         for event in events.drain(..) {
-            dispatch(&inner, event);
+            at_once |= dispatch(&inner, event);
         }
+        reader.answered_at_once(at_once);
     }
 }
 
-fn dispatch(inner: &Arc<Inner>, event: Event) {
+/// Serves one open; returns whether it was answered here and now.
+fn dispatch(inner: &Arc<Inner>, event: Event) -> bool {
     if !event.needs_response() {
-        return;
+        return false;
     }
     if let Some(j) = &inner.journal {
         j.seen(event.id());
@@ -330,7 +337,7 @@ fn dispatch(inner: &Arc<Inner>, event: Event) {
         .filter(|st| (st.st_mode & libc::S_IFMT) == libc::S_IFREG && st.st_size > 0);
     let Some(st) = target else {
         answer(inner, event, Response::Allow, false);
-        return;
+        return true;
     };
     let lower_dev = inner
         .watched
@@ -347,7 +354,7 @@ fn dispatch(inner: &Arc<Inner>, event: Event) {
             "open on an overlay this daemon does not know; refused (EPERM)"
         );
         answer(inner, event, Response::DenyPlain, false);
-        return;
+        return true;
     };
     let lower = FileId::new(lower_dev, st.st_ino);
     if let Some(j) = &inner.journal {
@@ -358,7 +365,7 @@ fn dispatch(inner: &Arc<Inner>, event: Event) {
     let began = Instant::now();
     let fut = (inner.filler)(lower);
     let inner2 = inner.clone();
-    inner.runtime.spawn(async move {
+    let task = async move {
         let response = match fut.await {
             Ok(()) => {
                 loader_ahead(&inner2, lower, st.st_dev, 0);
@@ -375,7 +382,8 @@ fn dispatch(inner: &Arc<Inner>, event: Event) {
         inner2.held_max_us.fetch_max(held, Ordering::Relaxed);
         inner2.inflight.fetch_sub(1, Ordering::SeqCst);
         debug!(ino = st.st_ino, us = held, "overlay open answered");
-    });
+    };
+    crate::fill::serve_here_or_spawn(&inner.runtime, Box::pin(task))
 }
 
 /// Deepest chain of libraries [`loader_ahead`] follows from an opened file.

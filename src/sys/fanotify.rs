@@ -793,7 +793,9 @@ impl AsyncGroup {
 /// 50 µs after each (`examples/fill_bench`). A reader that misses page after page raises
 /// its next event within microseconds of being let through, so a short spin catches it.
 /// The spin costs at most `spin` of CPU per batch of events, and nothing while no events
-/// come: the reader only spins after it has served some.
+/// come: the reader only spins after a batch that was answered at once (the caller says so,
+/// [`EventReader::answered_at_once`]); a reader whose event waits for a fetch raises no
+/// new one soon.
 pub struct EventReader {
     buf: Vec<u8>,
     spin: std::time::Duration,
@@ -834,6 +836,12 @@ impl EventReader {
         let got = group.wait_events(&mut self.buf, out, timeout_ms)?;
         self.hot = got;
         Ok(got)
+    }
+
+    /// Whether any event of the batch just read was answered at once: only then does the
+    /// next call spin. Without this call, any batch counts.
+    pub fn answered_at_once(&mut self, any: bool) {
+        self.hot = any;
     }
 }
 
@@ -987,5 +995,18 @@ mod reader_tests {
         // A spin that finds nothing (none comes) ends in the wait, and leaves it idle.
         assert!(!reader.next(&group, &mut events, 0).unwrap());
         assert!(!reader.hot);
+
+        // A batch its caller did not answer at once: no spin after it.
+        let third = read_later();
+        assert!(reader.next(&group, &mut events, 5000).unwrap());
+        reader.answered_at_once(false);
+        let held = events.pop().unwrap();
+        let fourth = read_later();
+        assert!(!reader.next(&group, &mut events, 0).unwrap());
+        group.respond(held, Response::Allow).unwrap();
+        assert_eq!(&third.join().unwrap().unwrap(), b"bytes");
+        assert!(reader.next(&group, &mut events, 5000).unwrap());
+        allow_one(&mut events);
+        assert_eq!(&fourth.join().unwrap().unwrap(), b"bytes");
     }
 }
