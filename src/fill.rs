@@ -762,8 +762,27 @@ struct Counters {
     completed: AtomicU64,
     /// Fills that waited for a delivery that then passed their file.
     delivered: AtomicU64,
-    /// log2 buckets of event service time in microseconds.
-    latency: [AtomicU64; 32],
+    /// Event service times.
+    latency: LatencyHistogram,
+}
+
+/// Times in log2 buckets of microseconds (bucket `i` holds `[2^i, 2^(i+1))` µs), lock-free:
+/// what a metrics histogram and the status percentiles are made from.
+#[derive(Default)]
+pub struct LatencyHistogram([AtomicU64; 32]);
+
+impl LatencyHistogram {
+    /// Counts one time.
+    pub fn record(&self, took: Duration) {
+        let us = u64::try_from(took.as_micros()).unwrap_or(u64::MAX).max(1);
+        let bucket = (63 - us.leading_zeros() as usize).min(31);
+        self.0[bucket].fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// The count per bucket so far.
+    pub fn buckets(&self) -> Vec<u64> {
+        self.0.iter().map(|b| b.load(Ordering::Relaxed)).collect()
+    }
 }
 
 /// A snapshot of the engine's progress and health.
@@ -1333,6 +1352,24 @@ impl Engine {
         }
     }
 
+    /// Lets go of `delivery` for the files in `ids` still expecting it (once it has ended:
+    /// a stream that stopped before their bytes came). Each file's hold on it (and the
+    /// working state kept for it) goes now, not when a reader next touches the file.
+    pub fn delivery_ended(&self, ids: &[FileId], delivery: &Arc<Delivery>) {
+        for &id in ids {
+            if let Some(entry) = self.entry(id) {
+                let mut st = entry.state.lock().unwrap();
+                if st
+                    .busy
+                    .expected()
+                    .is_some_and(|(d, _)| Arc::ptr_eq(d, delivery))
+                {
+                    st.busy.set_expected(None);
+                }
+            }
+        }
+    }
+
     /// Registers a placeholder whose chunks `filled` (at granularity `chunk`) are known to be
     /// present already (progress recorded before a restart). A file whose recorded chunks
     /// cover it is complete at once and keeps no mark. Progress recorded at another
@@ -1444,12 +1481,7 @@ impl Engine {
     /// Event service times so far: count per log2 bucket of microseconds (bucket `i` holds
     /// times in `[2^i, 2^(i+1))` µs), for a metrics histogram.
     pub fn latency_histogram(&self) -> Vec<u64> {
-        self.inner
-            .counters
-            .latency
-            .iter()
-            .map(|b| b.load(Ordering::Relaxed))
-            .collect()
+        self.inner.counters.latency.buckets()
     }
 
     /// A snapshot of progress counters.
@@ -1465,11 +1497,7 @@ impl Engine {
             bytes_total += e.size;
             bytes_filled += e.bytes_filled(&e.state.lock().unwrap());
         }
-        let buckets: Vec<u64> = c
-            .latency
-            .iter()
-            .map(|b| b.load(Ordering::Relaxed))
-            .collect();
+        let buckets = c.latency.buckets();
         Stats {
             files: files as u64,
             files_complete: c.completed.load(Ordering::Relaxed),
@@ -1724,9 +1752,7 @@ fn answer(inner: &Inner, event: Event, result: FillResult, started: Instant) {
         }
     };
     respond(inner, event, response);
-    let us = started.elapsed().as_micros().max(1) as u64;
-    let bucket = (63 - us.leading_zeros() as usize).min(31);
-    inner.counters.latency[bucket].fetch_add(1, Ordering::Relaxed);
+    inner.counters.latency.record(started.elapsed());
     inner.inflight_events.fetch_sub(1, Ordering::SeqCst);
 }
 
@@ -2747,6 +2773,48 @@ mod tests {
             !busy(),
             "complete: the delivery, fills and writer are let go"
         );
+    }
+
+    #[test]
+    fn a_delivery_that_ends_short_is_let_go_by_the_files_it_did_not_bring() {
+        // Inode marks on temp files only; nothing is read.
+        let dir = tempfile::tempdir().unwrap();
+        let src = dir.path().join("src");
+        std::fs::write(&src, vec![7u8; 10_000]).unwrap();
+        let engine = Engine::start(EngineConfig::default()).unwrap();
+        let ids: Vec<FileId> = (0..2)
+            .map(|i| {
+                let path = dir.path().join(format!("f{i}"));
+                File::create(&path).unwrap().set_len(10_000).unwrap();
+                engine
+                    .register(Placeholder {
+                        path: path.into(),
+                        size: 10_000,
+                        source: Arc::new(LocalFileSource::open(&src).unwrap()),
+                        file: 0,
+                        verify: Verify::None,
+                    })
+                    .unwrap()
+            })
+            .collect();
+        let busy = |id| {
+            engine
+                .entry(id)
+                .unwrap()
+                .state
+                .lock()
+                .unwrap()
+                .busy
+                .0
+                .is_some()
+        };
+        let (stream, other) = (Delivery::start(), Delivery::start());
+        engine.expect(ids[0], &stream, 10_000);
+        engine.expect(ids[1], &other, 10_000);
+        stream.end();
+        engine.delivery_ended(&ids, &stream);
+        assert!(!busy(ids[0]), "the ended delivery is let go");
+        assert!(busy(ids[1]), "another delivery still expected is kept");
     }
 
     #[test]

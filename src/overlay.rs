@@ -35,7 +35,9 @@ use nix::fcntl::OFlag;
 use nix::sys::stat::fstat;
 use tracing::{debug, info, warn};
 
-use crate::fill::{CompleteOpener, Engine, EventJournal, FileId, Filler, error_chain};
+use crate::fill::{
+    CompleteOpener, Engine, EventJournal, FileId, Filler, LatencyHistogram, error_chain,
+};
 use crate::sys::fanotify::{
     Event, EventReader, FAN_OPEN_EXEC_PERM, FAN_OPEN_PERM, FanotifyError, Group, GroupClass,
     Response,
@@ -105,6 +107,8 @@ struct Inner {
     /// Microseconds opens were held, summed over every answered open, and the longest.
     held_us: AtomicU64,
     held_max_us: AtomicU64,
+    /// How long each answered open was held.
+    held_times: LatencyHistogram,
     stopping: AtomicBool,
 }
 
@@ -163,6 +167,7 @@ impl OverlayWatcher {
                 opens: AtomicU64::new(0),
                 held_us: AtomicU64::new(0),
                 held_max_us: AtomicU64::new(0),
+                held_times: LatencyHistogram::default(),
                 inflight: AtomicU64::new(0),
                 stopping: AtomicBool::new(false),
             }),
@@ -282,6 +287,12 @@ impl OverlayWatcher {
             Duration::from_micros(self.inner.held_max_us.load(Ordering::Relaxed)),
         )
     }
+
+    /// How long answered opens were held, per log2 bucket of microseconds
+    /// ([`LatencyHistogram`]), for a metrics histogram.
+    pub fn held_histogram(&self) -> Vec<u64> {
+        self.inner.held_times.buckets()
+    }
 }
 
 impl OverlayWatcher {
@@ -377,7 +388,9 @@ fn dispatch(inner: &Arc<Inner>, event: Event) -> bool {
             }
         };
         answer(&inner2, event, response, true);
-        let held = u64::try_from(began.elapsed().as_micros()).unwrap_or(u64::MAX);
+        let took = began.elapsed();
+        inner2.held_times.record(took);
+        let held = u64::try_from(took.as_micros()).unwrap_or(u64::MAX);
         inner2.held_us.fetch_add(held, Ordering::Relaxed);
         inner2.held_max_us.fetch_max(held, Ordering::Relaxed);
         inner2.inflight.fetch_sub(1, Ordering::SeqCst);

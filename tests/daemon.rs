@@ -7,7 +7,7 @@ use std::io::Read;
 use std::time::{Duration, Instant};
 
 use fanfill::api::{Request, Response};
-use fsutil::daemonproc::{DaemonProc, bin, build_image, holder_marks};
+use fsutil::daemonproc::{DaemonProc, bin, build_image, get_metrics, holder_marks};
 use fsutil::within;
 
 #[test]
@@ -205,15 +205,7 @@ fn cli_pull_status_rm_and_clear_errors() {
     assert!(got == files[1].1);
     // Prometheus metrics: one miss served, its latency in the histogram.
     // (The latency is recorded just after the answer: poll briefly.)
-    let get_metrics = || {
-        use std::io::Write;
-        let mut c = std::net::TcpStream::connect(&metrics_addr).unwrap();
-        c.write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n")
-            .unwrap();
-        let mut s = String::new();
-        c.read_to_string(&mut s).unwrap();
-        s
-    };
+    let get_metrics = || get_metrics(&metrics_addr);
     let deadline = Instant::now() + Duration::from_secs(5);
     let mut metrics = get_metrics();
     while !metrics.contains("fanfill_fill_latency_seconds_count 1") && Instant::now() < deadline {

@@ -11,7 +11,7 @@ use std::thread::JoinHandle;
 use std::time::Duration;
 
 use fanfill::api::{LayoutMode, RegistrySettings, Request, Response};
-use fsutil::daemonproc::{DaemonProc, build_image};
+use fsutil::daemonproc::{DaemonProc, build_image, get_metrics};
 use fsutil::{LoopFs, OverlayMount, within};
 
 type Reader = JoinHandle<(String, std::io::Result<Vec<u8>>)>;
@@ -89,7 +89,16 @@ fn issue20_overlay_readers_get_the_image_bytes_across_sigkill_and_sigterm() {
     std::fs::create_dir(&state).unwrap();
     let (reference, files) = build_image(&fs.mnt.join("img"), "1", 24, 900);
     // Every fetch takes 1.5 s: readers are still blocked when the daemon dies.
-    let slow = ["--test-fetch-delay-ms", "1500"];
+    let metrics_addr = {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        format!("127.0.0.1:{}", l.local_addr().unwrap().port())
+    };
+    let slow = [
+        "--test-fetch-delay-ms",
+        "1500",
+        "--metrics-addr",
+        &metrics_addr,
+    ];
     let mut d = DaemonProc::start(&state, &slow);
     let (layers, ovl) = watched_overlay(&d, &fs, &reference);
     let merged = ovl.merged.clone();
@@ -106,6 +115,14 @@ fn issue20_overlay_readers_get_the_image_bytes_across_sigkill_and_sigterm() {
         ds.overlay_open_held_max_ms >= 1500
             && ds.overlay_open_held_ms >= ds.overlay_open_held_max_ms,
         "{ds:?}"
+    );
+    // And so do the metrics: three opens, none held under a second (2^20 µs).
+    let metrics = get_metrics(&metrics_addr);
+    assert!(
+        metrics.contains("fanfill_overlay_opens_total 3")
+            && metrics.contains("fanfill_overlay_open_held_seconds_bucket{le=\"1.048576\"} 0")
+            && metrics.contains("fanfill_overlay_open_held_seconds_count 3"),
+        "{metrics}"
     );
 
     // SIGKILL with readers blocked in open(2), and more arriving while no daemon runs.

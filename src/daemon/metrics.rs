@@ -1,8 +1,8 @@
 //! Prometheus metrics: the text exposition format over a tiny HTTP responder.
 //!
 //! Owns rendering the daemon's figures (misses, fill latency histogram, bytes fetched,
-//! errors, queue depth, per-image progress) and answering `GET` on `--metrics-addr` (off by
-//! default). Every request gets the metrics, whatever its path; no other HTTP is spoken.
+//! errors, queue depth, overlay opens and how long they were held, per-image progress) and
+//! answering `GET` on `--metrics-addr` (off by default). Every request gets the metrics, whatever its path; no other HTTP is spoken.
 //! The responder is bounded: [`MAX_CONNECTIONS`] at once, [`CONNECTION_DEADLINE`] for a
 //! request head of at most 8 KiB and again for the answer.
 
@@ -14,8 +14,45 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use crate::api::ImageStatus;
 use crate::fill::Stats;
 
+/// The overlay open watcher's figures ([`crate::overlay::OverlayWatcher`]).
+#[derive(Debug, Clone, Default)]
+pub struct OverlayFigures {
+    /// Opens of regular files through watched overlays, answered.
+    pub opens: u64,
+    /// Opens read and not answered yet.
+    pub inflight: u64,
+    /// How long opens were held, per log2 bucket of microseconds.
+    pub held: Vec<u64>,
+    /// Files the loader-aware read-ahead asked to fill.
+    pub loader_ahead: u64,
+}
+
+/// Writes a histogram of times from log2 buckets of microseconds (bucket `i` holds
+/// `[2^i, 2^(i+1))` µs); the sum is approximated by bucket midpoints.
+fn histogram(o: &mut String, name: &str, help: &str, buckets: &[u64]) {
+    let _ = writeln!(o, "# HELP {name} {help}\n# TYPE {name} histogram");
+    let mut cum = 0u64;
+    let mut sum = 0f64;
+    for (i, n) in buckets.iter().enumerate() {
+        cum += n;
+        sum += *n as f64 * 1.5 * (1u64 << i) as f64 / 1e6;
+        let le = (1u64 << (i + 1)) as f64 / 1e6;
+        let _ = writeln!(o, "{name}_bucket{{le=\"{le}\"}} {cum}");
+    }
+    let _ = writeln!(
+        o,
+        "{name}_bucket{{le=\"+Inf\"}} {cum}\n{name}_sum {sum}\n{name}_count {cum}"
+    );
+}
+
 /// Renders the metrics text.
-pub fn render(stats: &Stats, latency: &[u64], inflight: u64, images: &[ImageStatus]) -> String {
+pub fn render(
+    stats: &Stats,
+    latency: &[u64],
+    inflight: u64,
+    overlay: &OverlayFigures,
+    images: &[ImageStatus],
+) -> String {
     let mut o = String::new();
     let mut counter = |name: &str, help: &str, v: u64| {
         let _ = writeln!(o, "# HELP {name} {help}\n# TYPE {name} counter\n{name} {v}");
@@ -49,25 +86,32 @@ pub fn render(stats: &Stats, latency: &[u64], inflight: u64, images: &[ImageStat
         o,
         "# HELP fanfill_inflight_events Reader events being served now (queue depth).\n# TYPE fanfill_inflight_events gauge\nfanfill_inflight_events {inflight}"
     );
-    let _ = writeln!(
-        o,
-        "# HELP fanfill_fill_latency_seconds Time from reading an event to answering it.\n# TYPE fanfill_fill_latency_seconds histogram"
+    histogram(
+        &mut o,
+        "fanfill_fill_latency_seconds",
+        "Time from reading an event to answering it.",
+        latency,
     );
-    let mut cum = 0u64;
-    let mut sum = 0f64;
-    for (i, n) in latency.iter().enumerate() {
-        cum += n;
-        // Bucket i holds [2^i, 2^(i+1)) µs; approximate the sum by bucket midpoints.
-        sum += *n as f64 * 1.5 * (1u64 << i) as f64 / 1e6;
-        let le = (1u64 << (i + 1)) as f64 / 1e6;
-        let _ = writeln!(
-            o,
-            "fanfill_fill_latency_seconds_bucket{{le=\"{le}\"}} {cum}"
-        );
-    }
     let _ = writeln!(
         o,
-        "fanfill_fill_latency_seconds_bucket{{le=\"+Inf\"}} {cum}\nfanfill_fill_latency_seconds_sum {sum}\nfanfill_fill_latency_seconds_count {cum}"
+        "# HELP fanfill_overlay_opens_total Opens of regular files through watched overlays, answered.\n# TYPE fanfill_overlay_opens_total counter\nfanfill_overlay_opens_total {}",
+        overlay.opens
+    );
+    let _ = writeln!(
+        o,
+        "# HELP fanfill_overlay_opens_inflight Opens through watched overlays held now (waiting for their fill).\n# TYPE fanfill_overlay_opens_inflight gauge\nfanfill_overlay_opens_inflight {}",
+        overlay.inflight
+    );
+    histogram(
+        &mut o,
+        "fanfill_overlay_open_held_seconds",
+        "Time an open through a watched overlay was held, from reading it to answering it (its lower file's fill).",
+        &overlay.held,
+    );
+    let _ = writeln!(
+        o,
+        "# HELP fanfill_loader_ahead_total Files the loader-aware read-ahead asked to fill.\n# TYPE fanfill_loader_ahead_total counter\nfanfill_loader_ahead_total {}",
+        overlay.loader_ahead
     );
     let _ = writeln!(
         o,
@@ -175,11 +219,25 @@ mod tests {
             events: 4,
             ..Stats::default()
         };
-        let t = render(&s, &lat, 2, &[]);
+        let mut held = vec![0u64; 32];
+        held[13] = 2;
+        let overlay = OverlayFigures {
+            opens: 7,
+            inflight: 1,
+            held,
+            loader_ahead: 3,
+        };
+        let t = render(&s, &lat, 2, &overlay, &[]);
         assert!(t.contains("fanfill_misses_total 4"));
         assert!(t.contains("fanfill_inflight_events 2"));
         assert!(t.contains("fanfill_fill_latency_seconds_bucket{le=\"0.000032\"} 3"));
         assert!(t.contains("fanfill_fill_latency_seconds_bucket{le=\"+Inf\"} 4"));
         assert!(t.contains("fanfill_fill_latency_seconds_count 4"));
+        assert!(t.contains("fanfill_overlay_opens_total 7"));
+        assert!(t.contains("fanfill_overlay_opens_inflight 1"));
+        assert!(t.contains("fanfill_overlay_open_held_seconds_bucket{le=\"0.008192\"} 0"));
+        assert!(t.contains("fanfill_overlay_open_held_seconds_bucket{le=\"0.016384\"} 2"));
+        assert!(t.contains("fanfill_overlay_open_held_seconds_count 2"));
+        assert!(t.contains("fanfill_loader_ahead_total 3"));
     }
 }

@@ -1454,10 +1454,17 @@ impl Daemon {
     fn metrics(&self) -> String {
         let images: Vec<Arc<ImageRt>> = self.images.lock().unwrap().values().cloned().collect();
         let statuses: Vec<ImageStatus> = images.iter().map(|i| self.image_status(i)).collect();
+        let overlay = metrics::OverlayFigures {
+            opens: self.overlays.opens(),
+            inflight: self.overlays.inflight(),
+            held: self.overlays.held_histogram(),
+            loader_ahead: self.overlays.loader_ahead(),
+        };
         metrics::render(
             &self.engine.stats(),
             &self.engine.latency_histogram(),
             self.engine.inflight_events(),
+            &overlay,
             &statuses,
         )
     }

@@ -221,10 +221,15 @@ pub fn stream_fill_layer(
     }
     // Readers missing a file just ahead of the stream wait for it instead of fetching it
     // (a walk of the tree follows the stream); ended however this function returns.
-    let delivery = DeliveryGuard(Delivery::start());
+    let mut delivery = DeliveryGuard {
+        delivery: Delivery::start(),
+        engine,
+        expected: Vec::new(),
+    };
     for (offset, (_, size, ids)) in &want {
         for id in ids {
-            engine.expect(*id, &delivery.0, offset + size);
+            engine.expect(*id, &delivery.delivery, offset + size);
+            delivery.expected.push(*id);
         }
     }
     let digest = layer.to_string();
@@ -298,7 +303,7 @@ pub fn stream_fill_layer(
         let skip = offset - stats.bytes_read;
         let skipped = io::copy(&mut (&mut tar).take(skip), &mut io::sink()).map_err(err)?;
         stats.bytes_read += skipped;
-        delivery.0.advance(stats.bytes_read);
+        delivery.delivery.advance(stats.bytes_read);
         if skipped != skip {
             return Err(err(io::Error::new(
                 io::ErrorKind::UnexpectedEof,
@@ -334,7 +339,7 @@ pub fn stream_fill_layer(
                 }
             }
             at += len;
-            delivery.0.advance(stats.bytes_read);
+            delivery.delivery.advance(stats.bytes_read);
         }
     }
     // Background completion: the rest of the layer, so that its sha256 is known whole.
@@ -375,12 +380,18 @@ pub fn stream_fill_layer(
     Ok(stats)
 }
 
-/// Ends its delivery when dropped: waiters fetch what the stream did not bring.
-struct DeliveryGuard(Arc<Delivery>);
+/// Ends its delivery when dropped: waiters fetch what the stream did not bring, and the
+/// files it did not bring stop expecting it ([`Engine::delivery_ended`]).
+struct DeliveryGuard<'a> {
+    delivery: Arc<Delivery>,
+    engine: &'a Engine,
+    expected: Vec<FileId>,
+}
 
-impl Drop for DeliveryGuard {
+impl Drop for DeliveryGuard<'_> {
     fn drop(&mut self) {
-        self.0.end();
+        self.delivery.end();
+        self.engine.delivery_ended(&self.expected, &self.delivery);
     }
 }
 

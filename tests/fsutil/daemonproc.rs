@@ -183,6 +183,19 @@ impl Drop for DaemonProc {
 /// serves only root processes of the fanfill binary, not this test program: it is sent
 /// SIGTERM, by its recorded pid, once that pid is checked to be a holder on this state
 /// dir's socket.
+/// The daemon's Prometheus text from `--metrics-addr ADDR` (the whole HTTP answer).
+pub fn get_metrics(addr: &str) -> String {
+    use std::io::{Read, Write};
+    let mut c = std::net::TcpStream::connect(addr).unwrap();
+    c.set_read_timeout(Some(std::time::Duration::from_secs(10)))
+        .unwrap();
+    c.write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n")
+        .unwrap();
+    let mut s = String::new();
+    c.read_to_string(&mut s).unwrap();
+    s
+}
+
 pub fn stop_holder(state: &Path) {
     fanfill::daemon::holder::terminate(state);
 }
