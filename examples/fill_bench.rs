@@ -93,11 +93,12 @@ fn floor_handler(group: Arc<Group>, stop: Arc<AtomicBool>, data: Arc<Vec<u8>>, s
             continue;
         }
         for ev in events.drain(..) {
-            if let (Some(r), Some(fd)) = (ev.range(), ev.clone_file().ok().flatten()) {
-                let f = File::from(fd);
+            // Straight through the event's own fd (no dup, as the engine does).
+            if let (Some(r), Some(fd)) = (ev.range(), ev.file()) {
                 let end = (r.offset + r.count.max(PAGE)).min(data.len() as u64);
                 if r.offset < end {
-                    let _ = f.write_all_at(&data[r.offset as usize..end as usize], r.offset);
+                    let bytes = &data[r.offset as usize..end as usize];
+                    let _ = nix::sys::uio::pwrite(fd, bytes, r.offset as i64);
                 }
             }
             let _ = group.respond(ev, Response::Allow);

@@ -1594,7 +1594,8 @@ const EVENT_WAIT_MS: u16 = 50;
 /// Reads the group's events on a thread of its own, not a runtime task: the engine's own
 /// writes block until their event is answered, and this thread answers those at once
 /// whatever the runtime's workers are doing (a worker blocked in such a write can never
-/// hold up the reader). Readers' events go to the runtime.
+/// hold up the reader). Readers' events are served here when their bytes are at hand and
+/// go to the runtime otherwise ([`serve_here_or_spawn`]).
 fn event_thread(inner: Arc<Inner>) {
     become_event_thread();
     // Handlers polled here (see `dispatch_now`) may start timers and blocking tasks.
@@ -1658,8 +1659,8 @@ fn dispatch(inner: &Arc<Inner>, event: Event) -> bool {
 }
 
 thread_local! {
-    /// Set on the event thread, which polls handlers once before handing them to the
-    /// runtime ([`dispatch_now`]).
+    /// Set on an event thread (the engine's, the overlay watcher's), which polls handlers
+    /// once before handing them to the runtime ([`serve_here_or_spawn`]).
     static ON_EVENT_THREAD: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
 }
 
@@ -1694,11 +1695,11 @@ pub(crate) fn serve_here_or_spawn(
     false
 }
 
-/// A future that, polled on the event thread, is pending once (and wakes itself), and is
-/// ready anywhere else: a handler awaits it before work that must not run on the event
-/// thread (a write through an fd that raises events, which only the event thread answers;
-/// hashing or writing a large run), so the event thread's single poll stops there and the
-/// rest runs on the runtime.
+/// A future that, polled on an event thread, is pending once (and wakes itself), and is
+/// ready anywhere else: a handler awaits it before work that must not run on an event
+/// thread (a write through an fd that raises events, which only the engine's event thread
+/// answers; hashing or writing a large run; a whole-file fill's source reads), so the
+/// event thread's single poll stops there and the rest runs on the runtime.
 struct LeaveEventThread(bool);
 
 impl std::future::Future for LeaveEventThread {
@@ -2392,6 +2393,10 @@ async fn prefetch_entry(inner: &Arc<Inner>, entry: &Arc<FileEntry>) -> FillResul
     if entry.state.lock().unwrap().complete {
         return Ok(());
     }
+    // A whole-file fill starts its source reads (a blob cache's reads, copies, window
+    // decodes) before its first wait: not on an event thread, whose other events would
+    // wait behind it. A complete file is answered there at once (above).
+    off_event_thread().await;
     // Its writes raise no event (a notification-free fd), or one the event thread allows at once.
     let size = current_size(entry)?;
     ensure_range(inner, entry, 0, u64::MAX, size, None).await

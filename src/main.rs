@@ -118,11 +118,13 @@ struct DaemonArgs {
     /// its own (a tree walk then reads at the stream's speed); 0: never wait.
     #[arg(long, default_value_t = 1000, value_name = "MS")]
     delivery_wait_ms: u64,
-    /// After serving a batch of fill or open events, keep reading for this many
-    /// microseconds before sleeping: a reader's next miss is then served without waking a
-    /// halted CPU (about 30 µs per event on a VM). Costs at most this much CPU per batch,
-    /// none while idle; 0: never spin.
-    #[arg(long, default_value_t = 50, value_name = "US")]
+    /// After a batch of fill or open events answered at once (bytes at hand, files already
+    /// complete), keep reading for this many microseconds before sleeping: a reader's next
+    /// miss is then served without waking a halted CPU (about 30 µs per event on a VM).
+    /// Costs at most this much CPU per batch, none while idle or while every reader waits
+    /// on a fetch; 0: never spin; at most 1000.
+    #[arg(long, default_value_t = 50, value_name = "US",
+          value_parser = clap::value_parser!(u64).range(0..=1000))]
     event_spin_us: u64,
     /// When a container opens a small file (up to 256 KiB), also read this many KiB of its
     /// layer past it in the same request and fill every file wholly inside: files opened

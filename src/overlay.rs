@@ -21,8 +21,10 @@
 //!
 //! A refused open fails with `EPERM`, not `EIO`: the kernel takes a chosen errno
 //! (`FAN_DENY_ERRNO`) only from pre-content groups and refuses the answer from this class,
-//! which would leave the opener blocked; a plain `FAN_DENY` is what remains. It never unpacks, fetches or writes file data itself (the engine
-//! does), and never marks anything but the overlay mounts it is given.
+//! which would leave the opener blocked; a plain `FAN_DENY` is what remains. It never
+//! unpacks, fetches or writes file data itself (the engine does, on its runtime: only an
+//! open that needs no fill is answered on the watcher's own thread), and never marks
+//! anything but the overlay mounts it is given.
 
 use std::collections::{HashMap, HashSet};
 use std::os::fd::AsFd;

@@ -117,7 +117,15 @@ fn issue20_overlay_readers_get_the_image_bytes_across_sigkill_and_sigterm() {
         "{ds:?}"
     );
     // And so do the metrics: three opens, none held under a second (2^20 µs).
-    let metrics = get_metrics(&metrics_addr);
+    // (An open's time is recorded just after its answer: poll briefly.)
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    let mut metrics = get_metrics(&metrics_addr);
+    while !metrics.contains("fanfill_overlay_open_held_seconds_count 3")
+        && std::time::Instant::now() < deadline
+    {
+        std::thread::sleep(Duration::from_millis(20));
+        metrics = get_metrics(&metrics_addr);
+    }
     assert!(
         metrics.contains("fanfill_overlay_opens_total 3")
             && metrics.contains("fanfill_overlay_open_held_seconds_bucket{le=\"1.048576\"} 0")

@@ -1246,7 +1246,8 @@ fn report_md(r: &Value) -> String {
     let _ = writeln!(
         s,
         "\nKernel floor of one fill (bare pre-content handler writing 4 KiB through the event \
-         fd, no engine, no network; method of `examples/fill_bench.rs`, {} pages): p50 {:.1} µs, \
+         fd, reading events as the engine does, spinning briefly after each; no engine, no \
+         network; method of `examples/fill_bench.rs`, {} pages): p50 {:.1} µs, \
          p99 {:.1} µs. Engine latency is the service time of one pre-content event (log2 \
          buckets, upper bound) and includes the registry round trip and inflation; overlay \
          variants fill on open, outside that histogram. Files filled counts completed files \

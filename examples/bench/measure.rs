@@ -434,9 +434,8 @@ pub fn kernel_floor(dir: &Path, pages: u64) -> Result<(f64, f64)> {
                         continue;
                     }
                     for ev in events.drain(..) {
-                        if let (Some(r), Some(fd)) = (ev.range(), ev.clone_file().ok().flatten()) {
-                            let f = File::from(fd);
-                            let _ = f.write_all_at(&d, r.offset);
+                        if let (Some(r), Some(fd)) = (ev.range(), ev.file()) {
+                            let _ = nix::sys::uio::pwrite(fd, &d, r.offset as i64);
                         }
                         let _ = g.respond(ev, Response::Allow);
                     }

@@ -17,7 +17,7 @@ use crate::fill::Stats;
 /// The overlay open watcher's figures ([`crate::overlay::OverlayWatcher`]).
 #[derive(Debug, Clone, Default)]
 pub struct OverlayFigures {
-    /// Opens of regular files through watched overlays, answered.
+    /// Opens of regular files through watched overlays, counted when read.
     pub opens: u64,
     /// Opens read and not answered yet.
     pub inflight: u64,
@@ -94,7 +94,7 @@ pub fn render(
     );
     let _ = writeln!(
         o,
-        "# HELP fanfill_overlay_opens_total Opens of regular files through watched overlays, answered.\n# TYPE fanfill_overlay_opens_total counter\nfanfill_overlay_opens_total {}",
+        "# HELP fanfill_overlay_opens_total Opens of regular files through watched overlays (counted when read).\n# TYPE fanfill_overlay_opens_total counter\nfanfill_overlay_opens_total {}",
         overlay.opens
     );
     let _ = writeln!(

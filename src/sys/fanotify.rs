@@ -246,10 +246,10 @@ pub struct EventRange {
     pub count: u64,
 }
 
-/// One event read from a group. Owns the event's file (and pidfd, if reported); dropping an
-/// unanswered permission event closes its fd, which the kernel treats as "no answer yet": a
-/// blocked reader stays blocked until the group is closed. Answer every event with
-/// [`Group::respond`].
+/// One event read from a group. Holds the event's file (shared with whoever took it with
+/// [`Event::share_file`]) and its pidfd, if reported. Dropping an unanswered permission
+/// event does not answer it: the kernel keeps the reader blocked until the event is
+/// answered by number or the group is closed. Answer every event with [`Group::respond`].
 #[derive(Debug)]
 pub struct Event {
     mask: u64,
@@ -294,8 +294,8 @@ impl Event {
         self.fd.as_ref().map(|f| f.try_clone()).transpose()
     }
 
-    /// The event's file, shared: it stays open (the same open file, no `dup`) until the
-    /// event is answered and every holder has let it go.
+    /// The event's file, shared (the same open file, no `dup`): it stays open until the
+    /// event and every holder have let it go; the answer does not need it.
     pub fn share_file(&self) -> Option<Arc<OwnedFd>> {
         self.fd.clone()
     }
@@ -604,7 +604,8 @@ impl Group {
         }
     }
 
-    /// Answers an event and closes its fd. Events that need no answer are just dropped.
+    /// Answers an event and lets go of it (its fd closes unless a holder shared it). Events
+    /// that need no answer are just dropped.
     pub fn respond(&self, event: Event, response: Response) -> Result<(), FanotifyError> {
         if !event.needs_response() {
             return Ok(());

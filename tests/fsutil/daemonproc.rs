@@ -179,10 +179,6 @@ impl Drop for DaemonProc {
     }
 }
 
-/// Stops the fd holder of the daemon with state dir `state` (its group closes). The holder
-/// serves only root processes of the fanfill binary, not this test program: it is sent
-/// SIGTERM, by its recorded pid, once that pid is checked to be a holder on this state
-/// dir's socket.
 /// The daemon's Prometheus text from `--metrics-addr ADDR` (the whole HTTP answer).
 pub fn get_metrics(addr: &str) -> String {
     use std::io::{Read, Write};
@@ -196,6 +192,10 @@ pub fn get_metrics(addr: &str) -> String {
     s
 }
 
+/// Stops the fd holder of the daemon with state dir `state` (its group closes). The holder
+/// serves only root processes of the fanfill binary, not this test program: it is sent
+/// SIGTERM, by its recorded pid, once that pid is checked to be a holder on this state
+/// dir's socket.
 pub fn stop_holder(state: &Path) {
     fanfill::daemon::holder::terminate(state);
 }
