@@ -2732,6 +2732,20 @@ mod tests {
         );
     }
 
+    /// Whether the engine keeps working state (fills, a writer, an expected delivery) for
+    /// the file.
+    fn holds_busy_state(engine: &Engine, id: FileId) -> bool {
+        engine
+            .entry(id)
+            .unwrap()
+            .state
+            .lock()
+            .unwrap()
+            .busy
+            .0
+            .is_some()
+    }
+
     #[test]
     fn a_file_completed_while_a_delivery_was_expected_keeps_nothing_of_it() {
         // Inode marks on temp files only; the fill reads a local file, nothing blocks.
@@ -2753,17 +2767,7 @@ mod tests {
                 verify: Verify::Whole(Sha256::of(&data)),
             })
             .unwrap();
-        let busy = || {
-            engine
-                .entry(id)
-                .unwrap()
-                .state
-                .lock()
-                .unwrap()
-                .busy
-                .0
-                .is_some()
-        };
+        let busy = || holds_busy_state(&engine, id);
         let delivery = Delivery::start();
         // Far down the stream: the fill fetches rather than waits, and completes the file
         // while the delivery is still expected.
@@ -2802,17 +2806,7 @@ mod tests {
                     .unwrap()
             })
             .collect();
-        let busy = |id| {
-            engine
-                .entry(id)
-                .unwrap()
-                .state
-                .lock()
-                .unwrap()
-                .busy
-                .0
-                .is_some()
-        };
+        let busy = |id| holds_busy_state(&engine, id);
         let (stream, other) = (Delivery::start(), Delivery::start());
         engine.expect(ids[0], &stream, 10_000);
         engine.expect(ids[1], &other, 10_000);
