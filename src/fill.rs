@@ -203,11 +203,12 @@ pub struct EngineConfig {
     /// that has not arrived within twice the wait is given up for that file (it is
     /// fetched). Zero: never wait. Default 1 s (`examples/walk.rs`, README "Benchmarks").
     pub delivery_wait: Duration,
-    /// After serving events, the event thread keeps reading for this long before it
-    /// sleeps, so that a reader's next miss (which comes within microseconds when its
-    /// bytes are local) is served without the cost of waking a halted CPU: about 30 µs per
-    /// event on a VM ([`EventReader`]). At most this much CPU per batch of events, none
-    /// while idle. Zero: never spin. Default 50 µs (`examples/fill_bench`).
+    /// After a batch of events answered at once (bytes at hand), the event thread keeps
+    /// reading for this long before it sleeps, so that a reader's next miss (which comes
+    /// within microseconds) is served without the cost of waking a halted CPU: about 30 µs
+    /// per event on a VM ([`EventReader`]). At most this much CPU per batch, none while
+    /// idle or while every reader waits on a fetch. Zero: never spin. Default 50 µs
+    /// (`examples/fill_bench`).
     pub event_spin: Duration,
 }
 
@@ -2013,14 +2014,8 @@ async fn fetch_run(
 ) -> Result<Vec<u8>, FillError> {
     let timeout = inner.config.fetch_timeout;
     let started = Instant::now();
-    let mut read = entry.source.read_at(entry.file, offset, len);
-    // A source whose bytes are at hand answers at once: no timer for it.
-    let now = (&mut read).now_or_never();
-    let result = match now {
-        Some(r) => Ok(r),
-        None => tokio::time::timeout(timeout, read).await,
-    };
-    let data = match result {
+    let read = entry.source.read_at(entry.file, offset, len);
+    let data = match tokio::time::timeout(timeout, read).await {
         Err(_) => {
             return Err(FillError::Timeout {
                 path: entry.path.to_path_buf(),

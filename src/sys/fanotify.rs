@@ -289,11 +289,6 @@ impl Event {
         self.fd.as_ref().map(|f| f.as_fd())
     }
 
-    /// A second owned handle on the event's file (a `dup`), usable after the event is answered.
-    pub fn clone_file(&self) -> std::io::Result<Option<OwnedFd>> {
-        self.fd.as_ref().map(|f| f.try_clone()).transpose()
-    }
-
     /// The event's file, shared (the same open file, no `dup`): it stays open until the
     /// event and every holder have let it go; the answer does not need it.
     pub fn share_file(&self) -> Option<Arc<OwnedFd>> {
@@ -814,8 +809,8 @@ impl EventReader {
     }
 
     /// Reads the next batch of `group`'s events into `out` (appending): at once if the last
-    /// call found events and one comes within the spin, else after waiting up to
-    /// `timeout_ms`. `Ok(false)` when none came.
+    /// batch was answered at once and an event comes within the spin, else after waiting up
+    /// to `timeout_ms`. `Ok(false)` when none came.
     pub fn next(
         &mut self,
         group: &Group,
