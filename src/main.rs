@@ -131,10 +131,10 @@ struct DaemonArgs {
     /// together mostly sit together in a layer. 0: fetch each file alone.
     #[arg(long, default_value_t = image::READ_AROUND >> 10, value_name = "KIB")]
     read_around_kib: u64,
-    /// Do not fill an image's start set ahead when it comes without an access profile: by
-    /// default the files nearly every container start reads (/etc/passwd, /etc/group, the
-    /// loader's cache, /bin/sh, the program interpreter and C library, the config's
-    /// entrypoint) are fetched while the placeholders are made, like a profile's.
+    /// Do not fill an image's start set ahead: by default the files nearly every container
+    /// start reads (/etc/passwd, /etc/group, the loader's cache, /bin/sh, the program
+    /// interpreter and C library, the config's entrypoint) are fetched while the
+    /// placeholders are made, before the files of the image's access profile if it has one.
     #[arg(long)]
     no_start_set: bool,
     /// Run without an fd holder (a crash then lets blocked readers through to zeros).
@@ -335,8 +335,15 @@ struct PullArgs {
     foreground: bool,
     /// With --foreground: on exit, write the files readers of DEST touched, first access
     /// first, to FILE as an access profile (JSON) for `fanfill index --push --profile`.
-    /// Run the workload once against DEST, then interrupt.
-    #[arg(long, value_name = "FILE", requires = "foreground")]
+    /// Run the workload once against DEST, then interrupt. Nothing is filled ahead of the
+    /// workload while recording (no background completion, start set, read-around or
+    /// published profile), so that every file it reads is seen.
+    #[arg(
+        long,
+        value_name = "FILE",
+        requires = "foreground",
+        conflicts_with = "exit_when_complete"
+    )]
     record_profile: Option<PathBuf>,
     /// Which layer indexes file digests may come from (see docs/security.md); the daemon's
     /// own --index-policy applies too (and its --index-key, for `signed`).
@@ -432,6 +439,10 @@ fn pull(a: PullArgs) -> Result<()> {
         ModeArg::Direct => Mode::Direct,
         ModeArg::Overlay => Mode::Overlay,
     };
+    let recording = a.record_profile.is_some();
+    if recording {
+        opts = opts.for_recording();
+    }
     std::fs::create_dir_all(&a.dest).with_context(|| format!("creating {}", a.dest.display()))?;
     let engine = Arc::new(Engine::start(EngineConfig::default())?);
     let rt = runtime()?;
@@ -459,7 +470,7 @@ fn pull(a: PullArgs) -> Result<()> {
     if !prepared.unpacked.lowerdirs.is_empty() {
         println!("lowerdir={}", prepared.unpacked.lowerdir_option());
     }
-    let prefetch = !a.no_prefetch || a.exit_when_complete;
+    let prefetch = (!a.no_prefetch || a.exit_when_complete) && !recording;
     let prepared = Arc::new(prepared);
     let (done_tx, done_rx) = std::sync::mpsc::channel();
     if prefetch {

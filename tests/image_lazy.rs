@@ -308,7 +308,7 @@ fn access_profile_is_recorded_published_and_filled_ahead() {
     let limit = Duration::from_secs(60);
 
     // Record: prepare, read six files in a known order (one of them twice).
-    let mut opts = PrepareOptions::new(tmp.path().join("publisher"));
+    let mut opts = PrepareOptions::new(tmp.path().join("publisher")).for_recording();
     opts.registry.insecure = true;
     let dest = tmp.path().join("record");
     let recorded = dest.clone();
@@ -393,6 +393,95 @@ fn access_profile_is_recorded_published_and_filled_ahead() {
         engine.stats().files_complete
     );
     drop(prepared);
+    engine.shutdown();
+    drop(rt);
+}
+
+/// A published access profile is filled ahead together with the image's start set, start
+/// set first: a profile recorded outside a container (a chroot) lacks what the runtime
+/// reads to start one, such as the user and group files. With the start set off, only the
+/// profile's files are filled; a file neither names is filled by nobody.
+#[test]
+fn the_start_set_is_filled_ahead_beside_a_published_profile() {
+    use fanfill::ocibuild::LayerItem;
+    common::init_tracing();
+    let reg = common::TestRegistry::start();
+    let tmp = tempfile::tempdir().unwrap();
+    let layout = tmp.path().join("layout");
+    let file = |path: &str, len: usize| LayerItem::File {
+        path: path.into(),
+        mode: 0o644,
+        data: (0..len).map(|i| (i * 7 % 251) as u8).collect(),
+    };
+    let dir = |path: &str| LayerItem::Dir {
+        path: path.into(),
+        mode: 0o755,
+    };
+    let layer = vec![
+        dir("etc"),
+        file("etc/passwd", 3_000),
+        file("etc/group", 2_000),
+        dir("app"),
+        file("app/x", 40_000),
+        file("app/y", 40_000),
+    ];
+    write_layout(&layout, "v1", &[layer], Compression::Gzip).unwrap();
+    common::push_layout(&layout, "v1", &reg.host(), "startset/app", &[]);
+    let reference = format!("docker://{}/startset/app:v1", reg.host());
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let engine =
+        Engine::start(EngineConfig::default()).expect("fanotify pre-content group (6.14+, root)");
+    let mut opts = PrepareOptions::new(tmp.path().join("publisher"));
+    opts.registry.insecure = true;
+    let profile = image::AccessProfile {
+        version: 1,
+        files: vec!["app/x".into()],
+    };
+    rt.block_on(image::index_image_with_profile(
+        &reference,
+        &opts,
+        true,
+        Some(&profile),
+    ))
+    .expect("push the artifact with the profile");
+    for on in [true, false] {
+        let mut opts = PrepareOptions::new(tmp.path().join(format!("indexes-{on}")));
+        opts.registry.insecure = true;
+        opts.start_set = on;
+        let dest = tmp.path().join(format!("run-{on}"));
+        std::fs::create_dir(&dest).unwrap();
+        let prepared = rt
+            .block_on(image::prepare(&engine, &reference, &dest, &opts))
+            .expect("prepare");
+        let ahead: &[&str] = if on {
+            &["etc/passwd", "etc/group", "app/x"]
+        } else {
+            &["app/x"]
+        };
+        assert_eq!(prepared.profile_files, ahead.len(), "start set {on}");
+        let id = |rel: &str| {
+            let m = std::fs::symlink_metadata(dest.join(rel)).unwrap();
+            use std::os::unix::fs::MetadataExt;
+            fanfill::fill::FileId::new(m.dev(), m.ino())
+        };
+        let deadline = Instant::now() + Duration::from_secs(60);
+        while !ahead.iter().all(|p| engine.is_complete(id(p))) {
+            assert!(
+                Instant::now() < deadline,
+                "not filled ahead (start set {on})"
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        std::thread::sleep(Duration::from_millis(300));
+        for p in ["etc/passwd", "etc/group", "app/y"] {
+            assert_eq!(
+                engine.is_complete(id(p)),
+                ahead.contains(&p),
+                "{p} with the start set {on}"
+            );
+        }
+        drop(prepared);
+    }
     engine.shutdown();
     drop(rt);
 }

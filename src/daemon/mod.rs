@@ -175,7 +175,7 @@ pub struct DaemonConfig {
     /// Bytes of a layer's stream a whole-file read of a small file also reads past the file,
     /// filling the files wholly inside ([`image::ImageSources::read_around`]); 0: off.
     pub read_around: u64,
-    /// Fill an image's start set ahead when it comes without an access profile
+    /// Fill an image's start set ahead, before the files of its access profile if any
     /// ([`PrepareOptions::start_set`]).
     pub start_set: bool,
     /// How often fill progress is recorded.

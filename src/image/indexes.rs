@@ -258,20 +258,30 @@ pub async fn load_indexes(
     // Without a recorded profile, the files an optimized eStargz lists before its
     // `.prefetch.landmark` (`ctr-remote image optimize`: what its workload read) are one.
     let mut profile = profile.or_else(|| landmark_profile(&tocs));
-    if profile.is_none() && opts.start_set {
-        // Else what nearly every start reads (a hint: no file of it is required). A map of
-        // every entry of every layer: off the async threads.
+    if opts.start_set {
+        // What nearly every start reads (a hint: no file of it is required), first, then
+        // the profile's files: a profile recorded by running the workload outside a
+        // container (`pull --record-profile` and a chroot) lacks what the runtime reads
+        // to start it (the user and group files, the shell of `sh -c`). A map of every
+        // entry of every layer: off the async threads.
         let ixs: Vec<Arc<LayerIndex>> = layers.iter().map(|l| l.1.clone()).collect();
         let config = image.config.clone();
-        let files = tokio::task::spawn_blocking(move || super::start_set(&config, &ixs))
+        let start = tokio::task::spawn_blocking(move || super::start_set(&config, &ixs))
             .await
             .map_err(|e| ImageError::Task(e.to_string()))?;
-        info!(
-            files = files.len(),
-            "no access profile: the image's start set is filled ahead"
-        );
-        debug!(?files, "start set");
-        profile = (!files.is_empty()).then_some(AccessProfile { version: 1, files });
+        debug!(files = ?start, "start set");
+        match &mut profile {
+            None => info!(
+                files = start.len(),
+                "no access profile: the image's start set is filled ahead"
+            ),
+            Some(p) => info!(
+                files = p.files.len(),
+                start_set = start.len(),
+                "access profile and start set filled ahead"
+            ),
+        }
+        profile = with_start_set(profile, start);
     }
     Ok(ImageIndexes {
         image,
@@ -281,6 +291,22 @@ pub async fn load_indexes(
         tocs,
         profile,
     })
+}
+
+/// `start` (the image's start set), then the files of `profile` not in it, as one
+/// profile (at most [`AccessProfile::MAX_FILES`]); `None` when both are empty.
+fn with_start_set(profile: Option<AccessProfile>, start: Vec<String>) -> Option<AccessProfile> {
+    let mut seen: std::collections::HashSet<String> = start.iter().cloned().collect();
+    let mut files = start;
+    for f in profile.map(|p| p.files).unwrap_or_default() {
+        if files.len() >= AccessProfile::MAX_FILES {
+            break;
+        }
+        if seen.insert(f.clone()) {
+            files.push(f);
+        }
+    }
+    (!files.is_empty()).then_some(AccessProfile { version: 1, files })
 }
 
 /// The files the TOC layers name to prefetch first (eStargz entries before

@@ -242,10 +242,9 @@ pub struct PrepareOptions {
     /// coalesced range reads started as soon as the indexes are in, written once the
     /// placeholders exist); 0: ignore profiles. Default 8.
     pub profile_prefetch: usize,
-    /// Without an access profile (none in the artifact, no eStargz landmark), fill the
-    /// image's start set ahead the same way ([`start_set`]: the user, group and loader
-    /// files, the shell, the program interpreter and C library, the config's entrypoint).
-    /// Default true.
+    /// Fill the image's start set ahead like an access profile's files, before them when
+    /// there is a profile ([`start_set`]: the user, group and loader files, the shell, the
+    /// program interpreter and C library, the config's entrypoint). Default true.
     pub start_set: bool,
     /// Bytes of a layer's stream a whole-file read of a small file also reads past it,
     /// filling the files wholly inside ([`ImageSources::read_around`]); 0: off. Default
@@ -361,6 +360,18 @@ impl PrepareOptions {
             start_set: true,
             read_around: READ_AROUND,
         }
+    }
+
+    /// These options for a prepare that records an access profile
+    /// ([`Prepared::access_profile`]): nothing is filled ahead of the workload (no start
+    /// set, no read-around, no published profile), since a file is recorded when a reader
+    /// misses it and one filled ahead would be left out. Run no background completion
+    /// beside it either.
+    pub fn for_recording(mut self) -> PrepareOptions {
+        self.start_set = false;
+        self.read_around = 0;
+        self.profile_prefetch = 0;
+        self
     }
 }
 

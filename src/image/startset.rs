@@ -1,6 +1,6 @@
 //! The start set: the files nearly every container start reads before its workload does
-//! anything of its own, filled ahead like an access profile when the image comes without
-//! one.
+//! anything of its own, filled ahead like an access profile (before the files of the
+//! image's own profile, when it has one).
 //!
 //! Owns the list ([`start_set`]): what the runtime reads to resolve the container's user
 //! (`/etc/passwd`, `/etc/group`), the dynamic loader's cache, the shell (`sh -c` is how
