@@ -479,10 +479,12 @@ async fn signed_referrer(
     registry::newest_first(&mut listed);
     for desc in &listed {
         let digest = desc.digest().to_string();
-        let checked = match signed_by(store, &digest, key).await {
-            Ok(()) => store
-                .fetch_referrer(desc)
-                .await
+        // The artifact's manifest travels while its signature is checked (one round trip
+        // less); it is used only if the signature holds.
+        let (signed, fetched) =
+            futures::future::join(signed_by(store, &digest, key), store.fetch_referrer(desc)).await;
+        let checked = match signed {
+            Ok(()) => fetched
                 .map_err(|e| crate::fill::error_chain(&e))
                 .and_then(|r| {
                     let named = r.manifest.subject().as_ref().map(|s| s.digest().clone());

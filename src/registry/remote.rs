@@ -888,10 +888,19 @@ impl Inner {
                 req = req.body(b.clone());
             }
             self.stats.add_request();
+            let sent = std::time::Instant::now();
             let resp = req
                 .send()
                 .await
                 .map_err(|source| ep.transport_error(&method, url, source))?;
+            tracing::trace!(
+                %method,
+                path = url.path(),
+                range = headers.get(header::RANGE).and_then(|v| v.to_str().ok()),
+                status = resp.status().as_u16(),
+                us = sent.elapsed().as_micros() as u64,
+                "registry answered"
+            );
             if resp.status() != StatusCode::UNAUTHORIZED {
                 return Ok(resp);
             }

@@ -65,7 +65,7 @@ pub struct Record {
     /// overlay itself at `snapshots/ID/merged` and hands out a bind mount of it.
     #[serde(default)]
     pub own_mount: bool,
-    /// Disk usage recorded at commit: (bytes, inodes).
+    /// Disk usage recorded at commit (a remote layer: when first asked): (bytes, inodes).
     #[serde(default)]
     pub usage: Option<(u64, u64)>,
 }
@@ -229,13 +229,22 @@ impl Store {
         parent: &str,
         labels: BTreeMap<String, String>,
         remote: RemoteLayer,
-        usage: (u64, u64),
     ) -> Result<Record, SnapshotterError> {
         let mut rec = self.create(Kind::Committed, name, parent, labels)?;
         rec.remote = Some(remote);
-        rec.usage = Some(usage);
         self.data.snapshots.insert(name.to_string(), rec.clone());
         Ok(rec)
+    }
+
+    /// Records the usage of committed `key` measured after its commit (a remote layer's);
+    /// nothing when it is gone or has one already.
+    pub fn set_usage(&mut self, key: &str, usage: (u64, u64)) {
+        if let Some(rec) = self.data.snapshots.get_mut(key)
+            && rec.kind == Kind::Committed
+            && rec.usage.is_none()
+        {
+            rec.usage = Some(usage);
+        }
     }
 
     /// Marks `key` as mounted by the snapshotter itself.
