@@ -1357,9 +1357,18 @@ impl Engine {
     /// a stream that stopped before their bytes came). Each file's hold on it (and the
     /// working state kept for it) goes now, not when a reader next touches the file.
     pub fn delivery_ended(&self, ids: &[FileId], delivery: &Arc<Delivery>) {
+        // Called from a guard's drop, maybe while unwinding: what a panic poisoned is left
+        // as it is (a second panic here would abort).
         for &id in ids {
-            if let Some(entry) = self.entry(id) {
-                let mut st = entry.state.lock().unwrap();
+            let Ok(files) = self.inner.files.read() else {
+                return;
+            };
+            let entry = files.get(&(id.dev, id.ino)).cloned();
+            drop(files);
+            if let Some(entry) = entry {
+                let Ok(mut st) = entry.state.lock() else {
+                    continue;
+                };
                 if st
                     .busy
                     .expected()

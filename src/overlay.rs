@@ -379,17 +379,23 @@ fn dispatch(inner: &Arc<Inner>, event: Event) -> bool {
     let fut = (inner.filler)(lower);
     let inner2 = inner.clone();
     let task = async move {
-        let response = match fut.await {
-            Ok(()) => {
-                loader_ahead(&inner2, lower, st.st_dev, 0);
-                Response::Allow
-            }
+        let filled = match fut.await {
+            Ok(()) => true,
             Err(e) => {
                 warn!(ino = st.st_ino, error = %error_chain(&*e), "overlay open: fill failed; refused (EPERM)");
-                Response::DenyPlain
+                false
             }
         };
+        let response = if filled {
+            Response::Allow
+        } else {
+            Response::DenyPlain
+        };
         answer(&inner2, event, response, true);
+        // After the answer: the opener goes on while the read-ahead is handed out.
+        if filled {
+            loader_ahead(&inner2, lower, st.st_dev, 0);
+        }
         let took = began.elapsed();
         inner2.held_times.record(took);
         let held = u64::try_from(took.as_micros()).unwrap_or(u64::MAX);
@@ -411,8 +417,7 @@ const LOADER_PARSED_MAX: usize = 100_000;
 /// loader will open next; those found in the overlay are filled at once, side by side, and
 /// looked at in turn once filled (`libssl` names `libcrypto`), instead of each being filled
 /// only when the loader opens it, one after the other. Runs on the blocking pool, spawned
-/// just before the open is answered (the answer does not wait for it); a file is looked at
-/// once.
+/// right after the open is answered; a file is looked at once.
 fn loader_ahead(inner: &Arc<Inner>, file: FileId, ovl_dev: u64, depth: u32) {
     {
         let mut parsed = inner.parsed.lock().unwrap();

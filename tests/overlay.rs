@@ -296,8 +296,9 @@ fn opening_an_executable_fills_its_interpreter_and_libraries_ahead() {
 
 /// The start set (`PrepareOptions::start_set`): without an access profile, the files nearly
 /// every container start reads (user and group files, the shell through its symlinks, the
-/// interpreter through an absolute symlink, libc) are filled by the prepare itself, before
-/// anything opens them; other files are not; with the start set off, none is.
+/// time zone and the interpreter through absolute symlinks, libc) are filled by the prepare
+/// itself, before anything opens them; other files are not; with the start set off, none
+/// is.
 #[test]
 fn the_start_set_is_filled_before_anything_opens() {
     let fs = LoopFs::new("ext4", 512);
@@ -321,6 +322,11 @@ fn the_start_set_is_filled_before_anything_opens() {
         dir("usr/lib"),
         dir(gnu),
         dir("usr/lib64"),
+        dir("usr/share"),
+        dir("usr/share/zoneinfo"),
+        text("usr/share/zoneinfo/UTC", 4),
+        // Absolute, as Debian's is.
+        link("etc/localtime", "/usr/share/zoneinfo/UTC"),
         link("bin", "usr/bin"),
         link("lib", "usr/lib"),
         link("lib64", "usr/lib64"),
@@ -351,6 +357,7 @@ fn the_start_set_is_filled_before_anything_opens() {
         "etc/passwd".to_string(),
         "etc/group".to_string(),
         "usr/bin/dash".to_string(),
+        "usr/share/zoneinfo/UTC".to_string(),
         format!("{gnu}/ld-linux-x86-64.so.2"),
         format!("{gnu}/libc.so.6"),
     ];

@@ -4,14 +4,15 @@
 //!
 //! Owns the list ([`start_set`]): what the runtime reads to resolve the container's user
 //! (`/etc/passwd`, `/etc/group`), the dynamic loader's cache, the shell (`sh -c` is how
-//! `CMD` strings and most Kubernetes commands run), the platform's program interpreter and
-//! C library, and the image's own entrypoint (or command) found through the `PATH` of its
-//! config; and the lookup of those paths in the image's merged tree through its layer
-//! indexes, following symlinks the way the kernel would inside the image ([`resolve`]). A
-//! name is only a hint: one the image does not have is skipped, and a file the lookup
-//! picks that the container then never reads costs its bytes, nothing else (whiteouts and
-//! opaque directories are not looked at, so a file deleted by an upper layer may be picked).
-//! It reads index entries only; it never fetches, fills or writes (`super::profile` does).
+//! `CMD` strings and most Kubernetes commands run), the C library's time zone
+//! (`/etc/localtime`), the platform's program interpreter and C library, and the image's
+//! own entrypoint (or command) found through the `PATH` of its config; and the lookup of
+//! those paths in the image's merged tree through its layer indexes, following symlinks the
+//! way the kernel would inside the image ([`resolve`]). A name is only a hint: one the image
+//! does not have is skipped, and a file the lookup picks that the container then never
+//! reads costs its bytes, nothing else (whiteouts and opaque directories are not looked at,
+//! so a file deleted by an upper layer may be picked). It reads index entries only; it
+//! never fetches, fills or writes (`super::profile` does).
 
 use std::collections::{HashMap, VecDeque};
 use std::sync::Arc;
@@ -35,6 +36,9 @@ fn wanted(config: &ImageConfiguration) -> Vec<Vec<String>> {
         own(&["etc/group"]),
         own(&["etc/ld.so.cache"]),
         own(&["bin/sh"]),
+        // The C library's time zone (`tzset`, behind `localtime` and `strftime`): a symlink
+        // into `usr/share/zoneinfo` in most images, a few hundred bytes.
+        own(&["etc/localtime"]),
     ];
     // The program interpreter (glibc, musl), and libc where the loader looks for it.
     let (machine, interp) = match config.architecture().to_string().as_str() {
