@@ -132,9 +132,9 @@ struct DaemonArgs {
     #[arg(long, default_value_t = image::READ_AROUND >> 10, value_name = "KIB")]
     read_around_kib: u64,
     /// Do not fill an image's start set ahead: by default the files nearly every container
-    /// start reads (/etc/passwd, /etc/group, the loader's cache, /bin/sh, the program
-    /// interpreter and C library, the config's entrypoint) are fetched while the
-    /// placeholders are made, before the files of the image's access profile if it has one.
+    /// start reads (/etc/passwd, /etc/group, the loader's cache, /bin/sh, /etc/localtime,
+    /// the program interpreter and C library, the config's entrypoint) are fetched while
+    /// the placeholders are made, before the files of the image's access profile if any.
     #[arg(long)]
     no_start_set: bool,
     /// Run without an fd holder (a crash then lets blocked readers through to zeros).
@@ -512,7 +512,12 @@ fn pull(a: PullArgs) -> Result<()> {
                 }
             }
             Ok(Err(e)) => bail!(e),
-            Err(_) => {}
+            Err(std::sync::mpsc::RecvTimeoutError::Timeout) => {}
+            // No completion running (--no-prefetch, recording) or it has reported: wait
+            // for the signal without spinning.
+            Err(std::sync::mpsc::RecvTimeoutError::Disconnected) => {
+                std::thread::sleep(Duration::from_millis(200))
+            }
         }
         if last.elapsed() > Duration::from_secs(10) {
             last = Instant::now();

@@ -716,6 +716,7 @@ fn fanfill_run(
             "cmd": "prepare", "reference": ctx.reference, "dest": dest, "mode": mode,
             "index_dir": dir.join("indexes"), "use_artifact": artifact,
             "profile_prefetch": if profile { 8 } else { 0 },
+            "record": record,
             "upper": upper, "work": work, "merged": merged,
         }),
         RUN_TIMEOUT,

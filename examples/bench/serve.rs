@@ -156,6 +156,10 @@ fn handle(
             opts.profile_prefetch = cmd["profile_prefetch"].as_u64().unwrap_or(0) as usize;
             let overlay = cmd["mode"] == "overlay";
             opts.mode = if overlay { Mode::Overlay } else { Mode::Direct };
+            if cmd["record"].as_bool().unwrap_or(false) {
+                // Every file the workload reads must miss to be recorded.
+                opts = opts.for_recording();
+            }
             let reference = cmd["reference"].as_str().ok_or(anyhow!("no reference"))?;
             let prepared = rt.block_on(image::prepare(engine, reference, &dest, &opts))?;
             let prepare_ms = t.elapsed().as_secs_f64() * 1e3;

@@ -41,9 +41,10 @@ pub struct ImageIndexes {
     pub windows: Vec<Arc<dyn WindowSource>>,
     /// Where layers that travelled whole are kept (read before the registry).
     pub blob_cache: Option<BlobCache>,
-    /// The access profile to fill ahead: the index artifact's, when it was read and carries
-    /// one, else the files TOC layers name to prefetch first (an optimized eStargz's
-    /// prioritized files), else the image's start set ([`PrepareOptions::start_set`]).
+    /// The access profile to fill ahead: the image's start set first
+    /// ([`PrepareOptions::start_set`]), then the index artifact's profile, when it was read
+    /// and carries one, else the files TOC layers name to prefetch first (an optimized
+    /// eStargz's prioritized files).
     pub profile: Option<AccessProfile>,
     /// Per layer, lowest first: its table of contents when it is a TOC layer
     /// ([`IndexOrigin::Toc`]; `layers` then holds the TOC's entry table).
@@ -275,11 +276,12 @@ pub async fn load_indexes(
                 files = start.len(),
                 "no access profile: the image's start set is filled ahead"
             ),
-            Some(p) => info!(
+            Some(p) if !start.is_empty() => info!(
                 files = p.files.len(),
                 start_set = start.len(),
-                "access profile and start set filled ahead"
+                "the start set is filled ahead before the access profile"
             ),
+            Some(_) => {}
         }
         profile = with_start_set(profile, start);
     }
@@ -480,24 +482,25 @@ async fn signed_referrer(
     for desc in &listed {
         let digest = desc.digest().to_string();
         // The artifact's manifest travels while its signature is checked (one round trip
-        // less); it is used only if the signature holds.
-        let (signed, fetched) =
-            futures::future::join(signed_by(store, &digest, key), store.fetch_referrer(desc)).await;
-        let checked = match signed {
-            Ok(()) => fetched
+        // less); it is used only if the signature holds, and a failed check drops it.
+        let fetch = async {
+            store
+                .fetch_referrer(desc)
+                .await
                 .map_err(|e| crate::fill::error_chain(&e))
-                .and_then(|r| {
-                    let named = r.manifest.subject().as_ref().map(|s| s.digest().clone());
-                    match named {
-                        Some(s) if s == *subject => Ok(r),
-                        other => Err(format!(
-                            "its subject is {}, not the image",
-                            other.map_or("missing".to_string(), |s| s.to_string())
-                        )),
-                    }
-                }),
-            Err(why) => Err(why),
         };
+        let checked = futures::future::try_join(signed_by(store, &digest, key), fetch)
+            .await
+            .and_then(|((), r)| {
+                let named = r.manifest.subject().as_ref().map(|s| s.digest().clone());
+                match named {
+                    Some(s) if s == *subject => Ok(r),
+                    other => Err(format!(
+                        "its subject is {}, not the image",
+                        other.map_or("missing".to_string(), |s| s.to_string())
+                    )),
+                }
+            });
         match checked {
             Ok(r) => {
                 info!(artifact = %digest, key = key.name(), "index artifact signed by the index key");
@@ -642,4 +645,48 @@ pub async fn index_image_with_profile(
         .map_err(reg_err(reference))?;
     info!(reference, artifact = %digest, "index artifact pushed");
     Ok((indexes, Some(digest)))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn names(v: &[&str]) -> Vec<String> {
+        v.iter().map(|s| (*s).to_owned()).collect()
+    }
+
+    #[test]
+    fn the_start_set_comes_first_and_each_file_once() {
+        let profile = AccessProfile {
+            version: 1,
+            files: names(&["app/x", "etc/passwd", "app/y"]),
+        };
+        let merged = with_start_set(Some(profile), names(&["etc/passwd", "bin/sh"])).unwrap();
+        assert_eq!(
+            merged.files,
+            names(&["etc/passwd", "bin/sh", "app/x", "app/y"])
+        );
+        let alone = with_start_set(None, names(&["bin/sh"])).unwrap();
+        assert_eq!(alone.files, names(&["bin/sh"]));
+        assert!(with_start_set(None, Vec::new()).is_none());
+        let empty_start = AccessProfile {
+            version: 1,
+            files: names(&["app/x"]),
+        };
+        let kept = with_start_set(Some(empty_start), Vec::new()).unwrap();
+        assert_eq!(kept.files, names(&["app/x"]));
+    }
+
+    #[test]
+    fn a_merged_profile_stays_within_the_limit() {
+        let many = AccessProfile {
+            version: 1,
+            files: (0..AccessProfile::MAX_FILES)
+                .map(|i| format!("f{i}"))
+                .collect(),
+        };
+        let merged = with_start_set(Some(many), names(&["etc/passwd"])).unwrap();
+        assert_eq!(merged.files.len(), AccessProfile::MAX_FILES);
+        assert_eq!(merged.files[0], "etc/passwd");
+    }
 }

@@ -244,7 +244,8 @@ pub struct PrepareOptions {
     pub profile_prefetch: usize,
     /// Fill the image's start set ahead like an access profile's files, before them when
     /// there is a profile ([`start_set`]: the user, group and loader files, the shell, the
-    /// program interpreter and C library, the config's entrypoint). Default true.
+    /// time zone, the program interpreter and C library, the config's entrypoint). Default
+    /// true.
     pub start_set: bool,
     /// Bytes of a layer's stream a whole-file read of a small file also reads past it,
     /// filling the files wholly inside ([`ImageSources::read_around`]); 0: off. Default
@@ -402,8 +403,8 @@ pub struct Prepared {
     /// The sources of the image's files, by layer (for [`Prepared::prefetch`] and
     /// [`Prepared::access_profile`]).
     pub sources: ImageSources,
-    /// Files of the artifact's access profile being filled ahead of the workload (0: no
-    /// profile, or [`PrepareOptions::profile_prefetch`] is 0).
+    /// Files being filled ahead of the workload: the start set's and the access profile's
+    /// (0: neither, or [`PrepareOptions::profile_prefetch`] is 0).
     pub profile_files: usize,
     /// How long each step of the prepare took.
     pub timings: PrepareTimings,

@@ -186,8 +186,15 @@ const FAILED_FOR: std::time::Duration = std::time::Duration::from_secs(60);
 /// Disk usage of a tree: (bytes, inodes), hardlinks counted once; `apparent` counts file
 /// sizes (a placeholder's logical size) instead of allocated blocks.
 fn usage_of(dir: &Path, apparent: bool) -> (u64, u64) {
+    measure_usage(dir, apparent).unwrap_or((0, 0))
+}
+
+/// [`usage_of`], `None` when `dir` itself cannot be read (gone, or out of descriptors): a
+/// figure not worth keeping.
+fn measure_usage(dir: &Path, apparent: bool) -> Option<(u64, u64)> {
     let mut seen = std::collections::HashSet::new();
     let (mut bytes, mut inodes) = (0u64, 0u64);
+    std::fs::read_dir(dir).ok()?;
     let mut stack = vec![dir.to_path_buf()];
     while let Some(d) = stack.pop() {
         let Ok(rd) = std::fs::read_dir(&d) else {
@@ -207,7 +214,7 @@ fn usage_of(dir: &Path, apparent: bool) -> (u64, u64) {
             }
         }
     }
-    (bytes, inodes)
+    Some((bytes, inodes))
 }
 
 /// Whether `path` is a mount point (from `/proc/self/mountinfo`).
@@ -777,11 +784,13 @@ impl Snapshotter {
             return Ok(u);
         }
         Ok(match remote {
-            Some(dir) => {
-                let u = usage_of(&dir, true);
-                self.store.lock().unwrap().set_usage(key, u);
-                u
-            }
+            Some(dir) => match measure_usage(&dir, true) {
+                Some(u) => {
+                    self.store.lock().unwrap().set_usage(key, u);
+                    u
+                }
+                None => (0, 0),
+            },
             None => usage_of(&self.dir(id).join("fs"), false),
         })
     }
