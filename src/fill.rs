@@ -1359,23 +1359,23 @@ impl Engine {
     pub fn delivery_ended(&self, ids: &[FileId], delivery: &Arc<Delivery>) {
         // Called from a guard's drop, maybe while unwinding: what a panic poisoned is left
         // as it is (a second panic here would abort).
-        for &id in ids {
-            let Ok(files) = self.inner.files.read() else {
-                return;
+        let entries: Vec<Arc<FileEntry>> = match self.inner.files.read() {
+            Ok(files) => ids
+                .iter()
+                .filter_map(|id| files.get(&(id.dev, id.ino)).cloned())
+                .collect(),
+            Err(_) => return,
+        };
+        for entry in entries {
+            let Ok(mut st) = entry.state.lock() else {
+                continue;
             };
-            let entry = files.get(&(id.dev, id.ino)).cloned();
-            drop(files);
-            if let Some(entry) = entry {
-                let Ok(mut st) = entry.state.lock() else {
-                    continue;
-                };
-                if st
-                    .busy
-                    .expected()
-                    .is_some_and(|(d, _)| Arc::ptr_eq(d, delivery))
-                {
-                    st.busy.set_expected(None);
-                }
+            if st
+                .busy
+                .expected()
+                .is_some_and(|(d, _)| Arc::ptr_eq(d, delivery))
+            {
+                st.busy.set_expected(None);
             }
         }
     }

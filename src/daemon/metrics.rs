@@ -2,7 +2,8 @@
 //!
 //! Owns rendering the daemon's figures (misses, fill latency histogram, bytes fetched,
 //! errors, queue depth, overlay opens and how long they were held, per-image progress) and
-//! answering `GET` on `--metrics-addr` (off by default). Every request gets the metrics, whatever its path; no other HTTP is spoken.
+//! answering `GET` on `--metrics-addr` (off by default). Every request gets the metrics,
+//! whatever its path; no other HTTP is spoken.
 //! The responder is bounded: [`MAX_CONNECTIONS`] at once, [`CONNECTION_DEADLINE`] for a
 //! request head of at most 8 KiB and again for the answer.
 
