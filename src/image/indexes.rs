@@ -482,25 +482,33 @@ async fn signed_referrer(
     for desc in &listed {
         let digest = desc.digest().to_string();
         // The artifact's manifest travels while its signature is checked (one round trip
-        // less); it is used only if the signature holds, and a failed check drops it.
+        // less); it is used only if the signature holds, and a failed check drops it. The
+        // reason given is the signature's whenever it fails, whichever finished first.
         let fetch = async {
             store
                 .fetch_referrer(desc)
                 .await
                 .map_err(|e| crate::fill::error_chain(&e))
         };
-        let checked = futures::future::try_join(signed_by(store, &digest, key), fetch)
-            .await
-            .and_then(|((), r)| {
-                let named = r.manifest.subject().as_ref().map(|s| s.digest().clone());
-                match named {
-                    Some(s) if s == *subject => Ok(r),
-                    other => Err(format!(
-                        "its subject is {}, not the image",
-                        other.map_or("missing".to_string(), |s| s.to_string())
-                    )),
-                }
-            });
+        let sig = signed_by(store, &digest, key);
+        futures::pin_mut!(fetch, sig);
+        let fetched = match futures::future::select(sig, fetch).await {
+            futures::future::Either::Left((signed, fetch)) => match signed {
+                Ok(()) => fetch.await,
+                Err(why) => Err(why),
+            },
+            futures::future::Either::Right((fetched, sig)) => sig.await.and(fetched),
+        };
+        let checked = fetched.and_then(|r| {
+            let named = r.manifest.subject().as_ref().map(|s| s.digest().clone());
+            match named {
+                Some(s) if s == *subject => Ok(r),
+                other => Err(format!(
+                    "its subject is {}, not the image",
+                    other.map_or("missing".to_string(), |s| s.to_string())
+                )),
+            }
+        });
         match checked {
             Ok(r) => {
                 info!(artifact = %digest, key = key.name(), "index artifact signed by the index key");
