@@ -797,6 +797,65 @@ fn index_policy_local_ignores_a_forged_referrer() {
     );
 }
 
+/// Under the `signed` policy an artifact's manifest is fetched while its signature is
+/// checked; when both fail, the reason logged is the signature's. Here the forged (unsigned)
+/// artifact is still listed as a referrer but its manifest is deleted from the registry:
+/// the daemon refuses it as unsigned, not over the failed fetch, and serves the image with
+/// its own metadata.
+#[test]
+fn an_unsigned_artifact_whose_manifest_is_gone_is_refused_as_unsigned() {
+    let registry = common::TestRegistry::start();
+    let tmp = open_tmp();
+    let keys = tmp.path().join("keys");
+    std::fs::create_dir_all(&keys).unwrap();
+    let (_, publisher_pub) = common::p256_key(&keys, "publisher");
+    let (reference, data, forged) = image_with_forged_referrer(&registry, tmp.path(), "sec/gone");
+    let url = format!("http://{}/v2/sec/gone/manifests/{forged}", registry.host());
+    let out = std::process::Command::new("curl")
+        .args([
+            "-sS",
+            "-o",
+            "/dev/null",
+            "-w",
+            "%{http_code}",
+            "-X",
+            "DELETE",
+            &url,
+        ])
+        .output()
+        .expect("curl");
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout),
+        "202",
+        "deleting the forged artifact's manifest: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let key = publisher_pub.display().to_string();
+    let (d, mode) = serve_tool(
+        tmp.path(),
+        &reference,
+        &data,
+        "gone",
+        &["--index-policy", "signed", "--index-key", &key],
+    );
+    assert_eq!(mode, 0o755, "the forged artifact was used");
+    let log = d.log_text();
+    let refused: Vec<&str> = log
+        .lines()
+        .filter(|l| l.contains("not signed by the index key") && l.contains(&forged))
+        .collect();
+    assert_eq!(
+        refused.len(),
+        1,
+        "the listed artifact was not refused once:\n{log}"
+    );
+    assert!(
+        refused[0].contains("no signature"),
+        "the reason is not the missing signature: {}",
+        refused[0]
+    );
+}
+
 /// Finding "the index artifact is trusted on sight", the `signed` policy: an index artifact
 /// is taken only with a cosign signature by the daemon's `--index-key`. The publisher pushes
 /// and signs the true index (`fanfill index --push --sign-key`); a forger then pushes a
