@@ -105,6 +105,25 @@ pub enum LayerItem {
     },
 }
 
+impl LayerItem {
+    /// A directory, mode 0755.
+    pub fn dir(path: &str) -> LayerItem {
+        LayerItem::Dir {
+            path: path.into(),
+            mode: 0o755,
+        }
+    }
+
+    /// A regular file of `data`, mode 0644.
+    pub fn file(path: &str, data: Vec<u8>) -> LayerItem {
+        LayerItem::File {
+            path: path.into(),
+            mode: 0o644,
+            data,
+        }
+    }
+}
+
 /// What was written.
 #[derive(Debug, Clone)]
 pub struct BuiltImage {

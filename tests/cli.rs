@@ -122,15 +122,8 @@ fn a_recorded_profile_lists_every_file_the_workload_read() {
     use fanfill::ocibuild::{self, Compression, LayerItem};
     use std::io::BufRead;
     let fs = fsutil::LoopFs::new("ext4", 256);
-    let file = |path: &str, seed: u64| LayerItem::File {
-        path: path.into(),
-        mode: 0o644,
-        data: fsutil::pattern(20_000, seed),
-    };
-    let dir = |path: &str| LayerItem::Dir {
-        path: path.into(),
-        mode: 0o755,
-    };
+    let file = |path: &str, seed: u64| LayerItem::file(path, fsutil::pattern(20_000, seed));
+    let dir = LayerItem::dir;
     let layer = vec![
         dir("etc"),
         file("etc/passwd", 1),

@@ -408,15 +408,10 @@ fn the_start_set_is_filled_ahead_beside_a_published_profile() {
     let reg = common::TestRegistry::start();
     let tmp = tempfile::tempdir().unwrap();
     let layout = tmp.path().join("layout");
-    let file = |path: &str, len: usize| LayerItem::File {
-        path: path.into(),
-        mode: 0o644,
-        data: (0..len).map(|i| (i * 7 % 251) as u8).collect(),
+    let file = |path: &str, len: usize| {
+        LayerItem::file(path, (0..len).map(|i| (i * 7 % 251) as u8).collect())
     };
-    let dir = |path: &str| LayerItem::Dir {
-        path: path.into(),
-        mode: 0o755,
-    };
+    let dir = LayerItem::dir;
     let layer = vec![
         dir("etc"),
         file("etc/passwd", 3_000),

@@ -23,10 +23,7 @@ fn host(path: &str, host: &str) -> LayerItem {
 }
 
 fn dir(path: &str) -> LayerItem {
-    LayerItem::Dir {
-        path: path.into(),
-        mode: 0o755,
-    }
+    LayerItem::dir(path)
 }
 
 #[test]

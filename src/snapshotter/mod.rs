@@ -194,12 +194,16 @@ fn usage_of(dir: &Path, apparent: bool) -> (u64, u64) {
 fn measure_usage(dir: &Path, apparent: bool) -> Option<(u64, u64)> {
     let mut seen = std::collections::HashSet::new();
     let (mut bytes, mut inodes) = (0u64, 0u64);
-    std::fs::read_dir(dir).ok()?;
     let mut stack = vec![dir.to_path_buf()];
+    // The tree's own directory must open; one below it that cannot is skipped.
+    let mut root = true;
     while let Some(d) = stack.pop() {
-        let Ok(rd) = std::fs::read_dir(&d) else {
-            continue;
+        let rd = match std::fs::read_dir(&d) {
+            Ok(rd) => rd,
+            Err(_) if root => return None,
+            Err(_) => continue,
         };
+        root = false;
         for e in rd.flatten() {
             let Ok(m) = e.path().symlink_metadata() else {
                 continue;

@@ -11,10 +11,7 @@ use crate::fsutil::pattern;
 
 /// A directory item, mode 0755.
 pub fn dir(path: &str) -> LayerItem {
-    LayerItem::Dir {
-        path: path.into(),
-        mode: 0o755,
-    }
+    LayerItem::dir(path)
 }
 
 /// The base and data layers (lowest first); `unread_mib` sizes `data/unread`.
