@@ -1112,7 +1112,13 @@ impl Daemon {
             bad: None,
             files,
         };
+        let saving = Instant::now();
         self.state.save(&record).map_err(ApiFail::internal)?;
+        debug!(
+            files = record.files.len(),
+            us = saving.elapsed().as_micros() as u64,
+            "image recorded"
+        );
         registered.keep();
         let files = ServedFile::list(&record, ids);
         preparing.done();

@@ -60,30 +60,105 @@ fn reg_err(reference: &str) -> impl Fn(registry::Error) -> ImageError + '_ {
     }
 }
 
-/// Opens the store of `reference` and resolves it to one image manifest.
+/// Opens the store of `reference` and resolves it to one image manifest (its configuration
+/// is fetched by [`load_indexes`], beside the indexes).
 pub async fn open(
     reference: &str,
     opts: &PrepareOptions,
-) -> Result<(Arc<BlobStore>, registry::ResolvedImage), ImageError> {
+) -> Result<(Arc<BlobStore>, registry::ResolvedManifest), ImageError> {
     let parsed: Reference = reference.parse()?;
     let store = BlobStore::open(&parsed, &opts.registry)
         .await
         .map_err(reg_err(reference))?;
     let image = store
-        .resolve(opts.platform.as_ref())
+        .resolve_manifest(opts.platform.as_ref())
         .await
         .map_err(reg_err(reference))?;
     Ok((Arc::new(store), image))
 }
 
 /// Gets an index for every layer of the image: local store, artifact, or one streaming pass
-/// (the result is saved locally).
+/// (the result is saved locally). The image's configuration is fetched at the same time: it
+/// is needed only for the start set, at the end, and each round trip before the
+/// placeholders is one the container waits for.
 pub async fn load_indexes(
     store: &Arc<BlobStore>,
-    image: registry::ResolvedImage,
+    image: registry::ResolvedManifest,
     reference: &str,
     opts: &PrepareOptions,
 ) -> Result<ImageIndexes, ImageError> {
+    let config = async {
+        store
+            .fetch_config(&image.manifest)
+            .await
+            .map_err(reg_err(reference))
+    };
+    let (config, found) =
+        futures::future::try_join(config, find_indexes(store, &image, reference, opts)).await?;
+    let FoundIndexes {
+        layers,
+        windows,
+        blob_cache,
+        tocs,
+        profile,
+    } = found;
+    let image = image.with_config(config);
+    // Without a recorded profile, the files an optimized eStargz lists before its
+    // `.prefetch.landmark` (`ctr-remote image optimize`: what its workload read) are one.
+    let mut profile = profile.or_else(|| landmark_profile(&tocs));
+    if opts.start_set {
+        // What nearly every start reads (a hint: no file of it is required), first, then
+        // the profile's files: a profile recorded by running the workload outside a
+        // container (`pull --record-profile` and a chroot) lacks what the runtime reads
+        // to start it (the user and group files, the shell of `sh -c`). A map of every
+        // entry of every layer: off the async threads.
+        let ixs: Vec<Arc<LayerIndex>> = layers.iter().map(|l| l.1.clone()).collect();
+        let config = image.config.clone();
+        let start = tokio::task::spawn_blocking(move || super::start_set(&config, &ixs))
+            .await
+            .map_err(|e| ImageError::Task(e.to_string()))?;
+        debug!(files = ?start, "start set");
+        match &mut profile {
+            None => info!(
+                files = start.len(),
+                "no access profile: the image's start set is filled ahead"
+            ),
+            Some(p) if !start.is_empty() => info!(
+                files = p.files.len(),
+                start_set = start.len(),
+                "the start set is filled ahead before the access profile"
+            ),
+            Some(_) => {}
+        }
+        profile = with_start_set(profile, start);
+    }
+    Ok(ImageIndexes {
+        image,
+        layers,
+        windows,
+        blob_cache,
+        tocs,
+        profile,
+    })
+}
+
+/// What [`find_indexes`] finds: the fields of [`ImageIndexes`] but the image, and the index
+/// artifact's own access profile.
+struct FoundIndexes {
+    layers: Vec<(Digest, Arc<LayerIndex>, IndexOrigin)>,
+    windows: Vec<Arc<dyn WindowSource>>,
+    blob_cache: Option<BlobCache>,
+    tocs: Vec<Option<Arc<TocLayer>>>,
+    profile: Option<AccessProfile>,
+}
+
+/// [`load_indexes`] but for the configuration and the start set.
+async fn find_indexes(
+    store: &Arc<BlobStore>,
+    image: &registry::ResolvedManifest,
+    reference: &str,
+    opts: &PrepareOptions,
+) -> Result<FoundIndexes, ImageError> {
     let local = IndexStore::new(&opts.index_dir);
     let idx_err = |layer: &Digest| {
         let (reference, layer) = (reference.to_string(), layer.to_string());
@@ -256,37 +331,7 @@ pub async fn load_indexes(
         layers.push((digest, ix, origin));
         windows.push(win);
     }
-    // Without a recorded profile, the files an optimized eStargz lists before its
-    // `.prefetch.landmark` (`ctr-remote image optimize`: what its workload read) are one.
-    let mut profile = profile.or_else(|| landmark_profile(&tocs));
-    if opts.start_set {
-        // What nearly every start reads (a hint: no file of it is required), first, then
-        // the profile's files: a profile recorded by running the workload outside a
-        // container (`pull --record-profile` and a chroot) lacks what the runtime reads
-        // to start it (the user and group files, the shell of `sh -c`). A map of every
-        // entry of every layer: off the async threads.
-        let ixs: Vec<Arc<LayerIndex>> = layers.iter().map(|l| l.1.clone()).collect();
-        let config = image.config.clone();
-        let start = tokio::task::spawn_blocking(move || super::start_set(&config, &ixs))
-            .await
-            .map_err(|e| ImageError::Task(e.to_string()))?;
-        debug!(files = ?start, "start set");
-        match &mut profile {
-            None => info!(
-                files = start.len(),
-                "no access profile: the image's start set is filled ahead"
-            ),
-            Some(p) if !start.is_empty() => info!(
-                files = p.files.len(),
-                start_set = start.len(),
-                "the start set is filled ahead before the access profile"
-            ),
-            Some(_) => {}
-        }
-        profile = with_start_set(profile, start);
-    }
-    Ok(ImageIndexes {
-        image,
+    Ok(FoundIndexes {
         layers,
         windows,
         blob_cache,
@@ -372,42 +417,27 @@ async fn artifact_indexes(
     ),
     ImageError,
 > {
-    let referrer = match key {
+    let found = match key {
         Some(key) => signed_referrer(store, subject, key).await?,
-        None => store
-            .find_referrer(subject, INDEX_ARTIFACT_TYPE)
-            .await
-            .map_err(reg_err("index artifact"))?,
+        None => {
+            let referrer = store
+                .find_referrer(subject, INDEX_ARTIFACT_TYPE)
+                .await
+                .map_err(reg_err("index artifact"))?;
+            match referrer {
+                Some(r) => {
+                    let fetched = fetch_metadata(store, &r).await;
+                    Some((r, fetched))
+                }
+                None => None,
+            }
+        }
     };
-    let Some(referrer) = referrer else {
+    let Some((referrer, mut fetched)) = found else {
         return Ok((Vec::new(), None));
     };
     let blobs = referrer.manifest.layers();
-    // The metadata blobs (layer indexes, the first access profile), fetched concurrently:
-    // one round trip each, and every one is needed before the placeholders.
-    let profile_blob = blobs
-        .iter()
-        .position(|b| b.media_type().to_string() == ACCESS_PROFILE_MEDIA_TYPE);
-    let fetches: Vec<BoxFuture<'_, Option<Result<Bytes, registry::Error>>>> = blobs
-        .iter()
-        .enumerate()
-        .map(|(i, b)| {
-            let wanted =
-                Some(i) == profile_blob || b.media_type().to_string() == INDEX_LAYER_MEDIA_TYPE;
-            let digest = b.digest().clone();
-            async move {
-                match wanted {
-                    true => Some(store.fetch_blob(&digest).await),
-                    false => None,
-                }
-            }
-            .boxed()
-        })
-        .collect();
-    let mut fetched: Vec<_> = {
-        use futures::stream::{self, StreamExt};
-        stream::iter(fetches).buffered(8).collect().await
-    };
+    let profile_blob = profile_blob(&referrer);
     let mut out = Vec::new();
     let mut profile = None;
     for (i, blob) in blobs.iter().enumerate() {
@@ -463,17 +493,72 @@ async fn artifact_indexes(
     Ok((out, profile))
 }
 
+/// Largest index artifact blob read into memory (a layer index, an access profile). The
+/// index of a layer of 100,000 files is about 6 MB.
+const MAX_METADATA_BLOB: u64 = 256 << 20;
+
+/// Which of `referrer`'s blobs is the access profile read (the first).
+fn profile_blob(referrer: &registry::Referrer) -> Option<usize> {
+    referrer
+        .manifest
+        .layers()
+        .iter()
+        .position(|b| b.media_type().to_string() == ACCESS_PROFILE_MEDIA_TYPE)
+}
+
+/// The metadata blobs of index artifact `referrer` (its layer indexes and first access
+/// profile), fetched concurrently: one round trip each, and every one is needed before the
+/// placeholders. Per blob of the artifact, in order: `None` for one not wanted (a windows
+/// pack: read a window at a time later), else what the fetch gave.
+async fn fetch_metadata(
+    store: &BlobStore,
+    referrer: &registry::Referrer,
+) -> Vec<Option<Result<Bytes, registry::Error>>> {
+    use futures::stream::{self, StreamExt};
+    let profile_blob = profile_blob(referrer);
+    let fetches: Vec<BoxFuture<'_, Option<Result<Bytes, registry::Error>>>> = referrer
+        .manifest
+        .layers()
+        .iter()
+        .enumerate()
+        .map(|(i, b)| {
+            let wanted =
+                Some(i) == profile_blob || b.media_type().to_string() == INDEX_LAYER_MEDIA_TYPE;
+            let (digest, size) = (b.digest().clone(), b.size());
+            async move {
+                match wanted {
+                    true if size > MAX_METADATA_BLOB => Some(Err(registry::Error::TooLarge {
+                        what: format!("index artifact blob {digest}"),
+                        size,
+                        max: MAX_METADATA_BLOB,
+                    })),
+                    true => Some(store.fetch_blob(&digest).await),
+                    false => None,
+                }
+            }
+            .boxed()
+        })
+        .collect();
+    stream::iter(fetches).buffered(8).collect().await
+}
+
 /// Largest simple-signing payload read (cosign's are a few hundred bytes).
 const MAX_SIGNATURE_PAYLOAD: u64 = 64 << 10;
 
+/// The artifact a [`signed_referrer`] found, with its metadata blobs ([`fetch_metadata`]).
+type SignedArtifact = (
+    registry::Referrer,
+    Vec<Option<Result<Bytes, registry::Error>>>,
+);
+
 /// Under the `signed` index policy: the newest index artifact of image `subject` whose
-/// subject is that image and that carries a cosign signature by `key`. Artifacts that do
-/// not qualify are logged with the reason and skipped.
+/// subject is that image and that carries a cosign signature by `key`, with its metadata
+/// blobs. Artifacts that do not qualify are logged with the reason and skipped.
 async fn signed_referrer(
     store: &BlobStore,
     subject: &Digest,
     key: &VerifyKey,
-) -> Result<Option<registry::Referrer>, ImageError> {
+) -> Result<Option<SignedArtifact>, ImageError> {
     let mut listed = store
         .list_referrers(subject, Some(INDEX_ARTIFACT_TYPE))
         .await
@@ -481,14 +566,17 @@ async fn signed_referrer(
     registry::newest_first(&mut listed);
     for desc in &listed {
         let digest = desc.digest().to_string();
-        // The artifact's manifest travels while its signature is checked (one round trip
-        // less); it is used only if the signature holds, and a failed check drops it. The
-        // reason given is the signature's whenever it fails, whichever finished first.
+        // The artifact's manifest, then its metadata blobs, travel while its signature is
+        // checked (two round trips less): they are used only if the signature holds, and a
+        // failed check drops them, unread. The reason given is the signature's whenever it
+        // fails, whichever finished first.
         let fetch = async {
-            store
+            let referrer = store
                 .fetch_referrer(desc)
                 .await
-                .map_err(|e| crate::fill::error_chain(&e))
+                .map_err(|e| crate::fill::error_chain(&e))?;
+            let blobs = fetch_metadata(store, &referrer).await;
+            Ok::<_, String>((referrer, blobs))
         };
         let sig = signed_by(store, &digest, key);
         futures::pin_mut!(fetch, sig);
@@ -499,10 +587,10 @@ async fn signed_referrer(
             },
             futures::future::Either::Right((fetched, sig)) => sig.await.and(fetched),
         };
-        let checked = fetched.and_then(|r| {
+        let checked = fetched.and_then(|(r, blobs)| {
             let named = r.manifest.subject().as_ref().map(|s| s.digest().clone());
             match named {
-                Some(s) if s == *subject => Ok(r),
+                Some(s) if s == *subject => Ok((r, blobs)),
                 other => Err(format!(
                     "its subject is {}, not the image",
                     other.map_or("missing".to_string(), |s| s.to_string())
@@ -510,9 +598,9 @@ async fn signed_referrer(
             }
         });
         match checked {
-            Ok(r) => {
+            Ok(found) => {
                 info!(artifact = %digest, key = key.name(), "index artifact signed by the index key");
-                return Ok(Some(r));
+                return Ok(Some(found));
             }
             Err(reason) => warn!(
                 artifact = %digest,
@@ -658,6 +746,67 @@ pub async fn index_image_with_profile(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A blob of index artifact metadata is read whole into memory, so one whose manifest
+    /// declares it larger than [`MAX_METADATA_BLOB`] is refused before any read; the others
+    /// are read as usual.
+    #[tokio::test]
+    async fn metadata_declared_too_large_is_not_read() {
+        use oci_spec::image::{DescriptorBuilder, ImageManifestBuilder, MediaType};
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(
+            dir.path().join("oci-layout"),
+            r#"{"imageLayoutVersion":"1.0.0"}"#,
+        )
+        .unwrap();
+        let small = b"index".to_vec();
+        let small_digest = registry::sha256_digest(&small);
+        let blobs = dir.path().join("blobs/sha256");
+        std::fs::create_dir_all(&blobs).unwrap();
+        std::fs::write(blobs.join(small_digest.digest()), &small).unwrap();
+        let descriptor = |digest: Digest, size: u64| {
+            DescriptorBuilder::default()
+                .media_type(MediaType::Other(INDEX_LAYER_MEDIA_TYPE.into()))
+                .digest(digest)
+                .size(size)
+                .build()
+                .unwrap()
+        };
+        let huge = registry::sha256_digest(b"never read");
+        let manifest = ImageManifestBuilder::default()
+            .schema_version(2u32)
+            .config(descriptor(small_digest.clone(), small.len() as u64))
+            .layers(vec![
+                descriptor(small_digest, small.len() as u64),
+                descriptor(huge.clone(), MAX_METADATA_BLOB + 1),
+            ])
+            .build()
+            .unwrap();
+        let referrer = registry::Referrer {
+            digest: huge,
+            manifest,
+            manifest_bytes: Bytes::new(),
+        };
+        let store = BlobStore::Layout(
+            registry::LayoutStore::open(&crate::reference::LayoutRef {
+                dir: dir.path().to_owned(),
+                tag: None,
+            })
+            .unwrap(),
+        );
+        let mut fetched = fetch_metadata(&store, &referrer).await;
+        assert_eq!(&fetched[0].take().unwrap().unwrap()[..], b"index");
+        let refused = fetched[1].take().unwrap().unwrap_err();
+        assert!(
+            matches!(refused, registry::Error::TooLarge { size, .. } if size == MAX_METADATA_BLOB + 1),
+            "{refused}"
+        );
+        assert_eq!(
+            store.stats().requests(),
+            1,
+            "the declared-too-large blob was read"
+        );
+    }
 
     fn names(v: &[&str]) -> Vec<String> {
         v.iter().map(|s| (*s).to_owned()).collect()

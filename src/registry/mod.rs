@@ -157,6 +157,16 @@ pub enum Error {
         /// What was wrong with the answer.
         problem: &'static str,
     },
+    /// A blob to be read whole into memory is declared larger than its kind may be.
+    #[error("{what}: declared {size} bytes, more than the {max} read for it")]
+    TooLarge {
+        /// The blob and what it is for.
+        what: String,
+        /// Its size as declared (by the manifest that names it).
+        size: u64,
+        /// The most read for it.
+        max: u64,
+    },
     /// A manifest or blob does not exist.
     #[error("{what}: not found")]
     NotFound {
@@ -601,6 +611,37 @@ impl ResolvedImage {
     }
 }
 
+/// An image manifest resolved for one platform, its configuration not fetched yet
+/// ([`BlobStore::resolve_manifest`]).
+#[derive(Debug, Clone)]
+pub struct ResolvedManifest {
+    /// The image manifest.
+    pub manifest: ImageManifest,
+    /// Digest of the image manifest (not of the index it was picked from).
+    pub manifest_digest: Digest,
+    /// The manifest bytes as fetched.
+    pub manifest_bytes: Bytes,
+    /// The manifest media type (OCI or Docker schema2).
+    pub manifest_media_type: String,
+    /// Digest of the index the manifest was picked from, if the reference named an index.
+    pub index_digest: Option<Digest>,
+}
+
+impl ResolvedManifest {
+    /// The resolved image, with the configuration [`BlobStore::fetch_config`] returned.
+    pub fn with_config(self, (config, config_bytes): (ImageConfiguration, Bytes)) -> ResolvedImage {
+        ResolvedImage {
+            manifest: self.manifest,
+            manifest_digest: self.manifest_digest,
+            manifest_bytes: self.manifest_bytes,
+            manifest_media_type: self.manifest_media_type,
+            index_digest: self.index_digest,
+            config,
+            config_bytes,
+        }
+    }
+}
+
 /// A referrer found for a subject: an artifact manifest whose layers are read through the
 /// same store ([`BlobStore::fetch_blob`], [`BlobStore::open_stream`], ...).
 #[derive(Debug, Clone)]
@@ -655,6 +696,14 @@ impl BlobStore {
     /// Resolves the reference to an image manifest and config, picking `platform` (default:
     /// [`Platform::host`]) from an index.
     pub async fn resolve(&self, platform: Option<&Platform>) -> Result<ResolvedImage> {
+        let manifest = self.resolve_manifest(platform).await?;
+        let config = self.fetch_config(&manifest.manifest).await?;
+        Ok(manifest.with_config(config))
+    }
+
+    /// The manifest half of [`BlobStore::resolve`]: what a caller needs to start looking for
+    /// the image's other artifacts while [`BlobStore::fetch_config`] runs.
+    pub async fn resolve_manifest(&self, platform: Option<&Platform>) -> Result<ResolvedManifest> {
         let host = Platform::host();
         let platform = platform.unwrap_or(&host);
         let mut raw = self.fetch_manifest(None).await?;
@@ -678,19 +727,25 @@ impl BlobStore {
             });
         }
         let manifest: ImageManifest = parse_json(&raw.bytes, &format!("manifest {}", raw.digest))?;
-        let config_digest = manifest.config().digest().clone();
-        let config_bytes = self.fetch_blob(&config_digest).await?;
-        let config: ImageConfiguration =
-            parse_json(&config_bytes, &format!("config {config_digest}"))?;
-        Ok(ResolvedImage {
+        Ok(ResolvedManifest {
             manifest,
             manifest_digest: raw.digest,
             manifest_bytes: raw.bytes,
             manifest_media_type: raw.media_type,
             index_digest,
-            config,
-            config_bytes,
         })
+    }
+
+    /// The image configuration `manifest` names, parsed, with its bytes as fetched (verified
+    /// against the manifest's config digest).
+    pub async fn fetch_config(
+        &self,
+        manifest: &ImageManifest,
+    ) -> Result<(ImageConfiguration, Bytes)> {
+        let config_digest = manifest.config().digest().clone();
+        let config_bytes = self.fetch_blob(&config_digest).await?;
+        let config = parse_json(&config_bytes, &format!("config {config_digest}"))?;
+        Ok((config, config_bytes))
     }
 
     /// Reads `len` bytes of a blob at `offset`: exactly `len` bytes, or an error.

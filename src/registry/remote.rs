@@ -625,14 +625,23 @@ impl RemoteStore {
         let mut headers = HeaderMap::new();
         headers.insert(header::ACCEPT, HeaderValue::from_static(MEDIA_OCI_INDEX));
         let (url, headers) = (&url, &headers);
-        let api = inner
-            .retrying(move || async move {
-                let resp = inner.get(ep, url, headers.clone()).await?;
-                let is_index = content_type(&resp).as_deref() == Some(MEDIA_OCI_INDEX);
-                let bytes = inner.read_body(resp, url, Some(MAX_MANIFEST_SIZE)).await?;
-                Ok(is_index.then_some(bytes))
-            })
-            .await;
+        let api = inner.retrying(move || async move {
+            let resp = inner.get(ep, url, headers.clone()).await?;
+            let is_index = content_type(&resp).as_deref() == Some(MEDIA_OCI_INDEX);
+            let bytes = inner.read_body(resp, url, Some(MAX_MANIFEST_SIZE)).await?;
+            Ok(is_index.then_some(bytes))
+        });
+        // The fallback tag is read beside the API, not after it: a registry without the API
+        // (`docker-registry` 2.x) costs one round trip instead of two before the artifact is
+        // known. Its answer is used only when the API is missing, and dropped (the request
+        // cancelled) as soon as the API answers with an index.
+        let tag = referrers_tag(subject);
+        let fallback = inner.retrying(|| inner.get_manifest(ep, &tag));
+        futures::pin_mut!(api, fallback);
+        let (api, tagged) = match futures::future::select(api, fallback.as_mut()).await {
+            futures::future::Either::Left((api, _)) => (api, None),
+            futures::future::Either::Right((tagged, api)) => (api.await, Some(tagged)),
+        };
         let index_bytes = match api {
             Ok(Some(bytes)) => Some(bytes),
             Ok(None) => None,
@@ -646,9 +655,12 @@ impl RemoteStore {
         let index_bytes = match index_bytes {
             Some(b) => b,
             None => {
-                let tag = referrers_tag(subject);
                 tracing::debug!(subject = %subject, tag, "no referrers API, reading the fallback tag");
-                match inner.retrying(|| inner.get_manifest(ep, &tag)).await {
+                let tagged = match tagged {
+                    Some(tagged) => tagged,
+                    None => fallback.await,
+                };
+                match tagged {
                     Ok(raw) => raw.bytes,
                     Err(Error::NotFound { .. }) => return Ok(Vec::new()),
                     Err(e) => return Err(e),

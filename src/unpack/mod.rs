@@ -491,12 +491,14 @@ fn unpack_at_with(
         });
     }
     let dest_abs = dest_abs.to_path_buf();
+    let planning = std::time::Instant::now();
     let plan = plan::plan(layers, opts.mode == Mode::Overlay)?;
     tracing::info!(
         dest = %dest_abs.display(),
         layers = layers.len(),
         mode = ?opts.mode,
         objects = plan.merged.len(),
+        plan_us = planning.elapsed().as_micros() as u64,
         "unpacking placeholders"
     );
     let out = write::materialise(layers, dest, &dest_abs, opts, hooks, sink, &plan)?;
