@@ -773,7 +773,10 @@ async fn open_image(reference: &str, opts: &PrepareOptions) -> Result<Opened, im
     Ok(Opened {
         sources: ix.sources(&store),
         profile: ix.profile.clone(),
-        index_bytes: store.bytes_fetched() - before,
+        // The configuration travels beside the indexes, but like the manifest it is the
+        // image's, not an index's.
+        index_bytes: (store.bytes_fetched() - before)
+            .saturating_sub(ix.image.config_bytes.len() as u64),
         store,
         manifest_digest,
     })
