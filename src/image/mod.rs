@@ -394,7 +394,10 @@ pub struct Prepared {
     pub prefetch_order: Vec<FileId>,
     /// Where each layer's index came from, lowest layer first.
     pub index_origins: Vec<IndexOrigin>,
-    /// Bytes received from the registry or layout before the placeholders were ready.
+    /// Bytes the prepare waited for from the registry or layout: manifest, configuration,
+    /// indexes or TOCs, and any layer streamed to build its index. The start set's and the
+    /// access profile's files, fetched ahead while the placeholders are unpacked, are left
+    /// out (how far they get by then depends on the unpack's pace); `store` counts them.
     pub bytes_before_ready: u64,
     /// Sum of the compressed layer sizes.
     pub image_size: u64,

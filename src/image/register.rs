@@ -38,6 +38,9 @@ pub async fn prepare(
     let manifest_digest = image.manifest_digest.to_string();
     let image_size = image.manifest.layers().iter().map(|l| l.size()).sum();
     let indexes = load_indexes(&store, image, reference, opts).await?;
+    // What the prepare waited for; the files filled ahead below travel beside the unpack,
+    // as many bytes as the unpack's pace lets them, and are not counted here.
+    let bytes_before_ready = store.bytes_fetched();
     let sources = indexes.sources(&store);
     // The profile's files are fetched and inflated while the placeholders are unpacked.
     let early_profile = indexes
@@ -103,7 +106,6 @@ pub async fn prepare(
         .into_iter()
         .map(|i| files[i as usize])
         .collect();
-    let bytes_before_ready = store.bytes_fetched();
     let total = started.elapsed();
     let timings = PrepareTimings {
         indexes: indexes_done,
