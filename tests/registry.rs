@@ -166,7 +166,7 @@ fn stream_fetch_and_verify() {
         let small = &image.layers[1];
         assert_eq!(
             store
-                .fetch_blob(&digest(&small.digest))
+                .fetch_blob(&digest(&small.digest), small.blob.len() as u64)
                 .await
                 .unwrap()
                 .as_ref(),
@@ -206,7 +206,7 @@ fn missing_and_corrupt_blobs_are_errors() {
         )
         .await;
         let absent = digest(&common::sha256(b"not there"));
-        let err = store.fetch_blob(&absent).await.unwrap_err();
+        let err = store.fetch_blob(&absent, 9).await.unwrap_err();
         assert!(err.is_not_found(), "{err}");
         assert!(
             store
@@ -230,7 +230,10 @@ fn missing_and_corrupt_blobs_are_errors() {
         bad[last] ^= 0xff;
         std::fs::write(&path, &bad).unwrap();
         let d = digest(&layer.digest);
-        let err = store.fetch_blob(&d).await.unwrap_err();
+        let err = store
+            .fetch_blob(&d, layer.blob.len() as u64)
+            .await
+            .unwrap_err();
         assert!(matches!(err, Error::DigestMismatch { .. }), "{err}");
         assert!(err.to_string().contains(&layer.digest), "{err}");
         let mut stream = store.open_stream(&d).await.unwrap();
@@ -253,6 +256,86 @@ fn missing_and_corrupt_blobs_are_errors() {
         assert_eq!(
             store.read_range(&d, last as u64, 1).await.unwrap()[0],
             bad[last]
+        );
+    });
+}
+
+/// A registry that answers `/v2/` and then, for every other request, a `200` whose chunked
+/// body never ends: what a hostile or broken registry can send for a config or any blob read
+/// whole. Returns its `host:port`.
+fn endless_registry() -> String {
+    use std::io::{BufRead as _, BufReader, Write as _};
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let host = listener.local_addr().unwrap().to_string();
+    std::thread::spawn(move || {
+        for conn in listener.incoming() {
+            let Ok(conn) = conn else { return };
+            std::thread::spawn(move || {
+                let mut reader = BufReader::new(conn.try_clone().unwrap());
+                let mut out = conn;
+                loop {
+                    let mut line = String::new();
+                    if reader.read_line(&mut line).unwrap_or(0) == 0 {
+                        return;
+                    }
+                    let path = line.split(' ').nth(1).unwrap_or("").to_string();
+                    while reader
+                        .read_line(&mut line)
+                        .is_ok_and(|_| !line.ends_with("\r\n\r\n"))
+                    {}
+                    if path == "/v2/" {
+                        let _ = out.write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 0\r\n\r\n");
+                        continue;
+                    }
+                    let _ = out.write_all(b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n");
+                    let chunk = format!("{:x}\r\n{}\r\n", 64 << 10, "x".repeat(64 << 10));
+                    // Until the client goes away.
+                    while out.write_all(chunk.as_bytes()).is_ok() {}
+                    return;
+                }
+            });
+        }
+    });
+    host
+}
+
+/// A blob read whole stops at the size its descriptor declares: a registry streaming more
+/// (without end, here) gets an error naming the blob after about that many bytes, not the
+/// daemon's memory; a layout file longer than declared is refused the same way.
+#[test]
+fn blobs_read_whole_stop_at_their_declared_size() {
+    common::init_tracing();
+    let host = endless_registry();
+    let (_reg, dir, image) = registry_with_image();
+    run_async(60, async {
+        let store = open(&format!("docker://{host}/{REPO}:{TAG}"), &insecure()).await;
+        let d = digest(&image.layers[1].digest);
+        let err = store.fetch_blob(&d, 100_000).await.unwrap_err();
+        assert!(
+            matches!(err, Error::BodyTooLong { max: 100_000, .. }),
+            "{err}"
+        );
+        assert!(err.to_string().contains(&image.layers[1].digest), "{err}");
+        // The bound, plus at most the chunk that crossed it.
+        let read = store.bytes_fetched();
+        assert!(
+            (100_000..100_000 + (64 << 10) + 1).contains(&read),
+            "{read}"
+        );
+
+        // A layout's file: the same size check, whatever the file holds.
+        let layout = open(&layout_ref(dir.path(), Some(TAG)), &Options::default()).await;
+        let small = &image.layers[1];
+        let declared = small.blob.len() as u64;
+        let d = digest(&small.digest);
+        assert_eq!(
+            layout.fetch_blob(&d, declared).await.unwrap().as_ref(),
+            small.blob.as_slice()
+        );
+        let err = layout.fetch_blob(&d, declared - 1).await.unwrap_err();
+        assert!(
+            matches!(err, Error::BodyTooLong { max, .. } if max == declared - 1),
+            "{err}"
         );
     });
 }
@@ -356,7 +439,10 @@ fn layout_backend_matches_registry() {
             serde_json::from_slice(&first_manifest.bytes).unwrap();
         assert_eq!(
             untagged
-                .fetch_blob(first_manifest.layers()[0].digest())
+                .fetch_blob(
+                    first_manifest.layers()[0].digest(),
+                    first_manifest.layers()[0].size(),
+                )
                 .await
                 .unwrap(),
             blob
@@ -539,7 +625,13 @@ fn referrers_push_and_find() {
         assert_eq!(found.manifest.layers().len(), 2);
         for (layer, (media_type, data)) in found.manifest.layers().iter().zip(&blobs) {
             assert_eq!(&layer.media_type().to_string(), media_type);
-            assert_eq!(&store.fetch_blob(layer.digest()).await.unwrap(), data);
+            assert_eq!(
+                &store
+                    .fetch_blob(layer.digest(), layer.size())
+                    .await
+                    .unwrap(),
+                data
+            );
         }
 
         // A second artifact of the same type is found instead; another type is kept apart.
@@ -873,7 +965,11 @@ fn mirrors_are_tried_first_and_fall_back() {
         );
         let small = digest(&image.layers[1].digest);
         assert_eq!(
-            store.fetch_blob(&small).await.unwrap().as_ref(),
+            store
+                .fetch_blob(&small, image.layers[1].blob.len() as u64)
+                .await
+                .unwrap()
+                .as_ref(),
             image.layers[1].blob.as_slice()
         );
         assert_eq!(store.stats().retries(), retries);
@@ -903,7 +999,10 @@ fn mirrors_are_tried_first_and_fall_back() {
             .unwrap();
         assert_eq!(found.digest, artifact);
         let blob = store
-            .fetch_blob(found.manifest.layers()[0].digest())
+            .fetch_blob(
+                found.manifest.layers()[0].digest(),
+                found.manifest.layers()[0].size(),
+            )
             .await
             .unwrap();
         assert_eq!(blob.as_ref(), b"only at origin");
@@ -1021,7 +1120,11 @@ fn server_errors_and_throttling_are_retried() {
         let store = open(&reference, &insecure()).await;
         let d = digest(&layer.digest);
         assert_eq!(
-            store.fetch_blob(&d).await.unwrap().as_ref(),
+            store
+                .fetch_blob(&d, layer.blob.len() as u64)
+                .await
+                .unwrap()
+                .as_ref(),
             layer.blob.as_slice()
         );
         assert_eq!(store.stats().retries(), 2);
@@ -1057,7 +1160,10 @@ fn server_errors_and_throttling_are_retried() {
             status: 403,
         });
         let store = open(&reference, &insecure()).await;
-        let err = store.fetch_blob(&d).await.unwrap_err();
+        let err = store
+            .fetch_blob(&d, layer.blob.len() as u64)
+            .await
+            .unwrap_err();
         assert!(matches!(err, Error::Status { status: 403, .. }), "{err}");
         assert_eq!(store.stats().retries(), 0);
     });
@@ -1112,7 +1218,7 @@ async fn check_image(reference: &str, options: &Options, image: &BuiltImage) -> 
     let small = &image.layers[1];
     assert_eq!(
         store
-            .fetch_blob(&digest(&small.digest))
+            .fetch_blob(&digest(&small.digest), small.blob.len() as u64)
             .await
             .unwrap()
             .as_ref(),

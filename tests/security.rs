@@ -933,7 +933,7 @@ fn index_policy_signed_takes_only_an_artifact_signed_with_the_key() {
         for l in r.manifest.layers() {
             blobs.push((
                 l.media_type().to_string(),
-                rt.block_on(store.fetch_blob(l.digest())).unwrap(),
+                rt.block_on(store.fetch_blob(l.digest(), l.size())).unwrap(),
             ));
         }
         rt.block_on(store.push_artifact(&img.manifest_digest, image::INDEX_ARTIFACT_TYPE, blobs))
@@ -952,7 +952,9 @@ fn index_policy_signed_takes_only_an_artifact_signed_with_the_key() {
         signature::PAYLOAD_MEDIA_TYPE
     );
     let sig_b64 = layer.annotations().as_ref().unwrap()[signature::SIGNATURE_ANNOTATION].clone();
-    let payload = rt.block_on(store.fetch_blob(layer.digest())).unwrap();
+    let payload = rt
+        .block_on(store.fetch_blob(layer.digest(), layer.size()))
+        .unwrap();
     let payload_file = tmp.path().join("payload.json");
     let sig_file = tmp.path().join("payload.sig");
     std::fs::write(&payload_file, &payload).unwrap();

@@ -532,7 +532,7 @@ async fn fetch_metadata(
                         size,
                         max: MAX_METADATA_BLOB,
                     })),
-                    true => Some(store.fetch_blob(&digest).await),
+                    true => Some(store.fetch_blob(&digest, size).await),
                     false => None,
                 }
             }
@@ -638,7 +638,7 @@ async fn signed_by(store: &BlobStore, digest: &str, key: &VerifyKey) -> Result<(
             why = format!("payload {} is {} bytes", layer.digest(), layer.size());
             continue;
         }
-        let payload = match store.fetch_blob(layer.digest()).await {
+        let payload = match store.fetch_blob(layer.digest(), layer.size()).await {
             Ok(p) => p,
             Err(e) => {
                 why = crate::fill::error_chain(&e);

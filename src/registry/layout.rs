@@ -14,8 +14,8 @@ use oci_spec::image::{Descriptor, Digest, ImageIndex, ImageManifest};
 use tokio::io::AsyncReadExt as _;
 
 use super::{
-    Artifact, BlobStream, Error, RawManifest, Result, Stats, StreamSource, Verifier,
-    add_index_entry, parse_json, sniff_media_type, verify,
+    Artifact, BlobStream, Error, MAX_MANIFEST_SIZE, RawManifest, Result, Stats, StreamSource,
+    Verifier, add_index_entry, parse_json, sniff_media_type, verify,
 };
 use crate::reference::LayoutRef;
 
@@ -119,16 +119,23 @@ impl LayoutStore {
     }
 
     pub(super) async fn fetch_manifest(&self, reference: Option<&str>) -> Result<RawManifest> {
-        let (digest, media_type) = match reference {
-            Some(r) if crate::reference::valid_digest(r) => {
-                (r.parse::<Digest>().expect("valid digest"), None)
-            }
+        let (digest, media_type, size) = match reference {
+            Some(r) if crate::reference::valid_digest(r) => (
+                r.parse::<Digest>().expect("valid digest"),
+                None,
+                MAX_MANIFEST_SIZE as u64,
+            ),
             other => {
                 let desc = self.lookup(other.or(self.tag.as_deref())).await?;
-                (desc.digest().clone(), Some(desc.media_type().to_string()))
+                let size = desc.size().min(MAX_MANIFEST_SIZE as u64);
+                (
+                    desc.digest().clone(),
+                    Some(desc.media_type().to_string()),
+                    size,
+                )
             }
         };
-        let bytes = self.fetch_blob(&digest).await?;
+        let bytes = self.fetch_blob(&digest, size).await?;
         let media_type = media_type.unwrap_or_else(|| sniff_media_type(&bytes));
         Ok(RawManifest {
             bytes,
@@ -137,13 +144,27 @@ impl LayoutStore {
         })
     }
 
-    pub(super) async fn fetch_blob(&self, digest: &Digest) -> Result<Bytes> {
+    pub(super) async fn fetch_blob(&self, digest: &Digest, size: u64) -> Result<Bytes> {
         let path = self.blob_path(digest);
         self.stats.add_request();
-        let bytes = tokio::fs::read(&path)
+        let io = |source| Error::Io {
+            path: path.clone(),
+            source,
+        };
+        let file = tokio::fs::File::open(&path).await.map_err(io)?;
+        // One byte past `size` is enough to know the file runs past it.
+        let mut bytes = Vec::new();
+        file.take(size.saturating_add(1))
+            .read_to_end(&mut bytes)
             .await
-            .map_err(|source| Error::Io { path, source })?;
+            .map_err(io)?;
         self.stats.add_bytes(bytes.len());
+        if bytes.len() as u64 > size {
+            return Err(Error::BodyTooLong {
+                what: path.display().to_string(),
+                max: size,
+            });
+        }
         verify(digest, &bytes)?;
         Ok(Bytes::from(bytes))
     }
@@ -265,7 +286,8 @@ impl LayoutStore {
             if artifact_type.is_some_and(|want| t.to_string() != want) {
                 continue;
             }
-            let bytes = self.fetch_blob(desc.digest()).await?;
+            let size = desc.size().min(MAX_MANIFEST_SIZE as u64);
+            let bytes = self.fetch_blob(desc.digest(), size).await?;
             let manifest: ImageManifest =
                 parse_json(&bytes, &format!("artifact {}", desc.digest()))?;
             if manifest

@@ -157,6 +157,15 @@ pub enum Error {
         /// What was wrong with the answer.
         problem: &'static str,
     },
+    /// A body read whole into memory ran past the most read for it: the size its descriptor
+    /// declares, or [`MAX_MANIFEST_SIZE`] for a manifest. What was read is dropped.
+    #[error("{what}: the body runs past {max} bytes, the most read for it")]
+    BodyTooLong {
+        /// The URL or file read.
+        what: String,
+        /// The most read for it.
+        max: u64,
+    },
     /// A blob to be read whole into memory is declared larger than its kind may be.
     #[error("{what}: declared {size} bytes, more than the {max} read for it")]
     TooLarge {
@@ -743,7 +752,9 @@ impl BlobStore {
         manifest: &ImageManifest,
     ) -> Result<(ImageConfiguration, Bytes)> {
         let config_digest = manifest.config().digest().clone();
-        let config_bytes = self.fetch_blob(&config_digest).await?;
+        let config_bytes = self
+            .fetch_blob(&config_digest, manifest.config().size())
+            .await?;
         let config = parse_json(&config_bytes, &format!("config {config_digest}"))?;
         Ok((config, config_bytes))
     }
@@ -841,11 +852,14 @@ impl BlobStore {
         }
     }
 
-    /// Reads a whole (small) blob into memory, verified against its digest.
-    pub async fn fetch_blob(&self, digest: &Digest) -> Result<Bytes> {
+    /// Reads a whole (small) blob into memory, verified against its digest. `size` is the
+    /// size its descriptor declares: no more is read, and a blob that runs past it is
+    /// refused ([`Error::BodyTooLong`]) without being kept, so a registry cannot grow the
+    /// daemon's memory beyond what the (digest-bound) manifest promised.
+    pub async fn fetch_blob(&self, digest: &Digest, size: u64) -> Result<Bytes> {
         match self {
-            BlobStore::Remote(r) => r.fetch_blob(digest).await,
-            BlobStore::Layout(l) => l.fetch_blob(digest).await,
+            BlobStore::Remote(r) => r.fetch_blob(digest, size).await,
+            BlobStore::Layout(l) => l.fetch_blob(digest, size).await,
         }
     }
 
@@ -1370,7 +1384,7 @@ mod tests {
         send(store.resolve(None));
         send(store.read_range(d, 0, 1));
         send(store.open_stream(d));
-        send(store.fetch_blob(d));
+        send(store.fetch_blob(d, 1));
         send(store.push_artifact(d, "t", Vec::new()));
         send(store.find_referrer(d, "t"));
         send(BlobStore::open(

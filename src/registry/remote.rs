@@ -489,13 +489,14 @@ impl RemoteStore {
             .await
     }
 
-    pub(super) async fn fetch_blob(&self, digest: &Digest) -> Result<Bytes> {
+    pub(super) async fn fetch_blob(&self, digest: &Digest, size: u64) -> Result<Bytes> {
         let inner = &self.inner;
+        let limit = usize::try_from(size).unwrap_or(usize::MAX);
         inner
             .on_endpoints(Some(digest.as_ref()), move |ep| async move {
                 let url = ep.url(&format!("blobs/{digest}"));
                 let resp = inner.get(ep, &url, HeaderMap::new()).await?;
-                let bytes = inner.read_body(resp, &url, None).await?;
+                let bytes = inner.read_body(resp, &url, Some(limit)).await?;
                 verify(digest, &bytes)?;
                 Ok(bytes)
             })
@@ -1059,17 +1060,24 @@ impl Inner {
         limit: Option<usize>,
     ) -> Result<Bytes> {
         let expected = resp.content_length();
+        let too_long = |max: usize| Error::BodyTooLong {
+            what: url.to_string(),
+            max: max as u64,
+        };
+        // A declared length past the limit is refused before any body byte is read.
+        if let (Some(max), Some(want)) = (limit, expected) {
+            if want > max as u64 {
+                return Err(too_long(max));
+            }
+        }
         let mut out = BytesMut::with_capacity(expected.unwrap_or(0).min(1 << 24) as usize);
         loop {
             match resp.chunk().await {
                 Ok(Some(chunk)) => {
                     self.stats.add_bytes(chunk.len());
                     out.extend_from_slice(&chunk);
-                    if limit.is_some_and(|l| out.len() > l) {
-                        return Err(Error::Protocol {
-                            url: url.to_string(),
-                            problem: "body larger than a manifest may be",
-                        });
+                    if let Some(max) = limit.filter(|&max| out.len() > max) {
+                        return Err(too_long(max));
                     }
                 }
                 Ok(None) => break,
