@@ -114,10 +114,11 @@ pub async fn load_indexes(
         // entry of every layer: off the async threads.
         let ixs: Vec<Arc<LayerIndex>> = layers.iter().map(|l| l.1.clone()).collect();
         let config = image.config.clone();
+        let t = std::time::Instant::now();
         let start = tokio::task::spawn_blocking(move || super::start_set(&config, &ixs))
             .await
             .map_err(|e| ImageError::Task(e.to_string()))?;
-        debug!(files = ?start, "start set");
+        debug!(files = ?start, us = t.elapsed().as_micros() as u64, "start set");
         match &mut profile {
             None => info!(
                 files = start.len(),
@@ -440,6 +441,8 @@ async fn artifact_indexes(
     let profile_blob = profile_blob(&referrer);
     let mut out = Vec::new();
     let mut profile = None;
+    let decoding = std::time::Instant::now();
+    let mut pending = Vec::new();
     for (i, blob) in blobs.iter().enumerate() {
         let media_type = blob.media_type().to_string();
         if Some(i) == profile_blob
@@ -462,8 +465,19 @@ async fn artifact_indexes(
         let Some(bytes) = fetched[i].take() else {
             continue;
         };
-        let bytes = bytes.map_err(reg_err("index artifact"))?;
-        let ix = match LayerIndex::decode(&bytes) {
+        pending.push((i, bytes.map_err(reg_err("index artifact"))?));
+    }
+    // Decoded off the async threads, side by side.
+    let decoded = futures::future::join_all(pending.into_iter().map(|(i, bytes)| async move {
+        (
+            i,
+            tokio::task::spawn_blocking(move || LayerIndex::decode(&bytes)).await,
+        )
+    }))
+    .await;
+    for (i, ix) in decoded {
+        let blob = &blobs[i];
+        let ix = match ix.map_err(|e| ImageError::Task(e.to_string()))? {
             Ok(ix) => ix,
             Err(e) => {
                 warn!(blob = %blob.digest(), error = %e, "skipping undecodable index blob");
@@ -490,6 +504,12 @@ async fn artifact_indexes(
         };
         out.push((ix, windows));
     }
+    debug!(
+        artifact = %referrer.digest,
+        indexes = out.len(),
+        decode_us = decoding.elapsed().as_micros() as u64,
+        "index artifact read"
+    );
     Ok((out, profile))
 }
 

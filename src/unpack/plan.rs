@@ -206,6 +206,15 @@ fn ancestors(key: &[u8]) -> impl Iterator<Item = &[u8]> {
 
 /// Removes every strict descendant of `key` from `map`.
 fn remove_below(map: &mut BTreeMap<Key, Node>, key: &[u8]) {
+    use std::ops::Bound::{Excluded, Unbounded};
+    // Descendants sort right after `key` (NUL below every name byte): most keys have none,
+    // which the next key tells without building the range's bounds.
+    let next = map.range::<[u8], _>((Excluded(key), Unbounded)).next();
+    if !next.is_some_and(|(k, _)| {
+        k.len() > key.len() && k.starts_with(key) && (key.is_empty() || k[key.len()] == SEP)
+    }) {
+        return;
+    }
     let doomed: Vec<Key> = if key.is_empty() {
         map.keys().filter(|k| !k.is_empty()).cloned().collect()
     } else {
@@ -298,13 +307,30 @@ impl LayerPlanner<'_, '_> {
 
     /// Makes every strict ancestor of `key` a directory of this layer's tree. A non-directory
     /// of this same layer in the way is an error; one of a lower layer is replaced.
+    ///
+    /// Looks from the parent up and stops at the first ancestor the tree has: every object
+    /// of the tree has its own ancestors there as directories (this function put them), so
+    /// the ancestors above it need no lookup. A file in a directory already seen costs one
+    /// lookup instead of one per level.
     fn ensure_parents(&mut self, ei: usize, key: &[u8]) -> Result<(), UnpackError> {
-        for a in ancestors(key) {
+        if key.is_empty() {
+            return Ok(());
+        }
+        let mut missing: Vec<&[u8]> = Vec::new();
+        let mut a = parent(key);
+        loop {
             match self.tree.get(a) {
-                Some(Node::Dir { .. }) => {}
+                Some(Node::Dir { .. }) => break,
                 Some(_) => return Err(self.not_dir(ei, a)),
-                None => self.implicit_dir(a),
+                None => missing.push(a),
             }
+            if a.is_empty() {
+                break;
+            }
+            a = parent(a);
+        }
+        for a in missing.into_iter().rev() {
+            self.implicit_dir(a);
         }
         Ok(())
     }
@@ -368,14 +394,14 @@ fn plan_layer(
         layer,
     };
     // Sort the layer's members: objects (duplicates: last wins), whiteouts, opaque markers.
-    let mut own: BTreeMap<Key, usize> = BTreeMap::new();
+    let mut own: Vec<(Key, usize)> = Vec::with_capacity(layer.entries.len());
     let mut whiteouts: Vec<(Key, usize)> = Vec::new();
     let mut opaques: Vec<(Key, usize)> = Vec::new();
     for (ei, e) in layer.entries.iter().enumerate() {
         match classify(&e.path).map_err(|reason| p.bad(ei, reason))? {
             Class::Object(key) => {
                 check_kind(e, key.is_empty()).map_err(|reason| p.bad(ei, reason))?;
-                own.insert(key, ei);
+                own.push((key, ei));
             }
             Class::Whiteout(key) => whiteouts.push((key, ei)),
             Class::Opaque(key) => opaques.push((key, ei)),
@@ -403,6 +429,16 @@ fn plan_layer(
 
     // The root of the layer's tree always exists.
     p.implicit_dir(&[]);
+
+    // Path order; of duplicates, the last entry of the layer wins.
+    own.sort_unstable();
+    own.dedup_by(|later, earlier| {
+        let same = later.0 == earlier.0;
+        if same {
+            earlier.1 = later.1;
+        }
+        same
+    });
 
     // Objects in path order (parents before children), hardlinks afterwards in tar order
     // so that they resolve against everything else of the layer.
