@@ -281,7 +281,7 @@ fn endless_registry() -> String {
                     let path = line.split(' ').nth(1).unwrap_or("").to_string();
                     while reader
                         .read_line(&mut line)
-                        .is_ok_and(|_| !line.ends_with("\r\n\r\n"))
+                        .is_ok_and(|n| n > 0 && !line.ends_with("\r\n\r\n"))
                     {}
                     if path == "/v2/" {
                         let _ = out.write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 0\r\n\r\n");

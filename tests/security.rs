@@ -798,10 +798,10 @@ fn index_policy_local_ignores_a_forged_referrer() {
 }
 
 /// Under the `signed` policy an artifact's manifest (then its metadata blobs) is fetched
-/// while its signature is checked; when both fail, the reason logged is the signature's. Here the forged (unsigned)
-/// artifact is still listed as a referrer but its manifest is deleted from the registry:
-/// the daemon refuses it as unsigned, not over the failed fetch, and serves the image with
-/// its own metadata.
+/// while its signature is checked; when both fail, the reason logged is the signature's.
+/// Here the forged (unsigned) artifact is still listed as a referrer but its manifest is
+/// deleted from the registry: the daemon refuses it as unsigned, not over the failed fetch,
+/// and serves the image with its own metadata.
 #[test]
 fn an_unsigned_artifact_whose_manifest_is_gone_is_refused_as_unsigned() {
     let registry = common::TestRegistry::start();

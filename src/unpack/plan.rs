@@ -204,26 +204,18 @@ fn ancestors(key: &[u8]) -> impl Iterator<Item = &[u8]> {
     )
 }
 
-/// Removes every strict descendant of `key` from `map`.
+/// Removes every strict descendant of `key` from `map`. They are the keys right after
+/// `key` (NUL sorts below every name byte), so the walk stops at the first other key: most
+/// keys have no descendant and cost one step.
 fn remove_below(map: &mut BTreeMap<Key, Node>, key: &[u8]) {
     use std::ops::Bound::{Excluded, Unbounded};
-    // Descendants sort right after `key` (NUL below every name byte): most keys have none,
-    // which the next key tells without building the range's bounds.
-    let next = map.range::<[u8], _>((Excluded(key), Unbounded)).next();
-    if !next.is_some_and(|(k, _)| {
-        k.len() > key.len() && k.starts_with(key) && (key.is_empty() || k[key.len()] == SEP)
-    }) {
-        return;
-    }
-    let doomed: Vec<Key> = if key.is_empty() {
-        map.keys().filter(|k| !k.is_empty()).cloned().collect()
-    } else {
-        let mut lo = key.to_vec();
-        lo.push(SEP);
-        let mut hi = key.to_vec();
-        hi.push(SEP + 1);
-        map.range(lo..hi).map(|(k, _)| k.clone()).collect()
-    };
+    let below = |k: &[u8]| k.starts_with(key) && (key.is_empty() || k.get(key.len()) == Some(&SEP));
+    let doomed: Vec<Key> = map
+        .range::<[u8], _>((Excluded(key), Unbounded))
+        .map(|(k, _)| k)
+        .take_while(|k| below(k))
+        .cloned()
+        .collect();
     for k in doomed {
         map.remove(&k);
     }
@@ -777,6 +769,24 @@ mod tests {
                 "c/passwd 1.3",
                 "e/ 1.4",
             ]
+        );
+    }
+
+    /// A whiteout or a replacing file hides the lower object's subtree and nothing else:
+    /// names that only share its prefix (`a.b`, `ab`, which sort after `a`'s children or
+    /// before them) stay.
+    #[test]
+    fn hiding_a_directory_keeps_names_sharing_its_prefix() {
+        let l0 = vec![d("a"), f("a/x"), f("a.b"), f("ab"), d("a-"), f("a-/y")];
+        let l1 = vec![f(".wh.a")];
+        assert_eq!(
+            merged(&[l0.clone(), l1]),
+            vec!["./ d", "a-/ 0.4", "a-/y 0.5", "a.b 0.2", "ab 0.3"]
+        );
+        let l1 = vec![f("a")];
+        assert_eq!(
+            merged(&[l0, l1]),
+            vec!["./ d", "a 1.0", "a-/ 0.4", "a-/y 0.5", "a.b 0.2", "ab 0.3"]
         );
     }
 
