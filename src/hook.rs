@@ -164,9 +164,10 @@ fn split_lowerdir(v: &str) -> Vec<PathBuf> {
     out
 }
 
-/// The lower directories of the overlayfs mounted at `mount_point`, from `/proc/self/mountinfo`
-/// text (the last matching mount wins, as it is the visible one).
-pub fn overlay_lowerdirs(mountinfo: &str, mount_point: &Path) -> Option<Vec<PathBuf>> {
+/// The super options of the overlayfs mounted at `mount_point`, from `/proc/self/mountinfo`
+/// text (the last matching mount wins, as it is the visible one); `None` if that is no
+/// overlayfs.
+fn overlay_options<'m>(mountinfo: &'m str, mount_point: &Path) -> Option<&'m str> {
     let mut found = None;
     for line in mountinfo.lines() {
         let Some((left, right)) = line.split_once(" - ") else {
@@ -177,17 +178,27 @@ pub fn overlay_lowerdirs(mountinfo: &str, mount_point: &Path) -> Option<Vec<Path
             continue;
         }
         let mut r = right.split(' ');
-        if r.next() != Some("overlay") {
-            found = None;
-            continue;
-        }
-        let options = r.nth(1).unwrap_or_default();
-        found = options
-            .split(',')
-            .find_map(|o| o.strip_prefix("lowerdir="))
-            .map(|v| split_lowerdir(&unescape_octal(v)));
+        found = (r.next() == Some("overlay")).then(|| r.nth(1).unwrap_or_default());
     }
     found
+}
+
+/// The lower directories of the overlayfs mounted at `mount_point`, from `/proc/self/mountinfo`
+/// text (the last matching mount wins, as it is the visible one).
+pub fn overlay_lowerdirs(mountinfo: &str, mount_point: &Path) -> Option<Vec<PathBuf>> {
+    overlay_options(mountinfo, mount_point)?
+        .split(',')
+        .find_map(|o| o.strip_prefix("lowerdir="))
+        .map(|v| split_lowerdir(&unescape_octal(v)))
+}
+
+/// The upper directory of the overlayfs mounted at `mount_point` (`None`: not an overlayfs,
+/// or a read-only one without an upper directory), as [`overlay_lowerdirs`].
+pub fn overlay_upperdir(mountinfo: &str, mount_point: &Path) -> Option<PathBuf> {
+    overlay_options(mountinfo, mount_point)?
+        .split(',')
+        .find_map(|o| o.strip_prefix("upperdir="))
+        .map(|v| PathBuf::from(unescape_octal(v)))
 }
 
 #[cfg(test)]
@@ -204,6 +215,13 @@ mod tests {
         );
         assert_eq!(overlay_lowerdirs(mi, Path::new("/")), None);
         assert_eq!(overlay_lowerdirs(mi, Path::new("/elsewhere")), None);
+        assert_eq!(
+            overlay_upperdir(mi, Path::new("/run/c x/merged")),
+            Some(PathBuf::from("/u"))
+        );
+        assert_eq!(overlay_upperdir(mi, Path::new("/")), None);
+        let read_only = "90 22 0:50 / /m rw - overlay overlay ro,lowerdir=/a:/b\n";
+        assert_eq!(overlay_upperdir(read_only, Path::new("/m")), None);
     }
 
     #[test]

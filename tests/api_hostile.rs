@@ -52,12 +52,7 @@ fn error_kind(r: &Response) -> Option<(ErrorKind, String)> {
 
 /// Calls the daemon; a refusal as its kind and message.
 fn try_call(d: &DaemonProc, req: Request) -> Result<Response, (ErrorKind, String)> {
-    let s = d.socket.clone();
-    match within(120, "API call", move || fanfill::daemon::call(&s, &req)) {
-        Ok(r) => Ok(r),
-        Err(fanfill::api::ApiError::Daemon { kind, message }) => Err((kind, message)),
-        Err(e) => panic!("{e}"),
-    }
+    d.try_call(req)
 }
 
 fn prepare_req(image: &str, dest: &Path) -> Request {

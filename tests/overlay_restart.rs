@@ -2,7 +2,8 @@
 //! overlay-mode layer trees (on a loop-mounted ext4 the test makes), opens through it held by
 //! the daemon's open watch, the daemon SIGKILLed and SIGTERMed while readers wait: every
 //! reader, blocked at the kill, arriving while no daemon runs, or arriving after the restart,
-//! gets the image's bytes, never the placeholders' holes.
+//! gets the image's bytes, never the placeholders' holes. And the overlays a watch cannot
+//! serve (a layer on another filesystem than the image's trees) refused up front.
 
 mod fsutil;
 
@@ -406,4 +407,59 @@ fn complete_image_releases_the_overlay_open_watch() {
     );
     assert_eq!(read_all("complete, after a restart"), files.len());
     assert_eq!(d2.status().0.overlay_opens, 0, "{:?}", d2.status());
+}
+
+/// The watch finds a lower file by the device and inode number an open through the overlay
+/// reports, which overlayfs keeps only when every layer shares the filesystem of the image's
+/// trees. An overlay whose upper directory, or an extra lower one, lies on another
+/// filesystem is refused with the directory named (the opens through it would otherwise
+/// all be refused as opens on an unknown overlay); the same overlay with its upper directory
+/// beside the trees is watched and reads the image's bytes.
+#[test]
+fn overlays_with_a_layer_on_another_filesystem_are_refused() {
+    let fs = LoopFs::new("ext4", 256);
+    let other = LoopFs::new("ext4", 64);
+    let state = fs.mnt.join("state");
+    std::fs::create_dir(&state).unwrap();
+    let (reference, files) = build_image(&fs.mnt.join("img"), "1", 4, 1000);
+    let d = DaemonProc::start(&state, &[]);
+    let st = d.prepare_layout(
+        &reference,
+        &fs.mnt.join("layers"),
+        LayoutMode::Overlay,
+        false,
+        RegistrySettings::default(),
+    );
+    let lowerdir = st.lowerdir.unwrap();
+    let refused = |merged: &Path, what: &str, dir: &Path| match d.try_call(Request::WatchOverlay {
+        merged: merged.to_path_buf(),
+    }) {
+        Err((kind, message)) => {
+            eprintln!("{what}: refused: {message}");
+            assert_eq!(kind, fanfill::api::ErrorKind::BadRequest, "{message}");
+            assert!(
+                message.contains(&format!("{what} {}", dir.display()))
+                    && message.contains("is not on the filesystem of the image's trees"),
+                "{message}"
+            );
+        }
+        r => panic!("{what} on another filesystem: {r:?}"),
+    };
+    {
+        let ovl = OverlayMount::new(&lowerdir, &other.mnt.join("ovl"));
+        refused(&ovl.merged, "upper", &ovl.upper);
+    }
+    {
+        let extra = other.mnt.join("extra");
+        std::fs::create_dir(&extra).unwrap();
+        let ovl = OverlayMount::new(
+            &format!("{}:{lowerdir}", extra.display()),
+            &fs.mnt.join("ovl-extra"),
+        );
+        refused(&ovl.merged, "lower", &extra);
+    }
+    let ovl = OverlayMount::new(&lowerdir, &fs.mnt.join("ovl"));
+    watch(&d, &ovl.merged);
+    let readers = vec![reader(&ovl.merged, &files[0].0)];
+    assert_eq!(check(readers, &files, "upper beside the trees"), 1);
 }

@@ -248,6 +248,31 @@ impl Rig {
         )
     }
 
+    /// SIGKILLs the daemon and starts another on the same state; returns once containerd
+    /// reaches it again. Returns the killed one's handle: dropping it stops the fd holder
+    /// the new daemon took over, so keep it until the end.
+    fn kill_and_restart_daemon(&mut self) -> DaemonProc {
+        self.daemon.kill9();
+        let args: Vec<&str> = self.daemon_args.iter().map(String::as_str).collect();
+        let old = std::mem::replace(&mut self.daemon, DaemonProc::start(&self.state, &args));
+        // containerd reconnects to the proxy plugin on its own (backoff of at most 3 s).
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+        while !self
+            .ctrd
+            .run("ctr", &["snapshots", "--snapshotter", "fanfill", "ls"])
+            .status
+            .success()
+        {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "{}",
+                self.fail("no reconnect")
+            );
+            std::thread::sleep(std::time::Duration::from_millis(200));
+        }
+        old
+    }
+
     /// Kills the task of container `name` if it runs, deletes it, then the container: a
     /// container started with `ctr run -d` otherwise leaves its shim running after the test.
     fn remove_container(&self, name: &str) {
@@ -289,6 +314,19 @@ impl Rig {
 
     fn rpull(&self) {
         self.rpull_as(&self.reference);
+    }
+
+    /// Bytes fetched and images served once the daemon serves `n` lazy images: a pull
+    /// returns once the layers are committed, while the daemon still makes their trees.
+    fn served(&self, n: usize) -> (u64, usize) {
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+        loop {
+            let got = fetched(&self.daemon);
+            if got.1 >= n || std::time::Instant::now() > deadline {
+                return got;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(20));
+        }
     }
 
     fn rpull_as(&self, reference: &str) {
@@ -399,7 +437,7 @@ impl Rig {
 fn ctr_remote_rpull_and_ctr_run_on_fanfill() {
     let mut rig = Rig::start(true, &["--containerd-tls-verify=false"], false);
     rig.rpull();
-    let (before, images) = fetched(&rig.daemon);
+    let (before, images) = rig.served(1);
     assert_eq!(images, 1, "{}", rig.fail("one lazy image expected"));
     let snaps = rig.snapshots();
     assert_eq!(
@@ -447,25 +485,8 @@ fn ctr_remote_rpull_and_ctr_run_on_fanfill() {
         ],
     );
     let snaps_before = rig.snapshots();
-    rig.daemon.kill9();
-    let args: Vec<&str> = rig.daemon_args.iter().map(String::as_str).collect();
-    let old = std::mem::replace(&mut rig.daemon, DaemonProc::start(&rig.state, &args));
-    // containerd reconnects to the proxy plugin on its own (backoff of at most 3 s).
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
-    let snaps_after = loop {
-        let out = rig
-            .ctrd
-            .run("ctr", &["snapshots", "--snapshotter", "fanfill", "ls"]);
-        if out.status.success() {
-            break rig.snapshots();
-        }
-        assert!(
-            std::time::Instant::now() < deadline,
-            "{}",
-            rig.fail("no reconnect")
-        );
-        std::thread::sleep(std::time::Duration::from_millis(200));
-    };
+    let old = rig.kill_and_restart_daemon();
+    let snaps_after = rig.snapshots();
     assert_eq!(
         snaps_after, snaps_before,
         "snapshot list changed by the restart"
@@ -509,7 +530,7 @@ fn ctr_remote_rpull_and_ctr_run_on_fanfill() {
 fn image_without_index_artifact_is_indexed_at_pull() {
     let rig = Rig::start(false, &["--containerd-tls-verify=false"], false);
     rig.rpull();
-    let (before, images) = fetched(&rig.daemon);
+    let (before, images) = rig.served(1);
     assert_eq!(images, 1, "{}", rig.fail("one lazy image expected"));
     let lazy_out = rig.run("fanfill", "lazy", SCRIPT);
     let (after, _) = fetched(&rig.daemon);
@@ -614,12 +635,7 @@ fn lazy_layer_over_layers_containerd_unpacked() {
         "the base image was pulled eagerly"
     );
     rig.rpull();
-    assert_eq!(
-        fetched(&rig.daemon).1,
-        1,
-        "{}",
-        rig.fail("the top layer is lazy")
-    );
+    assert_eq!(rig.served(1).1, 1, "{}", rig.fail("the top layer is lazy"));
     let content = rig.ctr("ctr", &["content", "ls", "--quiet"]);
     let top = &rig.built.layers[2].0;
     assert!(
@@ -976,6 +992,115 @@ fn hosts_toml_mirror_serves_the_fills() {
         "{}",
         rig.fail("mirror skipped")
     );
+}
+
+/// Fills the filesystem of `filler` (a new directory) with empty files in it until no inode
+/// is left, then frees `keep` of them.
+fn use_up_inodes(filler: &Path, keep: usize) {
+    std::fs::create_dir(filler).unwrap();
+    let mut made = Vec::new();
+    loop {
+        let p = filler.join(made.len().to_string());
+        match std::fs::File::create(&p) {
+            Ok(_) => made.push(p),
+            Err(e) => {
+                assert_eq!(e.raw_os_error(), Some(libc::ENOSPC), "{e}");
+                break;
+            }
+        }
+        assert!(
+            made.len() < 100_000,
+            "the filesystem does not run out of inodes"
+        );
+    }
+    for p in made.iter().take(keep) {
+        std::fs::remove_file(p).unwrap();
+    }
+}
+
+/// The layers of a lazy image are committed once the daemon has the image's indexes, before
+/// it makes the placeholder trees; here the trees cannot be made (the filesystem of the
+/// daemon's state has a few inodes left: enough for its records, not for the image's
+/// objects). The pull succeeds anyway (its layers were committed first), and each container
+/// `Prepare` on them fails with the cause and the image named, leaving no mount and no
+/// partial tree, also after a daemon restart (the image is prepared again and fails again).
+/// Once inodes are freed, the next container prepares the trees again and runs as on an
+/// eager pull; removal leaves nothing.
+#[test]
+fn trees_not_made_after_the_commit_fail_the_container_then_are_made_again() {
+    let mut rig = Rig::start(true, &["--containerd-tls-verify=false"], false);
+    let roots = rig.state.join("roots/containerd");
+    // The image's trees take 49 inodes (`layers`, 3 layer directories, 45 entries). What
+    // the pull writes before them (the image's directory, the daemon's and the
+    // snapshotter's records) took 14 or 15 when measured (with 16 left, the unpack failed
+    // at its second or third inode): 28 leave a margin on both sides.
+    let filler = rig.state.parent().unwrap().join("filler");
+    use_up_inodes(&filler, 28);
+    rig.rpull();
+    let snaps = rig.snapshots();
+    assert_eq!(
+        snaps.iter().filter(|(_, k)| k == "Committed").count(),
+        3,
+        "{}",
+        rig.fail(&format!("the pull committed no lazy layers: {snaps:?}"))
+    );
+    let check_failed_run = |rig: &Rig, id: &str| {
+        let out = rig.ctrd.run(
+            "ctr",
+            &[
+                "run",
+                "--rm",
+                "--snapshotter",
+                "fanfill",
+                &rig.reference,
+                id,
+                "/bin/true",
+            ],
+        );
+        let err = String::from_utf8_lossy(&out.stderr).into_owned();
+        assert!(
+            !out.status.success(),
+            "{}",
+            rig.fail(&format!("{id}: ran on trees that could not be made"))
+        );
+        assert!(
+            err.contains("could not be made")
+                && err.contains(&rig.reference)
+                && err.contains("No space left on device"),
+            "{}",
+            rig.fail(&format!("{id}: the error names no cause or image: {err}"))
+        );
+        eprintln!("{id}: ctr run failed as it should: {}", err.trim());
+        let dirs = entries(&roots);
+        assert_eq!(dirs.len(), 1, "one lazy image directory: {dirs:?}");
+        assert!(
+            entries(&roots.join(&dirs[0])).is_empty(),
+            "{}",
+            rig.fail(&format!("{id}: a partial tree was left"))
+        );
+        let mounts = mounts_under(&rig.state);
+        assert!(mounts.is_empty(), "{id}: mounts left: {mounts:?}");
+        assert_eq!(fetched(&rig.daemon).1, 0, "{id}: an image is served");
+    };
+    check_failed_run(&rig, "no-inodes");
+    let old = rig.kill_and_restart_daemon();
+    check_failed_run(&rig, "no-inodes-after-restart");
+
+    std::fs::remove_dir_all(&filler).unwrap();
+    let out = rig.run("fanfill", "made-again", SCRIPT);
+    assert_eq!(
+        rig.served(1).1,
+        1,
+        "{}",
+        rig.fail("the image is not served")
+    );
+    let eager = rig.eager(&[SCRIPT]);
+    assert_eq!(
+        out, eager[0],
+        "the run on trees made again differs from the eager run"
+    );
+    rig.remove_and_check_clean();
+    drop(old);
 }
 
 /// The snapshots API driven directly (containerd's own client types over fanfill's

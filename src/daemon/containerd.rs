@@ -6,7 +6,7 @@
 //! API), container rootfs watches go through [`Daemon::watch_overlay`]. It must not keep
 //! state of its own.
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
 
@@ -15,7 +15,7 @@ use futures::future::BoxFuture;
 
 use super::{ApiFail, Daemon, DaemonError};
 use crate::api::LayoutMode;
-use crate::snapshotter::{Host, ImageLayers, Snapshotter, grpc};
+use crate::snapshotter::{Host, ImageLayers, PreparingImage, Snapshotter, grpc};
 
 struct DaemonHost(Arc<Daemon>);
 
@@ -24,41 +24,46 @@ impl Host for DaemonHost {
         &'a self,
         reference: &'a str,
         dest: &'a Path,
-    ) -> BoxFuture<'a, Result<ImageLayers, String>> {
+    ) -> BoxFuture<'a, Result<PreparingImage, String>> {
         async move {
-            let registry = self.0.config.containerd_registry.clone();
-            let st = self
-                .0
-                .prepare(
-                    reference.to_string(),
-                    dest.to_path_buf(),
-                    LayoutMode::Overlay,
-                    registry,
-                    self.0.config.containerd_prefetch,
-                )
-                .await
-                .map_err(|ApiFail(_, m)| m)?;
-            let img = self
-                .0
-                .images
-                .lock()
-                .unwrap()
-                .get(&st.id)
-                .cloned()
-                .ok_or_else(|| format!("{reference} was removed while it was prepared"))?;
-            let rec = img.record.lock().unwrap();
-            Ok(rec
-                .layers
-                .iter()
-                .enumerate()
-                .map(|(i, d)| {
-                    let dir = rec
-                        .dest
-                        .join("layers")
-                        .join(crate::unpack::layer_dir_name(i, d));
-                    (d.clone(), dir.is_dir().then_some(dir))
-                })
-                .collect())
+            let (known, layers_known) = tokio::sync::oneshot::channel();
+            let (daemon, reference, into) =
+                (self.0.clone(), reference.to_string(), dest.to_path_buf());
+            // Runs to its end whatever becomes of the caller: a prepare cut short would
+            // leave the trees half made.
+            let prepare = tokio::spawn(async move {
+                let registry = daemon.config.containerd_registry.clone();
+                let st = daemon
+                    .prepare(
+                        reference.clone(),
+                        into,
+                        LayoutMode::Overlay,
+                        registry,
+                        daemon.config.containerd_prefetch,
+                        Some(known),
+                    )
+                    .await
+                    .map_err(|ApiFail(_, m)| m)?;
+                made_layers(&daemon, st.id, &reference)
+            });
+            let ended = |e: tokio::task::JoinError| format!("the prepare stopped: {e}");
+            match layers_known.await {
+                Ok((manifest_digest, digests)) => Ok(PreparingImage {
+                    manifest_digest,
+                    layers: digests
+                        .iter()
+                        .enumerate()
+                        .map(|(i, d)| (d.clone(), Some(layer_dir(dest, i, d))))
+                        .collect(),
+                    ready: async move { prepare.await.map_err(ended)? }.boxed(),
+                }),
+                // Failed before its layers were known.
+                Err(_) => Err(match prepare.await {
+                    Ok(Err(e)) => e,
+                    Ok(Ok(_)) => "the prepare ended without naming its layers".to_string(),
+                    Err(e) => ended(e),
+                }),
+            }
         }
         .boxed()
     }
@@ -83,6 +88,34 @@ impl Host for DaemonHost {
     fn remove_image(&self, dest: &Path) -> Result<(), String> {
         self.0.remove(dest).map(|_| ()).map_err(|ApiFail(_, m)| m)
     }
+}
+
+/// The tree of layer `i` (`digest`) of the overlay-mode image at `dest`.
+fn layer_dir(dest: &Path, i: usize, digest: &str) -> PathBuf {
+    dest.join("layers")
+        .join(crate::unpack::layer_dir_name(i, digest))
+}
+
+/// The layers of the image `id` as its prepare made them: a layer hidden by an opaque
+/// layer above has no tree.
+fn made_layers(daemon: &Daemon, id: u64, reference: &str) -> Result<ImageLayers, String> {
+    let img = daemon
+        .images
+        .lock()
+        .unwrap()
+        .get(&id)
+        .cloned()
+        .ok_or_else(|| format!("{reference} was removed while it was prepared"))?;
+    let rec = img.record.lock().unwrap();
+    Ok(rec
+        .layers
+        .iter()
+        .enumerate()
+        .map(|(i, d)| {
+            let dir = layer_dir(&rec.dest, i, d);
+            (d.clone(), dir.is_dir().then_some(dir))
+        })
+        .collect())
 }
 
 /// Opens the snapshotter on the daemon's state dir and serves it on `socket` (on the

@@ -962,6 +962,9 @@ impl Daemon {
         Ok((canon, claim, dir))
     }
 
+    /// Prepares `image_ref` into `dest` and serves it. `known`, if given, gets the image's
+    /// manifest digest and layer digests as soon as its indexes are in, before the
+    /// placeholders are made (the containerd snapshotter commits its layers then).
     async fn prepare(
         self: &Arc<Self>,
         image_ref: String,
@@ -969,6 +972,7 @@ impl Daemon {
         mode: LayoutMode,
         registry: RegistrySettings,
         prefetch: bool,
+        known: Option<tokio::sync::oneshot::Sender<(String, Vec<String>)>>,
     ) -> Result<ImageStatus, ApiFail> {
         let (dest, _claim, dir) = self.claim_dest(&dest)?;
         let internal = |e: std::io::Error| {
@@ -998,6 +1002,10 @@ impl Daemon {
             if let Some(p) = privileged {
                 check_unexposed(&dest, &p, &self.own.state.join("roots"))?;
             }
+        }
+        if let Some(known) = known {
+            let layers = opened.sources.layers().map(|l| l.0.to_string()).collect();
+            let _ = known.send((opened.manifest_digest.clone(), layers));
         }
         // The files a recorded run of this image read: fetched while the placeholders are
         // unpacked, written once they are registered, before the workload asks.
@@ -1525,23 +1533,29 @@ impl Daemon {
                 ));
             }
         };
-        // The watch finds a lower file by the inode number the overlay reports, which is the
-        // lower file's own only when every layer shares one filesystem.
+        // The watch finds a lower file by the device and inode number the overlay reports,
+        // which are the overlay's own and the lower file's only when every layer, the upper
+        // one too, shares one filesystem (else overlayfs reports a device of its own per
+        // layer, and every open would be refused as one on an unknown overlay).
         let dev_of = |p: &Path| std::fs::metadata(p).map(|m| m.dev()).ok();
         let image_dev = dev_of(&dest);
-        if let Some(other) = lowers
+        let upper = crate::hook::overlay_upperdir(&mountinfo, merged);
+        let layers = lowers
             .iter()
-            .find(|l| image_dev.is_none() || dev_of(l) != image_dev)
-        {
-            return Err(ApiFail(
-                ErrorKind::BadRequest,
-                format!(
-                    "the overlay at {}: lower {} is not on the filesystem of the image's trees at {}",
-                    merged.display(),
-                    other.display(),
-                    dest.display()
-                ),
-            ));
+            .map(|l| ("lower", l))
+            .chain(upper.iter().map(|u| ("upper", u)));
+        for (what, dir) in layers {
+            if image_dev.is_none() || dev_of(dir) != image_dev {
+                return Err(ApiFail(
+                    ErrorKind::BadRequest,
+                    format!(
+                        "the overlay at {}: {what} {} is not on the filesystem of the image's trees at {}",
+                        merged.display(),
+                        dir.display(),
+                        dest.display()
+                    ),
+                ));
+            }
         }
         let img = self.images.lock().unwrap().get(&id).cloned();
         let Some(img) = img else {
@@ -2158,7 +2172,7 @@ impl Daemon {
                     registry,
                     prefetch,
                 } => self
-                    .prepare(image, dest, mode, registry, prefetch)
+                    .prepare(image, dest, mode, registry, prefetch, None)
                     .await
                     .map(Response::Prepared),
                 Request::Status { dest } => self.status(dest.as_deref()),

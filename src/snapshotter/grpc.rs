@@ -105,6 +105,7 @@ impl Snapshots for Service {
     ) -> Result<Response<api::ViewSnapshotResponse>, Status> {
         let r = req.into_inner();
         debug!(key = r.key, parent = r.parent, "View");
+        self.0.wait_ready(&r.parent).await?;
         let s = self.0.clone();
         let mounts = blocking(move || s.view(&r.key, &r.parent, labels(r.labels))).await?;
         Ok(Response::new(api::ViewSnapshotResponse { mounts }))
@@ -188,6 +189,7 @@ impl Snapshots for Service {
         req: Request<api::UsageRequest>,
     ) -> Result<Response<api::UsageResponse>, Status> {
         let key = req.into_inner().key;
+        self.0.wait_made(&key).await;
         let s = self.0.clone();
         let (size, inodes) = blocking(move || s.usage(&key)).await?;
         Ok(Response::new(api::UsageResponse {

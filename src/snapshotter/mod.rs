@@ -27,8 +27,14 @@
 //! filled whole when a container opens a file), records a committed snapshot whose files are
 //! that layer's tree and whose labels carry the target, and answers `AlreadyExists`;
 //! containerd then finds the committed snapshot by its label and parent and never downloads
-//! the layer. Any failure falls back to an ordinary active snapshot that containerd fills by
-//! applying the diff: a pull never fails because laziness failed.
+//! the layer. The layers are committed as soon as the daemon has the image's manifest and
+//! layer indexes, while it still makes the trees: containerd's other layers and the
+//! container's setup run meanwhile, and a snapshot stacked on them (a container's rootfs)
+//! waits for the trees before it is mounted ([`Snapshotter::wait_ready`]). Any failure up
+//! to the commit falls back to an ordinary active snapshot that containerd fills by
+//! applying the diff: a pull never fails because laziness failed. Trees that cannot be made
+//! after it (a full disk) fail the container's `Prepare` with the cause, and the next one
+//! prepares them again.
 //!
 //! # Container rootfs
 //! An active or view snapshot whose parents include a remote layer is mounted by the
@@ -49,9 +55,12 @@
 //! The metadata is rewritten atomically on every change. The daemon keeps the watches of
 //! the overlays it was asked to watch across its restarts (fd holder, records); at start the
 //! snapshotter asks again for every overlay it mounted (a no-op for one still watched) and
-//! remounts one that is gone (a reboot). `Remove` unmounts, stops the watch, deletes the
-//! snapshot's directory, and once no snapshot points into a lazy image any more asks the
-//! daemon to remove that image (its placeholder tree with it).
+//! remounts one that is gone (a reboot). A lazy image whose trees the daemon was making when
+//! it stopped is removed by its successor (an unfinished prepare) and prepared again, from
+//! the manifest recorded at the pull, when a container is next stacked on it. `Remove`
+//! unmounts, stops the watch, deletes the snapshot's directory, and once no snapshot points
+//! into a lazy image any more asks the daemon to remove that image (its placeholder tree
+//! with it).
 
 pub mod grpc;
 pub mod store;
@@ -128,15 +137,28 @@ fn io_err(what: impl Into<String>) -> impl FnOnce(std::io::Error) -> Snapshotter
 /// hides it, so it was not created).
 pub type ImageLayers = Vec<(String, Option<PathBuf>)>;
 
+/// An image whose placeholder trees the daemon is making ([`Host::prepare_image`]).
+pub struct PreparingImage {
+    /// The manifest the daemon resolved the reference to (`sha256:HEX`).
+    pub manifest_digest: String,
+    /// Its layers, lowest first, each with the tree the daemon makes for it (a layer that
+    /// an opaque layer above hides turns out to have none: see `ready`).
+    pub layers: ImageLayers,
+    /// Resolves once every tree is made and the image is served, to its layers as made.
+    pub ready: BoxFuture<'static, Result<ImageLayers, String>>,
+}
+
 /// What the snapshotter needs from the daemon serving it.
 pub trait Host: Send + Sync + 'static {
-    /// Prepares `reference` in overlay mode into the new directory `dest` and serves it
-    /// (placeholders unmarked, filled whole through an overlay watch).
+    /// Starts preparing `reference` in overlay mode into the new (or empty) directory
+    /// `dest`, to serve it (placeholders unmarked, filled whole through an overlay watch);
+    /// answers as soon as the image's manifest and layer indexes are in, the trees still
+    /// being made ([`PreparingImage::ready`]).
     fn prepare_image<'a>(
         &'a self,
         reference: &'a str,
         dest: &'a Path,
-    ) -> BoxFuture<'a, Result<ImageLayers, String>>;
+    ) -> BoxFuture<'a, Result<PreparingImage, String>>;
     /// Whether the daemon still serves the image at `dest`.
     fn serves(&self, dest: &Path) -> bool;
     /// Holds opens through the overlay mounted at `merged` until their lower file is filled.
@@ -178,7 +200,15 @@ pub struct Snapshotter {
     /// References whose lazy prepare failed lately, and when: their other layers fall back
     /// at once instead of failing the same way one by one.
     failed: Mutex<std::collections::HashMap<String, std::time::Instant>>,
+    /// Lazy images whose trees the daemon is still making, by destination, each with the
+    /// number of its prepare: what a container's `Prepare` over them waits for.
+    making: Mutex<std::collections::HashMap<PathBuf, (u64, Making)>>,
+    /// Numbers the prepares of [`Snapshotter::making`].
+    prepares: std::sync::atomic::AtomicU64,
 }
+
+/// The end of the making of an image's trees: every waiter gets the same outcome.
+type Making = futures::future::Shared<BoxFuture<'static, Result<(), String>>>;
 
 /// How long a failed lazy prepare makes the image's other layers fall back at once.
 const FAILED_FOR: std::time::Duration = std::time::Duration::from_secs(60);
@@ -219,6 +249,12 @@ fn measure_usage(dir: &Path, apparent: bool) -> Option<(u64, u64)> {
         }
     }
     Some((bytes, inodes))
+}
+
+/// Whether the lazy image directory `dest` holds nothing (or is gone): what the daemon
+/// leaves of trees it could not make, or that a successor removed after a crash.
+fn tree_gone(dest: &Path) -> bool {
+    std::fs::read_dir(dest).map_or(true, |mut rd| rd.next().is_none())
 }
 
 /// Whether `path` is a mount point (from `/proc/self/mountinfo`).
@@ -281,6 +317,8 @@ impl Snapshotter {
             store: Mutex::new(store),
             remote: tokio::sync::Mutex::new(()),
             failed: Mutex::new(std::collections::HashMap::new()),
+            making: Mutex::new(std::collections::HashMap::new()),
+            prepares: std::sync::atomic::AtomicU64::new(0),
         });
         sn.restore();
         Ok(sn)
@@ -299,7 +337,7 @@ impl Snapshotter {
         let store = self.store.lock().unwrap();
         for img in store.images() {
             if !self.host.serves(&img.dest) {
-                warn!(reference = %img.reference, dest = %img.dest.display(), "a lazy image of the snapshotter is not served");
+                warn!(reference = %img.reference, dest = %img.dest.display(), "a lazy image of the snapshotter is not served (prepared again for the next container on it if its trees are gone)");
             }
         }
         for (key, rec) in store.all().filter(|(_, r)| r.own_mount) {
@@ -325,9 +363,10 @@ impl Snapshotter {
     }
 
     /// `Prepare`: a remote snapshot if the labels name a layer that can be served lazily
-    /// (answered `AlreadyExists`), else an active snapshot.
+    /// (answered `AlreadyExists`), else an active snapshot (once the lazy images under it
+    /// are made: [`Snapshotter::wait_ready`]).
     pub async fn prepare(
-        &self,
+        self: &Arc<Self>,
         key: &str,
         parent: &str,
         labels: BTreeMap<String, String>,
@@ -363,13 +402,17 @@ impl Snapshotter {
                 ),
             }
         }
+        self.wait_ready(parent).await?;
         self.create(Kind::Active, key, parent, labels)
     }
 
     /// Records the committed remote snapshot for `target`: the layer `digest` of
-    /// `reference`, prepared (the whole image, once) by the daemon.
+    /// `reference`, prepared (the whole image, once) by the daemon. Committed as soon as the
+    /// daemon knows the image's layers, while it still makes their trees: containerd goes
+    /// on with the next layers and the container's setup meanwhile, and only a snapshot
+    /// stacked on these waits for the trees ([`Snapshotter::wait_ready`]).
     async fn prepare_remote(
-        &self,
+        self: &Arc<Self>,
         parent: &str,
         labels: &BTreeMap<String, String>,
         target: &str,
@@ -390,7 +433,16 @@ impl Snapshotter {
             store
                 .images()
                 .iter()
-                .filter(|i| i.reference == reference && self.host.serves(&i.dest))
+                .filter(|i| {
+                    // Served, being made, or to be made again for the first container on
+                    // it (its trees could not be made, and are gone): its layers are
+                    // committed into it all the same, so a pull does not fail or not
+                    // depending on when the trees failed.
+                    i.reference == reference
+                        && (self.host.serves(&i.dest)
+                            || self.making_of(&i.dest).is_some()
+                            || tree_gone(&i.dest))
+                })
                 .find_map(|i| {
                     let dir = i.layers.iter().find(|(d, _)| d == digest)?.1.clone()?;
                     Some((i.dest.clone(), dir))
@@ -413,31 +465,32 @@ impl Snapshotter {
                         at.elapsed().as_secs()
                     )));
                 }
-                let layers = match self.host.prepare_image(reference, &dest).await {
-                    Ok(l) => l,
-                    Err(e) => {
-                        // The daemon leaves the directory it created, empty.
-                        let _ = std::fs::remove_dir(&dest);
-                        self.failed
-                            .lock()
-                            .unwrap()
-                            .insert(reference.to_string(), std::time::Instant::now());
-                        return Err(SnapshotterError::Host(e));
-                    }
-                };
+                let (manifest_digest, layers) =
+                    match self.start_image(reference, reference, &dest).await {
+                        Ok(l) => l,
+                        Err(e) => {
+                            // The daemon leaves the directory it created, empty.
+                            let _ = std::fs::remove_dir(&dest);
+                            self.failed
+                                .lock()
+                                .unwrap()
+                                .insert(reference.to_string(), std::time::Instant::now());
+                            return Err(e);
+                        }
+                    };
                 self.failed.lock().unwrap().remove(reference);
-                info!(reference, dest = %dest.display(), layers = layers.len(), "lazy image prepared for containerd");
+                info!(reference, dest = %dest.display(), layers = layers.len(), "lazy image for containerd: layers committed while the daemon makes their trees");
                 let dir = layers
                     .iter()
                     .find(|(d, _)| d == digest)
                     .and_then(|(_, dir)| dir.clone());
-                // Saved with the layer's snapshot below: one metadata write (two fsyncs, the
-                // first paying the journal commit of the whole unpack) instead of two.
+                // Saved with the layer's snapshot below: one metadata write instead of two.
                 let mut store = self.store.lock().unwrap();
                 store.add_image(LazyImage {
                     reference: reference.to_string(),
                     dest: dest.clone(),
                     layers,
+                    manifest_digest: Some(manifest_digest),
                 });
                 match dir {
                     Some(dir) => (dest, dir),
@@ -468,6 +521,175 @@ impl Snapshotter {
         )?;
         self.save(&store)?;
         debug!(name, target, parent, "remote snapshot committed");
+        Ok(())
+    }
+
+    /// Has the daemon start making the trees of `pinned` (the image recorded as
+    /// `reference`) at `dest`; returns the manifest digest and the layers once the daemon
+    /// knows them, and follows the rest in the background: the layers as made are recorded
+    /// then, and until then [`Snapshotter::wait_ready`] waits for them.
+    async fn start_image(
+        self: &Arc<Self>,
+        reference: &str,
+        pinned: &str,
+        dest: &Path,
+    ) -> Result<(String, ImageLayers), SnapshotterError> {
+        let prep = self
+            .host
+            .prepare_image(pinned, dest)
+            .await
+            .map_err(SnapshotterError::Host)?;
+        let n = self
+            .prepares
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let (this, reference, at) = (self.clone(), reference.to_string(), dest.to_path_buf());
+        let ready = prep.ready;
+        // Held until the entry is in: the task removes it when done, never before.
+        let mut making = self.making.lock().unwrap();
+        let made = tokio::spawn(async move {
+            let made = ready.await;
+            this.image_made(&reference, &at, n, made)
+        });
+        let outcome: BoxFuture<'static, Result<(), String>> = Box::pin(async move {
+            made.await
+                .unwrap_or_else(|e| Err(format!("making the trees stopped: {e}")))
+        });
+        making.insert(dest.to_path_buf(), (n, futures::FutureExt::shared(outcome)));
+        Ok((prep.manifest_digest, prep.layers))
+    }
+
+    /// The daemon is done making the trees of the image at `dest` (prepare number `n`):
+    /// records its layers as made, or the failure.
+    fn image_made(
+        &self,
+        reference: &str,
+        dest: &Path,
+        n: u64,
+        made: Result<ImageLayers, String>,
+    ) -> Result<(), String> {
+        let outcome = match made {
+            Ok(layers) => {
+                let mut store = self.store.lock().unwrap();
+                store.set_image_layers(dest, layers);
+                if let Err(e) = self.save(&store) {
+                    warn!(dest = %dest.display(), error = %crate::fill::error_chain(&e), "recording a lazy image's layers as made");
+                }
+                info!(reference, dest = %dest.display(), "lazy image's trees made");
+                Ok(())
+            }
+            Err(e) => {
+                warn!(reference, dest = %dest.display(), error = %e, "lazy image's trees could not be made: containers on it fail until it is prepared again");
+                self.failed
+                    .lock()
+                    .unwrap()
+                    .insert(reference.to_string(), std::time::Instant::now());
+                Err(e)
+            }
+        };
+        let mut making = self.making.lock().unwrap();
+        if making.get(dest).is_some_and(|(m, _)| *m == n) {
+            making.remove(dest);
+        }
+        outcome
+    }
+
+    /// The making of the trees of the image at `dest`, if under way.
+    fn making_of(&self, dest: &Path) -> Option<Making> {
+        self.making
+            .lock()
+            .unwrap()
+            .get(dest)
+            .map(|(_, m)| m.clone())
+    }
+
+    /// Waits until the daemon has made, and serves, the trees of every lazy image that
+    /// `parent` and its ancestors point into: a snapshot stacked on them is mounted over
+    /// finished trees only. An image whose trees are gone (they could not be made, or the
+    /// daemon stopped while making them and its successor removed what was made) is
+    /// prepared again first, from the manifest it was pulled as; its failure is this call's.
+    pub async fn wait_ready(self: &Arc<Self>, parent: &str) -> Result<(), SnapshotterError> {
+        let images: Vec<LazyImage> = {
+            let store = self.store.lock().unwrap();
+            // An unknown parent is reported by the snapshot's creation.
+            let (Ok(first), Ok(rest)) = (store.get(parent), store.ancestors(parent)) else {
+                return Ok(());
+            };
+            let mut dests: Vec<&Path> = Vec::new();
+            for r in std::iter::once(first).chain(rest.into_iter().map(|(_, r)| r)) {
+                if let Some(l) = &r.remote
+                    && !dests.contains(&l.image.as_path())
+                {
+                    dests.push(&l.image);
+                }
+            }
+            store
+                .images()
+                .iter()
+                .filter(|i| dests.contains(&i.dest.as_path()))
+                .cloned()
+                .collect()
+        };
+        for img in images {
+            let mut again = true;
+            loop {
+                if let Some(making) = self.making_of(&img.dest) {
+                    making.await.map_err(|e| {
+                        SnapshotterError::Host(format!(
+                            "the placeholders of {} (at {}) could not be made: {e}",
+                            img.reference,
+                            img.dest.display()
+                        ))
+                    })?;
+                }
+                if self.host.serves(&img.dest) || !again || !tree_gone(&img.dest) {
+                    // Served, or left to the overlay watch to refuse: a tree the daemon could
+                    // not reopen after a restart still serves what it holds.
+                    break;
+                }
+                again = false;
+                self.prepare_again(&img).await?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Waits while the daemon makes the trees of the image the remote layer `key` points
+    /// into (whatever the outcome), so that the layer's usage is measured on a finished tree.
+    pub async fn wait_made(&self, key: &str) {
+        let image = {
+            let store = self.store.lock().unwrap();
+            store
+                .get(key)
+                .ok()
+                .and_then(|r| r.remote.as_ref())
+                .map(|l| l.image.clone())
+        };
+        if let Some(making) = image.and_then(|i| self.making_of(&i)) {
+            let _ = making.await;
+        }
+    }
+
+    /// Prepares the lazy image `img` again into its (empty) directory, pinned to its
+    /// recorded manifest, unless another caller already does or did.
+    async fn prepare_again(self: &Arc<Self>, img: &LazyImage) -> Result<(), SnapshotterError> {
+        let _one = self.remote.lock().await;
+        if self.making_of(&img.dest).is_some() || self.host.serves(&img.dest) {
+            return Ok(());
+        }
+        let Some(manifest) = &img.manifest_digest else {
+            return Err(SnapshotterError::Host(format!(
+                "{} (at {}) is not served and its manifest was not recorded: remove the image and pull it again",
+                img.reference,
+                img.dest.display()
+            )));
+        };
+        let name = img
+            .reference
+            .split_once('@')
+            .map_or(&*img.reference, |(n, _)| n);
+        let pinned = format!("{name}@{manifest}");
+        info!(reference = %img.reference, manifest, dest = %img.dest.display(), "lazy image not served: preparing it again");
+        self.start_image(&img.reference, &pinned, &img.dest).await?;
         Ok(())
     }
 
@@ -549,21 +771,28 @@ impl Snapshotter {
             .iter()
             .find_map(|(_, r)| r.remote.as_ref())
             .and_then(|l| store.images().iter().find(|i| i.dest == l.image));
+        // `Some(None)`: the image has the layer but no tree for it (an opaque layer above
+        // hides it).
         let in_top_image = |digest: &str| {
             top_image
                 .and_then(|i| i.layers.iter().find(|(d, _)| d == digest))
-                .and_then(|(_, dir)| dir.clone())
+                .map(|(_, dir)| dir.clone())
         };
         Ok(chain
             .iter()
-            .map(|(_, r)| match &r.remote {
-                Some(l) => in_top_image(&l.digest).unwrap_or_else(|| l.dir.clone()),
+            .filter_map(|(_, r)| match &r.remote {
+                Some(l) => match in_top_image(&l.digest) {
+                    Some(dir) => dir,
+                    None => Some(l.dir.clone()),
+                },
                 // An ordinary snapshot of a layer the lazy image also has (a base layer
                 // containerd unpacked before): the same files, as the image's tree, so one
                 // watch covers every lower.
-                None => layer_digest(&r.labels)
-                    .and_then(in_top_image)
-                    .unwrap_or_else(|| self.dir(r.id).join("fs")),
+                None => Some(
+                    layer_digest(&r.labels)
+                        .and_then(|d| in_top_image(d).flatten())
+                        .unwrap_or_else(|| self.dir(r.id).join("fs")),
+                ),
             })
             .collect())
     }
@@ -678,7 +907,7 @@ impl Snapshotter {
 
     /// `Remove`: the record, then its mount, watch and files; the lazy image once no
     /// snapshot points into it.
-    pub fn remove(&self, key: &str) -> Result<(), SnapshotterError> {
+    pub fn remove(self: &Arc<Self>, key: &str) -> Result<(), SnapshotterError> {
         let rec = {
             let mut store = self.store.lock().unwrap();
             let rec = store.remove(key)?;
@@ -719,8 +948,23 @@ impl Snapshotter {
         }
     }
 
-    /// Has the daemon remove the lazy image at `dest` and forgets it.
-    fn release_image(&self, dest: &Path) {
+    /// Has the daemon remove the lazy image at `dest` and forgets it; one whose trees are
+    /// still being made goes once they are, if no snapshot points into it by then.
+    fn release_image(self: &Arc<Self>, dest: &Path) {
+        if let Some(making) = self.making_of(dest) {
+            let (this, dest) = (self.clone(), dest.to_path_buf());
+            info!(dest = %dest.display(), "lazy image removed once its trees are made");
+            tokio::spawn(async move {
+                let _ = making.await;
+                let _ = tokio::task::spawn_blocking(move || {
+                    if !this.store.lock().unwrap().image_in_use(&dest) {
+                        this.release_image(&dest);
+                    }
+                })
+                .await;
+            });
+            return;
+        }
         if self.host.serves(dest)
             && let Err(e) = self.host.remove_image(dest)
         {
@@ -779,15 +1023,17 @@ impl Snapshotter {
         let (id, usage, remote) = {
             let store = self.store.lock().unwrap();
             let rec = store.get(key)?;
-            (
-                rec.id,
-                rec.usage,
-                rec.remote.as_ref().map(|r| r.dir.clone()),
-            )
+            (rec.id, rec.usage, rec.remote.clone())
         };
         if let Some(u) = usage {
             return Ok(u);
         }
+        let remote = match remote {
+            // Not measured (nor kept) while the tree is being made (the gRPC service waits
+            // for it first: [`Snapshotter::wait_made`]).
+            Some(r) if self.making_of(&r.image).is_some() => return Ok((0, 0)),
+            r => r.map(|r| r.dir),
+        };
         Ok(match remote {
             Some(dir) => match measure_usage(&dir, true) {
                 Some(u) => {
@@ -831,7 +1077,7 @@ impl Snapshotter {
 
     /// `Cleanup`: deletes snapshot directories no snapshot owns, lazy images no snapshot
     /// points into, and lazy image directories nothing records.
-    pub fn cleanup(&self) -> Result<(), SnapshotterError> {
+    pub fn cleanup(self: &Arc<Self>) -> Result<(), SnapshotterError> {
         // No remote prepare between the daemon's prepare and its record (called on a
         // blocking thread).
         let _one = self.remote.blocking_lock();

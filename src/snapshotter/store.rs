@@ -78,8 +78,13 @@ pub struct LazyImage {
     /// Its destination directory.
     pub dest: PathBuf,
     /// Its layers, lowest first: digest and placeholder tree (`None`: hidden by an opaque
-    /// layer above it, not created).
+    /// layer above it, not created). Recorded as the daemon announced them while it made
+    /// them, then as made.
     pub layers: Vec<(String, Option<PathBuf>)>,
+    /// The manifest the reference resolved to: what the image is prepared from again if
+    /// its trees are gone (absent in records of earlier versions).
+    #[serde(default)]
+    pub manifest_digest: Option<String>,
 }
 
 #[derive(Debug, Default, Serialize, Deserialize)]
@@ -370,6 +375,13 @@ impl Store {
     /// Records a lazy image.
     pub fn add_image(&mut self, image: LazyImage) {
         self.data.images.push(image);
+    }
+
+    /// Records the layers of the lazy image at `dest` as the daemon made them.
+    pub fn set_image_layers(&mut self, dest: &Path, layers: Vec<(String, Option<PathBuf>)>) {
+        if let Some(i) = self.data.images.iter_mut().find(|i| i.dest == dest) {
+            i.layers = layers;
+        }
     }
 
     /// Forgets the lazy image at `dest`.

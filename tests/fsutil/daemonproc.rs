@@ -76,6 +76,16 @@ impl DaemonProc {
             .unwrap_or_else(|e| panic!("{e}"))
     }
 
+    /// [`DaemonProc::call`]; a refusal as its kind and message.
+    pub fn try_call(&self, req: Request) -> Result<Response, (fanfill::api::ErrorKind, String)> {
+        let s = self.socket.clone();
+        match within(120, "API call", move || fanfill::daemon::call(&s, &req)) {
+            Ok(r) => Ok(r),
+            Err(fanfill::api::ApiError::Daemon { kind, message }) => Err((kind, message)),
+            Err(e) => panic!("{e}"),
+        }
+    }
+
     pub fn prepare(&self, image: &str, dest: &Path, prefetch: bool) -> ImageStatus {
         self.prepare_with(image, dest, prefetch, RegistrySettings::default())
     }
