@@ -574,6 +574,8 @@ impl Snapshotter {
                 if let Err(e) = self.save(&store) {
                     warn!(dest = %dest.display(), error = %crate::fill::error_chain(&e), "recording a lazy image's layers as made");
                 }
+                drop(store);
+                self.failed.lock().unwrap().remove(reference);
                 info!(reference, dest = %dest.display(), "lazy image's trees made");
                 Ok(())
             }
