@@ -6,7 +6,7 @@
 //! API), container rootfs watches go through [`Daemon::watch_overlay`]. It must not keep
 //! state of its own.
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
 
@@ -15,7 +15,7 @@ use futures::future::BoxFuture;
 
 use super::{ApiFail, Daemon, DaemonError};
 use crate::api::LayoutMode;
-use crate::snapshotter::{Host, ImageLayers, PreparingImage, Snapshotter, grpc};
+use crate::snapshotter::{Host, ImageLayers, PreparingImage, Snapshotter, grpc, layer_tree};
 
 struct DaemonHost(Arc<Daemon>);
 
@@ -53,7 +53,7 @@ impl Host for DaemonHost {
                     layers: digests
                         .iter()
                         .enumerate()
-                        .map(|(i, d)| (d.clone(), Some(layer_dir(dest, i, d))))
+                        .map(|(i, d)| (d.clone(), Some(layer_tree(dest, i, d))))
                         .collect(),
                     ready: async move { prepare.await.map_err(ended)? }.boxed(),
                 }),
@@ -90,12 +90,6 @@ impl Host for DaemonHost {
     }
 }
 
-/// The tree of layer `i` (`digest`) of the overlay-mode image at `dest`.
-fn layer_dir(dest: &Path, i: usize, digest: &str) -> PathBuf {
-    dest.join("layers")
-        .join(crate::unpack::layer_dir_name(i, digest))
-}
-
 /// The layers of the image `id` as its prepare made them: a layer hidden by an opaque
 /// layer above has no tree.
 fn made_layers(daemon: &Daemon, id: u64, reference: &str) -> Result<ImageLayers, String> {
@@ -112,7 +106,7 @@ fn made_layers(daemon: &Daemon, id: u64, reference: &str) -> Result<ImageLayers,
         .iter()
         .enumerate()
         .map(|(i, d)| {
-            let dir = layer_dir(&rec.dest, i, d);
+            let dir = layer_tree(&rec.dest, i, d);
             (d.clone(), dir.is_dir().then_some(dir))
         })
         .collect())

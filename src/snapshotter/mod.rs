@@ -251,6 +251,13 @@ fn measure_usage(dir: &Path, apparent: bool) -> Option<(u64, u64)> {
     Some((bytes, inodes))
 }
 
+/// The placeholder tree of layer `n` (`digest`, counted from the lowest) of the lazy image
+/// at `dest`: where the daemon's overlay-mode prepare makes it.
+pub fn layer_tree(dest: &Path, n: usize, digest: &str) -> PathBuf {
+    dest.join("layers")
+        .join(crate::unpack::layer_dir_name(n, digest))
+}
+
 /// Whether the lazy image directory `dest` holds nothing (or is gone): what the daemon
 /// leaves of trees it could not make, or that a successor removed after a crash.
 fn tree_gone(dest: &Path) -> bool {
@@ -444,7 +451,16 @@ impl Snapshotter {
                             || tree_gone(&i.dest))
                 })
                 .find_map(|i| {
-                    let dir = i.layers.iter().find(|(d, _)| d == digest)?.1.clone()?;
+                    let (n, (_, dir)) = i
+                        .layers
+                        .iter()
+                        .enumerate()
+                        .find(|(_, (d, _))| d == digest)?;
+                    // A layer an opaque layer above hides has no tree: its snapshot names
+                    // the one it would have, and a rootfs on it leaves it out.
+                    let dir = dir
+                        .clone()
+                        .unwrap_or_else(|| layer_tree(&i.dest, n, digest));
                     Some((i.dest.clone(), dir))
                 })
         };
