@@ -48,13 +48,9 @@ impl Host for DaemonHost {
             });
             let ended = |e: tokio::task::JoinError| format!("the prepare stopped: {e}");
             match layers_known.await {
-                Ok((manifest_digest, digests)) => Ok(PreparingImage {
+                Ok((manifest_digest, layers)) => Ok(PreparingImage {
                     manifest_digest,
-                    layers: digests
-                        .iter()
-                        .enumerate()
-                        .map(|(i, d)| (d.clone(), Some(layer_tree(dest, i, d))))
-                        .collect(),
+                    layers,
                     ready: async move { prepare.await.map_err(ended)? }.boxed(),
                 }),
                 // Failed before its layers were known.

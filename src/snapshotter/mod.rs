@@ -141,9 +141,9 @@ pub type ImageLayers = Vec<(String, Option<PathBuf>)>;
 pub struct PreparingImage {
     /// The manifest the daemon resolved the reference to (`sha256:HEX`).
     pub manifest_digest: String,
-    /// Its layers, lowest first, each with the tree the daemon makes for it (a layer that
-    /// an opaque layer above hides turns out to have none: see `ready`).
-    pub layers: ImageLayers,
+    /// Its layers' digests, lowest first: the daemon makes each one's tree at
+    /// [`layer_tree`] (but a layer an opaque layer above hides: see `ready`).
+    pub layers: Vec<String>,
     /// Resolves once every tree is made and the image is served, to its layers as made.
     pub ready: BoxFuture<'static, Result<ImageLayers, String>>,
 }
@@ -558,6 +558,15 @@ impl Snapshotter {
         let n = self
             .prepares
             .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let layers = prep
+            .layers
+            .into_iter()
+            .enumerate()
+            .map(|(i, d)| {
+                let tree = layer_tree(dest, i, &d);
+                (d, Some(tree))
+            })
+            .collect();
         let (this, reference, at) = (self.clone(), reference.to_string(), dest.to_path_buf());
         let ready = prep.ready;
         // Held until the entry is in: the task removes it when done, never before.
@@ -571,7 +580,7 @@ impl Snapshotter {
                 .unwrap_or_else(|e| Err(format!("making the trees stopped: {e}")))
         });
         making.insert(dest.to_path_buf(), (n, futures::FutureExt::shared(outcome)));
-        Ok((prep.manifest_digest, prep.layers))
+        Ok((prep.manifest_digest, layers))
     }
 
     /// The daemon is done making the trees of the image at `dest` (prepare number `n`):
@@ -590,17 +599,13 @@ impl Snapshotter {
                 if let Err(e) = self.save(&store) {
                     warn!(dest = %dest.display(), error = %crate::fill::error_chain(&e), "recording a lazy image's layers as made");
                 }
-                drop(store);
-                self.failed.lock().unwrap().remove(reference);
                 info!(reference, dest = %dest.display(), "lazy image's trees made");
                 Ok(())
             }
             Err(e) => {
+                // Not a reason for the image's other layers to fall back (`failed`): they
+                // are committed into it, and its next container prepares it again.
                 warn!(reference, dest = %dest.display(), error = %e, "lazy image's trees could not be made: containers on it fail until it is prepared again");
-                self.failed
-                    .lock()
-                    .unwrap()
-                    .insert(reference.to_string(), std::time::Instant::now());
                 Err(e)
             }
         };
@@ -648,27 +653,30 @@ impl Snapshotter {
                 .collect()
         };
         for img in images {
-            let mut again = true;
-            loop {
-                if let Some(making) = self.making_of(&img.dest) {
-                    making.await.map_err(|e| {
-                        SnapshotterError::Host(format!(
-                            "the placeholders of {} (at {}) could not be made: {e}",
-                            img.reference,
-                            img.dest.display()
-                        ))
-                    })?;
-                }
-                if self.host.serves(&img.dest) || !again || !tree_gone(&img.dest) {
-                    // Served, or left to the overlay watch to refuse: a tree the daemon could
-                    // not reopen after a restart still serves what it holds.
-                    break;
-                }
-                again = false;
+            self.await_making(&img).await?;
+            // Not served with a tree there is left to the overlay watch to refuse: a tree the
+            // daemon could not reopen after a restart still serves what it holds.
+            if !self.host.serves(&img.dest) && tree_gone(&img.dest) {
                 self.prepare_again(&img).await?;
+                self.await_making(&img).await?;
             }
         }
         Ok(())
+    }
+
+    /// Waits for the making of `img`'s trees, if under way; its failure as an error naming
+    /// the image.
+    async fn await_making(&self, img: &LazyImage) -> Result<(), SnapshotterError> {
+        let Some(making) = self.making_of(&img.dest) else {
+            return Ok(());
+        };
+        making.await.map_err(|e| {
+            SnapshotterError::Host(format!(
+                "the placeholders of {} (at {}) could not be made: {e}",
+                img.reference,
+                img.dest.display()
+            ))
+        })
     }
 
     /// Waits while the daemon makes the trees of the image the remote layer `key` points
@@ -799,10 +807,7 @@ impl Snapshotter {
         Ok(chain
             .iter()
             .filter_map(|(_, r)| match &r.remote {
-                Some(l) => match in_top_image(&l.digest) {
-                    Some(dir) => dir,
-                    None => Some(l.dir.clone()),
-                },
+                Some(l) => in_top_image(&l.digest).unwrap_or_else(|| Some(l.dir.clone())),
                 // An ordinary snapshot of a layer the lazy image also has (a base layer
                 // containerd unpacked before): the same files, as the image's tree, so one
                 // watch covers every lower.
